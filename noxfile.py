@@ -1,0 +1,42 @@
+"""Developer sessions: `nox -s tests`, `nox -s property`, `nox -s lint`, `nox -s bench`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.default_venv_backend = "venv"
+
+# The reference we measure against; installed in the bench session only.
+DASK_PIN = ["dask[array,dataframe,bag]==2026.8.0", "distributed==2026.8.0"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite, with the fast hypothesis profile."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest", "-x", "-q", "--hypothesis-profile=ci", *session.posargs,
+        env={"PYTHONFAULTHANDLER": "1"},
+    )
+
+
+@nox.session
+def property(session: nox.Session) -> None:
+    """The hypothesis state machines and fuzzers with the long profile."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", "tests/property", "--hypothesis-profile=long", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("-e", ".[test]", "ruff", "mypy", "types-psutil")
+    session.run("ruff", "check", "src", "tests", "benchmarks")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmarks against a pinned dask.distributed; prints ratios."""
+    session.install("-e", ".[bench]", *DASK_PIN)
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,0 +1,664 @@
+"""Every value that crosses the core's boundary: events in, effects/instructions out.
+
+One vocabulary serves three jobs, so it lives in one place:
+
+* the **scheduler core** consumes ``SchedulerEvent``s and emits ``SchedulerEffect``s;
+* the **worker core** consumes ``WorkerEvent``s and emits ``WorkerInstruction``s;
+* the **wire** between the shells carries the same objects: a ``ToWorker`` effect's
+  ``msg`` is a ``WorkerEvent`` the worker shell hands to its core unchanged, and a
+  ``ToScheduler`` instruction's ``msg`` is a ``SchedulerEvent``. The hypothesis
+  simulator in ``tests/property`` does exactly what the shells do, minus sockets.
+
+Every type is a slotted dataclass registered under a short string tag.
+``dump(obj)`` turns one into ``[tag, field, ...]`` of msgpack-native values (nested
+registered records recurse), and ``load`` reverses it; the recorder and the wire both use
+this pair. Opaque payloads (pickled run specs, pickled exceptions) are ``bytes``: the
+scheduler never unpickles user code.
+
+Conventions: every event carries ``stimulus_id`` (why it happened, for stories) and
+``now`` (seconds, from the shell's clock; the core never reads a clock). Keys are opaque
+hashables: ``str``, ``bytes``, ``int``, ``float`` or tuples of those (dask's keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from typing import Any, TypeVar, dataclass_transform
+
+Key = Any  # str | bytes | int | float | tuple[Key, ...]: anything hashable dask uses as a key
+WorkerAddr = str
+ClientId = str
+
+_REGISTRY: dict[str, type[Any]] = {}
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+T = TypeVar("T")
+
+
+@dataclass_transform()
+def message(tag: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: make a slotted dataclass and register it under ``tag``."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        if tag in _REGISTRY:
+            raise ValueError(f"message tag {tag!r} registered twice")
+        dc = dataclass(slots=True)(cls)
+        dc.tag = tag  # type: ignore[attr-defined]
+        _REGISTRY[tag] = dc
+        _FIELDS[dc] = tuple(f.name for f in fields(dc))  # type: ignore[arg-type]
+        return dc
+
+    return wrap
+
+
+class MessageError(ValueError):
+    """A dumped message could not be loaded: unknown tag or wrong field count."""
+
+
+def _dump_value(v: Any) -> Any:
+    t = type(v)
+    if t in _FIELDS:
+        return dump(v)
+    if t is list or t is tuple:
+        return v if not any(type(x) in _FIELDS for x in v) else t(_dump_value(x) for x in v)
+    return v
+
+
+def dump(obj: Any) -> list[Any]:
+    """``obj`` as ``[tag, *fields]``; nested registered records are dumped too."""
+    names = _FIELDS[type(obj)]
+    return [obj.tag, *(_dump_value(getattr(obj, n)) for n in names)]
+
+
+def load(data: list[Any] | tuple[Any, ...]) -> Any:
+    """Inverse of ``dump``; nested records come back as records (see ``_NESTED``)."""
+    try:
+        tag = data[0]
+        cls = _REGISTRY[tag]
+    except (IndexError, KeyError, TypeError):
+        raise MessageError(f"not a known message: {data!r:.200}") from None
+    names = _FIELDS[cls]
+    if len(data) != len(names) + 1:
+        raise MessageError(
+            f"message {tag!r} has {len(data) - 1} fields, expected {len(names)} ({', '.join(names)})"
+        )
+    values = list(data[1:])
+    nested = _NESTED.get(cls)
+    if nested:
+        for i, kind in nested:
+            v = values[i]
+            if kind == "one":
+                values[i] = load(v)
+            elif kind == "optional":
+                values[i] = None if v is None else load(v)
+            else:  # "list"
+                values[i] = [load(x) for x in v]
+    return cls(*values)
+
+
+# --------------------------------------------------------------------------------------
+# Records carried inside events
+# --------------------------------------------------------------------------------------
+
+
+@message("task-spec")
+class TaskSpec:
+    """One task of a graph submitted by a client.
+
+    ``run_spec`` is the pickled callable-with-arguments (opaque to the scheduler), or
+    ``None`` for a task whose data will be provided (scattered). ``priority`` is the
+    user priority (higher runs first, as in dask); ``order`` is the graph order from
+    ``dask.order`` (lower runs first). ``workers`` restricts placement to those addresses
+    or names; ``allow_other_workers`` makes it a preference; ``resources`` like
+    ``{"GPU": 1}`` must be available on the worker.
+    """
+
+    key: Key
+    dependencies: list[Key]
+    run_spec: bytes | None
+    priority: int = 0
+    order: int = 0
+    workers: list[str] | None = None
+    allow_other_workers: bool = False
+    resources: dict[str, float] | None = None
+    retries: int = 0
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler events: from clients
+# --------------------------------------------------------------------------------------
+
+
+@message("add-client")
+class AddClient:
+    stimulus_id: str
+    now: float
+    client: ClientId
+
+
+@message("remove-client")
+class RemoveClient:
+    """The client disconnected: every key it wanted loses that want."""
+
+    stimulus_id: str
+    now: float
+    client: ClientId
+
+
+@message("update-graph")
+class UpdateGraph:
+    """New tasks; the client wants ``keys`` (it holds futures for them)."""
+
+    stimulus_id: str
+    now: float
+    client: ClientId
+    tasks: list[TaskSpec]
+    keys: list[Key]
+
+
+@message("update-data")
+class UpdateData:
+    """A client scattered data straight to workers: ``who_has`` holders, ``nbytes`` sizes."""
+
+    stimulus_id: str
+    now: float
+    client: ClientId
+    who_has: dict[Key, list[WorkerAddr]]
+    nbytes: dict[Key, int]
+
+
+@message("client-desires-keys")
+class ClientDesiresKeys:
+    stimulus_id: str
+    now: float
+    client: ClientId
+    keys: list[Key]
+
+
+@message("client-releases-keys")
+class ClientReleasesKeys:
+    stimulus_id: str
+    now: float
+    client: ClientId
+    keys: list[Key]
+
+
+@message("cancel-keys")
+class CancelKeys:
+    """Cancel ``keys`` for ``client`` (with ``force``: for every client, and dependents)."""
+
+    stimulus_id: str
+    now: float
+    client: ClientId
+    keys: list[Key]
+    force: bool = False
+
+
+@message("retry-keys")
+class RetryKeys:
+    """Erred ``keys`` (and their erred dependencies) go back to waiting."""
+
+    stimulus_id: str
+    now: float
+    client: ClientId
+    keys: list[Key]
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler events: from workers (or their nannies) and from the scheduler's own clock
+# --------------------------------------------------------------------------------------
+
+
+@message("add-worker")
+class AddWorker:
+    """A worker joined; ``data`` are keys it already holds (``key -> nbytes``)."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    nthreads: int
+    memory_limit: int = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    name: str | None = None
+    nanny: str | None = None
+    data: dict[Key, int] = field(default_factory=dict)
+
+
+@message("remove-worker")
+class RemoveWorker:
+    """A worker is gone. ``expected`` is False when it was lost (crash, time-out, kill)."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    expected: bool = False
+    reason: str = ""
+
+
+@message("retire-worker")
+class RetireWorker:
+    """Graceful retirement: copy its unique data elsewhere, then close it."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+
+
+@message("heartbeat")
+class WorkerHeartbeat:
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@message("worker-status")
+class WorkerStatusChange:
+    """The worker paused (memory) or resumed; ``status`` is ``"running"`` or ``"paused"``."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    status: str
+
+
+@message("task-finished")
+class TaskFinished:
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    key: Key
+    nbytes: int
+    type_name: str = ""
+    start: float = 0.0
+    stop: float = 0.0
+
+
+@message("task-erred")
+class TaskErred:
+    """``exception``/``traceback`` are pickled blobs for the client; ``*_text`` for humans."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    key: Key
+    exception: bytes
+    traceback: bytes
+    exception_text: str = ""
+    traceback_text: str = ""
+    start: float = 0.0
+    stop: float = 0.0
+
+
+@message("add-keys")
+class AddKeys:
+    """The worker now holds replicas of ``keys`` (fetched from a peer): ``key -> nbytes``."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    keys: dict[Key, int]
+
+
+@message("release-worker-data")
+class ReleaseWorkerData:
+    """The worker dropped its replicas of ``keys``."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    keys: list[Key]
+
+
+@message("missing-data")
+class MissingData:
+    """``worker`` could not get ``key`` from ``errant_worker`` (it did not have it)."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    key: Key
+    errant_worker: WorkerAddr
+
+
+@message("long-running")
+class LongRunning:
+    """The task seceded from the worker's thread pool; its thread slot is free."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    key: Key
+    compute_duration: float = 0.0
+
+
+@message("reschedule")
+class Reschedule:
+    """The worker gave the task back (it raised ``Reschedule``, or cannot run it)."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    key: Key
+
+
+@message("steal-response")
+class StealResponse:
+    """Answer to ``StealRequest``: ``state`` the task had on the victim (None if unknown).
+
+    The steal succeeds only if the state was ``waiting``/``ready``/``fetch``/``flight``
+    (the task had not started) and the scheduler still expects this answer.
+    """
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    key: Key
+    state: str | None
+
+
+@message("tick")
+class Tick:
+    """Periodic: work stealing, worker time-outs (no heartbeat since ``now - timeout``)."""
+
+    stimulus_id: str
+    now: float
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler effects
+# --------------------------------------------------------------------------------------
+
+
+@message("to-worker")
+class ToWorker:
+    worker: WorkerAddr
+    msg: Any  # a WorkerEvent
+
+
+@message("to-client")
+class ToClient:
+    client: ClientId
+    msg: Any  # a client message below
+
+
+@message("close-worker")
+class CloseWorker:
+    """Ask the worker (and its nanny) to shut down: retirement or a stuck worker."""
+
+    worker: WorkerAddr
+    reason: str
+
+
+@message("log")
+class Log:
+    """Something a human should know (a worker lost, a task retried); shells log it."""
+
+    level: str  # "info" | "warning" | "error"
+    text: str
+
+
+# Client messages (the msg of ToClient). Clients update futures from these.
+
+
+@message("key-in-memory")
+class KeyInMemory:
+    key: Key
+    type_name: str = ""
+
+
+@message("key-erred")
+class KeyErred:
+    """``exception``/``traceback`` are the worker's pickled blobs, passed through."""
+
+    key: Key
+    exception: bytes
+    traceback: bytes
+    exception_text: str = ""
+
+
+@message("key-cancelled")
+class KeyCancelled:
+    key: Key
+    reason: str = ""
+
+
+@message("key-lost")
+class KeyLost:
+    """The only copy was lost; it will be recomputed (futures go back to pending)."""
+
+    key: Key
+
+
+# --------------------------------------------------------------------------------------
+# Worker events: from the scheduler (the msg of ToWorker)
+# --------------------------------------------------------------------------------------
+
+
+@message("compute-task")
+class ComputeTask:
+    """Run ``key``; ``who_has``/``nbytes`` locate and size its dependencies.
+
+    ``priority`` orders ready tasks on the worker (lower first), as the scheduler
+    computed it.
+    """
+
+    stimulus_id: str
+    now: float
+    key: Key
+    run_spec: bytes | None
+    dependencies: list[Key]
+    who_has: dict[Key, list[WorkerAddr]]
+    nbytes: dict[Key, int]
+    priority: tuple[Any, ...] | list[Any]
+    resources: dict[str, float] | None = None
+    duration: float = 0.5
+
+
+@message("free-keys")
+class FreeKeys:
+    """The scheduler no longer needs these keys here (results or replicas)."""
+
+    stimulus_id: str
+    now: float
+    keys: list[Key]
+
+
+@message("steal-request")
+class StealRequest:
+    """Give ``key`` back if it has not started; answer with ``StealResponse``."""
+
+    stimulus_id: str
+    now: float
+    key: Key
+
+
+@message("acquire-replicas")
+class AcquireReplicas:
+    """Fetch copies of these keys (retirement, replication)."""
+
+    stimulus_id: str
+    now: float
+    who_has: dict[Key, list[WorkerAddr]]
+    nbytes: dict[Key, int]
+
+
+@message("refresh-who-has")
+class RefreshWhoHas:
+    """Fresh holders for keys the worker wants to fetch (after a ``MissingData``)."""
+
+    stimulus_id: str
+    now: float
+    who_has: dict[Key, list[WorkerAddr]]
+
+
+# --------------------------------------------------------------------------------------
+# Worker events: from the worker's own shell
+# --------------------------------------------------------------------------------------
+
+
+@message("execute-success")
+class ExecuteSuccess:
+    """The task ran; the shell already stored the value under ``key``."""
+
+    stimulus_id: str
+    now: float
+    key: Key
+    nbytes: int
+    type_name: str = ""
+    start: float = 0.0
+    stop: float = 0.0
+
+
+@message("execute-failure")
+class ExecuteFailure:
+    stimulus_id: str
+    now: float
+    key: Key
+    exception: bytes
+    traceback: bytes
+    exception_text: str = ""
+    traceback_text: str = ""
+    start: float = 0.0
+    stop: float = 0.0
+
+
+@message("secede")
+class SecedeEvent:
+    """The running task called ``secede()``: free its thread slot."""
+
+    stimulus_id: str
+    now: float
+    key: Key
+    compute_duration: float = 0.0
+
+
+@message("reschedule-event")
+class RescheduleEvent:
+    """The running task raised ``Reschedule``: give it back to the scheduler."""
+
+    stimulus_id: str
+    now: float
+    key: Key
+
+
+@message("gather-dep-success")
+class GatherDepSuccess:
+    """Fetched from ``peer``; the shell stored the values. ``data`` is ``key -> nbytes``."""
+
+    stimulus_id: str
+    now: float
+    peer: WorkerAddr
+    data: dict[Key, int]
+    missing: list[Key] = field(default_factory=list)  # asked for but the peer had not
+
+
+@message("gather-dep-failure")
+class GatherDepFailure:
+    """The fetch from ``peer`` failed (network, peer gone, unpicklable): try elsewhere."""
+
+    stimulus_id: str
+    now: float
+    peer: WorkerAddr
+    keys: list[Key]
+    reason: str = ""
+
+
+@message("worker-update-data")
+class WorkerUpdateData:
+    """A client put data straight into this worker (scatter); stored already."""
+
+    stimulus_id: str
+    now: float
+    data: dict[Key, int]
+
+
+@message("memory-measured")
+class MemoryMeasured:
+    """Process memory from the shell (psutil RSS), compared with the thresholds."""
+
+    stimulus_id: str
+    now: float
+    process_memory: int
+
+
+@message("spill-failed")
+class SpillFailed:
+    """The value of ``key`` could not be pickled to disk: keep it in memory for good."""
+
+    stimulus_id: str
+    now: float
+    key: Key
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------------------
+# Worker instructions
+# --------------------------------------------------------------------------------------
+
+
+@message("to-scheduler")
+class ToScheduler:
+    msg: Any  # a SchedulerEvent
+
+
+@message("execute")
+class Execute:
+    """Run the task's run_spec in a thread slot (its dependencies are in memory)."""
+
+    key: Key
+    run_spec: bytes | None
+
+
+@message("gather-dep")
+class GatherDep:
+    """Fetch ``keys`` from ``peer`` in one request, then report a GatherDep* event."""
+
+    peer: WorkerAddr
+    keys: list[Key]
+    total_nbytes: int
+
+
+@message("spill")
+class Spill:
+    """Move ``key``'s value from memory to disk; report ``SpillFailed`` if it cannot."""
+
+    key: Key
+
+
+@message("unspill")
+class Unspill:
+    """Load ``key``'s value from disk back into memory (before a task reads it)."""
+
+    key: Key
+
+
+@message("delete-data")
+class DeleteData:
+    """Drop ``key``'s value (memory or disk)."""
+
+    key: Key
+
+
+# Which fields hold nested records, so ``load`` can rebuild them.
+_NESTED: dict[type[Any], list[tuple[int, str]]] = {
+    UpdateGraph: [(3, "list")],
+    ToWorker: [(1, "one")],
+    ToClient: [(1, "one")],
+    ToScheduler: [(0, "one")],
+}
+
+SCHEDULER_EVENTS: tuple[type[Any], ...] = (
+    AddClient, RemoveClient, UpdateGraph, UpdateData, ClientDesiresKeys, ClientReleasesKeys,
+    CancelKeys, RetryKeys, AddWorker, RemoveWorker, RetireWorker, WorkerHeartbeat,
+    WorkerStatusChange, TaskFinished, TaskErred, AddKeys, ReleaseWorkerData, MissingData,
+    LongRunning, Reschedule, StealResponse, Tick,
+)  # fmt: skip
+WORKER_EVENTS: tuple[type[Any], ...] = (
+    ComputeTask, FreeKeys, StealRequest, AcquireReplicas, RefreshWhoHas, ExecuteSuccess,
+    ExecuteFailure, SecedeEvent, RescheduleEvent, GatherDepSuccess, GatherDepFailure,
+    WorkerUpdateData, MemoryMeasured, SpillFailed,
+)  # fmt: skip
+CLIENT_MESSAGES: tuple[type[Any], ...] = (KeyInMemory, KeyErred, KeyCancelled, KeyLost)
+
+ALL_MESSAGES: tuple[type[Any], ...] = tuple(_REGISTRY.values())
