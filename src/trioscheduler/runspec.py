@@ -1,0 +1,119 @@
+"""Run specs: a task's callable and arguments as bytes, with dependencies as references.
+
+The client packs ``func(*args, **kwargs)`` once, at submit time, so an argument that
+cannot be pickled fails there and names itself. Objects whose type is registered with
+``register_reference`` (the client's ``Future``) are not pickled: pickle's
+``persistent_id`` records them as references to their key, which doubles as the list of
+the task's dependencies. On the worker, ``unpack`` resolves each reference to the
+dependency's value through pickle's ``persistent_load``, so no Python-level walk over
+the arguments happens on either side.
+
+The scheduler never unpacks a run spec; it only forwards the bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import cloudpickle
+
+from trioscheduler.errors import TrioSchedulerError
+
+_REFERENCE_TYPES: dict[type[Any], Callable[[Any], Any]] = {}
+
+
+def register_reference(cls: type[Any], key_of: Callable[[Any], Any]) -> None:
+    """Objects of ``cls`` travel inside run specs as references to ``key_of(obj)``."""
+    _REFERENCE_TYPES[cls] = key_of
+
+
+class UnpicklableArgumentError(TrioSchedulerError, TypeError):
+    """An argument of a submitted task cannot be serialized."""
+
+
+class RunSpecLoadError(TrioSchedulerError):
+    """A worker could not load a task's run spec (e.g. a module missing on the worker)."""
+
+
+class _RefPickler(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=5)
+        self.dependencies: list[Any] = []
+        self._seen: set[Any] = set()
+
+    def persistent_id(self, obj: Any) -> Any:
+        key_of = _REFERENCE_TYPES.get(type(obj))
+        if key_of is None:
+            return None
+        key = key_of(obj)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.dependencies.append(key)
+        return (key,)
+
+
+class _RefUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, data: Mapping[Any, Any]) -> None:
+        super().__init__(file)
+        self._data = data
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._data[pid[0]]
+
+
+def _pickle(obj: Any) -> tuple[bytes, list[Any]]:
+    buf = io.BytesIO()
+    p = _RefPickler(buf)
+    p.dump(obj)
+    return buf.getvalue(), p.dependencies
+
+
+def pack(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[Any]]:
+    """``(run_spec, dependencies)`` for ``func(*args, **kwargs)``.
+
+    Raises ``UnpicklableArgumentError`` naming the function or argument that failed.
+    """
+    try:
+        return _pickle((func, args, kwargs))
+    except Exception as exc:
+        raise _name_culprit(func, args, kwargs, exc) from exc
+
+
+def _name_culprit(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
+) -> UnpicklableArgumentError:
+    parts: list[tuple[str, Any]] = [(f"function {func!r}", func)]
+    parts += [(f"positional argument {i} ({a!r:.80})", a) for i, a in enumerate(args)]
+    parts += [(f"keyword argument {k!r} ({v!r:.80})", v) for k, v in kwargs.items()]
+    for label, value in parts:
+        try:
+            _pickle(value)
+        except Exception as inner:
+            return UnpicklableArgumentError(
+                f"cannot serialize {label} of task {getattr(func, '__name__', func)!r}: "
+                f"{type(inner).__name__}: {inner}"
+            )
+    return UnpicklableArgumentError(f"cannot serialize task {func!r}: {type(exc).__name__}: {exc}")
+
+
+def unpack(run_spec: bytes, data: Mapping[Any, Any]) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """Load a run spec, resolving dependency references from ``data`` (key -> value)."""
+    try:
+        func, args, kwargs = _RefUnpickler(io.BytesIO(run_spec), data).load()
+    except KeyError as exc:
+        raise RunSpecLoadError(f"dependency {exc.args[0]!r} of the task is not in memory here") from None
+    except Exception as exc:
+        raise RunSpecLoadError(
+            f"could not load the task's function or arguments on this worker: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return func, args, kwargs
+
+
+def run(run_spec: bytes, data: Mapping[Any, Any]) -> Any:
+    """Execute a packed task with its dependencies' values from ``data``."""
+    func, args, kwargs = unpack(run_spec, data)
+    return func(*args, **kwargs)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from trioscheduler.runspec import (
+    RunSpecLoadError,
+    UnpicklableArgumentError,
+    pack,
+    register_reference,
+    run,
+)
+
+
+class Ref:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+register_reference(Ref, lambda r: r.key)
+
+
+def test_round_trip_with_lambda_and_kwargs() -> None:
+    spec, deps = pack(lambda a, b=1: a + b, (2,), {"b": 5})
+    assert deps == []
+    assert run(spec, {}) == 7
+
+
+def test_references_become_dependencies_and_resolve() -> None:
+    spec, deps = pack(sum, ([Ref("x"), Ref("y"), Ref("x")],), {})
+    assert deps == ["x", "y"]
+    assert run(spec, {"x": 1, "y": 10}) == 12
+
+
+def test_unpicklable_argument_is_named() -> None:
+    with pytest.raises(UnpicklableArgumentError, match="positional argument 1"):
+        pack(print, (1, threading.Lock()), {})
+    with pytest.raises(UnpicklableArgumentError, match="keyword argument 'lock'"):
+        pack(print, (), {"lock": threading.Lock()})
+
+
+def test_missing_dependency_value_is_a_clear_error() -> None:
+    spec, _ = pack(len, (Ref("gone"),), {})
+    with pytest.raises(RunSpecLoadError, match="'gone'"):
+        run(spec, {})
+
+
+def test_garbage_run_spec_is_a_load_error() -> None:
+    with pytest.raises(RunSpecLoadError, match="could not load"):
+        run(b"not a pickle", {})
