@@ -1,0 +1,142 @@
+"""memory_limit parsing and the data store: real spill files, byte-identical round trips."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from trioscheduler import TrioSchedulerWarning
+from trioscheduler.memory import DataStore, parse_memory_limit, system_memory
+
+
+def test_parse_memory_limit() -> None:
+    total = system_memory()
+    assert parse_memory_limit(None) is None
+    assert parse_memory_limit(0) is None
+    assert parse_memory_limit("0") is None
+    assert parse_memory_limit(2_000_000) == 2_000_000
+    assert parse_memory_limit("2GiB") == 2 * 2**30
+    assert parse_memory_limit("500MB") == 500_000_000
+    assert parse_memory_limit("500 MiB") == 500 * 2**20
+    assert parse_memory_limit(0.5) == int(0.5 * total)
+    assert parse_memory_limit("0.25") == int(0.25 * total)
+    assert parse_memory_limit(1.0) == total
+    assert parse_memory_limit("auto") == total
+    assert parse_memory_limit("auto", nworkers=4) == total // 4
+    assert parse_memory_limit(total * 10) == total  # capped at the machine's memory
+    with pytest.raises(ValueError, match="not understood"):
+        parse_memory_limit("lots")
+    with pytest.raises(ValueError, match="negative"):
+        parse_memory_limit(-5)
+    with pytest.raises(TypeError):
+        parse_memory_limit([1])  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: os.PathLike[str]) -> Iterator[DataStore]:
+    s = DataStore(str(tmp_path))
+    yield s
+    s.close()
+
+
+def test_spill_roundtrip_is_byte_identical(store: DataStore) -> None:
+    rng = np.random.default_rng(42)
+    values = {
+        "f64": rng.standard_normal((300, 200)),
+        "fortran": np.asfortranarray(rng.integers(0, 2**60, (50, 70), dtype=np.int64)),
+        "strided": rng.standard_normal((100, 100))[::3, 1::2],
+        "u8": np.frombuffer(os.urandom(1 << 20), dtype=np.uint8),
+        "bytes": os.urandom(3 << 20),
+        "bytearray": bytearray(os.urandom(1000)),
+        ("tuple-key", 3): {"nested": [1, 2.5, "x", b"y", np.arange(10)]},
+        "lambda": lambda x: x + 1,  # cloudpickle fallback
+    }
+    for k, v in values.items():
+        store.put(k, v)
+    for k in values:
+        assert store.spill(k)
+    assert not store.memory
+    files = os.listdir(store.directory)
+    assert len(files) == len(values)
+    assert store.spilled_bytes == sum(
+        os.path.getsize(os.path.join(store.directory, f)) for f in files
+    )
+    assert store.spilled_bytes > (3 << 20) + (1 << 20)
+
+    # reading a spilled value does not unspill it
+    peek = store["bytes"]
+    assert peek == values["bytes"] and "bytes" in store.spilled
+
+    for k, v in values.items():
+        back = store.unspill(k)
+        if isinstance(v, np.ndarray):
+            assert back.dtype == v.dtype and back.shape == v.shape
+            assert back.tobytes() == v.tobytes()
+            assert np.isfortran(back) == np.isfortran(v) or not v.flags.contiguous
+        elif k == "lambda":
+            assert back(1) == 2
+        elif isinstance(v, dict):
+            assert back["nested"][:4] == v["nested"][:4]
+            assert np.array_equal(back["nested"][4], v["nested"][4])
+        else:
+            assert type(back) is type(v) and back == v
+    assert not store.spilled and not os.listdir(store.directory)
+    assert store.spilled_bytes == 0
+
+
+def test_delete_put_and_close(store: DataStore) -> None:
+    store.put("a", b"1" * 100)
+    store.put("b", b"2" * 100)
+    store.spill("a")
+    assert set(store) == {"a", "b"} and len(store) == 2 and "a" in store
+    store.put("a", b"3")  # a new value replaces the spilled one
+    assert store["a"] == b"3" and not store.spilled
+    store.spill("b")
+    store.delete("b")
+    store.delete("never-there")
+    assert "b" not in store and not os.listdir(store.directory)
+    with pytest.raises(KeyError):
+        store["b"]
+    directory = store.directory
+    store.spill("a")
+    store.close()
+    assert not os.path.exists(directory)
+
+
+def test_unpicklable_value_stays_in_memory_with_one_warning(store: DataStore) -> None:
+    lock1, lock2 = threading.Lock(), threading.Lock()
+    store.put("lock1", lock1)
+    store.put("lock2", lock2)
+    with pytest.warns(TrioSchedulerWarning, match="cannot be pickled") as record:
+        assert not store.spill("lock1")
+        assert not store.spill("lock2")
+    assert len(record) == 1
+    assert store["lock1"] is lock1 and store["lock2"] is lock2
+    assert not store.spilled and not os.listdir(store.directory)
+
+
+def test_concurrent_reads_while_unspilling(store: DataStore) -> None:
+    value = np.arange(100_000)
+    store.put("x", value)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                assert np.array_equal(store["x"], value)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for _ in range(200):
+        store.spill("x")
+        store.unspill("x")
+    stop.set()
+    t.join()
+    assert not errors
