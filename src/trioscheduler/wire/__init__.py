@@ -1,0 +1,40 @@
+"""The wire: streams between scheduler, workers and clients.
+
+``connect``/``listen`` give ``Stream``s over ``tcp://`` or ``inproc://`` with the
+shape of a trio memory channel pair; ``open_batched`` coalesces small messages;
+``ConnectionPool`` reuses short-lived connections. Serialization lives in
+``trioscheduler.wire.serialize``.
+"""
+
+from __future__ import annotations
+
+from trioscheduler.wire.address import AddressError, parse_address
+from trioscheduler.wire.batched import BatchedSend, open_batched
+from trioscheduler.wire.endpoints import Listener, connect, listen
+from trioscheduler.wire.handshake import PROTOCOL_VERSION
+from trioscheduler.wire.pool import ConnectionPool
+from trioscheduler.wire.serialize import DeserializationError, SerializationError
+from trioscheduler.wire.stream import (
+    ConnectError,
+    ProtocolError,
+    ProtocolVersionError,
+    Stream,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AddressError",
+    "BatchedSend",
+    "ConnectError",
+    "ConnectionPool",
+    "DeserializationError",
+    "Listener",
+    "ProtocolError",
+    "ProtocolVersionError",
+    "SerializationError",
+    "Stream",
+    "connect",
+    "listen",
+    "open_batched",
+    "parse_address",
+]

@@ -1,0 +1,89 @@
+"""In-process transport: a pair of trio memory channels per connection.
+
+Objects pass by reference, nothing is serialized, so a message received is the very
+object that was sent (mutating it afterwards is visible to the receiver, as in dask's
+inproc comm). Listeners live in a per-process table, tagged with the trio run that
+opened them: an ``inproc://`` address only means something inside that one run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any, Final
+
+import trio
+
+from trioscheduler.wire.stream import Stream
+
+#: Messages in flight per direction before ``send`` waits (the "kernel buffer").
+BUFFER_MESSAGES: Final = 1024
+
+_counter = itertools.count(1)
+
+
+def unique_name(prefix: str = "") -> str:
+    return f"{prefix}{os.getpid()}-{next(_counter)}"
+
+
+class InprocStream(Stream):
+    """A ``Stream`` over two memory channels; errors are the channels' own."""
+
+    __slots__ = ("_send", "_recv", "_closed")
+
+    def __init__(
+        self,
+        send: trio.MemorySendChannel[Any],
+        recv: trio.MemoryReceiveChannel[Any],
+        local_address: str,
+        peer_address: str,
+    ) -> None:
+        super().__init__(local_address, peer_address)
+        self._send = send
+        self._recv = recv
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def send(self, msg: Any) -> None:
+        await self._send.send(msg)
+
+    def _encode(self, msg: Any) -> tuple[Any, int]:
+        return msg, 0
+
+    async def _send_encoded(self, encoded: Sequence[Any]) -> None:
+        send = self._send
+        for msg in encoded:
+            try:
+                send.send_nowait(msg)
+            except trio.WouldBlock:
+                await send.send(msg)
+        await trio.lowlevel.checkpoint()
+
+    async def receive(self) -> Any:
+        return await self._recv.receive()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._send.close()
+        self._recv.close()
+        await trio.lowlevel.checkpoint()
+
+    def _is_reusable(self) -> bool:
+        if self._closed:
+            return False
+        stats = self._recv.statistics()
+        return stats.open_send_channels > 0 and stats.current_buffer_used == 0
+
+
+def stream_pair(client_address: str, server_address: str) -> tuple[InprocStream, InprocStream]:
+    """``(client side, server side)`` of a new in-process connection."""
+    c2s_send, c2s_recv = trio.open_memory_channel[Any](BUFFER_MESSAGES)
+    s2c_send, s2c_recv = trio.open_memory_channel[Any](BUFFER_MESSAGES)
+    client = InprocStream(c2s_send, s2c_recv, client_address, server_address)
+    server = InprocStream(s2c_send, c2s_recv, server_address, client_address)
+    return client, server
+

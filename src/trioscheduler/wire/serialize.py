@@ -1,0 +1,244 @@
+"""Messages to frames and back: a msgpack header plus out-of-band buffers.
+
+``dumps(msg)`` returns ``[header, *buffers]``. The header is msgpack; everything msgpack
+cannot say natively is spelled with an extension type that points at later frames:
+
+* tuples come back as tuples (dask keys like ``("x", 0)``): packed as an array whose
+  first item is a marker, turned back into a tuple by the unpacker's ``list_hook``;
+* registered records of ``trioscheduler.core.messages`` travel as ``[marker, tag,
+  *fields]`` (``messages.dump``) and come back as the same record type;
+* large ``bytes``/``bytearray``/``memoryview`` become their own frame (no copy into the
+  header);
+* any other object is pickled with protocol 5; its ``PickleBuffer``s (numpy arrays,
+  pandas blocks) become frames of their own, and functions, lambdas, closures and
+  ``__main__`` objects go through cloudpickle.
+
+Plain data pays only for one C-level ``msgpack.packb``; the Python walk that moves
+large byte strings out of line runs only when the header turned out large. ``loads``
+builds arrays straight on the received buffers, so a frame received into a
+``bytearray`` is never copied again (only large ``bytes`` are copied once, to give the
+receiver an object of the type the sender sent). Buffers under ``OUT_OF_BAND_BYTES``
+travel inside the header and arrive as ``bytes`` whatever their type was.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from collections.abc import Sequence
+from typing import Any, Final
+
+import cloudpickle
+import msgpack
+
+from trioscheduler.core import messages
+from trioscheduler.errors import TrioSchedulerError
+
+Frame = bytes | bytearray | memoryview
+
+#: Buffers at least this large travel as frames of their own instead of inside the header.
+OUT_OF_BAND_BYTES: Final = 16 * 1024
+
+# Extension type codes in the header.
+_TUPLE: Final = 1  # empty payload: marker heading an array that is a tuple
+_RECORD: Final = 2  # empty payload: marker heading [tag, *fields] of a core message
+_BYTES: Final = 3  # payload: frame index (u32)
+_BYTEARRAY: Final = 4
+_MEMORYVIEW: Final = 5
+_PICKLE: Final = 6  # payload: first frame index, number of frames (u32, u32)
+
+_U32: Final = struct.Struct("<I")
+_U32x2: Final = struct.Struct("<II")
+_TUPLE_EXT: Final = msgpack.ExtType(_TUPLE, b"")
+_RECORD_EXT: Final = msgpack.ExtType(_RECORD, b"")
+_RECORD_TYPES: Final = messages._FIELDS
+
+
+class SerializationError(TrioSchedulerError, TypeError):
+    """An object in a message cannot be serialized (it names the object's type)."""
+
+
+class DeserializationError(TrioSchedulerError, ValueError):
+    """Received frames do not decode to a message (corrupt header, failed unpickle)."""
+
+
+class _Marker:
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+_TUPLE_MARK: Final = _Marker("tuple")
+_RECORD_MARK: Final = _Marker("record")
+
+
+def _pickle(obj: Any, frames: list[Frame]) -> msgpack.ExtType:
+    """Pickle ``obj`` into new frames; buffers it exposes are not copied."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        if _needs_cloudpickle(obj):
+            raise pickle.PicklingError("defined in __main__ or a local function")
+        data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        if b"__main__" in data:  # class or function by reference to the sender's script
+            raise pickle.PicklingError("refers to __main__")
+    except Exception:
+        buffers.clear()
+        try:
+            data = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        except Exception as e:
+            raise SerializationError(
+                f"cannot serialize an object of type {type(obj).__qualname__}: {e}"
+            ) from e
+    first = len(frames)
+    frames.append(data)
+    for pb in buffers:
+        try:
+            frames.append(pb.raw())
+        except BufferError:  # non-contiguous: one copy is unavoidable
+            frames.append(memoryview(pb).tobytes())
+    return msgpack.ExtType(_PICKLE, _U32x2.pack(first, len(buffers) + 1))
+
+
+def _needs_cloudpickle(obj: Any) -> bool:
+    module = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
+    if module == "__main__":
+        return True
+    qualname = getattr(obj, "__qualname__", "")
+    return isinstance(qualname, str) and "<" in qualname  # <lambda>, <locals>
+
+
+def _out_of_band(code: int, buf: Frame, frames: list[Frame]) -> msgpack.ExtType:
+    if type(buf) is memoryview:
+        if not buf.contiguous:
+            buf = buf.tobytes()
+        elif buf.ndim != 1 or buf.itemsize != 1:
+            buf = buf.cast("B")
+    frames.append(buf)
+    return msgpack.ExtType(code, _U32.pack(len(frames) - 1))
+
+
+class _Encoder:
+    """One message's encoding: ``default`` sees everything msgpack does not know."""
+
+    __slots__ = ("frames", "walk_bytes")
+
+    def __init__(self, walk_bytes: bool) -> None:
+        self.frames: list[Frame] = []
+        self.walk_bytes = walk_bytes
+
+    def default(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is tuple:  # (in walk mode its items were walked already)
+            return [_TUPLE_EXT, *obj]
+        if t in _RECORD_TYPES:
+            dumped = messages.dump(obj)
+            return [_RECORD_EXT, *(self._walk(dumped) if self.walk_bytes else dumped)]
+        return _pickle(obj, self.frames)
+
+    def _walk(self, obj: Any) -> Any:
+        """A copy of ``obj`` with large buffers replaced by out-of-band references."""
+        t = type(obj)
+        if t is dict:
+            return {self._walk(k): self._walk(v) for k, v in obj.items()}
+        if t is list or t is tuple:
+            return t(self._walk(x) for x in obj)
+        if t is bytes or t is bytearray or t is memoryview:
+            if len(obj) >= OUT_OF_BAND_BYTES or (
+                t is memoryview and obj.nbytes >= OUT_OF_BAND_BYTES
+            ):
+                code = _BYTES if t is bytes else _BYTEARRAY if t is bytearray else _MEMORYVIEW
+                return _out_of_band(code, obj, self.frames)
+        return obj
+
+
+def _pack(msg: Any, walk_bytes: bool) -> list[Frame]:
+    enc = _Encoder(walk_bytes)
+    if walk_bytes:
+        msg = enc._walk(msg)
+    try:
+        header = msgpack.packb(msg, default=enc.default, strict_types=True, use_bin_type=True)
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        raise SerializationError(f"cannot serialize message: {e}") from e
+    return [header, *enc.frames]
+
+
+def dumps(msg: Any) -> list[Frame]:
+    """``[msgpack header, *out-of-band frames]`` for ``msg``.
+
+    Raises ``SerializationError`` naming the type that could not be serialized.
+    """
+    t = type(msg)
+    if t is bytes or t is bytearray or t is memoryview:
+        # Top-level buffers are the common large case (data transfers): skip msgpack's copy.
+        if len(msg) >= OUT_OF_BAND_BYTES:
+            return _pack(msg, walk_bytes=True)
+    frames = _pack(msg, walk_bytes=False)
+    header = frames[0]
+    if len(header) >= OUT_OF_BAND_BYTES and t not in _PLAIN_SCALARS:
+        # Large header: maybe large byte strings went in line. Redo with the Python walk.
+        return _pack(msg, walk_bytes=True)
+    return frames
+
+
+_PLAIN_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
+class _Decoder:
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: Sequence[Frame]) -> None:
+        self.frames = frames
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == _TUPLE:
+            return _TUPLE_MARK
+        if code == _RECORD:
+            return _RECORD_MARK
+        if code == _PICKLE:
+            first, count = _U32x2.unpack(data)
+            frames = self.frames[first + 1 : first + 1 + count]  # frame 0 is the header
+            if len(frames) != count or count == 0:
+                raise DeserializationError("pickle refers to missing frames")
+            return pickle.loads(frames[0], buffers=frames[1:])
+        (index,) = _U32.unpack(data)
+        frame = self.frames[index + 1]
+        if code == _BYTES:
+            return frame if type(frame) is bytes else bytes(frame)
+        if code == _BYTEARRAY:
+            return frame if type(frame) is bytearray else bytearray(frame)
+        if code == _MEMORYVIEW:
+            return memoryview(frame)
+        raise DeserializationError(f"unknown extension type {code} in header")
+
+    @staticmethod
+    def list_hook(items: list[Any]) -> Any:
+        if items:
+            head = items[0]
+            if head is _TUPLE_MARK:
+                return tuple(items[1:])
+            if head is _RECORD_MARK:
+                return messages.load(items[1:])
+        return items
+
+
+def loads(frames: Sequence[Frame]) -> Any:
+    """Inverse of ``dumps``. Raises ``DeserializationError`` on frames that do not decode."""
+    if not frames:
+        raise DeserializationError("a message needs at least its header frame")
+    dec = _Decoder(frames)
+    try:
+        return msgpack.unpackb(
+            frames[0],
+            ext_hook=dec.ext_hook,
+            list_hook=dec.list_hook,
+            strict_map_key=False,
+            raw=False,
+            use_list=True,
+        )
+    except DeserializationError:
+        raise
+    except Exception as e:  # anything a corrupt header or a failing unpickle raises
+        raise DeserializationError(f"cannot decode message: {type(e).__name__}: {e}") from e

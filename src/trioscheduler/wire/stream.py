@@ -1,0 +1,114 @@
+"""The stream: one connection with the shape of a trio memory channel pair.
+
+Every transport implements the same small surface so that the scheduler, workers and
+clients never know which one they hold. The errors are trio's own, with the same
+meaning for every transport:
+
+* ``trio.ClosedResourceError``: *we* closed this stream and then used it;
+* ``trio.BrokenResourceError`` on ``send``: the peer is gone (``ProtocolError``, a
+  subclass, when the peer sent bytes that are not our protocol);
+* ``trio.EndOfChannel`` on ``receive``: the peer closed cleanly; ``async for`` ends.
+
+``_encode``/``_send_encoded`` split a send in two so that ``BatchedSend`` can serialize
+at the call site (errors surface where the message was made) and write later, many
+messages at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from trioscheduler.errors import TrioSchedulerError
+
+logger = logging.getLogger("trioscheduler.wire")
+
+
+class ConnectError(TrioSchedulerError, OSError):
+    """Could not connect (refused until the time-out, or the handshake failed)."""
+
+
+class ProtocolError(TrioSchedulerError, trio.BrokenResourceError):
+    """The peer sent something that is not our protocol; the connection is closed."""
+
+
+class ProtocolVersionError(ConnectError):
+    """The peer speaks another version of the wire protocol."""
+
+
+class Stream:
+    """A bidirectional message stream to one peer (abstract; see ``tcp``/``inproc``).
+
+    ``peer_role`` and ``peer_info`` are what the peer announced in the handshake.
+    """
+
+    __slots__ = ("local_address", "peer_address", "peer_role", "peer_info")
+
+    local_address: str
+    peer_address: str
+    peer_role: str
+    peer_info: dict[str, Any]
+
+    def __init__(self, local_address: str, peer_address: str) -> None:
+        self.local_address = local_address
+        self.peer_address = peer_address
+        self.peer_role = ""
+        self.peer_info = {}
+
+    async def send(self, msg: Any) -> None:
+        """Send one message; waits while the transport applies back-pressure."""
+        encoded, _ = self._encode(msg)
+        await self._send_encoded([encoded])
+
+    async def receive(self) -> Any:
+        """The next message; ``trio.EndOfChannel`` once the peer has closed."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Close both directions; idempotent. The peer sees ``EndOfChannel``."""
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        """True once ``aclose`` was called or the connection broke."""
+        raise NotImplementedError
+
+    def _encode(self, msg: Any) -> tuple[Any, int]:
+        """``(what _send_encoded takes, size in bytes)``; raises on unserializable input."""
+        raise NotImplementedError
+
+    async def _send_encoded(self, encoded: Sequence[Any]) -> None:
+        """Write already encoded messages, in order, as few writes as possible."""
+        raise NotImplementedError
+
+    def _is_reusable(self) -> bool:
+        """Idle and healthy: not closed, peer still there, nothing unsolicited to read."""
+        raise NotImplementedError
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = " closed" if self.closed else ""
+        return f"<{type(self).__name__} {self.local_address} -> {self.peer_address}{state}>"
