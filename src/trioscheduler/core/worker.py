@@ -1,0 +1,712 @@
+"""The worker's sans-io core: events in, instructions out.
+
+``WorkerState.handle(*events)`` is the only way to change a worker's state. Handlers turn
+an event into recommendations (``{task: finish}``) which ``worker_transitions.drain``
+applies; then three decisions run, all pure: report acquired replicas, spill to the
+memory target, start tasks in priority order (thread slots, resources, not while
+paused) and start transfers (one ``GatherDep`` per peer at a time, at most
+``transfer_incoming_count_limit`` in all, keys bundled per peer up to
+``transfer_message_bytes_limit``).
+
+Where values live is tracked here, not in the shell: ``in_memory`` (RAM) and
+``spilled`` (disk) partition the keys in state ``memory``. The core *decides* ``Spill``
+and ``Unspill`` and books them at once; the shell obeys in order and reports
+``SpillFailed`` if a value cannot be pickled, which moves it back for good.
+
+Queues are heaps with lazy deletion: an entry is valid while its task is still in the
+state it was queued for, so leaving a queue costs nothing. Ties break on a per-task
+serial number, so the instruction lists are deterministic for the recorder.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trioscheduler.core import memory_policy as mp
+from trioscheduler.core.errors import InvalidTransition
+from trioscheduler.core.messages import (
+    AcquireReplicas,
+    AddKeys,
+    ComputeTask,
+    DeleteData,
+    ExecuteFailure,
+    ExecuteSuccess,
+    FreeKeys,
+    GatherDep,
+    GatherDepFailure,
+    GatherDepSuccess,
+    Key,
+    LongRunning,
+    MemoryMeasured,
+    RefreshWhoHas,
+    Reschedule,
+    RescheduleEvent,
+    SecedeEvent,
+    Spill,
+    SpillFailed,
+    StealRequest,
+    StealResponse,
+    TaskErred,
+    TaskFinished,
+    ToScheduler,
+    Unspill,
+    WorkerStatusChange,
+    WorkerUpdateData,
+)
+from trioscheduler.core.worker_invariants import validate_worker
+from trioscheduler.core.worker_transitions import (
+    DATA_STATES,
+    RUNNING_STATES,
+    Recs,
+    drain,
+    secede_cancelled,
+    transition,
+)
+
+DEFAULT_NBYTES = 1024
+"""Size assumed for a dependency whose size the scheduler did not say (dask's default)."""
+
+STEALABLE = frozenset({"waiting", "ready", "constrained"})
+"""States in which a stolen task had not started and is released here."""
+
+HeapEntry = tuple[tuple[Any, ...], int, "WorkerTask"]
+
+
+@dataclass(slots=True, eq=False)
+class WorkerTask:
+    """One key known to this worker: a task to compute, or data to hold or fetch."""
+
+    key: Key
+    serial: int  # creation order: deterministic tie-break in the heaps
+    state: str = "released"
+    run_spec: bytes | None = None
+    priority: tuple[Any, ...] = ()
+    dependencies: list[WorkerTask] = field(default_factory=list)
+    # active local tasks reading this key (insertion-ordered set: deterministic output)
+    dependents: dict[WorkerTask, None] = field(default_factory=dict)
+    waiting_for_data: set[WorkerTask] = field(default_factory=set)
+    who_has: set[str] = field(default_factory=set)
+    nbytes: int = 0
+    resources: dict[str, float] | None = None
+    duration: float = 0.0
+    wanted: bool = False  # the scheduler counts this key as ours (result, replica, scatter)
+    coming_from: str | None = None  # peer of the GatherDep carrying it
+    errant_peer: str | None = None  # last peer that failed to deliver it
+    previous: str | None = None  # cancelled/resumed: what is really running
+    next: str | None = None  # resumed: what to become if that fails
+    spillable: bool = True  # False after SpillFailed
+
+    def __repr__(self) -> str:
+        return f"<WorkerTask {self.key!r} {self.state}>"
+
+
+class WorkerState:
+    """Everything one worker knows, changed only by ``handle``."""
+
+    __slots__ = (
+        "address", "nthreads", "total_resources", "available_resources", "thresholds",
+        "transfer_incoming_count_limit", "transfer_message_bytes_limit", "validate",
+        "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
+        "managed_bytes", "executing", "long_running", "missing", "in_flight",
+        "_ready", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added",
+        "_story", "_serial", "_starts", "process_memory",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        nthreads: int = 1,
+        resources: dict[str, float] | None = None,
+        memory_limit: int = 0,
+        target: float | None = 0.6,
+        spill: float | None = 0.7,
+        pause: float | None = 0.8,
+        transfer_incoming_count_limit: int = 4,
+        transfer_message_bytes_limit: int = 50_000_000,
+        validate: bool = False,
+        story_limit: int = 100_000,
+    ) -> None:
+        self.address = address
+        self.nthreads = nthreads
+        self.total_resources: dict[str, float] = dict(resources or {})
+        self.available_resources: dict[str, float] = dict(self.total_resources)
+        self.thresholds = mp.MemoryThresholds.from_fractions(memory_limit, target, spill, pause)
+        self.transfer_incoming_count_limit = transfer_incoming_count_limit
+        self.transfer_message_bytes_limit = transfer_message_bytes_limit
+        self.validate = validate
+        self.tasks: dict[Key, WorkerTask] = {}
+        self.status = "running"
+        self.in_memory: set[Key] = set()
+        self.spilled: set[Key] = set()
+        self.memory_bytes = 0
+        self.spilled_bytes = 0
+        self.managed_bytes = 0
+        self.process_memory = 0
+        self.executing: set[WorkerTask] = set()  # tasks holding a thread slot
+        self.long_running: set[WorkerTask] = set()  # seceded: thread runs, slot free
+        self.missing: set[WorkerTask] = set()
+        self.in_flight: dict[str, set[WorkerTask]] = {}  # peer -> keys of its one GatherDep
+        self._ready: list[HeapEntry] = []
+        self._constrained: list[HeapEntry] = []
+        self._fetch_by_peer: dict[str, list[HeapEntry]] = {}
+        self._fetch_dirty = False
+        self._lru: dict[Key, int] = {}  # spillable keys in RAM, least recently used first
+        self._added: dict[Key, int] = {}  # replicas acquired during this event
+        self._story: deque[tuple[Any, ...]] = deque(maxlen=story_limit)
+        self._serial = 0
+        self._starts = 0  # Execute/GatherDep emitted by the current event (validation)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def executing_count(self) -> int:
+        return len(self.executing)
+
+    @property
+    def memory_limit(self) -> int:
+        return self.thresholds.limit
+
+    def story(self, key: Key) -> list[tuple[Any, ...]]:
+        """``(key, start, finish, stimulus_id, now)`` of every recorded transition of ``key``."""
+        return [e for e in self._story if e[0] == key]
+
+    def handle(self, *events: Any) -> list[Any]:
+        """Apply events in order; return the instructions for the shell."""
+        out: list[Any] = []
+        for ev in events:
+            try:
+                handler = _HANDLERS[type(ev)]
+            except KeyError:
+                raise TypeError(
+                    f"WorkerState cannot handle {type(ev).__name__}: {ev!r:.200}"
+                ) from None
+            self._starts = 0
+            stim: str = ev.stimulus_id
+            now: float = ev.now
+            handler(self, ev, out)
+            if self._added:
+                out.append(ToScheduler(AddKeys(stim, now, self.address, self._added)))
+                self._added = {}
+            target = self.thresholds.target
+            if target is not None and self.memory_bytes > target:
+                self._spill_to_target(out, ())
+            self._ensure_computing(stim, now, out)
+            if self._fetch_dirty:
+                self._ensure_communicating(stim, now, out)
+            if self.validate:
+                validate_worker(self)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _task(self, key: Key) -> WorkerTask:
+        ts = self.tasks.get(key)
+        if ts is None:
+            self._serial += 1
+            ts = self.tasks[key] = WorkerTask(key, self._serial)
+        return ts
+
+    def _drain(self, recs: Recs, ev: Any, out: list[Any]) -> None:
+        if recs:
+            drain(self, recs, ev.stimulus_id, ev.now, out)
+
+    def _push_ready(self, ts: WorkerTask, heap: list[HeapEntry]) -> None:
+        heapq.heappush(heap, (ts.priority, ts.serial, ts))
+
+    def _push_fetch(self, ts: WorkerTask) -> None:
+        entry = (ts.priority, ts.serial, ts)
+        by_peer = self._fetch_by_peer
+        for peer in ts.who_has:
+            heap = by_peer.get(peer)
+            if heap is None:
+                by_peer[peer] = [entry]
+            else:
+                heapq.heappush(heap, entry)
+        self._fetch_dirty = True
+
+    def _set_who_has(self, ts: WorkerTask, holders: list[str]) -> None:
+        me = self.address
+        ts.who_has = {w for w in holders if w != me}
+
+    # ------------------------------------------------------------------ memory bookkeeping
+
+    def _store(self, ts: WorkerTask) -> None:
+        """``ts``'s value is now in RAM (stored by the shell); it is the most recent."""
+        n = ts.nbytes
+        self.in_memory.add(ts.key)
+        self.memory_bytes += n
+        self.managed_bytes += n
+        if ts.spillable:
+            self._lru[ts.key] = n
+
+    def _drop(self, ts: WorkerTask, out: list[Any]) -> None:
+        """Forget ``ts``'s value, wherever it lives."""
+        key = ts.key
+        n = ts.nbytes
+        if key in self.spilled:
+            self.spilled.remove(key)
+            self.spilled_bytes -= n
+        else:
+            self.in_memory.remove(key)
+            self.memory_bytes -= n
+            self._lru.pop(key, None)
+        self.managed_bytes -= n
+        out.append(DeleteData(key))
+
+    def _resize(self, ts: WorkerTask, nbytes: int) -> None:
+        """A held value was replaced (scatter again): rebook its size."""
+        diff = nbytes - ts.nbytes
+        ts.nbytes = nbytes
+        self.managed_bytes += diff
+        if ts.key in self.spilled:
+            self.spilled_bytes += diff
+            self.spilled.remove(ts.key)
+            self.memory_bytes += nbytes
+            self.spilled_bytes -= nbytes
+            self.in_memory.add(ts.key)  # the shell stored the new value in RAM
+        else:
+            self.memory_bytes += diff
+        if ts.spillable:
+            self._lru.pop(ts.key, None)
+            self._lru[ts.key] = nbytes
+
+    def _touch(self, ts: WorkerTask) -> None:
+        lru = self._lru
+        n = lru.pop(ts.key, None)
+        if n is not None:
+            lru[ts.key] = n
+
+    def _spill(self, key: Key, out: list[Any]) -> None:
+        n = self._lru.pop(key)
+        self.in_memory.remove(key)
+        self.spilled.add(key)
+        self.memory_bytes -= n
+        self.spilled_bytes += n
+        out.append(Spill(key))
+
+    def _unspill(self, ts: WorkerTask, out: list[Any]) -> None:
+        key = ts.key
+        n = ts.nbytes
+        self.spilled.remove(key)
+        self.in_memory.add(key)
+        self.spilled_bytes -= n
+        self.memory_bytes += n
+        if ts.spillable:
+            self._lru[key] = n
+        out.append(Unspill(key))
+
+    def _spill_to_target(self, out: list[Any], exclude: Any) -> None:
+        excess = mp.target_excess(self.memory_bytes, self.thresholds)
+        for key in mp.choose_spill(iter(self._lru.items()), excess, exclude):
+            self._spill(key, out)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _ensure_computing(self, stim: str, now: float, out: list[Any]) -> None:
+        """Start ready tasks, best priority first, while slots and resources allow."""
+        if self.status != "running":
+            return
+        ready = self._ready
+        constrained = self._constrained
+        executing = self.executing
+        while len(executing) < self.nthreads:
+            while ready and ready[0][2].state != "ready":
+                heapq.heappop(ready)
+            while constrained and constrained[0][2].state != "constrained":
+                heapq.heappop(constrained)
+            if constrained and (not ready or constrained[0] < ready[0]):
+                ts = constrained[0][2]
+                if self._resources_free(ts):
+                    heapq.heappop(constrained)
+                elif ready:
+                    ts = heapq.heappop(ready)[2]
+                else:
+                    return
+            elif ready:
+                ts = heapq.heappop(ready)[2]
+            else:
+                return
+            transition(self, ts, "executing", stim, now, out)
+            self._starts += 1
+            target = self.thresholds.target
+            if target is not None and self.memory_bytes > target:
+                self._spill_to_target(out, {d.key for d in ts.dependencies})
+
+    def _resources_free(self, ts: WorkerTask) -> bool:
+        avail = self.available_resources
+        assert ts.resources is not None
+        return all(avail.get(r, 0.0) >= q for r, q in ts.resources.items())
+
+    def _ensure_communicating(self, stim: str, now: float, out: list[Any]) -> None:
+        """Start transfers from idle peers, best-priority key first, bundled per peer.
+
+        One ``GatherDep`` per peer at a time (so a peer's answer is unambiguous and no
+        peer is flooded): a key is fetched from whichever of its holders is idle, which
+        spreads the load over holders. Ties break on the address, so it is deterministic.
+        """
+        if self.status != "running":
+            return
+        self._fetch_dirty = False
+        free = self.transfer_incoming_count_limit - len(self.in_flight)
+        if free <= 0:
+            return
+        by_peer = self._fetch_by_peer
+        in_flight = self.in_flight
+        candidates: list[tuple[tuple[Any, ...], int, str]] = []
+        for peer, heap in list(by_peer.items()):
+            if peer in in_flight:
+                continue
+            while heap and not _fetchable(heap[0][2], peer):
+                heapq.heappop(heap)
+            if not heap:
+                del by_peer[peer]
+                continue
+            candidates.append((heap[0][0], heap[0][1], peer))
+        candidates.sort()
+        limit = self.transfer_message_bytes_limit
+        for _, _, peer in candidates:
+            heap = by_peer[peer]
+            keys: list[Key] = []
+            total = 0
+            while heap:
+                ts = heap[0][2]
+                if not _fetchable(ts, peer):
+                    heapq.heappop(heap)
+                    continue
+                n = ts.nbytes or DEFAULT_NBYTES
+                if keys and total + n > limit:
+                    break
+                heapq.heappop(heap)
+                if not keys:
+                    in_flight[peer] = set()
+                keys.append(ts.key)
+                total += n
+                ts.coming_from = peer
+                transition(self, ts, "flight", stim, now, out)
+            if not heap:
+                del by_peer[peer]
+            if keys:
+                out.append(GatherDep(peer, keys, total))
+                self._starts += 1
+                free -= 1
+                if free <= 0:
+                    break
+
+    # ------------------------------------------------------------------ event handlers
+
+    def _set_compute(self, ts: WorkerTask, ev: ComputeTask) -> None:
+        """Record what to run and which inputs (with their holders and sizes)."""
+        ts.run_spec = ev.run_spec
+        ts.priority = tuple(ev.priority)
+        ts.resources = ev.resources or None
+        ts.duration = ev.duration
+        deps: list[WorkerTask] = []
+        for k in dict.fromkeys(ev.dependencies):
+            if k == ev.key:
+                continue
+            dep = self._task(k)
+            if dep.state != "memory":
+                holders = ev.who_has.get(k)
+                if holders is not None:
+                    self._set_who_has(dep, holders)
+                n = ev.nbytes.get(k)
+                if n is not None:
+                    dep.nbytes = n
+            deps.append(dep)
+        ts.dependencies = deps
+
+    def _on_compute_task(self, ev: ComputeTask, out: list[Any]) -> None:
+        ts = self._task(ev.key)
+        ts.wanted = True
+        st = ts.state
+        finish: str | None = None
+        if st in ("released", "fetch", "missing", "error"):
+            finish = "waiting"
+        elif st == "flight":
+            finish = "resumed"
+        elif st == "cancelled":
+            assert ts.previous is not None
+            finish = ts.previous if ts.previous in RUNNING_STATES else "resumed"
+        elif st == "resumed" and ts.next == "fetch":
+            assert ts.previous is not None
+            self._drain({ts: ts.previous}, ev, out)
+        elif st == "memory":
+            out.append(
+                ToScheduler(TaskFinished(ev.stimulus_id, ev.now, self.address, ts.key, ts.nbytes))
+            )
+        # waiting / ready / constrained / executing / long-running: already on it
+        if finish is not None:
+            if finish != "executing" and finish != "long-running":
+                self._set_compute(ts, ev)
+            self._drain({ts: finish}, ev, out)
+
+    def _on_free_keys(self, ev: FreeKeys, out: list[Any]) -> None:
+        recs: Recs = {}
+        tasks = self.tasks
+        for key in ev.keys:
+            ts = tasks.get(key)
+            if ts is None:
+                continue
+            ts.wanted = False
+            st = ts.state
+            if ts.dependents and (st in DATA_STATES or (st == "resumed" and ts.next == "fetch")):
+                continue  # kept for local dependents; released when the last one is done
+            if st in RUNNING_STATES or st == "flight" or st == "resumed":
+                recs[ts] = "cancelled"
+            elif st == "released":
+                if not ts.dependents:
+                    recs[ts] = "forgotten"
+            elif st != "cancelled":
+                recs[ts] = "released"
+        self._drain(recs, ev, out)
+
+    def _on_steal_request(self, ev: StealRequest, out: list[Any]) -> None:
+        ts = self.tasks.get(ev.key)
+        state = ts.state if ts is not None else None
+        # "constrained" is a kind of "ready" (waiting for resources); the scheduler's
+        # steal protocol knows waiting/ready/fetch/flight
+        reported = "ready" if state == "constrained" else state
+        out.append(
+            ToScheduler(StealResponse(ev.stimulus_id, ev.now, self.address, ev.key, reported))
+        )
+        if ts is None:
+            return
+        if state in STEALABLE:
+            ts.wanted = False
+            self._drain({ts: "released"}, ev, out)
+        elif state in ("fetch", "flight", "missing") and not ts.dependents:
+            ts.wanted = False
+            self._drain({ts: "cancelled" if state == "flight" else "released"}, ev, out)
+
+    def _fetch_request(self, ts: WorkerTask, recs: Recs) -> None:
+        """Someone wants ``ts``'s value here (a replica): fetch it unless on its way."""
+        st = ts.state
+        if st == "released" or st == "error":
+            recs[ts] = "fetch"
+        elif st == "cancelled":
+            recs[ts] = "flight" if ts.previous == "flight" else "resumed"
+        elif st == "fetch":
+            self._push_fetch(ts)  # holders may be new
+        elif st == "missing" and ts.who_has:
+            recs[ts] = "fetch"
+
+    def _on_acquire_replicas(self, ev: AcquireReplicas, out: list[Any]) -> None:
+        recs: Recs = {}
+        for key, holders in ev.who_has.items():
+            ts = self._task(key)
+            ts.wanted = True
+            if ts.state == "memory":
+                continue
+            self._set_who_has(ts, holders)
+            n = ev.nbytes.get(key)
+            if n is not None:
+                ts.nbytes = n
+            self._fetch_request(ts, recs)
+        self._drain(recs, ev, out)
+
+    def _on_refresh_who_has(self, ev: RefreshWhoHas, out: list[Any]) -> None:
+        recs: Recs = {}
+        for key, holders in ev.who_has.items():
+            ts = self.tasks.get(key)
+            if ts is None or ts.state == "memory":
+                continue
+            self._set_who_has(ts, holders)
+            if ts.state == "missing" and ts.who_has:
+                recs[ts] = "fetch"
+            elif ts.state == "fetch":
+                if ts.who_has:
+                    self._push_fetch(ts)
+                else:
+                    recs[ts] = "missing"
+        self._drain(recs, ev, out)
+
+    def _on_execute_success(self, ev: ExecuteSuccess, out: list[Any]) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None:
+            out.append(DeleteData(ev.key))  # not ours any more: do not leak the value
+            return
+        st = ts.state
+        if st in RUNNING_STATES:
+            ts.nbytes = ev.nbytes
+            out.append(
+                ToScheduler(
+                    TaskFinished(
+                        ev.stimulus_id, ev.now, self.address, ts.key, ev.nbytes,
+                        ev.type_name, ev.start, ev.stop,
+                    )
+                )
+            )  # fmt: skip
+            self._drain({ts: "memory"}, ev, out)
+        elif st == "cancelled":
+            out.append(DeleteData(ts.key))
+            self._drain({ts: "released"}, ev, out)
+        elif st == "resumed":
+            ts.nbytes = ev.nbytes
+            self._drain({ts: "memory"}, ev, out)
+        else:
+            raise InvalidTransition(ts.key, st, "memory", self.story(ts.key))
+
+    def _on_execute_failure(self, ev: ExecuteFailure, out: list[Any]) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None:
+            return
+        st = ts.state
+        if st in RUNNING_STATES:
+            out.append(
+                ToScheduler(
+                    TaskErred(
+                        ev.stimulus_id, ev.now, self.address, ts.key, ev.exception,
+                        ev.traceback, ev.exception_text, ev.traceback_text, ev.start, ev.stop,
+                    )
+                )
+            )  # fmt: skip
+            self._drain({ts: "error"}, ev, out)
+        elif st == "cancelled":
+            self._drain({ts: "released"}, ev, out)
+        elif st == "resumed":
+            assert ts.next is not None
+            self._drain({ts: ts.next}, ev, out)
+        else:
+            raise InvalidTransition(ts.key, st, "error", self.story(ts.key))
+
+    def _on_secede(self, ev: SecedeEvent, out: list[Any]) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None:
+            return
+        if ts.state == "executing":
+            out.append(
+                ToScheduler(
+                    LongRunning(ev.stimulus_id, ev.now, self.address, ts.key, ev.compute_duration)
+                )
+            )
+            self._drain({ts: "long-running"}, ev, out)
+        elif ts.state in ("cancelled", "resumed"):
+            secede_cancelled(self, ts)
+
+    def _on_reschedule(self, ev: RescheduleEvent, out: list[Any]) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None:
+            return
+        st = ts.state
+        if st in RUNNING_STATES:
+            out.append(ToScheduler(Reschedule(ev.stimulus_id, ev.now, self.address, ts.key)))
+            ts.wanted = False
+            self._drain({ts: "released"}, ev, out)
+        elif st == "cancelled":
+            self._drain({ts: "released"}, ev, out)
+        elif st == "resumed":
+            assert ts.next is not None
+            self._drain({ts: ts.next}, ev, out)
+        else:
+            raise InvalidTransition(ts.key, st, "rescheduled", self.story(ts.key))
+
+    def _gather_done(self, peer: str, arrived: dict[Key, int], ev: Any, out: list[Any]) -> None:
+        """Settle the one in-flight ``GatherDep`` to ``peer``: keys not arrived failed."""
+        batch = self.in_flight.pop(peer, None)
+        self._fetch_dirty = True
+        if batch is None:
+            # nothing asked: a stale answer; do not leak the values
+            out.extend(DeleteData(key) for key in arrived)
+            return
+        recs: Recs = {}
+        for ts in sorted(batch, key=_serial):
+            st = ts.state
+            n = arrived.get(ts.key)
+            if n is not None:
+                ts.nbytes = n
+                if st == "cancelled":
+                    out.append(DeleteData(ts.key))
+                    recs[ts] = "released"
+                else:  # flight / resumed
+                    recs[ts] = "memory"
+            else:
+                ts.who_has.discard(peer)
+                ts.errant_peer = peer
+                if st == "cancelled":
+                    recs[ts] = "released"
+                elif st == "resumed":
+                    recs[ts] = "waiting"
+                else:
+                    recs[ts] = "fetch"
+        self._drain(recs, ev, out)
+
+    def _on_gather_success(self, ev: GatherDepSuccess, out: list[Any]) -> None:
+        self._gather_done(ev.peer, ev.data, ev, out)
+
+    def _on_gather_failure(self, ev: GatherDepFailure, out: list[Any]) -> None:
+        self._gather_done(ev.peer, {}, ev, out)
+
+    def _on_update_data(self, ev: WorkerUpdateData, out: list[Any]) -> None:
+        recs: Recs = {}
+        for key, n in ev.data.items():
+            ts = self._task(key)
+            ts.wanted = True
+            st = ts.state
+            if st == "memory":
+                self._resize(ts, n)
+            elif st in ("released", "fetch", "missing"):
+                ts.nbytes = n
+                recs[ts] = "memory"
+            # other states: the key is being computed or fetched; that copy wins
+        self._drain(recs, ev, out)
+
+    def _on_memory_measured(self, ev: MemoryMeasured, out: list[Any]) -> None:
+        th = self.thresholds
+        pm = ev.process_memory
+        self.process_memory = pm
+        excess = mp.process_excess(pm, th)
+        if excess:
+            for key in mp.choose_spill(iter(self._lru.items()), excess):
+                self._spill(key, out)
+        paused = mp.should_pause(pm, th)
+        status = "paused" if paused else "running"
+        if status != self.status:
+            self.status = status
+            if not paused:
+                self._fetch_dirty = True
+            out.append(
+                ToScheduler(WorkerStatusChange(ev.stimulus_id, ev.now, self.address, status))
+            )
+
+    def _on_spill_failed(self, ev: SpillFailed, out: list[Any]) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts.state != "memory":
+            return
+        ts.spillable = False
+        if ts.key in self.spilled:
+            self.spilled.remove(ts.key)
+            self.spilled_bytes -= ts.nbytes
+            self.in_memory.add(ts.key)
+            self.memory_bytes += ts.nbytes
+        self._lru.pop(ts.key, None)
+
+
+def _fetchable(ts: WorkerTask, peer: str) -> bool:
+    return ts.state == "fetch" and peer in ts.who_has
+
+
+def _serial(ts: WorkerTask) -> int:
+    return ts.serial
+
+
+_HANDLERS: dict[type[Any], Callable[[WorkerState, Any, list[Any]], None]] = {
+    ComputeTask: WorkerState._on_compute_task,
+    FreeKeys: WorkerState._on_free_keys,
+    StealRequest: WorkerState._on_steal_request,
+    AcquireReplicas: WorkerState._on_acquire_replicas,
+    RefreshWhoHas: WorkerState._on_refresh_who_has,
+    ExecuteSuccess: WorkerState._on_execute_success,
+    ExecuteFailure: WorkerState._on_execute_failure,
+    SecedeEvent: WorkerState._on_secede,
+    RescheduleEvent: WorkerState._on_reschedule,
+    GatherDepSuccess: WorkerState._on_gather_success,
+    GatherDepFailure: WorkerState._on_gather_failure,
+    WorkerUpdateData: WorkerState._on_update_data,
+    MemoryMeasured: WorkerState._on_memory_measured,
+    SpillFailed: WorkerState._on_spill_failed,
+}

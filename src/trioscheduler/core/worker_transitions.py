@@ -1,0 +1,538 @@
+"""Every state change of a worker task, as a ``(start, finish) -> function`` table.
+
+h11's rule: nothing outside this module assigns ``WorkerTask.state``; an edge that is not
+in ``TABLE`` raises ``InvalidTransition`` with the key's story. A transition function
+mutates the state, appends instructions to ``out`` and returns recommendations
+(``{task: finish}``) that ``drain`` applies until none are left.
+
+States::
+
+    released ──▶ waiting ──▶ ready / constrained ──▶ executing ──▶ memory | error
+       │            ▲                                   │  ▲ secede
+       │            │                          long-running ┘
+       └─▶ fetch ──▶ flight ──▶ memory          (executing | long-running | flight)
+           ▲  │        │                          ──free──▶ cancelled ──ask again──▶ resumed
+           │  ▼        ▼
+           missing ◀── (no holder left)          released ──▶ forgotten (dropped from tasks)
+
+``cancelled``: the scheduler freed a task whose thread or transfer is still running
+(``previous`` says which); its outcome is dropped. ``resumed``: the scheduler wants the
+task again, but the other way (``next``: ``waiting`` after a transfer, ``fetch`` after an
+execution); the running outcome is used if it succeeds, else it becomes ``next``.
+
+``dependents`` holds the *active* local tasks needing a key (waiting, ready,
+constrained, executing, long-running, or cancelled/resumed while their thread runs):
+a key is kept for them even after the scheduler frees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from trioscheduler.core.errors import InvalidTransition
+from trioscheduler.core.messages import Execute, MissingData, TaskFinished, ToScheduler
+
+if TYPE_CHECKING:
+    from trioscheduler.core.worker import WorkerState, WorkerTask
+
+Recs = dict["WorkerTask", str]
+Transition = Callable[["WorkerState", "WorkerTask", str, float, list[Any]], "Recs | None"]
+
+RUNNING_STATES = frozenset({"executing", "long-running"})
+"""States (or ``previous`` of cancelled/resumed) whose thread is running the task."""
+ACTIVE_STATES = frozenset({"waiting", "ready", "constrained", "executing", "long-running"})
+"""States of a task that still reads its dependencies (it is in their ``dependents``)."""
+DATA_STATES = frozenset({"memory", "fetch", "flight", "missing"})
+"""States of a key kept while local dependents need it, even when the scheduler frees it."""
+
+
+def is_active(ts: WorkerTask) -> bool:
+    """Does ``ts`` still need its dependencies?"""
+    st = ts.state
+    return st in ACTIVE_STATES or (
+        (st == "cancelled" or st == "resumed") and ts.previous in RUNNING_STATES
+    )
+
+
+def _set(ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float) -> None:
+    ws._story.append((ts.key, ts.state, finish, stim, now))
+    ts.state = finish
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _attach(ts: WorkerTask) -> Recs:
+    """``ts`` starts waiting: register it with its dependencies, fetch the absent ones."""
+    recs: Recs = {}
+    waiting = ts.waiting_for_data
+    waiting.clear()
+    for dep in ts.dependencies:
+        dep.dependents[ts] = None
+        st = dep.state
+        if st == "memory":
+            continue
+        waiting.add(dep)
+        if st == "released" or st == "error":
+            if not dep.priority or ts.priority < dep.priority:
+                dep.priority = ts.priority
+            recs[dep] = "fetch"
+        elif st == "cancelled":
+            recs[dep] = "flight" if dep.previous == "flight" else "resumed"
+    if not waiting:
+        recs[ts] = "constrained" if ts.resources else "ready"
+    return recs
+
+
+def _detach(ws: WorkerState, ts: WorkerTask, recs: Recs) -> None:
+    """``ts`` no longer reads its dependencies: drop keys nobody needs any more."""
+    ts.waiting_for_data.clear()
+    for dep in ts.dependencies:
+        dependents = dep.dependents
+        dependents.pop(ts, None)
+        if dependents or dep.wanted:
+            continue
+        st = dep.state
+        if st == "released":
+            recs[dep] = "forgotten"
+        elif st == "flight":
+            recs[dep] = "cancelled"
+        elif st in DATA_STATES:
+            recs[dep] = "released"
+        elif st == "resumed" and dep.next == "fetch":
+            recs[dep] = "cancelled"
+
+
+def _forget_unused_inputs(ts: WorkerTask, recs: Recs) -> None:
+    """Inputs noted for a computation that will not run here (it arrived by transfer)."""
+    for dep in ts.dependencies:
+        if dep.state == "released" and not dep.dependents:
+            recs[dep] = "forgotten"
+
+
+def _after_release(ts: WorkerTask, recs: Recs) -> Recs:
+    if not ts.dependents:
+        recs[ts] = "forgotten"
+    return recs
+
+
+def _enter_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float) -> Recs:
+    """Store ``ts`` (the shell holds its value) and wake the dependents waiting for it."""
+    _set(ws, ts, "memory", stim, now)
+    ws._store(ts)
+    recs: Recs = {}
+    for dt in ts.dependents:
+        waiting = dt.waiting_for_data
+        if ts in waiting:
+            waiting.discard(ts)
+            if not waiting and dt.state == "waiting":
+                recs[dt] = "constrained" if dt.resources else "ready"
+    return recs
+
+
+def _leave_thread(ws: WorkerState, ts: WorkerTask) -> None:
+    """The thread running ``ts`` is done: free its slot and resources."""
+    ws.executing.discard(ts)
+    ws.long_running.discard(ts)
+    if ts.resources:
+        avail = ws.available_resources
+        for r, q in ts.resources.items():
+            avail[r] = avail.get(r, 0.0) + q
+
+
+def _report_added(ws: WorkerState, ts: WorkerTask) -> None:
+    ts.wanted = True  # the scheduler will count us as a holder; it decides when to free
+    ws._added[ts.key] = ts.nbytes
+
+
+def _enter_fetch(ws: WorkerState, ts: WorkerTask, stim: str, now: float) -> Recs | None:
+    _set(ws, ts, "fetch", stim, now)
+    if not ts.who_has:
+        return {ts: "missing"}
+    ws._push_fetch(ts)
+    return None
+
+
+def _enter_waiting(ws: WorkerState, ts: WorkerTask, stim: str, now: float) -> Recs:
+    _set(ws, ts, "waiting", stim, now)
+    return _attach(ts)
+
+
+# ----------------------------------------------------------------------------- released
+
+
+def released_waiting(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs:
+    return _enter_waiting(ws, ts, stim, now)
+
+
+def released_fetch(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    return _enter_fetch(ws, ts, stim, now)
+
+
+def released_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    return _enter_memory(ws, ts, stim, now)
+
+
+def released_forgotten(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> None:
+    _set(ws, ts, "forgotten", stim, now)
+    del ws.tasks[ts.key]
+
+
+# ----------------------------------------------------------------------------- waiting
+
+
+def waiting_ready(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> None:
+    _set(ws, ts, "ready", stim, now)
+    ws._push_ready(ts, ws._ready)
+
+
+def waiting_constrained(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> None:
+    _set(ws, ts, "constrained", stim, now)
+    ws._push_ready(ts, ws._constrained)
+
+
+def active_released(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    """waiting/ready/constrained -> released; heap entries go stale (lazy deletion)."""
+    _set(ws, ts, "released", stim, now)
+    recs: Recs = {}
+    _detach(ws, ts, recs)
+    return _after_release(ts, recs)
+
+
+def ready_executing(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> None:
+    """Take a thread slot: load spilled inputs back first, then ``Execute``."""
+    for dep in ts.dependencies:
+        if dep.key in ws.spilled:
+            ws._unspill(dep, out)
+        else:
+            ws._touch(dep)
+    ws.executing.add(ts)
+    if ts.resources:
+        avail = ws.available_resources
+        for r, q in ts.resources.items():
+            avail[r] = avail.get(r, 0.0) - q
+    _set(ws, ts, "executing", stim, now)
+    out.append(Execute(ts.key, ts.run_spec))
+
+
+# ----------------------------------------------------------------------------- executing
+
+
+def running_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    """executing/long-running -> memory (the handler already sent ``TaskFinished``)."""
+    _leave_thread(ws, ts)
+    recs = _enter_memory(ws, ts, stim, now)
+    _detach(ws, ts, recs)
+    return recs
+
+
+def running_error(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    _leave_thread(ws, ts)
+    _set(ws, ts, "error", stim, now)
+    recs: Recs = {}
+    _detach(ws, ts, recs)
+    return recs
+
+
+def running_released(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs:
+    """Rescheduled (or a cancelled run ended): the thread is free, nothing is kept."""
+    _leave_thread(ws, ts)
+    ts.previous = ts.next = None
+    _set(ws, ts, "released", stim, now)
+    recs: Recs = {}
+    _detach(ws, ts, recs)
+    return _after_release(ts, recs)
+
+
+def executing_long_running(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> None:
+    """Seceded: the thread slot is free (resources stay held until it ends, as dask)."""
+    ws.executing.discard(ts)
+    ws.long_running.add(ts)
+    _set(ws, ts, "long-running", stim, now)
+
+
+def running_cancelled(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> None:
+    ts.previous = ts.state
+    ts.next = None
+    _set(ws, ts, "cancelled", stim, now)
+
+
+def secede_cancelled(ws: WorkerState, ts: WorkerTask) -> None:
+    """A cancelled/resumed task seceded: free its slot; its state stays (not an edge)."""
+    if ts.previous == "executing":
+        ts.previous = "long-running"
+        ws.executing.discard(ts)
+        ws.long_running.add(ts)
+
+
+# ----------------------------------------------------------------------------- fetching
+
+
+def fetch_flight(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> None:
+    """Picked into a ``GatherDep`` (``coming_from`` set by the caller)."""
+    assert ts.coming_from is not None
+    ws.in_flight[ts.coming_from].add(ts)
+    _set(ws, ts, "flight", stim, now)
+
+
+def fetch_missing(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> None:
+    """No holder left: ask the scheduler (it answers with ``RefreshWhoHas``)."""
+    ws.missing.add(ts)
+    _set(ws, ts, "missing", stim, now)
+    out.append(ToScheduler(MissingData(stim, now, ws.address, ts.key, ts.errant_peer or "")))
+
+
+def fetch_released(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    ws.missing.discard(ts)
+    _set(ws, ts, "released", stim, now)
+    return _after_release(ts, {})
+
+
+def fetch_waiting(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    """The scheduler wants us to compute a key we were fetching (or missing)."""
+    ws.missing.discard(ts)
+    return _enter_waiting(ws, ts, stim, now)
+
+
+def fetch_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    """Scattered straight to us while we were looking for it."""
+    ws.missing.discard(ts)
+    return _enter_memory(ws, ts, stim, now)
+
+
+def missing_fetch(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    ws.missing.discard(ts)
+    return _enter_fetch(ws, ts, stim, now)
+
+
+def flight_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    ts.coming_from = None
+    recs = _enter_memory(ws, ts, stim, now)
+    _report_added(ws, ts)
+    return recs
+
+
+def flight_fetch(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    """The transfer failed (the handler removed that peer from ``who_has``)."""
+    ts.coming_from = None
+    return _enter_fetch(ws, ts, stim, now)
+
+
+def flight_cancelled(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> None:
+    ts.previous = "flight"
+    ts.next = None
+    _set(ws, ts, "cancelled", stim, now)
+
+
+def flight_resumed(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> None:
+    """Asked to compute a key in flight: let the transfer finish, compute if it fails."""
+    ts.previous = "flight"
+    ts.next = "waiting"
+    _set(ws, ts, "resumed", stim, now)
+
+
+# ----------------------------------------------------------------------------- cancelled / resumed
+
+
+def cancelled_released(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs:
+    """The cancelled thread or transfer ended; the handler dropped any value it stored."""
+    if ts.previous == "flight":
+        ts.coming_from = None
+        ts.previous = None
+        _set(ws, ts, "released", stim, now)
+        recs: Recs = {}
+        _forget_unused_inputs(ts, recs)
+        return _after_release(ts, recs)
+    return running_released(ws, ts, stim, now, out)
+
+
+def cancelled_uncancel(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> None:
+    """Asked again for what is still running: simply carry on (finish == previous)."""
+    prev = ts.previous
+    assert prev is not None
+    ts.previous = ts.next = None
+    _set(ws, ts, prev, stim, now)
+
+
+def cancelled_resumed(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> None:
+    """Asked again, the other way: compute after a transfer, fetch after a run."""
+    ts.next = "waiting" if ts.previous == "flight" else "fetch"
+    _set(ws, ts, "resumed", stim, now)
+
+
+def resumed_cancelled(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> None:
+    ts.next = None
+    _set(ws, ts, "cancelled", stim, now)
+
+
+def resumed_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    """The running side succeeded: report it the way the scheduler now expects."""
+    prev = ts.previous
+    ts.previous = ts.next = None
+    if prev == "flight":
+        ts.coming_from = None
+        recs = _enter_memory(ws, ts, stim, now)
+        _forget_unused_inputs(ts, recs)
+        out.append(
+            ToScheduler(TaskFinished(stim, now, ws.address, ts.key, ts.nbytes, "", now, now))
+        )
+        return recs
+    _leave_thread(ws, ts)
+    recs = _enter_memory(ws, ts, stim, now)
+    _detach(ws, ts, recs)
+    _report_added(ws, ts)
+    return recs
+
+
+def resumed_next(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    """The running side failed: become ``next`` (compute it, or fetch it)."""
+    prev = ts.previous
+    ts.previous = ts.next = None
+    if prev == "flight":
+        ts.coming_from = None
+        return _enter_waiting(ws, ts, stim, now)
+    _leave_thread(ws, ts)
+    recs: Recs = {}
+    _detach(ws, ts, recs)
+    more = _enter_fetch(ws, ts, stim, now)
+    if more:
+        recs.update(more)
+    return recs
+
+
+def resumed_back(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> None:
+    """Asked again for what is actually running (finish == previous): carry on."""
+    prev = ts.previous
+    assert prev is not None
+    ts.previous = ts.next = None
+    _set(ws, ts, prev, stim, now)
+
+
+# ----------------------------------------------------------------------------- memory / error
+
+
+def memory_released(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    ws._drop(ts, out)
+    _set(ws, ts, "released", stim, now)
+    return _after_release(ts, {})
+
+
+def error_released(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    _set(ws, ts, "released", stim, now)
+    return _after_release(ts, {})
+
+
+def error_waiting(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
+    """Retried by the scheduler."""
+    return _enter_waiting(ws, ts, stim, now)
+
+
+def error_fetch(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    """Recomputed elsewhere; a local dependent wants the good copy."""
+    return _enter_fetch(ws, ts, stim, now)
+
+
+TABLE: dict[tuple[str, str], Transition] = {
+    ("released", "waiting"): released_waiting,
+    ("released", "fetch"): released_fetch,
+    ("released", "memory"): released_memory,
+    ("released", "forgotten"): released_forgotten,
+    ("waiting", "ready"): waiting_ready,
+    ("waiting", "constrained"): waiting_constrained,
+    ("waiting", "released"): active_released,
+    ("ready", "executing"): ready_executing,
+    ("ready", "released"): active_released,
+    ("constrained", "executing"): ready_executing,
+    ("constrained", "released"): active_released,
+    ("executing", "memory"): running_memory,
+    ("executing", "error"): running_error,
+    ("executing", "released"): running_released,
+    ("executing", "long-running"): executing_long_running,
+    ("executing", "cancelled"): running_cancelled,
+    ("long-running", "memory"): running_memory,
+    ("long-running", "error"): running_error,
+    ("long-running", "released"): running_released,
+    ("long-running", "cancelled"): running_cancelled,
+    ("fetch", "flight"): fetch_flight,
+    ("fetch", "missing"): fetch_missing,
+    ("fetch", "released"): fetch_released,
+    ("fetch", "waiting"): fetch_waiting,
+    ("fetch", "memory"): fetch_memory,
+    ("missing", "fetch"): missing_fetch,
+    ("missing", "released"): fetch_released,
+    ("missing", "waiting"): fetch_waiting,
+    ("missing", "memory"): fetch_memory,
+    ("flight", "memory"): flight_memory,
+    ("flight", "fetch"): flight_fetch,
+    ("flight", "cancelled"): flight_cancelled,
+    ("flight", "resumed"): flight_resumed,
+    ("cancelled", "released"): cancelled_released,
+    ("cancelled", "executing"): cancelled_uncancel,
+    ("cancelled", "long-running"): cancelled_uncancel,
+    ("cancelled", "flight"): cancelled_uncancel,
+    ("cancelled", "resumed"): cancelled_resumed,
+    ("resumed", "cancelled"): resumed_cancelled,
+    ("resumed", "memory"): resumed_memory,
+    ("resumed", "waiting"): resumed_next,
+    ("resumed", "fetch"): resumed_next,
+    ("resumed", "executing"): resumed_back,
+    ("resumed", "long-running"): resumed_back,
+    ("memory", "released"): memory_released,
+    ("error", "released"): error_released,
+    ("error", "waiting"): error_waiting,
+    ("error", "fetch"): error_fetch,
+}
+
+
+def transition(
+    ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    """Move ``ts`` along one edge of ``TABLE``; any other move is a bug."""
+    fn = TABLE.get((ts.state, finish))
+    if fn is None:
+        raise InvalidTransition(ts.key, ts.state, finish, ws.story(ts.key))
+    return fn(ws, ts, stim, now, out)
+
+
+def drain(ws: WorkerState, recs: Recs, stim: str, now: float, out: list[Any]) -> None:
+    """Apply recommendations (and the ones they produce) until none are left."""
+    while recs:
+        ts, finish = recs.popitem()
+        if ts.state == finish or ts.state == "forgotten":
+            continue
+        more = transition(ws, ts, finish, stim, now, out)
+        if more:
+            recs.update(more)
