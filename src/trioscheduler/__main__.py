@@ -1,0 +1,5 @@
+"""``python -m trioscheduler``: the same as the ``trioscheduler`` command."""
+
+from trioscheduler.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""The ``trioscheduler`` command: ``scheduler``, ``worker`` and ``demo``.
+
+Each command is one ``trio.run`` whose main task holds the components in ``async with``
+blocks; SIGINT and SIGTERM cancel that task, so shutdown is the ordinary exit path of
+those blocks (workers say goodbye to the scheduler, nannies reap their children) and
+prints one log line instead of a traceback.
+
+``worker`` has two hidden options used by ``Nanny``: ``--ready-fd`` (a pipe on which the
+process announces its address, and later that it closes on purpose) and
+``--watch-stdin`` (exit when stdin reaches EOF, i.e. when the nanny is gone, even if it
+was killed with SIGKILL and could not clean up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+
+logger = logging.getLogger("trioscheduler.cli")
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``"GPU=2 MEMORY=10e9"`` (spaces or commas between pairs) as a dict."""
+    resources: dict[str, float] = {}
+    if not text:
+        return resources
+    for item in text.replace(",", " ").split():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"resource {item!r} is not NAME=AMOUNT (e.g. GPU=2)")
+        try:
+            resources[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"resource {name!r} has amount {value!r}, which is not a number"
+            ) from None
+    return resources
+
+
+async def run_until_signal(main: Callable[[], Awaitable[Any]]) -> bool:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives; True if a signal stopped it."""
+    stopped_by_signal = False
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal stopped_by_signal
+                async for signum in signals:
+                    logger.info("%s received: shutting down", signal.Signals(signum).name)
+                    stopped_by_signal = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            await main()
+            nursery.cancel_scope.cancel()
+    return stopped_by_signal
+
+
+# --------------------------------------------------------------------------------------
+# scheduler
+# --------------------------------------------------------------------------------------
+
+
+async def _scheduler_main(args: argparse.Namespace) -> None:
+    from trioscheduler.scheduler import Scheduler
+
+    address = args.address or f"tcp://{args.host}:{args.port}"
+    async with Scheduler(address, worker_timeout=args.worker_timeout, record=args.record) as s:
+        logger.info("scheduler at %s", s.address)
+        print(f"trioscheduler scheduler at {s.address}", flush=True)
+        if args.scheduler_file:
+            _write_json(args.scheduler_file, {"type": "Scheduler", "address": s.address})
+        try:
+            await trio.sleep_forever()
+        finally:
+            if args.scheduler_file:
+                try:
+                    os.remove(args.scheduler_file)
+                except OSError:
+                    pass
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------
+# worker
+# --------------------------------------------------------------------------------------
+
+
+def _scheduler_address(args: argparse.Namespace) -> str:
+    if args.address:
+        return str(args.address)
+    if args.scheduler_file:
+        with open(args.scheduler_file) as f:
+            return str(json.load(f)["address"])
+    raise SystemExit("trioscheduler worker: give the scheduler ADDRESS or --scheduler-file")
+
+
+async def _worker_main(args: argparse.Namespace) -> None:
+    address = _scheduler_address(args)
+    nworkers = max(1, args.nworkers)
+    nthreads = args.nthreads or max(1, (os.cpu_count() or 1) // nworkers)
+    common: dict[str, Any] = dict(
+        nthreads=nthreads,
+        memory_limit=args.memory_limit,
+        resources=args.resources,
+        local_directory=args.local_directory,
+        nworkers=nworkers,
+    )
+    names = [
+        None if args.name is None else (args.name if nworkers == 1 else f"{args.name}-{i}")
+        for i in range(nworkers)
+    ]
+    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        if args.watch_stdin:
+            nursery.start_soon(_exit_on_stdin_eof, nursery.cancel_scope)
+        components: list[Any] = []
+        if args.nanny:
+            from trioscheduler.nanny import Nanny
+
+            for name in names:  # one at a time: each start is awaited
+                nanny = Nanny(address, name=name, host=args.host, **common)
+                components.append(await stack.enter_async_context(nanny))
+            for c in components:
+                print(
+                    f"trioscheduler worker at {c.worker_address} (nanny pid {os.getpid()})",
+                    flush=True,
+                )
+        else:
+            from trioscheduler.worker import Worker, default_host
+
+            listen = None if args.host is None else f"tcp://{args.host}:0"
+            if listen is None and not address.startswith("inproc://"):
+                listen = f"tcp://{default_host(address)}:0"
+            for name in names:  # one at a time: each start is awaited
+                worker = Worker(address, address=listen, name=name, **common)
+                components.append(await stack.enter_async_context(worker))
+            if args.ready_fd is None:
+                for c in components:
+                    print(f"trioscheduler worker at {c.address}", flush=True)
+        ready = _ReadyPipe(args.ready_fd)
+        ready.write(
+            "".join(f"address {getattr(c, 'worker_address', c.address)}\n" for c in components)
+        )
+        try:
+            async with trio.open_nursery() as waiters:
+                for c in components:
+                    waiters.start_soon(c.finished)
+            # Every worker closed on its own (scheduler asked or vanished): an orderly end.
+            reasons = "; ".join(str(getattr(c, "close_reason", "")) for c in components)
+            ready.write(f"closing {reasons}\n")
+        finally:
+            ready.close()
+        nursery.cancel_scope.cancel()
+
+
+class _ReadyPipe:
+    """The write end of the nanny's pipe (or nothing, outside a nanny)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, text.encode())
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+async def _exit_on_stdin_eof(scope: trio.CancelScope) -> None:
+    """The nanny holds our stdin open; EOF means it is gone, so we go too."""
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stream:
+        while await stream.receive_some(4096):
+            pass
+    logger.warning("the nanny is gone (stdin closed): shutting down")
+    scope.cancel()
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from trioscheduler.demo import run_demo
+
+    return int(
+        run_demo(
+            n_workers=args.workers,
+            threads_per_worker=args.threads,
+            processes=not args.no_processes,
+            ntasks=args.tasks,
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trioscheduler",
+        description="A distributed task scheduler with the API of dask.distributed, on trio.",
+    )
+    parser.add_argument("--log-level", default="info", help="logging level (default: info)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("scheduler", help="run a scheduler")
+    p.add_argument("address", nargs="?", help="full address to listen on (overrides --host/--port)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8786, help="port to listen on (0: any free port)")
+    p.add_argument("--scheduler-file", help="write the scheduler's address to this JSON file")
+    p.add_argument("--worker-timeout", type=float, default=30.0, help="seconds without heartbeat")
+    p.add_argument("--record", help="log every event of the scheduler core to this file")
+
+    p = sub.add_parser("worker", help="run a worker (under a nanny by default)")
+    p.add_argument("address", nargs="?", help="the scheduler's address, e.g. tcp://10.0.0.5:8786")
+    p.add_argument("--scheduler-file", help="read the scheduler's address from this JSON file")
+    p.add_argument(
+        "--nthreads", type=int, default=0, help="threads per worker (default: cores / nworkers)"
+    )
+    p.add_argument("--nworkers", type=int, default=1, help="worker processes to start")
+    p.add_argument(
+        "--memory-limit", default="auto", help="bytes per worker: auto, 4GiB, 0.5, 0 for none"
+    )
+    p.add_argument("--resources", type=parse_resources, default={}, help='e.g. "GPU=2 FPGA=1"')
+    p.add_argument("--name", help="name of the worker (with --nworkers: a prefix)")
+    p.add_argument(
+        "--nanny",
+        dest="nanny",
+        action="store_true",
+        default=True,
+        help="restart the worker when it dies (default)",
+    )
+    p.add_argument(
+        "--no-nanny", dest="nanny", action="store_false", help="run the worker in this process"
+    )
+    p.add_argument("--local-directory", help="where spill files go (default: the temp directory)")
+    p.add_argument(
+        "--host", help="interface to serve data on (default: the one that reaches the scheduler)"
+    )
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("demo", help="start a local cluster and run a demo workload on it")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: by cores)")
+    p.add_argument("--threads", type=int, default=None, help="threads per worker")
+    p.add_argument("--tasks", type=int, default=2000, help="tasks in the futures workload")
+    p.add_argument(
+        "--no-processes", action="store_true", help="everything in this process (inproc://)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "demo":
+        try:
+            return _demo(args)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+    command = _scheduler_main if args.command == "scheduler" else _worker_main
+    try:
+        trio.run(run_until_signal, lambda: command(args))
+    except KeyboardInterrupt:  # a signal that arrived before the handler was installed
+        return 130
+    except Exception as exc:
+        logger.error("%s failed: %s", args.command, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,665 @@
+"""The worker's I/O shell: sockets, threads and files around the worker core.
+
+Everything this module does is carry out decisions of ``WorkerState``: events go in
+(messages from the scheduler, a task that finished, a fetch that arrived, a memory
+measurement), instructions come out (run this, fetch that from a peer, spill, unspill,
+delete, tell the scheduler) and are carried out here. No policy lives in the shell.
+
+One worker is one ``async with Worker(...)`` block owning a trio nursery:
+
+* a data server on its own listener, answering peers and clients (``get_data``,
+  ``update_data``, ``run``), per ``docs/runtime-contract.md``;
+* one long-lived, batched stream to the scheduler (``AddWorker`` first, then events
+  both ways, a heartbeat about every second);
+* a memory monitor feeding ``MemoryMeasured`` (psutil RSS) to the core;
+* tasks in threads (``trioscheduler.execute``) and fetches through a connection pool.
+
+Shutdown, on leaving the block, on ``close()``, or when the scheduler sends
+``CloseWorker``: tell the scheduler ``RemoveWorker(expected=True)``, close the stream,
+cancel running work, close the listener, remove the spill directory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import cloudpickle
+import psutil
+import trio
+from dask.sizeof import sizeof
+
+from trioscheduler import execute, memory, wire
+from trioscheduler.core.messages import (
+    AddWorker,
+    CloseWorker,
+    DeleteData,
+    Execute,
+    ExecuteFailure,
+    ExecuteSuccess,
+    GatherDep,
+    GatherDepFailure,
+    GatherDepSuccess,
+    MemoryMeasured,
+    RemoveWorker,
+    RescheduleEvent,
+    SecedeEvent,
+    Spill,
+    SpillFailed,
+    ToScheduler,
+    Unspill,
+    WorkerHeartbeat,
+    WorkerUpdateData,
+)
+from trioscheduler.core.worker import WorkerState
+from trioscheduler.remote_error import pack_exception
+from trioscheduler.wire.address import tcp_address
+
+logger = logging.getLogger("trioscheduler.worker")
+
+_inproc_ids = itertools.count(1)
+
+
+def default_host(scheduler_address: str) -> str:
+    """The interface to serve data on: loopback for a local scheduler, else the one
+    this machine uses to reach the scheduler (so peers on other hosts can connect)."""
+    scheme, host, port = wire.parse_address(scheduler_address)
+    if scheme != "tcp" or host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", ""):
+        return "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port or 80))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def _now() -> float:
+    return trio.current_time()
+
+
+def _stimulus(kind: str) -> str:
+    return f"{kind}-{time.time()}"
+
+
+class Worker:
+    """A worker: ``async with Worker(scheduler_address, nthreads=2) as w: await w.finished()``.
+
+    ``address`` is where this worker serves its data (``None``: ``inproc://`` when the
+    scheduler is in-process, else ``tcp://<host>:0`` with ``host`` chosen by
+    ``default_host``; ``w.address`` is the bound one). ``memory_limit`` as in
+    ``memory.parse_memory_limit`` (``nworkers`` workers share this host for ``"auto"``).
+    """
+
+    def __init__(
+        self,
+        scheduler_address: str,
+        *,
+        address: str | None = None,
+        nthreads: int = 1,
+        memory_limit: str | float | None = "auto",
+        resources: dict[str, float] | None = None,
+        name: str | None = None,
+        local_directory: str | None = None,
+        nanny: str | None = None,
+        nworkers: int = 1,
+        memory_target_fraction: float | None = memory.TARGET,
+        memory_spill_fraction: float | None = memory.SPILL,
+        memory_pause_fraction: float | None = memory.PAUSE,
+        transfer_incoming_count_limit: int = 4,
+        transfer_message_bytes_limit: int = 50_000_000,
+        heartbeat_interval: float = 1.0,
+        memory_monitor_interval: float = 0.25,
+        batch_interval: float = 0.002,
+        connect_timeout: float = 10.0,
+        validate: bool = False,
+    ) -> None:
+        if nthreads < 1:
+            raise ValueError(f"nthreads must be at least 1, got {nthreads}")
+        self.scheduler_address = scheduler_address
+        self._listen_address = address
+        self.nthreads = nthreads
+        self.memory_limit = memory.parse_memory_limit(memory_limit, nworkers=nworkers)
+        self.resources = dict(resources or {})
+        self.name = name
+        self.local_directory = local_directory
+        self.nanny = nanny
+        self._thresholds = (memory_target_fraction, memory_spill_fraction, memory_pause_fraction)
+        self._transfer_limits = (transfer_incoming_count_limit, transfer_message_bytes_limit)
+        self.heartbeat_interval = heartbeat_interval
+        self.memory_monitor_interval = memory_monitor_interval
+        self.batch_interval = batch_interval
+        self.connect_timeout = connect_timeout
+        self.validate = validate
+
+        self.address: str = ""
+        self.status = "created"  # created -> running -> closing -> closed
+        self.close_reason = ""
+        self.state: WorkerState | None = None
+        self.store: memory.DataStore | None = None
+        self.runner = execute.TaskRunner(self, nthreads)
+        self._process = psutil.Process()
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._work: trio.Nursery | None = None
+        self._work_scope: trio.CancelScope | None = None
+        self._pool: Any = None
+        self._stream: Any = None
+        self._batched: Any = None
+        self._closing = False
+        self._closing_ev = trio.Event()  # shutdown began
+        self._batched_done = trio.Event()  # the batched sender flushed and closed
+        self._shutdown_done = trio.Event()  # streams closed, work cancelled
+        self._closed = trio.Event()  # everything released
+        self._executing: set[Any] = set()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.address or '(not started)'} {self.status} nthreads={self.nthreads}>"
+
+    # ----------------------------------------------------------------------------------
+    # Life cycle
+    # ----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await stack.enter_async_context(self._run())
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._stack is not None
+        return await self._stack.__aexit__(*exc_info)
+
+    async def finished(self) -> None:
+        """Wait until the worker has shut down (``CloseWorker``, scheduler lost, ``close``)."""
+        await self._closed.wait()
+
+    async def close(self, reason: str = "worker closed") -> None:
+        """Shut down in order (the ``async with`` block still has to be left)."""
+        await self._shutdown(reason, report=True)
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncIterator[Worker]:
+        self.store = memory.DataStore(self.local_directory)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self._background)
+                listen_at = self._listen_address or self._default_listen_address()
+                async with (
+                    wire.listen(
+                        listen_at, self._serve_peer, role="worker", info={"name": self.name}
+                    ) as listener,
+                    wire.ConnectionPool() as pool,
+                ):
+                    self.address = listener.address
+                    self._pool = pool
+                    await self._connect()
+                    self.status = "running"
+                    logger.info(
+                        "worker %s (%d threads) joined %s",
+                        self.address,
+                        self.nthreads,
+                        self.scheduler_address,
+                    )
+                    try:
+                        yield self
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._shutdown("worker closed", report=True)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.store.close()
+            self.status = "closed"
+            self._closed.set()
+
+    def _default_listen_address(self) -> str:
+        scheme, _, _ = wire.parse_address(self.scheduler_address)
+        if scheme == "inproc":
+            return f"inproc://worker-{os.getpid()}-{next(_inproc_ids)}"
+        return tcp_address(default_host(self.scheduler_address), 0)
+
+    async def _background(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Hosts the cancellable work (tasks, fetches, loops) apart from the user's block."""
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as work:
+                self._work, self._work_scope = work, scope
+                task_status.started()
+                await trio.sleep_forever()
+
+    async def _connect(self) -> None:
+        target, spill, pause = self._thresholds
+        count_limit, bytes_limit = self._transfer_limits
+        self.state = WorkerState(
+            self.address,
+            nthreads=self.nthreads,
+            resources=self.resources,
+            memory_limit=self.memory_limit or 0,
+            target=target,
+            spill=spill,
+            pause=pause,
+            transfer_incoming_count_limit=count_limit,
+            transfer_message_bytes_limit=bytes_limit,
+            validate=self.validate,
+        )
+        stream = await wire.connect(
+            self.scheduler_address,
+            timeout=self.connect_timeout,
+            role="worker",
+            info={"address": self.address, "name": self.name},
+        )
+        self._stream = stream
+        await stream.send(
+            AddWorker(
+                stimulus_id=_stimulus("worker-connect"),
+                now=_now(),
+                worker=self.address,
+                nthreads=self.nthreads,
+                memory_limit=self.memory_limit or 0,
+                resources=self.resources,
+                name=self.name,
+                nanny=self.nanny,
+                data={},
+            )
+        )
+        assert self._nursery is not None and self._work is not None
+        self._batched = await self._nursery.start(self._run_batched, stream)
+        self._work.start_soon(self._read_scheduler, stream)
+        self._work.start_soon(self._heartbeat_loop)
+        self._work.start_soon(self._memory_loop)
+
+    async def _run_batched(
+        self, stream: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Owns the batched sender; it flushes and closes once shutdown begins."""
+        try:
+            async with wire.open_batched(stream, self.batch_interval) as batched:
+                task_status.started(batched)
+                await self._closing_ev.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            logger.debug("worker %s: batched stream ended: %r", self.address, exc)
+        finally:
+            self._batched_done.set()
+
+    async def _shutdown(self, reason: str, *, report: bool) -> None:
+        """Idempotent orderly shutdown; later callers wait for the first to finish."""
+        if self._closing:
+            await self._shutdown_done.wait()
+            return
+        self._closing = True
+        self.status = "closing"
+        self.close_reason = reason
+        logger.info("worker %s closing: %s", self.address, reason)
+        with trio.move_on_after(5):
+            if report and self._batched is not None:
+                try:
+                    self._batched.send_nowait(
+                        RemoveWorker(
+                            stimulus_id=_stimulus("worker-close"),
+                            now=_now(),
+                            worker=self.address,
+                            expected=True,
+                            reason=reason,
+                        )
+                    )
+                except Exception as exc:
+                    logger.debug("worker %s: could not say goodbye: %r", self.address, exc)
+            self._closing_ev.set()  # the batched sender flushes and closes
+            if self._batched is not None:
+                await self._batched_done.wait()
+            if self._work_scope is not None:
+                self._work_scope.cancel()
+            if self._stream is not None:
+                try:
+                    await self._stream.aclose()
+                except Exception as exc:
+                    logger.debug("worker %s: closing the scheduler stream: %r", self.address, exc)
+        self._shutdown_done.set()
+
+    # ----------------------------------------------------------------------------------
+    # Scheduler stream
+    # ----------------------------------------------------------------------------------
+
+    async def _read_scheduler(self, stream: Any) -> None:
+        reason = "the scheduler closed the connection"
+        try:
+            async for msg in stream:
+                if type(msg) is CloseWorker:
+                    reason = f"the scheduler asked: {msg.reason}"
+                    break
+                self.handle(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            reason = f"lost the scheduler connection ({type(exc).__name__}: {exc})"
+        if self._closing:
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._shutdown_in_background, reason)
+
+    async def _shutdown_in_background(self, reason: str) -> None:
+        with trio.CancelScope(shield=True):
+            await self._shutdown(reason, report=True)
+
+    def _send(self, msg: Any) -> None:
+        batched = self._batched
+        if batched is None or self._closing:
+            return
+        try:
+            batched.send_nowait(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.debug("worker %s: dropped %r: %s", self.address, msg, exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            self._send(
+                WorkerHeartbeat(
+                    stimulus_id=_stimulus("heartbeat"),
+                    now=_now(),
+                    worker=self.address,
+                    metrics=self.metrics(),
+                )
+            )
+
+    def metrics(self) -> dict[str, Any]:
+        """What the heartbeat tells the scheduler (and dashboards) about this worker."""
+        store = self.store
+        state = self.state
+        try:
+            rss = int(self._process.memory_info().rss)
+        except psutil.Error:
+            rss = 0
+        return {
+            "time": time.time(),
+            "memory": rss,
+            "memory_limit": self.memory_limit or 0,
+            "managed_bytes": getattr(state, "managed_bytes", 0),
+            "spilled_bytes": store.spilled_bytes if store is not None else 0,
+            "spilled_keys": len(store.spilled) if store is not None else 0,
+            "in_memory": len(store.memory) if store is not None else 0,
+            "executing": len(self._executing),
+            "status": getattr(state, "status", self.status),
+        }
+
+    async def _memory_loop(self) -> None:
+        while True:
+            try:
+                rss = int(self._process.memory_info().rss)
+            except psutil.Error:
+                rss = 0
+            self.handle(
+                MemoryMeasured(
+                    stimulus_id=_stimulus("memory-measured"), now=_now(), process_memory=rss
+                )
+            )
+            await trio.sleep(self.memory_monitor_interval)
+
+    # ----------------------------------------------------------------------------------
+    # The core and its instructions
+    # ----------------------------------------------------------------------------------
+
+    def handle(self, *events: Any) -> None:
+        """Feed events to the core and carry out its instructions (synchronously;
+        running tasks and fetches start as background work)."""
+        state = self.state
+        if state is None or self._closing:
+            return
+        follow_up: list[Any] = []
+        for ins in state.handle(*events):
+            kind = type(ins)
+            if kind is ToScheduler:
+                self._send(ins.msg)
+            elif kind is Execute:
+                self._start(self._execute, ins.key, ins.run_spec)
+            elif kind is GatherDep:
+                self._start(self._gather_dep, ins.peer, ins.keys)
+            elif kind is Spill:
+                reason = self._spill(ins.key)
+                if reason is not None:
+                    follow_up.append(
+                        SpillFailed(
+                            stimulus_id=_stimulus("spill-failed"),
+                            now=_now(),
+                            key=ins.key,
+                            reason=reason,
+                        )
+                    )
+            elif kind is Unspill:
+                self._unspill(ins.key)
+            elif kind is DeleteData:
+                assert self.store is not None
+                self.store.delete(ins.key)
+            else:  # pragma: no cover - a new instruction type the shell does not know yet
+                logger.error("worker %s: unknown instruction %r", self.address, ins)
+        if follow_up:
+            self.handle(*follow_up)
+
+    def _start(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._work is not None and not self._closing:
+            self._work.start_soon(fn, *args)
+
+    def _spill(self, key: Any) -> str | None:
+        """Carry out ``Spill``; the reason it failed, or ``None``."""
+        assert self.store is not None
+        if key not in self.store.memory:
+            return None if key in self.store.spilled else "not in memory"
+        try:
+            ok = self.store.spill(key)
+        except OSError as exc:
+            logger.error("worker %s: could not write spill file for %r: %s", self.address, key, exc)
+            return f"{type(exc).__name__}: {exc}"
+        return None if ok else "cannot be pickled"
+
+    def _unspill(self, key: Any) -> None:
+        assert self.store is not None
+        if key in self.store.spilled:
+            self.store.unspill(key)
+
+    def _secede(self, key: Any) -> None:
+        """A running task called ``secede()``: free its slot and tell the core."""
+        self.runner.release(key)
+        self.handle(SecedeEvent(stimulus_id=_stimulus("secede"), now=_now(), key=key))
+
+    async def _execute(self, key: Any, run_spec: bytes | None) -> None:
+        assert self.store is not None
+        if run_spec is None:
+            exc = ValueError(f"task {key!r} has no run spec on this worker (its data was expected)")
+            self._report_failure(key, exc, time.time(), time.time())
+            return
+        self._executing.add(key)
+        try:
+            out = await self.runner.run(key, run_spec, self.store)
+        finally:
+            self._executing.discard(key)
+        if out.rescheduled:
+            self.handle(RescheduleEvent(stimulus_id=_stimulus("reschedule"), now=_now(), key=key))
+        elif out.exception is not None:
+            self._report_failure(key, out.exception, out.start, out.stop)
+        else:
+            nbytes, type_name = out.nbytes_and_type()
+            self.store.put(key, out.value)
+            self.handle(
+                ExecuteSuccess(
+                    stimulus_id=_stimulus("task-finished"),
+                    now=_now(),
+                    key=key,
+                    nbytes=nbytes,
+                    type_name=type_name,
+                    start=out.start,
+                    stop=out.stop,
+                )
+            )
+
+    def _report_failure(self, key: Any, exc: BaseException, start: float, stop: float) -> None:
+        blob, tb_blob, exc_text, tb_text = pack_exception(exc)
+        logger.info("worker %s: task %r failed: %s", self.address, key, exc_text)
+        self.handle(
+            ExecuteFailure(
+                stimulus_id=_stimulus("task-erred"),
+                now=_now(),
+                key=key,
+                exception=blob,
+                traceback=tb_blob,
+                exception_text=exc_text,
+                traceback_text=tb_text,
+                start=start,
+                stop=stop,
+            )
+        )
+
+    async def _gather_dep(self, peer: str, keys: list[Any]) -> None:
+        assert self.store is not None
+        try:
+            async with self._pool.connect(peer) as stream:
+                await stream.send({"op": "get_data", "keys": list(keys)})
+                reply = await stream.receive()
+            if not isinstance(reply, dict) or reply.get("status") != "OK":
+                text = reply.get("text") if isinstance(reply, dict) else repr(reply)
+                raise RuntimeError(f"peer answered: {text}")
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.info(
+                "worker %s: fetching %d keys from %s failed: %s",
+                self.address,
+                len(keys),
+                peer,
+                reason,
+            )
+            self.handle(
+                GatherDepFailure(
+                    stimulus_id=_stimulus("gather-dep-failure"),
+                    now=_now(),
+                    peer=peer,
+                    keys=list(keys),
+                    reason=reason,
+                )
+            )
+            return
+        sizes: dict[Any, int] = {}
+        for key, value in reply["data"].items():
+            self.store.put(key, value)
+            sizes[key] = _sizeof(value)
+        self.handle(
+            GatherDepSuccess(
+                stimulus_id=_stimulus("gather-dep-success"),
+                now=_now(),
+                peer=peer,
+                data=sizes,
+                missing=list(reply.get("missing", [])),
+            )
+        )
+
+    # ----------------------------------------------------------------------------------
+    # Data server
+    # ----------------------------------------------------------------------------------
+
+    async def _serve_peer(self, stream: Any) -> None:
+        """Answer request dicts on one connection until the peer closes it."""
+        try:
+            async for request in stream:
+                try:
+                    reply = await self._answer(request)
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:
+                    logger.info(
+                        "worker %s: request from %s failed: %r",
+                        self.address,
+                        getattr(stream, "peer_address", "?"),
+                        exc,
+                    )
+                    reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
+                await stream.send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def _answer(self, request: Any) -> dict[str, Any]:
+        if not isinstance(request, dict):
+            return {
+                "status": "error",
+                "text": f"expected a request dict, got {type(request).__name__}",
+            }
+        op = request.get("op")
+        if op == "get_data":
+            return await self._get_data(request["keys"])
+        if op == "update_data":
+            return self._update_data(request["data"])
+        if op == "run":
+            return await self._run_function(request["function"])
+        return {
+            "status": "error",
+            "text": f"unknown op {op!r}; this worker knows get_data, update_data, run",
+        }
+
+    async def _get_data(self, keys: list[Any]) -> dict[str, Any]:
+        store = self.store
+        assert store is not None
+        data: dict[Any, Any] = {}
+        missing: list[Any] = []
+        for key in keys:
+            if key in store.memory:
+                data[key] = store.memory[key]
+            elif key in store.spilled:
+                try:  # disk reads off the loop; the value may be deleted meanwhile
+                    data[key] = await trio.to_thread.run_sync(store.__getitem__, key)
+                except KeyError:
+                    missing.append(key)
+            else:
+                missing.append(key)
+        return {"status": "OK", "data": data, "missing": missing}
+
+    def _update_data(self, data: dict[Any, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        nbytes: dict[Any, int] = {}
+        for key, value in data.items():
+            self.store.put(key, value)
+            nbytes[key] = _sizeof(value)
+        self.handle(WorkerUpdateData(stimulus_id=_stimulus("update-data"), now=_now(), data=nbytes))
+        return {"status": "OK", "nbytes": nbytes}
+
+    async def _run_function(self, payload: bytes) -> dict[str, Any]:
+        try:
+            fn, args, kwargs = cloudpickle.loads(payload)
+            if _accepts(fn, "dask_worker"):
+                kwargs = {**kwargs, "dask_worker": self}
+            token = execute._worker.set(self)
+            try:
+                result = fn(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            finally:
+                execute._worker.reset(token)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            blob, tb_blob, text, _ = pack_exception(exc)
+            return {"status": "error", "exception": blob, "traceback": tb_blob, "text": text}
+        return {"status": "OK", "result": result}
+
+
+def _sizeof(value: Any) -> int:
+    try:
+        return int(sizeof(value))
+    except Exception:
+        return 0
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
