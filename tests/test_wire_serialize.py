@@ -1,0 +1,160 @@
+"""Serialization: what users put in messages comes back as the same types, buffers uncopied."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trioscheduler.core import messages
+from trioscheduler.wire import AddressError, parse_address
+from trioscheduler.wire.serialize import (
+    OUT_OF_BAND_BYTES,
+    DeserializationError,
+    SerializationError,
+    dumps,
+    loads,
+)
+
+
+def round_trip(msg: object) -> object:
+    # Through a fresh bytearray per frame, as the TCP receiver hands them over.
+    return loads([bytearray(f) for f in dumps(msg)])
+
+
+def test_tuples_stay_tuples_even_as_keys() -> None:
+    msg = {("x", 0): [("x", 1), (), ((1, 2), [3])], "t": (1, "a", None, 2.5, True)}
+    back = round_trip(msg)
+    assert back == msg
+    assert type(back[("x", 0)][0]) is tuple  # type: ignore[index]
+    assert type(back[("x", 0)][2][1]) is list  # type: ignore[index]
+
+
+def test_core_messages_come_back_as_records() -> None:
+    spec = messages.TaskSpec(("f", 1), [("g", 0)], b"run", priority=3)
+    graph = messages.UpdateGraph("s1", 1.5, "client-1", [spec], [("f", 1)])
+    wrapped = messages.ToWorker("tcp://w:1", messages.FreeKeys("s2", 2.0, [("x", 3)]))
+    back = round_trip({"events": [graph, wrapped]})
+    assert back == {"events": [graph, wrapped]}
+    assert type(back["events"][0].tasks[0]) is messages.TaskSpec  # type: ignore[index]
+    assert back["events"][0].tasks[0].key == ("f", 1)  # type: ignore[index]
+
+
+def test_every_registered_message_round_trips() -> None:
+    for cls in messages.ALL_MESSAGES:
+        if cls in messages._NESTED:  # records holding records: the test above
+            continue
+        names = messages._FIELDS[cls]
+        obj = cls(*[("k", i) if n == "key" else None for i, n in enumerate(names)])
+        assert round_trip(obj) == obj
+
+
+@pytest.mark.parametrize("size", [10, OUT_OF_BAND_BYTES, 1_000_000])
+def test_buffers_keep_their_contents(size: int) -> None:
+    data = bytes(range(256)) * (size // 256 + 1)
+    for value in (data, bytearray(data), memoryview(data)):
+        back = round_trip({"v": value, "in": [value]})
+        assert back["v"] == value and back["in"][0] == value  # type: ignore[index]
+
+
+def test_large_buffers_travel_out_of_band_with_their_type() -> None:
+    big = b"x" * (2 * OUT_OF_BAND_BYTES)
+    frames = dumps({"a": big, "b": [bytearray(big)], "c": (memoryview(big),)})
+    assert len(frames[0]) < 200  # the header holds references, not the data
+    back = round_trip({"a": big, "b": [bytearray(big)]})
+    assert type(back["a"]) is bytes and type(back["b"][0]) is bytearray  # type: ignore[index]
+
+
+def test_numpy_buffers_are_not_copied_on_either_side() -> None:
+    arr = np.arange(1_000_000, dtype="f8").reshape(1000, 1000)
+    frames = dumps(("data", arr))
+    assert sum(len(f) for f in frames[1:] if np.shares_memory(np.frombuffer(f, "u1"), arr)) == arr.nbytes
+    received = [bytearray(f) for f in frames]
+    back = loads(received)
+    assert np.array_equal(back[1], arr)
+    biggest = max(received[1:], key=len)
+    assert np.shares_memory(back[1], np.frombuffer(biggest, "u1"))
+    assert back[1].flags.writeable
+
+
+def test_non_contiguous_and_odd_arrays() -> None:
+    base = np.arange(60, dtype="i4").reshape(6, 10)
+    for arr in (base[::2, ::3], base.T, np.array(["a", "bc"]), np.zeros(0), np.float16(3)):
+        back = round_trip(arr)
+        assert type(back) is type(arr)
+        np.testing.assert_array_equal(back, arr)  # type: ignore[arg-type]
+
+
+def test_pandas_dataframe() -> None:
+    df = pd.DataFrame({"a": np.arange(10_000), "b": np.random.default_rng(0).random(10_000), "c": ["x"] * 10_000})
+    pd.testing.assert_frame_equal(round_trip(df), df)  # type: ignore[arg-type]
+
+
+def test_functions_lambdas_and_closures() -> None:
+    offset = 10
+
+    def add(x: int) -> int:
+        return x + offset
+
+    back = round_trip({"f": add, "g": lambda x: x * 2, "h": len})
+    assert back["f"](1) == 11 and back["g"](3) == 6 and back["h"]("ab") == 2  # type: ignore[index]
+
+
+def test_plain_objects_and_big_ints() -> None:
+    msg = {"big": 2**100, "neg": -(2**70), "set": {1, 2}, "exc": ValueError("bad"), "none": None}
+    back = round_trip(msg)
+    assert back["big"] == 2**100 and back["neg"] == -(2**70) and back["set"] == {1, 2}  # type: ignore[index]
+    assert isinstance(back["exc"], ValueError) and back["exc"].args == ("bad",)  # type: ignore[index]
+
+
+def test_unserializable_object_names_its_type() -> None:
+    with pytest.raises(SerializationError, match="lock"):
+        dumps({"x": threading.Lock()})
+
+
+def test_garbage_frames_raise_deserialization_error() -> None:
+    header = dumps({"a": ValueError("x")})
+    for frames in ([], [b"\xc1"], [b"\x92\x01"], header[:1], [header[0], b"not a pickle"]):
+        with pytest.raises(DeserializationError):
+            loads(frames)
+
+
+def test_payload_that_fails_to_unpickle() -> None:
+    frames = dumps({"obj": ValueError("x")})
+    frames[1] = pickle.dumps(ValueError("x")).replace(b"builtins", b"nomodule")
+    with pytest.raises(DeserializationError, match="nomodule"):
+        loads(frames)
+
+
+@pytest.mark.parametrize(
+    ("address", "parsed"),
+    [
+        ("tcp://127.0.0.1:8786", ("tcp", "127.0.0.1", 8786)),
+        ("127.0.0.1:8786", ("tcp", "127.0.0.1", 8786)),
+        ("tcp://[::1]:0", ("tcp", "::1", 0)),
+        ("tcp://localhost:1", ("tcp", "localhost", 1)),
+        ("inproc://sched", ("inproc", "sched", None)),
+        ("inproc://", ("inproc", "", None)),
+    ],
+)
+def test_parse_address(address: str, parsed: tuple[str, str, int | None]) -> None:
+    assert parse_address(address) == parsed
+
+
+@pytest.mark.parametrize(
+    ("address", "complaint"),
+    [
+        ("tls://a:1", "unsupported scheme"),
+        ("tcp://host", "no port"),
+        ("tcp://:80", "no host"),
+        ("tcp://h:http", "bad port"),
+        ("tcp://h:70000", "out of range"),
+        ("tcp://[::1]80", "IPv6"),
+    ],
+)
+def test_bad_addresses_say_what_is_wrong(address: str, complaint: str) -> None:
+    with pytest.raises(AddressError, match=complaint):
+        parse_address(address)
