@@ -86,7 +86,12 @@ def _attach(ts: WorkerTask) -> Recs:
 
 
 def _detach(ws: WorkerState, ts: WorkerTask, recs: Recs) -> None:
-    """``ts`` no longer reads its dependencies: drop keys nobody needs any more."""
+    """``ts`` no longer reads its dependencies: drop keys nobody needs any more.
+
+    Its ``dependencies`` are cleared too: a finished or released task needs no inputs
+    (a new ``ComputeTask`` sets them again), and old references would pin forgotten
+    records in memory.
+    """
     ts.waiting_for_data.clear()
     for dep in ts.dependencies:
         dependents = dep.dependents
@@ -102,6 +107,7 @@ def _detach(ws: WorkerState, ts: WorkerTask, recs: Recs) -> None:
             recs[dep] = "released"
         elif st == "resumed" and dep.next == "fetch":
             recs[dep] = "cancelled"
+    ts.dependencies = []  # done with its inputs: hold no references to forgotten tasks
 
 
 def _forget_unused_inputs(ts: WorkerTask, recs: Recs) -> None:
@@ -109,6 +115,7 @@ def _forget_unused_inputs(ts: WorkerTask, recs: Recs) -> None:
     for dep in ts.dependencies:
         if dep.state == "released" and not dep.dependents:
             recs[dep] = "forgotten"
+    ts.dependencies = []
 
 
 def _after_release(ts: WorkerTask, recs: Recs) -> Recs:
@@ -530,7 +537,8 @@ def transition(
 def drain(ws: WorkerState, recs: Recs, stim: str, now: float, out: list[Any]) -> None:
     """Apply recommendations (and the ones they produce) until none are left."""
     while recs:
-        ts, finish = recs.popitem()
+        ts = next(iter(recs))  # first in, first out: instructions follow event order
+        finish = recs.pop(ts)
         if ts.state == finish or ts.state == "forgotten":
             continue
         more = transition(ws, ts, finish, stim, now, out)
