@@ -1,0 +1,913 @@
+"""The scheduler core: every decision about tasks, workers and clients, without I/O.
+
+``SchedulerState.handle(*events)`` is the only way in. Each event is dispatched through
+a ``dict[type, handler]``; handlers update worker/client bookkeeping and ask for task
+state changes, which live in ``scheduler_transitions`` (h11's rule). Recommendations are
+drained to a fixed point before the next event, and the effects (messages for workers
+and clients) are returned in the order they were decided, so a shell that sends them in
+order never lets a ``FreeKeys`` overtake the ``ComputeTask`` it should follow.
+
+Records are slotted and sets of keys (not of records) so the shells can read them as
+plain data; placement and stealing are pure policies in their own modules.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trioscheduler.core import scheduler_transitions as tr
+from trioscheduler.core.errors import InvalidTransition, KilledWorker
+from trioscheduler.core.messages import (
+    AcquireReplicas,
+    AddClient,
+    AddKeys,
+    AddWorker,
+    CancelKeys,
+    ClientDesiresKeys,
+    ClientId,
+    ClientReleasesKeys,
+    CloseWorker,
+    FreeKeys,
+    Key,
+    KeyCancelled,
+    KeyErred,
+    KeyInMemory,
+    Log,
+    LongRunning,
+    MissingData,
+    RefreshWhoHas,
+    ReleaseWorkerData,
+    RemoveClient,
+    RemoveWorker,
+    Reschedule,
+    RetireWorker,
+    RetryKeys,
+    StealRequest,
+    StealResponse,
+    TaskErred,
+    TaskFinished,
+    Tick,
+    ToClient,
+    ToWorker,
+    UpdateData,
+    UpdateGraph,
+    WorkerAddr,
+    WorkerHeartbeat,
+    WorkerStatusChange,
+)
+from trioscheduler.core.placement import satisfies
+from trioscheduler.core.scheduler_invariants import validate_scheduler
+from trioscheduler.core.stealing import plan_steals
+from trioscheduler.core.story import StoryEntry, StoryLog
+from trioscheduler.errors import TrioSchedulerError
+
+STATES = (
+    "released",
+    "waiting",
+    "no-worker",
+    "queued",
+    "processing",
+    "memory",
+    "erred",
+    "forgotten",
+)
+# States a victim may report for a task it had not started: then it is safe to move.
+# ``released``/None mean the victim does not hold the task at all (it is not running it).
+STEALABLE_STATES = frozenset(
+    {"waiting", "ready", "fetch", "flight", "constrained", "released", None}
+)
+
+
+# --------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class TaskPrefix:
+    """Tasks sharing a key prefix (``inc`` of ``inc-ab12``) share a duration estimate."""
+
+    name: str
+    duration_average: float = -1.0  # seconds; < 0 while no task of the prefix finished
+    n_finished: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class ErrorInfo:
+    """The blobs of a failure, carried into the ``erred`` transition."""
+
+    exception: bytes
+    traceback: bytes
+    exception_text: str = ""
+    traceback_text: str = ""
+    blame: Key = None
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    """One key as the scheduler sees it.
+
+    ``waiting_on``: dependencies not yet in memory (only meaningful while waiting).
+    ``waiters``: dependents in an active state (waiting/no-worker/processing) that need
+    this key's data; with ``wanted_by`` it decides when data may be released.
+    """
+
+    key: Key
+    run_spec: bytes | None
+    priority: tuple[Any, ...]
+    prefix: TaskPrefix
+    state: str = "released"
+    dependencies: set[Key] = field(default_factory=set)
+    dependents: set[Key] = field(default_factory=set)
+    waiting_on: set[Key] = field(default_factory=set)
+    waiters: set[Key] = field(default_factory=set)
+    who_has: set[WorkerAddr] = field(default_factory=set)
+    wanted_by: set[ClientId] = field(default_factory=set)
+    processing_on: WorkerAddr | None = None
+    nbytes: int = 0
+    type_name: str = ""
+    retries: int = 0
+    worker_restrictions: set[str] | None = None
+    allow_other_workers: bool = False
+    resource_restrictions: dict[str, float] | None = None
+    suspicious: int = 0  # times a worker died while this task was processing on it
+    killed_on: list[WorkerAddr] | None = None
+    exception: bytes | None = None
+    traceback: bytes | None = None
+    exception_text: str = ""
+    traceback_text: str = ""
+    exception_blame: Key = None
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord:
+    """One worker. ``processing`` maps key -> the duration estimate counted in
+    ``occupancy`` (0 for long-running tasks, which free their thread slot)."""
+
+    address: WorkerAddr
+    nthreads: int
+    memory_limit: int = 0
+    name: str | None = None
+    nanny: str | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    status: str = "running"  # running | paused | closing | closed
+    has_what: set[Key] = field(default_factory=set)
+    processing: dict[Key, float] = field(default_factory=dict)
+    long_running: set[Key] = field(default_factory=set)
+    nbytes: int = 0
+    occupancy: float = 0.0
+    last_seen: float = 0.0
+    incoming_steals: int = 0  # thread slots reserved for steals not yet confirmed
+    retire_requested: dict[Key, WorkerAddr] | None = None  # retiring: key -> replica target
+
+    @property
+    def used_slots(self) -> int:
+        return len(self.processing) - len(self.long_running) + self.incoming_steals
+
+
+@dataclass(slots=True, eq=False)
+class ClientRecord:
+    client: ClientId
+    wants: set[Key] = field(default_factory=set)
+    last_seen: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class PendingSteal:
+    victim: WorkerAddr
+    thief: WorkerAddr
+    stimulus_id: str
+
+
+def key_prefix(key: Key) -> str:
+    """Group name of a key, as dask's ``key_split``: ``('inc-ab12', 3)`` -> ``inc``."""
+    if type(key) is tuple:
+        key = key[0] if key else ""
+    if type(key) is bytes:
+        key = key.decode(errors="replace")
+    if type(key) is not str or not key:
+        return "Other"
+    words = key.split("-")
+    result = words[0].strip("_'()\"")
+    for word in words[1:]:
+        if not word.isalpha() or (len(word) == 8 and _is_hex(word)):
+            break
+        result += "-" + word
+    if len(result) == 32 and _is_hex(result):
+        return "data"
+    return result or "Other"
+
+
+def _is_hex(word: str) -> bool:
+    return all(c in "0123456789abcdef" for c in word)
+
+
+# --------------------------------------------------------------------------------------
+# The state
+# --------------------------------------------------------------------------------------
+
+
+class SchedulerState:
+    """All the scheduler knows. Change it only through ``handle``."""
+
+    __slots__ = (
+        "tasks", "workers", "clients", "aliases", "prefixes", "idle", "saturated", "running",
+        "unrunnable", "steals", "state_counts", "generation", "log", "worker_timeout",
+        "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
+        "total_nthreads", "retiring", "_effects", "_recs", "_sid", "_now", "_open_free", "_rr",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        worker_timeout: float = 30.0,
+        allowed_failures: int = 3,
+        steal: bool = True,
+        validate: bool = False,
+        bandwidth: float = 100e6,
+        default_duration: float = 0.5,
+        story_length: int = 100_000,
+    ) -> None:
+        self.tasks: dict[Key, TaskRecord] = {}
+        self.workers: dict[WorkerAddr, WorkerRecord] = {}
+        self.clients: dict[ClientId, ClientRecord] = {}
+        self.aliases: dict[str, WorkerAddr] = {}  # worker name -> address
+        self.prefixes: dict[str, TaskPrefix] = {}
+        # running workers with a free thread slot (dict: ordered, O(1) first pick)
+        self.idle: dict[WorkerAddr, WorkerRecord] = {}
+        self.saturated: set[WorkerAddr] = set()  # more tasks than threads: steal victims
+        self.running: list[WorkerRecord] = []  # status == running, for round robin
+        self.unrunnable: set[Key] = set()  # tasks in no-worker
+        self.steals: dict[Key, PendingSteal] = {}
+        self.state_counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        self.generation = 0
+        self.log = StoryLog(story_length)
+        self.worker_timeout = worker_timeout
+        self.allowed_failures = allowed_failures
+        self.steal = steal
+        self.validate = validate
+        self.bandwidth = bandwidth
+        self.default_duration = default_duration
+        self.total_nthreads = 0
+        self.retiring: set[WorkerAddr] = set()
+        self._effects: list[Any] = []
+        self._recs: dict[Key, str] = {}
+        self._sid = ""
+        self._now = 0.0
+        self._open_free: dict[WorkerAddr, FreeKeys] = {}
+        self._rr = 0
+
+    # ---------------------------------------------------------------- entry point
+
+    def handle(self, *events: Any) -> list[Any]:
+        """Apply ``events`` in order; return the effects to carry out, in order."""
+        effects: list[Any] = []
+        self._effects = effects
+        for ev in events:
+            handler = _HANDLERS.get(type(ev))
+            if handler is None:
+                raise TypeError(f"not a scheduler event: {ev!r:.200}")
+            self._sid = ev.stimulus_id
+            self._now = ev.now
+            handler(self, ev)
+            if self._recs:
+                self.drain()
+            self._open_free.clear()
+            if self.validate:
+                validate_scheduler(self)
+        return effects
+
+    def story(self, *keys: Key) -> list[StoryEntry]:
+        """What happened to ``keys``: ``(key, start, finish, stimulus_id, now)`` entries."""
+        return self.log.story(*keys)
+
+    # ---------------------------------------------------------------- plumbing for transitions
+
+    def drain(self) -> None:
+        """Apply recommendations until none are left (LIFO: depth first, like dask)."""
+        recs = self._recs
+        tasks = self.tasks
+        transition = self.transition
+        while recs:
+            key, finish = recs.popitem()
+            ts = tasks.get(key)
+            if ts is not None:
+                transition(ts, finish)
+
+    def transition(self, ts: TaskRecord, finish: str, info: Any = None) -> None:
+        """Move ``ts`` to ``finish`` through the table; record the story."""
+        start = ts.state
+        if start == finish:
+            return
+        fn = tr.TRANSITIONS.get((start, finish))
+        if fn is None:
+            raise InvalidTransition(ts.key, start, finish, self.log.story(ts.key))
+        fn(self, ts, info)
+        new = ts.state
+        if new != start:
+            self.log.record(ts.key, start, new, self._sid, self._now)
+            counts = self.state_counts
+            counts[start] -= 1
+            counts[new] += 1
+
+    def recommend(self, key: Key, finish: str) -> None:
+        self._recs[key] = finish
+
+    def to_worker(self, addr: WorkerAddr, msg: Any) -> None:
+        self._open_free.pop(addr, None)
+        self._effects.append(ToWorker(addr, msg))
+
+    def to_client(self, client: ClientId, msg: Any) -> None:
+        self._effects.append(ToClient(client, msg))
+
+    def log_msg(self, level: str, text: str) -> None:
+        self._effects.append(Log(level, text))
+
+    def free_on(self, addr: WorkerAddr, key: Key) -> None:
+        """Tell ``addr`` to drop ``key``; consecutive frees to one worker share a message."""
+        fk = self._open_free.get(addr)
+        if fk is None:
+            ws = self.workers.get(addr)
+            if ws is None or ws.status == "closed":
+                return
+            fk = FreeKeys(self._sid, self._now, [key])
+            self._effects.append(ToWorker(addr, fk))
+            self._open_free[addr] = fk
+        else:
+            fk.keys.append(key)
+
+    def update_worker_sets(self, ws: WorkerRecord) -> None:
+        """Keep ``idle``/``saturated`` true for ``ws`` after its load changed (O(1))."""
+        addr = ws.address
+        busy = len(ws.processing) - len(ws.long_running)
+        if ws.status == "running":
+            if busy + ws.incoming_steals < ws.nthreads:
+                self.idle[addr] = ws
+            else:
+                self.idle.pop(addr, None)
+            if busy > ws.nthreads:
+                self.saturated.add(addr)
+            else:
+                self.saturated.discard(addr)
+        else:
+            self.idle.pop(addr, None)
+            if busy > 0 and ws.status != "closed":
+                self.saturated.add(addr)
+            else:
+                self.saturated.discard(addr)
+
+    def _rebuild_running(self) -> None:
+        self.running = [ws for ws in self.workers.values() if ws.status == "running"]
+
+    def duration_estimate(self, ts: TaskRecord) -> float:
+        avg = ts.prefix.duration_average
+        return avg if avg >= 0 else self.default_duration
+
+    # ---------------------------------------------------------------- small helpers
+
+    def _client(self, client: ClientId) -> ClientRecord:
+        cs = self.clients.get(client)
+        if cs is None:
+            cs = self.clients[client] = ClientRecord(client, last_seen=self._now)
+        return cs
+
+    def _prefix(self, key: Key) -> TaskPrefix:
+        name = key_prefix(key)
+        tp = self.prefixes.get(name)
+        if tp is None:
+            tp = self.prefixes[name] = TaskPrefix(name)
+        return tp
+
+    def _new_task(self, key: Key, run_spec: bytes | None, priority: tuple[Any, ...]) -> TaskRecord:
+        ts = TaskRecord(key, run_spec, priority, self._prefix(key))
+        self.tasks[key] = ts
+        self.state_counts["released"] += 1
+        return ts
+
+    def _add_want(self, cs: ClientRecord, ts: TaskRecord, notify: bool = True) -> None:
+        """``cs`` holds a future for ``ts``: tell it at once if the outcome is known."""
+        if ts.key in cs.wants:
+            return
+        cs.wants.add(ts.key)
+        ts.wanted_by.add(cs.client)
+        if not notify:
+            return
+        if ts.state == "memory":
+            self.to_client(cs.client, KeyInMemory(ts.key, ts.type_name))
+        elif ts.state == "erred":
+            self.to_client(
+                cs.client,
+                KeyErred(ts.key, ts.exception or b"", ts.traceback or b"", ts.exception_text),
+            )
+        elif ts.state == "released" and ts.key not in self._recs:
+            self._recs[ts.key] = "waiting"
+
+    def _drop_want(self, cs: ClientRecord, key: Key) -> None:
+        if key not in cs.wants:
+            return
+        cs.wants.discard(key)
+        ts = self.tasks.get(key)
+        if ts is None:
+            return
+        ts.wanted_by.discard(cs.client)
+        self.maybe_release(ts)
+
+    def maybe_release(self, ts: TaskRecord) -> None:
+        """Recommend releasing/forgetting ``ts`` if no client and no dependent needs it."""
+        if ts.wanted_by or ts.waiters:
+            return
+        st = ts.state
+        if st in ("memory", "waiting", "processing", "no-worker", "queued"):
+            self._recs[ts.key] = "released"
+        elif st in ("released", "erred") and not ts.dependents:
+            self._recs[ts.key] = "forgotten"
+
+    def _add_replica(self, ts: TaskRecord, ws: WorkerRecord) -> None:
+        tr.add_replica(self, ts, ws)
+
+    def _worker_has(self, ws: WorkerRecord, key: Key, nbytes: int, accept: bool) -> None:
+        """``ws`` reports holding ``key``: a replica, new data (if ``accept``), or junk."""
+        ts = self.tasks.get(key)
+        if ts is None:
+            self.free_on(ws.address, key)
+            return
+        st = ts.state
+        if st == "memory":
+            if ws.address not in ts.who_has:
+                if nbytes:
+                    ts.nbytes = nbytes
+                tr.add_replica(self, ts, ws)
+        elif accept and st in ("released", "waiting", "no-worker"):
+            self._recs.pop(key, None)
+            ts.nbytes = nbytes
+            self.transition(ts, "memory", ws.address)
+        else:
+            self.free_on(ws.address, key)
+
+    # ---------------------------------------------------------------- client events
+
+    def _on_add_client(self, ev: AddClient) -> None:
+        self._client(ev.client).last_seen = ev.now
+
+    def _on_remove_client(self, ev: RemoveClient) -> None:
+        cs = self.clients.pop(ev.client, None)
+        if cs is None:
+            return
+        for key in list(cs.wants):
+            self._drop_want(cs, key)
+
+    def _on_update_graph(self, ev: UpdateGraph) -> None:
+        cs = self._client(ev.client)
+        self.generation += 1
+        gen = self.generation
+        tasks = self.tasks
+        new: list[tuple[TaskRecord, list[Key]]] = []
+        for spec in ev.tasks:
+            ts = tasks.get(spec.key)
+            if ts is not None:
+                if ts.run_spec is None and spec.run_spec is not None and ts.state == "released":
+                    ts.run_spec = spec.run_spec
+                continue
+            ts = self._new_task(spec.key, spec.run_spec, (-spec.priority, gen, spec.order))
+            ts.retries = spec.retries
+            if spec.workers:
+                ts.worker_restrictions = set(spec.workers)
+                ts.allow_other_workers = spec.allow_other_workers
+            if spec.resources:
+                ts.resource_restrictions = dict(spec.resources)
+            new.append((ts, spec.dependencies))
+        for ts, deps in new:
+            missing: list[Key] = []
+            for dk in deps:
+                dts = tasks.get(dk)
+                if dts is None:
+                    missing.append(dk)
+                    continue
+                ts.dependencies.add(dk)
+                dts.dependents.add(ts.key)
+            if missing:
+                exc = TrioSchedulerError(
+                    f"task {ts.key!r} depends on {missing!r}, which the scheduler does not "
+                    "know (never submitted, or already released). Keep a future for the "
+                    "dependency, or submit it in the same graph."
+                )
+                ts.exception = pickle.dumps(exc)
+                ts.traceback = b""
+                ts.exception_text = str(exc)
+                ts.exception_blame = ts.key
+                self._recs[ts.key] = "erred"
+        for key in ev.keys:
+            ts = tasks.get(key)
+            if ts is None:
+                self.to_client(cs.client, KeyCancelled(key, "not part of the submitted graph"))
+                continue
+            self._add_want(cs, ts)
+        self.drain()
+        # tasks of this graph that nothing wants and nothing depends on: drop them
+        for ts, _ in new:
+            if ts.state == "released" and not ts.wanted_by and not ts.dependents:
+                self._recs[ts.key] = "forgotten"
+
+    def _on_update_data(self, ev: UpdateData) -> None:
+        cs = self._client(ev.client)
+        for key, holders in ev.who_has.items():
+            alive = [self.workers[w] for w in holders if w in self.workers]
+            if not alive:
+                self.log_msg("warning", f"scattered key {key!r} has no live holder; ignored")
+                continue
+            ts = self.tasks.get(key)
+            if ts is None:
+                ts = self._new_task(key, None, (0, self.generation, 0))
+            nbytes = ev.nbytes.get(key, ts.nbytes)
+            if ts.state == "memory":
+                self._add_want(cs, ts)
+            else:
+                self._recs.pop(key, None)
+                cs.wants.add(key)
+                ts.wanted_by.add(cs.client)
+                if ts.state == "erred":
+                    self.transition(ts, "released")
+                ts.nbytes = nbytes
+                self.transition(ts, "memory", alive[0].address)
+            for ws in alive:
+                if ws.address not in ts.who_has:
+                    tr.add_replica(self, ts, ws)
+
+    def _on_desires(self, ev: ClientDesiresKeys) -> None:
+        cs = self._client(ev.client)
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                self.to_client(cs.client, KeyCancelled(key, "the scheduler does not know this key"))
+            else:
+                self._add_want(cs, ts)
+
+    def _on_releases(self, ev: ClientReleasesKeys) -> None:
+        cs = self.clients.get(ev.client)
+        if cs is None:
+            return
+        for key in ev.keys:
+            self._drop_want(cs, key)
+
+    def _on_cancel(self, ev: CancelKeys) -> None:
+        cs = self.clients.get(ev.client)
+        if cs is None and not ev.force:
+            return
+        seen: set[Key] = set()
+        stack = list(ev.keys)
+        while stack:
+            key = stack.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            ts = self.tasks.get(key)
+            if ts is None or not ts.wanted_by:
+                continue
+            if ev.force or ts.wanted_by == {ev.client}:
+                stack.extend(ts.dependents)
+            targets = list(ts.wanted_by) if ev.force else [ev.client]
+            for c in targets:
+                ccs = self.clients.get(c)
+                if ccs is None or key not in ccs.wants:
+                    continue
+                self.to_client(c, KeyCancelled(key, "cancelled"))
+                self._drop_want(ccs, key)
+
+    def _on_retry(self, ev: RetryKeys) -> None:
+        seen: set[Key] = set()
+        stack = list(ev.keys)
+        while stack:
+            key = stack.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "erred":
+                continue
+            erred_deps = [d for d in ts.dependencies if self.tasks[d].state == "erred"]
+            if erred_deps:
+                stack.extend(erred_deps)
+            else:
+                self._recs[key] = "waiting"
+
+    # ---------------------------------------------------------------- worker events
+
+    def _on_add_worker(self, ev: AddWorker) -> None:
+        old = self.workers.get(ev.worker)
+        if old is not None:
+            self._remove_worker(old, expected=True, reason="re-registered")
+        ws = WorkerRecord(
+            ev.worker, max(ev.nthreads, 1), ev.memory_limit, ev.name, ev.nanny,
+            dict(ev.resources), last_seen=ev.now,
+        )  # fmt: skip
+        self.workers[ev.worker] = ws
+        if ev.name is not None:
+            self.aliases[str(ev.name)] = ev.worker
+        self.total_nthreads += ws.nthreads
+        self._rebuild_running()
+        self.update_worker_sets(ws)
+        for key, nbytes in ev.data.items():
+            self._worker_has(ws, key, nbytes, accept=True)
+        self._recheck_unrunnable()
+
+    def _recheck_unrunnable(self) -> None:
+        for key in self.unrunnable:
+            self._recs[key] = "processing"
+
+    def _on_remove_worker(self, ev: RemoveWorker) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is not None:
+            self._remove_worker(ws, expected=ev.expected, reason=ev.reason)
+
+    def _remove_worker(self, ws: WorkerRecord, *, expected: bool, reason: str) -> None:
+        """Forget ``ws``: its replicas are gone, its processing tasks go elsewhere."""
+        addr = ws.address
+        if not expected:
+            self.log_msg("warning", f"worker {addr} lost ({reason or 'no reason given'})")
+        ws.status = "closed"
+        self.update_worker_sets(ws)
+        self._rebuild_running()
+        self.retiring.discard(addr)
+        if ws.name is not None and self.aliases.get(str(ws.name)) == addr:
+            del self.aliases[str(ws.name)]
+        tasks = self.tasks
+        for key in list(ws.has_what):
+            ts = tasks[key]
+            tr.remove_replica(self, ts, ws)
+            if not ts.who_has and ts.state == "memory":
+                self._recs.pop(key, None)
+                self.transition(ts, "released")
+        for key in list(ws.processing):
+            ts = tasks[key]
+            self._recs.pop(key, None)
+            if not expected:
+                ts.suspicious += 1
+                if ts.killed_on is None:
+                    ts.killed_on = []
+                ts.killed_on.append(addr)
+                if ts.suspicious >= self.allowed_failures:
+                    exc = KilledWorker(key, list(ts.killed_on), self.allowed_failures)
+                    info = ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key)
+                    self.transition(ts, "erred", info)
+                    continue
+            self.transition(ts, "waiting")
+        self.total_nthreads -= ws.nthreads
+        del self.workers[addr]
+        for other in list(self.retiring):
+            ows = self.workers.get(other)
+            if ows is not None:
+                self._retire_progress(ows)
+
+    def _on_retire(self, ev: RetireWorker) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is None or ws.status in ("closing", "closed"):
+            return
+        ws.status = "closing"
+        ws.retire_requested = {}
+        self.retiring.add(ws.address)
+        self.update_worker_sets(ws)
+        self._rebuild_running()
+        self._retire_progress(ws)
+
+    def _retire_progress(self, ws: WorkerRecord) -> None:
+        """Copy the retiring worker's unique keys away; close it once none is left."""
+        if ws.status != "closing" or ws.retire_requested is None:
+            return
+        unique = [k for k in ws.has_what if len(self.tasks[k].who_has) == 1]
+        if not unique:
+            self._effects.append(CloseWorker(ws.address, "retired"))
+            self._remove_worker(ws, expected=True, reason="retired")
+            return
+        others = self.running
+        if not others:
+            self.log_msg(
+                "warning",
+                f"cannot retire {ws.address}: no other running worker can take its "
+                f"{len(unique)} unique keys; it keeps running",
+            )
+            ws.status = "running"
+            ws.retire_requested = None
+            self.retiring.discard(ws.address)
+            self._rebuild_running()
+            self.update_worker_sets(ws)
+            self._recheck_unrunnable()
+            return
+        requested = ws.retire_requested
+        batches: dict[WorkerAddr, AcquireReplicas] = {}
+        for key in unique:
+            target = requested.get(key)
+            if target is not None and target in self.workers:
+                if self.workers[target].status == "running":
+                    continue
+            tws = others[self._rr % len(others)]
+            self._rr += 1
+            requested[key] = tws.address
+            msg = batches.get(tws.address)
+            if msg is None:
+                msg = batches[tws.address] = AcquireReplicas(self._sid, self._now, {}, {})
+            msg.who_has[key] = [ws.address]
+            msg.nbytes[key] = self.tasks[key].nbytes
+        for taddr, msg in batches.items():
+            self.to_worker(taddr, msg)
+
+    def _on_heartbeat(self, ev: WorkerHeartbeat) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is not None:
+            ws.last_seen = ev.now
+
+    def _on_status(self, ev: WorkerStatusChange) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is None or ws.status in ("closing", "closed") or ev.status == ws.status:
+            return
+        if ev.status not in ("running", "paused"):
+            self.log_msg("warning", f"worker {ev.worker} reported unknown status {ev.status!r}")
+            return
+        ws.status = ev.status
+        ws.last_seen = ev.now
+        self._rebuild_running()
+        self.update_worker_sets(ws)
+        if ev.status == "running":
+            self._recheck_unrunnable()
+
+    def _on_task_finished(self, ev: TaskFinished) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is None:
+            return
+        ws.last_seen = ev.now
+        ts = self.tasks.get(ev.key)
+        if ts is None:
+            self.free_on(ws.address, ev.key)
+            return
+        if ts.state == "processing" and ts.processing_on == ws.address:
+            if ev.stop > ev.start:
+                tp = ts.prefix
+                d = ev.stop - ev.start
+                tp.duration_average = (
+                    d if tp.duration_average < 0 else 0.5 * (tp.duration_average + d)
+                )
+                tp.n_finished += 1
+            ts.nbytes = ev.nbytes
+            ts.type_name = ev.type_name
+            self._recs.pop(ts.key, None)
+            self.transition(ts, "memory")
+            if ws.status == "closing":
+                self.drain()
+                self._retire_progress(ws)
+        elif ts.state == "memory":
+            if ws.address not in ts.who_has:
+                tr.add_replica(self, ts, ws)
+        else:  # stale: the task is elsewhere or no longer wanted
+            self.free_on(ws.address, ev.key)
+
+    def _on_task_erred(self, ev: TaskErred) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is None:
+            return
+        ws.last_seen = ev.now
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts.state != "processing" or ts.processing_on != ws.address:
+            return  # stale: another worker computes it, or it was released
+        self._recs.pop(ts.key, None)
+        if ts.retries > 0:
+            ts.retries -= 1
+            self.log_msg(
+                "info", f"task {ts.key!r} failed on {ws.address}; retrying ({ts.retries} left)"
+            )
+            self.transition(ts, "waiting")
+        else:
+            info = ErrorInfo(
+                ev.exception, ev.traceback, ev.exception_text, ev.traceback_text, ts.key
+            )
+            self.transition(ts, "erred", info)
+
+    def _on_add_keys(self, ev: AddKeys) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is None:
+            return
+        for key, nbytes in ev.keys.items():
+            self._worker_has(ws, key, nbytes, accept=False)
+        for addr in list(self.retiring):
+            rws = self.workers.get(addr)
+            if rws is not None:
+                self._retire_progress(rws)
+
+    def _on_release_worker_data(self, ev: ReleaseWorkerData) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is None:
+            return
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ws.address not in ts.who_has:
+                continue
+            tr.remove_replica(self, ts, ws)
+            if not ts.who_has and ts.state == "memory":
+                self._recs.pop(key, None)
+                self.transition(ts, "released")
+        if ws.status == "closing":
+            self._retire_progress(ws)
+
+    def _on_missing_data(self, ev: MissingData) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None:
+            return
+        errant = self.workers.get(ev.errant_worker)
+        if errant is not None and errant.address in ts.who_has:
+            tr.remove_replica(self, ts, errant)
+            if not ts.who_has and ts.state == "memory":
+                self._recs.pop(ts.key, None)
+                self.transition(ts, "released")
+                return
+        if ts.who_has and ev.worker in self.workers:
+            self.to_worker(
+                ev.worker, RefreshWhoHas(self._sid, self._now, {ts.key: list(ts.who_has)})
+            )
+
+    def _on_long_running(self, ev: LongRunning) -> None:
+        ws = self.workers.get(ev.worker)
+        ts = self.tasks.get(ev.key)
+        if ws is None or ts is None or ts.processing_on != ws.address:
+            return
+        if ts.key in ws.long_running:
+            return
+        ws.long_running.add(ts.key)
+        ws.occupancy -= ws.processing[ts.key]
+        ws.processing[ts.key] = 0.0
+        if not ws.processing or ws.occupancy < 0:
+            ws.occupancy = max(ws.occupancy, 0.0)
+        self.update_worker_sets(ws)
+
+    def _on_reschedule(self, ev: Reschedule) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts.state != "processing" or ts.processing_on != ev.worker:
+            return
+        self._recs.pop(ts.key, None)
+        self.transition(ts, "waiting")
+
+    def _on_steal_response(self, ev: StealResponse) -> None:
+        pending = self.steals.get(ev.key)
+        if pending is None or pending.victim != ev.worker:
+            return  # late or duplicate answer: the steal was settled already
+        del self.steals[ev.key]
+        thief = self.workers.get(pending.thief)
+        if thief is not None:
+            thief.incoming_steals -= 1
+            self.update_worker_sets(thief)
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts.state != "processing" or ts.processing_on != pending.victim:
+            return
+        if ev.state not in STEALABLE_STATES:
+            return  # the victim already runs it (or has finished): the steal failed
+        self._recs.pop(ts.key, None)
+        if thief is not None and satisfies(self, ts, thief):
+            tr.move_processing(self, ts, thief)
+        else:
+            self.transition(ts, "waiting")
+
+    def _on_tick(self, ev: Tick) -> None:
+        deadline = ev.now - self.worker_timeout
+        for ws in list(self.workers.values()):
+            if ws.last_seen < deadline and ws.address in self.workers:
+                reason = f"no heartbeat for {ev.now - ws.last_seen:.1f}s (timeout {self.worker_timeout}s)"
+                self._effects.append(CloseWorker(ws.address, reason))
+                self._remove_worker(ws, expected=False, reason=reason)
+        if self._recs:
+            self.drain()
+        if self.steal:
+            self._start_steals()
+
+    def _start_steals(self) -> None:
+        for key, victim, thief in plan_steals(self):
+            tws = self.workers[thief]
+            self.steals[key] = PendingSteal(victim, thief, self._sid)
+            tws.incoming_steals += 1
+            self.update_worker_sets(tws)
+            self.to_worker(victim, StealRequest(self._sid, self._now, key))
+
+
+_HANDLERS: dict[type[Any], Callable[[SchedulerState, Any], None]] = {
+    AddClient: SchedulerState._on_add_client,
+    RemoveClient: SchedulerState._on_remove_client,
+    UpdateGraph: SchedulerState._on_update_graph,
+    UpdateData: SchedulerState._on_update_data,
+    ClientDesiresKeys: SchedulerState._on_desires,
+    ClientReleasesKeys: SchedulerState._on_releases,
+    CancelKeys: SchedulerState._on_cancel,
+    RetryKeys: SchedulerState._on_retry,
+    AddWorker: SchedulerState._on_add_worker,
+    RemoveWorker: SchedulerState._on_remove_worker,
+    RetireWorker: SchedulerState._on_retire,
+    WorkerHeartbeat: SchedulerState._on_heartbeat,
+    WorkerStatusChange: SchedulerState._on_status,
+    TaskFinished: SchedulerState._on_task_finished,
+    TaskErred: SchedulerState._on_task_erred,
+    AddKeys: SchedulerState._on_add_keys,
+    ReleaseWorkerData: SchedulerState._on_release_worker_data,
+    MissingData: SchedulerState._on_missing_data,
+    LongRunning: SchedulerState._on_long_running,
+    Reschedule: SchedulerState._on_reschedule,
+    StealResponse: SchedulerState._on_steal_response,
+    Tick: SchedulerState._on_tick,
+}

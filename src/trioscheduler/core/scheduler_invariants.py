@@ -1,0 +1,150 @@
+"""Every promise the scheduler core makes, checked in one place.
+
+``validate_scheduler(state)`` raises ``AssertionError`` naming the broken rule. Tests
+and the hypothesis machine call it after every event; ``SchedulerState(validate=True)``
+calls it inside ``handle``. It is O(state) and meant for tests and debugging only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trioscheduler.core.scheduler import SchedulerState, TaskRecord
+
+_ACTIVE = ("waiting", "no-worker", "processing", "queued")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise AssertionError(msg)
+
+
+def _validate_task(s: SchedulerState, ts: TaskRecord) -> None:
+    key = ts.key
+    tasks = s.tasks
+    st = ts.state
+    _check(st in s.state_counts and st != "forgotten", f"{key!r}: bad state {st!r}")
+    for dk in ts.dependencies:
+        _check(dk in tasks, f"{key!r}: dependency {dk!r} forgotten while referenced")
+        _check(key in tasks[dk].dependents, f"{key!r}: not a dependent of its dependency {dk!r}")
+        in_waiters = key in tasks[dk].waiters
+        _check(in_waiters == (st in _ACTIVE), f"{key!r} ({st}): waiters of {dk!r} disagree")
+    for dk in ts.dependents:
+        _check(dk in tasks, f"{key!r}: dependent {dk!r} forgotten while referenced")
+        _check(key in tasks[dk].dependencies, f"{key!r}: not a dependency of dependent {dk!r}")
+    for dk in ts.waiters:
+        _check(dk in ts.dependents, f"{key!r}: waiter {dk!r} is not a dependent")
+    # holders
+    if st == "memory":
+        _check(bool(ts.who_has), f"{key!r}: in memory without a holder")
+        _check(bool(ts.wanted_by or ts.waiters), f"{key!r}: in memory but nobody needs it")
+    else:
+        _check(not ts.who_has, f"{key!r} ({st}): holders {ts.who_has} but not in memory")
+    for addr in ts.who_has:
+        ws = s.workers.get(addr)
+        _check(ws is not None and ws.status != "closed", f"{key!r}: holder {addr} is not alive")
+        assert ws is not None
+        _check(key in ws.has_what, f"{key!r}: holder {addr} has_what lacks it")
+    # processing
+    if st == "processing":
+        on = ts.processing_on
+        _check(on is not None, f"{key!r}: processing on no worker")
+        pws = s.workers.get(on or "")
+        _check(pws is not None and pws.status != "closed", f"{key!r}: processing on dead {on}")
+        assert pws is not None
+        _check(key in pws.processing, f"{key!r}: {on}.processing lacks it")
+        for dk in ts.dependencies:
+            _check(tasks[dk].state == "memory", f"{key!r}: processing before {dk!r} is in memory")
+    else:
+        _check(ts.processing_on is None, f"{key!r} ({st}): processing_on {ts.processing_on}")
+        _check(key not in s.steals, f"{key!r} ({st}): steal pending but not processing")
+    if st == "waiting":
+        expect = {dk for dk in ts.dependencies if tasks[dk].state != "memory"}
+        _check(ts.waiting_on == expect, f"{key!r}: waiting_on {ts.waiting_on} != {expect}")
+        _check(bool(expect), f"{key!r}: waiting with nothing to wait for")
+    if st == "no-worker":
+        _check(key in s.unrunnable, f"{key!r}: no-worker but not in unrunnable")
+        for dk in ts.dependencies:
+            _check(tasks[dk].state == "memory", f"{key!r}: no-worker before {dk!r} is in memory")
+    if st == "erred":
+        _check(ts.exception is not None, f"{key!r}: erred without an exception")
+    else:
+        _check(ts.exception is None, f"{key!r} ({st}): exception kept outside erred")
+    if st == "released":
+        _check(not ts.wanted_by and not ts.waiters, f"{key!r}: released though needed")
+        _check(bool(ts.dependents), f"{key!r}: released with no dependents (should be forgotten)")
+    if st in _ACTIVE:
+        _check(bool(ts.wanted_by or ts.waiters), f"{key!r} ({st}): computing for nobody")
+    for c in ts.wanted_by:
+        cs = s.clients.get(c)
+        _check(cs is not None and key in cs.wants, f"{key!r}: wanted_by {c} disagrees")
+
+
+def validate_scheduler(s: SchedulerState) -> None:
+    """Assert every invariant of ``s``; raise ``AssertionError`` on the first broken one."""
+    tasks = s.tasks
+    for ts in tasks.values():
+        _validate_task(s, ts)
+    counts: Counter[str] = Counter(ts.state for ts in tasks.values())
+    for st, n in s.state_counts.items():
+        if st != "forgotten":
+            _check(
+                counts.get(st, 0) == n, f"state_counts[{st!r}] = {n}, tasks say {counts.get(st, 0)}"
+            )
+    _check(
+        s.unrunnable == {k for k, ts in tasks.items() if ts.state == "no-worker"},
+        "unrunnable disagrees with no-worker tasks",
+    )
+    incoming: Counter[str] = Counter()
+    for key, steal in s.steals.items():
+        sts = tasks.get(key)
+        _check(
+            sts is not None and sts.state == "processing" and sts.processing_on == steal.victim,
+            f"steal of {key!r}: not processing on the victim {steal.victim}",
+        )
+        incoming[steal.thief] += 1
+    total_threads = 0
+    for addr, ws in s.workers.items():
+        _check(ws.address == addr, f"worker {addr} filed under the wrong address")
+        _check(ws.status in ("running", "paused", "closing"), f"worker {addr}: status {ws.status}")
+        total_threads += ws.nthreads
+        nbytes = 0
+        for key in ws.has_what:
+            hts = tasks.get(key)
+            _check(hts is not None and addr in hts.who_has, f"{addr}.has_what has {key!r} wrongly")
+            assert hts is not None
+            nbytes += hts.nbytes
+        _check(nbytes == ws.nbytes, f"{addr}: nbytes {ws.nbytes} != sum of has_what {nbytes}")
+        occ = 0.0
+        for key, d in ws.processing.items():
+            pts = tasks.get(key)
+            _check(
+                pts is not None and pts.state == "processing" and pts.processing_on == addr,
+                f"{addr}.processing has {key!r} wrongly",
+            )
+            occ += d
+        _check(abs(occ - ws.occupancy) < 1e-6 * max(1.0, occ), f"{addr}: occupancy drifted")
+        _check(ws.long_running <= ws.processing.keys(), f"{addr}: long_running not processing")
+        _check(ws.incoming_steals == incoming.get(addr, 0), f"{addr}: incoming_steals wrong")
+        busy = len(ws.processing) - len(ws.long_running)
+        idle = ws.status == "running" and busy + ws.incoming_steals < ws.nthreads
+        _check((addr in s.idle) == idle, f"{addr}: idle set disagrees")
+        sat = busy > ws.nthreads if ws.status == "running" else busy > 0
+        _check((addr in s.saturated) == sat, f"{addr}: saturated set disagrees")
+        _check((ws.status == "closing") == (addr in s.retiring), f"{addr}: retiring set disagrees")
+    _check(total_threads == s.total_nthreads, "total_nthreads drifted")
+    _check(set(s.idle) <= s.workers.keys(), "idle names unknown workers")
+    _check(s.saturated <= s.workers.keys(), "saturated names unknown workers")
+    running: list[Any] = [ws for ws in s.workers.values() if ws.status == "running"]
+    _check({ws.address for ws in s.running} == {ws.address for ws in running}, "running list stale")
+    for name, addr in s.aliases.items():
+        _check(addr in s.workers, f"alias {name!r} points to unknown worker {addr}")
+    for c, cs in s.clients.items():
+        for key in cs.wants:
+            cts = tasks.get(key)
+            _check(
+                cts is not None and c in cts.wanted_by, f"client {c} wants {key!r} inconsistently"
+            )
+    _check(not s._recs, "recommendations left undrained")

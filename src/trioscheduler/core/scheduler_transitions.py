@@ -1,0 +1,453 @@
+"""Every state change of a scheduler task lives here (h11's rule), as a table.
+
+``TRANSITIONS[(start, finish)]`` is a function ``(state, task, info) -> None`` that
+moves the task, updates the bookkeeping that depends on its state (worker processing
+sets, replicas, waiters, clients), appends effects and recommends further transitions
+through ``state.recommend``. ``SchedulerState.transition`` looks the edge up; an edge
+missing from the table raises ``InvalidTransition`` with the key's story. ``info``
+carries what a few edges need: the holder for ``-> memory``, an ``ErrorInfo`` for
+``-> erred``.
+
+States and the edges between them::
+
+    released  -> waiting, erred, memory, forgotten
+    waiting   -> processing, no-worker, released, erred, memory
+    no-worker -> processing, waiting, released, erred, memory
+    processing-> memory, erred, waiting, released
+    memory    -> released
+    erred     -> released, waiting (retry), forgotten
+
+"Active" states (waiting, no-worker, processing) are those of a task that still needs
+its dependencies: it sits in each dependency's ``waiters``. Data in memory is released
+once no client wants it and no active dependent waits for it; a released task stays
+(for its lineage) until it has no dependents, then it is forgotten.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from trioscheduler.core.messages import ComputeTask, KeyErred, KeyInMemory, KeyLost
+from trioscheduler.core.placement import decide_worker
+from trioscheduler.errors import TrioSchedulerError
+
+if TYPE_CHECKING:
+    from trioscheduler.core.scheduler import SchedulerState, TaskRecord, WorkerRecord
+
+ACTIVE = frozenset({"waiting", "no-worker", "processing", "queued"})
+
+Transition = Callable[["SchedulerState", "TaskRecord", Any], None]
+
+
+# --------------------------------------------------------------------------------------
+# Bookkeeping shared by the edges (no task state changes here)
+# --------------------------------------------------------------------------------------
+
+
+def add_replica(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
+    ts.who_has.add(ws.address)
+    ws.has_what.add(ts.key)
+    ws.nbytes += ts.nbytes
+
+
+def remove_replica(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
+    ts.who_has.discard(ws.address)
+    if ts.key in ws.has_what:
+        ws.has_what.discard(ts.key)
+        ws.nbytes -= ts.nbytes
+
+
+def _assign(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
+    """Put ``ts`` on ``ws`` and send it there."""
+    key = ts.key
+    d = s.duration_estimate(ts)
+    ts.state = "processing"
+    ts.processing_on = ws.address
+    ws.processing[key] = d
+    ws.occupancy += d
+    s.update_worker_sets(ws)
+    tasks = s.tasks
+    who_has: dict[Any, list[str]] = {}
+    nbytes: dict[Any, int] = {}
+    for dk in ts.dependencies:
+        dts = tasks[dk]
+        who_has[dk] = list(dts.who_has)
+        nbytes[dk] = dts.nbytes
+    s.to_worker(
+        ws.address,
+        ComputeTask(
+            s._sid, s._now, key, ts.run_spec, list(ts.dependencies), who_has, nbytes,
+            ts.priority, ts.resource_restrictions, d,
+        ),
+    )  # fmt: skip
+
+
+def _unassign(s: SchedulerState, ts: TaskRecord, free: bool) -> None:
+    """Take ``ts`` off its worker (telling the worker to drop it if ``free``)."""
+    addr = ts.processing_on
+    ts.processing_on = None
+    if addr is None:
+        return
+    steal = s.steals.pop(ts.key, None)
+    if steal is not None:
+        thief = s.workers.get(steal.thief)
+        if thief is not None:
+            thief.incoming_steals -= 1
+            s.update_worker_sets(thief)
+    ws = s.workers.get(addr)
+    if ws is None:
+        return
+    d = ws.processing.pop(ts.key, 0.0)
+    ws.long_running.discard(ts.key)
+    ws.occupancy = ws.occupancy - d if ws.processing else 0.0
+    s.update_worker_sets(ws)
+    if free:
+        s.free_on(addr, ts.key)
+
+
+def _activate(s: SchedulerState, ts: TaskRecord) -> None:
+    key = ts.key
+    tasks = s.tasks
+    for dk in ts.dependencies:
+        tasks[dk].waiters.add(key)
+
+
+def _deactivate(s: SchedulerState, ts: TaskRecord) -> None:
+    """``ts`` no longer needs its dependencies: release those nobody else needs."""
+    key = ts.key
+    tasks = s.tasks
+    for dk in ts.dependencies:
+        dts = tasks[dk]
+        waiters = dts.waiters
+        waiters.discard(key)
+        if not waiters and not dts.wanted_by and dts.state != "released":
+            s.maybe_release(dts)
+    ts.waiting_on.clear()
+
+
+def _enter_waiting(s: SchedulerState, ts: TaskRecord) -> None:
+    """Wait for dependencies not in memory (recomputing released ones), or run."""
+    tasks = s.tasks
+    recs = s._recs
+    waiting_on = ts.waiting_on
+    waiting_on.clear()
+    for dk in ts.dependencies:
+        dts = tasks[dk]
+        st = dts.state
+        if st != "memory":
+            waiting_on.add(dk)
+            if st == "released":
+                recs[dk] = "waiting"
+    ts.state = "waiting"
+    if not waiting_on:
+        recs[ts.key] = "processing"
+
+
+def _release(s: SchedulerState, ts: TaskRecord, was_active: bool) -> None:
+    if was_active:
+        _deactivate(s, ts)
+    ts.state = "released"
+    if ts.wanted_by or ts.waiters:
+        s.recommend(ts.key, "waiting")
+    elif not ts.dependents:
+        s.recommend(ts.key, "forgotten")
+
+
+def _clear_error(ts: TaskRecord) -> None:
+    ts.exception = ts.traceback = None
+    ts.exception_text = ts.traceback_text = ""
+    ts.exception_blame = None
+
+
+def _to_memory(s: SchedulerState, ts: TaskRecord, holder: str, was_active: bool) -> None:
+    key = ts.key
+    if was_active:
+        _deactivate(s, ts)
+    ts.state = "memory"
+    ws = s.workers[holder]
+    add_replica(s, ts, ws)
+    tasks = s.tasks
+    recs = s._recs
+    for dk in ts.dependents:
+        dts = tasks[dk]
+        if dts.state == "waiting":
+            wo = dts.waiting_on
+            if key in wo:
+                wo.discard(key)
+                if not wo:
+                    recs[dk] = "processing"
+    if ts.wanted_by:
+        for c in ts.wanted_by:
+            s.to_client(c, KeyInMemory(key, ts.type_name))
+    elif not ts.waiters:
+        recs[key] = "released"
+
+
+def _to_erred(s: SchedulerState, ts: TaskRecord, info: Any, was_active: bool) -> None:
+    """Record the failure (``info``, a stashed error, or an erred dependency's) and
+    propagate it to dependents that still wanted to run."""
+    if info is not None:
+        ts.exception = info.exception
+        ts.traceback = info.traceback
+        ts.exception_text = info.exception_text
+        ts.traceback_text = info.traceback_text
+        ts.exception_blame = info.blame
+    elif ts.exception is None:
+        tasks = s.tasks
+        for dk in ts.dependencies:
+            dts = tasks[dk]
+            if dts.state == "erred":
+                ts.exception = dts.exception
+                ts.traceback = dts.traceback
+                ts.exception_text = dts.exception_text
+                ts.traceback_text = dts.traceback_text
+                ts.exception_blame = dts.exception_blame
+                break
+        else:
+            ts.exception = ts.traceback = b""
+            ts.exception_text = "erred without a known cause"
+            ts.exception_blame = ts.key
+    if was_active:
+        _deactivate(s, ts)
+    ts.state = "erred"
+    tasks = s.tasks
+    recs = s._recs
+    for dk in ts.dependents:
+        dts = tasks[dk]
+        if dts.state in ACTIVE or (dts.state == "released" and (dts.wanted_by or dts.waiters)):
+            recs[dk] = "erred"
+    if ts.wanted_by:
+        msg = KeyErred(ts.key, ts.exception or b"", ts.traceback or b"", ts.exception_text)
+        for c in ts.wanted_by:
+            s.to_client(c, msg)
+    elif not ts.dependents:
+        recs[ts.key] = "forgotten"
+
+
+def move_processing(s: SchedulerState, ts: TaskRecord, thief: WorkerRecord) -> None:
+    """A confirmed steal: same state, new worker (the victim already dropped it)."""
+    victim = ts.processing_on
+    _unassign(s, ts, free=False)
+    _assign(s, ts, thief)
+    s.log.record(ts.key, "processing", "processing", s._sid, s._now)
+    s.log_msg("debug", f"stole {ts.key!r} from {victim} to {thief.address}")
+
+
+# --------------------------------------------------------------------------------------
+# The edges
+# --------------------------------------------------------------------------------------
+
+
+def released_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    tasks = s.tasks
+    for dk in ts.dependencies:
+        if tasks[dk].state == "erred":
+            s.recommend(ts.key, "erred")
+            return
+    if ts.run_spec is None:
+        _stash_lost(ts)
+        s.recommend(ts.key, "erred")
+        return
+    _activate(s, ts)
+    _enter_waiting(s, ts)
+
+
+def _stash_lost(ts: TaskRecord) -> None:
+    exc = TrioSchedulerError(
+        f"the data of {ts.key!r} was lost and it has no lineage to recompute it from "
+        "(it was scattered, not computed). Scatter it again."
+    )
+    ts.exception = pickle.dumps(exc)
+    ts.traceback = b""
+    ts.exception_text = str(exc)
+    ts.exception_blame = ts.key
+
+
+def released_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _to_erred(s, ts, info, was_active=False)
+
+
+def released_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _to_memory(s, ts, info, was_active=False)
+
+
+def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    key = ts.key
+    ts.state = "forgotten"
+    tasks = s.tasks
+    recs = s._recs
+    del tasks[key]
+    for dk in ts.dependencies:
+        dts = tasks[dk]
+        dts.dependents.discard(key)
+        dts.waiters.discard(key)
+        if not dts.dependents and not dts.wanted_by:
+            if dts.state in ("released", "erred"):
+                recs[dk] = "forgotten"
+            elif not dts.waiters:
+                s.maybe_release(dts)
+
+
+def waiting_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    if ts.waiting_on:
+        return  # a stale recommendation: a dependency went missing meanwhile
+    ws = decide_worker(s, ts)
+    if ws is None:
+        s.recommend(ts.key, "no-worker")
+        return
+    _assign(s, ts, ws)
+
+
+def waiting_no_worker(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    ts.state = "no-worker"
+    s.unrunnable.add(ts.key)
+
+
+def waiting_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _release(s, ts, was_active=True)
+
+
+def waiting_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _to_erred(s, ts, info, was_active=True)
+
+
+def waiting_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _to_memory(s, ts, info, was_active=True)
+
+
+def no_worker_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    ws = decide_worker(s, ts)
+    if ws is None:
+        return  # still no valid worker: stay
+    s.unrunnable.discard(ts.key)
+    _assign(s, ts, ws)
+
+
+def no_worker_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    s.unrunnable.discard(ts.key)
+    _enter_waiting(s, ts)
+
+
+def no_worker_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    s.unrunnable.discard(ts.key)
+    _release(s, ts, was_active=True)
+
+
+def no_worker_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    s.unrunnable.discard(ts.key)
+    _to_erred(s, ts, info, was_active=True)
+
+
+def no_worker_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    s.unrunnable.discard(ts.key)
+    _to_memory(s, ts, info, was_active=True)
+
+
+def processing_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    """``info``: the holder; None means the worker it was processing on."""
+    on = ts.processing_on
+    holder = info if info is not None else on
+    assert holder is not None
+    _unassign(s, ts, free=holder != on)
+    _to_memory(s, ts, holder, was_active=True)
+
+
+def processing_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _unassign(s, ts, free=True)
+    _to_erred(s, ts, info, was_active=True)
+
+
+def processing_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _unassign(s, ts, free=True)
+    _enter_waiting(s, ts)
+
+
+def processing_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _unassign(s, ts, free=True)
+    _release(s, ts, was_active=True)
+
+
+def memory_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    """Drop every replica; dependents that counted on the data wait again.
+
+    With clients or waiters still needing it, this is a loss: recompute from lineage.
+    """
+    key = ts.key
+    workers = s.workers
+    for addr in ts.who_has:
+        ws = workers[addr]
+        ws.has_what.discard(key)
+        ws.nbytes -= ts.nbytes
+        s.free_on(addr, key)
+    ts.who_has.clear()
+    ts.state = "released"
+    tasks = s.tasks
+    recs = s._recs
+    for dk in ts.dependents:
+        dts = tasks[dk]
+        st = dts.state
+        if st == "waiting":
+            dts.waiting_on.add(key)
+        elif st in ("processing", "no-worker"):
+            recs[dk] = "waiting"
+    if ts.wanted_by:
+        for c in ts.wanted_by:
+            s.to_client(c, KeyLost(key))
+        recs[key] = "waiting"
+    elif ts.waiters:
+        recs[key] = "waiting"
+    elif not ts.dependents:
+        recs[key] = "forgotten"
+
+
+def erred_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _clear_error(ts)
+    ts.state = "released"
+    if ts.wanted_by or ts.waiters:
+        s.recommend(ts.key, "waiting")
+    elif not ts.dependents:
+        s.recommend(ts.key, "forgotten")
+
+
+def erred_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    """Retry: compute again, and so do the dependents that erred because of it."""
+    _clear_error(ts)
+    ts.state = "released"
+    tasks = s.tasks
+    for dk in ts.dependents:
+        if tasks[dk].state == "erred":
+            s.recommend(dk, "waiting")
+    released_waiting(s, ts, info)
+
+
+def erred_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _clear_error(ts)
+    released_forgotten(s, ts, info)
+
+
+TRANSITIONS: dict[tuple[str, str], Transition] = {
+    ("released", "waiting"): released_waiting,
+    ("released", "erred"): released_erred,
+    ("released", "memory"): released_memory,
+    ("released", "forgotten"): released_forgotten,
+    ("waiting", "processing"): waiting_processing,
+    ("waiting", "no-worker"): waiting_no_worker,
+    ("waiting", "released"): waiting_released,
+    ("waiting", "erred"): waiting_erred,
+    ("waiting", "memory"): waiting_memory,
+    ("no-worker", "processing"): no_worker_processing,
+    ("no-worker", "waiting"): no_worker_waiting,
+    ("no-worker", "released"): no_worker_released,
+    ("no-worker", "erred"): no_worker_erred,
+    ("no-worker", "memory"): no_worker_memory,
+    ("processing", "memory"): processing_memory,
+    ("processing", "erred"): processing_erred,
+    ("processing", "waiting"): processing_waiting,
+    ("processing", "released"): processing_released,
+    ("memory", "released"): memory_released,
+    ("erred", "released"): erred_released,
+    ("erred", "waiting"): erred_waiting,
+    ("erred", "forgotten"): erred_forgotten,
+}

@@ -1,0 +1,105 @@
+"""Work stealing as a pure policy: which queued tasks to move from busy to idle workers.
+
+``plan_steals(state)`` reads the scheduler state on a ``Tick`` and returns
+``(key, victim, thief)`` triples; it changes nothing. The scheduler then asks each
+victim (``StealRequest``) and moves the task only if the victim confirms it had not
+started it, so a wrong guess costs one round trip, never a duplicate run.
+
+A task is worth moving when the bytes of its dependencies the thief lacks take less
+than half its expected run time to transfer, and the thief would start it sooner than
+the victim. Victims are workers with more tasks than threads (or paused/retiring ones
+with any queued task); thieves are running workers with a free thread slot. Tasks are
+taken from the end of the victim's queue (most recently assigned, least likely
+started), a bounded number per victim per tick, so a tick stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from trioscheduler.core.placement import satisfies
+
+if TYPE_CHECKING:
+    from trioscheduler.core.scheduler import SchedulerState, TaskRecord
+
+MAX_EXAMINED = 100  # tasks looked at per victim per tick
+MAX_THIEVES_TRIED = 8  # thieves compared per task
+
+
+def _pick_thief(
+    s: SchedulerState, ts: TaskRecord, free: dict[str, int], occ: dict[str, float]
+) -> tuple[str, float] | None:
+    """The thief that would finish ``ts`` soonest, with its transfer time."""
+    tasks = s.tasks
+    workers = s.workers
+    best: tuple[str, float] | None = None
+    best_cost = 0.0
+    tried = 0
+    for addr in free:
+        ws = workers[addr]
+        if not satisfies(s, ts, ws):
+            continue
+        missing = 0
+        for dk in ts.dependencies:
+            dts = tasks[dk]
+            if addr not in dts.who_has:
+                missing += dts.nbytes
+        transfer = missing / s.bandwidth
+        cost = occ[addr] + transfer
+        if best is None or cost < best_cost:
+            best, best_cost = (addr, transfer), cost
+        tried += 1
+        if tried >= MAX_THIEVES_TRIED:
+            break
+    return best
+
+
+def plan_steals(s: SchedulerState) -> list[tuple[Any, str, str]]:
+    """Steals to attempt now, as ``(key, victim address, thief address)``."""
+    if not s.saturated or not s.idle:
+        return []
+    free: dict[str, int] = {}
+    occ: dict[str, float] = {}
+    for addr, ws in s.idle.items():
+        n = ws.nthreads - ws.used_slots
+        if n > 0:
+            free[addr] = n
+            occ[addr] = ws.occupancy / ws.nthreads
+    if not free:
+        return []
+    plans: list[tuple[Any, str, str]] = []
+    victims = sorted(
+        (s.workers[a] for a in s.saturated),
+        key=lambda ws: (-ws.occupancy / ws.nthreads, ws.address),
+    )
+    for victim in victims:
+        running = victim.status == "running"
+        busy = len(victim.processing) - len(victim.long_running)
+        spare = busy - victim.nthreads if running else busy
+        vocc = victim.occupancy / victim.nthreads
+        examined = 0
+        for key in reversed(victim.processing):
+            if spare <= 0 or examined >= MAX_EXAMINED:
+                break
+            examined += 1
+            if key in s.steals or key in victim.long_running:
+                continue
+            ts = s.tasks[key]
+            d = victim.processing[key]
+            pick = _pick_thief(s, ts, free, occ)
+            if pick is None:
+                continue
+            addr, transfer = pick
+            if running and (2 * transfer > d or occ[addr] + transfer >= vocc):
+                continue  # not worth the transfer, or the thief would not start it sooner
+            plans.append((key, victim.address, addr))
+            spare -= 1
+            nthreads = s.workers[addr].nthreads
+            occ[addr] += d / nthreads
+            vocc -= d / victim.nthreads
+            free[addr] -= 1
+            if not free[addr]:
+                del free[addr]
+                if not free:
+                    return plans
+    return plans
