@@ -210,3 +210,9 @@ async def test_many_concurrent_connections(echo_address: str) -> None:
             nursery.start_soon(one, i)
     assert sorted(results) == list(range(50))
 
+
+
+async def test_errors_in_the_listen_block_propagate_unwrapped(transport: str) -> None:
+    with pytest.raises(KeyError):
+        async with listen(any_address(transport), echo):
+            raise KeyError("mine")

@@ -105,11 +105,16 @@ async def open_batched(
     If the block raises, pending messages are dropped (the stream is about to go).
     """
     batched = BatchedSend(stream, interval, large_bytes)
+    error: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(batched._run)
+        nursery.start_soon(batched._run)  # never raises: failures are kept for send_nowait
         try:
             yield batched
             await batched.flush()
+        except BaseException as e:
+            error = e  # re-raised below, outside the nursery: no ExceptionGroup around it
         finally:
             batched._closed = True
             nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error

@@ -140,6 +140,7 @@ async def listen(
     Yields a ``Listener`` whose ``.address`` is the real bound address.
     """
     scheme, host, port = parse_address(address)
+    error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         listener = Listener(handler, role, info, nursery, handshake_timeout)
         if scheme == "tcp":
@@ -156,12 +157,17 @@ async def listen(
             _INPROC[name] = listener
         try:
             yield listener
+        except BaseException as e:
+            error = e  # re-raised below, outside the nursery: no ExceptionGroup around it
         finally:
             nursery.cancel_scope.cancel()
             if scheme == "tcp":
+                trio.lowlevel.notify_closing(sock)
                 sock.close()
             else:
                 del _INPROC[name]
+    if error is not None:
+        raise error
 
 
 async def _bind(host: str, port: int, backlog: int) -> trio.socket.SocketType:

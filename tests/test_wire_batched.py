@@ -1,0 +1,127 @@
+"""Batched sending: transparent to the receiver, ordered, coalesced, flushed on exit."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from trioscheduler.wire import SerializationError, Stream, connect, listen, open_batched
+
+pytestmark = pytest.mark.parametrize("transport", ["tcp", "inproc"])
+
+
+@pytest.fixture
+async def inbox(transport: str) -> AsyncIterator[tuple[str, trio.MemoryReceiveChannel[object]]]:
+    """A listener that forwards every message it receives into a channel."""
+    send, recv = trio.open_memory_channel[object](10_000)
+
+    async def collect(stream: Stream) -> None:
+        async for msg in stream:
+            await send.send(msg)
+
+    address = "tcp://127.0.0.1:0" if transport == "tcp" else "inproc://"
+    async with listen(address, collect) as lst:
+        yield lst.address, recv
+
+
+async def take(recv: trio.MemoryReceiveChannel[object], n: int) -> list[object]:
+    with trio.fail_after(10):
+        return [await recv.receive() for _ in range(n)]
+
+
+async def test_receiver_sees_individual_messages_in_order(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]],
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream, open_batched(stream) as batched:
+        for i in range(2000):
+            batched.send_nowait(("x", i))
+            if i % 300 == 0:
+                await trio.sleep(0.003)  # let some batches go out mid-way
+        assert await take(recv, 2000) == [("x", i) for i in range(2000)]
+
+
+async def test_messages_sent_together_go_out_as_one_batch(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]],
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=0.05) as batched:
+            for i in range(500):
+                batched.send_nowait({"op": "task-finished", "key": ("x", i)})
+        assert (batched.messages_sent, batched.batches_sent) == (500, 1)
+        assert len(await take(recv, 500)) == 500
+
+
+async def test_leaving_the_block_flushes_pending_messages(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]],
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=3600) as batched:
+            batched.send_nowait("a")
+            batched.send_nowait("b")
+        assert await take(recv, 2) == ["a", "b"]
+
+
+async def test_send_writes_now_and_after_queued_messages(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]],
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream, open_batched(stream, interval=3600) as batched:
+        batched.send_nowait(1)
+        await batched.send(2)
+        assert await take(recv, 2) == [1, 2]
+
+
+async def test_a_large_message_does_not_wait_for_the_interval(
+    transport: str, inbox: tuple[str, trio.MemoryReceiveChannel[object]]
+) -> None:
+    if transport == "inproc":
+        pytest.skip("in-process messages have no size; nothing is large")
+    address, recv = inbox
+    async with await connect(address) as stream, open_batched(stream, interval=3600) as batched:
+        batched.send_nowait("small first")
+        batched.send_nowait(b"x" * (1 << 20))
+        got = await take(recv, 2)
+        assert got[0] == "small first" and len(got[1]) == 1 << 20  # type: ignore[arg-type]
+
+
+async def test_sending_to_a_lost_peer_raises(transport: str) -> None:
+    async def close_at_once(stream: Stream) -> None:
+        pass
+
+    address = "tcp://127.0.0.1:0" if transport == "tcp" else "inproc://"
+    async with listen(address, close_at_once) as lst:
+        async with await connect(lst.address) as stream:
+            with pytest.raises(trio.BrokenResourceError):
+                async with open_batched(stream, interval=0.001) as batched:
+                    for _ in range(1000):
+                        batched.send_nowait("ping")
+                        await trio.sleep(0.002)
+
+
+async def test_unserializable_message_raises_where_it_is_sent(
+    transport: str, inbox: tuple[str, trio.MemoryReceiveChannel[object]]
+) -> None:
+    if transport == "inproc":
+        pytest.skip("in-process messages are not serialized")
+    address, recv = inbox
+    async with await connect(address) as stream, open_batched(stream) as batched:
+        with pytest.raises(SerializationError):
+            batched.send_nowait({"lock": threading.Lock()})
+        batched.send_nowait("fine")
+        assert await take(recv, 1) == ["fine"]
+
+
+async def test_errors_in_the_block_propagate_unwrapped(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]],
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        with pytest.raises(KeyError):
+            async with open_batched(stream):
+                raise KeyError("mine")
