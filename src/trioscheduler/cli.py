@@ -126,7 +126,7 @@ async def _worker_main(args: argparse.Namespace) -> None:
         None if args.name is None else (args.name if nworkers == 1 else f"{args.name}-{i}")
         for i in range(nworkers)
     ]
-    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
         if args.watch_stdin:
             nursery.start_soon(_exit_on_stdin_eof, nursery.cancel_scope)
         components: list[Any] = []

@@ -84,6 +84,7 @@ class Nanny:
         self.close_reason = ""
         self._process: trio.Process | None = None
         self._kill_reason: str | None = None
+        self._sigtermed: int | None = None  # the pid we sent SIGTERM to
         self._closing = False
         self._closed = trio.Event()
         self._started = trio.Event()  # a (re)started child announced its address
@@ -259,10 +260,11 @@ class Nanny:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                if proc.returncode is None:
-                    proc.kill()
-                await proc.wait()
+                # Only closing the nanny cancels us: let the worker say goodbye first.
+                await self._stop(proc, graceful=True)
                 await lines.aclose()
+                if proc.stdin is not None:
+                    await proc.stdin.aclose()
         if closing_line is not None and proc.returncode == 0:
             return True, closing_line or "closed"
         return False, self._kill_reason or _describe_exit(proc.returncode)
@@ -288,16 +290,20 @@ class Nanny:
             return
 
     async def _terminate(self, *, graceful: bool) -> None:
-        """Stop the current child (SIGTERM, then SIGKILL) and reap it."""
-        proc = self._process
-        if proc is None or proc.returncode is not None:
-            return
+        """Stop the current child, if any."""
         self.status = "closing"
-        if graceful:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        if self._process is not None:
+            await self._stop(self._process, graceful=graceful)
+
+    async def _stop(self, proc: trio.Process, *, graceful: bool) -> None:
+        """SIGTERM (once per process), SIGKILL after ``close_timeout``; then reap."""
+        if proc.returncode is None and graceful:
+            if self._sigtermed != proc.pid:
+                self._sigtermed = proc.pid
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             with trio.move_on_after(self.close_timeout):
                 await proc.wait()
         if proc.returncode is None:

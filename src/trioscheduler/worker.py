@@ -305,21 +305,9 @@ class Worker:
         logger.info("worker %s closing: %s", self.address, reason)
         with trio.move_on_after(5):
             if report and self._batched is not None:
-                try:
-                    self._batched.send_nowait(
-                        RemoveWorker(
-                            stimulus_id=_stimulus("worker-close"),
-                            now=_now(),
-                            worker=self.address,
-                            expected=True,
-                            reason=reason,
-                        )
-                    )
-                except Exception as exc:
-                    logger.debug("worker %s: could not say goodbye: %r", self.address, exc)
-            self._closing_ev.set()  # the batched sender flushes and closes
-            if self._batched is not None:
-                await self._batched_done.wait()
+                await self._say_goodbye(reason)
+            self._closing_ev.set()  # the batched sender closes
+            await self._batched_done.wait()
             if self._work_scope is not None:
                 self._work_scope.cancel()
             if self._stream is not None:
@@ -328,6 +316,28 @@ class Worker:
                 except Exception as exc:
                     logger.debug("worker %s: closing the scheduler stream: %r", self.address, exc)
         self._shutdown_done.set()
+
+    async def _say_goodbye(self, reason: str) -> None:
+        """``RemoveWorker(expected=True)`` after everything queued before it.
+
+        Through the batched sender while it runs; straight on the stream once it was
+        cancelled (the worker's block was cancelled from outside, e.g. by a signal).
+        """
+        goodbye = RemoveWorker(
+            stimulus_id=_stimulus("worker-close"),
+            now=_now(),
+            worker=self.address,
+            expected=True,
+            reason=reason,
+        )
+        try:
+            try:
+                self._batched.send_nowait(goodbye)
+                await self._batched.flush()
+            except trio.ClosedResourceError:
+                await self._stream.send(goodbye)
+        except Exception as exc:
+            logger.debug("worker %s: could not say goodbye: %r", self.address, exc)
 
     # ----------------------------------------------------------------------------------
     # Scheduler stream

@@ -1,0 +1,278 @@
+"""A scheduler and its workers on this machine: ``LocalCluster`` and ``open_cluster``.
+
+``processes=True`` (the default) runs the scheduler in this process and each worker in
+its own process under a ``Nanny``, over TCP on ``host``. ``processes=False`` runs the
+scheduler and the workers in one trio loop over ``inproc://``: nothing is serialized,
+which suits tests and small jobs.
+
+Each worker (or nanny) is held open by one task of the cluster's worker nursery, so
+workers start and stop concurrently and closing the cluster closes all of them (nannies
+reap their processes) before the scheduler stops. A sync ``LocalCluster`` lives inside
+the process-wide background loop (``trioscheduler._loop``); an asynchronous one, or
+``open_cluster``, inside the caller's trio program.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+
+from trioscheduler.nanny import Nanny
+from trioscheduler.scheduler import Scheduler
+from trioscheduler.worker import Worker
+
+logger = logging.getLogger("trioscheduler.cluster")
+
+_cluster_ids = itertools.count(1)
+
+# Keywords dask users pass that have no meaning here (yet); accepted and ignored.
+_IGNORED = ("dashboard_address", "silence_logs", "loop", "security", "protocol", "interface")
+
+
+def default_sizes(
+    n_workers: int | None, threads_per_worker: int | None, processes: bool, cores: int | None = None
+) -> tuple[int, int]:
+    """``(n_workers, threads_per_worker)`` as dask chooses them: workers x threads = cores.
+
+    With processes, up to 4 cores get one single-threaded worker each; more cores are
+    split into about sqrt(cores) workers. Without processes, one worker with every core.
+    """
+    cores = cores or os.cpu_count() or 1
+    if n_workers is None and threads_per_worker is None:
+        if not processes:
+            return 1, cores
+        if cores <= 4:
+            return cores, 1
+        n = min(f for f in range(1, cores + 1) if cores % f == 0 and f >= math.sqrt(cores))
+        return n, cores // n
+    if n_workers is None:
+        assert threads_per_worker is not None
+        return max(1, cores // threads_per_worker), threads_per_worker
+    if threads_per_worker is None:
+        return n_workers, max(1, cores // max(1, n_workers))
+    return n_workers, threads_per_worker
+
+
+class LocalCluster:
+    """``with LocalCluster(n_workers=2) as cluster: Client(cluster)``.
+
+    Also ``async with LocalCluster(..., asynchronous=True)`` inside trio. ``workers``
+    maps names to the running ``Worker``/``Nanny`` objects; ``scale(n)`` adds or removes
+    workers (awaitable when asynchronous). Other keyword arguments go to each worker
+    (``resources=``, ``local_directory=``, ...).
+    """
+
+    def __init__(
+        self,
+        n_workers: int | None = None,
+        threads_per_worker: int | None = None,
+        processes: bool = True,
+        memory_limit: str | float | None = "auto",
+        host: str = "127.0.0.1",
+        scheduler_port: int = 0,
+        asynchronous: bool = False,
+        *,
+        worker_timeout: float = 30.0,
+        worker_log_level: str = "warning",
+        **worker_kwargs: Any,
+    ) -> None:
+        for name in _IGNORED:
+            worker_kwargs.pop(name, None)
+        self.n_workers, self.threads_per_worker = default_sizes(
+            n_workers, threads_per_worker, processes
+        )
+        self.processes = processes
+        self.memory_limit = memory_limit
+        self.host = host
+        self.scheduler_port = scheduler_port
+        self.asynchronous = asynchronous
+        self.worker_timeout = worker_timeout
+        self.worker_log_level = worker_log_level
+        self.worker_kwargs = worker_kwargs
+        self.scheduler: Scheduler | None = None
+        self.scheduler_address = ""
+        self.workers: dict[str, Worker | Nanny] = {}
+        self.status = "created"
+        self._stops: dict[str, tuple[trio.Event, trio.Event]] = {}  # name -> (stop, gone)
+        self._names = itertools.count()
+        self._nursery: trio.Nursery | None = None
+        self._stack: AsyncExitStack | None = None
+        self._handle: Any = None
+        self._id = next(_cluster_ids)
+        if not asynchronous:
+            from trioscheduler._loop import loop_runner
+
+            self._handle = loop_runner().enter(self._open(), name=f"LocalCluster-{self._id}")
+
+    def __repr__(self) -> str:
+        kind = "processes" if self.processes else "threads"
+        return (
+            f"LocalCluster({self.scheduler_address!r}, workers={len(self.workers)}, "
+            f"threads_per_worker={self.threads_per_worker}, {kind}, {self.status})"
+        )
+
+    # -- sync use ------------------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        if self.asynchronous:
+            raise TypeError("an asynchronous LocalCluster is used with 'async with'")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> Any:
+        """Stop every worker (and its process), then the scheduler; idempotent.
+
+        Returns an awaitable when the cluster is asynchronous.
+        """
+        if self.asynchronous:
+            return self._aclose()
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            handle.close()
+        return None
+
+    async def _aclose(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    # -- async use -----------------------------------------------------------------
+
+    async def __aenter__(self) -> LocalCluster:
+        if not self.asynchronous:
+            raise TypeError("pass asynchronous=True to use a LocalCluster with 'async with'")
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await stack.enter_async_context(self._open())
+        except BaseException as exc:
+            if not await stack.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(*exc_info)
+
+    # -- the cluster's life ----------------------------------------------------------
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[LocalCluster]:
+        if self.processes:
+            address = f"tcp://{self.host}:{self.scheduler_port}"
+        else:
+            address = f"inproc://cluster-{os.getpid()}-{self._id}"
+        self.status = "starting"
+        try:
+            async with Scheduler(address, worker_timeout=self.worker_timeout) as scheduler:
+                self.scheduler = scheduler
+                self.scheduler_address = scheduler.address
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await self._scale(self.n_workers)
+                    self.status = "running"
+                    logger.info("%r started", self)
+                    try:
+                        yield self
+                    finally:
+                        self.status = "closing"
+                        nursery.cancel_scope.cancel()  # every worker closes at once
+        finally:
+            self.workers.clear()
+            self._stops.clear()
+            self._nursery = None
+            self.status = "closed"
+
+    def _make(self, name: str) -> Worker | Nanny:
+        kwargs: dict[str, Any] = dict(
+            nthreads=self.threads_per_worker,
+            memory_limit=self.memory_limit,
+            nworkers=self.n_workers,
+            name=name,
+            **self.worker_kwargs,
+        )
+        if self.processes:
+            return Nanny(
+                self.scheduler_address, host=self.host, log_level=self.worker_log_level, **kwargs
+            )
+        return Worker(self.scheduler_address, **kwargs)
+
+    async def _hold(self, name: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        stop, gone = trio.Event(), trio.Event()
+        try:
+            async with self._make(name) as worker:
+                self.workers[name] = worker
+                self._stops[name] = (stop, gone)
+                task_status.started()
+                await stop.wait()
+        finally:
+            self.workers.pop(name, None)
+            self._stops.pop(name, None)
+            gone.set()
+
+    def scale(self, n: int) -> Any:
+        """Run ``n`` workers: start new ones or close the newest. Awaitable if asynchronous."""
+        if self.asynchronous:
+            return self._scale(n)
+        from trioscheduler._loop import loop_runner
+
+        loop_runner().run(self._scale, n)
+        return None
+
+    async def _scale(self, n: int) -> None:
+        if self._nursery is None:
+            raise RuntimeError("the cluster is not running")
+        nursery = self._nursery
+        if n > len(self.workers):
+            async with trio.open_nursery() as starters:
+                for _ in range(n - len(self.workers)):
+                    starters.start_soon(nursery.start, self._hold, str(next(self._names)))
+        elif n < len(self.workers):
+            leaving = [self._stops[name] for name in sorted(self.workers, key=int)[n:]]
+            for stop, _ in leaving:
+                stop.set()
+            for _, gone in leaving:
+                await gone.wait()
+
+    @property
+    def worker_addresses(self) -> list[str]:
+        """The addresses of the running workers (a restarting nanny's may be missing)."""
+        out = []
+        for w in self.workers.values():
+            addr = w.worker_address if isinstance(w, Nanny) else w.address
+            if addr:
+                out.append(addr)
+        return out
+
+
+@asynccontextmanager
+async def open_cluster(
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    processes: bool = True,
+    memory_limit: str | float | None = "auto",
+    **kwargs: Any,
+) -> AsyncIterator[LocalCluster]:
+    """``async with open_cluster(2, processes=False) as cluster:`` in a trio program."""
+    cluster = LocalCluster(
+        n_workers,
+        threads_per_worker,
+        processes,
+        memory_limit,
+        asynchronous=True,
+        **kwargs,
+    )
+    async with cluster:
+        yield cluster
