@@ -30,7 +30,7 @@ def scheduler_address(request: pytest.FixtureRequest) -> str:
 
 async def wait_until(predicate: Any) -> None:
     """Poll a condition of the running system (the caller's fail_after bounds it)."""
-    while not predicate():
+    while not predicate():  # noqa: ASYNC110 - another component's state, no event to wait on
         await trio.sleep(0.01)
 
 
@@ -87,7 +87,7 @@ async def test_join_serve_and_leave(scheduler_address: str) -> None:
             assert w.status == "closed"
             # the orderly goodbye removed the worker from the scheduler
             await wait_until(lambda: not s.state.workers)
-            assert not os.path.exists(w.store.directory)  # type: ignore[union-attr]
+            assert not os.path.exists(w.store.directory)  # type: ignore[union-attr]  # noqa: ASYNC240
 
 
 async def test_graph_across_workers(scheduler_address: str) -> None:
