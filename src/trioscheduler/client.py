@@ -1,0 +1,1034 @@
+"""The Client: dask.distributed's futures API over one scheduler stream.
+
+One class, two modes (documented in ``docs/getting-started.md``):
+
+* ``Client(address)`` -- sync. The client's trio session (stream, receive loop, flusher)
+  is an async context manager held open in the process-wide background loop
+  (``_loop.loop_runner().enter``); blocking methods cross into it with
+  ``trio.from_thread``. ``close()`` (or leaving ``with``) exits the session.
+* ``async with Client(address, asynchronous=True) as c`` -- the same session in the
+  caller's own trio task; methods that wait return awaitables (``await c.gather(fs)``,
+  ``await future``), as in dask. ``submit``/``map`` return futures directly in both.
+
+Everything the client sends goes through one FIFO: ``_post`` queues a callback on the
+loop (``TrioToken.run_sync_soon``, thread-safe and ordered), the callback appends the
+message to an outbox, and a flusher task merges adjacent ``UpdateGraph`` and
+``ClientReleasesKeys`` messages before writing them. So a burst of ``submit`` calls
+becomes one graph, and a release can never overtake the submit it follows.
+
+Leaving the session sends ``RemoveClient``; the scheduler releases every key of this
+client and closes the stream, which the receive loop sees before the nursery ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import random
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import lru_cache
+from typing import Any
+
+import cloudpickle
+import trio
+from dask.base import tokenize
+from dask.utils import funcname
+
+from trioscheduler import runspec, wire
+from trioscheduler._loop import Entered, LoopRunner, loop_runner
+from trioscheduler.core import messages as m
+from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.futures import Future, FutureCancelledError, KeyState, futures_of
+
+__all__ = ["Client", "Executor", "default_client", "fire_and_forget"]
+
+logger = logging.getLogger("trioscheduler.client")
+
+FIRE_AND_FORGET = "fire-and-forget"  # the scheduler's client id for fire_and_forget keys
+_SHIP_BY_VALUE_OVER = 256  # bytes: functions pickled bigger than this are pickled once per map
+_KEY_TYPES = (str, bytes, int, float, tuple)
+
+_default: Client | None = None
+
+
+def default_client() -> Client:
+    """The most recent client created with ``set_as_default=True`` that is still open."""
+    if _default is None:
+        raise ValueError("no trioscheduler Client is open; create one with Client(...)")
+    return _default
+
+
+class ClientClosedError(TrioSchedulerError):
+    """The client was closed (or lost its scheduler); it cannot be used any more."""
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks (at submit, in the caller's thread, with errors that say what to do)
+# --------------------------------------------------------------------------------------
+
+
+def _check_workers(workers: Any) -> list[str] | None:
+    if workers is None:
+        return None
+    if isinstance(workers, (str, int)) and not isinstance(workers, bool):
+        return [str(workers)]
+    if isinstance(workers, (list, tuple, set, frozenset)):
+        out: list[str] = []
+        for w in workers:
+            if not isinstance(w, (str, int)) or isinstance(w, bool):
+                break
+            out.append(str(w))
+        else:
+            return out
+    raise TypeError(
+        f"workers= takes a worker address or name, or a list of them, e.g. "
+        f"workers=['tcp://127.0.0.1:4000'] or workers='alice'; got {workers!r:.100}"
+    )
+
+
+def _check_resources(resources: Any) -> dict[str, float] | None:
+    if resources is None:
+        return None
+    if isinstance(resources, Mapping):
+        out: dict[str, float] = {}
+        for name, amount in resources.items():
+            if not isinstance(name, str):
+                break
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+                break
+            if amount < 0:
+                raise ValueError(f"resources= amounts must be >= 0; {name!r} asks for {amount}")
+            out[name] = amount
+        else:
+            return out
+    raise TypeError(
+        f"resources= takes a mapping of resource name to amount, e.g. {{'GPU': 1}}; "
+        f"got {resources!r:.100}"
+    )
+
+
+def _check_options(
+    workers: Any, resources: Any, retries: Any, priority: Any, allow_other_workers: Any
+) -> tuple[list[str] | None, dict[str, float] | None, int, int, bool]:
+    w = _check_workers(workers)
+    r = _check_resources(resources)
+    if retries is None:
+        retries = 0
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise TypeError(f"retries= takes a number >= 0, got {retries!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority= takes an integer (higher runs first), got {priority!r}")
+    if allow_other_workers not in (True, False, None):
+        raise TypeError(f"allow_other_workers= takes True or False, got {allow_other_workers!r}")
+    if allow_other_workers and w is None:
+        raise ValueError("allow_other_workers=True only makes sense together with workers=")
+    return w, r, retries, priority, bool(allow_other_workers)
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, _KEY_TYPES):
+        raise TypeError(
+            f"a key must be a str, bytes, int, float or tuple of those, got {key!r:.100}"
+        )
+
+
+class _Shipped:
+    """A function pickled once per ``map``; unpickles to the function itself (cached)."""
+
+    __slots__ = ("__name__", "blob")
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.blob = cloudpickle.dumps(func, protocol=5)
+        self.__name__ = funcname(func)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_function, (self.blob,))
+
+
+@lru_cache(maxsize=64)
+def _load_function(blob: bytes) -> Any:
+    return pickle.loads(blob)
+
+
+def _shippable(func: Callable[..., Any]) -> Any:
+    """``func`` as it should go into many run specs: by reference, or pickled once."""
+    try:
+        if len(pickle.dumps(func, protocol=5)) <= _SHIP_BY_VALUE_OVER:
+            return func
+    except Exception:  # noqa: S110 - not picklable by reference: cloudpickle below
+        pass
+    try:
+        return _Shipped(func)
+    except Exception:
+        return func  # runspec.pack reports the failure with the culprit named
+
+
+# --------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------
+
+
+class Client:
+    """Connect to a scheduler (or start a ``LocalCluster``) and submit work to it.
+
+    ``address``: ``"tcp://host:port"``, ``"inproc://name"``, a ``LocalCluster`` (or
+    anything with ``.scheduler_address``), or ``None`` to start a local cluster with
+    ``**cluster_kwargs`` (``n_workers``, ``threads_per_worker``, ``processes``,
+    ``memory_limit``...), closed again with the client.
+    """
+
+    def __init__(
+        self,
+        address: Any = None,
+        *,
+        timeout: float = 10.0,
+        asynchronous: bool = False,
+        set_as_default: bool = True,
+        name: str | None = None,
+        scheduler_file: str | None = None,
+        connection_limit: int = 512,
+        batch_interval: float = 0.002,
+        **cluster_kwargs: Any,
+    ) -> None:
+        self.id = f"Client-{uuid.uuid4()}"
+        self.name = name or self.id
+        self.timeout = timeout
+        self.asynchronous = asynchronous
+        self.status = "newly-created"
+        self._set_as_default = set_as_default
+        self._connection_limit = connection_limit
+        self._batch_interval = batch_interval
+        self._cluster_kwargs = cluster_kwargs
+        self._lock = threading.Lock()
+        self._futures: dict[Any, KeyState] = {}
+        self._refcount: dict[Any, int] = {}
+        self._outbox: list[Any] = []
+        self._outbox_ready: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stream: wire.Stream | None = None
+        self._batched: wire.BatchedSend | None = None
+        self._pool: wire.ConnectionPool | None = None
+        self._receive_done: trio.Event | None = None
+        self._closing = False
+        self._stimulus = 0
+        self._runner: LoopRunner | None = None
+        self._handle: Entered[Client] | None = None
+        self._session_cm: Any = None
+        self.cluster: Any = None
+        self._own_cluster = False
+
+        if address is None and scheduler_file is not None:
+            with open(scheduler_file) as f:
+                address = json.load(f)["address"]
+        if address is not None and not isinstance(address, str):
+            if not hasattr(address, "scheduler_address"):
+                raise TypeError(
+                    f"Client(address) takes an address string or a cluster, got {address!r:.100}"
+                )
+            self.cluster = address
+            address = address.scheduler_address
+        elif cluster_kwargs and address is not None:
+            raise TypeError(
+                f"unexpected keyword arguments {sorted(cluster_kwargs)} with an address"
+            )
+        self.scheduler_address: str | None = address
+
+        if not asynchronous:
+            self._runner = loop_runner()
+            if address is None:
+                from trioscheduler.cluster import LocalCluster
+
+                self.cluster = LocalCluster(**cluster_kwargs)
+                self._own_cluster = True
+                self.scheduler_address = self.cluster.scheduler_address
+            try:
+                self._handle = self._runner.enter(self._session(), name=f"Client {self.id}")
+            except BaseException:
+                if self._own_cluster:
+                    self.cluster.close()
+                raise
+
+    # -- session -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[Client]:
+        async with AsyncExitStack() as stack:
+            if self.scheduler_address is None:
+                from trioscheduler.cluster import open_cluster
+
+                self.cluster = await stack.enter_async_context(open_cluster(**self._cluster_kwargs))
+                self._own_cluster = True
+                self.scheduler_address = self.cluster.scheduler_address
+            address = self.scheduler_address
+            assert address is not None
+            self._token = trio.lowlevel.current_trio_token()
+            try:
+                stream = await wire.connect(
+                    address, timeout=self.timeout, role="client", info={"id": self.id}
+                )
+            except wire.ConnectError as exc:
+                raise wire.ConnectError(
+                    f"Client could not connect to the scheduler at {address} within {self.timeout} s: {exc}"
+                ) from exc
+            self._stream = stream
+            stack.push_async_callback(stream.aclose)
+            self._pool = await stack.enter_async_context(
+                wire.ConnectionPool(
+                    self._connection_limit,
+                    timeout=self.timeout,
+                    role="client",
+                    info={"id": self.id},
+                )
+            )
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            self._nursery = nursery
+            self._batched = await stack.enter_async_context(
+                wire.open_batched(stream, self._batch_interval)
+            )
+            self._batched.send_nowait(
+                m.AddClient(self._next_stimulus("add-client"), trio.current_time(), self.id)
+            )
+            self._outbox_ready = trio.Event()
+            self._receive_done = trio.Event()
+            nursery.start_soon(self._receive_loop)
+            nursery.start_soon(self._flusher)
+            self.status = "running"
+            self._make_default()
+            try:
+                yield self
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        """Release every key (``RemoveClient``), wait for the scheduler's ack, stop tasks."""
+        if self._closing:
+            return
+        self._closing = True
+        self.status = "closing"
+        with trio.move_on_after(self.timeout):
+            try:
+                self._flush_outbox()
+                assert self._batched is not None
+                self._batched.send_nowait(
+                    m.RemoveClient(
+                        self._next_stimulus("close-client"), trio.current_time(), self.id
+                    )
+                )
+                await self._batched.flush()
+                assert self._receive_done is not None
+                await self._receive_done.wait()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        with self._lock:
+            states = list(self._futures.values())
+            self._futures.clear()
+        for st in states:
+            if not st.done:
+                st.cancel("the client was closed")
+        self.status = "closed"
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        global _default
+        if _default is self:
+            _default = None
+
+    def _make_default(self) -> None:
+        global _default
+        if self._set_as_default:
+            _default = self
+
+    async def __aenter__(self) -> Client:
+        if not self.asynchronous:
+            raise TypeError(
+                "use 'with Client(...)' for a sync client, or Client(..., asynchronous=True)"
+            )
+        self._session_cm = self._session()
+        await self._session_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        cm, self._session_cm = self._session_cm, None
+        if cm is None:
+            return None
+        result: bool | None = await cm.__aexit__(*exc_info)
+        return result
+
+    def __enter__(self) -> Client:
+        if self.asynchronous:
+            raise TypeError(
+                "use 'async with Client(..., asynchronous=True)' for an asynchronous client"
+            )
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __await__(self) -> Any:
+        raise TypeError(
+            "trioscheduler clients are structured: use 'async with Client(address, asynchronous=True) as c'"
+        )
+
+    def close(self, timeout: float | None = None) -> Any:
+        """Release every key of this client and stop its background work.
+
+        Sync: blocks, then closes the ``LocalCluster`` the client started. Asynchronous:
+        returns an awaitable (the session itself ends when ``async with`` does).
+        """
+        if self.asynchronous:
+            return self._shutdown()
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            try:
+                handle.close()
+            finally:
+                if self._own_cluster and self.cluster is not None:
+                    self.cluster.close()
+                self.status = "closed"
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Client: scheduler={self.scheduler_address!r} status={self.status}>"
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _sync(self, async_fn: Callable[..., Any], *args: Any) -> Any:
+        """Awaitable in asynchronous mode; run to completion in the loop otherwise."""
+        if self.asynchronous:
+            return async_fn(*args)
+        if self._runner is None or self.status in ("closed", "closing"):
+            raise ClientClosedError(f"{self!r} is closed")
+        return self._runner.run(async_fn, *args)
+
+    def _next_stimulus(self, kind: str) -> str:
+        self._stimulus += 1
+        return f"{kind}-{self._stimulus}"
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the loop thread, in call order, from any thread."""
+        token = self._token
+        if token is None or self.status == "closed":
+            raise ClientClosedError(f"{self!r} is not running")
+        token.run_sync_soon(fn, *args)
+
+    def _emit(self, msg: Any) -> None:
+        """Loop thread: queue ``msg`` for the scheduler, merging with the previous one."""
+        if self._closing:
+            return
+        ob = self._outbox
+        if ob and type(ob[-1]) is type(msg):
+            last = ob[-1]
+            if type(msg) is m.UpdateGraph:
+                last.tasks.extend(msg.tasks)
+                last.keys.extend(msg.keys)
+                return
+            if type(msg) is m.ClientReleasesKeys:
+                last.keys.extend(msg.keys)
+                return
+        ob.append(msg)
+        if self._outbox_ready is not None:
+            self._outbox_ready.set()
+
+    def _flush_outbox(self) -> None:
+        msgs, self._outbox = self._outbox, []
+        assert self._batched is not None
+        for msg in msgs:
+            self._batched.send_nowait(msg)
+
+    async def _flusher(self) -> None:
+        while True:
+            assert self._outbox_ready is not None
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            try:
+                self._flush_outbox()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async def _receive_loop(self) -> None:
+        assert self._stream is not None and self._receive_done is not None
+        handlers = self._handlers
+        try:
+            async for msg in self._stream:
+                handler = handlers.get(type(msg))
+                if handler is None:
+                    logger.warning(
+                        "client %s: unexpected message from the scheduler: %r", self.id, msg
+                    )
+                    continue
+                handler(self, msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not self._closing:
+                logger.warning("client %s lost its scheduler connection: %r", self.id, exc)
+        finally:
+            self._receive_done.set()
+            if not self._closing:
+                logger.warning(
+                    "client %s: the scheduler at %s closed the connection",
+                    self.id,
+                    self.scheduler_address,
+                )
+                self.status = "closed"
+                with self._lock:
+                    states = list(self._futures.values())
+                for st in states:
+                    if not st.done:
+                        st.cancel("lost the connection to the scheduler")
+
+    def _on_key_in_memory(self, msg: m.KeyInMemory) -> None:
+        st = self._futures.get(msg.key)
+        if st is not None:
+            st.finish(msg.type_name)
+
+    def _on_key_erred(self, msg: m.KeyErred) -> None:
+        st = self._futures.get(msg.key)
+        if st is not None:
+            st.erred(msg.exception, msg.traceback, msg.exception_text)
+
+    def _on_key_cancelled(self, msg: m.KeyCancelled) -> None:
+        with self._lock:
+            st = self._futures.pop(msg.key, None)
+        if st is not None:
+            st.cancel(msg.reason)
+
+    def _on_key_lost(self, msg: m.KeyLost) -> None:
+        st = self._futures.get(msg.key)
+        if st is not None:
+            st.lost()
+
+    _handlers: dict[type[Any], Callable[[Client, Any], None]] = {
+        m.KeyInMemory: _on_key_in_memory,
+        m.KeyErred: _on_key_erred,
+        m.KeyCancelled: _on_key_cancelled,
+        m.KeyLost: _on_key_lost,
+    }
+
+    # -- reference counting ------------------------------------------------------------
+
+    def _attach(self, key: Any) -> KeyState:
+        """A new ``Future(key, client)`` by hand: count it; want the key if it is new."""
+        _check_key(key)
+        with self._lock:
+            st = self._futures.get(key)
+            if st is None:
+                st = self._futures[key] = KeyState(key)
+                self._post(self._emit_desire, [key])
+            self._refcount[key] = self._refcount.get(key, 0) + 1
+        return st
+
+    def _emit_desire(self, keys: list[Any], client: str | None = None) -> None:
+        self._emit(
+            m.ClientDesiresKeys(
+                self._next_stimulus("desire"), trio.current_time(), client or self.id, keys
+            )
+        )
+
+    def _detach(self, key: Any) -> None:
+        with self._lock:
+            n = self._refcount.get(key, 0) - 1
+            if n > 0:
+                self._refcount[key] = n
+                return
+            self._refcount.pop(key, None)
+            if self.status in ("running", "newly-created") and self._token is not None:
+                # Inside the lock: a submit of the same key queues after this release.
+                try:
+                    self._token.run_sync_soon(self._release_key, key)
+                except trio.RunFinishedError:
+                    pass
+
+    def _release_key(self, key: Any) -> None:
+        with self._lock:
+            if key in self._refcount:  # a new future for the key appeared meanwhile
+                return
+            st = self._futures.pop(key, None)
+        if st is not None:
+            self._emit(
+                m.ClientReleasesKeys(
+                    self._next_stimulus("release"), trio.current_time(), self.id, [key]
+                )
+            )
+
+    def _new_futures(self, specs: list[m.TaskSpec]) -> list[Future]:
+        """Futures for ``specs``; tasks whose key this client already has are not resent."""
+        futures: list[Future] = []
+        fresh: list[m.TaskSpec] = []
+        with self._lock:
+            if self.status != "running":
+                raise ClientClosedError(f"{self!r} is not running")
+            table, refs = self._futures, self._refcount
+            for spec in specs:
+                key = spec.key
+                st = table.get(key)
+                if st is None:
+                    st = table[key] = KeyState(key)
+                    fresh.append(spec)
+                refs[key] = refs.get(key, 0) + 1
+                futures.append(Future(key, self, st))
+            if fresh:
+                self._post(self._emit_graph, fresh)
+        return futures
+
+    def _emit_graph(self, specs: list[m.TaskSpec]) -> None:
+        self._emit(
+            m.UpdateGraph(
+                self._next_stimulus("update-graph"),
+                trio.current_time(),
+                self.id,
+                specs,
+                [s.key for s in specs],
+            )
+        )
+
+    def _on_done(self, future: Future, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` in the loop thread once ``future`` is done (now, if it is)."""
+        st = future._state
+
+        def add() -> None:
+            if st.done:
+                hook()
+            else:
+                st.hooks.append(hook)
+
+        self._post(add)
+
+    def _add_done_callback(self, future: Future, fn: Callable[[Future], Any]) -> None:
+        async def call() -> None:
+            try:
+                await trio.to_thread.run_sync(fn, future)
+            except Exception:
+                logger.exception("done-callback %r of %r failed", fn, future)
+
+        def hook() -> None:
+            if self._nursery is not None and not self._closing:
+                self._nursery.start_soon(call)
+
+        self._on_done(future, hook)
+
+    # -- submit and map --------------------------------------------------------------
+
+    def submit(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        key: Any = None,
+        workers: Any = None,
+        resources: Any = None,
+        retries: int | None = None,
+        priority: int = 0,
+        allow_other_workers: bool = False,
+        pure: bool = True,
+        **kwargs: Any,
+    ) -> Future:
+        """Run ``func(*args, **kwargs)`` on the cluster; a ``Future`` for the result.
+
+        Futures among the arguments become dependencies (their values are passed in).
+        Pure calls get deterministic keys, so the same call is computed once.
+        """
+        if not callable(func):
+            raise TypeError("the first argument of submit must be a callable function")
+        w, r, n_retries, prio, aow = _check_options(
+            workers, resources, retries, priority, allow_other_workers
+        )
+        if key is None:
+            if pure:
+                key = f"{funcname(func)}-{tokenize(func, kwargs, *args)}"
+            else:
+                key = f"{funcname(func)}-{uuid.uuid4().hex}"
+        else:
+            _check_key(key)
+        with self._lock:
+            st = self._futures.get(key)
+            if st is not None:
+                self._refcount[key] = self._refcount.get(key, 0) + 1
+                return Future(key, self, st)
+        run_spec, deps = runspec.pack(func, args, kwargs)
+        spec = m.TaskSpec(key, deps, run_spec, prio, 0, w, aow, r, n_retries)
+        return self._new_futures([spec])[0]
+
+    def map(
+        self,
+        func: Callable[..., Any],
+        *iterables: Iterable[Any],
+        key: Any = None,
+        workers: Any = None,
+        resources: Any = None,
+        retries: int | None = None,
+        priority: int = 0,
+        allow_other_workers: bool = False,
+        pure: bool = True,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> list[Future]:
+        """``submit`` over the zipped ``iterables`` (equal lengths); one graph, one message.
+
+        ``key`` is a prefix for the generated keys or a list of keys.
+        """
+        if not callable(func):
+            raise TypeError("the first argument of map must be a callable function")
+        if not iterables:
+            return []
+        if any(isinstance(it, (dict, str)) for it in iterables):
+            raise TypeError("map() iterates over sequences of arguments, not a dict or str")
+        seqs = [it if isinstance(it, (list, tuple)) else list(it) for it in iterables]
+        lengths = sorted({len(s) for s in seqs})
+        if len(lengths) > 1:
+            raise ValueError(f"map() needs iterables of equal length, got lengths {lengths}")
+        n = lengths[0]
+        w, r, n_retries, prio, aow = _check_options(
+            workers, resources, retries, priority, allow_other_workers
+        )
+        calls = list(zip(*seqs, strict=True))
+        if isinstance(key, (list, tuple)):
+            if len(key) != n:
+                raise ValueError(f"map() got {len(key)} keys for {n} tasks")
+            keys = list(key)
+            for k in keys:
+                _check_key(k)
+        else:
+            prefix = key if isinstance(key, str) else funcname(func)
+            if pure:
+                tok = tokenize(func, kwargs)
+                keys = [f"{prefix}-{tokenize(tok, args)}" for args in calls]
+            else:
+                uid = uuid.uuid4().hex
+                keys = [f"{prefix}-{uid}-{i}" for i in range(n)]
+        shipped = _shippable(func)
+        pack = runspec.pack
+        TaskSpec = m.TaskSpec
+        specs: list[m.TaskSpec] = []
+        packed: dict[Any, m.TaskSpec] = {}
+        for k, args in zip(keys, calls, strict=True):
+            spec = packed.get(k)  # the same pure call twice in one map: pack it once
+            if spec is None:
+                run_spec, deps = pack(shipped, args, kwargs)
+                spec = packed[k] = TaskSpec(k, deps, run_spec, prio, 0, w, aow, r, n_retries)
+            specs.append(spec)
+        return self._new_futures(specs)
+
+    # -- gather --------------------------------------------------------------------------
+
+    def gather(self, futures: Any, errors: str = "raise", direct: bool | None = None) -> Any:
+        """The values of ``futures`` (a future, or lists/tuples/sets/dicts of them).
+
+        ``errors="raise"`` raises the first failed task's exception; ``"skip"`` leaves
+        failed (and cancelled) futures out of the result.
+        """
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors= takes 'raise' or 'skip', got {errors!r}")
+        return self._sync(self._gather, futures, errors)
+
+    async def _gather(self, futures: Any, errors: str) -> Any:
+        fs = futures_of(futures)
+        states: dict[Any, KeyState] = {}
+        for f in fs:
+            states.setdefault(f.key, f._state)
+        values: dict[Any, Any] = {}
+        bad: set[Any] = set()
+        while True:
+            todo = [k for k in states if k not in values and k not in bad]
+            if not todo:
+                break
+            for k in todo:
+                st = states[k]
+                await st.wait()
+                if st.status != "finished":
+                    if errors == "raise":
+                        exc = st.exception()
+                        assert exc is not None
+                        raise exc
+                    bad.add(k)
+            ready = [k for k in todo if states[k].status == "finished"]
+            if ready:
+                values.update(await self._fetch(ready, errors))
+        return _repack(futures, values, bad)
+
+    async def _fetch(self, keys: list[Any], errors: str = "raise") -> dict[Any, Any]:
+        """Values of finished ``keys`` from the workers holding them.
+
+        A holder that vanished or lost the key is skipped; keys whose state went back to
+        pending (``KeyLost``) are left out, for the caller to wait for again.
+        """
+        out: dict[Any, Any] = {}
+        missing = list(keys)
+        attempt = 0
+        while missing:
+            who_has = {k: v for k, v in await self._rpc({"op": "who_has", "keys": missing})}
+            by_worker: dict[str, list[Any]] = defaultdict(list)
+            failed: list[Any] = []
+            for k in missing:
+                holders = who_has.get(k)
+                if holders:
+                    by_worker[random.choice(holders)].append(k)
+                else:
+                    failed.append(k)
+            async with trio.open_nursery() as nursery:
+                for worker, ks in by_worker.items():
+                    nursery.start_soon(self._get_data, worker, ks, out, failed)
+            missing = []
+            for k in failed:
+                st = self._futures.get(k)
+                if st is not None and st.status == "finished":
+                    missing.append(k)
+            if missing:
+                attempt += 1
+                if attempt > 50:
+                    raise TrioSchedulerError(
+                        f"could not fetch {missing[:5]!r} from any worker after {attempt} attempts "
+                        "(the scheduler lists holders that do not have the data)"
+                    )
+                await trio.sleep(min(0.005 * 2**attempt, 0.5))
+        return out
+
+    async def _get_data(
+        self, worker: str, keys: list[Any], out: dict[Any, Any], failed: list[Any]
+    ) -> None:
+        assert self._pool is not None
+        try:
+            async with self._pool.connect(worker) as stream:
+                await stream.send({"op": "get_data", "keys": keys})
+                reply = await stream.receive()
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.EndOfChannel,
+        ) as exc:
+            logger.info(
+                "client %s: fetching %d keys from %s failed: %r", self.id, len(keys), worker, exc
+            )
+            failed.extend(keys)
+            return
+        if reply.get("status") != "OK":
+            logger.info(
+                "client %s: %s could not serve data: %s", self.id, worker, reply.get("text")
+            )
+            failed.extend(keys)
+            return
+        out.update(reply["data"])
+        failed.extend(reply.get("missing") or ())
+
+    async def _rpc(self, msg: dict[str, Any]) -> Any:
+        assert self._pool is not None and self.scheduler_address is not None
+        try:
+            async with self._pool.connect(self.scheduler_address) as stream:
+                await stream.send(msg)
+                reply = await stream.receive()
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.EndOfChannel,
+        ) as exc:
+            raise TrioSchedulerError(
+                f"request {msg.get('op')!r} to the scheduler at {self.scheduler_address} failed: {exc!r}"
+            ) from exc
+        if reply.get("status") != "OK":
+            raise TrioSchedulerError(f"scheduler: {reply.get('text')}")
+        return reply["result"]
+
+    # -- scatter ----------------------------------------------------------------------
+
+    def scatter(
+        self,
+        data: Any,
+        workers: Any = None,
+        broadcast: bool = False,
+        hash: bool = True,
+        direct: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Put local data on workers; futures shaped like ``data`` (one, list or dict)."""
+        w = _check_workers(workers)
+        return self._sync(self._scatter, data, w, broadcast, hash, timeout)
+
+    async def _scatter(  # noqa: ASYNC109 - the user's timeout, passed through
+        self,
+        data: Any,
+        workers: list[str] | None,
+        broadcast: bool,
+        hash: bool,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> Any:
+        kind = type(data)
+        if kind in (set, frozenset):
+            data = list(data)
+        single = type(data) not in (dict, list, tuple)
+        if single:
+            data = [data]
+        if isinstance(data, dict):
+            for k in data:
+                _check_key(k)
+            named = dict(data)
+            names = list(named)
+        else:
+            names = [
+                f"{type(x).__name__}-{tokenize(x) if hash else uuid.uuid4().hex}" for x in data
+            ]
+            named = dict(zip(names, data, strict=True))
+        with trio.fail_after(self.timeout if timeout is None else timeout):
+            nthreads: dict[str, int] = await self._rpc({"op": "nthreads", "workers": workers})
+            while not nthreads:
+                await self._rpc({"op": "wait_for_workers", "n_workers": 1})
+                nthreads = await self._rpc({"op": "nthreads", "workers": workers})
+        targets = sorted(nthreads)
+        plan: dict[str, dict[Any, Any]] = defaultdict(dict)
+        if broadcast:
+            for t in targets:
+                plan[t] = dict(named)
+        else:
+            slots = [t for t in targets for _ in range(max(1, nthreads[t]))]
+            start = random.randrange(len(slots))
+            for i, (k, v) in enumerate(named.items()):
+                plan[slots[(start + i) % len(slots)]][k] = v
+        who_has: dict[Any, list[str]] = defaultdict(list)
+        nbytes: dict[Any, int] = {}
+
+        async def send(worker: str, part: dict[Any, Any]) -> None:
+            assert self._pool is not None
+            async with self._pool.connect(worker) as stream:
+                await stream.send({"op": "update_data", "data": part})
+                reply = await stream.receive()
+            if reply.get("status") != "OK":
+                raise TrioSchedulerError(f"scatter to {worker} failed: {reply.get('text')}")
+            for k, n in reply["nbytes"].items():
+                who_has[k].append(worker)
+                nbytes[k] = n
+
+        async with trio.open_nursery() as nursery:
+            for worker, part in plan.items():
+                nursery.start_soon(send, worker, part)
+        self._emit(
+            m.UpdateData(
+                self._next_stimulus("scatter"), trio.current_time(), self.id, dict(who_has), nbytes
+            )
+        )
+        futures: dict[Any, Future] = {}
+        with self._lock:
+            for k in named:
+                st = self._futures.get(k)
+                if st is None:
+                    st = self._futures[k] = KeyState(k)
+                self._refcount[k] = self._refcount.get(k, 0) + 1
+                futures[k] = Future(k, self, st)
+        for k, v in named.items():
+            if not futures[k]._state.done or futures[k]._state.status != "finished":
+                futures[k]._state.finish(type(v).__name__)
+        if single:
+            return futures[names[0]]
+        if isinstance(data, dict):
+            return futures
+        out = [futures[k] for k in names]
+        return tuple(out) if kind is tuple else out
+
+    # -- cancel, retry, fire-and-forget ----------------------------------------------------
+
+    def cancel(self, futures: Any, force: bool = False, reason: str = "") -> Any:
+        """Stop computing ``futures``; ``force`` cancels them for every client."""
+        return self._sync(self._cancel, futures, force, reason)
+
+    async def _cancel(self, futures: Any, force: bool, reason: str) -> None:
+        keys = list(dict.fromkeys(f.key for f in futures_of(futures)))
+        if not keys:
+            return
+        self._emit(
+            m.CancelKeys(self._next_stimulus("cancel"), trio.current_time(), self.id, keys, force)
+        )
+        with self._lock:
+            states = [self._futures.pop(k, None) for k in keys]
+        for st in states:
+            if st is not None and st.status != "cancelled":
+                st.cancel(reason or "cancelled by the client")
+        await trio.lowlevel.checkpoint()
+
+    def retry(self, futures: Any) -> Any:
+        """Run erred ``futures`` (and their erred dependencies) again."""
+        return self._sync(self._retry, futures)
+
+    async def _retry(self, futures: Any) -> None:
+        fs = futures_of(futures)
+        keys = list(dict.fromkeys(f.key for f in fs if f._state.status == "error"))
+        for f in fs:
+            if f._state.status == "error":
+                f._state.reset()
+        if keys:
+            self._emit(
+                m.RetryKeys(self._next_stimulus("retry"), trio.current_time(), self.id, keys)
+            )
+        await trio.lowlevel.checkpoint()
+
+    # -- cluster information ----------------------------------------------------------
+
+    def scheduler_info(self) -> Any:
+        """``{"type", "address", "workers": {address: {name, nthreads, memory_limit, ...}}}``."""
+        return self._sync(self._rpc, {"op": "scheduler_info"})
+
+    def who_has(self, futures: Any = None) -> Any:
+        """``{key: [worker addresses]}`` for ``futures`` (all keys if None)."""
+        keys = None if futures is None else list(dict.fromkeys(f.key for f in futures_of(futures)))
+        return self._sync(self._who_has, keys)
+
+    async def _who_has(self, keys: list[Any] | None) -> dict[Any, list[str]]:
+        return {k: v for k, v in await self._rpc({"op": "who_has", "keys": keys})}
+
+    def has_what(self, workers: Any = None) -> Any:
+        """``{worker address: [keys]}``."""
+        return self._sync(self._rpc, {"op": "has_what", "workers": _check_workers(workers)})
+
+    def nthreads(self, workers: Any = None) -> Any:
+        """``{worker address: threads}`` of running workers."""
+        return self._sync(self._rpc, {"op": "nthreads", "workers": _check_workers(workers)})
+
+    ncores = nthreads
+
+    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None) -> Any:
+        """Until at least ``n_workers`` workers are connected (``TimeoutError`` after ``timeout``)."""
+        if not isinstance(n_workers, int) or n_workers < 0:
+            raise ValueError(f"n_workers must be a non-negative integer, got {n_workers!r}")
+        return self._sync(self._wait_for_workers, n_workers, timeout)
+
+    async def _wait_for_workers(self, n_workers: int, timeout: float | None) -> None:  # noqa: ASYNC109
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            await self._rpc({"op": "wait_for_workers", "n_workers": n_workers})
+            return
+        raise TimeoutError(
+            f"only {len(await self._rpc({'op': 'nthreads'}))} of {n_workers} workers "
+            f"joined the scheduler at {self.scheduler_address} within {timeout} s"
+        )
+
+
+Executor = Client
+
+
+def fire_and_forget(obj: Any) -> None:
+    """Keep computing these futures' tasks even when no future for them is left."""
+    by_client: dict[Client, list[Any]] = defaultdict(list)
+    for f in futures_of(obj):
+        by_client[f.client].append(f.key)
+    for client, keys in by_client.items():
+        client._post(client._emit_desire, keys, FIRE_AND_FORGET)
+
+
+def _repack(obj: Any, values: dict[Any, Any], bad: set[Any]) -> Any:
+    """``obj`` with every future replaced by its value; futures in ``bad`` dropped."""
+    t = type(obj)
+    if t is Future:
+        if obj.key in bad:
+            raise FutureCancelledError(obj.key, obj._state.reason or obj._state.status)
+        return values[obj.key]
+    if t in (list, tuple, set, frozenset):
+        items = [_repack(x, values, bad) for x in obj if not (type(x) is Future and x.key in bad)]
+        return t(items)
+    if t is dict:
+        return {
+            k: _repack(v, values, bad)
+            for k, v in obj.items()
+            if not (type(v) is Future and v.key in bad)
+        }
+    return obj

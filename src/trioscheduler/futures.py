@@ -1,0 +1,337 @@
+"""Futures: a user's handle on one key of the cluster, and the waiting functions.
+
+Every ``Future`` for a key in one client shares one ``KeyState``, which the client's
+receive loop updates from the scheduler's ``KeyInMemory``/``KeyErred``/``KeyCancelled``/
+``KeyLost`` messages. Key states are only ever changed in the thread that runs the
+client's trio loop (the background loop for a sync client, the user's trio thread for an
+asynchronous one); other threads only read ``status``.
+
+The client counts live ``Future`` objects per key. When the last one is released or
+garbage-collected, the client tells the scheduler it no longer wants the key
+(``ClientReleasesKeys``, batched with everything else the client sends).
+
+With a sync client the blocking methods (``result``, ``exception``...) cross into the
+loop thread; with an asynchronous client they return awaitables (``await f.result()``,
+or simply ``await f``), as in dask.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import trio
+
+from trioscheduler import runspec
+from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.remote_error import unpack_exception
+
+if TYPE_CHECKING:
+    from trioscheduler.client import Client
+
+__all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "DoneAndNotDoneFutures",
+    "Future",
+    "FutureCancelledError",
+    "KeyState",
+    "futures_of",
+    "wait",
+]
+
+ALL_COMPLETED = "ALL_COMPLETED"
+FIRST_COMPLETED = "FIRST_COMPLETED"
+DONE_STATUSES = frozenset({"finished", "error", "cancelled"})
+
+
+class FutureCancelledError(TrioSchedulerError, concurrent.futures.CancelledError):
+    """The future's key was cancelled (by ``cancel``, a closing client, or the scheduler)."""
+
+    def __init__(self, key: Any, reason: str = "") -> None:
+        self.key = key
+        self.reason = reason or "unknown"
+        super().__init__(f"{key!r} cancelled for reason: {self.reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.reason))
+
+
+class KeyState:
+    """What one client knows about one key; shared by all its ``Future`` objects.
+
+    ``status``: ``pending`` -> ``finished`` | ``error`` | ``cancelled``; ``lost`` (the
+    only copy died, the scheduler recomputes) and ``pending`` again (``retry``) lead back.
+    ``hooks`` are one-shot sync callables run in the loop thread when the key is done.
+    """
+
+    __slots__ = (
+        "_event",
+        "exc_blob",
+        "exc_text",
+        "hooks",
+        "key",
+        "reason",
+        "status",
+        "tb_blob",
+        "type_name",
+    )
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.status = "pending"
+        self.type_name = ""
+        self.exc_blob = b""
+        self.tb_blob = b""
+        self.exc_text = ""
+        self.reason = ""
+        self._event: trio.Event | None = None
+        self.hooks: list[Callable[[], None]] = []
+
+    @property
+    def done(self) -> bool:
+        return self.status in DONE_STATUSES
+
+    def _settle(self, status: str) -> None:
+        self.status = status
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+        if status in DONE_STATUSES and self.hooks:
+            hooks, self.hooks = self.hooks, []
+            for hook in hooks:
+                hook()
+
+    def finish(self, type_name: str = "") -> None:
+        self.type_name = type_name
+        self._settle("finished")
+
+    def erred(self, exc_blob: bytes, tb_blob: bytes, exc_text: str) -> None:
+        self.exc_blob, self.tb_blob, self.exc_text = exc_blob, tb_blob, exc_text
+        self._settle("error")
+
+    def cancel(self, reason: str = "") -> None:
+        self.reason = reason
+        self._settle("cancelled")
+
+    def lost(self) -> None:
+        self._settle("lost")
+
+    def reset(self) -> None:
+        self.exc_blob = self.tb_blob = b""
+        self.exc_text = ""
+        self._settle("pending")
+
+    async def wait(self) -> None:
+        """Until the key is done (finished, erred or cancelled). Loop thread only."""
+        while self.status not in DONE_STATUSES:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+
+    def exception(self) -> BaseException | None:
+        if self.status == "error":
+            return unpack_exception(self.exc_blob, self.tb_blob, self.exc_text)
+        if self.status == "cancelled":
+            return FutureCancelledError(self.key, self.reason)
+        return None
+
+
+class Future:
+    """A remote value being computed under ``key``; see the module docstring.
+
+    ``Future(key, client)`` makes another handle on a key the client already knows.
+    """
+
+    __slots__ = ("__weakref__", "_released", "_state", "client", "key")
+
+    def __init__(self, key: Any, client: Client, _state: KeyState | None = None) -> None:
+        self.key = key
+        self.client = client
+        self._released = False
+        self._state = _state if _state is not None else client._attach(key)
+
+    # -- status ----------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``."""
+        return self._state.status
+
+    @property
+    def type(self) -> str:
+        """The type name of the result, once finished (dask gives the type itself)."""
+        return self._state.type_name
+
+    def done(self) -> bool:
+        return self._state.done
+
+    def cancelled(self) -> bool:
+        return self._state.status == "cancelled"
+
+    # -- results ---------------------------------------------------------------------
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value; raises the task's exception (original type, remote traceback)."""
+        return self.client._sync(self._result, timeout)
+
+    async def _result(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        await _wait_state(self._state, timeout, self.key)
+        exc = self._state.exception()
+        if exc is not None:
+            raise exc
+        values = await self.client._fetch([self.key], errors="raise")
+        if self.key not in values:  # it went back to pending (lost), wait again
+            return await self._result(timeout)
+        return values[self.key]
+
+    def exception(self, timeout: float | None = None) -> Any:
+        """The task's exception once done (``None`` if it finished)."""
+        return self.client._sync(self._exception, timeout)
+
+    async def _exception(self, timeout: float | None = None) -> BaseException | None:  # noqa: ASYNC109
+        await _wait_state(self._state, timeout, self.key)
+        if self._state.status == "cancelled":
+            raise FutureCancelledError(self.key, self._state.reason)
+        return self._state.exception()
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """The remote traceback as text (frames cannot cross processes), or ``None``."""
+        return self.client._sync(self._traceback, timeout)
+
+    async def _traceback(self, timeout: float | None = None) -> str | None:  # noqa: ASYNC109
+        await _wait_state(self._state, timeout, self.key)
+        if self._state.status != "error":
+            return None
+        return self._state.tb_blob.decode(errors="replace") or None
+
+    def __await__(self) -> Any:
+        return self._result().__await__()
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Call ``fn(future)`` once done, in a separate thread (it may block)."""
+        self.client._add_done_callback(self, fn)
+
+    def cancel(self, force: bool = False, reason: str = "") -> Any:
+        return self.client.cancel([self], force=force, reason=reason)
+
+    def retry(self) -> Any:
+        return self.client.retry([self])
+
+    def release(self) -> None:
+        """Drop this handle; the key is released on the cluster when no handle is left."""
+        if not self._released:
+            self._released = True
+            self.client._detach(self.key)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: S110 - interpreter shutdown, closed loop: nothing to do
+            pass
+
+    # -- identity --------------------------------------------------------------------
+
+    def __dask_tokenize__(self) -> tuple[str, Any]:
+        return ("trioscheduler.Future", self.key)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a Future cannot be pickled on its own; pass it as an argument of submit/map "
+            "(it becomes a dependency) or gather its result first"
+        )
+
+    def __repr__(self) -> str:
+        if self._state.type_name:
+            return f"<Future: {self.status}, type: {self._state.type_name}, key: {self.key}>"
+        return f"<Future: {self.status}, key: {self.key}>"
+
+
+runspec.register_reference(Future, lambda f: f.key)
+
+
+async def _wait_state(state: KeyState, timeout: float | None, key: Any) -> None:  # noqa: ASYNC109
+    if state.done:
+        return
+    if timeout is None:
+        await state.wait()
+        return
+    with trio.move_on_after(timeout):
+        await state.wait()
+    if not state.done:
+        raise TimeoutError(f"future {key!r} was not done after {timeout} s")
+
+
+def futures_of(obj: Any) -> list[Future]:
+    """The futures inside ``obj`` (a future, or lists/tuples/sets/dicts nesting them)."""
+    out: list[Future] = []
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if type(x) is Future:
+            out.append(x)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+    out.reverse()
+    return out
+
+
+class DoneAndNotDoneFutures(NamedTuple):
+    done: set[Future]
+    not_done: set[Future]
+
+
+def wait(
+    fs: Future | Iterable[Future], timeout: float | None = None, return_when: str = ALL_COMPLETED
+) -> Any:
+    """Until all (or the first of) ``fs`` are done; ``(done, not_done)`` sets.
+
+    Raises ``TimeoutError`` after ``timeout`` seconds with ``ALL_COMPLETED``. With an
+    asynchronous client this returns an awaitable.
+    """
+    if timeout is not None and not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"timeout= must be a number of seconds, got {timeout!r}; "
+            "pass the futures as one list: wait([x, y, z])"
+        )
+    if return_when not in (ALL_COMPLETED, FIRST_COMPLETED):
+        raise ValueError(
+            f"return_when must be {ALL_COMPLETED!r} or {FIRST_COMPLETED!r}, got {return_when!r}"
+        )
+    futures = futures_of(fs)
+    if not futures:
+        return DoneAndNotDoneFutures(set(), set())
+    return futures[0].client._sync(_wait, futures, timeout, return_when)
+
+
+async def _wait(
+    futures: list[Future],
+    timeout: float | None,  # noqa: ASYNC109
+    return_when: str,
+) -> DoneAndNotDoneFutures:
+    with trio.move_on_after(float("inf") if timeout is None else timeout):
+        if return_when == ALL_COMPLETED:
+            for f in futures:
+                await f._state.wait()
+        elif not any(f._state.done for f in futures):
+            event = trio.Event()
+            for f in futures:
+                f._state.hooks.append(event.set)
+            try:
+                await event.wait()
+            finally:
+                for f in futures:
+                    if event.set in f._state.hooks:
+                        f._state.hooks.remove(event.set)
+    done = {f for f in futures if f._state.done}
+    not_done = {f for f in futures if not f._state.done}
+    if not_done and return_when == ALL_COMPLETED:
+        raise TimeoutError(
+            f"{len(not_done)} of {len(futures)} futures were not done after {timeout} s"
+        )
+    return DoneAndNotDoneFutures(done, not_done)

@@ -1,0 +1,422 @@
+"""The Scheduler shell: streams in, core events to ``SchedulerState``, effects out.
+
+Everything the scheduler *decides* lives in ``core.scheduler.SchedulerState``; this
+module only moves records. A connection says what it is with its first message:
+
+* ``AddWorker`` -- a worker's long-lived stream. Later messages are scheduler events
+  from that worker; the ``ToWorker`` effects for it go back on a batched sender. A
+  broken stream becomes ``RemoveWorker(expected=False)``.
+* ``AddClient`` -- a client's long-lived stream. Later messages are client events
+  (``UpdateGraph``, ``ClientReleasesKeys`` ...); ``ToClient`` effects go back batched.
+  The client ends with ``RemoveClient``; the scheduler answers by closing the stream, so
+  the client knows its keys were released. A dropped stream counts as ``RemoveClient``.
+* a ``dict`` with an ``"op"`` -- request/response RPC (``scheduler_info``, ``who_has``
+  ...), one reply per request, as long as the peer keeps the connection (pooled).
+
+``handle`` is synchronous and the effects are routed with ``send_nowait``, so one event
+is processed atomically with respect to every other trio task. The shell stamps each
+incoming event's ``now`` with its own clock: peers' clocks are not comparable.
+
+Anything malformed closes only the connection it came on, with a logged reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+import trio
+
+from trioscheduler import wire
+from trioscheduler.core import messages as m
+from trioscheduler.core.scheduler import SchedulerState
+
+__all__ = ["FIRE_AND_FORGET", "Scheduler"]
+
+logger = logging.getLogger("trioscheduler.scheduler")
+
+FIRE_AND_FORGET = "fire-and-forget"
+"""The client id that keeps ``fire_and_forget`` keys wanted until they are done."""
+
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_WORKER_EVENTS = frozenset(m.SCHEDULER_EVENTS) - {
+    m.AddClient, m.RemoveClient, m.UpdateGraph, m.UpdateData, m.ClientDesiresKeys,
+    m.ClientReleasesKeys, m.CancelKeys, m.RetryKeys, m.Tick, m.AddWorker,
+}  # fmt: skip
+_CLIENT_EVENTS = frozenset(
+    {
+        m.UpdateGraph,
+        m.UpdateData,
+        m.ClientDesiresKeys,
+        m.ClientReleasesKeys,
+        m.CancelKeys,
+        m.RetryKeys,
+        m.RemoveClient,
+    }
+)
+_DONE_FOR_CLIENT = (m.KeyInMemory, m.KeyErred, m.KeyCancelled)
+
+
+class ProtocolViolation(Exception):
+    """A peer sent something that does not belong on its connection."""
+
+
+def _addr(obj: Any) -> str:
+    """A worker address whether the core stores addresses or worker records."""
+    return obj if isinstance(obj, str) else str(obj.address)
+
+
+class Scheduler:
+    """``async with Scheduler(address) as s``: serve workers and clients until exit.
+
+    ``record`` (a path) appends every event handed to the core, as one msgpack
+    ``messages.dump(event)`` per record, for replay.
+    """
+
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:8786",
+        *,
+        worker_timeout: float = 30.0,
+        record: str | Path | None = None,
+        validate: bool = False,
+        tick_interval: float = 0.1,
+        batch_interval: float = 0.002,
+        allowed_failures: int = 3,
+        steal: bool = True,
+    ) -> None:
+        self._requested_address = address
+        self.state = SchedulerState(
+            worker_timeout=worker_timeout,
+            allowed_failures=allowed_failures,
+            steal=steal,
+            validate=validate,
+        )
+        self.tick_interval = tick_interval
+        self.batch_interval = batch_interval
+        self._record_path = Path(record) if record is not None else None
+        self._record_file: IO[bytes] | None = None
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._workers: dict[str, Any] = {}  # address -> batched sender
+        self._clients: dict[str, Any] = {}  # client id -> batched sender
+        self._workers_changed = trio.Event()
+        self._counter = itertools.count()
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self.address: str = ""
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Scheduler:
+        async with AsyncExitStack() as stack:
+            if self._record_path is not None:
+                self._record_file = stack.enter_context(self._record_path.open("ab"))
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            listener = await stack.enter_async_context(
+                wire.listen(
+                    self._requested_address,
+                    self._on_connection,
+                    role="scheduler",
+                    info={"type": "Scheduler"},
+                )
+            )
+            self.address = listener.address
+            self._feed(
+                m.AddClient(self._stimulus("scheduler-start"), trio.current_time(), FIRE_AND_FORGET)
+            )
+            self._nursery.start_soon(self._ticker)
+            logger.info("scheduler listening at %s", self.address)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        assert self._stack is not None and self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._stack.__aexit__(*exc_info)
+        finally:
+            if self._record_file is not None:
+                self._record_file.flush()
+            logger.info("scheduler at %s closed", self.address)
+
+    # -- the core ------------------------------------------------------------------
+
+    def _stimulus(self, kind: str) -> str:
+        return f"{kind}-{next(self._counter)}"
+
+    def _feed(self, *events: Any) -> None:
+        """Hand events to the core and carry out its effects (synchronously)."""
+        if self._record_file is not None:
+            write = self._record_file.write
+            for ev in events:
+                write(self._packer.pack(m.dump(ev)))
+        effects = self.state.handle(*events)
+        if effects:
+            self._route(effects)
+
+    def _route(self, effects: list[Any]) -> None:
+        follow_up: list[Any] = []
+        for eff in effects:
+            t = type(eff)
+            if t is m.ToWorker:
+                self._send(self._workers, eff.worker, eff.msg)
+            elif t is m.ToClient:
+                if eff.client == FIRE_AND_FORGET:
+                    if isinstance(eff.msg, _DONE_FOR_CLIENT):
+                        follow_up.append(eff.msg.key)
+                else:
+                    self._send(self._clients, eff.client, eff.msg)
+            elif t is m.CloseWorker:
+                self._send(self._workers, eff.worker, eff)
+            elif t is m.Log:
+                logger.log(_LOG_LEVELS.get(eff.level, logging.ERROR), "%s", eff.text)
+            else:
+                logger.error("unknown effect from the scheduler core: %r", eff)
+        if follow_up:
+            # Fire-and-forget keys are released once done (dask's rule, made here until
+            # the core does it itself).
+            self._feed(
+                m.ClientReleasesKeys(
+                    self._stimulus("fire-and-forget-done"),
+                    trio.current_time(),
+                    FIRE_AND_FORGET,
+                    follow_up,
+                )
+            )
+
+    @staticmethod
+    def _send(table: dict[str, Any], peer: str, msg: Any) -> None:
+        batched = table.get(peer)
+        if batched is None:
+            logger.debug("dropping %r for %s: not connected", type(msg).__name__, peer)
+            return
+        try:
+            batched.send_nowait(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            logger.debug("dropping %r for %s: stream closed", type(msg).__name__, peer)
+
+    def _notify_workers_changed(self) -> None:
+        self._workers_changed.set()
+        self._workers_changed = trio.Event()
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self.tick_interval)
+            before = len(self.state.workers)
+            self._feed(m.Tick(self._stimulus("tick"), trio.current_time()))
+            if len(self.state.workers) != before:  # the core timed a worker out
+                self._notify_workers_changed()
+
+    # -- connections ---------------------------------------------------------------
+
+    async def _on_connection(self, stream: Any) -> None:
+        peer = getattr(stream, "peer_address", None) or "?"
+        try:
+            try:
+                first = await stream.receive()
+            except trio.EndOfChannel:
+                return
+            t = type(first)
+            if t is m.AddWorker:
+                await self._serve_worker(stream, first)
+            elif t is m.AddClient:
+                await self._serve_client(stream, first)
+            elif t is dict and "op" in first:
+                await self._serve_rpc(stream, first)
+            else:
+                raise ProtocolViolation(f"unexpected first message {first!r:.200}")
+        except ProtocolViolation as exc:
+            logger.warning("closing connection from %s: %s", peer, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
+            pass
+        except Exception:
+            logger.exception("closing connection from %s after an error", peer)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _serve_worker(self, stream: Any, add: m.AddWorker) -> None:
+        addr = add.worker
+        if addr in self._workers:
+            raise ProtocolViolation(f"a worker at {addr} is already connected")
+        removed = False
+        reason = "stream closed"
+        async with wire.open_batched(stream, self.batch_interval) as batched:
+            self._workers[addr] = batched
+            try:
+                add.now = trio.current_time()
+                self._feed(add)
+                self._notify_workers_changed()
+                async for msg in stream:
+                    t = type(msg)
+                    if t not in _WORKER_EVENTS or msg.worker != addr:
+                        reason = f"protocol violation: {msg!r:.200}"
+                        raise ProtocolViolation(f"worker {addr} sent {msg!r:.200}")
+                    msg.now = trio.current_time()
+                    self._feed(msg)
+                    if t is m.RemoveWorker:
+                        removed = True
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                reason = f"connection lost: {exc!r}"
+            finally:
+                del self._workers[addr]
+                if not removed and addr in self.state.workers:
+                    self._feed(
+                        m.RemoveWorker(
+                            self._stimulus("worker-stream-closed"),
+                            trio.current_time(),
+                            addr,
+                            expected=False,
+                            reason=reason,
+                        )
+                    )
+                self._notify_workers_changed()
+
+    async def _serve_client(self, stream: Any, add: m.AddClient) -> None:
+        cid = add.client
+        if cid in self._clients or cid == FIRE_AND_FORGET:
+            raise ProtocolViolation(f"client id {cid!r} is already connected")
+        removed = False
+        async with wire.open_batched(stream, self.batch_interval) as batched:
+            self._clients[cid] = batched
+            try:
+                add.now = trio.current_time()
+                self._feed(add)
+                async for msg in stream:
+                    t = type(msg)
+                    if t not in _CLIENT_EVENTS or (
+                        msg.client != cid
+                        and not (t is m.ClientDesiresKeys and msg.client == FIRE_AND_FORGET)
+                    ):
+                        raise ProtocolViolation(f"client {cid} sent {msg!r:.200}")
+                    msg.now = trio.current_time()
+                    self._feed(msg)
+                    if t is m.RemoveClient:
+                        removed = True
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                del self._clients[cid]
+                if not removed:
+                    self._feed(
+                        m.RemoveClient(
+                            self._stimulus("client-stream-closed"), trio.current_time(), cid
+                        )
+                    )
+
+    async def _serve_rpc(self, stream: Any, request: dict[str, Any]) -> None:
+        while True:
+            op = request.get("op")
+            handler = self._rpc_handlers.get(op) if isinstance(op, str) else None
+            if handler is None:
+                reply: dict[str, Any] = {"status": "error", "text": f"unknown operation {op!r}"}
+            else:
+                try:
+                    reply = {"status": "OK", "result": await handler(self, request)}
+                except Exception as exc:
+                    logger.warning("rpc %r failed: %r", op, exc)
+                    reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
+            await stream.send(reply)
+            try:
+                request = await stream.receive()
+            except trio.EndOfChannel:
+                return
+            if type(request) is not dict:
+                raise ProtocolViolation(f"rpc request is not a dict: {request!r:.200}")
+
+    # -- RPC operations --------------------------------------------------------------
+
+    def _worker_info(self, addr: str, ws: Any) -> dict[str, Any]:
+        return {
+            "type": "Worker",
+            "id": getattr(ws, "name", None),
+            "name": getattr(ws, "name", None),
+            "nthreads": ws.nthreads,
+            "memory_limit": getattr(ws, "memory_limit", 0),
+            "resources": dict(getattr(ws, "resources", None) or {}),
+            "status": getattr(ws, "status", "running"),
+            "nanny": getattr(ws, "nanny", None),
+        }
+
+    async def _op_identity(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "Scheduler",
+            "address": self.address,
+            "workers": {
+                addr: self._worker_info(addr, ws) for addr, ws in self.state.workers.items()
+            },
+        }
+
+    async def _op_who_has(self, request: dict[str, Any]) -> list[list[Any]]:
+        tasks = self.state.tasks
+        keys = request.get("keys")
+        if keys is None:
+            keys = list(tasks)
+        out: list[list[Any]] = []
+        for key in keys:
+            ts = tasks.get(key)
+            holders = (
+                [_addr(w) for w in (getattr(ts, "who_has", None) or ())] if ts is not None else []
+            )
+            out.append([key, holders])
+        return out
+
+    async def _op_has_what(self, request: dict[str, Any]) -> dict[str, list[Any]]:
+        workers = request.get("workers") or list(self.state.workers)
+        out: dict[str, list[Any]] = {}
+        for addr in workers:
+            ws = self.state.workers.get(addr)
+            if ws is not None:
+                out[addr] = [getattr(ts, "key", ts) for ts in ws.has_what]
+        return out
+
+    async def _op_nthreads(self, request: dict[str, Any]) -> dict[str, int]:
+        workers = request.get("workers")
+        items = self.state.workers.items()
+        return {
+            addr: ws.nthreads
+            for addr, ws in items
+            if (not workers or addr in workers or getattr(ws, "name", None) in workers)
+            and getattr(ws, "status", "running") == "running"
+        }
+
+    async def _op_wait_for_workers(self, request: dict[str, Any]) -> int:
+        n = int(request.get("n_workers", 1))
+        while len(self.state.workers) < n:
+            await self._workers_changed.wait()
+        return len(self.state.workers)
+
+    async def _op_task_states(self, request: dict[str, Any]) -> list[list[Any]]:
+        """``[[key, state], ...]`` for ``keys`` (or all tasks): for tests and dashboards."""
+        tasks = self.state.tasks
+        keys = request.get("keys")
+        if keys is None:
+            keys = list(tasks)
+        return [[k, tasks[k].state if k in tasks else None] for k in keys]
+
+    _rpc_handlers: dict[str, Callable[[Scheduler, dict[str, Any]], Any]] = {
+        "identity": _op_identity,
+        "scheduler_info": _op_identity,
+        "who_has": _op_who_has,
+        "has_what": _op_has_what,
+        "nthreads": _op_nthreads,
+        "ncores": _op_nthreads,
+        "wait_for_workers": _op_wait_for_workers,
+        "task_states": _op_task_states,
+    }
+
+
+@asynccontextmanager
+async def open_scheduler(
+    address: str = "tcp://127.0.0.1:8786", **kwargs: Any
+) -> AsyncIterator[Scheduler]:
+    """``async with open_scheduler(...) as s`` -- the same as ``async with Scheduler(...)``."""
+    async with Scheduler(address, **kwargs) as s:
+        yield s
