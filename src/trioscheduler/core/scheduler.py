@@ -437,9 +437,7 @@ class SchedulerState:
         st = ts.state
         if st == "memory":
             if ws.address not in ts.who_has:
-                if nbytes:
-                    ts.nbytes = nbytes
-                tr.add_replica(self, ts, ws)
+                tr.add_replica(self, ts, ws)  # sized as the first copy: sums stay exact
         elif accept and st in ("released", "waiting", "no-worker"):
             self._recs.pop(key, None)
             ts.nbytes = nbytes
@@ -479,6 +477,7 @@ class SchedulerState:
             if spec.resources:
                 ts.resource_restrictions = dict(spec.resources)
             new.append((ts, spec.dependencies))
+        broken: list[TaskRecord] = []
         for ts, deps in new:
             missing: list[Key] = []
             for dk in deps:
@@ -498,7 +497,9 @@ class SchedulerState:
                 ts.traceback = b""
                 ts.exception_text = str(exc)
                 ts.exception_blame = ts.key
-                self._recs[ts.key] = "erred"
+                broken.append(ts)
+        for ts in broken:  # before wants are added, so dependents see them erred
+            self.transition(ts, "erred")
         for key in ev.keys:
             ts = tasks.get(key)
             if ts is None:

@@ -274,6 +274,8 @@ def released_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
 
 
 def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    if ts.wanted_by or ts.dependents:
+        return  # stale recommendation: somebody wants it again
     key = ts.key
     ts.state = "forgotten"
     tasks = s.tasks
@@ -423,6 +425,8 @@ def erred_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
 
 
 def erred_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    if ts.wanted_by or ts.dependents:
+        return  # stale recommendation: somebody wants it again
     _clear_error(ts)
     released_forgotten(s, ts, info)
 

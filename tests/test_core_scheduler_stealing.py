@@ -1,0 +1,262 @@
+"""Work stealing through the scheduler core, and a seeded random cluster run."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import pytest
+
+from test_core_scheduler import A, B, C, cluster, computes, ev, finished, spec, states
+from trioscheduler.core.messages import (
+    AcquireReplicas,
+    AddKeys,
+    AddWorker,
+    CloseWorker,
+    ComputeTask,
+    FreeKeys,
+    RemoveWorker,
+    RetireWorker,
+    StealRequest,
+    StealResponse,
+    TaskErred,
+    Tick,
+    ToWorker,
+    UpdateData,
+    UpdateGraph,
+    WorkerStatusChange,
+)
+from trioscheduler.core.scheduler import SchedulerState
+
+
+def steal_requests(effects: list[Any]) -> list[tuple[str, Any]]:
+    return [
+        (e.worker, e.msg.key)
+        for e in effects
+        if isinstance(e, ToWorker) and isinstance(e.msg, StealRequest)
+    ]
+
+
+def loaded(n: int = 6, **kw: Any) -> SchedulerState:
+    """A has one thread and ``n`` tasks; B (two threads) joins idle."""
+    s = cluster((A, 1))
+    s.handle(
+        ev(UpdateGraph, "c", [spec(f"t-{i}", **kw) for i in range(n)], [f"t-{i}" for i in range(n)])
+    )
+    s.handle(ev(AddWorker, B, 2))
+    return s
+
+
+def test_steal_accepted_refused_and_late() -> None:
+    s = loaded()
+    newest = list(reversed(s.workers[A].processing))
+    eff = s.handle(ev(Tick, now=1.0))
+    # last assigned first (least likely started), as many as B has free slots
+    assert steal_requests(eff) == [(A, newest[0]), (A, newest[1])]
+    first, second, third = newest[:3]
+    assert set(s.steals) == {first, second}
+    assert s.handle(ev(Tick, now=1.5)) == []  # B's slots are reserved meanwhile
+
+    eff = s.handle(ev(StealResponse, A, first, "ready"))
+    assert computes(eff) == [(B, first)]
+    assert states(s)[first] == "processing" and s.tasks[first].processing_on == B
+    assert s.story(first)[-1][1:3] == ("processing", "processing")
+
+    eff = s.handle(ev(StealResponse, A, second, "executing"))
+    assert eff == [] and s.tasks[second].processing_on == A
+
+    # late / duplicate / wrong-worker answers are ignored
+    assert s.handle(ev(StealResponse, A, first, "ready")) == []
+    assert s.handle(ev(StealResponse, B, third, "ready")) == []
+    assert s.tasks[first].processing_on == B and s.tasks[third].processing_on == A
+
+    eff = s.handle(ev(Tick, now=2.0))  # B has one free slot again
+    assert len(steal_requests(eff)) == 1
+
+
+def test_answer_after_task_finished_on_victim_is_ignored() -> None:
+    s = loaded()
+    s.handle(ev(Tick, now=1.0))
+    key = next(iter(s.steals))
+    s.handle(finished(A, key))
+    assert key not in s.steals and s.workers[B].incoming_steals == 1
+    assert s.handle(ev(StealResponse, A, key, "memory")) == []
+    assert states(s)[key] == "memory"
+
+
+def test_steal_to_thief_that_died_reschedules() -> None:
+    s = loaded()
+    s.handle(ev(Tick, now=1.0))
+    key = next(iter(s.steals))
+    s.handle(ev(RemoveWorker, B))
+    eff = s.handle(ev(StealResponse, A, key, "ready"))
+    assert computes(eff) == [(A, key)]
+    assert s.tasks[key].processing_on == A
+
+
+def test_victim_dies_with_pending_steal() -> None:
+    s = loaded()
+    s.handle(ev(Tick, now=1.0))
+    s.handle(ev(RemoveWorker, A))
+    assert s.steals == {} and s.workers[B].incoming_steals == 0
+    assert all(ts.processing_on == B for ts in s.tasks.values())
+
+
+def test_stealing_respects_restrictions() -> None:
+    s = loaded(workers=[A])
+    assert steal_requests(s.handle(ev(Tick, now=1.0))) == []
+    s2 = cluster()
+    s2.handle(ev(AddWorker, A, 1, resources={"GPU": 1}))
+    s2.handle(
+        ev(
+            UpdateGraph,
+            "c",
+            [spec(f"g-{i}", resources={"GPU": 1}) for i in range(4)],
+            [f"g-{i}" for i in range(4)],
+        )
+    )
+    s2.handle(ev(AddWorker, B, 2))
+    assert steal_requests(s2.handle(ev(Tick, now=1.0))) == []
+    s2.handle(ev(AddWorker, C, 2, resources={"GPU": 4}))
+    assert [w for w, _ in steal_requests(s2.handle(ev(Tick, now=2.0)))] == [A, A]
+    assert {p.thief for p in s2.steals.values()} == {C}
+
+
+def test_no_steal_when_transfer_costs_more_than_it_saves() -> None:
+    s = cluster((A, 1))
+    s.handle(ev(UpdateData, "c", {"big": [A]}, {"big": 10**9}))  # 10 s at 100 MB/s
+    s.handle(
+        ev(
+            UpdateGraph,
+            "c",
+            [spec(f"t-{i}", ("big",)) for i in range(6)],
+            [f"t-{i}" for i in range(6)],
+        )
+    )
+    s.handle(ev(AddWorker, B, 2))
+    assert steal_requests(s.handle(ev(Tick, now=1.0))) == []
+
+
+def test_steal_disabled() -> None:
+    s = cluster((A, 1), steal=False)
+    s.handle(ev(UpdateGraph, "c", [spec(f"t-{i}") for i in range(6)], [f"t-{i}" for i in range(6)]))
+    s.handle(ev(AddWorker, B, 2))
+    assert steal_requests(s.handle(ev(Tick, now=1.0))) == []
+
+
+def test_paused_worker_is_a_victim() -> None:
+    s = cluster((A, 2))
+    s.handle(ev(UpdateGraph, "c", [spec("t-0"), spec("t-1")], ["t-0", "t-1"]))
+    s.handle(ev(WorkerStatusChange, A, "paused"))
+    s.handle(ev(AddWorker, B, 2))
+    assert sorted(steal_requests(s.handle(ev(Tick, now=1.0)))) == [(A, "t-0"), (A, "t-1")]
+
+
+# ------------------------------------------------------------------ random cluster
+
+
+class FakeCluster:
+    """Just enough of the worker shells to run the scheduler core to completion."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.s = SchedulerState(validate=True, allowed_failures=100)
+        self.pending: dict[str, dict[Any, None]] = {}
+        self.steal_asks: list[tuple[str, Any]] = []
+        self.replicas: list[tuple[str, Any]] = []
+        self.n_workers = 0
+        self.now = 0.0
+
+    def send(self, *events: Any) -> None:
+        for e in self.s.handle(*events):
+            if isinstance(e, CloseWorker):
+                self.pending.pop(e.worker, None)
+            if not isinstance(e, ToWorker) or e.worker not in self.pending:
+                continue
+            msg = e.msg
+            if isinstance(msg, ComputeTask):
+                self.pending[e.worker][msg.key] = None
+            elif isinstance(msg, FreeKeys):
+                for k in msg.keys:
+                    self.pending[e.worker].pop(k, None)
+            elif isinstance(msg, StealRequest):
+                self.steal_asks.append((e.worker, msg.key))
+            elif isinstance(msg, AcquireReplicas):
+                self.replicas.extend((e.worker, k) for k in msg.who_has)
+
+    def add_worker(self) -> None:
+        self.n_workers += 1
+        addr = f"tcp://w{self.n_workers}"
+        self.pending[addr] = {}
+        self.send(ev(AddWorker, addr, self.rng.randint(1, 3), now=self.now))
+
+    def step(self, faults: bool) -> bool:
+        rng = self.rng
+        self.now += 0.1
+        busy = [w for w, p in self.pending.items() if p]
+        choice = rng.random()
+        if faults and choice < 0.05 and len(self.pending) > 1:
+            w = rng.choice(sorted(self.pending))
+            del self.pending[w]
+            self.send(ev(RemoveWorker, w, now=self.now))
+        elif faults and choice < 0.08:
+            self.add_worker()
+        elif faults and choice < 0.1 and len(self.pending) > 1:
+            self.send(ev(RetireWorker, rng.choice(sorted(self.pending)), now=self.now))
+        elif choice < 0.2:
+            self.send(ev(Tick, now=self.now))
+        elif self.steal_asks and choice < 0.35:
+            w, k = self.steal_asks.pop(rng.randrange(len(self.steal_asks)))
+            if w in self.pending:
+                ok = k in self.pending[w] and rng.random() < 0.5
+                if ok:
+                    del self.pending[w][k]
+                self.send(ev(StealResponse, w, k, "ready" if ok else "executing", now=self.now))
+        elif self.replicas and choice < 0.45:
+            w, k = self.replicas.pop()
+            if w in self.pending and k in self.s.tasks and self.s.tasks[k].state == "memory":
+                self.send(ev(AddKeys, w, {k: 1}, now=self.now))
+        elif busy:
+            w = rng.choice(busy)
+            k = rng.choice(list(self.pending[w]))
+            del self.pending[w][k]
+            if faults and rng.random() < 0.05:
+                self.send(ev(TaskErred, w, k, b"e", b"t", "flaky", now=self.now))
+            else:
+                self.send(finished(w, k, nbytes=rng.randint(1, 1000), now=self.now))
+        else:
+            return bool(self.steal_asks or self.replicas)
+        return True
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("SCHED_SEEDS", "12"))))
+def test_random_cluster_runs_to_completion(seed: int) -> None:
+    fc = FakeCluster(seed)
+    rng = fc.rng
+    for _ in range(3):
+        fc.add_worker()
+    keys: list[str] = []
+    for g in range(3):
+        layer: list[str] = []
+        specs = []
+        for i in range(30):
+            key = f"k{g}-{i}"
+            deps = rng.sample(keys[-20:], k=min(len(keys[-20:]), rng.randint(0, 3)))
+            specs.append(spec(key, tuple(deps), retries=5))
+            layer.append(key)
+        keys.extend(layer)
+        wanted = rng.sample(layer, 10)
+        fc.send(ev(UpdateGraph, f"c{g}", specs, wanted, now=fc.now))
+        for _ in range(150):
+            fc.step(faults=True)
+    if not fc.pending:
+        fc.add_worker()
+    for _ in range(20_000):
+        if not fc.step(faults=False):
+            break
+    s = fc.s
+    for cs in s.clients.values():
+        for key in cs.wants:
+            assert s.tasks[key].state in ("memory", "erred"), (key, s.tasks[key].state)
+    assert not s.unrunnable
