@@ -320,6 +320,8 @@ def _cull_and_sort(nodes: Mapping[Key, GraphNode], wanted: list[Key], known: Any
     for root in wanted:
         if root in done or root in known:
             continue
+        if root in nodes and _holds_own_future(nodes[root], root):
+            continue
         if root not in nodes:
             raise GraphError(
                 f"key {root!r} was asked for but is neither in the graph nor held on the "
@@ -338,6 +340,8 @@ def _cull_and_sort(nodes: Mapping[Key, GraphNode], wanted: list[Key], known: Any
                 node = nodes.get(dep)
                 if node is None:
                     raise MissingDependencyError(key, dep)
+                if type(node) is DataNode and _holds_own_future(node, dep):
+                    continue  # a persisted collection's {key: future}: on the cluster
                 active.add(dep)
                 stack.append((dep, iter(node.dependencies)))
                 break
@@ -347,6 +351,23 @@ def _cull_and_sort(nodes: Mapping[Key, GraphNode], wanted: list[Key], known: Any
                 done.add(key)
                 topo.append(key)
     return topo
+
+
+def _holds_own_future(node: GraphNode, key: Key) -> bool:
+    """Is ``node`` a future for ``key`` itself (how a persisted collection's graph looks)?
+
+    Such keys are on the cluster even if the caller forgot them in ``known_keys``;
+    emitting them would make a task that depends on itself.
+    """
+    if type(node) is not DataNode:
+        return False
+    value = node.value
+    cls = type(value)
+    return (
+        hasattr(cls, "add_done_callback")
+        and hasattr(cls, "done")
+        and getattr(value, "key", None) == key
+    )
 
 
 def _global_annotations(
