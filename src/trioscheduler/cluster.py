@@ -175,6 +175,7 @@ class LocalCluster:
         else:
             address = f"inproc://cluster-{os.getpid()}-{self._id}"
         self.status = "starting"
+        error: BaseException | None = None  # the block's own error, raised unwrapped
         try:
             async with Scheduler(address, worker_timeout=self.worker_timeout) as scheduler:
                 self.scheduler = scheduler
@@ -186,6 +187,8 @@ class LocalCluster:
                     logger.info("%r started", self)
                     try:
                         yield self
+                    except BaseException as exc:
+                        error = exc
                     finally:
                         self.status = "closing"
                         nursery.cancel_scope.cancel()  # every worker closes at once
@@ -194,6 +197,8 @@ class LocalCluster:
             self._stops.clear()
             self._nursery = None
             self.status = "closed"
+        if error is not None:
+            raise error
 
     def _make(self, name: str) -> Worker | Nanny:
         kwargs: dict[str, Any] = dict(

@@ -143,6 +143,7 @@ class Nanny:
 
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Nanny]:
+        error: BaseException | None = None  # the block's own error, raised unwrapped
         try:
             async with trio.open_nursery() as nursery:
                 first: trio.Event = trio.Event()
@@ -150,18 +151,23 @@ class Nanny:
                 nursery.start_soon(self._supervise, first, failure)
                 await first.wait()
                 if failure:
-                    raise failure[0]
-                self.status = "running"
-                try:
-                    yield self
-                finally:
-                    self._closing = True
-                    with trio.CancelScope(shield=True):
-                        await self._terminate(graceful=True)
+                    error = failure[0]  # raised from __aenter__, below
+                else:
+                    self.status = "running"
+                    try:
+                        yield self
+                    except BaseException as exc:
+                        error = exc
+                    finally:
+                        self._closing = True
+                        with trio.CancelScope(shield=True):
+                            await self._terminate(graceful=True)
                 nursery.cancel_scope.cancel()
         finally:
             self.status = "closed"
             self._closed.set()
+        if error is not None:
+            raise error
 
     # ----------------------------------------------------------------------------------
 
@@ -182,6 +188,24 @@ class Nanny:
         if self.host:
             cmd += ["--host", self.host]
         return cmd
+
+    def _child_env(self) -> dict[str, str]:
+        """The environment, plus our ``sys.path`` so that the worker imports what we import.
+
+        As with multiprocessing's spawn: a function from the user's script directory or
+        a test module pickles by reference and must load in the worker.
+        """
+        env = dict(os.environ if self.env is None else self.env)
+        prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+        extra = [
+            os.path.abspath(p or os.getcwd())
+            for p in sys.path
+            if not any(p.startswith(prefix) for prefix in prefixes if prefix) or not p
+        ]
+        if env.get("PYTHONPATH"):
+            extra.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(extra))
+        return env
 
     async def _supervise(self, first: trio.Event, failure: list[BaseException]) -> None:
         """Start the worker, wait for it to end, restart it, until the nanny closes."""
@@ -219,7 +243,7 @@ class Nanny:
                 pass_fds=(write_fd,),
                 stdin=subprocess.PIPE,
                 start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop the child
-                env=self.env,
+                env=self._child_env(),
             )
         except BaseException:
             os.close(read_fd)

@@ -194,6 +194,7 @@ class Worker:
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Worker]:
         self.store = memory.DataStore(self.local_directory)
+        error: BaseException | None = None  # the block's own error, raised unwrapped
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -217,6 +218,8 @@ class Worker:
                     )
                     try:
                         yield self
+                    except BaseException as exc:
+                        error = exc
                     finally:
                         with trio.CancelScope(shield=True):
                             await self._shutdown("worker closed", report=True)
@@ -225,6 +228,8 @@ class Worker:
             self.store.close()
             self.status = "closed"
             self._closed.set()
+        if error is not None:
+            raise error
 
     def _default_listen_address(self) -> str:
         scheme, _, _ = wire.parse_address(self.scheduler_address)

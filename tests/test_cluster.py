@@ -1,0 +1,179 @@
+"""LocalCluster and open_cluster: real worker processes, resilience, no leftover children."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import psutil
+import pytest
+import trio
+
+from trioscheduler.client import Client
+from trioscheduler.cluster import LocalCluster, default_sizes, open_cluster
+from trioscheduler.core.errors import KilledWorker
+from trioscheduler.nanny import Nanny
+from trioscheduler.runspec import RunSpecLoadError
+
+TIMEOUT = 60
+
+
+def worker_children() -> list[psutil.Process]:
+    """Our worker processes still alive (children of this test process)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "trioscheduler" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+async def wait_until(predicate: Any) -> None:
+    while not predicate():  # noqa: ASYNC110 - another component's state, no event to wait on
+        await trio.sleep(0.02)
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def slow_inc(x: int) -> int:
+    time.sleep(0.05)
+    return x + 1
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def test_default_sizes() -> None:
+    assert default_sizes(None, None, True, cores=2) == (2, 1)
+    assert default_sizes(None, None, True, cores=16) == (4, 4)
+    assert default_sizes(None, None, True, cores=12) == (4, 3)
+    assert default_sizes(None, None, False, cores=8) == (1, 8)
+    assert default_sizes(3, None, True, cores=8) == (3, 2)
+    assert default_sizes(None, 2, True, cores=8) == (4, 2)
+    assert default_sizes(5, 3, True, cores=2) == (5, 3)
+
+
+async def test_open_cluster_in_process_and_scale() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 1, processes=False) as cluster:
+            assert cluster.scheduler_address.startswith("inproc://")
+            assert len(cluster.workers) == 2
+            assert all(a.startswith("inproc://") for a in cluster.worker_addresses)
+            async with Client(cluster, asynchronous=True) as c:
+                assert await c.submit(sum, c.map(inc, range(10))) == 55
+                await cluster.scale(3)
+                assert len(cluster.workers) == 3
+                await wait_until(lambda: len(cluster.scheduler.state.workers) == 3)  # type: ignore[union-attr]
+                await cluster.scale(1)
+                assert len(cluster.workers) == 1
+                await wait_until(lambda: len(cluster.scheduler.state.workers) == 1)  # type: ignore[union-attr]
+                assert await c.submit(inc, 41) == 42
+        assert cluster.status == "closed" and not cluster.workers
+
+
+def test_sync_cluster_with_processes_leaves_no_child() -> None:
+    before = {p.pid for p in worker_children()}
+    with LocalCluster(2, 1, processes=True, memory_limit="500MiB") as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert len(cluster.workers) == 2 and all(
+            isinstance(n, Nanny) for n in cluster.workers.values()
+        )
+        assert len({p.pid for p in worker_children()} - before) == 2
+        with Client(cluster) as client:
+            futures = client.map(slow_inc, range(20))
+            assert client.submit(sum, futures).result(timeout=TIMEOUT) == sum(range(1, 21))
+    assert {p.pid for p in worker_children()} <= before
+    assert cluster.status == "closed"
+
+
+def test_failing_halfway_leaves_no_child() -> None:
+    before = {p.pid for p in worker_children()}
+    with pytest.raises(RuntimeError, match="halfway"):
+        with LocalCluster(2, 1, processes=True, memory_limit=0):
+            assert len({p.pid for p in worker_children()} - before) == 2
+            raise RuntimeError("the test failed halfway")
+    assert {p.pid for p in worker_children()} <= before
+
+
+async def test_nanny_failing_halfway_in_trio_leaves_no_child() -> None:
+    before = {p.pid for p in worker_children()}
+    with trio.fail_after(TIMEOUT), pytest.raises(RuntimeError, match="halfway"):
+        async with open_cluster(1, 1, processes=True, memory_limit=0) as cluster:
+            assert len(cluster.workers) == 1
+            raise RuntimeError("halfway")
+    assert {p.pid for p in worker_children()} <= before
+
+
+async def test_missing_module_on_worker(tmp_path: Any) -> None:
+    """A function from a module the workers cannot import errs with that reason."""
+    (tmp_path / "only_here_mod.py").write_text("def triple(x):\n    return 3 * x\n")
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(1, 1, processes=True, memory_limit=0) as cluster:
+            # the module becomes importable here only after the workers started
+            sys.path.insert(0, str(tmp_path))
+            try:
+                import only_here_mod  # type: ignore[import-not-found]
+
+                async with Client(cluster, asynchronous=True) as c:
+                    with pytest.raises(RunSpecLoadError, match="No module named 'only_here_mod'"):
+                        await c.submit(only_here_mod.triple, 2)
+                    assert await c.submit(inc, 1) == 2  # the worker is fine
+            finally:
+                sys.path.remove(str(tmp_path))
+                sys.modules.pop("only_here_mod", None)
+
+
+async def test_kill_9_mid_graph_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="trioscheduler")
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 1, processes=True, memory_limit=0) as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                first = c.map(slow_inc, range(40))
+                pairs = [c.submit(add, first[i], first[i + 1]) for i in range(0, 40, 2)]
+                total = c.submit(sum, pairs)
+                # kill one worker once some first-stage results live on it
+                await wait_until(lambda: sum(f.done() for f in first) >= 8)
+                assert not total.done()
+                victim = cluster.workers["0"]
+                assert isinstance(victim, Nanny) and victim.pid is not None
+                old_pid, old_address = victim.pid, victim.worker_address
+                os.kill(old_pid, signal.SIGKILL)
+                assert await total == sum(range(1, 41)) * 1  # sum of (x+1) over 0..39
+                # the nanny brought a new worker back
+                await wait_until(lambda: victim.restarts == 1 and victim.pid != old_pid)
+                await wait_until(lambda: len(cluster.scheduler.state.workers) == 2)  # type: ignore[union-attr]
+                assert old_address not in cluster.scheduler.state.workers  # type: ignore[union-attr]
+    text = caplog.text
+    assert old_address in text and "lost" in text  # the scheduler said why
+    assert "SIGKILL" in text  # the nanny said why
+
+
+def exit_worker(x: int) -> int:
+    os._exit(1)
+
+
+async def test_task_killing_its_worker_three_times_is_killedworker() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 1, processes=True, memory_limit=0) as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                good = c.map(slow_inc, range(10))
+                bad = c.submit(exit_worker, 1, key="suicidal")
+                with pytest.raises(KilledWorker) as info:
+                    await bad
+                assert info.value.key == "suicidal"
+                assert "suicidal" in str(info.value)
+                assert len(info.value.workers) == 3
+                assert all(w.startswith("tcp://") for w in info.value.workers)
+                assert [await f for f in good] == list(range(1, 11))
+                assert await c.submit(inc, 1, key="after") == 2
+                restarts = sum(n.restarts for n in cluster.workers.values())  # type: ignore[union-attr]
+                assert restarts >= 3
