@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -207,16 +208,141 @@ async def _exit_on_stdin_eof(scope: trio.CancelScope) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from trioscheduler.demo import run_demo
+def _pi_chunk(seed: int, samples: int) -> int:
+    """Monte Carlo: how many of ``samples`` random points fall inside the unit circle."""
+    import random
 
-    return int(
-        run_demo(
-            n_workers=args.workers,
-            threads_per_worker=args.threads,
-            processes=not args.no_processes,
-            ntasks=args.tasks,
-        )
+    rng = random.Random(seed)
+    rand = rng.random
+    return sum(1 for _ in range(samples) if rand() ** 2 + rand() ** 2 <= 1.0)
+
+
+def _collatz_longest(lo: int, hi: int) -> tuple[int, int]:
+    """``(steps, n)`` of the longest Collatz chain starting in ``[lo, hi)``."""
+    best = (0, lo)
+    for start in range(lo, hi):
+        n, steps = start, 0
+        while n != 1:
+            n = n // 2 if n % 2 == 0 else 3 * n + 1
+            steps += 1
+        best = max(best, (steps, start))
+    return best
+
+
+def _longest(*chains: tuple[int, int]) -> tuple[int, int]:
+    return max(chains)
+
+
+def _dask_compute(client: Any, obj: Any) -> Any:
+    """``obj`` computed on the cluster through dask's scheduler interface."""
+    from dask.base import compute
+
+    get = getattr(client, "get", None)
+    if get is not None:
+        return compute(obj, scheduler=get)[0]  # type: ignore[no-untyped-call]
+    # Without Client.get: submit the delayed graph's tasks as futures ourselves.
+    from dask.core import get_dependencies
+
+    graph = dict(obj.__dask_graph__())
+    done: dict[Any, Any] = {}
+    while len(done) < len(graph):
+        for key, task in graph.items():
+            if key in done:
+                continue
+            deps = get_dependencies(graph, key)
+            if all(d in done for d in deps):
+                done[key] = client.submit(_run_dask_task, task, {d: done[d] for d in deps})
+    return done[obj.key].result()
+
+
+def _run_dask_task(task: Any, deps: dict[Any, Any]) -> Any:
+    from dask.core import get
+
+    graph = {**deps, "__result__": task}
+    return get(graph, "__result__")
+
+
+def run_demo(
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    processes: bool = True,
+    ntasks: int = 2000,
+    samples: int = 4000,
+) -> int:
+    """Start a local cluster, run a futures workload and a dask graph, print timings."""
+    from dask.delayed import delayed
+    from tqdm import tqdm
+
+    from trioscheduler import as_completed
+    from trioscheduler.client import Client
+    from trioscheduler.cluster import LocalCluster
+
+    def sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, sigterm)
+    out = sys.stdout
+    t0 = time.perf_counter()
+    print("trioscheduler demo: starting a local cluster ...", file=out, flush=True)
+    with LocalCluster(n_workers, threads_per_worker, processes=processes) as cluster:
+        with Client(cluster) as client:
+            t_up = time.perf_counter() - t0
+            kind = "processes" if processes else "threads in this process"
+            print(
+                f"  {cluster.n_workers} workers x {cluster.threads_per_worker} thread(s) "
+                f"({kind}) at {cluster.scheduler_address}, up in {t_up:.2f} s",
+                file=out,
+                flush=True,
+            )
+
+            print(
+                f"[1/2] futures: estimate pi with {ntasks} Monte Carlo tasks", file=out, flush=True
+            )
+            t1 = time.perf_counter()
+            futures = client.map(_pi_chunk, range(ntasks), samples=samples)
+            with tqdm(total=ntasks, unit="task", file=sys.stderr, mininterval=0.2) as bar:
+                for _ in as_completed(futures):
+                    bar.update(1)
+            inside = client.submit(sum, futures).result()
+            dt1 = time.perf_counter() - t1
+            pi = 4 * inside / (ntasks * samples)
+            print(
+                f"  pi ~ {pi:.5f} from {ntasks * samples:,} samples: {dt1:.2f} s, "
+                f"{ntasks / dt1:,.0f} tasks/s",
+                file=out,
+                flush=True,
+            )
+            del futures
+
+            limit, chunk = 60_000, 1_000
+            print(
+                f"[2/2] dask.delayed: longest Collatz chain below {limit:,} "
+                f"({limit // chunk} tasks and a tree reduction)",
+                file=out,
+                flush=True,
+            )
+            t2 = time.perf_counter()
+            parts = [delayed(_collatz_longest)(lo, lo + chunk) for lo in range(1, limit, chunk)]
+            while len(parts) > 1:
+                parts = [delayed(_longest)(*parts[i : i + 4]) for i in range(0, len(parts), 4)]
+            steps, start = _dask_compute(client, parts[0])
+            dt2 = time.perf_counter() - t2
+            print(f"  {start:,} takes {steps} steps to reach 1: {dt2:.2f} s", file=out, flush=True)
+        t3 = time.perf_counter()
+    print(
+        f"cluster closed in {time.perf_counter() - t3:.2f} s; total {time.perf_counter() - t0:.2f} s",
+        file=out,
+        flush=True,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo(
+        n_workers=args.workers,
+        threads_per_worker=args.threads,
+        processes=not args.no_processes,
+        ntasks=args.tasks,
     )
 
 
@@ -230,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trioscheduler",
         description="A distributed task scheduler with the API of dask.distributed, on trio.",
     )
-    parser.add_argument("--log-level", default="info", help="logging level (default: info)")
+    parser.add_argument(
+        "--log-level", default=None, help="logging level (default: info; demo: warning)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("scheduler", help="run a scheduler")
@@ -282,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    level = args.log_level or ("warning" if args.command == "demo" else "info")
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
