@@ -363,3 +363,18 @@ def test_collection_persisted_on_foreign_futures_is_not_recomputed() -> None:
     tasks = graph_to_tasks(g2.graph, keys_wanted=g2.flat_keys, known_keys=set(memory))
     assert not {t.key for t in tasks} & set(memory)
     assert g2.per_collection(evaluate(tasks, memory)) == [3 * sum(range(12))]
+
+
+def test_high_level_graph_layer_annotations_are_read_for_get() -> None:
+    with dask.annotate(retries=4):
+        a = delayed(inc)(1, dask_key_name="a")
+    b = delayed(inc)(a, dask_key_name="b")
+    hlg = b.__dask_graph__()  # what Client.get receives from older dask code
+    tasks = {t.key: t for t in graph_to_tasks(hlg, keys_wanted=["b"])}
+    assert (tasks["a"].retries, tasks["b"].retries) == (4, 0)
+    assert local_get(hlg, ["b"]) == [3]
+
+
+def test_wanted_keys_already_on_the_cluster_emit_nothing() -> None:
+    dsk = {"a": 1, "b": (inc, "a")}
+    assert graph_to_tasks(dsk, keys_wanted=["b"], known_keys={"b"}) == []
