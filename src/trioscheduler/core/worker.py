@@ -99,6 +99,8 @@ class WorkerTask:
     previous: str | None = None  # cancelled/resumed: what is really running
     next: str | None = None  # resumed: what to become if that fails
     spillable: bool = True  # False after SpillFailed
+    # resumed after a transfer: the ComputeTask to carry out if the transfer fails
+    pending_compute: ComputeTask | None = None
 
     def __repr__(self) -> str:
         return f"<WorkerTask {self.key!r} {self.state}>"
@@ -230,8 +232,17 @@ class WorkerState:
         self._fetch_dirty = True
 
     def _set_who_has(self, ts: WorkerTask, holders: list[str]) -> None:
+        """Replace ``ts``'s holders; a queued fetch is queued for the new ones too.
+
+        The caller handles a fetch left with no holder (it becomes ``missing``).
+        """
         me = self.address
-        ts.who_has = {w for w in holders if w != me}
+        new = {w for w in holders if w != me}
+        if ts.state == "fetch" and new - ts.who_has:
+            ts.who_has = new
+            self._push_fetch(ts)
+        else:
+            ts.who_has = new
 
     # ------------------------------------------------------------------ memory bookkeeping
 
@@ -412,7 +423,7 @@ class WorkerState:
             dep = self._task(k)
             if dep.state != "memory":
                 holders = ev.who_has.get(k)
-                if holders is not None:
+                if holders or (holders is not None and dep.state != "fetch"):
                     self._set_who_has(dep, holders)
                 n = ev.nbytes.get(k)
                 if n is not None:
@@ -440,9 +451,11 @@ class WorkerState:
                 ToScheduler(TaskFinished(ev.stimulus_id, ev.now, self.address, ts.key, ts.nbytes))
             )
         # waiting / ready / constrained / executing / long-running: already on it
+        if finish == "resumed":
+            ts.pending_compute = ev  # inputs are looked at only if the transfer fails
+        elif finish == "waiting":
+            self._set_compute(ts, ev)
         if finish is not None:
-            if finish != "executing" and finish != "long-running":
-                self._set_compute(ts, ev)
             self._drain({ts: finish}, ev, out)
 
     def _on_free_keys(self, ev: FreeKeys, out: list[Any]) -> None:
@@ -490,8 +503,6 @@ class WorkerState:
             recs[ts] = "fetch"
         elif st == "cancelled":
             recs[ts] = "flight" if ts.previous == "flight" else "resumed"
-        elif st == "fetch":
-            self._push_fetch(ts)  # holders may be new
         elif st == "missing" and ts.who_has:
             recs[ts] = "fetch"
 
@@ -502,7 +513,8 @@ class WorkerState:
             ts.wanted = True
             if ts.state == "memory":
                 continue
-            self._set_who_has(ts, holders)
+            if holders or ts.state != "fetch":
+                self._set_who_has(ts, holders)
             n = ev.nbytes.get(key)
             if n is not None:
                 ts.nbytes = n
@@ -518,11 +530,8 @@ class WorkerState:
             self._set_who_has(ts, holders)
             if ts.state == "missing" and ts.who_has:
                 recs[ts] = "fetch"
-            elif ts.state == "fetch":
-                if ts.who_has:
-                    self._push_fetch(ts)
-                else:
-                    recs[ts] = "missing"
+            elif ts.state == "fetch" and not ts.who_has:
+                recs[ts] = "missing"
         self._drain(recs, ev, out)
 
     def _on_execute_success(self, ev: ExecuteSuccess, out: list[Any]) -> None:
@@ -613,26 +622,28 @@ class WorkerState:
             # nothing asked: a stale answer; do not leak the values
             out.extend(DeleteData(key) for key in arrived)
             return
+        # cancelled transfers end first, so that no transition below mistakes one
+        # for a transfer still running (and "uncancels" it)
+        ordered = sorted(batch, key=_serial)
         recs: Recs = {}
-        for ts in sorted(batch, key=_serial):
+        for ts in ordered:
+            if ts.state == "cancelled":
+                if ts.key in arrived:
+                    out.append(DeleteData(ts.key))
+                recs[ts] = "released"
+        self._drain(recs, ev, out)
+        for ts in ordered:
             st = ts.state
+            if st != "flight" and st != "resumed":
+                continue
             n = arrived.get(ts.key)
             if n is not None:
                 ts.nbytes = n
-                if st == "cancelled":
-                    out.append(DeleteData(ts.key))
-                    recs[ts] = "released"
-                else:  # flight / resumed
-                    recs[ts] = "memory"
+                recs[ts] = "memory"
             else:
                 ts.who_has.discard(peer)
                 ts.errant_peer = peer
-                if st == "cancelled":
-                    recs[ts] = "released"
-                elif st == "resumed":
-                    recs[ts] = "waiting"
-                else:
-                    recs[ts] = "fetch"
+                recs[ts] = "waiting" if st == "resumed" else "fetch"
         self._drain(recs, ev, out)
 
     def _on_gather_success(self, ev: GatherDepSuccess, out: list[Any]) -> None:
@@ -645,14 +656,16 @@ class WorkerState:
         recs: Recs = {}
         for key, n in ev.data.items():
             ts = self._task(key)
-            ts.wanted = True
             st = ts.state
             if st == "memory":
+                ts.wanted = True
                 self._resize(ts, n)
             elif st in ("released", "fetch", "missing"):
+                ts.wanted = True
                 ts.nbytes = n
                 recs[ts] = "memory"
-            # other states: the key is being computed or fetched; that copy wins
+            else:  # being computed or fetched here: that copy wins, drop the scattered one
+                out.append(DeleteData(key))
         self._drain(recs, ev, out)
 
     def _on_memory_measured(self, ev: MemoryMeasured, out: list[Any]) -> None:

@@ -43,7 +43,6 @@ def validate_worker(ws: WorkerState) -> None:
     executing: set[WorkerTask] = set()
     long_running: set[WorkerTask] = set()
     memory_keys = set()
-    pending_inputs: set[WorkerTask] = set()
     held: dict[str, float] = {}
     for key, ts in tasks.items():
         st = ts.state
@@ -62,7 +61,6 @@ def validate_worker(ws: WorkerState) -> None:
             assert (st == "resumed") == (ts.next is not None), ts
             if st == "resumed":
                 assert ts.next == ("waiting" if ts.previous == "flight" else "fetch"), ts
-            pending_inputs.update(ts.dependencies)
         else:
             assert ts.previous is None and ts.next is None, (ts, ts.previous, ts.next)
         if st == "memory":
@@ -95,9 +93,8 @@ def validate_worker(ws: WorkerState) -> None:
         for dt in ts.dependents:
             assert ts in dt.dependencies and is_active(dt), (ts, dt)
         if st == "released":
-            assert ts.dependents or ts in pending_inputs or _pending(ws, ts), (
-                f"{ts} is released but kept"
-            )
+            assert ts.dependents, f"{ts} is released but kept"
+        assert (ts.pending_compute is not None) == (st == "resumed" and ts.next == "waiting"), ts
     # index sets agree with the states
     assert ws.executing == executing, (ws.executing, executing)
     assert ws.long_running == long_running, (ws.long_running, long_running)
@@ -133,12 +130,3 @@ def validate_worker(ws: WorkerState) -> None:
     assert ws.status in ("running", "paused"), ws.status
     if ws.status == "paused":
         assert ws._starts == 0, "a paused worker started a task or a transfer"
-
-
-def _pending(ws: WorkerState, ts: WorkerTask) -> bool:
-    """A released input of a transfer-then-compute (resumed) task is legitimately kept."""
-    return any(
-        ts in other.dependencies
-        for other in ws.tasks.values()
-        if other.state in ("cancelled", "resumed")
-    )

@@ -96,11 +96,13 @@ def _detach(ws: WorkerState, ts: WorkerTask, recs: Recs) -> None:
     for dep in ts.dependencies:
         dependents = dep.dependents
         dependents.pop(ts, None)
-        if dependents or dep.wanted:
+        if dependents:
             continue
         st = dep.state
         if st == "released":
             recs[dep] = "forgotten"
+        elif dep.wanted:
+            continue
         elif st == "flight":
             recs[dep] = "cancelled"
         elif st in DATA_STATES:
@@ -108,14 +110,6 @@ def _detach(ws: WorkerState, ts: WorkerTask, recs: Recs) -> None:
         elif st == "resumed" and dep.next == "fetch":
             recs[dep] = "cancelled"
     ts.dependencies = []  # done with its inputs: hold no references to forgotten tasks
-
-
-def _forget_unused_inputs(ts: WorkerTask, recs: Recs) -> None:
-    """Inputs noted for a computation that will not run here (it arrived by transfer)."""
-    for dep in ts.dependencies:
-        if dep.state == "released" and not dep.dependents:
-            recs[dep] = "forgotten"
-    ts.dependencies = []
 
 
 def _after_release(ts: WorkerTask, recs: Recs) -> Recs:
@@ -369,10 +363,9 @@ def cancelled_released(
     if ts.previous == "flight":
         ts.coming_from = None
         ts.previous = None
+        ts.pending_compute = None
         _set(ws, ts, "released", stim, now)
-        recs: Recs = {}
-        _forget_unused_inputs(ts, recs)
-        return _after_release(ts, recs)
+        return _after_release(ts, {})
     return running_released(ws, ts, stim, now, out)
 
 
@@ -398,6 +391,7 @@ def resumed_cancelled(
     ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
 ) -> None:
     ts.next = None
+    ts.pending_compute = None
     _set(ws, ts, "cancelled", stim, now)
 
 
@@ -407,8 +401,8 @@ def resumed_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: 
     ts.previous = ts.next = None
     if prev == "flight":
         ts.coming_from = None
+        ts.pending_compute = None
         recs = _enter_memory(ws, ts, stim, now)
-        _forget_unused_inputs(ts, recs)
         out.append(
             ToScheduler(TaskFinished(stim, now, ws.address, ts.key, ts.nbytes, "", now, now))
         )
@@ -428,6 +422,9 @@ def resumed_next(
     ts.previous = ts.next = None
     if prev == "flight":
         ts.coming_from = None
+        assert ts.pending_compute is not None
+        ws._set_compute(ts, ts.pending_compute)
+        ts.pending_compute = None
         return _enter_waiting(ws, ts, stim, now)
     _leave_thread(ws, ts)
     recs: Recs = {}

@@ -1,0 +1,164 @@
+"""Spill, unspill and pause: the worker core's memory decisions as instruction lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trioscheduler.core import memory_policy as mp
+from trioscheduler.core.messages import (
+    ComputeTask,
+    DeleteData,
+    Execute,
+    ExecuteSuccess,
+    FreeKeys,
+    MemoryMeasured,
+    Spill,
+    SpillFailed,
+    TaskFinished,
+    ToScheduler,
+    Unspill,
+    WorkerStatusChange,
+    WorkerUpdateData,
+)
+from trioscheduler.core.worker import WorkerState
+
+W = "w0"
+
+
+def ws_(**kw: Any) -> WorkerState:
+    kw.setdefault("validate", True)
+    kw.setdefault("memory_limit", 1000)
+    return WorkerState(W, **kw)
+
+
+def compute(key: Any, deps: list[Any] = (), prio: tuple[Any, ...] = (0,)) -> ComputeTask:  # type: ignore[assignment]
+    return ComputeTask("c", 1.0, key, b"f", list(deps), {}, {}, prio)
+
+
+def scatter(**data: int) -> WorkerUpdateData:
+    return WorkerUpdateData("u", 1.0, dict(data))
+
+
+def measured(pm: int) -> MemoryMeasured:
+    return MemoryMeasured("m", 5.0, pm)
+
+
+# ----------------------------------------------------------------------------- the pure policy
+
+
+def test_thresholds_from_fractions() -> None:
+    th = mp.MemoryThresholds.from_fractions(1000, 0.6, 0.7, 0.8)
+    assert (th.target, th.spill, th.pause) == (600, 700, 800)
+    off = mp.MemoryThresholds.from_fractions(0, 0.6, 0.7, 0.8)
+    assert (off.target, off.spill, off.pause) == (None, None, None)
+    assert mp.MemoryThresholds.from_fractions(1000, None, 0.7, None).target is None
+
+
+def test_policy_numbers() -> None:
+    th = mp.MemoryThresholds.from_fractions(1000, 0.6, 0.7, 0.8)
+    assert mp.target_excess(600, th) == 0 and mp.target_excess(650, th) == 50
+    assert mp.process_excess(700, th) == 0 and mp.process_excess(750, th) == 150
+    assert not mp.should_pause(800, th) and mp.should_pause(801, th)
+    no_target = mp.MemoryThresholds.from_fractions(1000, None, 0.7, 0.8)
+    assert mp.process_excess(750, no_target) == 50
+    lru = [("a", 10), ("b", 20), ("c", 30)]
+    assert mp.choose_spill(iter(lru), 25) == ["a", "b"]
+    assert mp.choose_spill(iter(lru), 25, exclude={"a"}) == ["b", "c"]
+    assert mp.choose_spill(iter(lru), 1000) == ["a", "b", "c"]
+    assert mp.choose_spill(iter(lru), 0) == []
+
+
+# ----------------------------------------------------------------------------- spilling
+
+
+def test_spill_at_target_in_lru_order() -> None:
+    ws = ws_()
+    assert ws.handle(scatter(a=200, b=200, c=200)) == []  # 600 is not above target
+    assert ws.handle(scatter(d=100)) == [Spill("a")]
+    assert ws.in_memory == {"b", "c", "d"} and ws.spilled == {"a"}
+    assert (ws.memory_bytes, ws.spilled_bytes, ws.managed_bytes) == (500, 200, 700)
+    # one big value pushes out several, oldest first
+    assert ws.handle(scatter(e=350)) == [Spill("b"), Spill("c")]
+    assert ws.memory_bytes == 450
+
+
+def test_reading_a_key_makes_it_recent() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(a=200, b=200, c=150))
+    ws.handle(compute("x", ["a"]))  # a is read: now the most recent
+    out = ws.handle(ExecuteSuccess("d", 2.0, "x", 100))
+    assert out == [ToScheduler(TaskFinished("d", 2.0, W, "x", 100)), Spill("b")]
+
+
+def test_unspill_before_execute() -> None:
+    ws = ws_()
+    ws.handle(scatter(a=300, b=300))
+    assert ws.handle(scatter(c=100)) == [Spill("a")]
+    out = ws.handle(compute("x", ["a"]))
+    # a comes back (and is not pushed out again for x); b is spilled to make room
+    assert out == [Unspill("a"), Execute("x", b"f"), Spill("b")]
+    assert ws.spilled == {"b"} and ws.in_memory == {"a", "c"}
+
+
+def test_no_limit_no_spill() -> None:
+    ws = ws_(memory_limit=0)
+    assert ws.handle(scatter(a=10**12)) == []
+    assert ws.handle(measured(10**13)) == []
+
+
+def test_free_spilled_key() -> None:
+    ws = ws_()
+    ws.handle(scatter(a=500, b=200))
+    assert ws.spilled == {"a"}
+    assert ws.handle(FreeKeys("f", 2.0, ["a"])) == [DeleteData("a")]
+    assert ws.spilled_bytes == 0 and ws.managed_bytes == 200
+
+
+def test_spill_failed_keeps_key_and_never_retries() -> None:
+    ws = ws_()
+    ws.handle(scatter(a=400, b=300))
+    assert ws.spilled == {"a"}
+    # a cannot be pickled: back in memory for good; the next one goes instead
+    assert ws.handle(SpillFailed("sf", 2.0, "a", "unpicklable")) == [Spill("b")]
+    assert ws.in_memory == {"a"} and not ws.tasks["a"].spillable
+    assert ws.handle(scatter(c=300)) == [Spill("c")]
+    assert ws.handle(measured(990)) == [
+        ToScheduler(WorkerStatusChange("m", 5.0, W, "paused"))
+    ]  # nothing spillable left: only pausing helps
+    assert ws.in_memory == {"a"}
+
+
+def test_spill_on_process_memory() -> None:
+    ws = ws_()
+    ws.handle(scatter(a=100, b=100, c=100))
+    assert ws.handle(measured(700)) == []  # at the spill threshold, not above
+    # 750 is 150 above target: a and b go
+    assert ws.handle(measured(750)) == [Spill("a"), Spill("b")]
+
+
+def test_pause_and_unpause() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(compute("x"))
+    out = ws.handle(measured(850))
+    assert out == [ToScheduler(WorkerStatusChange("m", 5.0, W, "paused"))]
+    assert ws.status == "paused"
+    # nothing starts while paused, even when a slot frees up
+    assert ws.handle(compute("y")) == []
+    assert ws.handle(ExecuteSuccess("d", 6.0, "x", 1)) == [
+        ToScheduler(TaskFinished("d", 6.0, W, "x", 1))
+    ]
+    # still above pause; above spill too, so the one value goes to disk
+    assert ws.handle(measured(820)) == [Spill("x")]
+    out = ws.handle(measured(500))
+    assert out == [ToScheduler(WorkerStatusChange("m", 5.0, W, "running")), Execute("y", b"f")]
+    assert ws.status == "running"
+
+
+def test_paused_worker_fetches_nothing() -> None:
+    ws = ws_()
+    ws.handle(measured(900))
+    out = ws.handle(ComputeTask("c", 1.0, "y", b"f", ["a"], {"a": ["w1"]}, {"a": 5}, (0,)))
+    assert out == []
+    assert ws.tasks["a"].state == "fetch"
+    out = ws.handle(measured(100))
+    assert out[-1].__class__.__name__ == "GatherDep"

@@ -1,0 +1,51 @@
+"""The worker core is pure and lean: no forbidden imports, no ``__dict__`` anywhere."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import trioscheduler.core as core_pkg
+from trioscheduler.core import memory_policy, messages
+from trioscheduler.core.worker import WorkerState, WorkerTask
+
+FORBIDDEN = {"trio", "anyio", "socket", "threading", "time", "random", "asyncio"}
+CORE = Path(core_pkg.__file__).parent
+WORKER_MODULES = ["worker.py", "worker_transitions.py", "worker_invariants.py", "memory_policy.py"]
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CORE.glob("*.py")))
+def test_core_imports_no_io_clock_or_randomness(name: str) -> None:
+    bad = _imported_roots(CORE / name) & FORBIDDEN
+    assert not bad, f"core/{name} imports {sorted(bad)}: time and randomness arrive as events"
+
+
+@pytest.mark.parametrize("name", WORKER_MODULES)
+def test_worker_modules_exist_and_are_pure(name: str) -> None:
+    assert (CORE / name).exists()
+    assert not _imported_roots(CORE / name) & FORBIDDEN
+
+
+def test_worker_records_have_no_dict() -> None:
+    ws = WorkerState("w", memory_limit=100)
+    ts = WorkerTask("k", 1)
+    th = memory_policy.MemoryThresholds(1, 1, 1, 1)
+    for obj in (ws, ts, th):
+        assert not hasattr(obj, "__dict__"), type(obj).__name__
+
+
+@pytest.mark.parametrize("cls", messages.WORKER_EVENTS + messages.ALL_MESSAGES, ids=str)
+def test_messages_have_no_dict(cls: type) -> None:
+    assert "__slots__" in cls.__dict__ and "__dict__" not in dir(cls), cls.__name__
