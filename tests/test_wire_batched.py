@@ -104,17 +104,22 @@ async def test_sending_to_a_lost_peer_raises(transport: str) -> None:
                         await trio.sleep(0.002)
 
 
-async def test_unserializable_message_raises_where_it_is_sent(
-    transport: str, inbox: tuple[str, trio.MemoryReceiveChannel[object]]
+async def test_unserializable_messages_are_dropped_and_logged(
+    transport: str,
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     if transport == "inproc":
         pytest.skip("in-process messages are not serialized")
     address, recv = inbox
     async with await connect(address) as stream, open_batched(stream) as batched:
         with pytest.raises(SerializationError):
-            batched.send_nowait({"lock": threading.Lock()})
-        batched.send_nowait("fine")
-        assert await take(recv, 1) == ["fine"]
+            await batched.send({"lock": threading.Lock()})  # awaited: raises right here
+        batched.send_nowait("before")
+        batched.send_nowait({"lock": threading.Lock()})  # queued: dropped at flush, logged
+        batched.send_nowait("after")
+        assert await take(recv, 2) == ["before", "after"]
+    assert any("cannot be serialized" in r.getMessage() for r in caplog.records)
 
 
 async def test_errors_in_the_block_propagate_unwrapped(

@@ -1,14 +1,17 @@
 """Batched sending: many small messages to one peer become one write.
 
-Per-message overhead (a system call, a scheduler round) is what limits a Python
-scheduler, so the shells queue messages with ``send_nowait`` and a background task
-writes everything pending every ``interval`` seconds, as dask's ``BatchedSend`` does.
-The receiver needs nothing special: a TCP batch is just messages back to back, and
-``stream.receive()`` returns them one by one, in order.
+Per-message overhead (a system call, a trio schedule point, a msgpack call) is what
+limits a Python scheduler, so the shells queue messages with ``send_nowait`` and a
+background task writes everything pending every ``interval`` seconds, as dask's
+``BatchedSend`` does. Over TCP the whole batch is serialized by one msgpack call; the
+receiving stream hands the messages out one by one, in order, so receivers cannot tell
+batched from unbatched sends.
 
-Messages are serialized inside ``send_nowait``, so an unserializable message raises
-where it was made, and the pending byte count is known: once it reaches
-``large_bytes`` the batch goes out at once instead of waiting for the interval.
+``send_nowait`` does not serialize (that is the point): a message that cannot be
+serialized is found at flush time, logged and dropped, and the rest of its batch is
+still sent. ``await send(msg)`` checks its message first and raises at the call site.
+A message that carries a large buffer (``nbytes`` or ``len`` of the message or of its
+top-level items at least ``large_bytes``) is flushed at once instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,18 +22,40 @@ from typing import Any, Final
 
 import trio
 
-from trioscheduler.wire.stream import Stream
+from trioscheduler.wire.serialize import SerializationError, dumps
+from trioscheduler.wire.stream import Stream, logger
 
-#: Pending bytes that flush the batch without waiting for the interval.
+#: A message carrying this many bytes flushes the batch without waiting for the interval.
 LARGE_BYTES: Final = 256 * 1024
+_BUFFERS: Final = (bytes, bytearray, memoryview)
+
+
+def _large(msg: Any, threshold: int) -> bool:
+    """Cheap look for a big buffer at the top of ``msg`` (no full walk: hot path)."""
+    t = type(msg)
+    if t is dict:
+        items: Any = msg.values()
+    elif t is list or t is tuple:
+        items = msg
+    else:
+        items = (msg,)
+    for x in items:
+        if type(x) in _BUFFERS:
+            if len(x) >= threshold:
+                return True
+        else:
+            nbytes = getattr(x, "nbytes", 0)
+            if type(nbytes) is int and nbytes >= threshold:
+                return True
+    return False
 
 
 class BatchedSend:
-    """Queue of encoded messages for one stream; made by ``open_batched``."""
+    """Queue of messages for one stream; made by ``open_batched``."""
 
     __slots__ = (
-        "stream", "interval", "large_bytes", "_pending", "_pending_bytes", "_has_pending",
-        "_urgent", "_write_lock", "_error", "_closed", "messages_sent", "batches_sent",
+        "stream", "interval", "large_bytes", "_pending", "_has_pending", "_urgent",
+        "_write_lock", "_error", "_closed", "messages_sent", "batches_sent",
     )  # fmt: skip
 
     def __init__(self, stream: Stream, interval: float, large_bytes: int) -> None:
@@ -38,7 +63,6 @@ class BatchedSend:
         self.interval = interval
         self.large_bytes = large_bytes
         self._pending: list[Any] = []
-        self._pending_bytes = 0
         self._has_pending = trio.Event()
         self._urgent = trio.Event()
         self._write_lock = trio.StrictFIFOLock()
@@ -55,17 +79,18 @@ class BatchedSend:
             ) from self._error
         if self._closed:
             raise trio.ClosedResourceError("this batched sender was closed")
-        encoded, nbytes = self.stream._encode(msg)
-        self._pending.append(encoded)
+        self._pending.append(msg)
         if not self._has_pending.is_set():
             self._has_pending.set()
-        if nbytes:
-            self._pending_bytes += nbytes
-            if self._pending_bytes >= self.large_bytes and not self._urgent.is_set():
-                self._urgent.set()
+        if _large(msg, self.large_bytes):
+            self._urgent.set()
 
     async def send(self, msg: Any) -> None:
-        """Queue ``msg`` and write it (with everything queued before it) now."""
+        """Queue ``msg`` and write it (with everything queued before it) now.
+
+        Raises ``SerializationError`` here if ``msg`` cannot be serialized.
+        """
+        dumps(msg)
         self.send_nowait(msg)
         await self.flush()
 
@@ -74,16 +99,34 @@ class BatchedSend:
         async with self._write_lock:
             if not self._pending:
                 return
-            batch, self._pending, self._pending_bytes = self._pending, [], 0
+            batch, self._pending = self._pending, []
             self._has_pending = trio.Event()
             self._urgent = trio.Event()
             try:
-                await self.stream._send_encoded(batch)
+                try:
+                    await self.stream._send_batch(batch)
+                except SerializationError:
+                    batch = self._drop_unserializable(batch)
+                    await self.stream._send_batch(batch)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 self._error = e
                 raise
             self.messages_sent += len(batch)
             self.batches_sent += 1
+
+    def _drop_unserializable(self, batch: list[Any]) -> list[Any]:
+        good = []
+        for msg in batch:
+            try:
+                dumps(msg)
+            except SerializationError as e:
+                logger.error(
+                    "dropped a message to %s that cannot be serialized: %s",
+                    self.stream.peer_address, e,
+                )  # fmt: skip
+            else:
+                good.append(msg)
+        return good
 
     async def _run(self) -> None:
         while True:

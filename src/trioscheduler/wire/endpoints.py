@@ -30,7 +30,7 @@ from trioscheduler.wire.stream import (
     Stream,
     logger,
 )
-from trioscheduler.wire.tcp import MAX_FRAME_BYTES, TCPStream, set_nodelay
+from trioscheduler.wire.tcp import MAX_FRAME_BYTES, TCPStream, adopt, set_nodelay
 
 Handler = Callable[[Stream], Awaitable[None]]
 
@@ -202,7 +202,7 @@ async def _accept_loop(listener: Listener, sock: trio.socket.SocketType, max_fra
                 continue
             raise
         set_nodelay(conn)
-        stream = TCPStream(conn, listener.address, tcp_address(addr[0], addr[1]), max_frame_bytes)
+        stream = TCPStream(adopt(conn), listener.address, tcp_address(addr[0], addr[1]), max_frame_bytes)
         nursery.start_soon(listener._serve, stream)
 
 
@@ -255,7 +255,7 @@ async def _connect_tcp(
     max_frame_bytes: int,
 ) -> TCPStream:
     socket_stream = await trio.open_tcp_stream(host, port)  # sets TCP_NODELAY
-    sock = socket_stream.socket
+    sock = adopt(socket_stream.socket)
     local = sock.getsockname()
     stream = TCPStream(sock, tcp_address(local[0], local[1]), address, max_frame_bytes)
     try:

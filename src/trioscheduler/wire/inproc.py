@@ -54,6 +54,9 @@ class InprocStream(Stream):
     def _encode(self, msg: Any) -> tuple[Any, int]:
         return msg, 0
 
+    async def _send_batch(self, msgs: list[Any]) -> None:
+        await self._send_encoded(msgs)
+
     async def _send_encoded(self, encoded: Sequence[Any]) -> None:
         send = self._send
         for msg in encoded:

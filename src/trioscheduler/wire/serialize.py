@@ -46,11 +46,13 @@ _BYTES: Final = 3  # payload: frame index (u32)
 _BYTEARRAY: Final = 4
 _MEMORYVIEW: Final = 5
 _PICKLE: Final = 6  # payload: first frame index, number of frames (u32, u32)
+_BATCH: Final = 7  # empty payload: marker heading a top-level array of messages
 
 _U32: Final = struct.Struct("<I")
 _U32x2: Final = struct.Struct("<II")
 _TUPLE_EXT: Final = msgpack.ExtType(_TUPLE, b"")
 _RECORD_EXT: Final = msgpack.ExtType(_RECORD, b"")
+_BATCH_EXT: Final = msgpack.ExtType(_BATCH, b"")
 _RECORD_TYPES: Final = messages._FIELDS
 
 
@@ -71,6 +73,13 @@ class _Marker:
 
 _TUPLE_MARK: Final = _Marker("tuple")
 _RECORD_MARK: Final = _Marker("record")
+_BATCH_MARK: Final = _Marker("batch")
+
+
+class Batch(list[Any]):
+    """What ``loads`` returns for ``dumps_batch`` frames: the messages, in order."""
+
+    __slots__ = ()
 
 
 def _pickle(obj: Any, frames: list[Frame]) -> msgpack.ExtType:
@@ -186,6 +195,19 @@ def dumps(msg: Any) -> list[Frame]:
 _PLAIN_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 
 
+def dumps_batch(msgs: list[Any]) -> list[Frame]:
+    """Frames carrying all of ``msgs`` at once; ``loads`` gives back a ``Batch`` of them.
+
+    One msgpack call for the whole batch is what makes small messages cheap (a few
+    hundred nanoseconds each instead of microseconds).
+    """
+    batch = [_BATCH_EXT, *msgs]
+    frames = _pack(batch, walk_bytes=False)
+    if len(frames[0]) >= OUT_OF_BAND_BYTES:
+        return _pack(batch, walk_bytes=True)
+    return frames
+
+
 class _Decoder:
     __slots__ = ("frames",)
 
@@ -197,6 +219,8 @@ class _Decoder:
             return _TUPLE_MARK
         if code == _RECORD:
             return _RECORD_MARK
+        if code == _BATCH:
+            return _BATCH_MARK
         if code == _PICKLE:
             first, count = _U32x2.unpack(data)
             frames = self.frames[first + 1 : first + 1 + count]  # frame 0 is the header
@@ -221,6 +245,9 @@ class _Decoder:
                 return tuple(items[1:])
             if head is _RECORD_MARK:
                 return messages.load(items[1:])
+            if head is _BATCH_MARK:
+                del items[0]
+                return Batch(items)
         return items
 
 

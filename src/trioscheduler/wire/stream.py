@@ -9,9 +9,8 @@ meaning for every transport:
   subclass, when the peer sent bytes that are not our protocol);
 * ``trio.EndOfChannel`` on ``receive``: the peer closed cleanly; ``async for`` ends.
 
-``_encode``/``_send_encoded`` split a send in two so that ``BatchedSend`` can serialize
-at the call site (errors surface where the message was made) and write later, many
-messages at once.
+``_send_batch`` writes many messages as one unit (``BatchedSend`` uses it); the
+receiving stream hands them out one by one, so batching is invisible to receivers.
 """
 
 from __future__ import annotations
@@ -83,6 +82,10 @@ class Stream:
 
     async def _send_encoded(self, encoded: Sequence[Any]) -> None:
         """Write already encoded messages, in order, as few writes as possible."""
+        raise NotImplementedError
+
+    async def _send_batch(self, msgs: list[Any]) -> None:
+        """Write ``msgs`` in order as one unit; the receiver still gets them one by one."""
         raise NotImplementedError
 
     def _is_reusable(self) -> bool:

@@ -1,15 +1,21 @@
-"""TCP transport: length-prefixed frames on a raw trio socket.
+"""TCP transport: length-prefixed frames on a non-blocking socket driven by trio.
 
 One message on the wire is::
 
     u32 n_frames | n_frames x u64 frame length | frame bytes ...
 
-(little-endian). Messages are simply concatenated, so a batch of messages is one
-``sendmsg`` and the receiver needs no notion of batches. We use the trio socket itself
-rather than ``trio.SocketStream`` for two system calls it does not expose: ``sendmsg``
-(frames go out as one scatter/gather write, never joined when large) and
-``recv_into`` (a large frame is received straight into the ``bytearray`` that becomes
-the user's numpy array: no copy after the kernel's).
+(little-endian). Messages are simply concatenated, and a batch from ``open_batched``
+is one message whose header holds many (``serialize.dumps_batch``); ``receive``
+hands them out one by one.
+
+We drive a plain non-blocking ``socket.socket`` with ``trio.lowlevel.wait_readable``
+/ ``wait_writable`` instead of ``trio.SocketStream`` for three reasons: ``sendmsg``
+(frames go out as one scatter/gather write, large ones never joined), ``recv_into``
+(a large frame lands straight in the buffer that becomes the user's numpy array: no
+copy after the kernel's), and cost: a full trio schedule point is ~10 us on a busy
+machine, more than a small message's whole budget. So ``send``/``receive`` only
+reach a schedule point when they must wait, and otherwise once every
+``CHECKPOINT_EVERY`` calls: a cancelled task notices within that many messages.
 
 Small frames are read through a 64 KiB buffer so that many small messages cost one
 ``recv``. Every length is checked against ``max_frame_bytes`` before anything is
@@ -18,23 +24,33 @@ allocated for it.
 
 from __future__ import annotations
 
-import select
 import socket
 import struct
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
 
 import trio
 
-from trioscheduler.wire.serialize import DeserializationError, Frame, dumps, loads
+from trioscheduler.wire.serialize import (
+    Batch,
+    DeserializationError,
+    Frame,
+    dumps,
+    dumps_batch,
+    loads,
+)
 from trioscheduler.wire.stream import ProtocolError, Stream
 
 _U32: Final = struct.Struct("<I")
 _BUFFER: Final = 64 * 1024  # read-ahead buffer, and the threshold of a "large" frame
 _MAX_FRAMES: Final = 1 << 16  # frames per message
 _IOV_MAX: Final = 512  # buffers per sendmsg call (the OS limit is 1024)
+#: A send or receive that did not have to wait is a schedule point once per this many.
+CHECKPOINT_EVERY: Final = 64
 #: Default largest frame accepted (a 4 GiB numpy array is fine; more: raise the limit).
 MAX_FRAME_BYTES: Final = 1 << 32
+_GONE: Final = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
 def frame_prefix(frames: Sequence[Frame]) -> bytes:
@@ -43,17 +59,24 @@ def frame_prefix(frames: Sequence[Frame]) -> bytes:
     return struct.pack(f"<I{n}Q", n, *[len(f) for f in frames])
 
 
+def adopt(sock: trio.socket.SocketType) -> socket.socket:
+    """A plain non-blocking socket owning the file descriptor of trio's ``sock``."""
+    raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    raw.setblocking(False)
+    return raw
+
+
 class TCPStream(Stream):
     """A ``Stream`` over one connected TCP socket (see the module doc for the format)."""
 
     __slots__ = (
-        "_sock", "_buf", "_view", "_start", "_end", "_send_lock", "_recv_lock",
-        "_closed", "_eof", "max_frame_bytes",
+        "_sock", "_buf", "_view", "_start", "_end", "_ready", "_ops", "_sending",
+        "_receiving", "_closed", "_eof", "max_frame_bytes",
     )  # fmt: skip
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
+        sock: socket.socket,
         local_address: str,
         peer_address: str,
         max_frame_bytes: int = MAX_FRAME_BYTES,
@@ -64,8 +87,10 @@ class TCPStream(Stream):
         self._view = memoryview(self._buf)
         self._start = 0  # unread bytes are self._buf[_start:_end]
         self._end = 0
-        self._send_lock = trio.StrictFIFOLock()
-        self._recv_lock = trio.StrictFIFOLock()
+        self._ready: deque[Any] = deque()  # received messages of a batch, not yet handed out
+        self._ops = 0
+        self._sending = trio.StrictFIFOLock()
+        self._receiving = trio.StrictFIFOLock()
         self._closed = False
         self._eof = False  # the peer closed (or reset) the connection
         self.max_frame_bytes = max_frame_bytes
@@ -74,12 +99,22 @@ class TCPStream(Stream):
     def closed(self) -> bool:
         return self._closed
 
+    async def _maybe_checkpoint(self) -> None:
+        self._ops += 1
+        if self._ops >= CHECKPOINT_EVERY:
+            self._ops = 0
+            await trio.lowlevel.checkpoint()
+
     # ---------------------------------------------------------------------- sending
 
     def _encode(self, msg: Any) -> tuple[Any, int]:
         frames = dumps(msg)
         prefix = frame_prefix(frames)
         return (prefix, *frames), len(prefix) + sum([len(f) for f in frames])
+
+    async def _send_batch(self, msgs: list[Any]) -> None:
+        frames = dumps_batch(msgs)
+        await self._send_encoded([(frame_prefix(frames), *frames)])
 
     async def _send_encoded(self, encoded: Sequence[Any]) -> None:
         # Join small buffers (one memcpy beats an iovec entry); pass large ones as they are.
@@ -100,19 +135,31 @@ class TCPStream(Stream):
             raise trio.ClosedResourceError("this stream was closed")
         if self._eof:
             raise trio.BrokenResourceError(f"{self.peer_address} closed the connection")
-        async with self._send_lock:
-            try:
-                await self._sendall(out)
-            except OSError as e:
-                self._eof = True
-                raise trio.BrokenResourceError(
-                    f"connection to {self.peer_address} broke: {e}"
-                ) from e
+        lock = self._sending
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            await self._sendall(out)
+        except OSError as e:
+            self._eof = True
+            if self._closed:
+                raise trio.ClosedResourceError("this stream was closed") from e
+            raise trio.BrokenResourceError(f"connection to {self.peer_address} broke: {e}") from e
+        finally:
+            lock.release()
+        await self._maybe_checkpoint()
 
     async def _sendall(self, bufs: list[Frame]) -> None:
+        sock = self._sock
         i = 0
         while i < len(bufs):
-            sent = await self._sock.sendmsg(bufs[i : i + _IOV_MAX])
+            try:
+                sent = sock.sendmsg(bufs[i : i + _IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
             while sent:
                 n = len(bufs[i])
                 if sent >= n:
@@ -125,15 +172,34 @@ class TCPStream(Stream):
     # -------------------------------------------------------------------- receiving
 
     async def receive(self) -> Any:
+        if self._ready:
+            await self._maybe_checkpoint()
+            return self._ready.popleft()
         if self._closed:
             raise trio.ClosedResourceError("this stream was closed")
-        async with self._recv_lock:
-            frames = await self._read_message()
+        lock = self._receiving
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
         try:
-            return loads(frames)
-        except DeserializationError as e:
-            await self._abort()
-            raise ProtocolError(f"bad message from {self.peer_address}: {e}") from e
+            ready = self._ready  # (another receiver may have filled it while we waited)
+            while not ready:
+                frames = await self._read_message()
+                try:
+                    msg = loads(frames)
+                except DeserializationError as e:
+                    self._close_socket()
+                    raise ProtocolError(f"bad message from {self.peer_address}: {e}") from e
+                if type(msg) is Batch:
+                    ready.extend(msg)
+                else:
+                    ready.append(msg)
+            msg = ready.popleft()
+        finally:
+            lock.release()
+        await self._maybe_checkpoint()
+        return msg
 
     async def _fill(self, n: int, boundary: bool) -> None:
         """Make ``n`` unread bytes available in the buffer."""
@@ -143,33 +209,43 @@ class TCPStream(Stream):
             buf[:have] = self._view[self._start : self._end]
             self._buf, self._view, self._start, self._end = buf, memoryview(buf), 0, have
         while self._end - self._start < n:
-            got = await self._recv_into(self._view[self._end :], boundary and self._end == self._start)
-            self._end += got
+            at_boundary = boundary and self._end == self._start
+            self._end += await self._recv_into(self._view[self._end :], at_boundary)
 
     async def _recv_into(self, view: memoryview, boundary: bool) -> int:
         """One ``recv_into``; EOF is ``EndOfChannel`` at a message boundary, else an error."""
-        if self._eof:
-            if boundary:
-                raise trio.EndOfChannel
-            raise trio.BrokenResourceError(f"connection to {self.peer_address} is broken")
-        try:
-            got = await self._sock.recv_into(view)
-        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError) as e:
+        while True:
+            if self._eof:
+                if boundary:
+                    raise trio.EndOfChannel
+                raise trio.BrokenResourceError(f"connection to {self.peer_address} is broken")
+            try:
+                got = self._sock.recv_into(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
+            except _GONE as e:
+                self._eof = True
+                if boundary:
+                    raise trio.EndOfChannel from e
+                raise trio.BrokenResourceError(
+                    f"connection to {self.peer_address} broke: {e}"
+                ) from e
+            except OSError as e:
+                if self._closed:
+                    raise trio.ClosedResourceError("this stream was closed") from e
+                raise trio.BrokenResourceError(
+                    f"connection to {self.peer_address} broke: {e}"
+                ) from e
+            if got:
+                return got
             self._eof = True
             if boundary:
-                raise trio.EndOfChannel from e
-            raise trio.BrokenResourceError(f"connection to {self.peer_address} broke: {e}") from e
-        except OSError as e:
-            if self._closed:
-                raise trio.ClosedResourceError("this stream was closed") from e
-            raise trio.BrokenResourceError(f"connection to {self.peer_address} broke: {e}") from e
-        if got == 0:
-            self._eof = True
-            if boundary:
                 raise trio.EndOfChannel
-            await self._abort()
-            raise ProtocolError(f"{self.peer_address} closed the connection in the middle of a message")
-        return got
+            self._close_socket()
+            raise ProtocolError(
+                f"{self.peer_address} closed the connection in the middle of a message"
+            )
 
     async def _read_message(self) -> list[Frame]:
         if self._start == self._end:
@@ -177,7 +253,7 @@ class TCPStream(Stream):
         await self._fill(4, boundary=True)
         (n,) = _U32.unpack_from(self._buf, self._start)
         if not 0 < n <= _MAX_FRAMES:
-            await self._abort()
+            self._close_socket()
             raise ProtocolError(
                 f"bad message from {self.peer_address}: {n} frames (1 to {_MAX_FRAMES} allowed)"
             )
@@ -186,7 +262,7 @@ class TCPStream(Stream):
         limit = self.max_frame_bytes
         for length in lengths:
             if length > limit:
-                await self._abort()
+                self._close_socket()
                 raise ProtocolError(
                     f"bad message from {self.peer_address}: a frame of {length} bytes exceeds "
                     f"the limit of {limit} bytes"
@@ -199,7 +275,8 @@ class TCPStream(Stream):
                 s = self._start
                 # The header is decoded before the buffer is reused: a view is enough.
                 # Other small frames may end up inside user objects: copy them out.
-                frames.append(self._view[s : s + length] if i == 0 else bytearray(self._view[s : s + length]))
+                view = self._view[s : s + length]
+                frames.append(view if i == 0 else bytearray(view))
                 self._start = s + length
             else:
                 frames.append(await self._read_large(length))
@@ -221,9 +298,6 @@ class TCPStream(Stream):
         self._close_socket()
         await trio.lowlevel.checkpoint()
 
-    async def _abort(self) -> None:
-        self._close_socket()
-
     def _close_socket(self) -> None:
         if not self._closed:
             self._closed = True
@@ -231,16 +305,18 @@ class TCPStream(Stream):
             self._sock.close()
 
     def _is_reusable(self) -> bool:
-        if self._closed or self._eof or self._end != self._start:
+        if self._closed or self._eof or self._ready or self._end != self._start:
             return False
         try:  # readable while idle means EOF or unsolicited bytes: either way, not reusable
-            readable, _, _ = select.select([self._sock.fileno()], [], [], 0)
-        except (OSError, ValueError):
+            self._sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
             return False
-        return not readable
+        return False  # b"" is EOF; anything else was never asked for
 
 
-def set_nodelay(sock: trio.socket.SocketType) -> None:
+def set_nodelay(sock: trio.socket.SocketType | socket.socket) -> None:
     """Small messages must not wait for Nagle's algorithm."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
