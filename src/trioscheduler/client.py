@@ -258,6 +258,7 @@ class Client:
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[Client]:
+        error: BaseException | None = None
         async with AsyncExitStack() as stack:
             if self.scheduler_address is None:
                 from trioscheduler.cluster import open_cluster
@@ -278,6 +279,16 @@ class Client:
                 ) from exc
             self._stream = stream
             stack.push_async_callback(stream.aclose)
+            ack: Any = None
+            with trio.move_on_after(self.timeout):
+                await stream.send(
+                    m.AddClient(self._next_stimulus("add-client"), trio.current_time(), self.id)
+                )
+                ack = await stream.receive()
+            if not (isinstance(ack, dict) and ack.get("op") == "stream-start"):
+                raise wire.ConnectError(
+                    f"the scheduler at {address} did not acknowledge the client: {ack!r:.100}"
+                )
             self._pool = await stack.enter_async_context(
                 wire.ConnectionPool(
                     self._connection_limit,
@@ -286,25 +297,37 @@ class Client:
                     info={"id": self.id},
                 )
             )
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            self._nursery = nursery
             self._batched = await stack.enter_async_context(
-                wire.open_batched(stream, self._batch_interval)
-            )
-            self._batched.send_nowait(
-                m.AddClient(self._next_stimulus("add-client"), trio.current_time(), self.id)
+                _tolerant_batched(stream, self._batch_interval)
             )
             self._outbox_ready = trio.Event()
             self._receive_done = trio.Event()
-            nursery.start_soon(self._receive_loop)
-            nursery.start_soon(self._flusher)
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            await nursery.start(self._background)
             self.status = "running"
             self._make_default()
             try:
                 yield self
+            except BaseException as exc:
+                # Re-raised below, unwrapped: the user's own error, not an ExceptionGroup.
+                error = exc
             finally:
                 with trio.CancelScope(shield=True):
                     await self._shutdown()
+        if error is not None:
+            raise error
+
+    async def _background(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The client's own tasks, in a nursery that ``_shutdown`` cancels.
+
+        Cancelling this nursery (not the session's) never cancels the user's code that
+        runs inside ``async with Client(...)``.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._receive_loop)
+            nursery.start_soon(self._flusher)
+            task_status.started()
 
     async def _shutdown(self) -> None:
         """Release every key (``RemoveClient``), wait for the scheduler's ack, stop tasks."""
@@ -904,10 +927,13 @@ class Client:
         async with trio.open_nursery() as nursery:
             for worker, part in plan.items():
                 nursery.start_soon(send, worker, part)
-        self._emit(
-            m.UpdateData(
-                self._next_stimulus("scatter"), trio.current_time(), self.id, dict(who_has), nbytes
-            )
+        self._flush_outbox()  # earlier messages first (e.g. releases of these keys)
+        await self._rpc(
+            {
+                "op": "update_data",
+                "client": self.id,
+                "items": [[k, who_has[k], nbytes[k]] for k in who_has],
+            }
         )
         futures: dict[Any, Future] = {}
         with self._lock:
@@ -1004,6 +1030,18 @@ class Client:
 
 
 Executor = Client
+
+
+@asynccontextmanager
+async def _tolerant_batched(
+    stream: wire.Stream, interval: float
+) -> AsyncIterator[wire.BatchedSend]:
+    """``open_batched`` whose final flush ignores a stream the scheduler already closed."""
+    try:
+        async with wire.open_batched(stream, interval) as batched:
+            yield batched
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 def fire_and_forget(obj: Any) -> None:

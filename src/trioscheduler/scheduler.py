@@ -6,8 +6,9 @@ module only moves records. A connection says what it is with its first message:
 * ``AddWorker`` -- a worker's long-lived stream. Later messages are scheduler events
   from that worker; the ``ToWorker`` effects for it go back on a batched sender. A
   broken stream becomes ``RemoveWorker(expected=False)``.
-* ``AddClient`` -- a client's long-lived stream. Later messages are client events
-  (``UpdateGraph``, ``ClientReleasesKeys`` ...); ``ToClient`` effects go back batched.
+* ``AddClient`` -- a client's long-lived stream, acknowledged with
+  ``{"op": "stream-start"}``. Later messages are client events (``UpdateGraph``,
+  ``ClientReleasesKeys`` ...); ``ToClient`` effects go back batched.
   The client ends with ``RemoveClient``; the scheduler answers by closing the stream, so
   the client knows its keys were released. A dropped stream counts as ``RemoveClient``.
 * a ``dict`` with an ``"op"`` -- request/response RPC (``scheduler_info``, ``who_has``
@@ -117,6 +118,8 @@ class Scheduler:
             if self._record_path is not None:
                 self._record_file = stack.enter_context(self._record_path.open("ab"))
             self._nursery = await stack.enter_async_context(trio.open_nursery())
+            # Runs after the listener closed, before the nursery exits (LIFO).
+            stack.callback(self._nursery.cancel_scope.cancel)
             listener = await stack.enter_async_context(
                 wire.listen(
                     self._requested_address,
@@ -135,10 +138,12 @@ class Scheduler:
         return self
 
     async def __aexit__(self, *exc_info: object) -> bool | None:
-        assert self._stack is not None and self._nursery is not None
-        self._nursery.cancel_scope.cancel()
+        assert self._stack is not None
         try:
-            return await self._stack.__aexit__(*exc_info)
+            # The body's own exception is not fed through our nursery: it propagates
+            # unwrapped once everything here is closed.
+            await self._stack.aclose()
+            return None
         finally:
             if self._record_file is not None:
                 self._record_file.flush()
@@ -288,6 +293,8 @@ class Scheduler:
             try:
                 add.now = trio.current_time()
                 self._feed(add)
+                # The client waits for this before using RPCs that name it.
+                batched.send_nowait({"op": "stream-start", "client": cid})
                 async for msg in stream:
                     t = type(msg)
                     if t not in _CLIENT_EVENTS or (
@@ -393,6 +400,26 @@ class Scheduler:
             await self._workers_changed.wait()
         return len(self.state.workers)
 
+    async def _op_update_data(self, request: dict[str, Any]) -> int:
+        """A client scattered data: ``items`` is ``[[key, [holders], nbytes], ...]``.
+
+        An RPC (not a stream event) so the client's next request sees the data.
+        """
+        client = request.get("client")
+        if client not in self._clients:
+            raise ValueError(f"update_data from unknown client {client!r}")
+        items = request["items"]
+        self._feed(
+            m.UpdateData(
+                self._stimulus("scatter"),
+                trio.current_time(),
+                client,
+                {key: list(holders) for key, holders, _ in items},
+                {key: nbytes for key, _, nbytes in items},
+            )
+        )
+        return len(items)
+
     async def _op_task_states(self, request: dict[str, Any]) -> list[list[Any]]:
         """``[[key, state], ...]`` for ``keys`` (or all tasks): for tests and dashboards."""
         tasks = self.state.tasks
@@ -409,6 +436,7 @@ class Scheduler:
         "nthreads": _op_nthreads,
         "ncores": _op_nthreads,
         "wait_for_workers": _op_wait_for_workers,
+        "update_data": _op_update_data,
         "task_states": _op_task_states,
     }
 
