@@ -117,6 +117,7 @@ class Scheduler:
         async with AsyncExitStack() as stack:
             if self._record_path is not None:
                 self._record_file = stack.enter_context(self._record_path.open("ab"))
+                stack.callback(setattr, self, "_record_file", None)  # before the file closes
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             # Runs after the listener closed, before the nursery exits (LIFO).
             stack.callback(self._nursery.cancel_scope.cancel)
@@ -145,8 +146,6 @@ class Scheduler:
             await self._stack.aclose()
             return None
         finally:
-            if self._record_file is not None:
-                self._record_file.flush()
             logger.info("scheduler at %s closed", self.address)
 
     # -- the core ------------------------------------------------------------------

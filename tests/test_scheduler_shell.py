@@ -1,0 +1,167 @@
+"""The Scheduler shell: connections by first message, routing of effects, RPC, recording.
+
+Peers here are raw wire streams speaking the protocol by hand (a "worker" that answers
+ComputeTask itself), next to a real Client, so each rule of the shell is visible.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+
+from trioscheduler import Client, Scheduler, wire
+from trioscheduler.core import messages as m
+
+TIMEOUT = 20
+
+
+@pytest.fixture(params=["inproc", "tcp"])
+def address(request: pytest.FixtureRequest) -> str:
+    if request.param == "inproc":
+        return f"inproc://test-shell-{os.getpid()}-{request.node.name}"
+    return "tcp://127.0.0.1:0"
+
+
+async def wait_until(predicate: Any) -> None:
+    while not predicate():  # noqa: ASYNC110 - the scheduler's state, no event to wait on
+        await trio.sleep(0.01)
+
+
+def add_worker(addr: str, nthreads: int = 1, name: str | None = None) -> m.AddWorker:
+    return m.AddWorker("test", 0.0, addr, nthreads, 0, {}, name)
+
+
+async def rpc(address: str, request: dict[str, Any]) -> Any:
+    stream = await wire.connect(address, role="test")
+    async with stream:
+        await stream.send(request)
+        return await stream.receive()
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+async def test_worker_stream_registers_and_is_removed_when_broken(address: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(address) as s:
+            stream = await wire.connect(s.address, role="worker")
+            await stream.send(add_worker("fake://w1", 3, "w1"))
+            await wait_until(lambda: "fake://w1" in s.state.workers)
+            reply = await rpc(s.address, {"op": "identity"})
+            assert reply["status"] == "OK"
+            info = reply["result"]["workers"]["fake://w1"]
+            assert info["nthreads"] == 3 and info["name"] == "w1" and info["status"] == "running"
+            await stream.aclose()
+            await wait_until(lambda: "fake://w1" not in s.state.workers)
+
+
+async def test_effects_are_routed_to_worker_and_client(address: str) -> None:
+    """A hand-written worker gets ComputeTask; its TaskFinished reaches the client."""
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(address) as s:
+            worker = await wire.connect(s.address, role="worker")
+            await worker.send(add_worker("fake://w2", 1))
+            await wait_until(lambda: "fake://w2" in s.state.workers)
+            async with Client(s.address, asynchronous=True) as c:
+                f = c.submit(inc, 1)
+                msg = await worker.receive()
+                assert type(msg) is m.ComputeTask and msg.key == f.key
+                await worker.send(m.TaskFinished("done", 0.0, "fake://w2", f.key, 28, "int"))
+                await wait_until(lambda: f.status == "finished")
+                assert f.type == "int"
+                assert (await c.who_has(f)) == {f.key: ["fake://w2"]}
+            # The client left: the scheduler frees the key on the worker.
+            msg = await worker.receive()
+            assert type(msg) is m.FreeKeys and f.key in msg.keys
+            await worker.send(m.RemoveWorker("bye", 0.0, "fake://w2", expected=True, reason="done"))
+            await wait_until(lambda: not s.state.workers)
+
+
+async def test_malformed_input_closes_only_that_connection(address: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(address) as s:
+            junk = await wire.connect(s.address, role="test")
+            await junk.send(["not", "a", "known", "message"])
+            with pytest.raises((trio.EndOfChannel, trio.BrokenResourceError)):
+                await junk.receive()
+
+            liar = await wire.connect(s.address, role="worker")
+            await liar.send(add_worker("fake://liar", 1))
+            await wait_until(lambda: "fake://liar" in s.state.workers)
+            await liar.send(m.TaskFinished("x", 0.0, "fake://someone-else", "k", 1))
+            with pytest.raises((trio.EndOfChannel, trio.BrokenResourceError)):
+                while True:  # a CloseWorker or nothing, then the end
+                    await liar.receive()
+            await wait_until(lambda: "fake://liar" not in s.state.workers)
+
+            twin = await wire.connect(s.address, role="worker")
+            await twin.send(add_worker("fake://a", 1))
+            await wait_until(lambda: "fake://a" in s.state.workers)
+            dup = await wire.connect(s.address, role="worker")
+            await dup.send(add_worker("fake://a", 1))
+            with pytest.raises((trio.EndOfChannel, trio.BrokenResourceError)):
+                await dup.receive()
+            assert "fake://a" in s.state.workers  # the first one is untouched
+
+            reply = await rpc(s.address, {"op": "no-such-op"})
+            assert reply["status"] == "error" and "no-such-op" in reply["text"]
+
+            async with Client(s.address, asynchronous=True) as c:  # still serving
+                assert (await c.scheduler_info())["address"] == s.address
+
+
+async def test_silent_worker_times_out_and_is_told_to_close(address: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(address, worker_timeout=0.3, tick_interval=0.05) as s:
+            stream = await wire.connect(s.address, role="worker")
+            await stream.send(add_worker("fake://quiet", 1))
+            msg = await stream.receive()
+            assert type(msg) is m.CloseWorker and "heartbeat" in msg.reason
+            assert "fake://quiet" not in s.state.workers
+
+
+async def test_wait_for_workers_rpc_waits_for_a_worker(address: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(address) as s:
+            result: list[Any] = []
+
+            async def waiter() -> None:
+                result.append(await rpc(s.address, {"op": "wait_for_workers", "n_workers": 1}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                await trio.sleep(0.02)
+                assert not result
+                w = await wire.connect(s.address, role="worker")
+                await w.send(add_worker("fake://late", 2))
+            assert result == [{"status": "OK", "result": 1}]
+            await w.aclose()
+
+
+async def test_record_writes_every_event(tmp_path: Path, address: str) -> None:
+    path = tmp_path / "events.msgpack"
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(address, record=path, tick_interval=0.01) as s:
+            w = await wire.connect(s.address, role="worker")
+            await w.send(add_worker("fake://rec", 1))
+            async with Client(s.address, asynchronous=True) as c:
+                f = c.submit(inc, 1)
+                await w.receive()
+                await w.send(m.TaskFinished("t", 0.0, "fake://rec", f.key, 28))
+                await wait_until(lambda: f.done())
+            await w.aclose()
+            await wait_until(lambda: not s.state.workers)
+    with path.open("rb") as fh:
+        events = [m.load(x) for x in msgpack.Unpacker(fh, raw=False, strict_map_key=False)]
+    kinds = [type(e) for e in events]
+    for kind in (m.AddWorker, m.AddClient, m.UpdateGraph, m.TaskFinished, m.RemoveClient, m.Tick):
+        assert kind in kinds
+    assert kinds.index(m.AddWorker) < kinds.index(m.UpdateGraph) < kinds.index(m.TaskFinished)
+    removed = [e for e in events if type(e) is m.RemoveWorker]
+    assert removed and removed[0].expected is False
