@@ -54,7 +54,7 @@ class InprocStream(Stream):
     def _encode(self, msg: Any) -> tuple[Any, int]:
         return msg, 0
 
-    async def _send_batch(self, msgs: list[Any]) -> None:
+    async def _send_batch(self, msgs: list[Any], walk: bool = True) -> None:
         await self._send_encoded(msgs)
 
     async def _send_encoded(self, encoded: Sequence[Any]) -> None:

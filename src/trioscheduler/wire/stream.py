@@ -84,8 +84,11 @@ class Stream:
         """Write already encoded messages, in order, as few writes as possible."""
         raise NotImplementedError
 
-    async def _send_batch(self, msgs: list[Any]) -> None:
-        """Write ``msgs`` in order as one unit; the receiver still gets them one by one."""
+    async def _send_batch(self, msgs: list[Any], walk: bool = True) -> None:
+        """Write ``msgs`` in order as one unit; the receiver still gets them one by one.
+
+        ``walk=False`` promises no large byte strings hide in the messages (fast path).
+        """
         raise NotImplementedError
 
     def _is_reusable(self) -> bool:

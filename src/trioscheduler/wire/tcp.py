@@ -112,8 +112,8 @@ class TCPStream(Stream):
         prefix = frame_prefix(frames)
         return (prefix, *frames), len(prefix) + sum([len(f) for f in frames])
 
-    async def _send_batch(self, msgs: list[Any]) -> None:
-        frames = dumps_batch(msgs)
+    async def _send_batch(self, msgs: list[Any], walk: bool = True) -> None:
+        frames = dumps_batch(msgs, walk)
         await self._send_encoded([(frame_prefix(frames), *frames)])
 
     async def _send_encoded(self, encoded: Sequence[Any]) -> None:
@@ -282,8 +282,8 @@ class TCPStream(Stream):
                 frames.append(await self._read_large(length))
         return frames
 
-    async def _read_large(self, length: int) -> bytearray:
-        out = bytearray(length)
+    async def _read_large(self, length: int) -> Any:
+        out = _allocate(length)
         have = min(self._end - self._start, length)
         out[:have] = self._view[self._start : self._start + have]
         self._start += have
@@ -314,6 +314,27 @@ class TCPStream(Stream):
         except OSError:
             return False
         return False  # b"" is EOF; anything else was never asked for
+
+
+def _allocate(n: int) -> Any:
+    """A writable buffer of ``n`` bytes, not zeroed when numpy is there to ask.
+
+    ``bytearray(n)`` writes zeros over memory the kernel is about to overwrite, which
+    for a 200 MB frame costs more than receiving it; ``numpy.empty`` skips that and uses
+    huge pages. numpy is imported only once a large frame arrives.
+    """
+    global _empty
+    if _empty is None:
+        try:
+            import numpy
+        except ImportError:
+            _empty = bytearray
+        else:
+            _empty = lambda size: numpy.empty(size, dtype=numpy.uint8)  # noqa: E731
+    return _empty(n)
+
+
+_empty: Any = None
 
 
 def set_nodelay(sock: trio.socket.SocketType | socket.socket) -> None:
