@@ -149,8 +149,9 @@ class Future:
     def __init__(self, key: Any, client: Client, _state: KeyState | None = None) -> None:
         self.key = key
         self.client = client
-        self._released = False
+        self._released = True  # until counted by the client: __del__ must not uncount
         self._state = _state if _state is not None else client._attach(key)
+        self._released = False
 
     # -- status ----------------------------------------------------------------------
 
