@@ -185,7 +185,7 @@ class Worker:
 
     async def finished(self) -> None:
         """Wait until the worker has shut down (``CloseWorker``, scheduler lost, ``close``)."""
-        await self._closed.wait()
+        await self._shutdown_done.wait()
 
     async def close(self, reason: str = "worker closed") -> None:
         """Shut down in order (the ``async with`` block still has to be left)."""
