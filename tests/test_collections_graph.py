@@ -378,3 +378,32 @@ def test_high_level_graph_layer_annotations_are_read_for_get() -> None:
 def test_wanted_keys_already_on_the_cluster_emit_nothing() -> None:
     dsk = {"a": 1, "b": (inc, "a")}
     assert graph_to_tasks(dsk, keys_wanted=["b"], known_keys={"b"}) == []
+
+
+class Scale:
+    """A callable instance, pickled as an object."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def __call__(self, x: Any) -> Any:
+        return x * self.factor
+
+
+def test_every_kind_of_callable_and_argument_survives_packing() -> None:
+    def combine(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        return (*args, tuple(sorted(kwargs.items())))
+
+    base = delayed(inc)(1, dask_key_name="base")
+    parts = {
+        "plain": delayed(combine)(base, 2.5, None, b"x", ("t", [1, {"k": 2}]), flag=True),
+        "numpy": delayed(np.dot)(np.arange(3), np.full(3, 2)),
+        "kwargs_dep": delayed(combine)(k=base),
+        "nested": delayed(combine)([base, base], {"in": base}),
+        "bound_builtin": delayed("a-b".split)("-"),
+        "instance": delayed(Scale(3))(base),
+        "lambda": delayed(lambda x, y=1: x + y)(base, y=base),
+        "builtin": delayed(max)(base, 7),
+    }
+    (expected,) = dask.compute(parts, scheduler="sync")
+    assert compute_locally(parts) == [expected]
