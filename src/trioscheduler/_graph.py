@@ -8,15 +8,18 @@ is found here, before anything is sent, and the error names the key.
 Each task's ``run_spec`` is made with ``runspec.pack`` so that ``runspec.run`` on the
 worker evaluates the node with its dependencies' values: dependencies travel as ``_Dep``
 references (a registered reference type), which the worker's unpickler swaps for the
-values. Two shortcuts keep the per-task cost low, because a Python scheduler is limited by
-per-task overhead:
+values. Three shortcuts keep the per-task cost low, because a Python scheduler is limited
+by per-task overhead:
 
 * a plain ``Task`` whose arguments are references or literals is packed as
   ``func(*args)`` directly (references replaced by ``_Dep``), not as a pickled node: a
   third of the bytes and a tenth of the time;
 * a function cloudpickle would pickle by value (``__main__``, lambdas, closures) is
   pickled once per conversion and shipped as bytes that the worker loads through a
-  small cache, instead of being re-pickled for every one of thousands of tasks.
+  small cache, instead of being re-pickled for every one of thousands of tasks;
+* a task made only of builtin values, references and functions found by name is written
+  by one reused standard pickler in ``runspec``'s format (cloudpickle's per-object hooks
+  would have nothing to do for it); anything else goes through ``runspec.pack``.
 
 This module does no I/O; it reads ``dask.get_annotations()`` (a context variable), so
 call it in the user's thread, not inside the event loop's thread.
