@@ -12,8 +12,8 @@ values. Three shortcuts keep the per-task cost low, because a Python scheduler i
 by per-task overhead:
 
 * a plain ``Task`` whose arguments are references or literals is packed as
-  ``func(*args)`` directly (references replaced by ``_Dep``), not as a pickled node: a
-  third of the bytes and a tenth of the time;
+  ``func(*args)`` directly (references replaced by ``_Dep``), not as a pickled node:
+  about a tenth of the bytes and of the time (87 vs 778 bytes on a delayed tree);
 * a function cloudpickle would pickle by value (``__main__``, lambdas, closures) is
   pickled once per conversion and shipped as bytes that the worker loads through a
   small cache, instead of being re-pickled for every one of thousands of tasks;
