@@ -444,3 +444,11 @@ def test_story_is_bounded() -> None:
 def test_table_edges_are_strings() -> None:
     for start, finish in TABLE:
         assert isinstance(start, str) and isinstance(finish, str)
+
+
+def test_missing_dependency_fetched_when_new_compute_names_holders() -> None:
+    ws = ws_(nthreads=2)
+    out = ws.handle(compute("y", {"a": []}))
+    assert out == [ToScheduler(MissingData("s", 1.0, W, "a", ""))]
+    out = ws.handle(compute("z", {"a": ["w2"]}))
+    assert out == [GatherDep("w2", ["a"], 1024)]

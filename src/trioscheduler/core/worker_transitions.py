@@ -80,6 +80,8 @@ def _attach(ts: WorkerTask) -> Recs:
             recs[dep] = "fetch"
         elif st == "cancelled":
             recs[dep] = "flight" if dep.previous == "flight" else "resumed"
+        elif st == "missing" and dep.who_has:  # the new ComputeTask named holders
+            recs[dep] = "fetch"
     if not waiting:
         recs[ts] = "constrained" if ts.resources else "ready"
     return recs
@@ -533,11 +535,16 @@ def transition(
 
 def drain(ws: WorkerState, recs: Recs, stim: str, now: float, out: list[Any]) -> None:
     """Apply recommendations (and the ones they produce) until none are left."""
+    table = TABLE
     while recs:
         ts = next(iter(recs))  # first in, first out: instructions follow event order
         finish = recs.pop(ts)
-        if ts.state == finish or ts.state == "forgotten":
+        start = ts.state
+        if start == finish or start == "forgotten":
             continue
-        more = transition(ws, ts, finish, stim, now, out)
+        fn = table.get((start, finish))
+        if fn is None:
+            raise InvalidTransition(ts.key, start, finish, ws.story(ts.key))
+        more = fn(ws, ts, stim, now, out)
         if more:
             recs.update(more)
