@@ -60,6 +60,7 @@ from trioscheduler.core.messages import (
 )
 from trioscheduler.core.placement import satisfies
 from trioscheduler.core.scheduler_invariants import validate_scheduler
+from trioscheduler.core.scheduler_transitions import EMPTY
 from trioscheduler.core.stealing import plan_steals
 from trioscheduler.core.story import StoryEntry, StoryLog
 from trioscheduler.errors import TrioSchedulerError
@@ -110,9 +111,13 @@ class ErrorInfo:
 class TaskRecord:
     """One key as the scheduler sees it.
 
-    ``waiting_on``: dependencies not yet in memory (only meaningful while waiting).
-    ``waiters``: dependents in an active state (waiting/no-worker/processing) that need
-    this key's data; with ``wanted_by`` it decides when data may be released.
+    ``n_waiting``: dependencies not yet in memory (only meaningful while waiting).
+    ``n_waiters``: dependents in an active state (waiting/no-worker/processing) that
+    need this key's data; with ``wanted_by`` it decides when data may be released.
+    Both are counts, not sets: an empty set costs 216 bytes, and the budget is ~1 KB per
+    task. For the same reason the four public sets start as the shared ``EMPTY`` and are
+    replaced by a real set on the first insertion (``EMPTY`` is a frozenset: any
+    accidental in-place mutation fails loudly).
     """
 
     key: Key
@@ -120,12 +125,12 @@ class TaskRecord:
     priority: tuple[Any, ...]
     prefix: TaskPrefix
     state: str = "released"
-    dependencies: set[Key] = field(default_factory=set)
-    dependents: set[Key] = field(default_factory=set)
-    waiting_on: set[Key] = field(default_factory=set)
-    waiters: set[Key] = field(default_factory=set)
-    who_has: set[WorkerAddr] = field(default_factory=set)
-    wanted_by: set[ClientId] = field(default_factory=set)
+    dependencies: set[Key] = EMPTY
+    dependents: set[Key] = EMPTY
+    who_has: set[WorkerAddr] = EMPTY
+    wanted_by: set[ClientId] = EMPTY
+    n_waiting: int = 0
+    n_waiters: int = 0
     processing_on: WorkerAddr | None = None
     nbytes: int = 0
     type_name: str = ""
@@ -162,6 +167,10 @@ class WorkerRecord:
     last_seen: float = 0.0
     incoming_steals: int = 0  # thread slots reserved for steals not yet confirmed
     retire_requested: dict[Key, WorkerAddr] | None = None  # retiring: key -> replica target
+    single: frozenset[WorkerAddr] = frozenset()  # {address}, shared by who_has of its keys
+
+    def __post_init__(self) -> None:
+        self.single = frozenset((self.address,))
 
     @property
     def used_slots(self) -> int:
@@ -173,6 +182,10 @@ class ClientRecord:
     client: ClientId
     wants: set[Key] = field(default_factory=set)
     last_seen: float = 0.0
+    single: frozenset[ClientId] = frozenset()  # {client}, shared by wanted_by of its keys
+
+    def __post_init__(self) -> None:
+        self.single = frozenset((self.client,))
 
 
 @dataclass(slots=True, eq=False)
@@ -392,7 +405,7 @@ class SchedulerState:
         if ts.key in cs.wants:
             return
         cs.wants.add(ts.key)
-        ts.wanted_by.add(cs.client)
+        tr.want(ts, cs)
         if not notify:
             return
         if ts.state == "memory":
@@ -412,12 +425,12 @@ class SchedulerState:
         ts = self.tasks.get(key)
         if ts is None:
             return
-        ts.wanted_by.discard(cs.client)
+        tr.unwant(ts, cs.client)
         self.maybe_release(ts)
 
     def maybe_release(self, ts: TaskRecord) -> None:
         """Recommend releasing/forgetting ``ts`` if no client and no dependent needs it."""
-        if ts.wanted_by or ts.waiters:
+        if ts.wanted_by or ts.n_waiters:
             return
         st = ts.state
         if st in ("memory", "waiting", "processing", "no-worker", "queued"):
@@ -479,14 +492,23 @@ class SchedulerState:
             new.append((ts, spec.dependencies))
         broken: list[TaskRecord] = []
         for ts, deps in new:
+            if not deps:
+                continue
             missing: list[Key] = []
+            found: set[Key] = set()
+            key = ts.key
             for dk in deps:
                 dts = tasks.get(dk)
                 if dts is None:
                     missing.append(dk)
                     continue
-                ts.dependencies.add(dk)
-                dts.dependents.add(ts.key)
+                found.add(dk)
+                if dts.dependents:
+                    dts.dependents.add(key)
+                else:
+                    dts.dependents = {key}
+            if found:
+                ts.dependencies = found
             if missing:
                 exc = TrioSchedulerError(
                     f"task {ts.key!r} depends on {missing!r}, which the scheduler does not "
@@ -528,7 +550,7 @@ class SchedulerState:
             else:
                 self._recs.pop(key, None)
                 cs.wants.add(key)
-                ts.wanted_by.add(cs.client)
+                tr.want(ts, cs)
                 if ts.state == "erred":
                     self.transition(ts, "released")
                 ts.nbytes = nbytes

@@ -29,17 +29,18 @@ def _validate_task(s: SchedulerState, ts: TaskRecord) -> None:
     for dk in ts.dependencies:
         _check(dk in tasks, f"{key!r}: dependency {dk!r} forgotten while referenced")
         _check(key in tasks[dk].dependents, f"{key!r}: not a dependent of its dependency {dk!r}")
-        in_waiters = key in tasks[dk].waiters
-        _check(in_waiters == (st in _ACTIVE), f"{key!r} ({st}): waiters of {dk!r} disagree")
+    n_waiters = 0
     for dk in ts.dependents:
         _check(dk in tasks, f"{key!r}: dependent {dk!r} forgotten while referenced")
         _check(key in tasks[dk].dependencies, f"{key!r}: not a dependency of dependent {dk!r}")
-    for dk in ts.waiters:
-        _check(dk in ts.dependents, f"{key!r}: waiter {dk!r} is not a dependent")
+        n_waiters += tasks[dk].state in _ACTIVE
+    _check(ts.n_waiters == n_waiters, f"{key!r}: n_waiters {ts.n_waiters} != {n_waiters}")
+    for name in ("dependencies", "dependents", "who_has", "wanted_by"):
+        _check(isinstance(getattr(ts, name), (set, frozenset)), f"{key!r}: {name} not a set")
     # holders
     if st == "memory":
         _check(bool(ts.who_has), f"{key!r}: in memory without a holder")
-        _check(bool(ts.wanted_by or ts.waiters), f"{key!r}: in memory but nobody needs it")
+        _check(bool(ts.wanted_by or ts.n_waiters), f"{key!r}: in memory but nobody needs it")
     else:
         _check(not ts.who_has, f"{key!r} ({st}): holders {ts.who_has} but not in memory")
     for addr in ts.who_has:
@@ -62,7 +63,7 @@ def _validate_task(s: SchedulerState, ts: TaskRecord) -> None:
         _check(key not in s.steals, f"{key!r} ({st}): steal pending but not processing")
     if st == "waiting":
         expect = {dk for dk in ts.dependencies if tasks[dk].state != "memory"}
-        _check(ts.waiting_on == expect, f"{key!r}: waiting_on {ts.waiting_on} != {expect}")
+        _check(ts.n_waiting == len(expect), f"{key!r}: n_waiting {ts.n_waiting} != {expect}")
         _check(bool(expect), f"{key!r}: waiting with nothing to wait for")
     if st == "no-worker":
         _check(key in s.unrunnable, f"{key!r}: no-worker but not in unrunnable")
@@ -73,10 +74,10 @@ def _validate_task(s: SchedulerState, ts: TaskRecord) -> None:
     else:
         _check(ts.exception is None, f"{key!r} ({st}): exception kept outside erred")
     if st == "released":
-        _check(not ts.wanted_by and not ts.waiters, f"{key!r}: released though needed")
+        _check(not ts.wanted_by and not ts.n_waiters, f"{key!r}: released though needed")
         _check(bool(ts.dependents), f"{key!r}: released with no dependents (should be forgotten)")
     if st in _ACTIVE:
-        _check(bool(ts.wanted_by or ts.waiters), f"{key!r} ({st}): computing for nobody")
+        _check(bool(ts.wanted_by or ts.n_waiters), f"{key!r} ({st}): computing for nobody")
     for c in ts.wanted_by:
         cs = s.clients.get(c)
         _check(cs is not None and key in cs.wants, f"{key!r}: wanted_by {c} disagrees")
