@@ -1,0 +1,62 @@
+"""The core's promises about itself: no I/O, clocks or randomness; slotted values."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import trioscheduler.core
+from trioscheduler.core import messages, scheduler, story
+from trioscheduler.core.messages import ALL_MESSAGES
+
+CORE = Path(trioscheduler.core.__file__).parent
+FORBIDDEN = {"trio", "anyio", "socket", "threading", "time", "random", "asyncio"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(CORE.rglob("*.py")), ids=lambda p: p.name)
+def test_core_module_imports_no_io_clock_or_randomness(path: Path) -> None:
+    bad = _imports(path) & FORBIDDEN
+    assert not bad, f"{path.name} imports {sorted(bad)}: the core must stay pure"
+
+
+def _instance(cls: type) -> object:
+    """An instance built from placeholder values (dataclasses don't check types)."""
+    fields = getattr(cls, "__dataclass_fields__", {})
+    required = [f for f in fields.values() if f.init and f.default is f.default_factory]
+    return cls(*[None] * len(required))
+
+
+SCHEDULER_RECORDS = [
+    scheduler.TaskRecord,
+    scheduler.WorkerRecord,
+    scheduler.ClientRecord,
+    scheduler.TaskPrefix,
+    scheduler.ErrorInfo,
+    scheduler.PendingSteal,
+]
+
+
+@pytest.mark.parametrize("cls", list(ALL_MESSAGES) + SCHEDULER_RECORDS, ids=lambda c: c.__name__)
+def test_no_instance_dict(cls: type) -> None:
+    assert cls.__dictoffset__ == 0, f"{cls.__name__} instances carry a __dict__"
+    obj = _instance(cls)
+    assert not hasattr(obj, "__dict__")
+
+
+def test_state_and_story_are_slotted() -> None:
+    assert not hasattr(scheduler.SchedulerState(), "__dict__")
+    assert not hasattr(story.StoryLog(), "__dict__")
+    assert messages.Tick.__dictoffset__ == 0
