@@ -146,3 +146,26 @@ async def test_frame_limit_applies_to_clients_too() -> None:
 @pytest.fixture(autouse=True)
 def _wire_logs_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="trioscheduler.wire")
+
+
+async def test_received_arrays_never_share_memory_while_held() -> None:
+    """Large receive buffers are recycled only after the user dropped them."""
+    rng = np.random.default_rng(2)
+    sent = [rng.random(400_000) for _ in range(6)]  # 3.2 MB each, all the same size
+    held: list[np.ndarray] = []
+
+    async def keep(stream: Stream) -> None:
+        for i in range(6):
+            arr = await stream.receive()
+            if i < 3:
+                held.append(arr)  # keep the first three, drop the rest at once
+        await stream.send("done")
+
+    async with listen("tcp://127.0.0.1:0", keep) as lst:
+        async with await connect(lst.address) as stream:
+            for arr in sent:
+                await stream.send(arr)
+            assert await stream.receive() == "done"
+    for mine, theirs in zip(held, sent[:3], strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(held) for b in held[i + 1 :])

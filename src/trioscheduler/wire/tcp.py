@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
@@ -283,7 +284,7 @@ class TCPStream(Stream):
         return frames
 
     async def _read_large(self, length: int) -> Any:
-        out = _allocate(length)
+        out = _buffers.allocate(length)
         have = min(self._end - self._start, length)
         out[:have] = self._view[self._start : self._start + have]
         self._start += have
@@ -316,25 +317,81 @@ class TCPStream(Stream):
         return False  # b"" is EOF; anything else was never asked for
 
 
-def _allocate(n: int) -> Any:
-    """A writable buffer of ``n`` bytes, not zeroed when numpy is there to ask.
+class _BufferCache:
+    """Large receive buffers, handed out again once nothing references them.
 
-    ``bytearray(n)`` writes zeros over memory the kernel is about to overwrite, which
-    for a 200 MB frame costs more than receiving it; ``numpy.empty`` skips that and uses
-    huge pages. numpy is imported only once a large frame arrives.
+    A fresh 200 MB buffer costs page faults (and, for ``bytearray``, a zero fill) that
+    take longer than receiving the data; dask arrays have equal-sized chunks, so the
+    next large frame is often the size of one the user has already dropped. A buffer
+    is reused only when its reference count shows that nothing (no array, no view)
+    points at it any more. Free buffers kept for reuse are bounded by ``retain_bytes``;
+    ``release()`` drops them at once (e.g. under memory pressure).
     """
-    global _empty
-    if _empty is None:
-        try:
-            import numpy
-        except ImportError:
-            _empty = bytearray
-        else:
-            _empty = lambda size: numpy.empty(size, dtype=numpy.uint8)  # noqa: E731
-    return _empty(n)
+
+    __slots__ = ("entries", "max_entries", "retain_bytes", "min_bytes", "_empty")
+
+    def __init__(self, max_entries: int = 4, retain_bytes: int = 256 << 20) -> None:
+        self.entries: list[Any] = []
+        self.max_entries = max_entries
+        self.retain_bytes = retain_bytes
+        self.min_bytes = 1 << 20
+        self._empty: Any = None
+
+    def _free_at(self, k: int) -> bool:
+        # Nobody else holds it: the only references are self.entries and the argument.
+        return sys.getrefcount(self.entries[k]) <= 2
+
+    def allocate(self, n: int) -> Any:
+        if n < self.min_bytes:
+            return self._new(n)
+        entries = self.entries
+        for k in range(len(entries)):  # indices: a loop variable would be a reference
+            if len(entries[k]) == n and self._free_at(k):
+                buf = entries.pop(k)
+                entries.append(buf)
+                return buf
+        buf = self._new(n)
+        entries.append(buf)
+        self._trim()
+        return buf
+
+    def _trim(self) -> None:
+        entries = self.entries
+        free = [k for k in range(len(entries) - 1) if self._free_at(k)]  # oldest first
+        retained = sum(len(entries[k]) for k in free)
+        drop: set[int] = set()
+        for k in free:
+            if len(entries) - len(drop) <= self.max_entries and retained <= self.retain_bytes:
+                break
+            drop.add(k)
+            retained -= len(entries[k])
+        if drop:
+            entries[:] = [b for k, b in enumerate(entries) if k not in drop]
+        while len(entries) > self.max_entries:  # the rest are in use: just forget them
+            del entries[0]
+
+    def release(self) -> None:
+        """Forget every cached buffer (those still in use live on with their users)."""
+        self.entries.clear()
+
+    def _new(self, n: int) -> Any:
+        """``numpy.empty`` when numpy is there: ``bytearray(n)`` would zero-fill first."""
+        if self._empty is None:
+            try:
+                import numpy
+            except ImportError:
+                self._empty = bytearray
+            else:
+                self._empty = lambda size: numpy.empty(size, dtype=numpy.uint8)
+        return self._empty(n)
 
 
-_empty: Any = None
+_buffers = _BufferCache()
+
+
+def release_buffers() -> None:
+    """Drop large receive buffers kept for reuse (see ``_BufferCache``)."""
+    _buffers.release()
 
 
 def set_nodelay(sock: trio.socket.SocketType | socket.socket) -> None:

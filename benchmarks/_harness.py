@@ -1,0 +1,226 @@
+"""A small side-by-side benchmark harness: trioscheduler against a reference.
+
+A *workload* is two callables that each measure one thing the same way and return
+one number: ``ours(quick)`` and ``reference(quick)`` (``quick`` asks for a smaller
+size, for smoke runs). Each callable does its own set-up and times only the part being
+compared, so a cluster start-up stays out of a throughput number unless start-up is the
+thing measured. The harness runs the two sides alternately (ours, ref, ref, ours, ...)
+at least three times, so drift of a noisy machine hits both alike, and reports medians
+and their ratio, oriented so that a ratio above 1 means trioscheduler is better.
+
+To add workloads, create a module ``benchmarks/<topic>.py`` that calls ``register``
+at import time; ``python -m benchmarks`` imports every such module.
+
+Results are printed as a table and written to ``benchmarks/results/`` as JSON (for
+tools) and markdown (for humans), one pair per run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gc
+import json
+import platform
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+Measure = Callable[[bool], float]
+
+RESULTS_DIR = Path(__file__).parent / "results"
+MIN_REPEAT = 3
+
+
+@dataclass(slots=True)
+class Workload:
+    """One comparison. ``unit`` names what the callables return (``"MB/s"``, ``"s"``)."""
+
+    name: str
+    description: str
+    unit: str
+    ours: Measure
+    reference: Measure
+    reference_label: str
+    higher_is_better: bool = True
+    target: float | None = None  # the ratio we aim for (see ``Result.ratio``)
+    repeat: int = MIN_REPEAT
+
+
+@dataclass(slots=True)
+class Result:
+    name: str
+    description: str
+    unit: str
+    reference_label: str
+    higher_is_better: bool
+    target: float | None
+    ours: list[float] = field(default_factory=list)
+    reference: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ours_median(self) -> float | None:
+        return statistics.median(self.ours) if self.ours else None
+
+    @property
+    def reference_median(self) -> float | None:
+        return statistics.median(self.reference) if self.reference else None
+
+    @property
+    def ratio(self) -> float | None:
+        """How many times better we are: ours/ref for rates, ref/ours for durations."""
+        o, r = self.ours_median, self.reference_median
+        if not o or not r:
+            return None
+        return o / r if self.higher_is_better else r / o
+
+    @property
+    def met(self) -> bool | None:
+        ratio = self.ratio
+        if self.target is None or ratio is None:
+            return None
+        return ratio >= self.target
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d.update(
+            ours_median=self.ours_median,
+            reference_median=self.reference_median,
+            ratio=self.ratio,
+            target_met=self.met,
+        )
+        return d
+
+
+REGISTRY: dict[str, Workload] = {}
+
+
+def register(
+    name: str,
+    *,
+    ours: Measure,
+    reference: Measure,
+    reference_label: str,
+    unit: str,
+    description: str = "",
+    higher_is_better: bool = True,
+    target: float | None = None,
+    repeat: int = MIN_REPEAT,
+) -> Workload:
+    """Add a workload under ``name`` (unique); returns it."""
+    if name in REGISTRY:
+        raise ValueError(f"benchmark workload {name!r} registered twice")
+    workload = Workload(
+        name, description, unit, ours, reference, reference_label, higher_is_better,
+        target, max(repeat, MIN_REPEAT),
+    )  # fmt: skip
+    REGISTRY[name] = workload
+    return workload
+
+
+def select(patterns: Sequence[str]) -> list[Workload]:
+    """Workloads whose names match any of ``patterns`` (globs, or prefixes like ``wire``)."""
+    if not patterns:
+        return list(REGISTRY.values())
+    chosen: list[Workload] = []
+    for pattern in patterns:
+        matches = [
+            w for name, w in REGISTRY.items()
+            if fnmatch.fnmatch(name, pattern) or name.startswith(pattern + "-") or name == pattern
+        ]  # fmt: skip
+        if not matches:
+            known = ", ".join(REGISTRY) or "none"
+            raise SystemExit(f"no benchmark workload matches {pattern!r}; known: {known}")
+        chosen.extend(w for w in matches if w not in chosen)
+    return chosen
+
+
+def _measure(fn: Measure, quick: bool) -> float:
+    gc.collect()
+    return float(fn(quick))
+
+
+def run_workload(workload: Workload, repeat: int | None = None, quick: bool = False) -> Result:
+    """Alternate the two sides ``repeat`` times (ABBA order); errors are recorded, not raised."""
+    result = Result(
+        workload.name, workload.description, workload.unit, workload.reference_label,
+        workload.higher_is_better, workload.target,
+    )  # fmt: skip
+    n = max(repeat or workload.repeat, MIN_REPEAT)
+    for i in range(n):
+        sides = [("ours", workload.ours), ("reference", workload.reference)]
+        if i % 2:
+            sides.reverse()
+        for label, fn in sides:
+            try:
+                value = _measure(fn, quick)
+            except Exception:
+                result.error = f"{label}: {traceback.format_exc(limit=3)}"
+                return result
+            getattr(result, label).append(value)
+            print(f"  {workload.name} [{label}] run {i + 1}/{n}: {value:,.1f} {workload.unit}", flush=True)
+    return result
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "n/a"
+    text = f"{x:,.3g}" if abs(x) < 100 else f"{x:,.0f}"
+    return f"{text} {unit}".strip()
+
+
+def table(results: Sequence[Result]) -> str:
+    """A markdown table of medians and ratios."""
+    lines = [
+        "| workload | trioscheduler | reference | ref. median | ratio (>1 = better) | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.name} | error | {r.reference_label} | | | {r.error.splitlines()[0]} |")
+            continue
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "n/a"
+        target = "" if r.target is None else f">= {r.target:g}x " + ("met" if r.met else "MISSED")
+        lines.append(
+            f"| {r.name} | {_fmt(r.ours_median, r.unit)} | {r.reference_label} "
+            f"| {_fmt(r.reference_median, r.unit)} | {ratio} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(results: Sequence[Result], directory: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """``<timestamp>.json`` and ``<timestamp>.md`` under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    meta = {
+        "time": stamp,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "node": platform.node(),
+        "cpus": _cpu_count(),
+    }
+    json_path = directory / f"{stamp}.json"
+    json_path.write_text(
+        json.dumps({"meta": meta, "results": [r.as_dict() for r in results]}, indent=2) + "\n"
+    )
+    md_path = directory / f"{stamp}.md"
+    details = "\n".join(
+        f"- **{r.name}**: {r.description} Samples (ours / reference): "
+        f"{', '.join(_fmt(x) for x in r.ours)} / {', '.join(_fmt(x) for x in r.reference)} {r.unit}."
+        for r in results
+        if not r.error
+    )
+    md_path.write_text(
+        f"# Benchmarks {stamp}\n\nPython {meta['python']} on {meta['machine']}, "
+        f"{meta['cpus']} CPUs.\n\n{table(results)}\n\n{details}\n"
+    )
+    return json_path, md_path
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
