@@ -142,8 +142,8 @@ class _Shipped:
 
     __slots__ = ("__name__", "blob")
 
-    def __init__(self, func: Callable[..., Any]) -> None:
-        self.blob = cloudpickle.dumps(func, protocol=5)
+    def __init__(self, func: Callable[..., Any], blob: bytes) -> None:
+        self.blob = blob
         self.__name__ = funcname(func)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -156,16 +156,13 @@ def _load_function(blob: bytes) -> Any:
 
 
 def _shippable(func: Callable[..., Any]) -> Any:
-    """``func`` as it should go into many run specs: by reference, or pickled once."""
+    """``func`` as it should go into many run specs: itself when it pickles by
+    reference (small), else pickled once by value (lambdas, closures, ``__main__``)."""
     try:
-        if len(pickle.dumps(func, protocol=5)) <= _SHIP_BY_VALUE_OVER:
-            return func
-    except Exception:  # noqa: S110 - not picklable by reference: cloudpickle below
-        pass
-    try:
-        return _Shipped(func)
+        blob = cloudpickle.dumps(func, protocol=5)
     except Exception:
         return func  # runspec.pack reports the failure with the culprit named
+    return func if len(blob) <= _SHIP_BY_VALUE_OVER else _Shipped(func, blob)
 
 
 # --------------------------------------------------------------------------------------
@@ -465,12 +462,18 @@ class Client:
             self._batched.send_nowait(msg)
 
     async def _flusher(self) -> None:
+        last = -float("inf")
         while True:
             assert self._outbox_ready is not None
             await self._outbox_ready.wait()
             self._outbox_ready = trio.Event()
+            now = trio.current_time()
+            idle, last = now - last >= self._batch_interval, now
             try:
                 self._flush_outbox()
+                if idle:  # after a quiet spell, write now: batching would only add latency
+                    assert self._batched is not None
+                    await self._batched.flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
