@@ -13,11 +13,19 @@ from trioscheduler.core.messages import (
     AcquireReplicas,
     AddKeys,
     AddWorker,
+    CancelKeys,
+    ClientDesiresKeys,
+    ClientReleasesKeys,
     CloseWorker,
     ComputeTask,
     FreeKeys,
+    LongRunning,
+    MissingData,
+    ReleaseWorkerData,
     RemoveWorker,
+    Reschedule,
     RetireWorker,
+    RetryKeys,
     StealRequest,
     StealResponse,
     TaskErred,
@@ -217,6 +225,8 @@ class FakeCluster:
             w, k = self.replicas.pop()
             if w in self.pending and k in self.s.tasks and self.s.tasks[k].state == "memory":
                 self.send(ev(AddKeys, w, {k: 1}, now=self.now))
+        elif faults and choice < 0.6:
+            self.chaos(rng.random())
         elif busy:
             w = rng.choice(busy)
             k = rng.choice(list(self.pending[w]))
@@ -228,6 +238,63 @@ class FakeCluster:
         else:
             return bool(self.steal_asks or self.replicas)
         return True
+
+    def chaos(self, r: float) -> None:
+        """Client and worker events that are rare in real life but must be safe."""
+        rng, s, now = self.rng, self.s, self.now
+        processing = sorted((k for k, ts in s.tasks.items() if ts.state == "processing"), key=repr)
+        in_memory = sorted((k for k, ts in s.tasks.items() if ts.state == "memory"), key=repr)
+        clients = sorted(s.clients)
+        if r < 0.1 and clients:
+            c = rng.choice(clients)
+            wants = sorted(s.clients[c].wants, key=repr)
+            if wants:
+                self.send(ev(ClientReleasesKeys, c, [rng.choice(wants)], now=now))
+        elif r < 0.2 and clients:
+            c = rng.choice(clients)
+            wants = sorted(s.clients[c].wants, key=repr)
+            if wants:
+                force = rng.random() < 0.3
+                self.send(ev(CancelKeys, c, [rng.choice(wants)], force=force, now=now))
+        elif r < 0.3 and clients:
+            keys = sorted((k for k, ts in s.tasks.items() if ts.state == "erred"), key=repr)
+            if keys:
+                self.send(ev(RetryKeys, rng.choice(clients), [rng.choice(keys)], now=now))
+        elif r < 0.4 and clients and s.tasks:
+            key = rng.choice(sorted(s.tasks, key=repr))
+            self.send(ev(ClientDesiresKeys, rng.choice(clients), [key], now=now))
+        elif r < 0.5 and self.pending:
+            w = rng.choice(sorted(self.pending))
+            status = "paused" if rng.random() < 0.5 else "running"
+            self.send(ev(WorkerStatusChange, w, status, now=now))
+        elif r < 0.6 and in_memory and self.pending:
+            k = rng.choice(in_memory)
+            holder = rng.choice(sorted(s.tasks[k].who_has))
+            self.send(ev(MissingData, rng.choice(sorted(self.pending)), k, holder, now=now))
+        elif r < 0.7 and processing:
+            k = rng.choice(processing)
+            self.send(ev(LongRunning, s.tasks[k].processing_on, k, now=now))
+        elif r < 0.8 and processing:
+            k = rng.choice(processing)
+            w = s.tasks[k].processing_on or ""
+            self.pending.get(w, {}).pop(k, None)
+            self.send(ev(Reschedule, w, k, now=now))
+        elif r < 0.9 and self.pending:
+            key = f"scattered-{self.now:.1f}"
+            w = rng.choice(sorted(self.pending))
+            self.send(ev(UpdateData, "scatter", {key: [w]}, {key: 10}, now=now))
+        elif self.pending:
+            w = rng.choice(sorted(self.pending))
+            self.send(
+                ev(ReleaseWorkerData, w, sorted(s.workers[w].has_what, key=repr)[:1], now=now)
+            )
+
+    def settle(self) -> None:
+        """Stop faults: every worker runs again, and at least one exists."""
+        if not self.pending:
+            self.add_worker()
+        for w in sorted(self.pending):
+            self.send(ev(WorkerStatusChange, w, "running", now=self.now))
 
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("SCHED_SEEDS", "12"))))
@@ -250,8 +317,7 @@ def test_random_cluster_runs_to_completion(seed: int) -> None:
         fc.send(ev(UpdateGraph, f"c{g}", specs, wanted, now=fc.now))
         for _ in range(150):
             fc.step(faults=True)
-    if not fc.pending:
-        fc.add_worker()
+    fc.settle()
     for _ in range(20_000):
         if not fc.step(faults=False):
             break

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trioscheduler.core.scheduler import SchedulerState, TaskRecord, WorkerRecord
+    from trioscheduler.core.scheduler import SchedulerState
+    from trioscheduler.core.scheduler_records import TaskRecord, WorkerRecord
 
 SMALL_POOL = 20  # below this many workers, compare them all instead of round robin
 

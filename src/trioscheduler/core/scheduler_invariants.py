@@ -11,7 +11,8 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trioscheduler.core.scheduler import SchedulerState, TaskRecord
+    from trioscheduler.core.scheduler import SchedulerState
+    from trioscheduler.core.scheduler_records import TaskRecord
 
 _ACTIVE = ("waiting", "no-worker", "processing", "queued")
 

@@ -31,18 +31,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 from trioscheduler.core.messages import ComputeTask, KeyErred, KeyInMemory, KeyLost
 from trioscheduler.core.placement import decide_worker
+from trioscheduler.core.scheduler_records import EMPTY
 from trioscheduler.errors import TrioSchedulerError
 
-EMPTY: set[Any] = cast("set[Any]", frozenset())  # see TaskRecord: shared empty set
 _FROZEN: type[Any] = frozenset
 
 if TYPE_CHECKING:
-    from trioscheduler.core.scheduler import (
-        ClientRecord,
-        SchedulerState,
-        TaskRecord,
-        WorkerRecord,
-    )
+    from trioscheduler.core.scheduler import SchedulerState
+    from trioscheduler.core.scheduler_records import ClientRecord, TaskRecord, WorkerRecord
 
 ACTIVE = frozenset({"waiting", "no-worker", "processing", "queued"})
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from trioscheduler.core.placement import satisfies
 
 if TYPE_CHECKING:
-    from trioscheduler.core.scheduler import SchedulerState, TaskRecord
+    from trioscheduler.core.scheduler import SchedulerState
+    from trioscheduler.core.scheduler_records import TaskRecord
 
 MAX_EXAMINED = 100  # tasks looked at per victim per tick
 MAX_THIEVES_TRIED = 8  # thieves compared per task

@@ -1,0 +1,167 @@
+"""The scheduler's records: tasks, workers, clients, as slotted data.
+
+Kept apart from ``scheduler.py`` (the event handlers) so that the transitions,
+placement and stealing modules can name them without importing the state machine.
+Sets of keys and addresses (not of records) so that shells read them as plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from trioscheduler.core.messages import ClientId, Key, WorkerAddr
+
+EMPTY: set[Any] = cast("set[Any]", frozenset())  # shared empty set, see TaskRecord
+
+STATES = (
+    "released",
+    "waiting",
+    "no-worker",
+    "queued",
+    "processing",
+    "memory",
+    "erred",
+    "forgotten",
+)
+# States a victim may report for a task it had not started: then it is safe to move.
+# ``released``/None mean the victim does not hold the task at all (it is not running it).
+STEALABLE_STATES = frozenset(
+    {"waiting", "ready", "fetch", "flight", "constrained", "released", None}
+)
+
+
+# --------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class TaskPrefix:
+    """Tasks sharing a key prefix (``inc`` of ``inc-ab12``) share a duration estimate."""
+
+    name: str
+    duration_average: float = -1.0  # seconds; < 0 while no task of the prefix finished
+    n_finished: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class ErrorInfo:
+    """The blobs of a failure, carried into the ``erred`` transition."""
+
+    exception: bytes
+    traceback: bytes
+    exception_text: str = ""
+    traceback_text: str = ""
+    blame: Key = None
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    """One key as the scheduler sees it.
+
+    ``n_waiting``: dependencies not yet in memory (only meaningful while waiting).
+    ``n_waiters``: dependents in an active state (waiting/no-worker/processing) that
+    need this key's data; with ``wanted_by`` it decides when data may be released.
+    Both are counts, not sets: an empty set costs 216 bytes, and the budget is ~1 KB per
+    task. For the same reason the four public sets start as the shared ``EMPTY`` and are
+    replaced by a real set on the first insertion (``EMPTY`` is a frozenset: any
+    accidental in-place mutation fails loudly).
+    """
+
+    key: Key
+    run_spec: bytes | None
+    priority: tuple[Any, ...]
+    prefix: TaskPrefix
+    state: str = "released"
+    dependencies: set[Key] = EMPTY
+    dependents: set[Key] = EMPTY
+    who_has: set[WorkerAddr] = EMPTY
+    wanted_by: set[ClientId] = EMPTY
+    n_waiting: int = 0
+    n_waiters: int = 0
+    processing_on: WorkerAddr | None = None
+    nbytes: int = 0
+    type_name: str = ""
+    retries: int = 0
+    worker_restrictions: set[str] | None = None
+    allow_other_workers: bool = False
+    resource_restrictions: dict[str, float] | None = None
+    suspicious: int = 0  # times a worker died while this task was processing on it
+    killed_on: list[WorkerAddr] | None = None
+    exception: bytes | None = None
+    traceback: bytes | None = None
+    exception_text: str = ""
+    traceback_text: str = ""
+    exception_blame: Key = None
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord:
+    """One worker. ``processing`` maps key -> the duration estimate counted in
+    ``occupancy`` (0 for long-running tasks, which free their thread slot)."""
+
+    address: WorkerAddr
+    nthreads: int
+    memory_limit: int = 0
+    name: str | None = None
+    nanny: str | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    status: str = "running"  # running | paused | closing | closed
+    has_what: set[Key] = field(default_factory=set)
+    processing: dict[Key, float] = field(default_factory=dict)
+    long_running: set[Key] = field(default_factory=set)
+    nbytes: int = 0
+    occupancy: float = 0.0
+    last_seen: float = 0.0
+    incoming_steals: int = 0  # thread slots reserved for steals not yet confirmed
+    retire_requested: dict[Key, WorkerAddr] | None = None  # retiring: key -> replica target
+    single: frozenset[WorkerAddr] = frozenset()  # {address}, shared by who_has of its keys
+
+    def __post_init__(self) -> None:
+        self.single = frozenset((self.address,))
+
+    @property
+    def used_slots(self) -> int:
+        return len(self.processing) - len(self.long_running) + self.incoming_steals
+
+
+@dataclass(slots=True, eq=False)
+class ClientRecord:
+    client: ClientId
+    wants: set[Key] = field(default_factory=set)
+    last_seen: float = 0.0
+    single: frozenset[ClientId] = frozenset()  # {client}, shared by wanted_by of its keys
+
+    def __post_init__(self) -> None:
+        self.single = frozenset((self.client,))
+
+
+@dataclass(slots=True, eq=False)
+class PendingSteal:
+    victim: WorkerAddr
+    thief: WorkerAddr
+    stimulus_id: str
+
+
+def key_prefix(key: Key) -> str:
+    """Group name of a key, as dask's ``key_split``: ``('inc-ab12', 3)`` -> ``inc``."""
+    if type(key) is tuple:
+        key = key[0] if key else ""
+    if type(key) is bytes:
+        key = key.decode(errors="replace")
+    if type(key) is not str or not key:
+        return "Other"
+    words = key.split("-")
+    result = words[0].strip("_'()\"")
+    for word in words[1:]:
+        if not word.isalpha() or (len(word) == 8 and _is_hex(word)):
+            break
+        result += "-" + word
+    if len(result) == 32 and _is_hex(result):
+        return "data"
+    return result or "Other"
+
+
+def _is_hex(word: str) -> bool:
+    return all(c in "0123456789abcdef" for c in word)
