@@ -219,3 +219,11 @@ async def test_unpicklable_results_stay_in_memory_with_one_warning() -> None:
                     await wait_until(lambda: ok.key in store.spilled)
                     assert all(f.key in store.memory for f in locks)
     assert len([r for r in rec if issubclass(r.category, TrioSchedulerWarning)]) == 1
+
+
+async def test_unreachable_scheduler_is_a_plain_error() -> None:
+    with trio.fail_after(TIMEOUT), pytest.raises(wire.ConnectError, match="127.0.0.1:1"):
+        async with Worker("tcp://127.0.0.1:1", connect_timeout=0.5, memory_limit=0):
+            raise AssertionError("should not start")
+    with pytest.raises(ValueError, match="nthreads"):
+        Worker("tcp://127.0.0.1:1", nthreads=0)

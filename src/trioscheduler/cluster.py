@@ -182,12 +182,12 @@ class LocalCluster:
                 self.scheduler_address = scheduler.address
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    await self._scale(self.n_workers)
-                    self.status = "running"
-                    logger.info("%r started", self)
                     try:
+                        await self._scale(self.n_workers)
+                        self.status = "running"
+                        logger.info("%r started", self)
                         yield self
-                    except BaseException as exc:
+                    except BaseException as exc:  # also start-up errors: raised unwrapped
                         error = exc
                     finally:
                         self.status = "closing"
@@ -241,9 +241,14 @@ class LocalCluster:
             raise RuntimeError("the cluster is not running")
         nursery = self._nursery
         if n > len(self.workers):
-            async with trio.open_nursery() as starters:
-                for _ in range(n - len(self.workers)):
-                    starters.start_soon(nursery.start, self._hold, str(next(self._names)))
+            try:
+                async with trio.open_nursery() as starters:
+                    for _ in range(n - len(self.workers)):
+                        starters.start_soon(nursery.start, self._hold, str(next(self._names)))
+            except BaseExceptionGroup as group:
+                if len(group.exceptions) == 1:  # one worker failed to start: say which way
+                    raise group.exceptions[0] from None
+                raise
         elif n < len(self.workers):
             leaving = [self._stops[name] for name in sorted(self.workers, key=int)[n:]]
             for stop, _ in leaving:

@@ -198,31 +198,34 @@ class Worker:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(self._background)
-                listen_at = self._listen_address or self._default_listen_address()
-                async with (
-                    wire.listen(
-                        listen_at, self._serve_peer, role="worker", info={"name": self.name}
-                    ) as listener,
-                    wire.ConnectionPool() as pool,
-                ):
-                    self.address = listener.address
-                    self._pool = pool
-                    await self._connect()
-                    self.status = "running"
-                    logger.info(
-                        "worker %s (%d threads) joined %s",
-                        self.address,
-                        self.nthreads,
-                        self.scheduler_address,
-                    )
-                    try:
-                        yield self
-                    except BaseException as exc:
-                        error = exc
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await self._shutdown("worker closed", report=True)
+                try:
+                    await nursery.start(self._background)
+                    listen_at = self._listen_address or self._default_listen_address()
+                    async with (
+                        wire.listen(
+                            listen_at, self._serve_peer, role="worker", info={"name": self.name}
+                        ) as listener,
+                        wire.ConnectionPool() as pool,
+                    ):
+                        self.address = listener.address
+                        self._pool = pool
+                        await self._connect()
+                        self.status = "running"
+                        logger.info(
+                            "worker %s (%d threads) joined %s",
+                            self.address,
+                            self.nthreads,
+                            self.scheduler_address,
+                        )
+                        try:
+                            yield self
+                        except BaseException as exc:
+                            error = exc
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await self._shutdown("worker closed", report=True)
+                except BaseException as exc:  # start-up failed: raised unwrapped, below
+                    error = exc
                 nursery.cancel_scope.cancel()
         finally:
             self.store.close()
