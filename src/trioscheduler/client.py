@@ -24,34 +24,36 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import random
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from functools import lru_cache
 from typing import Any
 
-import cloudpickle
 import trio
-from dask.base import tokenize
-from dask.utils import funcname
 
 from trioscheduler import runspec, wire
 from trioscheduler._loop import Entered, LoopRunner, loop_runner
 from trioscheduler.core import messages as m
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.futures import Future, FutureCancelledError, KeyState, futures_of
+from trioscheduler.keys import (
+    check_key,
+    check_options,
+    check_workers,
+    map_keys,
+    scatter_key,
+    shippable,
+    submit_key,
+)
 
 __all__ = ["Client", "Executor", "default_client", "fire_and_forget"]
 
 logger = logging.getLogger("trioscheduler.client")
 
 FIRE_AND_FORGET = "fire-and-forget"  # the scheduler's client id for fire_and_forget keys
-_SHIP_BY_VALUE_OVER = 256  # bytes: functions pickled bigger than this are pickled once per map
-_KEY_TYPES = (str, bytes, int, float, tuple)
 
 _default: Client | None = None
 
@@ -65,104 +67,6 @@ def default_client() -> Client:
 
 class ClientClosedError(TrioSchedulerError):
     """The client was closed (or lost its scheduler); it cannot be used any more."""
-
-
-# --------------------------------------------------------------------------------------
-# Argument checks (at submit, in the caller's thread, with errors that say what to do)
-# --------------------------------------------------------------------------------------
-
-
-def _check_workers(workers: Any) -> list[str] | None:
-    if workers is None:
-        return None
-    if isinstance(workers, (str, int)) and not isinstance(workers, bool):
-        return [str(workers)]
-    if isinstance(workers, (list, tuple, set, frozenset)):
-        out: list[str] = []
-        for w in workers:
-            if not isinstance(w, (str, int)) or isinstance(w, bool):
-                break
-            out.append(str(w))
-        else:
-            return out
-    raise TypeError(
-        f"workers= takes a worker address or name, or a list of them, e.g. "
-        f"workers=['tcp://127.0.0.1:4000'] or workers='alice'; got {workers!r:.100}"
-    )
-
-
-def _check_resources(resources: Any) -> dict[str, float] | None:
-    if resources is None:
-        return None
-    if isinstance(resources, Mapping):
-        out: dict[str, float] = {}
-        for name, amount in resources.items():
-            if not isinstance(name, str):
-                break
-            if isinstance(amount, bool) or not isinstance(amount, (int, float)):
-                break
-            if amount < 0:
-                raise ValueError(f"resources= amounts must be >= 0; {name!r} asks for {amount}")
-            out[name] = amount
-        else:
-            return out
-    raise TypeError(
-        f"resources= takes a mapping of resource name to amount, e.g. {{'GPU': 1}}; "
-        f"got {resources!r:.100}"
-    )
-
-
-def _check_options(
-    workers: Any, resources: Any, retries: Any, priority: Any, allow_other_workers: Any
-) -> tuple[list[str] | None, dict[str, float] | None, int, int, bool]:
-    w = _check_workers(workers)
-    r = _check_resources(resources)
-    if retries is None:
-        retries = 0
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise TypeError(f"retries= takes a number >= 0, got {retries!r}")
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise TypeError(f"priority= takes an integer (higher runs first), got {priority!r}")
-    if allow_other_workers not in (True, False, None):
-        raise TypeError(f"allow_other_workers= takes True or False, got {allow_other_workers!r}")
-    if allow_other_workers and w is None:
-        raise ValueError("allow_other_workers=True only makes sense together with workers=")
-    return w, r, retries, priority, bool(allow_other_workers)
-
-
-def _check_key(key: Any) -> None:
-    if not isinstance(key, _KEY_TYPES):
-        raise TypeError(
-            f"a key must be a str, bytes, int, float or tuple of those, got {key!r:.100}"
-        )
-
-
-class _Shipped:
-    """A function pickled once per ``map``; unpickles to the function itself (cached)."""
-
-    __slots__ = ("__name__", "blob")
-
-    def __init__(self, func: Callable[..., Any], blob: bytes) -> None:
-        self.blob = blob
-        self.__name__ = funcname(func)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_load_function, (self.blob,))
-
-
-@lru_cache(maxsize=64)
-def _load_function(blob: bytes) -> Any:
-    return pickle.loads(blob)
-
-
-def _shippable(func: Callable[..., Any]) -> Any:
-    """``func`` as it should go into many run specs: itself when it pickles by
-    reference (small), else pickled once by value (lambdas, closures, ``__main__``)."""
-    try:
-        blob = cloudpickle.dumps(func, protocol=5)
-    except Exception:
-        return func  # runspec.pack reports the failure with the culprit named
-    return func if len(blob) <= _SHIP_BY_VALUE_OVER else _Shipped(func, blob)
 
 
 # --------------------------------------------------------------------------------------
@@ -539,7 +443,7 @@ class Client:
 
     def _attach(self, key: Any) -> KeyState:
         """A new ``Future(key, client)`` by hand: count it; want the key if it is new."""
-        _check_key(key)
+        check_key(key)
         with self._lock:
             st = self._futures.get(key)
             if st is None:
@@ -659,16 +563,13 @@ class Client:
         """
         if not callable(func):
             raise TypeError("the first argument of submit must be a callable function")
-        w, r, n_retries, prio, aow = _check_options(
+        w, r, n_retries, prio, aow = check_options(
             workers, resources, retries, priority, allow_other_workers
         )
         if key is None:
-            if pure:
-                key = f"{funcname(func)}-{tokenize(func, kwargs, *args)}"
-            else:
-                key = f"{funcname(func)}-{uuid.uuid4().hex}"
+            key = submit_key(func, args, kwargs, pure)
         else:
-            _check_key(key)
+            check_key(key)
         with self._lock:
             st = self._futures.get(key)
             if st is not None:
@@ -706,26 +607,12 @@ class Client:
         lengths = sorted({len(s) for s in seqs})
         if len(lengths) > 1:
             raise ValueError(f"map() needs iterables of equal length, got lengths {lengths}")
-        n = lengths[0]
-        w, r, n_retries, prio, aow = _check_options(
+        w, r, n_retries, prio, aow = check_options(
             workers, resources, retries, priority, allow_other_workers
         )
         calls = list(zip(*seqs, strict=True))
-        if isinstance(key, (list, tuple)):
-            if len(key) != n:
-                raise ValueError(f"map() got {len(key)} keys for {n} tasks")
-            keys = list(key)
-            for k in keys:
-                _check_key(k)
-        else:
-            prefix = key if isinstance(key, str) else funcname(func)
-            if pure:
-                tok = tokenize(func, kwargs)
-                keys = [f"{prefix}-{tokenize(tok, args)}" for args in calls]
-            else:
-                uid = uuid.uuid4().hex
-                keys = [f"{prefix}-{uid}-{i}" for i in range(n)]
-        shipped = _shippable(func)
+        keys = map_keys(func, calls, kwargs, key, pure)
+        shipped = shippable(func)
         pack = runspec.pack
         TaskSpec = m.TaskSpec
         specs: list[m.TaskSpec] = []
@@ -871,7 +758,7 @@ class Client:
         timeout: float | None = None,
     ) -> Any:
         """Put local data on workers; futures shaped like ``data`` (one, list or dict)."""
-        w = _check_workers(workers)
+        w = check_workers(workers)
         return self._sync(self._scatter, data, w, broadcast, hash, timeout)
 
     async def _scatter(  # noqa: ASYNC109 - the user's timeout, passed through
@@ -890,13 +777,11 @@ class Client:
             data = [data]
         if isinstance(data, dict):
             for k in data:
-                _check_key(k)
+                check_key(k)
             named = dict(data)
             names = list(named)
         else:
-            names = [
-                f"{type(x).__name__}-{tokenize(x) if hash else uuid.uuid4().hex}" for x in data
-            ]
+            names = [scatter_key(x, hash) for x in data]
             named = dict(zip(names, data, strict=True))
         with trio.fail_after(self.timeout if timeout is None else timeout):
             nthreads: dict[str, int] = await self._rpc({"op": "nthreads", "workers": workers})
@@ -1008,11 +893,11 @@ class Client:
 
     def has_what(self, workers: Any = None) -> Any:
         """``{worker address: [keys]}``."""
-        return self._sync(self._rpc, {"op": "has_what", "workers": _check_workers(workers)})
+        return self._sync(self._rpc, {"op": "has_what", "workers": check_workers(workers)})
 
     def nthreads(self, workers: Any = None) -> Any:
         """``{worker address: threads}`` of running workers."""
-        return self._sync(self._rpc, {"op": "nthreads", "workers": _check_workers(workers)})
+        return self._sync(self._rpc, {"op": "nthreads", "workers": check_workers(workers)})
 
     ncores = nthreads
 

@@ -1,0 +1,164 @@
+"""What a task is called and what travels with it: keys, placement options, functions.
+
+Everything here runs at ``submit``/``map`` time in the caller's thread, so a bad
+argument fails there with a message that says what to pass instead, and the per-task
+cost of ``map`` (naming, pickling the function) is paid once where it can be.
+
+Keys follow dask: a pure call is named ``funcname-<tokenize(func, kwargs, *args)>`` so the
+same call is the same key (computed once); an impure call gets a random suffix.
+"""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import cloudpickle
+from dask.base import tokenize
+from dask.utils import funcname
+
+__all__ = [
+    "check_key",
+    "check_options",
+    "check_resources",
+    "check_workers",
+    "map_keys",
+    "scatter_key",
+    "shippable",
+    "submit_key",
+]
+
+SHIP_BY_VALUE_OVER = 256
+"""Bytes: a function that pickles bigger than this (by value) is pickled once per map."""
+KEY_TYPES = (str, bytes, int, float, tuple)
+
+
+def submit_key(
+    func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], pure: bool
+) -> str:
+    if pure:
+        return f"{funcname(func)}-{tokenize(func, kwargs, *args)}"
+    return f"{funcname(func)}-{uuid.uuid4().hex}"
+
+
+def map_keys(
+    func: Callable[..., Any],
+    calls: Sequence[tuple[Any, ...]],
+    kwargs: Mapping[str, Any],
+    key: Any,
+    pure: bool,
+) -> list[Any]:
+    """One key per call: from the ``key=`` list, or ``<prefix>-<token>`` as dask's map."""
+    n = len(calls)
+    if isinstance(key, (list, tuple)):
+        if len(key) != n:
+            raise ValueError(f"map() got {len(key)} keys for {n} tasks")
+        for k in key:
+            check_key(k)
+        return list(key)
+    prefix = key if isinstance(key, str) else funcname(func)
+    if pure:
+        tok = tokenize(func, kwargs)
+        return [f"{prefix}-{tokenize(tok, args)}" for args in calls]
+    uid = uuid.uuid4().hex
+    return [f"{prefix}-{uid}-{i}" for i in range(n)]
+
+
+def scatter_key(value: Any, hash: bool) -> str:
+    return f"{type(value).__name__}-{tokenize(value) if hash else uuid.uuid4().hex}"
+
+
+def check_key(key: Any) -> None:
+    if not isinstance(key, KEY_TYPES):
+        raise TypeError(
+            f"a key must be a str, bytes, int, float or tuple of those, got {key!r:.100}"
+        )
+
+
+def check_workers(workers: Any) -> list[str] | None:
+    if workers is None:
+        return None
+    if isinstance(workers, (str, int)) and not isinstance(workers, bool):
+        return [str(workers)]
+    if isinstance(workers, (list, tuple, set, frozenset)):
+        out: list[str] = []
+        for w in workers:
+            if not isinstance(w, (str, int)) or isinstance(w, bool):
+                break
+            out.append(str(w))
+        else:
+            return out
+    raise TypeError(
+        f"workers= takes a worker address or name, or a list of them, e.g. "
+        f"workers=['tcp://127.0.0.1:4000'] or workers='alice'; got {workers!r:.100}"
+    )
+
+
+def check_resources(resources: Any) -> dict[str, float] | None:
+    if resources is None:
+        return None
+    if isinstance(resources, Mapping):
+        out: dict[str, float] = {}
+        for name, amount in resources.items():
+            if not isinstance(name, str):
+                break
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+                break
+            if amount < 0:
+                raise ValueError(f"resources= amounts must be >= 0; {name!r} asks for {amount}")
+            out[name] = amount
+        else:
+            return out
+    raise TypeError(
+        f"resources= takes a mapping of resource name to amount, e.g. {{'GPU': 1}}; "
+        f"got {resources!r:.100}"
+    )
+
+
+def check_options(
+    workers: Any, resources: Any, retries: Any, priority: Any, allow_other_workers: Any
+) -> tuple[list[str] | None, dict[str, float] | None, int, int, bool]:
+    w = check_workers(workers)
+    r = check_resources(resources)
+    if retries is None:
+        retries = 0
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise TypeError(f"retries= takes a number >= 0, got {retries!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority= takes an integer (higher runs first), got {priority!r}")
+    if allow_other_workers not in (True, False, None):
+        raise TypeError(f"allow_other_workers= takes True or False, got {allow_other_workers!r}")
+    if allow_other_workers and w is None:
+        raise ValueError("allow_other_workers=True only makes sense together with workers=")
+    return w, r, retries, priority, bool(allow_other_workers)
+
+
+class _Shipped:
+    """A function pickled once per ``map``; unpickles to the function itself (cached)."""
+
+    __slots__ = ("__name__", "blob")
+
+    def __init__(self, func: Callable[..., Any], blob: bytes) -> None:
+        self.blob = blob
+        self.__name__ = funcname(func)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_function, (self.blob,))
+
+
+@lru_cache(maxsize=64)
+def _load_function(blob: bytes) -> Any:
+    return pickle.loads(blob)
+
+
+def shippable(func: Callable[..., Any]) -> Any:
+    """``func`` as it should go into many run specs: itself when it pickles by
+    reference (small), else pickled once by value (lambdas, closures, ``__main__``)."""
+    try:
+        blob = cloudpickle.dumps(func, protocol=5)
+    except Exception:
+        return func  # runspec.pack reports the failure with the culprit named
+    return func if len(blob) <= SHIP_BY_VALUE_OVER else _Shipped(func, blob)
