@@ -32,10 +32,18 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import dask
 import trio
 
 from trioscheduler import runspec, wire
 from trioscheduler._loop import Entered, LoopRunner, loop_runner
+from trioscheduler.collections import (
+    collections_to_graph,
+    flatten_keys,
+    graph_to_tasks,
+    repack,
+)
+from trioscheduler.collections import futures_of as collection_futures
 from trioscheduler.core import messages as m
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.futures import Future, FutureCancelledError, KeyState, futures_of
@@ -123,6 +131,8 @@ class Client:
         self._session_cm: Any = None
         self.cluster: Any = None
         self._own_cluster = False
+        self._dask_config: Any = None
+        self._dask_get: Any = None
 
         if address is None and scheduler_file is not None:
             with open(scheduler_file) as f:
@@ -262,11 +272,21 @@ class Client:
         global _default
         if _default is self:
             _default = None
+        dask_scheduler = dask.config.get("scheduler", None)
+        if self._dask_config is not None and dask_scheduler is self._dask_get:
+            self._dask_config.__exit__(None, None, None)
+        self._dask_config = None
 
     def _make_default(self) -> None:
+        """The current client, and (sync clients) dask's scheduler: ``x.compute()`` runs here."""
         global _default
         if self._set_as_default:
             _default = self
+            if not self.asynchronous:
+                self._dask_get = self.get
+                self._dask_config = dask.config.set(
+                    {"scheduler": self._dask_get, "dataframe.shuffle.method": "tasks"}
+                )
 
     async def __aenter__(self) -> Client:
         if not self.asynchronous:
@@ -505,16 +525,42 @@ class Client:
                 self._post(self._emit_graph, fresh)
         return futures
 
-    def _emit_graph(self, specs: list[m.TaskSpec]) -> None:
+    def _emit_graph(self, specs: list[m.TaskSpec], keys: list[Any] | None = None) -> None:
         self._emit(
             m.UpdateGraph(
                 self._next_stimulus("update-graph"),
                 trio.current_time(),
                 self.id,
                 specs,
-                [s.key for s in specs],
+                [s.key for s in specs] if keys is None else keys,
             )
         )
+
+    def _graph_futures(self, tasks: list[m.TaskSpec], wanted: list[Any]) -> dict[Any, Future]:
+        """Send a graph (``tasks``, dependencies first); futures for the ``wanted`` keys."""
+        futures: dict[Any, Future] = {}
+        new: list[Any] = []
+        with self._lock:
+            if self.status != "running":
+                raise ClientClosedError(f"{self!r} is not running")
+            table, refs = self._futures, self._refcount
+            for key in dict.fromkeys(wanted):
+                st = table.get(key)
+                if st is None:
+                    st = table[key] = KeyState(key)
+                    new.append(key)
+                refs[key] = refs.get(key, 0) + 1
+                futures[key] = Future(key, self, st)
+            if tasks or new:
+                self._post(self._emit_graph, tasks, new)
+        return futures
+
+    def _held_keys(self, *objs: Any) -> set[Any]:
+        """Keys on the cluster a new graph may depend on without recomputing them."""
+        with self._lock:
+            held = set(self._futures)
+        held.update(f.key for f in collection_futures(objs, is_future=_is_our_future))
+        return held
 
     def _on_done(self, future: Future, hook: Callable[[], None]) -> None:
         """Run ``hook()`` in the loop thread once ``future`` is done (now, if it is)."""
@@ -624,6 +670,115 @@ class Client:
                 spec = packed[k] = TaskSpec(k, deps, run_spec, prio, 0, w, aow, r, n_retries)
             specs.append(spec)
         return self._new_futures(specs)
+
+    # -- dask collections ----------------------------------------------------------------
+
+    def compute(
+        self,
+        collections: Any,
+        sync: bool = False,
+        optimize_graph: bool = True,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        resources: Any = None,
+        retries: int | None = None,
+        priority: int = 0,
+        traverse: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Futures for dask collections (one, or a list); their values with ``sync=True``."""
+        singleton = not isinstance(collections, (list, tuple, set, frozenset))
+        g = collections_to_graph(collections, optimize_graph=optimize_graph, traverse=traverse)
+        futures = self._submit_graph(
+            g.graph, g.flat_keys, g.annotations, (g.items,),
+            workers, allow_other_workers, resources, retries, priority,
+        )  # fmt: skip
+        results = g.per_collection(futures)
+        if sync:
+            return self._sync(self._gather_one, results, singleton)
+        return results[0] if singleton else results
+
+    async def _gather_one(self, results: list[Any], singleton: bool) -> Any:
+        values = await self._gather(results, "raise")
+        return values[0] if singleton else values
+
+    def persist(
+        self,
+        collections: Any,
+        optimize_graph: bool = True,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        resources: Any = None,
+        retries: int | None = None,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """The collections rebuilt on futures: computed on the cluster, kept there."""
+        singleton = not isinstance(collections, (list, tuple, set, frozenset))
+        g = collections_to_graph(collections, optimize_graph=optimize_graph, persist=True)
+        futures = self._submit_graph(
+            g.graph, g.flat_keys, g.annotations, (g.items,),
+            workers, allow_other_workers, resources, retries, priority,
+        )  # fmt: skip
+        out = g.rebuild(futures)
+        return out[0] if singleton else out
+
+    def get(
+        self,
+        dsk: Any,
+        keys: Any,
+        workers: Any = None,
+        allow_other_workers: bool | None = None,
+        resources: Any = None,
+        sync: bool = True,
+        retries: int | None = None,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """dask's scheduler interface: the values of ``keys`` (nested lists) of graph ``dsk``."""
+        flat = flatten_keys(keys)
+        futures = self._submit_graph(
+            dsk, flat, None, (), workers, allow_other_workers, resources, retries, priority
+        )
+        if not sync:
+            return repack(keys, futures)
+        return self._sync(self._get_values, keys, flat, futures)
+
+    async def _get_values(self, keys: Any, flat: list[Any], futures: dict[Any, Future]) -> Any:
+        try:
+            values = await self._gather([futures[k] for k in flat], "raise")
+            return repack(keys, dict(zip(flat, values, strict=True)))
+        finally:
+            for f in futures.values():
+                f.release()
+
+    def _submit_graph(
+        self,
+        dsk: Any,
+        wanted: list[Any],
+        annotations: Any,
+        containers: tuple[Any, ...],
+        workers: Any,
+        allow_other_workers: Any,
+        resources: Any,
+        retries: Any,
+        priority: Any,
+    ) -> dict[Any, Future]:
+        w, r, n_retries, prio, aow = check_options(
+            workers, resources, retries, priority, allow_other_workers
+        )
+        tasks = graph_to_tasks(
+            dsk,
+            keys_wanted=wanted,
+            known_keys=self._held_keys(*containers),
+            annotations=annotations,
+            workers=w,
+            allow_other_workers=aow if w else None,
+            resources=r,
+            retries=n_retries or None,
+            priority=prio,
+        )
+        return self._graph_futures(tasks, wanted)
 
     # -- gather --------------------------------------------------------------------------
 
@@ -939,6 +1094,10 @@ def fire_and_forget(obj: Any) -> None:
         by_client[f.client].append(f.key)
     for client, keys in by_client.items():
         client._post(client._emit_desire, keys, FIRE_AND_FORGET)
+
+
+def _is_our_future(x: Any) -> bool:
+    return type(x) is Future
 
 
 def _repack(obj: Any, values: dict[Any, Any], bad: set[Any]) -> Any:
