@@ -103,6 +103,17 @@ def test_steal_to_thief_that_died_reschedules() -> None:
     assert s.tasks[key].processing_on == A
 
 
+def test_thief_leaves_and_rejoins_before_the_answer() -> None:
+    s = loaded()
+    s.handle(ev(Tick, now=1.0))
+    key = next(iter(s.steals))
+    s.handle(ev(RemoveWorker, B))
+    s.handle(ev(AddWorker, B, 2))
+    eff = s.handle(ev(StealResponse, A, key, "ready"))
+    assert s.workers[B].incoming_steals == 0
+    assert len(computes(eff)) == 1 and states(s)[key] == "processing"
+
+
 def test_victim_dies_with_pending_steal() -> None:
     s = loaded()
     s.handle(ev(Tick, now=1.0))

@@ -535,6 +535,9 @@ class SchedulerState:
             self.transition(ts, "waiting")
         self.total_nthreads -= ws.nthreads
         del self.workers[addr]
+        for pending in self.steals.values():
+            if pending.thief == addr:  # the victim's answer will find no thief: reschedule
+                pending.thief = ""
         for other in list(self.retiring):
             ows = self.workers.get(other)
             if ows is not None:
@@ -648,7 +651,8 @@ class SchedulerState:
         ws.last_seen = ev.now
         ts = self.tasks.get(ev.key)
         if ts is None or ts.state != "processing" or ts.processing_on != ws.address:
-            return  # stale: another worker computes it, or it was released
+            self.free_on(ws.address, ev.key)  # stale: computed elsewhere, or released
+            return
         self._recs.pop(ts.key, None)
         if ts.retries > 0:
             ts.retries -= 1
