@@ -13,6 +13,7 @@ import psutil
 import pytest
 import trio
 
+from trioscheduler import wire
 from trioscheduler.client import Client
 from trioscheduler.nanny import Nanny, WorkerStartError
 from trioscheduler.scheduler import Scheduler
@@ -45,10 +46,28 @@ async def test_restart_on_kill_and_on_request(caplog: pytest.LogCaptureFixture) 
                 async with Client(s.address, asynchronous=True) as c:
                     await c.wait_for_workers(1)
                     assert await c.submit(os.getpid, pure=False) == nanny.pid
+                # the scheduler knows the nanny; the nanny takes requests on its address
+                assert nanny.address is not None
+                assert s.state.workers[second_addr].nanny == nanny.address
+                async with wire.ConnectionPool() as pool, pool.connect(nanny.address) as stream:
+                    await stream.send({"op": "status"})
+                    status = await stream.receive()
+                    assert status == {
+                        "status": "OK",
+                        "worker": second_addr,
+                        "pid": nanny.pid,
+                        "restarts": 1,
+                    }
+                    await stream.send({"op": "restart", "reason": "asked over the wire"})
+                    reply = await stream.receive()
+                    assert reply["status"] == "OK" and reply["worker"] == nanny.worker_address
+                    assert reply["worker"] != second_addr and nanny.restarts == 2
+                    await stream.send({"op": "dance"})
+                    assert (await stream.receive())["status"] == "error"
                 last_pid = nanny.pid
             assert nanny.status == "closed"
             assert not psutil.pid_exists(last_pid)  # type: ignore[arg-type]
-    assert "testing restart" in caplog.text
+    assert "testing restart" in caplog.text and "asked over the wire" in caplog.text
 
 
 async def test_memory_terminate_threshold_kills_and_restarts(
@@ -72,7 +91,13 @@ async def test_memory_terminate_threshold_kills_and_restarts(
 
 
 async def test_nanny_start_failure_is_an_error() -> None:
-    with trio.fail_after(TIMEOUT), pytest.raises(WorkerStartError, match="exited before joining"):
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler("tcp://127.0.0.1:0") as s:
+            # the child cannot create its spill directory, so it exits at once
+            with pytest.raises(WorkerStartError, match="exited before joining"):
+                async with Nanny(s.address, memory_limit=0, local_directory="/proc/no/such") as n:
+                    raise AssertionError(f"should not start: {n}")
+    with pytest.raises(wire.AddressError, match="bogus"):
         async with Nanny("bogus://scheduler", memory_limit=0) as n:
             raise AssertionError(f"should not start: {n}")
 

@@ -149,7 +149,9 @@ async def _worker_main(args: argparse.Namespace) -> None:
             if listen is None and not address.startswith("inproc://"):
                 listen = f"tcp://{default_host(address)}:0"
             for name in names:  # one at a time: each start is awaited
-                worker = Worker(address, address=listen, name=name, **common)
+                worker = Worker(
+                    address, address=listen, name=name, nanny=args.nanny_address, **common
+                )
                 components.append(await stack.enter_async_context(worker))
             if args.ready_fd is None:
                 for c in components:
@@ -397,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--nanny-address", help=argparse.SUPPRESS)
 
     p = sub.add_parser("demo", help="start a local cluster and run a demo workload on it")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: by cores)")

@@ -12,6 +12,12 @@ exits without saying so crashed and is restarted. The child also watches its std
 the nanny holds open: if the nanny dies, even by SIGKILL, the child sees EOF and exits.
 Leaving the nanny's ``async with`` terminates the child (SIGTERM, then SIGKILL after
 ``close_timeout``) and reaps it, whatever the reason for leaving.
+
+The nanny serves a few requests on its own address (``nanny.address``, announced to the
+scheduler as ``AddWorker.nanny``) so that a scheduler or client can restart workers:
+``{"op": "restart", "reason": ...}`` -> ``{"status": "OK", "worker": new_address}``,
+``{"op": "kill"}``, ``{"op": "status"}`` -> ``{"status": "OK", "worker", "pid",
+"restarts"}``.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from typing import Any
 import psutil
 import trio
 
-from trioscheduler import memory
+from trioscheduler import memory, wire
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.wire.address import tcp_address
 
 logger = logging.getLogger("trioscheduler.nanny")
 
@@ -78,6 +85,7 @@ class Nanny:
         self.env = env
 
         self.worker_address: str | None = None
+        self.address: str | None = None  # where the nanny takes requests
         self.pid: int | None = None
         self.restarts = 0
         self.status = "created"  # created -> running -> closing -> closed
@@ -92,11 +100,6 @@ class Nanny:
 
     def __repr__(self) -> str:
         return f"<Nanny {self.worker_address or '(no worker)'} pid={self.pid} {self.status}>"
-
-    @property
-    def address(self) -> str | None:
-        """The address of the worker this nanny looks after (changes on restart)."""
-        return self.worker_address
 
     # ----------------------------------------------------------------------------------
 
@@ -144,24 +147,30 @@ class Nanny:
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Nanny]:
         error: BaseException | None = None  # the block's own error, raised unwrapped
+        listen_at = self._listen_address()
         try:
             async with trio.open_nursery() as nursery:
-                first: trio.Event = trio.Event()
-                failure: list[BaseException] = []
-                nursery.start_soon(self._supervise, first, failure)
-                await first.wait()
-                if failure:
-                    error = failure[0]  # raised from __aenter__, below
-                else:
-                    self.status = "running"
-                    try:
-                        yield self
-                    except BaseException as exc:
-                        error = exc
-                    finally:
-                        self._closing = True
-                        with trio.CancelScope(shield=True):
-                            await self._terminate(graceful=True)
+                try:
+                    async with wire.listen(listen_at, self._serve, role="nanny") as listener:
+                        self.address = listener.address
+                        first = trio.Event()
+                        failure: list[BaseException] = []
+                        nursery.start_soon(self._supervise, first, failure)
+                        await first.wait()
+                        if failure:
+                            error = failure[0]  # raised from __aenter__, below
+                        else:
+                            self.status = "running"
+                            try:
+                                yield self
+                            except BaseException as exc:
+                                error = exc
+                            finally:
+                                self._closing = True
+                                with trio.CancelScope(shield=True):
+                                    await self._terminate(graceful=True)
+                except BaseException as exc:  # start-up failed: raised unwrapped, below
+                    error = exc
                 nursery.cancel_scope.cancel()
         finally:
             self.status = "closed"
@@ -171,6 +180,40 @@ class Nanny:
 
     # ----------------------------------------------------------------------------------
 
+    def _listen_address(self) -> str:
+        from trioscheduler.worker import default_host
+
+        if wire.parse_address(self.scheduler_address)[0] == "inproc":
+            return "inproc://nanny-" + str(os.getpid()) + "-" + str(id(self))
+        return tcp_address(self.host or default_host(self.scheduler_address), 0)
+
+    async def _serve(self, stream: wire.Stream) -> None:
+        """Answer requests of the scheduler or a client (restart, kill, status)."""
+        async for request in stream:
+            op = request.get("op") if isinstance(request, dict) else None
+            try:
+                if op == "restart":
+                    address = await self.restart(str(request.get("reason", "restart requested")))
+                    reply: dict[str, Any] = {"status": "OK", "worker": address}
+                elif op == "kill":
+                    await self.kill(str(request.get("reason", "killed on request")))
+                    reply = {"status": "OK"}
+                elif op == "status":
+                    reply = {
+                        "status": "OK",
+                        "worker": self.worker_address,
+                        "pid": self.pid,
+                        "restarts": self.restarts,
+                    }
+                else:
+                    reply = {
+                        "status": "error",
+                        "text": f"unknown op {op!r}; a nanny knows restart, kill, status",
+                    }
+            except Exception as exc:
+                reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
+            await stream.send(reply)
+
     def _command(self, ready_fd: int) -> list[str]:
         cmd = [
             sys.executable, "-m", "trioscheduler", "--log-level", self.log_level,
@@ -179,6 +222,8 @@ class Nanny:
             "--memory-limit", str(self.memory_limit or 0),
             "--ready-fd", str(ready_fd), "--watch-stdin",
         ]  # fmt: skip
+        if self.address:
+            cmd += ["--nanny-address", self.address]
         if self.resources:
             cmd += ["--resources", " ".join(f"{k}={v}" for k, v in self.resources.items())]
         if self.name is not None:
