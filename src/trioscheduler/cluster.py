@@ -221,7 +221,14 @@ class LocalCluster:
                 self.workers[name] = worker
                 self._stops[name] = (stop, gone)
                 task_status.started()
-                await stop.wait()
+                async with trio.open_nursery() as race:  # scaled down, or closed on its own
+
+                    async def until(wait: Any) -> None:
+                        await wait()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(until, stop.wait)
+                    race.start_soon(until, worker.finished)
         finally:
             self.workers.pop(name, None)
             self._stops.pop(name, None)

@@ -212,7 +212,7 @@ class Worker:
                         await self._connect()
                         self.status = "running"
                         logger.info(
-                            "worker %s (%d threads) joined %s",
+                            "worker %s (%d thread(s)) joined %s",
                             self.address,
                             self.nthreads,
                             self.scheduler_address,
