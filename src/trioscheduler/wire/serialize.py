@@ -13,8 +13,9 @@ cannot say natively is spelled with an extension type that points at later frame
   pandas blocks) become frames of their own, and functions, lambdas, closures and
   ``__main__`` objects go through cloudpickle.
 
-Plain data pays only for one C-level ``msgpack.packb``; the Python walk that moves
-large byte strings out of line runs only when the header turned out large. ``loads``
+Plain data pays only for one C-level ``msgpack`` call; only a message whose header
+turned out large is packed again part by part (``_Encoder.split``) so that its large
+byte strings go out of line. ``loads``
 builds arrays straight on the received buffers, so a frame received into a
 ``bytearray`` is never copied again (only large ``bytes`` are copied once, to give the
 receiver an object of the type the sender sent). Buffers under ``OUT_OF_BAND_BYTES``
@@ -128,45 +129,86 @@ def _out_of_band(code: int, buf: Frame, frames: list[Frame]) -> msgpack.ExtType:
 
 
 class _Encoder:
-    """One message's encoding: ``default`` sees everything msgpack does not know."""
+    """One message's encoding: ``default`` sees everything msgpack does not know natively.
 
-    __slots__ = ("frames", "walk_bytes")
+    ``split`` packs a message that turned out large: it assembles the msgpack bytes
+    from its parts (a map or array is its header followed by its packed items), sends
+    large byte strings out of band, and packs every part that is small whole, in C. So a
+    16k-task graph costs a few C-level packs, not a Python walk over every field.
+    """
 
-    def __init__(self, walk_bytes: bool) -> None:
+    __slots__ = ("frames", "packer")
+
+    def __init__(self) -> None:
         self.frames: list[Frame] = []
-        self.walk_bytes = walk_bytes
+        self.packer = msgpack.Packer(default=self.default, strict_types=True, use_bin_type=True)
 
     def default(self, obj: Any) -> Any:
         t = type(obj)
-        if t is tuple:  # (in walk mode its items were walked already)
+        if t is tuple:
             return [_TUPLE_EXT, *obj]
         if t in _RECORD_TYPES:
-            dumped = messages.dump(obj)
-            return [_RECORD_EXT, *(self._walk(dumped) if self.walk_bytes else dumped)]
+            return [_RECORD_EXT, *messages.dump(obj)]
         return _pickle(obj, self.frames)
 
-    def _walk(self, obj: Any) -> Any:
-        """A copy of ``obj`` with large buffers replaced by out-of-band references."""
+    def pack(self, obj: Any) -> bytes:
+        """``obj`` packed; if that came out large, packed again by ``split``."""
         t = type(obj)
-        if t is dict:
-            return {self._walk(k): self._walk(v) for k, v in obj.items()}
-        if t is list or t is tuple:
-            return t(self._walk(x) for x in obj)
         if t is bytes or t is bytearray or t is memoryview:
-            if len(obj) >= OUT_OF_BAND_BYTES or (
-                t is memoryview and obj.nbytes >= OUT_OF_BAND_BYTES
-            ):
-                code = _BYTES if t is bytes else _BYTEARRAY if t is bytearray else _MEMORYVIEW
-                return _out_of_band(code, obj, self.frames)
-        return obj
+            if _nbytes(obj) >= OUT_OF_BAND_BYTES:
+                return self.split(obj)
+            return self.packer.pack(obj)  # type: ignore[no-any-return]
+        frames = self.frames
+        mark = len(frames)
+        packed: bytes = self.packer.pack(obj)
+        if len(packed) < OUT_OF_BAND_BYTES or t in _PLAIN_SCALARS:
+            return packed
+        del frames[mark:]  # anything pickled on the way is pickled again below
+        return self.split(obj)
+
+    def split(self, obj: Any) -> bytes:
+        """``obj`` (known to pack large) packed part by part; big buffers out of band."""
+        t = type(obj)
+        p = self.packer
+        if t is bytes or t is bytearray or t is memoryview:
+            code = _BYTES if t is bytes else _BYTEARRAY if t is bytearray else _MEMORYVIEW
+            return p.pack(_out_of_band(code, obj, self.frames))  # type: ignore[no-any-return]
+        if t is dict:
+            parts = [p.pack_map_header(len(obj))]
+            for k, v in obj.items():
+                parts.append(self.pack(k))
+                parts.append(self.pack(v))
+        elif t is list:
+            parts = [p.pack_array_header(len(obj))]
+            parts += [self.pack(x) for x in obj]
+        elif t is tuple:
+            parts = [p.pack_array_header(len(obj) + 1), p.pack(_TUPLE_EXT)]
+            parts += [self.pack(x) for x in obj]
+        elif t in _RECORD_TYPES:
+            dumped = messages.dump(obj)
+            parts = [p.pack_array_header(len(dumped) + 1), p.pack(_RECORD_EXT)]
+            parts += [self.pack(x) for x in dumped]
+        else:  # a long string, a pickled object: nothing to split
+            return p.pack(obj)  # type: ignore[no-any-return]
+        return b"".join(parts)
 
 
-def _pack(msg: Any, walk_bytes: bool) -> list[Frame]:
-    enc = _Encoder(walk_bytes)
-    if walk_bytes:
-        msg = enc._walk(msg)
+def _nbytes(buf: bytes | bytearray | memoryview) -> int:
+    return buf.nbytes if type(buf) is memoryview else len(buf)
+
+
+def _encode(msg: Any, batch: list[Any] | None = None, split: bool = True) -> list[Frame]:
+    enc = _Encoder()
     try:
-        header = msgpack.packb(msg, default=enc.default, strict_types=True, use_bin_type=True)
+        if not split:
+            header = enc.packer.pack(msg)
+        elif batch is None:
+            header = enc.pack(msg)
+        else:
+            p = enc.packer
+            parts = [p.pack_array_header(len(batch) + 1), p.pack(_BATCH_EXT)]
+            parts += [enc.pack(m) for m in batch]
+            header = b"".join(parts)
     except SerializationError:
         raise
     except (TypeError, ValueError, OverflowError) as e:
@@ -179,17 +221,7 @@ def dumps(msg: Any) -> list[Frame]:
 
     Raises ``SerializationError`` naming the type that could not be serialized.
     """
-    t = type(msg)
-    if t is bytes or t is bytearray or t is memoryview:
-        # Top-level buffers are the common large case (data transfers): skip msgpack's copy.
-        if len(msg) >= OUT_OF_BAND_BYTES:
-            return _pack(msg, walk_bytes=True)
-    frames = _pack(msg, walk_bytes=False)
-    header = frames[0]
-    if len(header) >= OUT_OF_BAND_BYTES and t not in _PLAIN_SCALARS:
-        # Large header: maybe large byte strings went in line. Redo with the Python walk.
-        return _pack(msg, walk_bytes=True)
-    return frames
+    return _encode(msg)
 
 
 _PLAIN_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
@@ -198,33 +230,14 @@ _PLAIN_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 def dumps_batch(msgs: list[Any], walk: bool = True) -> list[Frame]:
     """Frames carrying all of ``msgs`` at once; ``loads`` gives back a ``Batch`` of them.
 
-    With ``walk=False`` the batch is one ``msgpack.packb`` call (the fast path for many
-    small messages; byte strings inside stay in line). Otherwise each message is packed
-    on its own by one reused packer, and a message that packs large is packed again
-    with the walk that moves its big byte strings out of line (a msgpack array is its
-    header followed by its packed items, so the pieces are simply joined).
+    With ``walk=False`` the batch is one ``msgpack`` call (the fast path for many small
+    messages; byte strings inside stay in line). Otherwise each message is packed on its
+    own by one reused packer, and one that packs large is split so that its big byte
+    strings go out of band.
     """
     if not walk:
-        return _pack([_BATCH_EXT, *msgs], walk_bytes=False)
-    enc = _Encoder(walk_bytes=False)
-    packer = msgpack.Packer(default=enc.default, strict_types=True, use_bin_type=True)
-    parts = [packer.pack_array_header(len(msgs) + 1), packer.pack(_BATCH_EXT)]
-    frames = enc.frames
-    try:
-        for msg in msgs:
-            mark = len(frames)
-            packed = packer.pack(msg)
-            if len(packed) >= OUT_OF_BAND_BYTES and type(msg) not in _PLAIN_SCALARS:
-                del frames[mark:]
-                enc.walk_bytes = True
-                packed = packer.pack(enc._walk(msg))
-                enc.walk_bytes = False
-            parts.append(packed)
-    except SerializationError:
-        raise
-    except (TypeError, ValueError, OverflowError) as e:
-        raise SerializationError(f"cannot serialize message: {e}") from e
-    return [b"".join(parts), *frames]
+        return _encode([_BATCH_EXT, *msgs], split=False)
+    return _encode(None, batch=msgs)
 
 
 class _Decoder:
