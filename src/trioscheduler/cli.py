@@ -235,35 +235,6 @@ def _longest(*chains: tuple[int, int]) -> tuple[int, int]:
     return max(chains)
 
 
-def _dask_compute(client: Any, obj: Any) -> Any:
-    """``obj`` computed on the cluster through dask's scheduler interface."""
-    from dask.base import compute
-
-    get = getattr(client, "get", None)
-    if get is not None:
-        return compute(obj, scheduler=get)[0]  # type: ignore[no-untyped-call]
-    # Without Client.get: submit the delayed graph's tasks as futures ourselves.
-    from dask.core import get_dependencies
-
-    graph = dict(obj.__dask_graph__())
-    done: dict[Any, Any] = {}
-    while len(done) < len(graph):
-        for key, task in graph.items():
-            if key in done:
-                continue
-            deps = get_dependencies(graph, key)
-            if all(d in done for d in deps):
-                done[key] = client.submit(_run_dask_task, task, {d: done[d] for d in deps})
-    return done[obj.key].result()
-
-
-def _run_dask_task(task: Any, deps: dict[Any, Any]) -> Any:
-    from dask.core import get
-
-    graph = {**deps, "__result__": task}
-    return get(graph, "__result__")
-
-
 def run_demo(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
@@ -272,6 +243,7 @@ def run_demo(
     samples: int = 4000,
 ) -> int:
     """Start a local cluster, run a futures workload and a dask graph, print timings."""
+    from dask.base import compute
     from dask.delayed import delayed
     from tqdm import tqdm
 
@@ -327,7 +299,7 @@ def run_demo(
             parts = [delayed(_collatz_longest)(lo, lo + chunk) for lo in range(1, limit, chunk)]
             while len(parts) > 1:
                 parts = [delayed(_longest)(*parts[i : i + 4]) for i in range(0, len(parts), 4)]
-            steps, start = _dask_compute(client, parts[0])
+            steps, start = compute(parts[0], scheduler=client.get)[0]  # type: ignore[no-untyped-call]
             dt2 = time.perf_counter() - t2
             print(f"  {start:,} takes {steps} steps to reach 1: {dt2:.2f} s", file=out, flush=True)
         t3 = time.perf_counter()
