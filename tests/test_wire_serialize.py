@@ -158,3 +158,16 @@ def test_parse_address(address: str, parsed: tuple[str, str, int | None]) -> Non
 def test_bad_addresses_say_what_is_wrong(address: str, complaint: str) -> None:
     with pytest.raises(AddressError, match=complaint):
         parse_address(address)
+
+
+def test_large_messages_keep_big_buffers_out_of_the_header() -> None:
+    tasks = [messages.TaskSpec(("inc", i), [("inc", i - 1)], b"f" * 100) for i in range(2000)]
+    tasks.append(messages.TaskSpec("closure", [], b"c" * 200_000))  # a big pickled closure
+    graph = messages.UpdateGraph("s", 1.0, "client", tasks, [("inc", 1999)])
+    msg = {"graph": graph, "blobs": [b"x" * 50_000, (bytearray(b"y" * 50_000),)], "text": "t" * 20_000}
+    frames = dumps(msg)
+    assert len(frames[0]) < 2000 * 200  # the 300 kB of large buffers travel as frames
+    assert sorted(len(f) for f in frames[1:]) == [50_000, 50_000, 200_000]
+    back = round_trip(msg)
+    assert back == msg
+    assert type(back["blobs"][1][0]) is bytearray  # type: ignore[index]
