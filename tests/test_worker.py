@@ -227,3 +227,19 @@ async def test_unreachable_scheduler_is_a_plain_error() -> None:
             raise AssertionError("should not start")
     with pytest.raises(ValueError, match="nthreads"):
         Worker("tcp://127.0.0.1:1", nthreads=0)
+
+
+async def test_memory_pause_reaches_the_scheduler() -> None:
+    """A worker above its pause threshold (process RSS) stops getting tasks; others carry on."""
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler("inproc://pause-test") as s:
+            # This test process uses far more than 20 MB: the first worker pauses at once.
+            tiny = Worker(s.address, memory_limit=20_000_000, memory_spill_fraction=None)
+            roomy = Worker(s.address, memory_limit=0)
+            async with tiny, roomy, Client(s.address, asynchronous=True) as c:
+                await wait_until(lambda: s.state.workers.get(tiny.address) is not None)
+                await wait_until(lambda: s.state.workers[tiny.address].status == "paused")
+                where = {await f for f in c.map(whoami, range(20), pure=False)}
+                assert where == {roomy.address}
+                metrics = tiny.metrics()
+                assert metrics["memory"] > 20_000_000 and metrics["status"] == "paused"
