@@ -144,3 +144,17 @@ async def test_lost_key_is_recomputed() -> None:
                     # "goes" left with the only copy
                     assert await f == 42
                     assert (await c.who_has(f))[f.key] == [stays.address]
+
+
+async def test_as_completed_clear_and_timeout() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with cluster("ac-clear") as (_, _, c):
+            g = "futures-ac-timeout"
+            ac = as_completed([c.submit(block, g, 1)], timeout=0.05)
+            with pytest.raises(TimeoutError, match="nothing completed"):
+                await ac.__anext__()
+            ac.clear()
+            assert ac.is_empty()
+            gate(g).set()
+            await trio.sleep(0.05)
+            assert ac.is_empty() and not ac.has_ready()  # the cleared future is not yielded

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -45,7 +46,8 @@ class as_completed:  # noqa: N801 - dask's name
         self._pending_count = 0
         self._ready: deque[Future] = deque()
         self._async_event: trio.Event | None = None
-        self._deadline: float | None = None
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._generation = 0
         if futures:
             self.update(futures)
 
@@ -58,14 +60,17 @@ class as_completed:  # noqa: N801 - dask's name
                 raise TypeError(f"as_completed takes futures, got {f!r:.100}")
             with self._lock:
                 self._pending_count += 1
-            f.client._on_done(f, functools.partial(self._done, f))
+                generation = self._generation
+            f.client._on_done(f, functools.partial(self._done, f, generation))
 
     def add(self, future: Future) -> None:
         """Add one future."""
         self.update((future,))
 
-    def _done(self, future: Future) -> None:
+    def _done(self, future: Future, generation: int) -> None:
         with self._cond:
+            if generation != self._generation:  # cleared since
+                return
             self._pending_count -= 1
             self._ready.append(future)
             self._cond.notify_all()
@@ -90,6 +95,7 @@ class as_completed:  # noqa: N801 - dask's name
     def clear(self) -> None:
         """Forget every future, pending or ready."""
         with self._lock:
+            self._generation += 1
             self._pending_count = 0
             self._ready.clear()
 
@@ -117,14 +123,9 @@ class as_completed:  # noqa: N801 - dask's name
     next = __next__
 
     def _remaining(self) -> float | None:
-        if self.timeout is None:
-            return None
-        import time
-
-        now = time.monotonic()
         if self._deadline is None:
-            self._deadline = now + self.timeout
-        return max(0.0, self._deadline - now)
+            return None
+        return max(0.0, self._deadline - time.monotonic())
 
     def _with_result(self, future: Future) -> tuple[Future, Any]:
         if future.status == "error":
@@ -159,13 +160,15 @@ class as_completed:  # noqa: N801 - dask's name
         return self
 
     async def __anext__(self) -> Any:
-        with trio.fail_after(float("inf") if self.timeout is None else self.timeout):
+        with trio.move_on_after(float("inf") if self.timeout is None else self.timeout):
             while not self._ready:
                 if self._pending_count <= 0:
                     raise StopAsyncIteration
                 if self._async_event is None:
                     self._async_event = trio.Event()
                 await self._async_event.wait()
+        if not self._ready:
+            raise TimeoutError(f"as_completed: nothing completed within {self.timeout} s")
         future = self._ready.popleft()
         if not self.with_results:
             return future
