@@ -81,9 +81,14 @@ def _best(s: SchedulerState, ts: TaskRecord, pool: list[WorkerRecord]) -> Worker
     best_cost = (
         best.occupancy / best.nthreads + (total - local.get(best.address, 0)) / bw,
         best.nbytes,
+        best.address,  # ties broken by address: the choice never depends on set order
     )
     for ws in pool[1:]:
-        cost = (ws.occupancy / ws.nthreads + (total - local.get(ws.address, 0)) / bw, ws.nbytes)
+        cost = (
+            ws.occupancy / ws.nthreads + (total - local.get(ws.address, 0)) / bw,
+            ws.nbytes,
+            ws.address,
+        )
         if cost < best_cost:
             best, best_cost = ws, cost
     return best

@@ -86,7 +86,8 @@ class SchedulerState:
         "tasks", "workers", "clients", "aliases", "prefixes", "idle", "saturated", "running",
         "unrunnable", "steals", "state_counts", "generation", "log", "worker_timeout",
         "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
-        "total_nthreads", "retiring", "_effects", "_recs", "_sid", "_now", "_open_free", "_rr",
+        "total_nthreads", "retiring", "_record", "_effects", "_recs", "_sid", "_now",
+        "_open_free", "_rr",
     )  # fmt: skip
 
     def __init__(
@@ -114,6 +115,7 @@ class SchedulerState:
         self.state_counts: dict[str, int] = dict.fromkeys(STATES, 0)
         self.generation = 0
         self.log = StoryLog(story_length)
+        self._record = self.log.entries.append
         self.worker_timeout = worker_timeout
         self.allowed_failures = allowed_failures
         self.steal = steal
@@ -177,7 +179,7 @@ class SchedulerState:
         fn(self, ts, info)
         new = ts.state
         if new != start:
-            self.log.record(ts.key, start, new, self._sid, self._now)
+            self._record((ts.key, start, new, self._sid, self._now))
             counts = self.state_counts
             counts[start] -= 1
             counts[new] += 1

@@ -29,7 +29,7 @@ import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from trioscheduler.core.messages import ComputeTask, KeyErred, KeyInMemory, KeyLost
+from trioscheduler.core.messages import ComputeTask, KeyErred, KeyInMemory, KeyLost, ToWorker
 from trioscheduler.core.placement import decide_worker
 from trioscheduler.core.scheduler_records import EMPTY
 from trioscheduler.errors import TrioSchedulerError
@@ -102,25 +102,34 @@ def remove_replica(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
 def _assign(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
     """Put ``ts`` on ``ws`` and send it there."""
     key = ts.key
-    d = s.duration_estimate(ts)
+    avg = ts.prefix.duration_average
+    d = avg if avg >= 0.0 else s.default_duration
+    addr = ws.address
     ts.state = "processing"
-    ts.processing_on = ws.address
+    ts.processing_on = addr
     ws.processing[key] = d
     ws.occupancy += d
     s.update_worker_sets(ws)
-    tasks = s.tasks
     who_has: dict[Any, list[str]] = {}
     nbytes: dict[Any, int] = {}
-    for dk in ts.dependencies:
-        dts = tasks[dk]
-        who_has[dk] = list(dts.who_has)
-        nbytes[dk] = dts.nbytes
-    s.to_worker(
-        ws.address,
-        ComputeTask(
-            s._sid, s._now, key, ts.run_spec, list(ts.dependencies), who_has, nbytes,
-            ts.priority, ts.resource_restrictions, d,
-        ),
+    deps = ts.dependencies
+    if deps:
+        tasks = s.tasks
+        for dk in deps:
+            dts = tasks[dk]
+            who_has[dk] = list(dts.who_has)
+            nbytes[dk] = dts.nbytes
+    open_free = s._open_free
+    if open_free:
+        open_free.pop(addr, None)  # a later FreeKeys must not jump ahead of this task
+    s._effects.append(
+        ToWorker(
+            addr,
+            ComputeTask(
+                s._sid, s._now, key, ts.run_spec, list(deps), who_has, nbytes,
+                ts.priority, ts.resource_restrictions, d,
+            ),
+        )
     )  # fmt: skip
 
 
