@@ -329,3 +329,43 @@ def test_wanted_task_with_unknown_dependency_stays_erred_for_client() -> None:
     eff = s.handle(ev(UpdateGraph, "c", [spec("y", ("ghost",))], ["y"]))
     assert to_clients(eff) == [("c", "KeyErred", "y")]
     assert states(s) == {"y": "erred"}
+
+
+def test_priority_tuple_user_priority_generation_order() -> None:
+    s = cluster((A, 4))
+    eff = s.handle(ev(UpdateGraph, "c", [spec("x", priority=5, order=3)], ["x"]))
+    assert eff[0].msg.priority == (-5, 1, 3)
+    eff = s.handle(ev(UpdateGraph, "c", [spec("y", order=0)], ["y"]))
+    assert eff[0].msg.priority == (0, 2, 0)  # a later graph: a later generation
+
+
+def test_validator_catches_broken_promises() -> None:
+    from trioscheduler.core.scheduler_invariants import validate_scheduler
+
+    s = cluster((A, 1))
+    s.handle(ev(UpdateGraph, "c", [spec("x")], ["x"]))
+    s.handle(finished(A, "x"))
+    validate_scheduler(s)
+    s.workers[A].has_what.clear()  # a holder that forgot it holds the key
+    with pytest.raises(AssertionError, match="has_what"):
+        validate_scheduler(s)
+
+
+def test_same_events_same_effects() -> None:
+    """Pure core: feeding the same events twice gives the same effects and stories."""
+
+    def run() -> tuple[list[Any], list[Any]]:
+        s = SchedulerState(validate=True)
+        evs = [
+            AddWorker("1", 0.0, A, 2),
+            AddWorker("2", 0.0, B, 1),
+            UpdateGraph(
+                "3", 1.0, "c", [spec("a"), spec("b", ("a",)), spec("c", ("a",))], ["b", "c"]
+            ),
+        ]
+        out = s.handle(*evs)
+        a_on = s.tasks["a"].processing_on
+        out += s.handle(TaskFinished("4", 2.0, a_on, "a", 10))
+        return out, s.story("a", "b", "c")
+
+    assert run() == run()
