@@ -243,3 +243,22 @@ async def test_memory_pause_reaches_the_scheduler() -> None:
                 assert where == {roomy.address}
                 metrics = tiny.metrics()
                 assert metrics["memory"] > 20_000_000 and metrics["status"] == "paused"
+
+
+_attempts: list[str] = []
+
+
+def reschedule_once() -> int:
+    from trioscheduler.execute import Reschedule
+
+    _attempts.append(get_worker().address)
+    if len(_attempts) == 1:
+        raise Reschedule()
+    return len(_attempts)
+
+
+async def test_reschedule_hands_the_task_back() -> None:
+    _attempts.clear()
+    with trio.fail_after(TIMEOUT):
+        async with cluster("inproc://reschedule-test") as (_s, _workers, c):
+            assert await c.submit(reschedule_once, pure=False) == 2
