@@ -151,9 +151,9 @@ class Worker:
         self._nursery: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
         self._work_scope: trio.CancelScope | None = None
-        self._pool: Any = None
-        self._stream: Any = None
-        self._batched: Any = None
+        self._pool: wire.ConnectionPool | None = None
+        self._stream: wire.Stream | None = None
+        self._batched: wire.BatchedSend | None = None
         self._closing = False
         self._closing_ev = trio.Event()  # shutdown began
         self._batched_done = trio.Event()  # the batched sender flushed and closed
@@ -331,6 +331,9 @@ class Worker:
         Through the batched sender while it runs; straight on the stream once it was
         cancelled (the worker's block was cancelled from outside, e.g. by a signal).
         """
+        batched, stream = self._batched, self._stream
+        if batched is None or stream is None:
+            return
         goodbye = RemoveWorker(
             stimulus_id=_stimulus("worker-close"),
             now=_now(),
@@ -340,10 +343,10 @@ class Worker:
         )
         try:
             try:
-                self._batched.send_nowait(goodbye)
-                await self._batched.flush()
+                batched.send_nowait(goodbye)
+                await batched.flush()
             except trio.ClosedResourceError:
-                await self._stream.send(goodbye)
+                await stream.send(goodbye)
         except Exception as exc:
             logger.debug("worker %s: could not say goodbye: %r", self.address, exc)
 
@@ -538,7 +541,7 @@ class Worker:
         )
 
     async def _gather_dep(self, peer: str, keys: list[Any]) -> None:
-        assert self.store is not None
+        assert self.store is not None and self._pool is not None
         try:
             async with self._pool.connect(peer) as stream:
                 await stream.send({"op": "get_data", "keys": list(keys)})
