@@ -395,6 +395,14 @@ def test_steal_ready_task() -> None:
     assert ws.handle(done("x")) == [finished("x")]  # y does not run
 
 
+def test_steal_constrained_task() -> None:
+    ws = ws_(nthreads=2, resources={"GPU": 1})
+    ws.handle(compute("g1", resources={"GPU": 1}), compute("g2", resources={"GPU": 1}))
+    out = ws.handle(StealRequest("st", 2.0, "g2"))
+    assert out == [ToScheduler(StealResponse("st", 2.0, W, "g2", "constrained"))]
+    assert "g2" not in ws.tasks
+
+
 def test_steal_after_start_refused() -> None:
     ws = ws_()
     ws.handle(compute("x"))

@@ -481,12 +481,7 @@ class WorkerState:
     def _on_steal_request(self, ev: StealRequest, out: list[Any]) -> None:
         ts = self.tasks.get(ev.key)
         state = ts.state if ts is not None else None
-        # "constrained" is a kind of "ready" (waiting for resources); the scheduler's
-        # steal protocol knows waiting/ready/fetch/flight
-        reported = "ready" if state == "constrained" else state
-        out.append(
-            ToScheduler(StealResponse(ev.stimulus_id, ev.now, self.address, ev.key, reported))
-        )
+        out.append(ToScheduler(StealResponse(ev.stimulus_id, ev.now, self.address, ev.key, state)))
         if ts is None:
             return
         if state in STEALABLE:
