@@ -262,3 +262,23 @@ async def test_reschedule_hands_the_task_back() -> None:
     with trio.fail_after(TIMEOUT):
         async with cluster("inproc://reschedule-test") as (_s, _workers, c):
             assert await c.submit(reschedule_once, pure=False) == 2
+
+
+async def test_retired_worker_hands_over_its_data_and_closes() -> None:
+    """Retirement: AcquireReplicas on the heir, then CloseWorker; the worker shuts down."""
+    from trioscheduler.core.messages import RetireWorker
+
+    with trio.fail_after(TIMEOUT):
+        async with cluster("inproc://retire-test") as (s, workers, c):
+            leaving, staying = workers
+            futures = c.map(inc, range(20), workers=[leaving.address])
+            for f in futures:
+                await f
+            assert leaving.store is not None and leaving.store.memory  # it holds results
+            # what a scheduler-side retire_workers() does (no client API for it yet)
+            s._feed(RetireWorker("test-retire", trio.current_time(), leaving.address))
+            await leaving.finished()
+            assert "retired" in leaving.close_reason
+            await wait_until(lambda: list(s.state.workers) == [staying.address])
+            assert [await f for f in futures] == list(range(1, 21))
+            assert staying.store is not None and len(staying.store) >= 20
