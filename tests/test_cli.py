@@ -155,3 +155,14 @@ async def test_demo_runs(tmp_path: Path) -> None:
         assert "52,527 takes 339 steps" in out
         assert "cluster closed" in out
         assert "Traceback" not in demo.stderr()
+
+
+def test_contact_address() -> None:
+    from trioscheduler.cli import contact_address
+
+    assert contact_address("tcp://127.0.0.1:8786") == "tcp://127.0.0.1:8786"
+    assert contact_address("inproc://s") == "inproc://s"
+    wildcard = contact_address("tcp://0.0.0.0:8786")
+    assert (
+        wildcard.startswith("tcp://") and wildcard.endswith(":8786") and "0.0.0.0" not in wildcard
+    )

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -77,10 +78,11 @@ async def _scheduler_main(args: argparse.Namespace) -> None:
 
     address = args.address or f"tcp://{args.host}:{args.port}"
     async with Scheduler(address, worker_timeout=args.worker_timeout, record=args.record) as s:
-        logger.info("scheduler at %s", s.address)
-        print(f"trioscheduler scheduler at {s.address}", flush=True)
+        contact = contact_address(s.address)
+        logger.info("scheduler at %s", contact)
+        print(f"trioscheduler scheduler at {contact}", flush=True)
         if args.scheduler_file:
-            _write_json(args.scheduler_file, {"type": "Scheduler", "address": s.address})
+            _write_json(args.scheduler_file, {"type": "Scheduler", "address": contact})
         try:
             await trio.sleep_forever()
         finally:
@@ -89,6 +91,22 @@ async def _scheduler_main(args: argparse.Namespace) -> None:
                     os.remove(args.scheduler_file)
                 except OSError:
                     pass
+
+
+def contact_address(address: str) -> str:
+    """The address others should use: a wildcard bind (0.0.0.0) becomes this host's IP."""
+    from trioscheduler.wire import parse_address
+    from trioscheduler.wire.address import tcp_address
+
+    scheme, host, port = parse_address(address)
+    if scheme != "tcp" or host not in ("0.0.0.0", "::") or port is None:
+        return address
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("8.8.8.8", 80))  # UDP: picks the outward interface, sends nothing
+            return tcp_address(str(probe.getsockname()[0]), port)
+    except OSError:
+        return tcp_address(socket.gethostname(), port)
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -337,7 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scheduler", help="run a scheduler")
     p.add_argument("address", nargs="?", help="full address to listen on (overrides --host/--port)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default: this machine only; 0.0.0.0 accepts workers "
+        "and clients from other machines)",
+    )
     p.add_argument("--port", type=int, default=8786, help="port to listen on (0: any free port)")
     p.add_argument("--scheduler-file", help="write the scheduler's address to this JSON file")
     p.add_argument("--worker-timeout", type=float, default=30.0, help="seconds without heartbeat")
