@@ -87,7 +87,7 @@ class SchedulerState:
         "unrunnable", "steals", "state_counts", "generation", "log", "worker_timeout",
         "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
         "total_nthreads", "retiring", "_record", "_effects", "_recs", "_sid", "_now",
-        "_open_free", "_rr",
+        "_open_free", "_rr", "retried",
     )  # fmt: skip
 
     def __init__(
@@ -130,6 +130,7 @@ class SchedulerState:
         self._now = 0.0
         self._open_free: dict[WorkerAddr, FreeKeys] = {}
         self._rr = 0
+        self.retried: list[TaskRecord] = []  # retried tasks: release them if nobody needs them
 
     # ---------------------------------------------------------------- entry point
 
@@ -146,6 +147,8 @@ class SchedulerState:
             handler(self, ev)
             if self._recs:
                 self.drain()
+            if self.retried:
+                self._release_unneeded_retries()
             self._open_free.clear()
             if self.validate:
                 validate_scheduler(self)
@@ -167,6 +170,15 @@ class SchedulerState:
             ts = tasks.get(key)
             if ts is not None:
                 transition(ts, finish)
+
+    def _release_unneeded_retries(self) -> None:
+        """A retried task nobody wants and no dependent waits for goes back to rest."""
+        while self.retried:
+            retried, self.retried = self.retried, []
+            for ts in retried:
+                if self.tasks.get(ts.key) is ts:
+                    self.maybe_release(ts)
+            self.drain()
 
     def transition(self, ts: TaskRecord, finish: str, info: Any = None) -> None:
         """Move ``ts`` to ``finish`` through the table; record the story."""

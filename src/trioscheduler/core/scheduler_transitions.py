@@ -457,13 +457,18 @@ def erred_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
 
 
 def erred_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    """Retry: compute again, and so do the dependents that erred because of it."""
+    """Retry: compute again, and so do the dependents that erred because of it.
+
+    Whether anyone still needs it is only known once those dependents have moved, so
+    it is checked again after the drain (``SchedulerState.retried``).
+    """
     _clear_error(ts)
     ts.state = "released"
     tasks = s.tasks
     for dk in ts.dependents:
         if tasks[dk].state == "erred":
             s.recommend(dk, "waiting")
+    s.retried.append(ts)
     released_waiting(s, ts, info)
 
 
