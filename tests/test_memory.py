@@ -52,6 +52,9 @@ def test_spill_roundtrip_is_byte_identical(store: DataStore) -> None:
         "u8": np.frombuffer(os.urandom(1 << 20), dtype=np.uint8),
         "bytes": os.urandom(3 << 20),
         "bytearray": bytearray(os.urandom(1000)),
+        "empty-bytes": b"",
+        "empty-bytearray": bytearray(),
+        "bytes-subclass": type("B", (bytes,), {})(b"sub"),  # not raw: pickled like any object
         ("tuple-key", 3): {"nested": [1, 2.5, "x", b"y", np.arange(10)]},
         "lambda": lambda x: x + 1,  # cloudpickle fallback
     }

@@ -108,15 +108,23 @@ def parse_memory_limit(memory_limit: str | float | None, *, nworkers: int = 1) -
 # Spill files
 # --------------------------------------------------------------------------------------
 
-_COUNT = struct.Struct("<I")
+_HEAD = struct.Struct("<BI")  # kind, number of frames; then one <Q length per frame
+_PICKLE, _BYTES, _BYTEARRAY = 0, 1, 2
 
 
-def serialize(value: Any) -> list[memoryview | bytes]:
-    """``[pickle_stream, *buffers]``: protocol 5 with out-of-band buffers (no copies).
+def serialize(value: Any) -> tuple[int, list[memoryview | bytes]]:
+    """``(kind, frames)`` for a spill file, never copying a large buffer.
 
-    Plain pickle first (fast, exact), cloudpickle for what plain pickle refuses
-    (lambdas, classes defined in ``__main__``). Raises whatever pickling raises.
+    ``bytes``/``bytearray`` are written raw (pickle would copy them into its stream);
+    anything else is pickle protocol 5 with out-of-band buffers, so a numpy array's
+    data is one frame of its own. Plain pickle first (fast, exact), cloudpickle for what
+    it refuses (lambdas, classes defined in ``__main__``). Raises what pickling raises.
     """
+    kind = type(value)
+    if kind is bytes:
+        return _BYTES, [value]
+    if kind is bytearray:
+        return _BYTEARRAY, [memoryview(value)]
     buffers: list[pickle.PickleBuffer] = []
     try:
         head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
@@ -124,20 +132,14 @@ def serialize(value: Any) -> list[memoryview | bytes]:
         buffers.clear()
         head = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     frames: list[memoryview | bytes] = [head]
-    for b in buffers:
-        raw = b.raw()  # contiguous view; raises for non-contiguous, which pickle avoids
-        frames.append(raw)
-    return frames
+    frames.extend(b.raw() for b in buffers)  # contiguous views of the buffers
+    return _PICKLE, frames
 
 
-def deserialize(frames: list[memoryview]) -> Any:
-    return pickle.loads(frames[0], buffers=frames[1:])
-
-
-def write_frames(path: str, frames: list[memoryview | bytes]) -> int:
-    """Write ``frames`` to ``path`` (count, lengths, then the frames); return bytes written."""
+def write_frames(path: str, kind: int, frames: list[memoryview | bytes]) -> int:
+    """Write serialized frames to a new spill file at ``path``; return the bytes written."""
     lengths = [memoryview(f).nbytes for f in frames]
-    header = _COUNT.pack(len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
+    header = _HEAD.pack(kind, len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
     with open(path, "wb") as f:
         f.write(header)
         for frame in frames:
@@ -145,11 +147,16 @@ def write_frames(path: str, frames: list[memoryview | bytes]) -> int:
     return len(header) + sum(lengths)
 
 
-def read_frames(path: str) -> list[memoryview]:
-    """The frames of a spill file, as views into one buffer read straight from disk."""
+def read_value(path: str) -> Any:
+    """The value in a spill file; buffers are read straight into their final memory."""
     with open(path, "rb", buffering=0) as f:
-        (count,) = _COUNT.unpack(f.read(_COUNT.size))
+        kind, count = _HEAD.unpack(f.read(_HEAD.size))
         lengths = struct.unpack(f"<{count}Q", f.read(8 * count))
+        if kind == _BYTES:
+            data = f.readall()
+            if len(data) != lengths[0]:
+                raise OSError(f"spill file {path} is truncated")
+            return data
         body = bytearray(sum(lengths))
         view = memoryview(body)
         done = 0
@@ -158,12 +165,14 @@ def read_frames(path: str) -> list[memoryview]:
             if not n:
                 raise OSError(f"spill file {path} is truncated")
             done += n
+    if kind == _BYTEARRAY:
+        return body
     frames = []
     start = 0
     for n in lengths:
         frames.append(view[start : start + n])
         start += n
-    return frames
+    return pickle.loads(frames[0], buffers=frames[1:])
 
 
 class DataStore(Mapping[Any, Any]):
@@ -210,7 +219,7 @@ class DataStore(Mapping[Any, Any]):
                     continue
                 raise KeyError(key)
             try:
-                return deserialize(read_frames(entry[0]))
+                return read_value(entry[0])
             except FileNotFoundError:
                 continue  # unspilled or deleted meanwhile: look again
         raise KeyError(key)
@@ -239,14 +248,14 @@ class DataStore(Mapping[Any, Any]):
             return True
         value = self.memory[key]
         try:
-            frames = serialize(value)
+            kind, frames = serialize(value)
         except Exception as exc:
             self._unpicklable(key, value, exc)
             return False
         self._counter += 1
         path = os.path.join(self.directory, f"{self._counter}.spill")
         try:
-            size = write_frames(path, frames)
+            size = write_frames(path, kind, frames)
         except OSError:
             try:
                 os.remove(path)
@@ -263,7 +272,7 @@ class DataStore(Mapping[Any, Any]):
         if key in self.memory:
             return self.memory[key]
         path, _ = self.spilled[key]
-        value = deserialize(read_frames(path))
+        value = read_value(path)
         self.memory[key] = value
         self._remove_file(key)
         return value
