@@ -49,3 +49,16 @@ def test_worker_records_have_no_dict() -> None:
 @pytest.mark.parametrize("cls", messages.WORKER_EVENTS + messages.ALL_MESSAGES, ids=str)
 def test_messages_have_no_dict(cls: type) -> None:
     assert "__slots__" in cls.__dict__ and "__dict__" not in dir(cls), cls.__name__
+
+
+def test_only_the_transitions_module_assigns_task_state() -> None:
+    """h11's rule, checked: ``ts.state = ...`` appears in worker_transitions.py only."""
+    for name in ("worker.py", "worker_invariants.py", "memory_policy.py"):
+        tree = ast.parse((CORE / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign | ast.AugAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    assert not (
+                        isinstance(t, ast.Attribute) and t.attr in ("state", "previous", "next")
+                    ), f"core/{name}:{node.lineno} assigns a task's state outside the table"

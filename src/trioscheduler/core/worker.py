@@ -325,6 +325,7 @@ class WorkerState:
         ready = self._ready
         constrained = self._constrained
         executing = self.executing
+        started_inputs: set[Key] | None = None
         while len(executing) < self.nthreads:
             while ready and ready[0][2].state != "ready":
                 heapq.heappop(ready)
@@ -344,9 +345,14 @@ class WorkerState:
                 return
             transition(self, ts, "executing", stim, now, out)
             self._starts += 1
-            target = self.thresholds.target
-            if target is not None and self.memory_bytes > target:
-                self._spill_to_target(out, {d.key for d in ts.dependencies})
+            if ts.dependencies:
+                if started_inputs is None:
+                    started_inputs = set()
+                started_inputs.update(d.key for d in ts.dependencies)
+                target = self.thresholds.target
+                if target is not None and self.memory_bytes > target:
+                    # never push out what a task started by this event is about to read
+                    self._spill_to_target(out, started_inputs)
 
     def _resources_free(self, ts: WorkerTask) -> bool:
         avail = self.available_resources

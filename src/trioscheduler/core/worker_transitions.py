@@ -5,20 +5,25 @@ in ``TABLE`` raises ``InvalidTransition`` with the key's story. A transition fun
 mutates the state, appends instructions to ``out`` and returns recommendations
 (``{task: finish}``) that ``drain`` applies until none are left.
 
-States::
+States (the table at the bottom is the authority; this is the picture)::
 
-    released ──▶ waiting ──▶ ready / constrained ──▶ executing ──▶ memory | error
-       │            ▲                                   │  ▲ secede
-       │            │                          long-running ┘
-       └─▶ fetch ──▶ flight ──▶ memory          (executing | long-running | flight)
-           ▲  │        │                          ──free──▶ cancelled ──ask again──▶ resumed
-           │  ▼        ▼
-           missing ◀── (no holder left)          released ──▶ forgotten (dropped from tasks)
+    released ─▶ waiting ─▶ ready | constrained ─▶ executing ──────────▶ memory | error
+       │                    (resources)              │ secede               ▲
+       │                                             ▼                      │
+       │                                        long-running ───────────────┘
+       └─▶ fetch ─▶ flight ─▶ memory
+            ▲ │ ◀────┘ failed: try another holder
+            │ ▼
+           missing    (no holder left: MissingData; RefreshWhoHas brings it back)
+
+    executing | long-running | flight ─freed─▶ cancelled ─asked again─▶ as before | resumed
+    freed or rescheduled ─▶ released ─▶ forgotten (dropped from ``tasks``)
 
 ``cancelled``: the scheduler freed a task whose thread or transfer is still running
 (``previous`` says which); its outcome is dropped. ``resumed``: the scheduler wants the
 task again, but the other way (``next``: ``waiting`` after a transfer, ``fetch`` after an
-execution); the running outcome is used if it succeeds, else it becomes ``next``.
+execution); the running outcome is used if it succeeds, else it becomes ``next`` (a
+transfer-then-compute task keeps its ``ComputeTask`` in ``pending_compute`` until then).
 
 ``dependents`` holds the *active* local tasks needing a key (waiting, ready,
 constrained, executing, long-running, or cancelled/resumed while their thread runs):
