@@ -173,7 +173,7 @@ class TCPStream(Stream):
     # -------------------------------------------------------------------- receiving
 
     async def receive(self) -> Any:
-        if self._ready:  # the hot path of a batch: inlined, no nested coroutine
+        if self._ready and not self._closed:  # a batch's hot path: inlined, no nested coroutine
             self._ops += 1
             if self._ops >= CHECKPOINT_EVERY:
                 self._ops = 0
