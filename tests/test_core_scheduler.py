@@ -369,3 +369,10 @@ def test_same_events_same_effects() -> None:
         return out, s.story("a", "b", "c")
 
     assert run() == run()
+
+
+def test_task_depending_on_itself_errs() -> None:
+    s = cluster((A, 1))
+    eff = s.handle(ev(UpdateGraph, "c", [spec("x", ("x",))], ["x"]))
+    assert to_clients(eff) == [("c", "KeyErred", "x")]
+    assert "cycle" in s.tasks["x"].exception_text

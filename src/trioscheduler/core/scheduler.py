@@ -369,7 +369,7 @@ class SchedulerState:
             key = ts.key
             for dk in deps:
                 dts = tasks.get(dk)
-                if dts is None:
+                if dts is None or dts is ts:  # unknown, or a task depending on itself
                     missing.append(dk)
                     continue
                 found.add(dk)
@@ -380,11 +380,15 @@ class SchedulerState:
             if found:
                 ts.dependencies = found
             if missing:
-                exc = TrioSchedulerError(
-                    f"task {ts.key!r} depends on {missing!r}, which the scheduler does not "
-                    "know (never submitted, or already released). Keep a future for the "
-                    "dependency, or submit it in the same graph."
-                )
+                if ts.key in missing:
+                    why = "itself: a cycle. Check how the graph was built."
+                else:
+                    why = (
+                        f"{missing!r}, which the scheduler does not know (never submitted, "
+                        "or already released). Keep a future for the dependency, or submit "
+                        "it in the same graph."
+                    )
+                exc = TrioSchedulerError(f"task {ts.key!r} depends on {why}")
                 ts.exception = pickle.dumps(exc)
                 ts.traceback = b""
                 ts.exception_text = str(exc)
