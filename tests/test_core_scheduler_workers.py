@@ -283,3 +283,11 @@ def test_reschedule_sends_task_again() -> None:
     eff = s.handle(ev(Reschedule, A, "x"))
     assert frees(eff) == [(A, ["x"])] and computes(eff) == [(A, "x")]
     assert s.handle(ev(Reschedule, B, "x")) == []
+
+
+def test_loose_worker_preference_with_resources_falls_back() -> None:
+    s = cluster((A, 1))
+    s.handle(ev(AddWorker, B, 1, resources={"GPU": 1}))
+    g = [spec("x", workers=[A], allow_other_workers=True, resources={"GPU": 1})]
+    eff = s.handle(ev(UpdateGraph, "c", g, ["x"]))
+    assert computes(eff) == [(B, "x")]

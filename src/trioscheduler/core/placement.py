@@ -62,6 +62,8 @@ def valid_workers(s: SchedulerState, ts: TaskRecord) -> list[WorkerRecord] | Non
     rr = ts.resource_restrictions
     if rr:
         pool = [ws for ws in (s.running if pool is None else pool) if has_resources(ws, rr)]
+        if not pool and ts.allow_other_workers and ts.worker_restrictions is not None:
+            pool = [ws for ws in s.running if has_resources(ws, rr)]
     return pool
 
 
