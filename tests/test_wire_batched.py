@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 import trio
 
@@ -130,3 +131,17 @@ async def test_errors_in_the_block_propagate_unwrapped(
         with pytest.raises(KeyError):
             async with open_batched(stream):
                 raise KeyError("mine")
+
+
+async def test_batches_carry_big_nested_buffers_and_arrays(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]],
+) -> None:
+    address, recv = inbox
+    arr = np.arange(100_000, dtype="f8")
+    msgs = [{"data": {("x", 0): b"x" * 100_000}}, ("small", 1), arr, [bytearray(b"y" * 70_000)]]
+    async with await connect(address) as stream, open_batched(stream) as batched:
+        for msg in msgs:
+            batched.send_nowait(msg)
+        got = await take(recv, 4)
+    assert got[0] == msgs[0] and got[1] == ("small", 1) and got[3] == msgs[3]
+    np.testing.assert_array_equal(got[2], arr)  # type: ignore[arg-type]

@@ -10,11 +10,10 @@ batched from unbatched sends.
 ``send_nowait`` does not serialize (that is the point): a message that cannot be
 serialized is found at flush time, logged and dropped, and the rest of its batch is
 still sent. ``await send(msg)`` checks its message first and raises at the call site.
-A message that carries a large buffer (``nbytes`` or ``len`` of the message or of its
-top-level items at least ``large_bytes``) is flushed at once instead of waiting, and its
-batch is serialized with the walk that sends big buffers out of band; batches without
-one take the single-``msgpack``-call fast path (a big byte string nested deeper than
-the top level then travels inside the header: correct, just one copy more).
+A message that is itself a large buffer or array (``len``/``nbytes`` at least
+``large_bytes``) is flushed at once instead of waiting; the check is O(1) because it
+runs for every message. Large buffers nested anywhere in a message still travel out of
+band: the batch is packed message by message and a message that packs large is split.
 """
 
 from __future__ import annotations
@@ -25,46 +24,32 @@ from typing import Any, Final
 
 import trio
 
+from trioscheduler.core import messages
 from trioscheduler.wire.serialize import SerializationError, dumps
 from trioscheduler.wire.stream import Stream, logger
 
 #: A message carrying this many bytes flushes the batch without waiting for the interval.
 LARGE_BYTES: Final = 256 * 1024
 _BUFFERS: Final = frozenset({bytes, bytearray, memoryview})
-_SMALL: Final = frozenset({str, int, float, bool, type(None), tuple, list, dict})
-_SMALL_MESSAGES: Final = frozenset({str, int, float, bool, type(None)})
+_NOT_ARRAYS: Final = frozenset({str, int, float, bool, type(None), tuple, list, dict})
 
 
 def _large(msg: Any, threshold: int) -> bool:
-    """Cheap look for a big buffer at the top of ``msg`` (no full walk: hot path)."""
+    """Is ``msg`` itself a big buffer or array? O(1): this runs for every message."""
     t = type(msg)
     if t in _BUFFERS:
         return len(msg) >= threshold
-    if t is dict:
-        items: Any = msg.values()
-    elif t is list or t is tuple:
-        items = msg
-    else:
-        items = (msg,)
-    for x in items:
-        t = type(x)
-        if t in _SMALL:
-            continue
-        if t in _BUFFERS:
-            if len(x) >= threshold:
-                return True
-        else:
-            nbytes = getattr(x, "nbytes", 0)  # numpy, pandas
-            if type(nbytes) is int and nbytes >= threshold:
-                return True
-    return False
+    if t in _NOT_ARRAYS or t in messages._FIELDS:
+        return False
+    nbytes = getattr(msg, "nbytes", None)  # numpy arrays, pandas series
+    return type(nbytes) is int and nbytes >= threshold
 
 
 class BatchedSend:
     """Queue of messages for one stream; made by ``open_batched``."""
 
     __slots__ = (
-        "stream", "interval", "large_bytes", "_pending", "_has_pending", "_urgent", "_walk",
+        "stream", "interval", "large_bytes", "_pending", "_has_pending", "_urgent",
         "_write_lock", "_error", "_closed", "messages_sent", "batches_sent",
     )  # fmt: skip
 
@@ -75,7 +60,6 @@ class BatchedSend:
         self._pending: list[Any] = []
         self._has_pending = trio.Event()
         self._urgent = trio.Event()
-        self._walk = False  # a pending message carries a large buffer
         self._write_lock = trio.StrictFIFOLock()
         self._error: BaseException | None = None
         self._closed = False
@@ -93,10 +77,7 @@ class BatchedSend:
         self._pending.append(msg)
         if not self._has_pending.is_set():
             self._has_pending.set()
-        if type(msg) in _SMALL_MESSAGES:
-            return
-        if _large(msg, self.large_bytes):
-            self._walk = True
+        if type(msg) not in _NOT_ARRAYS and _large(msg, self.large_bytes):
             self._urgent.set()
 
     async def send(self, msg: Any) -> None:
@@ -113,13 +94,12 @@ class BatchedSend:
         async with self._write_lock:
             if not self._pending:
                 return
-            batch, self._pending, walk = self._pending, [], self._walk
+            batch, self._pending = self._pending, []
             self._has_pending = trio.Event()
             self._urgent = trio.Event()
-            self._walk = False
             try:
                 try:
-                    await self.stream._send_batch(batch, walk)
+                    await self.stream._send_batch(batch)
                 except SerializationError:
                     batch = self._drop_unserializable(batch)
                     await self.stream._send_batch(batch)
