@@ -460,3 +460,13 @@ def test_missing_dependency_fetched_when_new_compute_names_holders() -> None:
     assert out == [ToScheduler(MissingData("s", 1.0, W, "a", ""))]
     out = ws.handle(compute("z", {"a": ["w2"]}))
     assert out == [GatherDep("w2", ["a"], 1024)]
+
+
+def test_freed_compute_of_key_in_flight_still_fetched_for_dependent() -> None:
+    ws = ws_(nthreads=2)
+    ws.handle(compute("y", {"a": ["w1"]}), compute("a"))
+    assert ws.tasks["a"].state == "resumed"
+    assert ws.handle(FreeKeys("f", 2.0, ["a"])) == []
+    assert ws.tasks["a"].state == "flight"
+    out = ws.handle(GatherDepSuccess("g", 3.0, "w1", {"a": 1}))
+    assert out == [ToScheduler(AddKeys("g", 3.0, W, {"a": 1})), ex("y")]

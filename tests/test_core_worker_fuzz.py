@@ -47,7 +47,7 @@ PEERS = ["w1", "w2", "w3"]
 class FakeShell:
     def __init__(self, rng: random.Random, **kw: Any) -> None:
         self.rng = rng
-        self.ws = WorkerState("w0", validate=True, memory_limit=1000, **kw)
+        self.ws = WorkerState("w0", validate=True, **kw)
         self.running: dict[Any, bool] = {}  # key -> seceded
         self.gathers: list[GatherDep] = []
         self.spills: list[Any] = []
@@ -175,6 +175,9 @@ def run(seed: int, steps: int = 150) -> FakeShell:
         "resources": {"R": 1.0},
         "transfer_incoming_count_limit": rng.randint(1, 3),
         "transfer_message_bytes_limit": rng.choice([1, 200, 10_000]),
+        "memory_limit": rng.choice([0, 1000, 1000, 1000]),
+        "target": rng.choice([None, 0.6, 0.6]),
+        "pause": rng.choice([None, 0.8, 0.8]),
     }
     shell = FakeShell(rng, **kw)
     for _ in range(steps):

@@ -473,8 +473,12 @@ class WorkerState:
                 continue
             ts.wanted = False
             st = ts.state
-            if ts.dependents and (st in DATA_STATES or (st == "resumed" and ts.next == "fetch")):
-                continue  # kept for local dependents; released when the last one is done
+            if ts.dependents:
+                if st == "resumed" and ts.next == "waiting":
+                    recs[ts] = "flight"  # compute it no more, but local tasks need the copy
+                    continue
+                if st in DATA_STATES or (st == "resumed" and ts.next == "fetch"):
+                    continue  # kept for local dependents; released when the last one is done
             if st in RUNNING_STATES or st == "flight" or st == "resumed":
                 recs[ts] = "cancelled"
             elif st == "released":

@@ -443,10 +443,11 @@ def resumed_next(
 
 
 def resumed_back(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> None:
-    """Asked again for what is actually running (finish == previous): carry on."""
+    """Asked for what is actually running (finish == previous): carry on, forget ``next``."""
     prev = ts.previous
     assert prev is not None
     ts.previous = ts.next = None
+    ts.pending_compute = None
     _set(ws, ts, prev, stim, now)
 
 
@@ -521,6 +522,7 @@ TABLE: dict[tuple[str, str], Transition] = {
     ("resumed", "fetch"): resumed_next,
     ("resumed", "executing"): resumed_back,
     ("resumed", "long-running"): resumed_back,
+    ("resumed", "flight"): resumed_back,
     ("memory", "released"): memory_released,
     ("error", "released"): error_released,
     ("error", "waiting"): error_waiting,
