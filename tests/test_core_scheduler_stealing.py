@@ -46,6 +46,13 @@ def steal_requests(effects: list[Any]) -> list[tuple[str, Any]]:
     ]
 
 
+def answer(s: SchedulerState, worker: str, key: Any, state: str | None) -> StealResponse:
+    """The victim's answer, echoing the request's stimulus id as the worker core does."""
+    pending = s.steals.get(key)
+    sid = pending.stimulus_id if pending is not None else "no-request"
+    return StealResponse(sid, 2.0, worker, key, state)
+
+
 def loaded(n: int = 6, **kw: Any) -> SchedulerState:
     """A has one thread and ``n`` tasks; B (two threads) joins idle."""
     s = cluster((A, 1))
@@ -66,21 +73,34 @@ def test_steal_accepted_refused_and_late() -> None:
     assert set(s.steals) == {first, second}
     assert s.handle(ev(Tick, now=1.5)) == []  # B's slots are reserved meanwhile
 
-    eff = s.handle(ev(StealResponse, A, first, "ready"))
+    eff = s.handle(answer(s, A, first, "ready"))
     assert computes(eff) == [(B, first)]
     assert states(s)[first] == "processing" and s.tasks[first].processing_on == B
     assert s.story(first)[-1][1:3] == ("processing", "processing")
 
-    eff = s.handle(ev(StealResponse, A, second, "executing"))
+    eff = s.handle(answer(s, A, second, "executing"))
     assert eff == [] and s.tasks[second].processing_on == A
 
     # late / duplicate / wrong-worker answers are ignored
-    assert s.handle(ev(StealResponse, A, first, "ready")) == []
-    assert s.handle(ev(StealResponse, B, third, "ready")) == []
+    assert s.handle(answer(s, A, first, "ready")) == []
+    assert s.handle(answer(s, B, third, "ready")) == []
     assert s.tasks[first].processing_on == B and s.tasks[third].processing_on == A
 
     eff = s.handle(ev(Tick, now=2.0))  # B has one free slot again
     assert len(steal_requests(eff)) == 1
+
+
+def test_answer_to_an_earlier_request_is_ignored() -> None:
+    s = loaded()
+    s.handle(ev(Tick, now=1.0))
+    key = next(iter(s.steals))
+    old = s.steals[key].stimulus_id
+    s.handle(ev(Reschedule, A, key))  # the victim gave it back; it is sent out again
+    assert key not in s.steals
+    stale = StealResponse(old, 2.0, A, key, "ready")
+    owner = s.tasks[key].processing_on
+    assert s.handle(stale) == []
+    assert s.tasks[key].processing_on == owner
 
 
 def test_answer_after_task_finished_on_victim_is_ignored() -> None:
@@ -89,7 +109,7 @@ def test_answer_after_task_finished_on_victim_is_ignored() -> None:
     key = next(iter(s.steals))
     s.handle(finished(A, key))
     assert key not in s.steals and s.workers[B].incoming_steals == 1
-    assert s.handle(ev(StealResponse, A, key, "memory")) == []
+    assert s.handle(answer(s, A, key, "memory")) == []
     assert states(s)[key] == "memory"
 
 
@@ -98,7 +118,7 @@ def test_steal_to_thief_that_died_reschedules() -> None:
     s.handle(ev(Tick, now=1.0))
     key = next(iter(s.steals))
     s.handle(ev(RemoveWorker, B))
-    eff = s.handle(ev(StealResponse, A, key, "ready"))
+    eff = s.handle(answer(s, A, key, "ready"))
     assert computes(eff) == [(A, key)]
     assert s.tasks[key].processing_on == A
 
@@ -109,7 +129,7 @@ def test_thief_leaves_and_rejoins_before_the_answer() -> None:
     key = next(iter(s.steals))
     s.handle(ev(RemoveWorker, B))
     s.handle(ev(AddWorker, B, 2))
-    eff = s.handle(ev(StealResponse, A, key, "ready"))
+    eff = s.handle(answer(s, A, key, "ready"))
     assert s.workers[B].incoming_steals == 0
     assert len(computes(eff)) == 1 and states(s)[key] == "processing"
 
@@ -182,7 +202,7 @@ class FakeCluster:
         self.rng = random.Random(seed)
         self.s = SchedulerState(validate=True, allowed_failures=100)
         self.pending: dict[str, dict[Any, None]] = {}
-        self.steal_asks: list[tuple[str, Any]] = []
+        self.steal_asks: list[StealResponse] = []
         self.replicas: list[tuple[str, Any]] = []
         self.n_workers = 0
         self.now = 0.0
@@ -200,7 +220,15 @@ class FakeCluster:
                 for k in msg.keys:
                     self.pending[e.worker].pop(k, None)
             elif isinstance(msg, StealRequest):
-                self.steal_asks.append((e.worker, msg.key))
+                # the worker decides when the request arrives (in order with the
+                # ComputeTask/FreeKeys before it); the answer travels back later
+                ok = msg.key in self.pending[e.worker] and self.rng.random() < 0.5
+                if ok:
+                    del self.pending[e.worker][msg.key]
+                state = "ready" if ok else "executing"
+                self.steal_asks.append(
+                    StealResponse(msg.stimulus_id, self.now, e.worker, msg.key, state)
+                )
             elif isinstance(msg, AcquireReplicas):
                 self.replicas.extend((e.worker, k) for k in msg.who_has)
 
@@ -226,12 +254,7 @@ class FakeCluster:
         elif choice < 0.2:
             self.send(ev(Tick, now=self.now))
         elif self.steal_asks and choice < 0.35:
-            w, k = self.steal_asks.pop(rng.randrange(len(self.steal_asks)))
-            if w in self.pending:
-                ok = k in self.pending[w] and rng.random() < 0.5
-                if ok:
-                    del self.pending[w][k]
-                self.send(ev(StealResponse, w, k, "ready" if ok else "executing", now=self.now))
+            self.send(self.steal_asks.pop(rng.randrange(len(self.steal_asks))))
         elif self.replicas and choice < 0.45:
             w, k = self.replicas.pop()
             if w in self.pending and k in self.s.tasks and self.s.tasks[k].state == "memory":

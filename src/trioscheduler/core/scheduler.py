@@ -749,8 +749,12 @@ class SchedulerState:
 
     def _on_steal_response(self, ev: StealResponse) -> None:
         pending = self.steals.get(ev.key)
-        if pending is None or pending.victim != ev.worker:
-            return  # late or duplicate answer: the steal was settled already
+        if (
+            pending is None
+            or pending.victim != ev.worker
+            or pending.stimulus_id != ev.stimulus_id  # the worker echoes the request's id
+        ):
+            return  # late or duplicate answer, or one to an earlier request: settled already
         del self.steals[ev.key]
         thief = self.workers.get(pending.thief)
         if thief is not None:
