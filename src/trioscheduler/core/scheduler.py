@@ -308,9 +308,6 @@ class SchedulerState:
         elif st in ("released", "erred") and not ts.dependents:
             self._recs[ts.key] = "forgotten"
 
-    def _add_replica(self, ts: TaskRecord, ws: WorkerRecord) -> None:
-        tr.add_replica(self, ts, ws)
-
     def _worker_has(self, ws: WorkerRecord, key: Key, nbytes: int, accept: bool) -> None:
         """``ws`` reports holding ``key``: a replica, new data (if ``accept``), or junk."""
         ts = self.tasks.get(key)
