@@ -376,3 +376,18 @@ def test_task_depending_on_itself_errs() -> None:
     eff = s.handle(ev(UpdateGraph, "c", [spec("x", ("x",))], ["x"]))
     assert to_clients(eff) == [("c", "KeyErred", "x")]
     assert "cycle" in s.tasks["x"].exception_text
+
+
+def test_docstring_draws_the_transition_table() -> None:
+    """The module docstring's edge list is the table (h11: the docs cannot drift)."""
+    from trioscheduler.core import scheduler_transitions as tr
+
+    drawn: set[tuple[str, str]] = set()
+    doc = tr.__doc__ or ""
+    block = doc.split("States and the edges between them::")[1].split("\n\n")[1]
+    for line in block.splitlines():
+        if "->" in line:
+            start, _, rest = line.partition("->")
+            for finish in rest.split(","):
+                drawn.add((start.strip(), finish.split("(")[0].strip()))
+    assert drawn == set(tr.TRANSITIONS)
