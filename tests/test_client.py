@@ -370,3 +370,22 @@ async def test_many_submits_coalesce_into_few_graphs(address: str) -> None:
         async with cluster(address) as (_, _, c):
             fs = [c.submit(inc, i) for i in range(200)]
             assert await c.gather(fs) == list(range(1, 201))
+
+
+async def test_scatter_again_after_release_keeps_the_key(address: str) -> None:
+    """Scattering data again right after releasing it never loses the new copy."""
+    with trio.fail_after(TIMEOUT):
+        async with cluster(address) as (s, _, c):
+            for i in range(20):
+                [x] = await c.scatter([f"payload-{address}"])
+                assert await c.submit(len, x) == len(f"payload-{address}")
+                key = x.key
+                del x
+                gc.collect()
+                [y] = await c.scatter([f"payload-{address}"])
+                assert y.key.startswith(key)  # renamed: the old key may still be freed
+                assert await y == f"payload-{address}", i
+                [z] = await c.scatter([f"payload-{address}"])
+                assert z.key == y.key
+                del y
+                gc.collect()

@@ -126,6 +126,10 @@ class Client:
         self._receive_done: trio.Event | None = None
         self._closing = False
         self._stimulus = 0
+        self._sent = 0  # messages written to the scheduler stream after AddClient
+        self._scattered: set[Any] = set()  # keys this client scattered and still holds
+        self._released_scattered: dict[Any, None] = {}  # recently released ones (bounded)
+        self._aliases: dict[Any, str] = {}  # released scattered key -> name used instead
         self._runner: LoopRunner | None = None
         self._handle: Entered[Client] | None = None
         self._session_cm: Any = None
@@ -384,6 +388,7 @@ class Client:
         assert self._batched is not None
         for msg in msgs:
             self._batched.send_nowait(msg)
+        self._sent += len(msgs)
 
     async def _flusher(self) -> None:
         last = -float("inf")
@@ -498,6 +503,13 @@ class Client:
             if key in self._refcount:  # a new future for the key appeared meanwhile
                 return
             st = self._futures.pop(key, None)
+            if key in self._scattered:
+                self._scattered.discard(key)
+                self._released_scattered[key] = None
+                if len(self._released_scattered) > 10_000:
+                    oldest = next(iter(self._released_scattered))
+                    del self._released_scattered[oldest]
+                    self._aliases.pop(oldest, None)
         if st is not None:
             self._emit(
                 m.ClientReleasesKeys(
@@ -883,7 +895,13 @@ class Client:
         failed.extend(reply.get("missing") or ())
 
     async def _rpc(self, msg: dict[str, Any]) -> Any:
+        """One request to the scheduler, answered after everything this client sent on its
+        stream before it (``client``/``after``): a request never overtakes a message."""
         assert self._pool is not None and self.scheduler_address is not None
+        if not self._closing:
+            self._flush_outbox()
+        msg["client"] = self.id
+        msg["after"] = self._sent
         try:
             async with self._pool.connect(self.scheduler_address) as stream:
                 await stream.send(msg)
@@ -937,6 +955,11 @@ class Client:
             names = list(named)
         else:
             names = [scatter_key(x, hash) for x in data]
+            with self._lock:
+                # A hashed key released a moment ago may still be on its way out of a
+                # worker (its FreeKeys in flight): scattering it again under the same
+                # name could be deleted by that stale FreeKeys. Use a fresh name.
+                names = [self._fresh_scatter_name(n) for n in names]
             named = dict(zip(names, data, strict=True))
         with trio.fail_after(self.timeout if timeout is None else timeout):
             nthreads: dict[str, int] = await self._rpc({"op": "nthreads", "workers": workers})
@@ -970,16 +993,15 @@ class Client:
         async with trio.open_nursery() as nursery:
             for worker, part in plan.items():
                 nursery.start_soon(send, worker, part)
-        self._flush_outbox()  # earlier messages first (e.g. releases of these keys)
         await self._rpc(
             {
                 "op": "update_data",
-                "client": self.id,
                 "items": [[k, who_has[k], nbytes[k]] for k in who_has],
             }
         )
         futures: dict[Any, Future] = {}
         with self._lock:
+            self._scattered.update(named)
             for k in named:
                 st = self._futures.get(k)
                 if st is None:
@@ -995,6 +1017,16 @@ class Client:
             return futures
         out = [futures[k] for k in names]
         return tuple(out) if kind is tuple else out
+
+    def _fresh_scatter_name(self, name: str) -> str:
+        """``name``, or (under the lock) the live or a new alias of a just-released one."""
+        releasing = name in self._futures and name not in self._refcount
+        if not releasing and name not in self._released_scattered:
+            return name
+        alias = self._aliases.get(name)
+        if alias is None or alias not in self._futures:
+            alias = self._aliases[name] = f"{name}-{uuid.uuid4().hex[:8]}"
+        return alias
 
     # -- cancel, retry, fire-and-forget ----------------------------------------------------
 

@@ -12,7 +12,9 @@ module only moves records. A connection says what it is with its first message:
   The client ends with ``RemoveClient``; the scheduler answers by closing the stream, so
   the client knows its keys were released. A dropped stream counts as ``RemoveClient``.
 * a ``dict`` with an ``"op"`` -- request/response RPC (``scheduler_info``, ``who_has``
-  ...), one reply per request, as long as the peer keeps the connection (pooled).
+  ...), one reply per request, as long as the peer keeps the connection (pooled). A
+  request naming ``client`` and ``after`` (messages that client had written on its
+  stream) is answered only once those were handled: a request never overtakes them.
 
 ``handle`` is synchronous and the effects are routed with ``send_nowait``, so one event
 is processed atomically with respect to every other trio task. The shell stamps each
@@ -74,7 +76,7 @@ class _Peer:
     a round trip, so the first message after ``interval`` of silence is written now.
     """
 
-    __slots__ = ("batched", "flushing", "interval", "last_send", "nursery")
+    __slots__ = ("batched", "flushing", "interval", "last_send", "nursery", "received", "waiters")
 
     def __init__(self, batched: wire.BatchedSend, interval: float, nursery: Any) -> None:
         self.batched = batched
@@ -82,6 +84,26 @@ class _Peer:
         self.nursery = nursery
         self.last_send = -float("inf")
         self.flushing = False
+        self.received = 0  # messages handled from this peer (after its first)
+        self.waiters: list[tuple[int, trio.Event]] = []
+
+    def handled_one(self) -> None:
+        self.received += 1
+        if self.waiters:
+            still = []
+            for n, event in self.waiters:
+                if self.received >= n:
+                    event.set()
+                else:
+                    still.append((n, event))
+            self.waiters = still
+
+    async def caught_up(self, n: int) -> None:
+        """Until ``n`` messages of this peer's stream were handled (RPC after stream)."""
+        if self.received < n:
+            event = trio.Event()
+            self.waiters.append((n, event))
+            await event.wait()
 
     def send(self, msg: Any) -> None:
         self.batched.send_nowait(msg)
@@ -322,12 +344,12 @@ class Scheduler:
             raise ProtocolViolation(f"client id {cid!r} is already connected")
         removed = False
         async with wire.open_batched(stream, self.batch_interval) as batched:
-            self._clients[cid] = _Peer(batched, self.batch_interval, self._nursery)
+            peer = self._clients[cid] = _Peer(batched, self.batch_interval, self._nursery)
             try:
                 add.now = trio.current_time()
                 self._feed(add)
                 # The client waits for this before using RPCs that name it.
-                self._clients[cid].send({"op": "stream-start", "client": cid})
+                peer.send({"op": "stream-start", "client": cid})
                 async for msg in stream:
                     t = type(msg)
                     if t not in _CLIENT_EVENTS or (
@@ -337,6 +359,7 @@ class Scheduler:
                         raise ProtocolViolation(f"client {cid} sent {msg!r:.200}")
                     msg.now = trio.current_time()
                     self._feed(msg)
+                    peer.handled_one()
                     if t is m.RemoveClient:
                         removed = True
                         break
@@ -353,6 +376,11 @@ class Scheduler:
 
     async def _serve_rpc(self, stream: Any, request: dict[str, Any]) -> None:
         while True:
+            client, after = request.get("client"), request.get("after")
+            if isinstance(client, str) and isinstance(after, int):
+                peer = self._clients.get(client)
+                if peer is not None:  # answer after what the client sent before asking
+                    await peer.caught_up(after)
             op = request.get("op")
             handler = self._rpc_handlers.get(op) if isinstance(op, str) else None
             if handler is None:
@@ -439,7 +467,8 @@ class Scheduler:
         An RPC (not a stream event) so the client's next request sees the data.
         """
         client = request.get("client")
-        if client not in self._clients:
+        peer = self._clients.get(client) if isinstance(client, str) else None
+        if peer is None or not isinstance(client, str):
             raise ValueError(f"update_data from unknown client {client!r}")
         items = request["items"]
         self._feed(
