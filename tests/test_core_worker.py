@@ -250,13 +250,26 @@ def test_peer_missing_key_retries_another_holder() -> None:
 
 def test_all_holders_fail_missing_then_refresh() -> None:
     ws = ws_()
-    ws.handle(compute("y", {"a": ["w1"]}, nbytes={"a": 5}))
+    ws.handle(compute("y", {"a": ["w1", "w2"]}, nbytes={"a": 5}))
     out = ws.handle(GatherDepFailure("f", 2.0, "w1", ["a"]))
-    assert out == [ToScheduler(MissingData("f", 2.0, W, "a", "w1"))]
+    assert out == [GatherDep("w2", ["a"], 5)]
+    out = ws.handle(GatherDepSuccess("f", 2.0, "w2", {}, missing=["a"]))
+    # w2 said it lacks the key: it is named, so the scheduler can drop that holder
+    assert out == [ToScheduler(MissingData("f", 2.0, W, "a", "w2"))]
     assert ws.tasks["a"].state == "missing"
     assert ws.handle(RefreshWhoHas("r", 3.0, {"a": ["w1"]})) == [GatherDep("w1", ["a"], 5)]
     out = ws.handle(GatherDepSuccess("g", 4.0, "w1", {"a": 5}))
     assert out == [ToScheduler(AddKeys("g", 4.0, W, {"a": 5})), ex("y")]
+
+
+def test_failed_transfer_does_not_accuse_the_peer() -> None:
+    """A network failure says nothing about what the peer holds: no errant worker."""
+    ws = ws_()
+    ws.handle(compute("y", {"a": ["w1"]}, nbytes={"a": 5}))
+    out = ws.handle(GatherDepFailure("f", 2.0, "w1", ["a"], "connection reset"))
+    assert out == [ToScheduler(MissingData("f", 2.0, W, "a", ""))]
+    # the scheduler still lists w1: try it again
+    assert ws.handle(RefreshWhoHas("r", 3.0, {"a": ["w1"]})) == [GatherDep("w1", ["a"], 5)]
 
 
 def test_refresh_with_no_holders_makes_fetch_missing() -> None:

@@ -619,8 +619,15 @@ class WorkerState:
         else:
             raise InvalidTransition(ts.key, st, "rescheduled", self.story(ts.key))
 
-    def _gather_done(self, peer: str, arrived: dict[Key, int], ev: Any, out: list[Any]) -> None:
-        """Settle the one in-flight ``GatherDep`` to ``peer``: keys not arrived failed."""
+    def _gather_done(
+        self, peer: str, arrived: dict[Key, int], said_missing: bool, ev: Any, out: list[Any]
+    ) -> None:
+        """Settle the one in-flight ``GatherDep`` to ``peer``: keys not arrived failed.
+
+        Either way ``peer`` stops being a holder here. It becomes the ``errant_worker`` of
+        a later ``MissingData`` only if it *said* it lacks the keys: after a failed
+        transfer we do not know that, and the scheduler drops a holder it is told about.
+        """
         batch = self.in_flight.pop(peer, None)
         self._fetch_dirty = True
         if batch is None:
@@ -647,15 +654,15 @@ class WorkerState:
                 recs[ts] = "memory"
             else:
                 ts.who_has.discard(peer)
-                ts.errant_peer = peer
+                ts.errant_peer = peer if said_missing else None
                 recs[ts] = "waiting" if st == "resumed" else "fetch"
         self._drain(recs, ev, out)
 
     def _on_gather_success(self, ev: GatherDepSuccess, out: list[Any]) -> None:
-        self._gather_done(ev.peer, ev.data, ev, out)
+        self._gather_done(ev.peer, ev.data, True, ev, out)
 
     def _on_gather_failure(self, ev: GatherDepFailure, out: list[Any]) -> None:
-        self._gather_done(ev.peer, {}, ev, out)
+        self._gather_done(ev.peer, {}, False, ev, out)
 
     def _on_update_data(self, ev: WorkerUpdateData, out: list[Any]) -> None:
         recs: Recs = {}
