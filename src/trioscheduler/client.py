@@ -117,6 +117,7 @@ class Client:
         self._futures: dict[Any, KeyState] = {}
         self._refcount: dict[Any, int] = {}
         self._outbox: list[Any] = []
+        self._merge_order = 0  # the next free ``order`` of the last graph in the outbox
         self._outbox_ready: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
@@ -366,20 +367,32 @@ class Client:
         token.run_sync_soon(fn, *args)
 
     def _emit(self, msg: Any) -> None:
-        """Loop thread: queue ``msg`` for the scheduler, merging with the previous one."""
+        """Loop thread: queue ``msg`` for the scheduler, merging with the previous one.
+
+        Merged graphs keep their submission order: each later part's ``order`` starts
+        after the earlier part's, as separate graphs would run in generation order.
+        """
         if self._closing:
             return
         ob = self._outbox
-        if ob and type(ob[-1]) is type(msg):
-            last = ob[-1]
-            if type(msg) is m.UpdateGraph:
+        t = type(msg)
+        if t is m.UpdateGraph:
+            if ob and type(ob[-1]) is t:
+                last = ob[-1]
+                base = self._merge_order
+                for spec in msg.tasks:
+                    spec.order += base
                 last.tasks.extend(msg.tasks)
                 last.keys.extend(msg.keys)
-                return
-            if type(msg) is m.ClientReleasesKeys:
-                last.keys.extend(msg.keys)
-                return
-        ob.append(msg)
+            else:
+                ob.append(msg)
+                base = 0
+            if msg.tasks:
+                self._merge_order = base + 1 + max(spec.order - base for spec in msg.tasks)
+        elif t is m.ClientReleasesKeys and ob and type(ob[-1]) is t:
+            ob[-1].keys.extend(msg.keys)
+        else:
+            ob.append(msg)
         if self._outbox_ready is not None:
             self._outbox_ready.set()
 
