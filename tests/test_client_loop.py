@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
 from trioscheduler._loop import LoopError, LoopRunner, loop_runner
+
+TIMEOUT = 20
+
+
+async def in_thread(fn: Callable[[], None]) -> None:
+    """Run a blocking check from a plain thread, bounded by fail_after."""
+    with trio.fail_after(TIMEOUT):
+        await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
 
 
 async def add(a: int, b: int) -> int:
@@ -21,7 +29,7 @@ async def boom() -> None:
     raise ValueError("boom")
 
 
-def test_run_returns_and_raises() -> None:
+def _run_returns_and_raises() -> None:
     runner = loop_runner()
     assert runner is loop_runner()
     assert runner.run(add, 1, 2) == 3
@@ -29,7 +37,7 @@ def test_run_returns_and_raises() -> None:
         runner.run(boom)
 
 
-def test_enter_keeps_context_open_until_close() -> None:
+def _enter_keeps_context_open_until_close() -> None:
     runner = loop_runner()
     log: list[str] = []
 
@@ -50,7 +58,7 @@ def test_enter_keeps_context_open_until_close() -> None:
     handle.close()  # idempotent
 
 
-def test_enter_error_is_raised_in_caller_and_loop_survives() -> None:
+def _enter_error_is_raised_in_caller_and_loop_survives() -> None:
     runner = loop_runner()
 
     @asynccontextmanager
@@ -63,7 +71,7 @@ def test_enter_error_is_raised_in_caller_and_loop_survives() -> None:
     assert runner.run(add, 2, 2) == 4
 
 
-def test_failure_while_held_is_reraised_by_close() -> None:
+def _failure_while_held_is_reraised_by_close() -> None:
     runner = loop_runner()
 
     @asynccontextmanager
@@ -84,7 +92,7 @@ def test_failure_while_held_is_reraised_by_close() -> None:
     assert runner.run(add, 1, 1) == 2
 
 
-def test_start_soon_from_other_thread() -> None:
+def _start_soon_from_other_thread() -> None:
     runner = loop_runner()
     done = threading.Event()
 
@@ -95,7 +103,7 @@ def test_start_soon_from_other_thread() -> None:
     assert done.wait(10)
 
 
-def test_blocking_call_from_loop_thread_raises() -> None:
+def _blocking_call_from_loop_thread_raises() -> None:
     runner = loop_runner()
 
     async def nested() -> None:
@@ -110,7 +118,7 @@ async def test_blocking_call_from_trio_task_raises() -> None:
         loop_runner().run(add, 1, 1)
 
 
-def test_stop_closes_open_handles() -> None:
+def _stop_closes_open_handles() -> None:
     runner = LoopRunner(name="test-loop")
     closed: list[bool] = []
 
@@ -127,3 +135,34 @@ def test_stop_closes_open_handles() -> None:
     assert not runner.alive
     with pytest.raises(LoopError, match="shut down"):
         runner.run(add, 1, 1)
+
+
+# Each blocking check runs in a thread: a trio task may not block on the loop (see above).
+
+
+async def test_run_returns_and_raises() -> None:
+    await in_thread(_run_returns_and_raises)
+
+
+async def test_enter_keeps_context_open_until_close() -> None:
+    await in_thread(_enter_keeps_context_open_until_close)
+
+
+async def test_enter_error_is_raised_in_caller_and_loop_survives() -> None:
+    await in_thread(_enter_error_is_raised_in_caller_and_loop_survives)
+
+
+async def test_failure_while_held_is_reraised_by_close() -> None:
+    await in_thread(_failure_while_held_is_reraised_by_close)
+
+
+async def test_start_soon_from_other_thread() -> None:
+    await in_thread(_start_soon_from_other_thread)
+
+
+async def test_blocking_call_from_loop_thread_raises() -> None:
+    await in_thread(_blocking_call_from_loop_thread_raises)
+
+
+async def test_stop_closes_open_handles() -> None:
+    await in_thread(_stop_closes_open_handles)
