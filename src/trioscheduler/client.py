@@ -16,8 +16,15 @@ message to an outbox, and a flusher task merges adjacent ``UpdateGraph`` and
 ``ClientReleasesKeys`` messages before writing them. So a burst of ``submit`` calls
 becomes one graph, and a release can never overtake the submit it follows.
 
+Requests (``who_has``, ``scatter``'s ``update_data``...) go over pooled connections and
+name how many stream messages came before them; the scheduler answers only after
+handling those, so a request never overtakes what the client sent earlier.
+
 Leaving the session sends ``RemoveClient``; the scheduler releases every key of this
 client and closes the stream, which the receive loop sees before the nursery ends.
+
+Dask collections: ``compute``/``persist``/``get`` turn graphs into tasks with
+``trioscheduler.collections``; a sync client is dask's scheduler while it is open.
 """
 
 from __future__ import annotations
@@ -197,10 +204,13 @@ class Client:
             stack.push_async_callback(stream.aclose)
             ack: Any = None
             with trio.move_on_after(self.timeout):
-                await stream.send(
-                    m.AddClient(self._next_stimulus("add-client"), trio.current_time(), self.id)
-                )
-                ack = await stream.receive()
+                try:
+                    await stream.send(
+                        m.AddClient(self._next_stimulus("add-client"), trio.current_time(), self.id)
+                    )
+                    ack = await stream.receive()
+                except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                    ack = exc
             if not (isinstance(ack, dict) and ack.get("op") == "stream-start"):
                 raise wire.ConnectError(
                     f"the scheduler at {address} did not acknowledge the client: {ack!r:.100}"
