@@ -175,6 +175,21 @@ def read_value(path: str) -> Any:
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
+class UnpicklableValue(Exception):
+    """A value could not be serialized for its spill file; ``error`` says why."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 class DataStore(Mapping[Any, Any]):
     """Managed data of one worker: ``memory`` (a dict) over spill files in ``directory``.
 
@@ -243,39 +258,70 @@ class DataStore(Mapping[Any, Any]):
         self.memory[key] = value
 
     def spill(self, key: Any) -> bool:
-        """Move ``key`` to disk. False if its value cannot be pickled (it stays in memory)."""
+        """Move ``key`` to disk now. False if its value cannot be pickled (it stays)."""
         if key in self.spilled:
             return True
         value = self.memory[key]
+        path = self.new_path()
+        try:
+            size = self.dump(value, path)
+        except UnpicklableValue as exc:
+            self.unpicklable(key, value, exc.error)
+            return False
+        return self.commit_spill(key, value, path, size)
+
+    def unspill(self, key: Any) -> Any:
+        """Load ``key`` from disk back into memory now and return its value."""
+        if key in self.memory:
+            return self.memory[key]
+        path, value = self.load(key)
+        self.commit_unspill(key, path, value)
+        return value
+
+    # Two-phase spilling, so that the disk I/O can run in a thread: ``dump``/``load`` touch
+    # only files (thread-safe); the ``commit_*`` steps change the maps, on the owner's
+    # thread, and check that nothing changed the key meanwhile.
+
+    def new_path(self) -> str:
+        self._counter += 1
+        return os.path.join(self.directory, f"{self._counter}.spill")
+
+    @staticmethod
+    def dump(value: Any, path: str) -> int:
+        """Write ``value`` to ``path``; its size on disk. ``UnpicklableValue``, ``OSError``."""
         try:
             kind, frames = serialize(value)
         except Exception as exc:
-            self._unpicklable(key, value, exc)
-            return False
-        self._counter += 1
-        path = os.path.join(self.directory, f"{self._counter}.spill")
+            raise UnpicklableValue(exc) from exc
         try:
-            size = write_frames(path, kind, frames)
-        except OSError:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
+            return write_frames(path, kind, frames)
+        except BaseException:
+            _remove(path)
             raise
-        self.spilled[key] = (path, size)
-        self.spilled_bytes += size
-        del self.memory[key]
-        return True
 
-    def unspill(self, key: Any) -> Any:
-        """Load ``key`` from disk back into memory and return its value."""
-        if key in self.memory:
-            return self.memory[key]
-        path, _ = self.spilled[key]
-        value = read_value(path)
+    def commit_spill(self, key: Any, value: Any, path: str, size: int) -> bool:
+        """``key`` now lives in ``path``, unless it changed while being written."""
+        if key in self.memory and self.memory[key] is value and key not in self.spilled:
+            self.spilled[key] = (path, size)
+            self.spilled_bytes += size
+            del self.memory[key]
+            return True
+        _remove(path)
+        return False
+
+    def load(self, key: Any) -> tuple[str, Any]:
+        """``(path, value)`` of a spilled key, read from disk (``KeyError`` if not spilled)."""
+        path = self.spilled[key][0]
+        return path, read_value(path)
+
+    def commit_unspill(self, key: Any, path: str, value: Any) -> bool:
+        """Put a loaded value back in memory, unless the key changed meanwhile."""
+        entry = self.spilled.get(key)
+        if entry is None or entry[0] != path:
+            return False
         self.memory[key] = value
         self._remove_file(key)
-        return value
+        return True
 
     def delete(self, key: Any) -> None:
         """Forget ``key`` wherever it is; unknown keys are ignored."""
@@ -296,12 +342,10 @@ class DataStore(Mapping[Any, Any]):
     def _remove_file(self, key: Any) -> None:
         path, size = self.spilled.pop(key)
         self.spilled_bytes -= size
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+        _remove(path)
 
-    def _unpicklable(self, key: Any, value: Any, exc: Exception) -> None:
+    def unpicklable(self, key: Any, value: Any, exc: BaseException) -> None:
+        """Report a value that cannot be spilled: one warning per store, then log lines."""
         text = (
             f"the value of {key!r} (a {type(value).__name__}) cannot be pickled, so it "
             f"cannot be spilled to disk and stays in memory ({type(exc).__name__}: {exc}). "

@@ -437,7 +437,6 @@ class Worker:
         state = self.state
         if state is None or self._closing:
             return
-        follow_up: list[Any] = []
         for ins in state.handle(*events):
             kind = type(ins)
             if kind is ToScheduler:
@@ -447,16 +446,7 @@ class Worker:
             elif kind is GatherDep:
                 self._start(self._gather_dep, ins.peer, ins.keys)
             elif kind is Spill:
-                reason = self._spill(ins.key)
-                if reason is not None:
-                    follow_up.append(
-                        SpillFailed(
-                            stimulus_id=_stimulus("spill-failed"),
-                            now=_now(),
-                            key=ins.key,
-                            reason=reason,
-                        )
-                    )
+                self._spill(ins.key)
             elif kind is Unspill:
                 self._unspill(ins.key)
             elif kind is DeleteData:
@@ -464,29 +454,39 @@ class Worker:
                 self.store.delete(ins.key)
             else:  # pragma: no cover - a new instruction type the shell does not know yet
                 logger.error("worker %s: unknown instruction %r", self.address, ins)
-        if follow_up:
-            self.handle(*follow_up)
 
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._work is not None and not self._closing:
             self._work.start_soon(fn, *args)
 
-    def _spill(self, key: Any) -> str | None:
-        """Carry out ``Spill``; the reason it failed, or ``None``."""
-        assert self.store is not None
-        if key not in self.store.memory:
-            return None if key in self.store.spilled else "not in memory"
+    # Spilling happens on the loop, synchronously, as in dask: the core's memory model
+    # takes a ``Spill`` as done, and the pause/spill feedback loop relies on it (with the
+    # write in a thread the worker ran past its terminate threshold while the core
+    # believed its bytes were on disk). Reading spilled values for peers and tasks does
+    # happen off the loop (``_get_data``, task threads).
+
+    def _spill(self, key: Any) -> None:
+        store = self.store
+        assert store is not None
+        if key not in store.memory:
+            return
+        reason = ""
         try:
-            ok = self.store.spill(key)
+            if store.spill(key):
+                return
+            reason = "cannot be pickled"
         except OSError as exc:
-            logger.error("worker %s: could not write spill file for %r: %s", self.address, key, exc)
-            return f"{type(exc).__name__}: {exc}"
-        return None if ok else "cannot be pickled"
+            reason = f"could not write the spill file: {type(exc).__name__}: {exc}"
+            logger.error("worker %s: spilling %r failed: %s", self.address, key, reason)
+        self.handle(
+            SpillFailed(stimulus_id=_stimulus("spill-failed"), now=_now(), key=key, reason=reason)
+        )
 
     def _unspill(self, key: Any) -> None:
-        assert self.store is not None
-        if key in self.store.spilled:
-            self.store.unspill(key)
+        store = self.store
+        assert store is not None
+        if key in store.spilled:
+            store.unspill(key)
 
     def _secede(self, key: Any) -> None:
         """A running task called ``secede()``: free its slot and tell the core."""
