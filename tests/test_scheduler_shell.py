@@ -165,3 +165,11 @@ async def test_record_writes_every_event(tmp_path: Path, address: str) -> None:
     assert kinds.index(m.AddWorker) < kinds.index(m.UpdateGraph) < kinds.index(m.TaskFinished)
     removed = [e for e in events if type(e) is m.RemoveWorker]
     assert removed and removed[0].expected is False
+
+
+async def test_address_in_use_is_a_plain_os_error() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler("tcp://127.0.0.1:0") as s:
+            with pytest.raises(OSError, match="in use"):
+                async with Scheduler(s.address):
+                    pass  # pragma: no cover

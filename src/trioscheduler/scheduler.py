@@ -123,6 +123,14 @@ class _Peer:
             self.flushing = False
 
 
+def _sole_error(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside nested groups, or the group itself if there are several."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _addr(obj: Any) -> str:
     """A worker address whether the core stores addresses or worker records."""
     return obj if isinstance(obj, str) else str(obj.address)
@@ -170,6 +178,15 @@ class Scheduler:
     # -- lifecycle -----------------------------------------------------------------
 
     async def __aenter__(self) -> Scheduler:
+        try:
+            await self._start()
+        except BaseExceptionGroup as group:
+            # A start-up failure (address in use...) surfaces as itself, not wrapped in
+            # the groups of the nurseries it passed through.
+            raise _sole_error(group) from None
+        return self
+
+    async def _start(self) -> None:
         async with AsyncExitStack() as stack:
             if self._record_path is not None:
                 self._record_file = stack.enter_context(self._record_path.open("ab"))
@@ -192,7 +209,6 @@ class Scheduler:
             self._nursery.start_soon(self._ticker)
             logger.info("scheduler listening at %s", self.address)
             self._stack = stack.pop_all()
-        return self
 
     async def __aexit__(self, *exc_info: object) -> bool | None:
         assert self._stack is not None
