@@ -390,3 +390,14 @@ async def test_scatter_again_after_release_keeps_the_key(address: str) -> None:
                 assert z.key == y.key
                 del y
                 gc.collect()
+
+
+async def test_async_client_without_address_starts_and_stops_a_cluster() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with Client(asynchronous=True, n_workers=1, processes=False) as c:
+            assert c.cluster is not None and c.cluster.status == "running"
+            assert await c.submit(inc, 1) == 2
+            cluster = c.cluster
+        assert cluster.status == "closed"
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            Client("tcp://127.0.0.1:1", asynchronous=True, n_workers=2)
