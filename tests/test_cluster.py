@@ -9,10 +9,12 @@ import sys
 import time
 from typing import Any
 
+import cloudpickle
 import psutil
 import pytest
 import trio
 
+from trioscheduler import wire
 from trioscheduler.client import Client
 from trioscheduler.cluster import LocalCluster, default_sizes, open_cluster
 from trioscheduler.core.errors import KilledWorker
@@ -180,3 +182,38 @@ async def test_task_killing_its_worker_three_times_is_killedworker() -> None:
                 assert await c.submit(inc, 1, key="after") == 2
                 restarts = sum(n.restarts for n in cluster.workers.values())  # type: ignore[union-attr]
                 assert restarts >= 3
+
+
+def make_block(i: int) -> Any:
+    import numpy as np
+
+    return np.full(50 * 2**20 // 8, float(i))
+
+
+def spilled_count(dask_worker: Any) -> int:
+    return len(dask_worker.store.spilled)
+
+
+def block_sum(x: Any) -> float:
+    return float(x.sum())
+
+
+async def test_twice_its_memory_limit_through_one_worker_by_spilling(tmp_path: Any) -> None:
+    """500 MB of results through a 300 MiB worker process: spilled, never killed."""
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(
+            1, 1, processes=True, memory_limit="300MiB", local_directory=str(tmp_path)
+        ) as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                blocks = c.map(make_block, range(10))
+                sums = c.map(block_sum, blocks)
+                assert [await f for f in sums] == [float(i) * (50 * 2**20 // 8) for i in range(10)]
+                last = await blocks[-1]  # comes back from disk intact
+                assert last.shape == (50 * 2**20 // 8,) and (last == 9.0).all()
+                (address,) = cluster.worker_addresses
+                async with wire.ConnectionPool() as pool, pool.connect(address) as stream:
+                    count = cloudpickle.dumps((spilled_count, (), {}))
+                    await stream.send({"op": "run", "function": count})
+                    assert (await stream.receive())["result"] >= 4
+            nanny = cluster.workers["0"]
+            assert isinstance(nanny, Nanny) and nanny.restarts == 0
