@@ -196,3 +196,17 @@ async def test_sync_client_with_process_cluster() -> None:
         assert not alive
 
     await in_thread(body)
+
+
+async def test_sync_futures_are_not_awaited_or_async_iterated() -> None:
+    c = await in_thread(lambda: Client(processes=False, n_workers=1))
+    try:
+        f = await in_thread(lambda: c.submit(inc, 1))
+        with pytest.raises(TypeError, match="sync Client"):
+            await f
+        with pytest.raises(TypeError, match="plain 'for'"):
+            async for _ in as_completed([f]):
+                pass  # pragma: no cover
+        assert await in_thread(f.result) == 2
+    finally:
+        await in_thread(c.close)

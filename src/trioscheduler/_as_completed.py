@@ -48,6 +48,8 @@ class as_completed:  # noqa: N801 - dask's name
         self._async_event: trio.Event | None = None
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._generation = 0
+        self._sync_futures = False  # of sync clients: iterate with ``for``
+        self._async_futures = False  # of asynchronous clients: iterate with ``async for``
         if futures:
             self.update(futures)
 
@@ -58,6 +60,10 @@ class as_completed:  # noqa: N801 - dask's name
         for f in futures:
             if not isinstance(f, Future):
                 raise TypeError(f"as_completed takes futures, got {f!r:.100}")
+            if f.client.asynchronous:
+                self._async_futures = True
+            else:
+                self._sync_futures = True
             with self._lock:
                 self._pending_count += 1
                 generation = self._generation
@@ -108,6 +114,8 @@ class as_completed:  # noqa: N801 - dask's name
         return self
 
     def __next__(self) -> Any:
+        if self._async_futures:
+            raise TypeError("futures of an asynchronous Client: use 'async for' on as_completed")
         with self._cond:
             while not self._ready:
                 if self._pending_count <= 0:
@@ -160,6 +168,8 @@ class as_completed:  # noqa: N801 - dask's name
         return self
 
     async def __anext__(self) -> Any:
+        if self._sync_futures:
+            raise TypeError("futures of a sync Client: use a plain 'for' on as_completed")
         with trio.move_on_after(float("inf") if self.timeout is None else self.timeout):
             while not self._ready:
                 if self._pending_count <= 0:

@@ -208,6 +208,11 @@ class Future:
         return self._state.tb_blob.decode(errors="replace") or None
 
     def __await__(self) -> Any:
+        if not self.client.asynchronous:
+            raise TypeError(
+                "this future belongs to a sync Client: call future.result(), or use "
+                "Client(..., asynchronous=True) inside trio"
+            )
         return self._result().__await__()
 
     # -- lifetime --------------------------------------------------------------------
