@@ -401,3 +401,17 @@ async def test_async_client_without_address_starts_and_stops_a_cluster() -> None
         assert cluster.status == "closed"
         with pytest.raises(TypeError, match="unexpected keyword"):
             Client("tcp://127.0.0.1:1", asynchronous=True, n_workers=2)
+
+
+def worker_pid(dask_worker: Any = None) -> tuple[int, str]:
+    return os.getpid(), dask_worker.address if dask_worker is not None else ""
+
+
+async def test_run_on_every_worker(address: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with cluster(address) as (_, (a, b), c):
+            out = await c.run(worker_pid)
+            assert out == {a.address: (os.getpid(), a.address), b.address: (os.getpid(), b.address)}
+            assert list(await c.run(worker_pid, workers="bob")) == [b.address]
+            with pytest.raises(ValueError, match="bad value 3"):
+                await c.run(fail, 3)

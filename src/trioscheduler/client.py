@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import cloudpickle
 import dask
 import trio
 
@@ -63,6 +64,7 @@ from trioscheduler.keys import (
     shippable,
     submit_key,
 )
+from trioscheduler.remote_error import unpack_exception
 
 __all__ = ["Client", "Executor", "default_client", "fire_and_forget"]
 
@@ -1086,6 +1088,40 @@ class Client:
                 m.RetryKeys(self._next_stimulus("retry"), trio.current_time(), self.id, keys)
             )
         await trio.lowlevel.checkpoint()
+
+    # -- functions on every worker ---------------------------------------------------------
+
+    def run(
+        self, function: Callable[..., Any], *args: Any, workers: Any = None, **kwargs: Any
+    ) -> Any:
+        """``function(*args, **kwargs)`` on each worker (or ``workers=``), outside the task
+        system: ``{worker address: result}``. Raises the first failure (original type)."""
+        payload = cloudpickle.dumps((function, args, kwargs), protocol=5)
+        return self._sync(self._run, payload, check_workers(workers))
+
+    async def _run(self, payload: bytes, workers: list[str] | None) -> dict[str, Any]:
+        targets = sorted(await self._rpc({"op": "nthreads", "workers": workers}))
+        replies: dict[str, dict[str, Any]] = {}
+
+        async def one(worker: str) -> None:
+            assert self._pool is not None
+            async with self._pool.connect(worker) as stream:
+                await stream.send({"op": "run", "function": payload})
+                replies[worker] = await stream.receive()
+
+        async with trio.open_nursery() as nursery:
+            for worker in targets:
+                nursery.start_soon(one, worker)
+        results: dict[str, Any] = {}
+        for worker in targets:
+            reply = replies[worker]
+            if reply.get("status") == "OK":
+                results[worker] = reply["result"]
+            elif "exception" in reply:
+                raise unpack_exception(reply["exception"], reply["traceback"], reply["text"])
+            else:
+                raise TrioSchedulerError(f"run on {worker} failed: {reply.get('text')}")
+        return results
 
     # -- cluster information ----------------------------------------------------------
 
