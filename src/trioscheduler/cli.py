@@ -272,7 +272,10 @@ def run_demo(
     def sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, sigterm)
+    try:
+        signal.signal(signal.SIGTERM, sigterm)  # SIGTERM: the same clean exit as Ctrl-C
+    except ValueError:  # not the main thread: leave signals alone
+        pass
     out = sys.stdout
     t0 = time.perf_counter()
     print("trioscheduler demo: starting a local cluster ...", file=out, flush=True)
