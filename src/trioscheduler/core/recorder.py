@@ -1,0 +1,255 @@
+"""Record every event a core receives; replay the log to rebuild an identical state.
+
+Because the cores are pure, a state is a function of its constructor arguments and the
+events it handled. A ``Recorder`` wraps a fresh ``SchedulerState`` or ``WorkerState``,
+keeps ``messages.dump(event)`` of each event before handing it to ``handle`` (so the log
+stays msgpack-writable and cannot be changed by the core afterwards), and starts with a
+header naming the kind of state and its constructor keyword arguments::
+
+    ["recorder-header", 1, "scheduler" | "worker", {kwarg: value, ...}]
+    ["update-graph", ...]            # one dumped event per record
+    ...
+
+``replay(log)`` rebuilds the state from such a list. The Scheduler shell writes the same
+records to a file (``Scheduler(record=PATH)``: one msgpack object per event, no header);
+``unpack_log``/``load_log`` read either form, and a log without a header replays on a
+``SchedulerState`` built from ``defaults`` (pass the shell's arguments there). Writing
+and reading files is the shell's business: ``load_log`` is a convenience for tools and
+tests, nothing in the core calls it.
+
+``snapshot(state)`` is a canonical, comparable picture of a state (sets sorted, records
+flattened), used to check that a replay matches the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from trioscheduler.core import messages
+from trioscheduler.core.scheduler import SchedulerState
+from trioscheduler.core.worker import WorkerState
+
+HEADER_TAG = "recorder-header"
+FORMAT_VERSION = 1
+KINDS: dict[str, type[Any]] = {"scheduler": SchedulerState, "worker": WorkerState}
+
+
+class ReplayError(ValueError):
+    """A log could not be replayed: bad header, unknown kind or unknown event."""
+
+
+def header(kind: str, kwargs: dict[str, Any]) -> list[Any]:
+    """The first record of a log: the state's kind and constructor keyword arguments."""
+    if kind not in KINDS:
+        raise ReplayError(f"unknown state kind {kind!r}; expected one of {sorted(KINDS)}")
+    return [HEADER_TAG, FORMAT_VERSION, kind, dict(kwargs)]
+
+
+def _kind_of(state: Any) -> str:
+    for kind, cls in KINDS.items():
+        if type(state) is cls:
+            return kind
+    raise TypeError(f"can record a SchedulerState or WorkerState, not {type(state).__name__}")
+
+
+def _is_fresh(state: Any) -> bool:
+    if type(state) is SchedulerState:
+        return not state.tasks and not state.workers and not state.clients
+    return not state.tasks
+
+
+class Recorder:
+    """A core that remembers its inputs: use it wherever the state's ``handle`` is used.
+
+    Build it from constructor arguments (``Recorder.scheduler(**kw)``,
+    ``Recorder.worker(address, **kw)``) or wrap a state that has handled nothing yet,
+    passing the keyword arguments it was built with (they go into the header).
+    """
+
+    __slots__ = ("state", "log")
+
+    def __init__(self, state: Any, kwargs: dict[str, Any]) -> None:
+        kind = _kind_of(state)
+        if not _is_fresh(state):
+            raise ValueError("Recorder needs a state that has not handled any event yet")
+        self.state = state
+        self.log: list[list[Any]] = [header(kind, kwargs)]
+
+    @classmethod
+    def scheduler(cls, **kwargs: Any) -> Recorder:
+        return cls(SchedulerState(**kwargs), kwargs)
+
+    @classmethod
+    def worker(cls, address: str, **kwargs: Any) -> Recorder:
+        kw = {"address": address, **kwargs}
+        return cls(WorkerState(**kw), kw)
+
+    def handle(self, *events: Any) -> list[Any]:
+        """Log ``events`` (dumped, before the core sees them), then handle them."""
+        dump = messages.dump
+        self.log.extend(dump(ev) for ev in events)
+        result: list[Any] = self.state.handle(*events)
+        return result
+
+    @property
+    def events(self) -> list[Any]:
+        """The recorded events, loaded back into records."""
+        return [messages.load(r) for r in self.log[1:]]
+
+
+def split_log(
+    log: Iterable[Any], defaults: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any], list[Any]]:
+    """``(kind, kwargs, dumped events)`` of a log, with or without a header.
+
+    A log without a header (as the Scheduler shell writes) is a scheduler's, built with
+    ``defaults``. A header in the middle (a file appended to by two runs) is an error:
+    split such files first.
+    """
+    records = list(log)
+    if records and records[0] and records[0][0] == HEADER_TAG:
+        head = records[0]
+        if len(head) != 4 or head[1] != FORMAT_VERSION:
+            raise ReplayError(f"unsupported recorder header {head!r:.200}")
+        kind, kwargs = head[2], dict(head[3])
+        if kind not in KINDS:
+            raise ReplayError(f"unknown state kind {kind!r} in the header")
+        records = records[1:]
+    else:
+        kind, kwargs = "scheduler", dict(defaults or {})
+    for i, r in enumerate(records):
+        if r and r[0] == HEADER_TAG:
+            raise ReplayError(f"a second header at record {i + 1}: two runs in one log?")
+    return kind, kwargs, records
+
+
+def replay(
+    log: Iterable[Any],
+    *,
+    defaults: dict[str, Any] | None = None,
+    validate: bool | None = None,
+    upto: int | None = None,
+) -> Any:
+    """Rebuild the state a log describes: construct it, then handle every event.
+
+    ``validate`` overrides the recorded flag (``True`` finds the first event that breaks
+    an invariant); ``upto`` stops after that many events (bisecting a bug report).
+    """
+    kind, kwargs, records = split_log(log, defaults)
+    if validate is not None:
+        kwargs["validate"] = validate
+    state = KINDS[kind](**kwargs)
+    load = messages.load
+    for r in records if upto is None else records[:upto]:
+        state.handle(load(r))
+    return state
+
+
+# ------------------------------------------------------------------------------ msgpack
+
+
+def pack_log(log: Iterable[Any]) -> bytes:
+    """The records as concatenated msgpack objects (the Scheduler shell's file format)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    return b"".join(packer.pack(r) for r in log)
+
+
+def unpack_log(data: bytes) -> list[Any]:
+    """Records from concatenated msgpack objects.
+
+    msgpack has no tuples: arrays come back as tuples (``use_list=False``) so that
+    tuple keys (``("x", 0)``) stay hashable, also as dict keys. ``messages.load``
+    accepts tuples wherever a record holds a list.
+    """
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=False)
+    unpacker.feed(data)
+    return [_header_lists(r) for r in unpacker]
+
+
+def _header_lists(r: Any) -> Any:
+    if r and r[0] == HEADER_TAG and len(r) == 4:
+        return [r[0], r[1], r[2], dict(r[3])]
+    return r
+
+
+def load_log(path: str | Path) -> list[Any]:
+    """Read a log file written by the Scheduler shell or by ``pack_log`` (for tools)."""
+    return unpack_log(Path(path).read_bytes())
+
+
+# ------------------------------------------------------------------------------ snapshots
+
+
+def _sorted(items: Iterable[Any]) -> list[Any]:
+    return sorted(items, key=repr)
+
+
+def _scheduler_snapshot(s: SchedulerState) -> dict[str, Any]:
+    tasks = {
+        repr(k): (
+            ts.state, _sorted(ts.dependencies), _sorted(ts.dependents), _sorted(ts.who_has),
+            _sorted(ts.wanted_by), ts.n_waiting, ts.n_waiters, ts.processing_on, ts.nbytes,
+            ts.type_name, ts.retries, ts.priority, ts.suspicious, ts.killed_on, ts.exception,
+            ts.exception_text, ts.run_spec,
+        )
+        for k, ts in s.tasks.items()
+    }  # fmt: skip
+    workers = {
+        a: (
+            ws.status, ws.nthreads, _sorted(ws.has_what), sorted(ws.processing.items(), key=repr),
+            _sorted(ws.long_running), ws.nbytes, round(ws.occupancy, 9), ws.incoming_steals,
+            ws.name, ws.resources, ws.last_seen,
+        )
+        for a, ws in s.workers.items()
+    }  # fmt: skip
+    return {
+        "tasks": tasks,
+        "workers": workers,
+        "clients": {c: _sorted(cs.wants) for c, cs in s.clients.items()},
+        "steals": {repr(k): (p.victim, p.thief) for k, p in s.steals.items()},
+        "idle": list(s.idle),
+        "saturated": sorted(s.saturated),
+        "unrunnable": _sorted(s.unrunnable),
+        "aliases": dict(s.aliases),
+        "counts": dict(s.state_counts),
+        "generation": s.generation,
+        "prefixes": {n: (p.duration_average, p.n_finished) for n, p in s.prefixes.items()},
+    }
+
+
+def _worker_snapshot(w: WorkerState) -> dict[str, Any]:
+    tasks = {
+        repr(k): (
+            ts.state, [d.key for d in ts.dependencies], [d.key for d in ts.dependents],
+            _sorted(ts.who_has), ts.nbytes, ts.priority, ts.previous, ts.next, ts.wanted,
+            ts.coming_from, ts.spillable, _sorted(d.key for d in ts.waiting_for_data),
+        )
+        for k, ts in w.tasks.items()
+    }  # fmt: skip
+    return {
+        "tasks": tasks,
+        "status": w.status,
+        "in_memory": _sorted(w.in_memory),
+        "spilled": _sorted(w.spilled),
+        "bytes": (w.memory_bytes, w.spilled_bytes, w.managed_bytes),
+        "lru": list(w._lru),
+        "executing": _sorted(t.key for t in w.executing),
+        "long_running": _sorted(t.key for t in w.long_running),
+        "in_flight": {p: _sorted(t.key for t in b) for p, b in w.in_flight.items()},
+        "resources": dict(w.available_resources),
+    }
+
+
+def snapshot(state: Any) -> dict[str, Any]:
+    """A canonical picture of ``state`` (or a ``Recorder``'s): equal states, equal dicts."""
+    if isinstance(state, Recorder):
+        state = state.state
+    if type(state) is SchedulerState:
+        return _scheduler_snapshot(state)
+    if type(state) is WorkerState:
+        return _worker_snapshot(state)
+    raise TypeError(f"no snapshot for {type(state).__name__}")

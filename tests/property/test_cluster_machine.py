@@ -1,0 +1,266 @@
+"""A whole cluster over the pure cores, driven by hypothesis (``RuleBasedStateMachine``).
+
+The machine owns a ``ClusterSimulator`` (one scheduler core, a changing set of worker
+cores, FIFO queues per (sender, receiver) pair) and interleaves every kind of step:
+clients submit random DAGs (restrictions, resources, retries, tasks built to fail),
+release and cancel keys; messages are delivered from any non-empty queue; running tasks
+finish, fail, secede or reschedule; transfers complete or fail; workers join, die (with
+or without their unsent messages), retire, come under memory pressure; the scheduler
+ticks (work stealing). After every step both cores' invariants hold and each simulated
+shell agrees with its core. At teardown faults stop, everything runs to completion, and
+every key a client still wants must be in memory with the value a direct evaluation of
+the DAG gives (or erred, when its lineage was built to fail or a worker was lost).
+
+Choices among the current queues, tasks and workers are drawn as integers taken modulo
+the number of candidates, so failures shrink toward "the first one". Every shrunk
+failure becomes a named test in ``test_regressions.py``.
+
+Profiles: ``--hypothesis-profile=ci`` (about a minute) and ``long`` (``nox -s property``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask
+
+NAMES = ["alpha", "beta"]
+CLIENTS = ["c0", "c1"]
+MAX_WORKERS = 5
+MEMORY_LIMIT = 2000  # small: target 1200, spill 1400, pause 1600 bytes
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(fn: F) -> F:
+    """Mark the machine broken while ``fn`` runs: teardown skips the final checks after a
+    failed step, so hypothesis shrinks the original error, not a follow-up one."""
+
+    @functools.wraps(fn)
+    def wrapper(self: ClusterMachine, *args: Any, **kwargs: Any) -> Any:
+        self.ok = False
+        result = fn(self, *args, **kwargs)
+        self.ok = True
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def pick(items: list[Any], i: int) -> Any:
+    return items[i % len(items)]
+
+
+index = st.integers(0, 255)
+
+task_attrs = st.fixed_dictionaries(
+    {
+        "nbytes": st.sampled_from([100, 10, 700]),
+        "fail": st.sampled_from([0, 0, 0, 0, 1, 2, ALWAYS]),
+        "retries": st.integers(0, 2),
+        "where": st.sampled_from([None, None, None, "alpha", "beta"]),
+        "loose": st.booleans(),
+        "gpu": st.sampled_from([False, False, False, True]),
+        "priority": st.integers(0, 2),
+        "wanted": st.booleans(),
+        "deps": st.lists(index, max_size=3),
+    }
+)
+
+
+class ClusterMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sim = ClusterSimulator(validate=True)
+        self.n_keys = 0
+        self.ok = True
+
+    # ------------------------------------------------------------------ set-up
+
+    @initialize(n=st.integers(1, 3))
+    @guarded
+    def start(self, n: int) -> None:
+        for i in range(n):
+            self.sim.add_worker(name=NAMES[i] if i < len(NAMES) else None, nthreads=2)
+
+    # ------------------------------------------------------------------ clients
+
+    @rule(client=st.sampled_from(CLIENTS), tasks=st.lists(task_attrs, min_size=1, max_size=6),
+          reuse=st.lists(index, max_size=2))  # fmt: skip
+    @guarded
+    def submit(self, client: str, tasks: list[dict[str, Any]], reuse: list[int]) -> None:
+        """A DAG of new tasks; they may read keys the client holds futures for."""
+        sim = self.sim
+        held = sorted(sim.wants.get(client, ()), key=repr)
+        existing = [pick(held, i) for i in reuse] if held else []
+        new: list[SimTask] = []
+        for a in tasks:
+            self.n_keys += 1
+            kind = "fail" if a["fail"] else "inc"
+            key = f"{kind}-{self.n_keys}"
+            candidates = [t.key for t in new] + existing
+            deps = sorted({pick(candidates, i) for i in a["deps"]}) if candidates else []
+            new.append(
+                SimTask(
+                    key, deps, a["nbytes"], a["fail"], a["retries"],
+                    [a["where"]] if a["where"] else None, a["loose"],
+                    {"GPU": 1.0} if a["gpu"] else None, a["priority"],
+                )
+            )  # fmt: skip
+        used = {d for t in new for d in t.dependencies}
+        wanted = [
+            t.key for t, a in zip(new, tasks, strict=True) if a["wanted"] or t.key not in used
+        ]
+        sim.submit(client, new, wanted)
+
+    @precondition(lambda self: any(self.sim.wants.values()))
+    @rule(client=st.sampled_from(CLIENTS), i=index)
+    @guarded
+    def desire(self, client: str, i: int) -> None:
+        """The client takes a future for a key some client holds."""
+        keys = sorted({k for ks in self.sim.wants.values() for k in ks}, key=repr)
+        self.sim.desire(client, [pick(keys, i)])
+
+    @precondition(lambda self: any(self.sim.wants.values()))
+    @rule(client=st.sampled_from(CLIENTS), i=index, n=st.integers(1, 3))
+    @guarded
+    def release(self, client: str, i: int, n: int) -> None:
+        held = sorted(self.sim.wants.get(client, ()), key=repr)
+        if held:
+            self.sim.release(client, [pick(held, i + j) for j in range(n)])
+
+    @precondition(lambda self: any(self.sim.wants.values()))
+    @rule(client=st.sampled_from(CLIENTS), i=index, force=st.booleans())
+    @guarded
+    def cancel(self, client: str, i: int, force: bool) -> None:
+        held = sorted(self.sim.wants.get(client, ()), key=repr)
+        if held:
+            self.sim.cancel(client, [pick(held, i)], force)
+
+    @rule(client=st.sampled_from(CLIENTS))
+    @guarded
+    def remove_client(self, client: str) -> None:
+        self.sim.remove_client(client)
+
+    # ------------------------------------------------------------------ messages and work
+
+    @precondition(lambda self: bool(self.sim.nonempty_queues()))
+    @rule(i=index, n=st.integers(1, 4))
+    @guarded
+    def deliver(self, i: int, n: int) -> None:
+        """The next messages of one (sender, receiver) stream, as one batch."""
+        src, dst = pick(self.sim.nonempty_queues(), i)
+        self.sim.deliver(src, dst, n)
+
+    @rule()
+    @guarded
+    def progress(self) -> None:
+        """One round of everything: deliver all queues, end all tasks and transfers."""
+        self._one_round()
+
+    def _one_round(self) -> None:
+        sim = self.sim
+        for src, dst in sim.nonempty_queues():
+            if dst == "scheduler" or dst in sim.workers:
+                sim.deliver(src, dst, 1_000)
+        for addr, key in sim.running_tasks():
+            if addr in sim.workers and key in sim.workers[addr].running:
+                sim.finish(addr, key)
+        for addr, peer in sim.pending_gathers():
+            if addr in sim.workers and peer in sim.workers[addr].gathers:
+                sim.gather(addr, peer)
+
+    @precondition(lambda self: bool(self.sim.running_tasks()))
+    @rule(i=index)
+    @guarded
+    def finish(self, i: int) -> None:
+        """A running task ends (fails if it was built to fail this time)."""
+        self.sim.finish(*pick(self.sim.running_tasks(), i))
+
+    @precondition(lambda self: bool(self.sim.running_tasks()))
+    @rule(i=index)
+    @guarded
+    def secede(self, i: int) -> None:
+        self.sim.secede(*pick(self.sim.running_tasks(), i))
+
+    @precondition(lambda self: bool(self.sim.running_tasks()))
+    @rule(i=index)
+    @guarded
+    def reschedule(self, i: int) -> None:
+        self.sim.reschedule(*pick(self.sim.running_tasks(), i))
+
+    @precondition(lambda self: bool(self.sim.pending_gathers()))
+    @rule(i=index, fail=st.booleans())
+    @guarded
+    def gather(self, i: int, fail: bool) -> None:
+        """A transfer ends: the keys the peer still holds arrive (or it fails outright)."""
+        addr, peer = pick(self.sim.pending_gathers(), i)
+        self.sim.gather(addr, peer, fail=fail)
+
+    # ------------------------------------------------------------------ workers
+
+    @precondition(lambda self: len(self.sim.workers) < MAX_WORKERS)
+    @rule(name=st.sampled_from([None, *NAMES]), nthreads=st.integers(1, 2), gpu=st.booleans(),
+          limited=st.booleans())  # fmt: skip
+    @guarded
+    def add_worker(self, name: str | None, nthreads: int, gpu: bool, limited: bool) -> None:
+        if name in {w.name for w in self.sim.workers.values()}:
+            name = None
+        self.sim.add_worker(
+            name=name, nthreads=nthreads, resources={"GPU": 1.0} if gpu else None,
+            memory_limit=MEMORY_LIMIT if limited else 0,
+        )  # fmt: skip
+
+    @precondition(lambda self: bool(self.sim.workers))
+    @rule(i=index, flush=st.booleans())
+    @guarded
+    def lose_worker(self, i: int, flush: bool) -> None:
+        self.sim.lose_worker(pick(list(self.sim.workers), i), flush=flush)
+
+    @precondition(lambda self: bool(self.sim.workers))
+    @rule(i=index)
+    @guarded
+    def retire_worker(self, i: int) -> None:
+        self.sim.retire_worker(pick(list(self.sim.workers), i))
+
+    @precondition(lambda self: bool(self.sim.workers))
+    @rule(i=index, level=st.sampled_from([0, 1500, 1700, 3000]))
+    @guarded
+    def memory_pressure(self, i: int, level: int) -> None:
+        """The memory monitor: above spill (1400) spill, above pause (1600) pause."""
+        addr = pick(list(self.sim.workers), i)
+        if self.sim.workers[addr].memory_limit or not level:
+            self.sim.measure_memory(addr, level)
+
+    @rule()
+    @guarded
+    def tick(self) -> None:
+        self.sim.tick()
+
+    # ------------------------------------------------------------------ checks
+
+    @invariant()
+    @guarded
+    def consistent(self) -> None:
+        self.sim.check()
+
+    def teardown(self) -> None:
+        if not self.ok:
+            return
+        problems = self.sim.settle(max_rounds=2_000)
+        assert not problems, "\n".join(problems)
+
+
+ClusterMachine.TestCase.settings = settings(stateful_step_count=40)
+TestCluster = ClusterMachine.TestCase
