@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import uuid
 from collections import defaultdict
@@ -43,7 +42,7 @@ import cloudpickle
 import dask
 import trio
 
-from trioscheduler import runspec, wire
+from trioscheduler import _transfer, runspec, wire
 from trioscheduler._loop import Entered, LoopRunner, loop_runner
 from trioscheduler.collections import (
     collections_to_graph,
@@ -54,17 +53,15 @@ from trioscheduler.collections import (
 from trioscheduler.collections import futures_of as collection_futures
 from trioscheduler.core import messages as m
 from trioscheduler.errors import TrioSchedulerError
-from trioscheduler.futures import Future, FutureCancelledError, KeyState, futures_of
+from trioscheduler.futures import Future, KeyState, futures_of
 from trioscheduler.keys import (
     check_key,
     check_options,
     check_workers,
     map_keys,
-    scatter_key,
     shippable,
     submit_key,
 )
-from trioscheduler.remote_error import unpack_exception
 
 __all__ = ["Client", "Executor", "default_client", "fire_and_forget"]
 
@@ -830,94 +827,11 @@ class Client:
         return self._sync(self._gather, futures, errors)
 
     async def _gather(self, futures: Any, errors: str) -> Any:
-        fs = futures_of(futures)
-        states: dict[Any, KeyState] = {}
-        for f in fs:
-            states.setdefault(f.key, f._state)
-        values: dict[Any, Any] = {}
-        bad: set[Any] = set()
-        while True:
-            todo = [k for k in states if k not in values and k not in bad]
-            if not todo:
-                break
-            for k in todo:
-                st = states[k]
-                await st.wait()
-                if st.status != "finished":
-                    if errors == "raise":
-                        exc = st.exception()
-                        assert exc is not None
-                        raise exc
-                    bad.add(k)
-            ready = [k for k in todo if states[k].status == "finished"]
-            if ready:
-                values.update(await self._fetch(ready, errors))
-        return _repack(futures, values, bad)
+        return await _transfer.gather(self, futures, errors)
 
     async def _fetch(self, keys: list[Any], errors: str = "raise") -> dict[Any, Any]:
-        """Values of finished ``keys`` from the workers holding them.
-
-        A holder that vanished or lost the key is skipped; keys whose state went back to
-        pending (``KeyLost``) are left out, for the caller to wait for again.
-        """
-        out: dict[Any, Any] = {}
-        missing = list(keys)
-        attempt = 0
-        while missing:
-            who_has = {k: v for k, v in await self._rpc({"op": "who_has", "keys": missing})}
-            by_worker: dict[str, list[Any]] = defaultdict(list)
-            failed: list[Any] = []
-            for k in missing:
-                holders = who_has.get(k)
-                if holders:
-                    by_worker[random.choice(holders)].append(k)
-                else:
-                    failed.append(k)
-            async with trio.open_nursery() as nursery:
-                for worker, ks in by_worker.items():
-                    nursery.start_soon(self._get_data, worker, ks, out, failed)
-            missing = []
-            for k in failed:
-                st = self._futures.get(k)
-                if st is not None and st.status == "finished":
-                    missing.append(k)
-            if missing:
-                attempt += 1
-                if attempt > 50:
-                    raise TrioSchedulerError(
-                        f"could not fetch {missing[:5]!r} from any worker after {attempt} attempts "
-                        "(the scheduler lists holders that do not have the data)"
-                    )
-                await trio.sleep(min(0.005 * 2**attempt, 0.5))
-        return out
-
-    async def _get_data(
-        self, worker: str, keys: list[Any], out: dict[Any, Any], failed: list[Any]
-    ) -> None:
-        assert self._pool is not None
-        try:
-            async with self._pool.connect(worker) as stream:
-                await stream.send({"op": "get_data", "keys": keys})
-                reply = await stream.receive()
-        except (
-            OSError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.EndOfChannel,
-        ) as exc:
-            logger.info(
-                "client %s: fetching %d keys from %s failed: %r", self.id, len(keys), worker, exc
-            )
-            failed.extend(keys)
-            return
-        if reply.get("status") != "OK":
-            logger.info(
-                "client %s: %s could not serve data: %s", self.id, worker, reply.get("text")
-            )
-            failed.extend(keys)
-            return
-        out.update(reply["data"])
-        failed.extend(reply.get("missing") or ())
+        """Values of finished ``keys`` (used by ``Future.result``)."""
+        return await _transfer.fetch(self, keys, errors)
 
     async def _rpc(self, msg: dict[str, Any]) -> Any:
         """One request to the scheduler, answered after everything this client sent on its
@@ -957,101 +871,7 @@ class Client:
     ) -> Any:
         """Put local data on workers; futures shaped like ``data`` (one, list or dict)."""
         w = check_workers(workers)
-        return self._sync(self._scatter, data, w, broadcast, hash, timeout)
-
-    async def _scatter(  # noqa: ASYNC109 - the user's timeout, passed through
-        self,
-        data: Any,
-        workers: list[str] | None,
-        broadcast: bool,
-        hash: bool,
-        timeout: float | None,  # noqa: ASYNC109
-    ) -> Any:
-        kind = type(data)
-        if kind in (set, frozenset):
-            data = list(data)
-        single = type(data) not in (dict, list, tuple)
-        if single:
-            data = [data]
-        if isinstance(data, dict):
-            for k in data:
-                check_key(k)
-            named = dict(data)
-            names = list(named)
-        else:
-            names = [scatter_key(x, hash) for x in data]
-            with self._lock:
-                # A hashed key released a moment ago may still be on its way out of a
-                # worker (its FreeKeys in flight): scattering it again under the same
-                # name could be deleted by that stale FreeKeys. Use a fresh name.
-                names = [self._fresh_scatter_name(n) for n in names]
-            named = dict(zip(names, data, strict=True))
-        with trio.fail_after(self.timeout if timeout is None else timeout):
-            nthreads: dict[str, int] = await self._rpc({"op": "nthreads", "workers": workers})
-            while not nthreads:
-                await self._rpc({"op": "wait_for_workers", "n_workers": 1})
-                nthreads = await self._rpc({"op": "nthreads", "workers": workers})
-        targets = sorted(nthreads)
-        plan: dict[str, dict[Any, Any]] = defaultdict(dict)
-        if broadcast:
-            for t in targets:
-                plan[t] = dict(named)
-        else:
-            slots = [t for t in targets for _ in range(max(1, nthreads[t]))]
-            start = random.randrange(len(slots))
-            for i, (k, v) in enumerate(named.items()):
-                plan[slots[(start + i) % len(slots)]][k] = v
-        who_has: dict[Any, list[str]] = defaultdict(list)
-        nbytes: dict[Any, int] = {}
-
-        async def send(worker: str, part: dict[Any, Any]) -> None:
-            assert self._pool is not None
-            async with self._pool.connect(worker) as stream:
-                await stream.send({"op": "update_data", "data": part})
-                reply = await stream.receive()
-            if reply.get("status") != "OK":
-                raise TrioSchedulerError(f"scatter to {worker} failed: {reply.get('text')}")
-            for k, n in reply["nbytes"].items():
-                who_has[k].append(worker)
-                nbytes[k] = n
-
-        async with trio.open_nursery() as nursery:
-            for worker, part in plan.items():
-                nursery.start_soon(send, worker, part)
-        await self._rpc(
-            {
-                "op": "update_data",
-                "items": [[k, who_has[k], nbytes[k]] for k in who_has],
-            }
-        )
-        futures: dict[Any, Future] = {}
-        with self._lock:
-            self._scattered.update(named)
-            for k in named:
-                st = self._futures.get(k)
-                if st is None:
-                    st = self._futures[k] = KeyState(k)
-                self._refcount[k] = self._refcount.get(k, 0) + 1
-                futures[k] = Future(k, self, st)
-        for k, v in named.items():
-            if not futures[k]._state.done or futures[k]._state.status != "finished":
-                futures[k]._state.finish(type(v).__name__)
-        if single:
-            return futures[names[0]]
-        if isinstance(data, dict):
-            return futures
-        out = [futures[k] for k in names]
-        return tuple(out) if kind is tuple else out
-
-    def _fresh_scatter_name(self, name: str) -> str:
-        """``name``, or (under the lock) the live or a new alias of a just-released one."""
-        releasing = name in self._futures and name not in self._refcount
-        if not releasing and name not in self._released_scattered:
-            return name
-        alias = self._aliases.get(name)
-        if alias is None or alias not in self._futures:
-            alias = self._aliases[name] = f"{name}-{uuid.uuid4().hex[:8]}"
-        return alias
+        return self._sync(_transfer.scatter, self, data, w, broadcast, hash, timeout)
 
     # -- cancel, retry, fire-and-forget ----------------------------------------------------
 
@@ -1097,31 +917,7 @@ class Client:
         """``function(*args, **kwargs)`` on each worker (or ``workers=``), outside the task
         system: ``{worker address: result}``. Raises the first failure (original type)."""
         payload = cloudpickle.dumps((function, args, kwargs), protocol=5)
-        return self._sync(self._run, payload, check_workers(workers))
-
-    async def _run(self, payload: bytes, workers: list[str] | None) -> dict[str, Any]:
-        targets = sorted(await self._rpc({"op": "nthreads", "workers": workers}))
-        replies: dict[str, dict[str, Any]] = {}
-
-        async def one(worker: str) -> None:
-            assert self._pool is not None
-            async with self._pool.connect(worker) as stream:
-                await stream.send({"op": "run", "function": payload})
-                replies[worker] = await stream.receive()
-
-        async with trio.open_nursery() as nursery:
-            for worker in targets:
-                nursery.start_soon(one, worker)
-        results: dict[str, Any] = {}
-        for worker in targets:
-            reply = replies[worker]
-            if reply.get("status") == "OK":
-                results[worker] = reply["result"]
-            elif "exception" in reply:
-                raise unpack_exception(reply["exception"], reply["traceback"], reply["text"])
-            else:
-                raise TrioSchedulerError(f"run on {worker} failed: {reply.get('text')}")
-        return results
+        return self._sync(_transfer.run_on_workers, self, payload, check_workers(workers))
 
     # -- cluster information ----------------------------------------------------------
 
@@ -1189,22 +985,3 @@ def fire_and_forget(obj: Any) -> None:
 
 def _is_our_future(x: Any) -> bool:
     return type(x) is Future
-
-
-def _repack(obj: Any, values: dict[Any, Any], bad: set[Any]) -> Any:
-    """``obj`` with every future replaced by its value; futures in ``bad`` dropped."""
-    t = type(obj)
-    if t is Future:
-        if obj.key in bad:
-            raise FutureCancelledError(obj.key, obj._state.reason or obj._state.status)
-        return values[obj.key]
-    if t in (list, tuple, set, frozenset):
-        items = [_repack(x, values, bad) for x in obj if not (type(x) is Future and x.key in bad)]
-        return t(items)
-    if t is dict:
-        return {
-            k: _repack(v, values, bad)
-            for k, v in obj.items()
-            if not (type(v) is Future and v.key in bad)
-        }
-    return obj

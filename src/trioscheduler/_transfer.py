@@ -1,0 +1,273 @@
+"""Data and functions between the client and the workers: gather, scatter, run.
+
+The scheduler only says *where* things are (``who_has``, ``nthreads``); the bytes go
+straight between the client and the workers' data servers over pooled connections, as
+the runtime contract describes (``get_data``, ``update_data``, ``run``).
+
+* ``gather`` waits for the futures, then fetches each key from one of its holders. A
+  holder that vanished or no longer has the key is skipped and the scheduler asked
+  again; a key the scheduler reports lost goes back to waiting (it is recomputed).
+* ``scatter`` puts data on workers (round robin over thread slots, or everywhere with
+  ``broadcast``), then registers it with the scheduler by an RPC, so the next request
+  already sees it.
+
+These functions belong to ``Client`` (they use its pool, its key table and its lock);
+they live here to keep ``client.py`` about the session and the futures.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.futures import Future, FutureCancelledError, KeyState, futures_of
+from trioscheduler.keys import check_key, scatter_key
+from trioscheduler.remote_error import unpack_exception
+
+if TYPE_CHECKING:
+    from trioscheduler.client import Client
+
+logger = logging.getLogger("trioscheduler.client")
+
+
+async def gather(client: Client, futures: Any, errors: str) -> Any:
+    """``futures`` (nested in lists/tuples/sets/dicts) with their values in place."""
+    fs = futures_of(futures)
+    states: dict[Any, KeyState] = {}
+    for f in fs:
+        states.setdefault(f.key, f._state)
+    values: dict[Any, Any] = {}
+    bad: set[Any] = set()
+    while True:
+        todo = [k for k in states if k not in values and k not in bad]
+        if not todo:
+            break
+        for k in todo:
+            st = states[k]
+            await st.wait()
+            if st.status != "finished":
+                if errors == "raise":
+                    exc = st.exception()
+                    assert exc is not None
+                    raise exc
+                bad.add(k)
+        ready = [k for k in todo if states[k].status == "finished"]
+        if ready:
+            values.update(await fetch(client, ready, errors))
+    return repack_values(futures, values, bad)
+
+
+async def fetch(client: Client, keys: list[Any], errors: str = "raise") -> dict[Any, Any]:
+    """Values of finished ``keys`` from the workers holding them.
+
+    A holder that vanished or lost the key is skipped; keys whose state went back to
+    pending (``KeyLost``) are left out, for the caller to wait for again.
+    """
+    out: dict[Any, Any] = {}
+    missing = list(keys)
+    attempt = 0
+    while missing:
+        who_has = {k: v for k, v in await client._rpc({"op": "who_has", "keys": missing})}
+        by_worker: dict[str, list[Any]] = defaultdict(list)
+        failed: list[Any] = []
+        for k in missing:
+            holders = who_has.get(k)
+            if holders:
+                by_worker[random.choice(holders)].append(k)
+            else:
+                failed.append(k)
+        async with trio.open_nursery() as nursery:
+            for worker, ks in by_worker.items():
+                nursery.start_soon(get_data, client, worker, ks, out, failed)
+        missing = []
+        for k in failed:
+            st = client._futures.get(k)
+            if st is not None and st.status == "finished":
+                missing.append(k)
+        if missing:
+            attempt += 1
+            if attempt > 50:
+                raise TrioSchedulerError(
+                    f"could not fetch {missing[:5]!r} from any worker after {attempt} attempts "
+                    "(the scheduler lists holders that do not have the data)"
+                )
+            await trio.sleep(min(0.005 * 2**attempt, 0.5))
+    return out
+
+
+async def get_data(
+    client: Client, worker: str, keys: list[Any], out: dict[Any, Any], failed: list[Any]
+) -> None:
+    assert client._pool is not None
+    try:
+        async with client._pool.connect(worker) as stream:
+            await stream.send({"op": "get_data", "keys": keys})
+            reply = await stream.receive()
+    except (
+        OSError,
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+        trio.EndOfChannel,
+    ) as exc:
+        logger.info(
+            "client %s: fetching %d keys from %s failed: %r", client.id, len(keys), worker, exc
+        )
+        failed.extend(keys)
+        return
+    if reply.get("status") != "OK":
+        logger.info("client %s: %s could not serve data: %s", client.id, worker, reply.get("text"))
+        failed.extend(keys)
+        return
+    out.update(reply["data"])
+    failed.extend(reply.get("missing") or ())
+
+
+async def scatter(
+    client: Client,
+    data: Any,
+    workers: list[str] | None,
+    broadcast: bool,
+    hash: bool,
+    timeout: float | None,  # noqa: ASYNC109 - the user's timeout, passed through
+) -> Any:
+    """Futures shaped like ``data`` (one value, a list/tuple, or a dict of key -> value)."""
+    kind = type(data)
+    if kind in (set, frozenset):
+        data = list(data)
+    single = type(data) not in (dict, list, tuple)
+    if single:
+        data = [data]
+    if isinstance(data, dict):
+        for k in data:
+            check_key(k)
+        named = dict(data)
+        names = list(named)
+    else:
+        names = [scatter_key(x, hash) for x in data]
+        with client._lock:
+            # A hashed key released a moment ago may still be on its way out of a
+            # worker (its FreeKeys in flight): scattering it again under the same
+            # name could be deleted by that stale FreeKeys. Use a fresh name.
+            names = [fresh_scatter_name(client, n) for n in names]
+        named = dict(zip(names, data, strict=True))
+    with trio.fail_after(client.timeout if timeout is None else timeout):
+        nthreads: dict[str, int] = await client._rpc({"op": "nthreads", "workers": workers})
+        while not nthreads:
+            await client._rpc({"op": "wait_for_workers", "n_workers": 1})
+            nthreads = await client._rpc({"op": "nthreads", "workers": workers})
+    targets = sorted(nthreads)
+    plan: dict[str, dict[Any, Any]] = defaultdict(dict)
+    if broadcast:
+        for t in targets:
+            plan[t] = dict(named)
+    else:
+        slots = [t for t in targets for _ in range(max(1, nthreads[t]))]
+        start = random.randrange(len(slots))
+        for i, (k, v) in enumerate(named.items()):
+            plan[slots[(start + i) % len(slots)]][k] = v
+    who_has: dict[Any, list[str]] = defaultdict(list)
+    nbytes: dict[Any, int] = {}
+
+    async def send(worker: str, part: dict[Any, Any]) -> None:
+        assert client._pool is not None
+        async with client._pool.connect(worker) as stream:
+            await stream.send({"op": "update_data", "data": part})
+            reply = await stream.receive()
+        if reply.get("status") != "OK":
+            raise TrioSchedulerError(f"scatter to {worker} failed: {reply.get('text')}")
+        for k, n in reply["nbytes"].items():
+            who_has[k].append(worker)
+            nbytes[k] = n
+
+    async with trio.open_nursery() as nursery:
+        for worker, part in plan.items():
+            nursery.start_soon(send, worker, part)
+    await client._rpc(
+        {
+            "op": "update_data",
+            "items": [[k, who_has[k], nbytes[k]] for k in who_has],
+        }
+    )
+    futures: dict[Any, Future] = {}
+    with client._lock:
+        client._scattered.update(named)
+        for k in named:
+            st = client._futures.get(k)
+            if st is None:
+                st = client._futures[k] = KeyState(k)
+            client._refcount[k] = client._refcount.get(k, 0) + 1
+            futures[k] = Future(k, client, st)
+    for k, v in named.items():
+        if not futures[k]._state.done or futures[k]._state.status != "finished":
+            futures[k]._state.finish(type(v).__name__)
+    if single:
+        return futures[names[0]]
+    if isinstance(data, dict):
+        return futures
+    out = [futures[k] for k in names]
+    return tuple(out) if kind is tuple else out
+
+
+def fresh_scatter_name(client: Client, name: str) -> str:
+    """``name``, or (under the lock) the live or a new alias of a just-released one."""
+    releasing = name in client._futures and name not in client._refcount
+    if not releasing and name not in client._released_scattered:
+        return name
+    alias = client._aliases.get(name)
+    if alias is None or alias not in client._futures:
+        alias = client._aliases[name] = f"{name}-{uuid.uuid4().hex[:8]}"
+    return alias
+
+
+async def run_on_workers(
+    client: Client, payload: bytes, workers: list[str] | None
+) -> dict[str, Any]:
+    targets = sorted(await client._rpc({"op": "nthreads", "workers": workers}))
+    replies: dict[str, dict[str, Any]] = {}
+
+    async def one(worker: str) -> None:
+        assert client._pool is not None
+        async with client._pool.connect(worker) as stream:
+            await stream.send({"op": "run", "function": payload})
+            replies[worker] = await stream.receive()
+
+    async with trio.open_nursery() as nursery:
+        for worker in targets:
+            nursery.start_soon(one, worker)
+    results: dict[str, Any] = {}
+    for worker in targets:
+        reply = replies[worker]
+        if reply.get("status") == "OK":
+            results[worker] = reply["result"]
+        elif "exception" in reply:
+            raise unpack_exception(reply["exception"], reply["traceback"], reply["text"])
+        else:
+            raise TrioSchedulerError(f"run on {worker} failed: {reply.get('text')}")
+    return results
+
+
+def repack_values(obj: Any, values: dict[Any, Any], bad: set[Any]) -> Any:
+    """``obj`` with every future replaced by its value; futures in ``bad`` dropped."""
+    t = type(obj)
+    if t is Future:
+        if obj.key in bad:
+            raise FutureCancelledError(obj.key, obj._state.reason or obj._state.status)
+        return values[obj.key]
+    if t in (list, tuple, set, frozenset):
+        items = [
+            repack_values(x, values, bad) for x in obj if not (type(x) is Future and x.key in bad)
+        ]
+        return t(items)
+    if t is dict:
+        return {
+            k: repack_values(v, values, bad)
+            for k, v in obj.items()
+            if not (type(v) is Future and v.key in bad)
+        }
+    return obj
