@@ -10,12 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import trio
 
 from trioscheduler import Client, Scheduler, wire
 from trioscheduler.core import messages as m
+from trioscheduler.core import recorder
 
 TIMEOUT = 20
 
@@ -147,7 +147,7 @@ async def test_wait_for_workers_rpc_waits_for_a_worker(address: str) -> None:
 async def test_record_writes_every_event(tmp_path: Path, address: str) -> None:
     path = tmp_path / "events.msgpack"
     with trio.fail_after(TIMEOUT):
-        async with Scheduler(address, record=path, tick_interval=0.01) as s:
+        async with Scheduler(address, record=path, tick_interval=0.01, validate=True) as s:
             w = await wire.connect(s.address, role="worker")
             await w.send(add_worker("fake://rec", 1))
             async with Client(s.address, asynchronous=True) as c:
@@ -157,14 +157,17 @@ async def test_record_writes_every_event(tmp_path: Path, address: str) -> None:
                 await wait_until(lambda: f.done())
             await w.aclose()
             await wait_until(lambda: not s.state.workers)
-    with path.open("rb") as fh:
-        events = [m.load(x) for x in msgpack.Unpacker(fh, raw=False, strict_map_key=False)]
+        live = recorder.snapshot(s.state)
+    log = recorder.load_log(path)
+    assert log[0][0] == recorder.HEADER_TAG
+    events = [m.load(x) for x in log[1:]]
     kinds = [type(e) for e in events]
     for kind in (m.AddWorker, m.AddClient, m.UpdateGraph, m.TaskFinished, m.RemoveClient, m.Tick):
         assert kind in kinds
     assert kinds.index(m.AddWorker) < kinds.index(m.UpdateGraph) < kinds.index(m.TaskFinished)
     removed = [e for e in events if type(e) is m.RemoveWorker]
     assert removed and removed[0].expected is False
+    assert recorder.snapshot(recorder.replay(log)) == live  # the log rebuilds the state
 
 
 async def test_address_in_use_is_a_plain_os_error() -> None:

@@ -37,6 +37,7 @@ import trio
 
 from trioscheduler import wire
 from trioscheduler.core import messages as m
+from trioscheduler.core import recorder
 from trioscheduler.core.scheduler import SchedulerState
 
 __all__ = ["FIRE_AND_FORGET", "Scheduler"]
@@ -139,8 +140,9 @@ def _addr(obj: Any) -> str:
 class Scheduler:
     """``async with Scheduler(address) as s``: serve workers and clients until exit.
 
-    ``record`` (a path) appends every event handed to the core, as one msgpack
-    ``messages.dump(event)`` per record, for replay.
+    ``record`` (a path) is written with every event handed to the core: a
+    ``core.recorder`` header, then one msgpack ``messages.dump(event)`` per event, so
+    ``core.recorder.replay(load_log(path))`` rebuilds the scheduler's state.
     """
 
     def __init__(
@@ -156,12 +158,13 @@ class Scheduler:
         steal: bool = True,
     ) -> None:
         self._requested_address = address
-        self.state = SchedulerState(
-            worker_timeout=worker_timeout,
-            allowed_failures=allowed_failures,
-            steal=steal,
-            validate=validate,
-        )
+        self._core_kwargs: dict[str, Any] = {
+            "worker_timeout": worker_timeout,
+            "allowed_failures": allowed_failures,
+            "steal": steal,
+            "validate": validate,
+        }
+        self.state = SchedulerState(**self._core_kwargs)
         self.tick_interval = tick_interval
         self.batch_interval = batch_interval
         self._record_path = Path(record) if record is not None else None
@@ -189,8 +192,12 @@ class Scheduler:
     async def _start(self) -> None:
         async with AsyncExitStack() as stack:
             if self._record_path is not None:
-                self._record_file = stack.enter_context(self._record_path.open("ab"))
+                self._record_file = stack.enter_context(self._record_path.open("wb"))
                 stack.callback(setattr, self, "_record_file", None)  # before the file closes
+                # A header with the core's arguments: core.recorder.replay rebuilds it.
+                self._record_file.write(
+                    self._packer.pack(recorder.header("scheduler", self._core_kwargs))
+                )
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             # Runs after the listener closed, before the nursery exits (LIFO).
             stack.callback(self._nursery.cancel_scope.cancel)
