@@ -1,0 +1,65 @@
+"""Failures the cluster state machine found, each shrunk to a named, deterministic test.
+
+Every test drives the pure ``ClusterSimulator`` through the few steps hypothesis shrank
+the failure to, then settles the cluster and asserts nothing is wrong. A bug not fixed
+yet in its core is marked ``xfail(strict=True)`` with the cause: once the core is fixed
+the test passes, the strict mark turns that into a failure, and the mark comes off.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from trioscheduler.core.simulator import ClusterSimulator, SimTask
+
+
+def settled(sim: ClusterSimulator) -> None:
+    problems = sim.settle(max_rounds=1_000)
+    assert not problems, "\n".join(problems)
+
+
+def holder(sim: ClusterSimulator, key: str) -> str:
+    (addr,) = sim.scheduler.tasks[key].who_has
+    return addr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="scheduler: _retire_progress runs only on AddKeys/ReleaseWorkerData/TaskFinished "
+    "from the retiring worker and on worker removal; when its last unique key is released "
+    "(client cancel/release) instead of replicated, nothing calls it and the worker stays "
+    "'closing' forever",
+)
+def test_retire_stalls_when_its_unique_key_is_released() -> None:
+    sim = ClusterSimulator(validate=True)
+    sim.add_worker()
+    sim.add_worker()
+    sim.submit("c", [SimTask("x")], ["x"])
+    sim.run_to_completion()
+    sim.retire_worker(holder(sim, "x"))  # AcquireReplicas(x) queued for the other worker
+    sim.release("c", ["x"])  # x forgotten before the replica is made
+    sim.run_to_completion()
+    assert not sim.scheduler.retiring, "the retiring worker never closes"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="scheduler: _on_missing_data returns without a word when the key was forgotten "
+    "(or has no holder), so the worker that asked keeps the key in 'missing' forever",
+)
+def test_missing_data_for_forgotten_key_leaves_worker_missing() -> None:
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker()
+    b = sim.add_worker()
+    sim.submit("c", [SimTask("x")], ["x"])
+    sim.run_to_completion()
+    src = holder(sim, "x")
+    dst = b if src == a else a
+    sim.retire_worker(src)  # asks dst to fetch x from src
+    sim.cancel("c", ["x"])  # x forgotten; src frees it
+    sim.deliver("scheduler", src)  # FreeKeys(x): src drops the value
+    sim.deliver("scheduler", dst)  # AcquireReplicas(x from src)
+    sim.gather(dst, src)  # src no longer has it: dst -> missing, MissingData(x)
+    sim.deliver(dst, "scheduler")
+    sim.run_to_completion()
+    assert sim.workers[dst].state.tasks.get("x") is None, "dst still looks for a forgotten key"

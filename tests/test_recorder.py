@@ -1,0 +1,149 @@
+"""The recorder: a log of a core's events replays into an identical state."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from trioscheduler.core import messages as m
+from trioscheduler.core import recorder
+from trioscheduler.core.recorder import Recorder, ReplayError, replay, snapshot
+from trioscheduler.core.scheduler import SchedulerState
+from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask, layered_graph
+
+
+def random_run(seed: int, steps: int = 400) -> ClusterSimulator:
+    """A recorded cluster run with every kind of step, chosen by a seeded generator."""
+    rng = random.Random(seed)
+    sim = ClusterSimulator(record=True, validate=True)
+    for _ in range(3):
+        sim.add_worker(nthreads=2, memory_limit=3000)
+    graph = layered_graph(60, 8, rng, nbytes=400)
+    graph[5].fail_attempts = 1
+    graph[9].fail_attempts = ALWAYS
+    graph[11].retries = 1
+    graph[11].fail_attempts = 1
+    sim.submit("c0", graph, [t.key for t in graph[-8:]] + [graph[9].key])
+    sim.submit(
+        "c1",
+        [SimTask(("tuple", 1), [graph[0].key]), SimTask(b"bytes", [])],
+        [("tuple", 1), b"bytes"],
+    )
+    for _ in range(steps):
+        r = rng.random()
+        if r < 0.45 and sim.nonempty_queues():
+            sim.deliver(*rng.choice(sim.nonempty_queues()), n=rng.randint(1, 3))
+        elif r < 0.65 and sim.running_tasks():
+            addr, key = rng.choice(sim.running_tasks())
+            x = rng.random()
+            if x < 0.1:
+                sim.secede(addr, key)
+            elif x < 0.15:
+                sim.reschedule(addr, key)
+            else:
+                sim.finish(addr, key)
+        elif r < 0.8 and sim.pending_gathers():
+            addr, peer = rng.choice(sim.pending_gathers())
+            sim.gather(addr, peer, fail=rng.random() < 0.2)
+        elif r < 0.84:
+            sim.tick()
+        elif r < 0.87 and sim.workers:
+            sim.measure_memory(rng.choice(list(sim.workers)), rng.choice([0, 2200, 2500]))
+        elif r < 0.89 and len(sim.workers) > 1:
+            sim.lose_worker(rng.choice(list(sim.workers)), flush=rng.random() < 0.5)
+        elif r < 0.91:
+            sim.add_worker(nthreads=rng.randint(1, 2), memory_limit=3000)
+        elif r < 0.93 and sim.wants["c0"]:
+            sim.release("c0", [rng.choice(sorted(sim.wants["c0"]))])
+        elif r < 0.94 and sim.wants["c0"]:
+            sim.cancel("c0", [rng.choice(sorted(sim.wants["c0"]))])
+    sim.check()
+    return sim
+
+
+def all_logs(sim: ClusterSimulator) -> list[tuple[Any, list[list[Any]]]]:
+    """(live state, log) for the scheduler and every worker still alive."""
+    pairs: list[tuple[Any, list[list[Any]]]] = [(sim.scheduler, sim.scheduler_log)]
+    pairs += [(w.state, sim.worker_logs[a]) for a, w in sim.workers.items()]
+    return pairs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replay_rebuilds_every_core_of_a_random_run(seed: int) -> None:
+    sim = random_run(seed)
+    assert len(sim.scheduler_log) > 50
+    for live, log in all_logs(sim):
+        assert snapshot(replay(log)) == snapshot(live)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_replay_through_msgpack_bytes(seed: int) -> None:
+    """Tuple keys survive msgpack (arrays come back as hashable tuples)."""
+    sim = random_run(seed, steps=250)
+    for live, log in all_logs(sim):
+        assert snapshot(replay(recorder.unpack_log(recorder.pack_log(log)))) == snapshot(live)
+
+
+def test_replay_upto_and_validate() -> None:
+    sim = random_run(7, steps=100)
+    log = sim.scheduler_log
+    partial = replay(log, upto=5, validate=True)
+    assert partial.validate is True
+    assert partial.generation <= sim.scheduler.generation
+
+
+def test_recorder_logs_before_the_core_mutates() -> None:
+    rec = Recorder.scheduler(steal=False)
+    assert rec.log[0] == recorder.header("scheduler", {"steal": False})
+    rec.handle(m.AddWorker("a", 0.0, "w1", 1))
+    rec.handle(m.UpdateGraph("u", 0.1, "c", [m.TaskSpec("x", [], b"f")], ["x"]))
+    assert [type(e) for e in rec.events] == [m.AddWorker, m.UpdateGraph]
+    assert rec.state.tasks["x"].state == "processing"
+    assert snapshot(replay(rec.log)) == snapshot(rec)
+
+
+def test_worker_recorder_keeps_its_address() -> None:
+    rec = Recorder.worker("w9", nthreads=2, memory_limit=100)
+    rec.handle(m.ComputeTask("c", 0.0, "x", b"f", [], {}, {}, (0,)))
+    again = replay(rec.log)
+    assert again.address == "w9" and again.nthreads == 2
+    assert snapshot(again) == snapshot(rec)
+
+
+def test_a_used_state_cannot_be_wrapped() -> None:
+    s = SchedulerState()
+    s.handle(m.AddClient("a", 0.0, "c"))
+    with pytest.raises(ValueError, match="not handled any event"):
+        Recorder(s, {})
+
+
+def test_headerless_shell_file_replays_as_scheduler(tmp_path: Path) -> None:
+    """The format of ``Scheduler(record=PATH)`` before it wrote a header."""
+    rec = Recorder.scheduler(allowed_failures=5)
+    rec.handle(
+        m.AddWorker("a", 0.0, "w1", 2),
+        m.UpdateGraph("u", 0.1, "c", [m.TaskSpec(("k", 0), [], b"f")], [("k", 0)]),
+    )
+    path = tmp_path / "events.msgpack"
+    packer = msgpack.Packer(use_bin_type=True)
+    path.write_bytes(b"".join(packer.pack(r) for r in rec.log[1:]))
+    log = recorder.load_log(path)
+    state = replay(log, defaults={"allowed_failures": 5})
+    assert state.allowed_failures == 5
+    assert snapshot(state) == snapshot(rec)
+
+
+def test_bad_logs_are_refused() -> None:
+    with pytest.raises(ReplayError, match="unknown state kind"):
+        replay([[recorder.HEADER_TAG, recorder.FORMAT_VERSION, "nanny", {}]])
+    with pytest.raises(ReplayError, match="unsupported"):
+        replay([[recorder.HEADER_TAG, 99, "scheduler", {}]])
+    two = [recorder.header("scheduler", {}), recorder.header("scheduler", {})]
+    with pytest.raises(ReplayError, match="second header"):
+        replay(two)
+    with pytest.raises(m.MessageError):
+        replay([recorder.header("scheduler", {}), ["no-such-event", 1]])
