@@ -176,3 +176,13 @@ async def test_address_in_use_is_a_plain_os_error() -> None:
             with pytest.raises(OSError, match="in use"):
                 async with Scheduler(s.address):
                     pass  # pragma: no cover
+
+
+async def test_abandoned_wait_for_workers_does_not_linger(address: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(address) as s:
+            async with Client(s.address, asynchronous=True) as c:
+                with pytest.raises(TimeoutError):
+                    await c.wait_for_workers(3, timeout=0.05)
+            # the scheduler stopped waiting on behalf of the departed requester
+            await wait_until(lambda: s._workers_changed.statistics().tasks_waiting == 0)

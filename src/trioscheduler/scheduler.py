@@ -124,6 +124,37 @@ class _Peer:
             self.flushing = False
 
 
+_WAITING_OPS = frozenset({"wait_for_workers"})
+"""RPCs that may wait indefinitely: abandoned when the requester hangs up."""
+
+
+async def _unless_peer_leaves(stream: Any, awaitable: Any) -> Any:
+    """``await awaitable``, but give up (raise ``EndOfChannel``) if the peer closes first.
+
+    The requester sends nothing while it waits for the reply, so any receive that
+    returns means it went away (or broke the protocol).
+    """
+    result: list[Any] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            result.append(await awaitable)
+            nursery.cancel_scope.cancel()
+
+        async def watch() -> None:
+            try:
+                await stream.receive()
+            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run)
+        nursery.start_soon(watch)
+    if not result:
+        raise trio.EndOfChannel("the requester left before the reply")
+    return result[0]
+
+
 def _sole_error(group: BaseExceptionGroup) -> BaseException:
     """The one exception inside nested groups, or the group itself if there are several."""
     exc: BaseException = group
@@ -410,7 +441,13 @@ class Scheduler:
                 reply: dict[str, Any] = {"status": "error", "text": f"unknown operation {op!r}"}
             else:
                 try:
-                    reply = {"status": "OK", "result": await handler(self, request)}
+                    if op in _WAITING_OPS:
+                        result = await _unless_peer_leaves(stream, handler(self, request))
+                    else:
+                        result = await handler(self, request)
+                    reply = {"status": "OK", "result": result}
+                except trio.EndOfChannel:
+                    return  # the requester left while waiting
                 except Exception as exc:
                     logger.warning("rpc %r failed: %r", op, exc)
                     reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
