@@ -108,8 +108,13 @@ class Client:
         scheduler_file: str | None = None,
         connection_limit: int = 512,
         batch_interval: float = 0.002,
+        direct_to_workers: bool | None = None,
+        security: Any = None,
         **cluster_kwargs: Any,
     ) -> None:
+        # dask's keywords: data always goes straight to the workers; TLS comes later.
+        if security is not None:
+            raise NotImplementedError("Client(security=...): TLS is not supported yet")
         self.id = f"Client-{uuid.uuid4()}"
         self.name = name or self.id
         self.timeout = timeout
