@@ -92,7 +92,10 @@ class ClusterMachine(RuleBasedStateMachine):
     @guarded
     def start(self, n: int) -> None:
         for i in range(n):
-            self.sim.add_worker(name=NAMES[i] if i < len(NAMES) else None, nthreads=2)
+            if i < len(NAMES):
+                self.sim.add_worker(name=NAMES[i], nthreads=2, resources={"GPU": 1.0})
+            else:
+                self.sim.add_worker(nthreads=2)
 
     # ------------------------------------------------------------------ clients
 
@@ -217,6 +220,7 @@ class ClusterMachine(RuleBasedStateMachine):
     def add_worker(self, name: str | None, nthreads: int, gpu: bool, limited: bool) -> None:
         if name in {w.name for w in self.sim.workers.values()}:
             name = None
+        gpu = gpu or name is not None  # a task may ask for a name and a GPU together
         self.sim.add_worker(
             name=name, nthreads=nthreads, resources={"GPU": 1.0} if gpu else None,
             memory_limit=MEMORY_LIMIT if limited else 0,
@@ -262,5 +266,11 @@ class ClusterMachine(RuleBasedStateMachine):
         assert not problems, "\n".join(problems)
 
 
-ClusterMachine.TestCase.settings = settings(stateful_step_count=40)
+# Examples are cheap (a few ms per step): run EXAMPLES_PER_PROFILE_EXAMPLE of them for
+# each example the profile asks for (ci: 50 -> 200 runs of up to 100 steps, ~1 minute).
+EXAMPLES_PER_PROFILE_EXAMPLE = 4
+ClusterMachine.TestCase.settings = settings(
+    max_examples=settings.default.max_examples * EXAMPLES_PER_PROFILE_EXAMPLE,
+    stateful_step_count=100,
+)
 TestCluster = ClusterMachine.TestCase

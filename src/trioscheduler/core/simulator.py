@@ -770,6 +770,31 @@ def layered_graph(
     return tasks
 
 
+def independent_graph(n_tasks: int, *, prefix: str = "m", nbytes: int = 1000) -> list[SimTask]:
+    """``n_tasks`` tasks without dependencies (a ``map``)."""
+    return [SimTask(f"{prefix}-{i}", [], nbytes) for i in range(n_tasks)]
+
+
+def tree_graph(
+    n_tasks: int, *, fan_in: int = 2, prefix: str = "r", nbytes: int = 1000
+) -> list[SimTask]:
+    """A reduction tree of about ``n_tasks`` tasks: leaves, then each task combines
+    ``fan_in`` neighbours of the level below (dask's tree reduction)."""
+    n_leaves = max(1, n_tasks * (fan_in - 1) // fan_in)
+    tasks = [SimTask(f"{prefix}0-{i}", [], nbytes) for i in range(n_leaves)]
+    level = [t.key for t in tasks]
+    depth = 0
+    while len(level) > 1 and len(tasks) < n_tasks:
+        depth += 1
+        nxt: list[Key] = []
+        for i in range(0, len(level), fan_in):
+            key = f"{prefix}{depth}-{i // fan_in}"
+            tasks.append(SimTask(key, level[i : i + fan_in], nbytes))
+            nxt.append(key)
+        level = nxt
+    return tasks
+
+
 def sinks(tasks: list[SimTask]) -> list[Key]:
     """Keys no task of ``tasks`` depends on (what a client usually holds futures for)."""
     used = {d for t in tasks for d in t.dependencies}
