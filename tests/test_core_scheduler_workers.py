@@ -291,3 +291,26 @@ def test_loose_worker_preference_with_resources_falls_back() -> None:
     g = [spec("x", workers=[A], allow_other_workers=True, resources={"GPU": 1})]
     eff = s.handle(ev(UpdateGraph, "c", g, ["x"]))
     assert computes(eff) == [(B, "x")]
+
+
+def test_workers_restriction_by_host() -> None:
+    s = cluster(("tcp://10.0.0.1:1000", 1), ("tcp://10.0.0.2:1000", 1))
+    eff = s.handle(ev(UpdateGraph, "c", [spec("x", workers=["10.0.0.2"])], ["x"]))
+    assert computes(eff) == [("tcp://10.0.0.2:1000", "x")]
+    eff = s.handle(ev(UpdateGraph, "c", [spec("y", workers=["10.0.0.3"])], ["y"]))
+    assert states(s)["y"] == "no-worker"
+    eff = s.handle(ev(AddWorker, "tcp://10.0.0.3:2000", 1))
+    assert computes(eff) == [("tcp://10.0.0.3:2000", "y")]
+    s.handle(ev(RemoveWorker, "tcp://10.0.0.3:2000"))
+    assert "10.0.0.3" not in s.hosts
+
+
+def test_replica_report_of_a_task_being_computed_is_its_result() -> None:
+    """Regression (both-cores run): a worker that fetched ``x`` just before ``x`` was
+    lost and re-sent to it reports the copy; freeing it would race the ComputeTask."""
+    s = cluster((A, 1), (B, 1))
+    s.handle(ev(UpdateGraph, "c", [spec("x", workers=[A]), spec("y", workers=[B])], ["x", "y"]))
+    eff = s.handle(ev(AddKeys, A, {"x": 8}))
+    assert frees(eff) == [] and states(s)["x"] == "memory" and s.tasks["x"].who_has == {A}
+    eff = s.handle(ev(AddKeys, A, {"y": 8}))  # y runs on B: A's copy is the result, B stops
+    assert frees(eff) == [(B, ["y"])] and s.tasks["y"].who_has == {A}

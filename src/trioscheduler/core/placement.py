@@ -30,7 +30,18 @@ def has_resources(ws: WorkerRecord, needs: dict[str, float]) -> bool:
 def _restricted_to(s: SchedulerState, ts: TaskRecord) -> set[str]:
     assert ts.worker_restrictions is not None
     aliases = s.aliases
-    return {aliases.get(w, w) for w in ts.worker_restrictions}
+    workers = s.workers
+    hosts = s.hosts
+    out: set[str] = set()
+    for w in ts.worker_restrictions:
+        addr = aliases.get(w, w)
+        if addr in workers:
+            out.add(addr)
+        elif w in hosts:  # a host name or IP: every worker on that host (as dask)
+            out.update(hosts[w])
+        else:
+            out.add(addr)  # not here (yet): the task waits in no-worker
+    return out
 
 
 def satisfies(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> bool:

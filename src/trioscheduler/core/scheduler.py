@@ -69,6 +69,7 @@ from trioscheduler.core.scheduler_records import (
     TaskRecord,
     WorkerRecord,
     key_prefix,
+    worker_host,
 )
 from trioscheduler.core.stealing import plan_steals
 from trioscheduler.core.story import StoryEntry, StoryLog
@@ -83,7 +84,7 @@ class SchedulerState:
     """All the scheduler knows. Change it only through ``handle``."""
 
     __slots__ = (
-        "tasks", "workers", "clients", "aliases", "prefixes", "idle", "saturated", "running",
+        "tasks", "workers", "clients", "aliases", "hosts", "prefixes", "idle", "saturated", "running",
         "unrunnable", "steals", "state_counts", "generation", "log", "worker_timeout",
         "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
         "total_nthreads", "retiring", "_record", "_effects", "_recs", "_sid", "_now",
@@ -105,6 +106,7 @@ class SchedulerState:
         self.workers: dict[WorkerAddr, WorkerRecord] = {}
         self.clients: dict[ClientId, ClientRecord] = {}
         self.aliases: dict[str, WorkerAddr] = {}  # worker name -> address
+        self.hosts: dict[str, set[WorkerAddr]] = {}  # host part of addresses -> addresses
         self.prefixes: dict[str, TaskPrefix] = {}
         # running workers with a free thread slot (dict: ordered, O(1) first pick)
         self.idle: dict[WorkerAddr, WorkerRecord] = {}
@@ -318,7 +320,9 @@ class SchedulerState:
         if st == "memory":
             if ws.address not in ts.who_has:
                 tr.add_replica(self, ts, ws)  # sized as the first copy: sums stay exact
-        elif accept and st in ("released", "waiting", "no-worker"):
+        elif st == "processing" or (accept and st in ("released", "waiting", "no-worker")):
+            # Data we are computing (here or elsewhere) is the result: take it. Freeing it
+            # instead would race the ComputeTask already on its way to this worker.
             self._recs.pop(key, None)
             ts.nbytes = nbytes
             self.transition(ts, "memory", ws.address)
@@ -500,6 +504,7 @@ class SchedulerState:
         self.workers[ev.worker] = ws
         if ev.name is not None:
             self.aliases[str(ev.name)] = ev.worker
+        self.hosts.setdefault(worker_host(ev.worker), set()).add(ev.worker)
         self.total_nthreads += ws.nthreads
         self._rebuild_running()
         self.update_worker_sets(ws)
@@ -527,6 +532,12 @@ class SchedulerState:
         self.retiring.discard(addr)
         if ws.name is not None and self.aliases.get(str(ws.name)) == addr:
             del self.aliases[str(ws.name)]
+        host = worker_host(addr)
+        on_host = self.hosts.get(host)
+        if on_host is not None:
+            on_host.discard(addr)
+            if not on_host:
+                del self.hosts[host]
         tasks = self.tasks
         for key in list(ws.has_what):
             ts = tasks[key]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from trioscheduler.core.scheduler_records import worker_host
+
 if TYPE_CHECKING:
     from trioscheduler.core.scheduler import SchedulerState
     from trioscheduler.core.scheduler_records import TaskRecord
@@ -141,6 +143,10 @@ def validate_scheduler(s: SchedulerState) -> None:
     _check(s.saturated <= s.workers.keys(), "saturated names unknown workers")
     running: list[Any] = [ws for ws in s.workers.values() if ws.status == "running"]
     _check({ws.address for ws in s.running} == {ws.address for ws in running}, "running list stale")
+    hosts: dict[str, set[str]] = {}
+    for addr in s.workers:
+        hosts.setdefault(worker_host(addr), set()).add(addr)
+    _check(hosts == s.hosts, "hosts index disagrees with workers")
     for name, addr in s.aliases.items():
         _check(addr in s.workers, f"alias {name!r} points to unknown worker {addr}")
     for c, cs in s.clients.items():

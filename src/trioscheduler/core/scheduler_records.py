@@ -165,3 +165,11 @@ def key_prefix(key: Key) -> str:
 
 def _is_hex(word: str) -> bool:
     return all(c in "0123456789abcdef" for c in word)
+
+
+def worker_host(addr: str) -> str:
+    """``tcp://10.0.0.1:8786`` -> ``10.0.0.1`` (``[::1]`` for IPv6), for ``workers=`` by host."""
+    rest = addr.split("://", 1)[-1]
+    if rest.startswith("["):
+        return rest[: rest.find("]") + 1]
+    return rest.rsplit(":", 1)[0] if ":" in rest else rest
