@@ -44,6 +44,7 @@ def validate_worker(ws: WorkerState) -> None:
     long_running: set[WorkerTask] = set()
     memory_keys = set()
     held: dict[str, float] = {}
+    queued = {peer: {e[2] for e in heap} for peer, heap in ws._fetch_by_peer.items()}
     for key, ts in tasks.items():
         st = ts.state
         assert ts.key == key, (key, ts)
@@ -78,7 +79,7 @@ def validate_worker(ws: WorkerState) -> None:
             assert ws.address not in ts.who_has, ts
         if st == "fetch":
             assert ts.who_has, f"{ts} has nobody to fetch from"
-            assert any(any(e[2] is ts for e in ws._fetch_by_peer.get(p, ())) for p in ts.who_has), (
+            assert any(ts in queued.get(p, ()) for p in ts.who_has), (
                 f"{ts} is not queued for any holder"
             )
         if _in_transfer(ts):
@@ -109,9 +110,9 @@ def validate_worker(ws: WorkerState) -> None:
             assert tasks.get(ts.key) is ts and _in_transfer(ts) and ts.coming_from == peer, ts
     assert len(ws.in_flight) <= ws.transfer_incoming_count_limit, "too many transfers"
     for name, heap in (("ready", ws._ready), ("constrained", ws._constrained)):
-        queued = {e[2] for e in heap if e[2].state == name}
+        in_heap = {e[2] for e in heap if e[2].state == name}
         want = {ts for ts in tasks.values() if ts.state == name}
-        assert queued == want, (name, queued ^ want)
+        assert in_heap == want, (name, in_heap ^ want)
     # resources
     for r, total in ws.total_resources.items():
         avail = ws.available_resources.get(r, 0.0)
