@@ -42,12 +42,9 @@ def test_retire_stalls_when_its_unique_key_is_released() -> None:
     assert not sim.scheduler.retiring, "the retiring worker never closes"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler: _on_missing_data returns without a word when the key was forgotten "
-    "(or has no holder), so the worker that asked keeps the key in 'missing' forever",
-)
 def test_missing_data_for_forgotten_key_leaves_worker_missing() -> None:
+    """Fixed: ``_on_missing_data`` ignored a forgotten key (and one without holders), so
+    the asking worker kept it in ``missing`` forever; now it is told to free it."""
     sim = ClusterSimulator(validate=True)
     a = sim.add_worker()
     b = sim.add_worker()

@@ -721,6 +721,7 @@ class SchedulerState:
     def _on_missing_data(self, ev: MissingData) -> None:
         ts = self.tasks.get(ev.key)
         if ts is None:
+            self.free_on(ev.worker, ev.key)  # forgotten meanwhile: stop looking for it
             return
         errant = self.workers.get(ev.errant_worker)
         if errant is not None and errant.address in ts.who_has:
@@ -728,8 +729,11 @@ class SchedulerState:
             if not ts.who_has and ts.state == "memory":
                 self._recs.pop(ts.key, None)
                 self.transition(ts, "released")
-                return
-        if ts.who_has and ev.worker in self.workers:
+        if not ts.who_has:
+            # no copy anywhere (lost, or being computed): the worker stops looking; a
+            # dependent's next ComputeTask names the holders of the new value
+            self.free_on(ev.worker, ev.key)
+        elif ev.worker in self.workers:
             self.to_worker(
                 ev.worker, RefreshWhoHas(self._sid, self._now, {ts.key: list(ts.who_has)})
             )
