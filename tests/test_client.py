@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -267,7 +268,7 @@ async def test_scatter_and_gather(address: str) -> None:
 async def test_cancel(address: str) -> None:
     with trio.fail_after(TIMEOUT):
         async with cluster(address) as (s, _, c):
-            gate_name = f"{address}-{id(object())}"
+            gate_name = f"{address}-{uuid.uuid4().hex}"
             ev = gate(gate_name)
             try:
                 f = c.submit(block, gate_name, 1, pure=False)
@@ -315,7 +316,7 @@ async def test_release_frees_the_key_on_the_cluster(address: str) -> None:
 async def test_leaving_the_client_releases_everything(address: str) -> None:
     with trio.fail_after(TIMEOUT):
         async with Scheduler(address) as s, Worker(s.address, nthreads=1, memory_limit=0):
-            gate_name = f"{address}-{id(object())}"
+            gate_name = f"{address}-{uuid.uuid4().hex}"
             ev = gate(gate_name)
             try:
                 async with Client(s.address, asynchronous=True) as c:
@@ -338,7 +339,7 @@ async def test_fire_and_forget(address: str) -> None:
     with trio.fail_after(TIMEOUT):
         async with cluster(address) as (s, _, c):
             name = f"fnf-{address}"
-            gate_name = f"{address}-{id(object())}"
+            gate_name = f"{address}-{uuid.uuid4().hex}"
             ev = gate(gate_name)
             blocker = c.submit(block, gate_name, pure=False)
             f = c.submit(counted, name, blocker)
@@ -377,7 +378,7 @@ async def test_scatter_again_after_release_keeps_the_key(address: str) -> None:
     """Scattering data again right after releasing it never loses the new copy."""
     with trio.fail_after(TIMEOUT):
         async with cluster(address) as (s, _, c):
-            for i in range(20):
+            for i in range(6):
                 [x] = await c.scatter([f"payload-{address}"])
                 assert await c.submit(len, x) == len(f"payload-{address}")
                 key = x.key

@@ -215,12 +215,18 @@ async def scatter(
 
 
 def fresh_scatter_name(client: Client, name: str) -> str:
-    """``name``, or (under the lock) the live or a new alias of a just-released one."""
-    releasing = name in client._futures and name not in client._refcount
-    if not releasing and name not in client._released_scattered:
+    """``name``, or (under the lock) an alias if ``name`` was released a moment ago.
+
+    A key is alive while a ``Future`` counts it (``_refcount``); one that is not, but
+    is known or was recently released, may still have a ``FreeKeys`` on its way to a
+    worker, so its data goes under an alias (the live one, or a new one).
+    """
+    if name in client._refcount:
+        return name
+    if name not in client._futures and name not in client._released_scattered:
         return name
     alias = client._aliases.get(name)
-    if alias is None or alias not in client._futures:
+    if alias is None or alias not in client._refcount:
         alias = client._aliases[name] = f"{name}-{uuid.uuid4().hex[:8]}"
     return alias
 
