@@ -25,6 +25,7 @@ from trioscheduler.core.messages import (
     KeyErred,
     KeyInMemory,
     RemoveClient,
+    RemoveWorker,
     RetryKeys,
     TaskErred,
     TaskFinished,
@@ -391,3 +392,16 @@ def test_docstring_draws_the_transition_table() -> None:
             for finish in rest.split(","):
                 drawn.add((start.strip(), finish.split("(")[0].strip()))
     assert drawn == set(tr.TRANSITIONS)
+
+
+def test_recompute_not_started_once_its_dependent_is_gone() -> None:
+    """Regression (both-cores run): a lost key recommended for recompute whose only
+    dependent is released in the same event must not run for nobody."""
+    s = cluster((A, 1), (B, 1))
+    g = [spec("x", workers=[A]), spec("y", ("x",), workers=[A])]
+    s.handle(ev(UpdateGraph, "c", g, ["y"]))
+    s.handle(finished(A, "x"))
+    assert states(s) == {"x": "memory", "y": "processing"}
+    eff = s.handle(ev(RemoveWorker, A), ev(ClientReleasesKeys, "c", ["y"]))
+    assert s.tasks == {}
+    assert computes(eff) == []

@@ -285,6 +285,11 @@ def move_processing(s: SchedulerState, ts: TaskRecord, thief: WorkerRecord) -> N
 
 
 def released_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    if not ts.wanted_by and not ts.n_waiters:
+        # stale: the dependent that wanted it was released before this ran
+        if not ts.dependents:
+            s.recommend(ts.key, "forgotten")
+        return
     tasks = s.tasks
     for dk in ts.dependencies:
         if tasks[dk].state == "erred":
