@@ -8,8 +8,6 @@ the test passes, the strict mark turns that into a failure, and the mark comes o
 
 from __future__ import annotations
 
-import pytest
-
 from trioscheduler.core.simulator import ClusterSimulator, SimTask
 
 
@@ -23,14 +21,10 @@ def holder(sim: ClusterSimulator, key: str) -> str:
     return addr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler: _retire_progress runs only on AddKeys/ReleaseWorkerData/TaskFinished "
-    "from the retiring worker and on worker removal; when its last unique key is released "
-    "(client cancel/release) instead of replicated, nothing calls it and the worker stays "
-    "'closing' forever",
-)
 def test_retire_stalls_when_its_unique_key_is_released() -> None:
+    """Fixed: ``_retire_progress`` ran only on replica/finish reports and worker removal;
+    a retiring worker whose last unique key was released (not replicated) stayed
+    ``closing`` forever. Now retirements are re-checked after every event."""
     sim = ClusterSimulator(validate=True)
     sim.add_worker()
     sim.add_worker()

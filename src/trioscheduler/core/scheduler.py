@@ -151,6 +151,8 @@ class SchedulerState:
                 self.drain()
             if self.retried:
                 self._release_unneeded_retries()
+            if self.retiring:
+                self._retire_pending()
             self._open_free.clear()
             if self.validate:
                 validate_scheduler(self)
@@ -579,6 +581,16 @@ class SchedulerState:
         self.update_worker_sets(ws)
         self._rebuild_running()
         self._retire_progress(ws)
+
+    def _retire_pending(self) -> None:
+        """After any event while workers retire: a unique key may have been released
+        (not replicated), which no retirement event reports; close those now done."""
+        for addr in list(self.retiring):
+            ws = self.workers.get(addr)
+            if ws is not None:
+                self._retire_progress(ws)
+        if self._recs:
+            self.drain()
 
     def _retire_progress(self, ws: WorkerRecord) -> None:
         """Copy the retiring worker's unique keys away; close it once none is left."""
