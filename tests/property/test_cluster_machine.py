@@ -151,6 +151,15 @@ class ClusterMachine(RuleBasedStateMachine):
         if held:
             self.sim.cancel(client, [pick(held, i)], force)
 
+    @precondition(lambda self: any(self.sim.wants.values()))
+    @rule(client=st.sampled_from(CLIENTS), i=index)
+    @guarded
+    def retry(self, client: str, i: int) -> None:
+        """``client.retry``: only erred keys move (the scheduler ignores the rest)."""
+        held = sorted(self.sim.wants.get(client, ()), key=repr)
+        if held:
+            self.sim.retry(client, [pick(held, i)])
+
     @rule(client=st.sampled_from(CLIENTS))
     @guarded
     def remove_client(self, client: str) -> None:

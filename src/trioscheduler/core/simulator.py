@@ -54,6 +54,7 @@ from trioscheduler.core.messages import (
     RemoveWorker,
     RescheduleEvent,
     RetireWorker,
+    RetryKeys,
     SecedeEvent,
     Spill,
     TaskSpec,
@@ -414,6 +415,11 @@ class ClusterSimulator:
         """``client.cancel(futures)``: wants end as the scheduler sends ``KeyCancelled``."""
         sid, now = self._sid("cancel")
         self._to_scheduler(CancelKeys(sid, now, client, list(keys), force))
+
+    def retry(self, client: str, keys: list[Key]) -> None:
+        """``client.retry(futures)``: erred keys (and erred dependencies) run again."""
+        sid, now = self._sid("retry")
+        self._to_scheduler(RetryKeys(sid, now, client, list(keys)))
 
     def remove_client(self, client: str) -> None:
         self.wants.pop(client, None)
