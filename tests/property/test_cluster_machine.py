@@ -279,7 +279,7 @@ class ClusterMachine(RuleBasedStateMachine):
 # each example the profile asks for (ci: 50 -> 200 runs of up to 100 steps, ~1 minute).
 EXAMPLES_PER_PROFILE_EXAMPLE = 4
 ClusterMachine.TestCase.settings = settings(
-    max_examples=settings.default.max_examples * EXAMPLES_PER_PROFILE_EXAMPLE,
+    max_examples=settings().max_examples * EXAMPLES_PER_PROFILE_EXAMPLE,
     stateful_step_count=100,
 )
 TestCluster = ClusterMachine.TestCase
