@@ -124,7 +124,9 @@ class Client:
         self._connection_limit = connection_limit
         self._batch_interval = batch_interval
         self._cluster_kwargs = cluster_kwargs
-        self._lock = threading.Lock()
+        # Reentrant: a Future's __del__ (garbage collection can run at any allocation,
+        # also inside a locked section of this thread) takes it to uncount its key.
+        self._lock = threading.RLock()
         self._futures: dict[Any, KeyState] = {}
         self._refcount: dict[Any, int] = {}
         self._outbox: list[Any] = []
