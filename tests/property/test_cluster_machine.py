@@ -283,3 +283,42 @@ ClusterMachine.TestCase.settings = settings(
     stateful_step_count=100,
 )
 TestCluster = ClusterMachine.TestCase
+
+
+# ---------------------------------------------------------------------- the oracle itself
+
+
+def test_oracle_accepts_a_clean_run_with_losses_and_recomputation() -> None:
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker(nthreads=2)
+    sim.add_worker(nthreads=2)
+    tasks = [SimTask("x"), SimTask("y", ["x"]), SimTask("z", ["x", "y"])]
+    sim.submit("c", tasks, ["z", "x"])
+    sim.run_to_completion()
+    sim.lose_worker(a)  # whatever it held is recomputed from lineage
+    assert not sim.settle()
+    assert sim.scheduler.tasks["z"].state == "memory"
+
+
+def test_oracle_catches_a_wrong_value() -> None:
+    sim = ClusterSimulator()
+    sim.add_worker()
+    sim.submit("c", [SimTask("x"), SimTask("y", ["x"])], ["y"])
+    sim.run_to_completion()
+    (w,) = sim.workers.values()
+    w.data["y"] += 1  # a corrupted result
+    assert any("expected" in p for p in sim.check_outcome())
+
+
+def test_oracle_catches_an_unjustified_error_and_a_stuck_task() -> None:
+    sim = ClusterSimulator()
+    sim.add_worker()
+    sim.submit("c", [SimTask("x", fail_attempts=1, retries=1)], ["x"])
+    sim.run_to_completion()
+    assert not sim.check_outcome()  # failed once, retried, done
+    sim.submit("c", [SimTask("never", fail_attempts=ALWAYS)], ["never"])
+    sim.run_to_completion()
+    assert not sim.check_outcome()  # erred, as the graph asked
+    sim.submit("c", [SimTask("pinned", workers=["nobody"])], ["pinned"])
+    sim.run_to_completion()
+    assert any("no-worker" in p for p in sim.check_outcome())
