@@ -416,3 +416,16 @@ async def test_run_on_every_worker(address: str) -> None:
             assert list(await c.run(worker_pid, workers="bob")) == [b.address]
             with pytest.raises(ValueError, match="bad value 3"):
                 await c.run(fail, 3)
+
+
+async def test_tuple_keys_round_trip(address: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with cluster(address) as (_, (a, _b), c):
+            x = c.submit(inc, 1, key=("x", 1), workers="alice")
+            y = c.submit(inc, x, key=("y", 1))
+            assert await y == 3
+            assert (await c.who_has(x)) == {("x", 1): [a.address]}
+            assert ("x", 1) in (await c.has_what())[a.address]
+            [d] = await c.scatter([7])
+            z = c.map(add, [d, d], [x, y], key=[("z", 0), ("z", 1)])
+            assert await c.gather(z) == [9, 10]
