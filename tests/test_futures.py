@@ -13,7 +13,16 @@ from typing import Any
 import pytest
 import trio
 
-from trioscheduler import Client, Future, Scheduler, Worker, as_completed, wait
+from trioscheduler import (
+    Client,
+    Future,
+    FutureCancelledError,
+    Scheduler,
+    Worker,
+    as_completed,
+    wait,
+)
+from trioscheduler.client import ClientClosedError
 from trioscheduler.futures import futures_of
 
 TIMEOUT = 30
@@ -158,3 +167,26 @@ async def test_as_completed_clear_and_timeout() -> None:
             gate(g).set()
             await trio.sleep(0.05)
             assert ac.is_empty() and not ac.has_ready()  # the cleared future is not yielded
+
+
+async def test_losing_the_scheduler_cancels_pending_futures() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            ready: list[Scheduler] = []
+            stop = trio.Event()
+
+            async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                async with Scheduler("tcp://127.0.0.1:0") as s:
+                    ready.append(s)
+                    task_status.started()
+                    await stop.wait()
+
+            await nursery.start(serve)
+            async with Client(ready[0].address, asynchronous=True) as c:
+                f = c.submit(inc, 1)  # no worker: stays pending
+                stop.set()  # the scheduler goes away
+                with pytest.raises(FutureCancelledError, match="lost the connection"):
+                    await f
+                assert c.status == "closed"
+                with pytest.raises(ClientClosedError):
+                    c.submit(inc, 2)
