@@ -113,7 +113,10 @@ class _Peer:
         self.last_send = now
         if idle and not self.flushing:
             self.flushing = True
-            self.nursery.start_soon(self._flush)
+            try:
+                self.nursery.start_soon(self._flush)
+            except RuntimeError:  # shutting down: the batched sender flushes on exit
+                self.flushing = False
 
     async def _flush(self) -> None:
         try:
