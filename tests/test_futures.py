@@ -190,3 +190,15 @@ async def test_losing_the_scheduler_cancels_pending_futures() -> None:
                 assert c.status == "closed"
                 with pytest.raises(ClientClosedError):
                     c.submit(inc, 2)
+
+
+async def test_user_errors_survive_an_outside_cancellation() -> None:
+    """Closing is cancelled from outside while the body fails: the body's error wins."""
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with trio.open_nursery() as nursery:
+                async with Scheduler(f"inproc://futures-{os.getpid()}-cancel") as s:
+                    async with Client(s.address, asynchronous=True):
+                        nursery.cancel_scope.cancel()
+                        raise KeyError("the user's own error")
+        assert info.group_contains(KeyError, match="own error")

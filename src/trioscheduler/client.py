@@ -188,66 +188,73 @@ class Client:
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[Client]:
         error: BaseException | None = None
-        async with AsyncExitStack() as stack:
-            if self.scheduler_address is None:
-                from trioscheduler.cluster import open_cluster
-
-                self.cluster = await stack.enter_async_context(open_cluster(**self._cluster_kwargs))
-                self._own_cluster = True
-                self.scheduler_address = self.cluster.scheduler_address
-            address = self.scheduler_address
-            assert address is not None
-            self._token = trio.lowlevel.current_trio_token()
-            try:
-                stream = await wire.connect(
-                    address, timeout=self.timeout, role="client", info={"id": self.id}
-                )
-            except wire.ConnectError as exc:
-                raise wire.ConnectError(
-                    f"Client could not connect to the scheduler at {address} within {self.timeout} s: {exc}"
-                ) from exc
-            self._stream = stream
-            stack.push_async_callback(stream.aclose)
-            ack: Any = None
-            with trio.move_on_after(self.timeout):
+        try:
+            async with AsyncExitStack() as stack:
+                await self._open(stack)
                 try:
-                    await stream.send(
-                        m.AddClient(self._next_stimulus("add-client"), trio.current_time(), self.id)
-                    )
-                    ack = await stream.receive()
-                except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
-                    ack = exc
-            if not (isinstance(ack, dict) and ack.get("op") == "stream-start"):
-                raise wire.ConnectError(
-                    f"the scheduler at {address} did not acknowledge the client: {ack!r:.100}"
-                )
-            self._pool = await stack.enter_async_context(
-                wire.ConnectionPool(
-                    self._connection_limit,
-                    timeout=self.timeout,
-                    role="client",
-                    info={"id": self.id},
-                )
+                    yield self
+                except BaseException as exc:
+                    # Re-raised below, unwrapped: the user's own error, not an
+                    # ExceptionGroup (and not lost if closing is cancelled from outside).
+                    error = exc
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._shutdown()
+        finally:
+            if error is not None:
+                raise error
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        """Connect (or start a cluster first), handshake, start the background tasks."""
+        if self.scheduler_address is None:
+            from trioscheduler.cluster import open_cluster
+
+            self.cluster = await stack.enter_async_context(open_cluster(**self._cluster_kwargs))
+            self._own_cluster = True
+            self.scheduler_address = self.cluster.scheduler_address
+        address = self.scheduler_address
+        assert address is not None
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            stream = await wire.connect(
+                address, timeout=self.timeout, role="client", info={"id": self.id}
             )
-            self._batched = await stack.enter_async_context(
-                _tolerant_batched(stream, self._batch_interval)
-            )
-            self._outbox_ready = trio.Event()
-            self._receive_done = trio.Event()
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            await nursery.start(self._background)
-            self.status = "running"
-            self._make_default()
+        except wire.ConnectError as exc:
+            raise wire.ConnectError(
+                f"Client could not connect to the scheduler at {address} within {self.timeout} s: {exc}"
+            ) from exc
+        self._stream = stream
+        stack.push_async_callback(stream.aclose)
+        ack: Any = None
+        with trio.move_on_after(self.timeout):
             try:
-                yield self
-            except BaseException as exc:
-                # Re-raised below, unwrapped: the user's own error, not an ExceptionGroup.
-                error = exc
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self._shutdown()
-        if error is not None:
-            raise error
+                await stream.send(
+                    m.AddClient(self._next_stimulus("add-client"), trio.current_time(), self.id)
+                )
+                ack = await stream.receive()
+            except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                ack = exc
+        if not (isinstance(ack, dict) and ack.get("op") == "stream-start"):
+            raise wire.ConnectError(
+                f"the scheduler at {address} did not acknowledge the client: {ack!r:.100}"
+            )
+        self._pool = await stack.enter_async_context(
+            wire.ConnectionPool(
+                self._connection_limit,
+                timeout=self.timeout,
+                role="client",
+                info={"id": self.id},
+            )
+        )
+        self._batched = await stack.enter_async_context(
+            _tolerant_batched(stream, self._batch_interval)
+        )
+        self._outbox_ready = trio.Event()
+        self._receive_done = trio.Event()
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(self._background)
+        self.status = "running"
+        self._make_default()
 
     async def _background(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The client's own tasks, in a nursery that ``_shutdown`` cancels.

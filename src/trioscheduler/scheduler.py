@@ -158,6 +158,13 @@ async def _unless_peer_leaves(stream: Any, awaitable: Any) -> Any:
     return result[0]
 
 
+def _only_cancelled(exc: BaseException) -> bool:
+    """``exc`` is a ``trio.Cancelled``, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
 def _sole_error(group: BaseExceptionGroup) -> BaseException:
     """The one exception inside nested groups, or the group itself if there are several."""
     exc: BaseException = group
@@ -251,13 +258,16 @@ class Scheduler:
             logger.info("scheduler listening at %s", self.address)
             self._stack = stack.pop_all()
 
-    async def __aexit__(self, *exc_info: object) -> bool | None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         assert self._stack is not None
         try:
             # The body's own exception is not fed through our nursery: it propagates
-            # unwrapped once everything here is closed.
+            # unwrapped once everything here is closed ...
             await self._stack.aclose()
-            return None
+        except BaseException as closing_error:
+            # ... and is not replaced by a cancellation of the closing from outside.
+            if exc is None or not _only_cancelled(closing_error):
+                raise
         finally:
             logger.info("scheduler at %s closed", self.address)
 
