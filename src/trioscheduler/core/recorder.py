@@ -11,11 +11,11 @@ header naming the kind of state and its constructor keyword arguments::
     ...
 
 ``replay(log)`` rebuilds the state from such a list. The Scheduler shell writes the same
-records to a file (``Scheduler(record=PATH)``: one msgpack object per event, no header);
-``unpack_log``/``load_log`` read either form, and a log without a header replays on a
-``SchedulerState`` built from ``defaults`` (pass the shell's arguments there). Writing
-and reading files is the shell's business: ``load_log`` is a convenience for tools and
-tests, nothing in the core calls it.
+records to a file (``Scheduler(record=PATH)``: one msgpack object per record, the header
+first); ``unpack_log``/``load_log`` read it. A log without a header (older shell files)
+replays on a ``SchedulerState`` built from ``defaults`` (pass the shell's arguments
+there). Writing and reading files is the shell's business: ``load_log`` is a
+convenience for tools and tests, nothing in the core calls it.
 
 ``snapshot(state)`` is a canonical, comparable picture of a state (sets sorted, records
 flattened), used to check that a replay matches the original.
