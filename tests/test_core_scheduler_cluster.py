@@ -8,6 +8,7 @@ cores speak the same protocol (compute, fetch, replicas, free, steal, loss) end 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections import deque
 from typing import Any
@@ -37,10 +38,17 @@ _ids = itertools.count()
 
 
 class Sim:
-    def __init__(self, n_workers: int, nthreads: int = 2, seed: int = 0, validate: bool = True):
+    def __init__(
+        self,
+        n_workers: int,
+        nthreads: int = 2,
+        seed: int = 0,
+        validate: bool = True,
+        allowed_failures: int = 3,
+    ):
         self.rng = random.Random(seed)
         self.validate = validate
-        self.s = SchedulerState(validate=validate)
+        self.s = SchedulerState(validate=validate, allowed_failures=allowed_failures)
         self.workers: dict[str, WorkerState] = {}
         self.to_sched: deque[Any] = deque()
         self.to_worker: dict[str, deque[Any]] = {}
@@ -160,3 +168,33 @@ def test_worker_loss_and_stealing_through_both_cores(seed: int) -> None:
     sim.run(chaos=True)
     assert sim.s.tasks[root].state == "memory"
     assert {type(m).__name__ for m in sim.client_msgs} <= {"KeyInMemory", "KeyLost"}
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("SCHED_SEEDS", "6"))))
+def test_chaos_through_both_cores(seed: int) -> None:
+    """Workers die and join and steals tick while messages interleave at random."""
+    rng = random.Random(seed)
+    sim = Sim(rng.randint(2, 5), seed=seed, allowed_failures=1000)
+    specs, root = tree_graph(rng.choice([16, 32]))
+    sim.scheduler(UpdateGraph(sim.sid(), 0.0, "c", specs, [root]))
+    late = 0
+    for _ in range(3000):
+        if not sim.to_sched and not any(sim.to_worker.values()):
+            break
+        sim.now += 0.001
+        r = rng.random()
+        busy = [a for a, q in sim.to_worker.items() if q]
+        if r < 0.01 and len(sim.workers) > 1:
+            sim.lose_worker(rng.choice(sorted(sim.workers)))
+        elif r < 0.02:
+            late += 1
+            sim.add_worker(f"tcp://late{late}", rng.randint(1, 3))
+        elif r < 0.06:
+            sim.scheduler(Tick(sim.sid(), sim.now))
+        elif sim.to_sched and (r < 0.5 or not busy):
+            sim.scheduler(sim.to_sched.popleft())
+        elif busy:
+            addr = rng.choice(busy)
+            sim.worker(addr, sim.to_worker[addr].popleft())
+    sim.run(chaos=True)
+    assert sim.s.tasks[root].state == "memory"
