@@ -94,11 +94,14 @@ async def test_scheduler_and_two_workers_serve_a_client(tmp_path: Path) -> None:
             address = (await wait_for_file(sched_file))["address"]
             assert address.startswith("tcp://127.0.0.1:")
             async with (
-                spawn(tmp_path, "w1", "worker", address, "--nthreads", "2", "--name", "plain", "--no-nanny", "--memory-limit", "1GiB") as w1,
+                spawn(tmp_path, "w1", "worker", address, "--nthreads", "2", "--name", "plain", "--no-nanny", "--memory-limit", "1GiB", "--nworkers", "2") as w1,
                 spawn(tmp_path, "w2", "worker", "--scheduler-file", str(sched_file), "--name", "gpu", "--resources", "GPU=2", "--nthreads", "1") as w2,
             ):  # fmt: skip
                 async with Client(address, asynchronous=True, timeout=20) as c:
-                    await c.wait_for_workers(2)
+                    await c.wait_for_workers(3)  # two in w1's process, one under w2's nanny
+                    info = await c.scheduler_info()
+                    names = {w["name"] for w in info["workers"].values()}
+                    assert names == {"plain-0", "plain-1", "gpu"}
                     xs = c.map(lambda x: x * 10, range(30))
                     assert await c.submit(sum, xs) == 4350
                     gpu = c.submit(node_name, resources={"GPU": 1}, pure=False)

@@ -22,7 +22,6 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
@@ -145,39 +144,35 @@ async def _worker_main(args: argparse.Namespace) -> None:
         None if args.name is None else (args.name if nworkers == 1 else f"{args.name}-{i}")
         for i in range(nworkers)
     ]
-    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+    if args.nanny:
+        from trioscheduler.nanny import Nanny
+
+        def make(name: str | None) -> Any:
+            return Nanny(address, name=name, host=args.host, **common)
+    else:
+        from trioscheduler.worker import Worker, default_host
+
+        listen = None if args.host is None else f"tcp://{args.host}:0"
+        if listen is None and not address.startswith("inproc://"):
+            listen = f"tcp://{default_host(address)}:0"
+
+        def make(name: str | None) -> Any:
+            return Worker(address, address=listen, name=name, nanny=args.nanny_address, **common)
+
+    components: list[Any] = [None] * nworkers
+    ready = _ReadyPipe(args.ready_fd)
+    async with trio.open_nursery() as nursery:
         if args.watch_stdin:
             nursery.start_soon(_exit_on_stdin_eof, nursery.cancel_scope)
-        components: list[Any] = []
-        if args.nanny:
-            from trioscheduler.nanny import Nanny
-
-            for name in names:  # one at a time: each start is awaited
-                nanny = Nanny(address, name=name, host=args.host, **common)
-                components.append(await stack.enter_async_context(nanny))
-            for c in components:
-                print(
-                    f"trioscheduler worker at {c.worker_address} (nanny pid {os.getpid()})",
-                    flush=True,
-                )
-        else:
-            from trioscheduler.worker import Worker, default_host
-
-            listen = None if args.host is None else f"tcp://{args.host}:0"
-            if listen is None and not address.startswith("inproc://"):
-                listen = f"tcp://{default_host(address)}:0"
-            for name in names:  # one at a time: each start is awaited
-                worker = Worker(
-                    address, address=listen, name=name, nanny=args.nanny_address, **common
-                )
-                components.append(await stack.enter_async_context(worker))
-            if args.ready_fd is None:
-                for c in components:
-                    print(f"trioscheduler worker at {c.address}", flush=True)
-        ready = _ReadyPipe(args.ready_fd)
-        ready.write(
-            "".join(f"address {getattr(c, 'worker_address', c.address)}\n" for c in components)
-        )
+        async with trio.open_nursery() as starters:  # all start (and later stop) at once
+            for i, name in enumerate(names):
+                starters.start_soon(_start_into, nursery, make(name), components, i)
+        addresses = [getattr(c, "worker_address", c.address) for c in components]
+        if args.ready_fd is None:
+            pid = f" (nanny pid {os.getpid()})" if args.nanny else ""
+            for a in addresses:
+                print(f"trioscheduler worker at {a}{pid}", flush=True)
+        ready.write("".join(f"address {a}\n" for a in addresses))
         try:
             async with trio.open_nursery() as waiters:
                 for c in components:
@@ -188,6 +183,17 @@ async def _worker_main(args: argparse.Namespace) -> None:
         finally:
             ready.close()
         nursery.cancel_scope.cancel()
+
+
+async def _start_into(nursery: trio.Nursery, cm: Any, out: list[Any], i: int) -> None:
+    out[i] = await nursery.start(_hold, cm)
+
+
+async def _hold(cm: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Keep one worker or nanny open in a task of its own, until it finishes."""
+    async with cm as component:
+        task_status.started(component)
+        await component.finished()
 
 
 class _ReadyPipe:
@@ -346,6 +352,13 @@ def _demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _describe(exc: BaseException) -> str:
+    """An error for one log line: the leaves of an exception group, joined."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trioscheduler",
@@ -429,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a signal that arrived before the handler was installed
         return 130
     except Exception as exc:
-        logger.error("%s failed: %s", args.command, exc)
+        logger.error("%s failed: %s", args.command, _describe(exc))
         return 1
     return 0
 
