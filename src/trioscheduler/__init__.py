@@ -10,9 +10,22 @@ from typing import TYPE_CHECKING, Any
 
 from trioscheduler._as_completed import as_completed
 from trioscheduler.client import Client, Executor, default_client, fire_and_forget
+from trioscheduler.collections import futures_of
+from trioscheduler.datasets import DatasetExistsError
 from trioscheduler.errors import TrioSchedulerError, TrioSchedulerWarning
+from trioscheduler.execute import Reschedule
 from trioscheduler.futures import Future, FutureCancelledError, wait
+from trioscheduler.progress import progress
 from trioscheduler.scheduler import Scheduler
+from trioscheduler.worker_client import (
+    get_client,
+    get_task_key,
+    get_worker,
+    local_client,
+    rejoin,
+    secede,
+    worker_client,
+)
 
 if TYPE_CHECKING:
     from trioscheduler.cluster import LocalCluster, open_cluster
@@ -21,11 +34,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Client",
+    "DatasetExistsError",
     "Executor",
     "Future",
     "FutureCancelledError",
     "LocalCluster",
     "Nanny",
+    "Reschedule",
     "Scheduler",
     "TrioSchedulerError",
     "TrioSchedulerWarning",
@@ -33,8 +48,17 @@ __all__ = [
     "as_completed",
     "default_client",
     "fire_and_forget",
+    "futures_of",
+    "get_client",
+    "get_task_key",
+    "get_worker",
+    "local_client",
     "open_cluster",
+    "progress",
+    "rejoin",
+    "secede",
     "wait",
+    "worker_client",
 ]
 __version__ = "0.1.0"
 

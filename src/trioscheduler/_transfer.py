@@ -232,16 +232,20 @@ def fresh_scatter_name(client: Client, name: str) -> str:
 
 
 async def run_on_workers(
-    client: Client, payload: bytes, workers: list[str] | None
+    client: Client, payload: bytes, workers: list[str] | None, on_error: str = "raise"
 ) -> dict[str, Any]:
+    """``{worker: result}`` of one ``run`` request per worker (see ``Client.run``)."""
     targets = sorted(await client._rpc({"op": "nthreads", "workers": workers}))
     replies: dict[str, dict[str, Any]] = {}
 
     async def one(worker: str) -> None:
         assert client._pool is not None
-        async with client._pool.connect(worker) as stream:
-            await stream.send({"op": "run", "function": payload})
-            replies[worker] = await stream.receive()
+        try:
+            async with client._pool.connect(worker) as stream:
+                await stream.send({"op": "run", "function": payload})
+                replies[worker] = await stream.receive()
+        except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+            replies[worker] = {"status": "error", "text": f"could not reach {worker}: {exc!r}"}
 
     async with trio.open_nursery() as nursery:
         for worker in targets:
@@ -251,10 +255,17 @@ async def run_on_workers(
         reply = replies[worker]
         if reply.get("status") == "OK":
             results[worker] = reply["result"]
-        elif "exception" in reply:
-            raise unpack_exception(reply["exception"], reply["traceback"], reply["text"])
+            continue
+        if "exception" in reply:
+            exc: BaseException = unpack_exception(
+                reply["exception"], reply["traceback"], reply["text"]
+            )
         else:
-            raise TrioSchedulerError(f"run on {worker} failed: {reply.get('text')}")
+            exc = TrioSchedulerError(f"run on {worker} failed: {reply.get('text')}")
+        if on_error == "raise":
+            raise exc
+        if on_error == "return":
+            results[worker] = exc
     return results
 
 

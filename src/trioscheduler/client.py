@@ -25,6 +25,9 @@ client and closes the stream, which the receive loop sees before the nursery end
 
 Dask collections: ``compute``/``persist``/``get`` turn graphs into tasks with
 ``trioscheduler.collections``; a sync client is dask's scheduler while it is open.
+Published datasets (``datasets``), uploaded files (``_upload``), ``run``,
+``run_on_scheduler`` and ``restart`` are requests to the scheduler or the workers; the
+client only packs them and unpacks the answers.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import cloudpickle
 import dask
 import trio
 
-from trioscheduler import _transfer, runspec, wire
+from trioscheduler import _transfer, _upload, datasets, runspec, wire
 from trioscheduler._loop import Entered, LoopRunner, loop_runner
 from trioscheduler.collections import (
     collections_to_graph,
@@ -62,6 +65,7 @@ from trioscheduler.keys import (
     shippable,
     submit_key,
 )
+from trioscheduler.remote_error import unpack_exception
 
 __all__ = ["Client", "Executor", "default_client", "fire_and_forget"]
 
@@ -70,6 +74,7 @@ logger = logging.getLogger("trioscheduler.client")
 FIRE_AND_FORGET = "fire-and-forget"  # the scheduler's client id for fire_and_forget keys
 
 _default: Client | None = None
+_NO_DEFAULT: Any = object()  # get_dataset(name) without default= raises KeyError
 
 
 def default_client() -> Client:
@@ -110,6 +115,7 @@ class Client:
         batch_interval: float = 0.002,
         direct_to_workers: bool | None = None,
         security: Any = None,
+        _loop: Any = None,
         **cluster_kwargs: Any,
     ) -> None:
         # dask's keywords: data always goes straight to the workers; TLS comes later.
@@ -144,10 +150,11 @@ class Client:
         self._scattered: set[Any] = set()  # keys this client scattered and still holds
         self._released_scattered: dict[Any, None] = {}  # recently released ones (bounded)
         self._aliases: dict[Any, str] = {}  # released scattered key -> name used instead
-        self._runner: LoopRunner | None = None
+        self._runner: LoopRunner | Any = None
         self._handle: Entered[Client] | None = None
         self._session_cm: Any = None
         self.cluster: Any = None
+        self.datasets = datasets.Datasets(self)
         self._own_cluster = False
         self._dask_config: Any = None
         self._dask_get: Any = None
@@ -169,7 +176,8 @@ class Client:
         self.scheduler_address: str | None = address
 
         if not asynchronous:
-            self._runner = loop_runner()
+            # ``_loop``: another loop to run the session in (a worker's, for get_client)
+            self._runner = _loop if _loop is not None else loop_runner()
             if address is None:
                 from trioscheduler.cluster import LocalCluster
 
@@ -926,12 +934,148 @@ class Client:
     # -- functions on every worker ---------------------------------------------------------
 
     def run(
-        self, function: Callable[..., Any], *args: Any, workers: Any = None, **kwargs: Any
+        self,
+        function: Callable[..., Any],
+        *args: Any,
+        workers: Any = None,
+        on_error: str = "raise",
+        wait: bool = True,
+        **kwargs: Any,
     ) -> Any:
         """``function(*args, **kwargs)`` on each worker (or ``workers=``), outside the task
-        system: ``{worker address: result}``. Raises the first failure (original type)."""
+        system: ``{worker address: result}``. A function that takes ``dask_worker=`` gets
+        the ``Worker``. ``on_error``: ``"raise"`` the first failure (original type),
+        ``"return"`` the exception as that worker's result, or ``"ignore"`` (left out)."""
+        if on_error not in ("raise", "return", "ignore"):
+            raise ValueError(f"on_error= takes 'raise', 'return' or 'ignore', got {on_error!r}")
+        if not wait:
+            raise NotImplementedError("Client.run(wait=False) is not supported")
         payload = cloudpickle.dumps((function, args, kwargs), protocol=5)
-        return self._sync(_transfer.run_on_workers, self, payload, check_workers(workers))
+        return self._sync(_transfer.run_on_workers, self, payload, check_workers(workers), on_error)
+
+    def run_on_scheduler(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` in the scheduler's process (on its trio loop, so
+        keep it short); one that takes ``dask_scheduler=`` gets the ``Scheduler``."""
+        payload = cloudpickle.dumps((function, args, kwargs), protocol=5)
+        return self._sync(self._run_on_scheduler, payload)
+
+    async def _run_on_scheduler(self, payload: bytes) -> Any:
+        reply = await self._rpc({"op": "run_function", "function": payload})
+        if "error" in reply:
+            raise unpack_exception(*reply["error"])
+        return reply["result"]
+
+    def upload_file(self, filename: str, load: bool = True) -> Any:
+        """Make a ``.py``, ``.zip`` or ``.egg`` file importable on every worker.
+
+        Installed (and imported) on the workers now, and on every worker that joins or
+        restarts later. A file that fails to import on any worker raises that error
+        (original type, e.g. ``SyntaxError``) with every worker's error in its notes; the
+        workers keep running and the file is not kept.
+        """
+        name, data = _upload.read_upload(filename)
+        return self._sync(self._upload_file, name, data)
+
+    async def _upload_file(self, name: str, data: bytes) -> dict[str, Any]:
+        reply = await self._rpc({"op": "upload_file", "filename": name, "data": data})
+        errors: dict[str, list[Any]] = reply["errors"]
+        if errors:
+            first: BaseException | None = None
+            lines = []
+            for worker, (blob, tb_blob, text) in sorted(errors.items()):
+                lines.append(f"  {worker}: {text}")
+                if first is None and blob is not None:
+                    first = unpack_exception(blob, tb_blob or b"", text)
+            exc = (
+                first if first is not None else TrioSchedulerError(f"upload_file({name!r}) failed")
+            )
+            exc.add_note(
+                f"upload_file({name!r}) failed on {len(errors)} of {len(reply['workers'])} "
+                "workers (they keep running; the file was not kept):\n" + "\n".join(lines)
+            )
+            raise exc
+        return {w: "OK" for w in reply["workers"]}
+
+    # -- published datasets ---------------------------------------------------------------
+
+    def publish_dataset(
+        self, *args: Any, name: Any = None, override: bool = False, **kwargs: Any
+    ) -> Any:
+        """Publish futures or (persisted) collections under names, for any client.
+
+        ``publish_dataset(x=df)``, ``publish_dataset(df, name="x")``, or collections
+        alone (named by their dask name). The scheduler keeps their data in cluster
+        memory until ``unpublish_dataset``, also after this client disconnects. An
+        existing name raises ``DatasetExistsError`` (a ``KeyError``) unless ``override``.
+        """
+        items = [
+            [n, *datasets.pack(value)]
+            for n, value in datasets.dataset_names(args, name, kwargs).items()
+        ]
+        return self._sync(self._publish, items, override)
+
+    async def _publish(self, items: list[list[Any]], override: bool) -> None:
+        error = await self._rpc({"op": "publish_put", "items": items, "override": override})
+        if error is not None:
+            raise datasets.DatasetExistsError(error)
+
+    def list_datasets(self) -> Any:
+        """The names of the published datasets."""
+        return self._sync(self._rpc, {"op": "publish_list"})
+
+    def get_dataset(self, name: Any, default: Any = _NO_DEFAULT) -> Any:
+        """The dataset published as ``name``, its futures now held by this client.
+
+        An unknown name raises ``KeyError`` naming it, or returns ``default`` if given.
+        """
+        return self._sync(self._get_dataset, name, default)
+
+    async def _get_dataset(self, name: Any, default: Any) -> Any:
+        [blob] = await self._rpc({"op": "publish_get", "names": [name]})
+        if blob is None:
+            if default is _NO_DEFAULT:
+                raise KeyError(f"dataset {name!r} is not published")
+            return default
+        return datasets.unpack(blob, self)
+
+    def unpublish_dataset(self, name: Any) -> Any:
+        """Forget dataset ``name`` (its data is released unless a client holds it);
+        returns the names that were published (unknown names are ignored)."""
+        names = name if isinstance(name, list) else [name]
+        return self._sync(self._rpc, {"op": "publish_delete", "names": names})
+
+    # -- restart ----------------------------------------------------------------------------
+
+    def restart(self, timeout: float = 60.0, wait_for_workers: bool = True) -> Any:
+        """Restart every worker and cancel every future of every client.
+
+        Nannies restart their worker processes; an in-process ``LocalCluster`` of this
+        client gets new workers; other workers without a nanny are closed (a deployment
+        may bring them back). Futures end ``cancelled``, their error saying the cluster
+        was restarted. Published datasets are dropped.
+        """
+        return self._sync(self._restart, timeout, wait_for_workers)
+
+    async def _restart(self, timeout: float, wait_for_workers: bool) -> None:  # noqa: ASYNC109
+        cluster = self.cluster
+        in_process = cluster is not None and getattr(cluster, "processes", True) is False
+        with trio.fail_after(timeout):
+            n_before = len(await self._rpc({"op": "nthreads"}))
+            reply = await self._rpc(
+                {"op": "restart", "timeout": timeout, "close_workers": not in_process}
+            )
+            if in_process and reply["plain"]:
+                n = len(cluster.workers)
+                await cluster._scale(0)
+                await cluster._scale(n)
+            if reply["errors"]:
+                raise TrioSchedulerError(
+                    "restart: "
+                    + "; ".join(f"{w}: {text}" for w, text in sorted(reply["errors"].items()))
+                )
+            if wait_for_workers:
+                expected = n_before if in_process or not reply["plain"] else len(reply["restarted"])
+                await self._rpc({"op": "wait_for_workers", "n_workers": expected})
 
     # -- cluster information ----------------------------------------------------------
 

@@ -21,10 +21,17 @@ is processed atomically with respect to every other trio task. The shell stamps 
 incoming event's ``now`` with its own clock: peers' clocks are not comparable.
 
 Anything malformed closes only the connection it came on, with a logged reason.
+
+Beyond the core, the shell keeps what lives on the scheduler but is not task state:
+published datasets (``datasets.DatasetStore``, whose holders want keys through ordinary
+client events), uploaded files (``_upload.UploadStore``, installed on each joining worker
+before its ``AddWorker`` reaches the core), and ``restart`` (cancel every client's keys,
+then have the nannies restart their workers).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -32,13 +39,17 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import cloudpickle
 import msgpack
 import trio
 
 from trioscheduler import wire
+from trioscheduler._upload import UploadStore, install_payload
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
 from trioscheduler.core.scheduler import SchedulerState
+from trioscheduler.datasets import DatasetExistsError, DatasetStore
+from trioscheduler.remote_error import pack_exception
 
 __all__ = ["FIRE_AND_FORGET", "Scheduler"]
 
@@ -128,6 +139,8 @@ class _Peer:
 
 
 _WAITING_OPS = frozenset({"wait_for_workers"})
+
+RESTART_REASON = "the cluster was restarted (Client.restart); submit the work again"
 """RPCs that may wait indefinitely: abandoned when the requester hangs up."""
 
 
@@ -173,6 +186,14 @@ def _sole_error(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
+def _accepts(fn: Any, name: str) -> bool:
+    """Does ``fn`` take a keyword argument ``name`` (``dask_scheduler``)?"""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _addr(obj: Any) -> str:
     """A worker address whether the core stores addresses or worker records."""
     return obj if isinstance(obj, str) else str(obj.address)
@@ -215,6 +236,9 @@ class Scheduler:
         self._clients: dict[str, _Peer] = {}  # client id -> batched sender
         self._workers_changed = trio.Event()
         self._counter = itertools.count()
+        self.datasets = DatasetStore(self._feed_client_event)
+        self.uploads = UploadStore()
+        self._pool: wire.ConnectionPool | None = None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self.address: str = ""
@@ -239,6 +263,9 @@ class Scheduler:
                 self._record_file.write(
                     self._packer.pack(recorder.header("scheduler", self._core_kwargs))
                 )
+            self._pool = await stack.enter_async_context(
+                wire.ConnectionPool(role="scheduler", info={"type": "Scheduler"})
+            )
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             # Runs after the listener closed, before the nursery exits (LIFO).
             stack.callback(self._nursery.cancel_scope.cancel)
@@ -285,6 +312,12 @@ class Scheduler:
         effects = self.state.handle(*events)
         if effects:
             self._route(effects)
+
+    def _feed_client_event(self, event_type: Any, client: str, *fields: Any) -> None:
+        """One client event made up by the shell itself (datasets, restart)."""
+        self._feed(
+            event_type(self._stimulus(f"scheduler-{client}"), trio.current_time(), client, *fields)
+        )
 
     def _route(self, effects: list[Any]) -> None:
         follow_up: list[Any] = []
@@ -373,6 +406,7 @@ class Scheduler:
             raise ProtocolViolation(f"a worker at {addr} is already connected")
         removed = False
         reason = "stream closed"
+        await self._install_uploads(addr)  # before any task can reach the worker
         async with wire.open_batched(stream, self.batch_interval) as batched:
             self._workers[addr] = _Peer(batched, self.batch_interval, self._nursery)
             try:
@@ -563,6 +597,143 @@ class Scheduler:
             keys = list(tasks)
         return [[k, tasks[k].state if k in tasks else None] for k in keys]
 
+    # -- datasets ------------------------------------------------------------------
+
+    async def _op_publish_put(self, request: dict[str, Any]) -> str | None:
+        """Publish ``items`` (``[[name, bytes, keys], ...]``); an error text if a name is taken."""
+        try:
+            self.datasets.put(request["items"], bool(request.get("override")))
+        except DatasetExistsError as exc:
+            return str(exc)
+        return None
+
+    async def _op_publish_get(self, request: dict[str, Any]) -> list[bytes | None]:
+        return [self.datasets.get(name) for name in request["names"]]
+
+    async def _op_publish_list(self, request: dict[str, Any]) -> list[Any]:
+        return self.datasets.names()
+
+    async def _op_publish_delete(self, request: dict[str, Any]) -> list[Any]:
+        return [name for name in request["names"] if self.datasets.delete(name)]
+
+    # -- functions and files on workers, functions here -------------------------------
+
+    async def _run_on_worker(self, addr: str, payload: bytes, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+        """One ``run`` request to a worker's data server; a failure becomes an error reply."""
+        assert self._pool is not None
+        try:
+            with trio.fail_after(timeout):
+                async with self._pool.connect(addr) as stream:
+                    await stream.send({"op": "run", "function": payload})
+                    reply: dict[str, Any] = await stream.receive()
+                    return reply
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+            return {"status": "error", "text": f"could not reach worker {addr}: {exc!r}"}
+
+    async def _install_uploads(self, addr: str) -> None:
+        """Install every uploaded file on a joining worker (errors are logged)."""
+        for name, payload in self.uploads.payloads():
+            reply = await self._run_on_worker(addr, payload, 30.0)
+            if reply.get("status") != "OK":
+                logger.error(
+                    "installing uploaded file %s on worker %s failed: %s",
+                    name,
+                    addr,
+                    reply.get("text"),
+                )
+
+    async def _op_upload_file(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Install a file on every worker; kept for later workers only if all succeeded.
+
+        Returns ``{"workers": [...], "errors": {address: [exception, traceback, text]}}``.
+        """
+        filename, data = request["filename"], request["data"]
+        self.uploads.keep(filename, data)  # a worker joining meanwhile gets it too
+        payload = install_payload(filename, data)
+        workers = sorted(self.state.workers)
+        errors: dict[str, list[Any]] = {}
+
+        async def one(addr: str) -> None:
+            reply = await self._run_on_worker(addr, payload, float(request.get("timeout", 60)))
+            if reply.get("status") != "OK":
+                errors[addr] = [reply.get("exception"), reply.get("traceback"), reply.get("text")]
+
+        async with trio.open_nursery() as nursery:
+            for addr in workers:
+                nursery.start_soon(one, addr)
+        if errors:
+            self.uploads.files.pop(filename, None)
+        return {"workers": workers, "errors": errors}
+
+    async def _op_run_function(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``run_on_scheduler``: call a function here (``dask_scheduler=`` is this object)."""
+        try:
+            fn, args, kwargs = cloudpickle.loads(request["function"])
+            if _accepts(fn, "dask_scheduler"):
+                kwargs = {**kwargs, "dask_scheduler": self}
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            blob, tb_blob, text, _ = pack_exception(exc)
+            return {"error": [blob, tb_blob, text]}
+        return {"result": result}
+
+    # -- restart ---------------------------------------------------------------------
+
+    async def _op_restart(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Cancel every client's keys, then restart the workers.
+
+        Workers under a nanny are restarted by it; the others are closed when
+        ``close_workers`` (dask's rule: a deployment may bring them back), else left
+        alone (the requesting client restarts its own in-process cluster). Waits, up to
+        ``timeout``, until every restarted worker joined again.
+        """
+        timeout = float(request.get("timeout", 60))
+        self.datasets.clear()
+        for cid, cs in list(self.state.clients.items()):
+            keys = list(cs.wants)
+            if not keys:
+                continue
+            if cid in self._clients:
+                for key in keys:
+                    self._send(self._clients, cid, m.KeyCancelled(key, RESTART_REASON))
+            self._feed_client_event(m.ClientReleasesKeys, cid, keys)
+        nannies = {addr: ws.nanny for addr, ws in self.state.workers.items() if ws.nanny}
+        plain = sorted(addr for addr in self.state.workers if addr not in nannies)
+        if request.get("close_workers", True):
+            for addr in plain:
+                self._send(self._workers, addr, m.CloseWorker(addr, "restart"))
+        new: list[str] = []
+        errors: dict[str, str] = {}
+        assert self._pool is not None
+        pool = self._pool
+
+        async def one(addr: str, nanny: str) -> None:
+            try:
+                async with pool.connect(nanny) as stream:
+                    await stream.send({"op": "restart", "reason": "Client.restart"})
+                    reply = await stream.receive()
+            except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                reply = {"status": "error", "text": repr(exc)}
+            if reply.get("status") == "OK":
+                new.append(reply["worker"])
+            else:
+                errors[addr] = str(reply.get("text"))
+
+        with trio.move_on_after(timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                for addr, nanny in nannies.items():
+                    nursery.start_soon(one, addr, nanny)
+            while not all(a in self.state.workers for a in new):
+                await self._workers_changed.wait()
+        if scope.cancelled_caught:
+            errors["timeout"] = (
+                f"{len([a for a in new if a in self.state.workers])} of {len(nannies)} "
+                f"workers were back within {timeout} s"
+            )
+        return {"restarted": sorted(new), "plain": plain, "errors": errors}
+
     _rpc_handlers: dict[str, Callable[[Scheduler, dict[str, Any]], Any]] = {
         "identity": _op_identity,
         "scheduler_info": _op_identity,
@@ -573,6 +744,13 @@ class Scheduler:
         "wait_for_workers": _op_wait_for_workers,
         "update_data": _op_update_data,
         "task_states": _op_task_states,
+        "publish_put": _op_publish_put,
+        "publish_get": _op_publish_get,
+        "publish_list": _op_publish_list,
+        "publish_delete": _op_publish_delete,
+        "upload_file": _op_upload_file,
+        "run_function": _op_run_function,
+        "restart": _op_restart,
     }
 
 

@@ -1,0 +1,250 @@
+"""Published datasets: named values (futures, persisted collections) kept by the scheduler.
+
+A dataset outlives the client that published it. The value is pickled on the client with
+every ``Future`` inside it (also inside a persisted collection's graph) written as a
+reference to its key, so the scheduler stores opaque bytes plus the list of keys. The
+scheduler keeps those keys wanted by a holder of its own, one per dataset
+(``published-<name>``), exactly as a client would: the data stays in cluster memory after
+the publisher disconnects, is recomputed if a worker dies, and is released when the
+dataset is unpublished. ``get_dataset`` unpickles the bytes in the asking client, each
+reference becoming a new ``Future`` of that client.
+
+Three pieces, one per actor:
+
+* ``pack``/``unpack`` and ``dataset_names`` -- the client's side;
+* ``DatasetStore`` -- the scheduler's side, bookkeeping only: it turns publishing into the
+  ordinary ``ClientDesiresKeys``/``RemoveClient`` events of its holders;
+* ``Datasets`` -- ``client.datasets``, a ``MutableMapping`` over the client's methods.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+from dask.base import is_dask_collection
+
+from trioscheduler.core import messages as m
+from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.futures import Future
+
+if TYPE_CHECKING:
+    from trioscheduler.client import Client
+
+__all__ = [
+    "DatasetExistsError",
+    "DatasetStore",
+    "Datasets",
+    "dataset_names",
+    "holder_id",
+    "pack",
+    "unpack",
+]
+
+
+class DatasetExistsError(TrioSchedulerError, KeyError):
+    """A dataset of that name is already published (pass ``override=True`` to replace it)."""
+
+    def __str__(self) -> str:  # KeyError would show the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+def holder_id(name: Any) -> str:
+    """The scheduler-side client id that keeps dataset ``name``'s keys wanted."""
+    return f"published-{name if isinstance(name, str) else repr(name)}"
+
+
+# --------------------------------------------------------------------------------------
+# Client side
+# --------------------------------------------------------------------------------------
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, with each ``Future`` written as a reference to its key."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=5)
+        self.keys: dict[Any, None] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is Future:
+            self.keys[obj.key] = None
+            return ("future", obj.key)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, make_future: Callable[[Any], Any]) -> None:
+        super().__init__(file)
+        self._make_future = make_future
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, key = pid
+        if kind != "future":
+            raise pickle.UnpicklingError(f"unknown reference {pid!r} in a dataset")
+        return self._make_future(key)
+
+
+def pack(value: Any) -> tuple[bytes, list[Any]]:
+    """``(bytes, keys)``: ``value`` pickled with its futures as references to their keys."""
+    buf = io.BytesIO()
+    p = _Pickler(buf)
+    try:
+        p.dump(value)
+    except Exception as exc:
+        raise TypeError(
+            f"cannot publish {value!r:.100}: it cannot be pickled ({type(exc).__name__}: {exc})"
+        ) from exc
+    return buf.getvalue(), list(p.keys)
+
+
+def unpack(blob: bytes, client: Client) -> Any:
+    """The published value, every future in it a new ``Future`` of ``client``."""
+    return _Unpickler(io.BytesIO(blob), lambda key: Future(key, client)).load()
+
+
+def dataset_names(args: tuple[Any, ...], name: Any, kwargs: dict[str, Any]) -> dict[Any, Any]:
+    """``{name: value}`` from ``publish_dataset``'s three call forms.
+
+    ``publish_dataset(x=value)``; ``publish_dataset(value, name="x")``; and positional
+    values alone: a dict of ``{name: value}``, or collections (and futures) named by
+    their dask name (``df._name``, ``array.name``, ``delayed.key``, ``future.key``).
+    """
+    out: dict[Any, Any] = dict(kwargs)
+    if name is not None:
+        if not args:
+            raise ValueError("publish_dataset(value, name='x') needs the value to publish")
+        out[name] = args[0] if len(args) == 1 else args
+        return out
+    for arg in args:
+        if isinstance(arg, Mapping):
+            out.update(arg)
+        elif type(arg) is Future:
+            out[arg.key] = arg
+        elif is_dask_collection(arg):
+            out[_collection_name(arg)] = arg
+        else:
+            raise TypeError(
+                f"publish_dataset: a positional argument must be a dask collection, a Future "
+                f"or a dict of {{name: value}}, got {type(arg).__name__}; name it instead: "
+                "publish_dataset(my_name=value)"
+            )
+    if not out:
+        raise ValueError("publish_dataset() needs something to publish, e.g. name=value")
+    return out
+
+
+def _collection_name(coll: Any) -> Any:
+    for attr in ("_name", "name", "key"):
+        try:  # a Delayed answers any attribute with another Delayed: check the type
+            value = getattr(coll, attr, None)
+        except Exception:
+            value = None
+        if isinstance(value, str | tuple) and value:
+            return value
+    keys = coll.__dask_keys__()
+    while isinstance(keys, list) and keys:
+        keys = keys[0]
+    return keys
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler side
+# --------------------------------------------------------------------------------------
+
+
+class DatasetStore:
+    """The scheduler's datasets: ``name -> (bytes, keys)``; events go through ``feed``.
+
+    ``feed(event_type, *fields)`` hands one client event to the scheduler core (the shell
+    fills in ``stimulus_id`` and ``now``).
+    """
+
+    __slots__ = ("datasets", "feed")
+
+    def __init__(self, feed: Callable[..., None]) -> None:
+        self.datasets: dict[Any, tuple[bytes, list[Any]]] = {}
+        self.feed = feed
+
+    def put(self, items: list[list[Any]], override: bool) -> None:
+        """Publish ``[[name, blob, keys], ...]``: all of them, or none if a name exists."""
+        if not override:
+            taken = [name for name, _, _ in items if name in self.datasets]
+            if taken:
+                raise DatasetExistsError(
+                    f"dataset {taken[0]!r} is already published; unpublish it first, or "
+                    "pass override=True to replace it"
+                )
+        for name, blob, keys in items:
+            if name in self.datasets:
+                self.delete(name)
+            self.datasets[name] = (blob, list(keys))
+            if keys:
+                self.feed(m.ClientDesiresKeys, holder_id(name), list(keys))
+
+    def get(self, name: Any) -> bytes | None:
+        entry = self.datasets.get(name)
+        return None if entry is None else entry[0]
+
+    def delete(self, name: Any) -> bool:
+        entry = self.datasets.pop(name, None)
+        if entry is None:
+            return False
+        self.feed(m.RemoveClient, holder_id(name))
+        return True
+
+    def clear(self) -> None:
+        for name in list(self.datasets):
+            self.delete(name)
+
+    def names(self) -> list[Any]:
+        return sorted(self.datasets, key=str)
+
+
+# --------------------------------------------------------------------------------------
+# client.datasets
+# --------------------------------------------------------------------------------------
+
+
+class Datasets(MutableMapping[Any, Any]):
+    """``client.datasets``: the published datasets as a mapping (sync clients).
+
+    With an asynchronous client only ``await client.datasets[name]`` works; use the
+    client's ``*_dataset`` methods for the rest.
+    """
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def _sync_only(self, what: str, instead: str) -> None:
+        if self._client.asynchronous:
+            raise TypeError(f"{what} needs a sync client; with an asynchronous one use {instead}")
+
+    def __getitem__(self, name: Any) -> Any:
+        return self._client.get_dataset(name)
+
+    def __setitem__(self, name: Any, value: Any) -> None:
+        self._sync_only("client.datasets[name] = value", "await client.publish_dataset(name=value)")
+        self._client.publish_dataset(value, name=name)
+
+    def __delitem__(self, name: Any) -> None:
+        self._sync_only("del client.datasets[name]", "await client.unpublish_dataset(name)")
+        if name not in self._client.unpublish_dataset(name):
+            raise KeyError(f"dataset {name!r} is not published")
+
+    def __iter__(self) -> Iterator[Any]:
+        self._sync_only("iterating client.datasets", "await client.list_datasets()")
+        return iter(self._client.list_datasets())
+
+    def __len__(self) -> int:
+        self._sync_only("len(client.datasets)", "len(await client.list_datasets())")
+        return len(self._client.list_datasets())
+
+    def __contains__(self, name: object) -> bool:
+        self._sync_only("'name in client.datasets'", "await client.list_datasets()")
+        return name in self._client.list_datasets()
