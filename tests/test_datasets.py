@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -85,7 +84,7 @@ async def test_published_data_outlives_its_client_and_reaches_another_process(
                     await c.unpublish_dataset(["answer", "array", "from-reader"])
                     assert await c.list_datasets() == []
                     with trio.fail_after(10):
-                        while set(await states(c, keys)) != {None}:  # released, forgotten
+                        while set(await states(c, keys)) != {None}:  # noqa: ASYNC110 - scheduler state
                             await trio.sleep(0.01)
 
 
