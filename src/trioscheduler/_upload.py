@@ -13,9 +13,11 @@ worker are kept for later workers.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -48,12 +50,22 @@ def install_payload(filename: str, data: bytes) -> bytes:
     return payload
 
 
+_process_directory: Path | None = None
+
+
 def upload_directory(worker: Any) -> Path:
-    """Where a worker keeps uploaded files (shared by the workers of one process)."""
-    base = getattr(worker, "local_directory", None) or tempfile.gettempdir()
-    directory = Path(base) / f"trioscheduler-uploads-{os.getpid()}"
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
+    """Where a worker keeps uploaded files: in its ``local_directory``, else in a
+    temporary directory shared by the workers of this process and removed at exit."""
+    global _process_directory
+    local = getattr(worker, "local_directory", None)
+    if local:
+        directory = Path(local) / "uploads"
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+    if _process_directory is None or not _process_directory.exists():
+        _process_directory = Path(tempfile.mkdtemp(prefix="trioscheduler-uploads-"))
+        atexit.register(shutil.rmtree, _process_directory, ignore_errors=True)
+    return _process_directory
 
 
 def install(filename: str, data: bytes, dask_worker: Any = None) -> list[str]:
