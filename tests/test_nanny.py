@@ -82,9 +82,8 @@ async def test_memory_terminate_threshold_kills_and_restarts(
                 async with Client(s.address, asynchronous=True) as c:
                     await c.wait_for_workers(1)
                     future = c.submit(hog, limit, pure=False)
-                    while nanny.restarts == 0:  # noqa: ASYNC110 - the child process's fate
+                    while nanny.restarts == 0 or nanny.pid == pid:  # noqa: ASYNC110 - a child's fate
                         await trio.sleep(0.05)
-                    assert nanny.pid != pid
                     await future.cancel()
     assert "of its memory limit" in caplog.text and "killed" in caplog.text
     assert "lost" in caplog.text  # the scheduler noticed the loss

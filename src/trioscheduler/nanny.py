@@ -97,6 +97,7 @@ class Nanny:
         self._closed = trio.Event()
         self._started = trio.Event()  # a (re)started child announced its address
         self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
         return f"<Nanny {self.worker_address or '(no worker)'} pid={self.pid} {self.status}>"
@@ -150,6 +151,7 @@ class Nanny:
         listen_at = self._listen_address()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 try:
                     async with wire.listen(listen_at, self._serve, role="nanny") as listener:
                         self.address = listener.address
@@ -214,6 +216,22 @@ class Nanny:
                 reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
             await stream.send(reply)
 
+    async def _tell_scheduler(self, worker: str, reason: str) -> None:
+        """Tell the scheduler why its worker vanished (it saw only a broken stream).
+
+        Best effort: the scheduler may not know the ``worker_lost_reason`` request.
+        """
+        with trio.move_on_after(5):
+            try:
+                stream = await wire.connect(self.scheduler_address, timeout=2, role="nanny")
+                async with stream:
+                    await stream.send(
+                        {"op": "worker_lost_reason", "worker": worker, "reason": reason}
+                    )
+                    await stream.receive()
+            except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                logger.debug("nanny: could not tell the scheduler about %s: %r", worker, exc)
+
     def _command(self, ready_fd: int) -> list[str]:
         cmd = [
             sys.executable, "-m", "trioscheduler", "--log-level", self.log_level,
@@ -277,6 +295,8 @@ class Nanny:
             logger.warning(
                 "nanny: worker %s (pid %s) %s; restarting it", self.worker_address, self.pid, reason
             )
+            if self.worker_address is not None and self._nursery is not None:
+                self._nursery.start_soon(self._tell_scheduler, self.worker_address, reason)
         self._closed.set()
 
     async def _run_child(self, first: trio.Event) -> tuple[bool, str]:
