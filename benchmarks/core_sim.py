@@ -188,9 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.million:
         args.tasks, args.workers = 1_000_000, 1000
     for g in graphs:
-        rate = throughput(args.tasks, args.workers, g, check=not args.million)
+        wall, cpu = run(args.tasks, args.workers, g, check=not args.million)
         print(
-            f"{g:>7}: {args.tasks:,} tasks on {args.workers} workers: {rate:,.0f} tasks/s",
+            f"{g:>7}: {args.tasks:,} tasks on {args.workers} workers: "
+            f"{cpu:,.0f} tasks/CPU-s ({wall:,.0f} tasks/wall-s)",
             flush=True,
         )
         if args.profile:
