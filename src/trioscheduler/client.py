@@ -73,15 +73,15 @@ logger = logging.getLogger("trioscheduler.client")
 
 FIRE_AND_FORGET = "fire-and-forget"  # the scheduler's client id for fire_and_forget keys
 
-_default: Client | None = None
+_defaults: list[Client] = []  # open clients made with set_as_default=True, newest last
 _NO_DEFAULT: Any = object()  # get_dataset(name) without default= raises KeyError
 
 
 def default_client() -> Client:
     """The most recent client created with ``set_as_default=True`` that is still open."""
-    if _default is None:
+    if not _defaults:
         raise ValueError("no trioscheduler Client is open; create one with Client(...)")
-    return _default
+    return _defaults[-1]
 
 
 class ClientClosedError(TrioSchedulerError):
@@ -305,19 +305,23 @@ class Client:
         self.status = "closed"
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-        global _default
-        if _default is self:
-            _default = None
+        # The previous default client (and dask scheduler) is the current one again.
+        if self in _defaults:
+            _defaults.remove(self)
         dask_scheduler = dask.config.get("scheduler", None)
         if self._dask_config is not None and dask_scheduler is self._dask_get:
             self._dask_config.__exit__(None, None, None)
+            owner = getattr(dask.config.get("scheduler", None), "__self__", None)
+            if isinstance(owner, Client) and owner._closing:
+                # closed out of order: fall back to the newest client still open
+                newest = next((c for c in reversed(_defaults) if c._dask_get), None)
+                dask.config.set({"scheduler": newest._dask_get if newest else None})
         self._dask_config = None
 
     def _make_default(self) -> None:
         """The current client, and (sync clients) dask's scheduler: ``x.compute()`` runs here."""
-        global _default
         if self._set_as_default:
-            _default = self
+            _defaults.append(self)
             if not self.asynchronous:
                 self._dask_get = self.get
                 self._dask_config = dask.config.set(
@@ -345,6 +349,9 @@ class Client:
             raise TypeError(
                 "use 'async with Client(..., asynchronous=True)' for an asynchronous client"
             )
+        if not self._set_as_default and self.status == "running":
+            self._set_as_default = True  # the current client inside ``with``, as in dask
+            self._make_default()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -241,8 +241,11 @@ class Future:
 
     # -- identity --------------------------------------------------------------------
 
-    def __dask_tokenize__(self) -> tuple[str, Any]:
-        return ("trioscheduler.Future", self.key)
+    def __dask_tokenize__(self) -> tuple[str, Any, str]:
+        # The client is part of the token: dask deduplicates expressions by token, and a
+        # persisted collection rebuilt for another client must not come back holding
+        # the first client's futures.
+        return ("trioscheduler.Future", self.key, self.client.id)
 
     def __reduce__(self) -> Any:
         raise TypeError(
