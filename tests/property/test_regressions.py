@@ -54,3 +54,25 @@ def test_missing_data_for_forgotten_key_leaves_worker_missing() -> None:
     sim.deliver(dst, "scheduler")
     sim.run_to_completion()
     assert sim.workers[dst].state.tasks.get("x") is None, "dst still looks for a forgotten key"
+
+
+def test_cancelled_retirement_recheck_overrides_waiting_recommendation() -> None:
+    """Fixed: a worker is lost while another retires: the lost key's no-worker dependent is
+    recommended back to ``waiting``, then the retirement is called off (no other running
+    worker) and ``_recheck_unrunnable`` overwrites that recommendation with
+    ``processing``; ``no-worker -> processing`` finds no worker and leaves the task in
+    ``no-worker`` although its dependency is no longer in memory."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker(name="A")
+    b = sim.add_worker(name="B")
+    tasks = [
+        SimTask("x", workers=["A"]),
+        SimTask("z", workers=["B"]),
+        SimTask("y", ["x"], workers=["nobody"]),
+    ]
+    sim.submit("c", tasks, ["y", "z"])
+    sim.run_to_completion()
+    assert sim.scheduler.tasks["y"].state == "no-worker"
+    sim.retire_worker(b)  # z is unique on B: retirement waits for a replica on A
+    sim.lose_worker(a)  # x lost -> y should wait; retirement of B called off
+    sim.check()

@@ -515,8 +515,10 @@ class SchedulerState:
         self._recheck_unrunnable()
 
     def _recheck_unrunnable(self) -> None:
+        recs = self._recs
         for key in self.unrunnable:
-            self._recs[key] = "processing"
+            # a pending recommendation (``waiting``: an input was just lost) wins
+            recs.setdefault(key, "processing")
 
     def _on_remove_worker(self, ev: RemoveWorker) -> None:
         ws = self.workers.get(ev.worker)
