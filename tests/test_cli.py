@@ -83,6 +83,8 @@ def test_parse_resources_and_arguments() -> None:
     )
     assert not args.nanny and args.resources == {"GPU": 2.0} and args.nthreads == 3
     assert build_parser().parse_args(["worker", "tcp://h:1"]).nanny
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
 
 
 async def test_scheduler_and_two_workers_serve_a_client(tmp_path: Path) -> None:

@@ -93,6 +93,12 @@ def test_sync_cluster_with_processes_leaves_no_child() -> None:
         with Client(cluster) as client:
             futures = client.map(slow_inc, range(20))
             assert client.submit(sum, futures).result(timeout=TIMEOUT) == sum(range(1, 21))
+            cluster.scale(3)
+            assert len(cluster.workers) == 3 and len(cluster.worker_addresses) == 3
+            client.wait_for_workers(3, timeout=TIMEOUT)
+            cluster.scale(1)
+            assert list(cluster.workers) == ["0"]
+            assert client.submit(inc, 1, pure=False).result(timeout=TIMEOUT) == 2
     assert {p.pid for p in worker_children()} <= before
     assert cluster.status == "closed"
 

@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default=None, help="logging level (default: info; demo: warning)"
     )
+    from trioscheduler import __version__
+
+    parser.add_argument("--version", action="version", version=f"trioscheduler {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("scheduler", help="run a scheduler")
