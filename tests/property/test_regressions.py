@@ -76,3 +76,27 @@ def test_cancelled_retirement_recheck_overrides_waiting_recommendation() -> None
     sim.retire_worker(b)  # z is unique on B: retirement waits for a replica on A
     sim.lose_worker(a)  # x lost -> y should wait; retirement of B called off
     sim.check()
+
+
+def test_missing_data_after_the_key_was_reassigned_to_the_asking_worker() -> None:
+    """The asking worker's ``MissingData`` arrives after the scheduler gave it the key to
+    compute (the only holder died): freeing the key there would drop that ComputeTask
+    and leave the task ``processing`` forever. (A first fix of
+    ``test_missing_data_for_forgotten_key_leaves_worker_missing`` did exactly that.)"""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker(name="A")
+    b = sim.add_worker(name="B")
+    tasks = [
+        SimTask("x", workers=["A"], allow_other_workers=True),
+        SimTask("y", ["x"], workers=["B"]),
+    ]
+    sim.submit("c", tasks, ["y"])
+    sim.deliver("scheduler", a)  # ComputeTask(x)
+    sim.finish(a, "x")
+    sim.deliver(a, "scheduler")  # TaskFinished(x): ComputeTask(y) for B, x held by A
+    sim.deliver("scheduler", b)  # B fetches x from A
+    sim.lose_worker(a)  # x lost: recomputed on B, the only worker left
+    sim.gather(b, a)  # the fetch fails: x is missing on B -> MissingData(x)
+    sim.deliver("scheduler", b, n=100)  # ComputeTask(x) overtakes the MissingData
+    sim.deliver(b, "scheduler", n=100)
+    settled(sim)

@@ -745,8 +745,10 @@ class SchedulerState:
                 self.transition(ts, "released")
         if not ts.who_has:
             # no copy anywhere (lost, or being computed): the worker stops looking; a
-            # dependent's next ComputeTask names the holders of the new value
-            self.free_on(ev.worker, ev.key)
+            # dependent's next ComputeTask names the holders of the new value. Not if it
+            # is to compute the key itself: that ComputeTask overtook this report.
+            if ts.processing_on != ev.worker:
+                self.free_on(ev.worker, ev.key)
         elif ev.worker in self.workers:
             self.to_worker(
                 ev.worker, RefreshWhoHas(self._sid, self._now, {ts.key: list(ts.who_has)})
