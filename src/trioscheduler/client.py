@@ -66,6 +66,7 @@ from trioscheduler.keys import (
     submit_key,
 )
 from trioscheduler.remote_error import unpack_exception
+from trioscheduler.scheduler import RESTART_REASON
 
 __all__ = ["Client", "Executor", "default_client", "fire_and_forget"]
 
@@ -1068,9 +1069,19 @@ class Client:
         in_process = cluster is not None and getattr(cluster, "processes", True) is False
         with trio.fail_after(timeout):
             n_before = len(await self._rpc({"op": "nthreads"}))
+            with self._lock:
+                held = dict(self._futures)
             reply = await self._rpc(
                 {"op": "restart", "timeout": timeout, "close_workers": not in_process}
             )
+            # Our keys were released without a message each (a late KeyCancelled could
+            # cancel a future submitted again after the restart): cancel them here.
+            with self._lock:
+                for key, st in held.items():
+                    if self._futures.get(key) is st:
+                        del self._futures[key]
+            for st in held.values():
+                st.cancel(RESTART_REASON)
             if in_process and reply["plain"]:
                 n = len(cluster.workers)
                 await cluster._scale(0)

@@ -691,11 +691,12 @@ class Scheduler:
         """
         timeout = float(request.get("timeout", 60))
         self.datasets.clear()
+        requester = request.get("client")  # cancels its own futures when we answer
         for cid, cs in list(self.state.clients.items()):
             keys = list(cs.wants)
             if not keys:
                 continue
-            if cid in self._clients:
+            if cid in self._clients and cid != requester:
                 for key in keys:
                     self._send(self._clients, cid, m.KeyCancelled(key, RESTART_REASON))
             self._feed_client_event(m.ClientReleasesKeys, cid, keys)
