@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +150,39 @@ def test_bad_logs_are_refused() -> None:
         replay(two)
     with pytest.raises(m.MessageError):
         replay([recorder.header("scheduler", {}), ["no-such-event", 1]])
+
+
+_CROSS_PROCESS = """
+import pickle, sys
+sys.path.insert(0, {tests!r})
+from test_recorder import random_run
+from trioscheduler.core import recorder
+if sys.argv[1] == "record":
+    out = []
+    for seed in range(4):
+        sim = random_run(seed, 300)
+        out.append((recorder.pack_log(sim.scheduler_log), recorder.snapshot(sim.scheduler)))
+    open(sys.argv[2], "wb").write(pickle.dumps(out))
+else:
+    runs = pickle.loads(open(sys.argv[2], "rb").read())
+    same = [recorder.snapshot(recorder.replay(recorder.unpack_log(log))) == snap for log, snap in runs]
+    print(same)
+    sys.exit(0 if all(same) else 1)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the cores iterate sets of str keys/addresses (dependencies, who_has, has_what, "
+    "unrunnable, saturated ...) whose order depends on PYTHONHASHSEED, so a log replayed "
+    "in a process with another hash seed can take other decisions; replay is exact only "
+    "with the recording process's PYTHONHASHSEED",
+)
+def test_replay_in_a_process_with_another_hash_seed(tmp_path: Path) -> None:
+    script = _CROSS_PROCESS.format(tests=str(Path(__file__).parent))
+    data = tmp_path / "runs.pickle"
+    env = {**os.environ, "PYTHONHASHSEED": "1"}
+    subprocess.run([sys.executable, "-c", script, "record", str(data)], env=env, check=True)
+    env["PYTHONHASHSEED"] = "2"
+    done = subprocess.run([sys.executable, "-c", script, "replay", str(data)], env=env)
+    assert done.returncode == 0, "replay diverged from the recording"
