@@ -19,6 +19,7 @@ from trioscheduler import (
     Scheduler,
     Worker,
     get_worker,
+    worker_client,
 )
 
 TIMEOUT = 60
@@ -140,6 +141,13 @@ def slow_inc(x: int) -> int:
     return x + 1
 
 
+def fib(n: int) -> int:
+    if n < 2:
+        return n
+    with worker_client() as client:
+        return int(sum(client.gather([client.submit(fib, n - 1), client.submit(fib, n - 2)])))
+
+
 def restart_and_upload(tmp: str) -> None:
     """Processes: nannies restart every worker; uploads reach restarted and new workers."""
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=0) as cluster:
@@ -158,6 +166,7 @@ def restart_and_upload(tmp: str) -> None:
             assert set(c.run(os.getpid).values()).isdisjoint(pids)  # new processes
             assert len(c.nthreads()) == 2
             assert c.submit(slow_inc, 1).result() == 2  # the same key runs again
+            assert c.submit(fib, 9).result() == 34  # tasks launching tasks in worker processes
             cluster.scale(3)
             c.wait_for_workers(3)
             newest = sorted(c.nthreads())
