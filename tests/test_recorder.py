@@ -159,8 +159,8 @@ from test_recorder import random_run
 from trioscheduler.core import recorder
 if sys.argv[1] == "record":
     out = []
-    for seed in range(4):
-        sim = random_run(seed, 300)
+    for seed in range(3):
+        sim = random_run(seed, 200)
         out.append((recorder.pack_log(sim.scheduler_log), recorder.snapshot(sim.scheduler)))
     open(sys.argv[2], "wb").write(pickle.dumps(out))
 else:
