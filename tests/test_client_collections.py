@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import dask
 import dask.array as da
@@ -142,15 +142,15 @@ def collections_to_compare() -> dict[str, object]:
     }
 
 
-def assert_same(name: str, got: object, want: object) -> None:
+def assert_same(name: str, got: Any, want: Any) -> None:
     if isinstance(want, pd.DataFrame):
-        pd.testing.assert_frame_equal(got, want)  # type: ignore[arg-type]
+        pd.testing.assert_frame_equal(got, want)
     elif isinstance(want, pd.Series):
-        pd.testing.assert_series_equal(got, want)  # type: ignore[arg-type]
+        pd.testing.assert_series_equal(got, want)
     elif isinstance(want, np.ndarray):
-        np.testing.assert_allclose(got, want)  # type: ignore[arg-type]
+        np.testing.assert_allclose(got, want)
     elif name == "bag":
-        assert sorted(got) == sorted(want), name  # type: ignore[call-overload]
+        assert sorted(got) == sorted(want), name
     else:
         assert got == want, name
 

@@ -62,7 +62,7 @@ def secede_and_rejoin(x: int) -> int:
     y = client.submit(lambda v: v * 10, x).result()
     rejoin()
     rejoin()  # a second rejoin does nothing
-    return y + 1
+    return int(y) + 1
 
 
 async def test_recursive_fibonacci_on_two_single_threaded_workers() -> None:
