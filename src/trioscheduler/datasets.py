@@ -179,11 +179,15 @@ class DatasetStore:
                     "pass override=True to replace it"
                 )
         for name, blob, keys in items:
-            if name in self.datasets:
-                self.delete(name)
+            old = self.datasets.get(name)
             self.datasets[name] = (blob, list(keys))
-            if keys:
-                self.feed(m.ClientDesiresKeys, holder_id(name), list(keys))
+            holder = holder_id(name)
+            if keys:  # wanted before the old keys go: a key in both is never released
+                self.feed(m.ClientDesiresKeys, holder, list(keys))
+            if old is not None:
+                gone = set(old[1]).difference(keys)
+                if gone:
+                    self.feed(m.ClientReleasesKeys, holder, [k for k in old[1] if k in gone])
 
     def get(self, name: Any) -> bytes | None:
         entry = self.datasets.get(name)
