@@ -92,9 +92,10 @@ async def test_memory_terminate_threshold_kills_and_restarts(
 async def test_nanny_start_failure_is_an_error() -> None:
     with trio.fail_after(TIMEOUT):
         async with Scheduler("tcp://127.0.0.1:0") as s:
-            # the child cannot create its spill directory, so it exits at once
+            # a broken environment: the child's Python cannot even start
+            broken = {**os.environ, "PYTHONHOME": "/nonexistent"}
             with pytest.raises(WorkerStartError, match="exited before joining"):
-                async with Nanny(s.address, memory_limit=0, local_directory="/proc/no/such") as n:
+                async with Nanny(s.address, memory_limit=0, env=broken) as n:
                     raise AssertionError(f"should not start: {n}")
     with pytest.raises(wire.AddressError, match="bogus"):
         async with Nanny("bogus://scheduler", memory_limit=0) as n:
@@ -127,3 +128,16 @@ async def test_worker_exits_when_its_nanny_is_killed(tmp_path: Path) -> None:
                         nanny_proc.kill()
                     await nanny_proc.wait()
     assert "the nanny is gone" in (tmp_path / "nanny.err").read_text()
+
+
+async def test_spill_directories_of_killed_workers_are_removed(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler("tcp://127.0.0.1:0") as s:
+            async with Nanny(s.address, memory_limit=0, local_directory=str(tmp_path)) as nanny:
+                (scratch,) = os.listdir(tmp_path)
+                first = set(os.listdir(tmp_path / scratch))
+                assert len(first) == 1  # the worker's own directory, inside the nanny's
+                await nanny.restart("SIGKILL leaves files behind")
+                second = set(os.listdir(tmp_path / scratch))
+                assert len(second) == 1 and second != first
+            assert not os.listdir(tmp_path)

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -98,6 +100,7 @@ class Nanny:
         self._started = trio.Event()  # a (re)started child announced its address
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
+        self._scratch = ""  # our directory for the children's spill files
 
     def __repr__(self) -> str:
         return f"<Nanny {self.worker_address or '(no worker)'} pid={self.pid} {self.status}>"
@@ -149,6 +152,9 @@ class Nanny:
     async def _run(self) -> AsyncIterator[Nanny]:
         error: BaseException | None = None  # the block's own error, raised unwrapped
         listen_at = self._listen_address()
+        base = self.local_directory or tempfile.gettempdir()
+        os.makedirs(base, exist_ok=True)
+        self._scratch = tempfile.mkdtemp(prefix="trioscheduler-nanny-", dir=base)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -175,6 +181,7 @@ class Nanny:
                     error = exc
                 nursery.cancel_scope.cancel()
         finally:
+            shutil.rmtree(self._scratch, ignore_errors=True)
             self.status = "closed"
             self._closed.set()
         if error is not None:
@@ -232,6 +239,10 @@ class Nanny:
             except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
                 logger.debug("nanny: could not tell the scheduler about %s: %r", worker, exc)
 
+    def _clean_scratch(self) -> None:
+        for entry in os.listdir(self._scratch):
+            shutil.rmtree(os.path.join(self._scratch, entry), ignore_errors=True)
+
     def _command(self, ready_fd: int) -> list[str]:
         cmd = [
             sys.executable, "-m", "trioscheduler", "--log-level", self.log_level,
@@ -246,8 +257,8 @@ class Nanny:
             cmd += ["--resources", " ".join(f"{k}={v}" for k, v in self.resources.items())]
         if self.name is not None:
             cmd += ["--name", self.name]
-        if self.local_directory:
-            cmd += ["--local-directory", self.local_directory]
+        if self._scratch:
+            cmd += ["--local-directory", self._scratch]
         if self.host:
             cmd += ["--host", self.host]
         return cmd
@@ -354,6 +365,7 @@ class Nanny:
                 await lines.aclose()
                 if proc.stdin is not None:
                     await proc.stdin.aclose()
+                self._clean_scratch()  # a killed worker could not remove its spill files
         if closing_line is not None and proc.returncode == 0:
             return True, closing_line or "closed"
         return False, self._kill_reason or _describe_exit(proc.returncode)
