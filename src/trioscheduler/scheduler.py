@@ -679,6 +679,12 @@ class Scheduler:
             return {"error": [blob, tb_blob, text]}
         return {"result": result}
 
+    async def _op_worker_lost_reason(self, request: dict[str, Any]) -> None:
+        """A nanny says why its worker vanished (the scheduler saw only a broken stream)."""
+        logger.warning(
+            "worker %s: %s (reported by its nanny)", request.get("worker"), request.get("reason")
+        )
+
     # -- restart ---------------------------------------------------------------------
 
     async def _op_restart(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -752,6 +758,7 @@ class Scheduler:
         "upload_file": _op_upload_file,
         "run_function": _op_run_function,
         "restart": _op_restart,
+        "worker_lost_reason": _op_worker_lost_reason,
     }
 
 
