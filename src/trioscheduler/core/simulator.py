@@ -686,7 +686,7 @@ class ClusterSimulator:
                     problems.append(f"scheduler thinks {addr} holds {k!r}; it does not")
         for client, wants in self.wants.items():
             cs = s.clients.get(client)
-            have = cs.wants if cs is not None else set()
+            have = set(cs.wants) if cs is not None else set()
             if have != wants:
                 problems.append(
                     f"client {client} wants {sorted(wants, key=repr)}, "
