@@ -121,7 +121,10 @@ class Client:
     ) -> None:
         # dask's keywords: data always goes straight to the workers; TLS comes later.
         if security is not None:
-            raise NotImplementedError("Client(security=...): TLS is not supported yet")
+            raise ValueError(
+                "Client(security=...): trioscheduler has no TLS; connect over tcp:// "
+                "on a trusted network, or leave security unset"
+            )
         self.id = f"Client-{uuid.uuid4()}"
         self.name = name or self.id
         self.timeout = timeout
@@ -947,7 +950,6 @@ class Client:
         *args: Any,
         workers: Any = None,
         on_error: str = "raise",
-        wait: bool = True,
         **kwargs: Any,
     ) -> Any:
         """``function(*args, **kwargs)`` on each worker (or ``workers=``), outside the task
@@ -956,8 +958,6 @@ class Client:
         ``"return"`` the exception as that worker's result, or ``"ignore"`` (left out)."""
         if on_error not in ("raise", "return", "ignore"):
             raise ValueError(f"on_error= takes 'raise', 'return' or 'ignore', got {on_error!r}")
-        if not wait:
-            raise NotImplementedError("Client.run(wait=False) is not supported")
         payload = cloudpickle.dumps((function, args, kwargs), protocol=5)
         return self._sync(_transfer.run_on_workers, self, payload, check_workers(workers), on_error)
 
