@@ -1,30 +1,23 @@
-"""Running tasks: plain functions in worker threads, ``async def`` functions on the loop.
+"""What a running task sees of its worker: ``get_worker``, ``get_task_key``, ``secede``.
 
-The worker core decides *when* a task runs (thread slots, resources, pause); this module
-only runs it and reports how it went. Each task runs in a thread from trio's thread
-cache; a ``CapacityLimiter`` of ``nthreads`` slots, held per task key, backs the core's
-own slot count, and a task that calls ``secede()`` hands its slot back so the core can
-start another task while it waits (tasks that launch tasks).
+The worker core decides *when* a task runs (thread slots, resources, pause); the worker's
+task threads (``_executor``) run plain functions, ``async def`` functions run on the
+worker's loop. A ``CapacityLimiter`` of ``nthreads`` slots, held per task key, backs the
+core's own slot count, and a task that calls ``secede()`` hands its slot back so the
+core can start another task while it waits (tasks that launch tasks).
 
 Inside a task, ``get_worker()`` returns the worker running it and ``get_task_key()``
-its key: both are context variables, which trio copies into the thread it runs the task
-in, so several workers in one process never see each other's tasks.
+its key: both are context variables, set in the task thread (or the task's trio task),
+so several workers in one process never see each other's tasks.
 """
 
 from __future__ import annotations
 
 import contextvars
-import inspect
-import math
-import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
-from dask.sizeof import sizeof
-from dask.utils import typename
 
-from trioscheduler import runspec
 from trioscheduler.errors import TrioSchedulerError
 
 if TYPE_CHECKING:
@@ -64,97 +57,20 @@ def secede() -> None:
     try:
         trio.lowlevel.current_trio_token()
     except RuntimeError:
-        trio.from_thread.run_sync(worker._secede, key)  # in a task thread
+        # in a task thread
+        trio.from_thread.run_sync(worker._secede, key, trio_token=worker.trio_token)
     else:
         worker._secede(key)  # an async task on the worker's loop
 
 
-class Outcome:
-    """How one run went: ``value`` or ``exception``, with wall-clock start and stop."""
-
-    __slots__ = ("exception", "rescheduled", "start", "stop", "value")
-
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.exception: BaseException | None = None
-        self.rescheduled = False
-        self.start = 0.0
-        self.stop = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.exception is None and not self.rescheduled
-
-    def nbytes_and_type(self) -> tuple[int, str]:
-        """Size (``dask.sizeof``) and type name of the value, as the scheduler records them."""
-        try:
-            nbytes = int(sizeof(self.value))
-        except Exception:
-            nbytes = 0
-        return nbytes, typename(type(self.value))
-
-
-class _Async:
-    """A run spec that turned out to be a coroutine function: run it on the loop."""
-
-    __slots__ = ("args", "func", "kwargs")
-
-    def __init__(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.func, self.args, self.kwargs = func, args, kwargs
-
-
-def _run_sync(run_spec: bytes, data: Mapping[Any, Any], out: Outcome) -> _Async | None:
-    out.start = time.time()
-    try:
-        func, args, kwargs = runspec.unpack(run_spec, data)
-        if inspect.iscoroutinefunction(func):
-            return _Async(func, args, kwargs)
-        out.value = func(*args, **kwargs)
-    except Reschedule:
-        out.rescheduled = True
-    except BaseException as exc:  # a task's SystemExit must not take the worker down
-        out.exception = exc
-    out.stop = time.time()
-    return None
-
-
 class TaskRunner:
-    """Runs run specs for one worker, ``nthreads`` at a time (minus seceded tasks)."""
+    """One worker's thread slots: ``nthreads``, held per running key, minus seceded tasks."""
 
-    __slots__ = ("_threads", "slots", "worker")
+    __slots__ = ("slots", "worker")
 
     def __init__(self, worker: Worker, nthreads: int) -> None:
         self.worker = worker
         self.slots = trio.CapacityLimiter(max(1, nthreads))
-        # The slot limiter above is the real bound; this one only lifts trio's default
-        # cap of 40 threads, which seceded tasks could otherwise reach.
-        self._threads = trio.CapacityLimiter(math.inf)
-
-    async def run(self, key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> Outcome:
-        """Run one task with its dependencies looked up in ``data``; never raises."""
-        out = Outcome()
-        await self.slots.acquire_on_behalf_of(key)
-        token_w = _worker.set(self.worker)
-        token_k = _key.set(key)
-        try:
-            pending = await trio.to_thread.run_sync(
-                _run_sync, run_spec, data, out, limiter=self._threads, abandon_on_cancel=True
-            )
-            if pending is not None:
-                try:
-                    out.value = await pending.func(*pending.args, **pending.kwargs)
-                except Reschedule:
-                    out.rescheduled = True
-                except trio.Cancelled:
-                    raise
-                except BaseException as exc:
-                    out.exception = exc
-                out.stop = time.time()
-        finally:
-            _worker.reset(token_w)
-            _key.reset(token_k)
-            self.release(key)
-        return out
 
     def release(self, key: Any) -> None:
         """Give back ``key``'s slot (it seceded or finished); no-op if it has none."""

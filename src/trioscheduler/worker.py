@@ -34,9 +34,9 @@ from typing import Any
 import cloudpickle
 import psutil
 import trio
-from dask.sizeof import sizeof
 
 from trioscheduler import execute, memory, wire
+from trioscheduler._executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.core.messages import (
     AddWorker,
     CloseWorker,
@@ -146,6 +146,8 @@ class Worker:
         self.state: WorkerState | None = None
         self.store: memory.DataStore | None = None
         self.runner = execute.TaskRunner(self, nthreads)
+        self._executor = ThreadExecutor(self, nthreads)
+        self.trio_token: trio.lowlevel.TrioToken | None = None  # the loop running this worker
         self._process = psutil.Process()
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -194,6 +196,8 @@ class Worker:
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Worker]:
         self.store = memory.DataStore(self.local_directory)
+        self.trio_token = trio.lowlevel.current_trio_token()
+        self._executor.start()
         error: BaseException | None = None  # the block's own error, raised unwrapped
         try:
             async with trio.open_nursery() as nursery:
@@ -228,6 +232,7 @@ class Worker:
                     error = exc
                 nursery.cancel_scope.cancel()
         finally:
+            self._executor.close()
             self.store.close()
             self.status = "closed"
             self._closed.set()
@@ -285,6 +290,7 @@ class Worker:
         )
         assert self._nursery is not None and self._work is not None
         self._batched = await self._nursery.start(self._run_batched, stream)
+        self._work.start_soon(self._finish_loop)
         self._work.start_soon(self._read_scheduler, stream)
         self._work.start_soon(self._heartbeat_loop)
         self._work.start_soon(self._memory_loop)
@@ -442,7 +448,7 @@ class Worker:
             if kind is ToScheduler:
                 self._send(ins.msg)
             elif kind is Execute:
-                self._start(self._execute, ins.key, ins.run_spec)
+                self._execute(ins.key, ins.run_spec)
             elif kind is GatherDep:
                 self._start(self._gather_dep, ins.peer, ins.keys)
             elif kind is Spill:
@@ -493,52 +499,110 @@ class Worker:
         self.runner.release(key)
         self.handle(SecedeEvent(stimulus_id=_stimulus("secede"), now=_now(), key=key))
 
-    async def _execute(self, key: Any, run_spec: bytes | None) -> None:
-        assert self.store is not None
-        if run_spec is None:
-            exc = ValueError(f"task {key!r} has no run spec on this worker (its data was expected)")
-            self._report_failure(key, exc, time.time(), time.time())
-            return
-        self._executing.add(key)
-        try:
-            out = await self.runner.run(key, run_spec, self.store)
-        finally:
-            self._executing.discard(key)
-        if out.rescheduled:
-            self.handle(RescheduleEvent(stimulus_id=_stimulus("reschedule"), now=_now(), key=key))
-        elif out.exception is not None:
-            self._report_failure(key, out.exception, out.start, out.stop)
-        else:
-            nbytes, type_name = out.nbytes_and_type()
-            self.store.put(key, out.value)
-            self.handle(
-                ExecuteSuccess(
-                    stimulus_id=_stimulus("task-finished"),
-                    now=_now(),
-                    key=key,
-                    nbytes=nbytes,
-                    type_name=type_name,
-                    start=out.start,
-                    stop=out.stop,
-                )
-            )
+    def _execute(self, key: Any, run_spec: bytes | None) -> None:
+        """Carry out ``Execute``: take the key's slot and queue it for a task thread.
 
-    def _report_failure(self, key: Any, exc: BaseException, start: float, stop: float) -> None:
-        blob, tb_blob, exc_text, tb_text = pack_exception(exc)
-        logger.info("worker %s: task %r failed: %s", self.address, key, exc_text)
-        self.handle(
-            ExecuteFailure(
-                stimulus_id=_stimulus("task-erred"),
-                now=_now(),
-                key=key,
-                exception=blob,
-                traceback=tb_blob,
-                exception_text=exc_text,
-                traceback_text=tb_text,
-                start=start,
-                stop=stop,
+        The core never starts more than ``nthreads`` tasks, but a task that rejoined
+        after seceding holds a slot the core counts as free; then the task waits for one.
+        """
+        if run_spec is None:
+            done = Done(key)
+            done.fail(
+                ValueError(f"task {key!r} has no run spec on this worker (its data was expected)")
             )
-        )
+            done.start = done.stop = time.time()
+            self._executor.deliver(done)
+            return
+        try:
+            self.runner.slots.acquire_on_behalf_of_nowait(key)
+        except trio.WouldBlock:
+            self._start(self._execute_when_free, key, run_spec)
+            return
+        except RuntimeError:  # pragma: no cover - it holds its slot already
+            pass
+        self._executing.add(key)
+        assert self.store is not None
+        self._executor.submit(key, run_spec, self.store)
+
+    async def _execute_when_free(self, key: Any, run_spec: bytes) -> None:
+        await self.runner.slots.acquire_on_behalf_of(key)
+        self._executing.add(key)
+        assert self.store is not None
+        self._executor.submit(key, run_spec, self.store)
+
+    async def _finish_loop(self) -> None:
+        """Feed finished tasks to the core, each batch in one ``handle`` call."""
+        executor = self._executor
+        while True:
+            self._finish(await executor.wait())
+
+    def _finish(self, batch: list[Done]) -> None:
+        store = self.store
+        assert store is not None
+        now = _now()
+        stim = _stimulus("task-finished")
+        release = self.runner.release
+        events: list[Any] = []
+        for done in batch:
+            key = done.key
+            if done.coroutine is not None:  # ``async def``: runs on the loop, slot kept
+                self._start(self._run_async, done)
+                continue
+            release(key)
+            self._executing.discard(key)
+            if done.rescheduled:
+                events.append(RescheduleEvent(stimulus_id=stim, now=now, key=key))
+            elif done.error is not None:
+                blob, tb_blob, exc_text, tb_text = done.error
+                logger.info("worker %s: task %r failed: %s", self.address, key, exc_text)
+                events.append(
+                    ExecuteFailure(
+                        stimulus_id=stim,
+                        now=now,
+                        key=key,
+                        exception=blob,
+                        traceback=tb_blob,
+                        exception_text=exc_text,
+                        traceback_text=tb_text,
+                        start=done.start,
+                        stop=done.stop,
+                    )
+                )
+            else:
+                store.put(key, done.value)
+                events.append(
+                    ExecuteSuccess(
+                        stimulus_id=stim,
+                        now=now,
+                        key=key,
+                        nbytes=done.nbytes,
+                        type_name=done.type_name,
+                        start=done.start,
+                        stop=done.stop,
+                    )
+                )
+        if events:
+            self.handle(*events)
+
+    async def _run_async(self, done: Done) -> None:
+        """An ``async def`` task, on this worker's loop, with its slot held."""
+        assert done.coroutine is not None
+        func, args, kwargs = done.coroutine
+        done.coroutine = None
+        execute._worker.set(self)
+        execute._key.set(done.key)
+        try:
+            value = await func(*args, **kwargs)
+        except execute.Reschedule:
+            done.rescheduled = True
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            done.fail(exc)
+        else:
+            done.settle(value)
+        done.stop = time.time()
+        self._executor.deliver(done)
 
     async def _gather_dep(self, peer: str, keys: list[Any]) -> None:
         assert self.store is not None and self._pool is not None
@@ -673,10 +737,7 @@ class Worker:
 
 
 def _sizeof(value: Any) -> int:
-    try:
-        return int(sizeof(value))
-    except Exception:
-        return 0
+    return nbytes_and_type(value)[0]
 
 
 def _accepts(fn: Any, name: str) -> bool:

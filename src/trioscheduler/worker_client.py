@@ -159,13 +159,10 @@ def _in_trio() -> bool:
 
 def worker_token(worker: Worker) -> trio.lowlevel.TrioToken:
     """The trio token of the loop running ``worker`` (from one of its task threads)."""
-    try:
-        return trio.from_thread.run_sync(trio.lowlevel.current_trio_token)
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"get_client() must be called from a task running on {worker!r} "
-            "(its thread), not from a thread of your own"
-        ) from exc
+    token = worker.trio_token
+    if token is None:
+        raise RuntimeError(f"{worker!r} is not running: it has no trio loop")
+    return token
 
 
 def rejoin() -> None:
@@ -185,7 +182,7 @@ def rejoin() -> None:
 
     if _in_trio():
         raise LoopError("rejoin() blocks; call it from a task running in a worker thread")
-    trio.from_thread.run(acquire)
+    trio.from_thread.run(acquire, trio_token=worker.trio_token)
 
 
 @contextmanager

@@ -1,0 +1,223 @@
+"""The worker's task threads: one hop from the loop into a thread per task, one hop back
+per batch of finished tasks.
+
+``trio.to_thread.run_sync`` per task costs a trio task, a limiter round, a context copy
+and a wake-up through trio's thread cache each way. Here instead a job goes on a
+thread-safe queue read by persistent daemon threads, and each finished task lands in a
+list handed back to the loop; only the thread that finds that list empty wakes the loop
+(``TrioToken.run_sync_soon``), so tasks finishing together reach the core in one
+``handle(*events)`` call. The thread also does the per-task work that needs no loop:
+unpickling the run spec, ``sizeof`` and type name of the result, packing an exception.
+
+There is always one thread per queued or running job: a job goes to an idle thread or
+starts a new one. A seceded task keeps its thread, so the next job gets another; threads
+beyond ``nthreads`` leave after idling ``IDLE_TIMEOUT`` seconds. Threads are daemons: a
+task that never returns does not keep the process alive.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+from dask.sizeof import sizeof
+from dask.utils import typename
+
+from trioscheduler import execute, runspec
+from trioscheduler.remote_error import pack_exception
+
+logger = logging.getLogger("trioscheduler.worker")
+
+IDLE_TIMEOUT = 30.0
+"""Seconds an extra thread (beyond ``nthreads``) waits for a job before it leaves."""
+
+_SMALL = frozenset({int, float, bool, str, bytes, type(None)})
+_type_names: dict[type[Any], str] = {}
+
+
+def nbytes_and_type(value: Any) -> tuple[int, str]:
+    """``dask.sizeof`` and type name of a task's value; small builtins skip the dispatch."""
+    cls = type(value)
+    try:
+        nbytes = sys.getsizeof(value) if cls in _SMALL else int(sizeof(value))
+    except Exception:
+        nbytes = 0
+    name = _type_names.get(cls)
+    if name is None:
+        name = _type_names[cls] = typename(cls)
+    return nbytes, name
+
+
+class Done:
+    """How one task went, ready for the core: value, or a packed exception, or a
+    reschedule; ``coroutine`` is set instead when the function is ``async def``."""
+
+    __slots__ = (
+        "coroutine", "error", "exception", "key", "nbytes", "rescheduled", "start", "stop",
+        "type_name", "value",
+    )  # fmt: skip
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.value: Any = None
+        self.exception: BaseException | None = None
+        self.error: tuple[bytes, bytes, str, str] | None = None  # pack_exception(exception)
+        self.rescheduled = False
+        self.nbytes = 0
+        self.type_name = ""
+        self.start = 0.0
+        self.stop = 0.0
+        self.coroutine: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Record ``exc`` as the task's error (packed here, off the loop when in a thread)."""
+        self.exception = exc
+        self.error = pack_exception(exc)
+
+    def settle(self, value: Any) -> None:
+        """Record ``value`` as the task's result, with its size and type name."""
+        self.value = value
+        self.nbytes, self.type_name = nbytes_and_type(value)
+
+
+def run_job(key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> Done:
+    """Load and call one run spec; never raises (a task's ``SystemExit`` included)."""
+    done = Done(key)
+    done.start = time.time()
+    try:
+        func, args, kwargs = runspec.unpack(run_spec, data)
+        if inspect.iscoroutinefunction(func):
+            done.coroutine = (func, args, kwargs)
+            return done
+        value = func(*args, **kwargs)
+    except execute.Reschedule:
+        done.rescheduled = True
+    except BaseException as exc:
+        done.fail(exc)
+    else:
+        done.settle(value)
+    done.stop = time.time()
+    return done
+
+
+class ThreadExecutor:
+    """Persistent task threads for one worker, results handed back in batches.
+
+    ``submit`` may be called from any thread; ``take`` and ``wait`` only on the loop.
+    ``start`` must run on the loop before the first ``submit``.
+    """
+
+    def __init__(self, worker: Any, nthreads: int, *, name: str = "trioscheduler-task") -> None:
+        self.worker = worker
+        self.nthreads = nthreads
+        self.name = name
+        self._jobs: queue.SimpleQueue[tuple[Any, bytes, Mapping[Any, Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._threads = 0  # started and not yet left
+        self._idle = 0  # threads waiting for a job, minus jobs queued for them
+        self._serial = 0
+        self._done: list[Done] = []  # finished, not yet taken by the loop
+        self._woken = False  # a wake-up for the loop is on its way
+        self._closed = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._ready = trio.Event()
+
+    def start(self) -> None:
+        """Remember the loop to wake (call on the worker's loop)."""
+        self._token = trio.lowlevel.current_trio_token()
+
+    def submit(self, key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> None:
+        """Run ``run_spec`` in a task thread; its ``Done`` comes back through ``take``."""
+        with self._lock:
+            if self._closed:
+                return
+            spawn = self._idle == 0
+            if spawn:
+                self._threads += 1
+                self._serial += 1
+                serial = self._serial
+            else:
+                self._idle -= 1
+        self._jobs.put((key, run_spec, data))
+        if spawn:
+            t = threading.Thread(target=self._work, name=f"{self.name}-{serial}", daemon=True)
+            t.start()
+
+    def deliver(self, done: Done) -> None:
+        """Hand ``done`` to the loop (any thread); wakes the loop only if it was idle."""
+        with self._lock:
+            self._done.append(done)
+            if self._woken:
+                return
+            self._woken = True
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(self._wake)
+        except trio.RunFinishedError:
+            pass
+
+    def _wake(self) -> None:
+        self._ready.set()
+
+    async def wait(self) -> list[Done]:
+        """Wait for finished tasks and take them all, in the order they finished."""
+        await self._ready.wait()
+        self._ready = trio.Event()
+        with self._lock:
+            done, self._done = self._done, []
+            self._woken = False
+        return done
+
+    def close(self) -> None:
+        """Let idle threads leave and refuse new jobs; running tasks finish on their own."""
+        with self._lock:
+            self._closed = True
+            n = self._threads
+        for _ in range(n):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        worker_var, key_var = execute._worker, execute._key
+        worker_var.set(self.worker)
+        jobs = self._jobs
+        job: tuple[Any, bytes, Mapping[Any, Any]] | None
+        job = jobs.get()  # the job this thread was started for is already queued
+        while job is not None:
+            key, run_spec, data = job
+            key_var.set(key)
+            try:
+                done = run_job(key, run_spec, data)
+            except BaseException as exc:  # pragma: no cover - run_job catches everything
+                done = Done(key)
+                done.fail(exc)
+            key_var.set(None)
+            del job, run_spec, data
+            self.deliver(done)
+            del done
+            with self._lock:
+                self._idle += 1
+            job = self._next_job()
+        with self._lock:
+            self._threads -= 1
+
+    def _next_job(self) -> tuple[Any, bytes, Mapping[Any, Any]] | None:
+        """The next job; ``None`` to leave (closed, or an extra thread idle too long)."""
+        while True:
+            try:
+                return self._jobs.get(timeout=IDLE_TIMEOUT)
+            except queue.Empty:
+                with self._lock:
+                    if self._threads > self.nthreads and self._idle > 0:
+                        self._idle -= 1
+                        return None
