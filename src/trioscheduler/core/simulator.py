@@ -521,15 +521,17 @@ class ClusterSimulator:
         for addr, w in list(self.workers.items()):
             if w.process_memory:
                 self.measure_memory(addr, 0)
-        live_names = {w.name for w in self.workers.values()}
+        retiring = self.scheduler.retiring  # these will close: they do not count
+        staying = [w for a, w in self.workers.items() if a not in retiring]
+        live_names = {w.name for w in staying}
         for name in sorted(self.required_names - live_names):
             self.add_worker(name=name, resources=dict(self.needs_resources))
         if self.needs_resources and not any(
             all(w.resources.get(r, 0.0) >= q for r, q in self.needs_resources.items())
-            for w in self.workers.values()
+            for w in staying
         ):
             self.add_worker(resources=dict(self.needs_resources))
-        if not self.workers:
+        if not staying:
             self.add_worker()
 
     def run_to_completion(self, max_rounds: int = 100_000) -> int:
