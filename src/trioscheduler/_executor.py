@@ -152,10 +152,16 @@ class ThreadExecutor:
             t = threading.Thread(target=self._work, name=f"{self.name}-{serial}", daemon=True)
             t.start()
 
-    def deliver(self, done: Done) -> None:
-        """Hand ``done`` to the loop (any thread); wakes the loop only if it was idle."""
+    def deliver(self, done: Done, *, idle: bool = False) -> None:
+        """Hand ``done`` to the loop (any thread); wakes the loop only if it was idle.
+
+        ``idle``: the calling task thread takes its next job right after, so it counts
+        as idle in the same step (else a job submitted in between would start a thread).
+        """
         with self._lock:
             self._done.append(done)
+            if idle:
+                self._idle += 1
             if self._woken:
                 return
             self._woken = True
@@ -203,10 +209,8 @@ class ThreadExecutor:
                 done.fail(exc)
             key_var.set(None)
             del job, run_spec, data
-            self.deliver(done)
+            self.deliver(done, idle=True)
             del done
-            with self._lock:
-                self._idle += 1
             job = self._next_job()
         with self._lock:
             self._threads -= 1
