@@ -120,7 +120,7 @@ def test_simple_chain() -> None:
     assert to_clients(eff) == [("c", "KeyInMemory", "c")]
     assert frees(eff) == [(A, ["b"])]
     assert states(s) == {"a": "released", "b": "released", "c": "memory"}  # lineage kept
-    assert s.workers[A].has_what == {"c"}
+    assert list(s.workers[A].has_what) == ["c"]
 
     eff = s.handle(ev(ClientReleasesKeys, "c", ["c"]))
     assert frees(eff) == [(A, ["c"])]

@@ -171,13 +171,6 @@ else:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the cores iterate sets of str keys/addresses (dependencies, who_has, has_what, "
-    "unrunnable, saturated ...) whose order depends on PYTHONHASHSEED, so a log replayed "
-    "in a process with another hash seed can take other decisions; replay is exact only "
-    "with the recording process's PYTHONHASHSEED",
-)
 def test_replay_in_a_process_with_another_hash_seed(tmp_path: Path) -> None:
     script = _CROSS_PROCESS.format(tests=str(Path(__file__).parent))
     data = tmp_path / "runs.pickle"

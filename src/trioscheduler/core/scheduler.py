@@ -112,7 +112,7 @@ class SchedulerState:
         self.idle: dict[WorkerAddr, WorkerRecord] = {}
         self.saturated: set[WorkerAddr] = set()  # more tasks than threads: steal victims
         self.running: list[WorkerRecord] = []  # status == running, for round robin
-        self.unrunnable: set[Key] = set()  # tasks in no-worker
+        self.unrunnable: dict[Key, None] = {}  # tasks in no-worker (ordered set)
         self.steals: dict[Key, PendingSteal] = {}
         self.state_counts: dict[str, int] = dict.fromkeys(STATES, 0)
         self.generation = 0
@@ -125,7 +125,7 @@ class SchedulerState:
         self.bandwidth = bandwidth
         self.default_duration = default_duration
         self.total_nthreads = 0
-        self.retiring: set[WorkerAddr] = set()
+        self.retiring: set[WorkerAddr] = set()  # iterated sorted (deterministic)
         self._effects: list[Any] = []
         self._recs: dict[Key, str] = {}
         self._sid = ""
@@ -340,7 +340,7 @@ class SchedulerState:
         cs = self.clients.pop(ev.client, None)
         if cs is None:
             return
-        for key in list(cs.wants):
+        for key in sorted(cs.wants, key=repr):  # a set: sorted, so replays agree
             self._drop_want(cs, key)
 
     def _on_update_graph(self, ev: UpdateGraph) -> None:
@@ -368,20 +368,20 @@ class SchedulerState:
             if not deps:
                 continue
             missing: list[Key] = []
-            found: set[Key] = set()
+            found: dict[Key, None] = {}  # ordered and deduplicated
             key = ts.key
             for dk in deps:
                 dts = tasks.get(dk)
                 if dts is None or dts is ts:  # unknown, or a task depending on itself
                     missing.append(dk)
                     continue
-                found.add(dk)
+                found[dk] = None
                 if dts.dependents:
-                    dts.dependents.add(key)
+                    dts.dependents[key] = None
                 else:
-                    dts.dependents = {key}
+                    dts.dependents = {key: None}
             if found:
-                ts.dependencies = found
+                ts.dependencies = tuple(found)
             if missing:
                 if ts.key in missing:
                     why = "itself: a cycle. Check how the graph was built."
@@ -468,7 +468,7 @@ class SchedulerState:
                 continue
             if ev.force or ts.wanted_by == {ev.client}:
                 stack.extend(ts.dependents)
-            targets = list(ts.wanted_by) if ev.force else [ev.client]
+            targets = sorted(ts.wanted_by) if ev.force else [ev.client]
             for c in targets:
                 ccs = self.clients.get(c)
                 if ccs is None or key not in ccs.wants:
@@ -568,7 +568,7 @@ class SchedulerState:
         for pending in self.steals.values():
             if pending.thief == addr:  # the victim's answer will find no thief: reschedule
                 pending.thief = ""
-        for other in list(self.retiring):
+        for other in sorted(self.retiring):
             ows = self.workers.get(other)
             if ows is not None:
                 self._retire_progress(ows)
@@ -587,7 +587,7 @@ class SchedulerState:
     def _retire_pending(self) -> None:
         """After any event while workers retire: a unique key may have been released
         (not replicated), which no retirement event reports; close those now done."""
-        for addr in list(self.retiring):
+        for addr in sorted(self.retiring):
             ws = self.workers.get(addr)
             if ws is not None:
                 self._retire_progress(ws)
@@ -712,7 +712,7 @@ class SchedulerState:
             return
         for key, nbytes in ev.keys.items():
             self._worker_has(ws, key, nbytes, accept=False)
-        for addr in list(self.retiring):
+        for addr in sorted(self.retiring):
             rws = self.workers.get(addr)
             if rws is not None:
                 self._retire_progress(rws)
@@ -751,7 +751,7 @@ class SchedulerState:
                 self.free_on(ev.worker, ev.key)
         elif ev.worker in self.workers:
             self.to_worker(
-                ev.worker, RefreshWhoHas(self._sid, self._now, {ts.key: list(ts.who_has)})
+                ev.worker, RefreshWhoHas(self._sid, self._now, {ts.key: sorted(ts.who_has)})
             )
 
     def _on_long_running(self, ev: LongRunning) -> None:

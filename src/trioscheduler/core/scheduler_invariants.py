@@ -38,8 +38,12 @@ def _validate_task(s: SchedulerState, ts: TaskRecord) -> None:
         _check(key in tasks[dk].dependencies, f"{key!r}: not a dependency of dependent {dk!r}")
         n_waiters += tasks[dk].state in _ACTIVE
     _check(ts.n_waiters == n_waiters, f"{key!r}: n_waiters {ts.n_waiters} != {n_waiters}")
-    for name in ("dependencies", "dependents", "who_has", "wanted_by"):
+    for name in ("who_has", "wanted_by"):
         _check(isinstance(getattr(ts, name), (set, frozenset)), f"{key!r}: {name} not a set")
+    # ordered collections (replay under any PYTHONHASHSEED takes the same decisions)
+    _check(type(ts.dependencies) is tuple, f"{key!r}: dependencies not a tuple")
+    _check(len(set(ts.dependencies)) == len(ts.dependencies), f"{key!r}: repeated dependency")
+    _check(isinstance(ts.dependents, dict), f"{key!r}: dependents not an ordered set")
     # holders
     if st == "memory":
         _check(bool(ts.who_has), f"{key!r}: in memory without a holder")
@@ -98,7 +102,7 @@ def validate_scheduler(s: SchedulerState) -> None:
                 counts.get(st, 0) == n, f"state_counts[{st!r}] = {n}, tasks say {counts.get(st, 0)}"
             )
     _check(
-        s.unrunnable == {k for k, ts in tasks.items() if ts.state == "no-worker"},
+        s.unrunnable.keys() == {k for k, ts in tasks.items() if ts.state == "no-worker"},
         "unrunnable disagrees with no-worker tasks",
     )
     incoming: Counter[str] = Counter()

@@ -14,6 +14,23 @@ from trioscheduler.core.messages import ClientId, Key, WorkerAddr
 
 EMPTY: set[Any] = cast("set[Any]", frozenset())  # shared empty set, see TaskRecord
 
+
+class _SharedEmpty(dict[Any, None]):
+    """The shared empty ordered set: replace it, never mutate it (that fails loudly)."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]  # a dataclass default must be hashable
+        return 0
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the shared empty map is read-only: assign a new dict instead")
+
+    __setitem__ = __delitem__ = pop = popitem = setdefault = update = clear = _refuse
+
+
+EMPTY_MAP: dict[Any, None] = _SharedEmpty()  # shared empty ordered set, see TaskRecord
+
 STATES = (
     "released",
     "waiting",
@@ -64,9 +81,15 @@ class TaskRecord:
     ``n_waiters``: dependents in an active state (waiting/no-worker/processing) that
     need this key's data; with ``wanted_by`` it decides when data may be released.
     Both are counts, not sets: an empty set costs 216 bytes, and the budget is ~1 KB per
-    task. For the same reason the four public sets start as the shared ``EMPTY`` and are
-    replaced by a real set on the first insertion (``EMPTY`` is a frozenset: any
-    accidental in-place mutation fails loudly).
+    task. For the same reason the public collections start shared and empty (``EMPTY``,
+    ``EMPTY_MAP``: read-only, so any accidental in-place mutation fails loudly) and are
+    replaced by a real one on the first insertion.
+
+    Determinism (a recorded log must replay alike under any ``PYTHONHASHSEED``): every
+    collection of *keys* whose order can reach a decision or an effect is ordered:
+    ``dependencies`` is a tuple in submission order, ``dependents`` a dict used as an
+    insertion-ordered set. ``who_has``/``wanted_by`` hold addresses/client ids (str):
+    they stay sets, and are sorted wherever their order would show.
     """
 
     key: Key
@@ -74,8 +97,8 @@ class TaskRecord:
     priority: tuple[Any, ...]
     prefix: TaskPrefix
     state: str = "released"
-    dependencies: set[Key] = EMPTY
-    dependents: set[Key] = EMPTY
+    dependencies: tuple[Key, ...] = ()
+    dependents: dict[Key, None] = EMPTY_MAP
     who_has: set[WorkerAddr] = EMPTY
     wanted_by: set[ClientId] = EMPTY
     n_waiting: int = 0
@@ -99,7 +122,8 @@ class TaskRecord:
 @dataclass(slots=True, eq=False)
 class WorkerRecord:
     """One worker. ``processing`` maps key -> the duration estimate counted in
-    ``occupancy`` (0 for long-running tasks, which free their thread slot)."""
+    ``occupancy`` (0 for long-running tasks, which free their thread slot).
+    ``has_what`` is a dict used as an insertion-ordered set (deterministic order)."""
 
     address: WorkerAddr
     nthreads: int
@@ -108,7 +132,7 @@ class WorkerRecord:
     nanny: str | None = None
     resources: dict[str, float] = field(default_factory=dict)
     status: str = "running"  # running | paused | closing | closed
-    has_what: set[Key] = field(default_factory=set)
+    has_what: dict[Key, None] = field(default_factory=dict)
     processing: dict[Key, float] = field(default_factory=dict)
     long_running: set[Key] = field(default_factory=set)
     nbytes: int = 0

@@ -88,14 +88,14 @@ def unwant(ts: TaskRecord, client: str) -> None:
 
 def add_replica(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
     ts.who_has = added(ts.who_has, ws.address, ws.single)
-    ws.has_what.add(ts.key)
+    ws.has_what[ts.key] = None
     ws.nbytes += ts.nbytes
 
 
 def remove_replica(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
     ts.who_has = discarded(ts.who_has, ws.address)
     if ts.key in ws.has_what:
-        ws.has_what.discard(ts.key)
+        del ws.has_what[ts.key]
         ws.nbytes -= ts.nbytes
 
 
@@ -117,7 +117,8 @@ def _assign(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
         tasks = s.tasks
         for dk in deps:
             dts = tasks[dk]
-            who_has[dk] = list(dts.who_has)
+            wh = dts.who_has
+            who_has[dk] = list(wh) if len(wh) < 2 else sorted(wh)
             nbytes[dk] = dts.nbytes
     open_free = s._open_free
     if open_free:
@@ -222,8 +223,9 @@ def _to_memory(s: SchedulerState, ts: TaskRecord, holder: str, was_active: bool)
             dts.n_waiting -= 1
             if not dts.n_waiting:
                 recs[dk] = "processing"
-    if ts.wanted_by:
-        for c in ts.wanted_by:
+    wanted_by = ts.wanted_by
+    if wanted_by:
+        for c in wanted_by if len(wanted_by) < 2 else sorted(wanted_by):
             s.to_client(c, KeyInMemory(key, ts.type_name))
     elif not ts.n_waiters:
         recs[key] = "released"
@@ -264,7 +266,7 @@ def _to_erred(s: SchedulerState, ts: TaskRecord, info: Any, was_active: bool) ->
             recs[dk] = "erred"
     if ts.wanted_by:
         msg = KeyErred(ts.key, ts.exception or b"", ts.traceback or b"", ts.exception_text)
-        for c in ts.wanted_by:
+        for c in sorted(ts.wanted_by):
             s.to_client(c, msg)
     elif not ts.dependents:
         recs[ts.key] = "forgotten"
@@ -332,7 +334,7 @@ def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     del tasks[key]
     for dk in ts.dependencies:
         dts = tasks[dk]
-        dts.dependents.discard(key)
+        dts.dependents.pop(key, None)
         if not dts.dependents and not dts.wanted_by:
             if dts.state in ("released", "erred"):
                 recs[dk] = "forgotten"
@@ -352,7 +354,7 @@ def waiting_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
 
 def waiting_no_worker(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     ts.state = "no-worker"
-    s.unrunnable.add(ts.key)
+    s.unrunnable[ts.key] = None
 
 
 def waiting_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
@@ -371,27 +373,27 @@ def no_worker_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     ws = decide_worker(s, ts)
     if ws is None:
         return  # still no valid worker: stay
-    s.unrunnable.discard(ts.key)
+    s.unrunnable.pop(ts.key, None)
     _assign(s, ts, ws)
 
 
 def no_worker_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    s.unrunnable.discard(ts.key)
+    s.unrunnable.pop(ts.key, None)
     _enter_waiting(s, ts)
 
 
 def no_worker_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    s.unrunnable.discard(ts.key)
+    s.unrunnable.pop(ts.key, None)
     _release(s, ts, was_active=True)
 
 
 def no_worker_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    s.unrunnable.discard(ts.key)
+    s.unrunnable.pop(ts.key, None)
     _to_erred(s, ts, info, was_active=True)
 
 
 def no_worker_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    s.unrunnable.discard(ts.key)
+    s.unrunnable.pop(ts.key, None)
     _to_memory(s, ts, info, was_active=True)
 
 
@@ -426,9 +428,10 @@ def memory_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     """
     key = ts.key
     workers = s.workers
-    for addr in ts.who_has:
+    who_has = ts.who_has
+    for addr in who_has if len(who_has) < 2 else sorted(who_has):
         ws = workers[addr]
-        ws.has_what.discard(key)
+        ws.has_what.pop(key, None)
         ws.nbytes -= ts.nbytes
         s.free_on(addr, key)
     ts.who_has = EMPTY
@@ -443,7 +446,7 @@ def memory_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
         elif st in ("processing", "no-worker"):
             recs[dk] = "waiting"
     if ts.wanted_by:
-        for c in ts.wanted_by:
+        for c in sorted(ts.wanted_by):
             s.to_client(c, KeyLost(key))
         recs[key] = "waiting"
     elif ts.n_waiters:
