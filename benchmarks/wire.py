@@ -8,16 +8,28 @@
   against ``distributed.comm`` TCP with one awaited ``write`` per message (the
   comparison the wire issue asks for). One event loop holds both ends.
 * ``wire-small-vs-batchedsend``: the stricter comparison, against ``distributed``'s
-  own ``BatchedSend`` (what its scheduler uses for small messages).
+  own ``BatchedSend`` (what its scheduler uses for small messages); both receivers go
+  through each batch as a list. ``-iter``: ours takes messages one by one (``async for``).
 * ``wire-small-unbatched``: one awaited send each on both sides.
+* ``wire-rtt-p50`` / ``wire-rtt-p99``: round trip of a tiny message over TCP loopback
+  (send, the peer echoes it, receive), in microseconds, ours ``Stream.send``/``receive``
+  against ``distributed.comm`` ``write``/``read``. One event loop holds both ends.
+* ``wire-rtt-batched-p50``: the same round trip with both ends sending through their
+  batched senders (``open_batched`` against distributed's ``BatchedSend``, 2 ms
+  interval), the way scheduler, workers and clients talk, each ping sent after a quiet
+  spell of more than the interval (not timed): a lone message must not wait for the
+  interval. (Back-to-back pings faster than the interval are coalesced on both sides,
+  as bursts should be: ~2 ms per hop.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +45,16 @@ LARGE_BYTES = 200 * 1024 * 1024
 LARGE_COUNT = 3
 SMALL_COUNT = 200_000
 YIELD_EVERY = 100  # a producer that does other work between messages
+
+
+def _frozen(msgs: list[Any]) -> list[Any]:
+    """The pre-built input out of the garbage collector's sight (``gc.freeze``), on both
+    sides alike: otherwise every full collection walks all of it, a cost of this set-up
+    (no real sender holds 200k messages) that would swamp what is measured.
+    """
+    gc.collect()
+    gc.freeze()
+    return msgs
 
 
 def small_message(i: int) -> dict[str, Any]:
@@ -149,18 +171,29 @@ def raw_large(quick: bool) -> float:
 # ----------------------------------------------------------------------- small messages
 
 
-def ours_small(quick: bool, batched: bool = True) -> float:
+def ours_small(quick: bool, batched: bool = True, lists: bool = False) -> float:
+    """``lists``: the receiver takes lists with ``receive_batch`` (as distributed's
+    receiver gets each batch as a list), else one message at a time with ``async for``.
+    """
     n = SMALL_COUNT // (10 if quick else 1)
     if not batched:
         n //= 4
-    msgs = [small_message(i) for i in range(n)]
+    msgs = _frozen([small_message(i) for i in range(n)])
 
     async def main() -> float:
         done = trio.Event()
 
         async def handler(stream: Stream) -> None:
-            for _ in range(n):
-                await stream.receive()
+            count = 0
+            if lists:
+                while count < n:
+                    for _ in await stream.receive_batch():
+                        count += 1
+            else:
+                async for _ in stream:  # what the shells do
+                    count += 1
+                    if count == n:
+                        break
             done.set()
 
         async with listen("tcp://127.0.0.1:0", handler) as lst:
@@ -178,7 +211,10 @@ def ours_small(quick: bool, batched: bool = True) -> float:
                 await done.wait()
                 return n / (time.perf_counter() - start)
 
-    return trio.run(main)
+    try:
+        return trio.run(main)
+    finally:
+        gc.unfreeze()
 
 
 def distributed_small(quick: bool, batched: bool = True) -> float:
@@ -191,7 +227,7 @@ def distributed_small(quick: bool, batched: bool = True) -> float:
     n = SMALL_COUNT // (10 if quick else 1)
     if not batched:
         n //= 4
-    msgs = [small_message(i) for i in range(n)]
+    msgs = _frozen([small_message(i) for i in range(n)])
 
     async def main() -> float:
         done = asyncio.Event()
@@ -229,6 +265,109 @@ def distributed_small(quick: bool, batched: bool = True) -> float:
         listener.stop()
         return rate
 
+    try:
+        return asyncio.run(main())
+    finally:
+        gc.unfreeze()
+
+
+# --------------------------------------------------------------------- round trips
+
+RTT_COUNT = 2000
+RTT_WARMUP = 50
+QUIET = 0.0025  # between batched pings: more than the 2 ms interval
+
+
+def rtt_message(i: int) -> dict[str, Any]:
+    return {"op": "ping", "key": ("x", i)}
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    """``q``-th percentile in microseconds."""
+    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1] * 1e6
+
+
+def ours_rtt(quick: bool, batched: bool = False) -> list[float]:
+    n = RTT_COUNT // (10 if quick else 1) // (4 if batched else 1)
+
+    async def main() -> list[float]:
+        async def echo(stream: Stream) -> None:
+            if batched:
+                async with open_batched(stream) as b:
+                    async for msg in stream:
+                        b.send_nowait(msg)
+            else:
+                async for msg in stream:
+                    await stream.send(msg)
+
+        samples = []
+        async with listen("tcp://127.0.0.1:0", echo) as lst:
+            async with await connect(lst.address) as stream:
+                if batched:
+                    async with open_batched(stream) as b:
+                        for i in range(n + RTT_WARMUP):
+                            await trio.sleep(QUIET)
+                            start = time.perf_counter()
+                            b.send_nowait(rtt_message(i))
+                            await stream.receive()
+                            samples.append(time.perf_counter() - start)
+                else:
+                    for i in range(n + RTT_WARMUP):
+                        start = time.perf_counter()
+                        await stream.send(rtt_message(i))
+                        await stream.receive()
+                        samples.append(time.perf_counter() - start)
+        return samples[RTT_WARMUP:]
+
+    return trio.run(main)
+
+
+def distributed_rtt(quick: bool, batched: bool = False) -> list[float]:
+    from distributed.batched import BatchedSend
+    from distributed.comm import connect as d_connect
+    from distributed.comm import listen as d_listen
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    n = RTT_COUNT // (10 if quick else 1) // (4 if batched else 1)
+
+    async def main() -> list[float]:
+        async def echo(comm: Any) -> None:
+            try:
+                if batched:
+                    b = BatchedSend(interval="2ms")
+                    b.start(comm)
+                    while True:
+                        for msg in await comm.read():
+                            b.send(msg)
+                else:
+                    while True:
+                        await comm.write(await comm.read())
+            except Exception:  # the client closed: the comm raises CommClosedError
+                pass
+
+        listener = await d_listen("tcp://127.0.0.1:0", echo)
+        await listener.start()
+        comm = await d_connect(listener.contact_address)
+        samples = []
+        if batched:
+            b = BatchedSend(interval="2ms")
+            b.start(comm)
+        for i in range(n + RTT_WARMUP):
+            if batched:
+                await asyncio.sleep(QUIET)
+            start = time.perf_counter()
+            if batched:
+                b.send(rtt_message(i))
+            else:
+                await comm.write(rtt_message(i))
+            await comm.read()
+            samples.append(time.perf_counter() - start)
+        if batched:
+            await b.close()
+        await comm.close()
+        listener.stop()
+        return samples[RTT_WARMUP:]
+
     return asyncio.run(main())
 
 
@@ -257,7 +396,20 @@ register(
     "wire-small-vs-batchedsend",
     description=(
         "~100-byte messages, both batched: ours (open_batched) against distributed's "
-        "BatchedSend on distributed.comm TCP, 2 ms interval on both (messages/s)."
+        "BatchedSend on distributed.comm TCP, 2 ms interval on both (messages/s); both "
+        "receivers go through each batch as a list (ours: Stream.receive_batch)."
+    ),
+    unit="msg/s",
+    ours=lambda quick: ours_small(quick, lists=True),
+    reference=distributed_small,
+    reference_label="distributed BatchedSend",
+    target=2.0,
+)
+register(
+    "wire-small-vs-batchedsend-iter",
+    description=(
+        "As wire-small-vs-batchedsend, but our receiver takes one message at a time "
+        "with `async for` (what the shells do); distributed's still gets lists."
     ),
     unit="msg/s",
     ours=ours_small,
@@ -273,4 +425,38 @@ register(
     reference=lambda quick: distributed_small(quick, batched=False),
     reference_label="distributed.comm TCP write",
     target=2.0,
+)
+register(
+    "wire-rtt-p50",
+    description=(
+        "Round trip of a tiny message over TCP loopback, median in microseconds: ours "
+        "Stream.send/receive against distributed.comm write/read (echo peer)."
+    ),
+    unit="us",
+    ours=lambda quick: _percentile(ours_rtt(quick), 50),
+    reference=lambda quick: _percentile(distributed_rtt(quick), 50),
+    reference_label="distributed.comm TCP write/read",
+    higher_is_better=False,
+)
+register(
+    "wire-rtt-p99",
+    description="The same round trips, 99th percentile in microseconds.",
+    unit="us",
+    ours=lambda quick: _percentile(ours_rtt(quick), 99),
+    reference=lambda quick: _percentile(distributed_rtt(quick), 99),
+    reference_label="distributed.comm TCP write/read",
+    higher_is_better=False,
+)
+register(
+    "wire-rtt-batched-p50",
+    description=(
+        "Round trip of a tiny message with both ends sending through their batched "
+        "senders (open_batched against distributed BatchedSend, 2 ms), median in "
+        "microseconds."
+    ),
+    unit="us",
+    ours=lambda quick: _percentile(ours_rtt(quick, batched=True), 50),
+    reference=lambda quick: _percentile(distributed_rtt(quick, batched=True), 50),
+    reference_label="distributed BatchedSend",
+    higher_is_better=False,
 )

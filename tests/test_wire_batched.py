@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 import trio
+import trio.testing
+from trio.testing import MockClock
 
 from trioscheduler.wire import SerializationError, Stream, connect, listen, open_batched
 
@@ -145,3 +147,59 @@ async def test_batches_carry_big_nested_buffers_and_arrays(
         got = await take(recv, 4)
     assert got[0] == msgs[0] and got[1] == ("small", 1) and got[3] == msgs[3]
     np.testing.assert_array_equal(got[2], arr)  # type: ignore[arg-type]
+
+
+async def test_errors_in_the_block_survive_a_cancelled_enclosing_scope(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]],
+) -> None:
+    # Regression: the block's error was kept and re-raised after the nursery; the
+    # nursery's exit raised Cancelled first, the enclosing scope absorbed it, and the
+    # KeyError vanished (execution went on after the `with`).
+    address, recv = inbox
+    async with await connect(address) as stream:
+        with pytest.raises(KeyError, match="mine"):
+            with trio.CancelScope() as outer:
+                async with open_batched(stream):
+                    outer.cancel()
+                    raise KeyError("mine")
+
+
+@pytest.fixture
+def clock() -> MockClock:
+    """Real time (``rate=1``) that a test can also ``jump``: pytest-trio runs the test on it."""
+    return MockClock(rate=1.0)
+
+
+async def test_a_message_after_a_quiet_spell_goes_out_at_once(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]], clock: MockClock
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=1000) as batched:
+            batched.send_nowait("first")  # nothing written yet: no waiting for the interval
+            assert await take(recv, 1) == ["first"]
+            clock.jump(1000)  # a quiet spell of one interval
+            batched.send_nowait("lone")
+            assert await take(recv, 1) == ["lone"]
+            assert batched.batches_sent == 2
+
+
+async def test_messages_soon_after_a_write_are_coalesced_in_order(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]], clock: MockClock
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=1000) as batched:
+            batched.send_nowait(0)
+            assert await take(recv, 1) == [0]
+            for i in range(1, 100):
+                batched.send_nowait(i)
+                if i % 10 == 0:
+                    await trio.lowlevel.checkpoint()  # the writer runs and waits: it just wrote
+            await trio.testing.wait_all_tasks_blocked()
+            assert batched.batches_sent == 1
+            with pytest.raises(trio.WouldBlock):
+                recv.receive_nowait()
+            clock.jump(1000)  # the interval since the first write is over
+            assert await take(recv, 99) == list(range(1, 100))
+            assert (batched.batches_sent, batched.messages_sent) == (2, 100)

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from trioscheduler import TrioSchedulerError
-from trioscheduler.wire import ConnectError, Stream, connect, listen
+from trioscheduler.wire import ConnectError, Stream, connect, listen, open_batched
 
 pytestmark = pytest.mark.parametrize("transport", ["tcp", "inproc"])
 
@@ -216,3 +216,59 @@ async def test_errors_in_the_listen_block_propagate_unwrapped(transport: str) ->
     with pytest.raises(KeyError):
         async with listen(any_address(transport), echo):
             raise KeyError("mine")
+
+
+async def test_errors_in_the_listen_block_survive_a_cancelled_enclosing_scope(
+    transport: str,
+) -> None:
+    # Regression: the nursery's exit raised Cancelled before the kept error was
+    # re-raised; the enclosing scope absorbed the Cancelled and the KeyError was lost.
+    with pytest.raises(KeyError, match="mine"):
+        with trio.CancelScope() as outer:
+            async with listen(any_address(transport), echo):
+                outer.cancel()
+                raise KeyError("mine")
+
+
+async def send_batch(stream: Stream, msgs: list[Any]) -> None:
+    """Write ``msgs`` as one batch (over TCP the receiver decodes them all at once)."""
+    async with open_batched(stream, interval=3600) as batched:
+        for msg in msgs:
+            batched.send_nowait(msg)
+
+
+async def test_receive_batch_and_receive_nowait_take_what_is_here(transport: str) -> None:
+    async def five(stream: Stream) -> None:
+        await send_batch(stream, [("m", i) for i in range(5)])
+        await stream.receive()  # stay open until the client is done
+
+    async with listen(any_address(transport), five) as lst:
+        async with await connect(lst.address) as stream:
+            with pytest.raises(trio.WouldBlock):
+                stream.receive_nowait()  # nothing here yet
+            got = await stream.receive_batch()
+            while len(got) < 5:
+                got += await stream.receive_batch()
+            assert got == [("m", i) for i in range(5)]
+            with pytest.raises(trio.WouldBlock):
+                stream.receive_nowait()
+            await stream.send("done")
+
+
+async def test_iteration_keeps_nothing_back_after_break(transport: str) -> None:
+    async def five_then_close(stream: Stream) -> None:
+        await send_batch(stream, list(range(5)))
+
+    async with listen(any_address(transport), five_then_close) as lst:
+        async with await connect(lst.address) as stream:
+            async for msg in stream:
+                if msg == 1:
+                    break
+            assert stream.receive_nowait() == 2  # sent in one batch: already here
+            assert [m async for m in stream] == [3, 4]
+            with pytest.raises(trio.EndOfChannel):
+                stream.receive_nowait()
+            with pytest.raises(trio.EndOfChannel):
+                await stream.receive()
+        with pytest.raises(trio.ClosedResourceError):
+            stream.receive_nowait()

@@ -2,8 +2,11 @@
 
 Per-message overhead (a system call, a trio schedule point, a msgpack call) is what
 limits a Python scheduler, so the shells queue messages with ``send_nowait`` and a
-background task writes everything pending every ``interval`` seconds, as dask's
-``BatchedSend`` does. Over TCP the whole batch is serialized by one msgpack call; the
+background task writes them, as dask's ``BatchedSend`` does: the first message after a
+quiet spell (nothing written for ``interval`` seconds) goes out at once, so a lone
+request pays no batching delay; messages that arrive while a write happened less than
+``interval`` ago wait for the rest of that interval and go out together, so a burst
+costs a few writes. Over TCP a batch is one message (``serialize.dumps_batch``); the
 receiving stream hands the messages out one by one, in order, so receivers cannot tell
 batched from unbatched sends.
 
@@ -13,11 +16,13 @@ still sent. ``await send(msg)`` checks its message first and raises at the call 
 A message that is itself a large buffer or array (``len``/``nbytes`` at least
 ``large_bytes``) is flushed at once instead of waiting; the check is O(1) because it
 runs for every message. Large buffers nested anywhere in a message still travel out of
-band: the batch is packed message by message and a message that packs large is split.
+band: a batch that pickles to ``serialize.PICKLED_BATCH_MAX`` or more is packed with
+msgpack message by message, and a message that packs large is split.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -25,6 +30,7 @@ from typing import Any, Final
 import trio
 
 from trioscheduler.core import messages
+from trioscheduler.wire._nursery import background_nursery
 from trioscheduler.wire.serialize import SerializationError, dumps
 from trioscheduler.wire.stream import Stream, logger
 
@@ -46,20 +52,27 @@ def _large(msg: Any, threshold: int) -> bool:
 
 
 class BatchedSend:
-    """Queue of messages for one stream; made by ``open_batched``."""
+    """Queue of messages for one stream; made by ``open_batched``.
+
+    The writer task writes a batch as soon as the first message of it arrives, unless
+    it wrote less than ``interval`` ago; then it waits until ``interval`` after that
+    write (or until a large message arrives) and writes everything queued meanwhile.
+    """
 
     __slots__ = (
         "stream", "interval", "large_bytes", "_pending", "_has_pending", "_urgent",
-        "_write_lock", "_error", "_closed", "messages_sent", "batches_sent",
+        "_next_write", "_write_lock", "_error", "_closed", "messages_sent", "batches_sent",
     )  # fmt: skip
 
     def __init__(self, stream: Stream, interval: float, large_bytes: int) -> None:
         self.stream = stream
         self.interval = interval
         self.large_bytes = large_bytes
+        # Invariant: _has_pending is set exactly when _pending is not empty (flush swaps both).
         self._pending: list[Any] = []
         self._has_pending = trio.Event()
-        self._urgent = trio.Event()
+        self._urgent = trio.Event()  # a large message is pending: write without waiting
+        self._next_write = -math.inf  # the last write started at _next_write - interval
         self._write_lock = trio.StrictFIFOLock()
         self._error: BaseException | None = None
         self._closed = False
@@ -68,17 +81,21 @@ class BatchedSend:
 
     def send_nowait(self, msg: Any) -> None:
         """Queue ``msg``; never blocks. Raises if the stream already broke or was closed."""
+        if self._error is not None or self._closed:
+            self._raise_unusable()
+        pending = self._pending
+        pending.append(msg)
+        if len(pending) == 1:  # the first of a batch: wake the writer
+            self._has_pending.set()
+        if type(msg) not in _NOT_ARRAYS and _large(msg, self.large_bytes):
+            self._urgent.set()
+
+    def _raise_unusable(self) -> None:
         if self._error is not None:
             raise trio.BrokenResourceError(
                 f"batched stream to {self.stream.peer_address} failed: {self._error}"
             ) from self._error
-        if self._closed:
-            raise trio.ClosedResourceError("this batched sender was closed")
-        self._pending.append(msg)
-        if not self._has_pending.is_set():
-            self._has_pending.set()
-        if type(msg) not in _NOT_ARRAYS and _large(msg, self.large_bytes):
-            self._urgent.set()
+        raise trio.ClosedResourceError("this batched sender was closed")
 
     async def send(self, msg: Any) -> None:
         """Queue ``msg`` and write it (with everything queued before it) now.
@@ -96,7 +113,9 @@ class BatchedSend:
                 return
             batch, self._pending = self._pending, []
             self._has_pending = trio.Event()
-            self._urgent = trio.Event()
+            if self._urgent.is_set():
+                self._urgent = trio.Event()
+            self._next_write = trio.current_time() + self.interval
             try:
                 try:
                     await self.stream._send_batch(batch)
@@ -126,8 +145,9 @@ class BatchedSend:
     async def _run(self) -> None:
         while True:
             await self._has_pending.wait()
-            with trio.move_on_after(self.interval):
-                await self._urgent.wait()
+            if trio.current_time() < self._next_write:  # wrote recently: coalesce
+                with trio.move_on_at(self._next_write):
+                    await self._urgent.wait()
             try:
                 await self.flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -140,19 +160,14 @@ async def open_batched(
 ) -> AsyncIterator[BatchedSend]:
     """A ``BatchedSend`` on ``stream``; leaving the block writes what is still pending.
 
-    If the block raises, pending messages are dropped (the stream is about to go).
+    If the block raises, pending messages are dropped (the stream is about to go) and
+    the exception comes out as it is, also when an enclosing scope was cancelled.
     """
     batched = BatchedSend(stream, interval, large_bytes)
-    error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
+    async with background_nursery() as nursery:
         nursery.start_soon(batched._run)  # never raises: failures are kept for send_nowait
         try:
             yield batched
             await batched.flush()
-        except BaseException as e:
-            error = e  # re-raised below, outside the nursery: no ExceptionGroup around it
         finally:
             batched._closed = True
-            nursery.cancel_scope.cancel()
-    if error is not None:
-        raise error

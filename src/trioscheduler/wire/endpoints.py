@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import trio
 
+from trioscheduler.wire._nursery import background_nursery
 from trioscheduler.wire.address import AddressError, parse_address, tcp_address
 from trioscheduler.wire.handshake import check_hello, make_hello
 from trioscheduler.wire.inproc import InprocStream, stream_pair, unique_name
@@ -140,8 +141,7 @@ async def listen(
     Yields a ``Listener`` whose ``.address`` is the real bound address.
     """
     scheme, host, port = parse_address(address)
-    error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
+    async with background_nursery() as nursery:
         listener = Listener(handler, role, info, nursery, handshake_timeout)
         if scheme == "tcp":
             assert port is not None
@@ -157,17 +157,13 @@ async def listen(
             _INPROC[name] = listener
         try:
             yield listener
-        except BaseException as e:
-            error = e  # re-raised below, outside the nursery: no ExceptionGroup around it
         finally:
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # before the socket closes: no accept on a closed fd
             if scheme == "tcp":
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
             else:
                 del _INPROC[name]
-    if error is not None:
-        raise error
 
 
 async def _bind(host: str, port: int, backlog: int) -> trio.socket.SocketType:

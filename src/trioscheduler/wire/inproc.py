@@ -69,6 +69,9 @@ class InprocStream(Stream):
     async def receive(self) -> Any:
         return await self._recv.receive()
 
+    def receive_nowait(self) -> Any:
+        return self._recv.receive_nowait()
+
     async def aclose(self) -> None:
         self._closed = True
         self._send.close()

@@ -11,12 +11,14 @@ meaning for every transport:
 
 ``_send_batch`` writes many messages as one unit (``BatchedSend`` uses it); the
 receiving stream hands them out one by one, so batching is invisible to receivers.
+Receivers that want to go faster take what has already arrived without a schedule
+point per message: ``receive_nowait``, ``receive_batch``, or ``async for`` (which does).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -67,6 +69,28 @@ class Stream:
         """The next message; ``trio.EndOfChannel`` once the peer has closed."""
         raise NotImplementedError
 
+    def receive_nowait(self) -> Any:
+        """The next message if it is already here, without a schedule point.
+
+        Raises ``trio.WouldBlock`` if getting one would mean waiting (over TCP: if no
+        message of an already received batch is left), ``trio.EndOfChannel`` if the
+        peer has closed and nothing is left, ``trio.ClosedResourceError`` if we closed.
+        """
+        raise NotImplementedError
+
+    async def receive_batch(self) -> list[Any]:
+        """Waits for the next message, then returns it with every one already here.
+
+        At least one message, in order; one schedule point for all of them (like
+        ``receive``). ``trio.EndOfChannel`` once the peer has closed.
+        """
+        msgs = [await self.receive()]
+        try:
+            while True:
+                msgs.append(self.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return msgs
+
     async def aclose(self) -> None:
         """Close both directions; idempotent. The peer sees ``EndOfChannel``."""
         raise NotImplementedError
@@ -95,8 +119,28 @@ class Stream:
         """Idle and healthy: not closed, peer still there, nothing unsolicited to read."""
         raise NotImplementedError
 
-    def __aiter__(self) -> Stream:
-        return self
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for msg in stream``: every message until the peer closes.
+
+        Messages already here are handed out without a schedule point each (as by
+        ``receive_nowait``); the iteration waits (and is a schedule point) only when it
+        must. Nothing is buffered by the iterator: after a ``break``, ``receive`` goes
+        on with the next message.
+        """
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                msg = self.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    msg = await self.receive()
+                except trio.EndOfChannel:
+                    return
+            except trio.EndOfChannel:
+                return
+            yield msg
 
     async def __anext__(self) -> Any:
         try:

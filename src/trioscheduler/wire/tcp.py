@@ -28,7 +28,7 @@ import socket
 import struct
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 import trio
@@ -204,6 +204,35 @@ class TCPStream(Stream):
             lock.release()
         await self._maybe_checkpoint()
         return msg
+
+    def receive_nowait(self) -> Any:
+        if self._ready and not self._closed:
+            return self._ready.popleft()
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if self._eof and self._start == self._end:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def receive_batch(self) -> list[Any]:
+        first = await self.receive()
+        ready = self._ready
+        if not ready:
+            return [first]
+        msgs = [first, *ready]
+        ready.clear()
+        return msgs
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        ready = self._ready
+        while True:
+            while ready and not self._closed:  # the rest of a batch: no schedule point each
+                yield ready.popleft()
+            try:
+                msg = await self.receive()
+            except trio.EndOfChannel:
+                return
+            yield msg
 
     async def _fill(self, n: int, boundary: bool) -> None:
         """Make ``n`` unread bytes available in the buffer."""
