@@ -17,10 +17,9 @@ replays on a ``SchedulerState`` built from ``defaults`` (pass the shell's argume
 there). Writing and reading files is the shell's business: ``load_log`` is a
 convenience for tools and tests, nothing in the core calls it.
 
-Caveat: the cores iterate sets of ``str`` keys and addresses, whose order depends on
-``PYTHONHASHSEED``; replay is exact in a process started with the recording process's
-hash seed (``PYTHONHASHSEED=<n>``), and may diverge otherwise (see
-``test_replay_in_a_process_with_another_hash_seed``).
+Replay does not depend on ``PYTHONHASHSEED``: the cores keep no decision on the
+iteration order of ``str`` sets (``test_replay_in_a_process_with_another_hash_seed``,
+``tests/test_core_determinism.py``).
 
 ``snapshot(state)`` is a canonical, comparable picture of a state (sets sorted, records
 flattened), used to check that a replay matches the original.
