@@ -9,6 +9,12 @@ list handed back to the loop; only the thread that finds that list empty wakes t
 ``handle(*events)`` call. The thread also does the per-task work that needs no loop:
 unpickling the run spec, ``sizeof`` and type name of the result, packing an exception.
 
+Waking a thread costs the waker its CPU on a busy machine (the woken thread preempts it
+and then waits for the GIL the waker holds), so jobs are handed to the threads just
+before the loop waits for I/O (a trio ``Instrument``), after the loop has done the rest
+of what the finished task set off (e.g. writing ``TaskFinished`` to the scheduler);
+a loop that stays busy hands them over after ``MAX_DEFERRALS`` rounds anyway.
+
 There is always one thread per queued or running job: a job goes to an idle thread or
 starts a new one. A seceded task keeps its thread, so the next job gets another; threads
 beyond ``nthreads`` leave after idling ``IDLE_TIMEOUT`` seconds. Threads are daemons: a
@@ -37,6 +43,9 @@ logger = logging.getLogger("trioscheduler.worker")
 
 IDLE_TIMEOUT = 30.0
 """Seconds an extra thread (beyond ``nthreads``) waits for a job before it leaves."""
+
+MAX_DEFERRALS = 4
+"""Loop rounds without a wait for I/O that may pass before queued jobs go out anyway."""
 
 _SMALL = frozenset({int, float, bool, str, bytes, type(None)})
 _type_names: dict[type[Any], str] = {}
@@ -110,8 +119,8 @@ def run_job(key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> Done:
 class ThreadExecutor:
     """Persistent task threads for one worker, results handed back in batches.
 
-    ``submit`` may be called from any thread; ``take`` and ``wait`` only on the loop.
-    ``start`` must run on the loop before the first ``submit``.
+    ``submit``, ``wait``, ``start`` and ``close`` run on the loop, ``deliver`` anywhere;
+    ``start`` comes before the first ``submit``.
     """
 
     def __init__(self, worker: Any, nthreads: int, *, name: str = "trioscheduler-task") -> None:
@@ -130,13 +139,39 @@ class ThreadExecutor:
         self._closed = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._ready = trio.Event()
+        self._pending: list[tuple[Any, bytes, Mapping[Any, Any]]] = []  # not yet queued
+        self._deferred = 0  # loop rounds the pending jobs waited without an I/O wait
+        self._instrument: _HandOver | None = None
 
     def start(self) -> None:
-        """Remember the loop to wake (call on the worker's loop)."""
+        """Remember the loop to wake and hook into its I/O waits."""
         self._token = trio.lowlevel.current_trio_token()
+        self._instrument = _HandOver(self)
+        trio.lowlevel.add_instrument(self._instrument)
 
     def submit(self, key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> None:
-        """Run ``run_spec`` in a task thread; its ``Done`` comes back through ``take``."""
+        """Run ``run_spec`` in a task thread; its ``Done`` comes back through ``wait``.
+
+        The job reaches a thread when the loop next waits for I/O (see the module doc).
+        """
+        if self._instrument is None:
+            self._queue((key, run_spec, data))
+        else:
+            self._pending.append((key, run_spec, data))
+
+    def hand_over(self, timeout: float) -> None:
+        """Queue the pending jobs: the loop is about to wait ``timeout`` seconds for I/O."""
+        if not self._pending:
+            return
+        if timeout <= 0 and self._deferred < MAX_DEFERRALS:
+            self._deferred += 1
+            return
+        self._deferred = 0
+        jobs, self._pending = self._pending, []
+        for job in jobs:
+            self._queue(job)
+
+    def _queue(self, job: tuple[Any, bytes, Mapping[Any, Any]]) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -147,7 +182,7 @@ class ThreadExecutor:
                 serial = self._serial
             else:
                 self._idle -= 1
-        self._jobs.put((key, run_spec, data))
+        self._jobs.put(job)
         if spawn:
             t = threading.Thread(target=self._work, name=f"{self.name}-{serial}", daemon=True)
             t.start()
@@ -187,6 +222,13 @@ class ThreadExecutor:
 
     def close(self) -> None:
         """Let idle threads leave and refuse new jobs; running tasks finish on their own."""
+        if self._instrument is not None:
+            try:
+                trio.lowlevel.remove_instrument(self._instrument)
+            except (KeyError, RuntimeError):  # already removed, or outside the run
+                pass
+            self._instrument = None
+        self._pending.clear()
         with self._lock:
             self._closed = True
             n = self._threads
@@ -225,3 +267,16 @@ class ThreadExecutor:
                     if self._threads > self.nthreads and self._idle > 0:
                         self._idle -= 1
                         return None
+
+
+class _HandOver(trio.abc.Instrument):
+    """Hands an executor's pending jobs to its threads before the loop waits for I/O."""
+
+    def __init__(self, executor: ThreadExecutor) -> None:
+        self.executor = executor
+
+    def before_io_wait(self, timeout: float) -> None:
+        try:
+            self.executor.hand_over(timeout)
+        except Exception:  # trio would drop the instrument and strand the jobs
+            logger.exception("handing tasks to the task threads failed")
