@@ -360,3 +360,16 @@ def test_random_cluster_runs_to_completion(seed: int) -> None:
         for key in cs.wants:
             assert s.tasks[key].state in ("memory", "erred"), (key, s.tasks[key].state)
     assert not s.unrunnable
+
+
+def test_steals_take_the_lowest_priority_tasks_first() -> None:
+    """Not the most recently assigned: the ones the victim would start last."""
+    s = cluster((A, 1))
+    order = {"t-0": 0, "t-1": 9, "t-2": 8, "t-3": 1, "t-4": 2, "t-5": 3}
+    specs = [spec(k, order=o) for k, o in order.items()]
+    s.handle(ev(UpdateGraph, "c", specs, list(order)))
+    # the most recently assigned would be t-0 (the best, running) and t-1
+    assert list(s.workers[A].processing)[-2:] == ["t-1", "t-0"]
+    s.handle(ev(AddWorker, B, 2))
+    eff = s.handle(ev(Tick, now=1.0))
+    assert steal_requests(eff) == [(A, "t-1"), (A, "t-2")]

@@ -22,8 +22,8 @@ hashables: ``str``, ``bytes``, ``int``, ``float`` or tuples of those (dask's key
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar, dataclass_transform
 
 Key = Any  # str | bytes | int | float | tuple[Key, ...]: anything hashable dask uses as a key

@@ -9,12 +9,14 @@ A task is worth moving when the bytes of its dependencies the thief lacks take l
 than half its expected run time to transfer, and the thief would start it sooner than
 the victim. Victims are workers with more tasks than threads (or paused/retiring ones
 with any queued task); thieves are running workers with a free thread slot. Tasks are
-taken from the end of the victim's queue (most recently assigned, least likely
-started), a bounded number per victim per tick, so a tick stays cheap.
+taken lowest priority first (the ones the victim would start last, so least likely
+started: as dask; among equals the most recently assigned), at most ``MAX_EXAMINED`` per victim per tick, so a tick stays cheap
+(``heapq.nlargest``: O(n log MAX_EXAMINED) in the victim's queue).
 """
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING, Any
 
 from trioscheduler.core.placement import satisfies
@@ -78,14 +80,18 @@ def plan_steals(s: SchedulerState) -> list[tuple[Any, str, str]]:
         busy = len(victim.processing) - len(victim.long_running)
         spare = busy - victim.nthreads if running else busy
         vocc = victim.occupancy / victim.nthreads
-        examined = 0
-        for key in reversed(victim.processing):
-            if spare <= 0 or examined >= MAX_EXAMINED:
+        tasks = s.tasks
+        # lowest priority first (largest priority tuple); among equals the most recently
+        # assigned first
+        order = heapq.nlargest(
+            MAX_EXAMINED, enumerate(victim.processing), key=lambda p: (tasks[p[1]].priority, p[0])
+        )
+        for _, key in order:
+            if spare <= 0:
                 break
-            examined += 1
             if key in s.steals or key in victim.long_running:
                 continue
-            ts = s.tasks[key]
+            ts = tasks[key]
             d = victim.processing[key]
             pick = _pick_thief(s, ts, free, occ)
             if pick is None:

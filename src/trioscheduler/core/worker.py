@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from trioscheduler.core import memory_policy as mp
@@ -57,6 +57,7 @@ from trioscheduler.core.messages import (
     WorkerStatusChange,
     WorkerUpdateData,
 )
+from trioscheduler.core.scheduler_records import EMPTY, EMPTY_MAP
 from trioscheduler.core.worker_invariants import validate_worker
 from trioscheduler.core.worker_transitions import (
     DATA_STATES,
@@ -78,18 +79,24 @@ HeapEntry = tuple[tuple[Any, ...], int, "WorkerTask"]
 
 @dataclass(slots=True, eq=False)
 class WorkerTask:
-    """One key known to this worker: a task to compute, or data to hold or fetch."""
+    """One key known to this worker: a task to compute, or data to hold or fetch.
+
+    The collections start as shared, read-only empties (``()``, ``EMPTY_MAP``, ``EMPTY``)
+    and are replaced, never mutated in place, until they hold something: most tasks
+    never need some of them, and four empty containers per task cost time, memory and
+    garbage-collector work.
+    """
 
     key: Key
     serial: int  # creation order: deterministic tie-break in the heaps
     state: str = "released"
     run_spec: bytes | None = None
     priority: tuple[Any, ...] = ()
-    dependencies: list[WorkerTask] = field(default_factory=list)
+    dependencies: tuple[WorkerTask, ...] = ()
     # active local tasks reading this key (insertion-ordered set: deterministic output)
-    dependents: dict[WorkerTask, None] = field(default_factory=dict)
-    waiting_for_data: set[WorkerTask] = field(default_factory=set)
-    who_has: set[str] = field(default_factory=set)
+    dependents: dict[WorkerTask, None] = EMPTY_MAP
+    waiting_for_data: set[WorkerTask] = EMPTY
+    who_has: set[str] = EMPTY
     nbytes: int = 0
     resources: dict[str, float] | None = None
     duration: float = 0.0
@@ -197,7 +204,8 @@ class WorkerState:
             target = self.thresholds.target
             if target is not None and self.memory_bytes > target:
                 self._spill_to_target(out, ())
-            self._ensure_computing(stim, now, out)
+            if (self._ready or self._constrained) and len(self.executing) < self.nthreads:
+                self._ensure_computing(stim, now, out)
             if self._fetch_dirty:
                 self._ensure_communicating(stim, now, out)
             if self.validate:
@@ -435,7 +443,7 @@ class WorkerState:
                 if n is not None:
                     dep.nbytes = n
             deps.append(dep)
-        ts.dependencies = deps
+        ts.dependencies = tuple(deps)
 
     def _on_compute_task(self, ev: ComputeTask, out: list[Any]) -> None:
         ts = self._task(ev.key)
@@ -653,7 +661,8 @@ class WorkerState:
                 ts.nbytes = n
                 recs[ts] = "memory"
             else:
-                ts.who_has.discard(peer)
+                if peer in ts.who_has:  # (never the shared empty set)
+                    ts.who_has.discard(peer)
                 ts.errant_peer = peer if said_missing else None
                 recs[ts] = "waiting" if st == "resumed" else "fetch"
         self._drain(recs, ev, out)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import Execute, MissingData, TaskFinished, ToScheduler
+from trioscheduler.core.scheduler_records import EMPTY
 
 if TYPE_CHECKING:
     from trioscheduler.core.worker import WorkerState, WorkerTask
@@ -71,14 +72,19 @@ def _set(ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float) ->
 def _attach(ts: WorkerTask) -> Recs:
     """``ts`` starts waiting: register it with its dependencies, fetch the absent ones."""
     recs: Recs = {}
-    waiting = ts.waiting_for_data
-    waiting.clear()
+    waiting: set[WorkerTask] | None = None
     for dep in ts.dependencies:
-        dep.dependents[ts] = None
+        if dep.dependents:
+            dep.dependents[ts] = None
+        else:
+            dep.dependents = {ts: None}
         st = dep.state
         if st == "memory":
             continue
-        waiting.add(dep)
+        if waiting is None:
+            waiting = {dep}
+        else:
+            waiting.add(dep)
         if st == "released" or st == "error":
             if not dep.priority or ts.priority < dep.priority:
                 dep.priority = ts.priority
@@ -87,8 +93,11 @@ def _attach(ts: WorkerTask) -> Recs:
             recs[dep] = "flight" if dep.previous == "flight" else "resumed"
         elif st == "missing" and dep.who_has:  # the new ComputeTask named holders
             recs[dep] = "fetch"
-    if not waiting:
+    if waiting is None:
+        ts.waiting_for_data = EMPTY
         recs[ts] = "constrained" if ts.resources else "ready"
+    else:
+        ts.waiting_for_data = waiting
     return recs
 
 
@@ -99,10 +108,11 @@ def _detach(ws: WorkerState, ts: WorkerTask, recs: Recs) -> None:
     (a new ``ComputeTask`` sets them again), and old references would pin forgotten
     records in memory.
     """
-    ts.waiting_for_data.clear()
+    ts.waiting_for_data = EMPTY
     for dep in ts.dependencies:
         dependents = dep.dependents
-        dependents.pop(ts, None)
+        if ts in dependents:
+            del dependents[ts]
         if dependents:
             continue
         st = dep.state
@@ -116,7 +126,7 @@ def _detach(ws: WorkerState, ts: WorkerTask, recs: Recs) -> None:
             recs[dep] = "released"
         elif st == "resumed" and dep.next == "fetch":
             recs[dep] = "cancelled"
-    ts.dependencies = []  # done with its inputs: hold no references to forgotten tasks
+    ts.dependencies = ()  # done with its inputs: hold no references to forgotten tasks
 
 
 def _after_release(ts: WorkerTask, recs: Recs) -> Recs:
