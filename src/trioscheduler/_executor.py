@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import queue
+import os
+import select
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +45,8 @@ logger = logging.getLogger("trioscheduler.worker")
 
 IDLE_TIMEOUT = 30.0
 """Seconds an extra thread (beyond ``nthreads``) waits for a job before it leaves."""
+
+_CAN_POLL_PIPES = os.name == "posix"
 
 MAX_DEFERRALS = 4
 """Loop rounds without a wait for I/O that may pass before queued jobs go out anyway."""
@@ -127,9 +131,11 @@ class ThreadExecutor:
         self.worker = worker
         self.nthreads = nthreads
         self.name = name
-        self._jobs: queue.SimpleQueue[tuple[Any, bytes, Mapping[Any, Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        # Jobs wait in a deque; each has one byte in a pipe, which idle threads read. A
+        # pipe, not a lock or queue.SimpleQueue: os.write drops the GIL while it wakes a
+        # thread, so the woken thread can run instead of waiting for the loop's GIL.
+        self._jobs: deque[tuple[Any, bytes, Mapping[Any, Any]]] = deque()
+        self._rfd = self._wfd = -1
         self._lock = threading.Lock()
         self._threads = 0  # started and not yet left
         self._idle = 0  # threads waiting for a job, minus jobs queued for them
@@ -146,6 +152,7 @@ class ThreadExecutor:
     def start(self) -> None:
         """Remember the loop to wake and hook into its I/O waits."""
         self._token = trio.lowlevel.current_trio_token()
+        self._rfd, self._wfd = os.pipe()
         self._instrument = _HandOver(self)
         trio.lowlevel.add_instrument(self._instrument)
 
@@ -182,7 +189,8 @@ class ThreadExecutor:
                 serial = self._serial
             else:
                 self._idle -= 1
-        self._jobs.put(job)
+            self._jobs.append(job)
+        os.write(self._wfd, b"\0")
         if spawn:
             t = threading.Thread(target=self._work, name=f"{self.name}-{serial}", daemon=True)
             t.start()
@@ -230,17 +238,19 @@ class ThreadExecutor:
             self._instrument = None
         self._pending.clear()
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            n = self._threads
-        for _ in range(n):
-            self._jobs.put(None)
+            if self._wfd < 0:
+                return
+            os.close(self._wfd)  # threads read EOF once the jobs queued before are taken
+            if self._threads == 0:
+                os.close(self._rfd)
 
     def _work(self) -> None:
         worker_var, key_var = execute._worker, execute._key
         worker_var.set(self.worker)
-        jobs = self._jobs
-        job: tuple[Any, bytes, Mapping[Any, Any]] | None
-        job = jobs.get()  # the job this thread was started for is already queued
+        job = self._next_job(False)  # the job this thread was started for
         while job is not None:
             key, run_spec, data = job
             key_var.set(key)
@@ -253,20 +263,29 @@ class ThreadExecutor:
             del job, run_spec, data
             self.deliver(done, idle=True)
             del done
-            job = self._next_job()
+            job = self._next_job(self._threads > self.nthreads)
         with self._lock:
             self._threads -= 1
+            if self._closed and self._threads == 0:
+                os.close(self._rfd)
 
-    def _next_job(self) -> tuple[Any, bytes, Mapping[Any, Any]] | None:
-        """The next job; ``None`` to leave (closed, or an extra thread idle too long)."""
+    def _next_job(self, extra: bool) -> tuple[Any, bytes, Mapping[Any, Any]] | None:
+        """The next job; ``None`` to leave: closed, or an ``extra`` thread (beyond
+        ``nthreads``) that idled ``IDLE_TIMEOUT`` seconds (where pipes can be polled)."""
+        rfd = self._rfd
         while True:
-            try:
-                return self._jobs.get(timeout=IDLE_TIMEOUT)
-            except queue.Empty:
-                with self._lock:
-                    if self._threads > self.nthreads and self._idle > 0:
-                        self._idle -= 1
-                        return None
+            if extra and _CAN_POLL_PIPES:
+                readable, _, _ = select.select([rfd], [], [], IDLE_TIMEOUT)
+                if not readable:
+                    with self._lock:
+                        if self._threads > self.nthreads and self._idle > 0:
+                            self._idle -= 1
+                            return None
+                    continue
+            if not os.read(rfd, 1):
+                return None  # closed
+            with self._lock:
+                return self._jobs.popleft()
 
 
 class _HandOver(trio.abc.Instrument):

@@ -361,13 +361,21 @@ class Worker:
     # ----------------------------------------------------------------------------------
 
     async def _read_scheduler(self, stream: Any) -> None:
+        """Feed the scheduler's messages to the core, all that arrived together in one
+        ``handle`` call, until ``CloseWorker`` or the stream ends."""
         reason = "the scheduler closed the connection"
         try:
-            async for msg in stream:
-                if type(msg) is CloseWorker:
-                    reason = f"the scheduler asked: {msg.reason}"
+            while True:
+                try:
+                    msgs = await stream.receive_batch()
+                except trio.EndOfChannel:
                     break
-                self.handle(msg)
+                closing = next((m for m in msgs if type(m) is CloseWorker), None)
+                if closing is not None:
+                    self.handle(*msgs[: msgs.index(closing)])
+                    reason = f"the scheduler asked: {closing.reason}"
+                    break
+                self.handle(*msgs)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             reason = f"lost the scheduler connection ({type(exc).__name__}: {exc})"
         if self._closing:
