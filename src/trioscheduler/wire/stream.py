@@ -18,7 +18,7 @@ point per message: ``receive_nowait``, ``receive_batch``, or ``async for`` (whic
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -119,30 +119,24 @@ class Stream:
         """Idle and healthy: not closed, peer still there, nothing unsolicited to read."""
         raise NotImplementedError
 
-    def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> Stream:
         """``async for msg in stream``: every message until the peer closes.
 
         Messages already here are handed out without a schedule point each (as by
         ``receive_nowait``); the iteration waits (and is a schedule point) only when it
         must. Nothing is buffered by the iterator: after a ``break``, ``receive`` goes
-        on with the next message.
+        on with the next message. (The stream is its own iterator, not an async
+        generator: trio warns about generators left unfinished by a ``break``.)
         """
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Any]:
-        while True:
-            try:
-                msg = self.receive_nowait()
-            except trio.WouldBlock:
-                try:
-                    msg = await self.receive()
-                except trio.EndOfChannel:
-                    return
-            except trio.EndOfChannel:
-                return
-            yield msg
+        return self
 
     async def __anext__(self) -> Any:
+        try:
+            return self.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
         try:
             return await self.receive()
         except trio.EndOfChannel:

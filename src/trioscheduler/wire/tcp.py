@@ -28,7 +28,7 @@ import socket
 import struct
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import trio
@@ -223,16 +223,14 @@ class TCPStream(Stream):
         ready.clear()
         return msgs
 
-    async def _iterate(self) -> AsyncIterator[Any]:
+    async def __anext__(self) -> Any:
         ready = self._ready
-        while True:
-            while ready and not self._closed:  # the rest of a batch: no schedule point each
-                yield ready.popleft()
-            try:
-                msg = await self.receive()
-            except trio.EndOfChannel:
-                return
-            yield msg
+        if ready and not self._closed:  # the rest of a batch: no schedule point each
+            return ready.popleft()
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
 
     async def _fill(self, n: int, boundary: bool) -> None:
         """Make ``n`` unread bytes available in the buffer."""
