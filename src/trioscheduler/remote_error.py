@@ -46,9 +46,10 @@ def pack_exception(exc: BaseException) -> tuple[bytes, bytes, str, str]:
 def unpack_exception(exc_blob: bytes, tb_blob: bytes, exc_text: str = "") -> BaseException:
     """The remote exception, with the remote traceback attached as a note."""
     try:
-        exc = pickle.loads(exc_blob)
-        if not isinstance(exc, BaseException):
-            raise TypeError(f"not an exception: {type(exc).__name__}")
+        loaded = pickle.loads(exc_blob)
+        if not isinstance(loaded, BaseException):
+            raise TypeError(f"not an exception: {type(loaded).__name__}")
+        exc = loaded
     except Exception as load_error:
         type_name, _, text = exc_text.partition(": ")
         exc = RemoteError(type_name or "Exception", text or f"unreadable remote exception ({load_error})")

@@ -38,7 +38,7 @@ class RunSpecLoadError(TrioSchedulerError):
     """A worker could not load a task's run spec (e.g. a module missing on the worker)."""
 
 
-class _RefPickler(cloudpickle.Pickler):
+class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=5)
         self.dependencies: list[Any] = []
