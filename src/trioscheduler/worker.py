@@ -12,7 +12,8 @@ One worker is one ``async with Worker(...)`` block owning a trio nursery:
 * one long-lived, batched stream to the scheduler (``AddWorker`` first, then events
   both ways, a heartbeat about every second);
 * a memory monitor feeding ``MemoryMeasured`` (psutil RSS) to the core;
-* tasks in threads (``trioscheduler.execute``) and fetches through a connection pool.
+* tasks on persistent threads (``trioscheduler._executor``), one hop there and one back
+  per batch of finished tasks; fetches through a connection pool.
 
 Shutdown, on leaving the block, on ``close()``, or when the scheduler sends
 ``CloseWorker``: tell the scheduler ``RemoveWorker(expected=True)``, close the stream,

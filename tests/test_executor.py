@@ -1,0 +1,100 @@
+"""The worker's task threads (``trioscheduler._executor``) on their own, without a cluster."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import trio
+
+from trioscheduler import runspec
+from trioscheduler._executor import Done, ThreadExecutor, nbytes_and_type
+from trioscheduler.execute import get_task_key, get_worker
+
+TIMEOUT = 30
+
+
+class FakeWorker:
+    pass
+
+
+def spec(func: Any, *args: Any) -> bytes:
+    return runspec.pack(func, args, {})[0]
+
+
+def whoami(x: int) -> tuple[int, str, Any, bool]:
+    return x, threading.current_thread().name, get_task_key(), isinstance(get_worker(), FakeWorker)
+
+
+_release = threading.Event()
+
+
+def blocked() -> bool:
+    return _release.wait()
+
+
+def fail() -> None:
+    raise KeyError("boom")
+
+
+async def collect(ex: ThreadExecutor, n: int) -> dict[Any, Done]:
+    got: dict[Any, Done] = {}
+    while len(got) < n:
+        for done in await ex.wait():
+            got[done.key] = done
+    return got
+
+
+async def test_one_thread_runs_a_stream_of_tasks_with_their_context() -> None:
+    ex = ThreadExecutor(FakeWorker(), 1)
+    with trio.fail_after(TIMEOUT):
+        ex.start()
+        try:
+            names = set()
+            for i in range(50):  # one at a time, as the core hands them out with 1 slot
+                ex.submit(f"k{i}", spec(whoami, i), {})
+                (done,) = (await collect(ex, 1)).values()
+                value, name, key, has_worker = done.value
+                assert (value, key, has_worker) == (i, f"k{i}", True)
+                assert done.nbytes > 0 and done.type_name == "tuple"
+                names.add(name)
+            assert len(names) == 1  # no thread started per task
+        finally:
+            ex.close()
+
+
+async def test_errors_are_packed_and_a_busy_thread_gets_company() -> None:
+    ex = ThreadExecutor(FakeWorker(), 1)
+    release = _release
+    release.clear()
+    with trio.fail_after(TIMEOUT):
+        ex.start()
+        try:
+            ex.submit("blocked", spec(blocked), {})  # e.g. a seceded task
+            ex.submit("err", spec(fail), {})
+            done = (await collect(ex, 1))["err"]  # ran on a second thread meanwhile
+            assert done.error is not None and "boom" in done.error[2]
+            release.set()
+            assert (await collect(ex, 1))["blocked"].value is True
+        finally:
+            release.set()
+            ex.close()
+
+
+async def test_dependencies_come_from_the_data_mapping() -> None:
+    ex = ThreadExecutor(FakeWorker(), 2)
+    with trio.fail_after(TIMEOUT):
+        ex.start()
+        try:
+            for i in range(10):
+                ex.submit(i, spec(sum, [i, i]), {})
+            got = await collect(ex, 10)
+            assert {k: d.value for k, d in got.items()} == {i: 2 * i for i in range(10)}
+        finally:
+            ex.close()
+
+
+def test_sizes_of_small_builtins_skip_the_dispatch() -> None:
+    assert nbytes_and_type(1)[1] == "int"
+    assert nbytes_and_type(b"x" * 1000)[0] >= 1000
+    assert nbytes_and_type([1, 2, 3])[1] == "list"
