@@ -87,8 +87,49 @@ def test_spill_roundtrip_is_byte_identical(store: DataStore) -> None:
             assert np.array_equal(back["nested"][4], v["nested"][4])
         else:
             assert type(back) is type(v) and back == v
-    assert not store.spilled and not os.listdir(store.directory)
-    assert store.spilled_bytes == 0
+    assert not store.spilled and store.spilled_bytes == 0
+    # the files stay for the next spill; deleting the keys removes them
+    assert len(os.listdir(store.directory)) == len(values) and set(store.kept) == set(values)
+    for k in values:
+        store.delete(k)
+    assert not os.listdir(store.directory) and not store.kept and store.kept_bytes == 0
+
+
+def test_spill_again_after_unspill_writes_nothing(store: DataStore) -> None:
+    value = np.random.default_rng(1).standard_normal(50_000)
+    store.put("x", value)
+    assert store.spill("x")
+    (name,) = os.listdir(store.directory)
+    path = os.path.join(store.directory, name)
+    before = os.stat(path)
+    size = store.spilled_bytes
+    assert size == before.st_size
+
+    back = store.unspill("x")
+    assert back.tobytes() == value.tobytes()
+    assert "x" in store.memory and "x" not in store.spilled and store.spilled_bytes == 0
+    assert store.kept_bytes == size and os.path.exists(path)
+
+    counter = store._counter
+    assert store.spill("x")  # only drops the in-memory reference
+    assert store._counter == counter  # no new spill file was made
+    assert os.listdir(store.directory) == [name]
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        before.st_ino, before.st_mtime_ns, before.st_size,
+    )  # fmt: skip
+    assert "x" not in store.memory and store.spilled_bytes == size and store.kept_bytes == 0
+    assert store["x"].tobytes() == value.tobytes()
+    assert store.unspill("x").tobytes() == value.tobytes()
+
+    # a new value for the key drops the old file; a delete drops the file too
+    store.put("x", b"new")
+    assert not os.listdir(store.directory) and not store.kept
+    assert store.spill("x") and store.unspill("x") == b"new" and store.spill("x")
+    assert store["x"] == b"new"
+    store.unspill("x")
+    store.delete("x")
+    assert not os.listdir(store.directory) and "x" not in store and store.kept_bytes == 0
 
 
 def test_delete_put_and_close(store: DataStore) -> None:

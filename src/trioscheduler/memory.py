@@ -6,7 +6,9 @@ why there is no ``zict.Buffer`` here: a buffer with its own LRU would make the s
 decision a second time, behind the core's back. The disk side is one file per key
 holding a pickle protocol 5 stream plus its out-of-band buffers as separate frames, so a
 numpy array or a bytes object goes to disk without being copied into the pickle and
-comes back byte-identical. A value that cannot be pickled stays in memory; the first
+comes back byte-identical. A value read back into memory keeps its spill file (values
+are immutable once stored), so spilling it again only drops the in-memory reference;
+the file goes when the key is deleted or given a new value. A value that cannot be pickled stays in memory; the first
 such value warns once (``TrioSchedulerWarning``), later ones only log.
 
 ``parse_memory_limit`` turns the user's ``memory_limit`` into bytes, as dask does.
@@ -196,7 +198,11 @@ class DataStore(Mapping[Any, Any]):
     Reading a spilled key (``store[key]``, e.g. a peer's ``get_data``) loads a copy
     without unspilling it: only the core moves keys between memory and disk. Safe to
     read from task threads while the worker's loop spills or unspills (a read that loses
-    the race to an unspill finds the value in memory on its retry).
+    the race to a delete finds the value gone, or in memory, on its retry).
+
+    ``spilled`` holds the keys that live only on disk; ``kept`` the keys in ``memory`` whose
+    spill file is still valid (they were unspilled), so a later ``spill`` writes nothing.
+    ``spilled_bytes`` counts only ``spilled``; ``kept_bytes`` the kept files.
     """
 
     __slots__ = (
@@ -204,6 +210,8 @@ class DataStore(Mapping[Any, Any]):
         "_owns_directory",
         "_warned",
         "directory",
+        "kept",
+        "kept_bytes",
         "memory",
         "spilled",
         "spilled_bytes",
@@ -217,6 +225,8 @@ class DataStore(Mapping[Any, Any]):
         self.memory: dict[Any, Any] = {}
         self.spilled: dict[Any, tuple[str, int]] = {}  # key -> (file path, bytes on disk)
         self.spilled_bytes = 0
+        self.kept: dict[Any, tuple[str, int]] = {}  # in-memory key -> its still-valid file
+        self.kept_bytes = 0
         self._counter = 0
         self._warned = False
 
@@ -255,13 +265,25 @@ class DataStore(Mapping[Any, Any]):
         """Store a value in memory (a new result, a fetched or scattered value)."""
         if key in self.spilled:
             self._remove_file(key)
+        if key in self.kept:
+            self._remove_kept(key)  # the file holds the old value
         self.memory[key] = value
 
     def spill(self, key: Any) -> bool:
-        """Move ``key`` to disk now. False if its value cannot be pickled (it stays)."""
+        """Move ``key`` to disk now. False if its value cannot be pickled (it stays).
+
+        A key unspilled earlier still has its file: it only leaves memory, nothing is written.
+        """
         if key in self.spilled:
             return True
         value = self.memory[key]
+        entry = self.kept.pop(key, None)
+        if entry is not None:
+            self.kept_bytes -= entry[1]
+            self.spilled[key] = entry
+            self.spilled_bytes += entry[1]
+            del self.memory[key]
+            return True
         path = self.new_path()
         try:
             size = self.dump(value, path)
@@ -302,6 +324,8 @@ class DataStore(Mapping[Any, Any]):
     def commit_spill(self, key: Any, value: Any, path: str, size: int) -> bool:
         """``key`` now lives in ``path``, unless it changed while being written."""
         if key in self.memory and self.memory[key] is value and key not in self.spilled:
+            if key in self.kept:
+                self._remove_kept(key)  # superseded by the file just written
             self.spilled[key] = (path, size)
             self.spilled_bytes += size
             del self.memory[key]
@@ -315,12 +339,18 @@ class DataStore(Mapping[Any, Any]):
         return path, read_value(path)
 
     def commit_unspill(self, key: Any, path: str, value: Any) -> bool:
-        """Put a loaded value back in memory, unless the key changed meanwhile."""
+        """Put a loaded value back in memory, unless the key changed meanwhile.
+
+        The file stays (in ``kept``), for the next time the key is spilled.
+        """
         entry = self.spilled.get(key)
         if entry is None or entry[0] != path:
             return False
         self.memory[key] = value
-        self._remove_file(key)
+        del self.spilled[key]
+        self.spilled_bytes -= entry[1]
+        self.kept[key] = entry
+        self.kept_bytes += entry[1]
         return True
 
     def delete(self, key: Any) -> None:
@@ -328,12 +358,16 @@ class DataStore(Mapping[Any, Any]):
         self.memory.pop(key, None)
         if key in self.spilled:
             self._remove_file(key)
+        if key in self.kept:
+            self._remove_kept(key)
 
     def close(self) -> None:
         """Drop every value and remove the spill directory."""
         self.memory.clear()
         self.spilled.clear()
         self.spilled_bytes = 0
+        self.kept.clear()
+        self.kept_bytes = 0
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -342,6 +376,11 @@ class DataStore(Mapping[Any, Any]):
     def _remove_file(self, key: Any) -> None:
         path, size = self.spilled.pop(key)
         self.spilled_bytes -= size
+        _remove(path)
+
+    def _remove_kept(self, key: Any) -> None:
+        path, size = self.kept.pop(key)
+        self.kept_bytes -= size
         _remove(path)
 
     def unpicklable(self, key: Any, value: Any, exc: BaseException) -> None:
