@@ -32,6 +32,7 @@ a key is kept for them even after the scheduler frees it.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -551,10 +552,19 @@ def transition(
 
 
 def drain(ws: WorkerState, recs: Recs, stim: str, now: float, out: list[Any]) -> None:
-    """Apply recommendations (and the ones they produce) until none are left."""
+    """Apply recommendations (and the ones they produce) until none are left.
+
+    First in, first out, so instructions follow event order: ``order`` holds the tasks in
+    the order ``recs`` (the latest recommendation per task) first got them, as a dict's
+    insertion order would, but popping the front is O(1) (``next(iter(dict))`` after
+    many pops from the front scans the dict's deleted slots). A new recommendation for a
+    task already waiting replaces its target and keeps its place, as ``dict.update`` does.
+    """
     table = TABLE
-    while recs:
-        ts = next(iter(recs))  # first in, first out: instructions follow event order
+    order = deque(recs)
+    pop_first = order.popleft
+    while order:
+        ts = pop_first()
         finish = recs.pop(ts)
         start = ts.state
         if start == finish or start == "forgotten":
@@ -564,4 +574,7 @@ def drain(ws: WorkerState, recs: Recs, stim: str, now: float, out: list[Any]) ->
             raise InvalidTransition(ts.key, start, finish, ws.story(ts.key))
         more = fn(ws, ts, stim, now, out)
         if more:
-            recs.update(more)
+            for t, f in more.items():
+                if t not in recs:
+                    order.append(t)
+                recs[t] = f
