@@ -18,6 +18,7 @@ point per message: ``receive_nowait``, ``receive_batch``, or ``async for`` (whic
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -41,7 +42,7 @@ class ProtocolVersionError(ConnectError):
     """The peer speaks another version of the wire protocol."""
 
 
-class Stream:
+class Stream(ABC):
     """A bidirectional message stream to one peer (abstract; see ``tcp``/``inproc``).
 
     ``peer_role`` and ``peer_info`` are what the peer announced in the handshake.
@@ -65,10 +66,12 @@ class Stream:
         encoded, _ = self._encode(msg)
         await self._send_encoded([encoded])
 
+    @abstractmethod
     async def receive(self) -> Any:
         """The next message; ``trio.EndOfChannel`` once the peer has closed."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def receive_nowait(self) -> Any:
         """The next message if it is already here, without a schedule point.
 
@@ -76,7 +79,7 @@ class Stream:
         message of an already received batch is left), ``trio.EndOfChannel`` if the
         peer has closed and nothing is left, ``trio.ClosedResourceError`` if we closed.
         """
-        raise NotImplementedError
+        ...
 
     async def receive_batch(self) -> list[Any]:
         """Waits for the next message, then returns it with every one already here.
@@ -91,33 +94,39 @@ class Stream:
         except (trio.WouldBlock, trio.EndOfChannel):
             return msgs
 
+    @abstractmethod
     async def aclose(self) -> None:
         """Close both directions; idempotent. The peer sees ``EndOfChannel``."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def closed(self) -> bool:
         """True once ``aclose`` was called or the connection broke."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _encode(self, msg: Any) -> tuple[Any, int]:
         """``(what _send_encoded takes, size in bytes)``; raises on unserializable input."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     async def _send_encoded(self, encoded: Sequence[Any]) -> None:
         """Write already encoded messages, in order, as few writes as possible."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     async def _send_batch(self, msgs: list[Any], walk: bool = True) -> None:
         """Write ``msgs`` in order as one unit; the receiver still gets them one by one.
 
         ``walk=False`` promises no large byte strings hide in the messages (fast path).
         """
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _is_reusable(self) -> bool:
         """Idle and healthy: not closed, peer still there, nothing unsolicited to read."""
-        raise NotImplementedError
+        ...
 
     def __aiter__(self) -> Stream:
         """``async for msg in stream``: every message until the peer closes.
