@@ -184,7 +184,7 @@ async def test_a_message_after_a_quiet_spell_goes_out_at_once(
             assert batched.batches_sent == 2
 
 
-async def test_messages_soon_after_a_write_are_coalesced_in_order(
+async def test_a_burst_is_coalesced_in_order(
     inbox: tuple[str, trio.MemoryReceiveChannel[object]], clock: MockClock
 ) -> None:
     address, recv = inbox
@@ -195,11 +195,31 @@ async def test_messages_soon_after_a_write_are_coalesced_in_order(
             for i in range(1, 100):
                 batched.send_nowait(i)
                 if i % 10 == 0:
-                    await trio.lowlevel.checkpoint()  # the writer runs and waits: it just wrote
+                    await trio.lowlevel.checkpoint()  # the writer runs
             await trio.testing.wait_all_tasks_blocked()
-            assert batched.batches_sent == 1
+            # Two quick writes in a row mark a burst: from then on the writer waits.
+            sent = batched.batches_sent
+            assert sent <= 3
+            received = [recv.receive_nowait() for _ in range(batched.messages_sent - 1)]
             with pytest.raises(trio.WouldBlock):
                 recv.receive_nowait()
-            clock.jump(1000)  # the interval since the first write is over
-            assert await take(recv, 99) == list(range(1, 100))
-            assert (batched.batches_sent, batched.messages_sent) == (2, 100)
+            clock.jump(1000)  # the interval since the last write is over
+            received += await take(recv, 99 - len(received))
+            assert received == list(range(1, 100))
+            assert (batched.batches_sent, batched.messages_sent) == (sent + 1, 100)
+
+
+async def test_a_reply_soon_after_a_write_is_not_delayed(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]], clock: MockClock
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=1000) as batched:
+            batched.send_nowait("a")
+            assert await take(recv, 1) == ["a"]
+            batched.send_nowait("b")  # a quick second write: not yet a burst
+            assert await take(recv, 1) == ["b"]
+            clock.jump(300)  # less than the interval, more than a quick gap
+            batched.send_nowait("c")
+            assert await take(recv, 1) == ["c"]
+            assert batched.batches_sent == 3

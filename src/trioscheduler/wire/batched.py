@@ -2,13 +2,17 @@
 
 Per-message overhead (a system call, a trio schedule point, a msgpack call) is what
 limits a Python scheduler, so the shells queue messages with ``send_nowait`` and a
-background task writes them, as dask's ``BatchedSend`` does: the first message after a
-quiet spell (nothing written for ``interval`` seconds) goes out at once, so a lone
-request pays no batching delay; messages that arrive while a write happened less than
-``interval`` ago wait for the rest of that interval and go out together, so a burst
-costs a few writes. Over TCP a batch is one message (``serialize.dumps_batch``); the
-receiving stream hands the messages out one by one, in order, so receivers cannot tell
-batched from unbatched sends.
+background task writes them. The writer wakes for the first message, lets the other
+tasks run once (one schedule point) so that everything produced in the same loop
+iteration joins the batch, and writes: a request or a reply pays no batching delay,
+even soon after another write (so a request/reply ping-pong is not slowed to one hop
+per ``interval`` as with dask's rule). Only a burst waits: once the last two gaps
+between writes were both shorter than ``interval * QUIET_FRACTION``, or the last batch
+held ``BURST_MESSAGES`` or more, the writer waits until ``interval`` after its last
+write and writes everything queued meanwhile, and goes on doing so while those waits
+catch more than one message. ``interval=0`` is pure natural batching. Over TCP a batch
+is one message (``serialize.dumps_batch``); the receiving stream hands the messages out
+one by one, in order, so receivers cannot tell batched from unbatched sends.
 
 ``send_nowait`` does not serialize (that is the point): a message that cannot be
 serialized is found at flush time, logged and dropped, and the rest of its batch is
@@ -36,6 +40,12 @@ from trioscheduler.wire.stream import Stream, logger
 
 #: A message carrying this many bytes flushes the batch without waiting for the interval.
 LARGE_BYTES: Final = 256 * 1024
+#: After a batch of this many messages (a burst) the next write waits for ``interval``.
+BURST_MESSAGES: Final = 16
+#: Two gaps in a row between writes shorter than this fraction of ``interval`` mean a
+#: stream of messages, not a request/reply pair: coalesce until ``interval`` after the
+#: last write.
+QUIET_FRACTION: Final = 0.25
 _BUFFERS: Final = frozenset({bytes, bytearray, memoryview})
 _NOT_ARRAYS: Final = frozenset({str, int, float, bool, type(None), tuple, list, dict})
 
@@ -54,14 +64,16 @@ def _large(msg: Any, threshold: int) -> bool:
 class BatchedSend:
     """Queue of messages for one stream; made by ``open_batched``.
 
-    The writer task writes a batch as soon as the first message of it arrives, unless
-    it wrote less than ``interval`` ago; then it waits until ``interval`` after that
-    write (or until a large message arrives) and writes everything queued meanwhile.
+    The writer task writes a batch one schedule point after its first message arrives,
+    unless messages are coming in a burst (see the module docstring); then it waits
+    until ``interval`` after the last write (or until a large message arrives) and
+    writes everything queued meanwhile.
     """
 
     __slots__ = (
         "stream", "interval", "large_bytes", "_pending", "_has_pending", "_urgent",
-        "_next_write", "_write_lock", "_error", "_closed", "messages_sent", "batches_sent",
+        "_next_write", "_last_batch", "_last_gap", "_write_lock", "_error", "_closed",
+        "messages_sent", "batches_sent",
     )  # fmt: skip
 
     def __init__(self, stream: Stream, interval: float, large_bytes: int) -> None:
@@ -73,6 +85,8 @@ class BatchedSend:
         self._has_pending = trio.Event()
         self._urgent = trio.Event()  # a large message is pending: write without waiting
         self._next_write = -math.inf  # the last write started at _next_write - interval
+        self._last_batch = 0  # messages in the last write
+        self._last_gap = math.inf  # time between the last two writes
         self._write_lock = trio.StrictFIFOLock()
         self._error: BaseException | None = None
         self._closed = False
@@ -115,7 +129,10 @@ class BatchedSend:
             self._has_pending = trio.Event()
             if self._urgent.is_set():
                 self._urgent = trio.Event()
-            self._next_write = trio.current_time() + self.interval
+            now = trio.current_time()
+            self._last_gap = now - (self._next_write - self.interval)
+            self._next_write = now + self.interval
+            self._last_batch = len(batch)
             try:
                 try:
                     await self.stream._send_batch(batch)
@@ -143,15 +160,28 @@ class BatchedSend:
         return good
 
     async def _run(self) -> None:
+        burst = False  # the last write came out of a coalescing wait that caught a burst
         while True:
             await self._has_pending.wait()
-            if trio.current_time() < self._next_write:  # wrote recently: coalesce
+            # One schedule point: whatever the other tasks produce in this loop
+            # iteration joins the batch (trio runs them all before we run again).
+            await trio.lowlevel.checkpoint()
+            now = trio.current_time()
+            last = self._next_write - self.interval  # when the last write started
+            quick = self.interval * QUIET_FRACTION
+            coalesce = now < self._next_write and (
+                burst
+                or self._last_batch >= BURST_MESSAGES
+                or (now - last < quick and self._last_gap < quick)
+            )
+            if coalesce:
                 with trio.move_on_at(self._next_write):
                     await self._urgent.wait()
             try:
                 await self.flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # kept in self._error: the next send_nowait raises it
+            burst = coalesce and self._last_batch > 1
 
 
 @asynccontextmanager
