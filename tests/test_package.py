@@ -66,23 +66,3 @@ def test_worker_start_up_path_does_not_import_the_client() -> None:
         """
     )
     assert out == "[]"
-
-
-def test_worker_process_does_not_import_dask() -> None:
-    """What ``python -m trioscheduler worker`` imports (cli, nanny, worker, the executor
-    and the memory store) stays free of dask: it costs a worker 80-150 ms at start-up.
-    ``dask.sizeof`` is imported only at the first non-builtin result."""
-    out = _run(
-        """
-        import sys
-        import trioscheduler.cli, trioscheduler.nanny, trioscheduler.worker
-        import trioscheduler._executor, trioscheduler.memory
-        from trioscheduler._executor import nbytes_and_type
-        nbytes_and_type(1), nbytes_and_type("x"), nbytes_and_type(b"x"), nbytes_and_type(None)
-        heavy = ("dask", "numpy", "pandas", "yaml", "toolz")
-        print(sorted(m for m in heavy if m in sys.modules))
-        nbytes_and_type([1, 2, 3])
-        print("dask.sizeof" in sys.modules)
-        """
-    )
-    assert out == "[]\nTrue"

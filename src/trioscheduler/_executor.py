@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import trio
+from dask.sizeof import sizeof
+from dask.utils import typename
 
 from trioscheduler import execute, runspec
 from trioscheduler.remote_error import pack_exception
@@ -53,41 +55,16 @@ _SMALL = frozenset({int, float, bool, str, bytes, type(None)})
 _type_names: dict[type[Any], str] = {}
 
 
-_sizeof: Any = None
-
-
-def _dask_sizeof(value: Any) -> int:
-    """``dask.sizeof.sizeof``, imported at the first value that needs it: importing dask
-    costs a worker 80-150 ms at start-up, and many workloads only return small builtins."""
-    global _sizeof
-    if _sizeof is None:
-        from dask.sizeof import sizeof
-
-        _sizeof = sizeof
-    return int(_sizeof(value))
-
-
-def _typename(cls: type[Any]) -> str:
-    """``dask.utils.typename``: ``module.Name``, or just ``Name`` for builtins."""
-    module = getattr(cls, "__module__", None)
-    name = getattr(cls, "__name__", None)
-    if name is None:
-        return str(cls)
-    if not module or module == "builtins":
-        return str(name)
-    return f"{module}.{name}"
-
-
 def nbytes_and_type(value: Any) -> tuple[int, str]:
     """``dask.sizeof`` and type name of a task's value; small builtins skip the dispatch."""
     cls = type(value)
     try:
-        nbytes = sys.getsizeof(value) if cls in _SMALL else _dask_sizeof(value)
+        nbytes = sys.getsizeof(value) if cls in _SMALL else int(sizeof(value))
     except Exception:
         nbytes = 0
     name = _type_names.get(cls)
     if name is None:
-        name = _type_names[cls] = _typename(cls)
+        name = _type_names[cls] = typename(cls)
     return nbytes, name
 
 

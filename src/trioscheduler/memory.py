@@ -28,8 +28,8 @@ from typing import Any
 
 import cloudpickle
 import psutil
+from dask.utils import format_bytes, parse_bytes
 
-from trioscheduler._bytes import format_bytes, parse_bytes
 from trioscheduler.errors import TrioSchedulerWarning
 
 logger = logging.getLogger("trioscheduler.memory")
