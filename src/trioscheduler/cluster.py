@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import trio
@@ -103,7 +103,7 @@ class LocalCluster:
         self._stops: dict[str, tuple[trio.Event, trio.Event]] = {}  # name -> (stop, gone)
         self._names = itertools.count()
         self._nursery: trio.Nursery | None = None
-        self._stack: AsyncExitStack | None = None
+        self._life: AbstractAsyncContextManager[Any] | None = None  # _open(), while open
         self._handle: Any = None
         self._id = next(_cluster_ids)
         if not asynchronous:
@@ -141,30 +141,26 @@ class LocalCluster:
         return None
 
     async def _aclose(self) -> None:
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            await stack.aclose()
+        if self._life is not None:
+            life, self._life = self._life, None
+            await life.__aexit__(None, None, None)
 
     # -- async use -----------------------------------------------------------------
 
     async def __aenter__(self) -> LocalCluster:
         if not self.asynchronous:
             raise TypeError("pass asynchronous=True to use a LocalCluster with 'async with'")
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            await stack.enter_async_context(self._open())
-        except BaseException as exc:
-            if not await stack.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
-        self._stack = stack
+        # A start-up failure inside _open() has already unwound what it opened.
+        life = self._open()
+        await life.__aenter__()
+        self._life = life
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        stack, self._stack = self._stack, None
-        if stack is None:
+        life, self._life = self._life, None
+        if life is None:
             return None
-        return await stack.__aexit__(*exc_info)
+        return await life.__aexit__(*exc_info)
 
     # -- the cluster's life ----------------------------------------------------------
 

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import psutil
@@ -98,7 +98,7 @@ class Nanny:
         self._closing = False
         self._closed = trio.Event()
         self._started = trio.Event()  # a (re)started child announced its address
-        self._stack: AsyncExitStack | None = None
+        self._life: AbstractAsyncContextManager[Any] | None = None  # _run(), while open
         self._nursery: trio.Nursery | None = None
         self._scratch = ""  # our directory for the children's spill files
 
@@ -108,19 +108,15 @@ class Nanny:
     # ----------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Nanny:
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            await stack.enter_async_context(self._run())
-        except BaseException as exc:
-            if not await stack.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
-        self._stack = stack
+        # A start-up failure inside _run() has already unwound what it opened.
+        life = self._run()
+        await life.__aenter__()
+        self._life = life
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        assert self._stack is not None
-        return await self._stack.__aexit__(*exc_info)
+        assert self._life is not None
+        return await self._life.__aexit__(*exc_info)
 
     async def finished(self) -> None:
         """Wait until the nanny stopped (closed, or its worker closed on purpose)."""

@@ -29,7 +29,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import cloudpickle
@@ -150,7 +150,7 @@ class Worker:
         self._executor = ThreadExecutor(self, nthreads)
         self.trio_token: trio.lowlevel.TrioToken | None = None  # the loop running this worker
         self._process = psutil.Process()
-        self._stack: AsyncExitStack | None = None
+        self._life: AbstractAsyncContextManager[Any] | None = None  # _run(), while open
         self._nursery: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
         self._work_scope: trio.CancelScope | None = None
@@ -172,19 +172,15 @@ class Worker:
     # ----------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Worker:
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            await stack.enter_async_context(self._run())
-        except BaseException as exc:
-            await stack.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._stack = stack
+        # A start-up failure inside _run() has already unwound what it opened.
+        life = self._run()
+        await life.__aenter__()
+        self._life = life
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        assert self._stack is not None
-        return await self._stack.__aexit__(*exc_info)
+        assert self._life is not None
+        return await self._life.__aexit__(*exc_info)
 
     async def finished(self) -> None:
         """Wait until the worker has shut down (``CloseWorker``, scheduler lost, ``close``)."""
