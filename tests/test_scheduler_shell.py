@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import trio
 
-from trioscheduler import Client, Scheduler, wire
+from trioscheduler import Client, Scheduler, Worker, wire
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
+from trioscheduler.scheduler import local_route
 
 TIMEOUT = 20
 
@@ -186,3 +187,36 @@ async def test_abandoned_wait_for_workers_does_not_linger(address: str) -> None:
                     await c.wait_for_workers(3, timeout=0.05)
             # the scheduler stopped waiting on behalf of the departed requester
             await wait_until(lambda: s._workers_changed.statistics().tasks_waiting == 0)
+
+
+async def test_client_in_the_same_run_reaches_a_tcp_scheduler_in_memory() -> None:
+    """A client in the scheduler's own trio run (a sync Client beside its LocalCluster)
+    uses the scheduler's inproc alias; its address stays the tcp one, and it works."""
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler("tcp://127.0.0.1:0") as s:
+            assert s.inproc_address is not None and s.inproc_address.startswith("inproc://")
+            async with (
+                Worker(s.address, nthreads=1),
+                Client(s.address, asynchronous=True) as c,
+            ):
+                assert c.scheduler_address == s.address
+                assert c._route == s.inproc_address
+                assert await c.submit(inc, 1) == 2
+                assert await c.who_has() != {}
+        assert local_route(s.address) == s.address  # closed: no alias left
+
+
+def test_client_in_another_run_keeps_tcp() -> None:
+    """The alias only means something inside the run that serves it."""
+    seen: list[str] = []
+
+    async def serve_and_ask_from_another_run() -> None:
+        async with Scheduler("tcp://127.0.0.1:0") as s:
+            seen.append(s.address)
+            seen.append(await trio.to_thread.run_sync(lambda: trio.run(route_there, s.address)))
+
+    async def route_there(address: str) -> str:
+        return local_route(address)
+
+    trio.run(serve_and_ask_from_another_run)
+    assert seen[0] == seen[1]

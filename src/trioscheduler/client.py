@@ -66,7 +66,7 @@ from trioscheduler.keys import (
     submit_key,
 )
 from trioscheduler.remote_error import unpack_exception
-from trioscheduler.scheduler import RESTART_REASON
+from trioscheduler.scheduler import RESTART_REASON, local_route
 
 __all__ = ["Client", "Executor", "default_client", "fire_and_forget"]
 
@@ -178,6 +178,7 @@ class Client:
                 f"unexpected keyword arguments {sorted(cluster_kwargs)} with an address"
             )
         self.scheduler_address: str | None = address
+        self._route: str | None = None  # what we connect to: the address or its inproc alias
 
         if not asynchronous:
             # ``_loop``: another loop to run the session in (a worker's, for get_client)
@@ -227,9 +228,11 @@ class Client:
         address = self.scheduler_address
         assert address is not None
         self._token = trio.lowlevel.current_trio_token()
+        # A scheduler in this very trio run is reached in memory (its inproc alias).
+        self._route = local_route(address)
         try:
             stream = await wire.connect(
-                address, timeout=self.timeout, role="client", info={"id": self.id}
+                self._route, timeout=self.timeout, role="client", info={"id": self.id}
             )
         except wire.ConnectError as exc:
             raise wire.ConnectError(
@@ -869,13 +872,13 @@ class Client:
     async def _rpc(self, msg: dict[str, Any]) -> Any:
         """One request to the scheduler, answered after everything this client sent on its
         stream before it (``client``/``after``): a request never overtakes a message."""
-        assert self._pool is not None and self.scheduler_address is not None
+        assert self._pool is not None and self._route is not None
         if not self._closing:
             self._flush_outbox()
         msg["client"] = self.id
         msg["after"] = self._sent
         try:
-            async with self._pool.connect(self.scheduler_address) as stream:
+            async with self._pool.connect(self._route) as stream:
                 await stream.send(msg)
                 reply = await stream.receive()
         except (

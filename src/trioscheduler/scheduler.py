@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -51,7 +52,7 @@ from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.datasets import DatasetExistsError, DatasetStore
 from trioscheduler.remote_error import pack_exception
 
-__all__ = ["FIRE_AND_FORGET", "Scheduler"]
+__all__ = ["FIRE_AND_FORGET", "Scheduler", "local_route"]
 
 logger = logging.getLogger("trioscheduler.scheduler")
 
@@ -75,6 +76,30 @@ _CLIENT_EVENTS = frozenset(
     }
 )
 _DONE_FOR_CLIENT = (m.KeyInMemory, m.KeyErred, m.KeyCancelled)
+
+
+_LOCAL: dict[str, tuple[str, trio.lowlevel.TrioToken]] = {}
+"""Schedulers of this process: listening address -> (inproc alias, the run serving it)."""
+_aliases = itertools.count(1)
+
+
+def local_route(address: str) -> str:
+    """The address to connect to for ``address`` from the current trio run.
+
+    A scheduler served by this same trio run (a ``LocalCluster`` beside a sync
+    ``Client`` share the process-wide loop) is reached through its ``inproc://`` alias:
+    messages go by reference, with no sockets, encoding or wake-ups of the kernel on
+    the way. Anything else (another process, another run) keeps ``address``.
+    """
+    entry = _LOCAL.get(address)
+    if entry is None:
+        return address
+    alias, token = entry
+    try:
+        here = trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return address
+    return alias if here is token else address
 
 
 class ProtocolViolation(Exception):
@@ -242,6 +267,7 @@ class Scheduler:
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self.address: str = ""
+        self.inproc_address: str | None = None  # the same service for this trio run
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -278,6 +304,21 @@ class Scheduler:
                 )
             )
             self.address = listener.address
+            if self.address.startswith("tcp://"):
+                # The same service under an inproc:// name, for a client in this very
+                # trio run (a sync Client beside its LocalCluster): no sockets, no
+                # serialization between them. See ``local_route``.
+                alias = await stack.enter_async_context(
+                    wire.listen(
+                        f"inproc://scheduler-{os.getpid()}-{next(_aliases)}",
+                        self._on_connection,
+                        role="scheduler",
+                        info={"type": "Scheduler"},
+                    )
+                )
+                self.inproc_address = alias.address
+                _LOCAL[self.address] = (alias.address, trio.lowlevel.current_trio_token())
+                stack.callback(_LOCAL.pop, self.address, None)
             self._feed(
                 m.AddClient(self._stimulus("scheduler-start"), trio.current_time(), FIRE_AND_FORGET)
             )
