@@ -25,11 +25,16 @@ TIMEOUT = 60
 
 
 def worker_children() -> list[psutil.Process]:
-    """Our worker processes still alive (children of this test process)."""
+    """Our worker processes still alive (children of this test process).
+
+    A spawned worker says ``trioscheduler`` on its command line; a forked one has ours
+    but renames itself (``/proc/self/comm``).
+    """
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "trioscheduler" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+            named = p.name() == "trioscheduler" or "trioscheduler" in " ".join(p.cmdline())
+            if named and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except psutil.Error:
             pass

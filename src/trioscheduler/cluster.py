@@ -1,7 +1,8 @@
 """A scheduler and its workers on this machine: ``LocalCluster`` and ``open_cluster``.
 
 ``processes=True`` (the default) runs the scheduler in this process and each worker in
-its own process under a ``Nanny``, over TCP on ``host``. ``processes=False`` runs the
+its own process under a ``Nanny``, over TCP on ``host``; ``start_method`` (``"auto"``,
+``"fork"``, ``"spawn"``; see ``trioscheduler.nanny``) says how those processes start. ``processes=False`` runs the
 scheduler and the workers in one trio loop over ``inproc://``: nothing is serialized,
 which suits tests and small jobs.
 
@@ -81,6 +82,7 @@ class LocalCluster:
         *,
         worker_timeout: float = 30.0,
         worker_log_level: str = "warning",
+        start_method: str | None = None,
         **worker_kwargs: Any,
     ) -> None:
         for name in _IGNORED:
@@ -95,6 +97,7 @@ class LocalCluster:
         self.asynchronous = asynchronous
         self.worker_timeout = worker_timeout
         self.worker_log_level = worker_log_level
+        self.start_method = start_method
         self.worker_kwargs = worker_kwargs
         self.scheduler: Scheduler | None = None
         self.scheduler_address = ""
@@ -206,7 +209,11 @@ class LocalCluster:
         )
         if self.processes:
             return Nanny(
-                self.scheduler_address, host=self.host, log_level=self.worker_log_level, **kwargs
+                self.scheduler_address,
+                host=self.host,
+                log_level=self.worker_log_level,
+                start_method=self.start_method,
+                **kwargs,
             )
         return Worker(self.scheduler_address, **kwargs)
 

@@ -1,8 +1,19 @@
 """The nanny: keeps one worker alive in a child process.
 
-The child is ``python -m trioscheduler worker ADDRESS --no-nanny`` (a plain subprocess:
-nothing of this process is inherited, so a task that corrupts its interpreter harms only
-its worker). The nanny restarts the child when it dies, or kills and restarts it when
+The child runs ``trioscheduler worker ADDRESS --no-nanny``, started one of two ways
+(``start_method``; default: the ``TRIOSCHEDULER_WORKER_START_METHOD`` environment
+variable, else ``"auto"``):
+
+* ``"spawn"``: ``python -m trioscheduler worker ...``, a fresh interpreter that imports
+  the worker on its own (about 0.3 s here, and again on every restart).
+* ``"fork"``: a fork of this process, which has imported all of that already
+  (``_forked_worker``). The fork is made from a new thread that is not inside
+  ``trio.run``, so the child, where that thread is the only one, runs its own
+  ``trio.run`` in it. ``"auto"`` forks where that is safe (see ``fork_unsafe``) and
+  spawns otherwise.
+
+Either way the child is a separate process: a task that corrupts its interpreter harms
+only its worker. The nanny restarts the child when it dies, or kills and restarts it when
 its memory passes ``terminate`` (0.95) of ``memory_limit``, and logs why. The scheduler
 learns of the loss the ordinary way: the worker's stream breaks.
 
@@ -22,6 +33,7 @@ scheduler as ``AddWorker.nanny``) so that a scheduler or client can restart work
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -29,9 +41,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import trio
@@ -43,8 +56,31 @@ from trioscheduler.wire.address import tcp_address
 logger = logging.getLogger("trioscheduler.nanny")
 
 
+START_METHODS = ("auto", "fork", "spawn")
+START_METHOD_ENV = "TRIOSCHEDULER_WORKER_START_METHOD"
+FORK_RSS_FRACTION = 0.1
+"""``"auto"`` spawns when this process's RSS is above this fraction of the worker's
+memory limit: a forked child starts with the parent's resident pages counted in its own
+RSS, which the memory policy and the terminate threshold judge."""
+
+
 class WorkerStartError(TrioSchedulerError):
     """The worker process exited or stayed silent before it joined the scheduler."""
+
+
+def default_start_method() -> str:
+    """``$TRIOSCHEDULER_WORKER_START_METHOD`` or ``"auto"``."""
+    return os.environ.get(START_METHOD_ENV, "").strip().lower() or "auto"
+
+
+def _check_start_method(method: str) -> str:
+    if method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}, got {method!r}")
+    if method == "fork" and not fork_supported():
+        raise ValueError(
+            "start_method='fork' needs Linux with pidfd_open (Python 3.9+, kernel 5.3+)"
+        )
+    return method
 
 
 class Nanny:
@@ -71,6 +107,7 @@ class Nanny:
         close_timeout: float = 5.0,
         log_level: str = "info",
         env: dict[str, str] | None = None,
+        start_method: str | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
@@ -85,14 +122,16 @@ class Nanny:
         self.close_timeout = close_timeout
         self.log_level = log_level
         self.env = env
+        self.start_method = _check_start_method(start_method or default_start_method())
 
         self.worker_address: str | None = None
         self.address: str | None = None  # where the nanny takes requests
         self.pid: int | None = None
         self.restarts = 0
+        self.started_by: str | None = None  # "fork" or "spawn": how the current child began
         self.status = "created"  # created -> running -> closing -> closed
         self.close_reason = ""
-        self._process: trio.Process | None = None
+        self._process: trio.Process | _ForkedProcess | None = None
         self._kill_reason: str | None = None
         self._sigtermed: int | None = None  # the pid we sent SIGTERM to
         self._closing = False
@@ -240,24 +279,74 @@ class Nanny:
             shutil.rmtree(os.path.join(self._scratch, entry), ignore_errors=True)
 
     def _command(self, ready_fd: int) -> list[str]:
-        cmd = [
-            sys.executable, "-m", "trioscheduler", "--log-level", self.log_level,
+        return [sys.executable, "-m", "trioscheduler", *self._worker_argv(ready_fd)]
+
+    def _worker_argv(self, ready_fd: int) -> list[str]:
+        """The ``trioscheduler`` command line of the child (both start methods)."""
+        argv = [
+            "--log-level", self.log_level,
             "worker", self.scheduler_address, "--no-nanny",
             "--nthreads", str(self.nthreads),
             "--memory-limit", str(self.memory_limit or 0),
             "--ready-fd", str(ready_fd), "--watch-stdin",
         ]  # fmt: skip
         if self.address:
-            cmd += ["--nanny-address", self.address]
+            argv += ["--nanny-address", self.address]
         if self.resources:
-            cmd += ["--resources", " ".join(f"{k}={v}" for k, v in self.resources.items())]
+            argv += ["--resources", " ".join(f"{k}={v}" for k, v in self.resources.items())]
         if self.name is not None:
-            cmd += ["--name", self.name]
+            argv += ["--name", self.name]
         if self._scratch:
-            cmd += ["--local-directory", self._scratch]
+            argv += ["--local-directory", self._scratch]
         if self.host:
-            cmd += ["--host", self.host]
-        return cmd
+            argv += ["--host", self.host]
+        return argv
+
+    def fork_unsafe(self) -> str | None:
+        """Why the next child must be spawned rather than forked, or None.
+
+        Checked before each start; a fork is also abandoned at the last moment when
+        another thread is importing a module (``_fork``).
+        """
+        if self.start_method == "spawn":
+            return "start_method is 'spawn'"
+        if not fork_supported():
+            return "forking needs Linux with pidfd_open"
+        if self.env is not None:
+            return "the worker has an environment of its own (env=)"
+        if self.start_method == "auto" and self.memory_limit:
+            rss = psutil.Process().memory_info().rss
+            if rss > FORK_RSS_FRACTION * self.memory_limit:
+                return (
+                    f"this process uses {rss / 2**20:.0f} MiB, more than "
+                    f"{FORK_RSS_FRACTION:.0%} of the worker's memory limit, which a forked "
+                    "child would count as its own"
+                )
+        return None
+
+    async def _start_child(self, ready_fd: int) -> trio.Process | _ForkedProcess:
+        """Fork or spawn the worker process, which announces itself on ``ready_fd``."""
+        why = self.fork_unsafe()
+        if why is None:
+            try:
+                forked = await _fork_worker(
+                    self._worker_argv, ready_fd, self._child_env()["PYTHONPATH"]
+                )
+            except _ForkUnsafe as exc:
+                why = str(exc)
+            else:
+                self.started_by = "fork"
+                return forked
+        if self.start_method != "spawn":
+            logger.debug("nanny: spawning the worker instead of forking: %s", why)
+        self.started_by = "spawn"
+        return await trio.lowlevel.open_process(
+            self._command(ready_fd),
+            pass_fds=(ready_fd,),
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop the child
+            env=self._child_env(),
+        )
 
     def _child_env(self) -> dict[str, str]:
         """The environment, plus our ``sys.path`` so that the worker imports what we import.
@@ -310,13 +399,7 @@ class Nanny:
         """One child's life: ``(closed_on_purpose, why it ended)``."""
         read_fd, write_fd = os.pipe()
         try:
-            proc = await trio.lowlevel.open_process(
-                self._command(write_fd),
-                pass_fds=(write_fd,),
-                stdin=subprocess.PIPE,
-                start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop the child
-                env=self._child_env(),
-            )
+            proc = await self._start_child(write_fd)
         except BaseException:
             os.close(read_fd)
             raise
@@ -366,7 +449,7 @@ class Nanny:
             return True, closing_line or "closed"
         return False, self._kill_reason or _describe_exit(proc.returncode)
 
-    async def _watch_memory(self, proc: trio.Process) -> None:
+    async def _watch_memory(self, proc: trio.Process | _ForkedProcess) -> None:
         if not self.memory_limit or not self.terminate_fraction:
             return
         limit = self.terminate_fraction * self.memory_limit
@@ -392,7 +475,7 @@ class Nanny:
         if self._process is not None:
             await self._stop(self._process, graceful=graceful)
 
-    async def _stop(self, proc: trio.Process, *, graceful: bool) -> None:
+    async def _stop(self, proc: trio.Process | _ForkedProcess, *, graceful: bool) -> None:
         """SIGTERM (once per process), SIGKILL after ``close_timeout``; then reap."""
         if proc.returncode is None and graceful:
             if self._sigtermed != proc.pid:
@@ -442,3 +525,295 @@ class _Lines:
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+# --------------------------------------------------------------------------------------
+# Starting a worker by fork
+# --------------------------------------------------------------------------------------
+#
+# This process has other threads (at least the trio loop the nanny runs in), and a fork
+# copies only the forking thread. Whatever lock another thread held at that moment stays
+# held forever in the child. How each such hazard is met:
+#
+# * The import machinery: ``os.fork`` takes the global import lock itself, and ``_fork``
+#   holds it while it checks that no thread is halfway through importing a module (its
+#   ``_ModuleLock`` would never be released in the child); if one is, we spawn.
+# * ``sys.stdin/stdout/stderr``: flushed before the fork (nothing written before it is
+#   written twice), and replaced in the child by new objects on the same fds (the old
+#   ones may hold a lock or bytes another thread wrote since). The old objects are kept
+#   alive and never flushed, so their buffers are dropped.
+# * ``logging``: its module and handler locks are re-created by logging's own at-fork
+#   hook; the child drops the parent's handlers (their files are closed, below) and
+#   levels, and ``cli.main`` configures it as for a spawned worker.
+# * trio: the run context is thread-local, and the forking thread is a new one outside
+#   ``trio.run``, so the child runs its own ``trio.run`` in it; trio clears its thread
+#   cache at fork. Signal handlers, the signal mask and the wakeup fd are reset, so the
+#   child's trio owns SIGINT/SIGTERM as in a spawned worker.
+# * File descriptors: every inherited one but stdio and the ready pipe is pointed at
+#   /dev/null (``dup2``), which releases the parent's sockets, pipes and listeners (a
+#   scheduler port, another worker's stdin pipe whose EOF must reach that worker) while
+#   keeping the numbers taken, so an inherited object that closes "its" fd later cannot
+#   close one the child opened. ``gc.freeze()`` first, so the child's collector never
+#   finalizes inherited objects at all.
+# * The child never returns into the parent's stack: it ends with ``os._exit``.
+
+
+class _ForkUnsafe(Exception):
+    """Forking is not safe at this moment; spawn instead."""
+
+
+_fork_ok: bool | None = None
+
+
+def fork_supported() -> bool:
+    """Linux with ``pidfd_open``: a forked child is then waited for and signalled by pidfd,
+    without reaping races or pid reuse, as trio does for its own processes."""
+    global _fork_ok
+    if _fork_ok is None:
+        _fork_ok = False
+        if sys.platform.startswith("linux") and hasattr(os, "pidfd_open"):
+            try:
+                os.close(os.pidfd_open(os.getpid()))
+                _fork_ok = hasattr(signal, "pidfd_send_signal")
+            except OSError:
+                pass
+    return _fork_ok
+
+
+class _ForkedProcess:
+    """The part of ``trio.Process`` the nanny uses, for a child made with ``os.fork``."""
+
+    def __init__(self, pid: int, pidfd: int, stdin_fd: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+        self._lock = trio.Lock()
+        self.stdin: trio.lowlevel.FdStream | None = trio.lowlevel.FdStream(stdin_fd)
+
+    def __repr__(self) -> str:
+        return f"<forked worker process {self.pid}: {self.returncode}>"
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # someone else reaped it: the status is lost
+            pid, status = self.pid, 255 << 8
+        if pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self._pidfd)
+
+    async def wait(self) -> int:
+        async with self._lock:  # one waiter on the pidfd at a time, as trio.Process does
+            while self.returncode is None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+                self._reap()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+async def _fork_worker(
+    argv_for: Callable[[int], list[str]], ready_fd: int, pythonpath: str
+) -> _ForkedProcess:
+    """Fork from a new thread (not inside ``trio.run``); the child runs the worker."""
+    stdin_r, stdin_w = os.pipe()  # the child's stdin: EOF when this process is gone
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    outcome: list[Any] = []
+
+    def fork() -> None:
+        try:
+            outcome.append(_fork(argv_for, ready_fd, stdin_r, pythonpath))
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            token.run_sync_soon(done.set)
+
+    try:
+        threading.Thread(target=fork, name="trioscheduler-fork", daemon=True).start()
+        with trio.CancelScope(shield=True):  # a forked child must not go unowned
+            await done.wait()
+    except BaseException:
+        os.close(stdin_w)
+        raise
+    finally:
+        os.close(stdin_r)
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        os.close(stdin_w)
+        raise result
+    pid, pidfd = result
+    return _ForkedProcess(pid, pidfd, stdin_w)
+
+
+def _fork(
+    argv_for: Callable[[int], list[str]], ready_fd: int, stdin_fd: int, pythonpath: str
+) -> tuple[int, int]:
+    """``(pid, pidfd)`` in the parent; the child runs ``_forked_worker`` and never returns."""
+    import _imp
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    _imp.acquire_lock()
+    try:
+        busy = _module_being_imported()
+        if busy is not None:
+            raise _ForkUnsafe(f"another thread is importing {busy!r}")
+        pid = os.fork()
+    finally:
+        _imp.release_lock()  # the child holds it once too (CPython re-takes it there)
+    if pid == 0:
+        _forked_worker(argv_for, ready_fd, stdin_fd, pythonpath)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return pid, pidfd
+
+
+def _module_being_imported() -> str | None:
+    """The name of a module some thread is importing right now (its lock is held)."""
+    import importlib._bootstrap as bootstrap
+
+    locks = getattr(bootstrap, "_module_locks", {})
+    for ref in list(locks.values()):
+        lock = ref()
+        if lock is not None and getattr(lock, "owner", None) is not None:
+            return str(getattr(lock, "name", "?"))
+    return None
+
+
+_inherited: list[Any] = []  # the parent's objects the child replaced: never finalized
+
+
+def _forked_worker(
+    argv_for: Callable[[int], list[str]], ready_fd: int, stdin_fd: int, pythonpath: str
+) -> NoReturn:
+    """The forked child: make the process look freshly started, run the worker, exit."""
+    code = 70  # EX_SOFTWARE, should anything below fail
+    try:
+        gc.freeze()
+        os.setsid()  # as spawn's start_new_session: a terminal's Ctrl-C goes to the nanny
+        if ready_fd < 3:
+            import fcntl
+
+            ready_fd = fcntl.fcntl(ready_fd, fcntl.F_DUPFD, 3)
+        os.dup2(stdin_fd, 0)
+        _retire_fds(keep={0, 1, 2, ready_fd})
+        _reset_signals()
+        _reset_process_state()
+        os.environ["PYTHONPATH"] = pythonpath
+        try:
+            with open("/proc/self/comm", "w") as comm:  # what ps and top show
+                comm.write("trioscheduler")
+        except OSError:
+            pass
+        from trioscheduler.cli import main
+
+        code = main(argv_for(ready_fd))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        try:
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        try:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
+        finally:
+            os._exit(code)
+
+
+def _retire_fds(keep: set[int]) -> None:
+    """Point every fd but ``keep`` at /dev/null (see the notes above ``_ForkUnsafe``)."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: close them instead
+        os.closerange(3, min(keep - {0, 1, 2}, default=3))
+        os.closerange(max(keep) + 1, os.sysconf("SC_OPEN_MAX"))
+        fds = []
+    for fd in fds:
+        if fd not in keep and fd != null:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass
+    os.close(null)
+
+
+def _reset_signals() -> None:
+    """Signal handling as in a fresh interpreter (this thread is the child's main one)."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+            if sig == signal.SIGINT:
+                signal.signal(sig, signal.default_int_handler)
+            elif callable(handler):
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _reset_process_state() -> None:
+    """Fresh stdio, logging without the parent's handlers, no default client."""
+    import faulthandler
+
+    _inherited.extend([sys.stdin, sys.stdout, sys.stderr])
+    sys.stdin = _reopen(0, "r")
+    sys.stdout = _reopen(1, "w")
+    sys.stderr = _reopen(2, "w")
+    if faulthandler.is_enabled():  # it wrote to a parent's fd; never cancel its watchdog
+        faulthandler.disable()
+        if sys.stderr is not None:
+            faulthandler.enable(sys.stderr)
+    loggers = [logging.getLogger()]
+    loggers += [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        _inherited.append(lg.handlers)
+        lg.handlers = []
+        lg.setLevel(logging.WARNING if lg is loggers[0] else logging.NOTSET)
+        lg.disabled = False
+    logging.disable(logging.NOTSET)
+    client = sys.modules.get("trioscheduler.client")
+    if client is not None:  # the parent's default clients live in the parent
+        _inherited.append(list(client._defaults))
+        client._defaults.clear()
+
+
+def _reopen(fd: int, mode: str) -> Any:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return None
+    line = fd == 2 or os.isatty(fd)
+    return open(  # noqa: SIM115 - lives as long as the process
+        fd,
+        mode,
+        buffering=1 if line and mode == "w" else -1,
+        encoding=getattr(sys.__stderr__, "encoding", None) or "utf-8",
+        errors="backslashreplace" if fd == 2 else "strict",
+        closefd=False,
+    )
