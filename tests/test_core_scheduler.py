@@ -299,7 +299,8 @@ def test_invalid_transition_carries_story() -> None:
     assert (err.key, err.start, err.finish) == ("x", "memory", "processing")
     assert [e[1:3] for e in err.story] == [
         ("released", "waiting"),
-        ("waiting", "processing"),
+        ("waiting", "queued"),  # a root task: handed out from the queue, by priority
+        ("queued", "processing"),
         ("processing", "memory"),
     ]
     assert all(len(e) == 5 for e in err.story)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from typing import Any
@@ -54,8 +55,9 @@ def answer(s: SchedulerState, worker: str, key: Any, state: str | None) -> Steal
 
 
 def loaded(n: int = 6, **kw: Any) -> SchedulerState:
-    """A has one thread and ``n`` tasks; B (two threads) joins idle."""
-    s = cluster((A, 1))
+    """A has one thread and ``n`` tasks; B (two threads) joins idle. Without queuing:
+    queued root tasks would never pile up on A."""
+    s = cluster((A, 1), worker_saturation=math.inf)
     s.handle(
         ev(UpdateGraph, "c", [spec(f"t-{i}", **kw) for i in range(n)], [f"t-{i}" for i in range(n)])
     )
@@ -364,7 +366,7 @@ def test_random_cluster_runs_to_completion(seed: int) -> None:
 
 def test_steals_take_the_lowest_priority_tasks_first() -> None:
     """Not the most recently assigned: the ones the victim would start last."""
-    s = cluster((A, 1))
+    s = cluster((A, 1), worker_saturation=math.inf)
     order = {"t-0": 0, "t-1": 9, "t-2": 8, "t-3": 1, "t-4": 2, "t-5": 3}
     specs = [spec(k, order=o) for k, o in order.items()]
     s.handle(ev(UpdateGraph, "c", specs, list(order)))

@@ -65,7 +65,7 @@ def test_no_worker_until_a_matching_worker_joins() -> None:
 def test_no_workers_at_all_then_one_joins() -> None:
     s = cluster()
     s.handle(ev(UpdateGraph, "c", [spec("x"), spec("y", ("x",))], ["y"]))
-    assert states(s) == {"x": "no-worker", "y": "waiting"}
+    assert states(s) == {"x": "queued", "y": "waiting"}  # a root task waits in the queue
     eff = s.handle(ev(AddWorker, A, 1))
     assert computes(eff) == [(A, "x")]
 
@@ -142,7 +142,7 @@ def test_killed_worker_after_allowed_failures() -> None:
         lost.append(on)
         eff = s.handle(ev(RemoveWorker, on, reason="segfault"))
         if i < 2:
-            assert states(s)["bad"] == "no-worker"
+            assert states(s)["bad"] == "queued"
             eff = s.handle(ev(AddWorker, f"tcp://w{i}", 1))
             assert computes(eff) == [(f"tcp://w{i}", "bad")]
     assert states(s) == {"bad": "erred", "after": "erred"}
@@ -221,7 +221,7 @@ def test_paused_worker_gets_no_new_tasks() -> None:
     s = cluster((A, 1))
     s.handle(ev(WorkerStatusChange, A, "paused"))
     eff = s.handle(ev(UpdateGraph, "c", [spec("x")], ["x"]))
-    assert computes(eff) == [] and states(s) == {"x": "no-worker"}
+    assert computes(eff) == [] and states(s) == {"x": "queued"}
     eff = s.handle(ev(WorkerStatusChange, A, "running"))
     assert computes(eff) == [(A, "x")]
 

@@ -13,6 +13,8 @@ plain data; placement and stealing are pure policies in their own modules.
 
 from __future__ import annotations
 
+import heapq
+import math
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -88,7 +90,8 @@ class SchedulerState:
         "unrunnable", "steals", "state_counts", "generation", "log", "worker_timeout",
         "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
         "total_nthreads", "retiring", "_record", "_effects", "_recs", "_sid", "_now",
-        "_open_free", "_rr", "retried",
+        "_open_free", "_rr", "retried", "worker_saturation", "worker_backlog", "queuing",
+        "open", "queued", "_queue_heap", "_queue_seq",
     )  # fmt: skip
 
     def __init__(
@@ -101,7 +104,21 @@ class SchedulerState:
         bandwidth: float = 100e6,
         default_duration: float = 0.5,
         story_length: int = 100_000,
+        worker_saturation: float = 1.1,
+        worker_backlog: float = 0.05,
     ) -> None:
+        """``worker_saturation`` (dask's ``distributed.scheduler.worker-saturation``;
+        ``inf``: no queuing) and ``worker_backlog`` (seconds of estimated work per thread)
+        decide when root tasks wait in ``queued``: a worker takes more while it holds fewer
+        than ``ceil(nthreads * worker_saturation)`` tasks *or* less than ``worker_backlog``
+        seconds per thread. The second clause keeps trivial tasks flowing in a real cluster
+        (a bare 1.1 leaves a worker idle for every round trip); the first bounds how many
+        slow or unknown-duration tasks (``default_duration``) a worker is handed at once,
+        which co-locates siblings and bounds memory."""
+        if not worker_saturation > 0:
+            raise ValueError(
+                f"worker_saturation must be > 0 (inf: no queuing), not {worker_saturation!r}"
+            )
         self.tasks: dict[Key, TaskRecord] = {}
         self.workers: dict[WorkerAddr, WorkerRecord] = {}
         self.clients: dict[ClientId, ClientRecord] = {}
@@ -133,6 +150,16 @@ class SchedulerState:
         self._open_free: dict[WorkerAddr, FreeKeys] = {}
         self._rr = 0
         self.retried: list[TaskRecord] = []  # retried tasks: release them if nobody needs them
+        self.worker_saturation = worker_saturation
+        self.worker_backlog = worker_backlog
+        self.queuing = worker_saturation != math.inf
+        # running workers with room for queued root tasks (ordered: filled one at a time)
+        self.open: dict[WorkerAddr, WorkerRecord] = {}
+        # queued tasks: key -> serial of its live entry in ``_queue_heap``, a heap of
+        # ``(priority, serial, key)`` with lazy deletion (stale entries are skipped)
+        self.queued: dict[Key, int] = {}
+        self._queue_heap: list[tuple[Any, int, Key]] = []
+        self._queue_seq = 0
 
     # ---------------------------------------------------------------- entry point
 
@@ -153,6 +180,8 @@ class SchedulerState:
                 self._release_unneeded_retries()
             if self.retiring:
                 self._retire_pending()
+            if self.queued and self.open:
+                self._fill_queue_slots()
             self._open_free.clear()
             if self.validate:
                 validate_scheduler(self)
@@ -174,6 +203,21 @@ class SchedulerState:
             ts = tasks.get(key)
             if ts is not None:
                 transition(ts, finish)
+
+    def _fill_queue_slots(self) -> None:
+        """Hand queued tasks, best priority first, to workers with room. One worker is
+        filled before the next, so consecutive tasks (siblings of a reduction) share it."""
+        open_ = self.open
+        queued = self.queued
+        heap = self._queue_heap
+        tasks = self.tasks
+        transition = self.transition
+        while open_ and queued:
+            _, seq, key = heapq.heappop(heap)
+            if queued.get(key) == seq:
+                transition(tasks[key], "processing", next(iter(open_.values())))
+        if self._recs:
+            self.drain()
 
     def _release_unneeded_retries(self) -> None:
         """A retried task nobody wants and no dependent waits for goes back to rest."""
@@ -239,8 +283,14 @@ class SchedulerState:
                 self.saturated.add(addr)
             else:
                 self.saturated.discard(addr)
+            if self.queuing:
+                if busy + ws.incoming_steals < ws.queue_slots or ws.occupancy < ws.backlog:
+                    self.open[addr] = ws
+                else:
+                    self.open.pop(addr, None)
         else:
             self.idle.pop(addr, None)
+            self.open.pop(addr, None)
             if busy > 0 and ws.status != "closed":
                 self.saturated.add(addr)
             else:
@@ -269,7 +319,9 @@ class SchedulerState:
         return tp
 
     def _new_task(self, key: Key, run_spec: bytes | None, priority: tuple[Any, ...]) -> TaskRecord:
-        ts = TaskRecord(key, run_spec, priority, self._prefix(key))
+        tp = self._prefix(key)
+        tp.n_tasks += 1
+        ts = TaskRecord(key, run_spec, priority, tp)
         self.tasks[key] = ts
         self.state_counts["released"] += 1
         return ts
@@ -322,7 +374,9 @@ class SchedulerState:
         if st == "memory":
             if ws.address not in ts.who_has:
                 tr.add_replica(self, ts, ws)  # sized as the first copy: sums stay exact
-        elif st == "processing" or (accept and st in ("released", "waiting", "no-worker")):
+        elif st == "processing" or (
+            accept and st in ("released", "waiting", "no-worker", "queued")
+        ):
             # Data we are computing (here or elsewhere) is the result: take it. Freeing it
             # instead would race the ComputeTask already on its way to this worker.
             self._recs.pop(key, None)
@@ -503,6 +557,9 @@ class SchedulerState:
             ev.worker, max(ev.nthreads, 1), ev.memory_limit, ev.name, ev.nanny,
             dict(ev.resources), last_seen=ev.now,
         )  # fmt: skip
+        if self.queuing:
+            ws.queue_slots = max(1, math.ceil(ws.nthreads * self.worker_saturation))
+            ws.backlog = ws.nthreads * self.worker_backlog
         self.workers[ev.worker] = ws
         if ev.name is not None:
             self.aliases[str(ev.name)] = ev.worker

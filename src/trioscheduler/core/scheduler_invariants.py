@@ -76,6 +76,13 @@ def _validate_task(s: SchedulerState, ts: TaskRecord) -> None:
         _check(key in s.unrunnable, f"{key!r}: no-worker but not in unrunnable")
         for dk in ts.dependencies:
             _check(tasks[dk].state == "memory", f"{key!r}: no-worker before {dk!r} is in memory")
+    if st == "queued":
+        _check(s.queuing, f"{key!r}: queued though queuing is off")
+        _check(key in s.queued, f"{key!r}: queued but not in the queue index")
+        for dk in ts.dependencies:
+            _check(tasks[dk].state == "memory", f"{key!r}: queued before {dk!r} is in memory")
+    else:
+        _check(key not in s.queued, f"{key!r} ({st}): in the queue index but not queued")
     if st == "erred":
         _check(ts.exception is not None, f"{key!r}: erred without an exception")
     else:
@@ -142,9 +149,25 @@ def validate_scheduler(s: SchedulerState) -> None:
         sat = busy > ws.nthreads if ws.status == "running" else busy > 0
         _check((addr in s.saturated) == sat, f"{addr}: saturated set disagrees")
         _check((ws.status == "closing") == (addr in s.retiring), f"{addr}: retiring set disagrees")
+        room = (
+            s.queuing
+            and ws.status == "running"
+            and (busy + ws.incoming_steals < ws.queue_slots or ws.occupancy < ws.backlog)
+        )
+        _check((addr in s.open) == room, f"{addr}: open set disagrees")
     _check(total_threads == s.total_nthreads, "total_nthreads drifted")
     _check(set(s.idle) <= s.workers.keys(), "idle names unknown workers")
     _check(s.saturated <= s.workers.keys(), "saturated names unknown workers")
+    _check(set(s.open) <= s.workers.keys(), "open names unknown workers")
+    # the queue: its index agrees with the tasks, each queued task has one live heap
+    # entry, and no task stays queued while a worker has room for it
+    _check(
+        s.queued.keys() == {k for k, ts in tasks.items() if ts.state == "queued"},
+        "queue index disagrees with queued tasks",
+    )
+    live = [e[2] for e in s._queue_heap if s.queued.get(e[2]) == e[1]]
+    _check(len(live) == len(s.queued) and set(live) == s.queued.keys(), "queue heap disagrees")
+    _check(not (s.queued and s.open), f"tasks queued while {next(iter(s.open), '')} has room")
     running: list[Any] = [ws for ws in s.workers.values() if ws.status == "running"]
     _check({ws.address for ws in s.running} == {ws.address for ws in running}, "running list stale")
     hosts: dict[str, set[str]] = {}

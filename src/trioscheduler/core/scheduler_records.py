@@ -60,6 +60,7 @@ class TaskPrefix:
     name: str
     duration_average: float = -1.0  # seconds; < 0 while no task of the prefix finished
     n_finished: int = 0
+    n_tasks: int = 0  # tasks of the prefix the scheduler knows (tiny groups: see rootish)
 
 
 @dataclass(slots=True, eq=False)
@@ -140,6 +141,10 @@ class WorkerRecord:
     last_seen: float = 0.0
     incoming_steals: int = 0  # thread slots reserved for steals not yet confirmed
     retire_requested: dict[Key, WorkerAddr] | None = None  # retiring: key -> replica target
+    # takes queued root tasks while it has fewer than ``queue_slots`` tasks or less than
+    # ``backlog`` seconds of estimated work (see ``SchedulerState.worker_saturation``)
+    queue_slots: int = 1
+    backlog: float = 0.0
     single: frozenset[WorkerAddr] = frozenset()  # {address}, shared by who_has of its keys
 
     def __post_init__(self) -> None:

@@ -11,13 +11,21 @@ carries what a few edges need: the holder for ``-> memory``, an ``ErrorInfo`` fo
 States and the edges between them::
 
     released  -> waiting, erred, memory, forgotten
-    waiting   -> processing, no-worker, released, erred, memory
+    waiting   -> processing, queued, no-worker, released, erred, memory
+    queued    -> processing, waiting, released, erred, memory
     no-worker -> processing, waiting, released, erred, memory
     processing-> memory, erred, waiting, released
     memory    -> released
     erred     -> released, waiting (retry), forgotten
 
-"Active" states (waiting, no-worker, processing) are those of a task that still needs
+Root-ish tasks (no restrictions; no dependencies, or a few of tiny groups, as dask's
+``is_rootish``) do not go to a worker at once while queuing is on
+(``worker_saturation < inf``): they wait in ``queued``, a heap by priority, and
+``SchedulerState._fill_queue_slots`` hands them out as workers get room, so a worker
+receives consecutive tasks (siblings) and never more root tasks than it can start soon.
+Other tasks are placed at once, where their inputs are.
+
+"Active" states (waiting, queued, no-worker, processing) are those of a task that still needs
 its dependencies: it counts in each dependency's ``n_waiters``. Data in memory is released
 once no client wants it and no active dependent waits for it; a released task stays
 (for its lineage) until it has no dependents, then it is forgotten.
@@ -25,6 +33,7 @@ once no client wants it and no active dependent waits for it; a released task st
 
 from __future__ import annotations
 
+import heapq
 import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -132,6 +141,46 @@ def _assign(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
             ),
         )
     )  # fmt: skip
+
+
+def rootish(s: SchedulerState, ts: TaskRecord) -> bool:
+    """A task placement cannot improve (dask's ``is_rootish``): unrestricted, and without
+    inputs, or one of a large group (more tasks than twice the threads) whose inputs are
+    a few tasks of tiny groups, which end up replicated wherever the group runs. A lone
+    task reading big data is not: it should run where the data is."""
+    if ts.worker_restrictions is not None or ts.resource_restrictions is not None:
+        return False
+    deps = ts.dependencies
+    if not deps:
+        return True
+    if len(deps) > TINY_GROUP or ts.prefix.n_tasks <= 2 * s.total_nthreads:
+        return False
+    tasks = s.tasks
+    for dk in deps:
+        if tasks[dk].prefix.n_tasks > TINY_GROUP:
+            return False
+    return True
+
+
+TINY_GROUP = 4  # dask: dependency groups of fewer than 5 tasks in all
+
+
+def _enqueue(s: SchedulerState, ts: TaskRecord) -> None:
+    s._queue_seq += 1
+    seq = s._queue_seq
+    s.queued[ts.key] = seq
+    heapq.heappush(s._queue_heap, (ts.priority, seq, ts.key))
+    ts.state = "queued"
+
+
+def _unqueue(s: SchedulerState, ts: TaskRecord) -> None:
+    """Leave the queue; its heap entry goes stale (compacted when most entries are)."""
+    queued = s.queued
+    del queued[ts.key]
+    heap = s._queue_heap
+    if len(heap) > 2 * len(queued) + 1024:
+        heap[:] = [e for e in heap if queued.get(e[2]) == e[1]]
+        heapq.heapify(heap)
 
 
 def _unassign(s: SchedulerState, ts: TaskRecord, free: bool) -> None:
@@ -329,6 +378,7 @@ def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
         return  # stale recommendation: somebody wants it again
     key = ts.key
     ts.state = "forgotten"
+    ts.prefix.n_tasks -= 1
     tasks = s.tasks
     recs = s._recs
     del tasks[key]
@@ -345,11 +395,52 @@ def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
 def waiting_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     if ts.n_waiting:
         return  # a stale recommendation: a dependency went missing meanwhile
+    if s.queuing and rootish(s, ts):
+        _enqueue(s, ts)  # the story says waiting -> queued; handed out after the event
+        return
     ws = decide_worker(s, ts)
     if ws is None:
         s.recommend(ts.key, "no-worker")
         return
     _assign(s, ts, ws)
+
+
+def waiting_queued(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    if ts.n_waiting:
+        return  # stale, as in waiting_processing
+    _enqueue(s, ts)
+
+
+def queued_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    """``info``: a worker with room (``SchedulerState.open``); the first one if None."""
+    ws = info
+    if ws is None:
+        if not s.open:
+            return  # no room yet: stay queued
+        ws = next(iter(s.open.values()))
+    _unqueue(s, ts)
+    _assign(s, ts, ws)
+
+
+def queued_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    """An input was lost: wait for its recomputation."""
+    _unqueue(s, ts)
+    _enter_waiting(s, ts)
+
+
+def queued_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _unqueue(s, ts)
+    _release(s, ts, was_active=True)
+
+
+def queued_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _unqueue(s, ts)
+    _to_erred(s, ts, info, was_active=True)
+
+
+def queued_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    _unqueue(s, ts)
+    _to_memory(s, ts, info, was_active=True)
 
 
 def waiting_no_worker(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
@@ -443,7 +534,7 @@ def memory_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
         st = dts.state
         if st == "waiting":
             dts.n_waiting += 1
-        elif st in ("processing", "no-worker"):
+        elif st in ("processing", "no-worker", "queued"):
             recs[dk] = "waiting"
     if ts.wanted_by:
         for c in sorted(ts.wanted_by):
@@ -493,10 +584,16 @@ TRANSITIONS: dict[tuple[str, str], Transition] = {
     ("released", "memory"): released_memory,
     ("released", "forgotten"): released_forgotten,
     ("waiting", "processing"): waiting_processing,
+    ("waiting", "queued"): waiting_queued,
     ("waiting", "no-worker"): waiting_no_worker,
     ("waiting", "released"): waiting_released,
     ("waiting", "erred"): waiting_erred,
     ("waiting", "memory"): waiting_memory,
+    ("queued", "processing"): queued_processing,
+    ("queued", "waiting"): queued_waiting,
+    ("queued", "released"): queued_released,
+    ("queued", "erred"): queued_erred,
+    ("queued", "memory"): queued_memory,
     ("no-worker", "processing"): no_worker_processing,
     ("no-worker", "waiting"): no_worker_waiting,
     ("no-worker", "released"): no_worker_released,
