@@ -6,7 +6,8 @@ clients submit random DAGs (restrictions, resources, retries, tasks built to fai
 release and cancel keys; messages are delivered from any non-empty queue; running tasks
 finish, fail, secede or reschedule; transfers complete or fail; workers join, die (with
 or without their unsent messages), retire, come under memory pressure; the scheduler
-ticks (work stealing). After every step both cores' invariants hold and each simulated
+ticks (work stealing). Root-task queuing is on with a tight or default saturation, or off
+(``inf``), per run. After every step both cores' invariants hold and each simulated
 shell agrees with its core. At teardown faults stop, everything runs to completion, and
 every key a client still wants must be in memory with the value a direct evaluation of
 the DAG gives (or erred, when its lineage was built to fail or a worker was lost).
@@ -21,6 +22,7 @@ Profiles: ``--hypothesis-profile=ci`` (about a minute) and ``long`` (``nox -s pr
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -88,9 +90,15 @@ class ClusterMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ set-up
 
-    @initialize(n=st.integers(1, 3))
+    @initialize(n=st.integers(1, 3), saturation=st.sampled_from([math.inf, 0.5, 1.0, 1.1]),
+                backlog=st.sampled_from([0.0, 0.0, 0.05]))  # fmt: skip
     @guarded
-    def start(self, n: int) -> None:
+    def start(self, n: int, saturation: float, backlog: float) -> None:
+        """``saturation``/``backlog``: root-task queuing off (inf), tight (a worker takes
+        one root task per thread or fewer), or as by default."""
+        self.sim = ClusterSimulator(
+            validate=True, worker_saturation=saturation, worker_backlog=backlog
+        )
         for i in range(n):
             if i < len(NAMES):
                 self.sim.add_worker(name=NAMES[i], nthreads=2, resources={"GPU": 1.0})
