@@ -18,10 +18,13 @@ from trioscheduler import wire
 from trioscheduler.client import Client
 from trioscheduler.cluster import LocalCluster, default_sizes, open_cluster
 from trioscheduler.core.errors import KilledWorker
-from trioscheduler.nanny import Nanny
+from trioscheduler.nanny import Nanny, fork_supported
 from trioscheduler.runspec import RunSpecLoadError
 
 TIMEOUT = 60
+
+needs_fork = pytest.mark.skipif(not fork_supported(), reason="fork needs Linux pidfd")
+BOTH = pytest.mark.parametrize("method", [pytest.param("fork", marks=needs_fork), "spawn"])
 
 
 def worker_children() -> list[psutil.Process]:
@@ -145,10 +148,11 @@ async def test_missing_module_on_worker(tmp_path: Any) -> None:
                 sys.modules.pop("only_here_mod", None)
 
 
-async def test_kill_9_mid_graph_recovers(caplog: pytest.LogCaptureFixture) -> None:
+@BOTH
+async def test_kill_9_mid_graph_recovers(caplog: pytest.LogCaptureFixture, method: str) -> None:
     caplog.set_level(logging.WARNING, logger="trioscheduler")
     with trio.fail_after(TIMEOUT):
-        async with open_cluster(2, 1, processes=True, memory_limit=0) as cluster:
+        async with open_cluster(2, 1, memory_limit=0, start_method=method) as cluster:
             async with Client(cluster, asynchronous=True) as c:
                 first = c.map(slow_inc, range(40))
                 pairs = [c.submit(add, first[i], first[i + 1]) for i in range(0, 40, 2)]
@@ -165,6 +169,8 @@ async def test_kill_9_mid_graph_recovers(caplog: pytest.LogCaptureFixture) -> No
                 await wait_until(lambda: victim.restarts == 1 and victim.pid != old_pid)
                 await wait_until(lambda: len(cluster.scheduler.state.workers) == 2)  # type: ignore[union-attr]
                 assert old_address not in cluster.scheduler.state.workers  # type: ignore[union-attr]
+                assert victim.started_by == method
+                assert await c.submit(inc, 1, workers=[victim.worker_address], pure=False) == 2
     text = caplog.text
     assert old_address in text and "lost" in text  # the scheduler said why
     assert "SIGKILL" in text  # the nanny said why
@@ -228,3 +234,75 @@ async def test_twice_its_memory_limit_through_one_worker_by_spilling(tmp_path: A
                     assert (await stream.receive())["result"] >= 4
             nanny = cluster.workers["0"]
             assert isinstance(nanny, Nanny) and nanny.restarts == 0
+
+
+FORKING_SCRIPT = """
+import os, sys, time
+from trioscheduler.client import Client
+from trioscheduler.cluster import LocalCluster
+
+def shout(address):
+    print("from-task", address, flush=True)
+    return os.getpid()
+
+if __name__ == "__main__":
+    sys.stdout.write("parent-before\\n")  # sits in our buffer (stdout is a file) at the fork
+    with LocalCluster(2, 1, memory_limit=0, start_method="fork") as cluster:
+        assert {n.started_by for n in cluster.workers.values()} == {"fork"}
+        with Client(cluster) as client:
+            pids = [
+                client.submit(shout, a, workers=[a], pure=False).result()
+                for a in cluster.worker_addresses
+            ]
+            print("pids", *pids, flush=True)
+            if sys.argv[1] == "hang":
+                time.sleep(600)
+    print("parent-after")
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@needs_fork
+async def test_forked_workers_print_once_and_leave_nothing(tmp_path: Any) -> None:
+    """What the parent wrote before the fork is not written again by the children."""
+    script = tmp_path / "forking.py"
+    script.write_text(FORKING_SCRIPT)
+    with trio.fail_after(TIMEOUT):
+        done = await trio.run_process(
+            [sys.executable, str(script), "exit"], capture_stdout=True, capture_stderr=True
+        )
+    out = done.stdout.decode()
+    assert out.count("parent-before") == 1, out
+    assert out.count("from-task") == 2 and out.count("parent-after") == 1, out
+    pids = [int(p) for p in out.split("pids", 1)[1].split("\n", 1)[0].split()]
+    assert len(set(pids)) == 2
+    assert all(_gone(pid) for pid in pids)
+    assert "Traceback" not in done.stderr.decode(), done.stderr.decode()
+
+
+@needs_fork
+async def test_forked_workers_exit_when_their_parent_is_killed(tmp_path: Any) -> None:
+    script, out = tmp_path / "forking.py", tmp_path / "out.txt"
+    script.write_text(FORKING_SCRIPT)
+    with out.open("wb") as f:  # noqa: ASYNC230 - an empty file
+        proc = await trio.lowlevel.open_process([sys.executable, str(script), "hang"], stdout=f)
+    try:
+        with trio.fail_after(TIMEOUT):
+            while "pids" not in out.read_text():  # noqa: ASYNC110 - another process writes it
+                await trio.sleep(0.05)
+            pids = [int(p) for p in out.read_text().split("pids", 1)[1].split()]
+            assert not any(_gone(pid) for pid in pids)
+            proc.send_signal(signal.SIGKILL)  # no clean-up at all: the workers see stdin EOF
+            await proc.wait()
+            await wait_until(lambda: all(_gone(pid) for pid in pids))
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import trio
 
+from trioscheduler import nanny as nanny_module
 from trioscheduler import wire
 from trioscheduler.client import Client
-from trioscheduler.nanny import Nanny, WorkerStartError
+from trioscheduler.nanny import START_METHOD_ENV, Nanny, WorkerStartError
 from trioscheduler.scheduler import Scheduler
 
 TIMEOUT = 60
+
+needs_fork = pytest.mark.skipif(not nanny_module.fork_supported(), reason="fork needs Linux pidfd")
+BOTH = pytest.mark.parametrize("method", [pytest.param("fork", marks=needs_fork), "spawn"])
 
 
 def hog(nbytes: int) -> int:
@@ -27,12 +35,17 @@ def hog(nbytes: int) -> int:
     return len(data)
 
 
-async def test_restart_on_kill_and_on_request(caplog: pytest.LogCaptureFixture) -> None:
+@BOTH
+async def test_restart_on_kill_and_on_request(
+    caplog: pytest.LogCaptureFixture, method: str
+) -> None:
     caplog.set_level(logging.INFO, logger="trioscheduler")
     with trio.fail_after(TIMEOUT):
         async with Scheduler("tcp://127.0.0.1:0") as s:
-            async with Nanny(s.address, nthreads=1, memory_limit="1GiB", name="n1") as nanny:
-                assert nanny.memory_limit == 2**30
+            async with Nanny(
+                s.address, nthreads=1, memory_limit="1GiB", name="n1", start_method=method
+            ) as nanny:
+                assert nanny.memory_limit == 2**30 and nanny.started_by == method
                 first_pid, first_addr = nanny.pid, nanny.worker_address
                 assert first_pid is not None and first_addr is not None
                 assert psutil.Process(first_pid).parent().pid == os.getpid()  # type: ignore[union-attr]
@@ -62,6 +75,7 @@ async def test_restart_on_kill_and_on_request(caplog: pytest.LogCaptureFixture) 
                     reply = await stream.receive()
                     assert reply["status"] == "OK" and reply["worker"] == nanny.worker_address
                     assert reply["worker"] != second_addr and nanny.restarts == 2
+                    assert nanny.started_by == method
                     await stream.send({"op": "dance"})
                     assert (await stream.receive())["status"] == "error"
                 last_pid = nanny.pid
@@ -70,14 +84,17 @@ async def test_restart_on_kill_and_on_request(caplog: pytest.LogCaptureFixture) 
     assert "testing restart" in caplog.text and "asked over the wire" in caplog.text
 
 
+@BOTH
 async def test_memory_terminate_threshold_kills_and_restarts(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, method: str
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trioscheduler")
     limit = 400 * 2**20
     with trio.fail_after(TIMEOUT):
         async with Scheduler("tcp://127.0.0.1:0") as s:
-            async with Nanny(s.address, nthreads=1, memory_limit=limit) as nanny:
+            async with Nanny(
+                s.address, nthreads=1, memory_limit=limit, start_method=method
+            ) as nanny:
                 pid = nanny.pid
                 async with Client(s.address, asynchronous=True) as c:
                     await c.wait_for_workers(1)
@@ -100,6 +117,82 @@ async def test_nanny_start_failure_is_an_error() -> None:
     with pytest.raises(wire.AddressError, match="bogus"):
         async with Nanny("bogus://scheduler", memory_limit=0) as n:
             raise AssertionError(f"should not start: {n}")
+
+
+@needs_fork
+async def test_forked_worker_failing_to_start_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(args: Any) -> None:
+        raise RuntimeError("this worker cannot start")
+
+    # a forked child runs this process's code, patched function included
+    monkeypatch.setattr("trioscheduler.cli._worker_main", broken)
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler("tcp://127.0.0.1:0") as s:
+            with pytest.raises(WorkerStartError, match="exited before joining"):
+                async with Nanny(s.address, memory_limit=0, start_method="fork") as n:
+                    raise AssertionError(f"should not start: {n}")
+
+
+def test_start_method_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    address = "tcp://127.0.0.1:1"
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    assert Nanny(address).start_method == "auto"
+    assert Nanny(address, start_method="spawn").fork_unsafe() == "start_method is 'spawn'"
+    with pytest.raises(ValueError, match="start_method"):
+        Nanny(address, start_method="forkserver")
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    assert Nanny(address).start_method == "spawn"
+    assert Nanny(address, start_method="auto").start_method == "auto"
+    if not nanny_module.fork_supported():
+        return
+    assert Nanny(address, memory_limit=0, start_method="auto").fork_unsafe() is None
+    assert "env=" in str(Nanny(address, memory_limit=0, env={}, start_method="fork").fork_unsafe())
+    # a worker limit so small that this process's RSS would dominate the child's
+    assert "MiB" in str(Nanny(address, memory_limit=2**20, start_method="auto").fork_unsafe())
+    assert Nanny(address, memory_limit=2**20, start_method="fork").fork_unsafe() is None
+
+
+@needs_fork
+async def test_no_fork_while_another_thread_imports(tmp_path: Path) -> None:
+    """A module lock held by another thread would never be released in the child."""
+    (tmp_path / "slow_to_import_mod.py").write_text(
+        "import builtins\nbuiltins._slow_import_gate.wait(30)\n"
+    )
+    gate = threading.Event()
+    builtins._slow_import_gate = gate  # type: ignore[attr-defined]
+    sys.path.insert(0, str(tmp_path))
+    importer = threading.Thread(target=importlib.import_module, args=("slow_to_import_mod",))
+    importer.start()
+    try:
+        with trio.fail_after(TIMEOUT):
+            while nanny_module._module_being_imported() != "slow_to_import_mod":  # noqa: ASYNC110 - another thread's import
+                await trio.sleep(0.01)
+            async with Scheduler("tcp://127.0.0.1:0") as s:
+                async with Nanny(s.address, memory_limit=0, start_method="fork") as nanny:
+                    assert nanny.started_by == "spawn"
+    finally:
+        gate.set()
+        importer.join()
+        sys.path.remove(str(tmp_path))
+        del builtins._slow_import_gate  # type: ignore[attr-defined]
+        sys.modules.pop("slow_to_import_mod", None)
+    assert nanny_module._module_being_imported() is None
+
+
+@needs_fork
+async def test_forked_worker_holds_none_of_our_sockets() -> None:
+    """Its inherited fds point at /dev/null: our listeners and pipes are not kept open."""
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler("tcp://127.0.0.1:0") as s:
+            async with Nanny(s.address, memory_limit=0, start_method="fork") as nanny:
+                assert nanny.pid is not None and nanny.started_by == "fork"
+                child = psutil.Process(nanny.pid)
+                assert child.name() == "trioscheduler"
+                ours = {c.laddr for c in psutil.Process().net_connections("tcp")}
+                theirs = {c.laddr for c in child.net_connections("tcp")}
+                assert ours and not ours & theirs
+                worker_port = int(str(nanny.worker_address).rsplit(":", 1)[1])
+                assert worker_port in {a.port for a in theirs}
 
 
 async def test_worker_exits_when_its_nanny_is_killed(tmp_path: Path) -> None:
@@ -130,10 +223,13 @@ async def test_worker_exits_when_its_nanny_is_killed(tmp_path: Path) -> None:
     assert "the nanny is gone" in (tmp_path / "nanny.err").read_text()
 
 
-async def test_spill_directories_of_killed_workers_are_removed(tmp_path: Path) -> None:
+@BOTH
+async def test_spill_directories_of_killed_workers_are_removed(tmp_path: Path, method: str) -> None:
     with trio.fail_after(TIMEOUT):
         async with Scheduler("tcp://127.0.0.1:0") as s:
-            async with Nanny(s.address, memory_limit=0, local_directory=str(tmp_path)) as nanny:
+            async with Nanny(
+                s.address, memory_limit=0, local_directory=str(tmp_path), start_method=method
+            ) as nanny:
                 (scratch,) = os.listdir(tmp_path)
                 first = set(os.listdir(tmp_path / scratch))
                 assert len(first) == 1  # the worker's own directory, inside the nanny's
