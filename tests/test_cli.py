@@ -11,14 +11,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import trio
 
 from trioscheduler.cli import build_parser, parse_resources
 from trioscheduler.client import Client
 from trioscheduler.execute import get_worker
+from trioscheduler.nanny import fork_supported
 
 TIMEOUT = 60
+
+needs_fork = pytest.mark.skipif(not fork_supported(), reason="fork needs Linux pidfd")
 
 
 class Proc:
@@ -83,6 +87,9 @@ def test_parse_resources_and_arguments() -> None:
     )
     assert not args.nanny and args.resources == {"GPU": 2.0} and args.nthreads == 3
     assert build_parser().parse_args(["worker", "tcp://h:1"]).nanny
+    assert build_parser().parse_args(["worker", "--start-method", "fork"]).start_method == "fork"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--start-method", "forkserver"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--version"])
 
@@ -120,7 +127,13 @@ async def test_scheduler_and_two_workers_serve_a_client(tmp_path: Path) -> None:
             assert not sched_file.exists()  # removed on exit
 
 
-async def test_worker_under_nanny_restarts_and_exits_with_scheduler(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param("fork", marks=needs_fork), "spawn"],
+)
+async def test_worker_under_nanny_restarts_and_exits_with_scheduler(
+    tmp_path: Path, method: str
+) -> None:
     sched_file = tmp_path / "scheduler.json"
     with trio.fail_after(TIMEOUT):
         async with spawn(
@@ -128,11 +141,14 @@ async def test_worker_under_nanny_restarts_and_exits_with_scheduler(tmp_path: Pa
         ) as sched:
             address = (await wait_for_file(sched_file))["address"]
             async with spawn(
-                tmp_path, "w", "worker", address, "--nthreads", "1", "--memory-limit", "0"
-            ) as w:
+                tmp_path, "w", "worker", address, "--nthreads", "1", "--memory-limit", "0",
+                "--start-method", method,
+            ) as w:  # fmt: skip
                 async with Client(address, asynchronous=True, timeout=20) as c:
                     await c.wait_for_workers(1)
                     pid = await c.submit(os.getpid, pure=False)
+                    forked = psutil.Process(pid).name() == "trioscheduler"
+                    assert forked == (method == "fork")
                     os.kill(pid, signal.SIGKILL)
                     while True:  # the nanny starts a new worker process
                         try:

@@ -5,6 +5,10 @@ blocks; SIGINT and SIGTERM cancel that task, so shutdown is the ordinary exit pa
 those blocks (workers say goodbye to the scheduler, nannies reap their children) and
 prints one log line instead of a traceback.
 
+A ``worker`` under a nanny starts its process with ``--start-method`` (default
+``spawn``: a long-lived command gains little from forking, and a fresh interpreter
+shares nothing with the nanny).
+
 ``worker`` has two hidden options used by ``Nanny``: ``--ready-fd`` (a pipe on which the
 process announces its address, and later that it closes on purpose) and
 ``--watch-stdin`` (exit when stdin reaches EOF, i.e. when the nanny is gone, even if it
@@ -27,6 +31,8 @@ from typing import Any
 import trio
 
 logger = logging.getLogger("trioscheduler.cli")
+
+START_METHOD_ENV = "TRIOSCHEDULER_WORKER_START_METHOD"  # as trioscheduler.nanny's
 
 
 def parse_resources(text: str | None) -> dict[str, float]:
@@ -147,8 +153,10 @@ async def _worker_main(args: argparse.Namespace) -> None:
     if args.nanny:
         from trioscheduler.nanny import Nanny
 
+        method = args.start_method or os.environ.get(START_METHOD_ENV) or "spawn"
+
         def make(name: str | None) -> Any:
-            return Nanny(address, name=name, host=args.host, **common)
+            return Nanny(address, name=name, host=args.host, start_method=method, **common)
     else:
         from trioscheduler.worker import Worker, default_host
 
@@ -408,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-nanny", dest="nanny", action="store_false", help="run the worker in this process"
     )
     p.add_argument("--local-directory", help="where spill files go (default: the temp directory)")
+    p.add_argument(
+        "--start-method",
+        choices=("spawn", "fork", "auto"),
+        help="how the nanny starts worker processes: spawn, a fresh interpreter (default; "
+        f"or ${START_METHOD_ENV}), fork of the nanny, or auto (fork where safe)",
+    )
     p.add_argument(
         "--host", help="interface to serve data on (default: the one that reaches the scheduler)"
     )

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, NoReturn
@@ -54,6 +55,15 @@ from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.wire.address import tcp_address
 
 logger = logging.getLogger("trioscheduler.nanny")
+
+# Python 3.12+ warns at every fork of a process with threads; _fork is where the hazards
+# that warning names are met (see the notes above _ForkUnsafe).
+warnings.filterwarnings(
+    "ignore",
+    message=r".*use of fork\(\) may lead to deadlocks",
+    category=DeprecationWarning,
+    module=__name__,
+)
 
 
 START_METHODS = ("auto", "fork", "spawn")
@@ -663,16 +673,24 @@ def _fork(
                 stream.flush()
         except (OSError, ValueError):
             pass
+    collecting = gc.isenabled()
     _imp.acquire_lock()
     try:
         busy = _module_being_imported()
         if busy is not None:
             raise _ForkUnsafe(f"another thread is importing {busy!r}")
+        gc.disable()  # no collection between the fork and the child's gc.freeze()
         pid = os.fork()
+    except BaseException:
+        if collecting:
+            gc.enable()
+        raise
     finally:
         _imp.release_lock()  # the child holds it once too (CPython re-takes it there)
     if pid == 0:
-        _forked_worker(argv_for, ready_fd, stdin_fd, pythonpath)
+        _forked_worker(argv_for, ready_fd, stdin_fd, pythonpath, collecting)
+    if collecting:
+        gc.enable()
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
@@ -698,12 +716,18 @@ _inherited: list[Any] = []  # the parent's objects the child replaced: never fin
 
 
 def _forked_worker(
-    argv_for: Callable[[int], list[str]], ready_fd: int, stdin_fd: int, pythonpath: str
+    argv_for: Callable[[int], list[str]],
+    ready_fd: int,
+    stdin_fd: int,
+    pythonpath: str,
+    collecting: bool,
 ) -> NoReturn:
     """The forked child: make the process look freshly started, run the worker, exit."""
     code = 70  # EX_SOFTWARE, should anything below fail
     try:
-        gc.freeze()
+        gc.freeze()  # the collector never finalizes what we inherited
+        if collecting:
+            gc.enable()
         os.setsid()  # as spawn's start_new_session: a terminal's Ctrl-C goes to the nanny
         if ready_fd < 3:
             import fcntl
@@ -776,7 +800,8 @@ def _reset_signals() -> None:
 
 
 def _reset_process_state() -> None:
-    """Fresh stdio, logging without the parent's handlers, no default client."""
+    """Fresh stdio, logging without the parent's handlers, a new seed for numpy's global
+    random state (``random`` reseeds itself at fork), no default client."""
     import faulthandler
 
     _inherited.extend([sys.stdin, sys.stdout, sys.stderr])
@@ -797,6 +822,9 @@ def _reset_process_state() -> None:
         lg.setLevel(logging.WARNING if lg is loggers[0] else logging.NOTSET)
         lg.disabled = False
     logging.disable(logging.NOTSET)
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:  # else every forked worker draws the parent's numbers
+        numpy_random.seed()
     client = sys.modules.get("trioscheduler.client")
     if client is not None:  # the parent's default clients live in the parent
         _inherited.append(list(client._defaults))
