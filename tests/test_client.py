@@ -429,3 +429,23 @@ async def test_tuple_keys_round_trip(address: str) -> None:
             [d] = await c.scatter([7])
             z = c.map(add, [d, d], [x, y], key=[("z", 0), ("z", 1)])
             assert await c.gather(z) == [9, 10]
+
+
+def text(n: int) -> str:
+    return "x" * n
+
+
+async def test_small_results_come_with_their_completion(address: str) -> None:
+    """Small builtin results travel with the completion (no fetch); others are fetched;
+    both give the same values through result() and gather()."""
+    with trio.fail_after(TIMEOUT):
+        async with cluster(address) as (_, _, c):
+            small, big, listed = c.submit(inc, 1), c.submit(text, 5000), c.submit(list, "ab")
+            assert await small == 2
+            assert await big == "x" * 5000
+            assert await listed == ["a", "b"]
+            assert small._state.held == (2,)
+            assert big._state.held is None and listed._state.held is None
+            assert await c.gather([small, big, listed]) == [2, "x" * 5000, ["a", "b"]]
+            await c.retry([small])  # not erred: nothing changes
+            assert await small == 2

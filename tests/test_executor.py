@@ -98,3 +98,15 @@ def test_sizes_of_small_builtins_skip_the_dispatch() -> None:
     assert nbytes_and_type(1)[1] == "int"
     assert nbytes_and_type(b"x" * 1000)[0] >= 1000
     assert nbytes_and_type([1, 2, 3])[1] == "list"
+
+
+def test_only_small_immutable_builtins_are_pushed() -> None:
+    from trioscheduler._executor import PUSH_MAX_BYTES, nbytes_and_type, pushable
+
+    def push(value: object) -> bool:
+        return pushable(value, nbytes_and_type(value)[0])
+
+    assert all(push(v) for v in (1, -(1 << 63), 2.5, True, None, "abc", b"abc"))
+    assert not push(1 << 63)  # beyond 64 bits: msgpack could not carry it
+    assert not push("x" * (PUSH_MAX_BYTES + 1))
+    assert not push([1, 2]) and not push((1,)) and not push({"a": 1})

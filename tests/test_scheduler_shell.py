@@ -220,3 +220,35 @@ def test_client_in_another_run_keeps_tcp() -> None:
 
     trio.run(serve_and_ask_from_another_run)
     assert seen[0] == seen[1]
+
+
+async def test_small_value_goes_with_its_task_finished_to_the_client(address: str) -> None:
+    """A worker's ``{"op": "value"}`` just before its TaskFinished (same batch) reaches
+    the client with ``KeyInMemory``: ``result()`` needs no fetch from the worker (this
+    fake one has no data server). A value whose TaskFinished is not in its batch is
+    dropped, and the client then fetches as usual."""
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(address) as s:
+            worker = await wire.connect(s.address, role="worker")
+            await worker.send(add_worker("fake://w3", 2))
+            await wait_until(lambda: "fake://w3" in s.state.workers)
+            async with (
+                wire.open_batched(worker) as out,
+                Client(s.address, asynchronous=True) as c,
+            ):
+                f, g = c.submit(inc, 1), c.submit(inc, 2)
+                keys = set()
+                while len(keys) < 2:
+                    msg = await worker.receive()
+                    if type(msg) is m.ComputeTask:
+                        keys.add(msg.key)
+                out.send_nowait({"op": "value", "key": f.key, "value": 41})
+                out.send_nowait(m.TaskFinished("done", 0.0, "fake://w3", f.key, 28, "int"))
+                out.send_nowait({"op": "value", "key": g.key, "value": 42})
+                await out.flush()
+                assert await f.result() == 41  # (so that batch was handled already)
+                await out.send(m.TaskFinished("done", 0.0, "fake://w3", g.key, 28, "int"))
+                await wait_until(lambda: g.status == "finished")
+                assert g._state.held is None
+                assert s.state.workers  # the value messages did not break the stream
+            await worker.aclose()

@@ -54,6 +54,23 @@ MAX_DEFERRALS = 4
 _SMALL = frozenset({int, float, bool, str, bytes, type(None)})
 _type_names: dict[type[Any], str] = {}
 
+PUSH_MAX_BYTES = 1024
+"""A result at most this big (``sizeof``), of an immutable builtin type, is pushed."""
+_PUSHABLE = frozenset({int, float, bool, str, bytes, type(None)})
+
+
+def pushable(value: Any, nbytes: int) -> bool:
+    """Does ``value`` travel with its task's completion (worker -> scheduler -> clients)?
+
+    Only small immutable builtins: they cost less to push than a ``get_data`` round
+    trip to fetch, can be shared by reference in memory, and always serialize (ints
+    only within 64 bits, which msgpack carries).
+    """
+    t = type(value)
+    if t not in _PUSHABLE or nbytes > PUSH_MAX_BYTES:
+        return False
+    return t is not int or -(1 << 63) <= value < (1 << 63)
+
 
 def nbytes_and_type(value: Any) -> tuple[int, str]:
     """``dask.sizeof`` and type name of a task's value; small builtins skip the dispatch."""
@@ -73,8 +90,8 @@ class Done:
     reschedule; ``coroutine`` is set instead when the function is ``async def``."""
 
     __slots__ = (
-        "coroutine", "error", "exception", "key", "nbytes", "rescheduled", "start", "stop",
-        "type_name", "value",
+        "coroutine", "error", "exception", "key", "nbytes", "push", "rescheduled", "start",
+        "stop", "type_name", "value",
     )  # fmt: skip
 
     def __init__(self, key: Any) -> None:
@@ -85,6 +102,7 @@ class Done:
         self.rescheduled = False
         self.nbytes = 0
         self.type_name = ""
+        self.push = False  # the value is small enough to go with the completion
         self.start = 0.0
         self.stop = 0.0
         self.coroutine: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = None
@@ -98,6 +116,7 @@ class Done:
         """Record ``value`` as the task's result, with its size and type name."""
         self.value = value
         self.nbytes, self.type_name = nbytes_and_type(value)
+        self.push = pushable(value, self.nbytes)
 
 
 def run_job(key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> Done:

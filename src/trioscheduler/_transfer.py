@@ -70,7 +70,14 @@ async def fetch(client: Client, keys: list[Any], errors: str = "raise") -> dict[
     pending (``KeyLost``) are left out, for the caller to wait for again.
     """
     out: dict[Any, Any] = {}
-    missing = list(keys)
+    missing = []
+    futures = client._futures
+    for k in keys:  # small results came with their completion: nothing to fetch
+        st = futures.get(k)
+        if st is not None and st.held is not None and st.status == "finished":
+            out[k] = st.held[0]
+        else:
+            missing.append(k)
     attempt = 0
     while missing:
         who_has = {k: v for k, v in await client._rpc({"op": "who_has", "keys": missing})}

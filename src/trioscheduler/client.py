@@ -515,11 +515,21 @@ class Client:
         if st is not None:
             st.lost()
 
+    def _on_value(self, msg: dict[str, Any]) -> None:
+        """A small result, just ahead of its ``KeyInMemory``: kept, so no fetch is needed."""
+        if msg.get("op") != "value":
+            logger.warning("client %s: unexpected message from the scheduler: %r", self.id, msg)
+            return
+        st = self._futures.get(msg["key"])
+        if st is not None:
+            st.held = (msg["value"],)
+
     _handlers: dict[type[Any], Callable[[Client, Any], None]] = {
         m.KeyInMemory: _on_key_in_memory,
         m.KeyErred: _on_key_erred,
         m.KeyCancelled: _on_key_cancelled,
         m.KeyLost: _on_key_lost,
+        dict: _on_value,
     }
 
     # -- reference counting ------------------------------------------------------------

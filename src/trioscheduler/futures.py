@@ -70,6 +70,7 @@ class KeyState:
         "_event",
         "exc_blob",
         "exc_text",
+        "held",
         "hooks",
         "key",
         "reason",
@@ -88,6 +89,9 @@ class KeyState:
         self.reason = ""
         self._event: trio.Event | None = None
         self.hooks: list[Callable[[], None]] = []
+        # ``(value,)`` of a small result the scheduler pushed with its completion
+        # (``_executor.pushable``): ``result()``/``gather`` need not fetch it.
+        self.held: tuple[Any] | None = None
 
     @property
     def done(self) -> bool:
@@ -112,13 +116,16 @@ class KeyState:
         self._settle("error")
 
     def cancel(self, reason: str = "") -> None:
+        self.held = None
         self.reason = reason
         self._settle("cancelled")
 
     def lost(self) -> None:
+        self.held = None
         self._settle("lost")
 
     def reset(self) -> None:
+        self.held = None
         self.exc_blob = self.tb_blob = b""
         self.exc_text = ""
         self._settle("pending")
@@ -179,7 +186,10 @@ class Future:
 
     async def _result(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         await _wait_state(self._state, timeout, self.key)
-        exc = self._state.exception()
+        st = self._state
+        if st.held is not None and st.status == "finished":
+            return st.held[0]
+        exc = st.exception()
         if exc is not None:
             raise exc
         values = await self.client._fetch([self.key], errors="raise")

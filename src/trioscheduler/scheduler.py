@@ -76,6 +76,7 @@ _CLIENT_EVENTS = frozenset(
     }
 )
 _DONE_FOR_CLIENT = (m.KeyInMemory, m.KeyErred, m.KeyCancelled)
+_NO_KEY: Any = object()
 
 
 _LOCAL: dict[str, tuple[str, trio.lowlevel.TrioToken]] = {}
@@ -268,6 +269,8 @@ class Scheduler:
         self._nursery: trio.Nursery | None = None
         self.address: str = ""
         self.inproc_address: str | None = None  # the same service for this trio run
+        self._value_key: Any = _NO_KEY  # the key whose small value _feed_with_value routes
+        self._value: Any = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -354,6 +357,19 @@ class Scheduler:
         if effects:
             self._route(effects)
 
+    def _feed_with_value(self, finished: m.TaskFinished, value: Any) -> None:
+        """Feed ``finished``; clients told its key is in memory also get ``value``.
+
+        A worker sends a small result (``_executor.pushable``) as ``{"op": "value"}``
+        just before its ``TaskFinished``, so that ``future.result()`` needs no
+        ``who_has`` and no ``get_data`` round trip; nothing keeps it here afterwards.
+        """
+        self._value_key, self._value = finished.key, value
+        try:
+            self._feed(finished)
+        finally:
+            self._value_key, self._value = _NO_KEY, None
+
     def _feed_client_event(self, event_type: Any, client: str, *fields: Any) -> None:
         """One client event made up by the shell itself (datasets, restart)."""
         self._feed(
@@ -371,7 +387,15 @@ class Scheduler:
                     if isinstance(eff.msg, _DONE_FOR_CLIENT):
                         follow_up.append(eff.msg.key)
                 else:
-                    self._send(self._clients, eff.client, eff.msg)
+                    msg = eff.msg
+                    if self._value_key is not _NO_KEY and type(msg) is m.KeyInMemory:
+                        if msg.key == self._value_key:
+                            self._send(
+                                self._clients,
+                                eff.client,
+                                {"op": "value", "key": msg.key, "value": self._value},
+                            )
+                    self._send(self._clients, eff.client, msg)
             elif t is m.CloseWorker:
                 self._send(self._workers, eff.worker, eff)
             elif t is m.Log:
@@ -450,20 +474,36 @@ class Scheduler:
         await self._install_uploads(addr)  # before any task can reach the worker
         async with wire.open_batched(stream, self.batch_interval) as batched:
             self._workers[addr] = _Peer(batched, self.batch_interval, self._nursery)
+            # Small results (``{"op": "value"}``) whose TaskFinished follows in the same
+            # batch; one whose TaskFinished did not come (the worker dropped the result)
+            # is forgotten with the batch.
+            values: dict[Any, Any] = {}
             try:
                 add.now = trio.current_time()
                 self._feed(add)
                 self._notify_workers_changed()
-                async for msg in stream:
-                    t = type(msg)
-                    if t not in _WORKER_EVENTS or msg.worker != addr:
-                        reason = f"protocol violation: {msg!r:.200}"
-                        raise ProtocolViolation(f"worker {addr} sent {msg!r:.200}")
-                    msg.now = trio.current_time()
-                    self._feed(msg)
-                    if t is m.RemoveWorker:
-                        removed = True
+                while not removed:
+                    try:
+                        batch = await stream.receive_batch()
+                    except trio.EndOfChannel:
                         break
+                    for msg in batch:
+                        t = type(msg)
+                        if t is dict and msg.get("op") == "value":
+                            values[msg["key"]] = msg["value"]
+                            continue
+                        if t not in _WORKER_EVENTS or msg.worker != addr:
+                            reason = f"protocol violation: {msg!r:.200}"
+                            raise ProtocolViolation(f"worker {addr} sent {msg!r:.200}")
+                        msg.now = trio.current_time()
+                        if values and t is m.TaskFinished and msg.key in values:
+                            self._feed_with_value(msg, values.pop(msg.key))
+                        else:
+                            self._feed(msg)
+                        if t is m.RemoveWorker:
+                            removed = True
+                            break
+                    values.clear()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reason = f"connection lost: {exc!r}"
             finally:

@@ -575,6 +575,8 @@ class Worker:
                 )
             else:
                 store.put(key, done.value)
+                if done.push:  # a small value goes ahead of its TaskFinished, to the clients
+                    self._send({"op": "value", "key": key, "value": done.value})
                 events.append(
                     ExecuteSuccess(
                         stimulus_id=stim,
