@@ -306,3 +306,28 @@ async def test_forked_workers_exit_when_their_parent_is_killed(tmp_path: Any) ->
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
+
+
+def draw(_: int) -> tuple[int, float]:
+    import numpy as np
+
+    return os.getpid(), float(np.random.random())
+
+
+@needs_fork
+async def test_forked_workers_draw_different_random_numbers() -> None:
+    """numpy's global state is reseeded in each child (``random`` reseeds itself)."""
+    import numpy as np
+
+    np.random.seed(1)  # imported here before the fork, so the children inherit this state
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 1, memory_limit=0, start_method="fork") as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                draws = {
+                    await c.submit(draw, 0, workers=[a], pure=False)
+                    for a in cluster.worker_addresses
+                }
+    assert len({pid for pid, _ in draws}) == 2
+    assert len({x for _, x in draws}) == 2
+    np.random.seed(1)
+    assert np.random.random() not in {x for _, x in draws}
