@@ -172,6 +172,51 @@ def test_order_is_dasks_order_and_tasks_come_dependencies_first() -> None:
     assert all(position[d] < position[t.key] for t in tasks for d in t.dependencies)
 
 
+def _tree(leaves: int, fan: int) -> Any:
+    layer = [delayed(inc)(i) for i in range(leaves)]
+    while len(layer) > 1:
+        layer = [delayed(_sum)(*layer[i : i + fan]) for i in range(0, len(layer), fan)]
+    return layer[0]
+
+
+def _sum(*xs: int) -> int:
+    return sum(xs)
+
+
+@pytest.mark.parametrize(("leaves", "fan"), [(64, 2), (50, 3), (1, 2)])
+def test_a_tree_is_ordered_depth_first_like_dask_order_without_running_it(
+    leaves: int, fan: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No task feeds two others: the order is a post-order (each subtree a contiguous
+    run of orders ending at its root, as dask.order's), computed without dask.order."""
+    import trioscheduler._graph as graph_mod
+
+    def refuse(dsk: Any) -> Any:
+        raise AssertionError("dask.order ran on a tree")
+
+    monkeypatch.setattr(graph_mod, "dask_order", refuse)
+    g = collections_to_graph(_tree(leaves, fan))
+    tasks = graph_to_tasks(g.graph, keys_wanted=g.flat_keys)
+    assert [t.order for t in tasks] == list(range(len(tasks)))
+    first: dict[Any, int] = {}  # lowest order in each task's subtree
+    size: dict[Any, int] = {}
+    for t in tasks:  # dependencies come first
+        first[t.key] = min([t.order, *(first[d] for d in t.dependencies)])
+        size[t.key] = 1 + sum(size[d] for d in t.dependencies)
+        assert t.order - first[t.key] + 1 == size[t.key], t.key
+    assert evaluate(tasks)[g.flat_keys[0]] == leaves * (leaves + 1) // 2
+    again = graph_to_tasks(g.graph, keys_wanted=g.flat_keys)
+    assert [(t.key, t.order) for t in again] == [(t.key, t.order) for t in tasks]
+
+
+def test_a_shared_dependency_gets_dask_orders_order() -> None:
+    x = da.ones((8, 8), chunks=2)
+    g = collections_to_graph(x + x.T)  # each chunk of x feeds two tasks
+    tasks = graph_to_tasks(g.graph, keys_wanted=g.flat_keys)
+    expected = dask.order.order({k: g.graph[k] for k in (t.key for t in tasks)})
+    assert {t.key: t.order for t in tasks} == expected
+
+
 # --------------------------------------------------------------------------------------
 # Persisted keys feed later graphs without being recomputed
 # --------------------------------------------------------------------------------------

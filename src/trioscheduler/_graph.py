@@ -32,7 +32,7 @@ import io
 import pickle
 import sys
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import cloudpickle
@@ -369,21 +369,24 @@ def graph_to_tasks(
         per_key.setdefault(name, {}).update(values)
     known = known_keys if isinstance(known_keys, set | frozenset) else set(known_keys)
     wanted = list(nodes) if keys_wanted is None else list(keys_wanted)
-    topo = _cull_and_sort(nodes, wanted, known)
-    culled = {k: nodes[k] for k in topo}
-    ordering = dask_order(culled) if culled else {}
+    topo, forest = _cull_and_sort(nodes, wanted, known)
+    # In a forest (no task feeds two others: tree reductions, chains, independent
+    # tasks) dask.order's answer is a depth-first post-order, which ``topo`` already
+    # is; dask.order would cost ~1.5 KB per task of transient sets (the peak of the
+    # whole computation of a 16k-task tree) and ~0.5 s, so it runs only on other graphs.
+    ordering = None if forest else dask_order({k: nodes[k] for k in topo})
 
     defaults = _global_annotations(workers, allow_other_workers, resources, retries, priority)
     pack = _Packer()
     tasks: list[TaskSpec] = []
     append = tasks.append
-    for key in topo:
-        node = culled[key]
+    for i, key in enumerate(topo):
+        node = nodes[key]
         try:
             run_spec, deps = pack(node)
         except runspec.UnpicklableArgumentError as exc:
             raise runspec.UnpicklableArgumentError(f"task {key!r}: {exc}") from exc
-        spec = TaskSpec(key, deps, run_spec, order=ordering.get(key, 0))
+        spec = TaskSpec(key, deps, run_spec, order=i if ordering is None else ordering[key])
         if defaults:
             _apply(spec, defaults, key)
         if per_key:
@@ -392,14 +395,21 @@ def graph_to_tasks(
     return tasks
 
 
-def _cull_and_sort(nodes: Mapping[Key, GraphNode], wanted: list[Key], known: Any) -> list[Key]:
-    """Keys needed for ``wanted``, dependencies first; missing keys and cycles raise.
+def _cull_and_sort(
+    nodes: Mapping[Key, GraphNode], wanted: list[Key], known: Any
+) -> tuple[list[Key], bool]:
+    """``(keys needed for wanted, dependencies first; forest)``; missing keys and cycles raise.
 
     One iterative depth-first walk does culling, validation and the topological sort.
+    The keys come in post-order: each task right after its last dependency's subtree,
+    siblings in the order of their keys' ``str`` (deterministic across processes).
+    ``forest`` is True when no emitted key is a dependency of two emitted tasks, so
+    that this post-order is what ``dask.order`` would choose.
     """
     done: set[Key] = set()
     active: set[Key] = set()
     topo: list[Key] = []
+    forest = True
     for root in wanted:
         if root in done or root in known:
             continue
@@ -410,12 +420,15 @@ def _cull_and_sort(nodes: Mapping[Key, GraphNode], wanted: list[Key], known: Any
                 f"key {root!r} was asked for but is neither in the graph nor held on the "
                 f"cluster; check the keys passed"
             )
-        stack: list[tuple[Key, Any]] = [(root, iter(nodes[root].dependencies))]
+        stack: list[tuple[Key, Any]] = [(root, _children(nodes[root]))]
         active.add(root)
         while stack:
             key, deps = stack[-1]
             for dep in deps:
-                if dep in done or dep in known:
+                if dep in done:
+                    forest = False  # a second task depends on dep
+                    continue
+                if dep in known:
                     continue
                 if dep in active:
                     path = [k for k, _ in stack]
@@ -426,14 +439,20 @@ def _cull_and_sort(nodes: Mapping[Key, GraphNode], wanted: list[Key], known: Any
                 if type(node) is DataNode and _holds_own_future(node, dep):
                     continue  # a persisted collection's {key: future}: on the cluster
                 active.add(dep)
-                stack.append((dep, iter(node.dependencies)))
+                stack.append((dep, _children(node)))
                 break
             else:
                 stack.pop()
                 active.discard(key)
                 done.add(key)
                 topo.append(key)
-    return topo
+    return topo, forest
+
+
+def _children(node: GraphNode) -> Iterator[Key]:
+    """A node's dependencies in a fixed order (a frozenset's order varies with the hash seed)."""
+    deps = node.dependencies
+    return iter(deps if len(deps) < 2 else sorted(deps, key=str))
 
 
 def _holds_own_future(node: GraphNode, key: Key) -> bool:
