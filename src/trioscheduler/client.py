@@ -1157,7 +1157,7 @@ async def _tolerant_batched(
 ) -> AsyncIterator[wire.BatchedSend]:
     """``open_batched`` whose final flush ignores a stream the scheduler already closed."""
     try:
-        async with wire.open_batched(stream, interval) as batched:
+        async with wire.open_batched(stream, interval, direct=True) as batched:
             yield batched
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass

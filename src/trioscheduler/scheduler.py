@@ -108,20 +108,17 @@ class ProtocolViolation(Exception):
 
 
 class _Peer:
-    """A batched sender that writes at once when the peer was idle (dask's rule).
+    """A peer's batched sender, and how many of its stream messages were handled.
 
-    Batching pays under load; after a quiet spell it only adds latency to every hop of
-    a round trip, so the first message after ``interval`` of silence is written now.
+    When to write is ``BatchedSend``'s rule alone (at once after one schedule point,
+    coalescing only bursts); this class used to add its own "write now after a quiet
+    interval" task, which that rule made redundant.
     """
 
-    __slots__ = ("batched", "flushing", "interval", "last_send", "nursery", "received", "waiters")
+    __slots__ = ("batched", "received", "waiters")
 
-    def __init__(self, batched: wire.BatchedSend, interval: float, nursery: Any) -> None:
+    def __init__(self, batched: wire.BatchedSend) -> None:
         self.batched = batched
-        self.interval = interval
-        self.nursery = nursery
-        self.last_send = -float("inf")
-        self.flushing = False
         self.received = 0  # messages handled from this peer (after its first)
         self.waiters: list[tuple[int, trio.Event]] = []
 
@@ -145,23 +142,6 @@ class _Peer:
 
     def send(self, msg: Any) -> None:
         self.batched.send_nowait(msg)
-        now = trio.current_time()
-        idle = now - self.last_send >= self.interval
-        self.last_send = now
-        if idle and not self.flushing:
-            self.flushing = True
-            try:
-                self.nursery.start_soon(self._flush)
-            except RuntimeError:  # shutting down: the batched sender flushes on exit
-                self.flushing = False
-
-    async def _flush(self) -> None:
-        try:
-            await self.batched.flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self.flushing = False
 
 
 _WAITING_OPS = frozenset({"wait_for_workers"})
@@ -473,7 +453,7 @@ class Scheduler:
         reason = "stream closed"
         await self._install_uploads(addr)  # before any task can reach the worker
         async with wire.open_batched(stream, self.batch_interval) as batched:
-            self._workers[addr] = _Peer(batched, self.batch_interval, self._nursery)
+            self._workers[addr] = _Peer(batched)
             # Small results (``{"op": "value"}``) whose TaskFinished follows in the same
             # batch; one whose TaskFinished did not come (the worker dropped the result)
             # is forgotten with the batch.
@@ -525,8 +505,9 @@ class Scheduler:
         if cid in self._clients or cid == FIRE_AND_FORGET:
             raise ProtocolViolation(f"client id {cid!r} is already connected")
         removed = False
-        async with wire.open_batched(stream, self.batch_interval) as batched:
-            peer = self._clients[cid] = _Peer(batched, self.batch_interval, self._nursery)
+        # A client in this trio run (inproc) gets each message at once: no batching delay.
+        async with wire.open_batched(stream, self.batch_interval, direct=True) as batched:
+            peer = self._clients[cid] = _Peer(batched)
             try:
                 add.now = trio.current_time()
                 self._feed(add)

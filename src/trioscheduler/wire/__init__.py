@@ -9,7 +9,7 @@ shape of a trio memory channel pair; ``open_batched`` coalesces small messages;
 from __future__ import annotations
 
 from trioscheduler.wire.address import AddressError, parse_address
-from trioscheduler.wire.batched import BatchedSend, open_batched
+from trioscheduler.wire.batched import BatchedSend, DirectSend, open_batched
 from trioscheduler.wire.endpoints import Listener, connect, listen
 from trioscheduler.wire.handshake import PROTOCOL_VERSION
 from trioscheduler.wire.pool import ConnectionPool
@@ -28,6 +28,7 @@ __all__ = [
     "ConnectError",
     "ConnectionPool",
     "DeserializationError",
+    "DirectSend",
     "Listener",
     "ProtocolError",
     "ProtocolVersionError",

@@ -35,6 +35,7 @@ import trio
 
 from trioscheduler.core import messages
 from trioscheduler.wire._nursery import background_nursery
+from trioscheduler.wire.inproc import InprocStream
 from trioscheduler.wire.serialize import SerializationError, dumps
 from trioscheduler.wire.stream import Stream, logger
 
@@ -184,16 +185,55 @@ class BatchedSend:
             burst = coalesce and self._last_batch > 1
 
 
+class DirectSend(BatchedSend):
+    """``BatchedSend`` for an ``inproc://`` stream: a message goes to the peer at once.
+
+    In memory a batch saves nothing (no system call, no encoding), while the writer's
+    wake-up and schedule point would hold every message back two loop rounds. So
+    ``send_nowait`` puts the message straight into the peer's channel; only while that
+    channel is full do messages queue (in order) for the writer, as in ``BatchedSend``.
+    """
+
+    __slots__ = ("_put",)
+
+    def __init__(self, stream: InprocStream, interval: float, large_bytes: int) -> None:
+        super().__init__(stream, interval, large_bytes)
+        self._put = stream._send.send_nowait
+
+    def send_nowait(self, msg: Any) -> None:
+        if not self._pending and self._error is None and not self._closed:
+            try:
+                self._put(msg)
+            except trio.WouldBlock:
+                pass  # full: queue it for the writer, behind nothing
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self._error = e
+                self._raise_unusable()
+            else:
+                self.messages_sent += 1
+                self.batches_sent += 1
+                return
+        super().send_nowait(msg)
+
+
 @asynccontextmanager
 async def open_batched(
-    stream: Stream, interval: float = 0.002, *, large_bytes: int = LARGE_BYTES
+    stream: Stream,
+    interval: float = 0.002,
+    *,
+    large_bytes: int = LARGE_BYTES,
+    direct: bool = False,
 ) -> AsyncIterator[BatchedSend]:
     """A ``BatchedSend`` on ``stream``; leaving the block writes what is still pending.
 
+    ``direct``: on an ``inproc://`` stream, a ``DirectSend`` (no batching, no delay).
     If the block raises, pending messages are dropped (the stream is about to go) and
     the exception comes out as it is, also when an enclosing scope was cancelled.
     """
-    batched = BatchedSend(stream, interval, large_bytes)
+    if direct and isinstance(stream, InprocStream):
+        batched: BatchedSend = DirectSend(stream, interval, large_bytes)
+    else:
+        batched = BatchedSend(stream, interval, large_bytes)
     async with background_nursery() as nursery:
         nursery.start_soon(batched._run)  # never raises: failures are kept for send_nowait
         try:
