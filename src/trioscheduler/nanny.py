@@ -667,6 +667,9 @@ def _fork(
     """``(pid, pidfd)`` in the parent; the child runs ``_forked_worker`` and never returns."""
     import _imp
 
+    from trioscheduler.cli import parser
+
+    parser()  # built once here, inherited ready by every child
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
