@@ -274,3 +274,22 @@ async def test_current_client_then_the_previous_one_and_progress() -> None:
         assert dask.config.get("scheduler", None) is None
 
     await in_thread(body)
+
+
+async def test_a_collection_persisted_by_another_client_is_not_recomputed() -> None:
+    """Its futures are found in the materialized graph, so their keys count as held."""
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(f"inproc://collections-other-{os.getpid()}") as s:
+            async with Worker(s.address, nthreads=2, memory_limit=0):
+                async with (
+                    Client(s.address, asynchronous=True) as a,
+                    Client(s.address, asynchronous=True) as b,
+                ):
+                    name = "persisted-by-a"
+                    p = a.persist(delayed(counted)(name, 5))
+                    y = a.persist(da.arange(20, chunks=5) * 2)
+                    # a's stream and b's are not ordered: wait until a's graphs arrived
+                    assert await a.compute([p, y.sum()], sync=True) == [5, 380]
+                    assert await b.compute(delayed(inc)(p), sync=True) == 6
+                    assert await b.compute(y.sum() + 1, sync=True) == 381
+                    assert RUNS[name] == 1

@@ -769,8 +769,10 @@ class Client:
         """Futures for dask collections (one, or a list); their values with ``sync=True``."""
         singleton = not isinstance(collections, (list, tuple, set, frozenset))
         g = collections_to_graph(collections, optimize_graph=optimize_graph, traverse=traverse)
+        # Futures are looked for in the materialized graph, not the collections: walking
+        # those makes dask build (and cache on them) one more merged dict of the graph.
         futures = self._submit_graph(
-            g.graph, g.flat_keys, g.annotations, (g.items,),
+            g.graph, g.flat_keys, g.annotations, (g.graph,),
             workers, allow_other_workers, resources, retries, priority,
         )  # fmt: skip
         results = g.per_collection(futures)
@@ -797,7 +799,7 @@ class Client:
         singleton = not isinstance(collections, (list, tuple, set, frozenset))
         g = collections_to_graph(collections, optimize_graph=optimize_graph, persist=True)
         futures = self._submit_graph(
-            g.graph, g.flat_keys, g.annotations, (g.items,),
+            g.graph, g.flat_keys, g.annotations, (g.graph,),
             workers, allow_other_workers, resources, retries, priority,
         )  # fmt: skip
         out = g.rebuild(futures)
