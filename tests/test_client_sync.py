@@ -210,3 +210,41 @@ async def test_sync_futures_are_not_awaited_or_async_iterated() -> None:
         assert await in_thread(f.result) == 2
     finally:
         await in_thread(c.close)
+
+
+async def test_a_thread_waiting_in_result_sees_cancel_and_close() -> None:
+    """``result()`` blocks its thread (woken straight from the loop): a cancel from
+    another thread, or closing the client, ends the wait with an error, not a hang."""
+
+    def body() -> None:
+        with Client(processes=False, n_workers=1, threads_per_worker=2) as c:
+            gate = "sync-result-cancel"
+            f = c.submit(block, gate)
+            errors: list[BaseException] = []
+
+            def wait_for(fut: Any) -> None:
+                try:
+                    fut.result()
+                except BaseException as exc:  # noqa: BLE001 - recorded for the assert
+                    errors.append(exc)
+
+            waiter = threading.Thread(target=wait_for, args=(f,))
+            waiter.start()
+            time.sleep(0.05)
+            f.cancel()
+            waiter.join(TIMEOUT)
+            assert not waiter.is_alive()
+            assert [type(e) for e in errors] == [FutureCancelledError]
+
+            g = c.submit(block, gate + "-2")
+            waiter = threading.Thread(target=wait_for, args=(g,))
+            waiter.start()
+            time.sleep(0.05)
+            c.close()
+            waiter.join(TIMEOUT)
+            assert not waiter.is_alive()
+            assert len(errors) == 2  # cancelled, or the client is closed: either way, not stuck
+            GATES[gate].set()
+            GATES[gate + "-2"].set()
+
+    await in_thread(body)

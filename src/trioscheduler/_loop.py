@@ -148,6 +148,10 @@ class LoopRunner:
             raise LoopError("the trioscheduler background loop has shut down")
         return token
 
+    def check_blocking(self, what: str) -> None:
+        """Raise ``LoopError`` if blocking here for the loop would deadlock."""
+        self._check_callable_here(what)
+
     def run(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``async_fn(*args)`` in the loop; block for its result or exception."""
         token = self._check_callable_here("run()")

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -74,6 +76,7 @@ logger = logging.getLogger("trioscheduler.client")
 
 FIRE_AND_FORGET = "fire-and-forget"  # the scheduler's client id for fire_and_forget keys
 
+_POLL = 0.25  # seconds between checks that the loop still runs while a thread waits
 _defaults: list[Client] = []  # open clients made with set_as_default=True, newest last
 _NO_DEFAULT: Any = object()  # get_dataset(name) without default= raises KeyError
 
@@ -399,6 +402,38 @@ class Client:
         if self._runner is None or self.status in ("closed", "closing"):
             raise ClientClosedError(f"{self!r} is closed")
         return self._runner.run(async_fn, *args)
+
+    def _block_until_done(self, st: KeyState, timeout: float | None, key: Any) -> bool:
+        """Sync client: block the calling thread until ``st`` is done.
+
+        The loop sets a ``threading.Event`` from the key's done-hooks, so the caller
+        wakes as soon as the message is handled, with no trio task started for it and no
+        result handed back through ``trio.from_thread``. ``False`` where this does not
+        apply (a worker's own loop, a closed client): the caller then crosses into the
+        loop as usual. ``TimeoutError`` after ``timeout`` seconds.
+        """
+        runner = self._runner
+        if type(runner) is not LoopRunner or self.status != "running":
+            return False
+        if st.done:
+            return True
+        runner.check_blocking("result()")
+        event = threading.Event()
+
+        def arm() -> None:  # loop thread
+            if st.done:
+                event.set()
+            else:
+                st.hooks.append(event.set)
+
+        self._post(arm)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while not event.wait(min(_POLL, deadline - time.monotonic())):
+            if not runner.alive or self.status != "running":
+                return False  # the loop or the session ended: the usual path reports it
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"future {key!r} was not done after {timeout} s")
+        return True
 
     def _next_stimulus(self, kind: str) -> str:
         self._stimulus += 1

@@ -182,7 +182,20 @@ class Future:
 
     def result(self, timeout: float | None = None) -> Any:
         """The value; raises the task's exception (original type, remote traceback)."""
-        return self.client._sync(self._result, timeout)
+        client, st = self.client, self._state
+        if not client.asynchronous and client._block_until_done(st, timeout, self.key):
+            # A sync client woke us straight from the loop once the key was done: a
+            # small value or an error needs no trip into the loop at all.
+            status = st.status
+            if status == "finished":
+                held = st.held
+                if held is not None:
+                    return held[0]
+            elif status in ("error", "cancelled"):
+                exc = st.exception()
+                assert exc is not None
+                raise exc
+        return client._sync(self._result, timeout)
 
     async def _result(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         await _wait_state(self._state, timeout, self.key)
