@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from trioscheduler import TrioSchedulerWarning
-from trioscheduler.memory import DataStore, parse_memory_limit, system_memory
+from trioscheduler.memory import (
+    DataStore,
+    UnpicklableValue,
+    parse_memory_limit,
+    system_memory,
+    write_spills,
+)
 
 
 def test_parse_memory_limit() -> None:
@@ -184,3 +190,85 @@ def test_concurrent_reads_while_unspilling(store: DataStore) -> None:
     stop.set()
     t.join()
     assert not errors
+
+
+def spill_files(store: DataStore) -> list[str]:
+    return sorted(os.listdir(store.directory))
+
+
+def test_value_being_written_is_served_and_booked_when_done(store: DataStore) -> None:
+    value = np.arange(300_000, dtype=np.float64)  # 2.4 MB: read back mapped
+    store.put("x", value)
+    job = store.begin_spill("x", value.nbytes)
+    assert job is not None and "x" not in store.memory and store.writing_bytes == value.nbytes
+    assert store["x"] is value and "x" in store and list(store) == ["x"]  # still served
+    write_spills([job])  # what the worker runs in a thread
+    assert store.finish_spill(job) is None
+    assert store.writing_bytes == 0 and "x" in store.spilled and len(spill_files(store)) == 1
+    back = store["x"]
+    assert back is not value and np.array_equal(back, value) and back.flags.writeable
+    assert back.ctypes.data % 64 == 0  # mapped at an aligned offset
+    back[0] = -1.0  # copy-on-write: the file keeps the stored value
+    assert store["x"][0] == 0.0
+
+
+def test_delete_or_replace_mid_write_leaves_no_file(store: DataStore) -> None:
+    store.put("a", np.ones(1000))
+    store.put("b", np.ones(1000))
+    job_a, job_b = store.begin_spill("a", 8000), store.begin_spill("b", 8000)
+    assert job_a is not None and job_b is not None
+    store.delete("a")  # released while its file is being written
+    store.put("b", b"new value")  # replaced while its file is being written
+    assert store.writing_bytes == 0
+    write_spills([job_a, job_b])
+    assert len(spill_files(store)) == 2  # the writes happened...
+    assert store.finish_spill(job_a) is None and store.finish_spill(job_b) is None
+    assert spill_files(store) == []  # ...and their files are gone
+    assert "a" not in store and store["b"] == b"new value" and not store.spilled
+
+
+def test_wanted_back_mid_write_keeps_the_file(store: DataStore) -> None:
+    value = np.arange(1000)
+    store.put("x", value)
+    job = store.begin_spill("x", value.nbytes)
+    assert job is not None
+    store.want("x")  # the core booked it back in memory before the write finished
+    assert store.memory["x"] is value and store.writing_bytes == 0
+    write_spills([job])
+    assert store.finish_spill(job) is None
+    assert "x" in store.kept and len(spill_files(store)) == 1
+    counter = store._counter
+    assert store.begin_spill("x", value.nbytes) is None  # the kept file is reused
+    assert store._counter == counter and "x" in store.spilled
+
+
+def test_wanted_key_moves_to_memory_on_first_read(store: DataStore) -> None:
+    value = np.arange(1000)
+    store.put("x", value)
+    store.spill("x")
+    assert np.array_equal(store["x"], value) and "x" in store.spilled  # a peek stays on disk
+    store.want("x")
+    assert "x" in store.spilled  # no disk read on the owner's thread
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(store["x"]))  # a task thread's read
+    t.start()
+    t.join()
+    assert store.memory["x"] is result[0] and "x" in store.kept and not store.wanted
+    assert store.spilled_bytes == 0 and store.kept_bytes > 0
+    # spilled again before the read: the read does not bring it back
+    store.spill("x")
+    store.want("x")
+    store.spill("x")
+    assert np.array_equal(store["x"], value) and "x" in store.spilled and not store.memory
+
+
+def test_failed_write_puts_the_value_back(store: DataStore) -> None:
+    lock = threading.Lock()
+    store.put("lock", lock)
+    job = store.begin_spill("lock", 64)
+    assert job is not None
+    write_spills([job])
+    with pytest.warns(TrioSchedulerWarning, match="cannot be pickled"):
+        error = store.finish_spill(job)
+    assert isinstance(error, UnpicklableValue)
+    assert store.memory["lock"] is lock and not store.writing and spill_files(store) == []

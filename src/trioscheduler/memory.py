@@ -6,10 +6,16 @@ why there is no ``zict.Buffer`` here: a buffer with its own LRU would make the s
 decision a second time, behind the core's back. The disk side is one file per key
 holding a pickle protocol 5 stream plus its out-of-band buffers as separate frames, so a
 numpy array or a bytes object goes to disk without being copied into the pickle and
-comes back byte-identical. A value read back into memory keeps its spill file (values
+comes back byte-identical; large buffers come back mapped copy-on-write from the page
+cache rather than read. A value read back into memory keeps its spill file (values
 are immutable once stored), so spilling it again only drops the in-memory reference;
-the file goes when the key is deleted or given a new value. A value that cannot be pickled stays in memory; the first
-such value warns once (``TrioSchedulerWarning``), later ones only log.
+the file goes when the key is deleted or given a new value. A value that cannot be
+pickled stays in memory; the first such value warns once (``TrioSchedulerWarning``),
+later ones only log.
+
+Disk writes can run in a thread (``begin_spill`` / ``write_spills`` / ``finish_spill``)
+so that the worker's loop keeps moving messages and starting tasks meanwhile; the value
+stays readable until its file is complete.
 
 ``parse_memory_limit`` turns the user's ``memory_limit`` into bytes, as dask does.
 """
@@ -17,11 +23,13 @@ such value warns once (``TrioSchedulerWarning``), later ones only log.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import pickle
 import shutil
 import struct
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -39,6 +47,8 @@ TARGET = 0.6  # managed bytes above this: spill by LRU
 SPILL = 0.7  # process memory (RSS) above this: spill
 PAUSE = 0.8  # process memory above this: start no new tasks
 TERMINATE = 0.95  # process memory above this: the nanny restarts the worker
+WRITE_AHEAD = 0.1  # unwritten spill bytes above this (of the limit): start no task
+SPILL_BATCH = 4 << 20  # small spill files go to the writer thread up to this many bytes at once
 
 
 def system_memory() -> int:
@@ -112,6 +122,13 @@ def parse_memory_limit(memory_limit: str | float | None, *, nworkers: int = 1) -
 
 _HEAD = struct.Struct("<BI")  # kind, number of frames; then one <Q length per frame
 _PICKLE, _BYTES, _BYTEARRAY = 0, 1, 2
+ALIGN = 64  # every frame starts at a multiple of this: a mapped numpy buffer is aligned
+MAP_MIN = 1 << 20  # read back by mapping the file when a buffer frame is at least this big
+_CAN_MAP = os.name == "posix"  # Windows cannot delete a file that is mapped
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def serialize(value: Any) -> tuple[int, list[memoryview | bytes]]:
@@ -138,42 +155,81 @@ def serialize(value: Any) -> tuple[int, list[memoryview | bytes]]:
     return _PICKLE, frames
 
 
+def _layout(lengths: list[int] | tuple[int, ...]) -> tuple[int, list[int]]:
+    """Size of the header block and each frame's offset (frames aligned to ``ALIGN``)."""
+    head = _aligned(_HEAD.size + 8 * len(lengths))
+    offsets = []
+    at = head
+    for n in lengths:
+        offsets.append(at)
+        at = _aligned(at + n)
+    return head, offsets
+
+
 def write_frames(path: str, kind: int, frames: list[memoryview | bytes]) -> int:
-    """Write serialized frames to a new spill file at ``path``; return the bytes written."""
-    lengths = [memoryview(f).nbytes for f in frames]
-    header = _HEAD.pack(kind, len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
-    with open(path, "wb") as f:
-        f.write(header)
-        for frame in frames:
-            f.write(frame)
-    return len(header) + sum(lengths)
+    """Write serialized frames to a new spill file at ``path``; return the bytes written.
+
+    Unbuffered writes straight from the frames' memory (no copy into a file buffer),
+    and no fsync: a spill file only has to outlive the process's need for it.
+    """
+    views = [memoryview(f).cast("B") for f in frames]
+    lengths = [v.nbytes for v in views]
+    head, offsets = _layout(lengths)
+    header = _HEAD.pack(kind, len(views)) + struct.pack(f"<{len(views)}Q", *lengths)
+    with open(path, "wb", buffering=0) as f:
+        _write_all(f, memoryview(header.ljust(head, b"\0")))
+        at = head
+        for view, offset in zip(views, offsets, strict=True):
+            if offset > at:
+                _write_all(f, memoryview(bytes(offset - at)))
+            _write_all(f, view)
+            at = offset + view.nbytes
+    return at
+
+
+def _write_all(f: Any, view: memoryview) -> None:
+    done, total = 0, view.nbytes
+    while done < total:
+        done += f.write(view[done:])
 
 
 def read_value(path: str) -> Any:
-    """The value in a spill file; buffers are read straight into their final memory."""
+    """The value in a spill file.
+
+    A pickled value with a buffer of ``MAP_MIN`` bytes or more is mapped copy-on-write
+    instead of read: a task that touches part of a large array reads only those pages,
+    and the pages come from the page cache without a copy. Other buffers are read
+    straight into their final memory.
+    """
     with open(path, "rb", buffering=0) as f:
         kind, count = _HEAD.unpack(f.read(_HEAD.size))
         lengths = struct.unpack(f"<{count}Q", f.read(8 * count))
-        if kind == _BYTES:
-            data = f.readall()
-            if len(data) != lengths[0]:
-                raise OSError(f"spill file {path} is truncated")
-            return data
-        body = bytearray(sum(lengths))
-        view = memoryview(body)
-        done = 0
-        while done < len(body):
-            n = f.readinto(view[done:])
-            if not n:
-                raise OSError(f"spill file {path} is truncated")
-            done += n
-    if kind == _BYTEARRAY:
-        return body
-    frames = []
-    start = 0
-    for n in lengths:
-        frames.append(view[start : start + n])
-        start += n
+        head, offsets = _layout(lengths)
+        end = offsets[-1] + lengths[-1] if count else head
+        if os.fstat(f.fileno()).st_size < end:
+            raise OSError(f"spill file {path} is truncated")
+        if kind == _PICKLE and _CAN_MAP and any(n >= MAP_MIN for n in lengths[1:]):
+            body: Any = memoryview(mmap.mmap(f.fileno(), end, access=mmap.ACCESS_COPY))
+            start = 0
+        else:
+            f.seek(head)
+            if kind == _BYTES:
+                data = f.read(lengths[0])  # one allocation, no copy after it
+                if len(data) != lengths[0]:
+                    raise OSError(f"spill file {path} is truncated")
+                return data
+            raw = bytearray(end - head)
+            view = memoryview(raw)
+            done = 0
+            while done < len(raw):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"spill file {path} is truncated")
+                done += n
+            if kind == _BYTEARRAY:
+                return raw  # one frame, at ``head``: the bytearray is the value
+            body, start = view, head
+    frames = [body[o - start : o - start + n] for o, n in zip(offsets, lengths, strict=True)]
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
@@ -192,21 +248,56 @@ def _remove(path: str) -> None:
         pass
 
 
+class SpillJob:
+    """One value on its way to disk: written in a thread (``write_spills``), booked on
+    the store's owner thread (``DataStore.finish_spill``)."""
+
+    __slots__ = ("error", "key", "nbytes", "path", "size", "value")
+
+    def __init__(self, key: Any, value: Any, path: str, nbytes: int) -> None:
+        self.key = key
+        self.value = value
+        self.path = path
+        self.nbytes = nbytes  # the size the core booked, for the write-ahead limit
+        self.size = 0  # bytes on disk, once written
+        self.error: BaseException | None = None  # UnpicklableValue or OSError
+
+
+def write_spills(jobs: list[SpillJob]) -> None:
+    """Write the jobs' files (any thread; never raises: errors land on ``job.error``)."""
+    for job in jobs:
+        try:
+            job.size = DataStore.dump(job.value, job.path)
+        except (UnpicklableValue, OSError) as exc:
+            job.error = exc
+
+
+_MISSING: Any = object()
+
+
 class DataStore(Mapping[Any, Any]):
     """Managed data of one worker: ``memory`` (a dict) over spill files in ``directory``.
 
     Reading a spilled key (``store[key]``, e.g. a peer's ``get_data``) loads a copy
-    without unspilling it: only the core moves keys between memory and disk. Safe to
-    read from task threads while the worker's loop spills or unspills (a read that loses
-    the race to a delete finds the value gone, or in memory, on its retry).
+    without unspilling it, unless the core asked for it back (``want``): then the first
+    read, usually by the task thread gathering the task's inputs, puts it in ``memory``.
+
+    Spilling has two phases so that the disk write runs off the owner's loop:
+    ``begin_spill`` moves the value from ``memory`` to ``writing`` (it is still served
+    from there), a thread runs ``write_spills``, and ``finish_spill`` books the file in
+    ``spilled``, or removes it if the key was deleted, replaced or wanted back meanwhile.
+    ``spill``/``unspill`` do the same synchronously.
 
     ``spilled`` holds the keys that live only on disk; ``kept`` the keys in ``memory`` whose
     spill file is still valid (they were unspilled), so a later ``spill`` writes nothing.
-    ``spilled_bytes`` counts only ``spilled``; ``kept_bytes`` the kept files.
+    ``spilled_bytes`` counts only ``spilled``; ``kept_bytes`` the kept files;
+    ``writing_bytes`` the booked sizes of the values being written. One lock guards the
+    maps: the owner changes them, task threads read them and book wanted keys.
     """
 
     __slots__ = (
         "_counter",
+        "_lock",
         "_owns_directory",
         "_warned",
         "directory",
@@ -215,6 +306,9 @@ class DataStore(Mapping[Any, Any]):
         "memory",
         "spilled",
         "spilled_bytes",
+        "wanted",
+        "writing",
+        "writing_bytes",
     )
 
     def __init__(self, local_directory: str | None = None, *, prefix: str = "worker-") -> None:
@@ -227,86 +321,159 @@ class DataStore(Mapping[Any, Any]):
         self.spilled_bytes = 0
         self.kept: dict[Any, tuple[str, int]] = {}  # in-memory key -> its still-valid file
         self.kept_bytes = 0
+        self.writing: dict[Any, SpillJob] = {}  # key -> its value being written
+        self.writing_bytes = 0
+        self.wanted: set[Any] = set()  # spilled keys the core has booked back in memory
+        self._lock = threading.Lock()
         self._counter = 0
         self._warned = False
 
     # Mapping protocol ------------------------------------------------------------------
 
     def __getitem__(self, key: Any) -> Any:
+        lock = self._lock
         for _ in range(3):
+            with lock:
+                value = self.memory.get(key, _MISSING)
+                if value is not _MISSING:
+                    return value
+                job = self.writing.get(key)
+                if job is not None:
+                    return job.value
+                entry = self.spilled.get(key)
+                if entry is None:
+                    raise KeyError(key)
             try:
-                return self.memory[key]
-            except KeyError:
-                pass
-            entry = self.spilled.get(key)
-            if entry is None:
-                if key in self.memory:
-                    continue
-                raise KeyError(key)
-            try:
-                return read_value(entry[0])
+                value = read_value(entry[0])
             except FileNotFoundError:
                 continue  # unspilled or deleted meanwhile: look again
+            with lock:
+                if key in self.wanted and self.spilled.get(key) is entry:
+                    self._to_memory(key, value, entry)
+            return value
         raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.memory or key in self.spilled
+        return key in self.memory or key in self.writing or key in self.spilled
 
     def __iter__(self) -> Iterator[Any]:
-        yield from list(self.memory)
-        yield from list(self.spilled)
+        with self._lock:
+            keys = [*self.memory, *self.writing, *self.spilled]
+        yield from keys
 
     def __len__(self) -> int:
-        return len(self.memory) + len(self.spilled)
+        return len(self.memory) + len(self.writing) + len(self.spilled)
+
+    def get_in_memory(self, key: Any) -> Any:
+        """``key``'s value if it needs no disk read (in memory or being written), else
+        a sentinel that is not any value: compare with ``is_missing``."""
+        with self._lock:
+            value = self.memory.get(key, _MISSING)
+            if value is _MISSING:
+                job = self.writing.get(key)
+                if job is not None:
+                    value = job.value
+            return value
+
+    @staticmethod
+    def is_missing(value: Any) -> bool:
+        return value is _MISSING
 
     # What the worker shell calls -------------------------------------------------------
 
     def put(self, key: Any, value: Any) -> None:
         """Store a value in memory (a new result, a fetched or scattered value)."""
-        if key in self.spilled:
-            self._remove_file(key)
-        if key in self.kept:
-            self._remove_kept(key)  # the file holds the old value
-        self.memory[key] = value
+        with self._lock:
+            self._forget(key)
+            self.memory[key] = value
 
     def spill(self, key: Any) -> bool:
         """Move ``key`` to disk now. False if its value cannot be pickled (it stays).
 
         A key unspilled earlier still has its file: it only leaves memory, nothing is written.
         """
-        if key in self.spilled:
+        job = self.begin_spill(key, 0)
+        if job is None:
             return True
-        value = self.memory[key]
-        entry = self.kept.pop(key, None)
-        if entry is not None:
-            self.kept_bytes -= entry[1]
-            self.spilled[key] = entry
-            self.spilled_bytes += entry[1]
+        write_spills([job])
+        error = self.finish_spill(job)
+        if isinstance(error, OSError):
+            raise error
+        return error is None
+
+    def begin_spill(self, key: Any, nbytes: int) -> SpillJob | None:
+        """Take ``key`` out of memory; the job to write, or None if nothing is to be
+        written (already on disk, its kept file reused, or unknown). Owner's thread."""
+        with self._lock:
+            self.wanted.discard(key)
+            if key in self.spilled or key in self.writing:
+                return None
+            value = self.memory.get(key, _MISSING)
+            if value is _MISSING:
+                return None
+            entry = self.kept.pop(key, None)
+            if entry is not None:
+                self.kept_bytes -= entry[1]
+                self.spilled[key] = entry
+                self.spilled_bytes += entry[1]
+                del self.memory[key]
+                return None
+            self._counter += 1
+            path = os.path.join(self.directory, f"{self._counter}.spill")
+            job = self.writing[key] = SpillJob(key, value, path, nbytes)
+            self.writing_bytes += nbytes
             del self.memory[key]
-            return True
-        path = self.new_path()
-        try:
-            size = self.dump(value, path)
-        except UnpicklableValue as exc:
-            self.unpicklable(key, value, exc.error)
-            return False
-        return self.commit_spill(key, value, path, size)
+            return job
+
+    def finish_spill(self, job: SpillJob) -> BaseException | None:
+        """Book a written job (owner's thread); the error to report to the core, if any.
+
+        A key deleted, replaced or wanted back while its file was written is not
+        reported: its file is removed, or kept when the same value is back in memory.
+        """
+        key, value = job.key, job.value
+        job.value = None  # the write is over: memory is freed once ``writing`` lets go
+        remove = False
+        with self._lock:
+            if self.writing.get(key) is job:
+                del self.writing[key]
+                self.writing_bytes -= job.nbytes
+                if job.error is not None:
+                    self.memory[key] = value
+                else:
+                    self.spilled[key] = (job.path, job.size)
+                    self.spilled_bytes += job.size
+            elif job.error is None:
+                if self.memory.get(key, _MISSING) is value and key not in self.kept:
+                    self.kept[key] = (job.path, job.size)
+                    self.kept_bytes += job.size
+                else:
+                    remove = True
+            else:
+                return None
+        if remove:
+            _remove(job.path)
+            return None
+        error = job.error
+        if isinstance(error, UnpicklableValue):
+            self.unpicklable(key, value, error.error)
+        return error
+
+    def want(self, key: Any) -> None:
+        """The core booked ``key`` back in memory: the next read loads it into ``memory``
+        (a value still being written goes back at once, its write is dropped)."""
+        with self._lock:
+            job = self.writing.pop(key, None)
+            if job is not None:
+                self.writing_bytes -= job.nbytes
+                self.memory[key] = job.value
+            elif key in self.spilled:
+                self.wanted.add(key)
 
     def unspill(self, key: Any) -> Any:
         """Load ``key`` from disk back into memory now and return its value."""
-        if key in self.memory:
-            return self.memory[key]
-        path, value = self.load(key)
-        self.commit_unspill(key, path, value)
-        return value
-
-    # Two-phase spilling, so that the disk I/O can run in a thread: ``dump``/``load`` touch
-    # only files (thread-safe); the ``commit_*`` steps change the maps, on the owner's
-    # thread, and check that nothing changed the key meanwhile.
-
-    def new_path(self) -> str:
-        self._counter += 1
-        return os.path.join(self.directory, f"{self._counter}.spill")
+        self.want(key)
+        return self[key]
 
     @staticmethod
     def dump(value: Any, path: str) -> int:
@@ -321,67 +488,51 @@ class DataStore(Mapping[Any, Any]):
             _remove(path)
             raise
 
-    def commit_spill(self, key: Any, value: Any, path: str, size: int) -> bool:
-        """``key`` now lives in ``path``, unless it changed while being written."""
-        if key in self.memory and self.memory[key] is value and key not in self.spilled:
-            if key in self.kept:
-                self._remove_kept(key)  # superseded by the file just written
-            self.spilled[key] = (path, size)
-            self.spilled_bytes += size
-            del self.memory[key]
-            return True
-        _remove(path)
-        return False
+    def delete(self, key: Any) -> None:
+        """Forget ``key`` wherever it is; unknown keys are ignored. A file being written
+        for it is removed when its write finishes (``finish_spill``)."""
+        with self._lock:
+            self.memory.pop(key, None)
+            self._forget(key)
 
-    def load(self, key: Any) -> tuple[str, Any]:
-        """``(path, value)`` of a spilled key, read from disk (``KeyError`` if not spilled)."""
-        path = self.spilled[key][0]
-        return path, read_value(path)
+    def close(self) -> None:
+        """Drop every value and remove the spill directory."""
+        with self._lock:
+            self.memory.clear()
+            self.spilled.clear()
+            self.spilled_bytes = 0
+            self.kept.clear()
+            self.kept_bytes = 0
+            self.writing.clear()
+            self.writing_bytes = 0
+            self.wanted.clear()
+        if self._owns_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
-    def commit_unspill(self, key: Any, path: str, value: Any) -> bool:
-        """Put a loaded value back in memory, unless the key changed meanwhile.
+    # internals (with the lock held) ----------------------------------------------------
 
-        The file stays (in ``kept``), for the next time the key is spilled.
-        """
-        entry = self.spilled.get(key)
-        if entry is None or entry[0] != path:
-            return False
+    def _to_memory(self, key: Any, value: Any, entry: tuple[str, int]) -> None:
         self.memory[key] = value
         del self.spilled[key]
         self.spilled_bytes -= entry[1]
         self.kept[key] = entry
         self.kept_bytes += entry[1]
-        return True
+        self.wanted.discard(key)
 
-    def delete(self, key: Any) -> None:
-        """Forget ``key`` wherever it is; unknown keys are ignored."""
-        self.memory.pop(key, None)
-        if key in self.spilled:
-            self._remove_file(key)
-        if key in self.kept:
-            self._remove_kept(key)
-
-    def close(self) -> None:
-        """Drop every value and remove the spill directory."""
-        self.memory.clear()
-        self.spilled.clear()
-        self.spilled_bytes = 0
-        self.kept.clear()
-        self.kept_bytes = 0
-        if self._owns_directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    # internals -------------------------------------------------------------------------
-
-    def _remove_file(self, key: Any) -> None:
-        path, size = self.spilled.pop(key)
-        self.spilled_bytes -= size
-        _remove(path)
-
-    def _remove_kept(self, key: Any) -> None:
-        path, size = self.kept.pop(key)
-        self.kept_bytes -= size
-        _remove(path)
+    def _forget(self, key: Any) -> None:
+        """Drop ``key``'s files and pending write (not its ``memory`` entry)."""
+        self.wanted.discard(key)
+        job = self.writing.pop(key, None)
+        if job is not None:
+            self.writing_bytes -= job.nbytes
+        entry = self.spilled.pop(key, None)
+        if entry is not None:
+            self.spilled_bytes -= entry[1]
+            _remove(entry[0])
+        entry = self.kept.pop(key, None)
+        if entry is not None:
+            self.kept_bytes -= entry[1]
+            _remove(entry[0])
 
     def unpicklable(self, key: Any, value: Any, exc: BaseException) -> None:
         """Report a value that cannot be spilled: one warning per store, then log lines."""
@@ -395,4 +546,4 @@ class DataStore(Mapping[Any, Any]):
             logger.info(text)
             return
         self._warned = True
-        warnings.warn(text, TrioSchedulerWarning, stacklevel=3)
+        warnings.warn(text, TrioSchedulerWarning, stacklevel=4)

@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -163,6 +164,12 @@ class Worker:
         self._shutdown_done = trio.Event()  # streams closed, work cancelled
         self._closed = trio.Event()  # everything released
         self._executing: set[Any] = set()
+        # Spill files are written by one writer task, in a thread (``_write_spills``);
+        # tasks wait to start while more than ``_write_ahead`` bytes are still unwritten.
+        self._spill_jobs: deque[memory.SpillJob] = deque()
+        self._spill_writer = False  # the writer task is running
+        self._spill_progress = trio.Event()  # set (and replaced) after each write
+        self._write_ahead = int(memory.WRITE_AHEAD * (self.memory_limit or 0))
 
     def __repr__(self) -> str:
         return f"<Worker {self.address or '(not started)'} {self.status} nthreads={self.nthreads}>"
@@ -470,34 +477,78 @@ class Worker:
         if self._work is not None and not self._closing:
             self._work.start_soon(fn, *args)
 
-    # Spilling happens on the loop, synchronously, as in dask: the core's memory model
-    # takes a ``Spill`` as done, and the pause/spill feedback loop relies on it (with the
-    # write in a thread the worker ran past its terminate threshold while the core
-    # believed its bytes were on disk). Reading spilled values for peers and tasks does
-    # happen off the loop (``_get_data``, task threads).
+    # Spilling: the core books a ``Spill`` as done at once; the file is written here in a
+    # thread, one job at a time, while the value stays readable in ``store.writing``. So
+    # that the core's byte counts are never far ahead of the disk (with unbounded
+    # write-behind a worker once ran past its terminate threshold), a task only starts
+    # while at most ``_write_ahead`` bytes (``memory.WRITE_AHEAD`` of the limit) wait to
+    # be written: one write overlaps one task, and memory stays within that margin of
+    # what the core believes. ``Unspill`` only marks the key: the task thread gathering
+    # the task's inputs reads it (``DataStore.__getitem__``), off the loop.
 
     def _spill(self, key: Any) -> None:
+        store, state = self.store, self.state
+        assert store is not None and state is not None
+        ts = state.tasks.get(key)
+        job = store.begin_spill(key, ts.nbytes if ts is not None else 0)
+        if job is None:
+            return
+        self._spill_jobs.append(job)
+        if not self._spill_writer:
+            self._spill_writer = True
+            self._start(self._write_spills)
+
+    async def _write_spills(self) -> None:
+        """Write queued spill files in a thread, then book them and report failures.
+
+        Small values go to the thread several at a time (up to ``SPILL_BATCH`` bytes).
+        """
         store = self.store
         assert store is not None
-        if key not in store.memory:
-            return
-        reason = ""
+        jobs = self._spill_jobs
         try:
-            if store.spill(key):
-                return
-            reason = "cannot be pickled"
-        except OSError as exc:
-            reason = f"could not write the spill file: {type(exc).__name__}: {exc}"
-            logger.error("worker %s: spilling %r failed: %s", self.address, key, reason)
-        self.handle(
-            SpillFailed(stimulus_id=_stimulus("spill-failed"), now=_now(), key=key, reason=reason)
-        )
+            while jobs:
+                batch: list[memory.SpillJob] = []
+                size = 0
+                while jobs and size < memory.SPILL_BATCH:
+                    job = jobs.popleft()
+                    if store.writing.get(job.key) is not job:
+                        continue  # deleted, replaced or wanted back before its turn
+                    batch.append(job)
+                    size += job.nbytes
+                if batch:
+                    await trio.to_thread.run_sync(memory.write_spills, batch)
+                failed = []
+                for job in batch:
+                    error = store.finish_spill(job)
+                    if error is not None:
+                        failed.append((job.key, error))
+                progress, self._spill_progress = self._spill_progress, trio.Event()
+                progress.set()
+                for key, error in failed:
+                    if isinstance(error, memory.UnpicklableValue):
+                        reason = "cannot be pickled"
+                    else:
+                        reason = f"could not write the spill file: {type(error).__name__}: {error}"
+                        logger.error("worker %s: spilling %r failed: %s", self.address, key, reason)
+                    stim = _stimulus("spill-failed")
+                    self.handle(SpillFailed(stimulus_id=stim, now=_now(), key=key, reason=reason))
+        finally:
+            self._spill_writer = False
+
+    def _spill_backlog(self) -> bool:
+        """More than ``_write_ahead`` bytes the core counts as spilled are still in memory."""
+        store = self.store
+        return store is not None and store.writing_bytes > self._write_ahead
+
+    async def _spills_written(self) -> None:
+        while self._spill_backlog():
+            await self._spill_progress.wait()
 
     def _unspill(self, key: Any) -> None:
         store = self.store
         assert store is not None
-        if key in store.spilled:
-            store.unspill(key)
+        store.want(key)
 
     def _secede(self, key: Any) -> None:
         """A running task called ``secede()``: free its slot and tell the core."""
@@ -525,12 +576,20 @@ class Worker:
             return
         except RuntimeError:  # pragma: no cover - it holds its slot already
             pass
+        if self._spill_backlog():
+            self._start(self._execute_after_spills, key, run_spec)
+            return
         self._executing.add(key)
         assert self.store is not None
         self._executor.submit(key, run_spec, self.store)
 
     async def _execute_when_free(self, key: Any, run_spec: bytes) -> None:
         await self.runner.slots.acquire_on_behalf_of(key)
+        await self._execute_after_spills(key, run_spec)
+
+    async def _execute_after_spills(self, key: Any, run_spec: bytes) -> None:
+        """Start a task once the spill writes are back within ``_write_ahead``."""
+        await self._spills_written()
         self._executing.add(key)
         assert self.store is not None
         self._executor.submit(key, run_spec, self.store)
@@ -703,8 +762,9 @@ class Worker:
         data: dict[Any, Any] = {}
         missing: list[Any] = []
         for key in keys:
-            if key in store.memory:
-                data[key] = store.memory[key]
+            value = store.get_in_memory(key)
+            if not store.is_missing(value):
+                data[key] = value
             elif key in store.spilled:
                 try:  # disk reads off the loop; the value may be deleted meanwhile
                     data[key] = await trio.to_thread.run_sync(store.__getitem__, key)
