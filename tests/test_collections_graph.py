@@ -155,6 +155,25 @@ def test_client_get_shape_as_a_dask_scheduler() -> None:
     assert local_get(dsk, "b") == 3
 
 
+def test_delayed_graphs_are_culled_here_and_fused_by_dask_when_configured() -> None:
+    """Plain Delayed objects skip dask's low-level optimization (it would only cull);
+    with ``optimization.fuse.delayed`` it runs, as in dask."""
+    chunk = (da.arange(10, chunks=5) + 1).to_delayed().ravel()[0]
+    g = collections_to_graph(chunk)
+    tasks = graph_to_tasks(g.graph, keys_wanted=g.flat_keys)
+    assert len(tasks) < len(g.graph)  # the other chunk's tasks are not sent
+    assert list(evaluate(tasks)[g.flat_keys[0]]) == [1, 2, 3, 4, 5]
+
+    chain = delayed(inc)(1)
+    for _ in range(5):
+        chain = delayed(inc)(chain)
+    assert len(collections_to_graph(chain).graph) == 6
+    with dask.config.set({"optimization.fuse.delayed": True}):
+        g = collections_to_graph(chain)
+    assert len(g.graph) == 1
+    assert evaluate(graph_to_tasks(g.graph, keys_wanted=g.flat_keys))[g.flat_keys[0]] == 7
+
+
 def test_only_the_wanted_part_of_the_graph_is_emitted() -> None:
     dsk = {"a": 1, "b": (inc, "a"), "c": (inc, "b"), "unrelated": (inc, "a")}
     tasks = graph_to_tasks(dsk, keys_wanted=["b"])
