@@ -56,8 +56,12 @@ GRAPHS: dict[str, Callable[[int, random.Random], list[SimTask]]] = {
 }
 
 
+SCHEDULER_OPTIONS: dict[str, float] = {}
+"""Extra ``SchedulerState`` arguments for every run (``--worker-saturation``)."""
+
+
 def cluster(n_workers: int, nthreads: int = 2) -> ClusterSimulator:
-    sim = ClusterSimulator(steal=False)
+    sim = ClusterSimulator(steal=False, **SCHEDULER_OPTIONS)
     for _ in range(n_workers):
         sim.add_worker(nthreads=nthreads)
     return sim
@@ -73,10 +77,17 @@ def run(
     tasks = GRAPHS[graph](n_tasks, random.Random(42))
     wanted = sinks(tasks)
     gc.collect()
-    wall, cpu = time.perf_counter(), time.process_time()
-    sim.submit("client", tasks, wanted)
-    sim.run_to_completion(max_rounds=10_000_000)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    # The simulated client's graph (``SimTask``s, which no scheduler or worker process
+    # holds) is kept out of the collector's sight, as benchmarks/wire.py does with its
+    # input; the cores' own records are collected as in a real process.
+    gc.freeze()
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        sim.submit("client", tasks, wanted)
+        sim.run_to_completion(max_rounds=10_000_000)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        gc.unfreeze()
     if check:
         problems = sim.check_outcome()
         assert not problems, problems[:5]
@@ -183,17 +194,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the run: top costs")
     parser.add_argument("--memory", action="store_true", help="scheduler bytes per task")
     parser.add_argument("--million", action="store_true", help="1,000,000 tasks on 1,000 workers")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per graph; the best is reported last"
+    )
+    parser.add_argument(
+        "--worker-saturation",
+        type=float,
+        help="SchedulerState(worker_saturation=...); inf: no queuing",
+    )
+    parser.add_argument("--worker-backlog", type=float, help="SchedulerState(worker_backlog=...)")
     args = parser.parse_args(argv)
+    if args.worker_saturation is not None:
+        SCHEDULER_OPTIONS["worker_saturation"] = args.worker_saturation
+    if args.worker_backlog is not None:
+        SCHEDULER_OPTIONS["worker_backlog"] = args.worker_backlog
     graphs = args.graph or sorted(GRAPHS)
     if args.million:
         args.tasks, args.workers = 1_000_000, 1000
     for g in graphs:
-        wall, cpu = run(args.tasks, args.workers, g, check=not args.million)
-        print(
-            f"{g:>7}: {args.tasks:,} tasks on {args.workers} workers: "
-            f"{cpu:,.0f} tasks/CPU-s ({wall:,.0f} tasks/wall-s)",
-            flush=True,
-        )
+        rates = []
+        for _ in range(max(1, args.repeat)):
+            wall, cpu = run(args.tasks, args.workers, g, check=not args.million)
+            rates.append(cpu)
+            print(
+                f"{g:>7}: {args.tasks:,} tasks on {args.workers} workers: "
+                f"{cpu:,.0f} tasks/CPU-s ({wall:,.0f} tasks/wall-s)",
+                flush=True,
+            )
+        if len(rates) > 1:
+            print(f"{g:>7}: best of {len(rates)}: {max(rates):,.0f} tasks/CPU-s", flush=True)
         if args.profile:
             profile(min(args.tasks, 30_000), args.workers, g)
     if args.memory:

@@ -156,3 +156,35 @@ def test_queued_tasks_free_nothing_on_release() -> None:
     submit(s, [spec("t-0"), spec("t-1", order=1)])
     eff = s.handle(ev(ClientReleasesKeys, "c", ["t-1"]))
     assert frees(eff) == []
+
+
+def test_backlog_refills_in_runs_of_consecutive_tasks() -> None:
+    """Hysteresis: a worker filled to its backlog takes more only once down to half of
+    it, and then a run of consecutive tasks, not one task per finished task."""
+    s = cluster((A, 1), worker_saturation=1.0, worker_backlog=0.01)
+    submit(s, [spec("t-0")])
+    s.handle(finished(A, "t-0", start=0.0, stop=0.001))  # ~1 ms each: backlog of 10
+    eff = submit(s, [spec(f"t-{i}", order=i) for i in range(1, 41)])
+    first = [k for _, k in computes(eff)]
+    assert first == [f"t-{i}" for i in range(1, 11)]
+    refills = [
+        [k for _, k in computes(s.handle(finished(A, key, start=0.0, stop=0.001)))] for key in first
+    ]
+    assert refills[:5] == [[]] * 5  # above half the backlog: nothing
+    got = [k for r in refills for k in r]
+    assert got == [f"t-{i}" for i in range(11, 11 + len(got))]  # in priority order
+    assert max(len(r) for r in refills) >= 5  # handed out as a run
+
+
+def test_without_queuing_consecutive_root_tasks_share_a_worker() -> None:
+    """dask's co-assignment: each worker takes its share of a root group, in order."""
+    s = cluster((A, 2), (B, 2), worker_saturation=math.inf)
+    eff = submit(s, [spec(f"t-{i}", order=i) for i in range(8)])
+    assert len(computes(eff)) == 8
+    by_worker: dict[str, list[str]] = {}
+    for w, k in computes(eff):
+        by_worker.setdefault(w, []).append(k)
+    assert sorted(len(v) for v in by_worker.values()) == [4, 4]
+    for keys in by_worker.values():  # each worker's share is a block of neighbours
+        idx = sorted(int(k.split("-")[1]) for k in keys)
+        assert idx == list(range(idx[0], idx[0] + 4))

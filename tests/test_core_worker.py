@@ -114,10 +114,10 @@ def test_priority_order_and_thread_slots() -> None:
         compute("c", prio=(3,)), compute("a", prio=(1,)), compute("d", prio=(4,)),
         compute("b", prio=(2,)),
     )  # fmt: skip
-    # c arrived first and took a slot, then a; b and d wait in priority order
-    assert out == [ex("c"), ex("a")]
+    # tasks start once per batch, best priority first: a and b; c and d wait
+    assert out == [ex("a"), ex("b")]
     assert ws.executing_count == 2
-    assert ws.handle(done("c")) == [finished("c"), ex("b")]
+    assert ws.handle(done("b")) == [finished("b"), ex("c")]
     assert ws.handle(done("a")) == [finished("a"), ex("d")]
 
 
@@ -366,7 +366,8 @@ def test_compute_key_in_flight_computes_when_transfer_fails() -> None:
 
 def test_freed_dependency_kept_until_dependent_finishes() -> None:
     ws = ws_()
-    ws.handle(compute("y", {"a": ["w1"]}), GatherDepSuccess("g", 1.0, "w1", {"a": 1}))
+    ws.handle(compute("y", {"a": ["w1"]}))
+    ws.handle(GatherDepSuccess("g", 1.0, "w1", {"a": 1}))
     assert ws.tasks["y"].state == "executing"
     assert ws.handle(FreeKeys("f", 2.0, ["a"])) == []
     assert ws.tasks["a"].state == "memory"
@@ -458,7 +459,8 @@ def test_execute_success_for_task_not_running_raises() -> None:
 def test_story_is_bounded() -> None:
     ws = WorkerState(W, story_limit=5)
     for i in range(10):
-        ws.handle(compute(i), done(i))
+        ws.handle(compute(i))
+        ws.handle(done(i))  # a later batch: Execute goes out after the whole first one
     assert len(ws._story) == 5
 
 
@@ -477,7 +479,8 @@ def test_missing_dependency_fetched_when_new_compute_names_holders() -> None:
 
 def test_freed_compute_of_key_in_flight_still_fetched_for_dependent() -> None:
     ws = ws_(nthreads=2)
-    ws.handle(compute("y", {"a": ["w1"]}), compute("a"))
+    ws.handle(compute("y", {"a": ["w1"]}))  # the fetch starts after this batch
+    ws.handle(compute("a"))
     assert ws.tasks["a"].state == "resumed"
     assert ws.handle(FreeKeys("f", 2.0, ["a"])) == []
     assert ws.tasks["a"].state == "flight"

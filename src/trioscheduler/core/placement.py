@@ -134,6 +134,29 @@ def decide_worker(s: SchedulerState, ts: TaskRecord) -> WorkerRecord | None:
                 candidates.append(ws)
         if candidates:
             return candidates[0] if len(candidates) == 1 else _best(s, ts, candidates)
+    elif ts.worker_restrictions is None and ts.resource_restrictions is None:
+        return _co_assign(s, ts)
+    return _least_busy(s)
+
+
+def _co_assign(s: SchedulerState, ts: TaskRecord) -> WorkerRecord | None:
+    """A root task without queuing: consecutive tasks of a prefix go to one worker, its
+    share of the group (``n_tasks * nthreads / total threads``), then the next worker
+    (dask's co-assignment): siblings of a reduction land together, transfers are few."""
+    tp = ts.prefix
+    if tp.last_worker_left > 0 and tp.last_worker is not None:
+        ws = s.workers.get(tp.last_worker)
+        if ws is not None and ws.status == "running":
+            tp.last_worker_left -= 1
+            return ws
+    ws = _least_busy(s)
+    if ws is not None:
+        tp.last_worker = ws.address
+        tp.last_worker_left = tp.n_tasks * ws.nthreads // max(s.total_nthreads, 1) - 1
+    return ws
+
+
+def _least_busy(s: SchedulerState) -> WorkerRecord | None:
     if s.idle:
         return next(iter(s.idle.values()))
     running = s.running

@@ -114,7 +114,9 @@ class SchedulerState:
         seconds per thread. The second clause keeps trivial tasks flowing in a real cluster
         (a bare 1.1 leaves a worker idle for every round trip); the first bounds how many
         slow or unknown-duration tasks (``default_duration``) a worker is handed at once,
-        which co-locates siblings and bounds memory."""
+        which bounds memory. The backlog has hysteresis: a worker filled to it takes more
+        only once it is down to half, then a run of consecutive tasks (siblings of a
+        reduction share a worker, so most reductions need no transfer)."""
         if not worker_saturation > 0:
             raise ValueError(
                 f"worker_saturation must be > 0 (inf: no queuing), not {worker_saturation!r}"
@@ -284,10 +286,12 @@ class SchedulerState:
             else:
                 self.saturated.discard(addr)
             if self.queuing:
-                if busy + ws.incoming_steals < ws.queue_slots or ws.occupancy < ws.backlog:
-                    self.open[addr] = ws
-                else:
-                    self.open.pop(addr, None)
+                n = busy + ws.incoming_steals
+                if n < ws.queue_slots or ws.occupancy < 0.5 * ws.backlog:
+                    self.open[addr] = ws  # room: take queued tasks
+                elif ws.occupancy >= ws.backlog:
+                    self.open.pop(addr, None)  # full
+                # else between the marks: keep filling, or keep waiting (hysteresis)
         else:
             self.idle.pop(addr, None)
             self.open.pop(addr, None)

@@ -149,12 +149,14 @@ def validate_scheduler(s: SchedulerState) -> None:
         sat = busy > ws.nthreads if ws.status == "running" else busy > 0
         _check((addr in s.saturated) == sat, f"{addr}: saturated set disagrees")
         _check((ws.status == "closing") == (addr in s.retiring), f"{addr}: retiring set disagrees")
-        room = (
-            s.queuing
-            and ws.status == "running"
-            and (busy + ws.incoming_steals < ws.queue_slots or ws.occupancy < ws.backlog)
-        )
-        _check((addr in s.open) == room, f"{addr}: open set disagrees")
+        if not s.queuing or ws.status != "running":
+            _check(addr not in s.open, f"{addr}: open, but not running or no queuing")
+        else:  # room -> open -> not full (between the backlog marks: either)
+            n = busy + ws.incoming_steals
+            if n < ws.queue_slots or ws.occupancy < 0.5 * ws.backlog:
+                _check(addr in s.open, f"{addr}: has room but is not open")
+            if addr in s.open:
+                _check(n < ws.queue_slots or ws.occupancy < ws.backlog, f"{addr}: open but full")
     _check(total_threads == s.total_nthreads, "total_nthreads drifted")
     _check(set(s.idle) <= s.workers.keys(), "idle names unknown workers")
     _check(s.saturated <= s.workers.keys(), "saturated names unknown workers")

@@ -61,6 +61,10 @@ class TaskPrefix:
     duration_average: float = -1.0  # seconds; < 0 while no task of the prefix finished
     n_finished: int = 0
     n_tasks: int = 0  # tasks of the prefix the scheduler knows (tiny groups: see rootish)
+    # co-assignment without queuing: the worker taking this prefix's root tasks, and how
+    # many more it takes (its share of the group) before the next worker starts
+    last_worker: str | None = None
+    last_worker_left: int = 0
 
 
 @dataclass(slots=True, eq=False)

@@ -185,31 +185,46 @@ class WorkerState:
         return [e for e in self._story if e[0] == key]
 
     def handle(self, *events: Any) -> list[Any]:
-        """Apply events in order; return the instructions for the shell."""
+        """Apply events in order; return the instructions for the shell.
+
+        The decisions (report replicas, spill, start tasks and transfers) run once after
+        the whole batch, as of its last event: a batch of finished tasks or arrived
+        transfers costs one ``AddKeys`` and one pass over the queues, not one per event.
+        """
         out: list[Any] = []
+        handlers = _HANDLERS
+        validate = self.validate
+        ev: Any = None
         for ev in events:
-            try:
-                handler = _HANDLERS[type(ev)]
-            except KeyError:
-                raise TypeError(
-                    f"WorkerState cannot handle {type(ev).__name__}: {ev!r:.200}"
-                ) from None
-            self._starts = 0
-            stim: str = ev.stimulus_id
-            now: float = ev.now
+            handler = handlers.get(type(ev))
+            if handler is None:
+                raise TypeError(f"WorkerState cannot handle {type(ev).__name__}: {ev!r:.200}")
             handler(self, ev, out)
-            if self._added:
-                out.append(ToScheduler(AddKeys(stim, now, self.address, self._added)))
-                self._added = {}
-            target = self.thresholds.target
-            if target is not None and self.memory_bytes > target:
-                self._spill_to_target(out, ())
-            if (self._ready or self._constrained) and len(self.executing) < self.nthreads:
-                self._ensure_computing(stim, now, out)
-            if self._fetch_dirty:
-                self._ensure_communicating(stim, now, out)
-            if self.validate:
+            if validate:
+                self._starts = 0
                 validate_worker(self)
+        if ev is None:
+            return out
+        self._starts = 0
+        stim: str = ev.stimulus_id
+        now: float = ev.now
+        added = self._added
+        if added:
+            self._added = {}
+            tasks = self.tasks
+            for key in [k for k in added if (t := tasks.get(k)) is None or t.state != "memory"]:
+                del added[key]  # dropped again within the batch: nothing to report
+            if added:
+                out.append(ToScheduler(AddKeys(stim, now, self.address, added)))
+        target = self.thresholds.target
+        if target is not None and self.memory_bytes > target:
+            self._spill_to_target(out, ())
+        if (self._ready or self._constrained) and len(self.executing) < self.nthreads:
+            self._ensure_computing(stim, now, out)
+        if self._fetch_dirty:
+            self._ensure_communicating(stim, now, out)
+        if validate:
+            validate_worker(self)
         return out
 
     # ------------------------------------------------------------------ helpers
