@@ -380,6 +380,36 @@ def test_task_depending_on_itself_errs() -> None:
     assert "cycle" in s.tasks["x"].exception_text
 
 
+def test_longer_cycle_errs_naming_it() -> None:
+    """x -> y -> z -> x (each depends on the next), and w reads x: all err, the error
+    names the cycle; nothing waits forever."""
+    s = cluster((A, 1))
+    specs = [spec("w", ("x",)), spec("x", ("y",)), spec("y", ("z",)), spec("z", ("x",))]
+    eff = s.handle(ev(UpdateGraph, "c", specs, ["w", "y"]))
+    assert sorted(to_clients(eff)) == [("c", "KeyErred", "w"), ("c", "KeyErred", "y")]
+    assert set(states(s).values()) == {"erred"}
+    text = s.tasks["y"].exception_text
+    assert "cycle: 'y' -> 'z' -> 'x' -> 'y'" in text
+    assert "through a cycle" in s.tasks["w"].exception_text  # w erred because of x
+    exc = pickle.loads(s.tasks["w"].exception or b"")
+    assert "cycle" in str(exc)
+
+
+def test_dependencies_submitted_after_their_dependents_are_no_cycle() -> None:
+    s = cluster((A, 1))
+    eff = s.handle(ev(UpdateGraph, "c", [spec("b", ("a",)), spec("a")], ["b"]))
+    assert computes(eff) == [(A, "a")]
+    assert states(s) == {"a": "processing", "b": "waiting"}
+
+
+def test_cycle_beside_a_healthy_graph_only_errs_the_cycle() -> None:
+    s = cluster((A, 1))
+    specs = [spec("p", ("q",)), spec("q", ("p",)), spec("ok")]
+    eff = s.handle(ev(UpdateGraph, "c", specs, ["p", "ok"]))
+    assert to_clients(eff) == [("c", "KeyErred", "p")]
+    assert computes(eff) == [(A, "ok")]
+
+
 def test_docstring_draws_the_transition_table() -> None:
     """The module docstring's edge list is the table (h11: the docs cannot drift)."""
     from trioscheduler.core import scheduler_transitions as tr

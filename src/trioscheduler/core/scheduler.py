@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from trioscheduler.core import scheduler_transitions as tr
@@ -421,8 +421,10 @@ class SchedulerState:
             if spec.resources:
                 ts.resource_restrictions = dict(spec.resources)
             new.append((ts, spec.dependencies))
+        pos = {ts.key: i for i, (ts, _) in enumerate(new)}
+        forward = False  # a dependency submitted after its dependent: a cycle is possible
         broken: list[TaskRecord] = []
-        for ts, deps in new:
+        for i, (ts, deps) in enumerate(new):
             if not deps:
                 continue
             missing: list[Key] = []
@@ -433,6 +435,8 @@ class SchedulerState:
                 if dts is None or dts is ts:  # unknown, or a task depending on itself
                     missing.append(dk)
                     continue
+                if pos.get(dk, -1) > i:
+                    forward = True
                 found[dk] = None
                 if dts.dependents:
                     dts.dependents[key] = None
@@ -455,6 +459,8 @@ class SchedulerState:
                 ts.exception_text = str(exc)
                 ts.exception_blame = ts.key
                 broken.append(ts)
+        if forward:
+            broken.extend(self._break_cycles([ts for ts, _ in new]))
         for ts in broken:  # before wants are added, so dependents see them erred
             self.transition(ts, "erred")
         for key in ev.keys:
@@ -468,6 +474,57 @@ class SchedulerState:
         for ts, _ in new:
             if ts.state == "released" and not ts.wanted_by and not ts.dependents:
                 self._recs[ts.key] = "forgotten"
+
+    def _break_cycles(self, new: list[TaskRecord]) -> list[TaskRecord]:
+        """The tasks of ``new`` that lie on a dependency cycle, each with an error naming
+        the cycle (their dependents then err through them). Only new tasks can form one:
+        an existing task never gains dependencies. Kahn's algorithm: what cannot be
+        ordered is on a cycle or downstream of one; following dependencies from there
+        always ends on a cycle."""
+        tasks = self.tasks
+        indeg = {ts.key: 0 for ts in new}
+        for ts in new:
+            for dk in ts.dependencies:
+                if dk in indeg:
+                    indeg[ts.key] += 1
+        free = [k for k, n in indeg.items() if not n]
+        while free:
+            for dk in tasks[free.pop()].dependents:
+                if dk in indeg:
+                    indeg[dk] -= 1
+                    if not indeg[dk]:
+                        free.append(dk)
+        stuck = {k: None for k, n in indeg.items() if n}  # ordered: deterministic errors
+        on_cycle: dict[Key, list[Key]] = {}
+        done: set[Key] = set()
+        for start in stuck:
+            path: list[Key] = []
+            at: dict[Key, int] = {}
+            k = start
+            while k not in at and k not in done:
+                at[k] = len(path)
+                path.append(k)
+                k = next(d for d in tasks[k].dependencies if d in stuck)
+            if k in at:  # a new cycle: path[at[k]:]
+                cycle = path[at[k] :]
+                for c in cycle:
+                    on_cycle[c] = cycle
+            done.update(path)
+        out = []
+        for k, cycle in on_cycle.items():
+            ts = tasks[k]
+            i = cycle.index(k)
+            loop = " -> ".join(repr(c) for c in [*cycle[i:], *cycle[:i], k])
+            exc = TrioSchedulerError(
+                f"task {k!r} depends on itself through a cycle: {loop}. "
+                "Check how the graph was built."
+            )
+            ts.exception = pickle.dumps(exc)
+            ts.traceback = b""
+            ts.exception_text = str(exc)
+            ts.exception_blame = k
+            out.append(ts)
+        return out
 
     def _on_update_data(self, ev: UpdateData) -> None:
         cs = self._client(ev.client)
@@ -510,46 +567,60 @@ class SchedulerState:
         for key in ev.keys:
             self._drop_want(cs, key)
 
-    def _on_cancel(self, ev: CancelKeys) -> None:
-        cs = self.clients.get(ev.client)
-        if cs is None and not ev.force:
-            return
+    def _walk(
+        self, keys: Iterable[Key], neighbours: Callable[[TaskRecord], Sequence[Key]]
+    ) -> Iterator[tuple[TaskRecord, Sequence[Key]]]:
+        """Each known task reachable from ``keys`` once, depth first, with the keys to go
+        on to (``neighbours``, asked *before* the caller acts on the task)."""
+        tasks = self.tasks
         seen: set[Key] = set()
-        stack = list(ev.keys)
+        stack = list(keys)
         while stack:
             key = stack.pop()
             if key in seen:
                 continue
             seen.add(key)
-            ts = self.tasks.get(key)
-            if ts is None or not ts.wanted_by:
+            ts = tasks.get(key)
+            if ts is None:
                 continue
-            if ev.force or ts.wanted_by == {ev.client}:
-                stack.extend(ts.dependents)
-            targets = sorted(ts.wanted_by) if ev.force else [ev.client]
-            for c in targets:
+            nxt = neighbours(ts)
+            yield ts, nxt
+            stack.extend(nxt)
+
+    def _on_cancel(self, ev: CancelKeys) -> None:
+        """Cancel ``keys`` for the client, and the dependents only it wanted (all, with
+        ``force``: for every client)."""
+        if ev.client not in self.clients and not ev.force:
+            return
+        client = ev.client
+
+        def onward(ts: TaskRecord) -> Sequence[Key]:
+            wb = ts.wanted_by
+            return tuple(ts.dependents) if wb and (ev.force or wb == {client}) else ()
+
+        for ts, _ in self._walk(ev.keys, onward):
+            if not ts.wanted_by:
+                continue
+            for c in sorted(ts.wanted_by) if ev.force else [client]:
                 ccs = self.clients.get(c)
-                if ccs is None or key not in ccs.wants:
+                if ccs is None or ts.key not in ccs.wants:
                     continue
-                self.to_client(c, KeyCancelled(key, "cancelled"))
-                self._drop_want(ccs, key)
+                self.to_client(c, KeyCancelled(ts.key, "cancelled"))
+                self._drop_want(ccs, ts.key)
 
     def _on_retry(self, ev: RetryKeys) -> None:
-        seen: set[Key] = set()
-        stack = list(ev.keys)
-        while stack:
-            key = stack.pop()
-            if key in seen:
-                continue
-            seen.add(key)
-            ts = self.tasks.get(key)
-            if ts is None or ts.state != "erred":
-                continue
-            erred_deps = [d for d in ts.dependencies if self.tasks[d].state == "erred"]
-            if erred_deps:
-                stack.extend(erred_deps)
-            else:
-                self._recs[key] = "waiting"
+        """Run erred ``keys`` again, from their erred dependencies up (the roots of the
+        failure are retried; dependents follow through ``erred -> waiting``)."""
+        tasks = self.tasks
+
+        def erred_deps(ts: TaskRecord) -> Sequence[Key]:
+            if ts.state != "erred":
+                return ()
+            return [d for d in ts.dependencies if tasks[d].state == "erred"]
+
+        for ts, nxt in self._walk(ev.keys, erred_deps):
+            if ts.state == "erred" and not nxt:
+                self._recs[ts.key] = "waiting"
 
     # ---------------------------------------------------------------- worker events
 
