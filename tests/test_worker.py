@@ -178,7 +178,7 @@ async def test_spill_to_disk_and_back(tmp_path: Any) -> None:
                         await f
                     store = w.store
                     assert store is not None
-                    await wait_until(lambda: len(store.spilled) >= 5)
+                    await wait_until(lambda: len(store.spilled) >= 5 and not store.writing)
                     files = os.listdir(store.directory)
                     assert len(files) == len(store.spilled)
                     assert store.directory.startswith(str(tmp_path))

@@ -167,6 +167,7 @@ class Worker:
         # Spill files are written by one writer task, in a thread (``_write_spills``);
         # tasks wait to start while more than ``_write_ahead`` bytes are still unwritten.
         self._spill_jobs: deque[memory.SpillJob] = deque()
+        self._doomed: list[str] = []  # spill files to remove, by the writer too
         self._spill_writer = False  # the writer task is running
         self._spill_progress = trio.Event()  # set (and replaced) after each write
         self._write_ahead = int(memory.WRITE_AHEAD * (self.memory_limit or 0))
@@ -200,6 +201,7 @@ class Worker:
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Worker]:
         self.store = memory.DataStore(self.local_directory)
+        self.store.remove = self._remove_later
         self.trio_token = trio.lowlevel.current_trio_token()
         self._executor.start()
         error: BaseException | None = None  # the block's own error, raised unwrapped
@@ -494,12 +496,20 @@ class Worker:
         if job is None:
             return
         self._spill_jobs.append(job)
+        self._wake_writer()
+
+    def _remove_later(self, path: str) -> None:
+        self._doomed.append(path)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
         if not self._spill_writer:
             self._spill_writer = True
             self._start(self._write_spills)
 
     async def _write_spills(self) -> None:
-        """Write queued spill files in a thread, then book them and report failures.
+        """Write queued spill files in a thread, then book them and report failures;
+        remove unneeded files in the same thread.
 
         Small values go to the thread several at a time (up to ``SPILL_BATCH`` bytes).
         """
@@ -507,7 +517,8 @@ class Worker:
         assert store is not None
         jobs = self._spill_jobs
         try:
-            while jobs:
+            while jobs or self._doomed:
+                doomed, self._doomed = self._doomed, []
                 batch: list[memory.SpillJob] = []
                 size = 0
                 while jobs and size < memory.SPILL_BATCH:
@@ -516,8 +527,8 @@ class Worker:
                         continue  # deleted, replaced or wanted back before its turn
                     batch.append(job)
                     size += job.nbytes
-                if batch:
-                    await trio.to_thread.run_sync(memory.write_spills, batch)
+                if batch or doomed:
+                    await trio.to_thread.run_sync(memory.write_spills, batch, doomed)
                 failed = []
                 for job in batch:
                     error = store.finish_spill(job)
@@ -595,10 +606,21 @@ class Worker:
         self._executor.submit(key, run_spec, self.store)
 
     async def _finish_loop(self) -> None:
-        """Feed finished tasks to the core, each batch in one ``handle`` call."""
+        """Feed finished tasks to the core, each batch in one ``handle`` call.
+
+        When no task is left running, what that produced (``TaskFinished``...) is
+        written at once: nothing else is coming to batch it with, and the batched
+        sender's own wake-up and schedule point would only delay the round trip.
+        """
         executor = self._executor
         while True:
             self._finish(await executor.wait())
+            batched = self._batched
+            if not self._executing and batched is not None and not self._closing:
+                try:
+                    await batched.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the batched sender keeps the error; _read_scheduler sees the end
 
     def _finish(self, batch: list[Done]) -> None:
         store = self.store
