@@ -34,9 +34,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import cloudpickle
 import psutil
-from dask.utils import format_bytes, parse_bytes
 
 from trioscheduler.errors import TrioSchedulerWarning
 
@@ -86,6 +84,8 @@ def parse_memory_limit(memory_limit: str | float | None, *, nworkers: int = 1) -
             try:
                 limit = float(text)
             except ValueError:
+                from dask.utils import parse_bytes  # here: a worker need not import dask
+
                 try:
                     limit = parse_bytes(text)
                 except ValueError:
@@ -108,6 +108,8 @@ def parse_memory_limit(memory_limit: str | float | None, *, nworkers: int = 1) -
     if result == 0:
         return None
     if result > total:
+        from dask.utils import format_bytes
+
         logger.warning(
             "memory_limit %r is more than this machine's memory (%s); using %s instead",
             memory_limit, format_bytes(total), format_bytes(total),
@@ -148,6 +150,8 @@ def serialize(value: Any) -> tuple[int, list[memoryview | bytes]]:
     try:
         head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     except Exception:
+        import cloudpickle  # only for what plain pickle refuses
+
         buffers.clear()
         head = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     frames: list[memoryview | bytes] = [head]
