@@ -405,6 +405,17 @@ class Scheduler:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.debug("dropping %r for %s: stream closed", type(msg).__name__, peer)
 
+    async def _flush_workers(self) -> None:
+        """Write what a client's messages produced for the workers (``ComputeTask``...)
+        now: a client's graph starts work without waiting for the batched senders'
+        wake-ups; messages caused by workers keep ``BatchedSend``'s rule."""
+        for peer in list(self._workers.values()):
+            if peer.batched.pending:
+                try:
+                    await peer.batched.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the worker's stream is going: its serving task handles that
+
     def _notify_workers_changed(self) -> None:
         self._workers_changed.set()
         self._workers_changed = trio.Event()
@@ -513,19 +524,25 @@ class Scheduler:
                 self._feed(add)
                 # The client waits for this before using RPCs that name it.
                 peer.send({"op": "stream-start", "client": cid})
-                async for msg in stream:
-                    t = type(msg)
-                    if t not in _CLIENT_EVENTS or (
-                        msg.client != cid
-                        and not (t is m.ClientDesiresKeys and msg.client == FIRE_AND_FORGET)
-                    ):
-                        raise ProtocolViolation(f"client {cid} sent {msg!r:.200}")
-                    msg.now = trio.current_time()
-                    self._feed(msg)
-                    peer.handled_one()
-                    if t is m.RemoveClient:
-                        removed = True
+                while not removed:
+                    try:
+                        batch = await stream.receive_batch()
+                    except trio.EndOfChannel:
                         break
+                    for msg in batch:
+                        t = type(msg)
+                        if t not in _CLIENT_EVENTS or (
+                            msg.client != cid
+                            and not (t is m.ClientDesiresKeys and msg.client == FIRE_AND_FORGET)
+                        ):
+                            raise ProtocolViolation(f"client {cid} sent {msg!r:.200}")
+                        msg.now = trio.current_time()
+                        self._feed(msg)
+                        peer.handled_one()
+                        if t is m.RemoveClient:
+                            removed = True
+                            break
+                    await self._flush_workers()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:

@@ -94,6 +94,11 @@ class BatchedSend:
         self.messages_sent = 0
         self.batches_sent = 0
 
+    @property
+    def pending(self) -> int:
+        """Messages queued and not yet written."""
+        return len(self._pending)
+
     def send_nowait(self, msg: Any) -> None:
         """Queue ``msg``; never blocks. Raises if the stream already broke or was closed."""
         if self._error is not None or self._closed:
