@@ -288,19 +288,24 @@ async def test_forked_workers_print_once_and_leave_nothing(tmp_path: Any) -> Non
 
 @needs_fork
 async def test_forked_workers_exit_when_their_parent_is_killed(tmp_path: Any) -> None:
-    script, out = tmp_path / "forking.py", tmp_path / "out.txt"
+    script, out, err = tmp_path / "forking.py", tmp_path / "out.txt", tmp_path / "err.txt"
     script.write_text(FORKING_SCRIPT)
-    with out.open("wb") as f:  # noqa: ASYNC230 - an empty file
-        proc = await trio.lowlevel.open_process([sys.executable, str(script), "hang"], stdout=f)
+    with out.open("wb") as fo, err.open("wb") as fe:  # noqa: ASYNC230 - empty files
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, str(script), "hang"], stdout=fo, stderr=fe
+        )
     try:
-        with trio.fail_after(TIMEOUT):
+        with trio.move_on_after(TIMEOUT) as started:
             while "pids" not in out.read_text():  # noqa: ASYNC110 - another process writes it
                 await trio.sleep(0.05)
-            pids = [int(p) for p in out.read_text().split("pids", 1)[1].split()]
-            assert not any(_gone(pid) for pid in pids)
-            proc.send_signal(signal.SIGKILL)  # no clean-up at all: the workers see stdin EOF
-            await proc.wait()
+        assert not started.cancelled_caught, (out.read_text(), err.read_text())
+        pids = [int(p) for p in out.read_text().split("pids", 1)[1].split()]
+        assert not any(_gone(pid) for pid in pids)
+        proc.send_signal(signal.SIGKILL)  # no clean-up at all: the workers see stdin EOF
+        await proc.wait()
+        with trio.move_on_after(TIMEOUT) as ended:
             await wait_until(lambda: all(_gone(pid) for pid in pids))
+        assert not ended.cancelled_caught, [(p, _gone(p)) for p in pids]
     finally:
         with trio.CancelScope(shield=True):
             if proc.returncode is None:

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,10 @@ def test_start_method_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     # a worker limit so small that this process's RSS would dominate the child's
     assert "MiB" in str(Nanny(address, memory_limit=2**20, start_method="auto").fork_unsafe())
     assert Nanny(address, memory_limit=2**20, start_method="fork").fork_unsafe() is None
+    # a runtime that does not survive a fork: auto spawns, an explicit fork is obeyed
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))
+    assert "jax" in str(Nanny(address, memory_limit=0, start_method="auto").fork_unsafe())
+    assert Nanny(address, memory_limit=0, start_method="fork").fork_unsafe() is None
 
 
 @needs_fork

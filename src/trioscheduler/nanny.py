@@ -324,7 +324,9 @@ class Nanny:
             return "forking needs Linux with pidfd_open"
         if self.env is not None:
             return "the worker has an environment of its own (env=)"
-        if self.start_method == "auto" and self.memory_limit:
+        if self.start_method == "fork":
+            return None
+        if self.memory_limit:
             rss = psutil.Process().memory_info().rss
             if rss > FORK_RSS_FRACTION * self.memory_limit:
                 return (
@@ -332,7 +334,7 @@ class Nanny:
                     f"{FORK_RSS_FRACTION:.0%} of the worker's memory limit, which a forked "
                     "child would count as its own"
                 )
-        return None
+        return _fork_hostile_library()
 
     async def _start_child(self, ready_fd: int) -> trio.Process | _ForkedProcess:
         """Fork or spawn the worker process, which announces itself on ``ready_fd``."""
@@ -703,6 +705,32 @@ def _fork(
     return pid, pidfd
 
 
+def _fork_hostile_library() -> str | None:
+    """A library loaded here whose state does not survive a fork, or None.
+
+    CUDA contexts (torch, cupy) cannot be used in a forked child; jax and tensorflow run
+    thread pools that fork leaves locked; GNU OpenMP (libgomp, loaded by torch and many
+    compiled extensions) hangs in a forked child once the parent ran a parallel region.
+    """
+    for name in ("jax", "tensorflow", "cupy"):
+        if name in sys.modules:
+            return f"{name} is imported (its runtime does not survive a fork)"
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    try:
+        if cuda is not None and cuda.is_initialized():
+            return "torch has initialized CUDA, which a forked child cannot use"
+    except Exception:  # noqa: BLE001 - a half-imported torch: be careful
+        return "torch is imported"
+    try:
+        with open(f"/proc/{os.getpid()}/maps") as maps:
+            if any("libgomp" in line for line in maps):
+                return "GNU OpenMP (libgomp) is loaded, and hangs in a forked child"
+    except OSError:
+        pass
+    return None
+
+
 def _module_being_imported() -> str | None:
     """The name of a module some thread is importing right now (its lock is held)."""
     import importlib._bootstrap as bootstrap
@@ -732,11 +760,15 @@ def _forked_worker(
         if collecting:
             gc.enable()
         os.setsid()  # as spawn's start_new_session: a terminal's Ctrl-C goes to the nanny
-        if ready_fd < 3:
+        if ready_fd < 3:  # this process had closed stdio: keep 0-2 what they were
             import fcntl
 
-            ready_fd = fcntl.fcntl(ready_fd, fcntl.F_DUPFD, 3)
-        os.dup2(stdin_fd, 0)
+            ready_fd, low = fcntl.fcntl(ready_fd, fcntl.F_DUPFD, 3), ready_fd
+            os.close(low)
+        if stdin_fd != 0:
+            os.dup2(stdin_fd, 0)
+            if stdin_fd < 3:
+                os.close(stdin_fd)
         _retire_fds(keep={0, 1, 2, ready_fd})
         _reset_signals()
         _reset_process_state()
@@ -827,7 +859,12 @@ def _reset_process_state() -> None:
     logging.disable(logging.NOTSET)
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:  # else every forked worker draws the parent's numbers
-        numpy_random.seed()
+        state = getattr(getattr(numpy_random, "mtrand", None), "_rand", None)
+        lock = getattr(getattr(state, "_bit_generator", None), "lock", None)
+        if lock is None or lock.acquire(blocking=False):  # a thread we lost may hold it
+            if lock is not None:
+                lock.release()
+            numpy_random.seed()
     client = sys.modules.get("trioscheduler.client")
     if client is not None:  # the parent's default clients live in the parent
         _inherited.append(list(client._defaults))
