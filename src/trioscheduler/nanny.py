@@ -98,6 +98,8 @@ class Nanny:
 
     ``memory_limit`` is resolved here (``"auto"`` shares system memory among ``nworkers``)
     and passed to the child in bytes, so both judge memory against the same number.
+    ``start_method`` (``"auto"``, ``"fork"``, ``"spawn"``; see the module docstring) is
+    applied at every (re)start; ``started_by`` tells how the current child began.
     """
 
     def __init__(
