@@ -162,3 +162,26 @@ def test_paused_worker_fetches_nothing() -> None:
     assert ws.tasks["a"].state == "fetch"
     out = ws.handle(measured(100))
     assert out[-1].__class__.__name__ == "GatherDep"
+
+
+# ----------------------------------------------------------------------------- consumers first
+
+
+def test_above_target_tasks_reading_data_start_before_new_root_tasks() -> None:
+    """With more data held than the target, a ready task that reads data (and lets it be
+    released) starts before a root task of better priority, which would add data."""
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(a=300, b=400))  # 700 held: above the 600 target (``a`` spilled)
+    ws.handle(compute("blocker", prio=(0,)))  # takes the thread
+    ws.handle(compute("root", prio=(1,)), compute("use-b", ["b"], prio=(5,)))
+    out = ws.handle(ExecuteSuccess("e", 2.0, "blocker", 10, "int", 1.0, 2.0))
+    assert Execute("use-b", b"f") in out and Execute("root", b"f") not in out
+
+
+def test_below_target_priority_decides() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(b=100))
+    ws.handle(compute("blocker", prio=(0,)))
+    ws.handle(compute("root", prio=(1,)), compute("use-b", ["b"], prio=(5,)))
+    out = ws.handle(ExecuteSuccess("e", 2.0, "blocker", 10, "int", 1.0, 2.0))
+    assert Execute("root", b"f") in out and Execute("use-b", b"f") not in out

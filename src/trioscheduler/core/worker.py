@@ -121,7 +121,7 @@ class WorkerState:
         "transfer_incoming_count_limit", "transfer_message_bytes_limit", "validate",
         "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
         "managed_bytes", "executing", "long_running", "missing", "in_flight",
-        "_ready", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added",
+        "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added",
         "_story", "_serial", "_starts", "process_memory",
     )  # fmt: skip
 
@@ -161,6 +161,9 @@ class WorkerState:
         self.missing: set[WorkerTask] = set()
         self.in_flight: dict[str, set[WorkerTask]] = {}  # peer -> keys of its one GatherDep
         self._ready: list[HeapEntry] = []
+        # the ready tasks that read inputs (also in ``_ready``): preferred while the worker
+        # holds more than its memory target, so data is consumed before more is produced
+        self._ready_consumers: list[HeapEntry] = []
         self._constrained: list[HeapEntry] = []
         self._fetch_by_peer: dict[str, list[HeapEntry]] = {}
         self._fetch_dirty = False
@@ -241,7 +244,14 @@ class WorkerState:
             drain(self, recs, ev.stimulus_id, ev.now, out)
 
     def _push_ready(self, ts: WorkerTask, heap: list[HeapEntry]) -> None:
-        heapq.heappush(heap, (ts.priority, ts.serial, ts))
+        entry = (ts.priority, ts.serial, ts)
+        heapq.heappush(heap, entry)
+        if ts.dependencies and heap is self._ready:
+            consumers = self._ready_consumers
+            if len(consumers) > 2 * len(heap) + 64:  # mostly stale: started via ``_ready``
+                consumers[:] = [e for e in consumers if e[2].state == "ready"]
+                heapq.heapify(consumers)
+            heapq.heappush(consumers, entry)
 
     def _push_fetch(self, ts: WorkerTask) -> None:
         entry = (ts.priority, ts.serial, ts)
@@ -347,9 +357,26 @@ class WorkerState:
             return
         ready = self._ready
         constrained = self._constrained
+        consumers = self._ready_consumers
         executing = self.executing
+        target = self.thresholds.target
         started_inputs: set[Key] | None = None
         while len(executing) < self.nthreads:
+            if consumers and target is not None and self.managed_bytes > target:
+                # above the memory target: a task that reads data first, before any new
+                # root task adds more (what a task reads can then be released)
+                while consumers and consumers[0][2].state != "ready":
+                    heapq.heappop(consumers)
+                if consumers:
+                    ts = heapq.heappop(consumers)[2]
+                    transition(self, ts, "executing", stim, now, out)
+                    self._starts += 1
+                    if started_inputs is None:
+                        started_inputs = set()
+                    started_inputs.update(d.key for d in ts.dependencies)
+                    if self.memory_bytes > target:
+                        self._spill_to_target(out, started_inputs)
+                    continue
             while ready and ready[0][2].state != "ready":
                 heapq.heappop(ready)
             while constrained and constrained[0][2].state != "constrained":
@@ -372,7 +399,6 @@ class WorkerState:
                 if started_inputs is None:
                     started_inputs = set()
                 started_inputs.update(d.key for d in ts.dependencies)
-                target = self.thresholds.target
                 if target is not None and self.memory_bytes > target:
                     # never push out what a task started by this event is about to read
                     self._spill_to_target(out, started_inputs)

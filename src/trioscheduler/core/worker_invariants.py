@@ -113,6 +113,9 @@ def validate_worker(ws: WorkerState) -> None:
         in_heap = {e[2] for e in heap if e[2].state == name}
         want = {ts for ts in tasks.values() if ts.state == name}
         assert in_heap == want, (name, in_heap ^ want)
+    for e in ws._ready_consumers:  # a preference only: a live entry is a ready task
+        if e[2].state == "ready":
+            assert tasks.get(e[2].key) is e[2], ("ready consumer forgotten", e[2])
     # resources
     for r, total in ws.total_resources.items():
         avail = ws.available_resources.get(r, 0.0)
