@@ -90,9 +90,10 @@ async def test_open_cluster_in_process_and_scale() -> None:
         assert cluster.status == "closed" and not cluster.workers
 
 
-def test_sync_cluster_with_processes_leaves_no_child() -> None:
+@BOTH
+def test_sync_cluster_with_processes_leaves_no_child(method: str) -> None:
     before = {p.pid for p in worker_children()}
-    with LocalCluster(2, 1, processes=True, memory_limit="500MiB") as cluster:
+    with LocalCluster(2, 1, memory_limit="500MiB", start_method=method) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
         assert len(cluster.workers) == 2 and all(
             isinstance(n, Nanny) for n in cluster.workers.values()
@@ -104,6 +105,7 @@ def test_sync_cluster_with_processes_leaves_no_child() -> None:
             cluster.scale(3)
             assert len(cluster.workers) == 3 and len(cluster.worker_addresses) == 3
             client.wait_for_workers(3, timeout=TIMEOUT)
+            assert {n.started_by for n in cluster.workers.values()} == {method}  # type: ignore[union-attr]
             cluster.scale(1)
             assert list(cluster.workers) == ["0"]
             assert client.submit(inc, 1, pure=False).result(timeout=TIMEOUT) == 2
@@ -263,7 +265,7 @@ if __name__ == "__main__":
 
 def _gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
