@@ -543,6 +543,8 @@ class Scheduler:
                             removed = True
                             break
                     await self._flush_workers()
+                    # not kept while waiting: a graph's TaskSpecs would live as long as it runs
+                    batch = msg = None
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
