@@ -449,3 +449,14 @@ async def test_small_results_come_with_their_completion(address: str) -> None:
             assert await c.gather([small, big, listed]) == [2, "x" * 5000, ["a", "b"]]
             await c.retry([small])  # not erred: nothing changes
             assert await small == 2
+
+
+async def test_a_request_right_after_submit_sees_the_submitted_task(address: str) -> None:
+    """A request never overtakes a submit made before it in the same task, also when the
+    request is quicker than the stream (a client in the scheduler's own run)."""
+    with trio.fail_after(TIMEOUT):
+        async with cluster(address) as (s, _, c):
+            f = c.submit(block, "request-after-submit")
+            assert f.key in await c.who_has()
+            gate("request-after-submit").set()
+            assert (await f) is None

@@ -146,6 +146,7 @@ class Client:
         self._merge_order = 0  # the next free ``order`` of the last graph in the outbox
         self._outbox_ready: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_ident: int | None = None  # the thread running the session's trio loop
         self._nursery: trio.Nursery | None = None
         self._stream: wire.Stream | None = None
         self._batched: wire.BatchedSend | None = None
@@ -231,6 +232,7 @@ class Client:
         address = self.scheduler_address
         assert address is not None
         self._token = trio.lowlevel.current_trio_token()
+        self._loop_ident = threading.get_ident()
         # A scheduler in this very trio run is reached in memory (its inproc alias).
         self._route = local_route(address)
         try:
@@ -440,11 +442,19 @@ class Client:
         return f"{kind}-{self._stimulus}"
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in the loop thread, in call order, from any thread."""
+        """Run ``fn(*args)`` in the loop thread, in call order, from any thread.
+
+        Called in the loop thread itself (an asynchronous client), ``fn`` runs at once:
+        deferred, a ``submit`` followed by a request (``publish_dataset``...) would let
+        the request name a stream position before the submit's message, and overtake it.
+        """
         token = self._token
         if token is None or self.status == "closed":
             raise ClientClosedError(f"{self!r} is not running")
-        token.run_sync_soon(fn, *args)
+        if threading.get_ident() == self._loop_ident:
+            fn(*args)
+        else:
+            token.run_sync_soon(fn, *args)
 
     def _emit(self, msg: Any) -> None:
         """Loop thread: queue ``msg`` for the scheduler, merging with the previous one.
