@@ -109,7 +109,11 @@ def _best(s: SchedulerState, ts: TaskRecord, pool: list[WorkerRecord]) -> Worker
 
 def decide_worker(s: SchedulerState, ts: TaskRecord) -> WorkerRecord | None:
     """Pick the worker for ``ts``, or None if no valid worker exists now."""
-    if ts.worker_restrictions is not None or ts.resource_restrictions is not None:
+    ex = ts.extra
+    restricted = ex is not None and (
+        ex.worker_restrictions is not None or ex.resource_restrictions is not None
+    )
+    if restricted:
         pool = valid_workers(s, ts)
         if pool is not None:
             if not pool:
@@ -134,7 +138,7 @@ def decide_worker(s: SchedulerState, ts: TaskRecord) -> WorkerRecord | None:
                 candidates.append(ws)
         if candidates:
             return candidates[0] if len(candidates) == 1 else _best(s, ts, candidates)
-    elif ts.worker_restrictions is None and ts.resource_restrictions is None:
+    elif not restricted:
         return _co_assign(s, ts)
     return _least_busy(s)
 

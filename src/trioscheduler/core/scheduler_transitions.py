@@ -137,7 +137,7 @@ def _assign(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
             addr,
             ComputeTask(
                 s._sid, s._now, key, ts.run_spec, list(deps), who_has, nbytes,
-                ts.priority, ts.resource_restrictions, d,
+                ts.priority, None if ts.extra is None else ts.extra.resource_restrictions, d,
             ),
         )
     )  # fmt: skip
@@ -148,7 +148,10 @@ def rootish(s: SchedulerState, ts: TaskRecord) -> bool:
     inputs, or one of a large group (more tasks than twice the threads) whose inputs are
     a few tasks of tiny groups, which end up replicated wherever the group runs. A lone
     task reading big data is not: it should run where the data is."""
-    if ts.worker_restrictions is not None or ts.resource_restrictions is not None:
+    ex = ts.extra
+    if ex is not None and (
+        ex.worker_restrictions is not None or ex.resource_restrictions is not None
+    ):
         return False
     deps = ts.dependencies
     if not deps:
