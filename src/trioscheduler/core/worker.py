@@ -21,7 +21,6 @@ serial number, so the instruction lists are deterministic for the recorder.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +57,7 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.scheduler_records import EMPTY, EMPTY_MAP
+from trioscheduler.core.story import StoryLog
 from trioscheduler.core.worker_invariants import validate_worker
 from trioscheduler.core.worker_transitions import (
     DATA_STATES,
@@ -122,7 +122,7 @@ class WorkerState:
         "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
         "managed_bytes", "executing", "long_running", "missing", "in_flight",
         "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added",
-        "_story", "_serial", "_starts", "process_memory",
+        "_story", "_ev", "_serial", "_starts", "process_memory",
     )  # fmt: skip
 
     def __init__(
@@ -169,7 +169,9 @@ class WorkerState:
         self._fetch_dirty = False
         self._lru: dict[Key, int] = {}  # spillable keys in RAM, least recently used first
         self._added: dict[Key, int] = {}  # replicas acquired during this event
-        self._story: deque[tuple[Any, ...]] = deque(maxlen=story_limit)
+        # transitions as parallel columns: nothing allocated per transition (see StoryLog)
+        self._story = StoryLog(story_limit)
+        self._ev: tuple[str, float] = ("", 0.0)  # the (stimulus_id, now) being recorded
         self._serial = 0
         self._starts = 0  # Execute/GatherDep emitted by the current event (validation)
 
@@ -185,7 +187,7 @@ class WorkerState:
 
     def story(self, key: Key) -> list[tuple[Any, ...]]:
         """``(key, start, finish, stimulus_id, now)`` of every recorded transition of ``key``."""
-        return [e for e in self._story if e[0] == key]
+        return self._story.story(key)
 
     def handle(self, *events: Any) -> list[Any]:
         """Apply events in order; return the instructions for the shell.
