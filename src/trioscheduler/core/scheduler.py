@@ -89,7 +89,7 @@ class SchedulerState:
         "tasks", "workers", "clients", "aliases", "hosts", "prefixes", "idle", "saturated", "running",
         "unrunnable", "steals", "state_counts", "generation", "log", "worker_timeout",
         "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
-        "total_nthreads", "retiring", "_story_append", "_ev", "_effects", "_recs", "_sid", "_now",
+        "total_nthreads", "retiring", "_story_append", "_effects", "_recs", "_sid", "_now",
         "_open_free", "_rr", "retried", "worker_saturation", "worker_backlog", "queuing",
         "open", "queued", "_queue_heap", "_queue_seq",
     )  # fmt: skip
@@ -137,14 +137,11 @@ class SchedulerState:
         self.generation = 0
         self.log = StoryLog(story_length)
         log = self.log
-        # the story's four columns, appended without a method call (see StoryLog)
+        # the story's five columns, appended without a method call (see StoryLog)
         self._story_append = (
-            log.keys.append,
-            log.starts.append,
-            log.finishes.append,
-            log.events.append,
-        )
-        self._ev: tuple[str, float] = ("", 0.0)  # the current event's (stimulus_id, now)
+            log.keys.append, log.starts.append, log.finishes.append, log.stimuli.append,
+            log.nows.append,
+        )  # fmt: skip
         self.worker_timeout = worker_timeout
         self.allowed_failures = allowed_failures
         self.steal = steal
@@ -183,7 +180,6 @@ class SchedulerState:
                 raise TypeError(f"not a scheduler event: {ev!r:.200}")
             self._sid = ev.stimulus_id
             self._now = ev.now
-            self._ev = (ev.stimulus_id, ev.now)
             handler(self, ev)
             if self._recs:
                 self.drain()
@@ -250,11 +246,12 @@ class SchedulerState:
         fn(self, ts, info)
         new = ts.state
         if new != start:
-            ak, a_s, af, ae = self._story_append
+            ak, a_s, af, ai, an = self._story_append
             ak(ts.key)
             a_s(start)
             af(new)
-            ae(self._ev)
+            ai(self._sid)
+            an(self._now)
             counts = self.state_counts
             counts[start] -= 1
             counts[new] += 1

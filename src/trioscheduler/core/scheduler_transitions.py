@@ -329,7 +329,7 @@ def move_processing(s: SchedulerState, ts: TaskRecord, thief: WorkerRecord) -> N
     victim = ts.processing_on
     _unassign(s, ts, free=False)
     _assign(s, ts, thief)
-    s.log.record(ts.key, "processing", "processing", s._ev)
+    s.log.record(ts.key, "processing", "processing", s._sid, s._now)
     s.log_msg("debug", f"stole {ts.key!r} from {victim} to {thief.address}")
 
 

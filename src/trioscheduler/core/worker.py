@@ -122,7 +122,7 @@ class WorkerState:
         "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
         "managed_bytes", "executing", "long_running", "missing", "in_flight",
         "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added",
-        "_story", "_ev", "_serial", "_starts", "process_memory",
+        "_story", "_serial", "_starts", "process_memory",
     )  # fmt: skip
 
     def __init__(
@@ -171,7 +171,6 @@ class WorkerState:
         self._added: dict[Key, int] = {}  # replicas acquired during this event
         # transitions as parallel columns: nothing allocated per transition (see StoryLog)
         self._story = StoryLog(story_limit)
-        self._ev: tuple[str, float] = ("", 0.0)  # the (stimulus_id, now) being recorded
         self._serial = 0
         self._starts = 0  # Execute/GatherDep emitted by the current event (validation)
 

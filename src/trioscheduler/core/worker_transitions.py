@@ -63,14 +63,12 @@ def is_active(ts: WorkerTask) -> bool:
 
 
 def _set(ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float) -> None:
-    ev = ws._ev
-    if ev[0] is not stim or ev[1] != now:  # one (stimulus_id, now) tuple per event
-        ev = ws._ev = (stim, now)
     log = ws._story
     log.keys.append(ts.key)
     log.starts.append(ts.state)
     log.finishes.append(finish)
-    log.events.append(ev)
+    log.stimuli.append(stim)
+    log.nows.append(now)
     ts.state = finish
 
 
