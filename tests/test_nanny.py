@@ -30,6 +30,12 @@ needs_fork = pytest.mark.skipif(not nanny_module.fork_supported(), reason="fork 
 BOTH = pytest.mark.parametrize("method", [pytest.param("fork", marks=needs_fork), "spawn"])
 
 
+def limit_for(method: str, nbytes: int) -> int:
+    """A memory limit leaving the worker ``nbytes`` of its own: a forked child starts with
+    our resident pages (the test process's, maybe hundreds of MiB) counted in its RSS."""
+    return nbytes + (psutil.Process().memory_info().rss if method == "fork" else 0)
+
+
 def hog(nbytes: int) -> int:
     data = b"x" * nbytes  # written, so resident
     time.sleep(30)
@@ -43,10 +49,11 @@ async def test_restart_on_kill_and_on_request(
     caplog.set_level(logging.INFO, logger="trioscheduler")
     with trio.fail_after(TIMEOUT):
         async with Scheduler("tcp://127.0.0.1:0") as s:
+            limit = limit_for(method, 2**30)
             async with Nanny(
-                s.address, nthreads=1, memory_limit="1GiB", name="n1", start_method=method
+                s.address, nthreads=1, memory_limit=limit, name="n1", start_method=method
             ) as nanny:
-                assert nanny.memory_limit == 2**30 and nanny.started_by == method
+                assert nanny.memory_limit == limit and nanny.started_by == method
                 first_pid, first_addr = nanny.pid, nanny.worker_address
                 assert first_pid is not None and first_addr is not None
                 assert psutil.Process(first_pid).parent().pid == os.getpid()  # type: ignore[union-attr]
@@ -90,7 +97,7 @@ async def test_memory_terminate_threshold_kills_and_restarts(
     caplog: pytest.LogCaptureFixture, method: str
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trioscheduler")
-    limit = 400 * 2**20
+    limit = limit_for(method, 400 * 2**20)
     with trio.fail_after(TIMEOUT):
         async with Scheduler("tcp://127.0.0.1:0") as s:
             async with Nanny(
