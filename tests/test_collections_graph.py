@@ -228,6 +228,47 @@ def test_a_tree_is_ordered_depth_first_like_dask_order_without_running_it(
     assert [(t.key, t.order) for t in again] == [(t.key, t.order) for t in tasks]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        [1],
+        ["dep:a"],
+        ["dep:a", "dep:b"],
+        ["dep:a", "dep:a", 3, "dep:b"],
+        [0, 255, 256, 65535, 65536, -1, -(2**31), 2**31 - 1],
+        ["", "x" * 255, "y" * 256, "\u00e9\udc80", None, True, False, 1.5, float("-inf")],
+        [("x", 0, 1), (1, 2, 3, 4), (), ("dep",)],
+        [2**31],  # from here on: not written directly, the pickler does it
+        [-(2**31) - 1],
+        [[1, 2]],
+        [b"bytes"],
+        [1 + 2j],
+    ],
+)
+def test_directly_written_run_specs_unpickle_like_the_picklers(args: list[Any]) -> None:
+    """``_direct`` writes opcodes itself; the worker must see what the pickler would give."""
+    from trioscheduler._graph import _Dep, _direct, _function_body, _PlainPickler
+
+    keys = {"dep:a": "a", "dep:b": ("b", 0, 1)}
+    args = [_Dep(keys[a]) if isinstance(a, str) and a in keys else a for a in args]
+    body = _function_body(_sum)
+    assert body is not None
+    direct = _direct(body, args)
+    expected, deps = _PlainPickler().pack(_sum, tuple(args), {})
+    data = {k: f"value of {k}" for k in deps}
+    if direct is None:
+        assert any(
+            type(a) in (list, bytes, complex) or (type(a) is int and not -(2**31) <= a < 2**31)
+            for a in args
+        )
+        return
+    run_spec, direct_deps = direct
+    assert direct_deps == deps
+    assert runspec.unpack(run_spec, data) == runspec.unpack(expected, data)
+    assert len(run_spec) < len(expected)
+
+
 def test_a_shared_dependency_gets_dask_orders_order() -> None:
     x = da.ones((8, 8), chunks=2)
     g = collections_to_graph(x + x.T)  # each chunk of x feeds two tasks
