@@ -19,7 +19,10 @@ by per-task overhead:
   small cache, instead of being re-pickled for every one of thousands of tasks;
 * a task made only of builtin values, references and functions found by name is written
   by one reused standard pickler in ``runspec``'s format (cloudpickle's per-object hooks
-  would have nothing to do for it); anything else goes through ``runspec.pack``.
+  would have nothing to do for it); anything else goes through ``runspec.pack``. The
+  commonest such task, a function applied to references and small atoms (a delayed
+  tree's ``add(x, y)``), is written opcode by opcode around its function's opcodes,
+  pickled once per graph (``_direct``).
 
 This module does no I/O; it reads ``dask.get_annotations()`` (a context variable), so
 call it in the user's thread, not inside the event loop's thread.
