@@ -542,9 +542,10 @@ class Scheduler:
                         if t is m.RemoveClient:
                             removed = True
                             break
-                    await self._flush_workers()
-                    # not kept while waiting: a graph's TaskSpecs would live as long as it runs
+                    # not kept while flushing or waiting: a graph's TaskSpecs would outlive its
+                    # handling (the tree's peak came while _flush_workers still held them)
                     batch = msg = None
+                    await self._flush_workers()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
