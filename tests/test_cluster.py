@@ -265,6 +265,51 @@ if __name__ == "__main__":
 """
 
 
+BUSY_SCRIPT = """
+import logging, sys, threading
+import numpy as np
+from trioscheduler.client import Client
+from trioscheduler.cluster import LocalCluster
+
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+stop = threading.Event()
+
+def busy():  # holds the logging, stderr and numpy locks as often as it can
+    while not stop.is_set():
+        logging.getLogger("busy").info("x" * 200)
+        print("y" * 100, file=sys.stderr)
+        np.random.random(100)
+
+threads = [threading.Thread(target=busy, daemon=True) for _ in range(2)]
+for t in threads:
+    t.start()
+with LocalCluster(2, 1, memory_limit=0, start_method="fork") as cluster:
+    with Client(cluster) as client:
+        for i in range(5):
+            client.restart()
+            assert client.submit(abs, -i, pure=False).result(timeout=60) == i
+        methods = {n.started_by for n in cluster.workers.values()}
+stop.set()
+for t in threads:
+    t.join()
+print("done", sorted(methods), flush=True)
+"""
+
+
+@needs_fork
+async def test_forks_while_other_threads_log_print_and_draw(tmp_path: Any) -> None:
+    """Locks other threads hold at the fork (logging, stderr, numpy) do not hang a child."""
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY_SCRIPT)
+    with trio.fail_after(TIMEOUT):
+        done = await trio.run_process(
+            [sys.executable, str(script)], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode().strip() == "done ['fork']"
+    assert "Traceback" not in done.stderr.decode()
+
+
 def _gone(pid: int) -> bool:
     try:
         return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
