@@ -351,8 +351,9 @@ class Nanny:
             else:
                 self.started_by = "fork"
                 return forked
-        if self.start_method != "spawn":
-            logger.debug("nanny: spawning the worker instead of forking: %s", why)
+        if self.start_method != "spawn":  # said once per start: INFO if fork was asked for
+            level = logging.INFO if self.start_method == "fork" else logging.DEBUG
+            logger.log(level, "nanny: spawning the worker instead of forking: %s", why)
         self.started_by = "spawn"
         return await trio.lowlevel.open_process(
             self._command(ready_fd),
