@@ -568,8 +568,13 @@ class _Lines:
 #   /dev/null (``dup2``), which releases the parent's sockets, pipes and listeners (a
 #   scheduler port, another worker's stdin pipe whose EOF must reach that worker) while
 #   keeping the numbers taken, so an inherited object that closes "its" fd later cannot
-#   close one the child opened. ``gc.freeze()`` first, so the child's collector never
-#   finalizes inherited objects at all.
+#   close one the child opened. The collector is off from just before the fork until
+#   the child's ``gc.freeze()``, so the child never finalizes inherited objects at all.
+# * Random state: ``random`` reseeds itself at fork; numpy's global state is reseeded in
+#   the child (unless a lost thread holds its lock), or every worker would draw the
+#   parent's numbers.
+# * Runtimes that do not survive a fork (CUDA, jax, tensorflow, GNU OpenMP): "auto"
+#   spawns when one is loaded (``_fork_hostile_library``).
 # * The child never returns into the parent's stack: it ends with ``os._exit``.
 
 
