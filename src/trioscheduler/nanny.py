@@ -329,7 +329,7 @@ class Nanny:
         if self.start_method == "fork":
             return None
         if self.memory_limit:
-            rss = psutil.Process().memory_info().rss
+            rss = _own_rss()
             if rss > FORK_RSS_FRACTION * self.memory_limit:
                 return (
                     f"this process uses {rss / 2**20:.0f} MiB, more than "
@@ -731,12 +731,21 @@ def _fork_hostile_library() -> str | None:
     except Exception:  # noqa: BLE001 - a half-imported torch: be careful
         return "torch is imported"
     try:
-        with open(f"/proc/{os.getpid()}/maps") as maps:
-            if any("libgomp" in line for line in maps):
+        with open("/proc/self/maps", "rb") as maps:
+            if b"libgomp" in maps.read():
                 return "GNU OpenMP (libgomp) is loaded, and hangs in a forked child"
     except OSError:
         pass
     return None
+
+
+def _own_rss() -> int:
+    """This process's RSS in bytes: /proc/self/statm (cheaper than a psutil.Process)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return int(psutil.Process().memory_info().rss)
 
 
 def _module_being_imported() -> str | None:
