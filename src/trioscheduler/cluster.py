@@ -2,9 +2,9 @@
 
 ``processes=True`` (the default) runs the scheduler in this process and each worker in
 its own process under a ``Nanny``, over TCP on ``host``; ``start_method`` (``"auto"``,
-``"fork"``, ``"spawn"``; see ``trioscheduler.nanny``) says how those processes start. ``processes=False`` runs the
-scheduler and the workers in one trio loop over ``inproc://``: nothing is serialized,
-which suits tests and small jobs.
+``"fork"``, ``"spawn"``; see ``trioscheduler.nanny``) says how those processes start.
+``processes=False`` runs the scheduler and the workers in one trio loop over
+``inproc://``: nothing is serialized, which suits tests and small jobs.
 
 Each worker (or nanny) is held open by one task of the cluster's worker nursery, so
 workers start and stop concurrently and closing the cluster closes all of them (nannies
