@@ -272,3 +272,18 @@ def test_failed_write_puts_the_value_back(store: DataStore) -> None:
         error = store.finish_spill(job)
     assert isinstance(error, UnpicklableValue)
     assert store.memory["lock"] is lock and not store.writing and spill_files(store) == []
+
+
+def test_write_error_puts_the_value_back_and_is_reported(store: DataStore) -> None:
+    value = np.arange(1000)
+    store.put("x", value)
+    job = store.begin_spill("x", value.nbytes)
+    assert job is not None
+    os.rmdir(store.directory)  # the disk went away under the worker
+    write_spills([job])
+    error = store.finish_spill(job)
+    assert isinstance(error, OSError) and not isinstance(error, UnpicklableValue)
+    assert store.memory["x"] is value and not store.writing and store.writing_bytes == 0
+    with pytest.raises(OSError):
+        store.spill("x")  # the synchronous form raises it
+    assert store.memory["x"] is value
