@@ -448,10 +448,7 @@ class SchedulerState:
                 if pos.get(dk, -1) > i:
                     forward = True
                 found[dk] = None
-                if dts.dependents:
-                    dts.dependents[key] = None
-                else:
-                    dts.dependents = {key: None}
+                tr.add_dependent(dts, key)
             if found:
                 ts.dependencies = tuple(found)
             if missing:

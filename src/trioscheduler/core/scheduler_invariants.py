@@ -43,7 +43,11 @@ def _validate_task(s: SchedulerState, ts: TaskRecord) -> None:
     # ordered collections (replay under any PYTHONHASHSEED takes the same decisions)
     _check(type(ts.dependencies) is tuple, f"{key!r}: dependencies not a tuple")
     _check(len(set(ts.dependencies)) == len(ts.dependencies), f"{key!r}: repeated dependency")
-    _check(isinstance(ts.dependents, dict), f"{key!r}: dependents not an ordered set")
+    deps_of = ts.dependents
+    _check(
+        isinstance(deps_of, dict) or (type(deps_of) is tuple and len(deps_of) == 1),
+        f"{key!r}: dependents neither an ordered set nor a lone dependent",
+    )
     # holders
     if st == "memory":
         _check(bool(ts.who_has), f"{key!r}: in memory without a holder")

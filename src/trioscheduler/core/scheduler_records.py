@@ -147,7 +147,7 @@ class TaskRecord:
     Determinism (a recorded log must replay alike under any ``PYTHONHASHSEED``): every
     collection of *keys* whose order can reach a decision or an effect is ordered:
     ``dependencies`` is a tuple in submission order, ``dependents`` a dict used as an
-    insertion-ordered set. ``who_has``/``wanted_by`` hold addresses/client ids (str):
+    insertion-ordered set (a 1-tuple while there is only one). ``who_has``/``wanted_by`` hold addresses/client ids (str):
     they stay sets, and are sorted wherever their order would show.
 
     Fields most tasks never use (restrictions, retries, failures) live in ``extra``, a
@@ -162,7 +162,8 @@ class TaskRecord:
     prefix: TaskPrefix
     state: str = "released"
     dependencies: tuple[Key, ...] = ()
-    dependents: dict[Key, None] = EMPTY_MAP
+    # ordered: a dict used as a set, or a 1-tuple while there is one (add_dependent)
+    dependents: dict[Key, None] | tuple[Key] = EMPTY_MAP
     who_has: set[WorkerAddr] = EMPTY
     wanted_by: set[ClientId] = EMPTY
     n_waiting: int = 0

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from trioscheduler.core.messages import ComputeTask, KeyErred, KeyInMemory, KeyLost, ToWorker
 from trioscheduler.core.placement import decide_worker
-from trioscheduler.core.scheduler_records import EMPTY
+from trioscheduler.core.scheduler_records import EMPTY, EMPTY_MAP
 from trioscheduler.errors import TrioSchedulerError
 
 _FROZEN: type[Any] = frozenset
@@ -85,6 +85,28 @@ def discarded(cur: set[Any], item: Any) -> set[Any]:
         return set(cur) - {item}
     cur.discard(item)
     return cur
+
+
+def add_dependent(ts: TaskRecord, key: Any) -> None:
+    """A lone dependent is a 1-tuple (most tasks of a tree or chain have exactly one):
+    56 bytes instead of a 184-byte dict; the second one makes it a dict."""
+    d = ts.dependents
+    if not d:
+        ts.dependents = (key,)
+    elif type(d) is tuple:
+        if d[0] != key:
+            ts.dependents = {d[0]: None, key: None}
+    else:
+        cast("dict[Any, None]", d)[key] = None
+
+
+def remove_dependent(ts: TaskRecord, key: Any) -> None:
+    d = ts.dependents
+    if type(d) is tuple:
+        if d and d[0] == key:
+            ts.dependents = EMPTY_MAP
+    elif key in d:
+        del cast("dict[Any, None]", d)[key]
 
 
 def want(ts: TaskRecord, cs: ClientRecord) -> None:
@@ -387,7 +409,7 @@ def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     del tasks[key]
     for dk in ts.dependencies:
         dts = tasks[dk]
-        dts.dependents.pop(key, None)
+        remove_dependent(dts, key)
         if not dts.dependents and not dts.wanted_by:
             if dts.state in ("released", "erred"):
                 recs[dk] = "forgotten"
