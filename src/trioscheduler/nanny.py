@@ -69,6 +69,20 @@ warnings.filterwarnings(
 START_METHODS = ("auto", "fork", "spawn")
 START_METHOD_ENV = "TRIOSCHEDULER_WORKER_START_METHOD"
 FORK_RSS_FRACTION = 0.1
+
+# Set for every worker unless the environment already says otherwise (as dask's
+# ``distributed.nanny.pre-spawn-environ``). A fixed trim threshold turns off glibc's
+# dynamic mmap threshold, under which a freed 8 MiB array makes later arrays of a few MiB
+# come from the heap, where freeing them (after a spill, say) returns nothing to the OS:
+# the worker's RSS stays high, it spills more and the nanny may kill it. One thread per
+# BLAS/OpenMP pool, because the worker's own threads already fill the cores.
+WORKER_ENVIRON = {
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
+_M_TRIM_THRESHOLD = -1  # mallopt's parameter number in glibc's malloc.h
 """``"auto"`` spawns when this process's RSS is above this fraction of the worker's
 memory limit: a forked child starts with the parent's resident pages counted in its own
 RSS, which the memory policy and the terminate threshold judge."""
@@ -379,6 +393,8 @@ class Nanny:
         if env.get("PYTHONPATH"):
             extra.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(extra))
+        for name, value in WORKER_ENVIRON.items():
+            env.setdefault(name, value)
         return env
 
     async def _supervise(self, first: trio.Event, failure: list[BaseException]) -> None:
@@ -790,6 +806,7 @@ def _forked_worker(
         _reset_signals()
         _reset_process_state()
         os.environ["PYTHONPATH"] = pythonpath
+        _apply_worker_environ()
         try:
             with open("/proc/self/comm", "w") as comm:  # what ps and top show
                 comm.write("trioscheduler")
@@ -849,6 +866,27 @@ def _reset_signals() -> None:
         except (OSError, ValueError):
             pass
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _apply_worker_environ() -> None:
+    """``WORKER_ENVIRON`` in a forked worker, as a spawned one gets it from its environment.
+
+    glibc read its environment when the parent started, so the child sets the trim
+    threshold with ``mallopt`` (unless the parent's environment chose one); BLAS pools
+    already loaded keep their size (the variables count for what the worker loads later).
+    """
+    chosen = "MALLOC_TRIM_THRESHOLD_" in os.environ
+    for name, value in WORKER_ENVIRON.items():
+        os.environ.setdefault(name, value)
+    if chosen or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_TRIM_THRESHOLD, int(WORKER_ENVIRON["MALLOC_TRIM_THRESHOLD_"]))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to do
+        pass
 
 
 def _reset_process_state() -> None:
