@@ -442,11 +442,21 @@ def test_invalid_transition_carries_story() -> None:
     err = info.value
     assert (err.key, err.start, err.finish) == ("x", "executing", "fetch")
     assert err.story == [
-        ("x", "released", "waiting", "compute-x", 1.0),
-        ("x", "waiting", "ready", "compute-x", 1.0),
+        ("x", "released", "ready", "compute-x", 1.0),  # no inputs: no waiting step
         ("x", "ready", "executing", "compute-x", 1.0),
     ]
     assert "compute-x" in str(err)
+
+
+def test_inputs_all_here_skip_waiting_else_wait() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(compute("a"))
+    ws.handle(done("a"))
+    ws.handle(compute("b", {"a": []}))  # a in memory here: straight to ready
+    ws.handle(compute("c", {"a": [], "z": ["w2"]}))  # z to fetch: waits
+    starts = [(s, f) for k in "bc" for _, s, f, _, _ in ws.story(k) if s == "released"]
+    assert starts == [("released", "ready"), ("released", "waiting")]
+    assert ws.tasks["a"].dependents == {ws.tasks["b"]: None, ws.tasks["c"]: None}
 
 
 def test_execute_success_for_task_not_running_raises() -> None:

@@ -466,18 +466,23 @@ class WorkerState:
 
     # ------------------------------------------------------------------ event handlers
 
-    def _set_compute(self, ts: WorkerTask, ev: ComputeTask) -> None:
-        """Record what to run and which inputs (with their holders and sizes)."""
+    def _set_compute(self, ts: WorkerTask, ev: ComputeTask) -> bool:
+        """Record what to run and which inputs (with their holders and sizes).
+
+        Returns whether every input is in memory here already.
+        """
         ts.run_spec = ev.run_spec
         ts.priority = tuple(ev.priority)
         ts.resources = ev.resources or None
         ts.duration = ev.duration
         deps: list[WorkerTask] = []
+        here = True
         for k in dict.fromkeys(ev.dependencies):
             if k == ev.key:
                 continue
             dep = self._task(k)
             if dep.state != "memory":
+                here = False
                 holders = ev.who_has.get(k)
                 if holders or (holders is not None and dep.state != "fetch"):
                     self._set_who_has(dep, holders)
@@ -486,6 +491,7 @@ class WorkerState:
                     dep.nbytes = n
             deps.append(dep)
         ts.dependencies = tuple(deps)
+        return here
 
     def _on_compute_task(self, ev: ComputeTask, out: list[Any]) -> None:
         ts = self._task(ev.key)
@@ -510,7 +516,8 @@ class WorkerState:
         if finish == "resumed":
             ts.pending_compute = ev  # inputs are looked at only if the transfer fails
         elif finish == "waiting":
-            self._set_compute(ts, ev)
+            if self._set_compute(ts, ev) and st == "released":
+                finish = "constrained" if ts.resources else "ready"  # no waiting step
         if finish is not None:
             self._drain({ts: finish}, ev, out)
 

@@ -8,7 +8,8 @@ mutates the state, appends instructions to ``out`` and returns recommendations
 States (the table at the bottom is the authority; this is the picture)::
 
     released ─▶ waiting ─▶ ready | constrained ─▶ executing ──────────▶ memory | error
-       │                    (resources)              │ secede               ▲
+       │ └──────────────────▶ ▲  (resources)         │ secede               ▲
+       │   inputs all here (one step)                │                      │
        │                                             ▼                      │
        │                                        long-running ───────────────┘
        └─▶ fetch ─▶ flight ─▶ memory
@@ -196,6 +197,38 @@ def released_fetch(
     ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
 ) -> Recs | None:
     return _enter_fetch(ws, ts, stim, now)
+
+
+def released_ready(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    """A ``ComputeTask`` whose inputs are all in memory here: ``waiting`` is skipped (one
+    transition, one story entry and no recommendation round instead of two)."""
+    return _enter_ready(ws, ts, "ready", stim, now)
+
+
+def released_constrained(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    """As ``released_ready``, for a task that needs resources."""
+    return _enter_ready(ws, ts, "constrained", stim, now)
+
+
+def _enter_ready(
+    ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float
+) -> Recs | None:
+    for dep in ts.dependencies:
+        if dep.state != "memory":  # the handler's check went stale: the long way round
+            return _enter_waiting(ws, ts, stim, now)
+    for dep in ts.dependencies:
+        if dep.dependents:
+            dep.dependents[ts] = None
+        else:
+            dep.dependents = {ts: None}
+    ts.waiting_for_data = EMPTY
+    _set(ws, ts, finish, stim, now)
+    ws._push_ready(ts, ws._constrained if finish == "constrained" else ws._ready)
+    return None
 
 
 def released_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
@@ -496,6 +529,8 @@ def error_fetch(
 TABLE: dict[tuple[str, str], Transition] = {
     ("released", "waiting"): released_waiting,
     ("released", "fetch"): released_fetch,
+    ("released", "ready"): released_ready,
+    ("released", "constrained"): released_constrained,
     ("released", "memory"): released_memory,
     ("released", "forgotten"): released_forgotten,
     ("waiting", "ready"): waiting_ready,
