@@ -496,3 +496,13 @@ def test_freed_compute_of_key_in_flight_still_fetched_for_dependent() -> None:
     assert ws.tasks["a"].state == "flight"
     out = ws.handle(GatherDepSuccess("g", 3.0, "w1", {"a": 1}))
     assert out == [ToScheduler(AddKeys("g", 3.0, W, {"a": 1})), ex("y")]
+
+
+def test_freed_result_without_local_reader_is_forgotten_in_one_step() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(compute("a"))
+    ws.handle(done("a"))
+    out = ws.handle(FreeKeys("f", 3.0, ["a"]))
+    assert out == [DeleteData("a")]
+    assert "a" not in ws.tasks
+    assert ws.story("a")[-1] == ("a", "memory", "forgotten", "f", 3.0)

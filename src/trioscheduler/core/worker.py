@@ -538,6 +538,8 @@ class WorkerState:
                     continue  # kept for local dependents; released when the last one is done
             if st in RUNNING_STATES or st == "flight" or st == "resumed":
                 recs[ts] = "cancelled"
+            elif st == "memory":
+                recs[ts] = "forgotten"  # no local reader (see above): one step
             elif st == "released":
                 if not ts.dependents:
                     recs[ts] = "forgotten"

@@ -19,6 +19,7 @@ States (the table at the bottom is the authority; this is the picture)::
 
     executing | long-running | flight ─freed─▶ cancelled ─asked again─▶ as before | resumed
     freed or rescheduled ─▶ released ─▶ forgotten (dropped from ``tasks``)
+    memory ─freed, no local reader─▶ forgotten (one step)
 
 ``cancelled``: the scheduler freed a task whose thread or transfer is still running
 (``previous`` says which); its outcome is dropped. ``resumed``: the scheduler wants the
@@ -129,6 +130,8 @@ def _detach(ws: WorkerState, ts: WorkerTask, recs: Recs) -> None:
             continue
         elif st == "flight":
             recs[dep] = "cancelled"
+        elif st == "memory":
+            recs[dep] = "forgotten"  # nobody here reads it, the scheduler does not count it
         elif st in DATA_STATES:
             recs[dep] = "released"
         elif st == "resumed" and dep.next == "fetch":
@@ -509,6 +512,19 @@ def memory_released(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out:
     return _after_release(ts, {})
 
 
+def memory_forgotten(
+    ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]
+) -> Recs | None:
+    """Freed with no local task reading it: dropped and forgotten in one step (as
+    ``memory -> released -> forgotten``, one transition and story entry fewer)."""
+    if ts.dependents:  # a task started reading it since the recommendation
+        return memory_released(ws, ts, stim, now, out)
+    ws._drop(ts, out)
+    _set(ws, ts, "forgotten", stim, now)
+    del ws.tasks[ts.key]
+    return None
+
+
 def error_released(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:
     _set(ws, ts, "released", stim, now)
     return _after_release(ts, {})
@@ -575,6 +591,7 @@ TABLE: dict[tuple[str, str], Transition] = {
     ("resumed", "long-running"): resumed_back,
     ("resumed", "flight"): resumed_back,
     ("memory", "released"): memory_released,
+    ("memory", "forgotten"): memory_forgotten,
     ("error", "released"): error_released,
     ("error", "waiting"): error_waiting,
     ("error", "fetch"): error_fetch,
