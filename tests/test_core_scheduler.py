@@ -298,9 +298,8 @@ def test_invalid_transition_carries_story() -> None:
     err = info.value
     assert (err.key, err.start, err.finish) == ("x", "memory", "processing")
     assert [e[1:3] for e in err.story] == [
-        ("released", "waiting"),
-        ("waiting", "queued"),  # a root task: handed out from the queue, by priority
-        ("queued", "processing"),
+        ("released", "queued"),  # a root task (no inputs to wait for): to the queue
+        ("queued", "processing"),  # handed out from the queue, by priority
         ("processing", "memory"),
     ]
     assert all(len(e) == 5 for e in err.story)

@@ -10,13 +10,17 @@ carries what a few edges need: the holder for ``-> memory``, an ``ErrorInfo`` fo
 
 States and the edges between them::
 
-    released  -> waiting, erred, memory, forgotten
+    released  -> waiting, queued, processing, erred, memory, forgotten
     waiting   -> processing, queued, no-worker, released, erred, memory
     queued    -> processing, waiting, released, erred, memory
     no-worker -> processing, waiting, released, erred, memory
     processing-> memory, erred, waiting, released
     memory    -> released
     erred     -> released, waiting (retry), forgotten
+
+A released task whose inputs are all in memory does not stop in ``waiting``: the
+``processing`` recommendation it would make is applied at once (the drain, LIFO, would
+apply it next anyway), so one transition takes it to ``processing`` or ``queued``.
 
 Root-ish tasks (no restrictions; no dependencies, or a few of tiny groups, as dask's
 ``is_rootish``) do not go to a worker at once while queuing is on
@@ -379,6 +383,21 @@ def released_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     _enter_waiting(s, ts)
 
 
+def released_onwards(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+    """``released -> waiting``, then at once ``-> processing | queued`` when every input
+    is in memory (one transition; the story says ``released -> processing | queued``).
+
+    Only reached through ``drain``: the ``processing`` recommendation just made is the
+    last one in ``_recs``, so it would have been the very next applied (LIFO).
+    """
+    released_waiting(s, ts, info)
+    if ts.state == "waiting" and not ts.n_waiting:
+        recs = s._recs
+        if recs.get(ts.key) == "processing":
+            del recs[ts.key]
+            waiting_processing(s, ts, None)
+
+
 def _stash_lost(ts: TaskRecord) -> None:
     exc = TrioSchedulerError(
         f"the data of {ts.key!r} was lost and it has no lineage to recompute it from "
@@ -604,7 +623,9 @@ def erred_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
 
 
 TRANSITIONS: dict[tuple[str, str], Transition] = {
-    ("released", "waiting"): released_waiting,
+    ("released", "waiting"): released_onwards,
+    ("released", "queued"): released_onwards,
+    ("released", "processing"): released_onwards,
     ("released", "erred"): released_erred,
     ("released", "memory"): released_memory,
     ("released", "forgotten"): released_forgotten,
