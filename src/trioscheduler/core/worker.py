@@ -361,7 +361,7 @@ class WorkerState:
         consumers = self._ready_consumers
         executing = self.executing
         target = self.thresholds.target
-        started_inputs: set[Key] | None = None
+        started: list[WorkerTask] = []  # their inputs are kept from spilling (if it comes to that)
         while len(executing) < self.nthreads:
             if consumers and target is not None and self.managed_bytes > target:
                 # above the memory target: a task that reads data first, before any new
@@ -372,11 +372,9 @@ class WorkerState:
                     ts = heapq.heappop(consumers)[2]
                     transition(self, ts, "executing", stim, now, out)
                     self._starts += 1
-                    if started_inputs is None:
-                        started_inputs = set()
-                    started_inputs.update(d.key for d in ts.dependencies)
+                    started.append(ts)
                     if self.memory_bytes > target:
-                        self._spill_to_target(out, started_inputs)
+                        self._spill_to_target(out, _inputs_of(started))
                     continue
             while ready and ready[0][2].state != "ready":
                 heapq.heappop(ready)
@@ -397,12 +395,10 @@ class WorkerState:
             transition(self, ts, "executing", stim, now, out)
             self._starts += 1
             if ts.dependencies:
-                if started_inputs is None:
-                    started_inputs = set()
-                started_inputs.update(d.key for d in ts.dependencies)
+                started.append(ts)
                 if target is not None and self.memory_bytes > target:
                     # never push out what a task started by this event is about to read
-                    self._spill_to_target(out, started_inputs)
+                    self._spill_to_target(out, _inputs_of(started))
 
     def _resources_free(self, ts: WorkerTask) -> bool:
         avail = self.available_resources
@@ -769,6 +765,10 @@ class WorkerState:
             self.in_memory.add(ts.key)
             self.memory_bytes += ts.nbytes
         self._lru.pop(ts.key, None)
+
+
+def _inputs_of(started: list[WorkerTask]) -> set[Key]:
+    return {d.key for ts in started for d in ts.dependencies}
 
 
 def _fetchable(ts: WorkerTask, peer: str) -> bool:
