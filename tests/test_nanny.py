@@ -273,6 +273,10 @@ def freed_arrays_kept_resident() -> int:
 
 @BOTH
 async def test_worker_returns_freed_memory_to_the_os(method: str) -> None:
+    import numpy as np
+
+    raise_threshold = np.ones(2**21)  # a 16 MiB free raises *our* dynamic mmap threshold,
+    del raise_threshold  # which a forked child inherits unless it resets it
     with trio.fail_after(TIMEOUT):
         async with Scheduler("tcp://127.0.0.1:0") as s:
             async with Nanny(s.address, nthreads=1, memory_limit=0, start_method=method) as n:

@@ -82,7 +82,9 @@ WORKER_ENVIRON = {
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
 }
-_M_TRIM_THRESHOLD = -1  # mallopt's parameter number in glibc's malloc.h
+_M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers in glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+_DEFAULT_MMAP_THRESHOLD = 128 * 1024  # glibc's, before any dynamic raise
 """``"auto"`` spawns when this process's RSS is above this fraction of the worker's
 memory limit: a forked child starts with the parent's resident pages counted in its own
 RSS, which the memory policy and the terminate threshold judge."""
@@ -872,8 +874,10 @@ def _apply_worker_environ() -> None:
     """``WORKER_ENVIRON`` in a forked worker, as a spawned one gets it from its environment.
 
     glibc read its environment when the parent started, so the child sets the trim
-    threshold with ``mallopt`` (unless the parent's environment chose one); BLAS pools
-    already loaded keep their size (the variables count for what the worker loads later).
+    threshold with ``mallopt`` (unless the parent's environment chose one), and puts the
+    mmap threshold back to glibc's default: the parent may have raised it dynamically
+    already, and the child would inherit that. BLAS pools already loaded keep their size
+    (the variables count for what the worker loads later).
     """
     chosen = "MALLOC_TRIM_THRESHOLD_" in os.environ
     for name, value in WORKER_ENVIRON.items():
@@ -885,6 +889,7 @@ def _apply_worker_environ() -> None:
 
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_TRIM_THRESHOLD, int(WORKER_ENVIRON["MALLOC_TRIM_THRESHOLD_"]))
+        libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
     except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to do
         pass
 
