@@ -65,6 +65,7 @@ from trioscheduler.core.worker_transitions import (
     Recs,
     drain,
     secede_cancelled,
+    step,
     transition,
 )
 
@@ -122,7 +123,7 @@ class WorkerState:
         "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
         "managed_bytes", "executing", "long_running", "missing", "in_flight",
         "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added",
-        "_story", "_serial", "_starts", "process_memory",
+        "_story", "_story_append", "_serial", "_starts", "process_memory",
     )  # fmt: skip
 
     def __init__(
@@ -171,6 +172,12 @@ class WorkerState:
         self._added: dict[Key, int] = {}  # replicas acquired during this event
         # transitions as parallel columns: nothing allocated per transition (see StoryLog)
         self._story = StoryLog(story_limit)
+        log = self._story
+        # the story's five columns, appended without a method call (as the scheduler's)
+        self._story_append = (
+            log.keys.append, log.starts.append, log.finishes.append, log.stimuli.append,
+            log.nows.append,
+        )  # fmt: skip
         self._serial = 0
         self._starts = 0  # Execute/GatherDep emitted by the current event (validation)
 
@@ -244,10 +251,14 @@ class WorkerState:
         if recs:
             drain(self, recs, ev.stimulus_id, ev.now, out)
 
+    def _step(self, ts: WorkerTask, finish: str, ev: Any, out: list[Any]) -> None:
+        step(self, ts, finish, ev.stimulus_id, ev.now, out)
+
     def _push_ready(self, ts: WorkerTask, heap: list[HeapEntry]) -> None:
         entry = (ts.priority, ts.serial, ts)
         heapq.heappush(heap, entry)
-        if ts.dependencies and heap is self._ready:
+        if ts.dependencies and heap is self._ready and self.thresholds.target is not None:
+            # (read only above the memory target: not kept without one)
             consumers = self._ready_consumers
             if len(consumers) > 2 * len(heap) + 64:  # mostly stale: started via ``_ready``
                 consumers[:] = [e for e in consumers if e[2].state == "ready"]
@@ -503,7 +514,7 @@ class WorkerState:
             finish = ts.previous if ts.previous in RUNNING_STATES else "resumed"
         elif st == "resumed" and ts.next == "fetch":
             assert ts.previous is not None
-            self._drain({ts: ts.previous}, ev, out)
+            self._step(ts, ts.previous, ev, out)
         elif st == "memory":
             out.append(
                 ToScheduler(TaskFinished(ev.stimulus_id, ev.now, self.address, ts.key, ts.nbytes))
@@ -515,7 +526,7 @@ class WorkerState:
             if self._set_compute(ts, ev) and st == "released":
                 finish = "constrained" if ts.resources else "ready"  # no waiting step
         if finish is not None:
-            self._drain({ts: finish}, ev, out)
+            self._step(ts, finish, ev, out)
 
     def _on_free_keys(self, ev: FreeKeys, out: list[Any]) -> None:
         recs: Recs = {}
@@ -551,10 +562,10 @@ class WorkerState:
             return
         if state in STEALABLE:
             ts.wanted = False
-            self._drain({ts: "released"}, ev, out)
+            self._step(ts, "released", ev, out)
         elif state in ("fetch", "flight", "missing") and not ts.dependents:
             ts.wanted = False
-            self._drain({ts: "cancelled" if state == "flight" else "released"}, ev, out)
+            self._step(ts, "cancelled" if state == "flight" else "released", ev, out)
 
     def _fetch_request(self, ts: WorkerTask, recs: Recs) -> None:
         """Someone wants ``ts``'s value here (a replica): fetch it unless on its way."""
@@ -610,13 +621,13 @@ class WorkerState:
                     )
                 )
             )  # fmt: skip
-            self._drain({ts: "memory"}, ev, out)
+            self._step(ts, "memory", ev, out)
         elif st == "cancelled":
             out.append(DeleteData(ts.key))
-            self._drain({ts: "released"}, ev, out)
+            self._step(ts, "released", ev, out)
         elif st == "resumed":
             ts.nbytes = ev.nbytes
-            self._drain({ts: "memory"}, ev, out)
+            self._step(ts, "memory", ev, out)
         else:
             raise InvalidTransition(ts.key, st, "memory", self.story(ts.key))
 
@@ -634,12 +645,12 @@ class WorkerState:
                     )
                 )
             )  # fmt: skip
-            self._drain({ts: "error"}, ev, out)
+            self._step(ts, "error", ev, out)
         elif st == "cancelled":
-            self._drain({ts: "released"}, ev, out)
+            self._step(ts, "released", ev, out)
         elif st == "resumed":
             assert ts.next is not None
-            self._drain({ts: ts.next}, ev, out)
+            self._step(ts, ts.next, ev, out)
         else:
             raise InvalidTransition(ts.key, st, "error", self.story(ts.key))
 
@@ -653,7 +664,7 @@ class WorkerState:
                     LongRunning(ev.stimulus_id, ev.now, self.address, ts.key, ev.compute_duration)
                 )
             )
-            self._drain({ts: "long-running"}, ev, out)
+            self._step(ts, "long-running", ev, out)
         elif ts.state in ("cancelled", "resumed"):
             secede_cancelled(self, ts)
 
@@ -665,12 +676,12 @@ class WorkerState:
         if st in RUNNING_STATES:
             out.append(ToScheduler(Reschedule(ev.stimulus_id, ev.now, self.address, ts.key)))
             ts.wanted = False
-            self._drain({ts: "released"}, ev, out)
+            self._step(ts, "released", ev, out)
         elif st == "cancelled":
-            self._drain({ts: "released"}, ev, out)
+            self._step(ts, "released", ev, out)
         elif st == "resumed":
             assert ts.next is not None
-            self._drain({ts: ts.next}, ev, out)
+            self._step(ts, ts.next, ev, out)
         else:
             raise InvalidTransition(ts.key, st, "rescheduled", self.story(ts.key))
 

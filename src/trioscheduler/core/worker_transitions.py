@@ -65,12 +65,12 @@ def is_active(ts: WorkerTask) -> bool:
 
 
 def _set(ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float) -> None:
-    log = ws._story
-    log.keys.append(ts.key)
-    log.starts.append(ts.state)
-    log.finishes.append(finish)
-    log.stimuli.append(stim)
-    log.nows.append(now)
+    ak, a_s, af, ai, an = ws._story_append
+    ak(ts.key)
+    a_s(ts.state)
+    af(finish)
+    ai(stim)
+    an(now)
     ts.state = finish
 
 
@@ -606,6 +606,23 @@ def transition(
     if fn is None:
         raise InvalidTransition(ts.key, ts.state, finish, ws.story(ts.key))
     return fn(ws, ts, stim, now, out)
+
+
+def step(
+    ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float, out: list[Any]
+) -> None:
+    """``drain(ws, {ts: finish}, ...)`` without building the one-entry dict and queue: the
+    same edge, the same skips (already there, forgotten), then the recommendations it
+    returns in the same order. Most events recommend one move of one task."""
+    start = ts.state
+    if start == finish or start == "forgotten":
+        return
+    fn = TABLE.get((start, finish))
+    if fn is None:
+        raise InvalidTransition(ts.key, start, finish, ws.story(ts.key))
+    more = fn(ws, ts, stim, now, out)
+    if more:
+        drain(ws, more, stim, now, out)
 
 
 def drain(ws: WorkerState, recs: Recs, stim: str, now: float, out: list[Any]) -> None:
