@@ -26,8 +26,8 @@ out = []
 for packed in logs:
     kind, kwargs, records = recorder.split_log(recorder.unpack_log(packed))
     core = recorder.KINDS[kind](**kwargs)
-    for r in records:
-        out.append([messages.dump(e) for e in core.handle(messages.load(r))])
+    for group in recorder.batches(records):
+        out.append([messages.dump(e) for e in core.handle(*map(messages.load, group))])
 open(sys.argv[2], "wb").write(pickle.dumps(out))
 """
 

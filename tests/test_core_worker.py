@@ -22,6 +22,7 @@ from trioscheduler.core.messages import (
     LongRunning,
     MissingData,
     RefreshWhoHas,
+    ReleaseWorkerData,
     Reschedule,
     RescheduleEvent,
     SecedeEvent,
@@ -97,7 +98,11 @@ def test_execute_with_deps_fetches_then_runs() -> None:
     assert ws.handle(done("y")) == [finished("y")]
     # the replicas stay until the scheduler frees them
     assert states(ws) == {"y": "memory", "a": "memory", "b": "memory"}
-    assert ws.handle(FreeKeys("f", 3.0, ["a", "b"])) == [DeleteData("a"), DeleteData("b")]
+    assert ws.handle(FreeKeys("f", 3.0, ["a", "b"])) == [
+        DeleteData("a"),
+        DeleteData("b"),
+        ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a", "b"])),
+    ]
     assert set(ws.tasks) == {"y"}
 
 
@@ -371,7 +376,11 @@ def test_freed_dependency_kept_until_dependent_finishes() -> None:
     assert ws.tasks["y"].state == "executing"
     assert ws.handle(FreeKeys("f", 2.0, ["a"])) == []
     assert ws.tasks["a"].state == "memory"
-    assert ws.handle(done("y")) == [finished("y"), DeleteData("a")]
+    assert ws.handle(done("y")) == [
+        finished("y"),
+        DeleteData("a"),
+        ToScheduler(ReleaseWorkerData("s", 2.0, W, ["a"])),
+    ]
     assert set(ws.tasks) == {"y"}
 
 
@@ -503,6 +512,6 @@ def test_freed_result_without_local_reader_is_forgotten_in_one_step() -> None:
     ws.handle(compute("a"))
     ws.handle(done("a"))
     out = ws.handle(FreeKeys("f", 3.0, ["a"]))
-    assert out == [DeleteData("a")]
+    assert out == [DeleteData("a"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a"]))]
     assert "a" not in ws.tasks
     assert ws.story("a")[-1] == ("a", "memory", "forgotten", "f", 3.0)

@@ -12,6 +12,7 @@ from trioscheduler.core.messages import (
     ExecuteSuccess,
     FreeKeys,
     MemoryMeasured,
+    ReleaseWorkerData,
     Spill,
     SpillFailed,
     TaskFinished,
@@ -110,7 +111,10 @@ def test_free_spilled_key() -> None:
     ws = ws_()
     ws.handle(scatter(a=500, b=200))
     assert ws.spilled == {"a"}
-    assert ws.handle(FreeKeys("f", 2.0, ["a"])) == [DeleteData("a")]
+    assert ws.handle(FreeKeys("f", 2.0, ["a"])) == [
+        DeleteData("a"),
+        ToScheduler(ReleaseWorkerData("f", 2.0, ws.address, ["a"])),
+    ]
     assert ws.spilled_bytes == 0 and ws.managed_bytes == 200
 
 

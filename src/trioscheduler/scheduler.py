@@ -331,6 +331,8 @@ class Scheduler:
         """Hand events to the core and carry out its effects (synchronously)."""
         if self._record_file is not None:
             write = self._record_file.write
+            if len(events) > 1:  # replayed as one handle() call, as here
+                write(self._packer.pack([recorder.BATCH_TAG, len(events)]))
             for ev in events:
                 write(self._packer.pack(m.dump(ev)))
         effects = self.state.handle(*events)

@@ -8,8 +8,6 @@ the test passes, the strict mark turns that into a failure, and the mark comes o
 
 from __future__ import annotations
 
-import pytest
-
 from trioscheduler.core.simulator import ClusterSimulator, SimTask
 
 
@@ -104,19 +102,11 @@ def test_missing_data_after_the_key_was_reassigned_to_the_asking_worker() -> Non
     settled(sim)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "not fixed yet: a TaskFinished that crossed the scheduler's FreeKeys for the same "
-        "key is counted as a replica (_on_task_finished, state memory) while the worker "
-        "drops the value. dask's fix: the worker reports ReleaseWorkerData when it drops a "
-        "value; here that also needs the recorder to keep handle() batch boundaries (the "
-        "worker decides once per batch, so a per-event replay diverges: "
-        "test_core_determinism failed when the report was added). The cluster machine "
-        "found a run where fetchers then wait on the phantom holder forever."
-    ),
-)
 def test_task_finished_crossing_its_free_keys_is_not_a_replica() -> None:
+    """Fixed: a TaskFinished that crossed the scheduler's FreeKeys for the same key was
+    counted as a replica while the worker dropped the value; the cluster machine found a
+    run where fetchers then waited on that phantom holder forever. The worker now reports
+    ReleaseWorkerData when it drops a value (as dask's does)."""
     sim = ClusterSimulator(validate=True)
     a = sim.add_worker(name="A")
     b = sim.add_worker(name="B")

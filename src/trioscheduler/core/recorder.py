@@ -8,7 +8,14 @@ header naming the kind of state and its constructor keyword arguments::
 
     ["recorder-header", 1, "scheduler" | "worker", {kwarg: value, ...}]
     ["update-graph", ...]            # one dumped event per record
+    ["batch", 2]                     # the next 2 events reached one handle() call
+    ["task-finished", ...]
+    ["add-keys", ...]
     ...
+
+Batch markers matter because the cores make some decisions once per ``handle()`` call
+(the worker starts tasks and transfers after the whole batch): a replay that handled a
+batch's events one by one could decide differently. ``batches`` regroups the records.
 
 ``replay(log)`` rebuilds the state from such a list. The Scheduler shell writes the same
 records to a file (``Scheduler(record=PATH)``: one msgpack object per record, the header
@@ -27,7 +34,8 @@ flattened), used to check that a replay matches the original.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,7 @@ from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.core.worker import WorkerState
 
 HEADER_TAG = "recorder-header"
+BATCH_TAG = "batch"
 FORMAT_VERSION = 1
 KINDS: dict[str, type[Any]] = {"scheduler": SchedulerState, "worker": WorkerState}
 
@@ -95,6 +104,8 @@ class Recorder:
     def handle(self, *events: Any) -> list[Any]:
         """Log ``events`` (dumped, before the core sees them), then handle them."""
         dump = messages.dump
+        if len(events) > 1:
+            self.log.append([BATCH_TAG, len(events)])
         self.log.extend(dump(ev) for ev in events)
         result: list[Any] = self.state.handle(*events)
         return result
@@ -102,7 +113,7 @@ class Recorder:
     @property
     def events(self) -> list[Any]:
         """The recorded events, loaded back into records."""
-        return [messages.load(r) for r in self.log[1:]]
+        return [messages.load(r) for r in self.log[1:] if r[0] != BATCH_TAG]
 
 
 def split_log(
@@ -131,6 +142,19 @@ def split_log(
     return kind, kwargs, records
 
 
+def batches(records: Iterable[Any]) -> Iterator[list[Any]]:
+    """The dumped events of a log (header removed), grouped as ``handle()`` got them."""
+    it = iter(records)
+    for r in it:
+        if r and r[0] == BATCH_TAG:
+            group = list(itertools.islice(it, r[1]))
+            if len(group) != r[1]:
+                raise ReplayError(f"the log ends inside a batch of {r[1]} events")
+            yield group
+        else:
+            yield [r]
+
+
 def replay(
     log: Iterable[Any],
     *,
@@ -148,8 +172,14 @@ def replay(
         kwargs["validate"] = validate
     state = KINDS[kind](**kwargs)
     load = messages.load
-    for r in records if upto is None else records[:upto]:
-        state.handle(load(r))
+    left = upto
+    for group in batches(records):
+        if left is not None:
+            if left <= 0:
+                break
+            group = group[:left]
+            left -= len(group)
+        state.handle(*[load(r) for r in group])
     return state
 
 

@@ -42,6 +42,7 @@ from trioscheduler.core.messages import (
     LongRunning,
     MemoryMeasured,
     RefreshWhoHas,
+    ReleaseWorkerData,
     Reschedule,
     RescheduleEvent,
     SecedeEvent,
@@ -122,7 +123,7 @@ class WorkerState:
         "transfer_incoming_count_limit", "transfer_message_bytes_limit", "validate",
         "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
         "managed_bytes", "executing", "long_running", "missing", "in_flight",
-        "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added",
+        "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added", "_dropped",
         "_story", "_story_append", "_serial", "_starts", "process_memory",
     )  # fmt: skip
 
@@ -170,6 +171,7 @@ class WorkerState:
         self._fetch_dirty = False
         self._lru: dict[Key, int] = {}  # spillable keys in RAM, least recently used first
         self._added: dict[Key, int] = {}  # replicas acquired during this event
+        self._dropped: dict[Key, None] = {}  # values dropped during this event
         # transitions as parallel columns: nothing allocated per transition (see StoryLog)
         self._story = StoryLog(story_limit)
         log = self._story
@@ -227,6 +229,16 @@ class WorkerState:
                 del added[key]  # dropped again within the batch: nothing to report
             if added:
                 out.append(ToScheduler(AddKeys(stim, now, self.address, added)))
+        dropped = self._dropped
+        if dropped:
+            # Reported, as dask's workers do: the scheduler may have counted this copy
+            # after sending the FreeKeys that dropped it (a TaskFinished that crossed
+            # it), and must not send fetchers here.
+            self._dropped = {}
+            tasks = self.tasks
+            gone = [k for k in dropped if (t := tasks.get(k)) is None or t.state != "memory"]
+            if gone:
+                out.append(ToScheduler(ReleaseWorkerData(stim, now, self.address, gone)))
         target = self.thresholds.target
         if target is not None and self.memory_bytes > target:
             self._spill_to_target(out, ())
@@ -312,6 +324,7 @@ class WorkerState:
             self.memory_bytes -= n
             self._lru.pop(key, None)
         self.managed_bytes -= n
+        self._dropped[key] = None
         out.append(DeleteData(key))
 
     def _resize(self, ts: WorkerTask, nbytes: int) -> None:
