@@ -136,12 +136,7 @@ class SchedulerState:
         self.state_counts: dict[str, int] = dict.fromkeys(STATES, 0)
         self.generation = 0
         self.log = StoryLog(story_length)
-        log = self.log
-        # the story's five columns, appended without a method call (see StoryLog)
-        self._story_append = (
-            log.keys.append, log.starts.append, log.finishes.append, log.stimuli.append,
-            log.nows.append,
-        )  # fmt: skip
+        self._story_append = self.log.appenders()
         self.worker_timeout = worker_timeout
         self.allowed_failures = allowed_failures
         self.steal = steal
@@ -460,11 +455,7 @@ class SchedulerState:
                         "or already released). Keep a future for the dependency, or submit "
                         "it in the same graph."
                     )
-                exc = TrioSchedulerError(f"task {ts.key!r} depends on {why}")
-                ts.exception = pickle.dumps(exc)
-                ts.traceback = b""
-                ts.exception_text = str(exc)
-                ts.exception_blame = ts.key
+                tr.stash_error(ts, TrioSchedulerError(f"task {ts.key!r} depends on {why}"))
                 broken.append(ts)
         if forward:
             broken.extend(self._break_cycles([ts for ts, _ in new]))
@@ -522,14 +513,13 @@ class SchedulerState:
             ts = tasks[k]
             i = cycle.index(k)
             loop = " -> ".join(repr(c) for c in [*cycle[i:], *cycle[:i], k])
-            exc = TrioSchedulerError(
-                f"task {k!r} depends on itself through a cycle: {loop}. "
-                "Check how the graph was built."
+            tr.stash_error(
+                ts,
+                TrioSchedulerError(
+                    f"task {k!r} depends on itself through a cycle: {loop}. "
+                    "Check how the graph was built."
+                ),
             )
-            ts.exception = pickle.dumps(exc)
-            ts.traceback = b""
-            ts.exception_text = str(exc)
-            ts.exception_blame = k
             out.append(ts)
         return out
 

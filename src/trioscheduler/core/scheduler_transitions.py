@@ -398,15 +398,22 @@ def released_onwards(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
             waiting_processing(s, ts, None)
 
 
-def _stash_lost(ts: TaskRecord) -> None:
-    exc = TrioSchedulerError(
-        f"the data of {ts.key!r} was lost and it has no lineage to recompute it from "
-        "(it was scattered, not computed). Scatter it again."
-    )
+def stash_error(ts: TaskRecord, exc: Exception) -> None:
+    """The scheduler's own verdict on ``ts`` (no worker traceback), for ``erred``."""
     ts.exception = pickle.dumps(exc)
     ts.traceback = b""
     ts.exception_text = str(exc)
     ts.exception_blame = ts.key
+
+
+def _stash_lost(ts: TaskRecord) -> None:
+    stash_error(
+        ts,
+        TrioSchedulerError(
+            f"the data of {ts.key!r} was lost and it has no lineage to recompute it from "
+            "(it was scattered, not computed). Scatter it again."
+        ),
+    )
 
 
 def released_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:

@@ -174,12 +174,7 @@ class WorkerState:
         self._dropped: dict[Key, None] = {}  # values dropped during this event
         # transitions as parallel columns: nothing allocated per transition (see StoryLog)
         self._story = StoryLog(story_limit)
-        log = self._story
-        # the story's five columns, appended without a method call (as the scheduler's)
-        self._story_append = (
-            log.keys.append, log.starts.append, log.finishes.append, log.stimuli.append,
-            log.nows.append,
-        )  # fmt: skip
+        self._story_append = self._story.appenders()
         self._serial = 0
         self._starts = 0  # Execute/GatherDep emitted by the current event (validation)
 
