@@ -201,6 +201,7 @@ def write_results(results: Sequence[Result], directory: Path = RESULTS_DIR) -> t
         "machine": platform.machine(),
         "node": platform.node(),
         "cpus": _cpu_count(),
+        "core": _core_build(),
     }
     json_path = directory / f"{stamp}.json"
     json_path.write_text(
@@ -215,9 +216,16 @@ def write_results(results: Sequence[Result], directory: Path = RESULTS_DIR) -> t
     )
     md_path.write_text(
         f"# Benchmarks {stamp}\n\nPython {meta['python']} on {meta['machine']}, "
-        f"{meta['cpus']} CPUs.\n\n{table(results)}\n\n{details}\n"
+        f"{meta['cpus']} CPUs, {meta['core']} core.\n\n{table(results)}\n\n{details}\n"
     )
     return json_path, md_path
+
+
+def _core_build() -> str:
+    """Which build of the state machines ran: the figures differ by 1.5-2x."""
+    from trioscheduler.core import compiled
+
+    return "mypyc-compiled" if compiled() else "pure-Python"
 
 
 def _cpu_count() -> int:

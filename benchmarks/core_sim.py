@@ -35,6 +35,7 @@ import tracemalloc
 from collections.abc import Callable
 
 from benchmarks import _harness
+from trioscheduler.core import compiled
 from trioscheduler.core.messages import TaskSpec, UpdateGraph
 from trioscheduler.core.simulator import (
     RUN_SPEC,
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker_backlog is not None:
         SCHEDULER_OPTIONS["worker_backlog"] = args.worker_backlog
     graphs = args.graph or sorted(GRAPHS)
+    print(f"core: {'mypyc-compiled' if compiled() else 'pure Python'}", flush=True)
     if args.million:
         args.tasks, args.workers = 1_000_000, 1000
     for g in graphs:

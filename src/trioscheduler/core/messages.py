@@ -22,7 +22,7 @@ hashables: ``str``, ``bytes``, ``int``, ``float`` or tuples of those (dask's key
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar, dataclass_transform
 
@@ -132,11 +132,11 @@ class TaskSpec:
     """
 
     key: Key
-    dependencies: list[Key]
+    dependencies: Sequence[Key]
     run_spec: bytes | None
     priority: int = 0
     order: int = 0
-    workers: list[str] | None = None
+    workers: Sequence[str] | None = None
     allow_other_workers: bool = False
     resources: dict[str, float] | None = None
     retries: int = 0
@@ -170,8 +170,8 @@ class UpdateGraph:
     stimulus_id: str
     now: float
     client: ClientId
-    tasks: list[TaskSpec]
-    keys: list[Key]
+    tasks: Sequence[TaskSpec]
+    keys: Sequence[Key]
 
 
 @message("update-data")
@@ -181,7 +181,7 @@ class UpdateData:
     stimulus_id: str
     now: float
     client: ClientId
-    who_has: dict[Key, list[WorkerAddr]]
+    who_has: dict[Key, Sequence[WorkerAddr]]
     nbytes: dict[Key, int]
 
 
@@ -190,7 +190,7 @@ class ClientDesiresKeys:
     stimulus_id: str
     now: float
     client: ClientId
-    keys: list[Key]
+    keys: Sequence[Key]
 
 
 @message("client-releases-keys")
@@ -198,7 +198,7 @@ class ClientReleasesKeys:
     stimulus_id: str
     now: float
     client: ClientId
-    keys: list[Key]
+    keys: Sequence[Key]
 
 
 @message("cancel-keys")
@@ -208,7 +208,7 @@ class CancelKeys:
     stimulus_id: str
     now: float
     client: ClientId
-    keys: list[Key]
+    keys: Sequence[Key]
     force: bool = False
 
 
@@ -219,7 +219,7 @@ class RetryKeys:
     stimulus_id: str
     now: float
     client: ClientId
-    keys: list[Key]
+    keys: Sequence[Key]
 
 
 # --------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ class ReleaseWorkerData:
     stimulus_id: str
     now: float
     worker: WorkerAddr
-    keys: list[Key]
+    keys: Sequence[Key]
 
 
 @message("missing-data")
@@ -465,10 +465,10 @@ class ComputeTask:
     now: float
     key: Key
     run_spec: bytes | None
-    dependencies: list[Key]
-    who_has: dict[Key, list[WorkerAddr]]
+    dependencies: Sequence[Key]
+    who_has: dict[Key, Sequence[WorkerAddr]]
     nbytes: dict[Key, int]
-    priority: tuple[Any, ...] | list[Any]
+    priority: Sequence[Any]
     resources: dict[str, float] | None = None
     duration: float = 0.5
 
@@ -479,7 +479,7 @@ class FreeKeys:
 
     stimulus_id: str
     now: float
-    keys: list[Key]
+    keys: Sequence[Key]
 
 
 @message("steal-request")
@@ -497,7 +497,7 @@ class AcquireReplicas:
 
     stimulus_id: str
     now: float
-    who_has: dict[Key, list[WorkerAddr]]
+    who_has: dict[Key, Sequence[WorkerAddr]]
     nbytes: dict[Key, int]
 
 
@@ -507,7 +507,7 @@ class RefreshWhoHas:
 
     stimulus_id: str
     now: float
-    who_has: dict[Key, list[WorkerAddr]]
+    who_has: dict[Key, Sequence[WorkerAddr]]
 
 
 # --------------------------------------------------------------------------------------
@@ -568,7 +568,7 @@ class GatherDepSuccess:
     now: float
     peer: WorkerAddr
     data: dict[Key, int]
-    missing: list[Key] = field(default_factory=list)  # asked for but the peer had not
+    missing: Sequence[Key] = field(default_factory=list)  # asked for but the peer had not
 
 
 @message("gather-dep-failure")
@@ -578,7 +578,7 @@ class GatherDepFailure:
     stimulus_id: str
     now: float
     peer: WorkerAddr
-    keys: list[Key]
+    keys: Sequence[Key]
     reason: str = ""
 
 
@@ -633,7 +633,7 @@ class GatherDep:
     """Fetch ``keys`` from ``peer`` in one request, then report a GatherDep* event."""
 
     peer: WorkerAddr
-    keys: list[Key]
+    keys: Sequence[Key]
     total_nbytes: int
 
 

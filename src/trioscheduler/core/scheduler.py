@@ -149,7 +149,8 @@ class SchedulerState:
         self._recs: dict[Key, str] = {}
         self._sid = ""
         self._now = 0.0
-        self._open_free: dict[WorkerAddr, FreeKeys] = {}
+        # the keys list of the FreeKeys each worker may still get more keys in
+        self._open_free: dict[WorkerAddr, list[Key]] = {}
         self._rr = 0
         self.retried: list[TaskRecord] = []  # retried tasks: release them if nobody needs them
         self.worker_saturation = worker_saturation
@@ -266,16 +267,16 @@ class SchedulerState:
 
     def free_on(self, addr: WorkerAddr, key: Key) -> None:
         """Tell ``addr`` to drop ``key``; consecutive frees to one worker share a message."""
-        fk = self._open_free.get(addr)
-        if fk is None:
+        keys = self._open_free.get(addr)
+        if keys is None:
             ws = self.workers.get(addr)
             if ws is None or ws.status == "closed":
                 return
-            fk = FreeKeys(self._sid, self._now, [key])
-            self._effects.append(ToWorker(addr, fk))
-            self._open_free[addr] = fk
+            keys = [key]
+            self._effects.append(ToWorker(addr, FreeKeys(self._sid, self._now, keys)))
+            self._open_free[addr] = keys
         else:
-            fk.keys.append(key)
+            keys.append(key)
 
     def update_worker_sets(self, ws: WorkerRecord) -> None:
         """Keep ``idle``/``saturated`` true for ``ws`` after its load changed (O(1))."""
@@ -411,7 +412,7 @@ class SchedulerState:
         self.generation += 1
         gen = self.generation
         tasks = self.tasks
-        new: list[tuple[TaskRecord, list[Key]]] = []
+        new: list[tuple[TaskRecord, Sequence[Key]]] = []
         for spec in ev.tasks:
             ts = tasks.get(spec.key)
             if ts is not None:

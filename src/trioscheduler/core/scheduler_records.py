@@ -7,29 +7,12 @@ Sets of keys and addresses (not of records) so that shells read them as plain da
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast, overload
+from typing import Any
 
+from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.messages import ClientId, Key, WorkerAddr
-
-EMPTY: set[Any] = cast("set[Any]", frozenset())  # shared empty set, see TaskRecord
-
-
-class _SharedEmpty(dict[Any, None]):
-    """The shared empty ordered set: replace it, never mutate it (that fails loudly)."""
-
-    __slots__ = ()
-
-    def __hash__(self) -> int:  # type: ignore[override]  # a dataclass default must be hashable
-        return 0
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("the shared empty map is read-only: assign a new dict instead")
-
-    __setitem__ = __delitem__ = pop = popitem = setdefault = update = clear = _refuse
-
-
-EMPTY_MAP: dict[Any, None] = _SharedEmpty()  # shared empty ordered set, see TaskRecord
 
 STATES = (
     "released",
@@ -78,9 +61,6 @@ class ErrorInfo:
     blame: Key = None
 
 
-T = TypeVar("T")
-
-
 @dataclass(slots=True, eq=False)
 class TaskExtra:
     """What few tasks need: restrictions, retries, failures (see ``TaskRecord.extra``)."""
@@ -96,40 +76,6 @@ class TaskExtra:
     exception_text: str = ""
     traceback_text: str = ""
     exception_blame: Key = None
-
-
-class _OnExtra(Generic[T]):
-    """A ``TaskExtra`` field read and written as if it were ``TaskRecord``'s own: the
-    default while the task has no extra record, which the first other value creates.
-    (A Python-level descriptor: the hot path reads ``ts.extra`` directly instead.)"""
-
-    __slots__ = ("default", "name")
-
-    def __init__(self, default: T) -> None:
-        self.default = default
-        self.name = ""
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type[Any]) -> _OnExtra[T]: ...
-    @overload
-    def __get__(self, obj: TaskRecord, owner: type[Any]) -> T: ...
-    def __get__(self, obj: TaskRecord | None, owner: type[Any]) -> T | _OnExtra[T]:
-        if obj is None:
-            return self
-        ex = obj.extra
-        return self.default if ex is None else cast("T", getattr(ex, self.name))
-
-    def __set__(self, obj: TaskRecord, value: T) -> None:
-        ex = obj.extra
-        if ex is None:
-            d = self.default
-            if value is d or (type(value) is type(d) and value == d):
-                return
-            ex = obj.extra = TaskExtra()
-        setattr(ex, self.name, value)
 
 
 @dataclass(slots=True, eq=False)
@@ -164,8 +110,8 @@ class TaskRecord:
     dependencies: tuple[Key, ...] = ()
     # ordered: a dict used as a set, or a 1-tuple while there is one (add_dependent)
     dependents: dict[Key, None] | tuple[Key] = EMPTY_MAP
-    who_has: set[WorkerAddr] = EMPTY
-    wanted_by: set[ClientId] = EMPTY
+    who_has: AbstractSet[WorkerAddr] = EMPTY  # replaced, not mutated (see added())
+    wanted_by: AbstractSet[ClientId] = EMPTY
     n_waiting: int = 0
     n_waiters: int = 0
     processing_on: WorkerAddr | None = None
@@ -173,17 +119,162 @@ class TaskRecord:
     type_name: str = ""
     extra: TaskExtra | None = None
 
-    retries = _OnExtra[int](0)
-    worker_restrictions = _OnExtra[set[str] | None](None)
-    allow_other_workers = _OnExtra[bool](False)
-    resource_restrictions = _OnExtra[dict[str, float] | None](None)
-    suspicious = _OnExtra[int](0)
-    killed_on = _OnExtra[list[WorkerAddr] | None](None)
-    exception = _OnExtra[bytes | None](None)
-    traceback = _OnExtra[bytes | None](None)
-    exception_text = _OnExtra[str]("")
-    traceback_text = _OnExtra[str]("")
-    exception_blame = _OnExtra[Key](None)
+    # ``TaskExtra`` fields, read and written as if they were the record's own: the
+    # default while there is no extra record, which the first other value creates
+
+    @property
+    def retries(self) -> int:
+        ex = self.extra
+        return 0 if ex is None else ex.retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        ex = self.extra
+        if ex is None:
+            if value == 0:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.retries = value
+
+    @property
+    def worker_restrictions(self) -> set[str] | None:
+        ex = self.extra
+        return None if ex is None else ex.worker_restrictions
+
+    @worker_restrictions.setter
+    def worker_restrictions(self, value: set[str] | None) -> None:
+        ex = self.extra
+        if ex is None:
+            if value is None:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.worker_restrictions = value
+
+    @property
+    def allow_other_workers(self) -> bool:
+        ex = self.extra
+        return False if ex is None else ex.allow_other_workers
+
+    @allow_other_workers.setter
+    def allow_other_workers(self, value: bool) -> None:
+        ex = self.extra
+        if ex is None:
+            if value is False:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.allow_other_workers = value
+
+    @property
+    def resource_restrictions(self) -> dict[str, float] | None:
+        ex = self.extra
+        return None if ex is None else ex.resource_restrictions
+
+    @resource_restrictions.setter
+    def resource_restrictions(self, value: dict[str, float] | None) -> None:
+        ex = self.extra
+        if ex is None:
+            if value is None:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.resource_restrictions = value
+
+    @property
+    def suspicious(self) -> int:
+        ex = self.extra
+        return 0 if ex is None else ex.suspicious
+
+    @suspicious.setter
+    def suspicious(self, value: int) -> None:
+        ex = self.extra
+        if ex is None:
+            if value == 0:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.suspicious = value
+
+    @property
+    def killed_on(self) -> list[WorkerAddr] | None:
+        ex = self.extra
+        return None if ex is None else ex.killed_on
+
+    @killed_on.setter
+    def killed_on(self, value: list[WorkerAddr] | None) -> None:
+        ex = self.extra
+        if ex is None:
+            if value is None:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.killed_on = value
+
+    @property
+    def exception(self) -> bytes | None:
+        ex = self.extra
+        return None if ex is None else ex.exception
+
+    @exception.setter
+    def exception(self, value: bytes | None) -> None:
+        ex = self.extra
+        if ex is None:
+            if value is None:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.exception = value
+
+    @property
+    def traceback(self) -> bytes | None:
+        ex = self.extra
+        return None if ex is None else ex.traceback
+
+    @traceback.setter
+    def traceback(self, value: bytes | None) -> None:
+        ex = self.extra
+        if ex is None:
+            if value is None:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.traceback = value
+
+    @property
+    def exception_text(self) -> str:
+        ex = self.extra
+        return "" if ex is None else ex.exception_text
+
+    @exception_text.setter
+    def exception_text(self, value: str) -> None:
+        ex = self.extra
+        if ex is None:
+            if value == "":
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.exception_text = value
+
+    @property
+    def traceback_text(self) -> str:
+        ex = self.extra
+        return "" if ex is None else ex.traceback_text
+
+    @traceback_text.setter
+    def traceback_text(self, value: str) -> None:
+        ex = self.extra
+        if ex is None:
+            if value == "":
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.traceback_text = value
+
+    @property
+    def exception_blame(self) -> Key:
+        ex = self.extra
+        return None if ex is None else ex.exception_blame
+
+    @exception_blame.setter
+    def exception_blame(self, value: Key) -> None:
+        ex = self.extra
+        if ex is None:
+            if value is None:
+                return  # the default: no extra record needed
+            ex = self.extra = TaskExtra()
+        ex.exception_blame = value
 
 
 @dataclass(slots=True, eq=False)

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import heapq
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, cast
 
+from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.messages import ComputeTask, KeyErred, KeyInMemory, KeyLost, ToWorker
 from trioscheduler.core.placement import decide_worker
-from trioscheduler.core.scheduler_records import EMPTY, EMPTY_MAP
 from trioscheduler.errors import TrioSchedulerError
 
 _FROZEN: type[Any] = frozenset
@@ -63,23 +64,24 @@ Transition = Callable[["SchedulerState", "TaskRecord", Any], None]
 # --------------------------------------------------------------------------------------
 
 
-def added(cur: set[Any], item: Any, single: frozenset[Any]) -> set[Any]:
+def added(cur: AbstractSet[Any], item: Any, single: frozenset[Any]) -> AbstractSet[Any]:
     """``cur`` with ``item``, copy on write: a lone item is the shared ``single``.
 
     Most tasks are wanted by one client and held by one worker; sharing that
-    client's/worker's one-element frozenset saves a 216-byte set per task.
+    client's/worker's one-element frozenset saves a 216-byte set per task. So the
+    value is a frozenset (shared: never mutated) or a set of this task's own.
     """
     if not cur:
-        return cast("set[Any]", single)
+        return single
     if item in cur:
         return cur
     if type(cur) is _FROZEN:
         return {*cur, item}
-    cur.add(item)
+    cast("set[Any]", cur).add(item)
     return cur
 
 
-def discarded(cur: set[Any], item: Any) -> set[Any]:
+def discarded(cur: AbstractSet[Any], item: Any) -> AbstractSet[Any]:
     """``cur`` without ``item`` (copy on write, see ``added``)."""
     if item not in cur:
         return cur
@@ -87,7 +89,7 @@ def discarded(cur: set[Any], item: Any) -> set[Any]:
         return EMPTY
     if type(cur) is _FROZEN:
         return set(cur) - {item}
-    cur.discard(item)
+    cast("set[Any]", cur).discard(item)
     return cur
 
 
@@ -145,7 +147,7 @@ def _assign(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
     ws.processing[key] = d
     ws.occupancy += d
     s.update_worker_sets(ws)
-    who_has: dict[Any, list[str]] = {}
+    who_has: dict[Any, Sequence[str]] = {}
     nbytes: dict[Any, int] = {}
     deps = ts.dependencies
     if deps:

@@ -21,11 +21,13 @@ serial number, so the instruction lists are deterministic for the recorder.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from trioscheduler.core import memory_policy as mp
+from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import (
     AcquireReplicas,
@@ -57,7 +59,6 @@ from trioscheduler.core.messages import (
     WorkerStatusChange,
     WorkerUpdateData,
 )
-from trioscheduler.core.scheduler_records import EMPTY, EMPTY_MAP
 from trioscheduler.core.story import StoryLog
 from trioscheduler.core.worker_invariants import validate_worker
 from trioscheduler.core.worker_transitions import (
@@ -97,8 +98,9 @@ class WorkerTask:
     dependencies: tuple[WorkerTask, ...] = ()
     # active local tasks reading this key (insertion-ordered set: deterministic output)
     dependents: dict[WorkerTask, None] = EMPTY_MAP
-    waiting_for_data: set[WorkerTask] = EMPTY
-    who_has: set[str] = EMPTY
+    # the shared empty frozenset until the first item: then a set of the task's own
+    waiting_for_data: AbstractSet[WorkerTask] = EMPTY
+    who_has: AbstractSet[str] = EMPTY
     nbytes: int = 0
     resources: dict[str, float] | None = None
     duration: float = 0.0
@@ -283,7 +285,7 @@ class WorkerState:
                 heapq.heappush(heap, entry)
         self._fetch_dirty = True
 
-    def _set_who_has(self, ts: WorkerTask, holders: list[str]) -> None:
+    def _set_who_has(self, ts: WorkerTask, holders: Iterable[str]) -> None:
         """Replace ``ts``'s holders; a queued fetch is queued for the new ones too.
 
         The caller handles a fetch left with no holder (it becomes ``missing``).
@@ -728,7 +730,7 @@ class WorkerState:
                 recs[ts] = "memory"
             else:
                 if peer in ts.who_has:  # (never the shared empty set)
-                    ts.who_has.discard(peer)
+                    cast("set[str]", ts.who_has).discard(peer)
                 ts.errant_peer = peer if said_missing else None
                 recs[ts] = "waiting" if st == "resumed" else "fetch"
         self._drain(recs, ev, out)

@@ -36,11 +36,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from trioscheduler.core.empty import EMPTY
 from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import Execute, MissingData, TaskFinished, ToScheduler
-from trioscheduler.core.scheduler_records import EMPTY
 
 if TYPE_CHECKING:
     from trioscheduler.core.worker import WorkerState, WorkerTask
@@ -152,8 +152,8 @@ def _enter_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float) -> Rec
     recs: Recs = {}
     for dt in ts.dependents:
         waiting = dt.waiting_for_data
-        if ts in waiting:
-            waiting.discard(ts)
+        if ts in waiting:  # so a set of its own, not the shared empty
+            cast("set[WorkerTask]", waiting).discard(ts)
             if not waiting and dt.state == "waiting":
                 recs[dt] = "constrained" if dt.resources else "ready"
     return recs
