@@ -200,12 +200,11 @@ class SchedulerState:
         """Apply recommendations until none are left (LIFO: depth first, like dask)."""
         recs = self._recs
         tasks = self.tasks
-        transition = self.transition
         while recs:
             key, finish = recs.popitem()
             ts = tasks.get(key)
             if ts is not None:
-                transition(ts, finish)
+                self.transition(ts, finish)  # (not a bound-method local: compiled, a C call)
 
     def _fill_queue_slots(self) -> None:
         """Hand queued tasks, best priority first, to workers with room. One worker is
@@ -214,11 +213,10 @@ class SchedulerState:
         queued = self.queued
         heap = self._queue_heap
         tasks = self.tasks
-        transition = self.transition
         while open_ and queued:
             _, seq, key = heapq.heappop(heap)
             if queued.get(key) == seq:
-                transition(tasks[key], "processing", next(iter(open_.values())))
+                self.transition(tasks[key], "processing", next(iter(open_.values())))
         if self._recs:
             self.drain()
 
@@ -236,7 +234,8 @@ class SchedulerState:
         start = ts.state
         if start == finish:
             return
-        fn = tr.TRANSITIONS.get((start, finish))
+        edges = tr.EDGES.get(start)
+        fn = None if edges is None else edges.get(finish)
         if fn is None:
             raise InvalidTransition(ts.key, start, finish, self.log.story(ts.key))
         fn(self, ts, info)

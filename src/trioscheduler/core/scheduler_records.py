@@ -78,7 +78,6 @@ class TaskExtra:
     exception_blame: Key = None
 
 
-@dataclass(slots=True, eq=False)
 class TaskRecord:
     """One key as the scheduler sees it.
 
@@ -102,22 +101,53 @@ class TaskRecord:
     visits every slot of every live record.
     """
 
+    __slots__ = (
+        "key", "run_spec", "priority", "prefix", "state", "dependencies", "dependents",
+        "who_has", "wanted_by", "n_waiting", "n_waiters", "processing_on", "nbytes",
+        "type_name", "extra"
+    )  # fmt: skip
+
     key: Key
     run_spec: bytes | None
     priority: tuple[Any, ...]
     prefix: TaskPrefix
-    state: str = "released"
-    dependencies: tuple[Key, ...] = ()
+    state: str
+    dependencies: tuple[Key, ...]
     # ordered: a dict used as a set, or a 1-tuple while there is one (add_dependent)
-    dependents: dict[Key, None] | tuple[Key] = EMPTY_MAP
-    who_has: AbstractSet[WorkerAddr] = EMPTY  # replaced, not mutated (see added())
-    wanted_by: AbstractSet[ClientId] = EMPTY
-    n_waiting: int = 0
-    n_waiters: int = 0
-    processing_on: WorkerAddr | None = None
-    nbytes: int = 0
-    type_name: str = ""
-    extra: TaskExtra | None = None
+    dependents: dict[Key, None] | tuple[Key]
+    who_has: AbstractSet[WorkerAddr]  # replaced, not mutated (see added())
+    wanted_by: AbstractSet[ClientId]
+    n_waiting: int
+    n_waiters: int
+    processing_on: WorkerAddr | None
+    nbytes: int
+    type_name: str
+    extra: TaskExtra | None
+
+    def __init__(
+        self, key: Key, run_spec: bytes | None, priority: tuple[Any, ...], prefix: TaskPrefix
+    ) -> None:
+        # Written out, not a dataclass's: one record per task, and mypyc compiles this
+        # __init__ (a dataclass's generated one would stay interpreted, ~5x slower).
+        self.key = key
+        self.run_spec = run_spec
+        self.priority = priority
+        self.prefix = prefix
+        self.state = "released"
+        self.dependencies = ()
+        self.dependents = EMPTY_MAP
+        self.who_has = EMPTY
+        self.wanted_by = EMPTY
+        self.n_waiting = 0
+        self.n_waiters = 0
+        self.processing_on = None
+        self.nbytes = 0
+        self.type_name = ""
+        self.extra = None
+
+    def __repr__(self) -> str:
+        return f"<TaskRecord {self.key!r} {self.state}>"
+
 
     # ``TaskExtra`` fields, read and written as if they were the record's own: the
     # default while there is no extra record, which the first other value creates

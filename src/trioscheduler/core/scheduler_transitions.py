@@ -663,3 +663,8 @@ TRANSITIONS: dict[tuple[str, str], Transition] = {
     ("erred", "waiting"): erred_waiting,
     ("erred", "forgotten"): erred_forgotten,
 }
+
+EDGES: dict[str, dict[str, Transition]] = {}
+"""``TRANSITIONS`` by start, then finish: the lookup builds no ``(start, finish)`` tuple."""
+for (_start, _finish), _fn in TRANSITIONS.items():
+    EDGES.setdefault(_start, {})[_finish] = _fn

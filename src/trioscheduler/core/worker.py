@@ -23,7 +23,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from typing import Any, cast
 
 from trioscheduler.core import memory_policy as mp
@@ -80,7 +79,6 @@ STEALABLE = frozenset({"waiting", "ready", "constrained"})
 HeapEntry = tuple[tuple[Any, ...], int, "WorkerTask"]
 
 
-@dataclass(slots=True, eq=False)
 class WorkerTask:
     """One key known to this worker: a task to compute, or data to hold or fetch.
 
@@ -90,28 +88,58 @@ class WorkerTask:
     garbage-collector work.
     """
 
+    __slots__ = (
+        "key", "serial", "state", "run_spec", "priority", "dependencies", "dependents",
+        "waiting_for_data", "who_has", "nbytes", "resources", "duration", "wanted",
+        "coming_from", "errant_peer", "previous", "next", "spillable", "pending_compute"
+    )  # fmt: skip
+
     key: Key
     serial: int  # creation order: deterministic tie-break in the heaps
-    state: str = "released"
-    run_spec: bytes | None = None
-    priority: tuple[Any, ...] = ()
-    dependencies: tuple[WorkerTask, ...] = ()
+    state: str
+    run_spec: bytes | None
+    priority: tuple[Any, ...]
+    dependencies: tuple[WorkerTask, ...]
     # active local tasks reading this key (insertion-ordered set: deterministic output)
-    dependents: dict[WorkerTask, None] = EMPTY_MAP
+    dependents: dict[WorkerTask, None]
     # the shared empty frozenset until the first item: then a set of the task's own
-    waiting_for_data: AbstractSet[WorkerTask] = EMPTY
-    who_has: AbstractSet[str] = EMPTY
-    nbytes: int = 0
-    resources: dict[str, float] | None = None
-    duration: float = 0.0
-    wanted: bool = False  # the scheduler counts this key as ours (result, replica, scatter)
-    coming_from: str | None = None  # peer of the GatherDep carrying it
-    errant_peer: str | None = None  # last peer that failed to deliver it
-    previous: str | None = None  # cancelled/resumed: what is really running
-    next: str | None = None  # resumed: what to become if that fails
-    spillable: bool = True  # False after SpillFailed
+    waiting_for_data: AbstractSet[WorkerTask]
+    who_has: AbstractSet[str]
+    nbytes: int
+    resources: dict[str, float] | None
+    duration: float
+    wanted: bool  # the scheduler counts this key as ours (result, replica, scatter)
+    coming_from: str | None  # peer of the GatherDep carrying it
+    errant_peer: str | None  # last peer that failed to deliver it
+    previous: str | None  # cancelled/resumed: what is really running
+    next: str | None  # resumed: what to become if that fails
+    spillable: bool  # False after SpillFailed
     # resumed after a transfer: the ComputeTask to carry out if the transfer fails
-    pending_compute: ComputeTask | None = None
+    pending_compute: ComputeTask | None
+
+    def __init__(self, key: Key, serial: int) -> None:
+        # Written out, not a dataclass's: one record per task, and mypyc compiles this
+        # __init__ (a dataclass's generated one would stay interpreted, ~5x slower).
+        self.key = key
+        self.serial = serial
+        self.state = "released"
+        self.run_spec = None
+        self.priority = ()
+        self.dependencies = ()
+        self.dependents = EMPTY_MAP
+        self.waiting_for_data = EMPTY
+        self.who_has = EMPTY
+        self.nbytes = 0
+        self.resources = None
+        self.duration = 0.0
+        self.wanted = False
+        self.coming_from = None
+        self.errant_peer = None
+        self.previous = None
+        self.next = None
+        self.spillable = True
+        self.pending_compute = None
+
 
     def __repr__(self) -> str:
         return f"<WorkerTask {self.key!r} {self.state}>"

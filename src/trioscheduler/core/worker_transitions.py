@@ -598,14 +598,25 @@ TABLE: dict[tuple[str, str], Transition] = {
 }
 
 
+EDGES: dict[str, dict[str, Transition]] = {}
+"""``TABLE`` by start, then finish: the lookup builds no ``(start, finish)`` tuple."""
+for (_start, _finish), _fn in TABLE.items():
+    EDGES.setdefault(_start, {})[_finish] = _fn
+
+
+def _edge(ws: WorkerState, ts: WorkerTask, start: str, finish: str) -> Transition:
+    edges = EDGES.get(start)
+    fn = None if edges is None else edges.get(finish)
+    if fn is None:
+        raise InvalidTransition(ts.key, start, finish, ws.story(ts.key))
+    return fn
+
+
 def transition(
     ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float, out: list[Any]
 ) -> Recs | None:
     """Move ``ts`` along one edge of ``TABLE``; any other move is a bug."""
-    fn = TABLE.get((ts.state, finish))
-    if fn is None:
-        raise InvalidTransition(ts.key, ts.state, finish, ws.story(ts.key))
-    return fn(ws, ts, stim, now, out)
+    return _edge(ws, ts, ts.state, finish)(ws, ts, stim, now, out)
 
 
 def step(
@@ -617,10 +628,7 @@ def step(
     start = ts.state
     if start == finish or start == "forgotten":
         return
-    fn = TABLE.get((start, finish))
-    if fn is None:
-        raise InvalidTransition(ts.key, start, finish, ws.story(ts.key))
-    more = fn(ws, ts, stim, now, out)
+    more = _edge(ws, ts, start, finish)(ws, ts, stim, now, out)
     if more:
         drain(ws, more, stim, now, out)
 
@@ -634,7 +642,6 @@ def drain(ws: WorkerState, recs: Recs, stim: str, now: float, out: list[Any]) ->
     many pops from the front scans the dict's deleted slots). A new recommendation for a
     task already waiting replaces its target and keeps its place, as ``dict.update`` does.
     """
-    table = TABLE
     order = deque(recs)
     pop_first = order.popleft
     while order:
@@ -643,10 +650,7 @@ def drain(ws: WorkerState, recs: Recs, stim: str, now: float, out: list[Any]) ->
         start = ts.state
         if start == finish or start == "forgotten":
             continue
-        fn = table.get((start, finish))
-        if fn is None:
-            raise InvalidTransition(ts.key, start, finish, ws.story(ts.key))
-        more = fn(ws, ts, stim, now, out)
+        more = _edge(ws, ts, start, finish)(ws, ts, stim, now, out)
         if more:
             for t, f in more.items():
                 if t not in recs:
