@@ -12,13 +12,13 @@ whole (filtered) pool.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from trioscheduler.core.scheduler import SchedulerState
     from trioscheduler.core.scheduler_records import TaskRecord, WorkerRecord
 
-SMALL_POOL = 20  # below this many workers, compare them all instead of round robin
+SMALL_POOL: Final = 20  # below this many workers, compare them all instead of round robin
 
 
 def has_resources(ws: WorkerRecord, needs: dict[str, float]) -> bool:

@@ -17,7 +17,7 @@ import heapq
 import math
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Final
 
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.errors import InvalidTransition, KilledWorker
@@ -949,7 +949,7 @@ class SchedulerState:
             self.to_worker(victim, StealRequest(self._sid, self._now, key))
 
 
-_HANDLERS: dict[type[Any], Callable[[SchedulerState, Any], None]] = {
+_HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
     AddClient: SchedulerState._on_add_client,
     RemoveClient: SchedulerState._on_remove_client,
     UpdateGraph: SchedulerState._on_update_graph,

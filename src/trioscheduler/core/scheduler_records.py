@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.messages import ClientId, Key, WorkerAddr
 
-STATES = (
+STATES: Final = (
     "released",
     "waiting",
     "no-worker",
@@ -26,7 +26,7 @@ STATES = (
 )
 # States a victim may report for a task it had not started: then it is safe to move.
 # ``released``/None mean the victim does not hold the task at all (it is not running it).
-STEALABLE_STATES = frozenset(
+STEALABLE_STATES: Final = frozenset(
     {"waiting", "ready", "fetch", "flight", "constrained", "released", None}
 )
 

@@ -41,20 +41,20 @@ import heapq
 import pickle
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.messages import ComputeTask, KeyErred, KeyInMemory, KeyLost, ToWorker
 from trioscheduler.core.placement import decide_worker
 from trioscheduler.errors import TrioSchedulerError
 
-_FROZEN: type[Any] = frozenset
+_FROZEN: Final[type[Any]] = frozenset
 
 if TYPE_CHECKING:
     from trioscheduler.core.scheduler import SchedulerState
     from trioscheduler.core.scheduler_records import ClientRecord, TaskRecord, WorkerRecord
 
-ACTIVE = frozenset({"waiting", "no-worker", "processing", "queued"})
+ACTIVE: Final = frozenset({"waiting", "no-worker", "processing", "queued"})
 
 Transition = Callable[["SchedulerState", "TaskRecord", Any], None]
 
@@ -193,7 +193,7 @@ def rootish(s: SchedulerState, ts: TaskRecord) -> bool:
     return True
 
 
-TINY_GROUP = 4  # dask: dependency groups of fewer than 5 tasks in all
+TINY_GROUP: Final = 4  # dask: dependency groups of fewer than 5 tasks in all
 
 
 def _enqueue(s: SchedulerState, ts: TaskRecord) -> None:
@@ -631,7 +631,7 @@ def erred_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     released_forgotten(s, ts, info)
 
 
-TRANSITIONS: dict[tuple[str, str], Transition] = {
+TRANSITIONS: Final[dict[tuple[str, str], Transition]] = {
     ("released", "waiting"): released_onwards,
     ("released", "queued"): released_onwards,
     ("released", "processing"): released_onwards,
@@ -664,7 +664,7 @@ TRANSITIONS: dict[tuple[str, str], Transition] = {
     ("erred", "forgotten"): erred_forgotten,
 }
 
-EDGES: dict[str, dict[str, Transition]] = {}
+EDGES: Final[dict[str, dict[str, Transition]]] = {}
 """``TRANSITIONS`` by start, then finish: the lookup builds no ``(start, finish)`` tuple."""
 for (_start, _finish), _fn in TRANSITIONS.items():
     EDGES.setdefault(_start, {})[_finish] = _fn

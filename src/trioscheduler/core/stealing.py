@@ -17,7 +17,7 @@ started: as dask; among equals the most recently assigned), at most ``MAX_EXAMIN
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from trioscheduler.core.placement import satisfies
 
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from trioscheduler.core.scheduler import SchedulerState
     from trioscheduler.core.scheduler_records import TaskRecord
 
-MAX_EXAMINED = 100  # tasks looked at per victim per tick
-MAX_THIEVES_TRIED = 8  # thieves compared per task
+MAX_EXAMINED: Final = 100  # tasks looked at per victim per tick
+MAX_THIEVES_TRIED: Final = 8  # thieves compared per task
 
 
 def _pick_thief(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from trioscheduler.core import memory_policy as mp
 from trioscheduler.core.empty import EMPTY, EMPTY_MAP
@@ -70,10 +70,10 @@ from trioscheduler.core.worker_transitions import (
     transition,
 )
 
-DEFAULT_NBYTES = 1024
+DEFAULT_NBYTES: Final = 1024
 """Size assumed for a dependency whose size the scheduler did not say (dask's default)."""
 
-STEALABLE = frozenset({"waiting", "ready", "constrained"})
+STEALABLE: Final = frozenset({"waiting", "ready", "constrained"})
 """States in which a stolen task had not started and is released here."""
 
 HeapEntry = tuple[tuple[Any, ...], int, "WorkerTask"]
@@ -828,7 +828,7 @@ def _serial(ts: WorkerTask) -> int:
     return ts.serial
 
 
-_HANDLERS: dict[type[Any], Callable[[WorkerState, Any, list[Any]], None]] = {
+_HANDLERS: Final[dict[type[Any], Callable[[WorkerState, Any, list[Any]], None]]] = {
     ComputeTask: WorkerState._on_compute_task,
     FreeKeys: WorkerState._on_free_keys,
     StealRequest: WorkerState._on_steal_request,

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from trioscheduler.core.empty import EMPTY
 from trioscheduler.core.errors import InvalidTransition
@@ -48,11 +48,11 @@ if TYPE_CHECKING:
 Recs = dict["WorkerTask", str]
 Transition = Callable[["WorkerState", "WorkerTask", str, float, list[Any]], "Recs | None"]
 
-RUNNING_STATES = frozenset({"executing", "long-running"})
+RUNNING_STATES: Final = frozenset({"executing", "long-running"})
 """States (or ``previous`` of cancelled/resumed) whose thread is running the task."""
-ACTIVE_STATES = frozenset({"waiting", "ready", "constrained", "executing", "long-running"})
+ACTIVE_STATES: Final = frozenset({"waiting", "ready", "constrained", "executing", "long-running"})
 """States of a task that still reads its dependencies (it is in their ``dependents``)."""
-DATA_STATES = frozenset({"memory", "fetch", "flight", "missing"})
+DATA_STATES: Final = frozenset({"memory", "fetch", "flight", "missing"})
 """States of a key kept while local dependents need it, even when the scheduler frees it."""
 
 
@@ -542,7 +542,7 @@ def error_fetch(
     return _enter_fetch(ws, ts, stim, now)
 
 
-TABLE: dict[tuple[str, str], Transition] = {
+TABLE: Final[dict[tuple[str, str], Transition]] = {
     ("released", "waiting"): released_waiting,
     ("released", "fetch"): released_fetch,
     ("released", "ready"): released_ready,
@@ -598,7 +598,7 @@ TABLE: dict[tuple[str, str], Transition] = {
 }
 
 
-EDGES: dict[str, dict[str, Transition]] = {}
+EDGES: Final[dict[str, dict[str, Transition]]] = {}
 """``TABLE`` by start, then finish: the lookup builds no ``(start, finish)`` tuple."""
 for (_start, _finish), _fn in TABLE.items():
     EDGES.setdefault(_start, {})[_finish] = _fn
