@@ -70,6 +70,8 @@ def busy_run(seed: int, steps: int = 500) -> ClusterSimulator:
             sim.cancel("c0", [rng.choice(sorted(sim.wants["c0"], key=repr))], force=True)
         elif r < 0.94 and "c2" in sim.wants:
             sim.remove_client("c2")
+        elif r < 0.97 and sim.pending_writes():
+            sim.finish_writes(rng.choice(sorted(sim.pending_writes())), rng.choice([1, None]))
     sim.stop_faults()
     sim.run_to_completion()
     return sim

@@ -1,7 +1,8 @@
 """Random event storms against one worker core, ``validate_worker`` after every event.
 
 A tiny fake shell obeys the instructions the way the real one does (every ``Execute``
-and ``GatherDep`` is answered later, in any order; a ``Spill`` may fail), while a fake
+and ``GatherDep`` is answered later, in any order; a ``Spill`` is reported written
+later, or fails), while a fake
 scheduler throws arbitrary requests in between. At the end everything is freed and all
 outstanding work answered: the worker must forget every key and hold zero bytes.
 """
@@ -33,6 +34,7 @@ from trioscheduler.core.messages import (
     SecedeEvent,
     Spill,
     SpillFailed,
+    SpillWritten,
     StealRequest,
     ToScheduler,
     WorkerUpdateData,
@@ -140,7 +142,12 @@ class FakeShell:
             self.feed(MemoryMeasured(s, now, rng.randint(0, 1100)))
         elif r < 0.92 and self.spills:
             key = self.spills.pop(rng.randrange(len(self.spills)))
-            self.feed(SpillFailed(s, now, key))
+            if rng.random() < 0.3:
+                self.feed(SpillFailed(s, now, key))
+            else:  # with whatever else is written by now
+                done = [key, *rng.sample(self.spills, rng.randint(0, len(self.spills)))]
+                self.spills = [k for k in self.spills if k not in done]
+                self.feed(SpillWritten(s, now, done))
         else:
             k = rng.choice(KEYS)
             self.feed(WorkerUpdateData(s, now, {k: rng.randint(1, 300)}))
@@ -158,6 +165,9 @@ class FakeShell:
                 self.answer_gather("ok")
             elif self.missing:
                 self.feed(RefreshWhoHas(s, now, {self.missing.pop(): ["w1"]}))
+            elif self.spills:
+                self.feed(SpillWritten(s, now, self.spills))
+                self.spills = []
             else:
                 break
         s, now = self.stim()
@@ -165,6 +175,7 @@ class FakeShell:
         ws = self.ws
         assert ws.tasks == {}, ws.tasks
         assert (ws.memory_bytes, ws.spilled_bytes, ws.managed_bytes) == (0, 0, 0)
+        assert ws.writing == {} and ws.writing_bytes == 0
         assert not ws.executing and not ws.long_running and not ws.in_flight
 
 

@@ -15,6 +15,7 @@ from trioscheduler.core.messages import (
     ReleaseWorkerData,
     Spill,
     SpillFailed,
+    SpillWritten,
     TaskFinished,
     ToScheduler,
     Unspill,
@@ -44,14 +45,19 @@ def measured(pm: int) -> MemoryMeasured:
     return MemoryMeasured("m", 5.0, pm)
 
 
+def written(*keys: Any) -> SpillWritten:
+    return SpillWritten("sw", 1.5, list(keys))
+
+
 # ----------------------------------------------------------------------------- the pure policy
 
 
 def test_thresholds_from_fractions() -> None:
     th = mp.MemoryThresholds.from_fractions(1000, 0.6, 0.7, 0.8)
-    assert (th.target, th.spill, th.pause) == (600, 700, 800)
+    assert (th.target, th.spill, th.pause, th.write_ahead) == (600, 700, 800, 100)
     off = mp.MemoryThresholds.from_fractions(0, 0.6, 0.7, 0.8)
-    assert (off.target, off.spill, off.pause) == (None, None, None)
+    assert (off.target, off.spill, off.pause, off.write_ahead) == (None, None, None, None)
+    assert mp.MemoryThresholds.from_fractions(1000, 0.6, 0.7, 0.8, None).write_ahead is None
     assert mp.MemoryThresholds.from_fractions(1000, None, 0.7, None).target is None
 
 
@@ -60,6 +66,8 @@ def test_policy_numbers() -> None:
     assert mp.target_excess(600, th) == 0 and mp.target_excess(650, th) == 50
     assert mp.process_excess(700, th) == 0 and mp.process_excess(750, th) == 150
     assert not mp.should_pause(800, th) and mp.should_pause(801, th)
+    assert not mp.writes_behind(100, th) and mp.writes_behind(101, th)
+    assert not mp.writes_behind(10**9, mp.MemoryThresholds.from_fractions(0, 0.6, 0.7, 0.8))
     no_target = mp.MemoryThresholds.from_fractions(1000, None, 0.7, 0.8)
     assert mp.process_excess(750, no_target) == 50
     lru = [("a", 10), ("b", 20), ("c", 30)]
@@ -96,7 +104,7 @@ def test_unspill_before_execute() -> None:
     ws.handle(scatter(a=300, b=300))
     assert ws.handle(scatter(c=100)) == [Spill("a")]
     out = ws.handle(compute("x", ["a"]))
-    # a comes back (and is not pushed out again for x); b is spilled to make room
+    # a comes back (its write, the only one behind, is dropped: x need not wait for it) (and is not pushed out again for x); b is spilled to make room
     assert out == [Unspill("a"), Execute("x", b"f"), Spill("b")]
     assert ws.spilled == {"b"} and ws.in_memory == {"a", "c"}
 
@@ -176,6 +184,7 @@ def test_above_target_tasks_reading_data_start_before_new_root_tasks() -> None:
     released) starts before a root task of better priority, which would add data."""
     ws = ws_(nthreads=1)
     ws.handle(scatter(a=300, b=400))  # 700 held: above the 600 target (``a`` spilled)
+    ws.handle(written("a"))
     ws.handle(compute("blocker", prio=(0,)))  # takes the thread
     ws.handle(compute("root", prio=(1,)), compute("use-b", ["b"], prio=(5,)))
     out = ws.handle(ExecuteSuccess("e", 2.0, "blocker", 10, "int", 1.0, 2.0))
@@ -189,3 +198,109 @@ def test_below_target_priority_decides() -> None:
     ws.handle(compute("root", prio=(1,)), compute("use-b", ["b"], prio=(5,)))
     out = ws.handle(ExecuteSuccess("e", 2.0, "blocker", 10, "int", 1.0, 2.0))
     assert Execute("root", b"f") in out and Execute("use-b", b"f") not in out
+
+
+# ----------------------------------------------------------------------------- write-ahead
+
+
+def test_no_task_starts_while_spill_writes_are_behind() -> None:
+    """1000-byte limit: write-ahead 100. A spilled 300 bytes still being written holds a
+    ready task back (it stays ``ready``); ``SpillWritten`` lets it start."""
+    ws = ws_(nthreads=1)
+    assert ws.handle(scatter(a=300, b=300)) == []
+    assert ws.handle(scatter(c=100)) == [Spill("a")]
+    assert ws.writing == {"a": 300} and ws.writing_bytes == 300
+    assert ws.handle(compute("x")) == []
+    assert ws.tasks["x"].state == "ready" and not ws.executing
+    out = ws.handle(written("a"))
+    assert out == [Execute("x", b"f")]
+    assert ws.writing == {} and ws.writing_bytes == 0
+    assert ws.spilled == {"a"} and ws.spilled_bytes == 300
+
+
+def test_writes_within_the_write_ahead_do_not_hold_tasks_back() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(a=80, b=500))
+    assert ws.handle(scatter(c=50)) == [Spill("a")]  # 630 > 600: 80 bytes to write
+    assert ws.writing_bytes == 80
+    assert ws.handle(compute("x")) == [Execute("x", b"f")]
+
+
+def test_write_ahead_off_without_a_limit_or_threshold() -> None:
+    ws = ws_(nthreads=1, write_ahead=None)
+    ws.handle(scatter(a=300, b=300))
+    assert ws.handle(scatter(c=100)) == [Spill("a")]
+    assert ws.writing_bytes == 300  # still booked, but nothing waits for it
+    assert ws.handle(compute("x")) == [Execute("x", b"f")]
+
+
+def test_a_task_started_in_the_same_batch_stops_the_next_once_writes_are_behind() -> None:
+    """Two free threads. Starting ``x`` brings its input ``a`` back (its write is dropped)
+    and pushes 400 bytes of ``b`` out: ``y`` waits for that write."""
+    ws = ws_(nthreads=2)
+    ws.handle(scatter(a=100, b=400))
+    out = ws.handle(compute("x", ["a"], prio=(0,)), compute("y", prio=(1,)), scatter(c=200))
+    assert out == [Spill("a"), Unspill("a"), Execute("x", b"f"), Spill("b")], out
+    assert ws.tasks["y"].state == "ready" and ws.writing == {"b": 400}
+    assert ws.handle(written("b")) == [Execute("y", b"f")]
+
+
+def test_a_task_reading_a_key_being_written_starts_and_ends_that_write() -> None:
+    """Starting ``x`` brings its input ``a`` back, which ends ``a``'s pending write: ``x``
+    does not wait for ``a`` to reach the disk only to read it back."""
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(a=300, b=300))
+    assert ws.handle(scatter(c=100)) == [Spill("a")]
+    assert ws.handle(compute("x", ["a"])) == [Unspill("a"), Execute("x", b"f"), Spill("b")]
+    assert ws.writing == {"b": 300} and ws.writing_bytes == 300  # a's write is gone
+    assert ws.handle(written("a")) == []  # a late report of the dropped write: ignored
+    assert ws.writing == {"b": 300} and ws.in_memory == {"a", "c"}
+    ws.handle(ExecuteSuccess("d", 2.0, "x", 10))
+    assert ws.handle(compute("y")) == []  # b's 300 bytes are still behind
+    assert ws.handle(written("b")) == [Execute("y", b"f")]
+    assert ws.writing_bytes == 0 and ws.spilled == {"b"}
+
+
+def test_a_task_waits_for_writes_other_than_its_inputs() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(a=200, b=200, c=200))
+    assert ws.handle(scatter(d=250)) == [Spill("a"), Spill("b")]
+    assert ws.writing_bytes == 400
+    # starting x would end a's write, but b's 200 bytes would still be behind
+    assert ws.handle(compute("x", ["a"])) == []
+    assert ws.handle(written("b")) == [Unspill("a"), Execute("x", b"f"), Spill("c")]
+    assert ws.writing == {"c": 200}
+
+
+def test_deleting_a_key_being_written_ends_its_write() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(a=300, b=300))
+    assert ws.handle(scatter(c=100)) == [Spill("a")]
+    ws.handle(compute("x"))
+    out = ws.handle(FreeKeys("f", 2.0, ["a"]))
+    assert DeleteData("a") in out and Execute("x", b"f") in out
+    assert ws.writing == {} and ws.writing_bytes == 0
+    assert (ws.spilled_bytes, ws.managed_bytes) == (0, 400)
+
+
+def test_new_value_for_a_key_being_written_ends_its_write() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(a=300, b=300))
+    assert ws.handle(scatter(c=100)) == [Spill("a")]
+    ws.handle(compute("x"))
+    out = ws.handle(scatter(a=50))  # scattered again: the shell holds the new value in RAM
+    assert out == [Execute("x", b"f")]
+    assert ws.in_memory == {"a", "b", "c"} and ws.writing == {} and ws.writing_bytes == 0
+    assert (ws.memory_bytes, ws.spilled_bytes) == (450, 0)
+
+
+def test_failed_write_ends_it() -> None:
+    ws = ws_(nthreads=1)
+    ws.handle(scatter(a=300, b=300))
+    assert ws.handle(scatter(c=100)) == [Spill("a")]
+    ws.handle(compute("x"))
+    # a cannot be written: back in RAM for good, b goes instead (a new write, 300 behind)
+    assert ws.handle(SpillFailed("sf", 2.0, "a", "disk full")) == [Spill("b")]
+    assert ws.writing == {"b": 300} and ws.tasks["x"].state == "ready"
+    assert ws.handle(written("b")) == [Execute("x", b"f")]
+    assert ws.writing_bytes == 0 and ws.spilled == {"b"}

@@ -64,6 +64,8 @@ def random_run(seed: int, steps: int = 400) -> ClusterSimulator:
             sim.release("c0", [rng.choice(sorted(sim.wants["c0"]))])
         elif r < 0.94 and sim.wants["c0"]:
             sim.cancel("c0", [rng.choice(sorted(sim.wants["c0"]))])
+        elif r < 0.98 and sim.pending_writes():
+            sim.finish_writes(rng.choice(sim.pending_writes()), rng.choice([1, None]))
     sim.check()
     return sim
 
@@ -81,6 +83,15 @@ def test_replay_rebuilds_every_core_of_a_random_run(seed: int) -> None:
     assert len(sim.scheduler_log) > 50
     for live, log in all_logs(sim):
         assert snapshot(replay(log)) == snapshot(live)
+
+
+def test_spill_writes_are_recorded_and_replayed() -> None:
+    """The spill writer's reports (``SpillWritten``) are logged and replay like any event."""
+    sim = random_run(1)
+    logs = [log for a, log in sim.worker_logs.items() if a in sim.workers]
+    assert any(r[0] == "spill-written" for log in logs for r in log)
+    for live, log in all_logs(sim):
+        assert snapshot(replay(recorder.unpack_log(recorder.pack_log(log)))) == snapshot(live)
 
 
 @pytest.mark.parametrize("seed", range(2))

@@ -38,6 +38,7 @@ def store_state(dask_worker: Any) -> dict[str, Any]:
         "spilled": len(store.spilled),
         "memory": len(store.memory),
         "writing": len(store.writing),
+        "core_writing": dask_worker.state.writing_bytes,  # reported written: none left
         "files": len(files),
         "directory": store.directory,
     }
@@ -73,7 +74,7 @@ async def test_values_evicted_while_tasks_need_them_are_intact(tmp_path: Any) ->
                 while True:  # files are removed by the worker's writer thread
                     (state,) = (await c.run(store_state)).values()
                     if state["spilled"] + state["memory"] + state["writing"] == 0:
-                        if state["files"] == 0:
+                        if state["files"] == 0 and state["core_writing"] == 0:
                             break
                     await trio.sleep(0.05)
                 assert spill_files_under(tmp_path) == []

@@ -179,6 +179,11 @@ async def test_spill_to_disk_and_back(tmp_path: Any) -> None:
                     store = w.store
                     assert store is not None
                     await wait_until(lambda: len(store.spilled) >= 5 and not store.writing)
+                    # every finished write was reported: the core's books match the disk
+                    ws = w.state
+                    assert ws is not None
+                    assert ws.writing == {} and ws.writing_bytes == 0
+                    assert ws.spilled == set(store.spilled)
                     files = os.listdir(store.directory)
                     assert len(files) == len(store.spilled)
                     assert store.directory.startswith(str(tmp_path))
@@ -218,6 +223,10 @@ async def test_unpicklable_results_stay_in_memory_with_one_warning() -> None:
                     assert store is not None
                     await wait_until(lambda: ok.key in store.spilled)
                     assert all(f.key in store.memory for f in locks)
+                    ws = w.state  # SpillFailed ended the writes of the locks in the core too
+                    assert ws is not None
+                    await wait_until(lambda: not ws.writing)
+                    assert all(f.key in ws.in_memory for f in locks)
     assert len([r for r in rec if issubclass(r.category, TrioSchedulerWarning)]) == 1
 
 

@@ -45,7 +45,7 @@ TARGET = 0.6  # managed bytes above this: spill by LRU
 SPILL = 0.7  # process memory (RSS) above this: spill
 PAUSE = 0.8  # process memory above this: start no new tasks
 TERMINATE = 0.95  # process memory above this: the nanny restarts the worker
-WRITE_AHEAD = 0.1  # unwritten spill bytes above this (of the limit): start no task
+WRITE_AHEAD = 0.1  # the worker core starts no task while more than this is unwritten
 SPILL_BATCH = 4 << 20  # small spill files go to the writer thread up to this many bytes at once
 
 
@@ -262,7 +262,7 @@ class SpillJob:
         self.key = key
         self.value = value
         self.path = path
-        self.nbytes = nbytes  # the size the core booked, for the write-ahead limit
+        self.nbytes = nbytes  # the size the core booked (batches writes by it)
         self.size = 0  # bytes on disk, once written
         self.error: BaseException | None = None  # UnpicklableValue or OSError
 

@@ -55,6 +55,7 @@ from trioscheduler.core.messages import (
     SecedeEvent,
     Spill,
     SpillFailed,
+    SpillWritten,
     ToScheduler,
     Unspill,
     WorkerHeartbeat,
@@ -164,13 +165,11 @@ class Worker:
         self._shutdown_done = trio.Event()  # streams closed, work cancelled
         self._closed = trio.Event()  # everything released
         self._executing: set[Any] = set()
-        # Spill files are written by one writer task, in a thread (``_write_spills``);
-        # tasks wait to start while more than ``_write_ahead`` bytes are still unwritten.
+        # Spill files are written by one writer task, in a thread (``_write_spills``),
+        # which reports each finished write to the core (``SpillWritten``).
         self._spill_jobs: deque[memory.SpillJob] = deque()
         self._doomed: list[str] = []  # spill files to remove, by the writer too
         self._spill_writer = False  # the writer task is running
-        self._spill_progress = trio.Event()  # set (and replaced) after each write
-        self._write_ahead = int(memory.WRITE_AHEAD * (self.memory_limit or 0))
 
     def __repr__(self) -> str:
         return f"<Worker {self.address or '(not started)'} {self.status} nthreads={self.nthreads}>"
@@ -270,6 +269,7 @@ class Worker:
             target=target,
             spill=spill,
             pause=pause,
+            write_ahead=memory.WRITE_AHEAD,
             transfer_incoming_count_limit=count_limit,
             transfer_message_bytes_limit=bytes_limit,
             validate=self.validate,
@@ -457,46 +457,58 @@ class Worker:
         state = self.state
         if state is None or self._closing:
             return
-        for ins in state.handle(*events):
-            kind = type(ins)
-            if kind is ToScheduler:
-                self._send(ins.msg)
-            elif kind is Execute:
-                self._execute(ins.key, ins.run_spec)
-            elif kind is GatherDep:
-                self._start(self._gather_dep, ins.peer, ins.keys)
-            elif kind is Spill:
-                self._spill(ins.key)
-            elif kind is Unspill:
-                self._unspill(ins.key)
-            elif kind is DeleteData:
-                assert self.store is not None
-                self.store.delete(ins.key)
-            else:  # pragma: no cover - a new instruction type the shell does not know yet
-                logger.error("worker %s: unknown instruction %r", self.address, ins)
+        out = state.handle(*events)
+        while out:
+            written: list[Any] = []  # spills with nothing to write: on disk already
+            for ins in out:
+                kind = type(ins)
+                if kind is ToScheduler:
+                    self._send(ins.msg)
+                elif kind is Execute:
+                    self._execute(ins.key, ins.run_spec)
+                elif kind is GatherDep:
+                    self._start(self._gather_dep, ins.peer, ins.keys)
+                elif kind is Spill:
+                    if not self._spill(ins.key):
+                        written.append(ins.key)
+                elif kind is Unspill:
+                    self._unspill(ins.key)
+                elif kind is DeleteData:
+                    assert self.store is not None
+                    self.store.delete(ins.key)
+                else:  # pragma: no cover - a new instruction type the shell does not know yet
+                    logger.error("worker %s: unknown instruction %r", self.address, ins)
+            if not written:
+                break
+            # told after the instructions that came with the Spill, in their order
+            stim = _stimulus("spill-written")
+            out = state.handle(SpillWritten(stimulus_id=stim, now=_now(), keys=written))
 
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._work is not None and not self._closing:
             self._work.start_soon(fn, *args)
 
-    # Spilling: the core books a ``Spill`` as done at once; the file is written here in a
-    # thread, one job at a time, while the value stays readable in ``store.writing``. So
-    # that the core's byte counts are never far ahead of the disk (with unbounded
-    # write-behind a worker once ran past its terminate threshold), a task only starts
-    # while at most ``_write_ahead`` bytes (``memory.WRITE_AHEAD`` of the limit) wait to
-    # be written: one write overlaps one task, and memory stays within that margin of
-    # what the core believes. ``Unspill`` only marks the key: the task thread gathering
-    # the task's inputs reads it (``DataStore.__getitem__``), off the loop.
+    # Spilling: the core books a ``Spill`` at once and counts its bytes as being written;
+    # the file is written here in a thread, one job at a time, while the value stays
+    # readable in ``store.writing``, and each finished write is reported (``SpillWritten``,
+    # or ``SpillFailed``). The core starts no task while more than its write-ahead
+    # threshold (``memory.WRITE_AHEAD`` of the limit) is unwritten, so its byte counts are
+    # never far ahead of the disk (with unbounded write-behind a worker once ran past its
+    # terminate threshold). ``Unspill`` only marks the key: the task thread gathering the
+    # task's inputs reads it (``DataStore.__getitem__``), off the loop.
 
-    def _spill(self, key: Any) -> None:
+    def _spill(self, key: Any) -> bool:
+        """Carry out ``Spill``; False if nothing is left to write (its file is there
+        already, or the key is unknown): the caller reports it written at once."""
         store, state = self.store, self.state
         assert store is not None and state is not None
         ts = state.tasks.get(key)
         job = store.begin_spill(key, ts.nbytes if ts is not None else 0)
         if job is None:
-            return
+            return False
         self._spill_jobs.append(job)
         self._wake_writer()
+        return True
 
     def _remove_later(self, path: str) -> None:
         self._doomed.append(path)
@@ -529,32 +541,37 @@ class Worker:
                     size += job.nbytes
                 if batch or doomed:
                     await trio.to_thread.run_sync(memory.write_spills, batch, doomed)
-                failed = []
+                written: list[Any] = []
+                events: list[Any] = []
                 for job in batch:
+                    # a write overtaken by Unspill, DeleteData or a new value is over for
+                    # the core already: not reported
+                    current = store.writing.get(job.key) is job
                     error = store.finish_spill(job)
-                    if error is not None:
-                        failed.append((job.key, error))
-                progress, self._spill_progress = self._spill_progress, trio.Event()
-                progress.set()
-                for key, error in failed:
+                    if error is None:
+                        if current:
+                            written.append(job.key)
+                        continue
                     if isinstance(error, memory.UnpicklableValue):
                         reason = "cannot be pickled"
                     else:
                         reason = f"could not write the spill file: {type(error).__name__}: {error}"
-                        logger.error("worker %s: spilling %r failed: %s", self.address, key, reason)
-                    stim = _stimulus("spill-failed")
-                    self.handle(SpillFailed(stimulus_id=stim, now=_now(), key=key, reason=reason))
+                        logger.error(
+                            "worker %s: spilling %r failed: %s", self.address, job.key, reason
+                        )
+                    events.append(
+                        SpillFailed(
+                            stimulus_id=_stimulus("spill-failed"), now=_now(), key=job.key,
+                            reason=reason,
+                        )
+                    )  # fmt: skip
+                if written:
+                    stim = _stimulus("spill-written")
+                    events.insert(0, SpillWritten(stimulus_id=stim, now=_now(), keys=written))
+                if events:
+                    self.handle(*events)
         finally:
             self._spill_writer = False
-
-    def _spill_backlog(self) -> bool:
-        """More than ``_write_ahead`` bytes the core counts as spilled are still in memory."""
-        store = self.store
-        return store is not None and store.writing_bytes > self._write_ahead
-
-    async def _spills_written(self) -> None:
-        while self._spill_backlog():
-            await self._spill_progress.wait()
 
     def _unspill(self, key: Any) -> None:
         store = self.store
@@ -587,20 +604,12 @@ class Worker:
             return
         except RuntimeError:  # pragma: no cover - it holds its slot already
             pass
-        if self._spill_backlog():
-            self._start(self._execute_after_spills, key, run_spec)
-            return
         self._executing.add(key)
         assert self.store is not None
         self._executor.submit(key, run_spec, self.store)
 
     async def _execute_when_free(self, key: Any, run_spec: bytes) -> None:
         await self.runner.slots.acquire_on_behalf_of(key)
-        await self._execute_after_spills(key, run_spec)
-
-    async def _execute_after_spills(self, key: Any, run_spec: bytes) -> None:
-        """Start a task once the spill writes are back within ``_write_ahead``."""
-        await self._spills_written()
         self._executing.add(key)
         assert self.store is not None
         self._executor.submit(key, run_spec, self.store)

@@ -4,9 +4,10 @@ The machine owns a ``ClusterSimulator`` (one scheduler core, a changing set of w
 cores, FIFO queues per (sender, receiver) pair) and interleaves every kind of step:
 clients submit random DAGs (restrictions, resources, retries, tasks built to fail),
 release and cancel keys; messages are delivered from any non-empty queue; running tasks
-finish, fail, secede or reschedule; transfers complete or fail; workers join, die (with
-or without their unsent messages), retire, come under memory pressure; the scheduler
-ticks (work stealing). Root-task queuing is on with a tight or default saturation, or off
+finish, fail, secede or reschedule; transfers complete or fail; spill files finish being
+written (``SpillWritten``: until then a worker past its write-ahead starts no task);
+workers join, die (with or without their unsent messages), retire, come under memory
+pressure; the scheduler ticks (work stealing). Root-task queuing is on with a tight or default saturation, or off
 (``inf``), per run. After every step both cores' invariants hold and each simulated
 shell agrees with its core. At teardown faults stop, everything runs to completion, and
 every key a client still wants must be in memory with the value a direct evaluation of
@@ -200,6 +201,9 @@ class ClusterMachine(RuleBasedStateMachine):
         for addr, peer in sim.pending_gathers():
             if addr in sim.workers and peer in sim.workers[addr].gathers:
                 sim.gather(addr, peer)
+        for addr in sim.pending_writes():
+            if addr in sim.workers:
+                sim.finish_writes(addr)
 
     @precondition(lambda self: bool(self.sim.running_tasks()))
     @rule(i=index)
@@ -227,6 +231,13 @@ class ClusterMachine(RuleBasedStateMachine):
         """A transfer ends: the keys the peer still holds arrive (or it fails outright)."""
         addr, peer = pick(self.sim.pending_gathers(), i)
         self.sim.gather(addr, peer, fail=fail)
+
+    @precondition(lambda self: bool(self.sim.pending_writes()))
+    @rule(i=index, n=st.sampled_from([1, 2, None]))
+    @guarded
+    def finish_writes(self, i: int, n: int | None) -> None:
+        """A worker's spill writer completes its oldest ``n`` writes (all: ``None``)."""
+        self.sim.finish_writes(pick(self.sim.pending_writes(), i), n)
 
     # ------------------------------------------------------------------ workers
 

@@ -11,6 +11,9 @@ Thresholds follow dask's ``distributed.worker.memory.*``: fractions of the memor
 * ``spill``: when the measured *process* memory exceeds it, spill LRU keys until the
   process would be back under ``target`` (or under ``spill`` if ``target`` is disabled).
 * ``pause``: while the process memory exceeds it, start no task and fetch nothing.
+* ``write_ahead``: while more bytes than this are booked as spilled but not yet reported
+  written (``SpillWritten``), start no task, so that what the core counts as on disk is
+  never far ahead of what has really left RAM.
 """
 
 from __future__ import annotations
@@ -29,10 +32,16 @@ class MemoryThresholds:
     target: int | None
     spill: int | None
     pause: int | None
+    write_ahead: int | None = None
 
     @classmethod
     def from_fractions(
-        cls, limit: int, target: float | None, spill: float | None, pause: float | None
+        cls,
+        limit: int,
+        target: float | None,
+        spill: float | None,
+        pause: float | None,
+        write_ahead: float | None = 0.1,
     ) -> MemoryThresholds:
         """Turn dask-style fractions into byte counts once, not per event."""
 
@@ -41,7 +50,7 @@ class MemoryThresholds:
                 return None
             return int(frac * limit)
 
-        return cls(limit, absolute(target), absolute(spill), absolute(pause))
+        return cls(limit, absolute(target), absolute(spill), absolute(pause), absolute(write_ahead))
 
 
 def target_excess(memory_bytes: int, th: MemoryThresholds) -> int:
@@ -66,6 +75,11 @@ def process_excess(process_memory: int, th: MemoryThresholds) -> int:
 def should_pause(process_memory: int, th: MemoryThresholds) -> bool:
     """Pause while the process is above the pause threshold."""
     return th.pause is not None and process_memory > th.pause
+
+
+def writes_behind(writing_bytes: int, th: MemoryThresholds) -> bool:
+    """Too many spilled bytes are still unwritten to start a task."""
+    return th.write_ahead is not None and writing_bytes > th.write_ahead
 
 
 def choose_spill(

@@ -610,6 +610,20 @@ class SpillFailed:
     reason: str = ""
 
 
+@message("spill-written")
+class SpillWritten:
+    """The spill files of ``keys`` are complete: their bytes have left RAM.
+
+    Reported for the write the core's last ``Spill`` of each key asked for (a write
+    overtaken by ``Unspill``, ``DeleteData`` or a new value is never reported); a write
+    that fails is reported as ``SpillFailed`` instead.
+    """
+
+    stimulus_id: str
+    now: float
+    keys: Sequence[Key]
+
+
 # --------------------------------------------------------------------------------------
 # Worker instructions
 # --------------------------------------------------------------------------------------
@@ -639,7 +653,8 @@ class GatherDep:
 
 @message("spill")
 class Spill:
-    """Move ``key``'s value from memory to disk; report ``SpillFailed`` if it cannot."""
+    """Move ``key``'s value from memory to disk; report ``SpillWritten`` once the file
+    is complete, ``SpillFailed`` if it cannot be written."""
 
     key: Key
 
@@ -675,7 +690,7 @@ SCHEDULER_EVENTS: tuple[type[Any], ...] = (
 WORKER_EVENTS: tuple[type[Any], ...] = (
     ComputeTask, FreeKeys, StealRequest, AcquireReplicas, RefreshWhoHas, ExecuteSuccess,
     ExecuteFailure, SecedeEvent, RescheduleEvent, GatherDepSuccess, GatherDepFailure,
-    WorkerUpdateData, MemoryMeasured, SpillFailed,
+    WorkerUpdateData, MemoryMeasured, SpillFailed, SpillWritten,
 )  # fmt: skip
 CLIENT_MESSAGES: tuple[type[Any], ...] = (KeyInMemory, KeyErred, KeyCancelled, KeyLost)
 

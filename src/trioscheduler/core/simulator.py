@@ -7,8 +7,9 @@ instruction ``ToScheduler(msg)`` is queued for the scheduler. Clients talk to th
 scheduler directly (their events are handled at once). The simulator plays each worker's
 shell: it runs ``Execute`` (a simulated task computes a deterministic function of its
 key and input values), answers ``GatherDep`` from the peer's data, moves values for
-``Spill``/``Unspill``/``DeleteData``, and checks that what it holds matches what the core
-believes it holds.
+``Spill``/``Unspill``/``DeleteData`` (a spilled value is *being written* until a later
+``finish_writes`` step reports ``SpillWritten``, as the real shell's writer thread does),
+and checks that what it holds matches what the core believes it holds.
 
 Every step is a method (deliver one message, finish one task, complete one transfer,
 lose a worker, ...), so a hypothesis state machine can interleave them in any order;
@@ -57,6 +58,7 @@ from trioscheduler.core.messages import (
     RetryKeys,
     SecedeEvent,
     Spill,
+    SpillWritten,
     TaskSpec,
     Tick,
     ToClient,
@@ -137,7 +139,8 @@ class SimWorker:
     memory_limit: int
     core: Any  # WorkerState or Recorder
     data: dict[Key, int] = field(default_factory=dict)  # values in RAM
-    disk: dict[Key, int] = field(default_factory=dict)  # spilled values
+    disk: dict[Key, int] = field(default_factory=dict)  # spilled values, written
+    writing: dict[Key, int] = field(default_factory=dict)  # spilled, write not yet reported
     running: dict[Key, _Run] = field(default_factory=dict)  # Execute received, not ended
     gathers: dict[str, list[Key]] = field(default_factory=dict)  # peer -> keys in flight
     process_memory: int = 0
@@ -275,6 +278,7 @@ class ClusterSimulator:
             elif t is DeleteData:
                 w.data.pop(ins.key, None)
                 w.disk.pop(ins.key, None)
+                w.writing.pop(ins.key, None)  # a write in progress is dropped, unreported
             elif t is Execute:
                 self._start(w, ins.key)
             elif t is GatherDep:
@@ -286,11 +290,15 @@ class ClusterSimulator:
             elif t is Spill:
                 if ins.key not in w.data:
                     raise SimulationError(f"{w.address}: Spill {ins.key!r}, not in memory")
-                w.disk[ins.key] = w.data.pop(ins.key)
+                w.writing[ins.key] = w.data.pop(ins.key)  # written by finish_writes
             elif t is Unspill:
-                if ins.key not in w.disk:
-                    raise SimulationError(f"{w.address}: Unspill {ins.key!r}, not on disk")
-                w.data[ins.key] = w.disk.pop(ins.key)
+                key = ins.key
+                v = w.writing.pop(key, None)  # still being written: back, write dropped
+                if v is None:
+                    if key not in w.disk:
+                        raise SimulationError(f"{w.address}: Unspill {key!r}, not on disk")
+                    v = w.disk.pop(key)
+                w.data[key] = v
             else:
                 raise SimulationError(f"{w.address}: unknown instruction {ins!r:.200}")
 
@@ -443,6 +451,10 @@ class ClusterSimulator:
     def pending_gathers(self) -> list[tuple[str, str]]:
         return [(a, p) for a, w in self.workers.items() for p in w.gathers]
 
+    def pending_writes(self) -> list[str]:
+        """Workers with spill files being written."""
+        return [a for a, w in self.workers.items() if w.writing]
+
     def deliver(self, src: str, dst: str, n: int = 1) -> None:
         """Deliver the next ``n`` messages (at most) from ``src`` to ``dst``, as one batch."""
         q = self.queues.get((src, dst))
@@ -504,16 +516,35 @@ class ClusterSimulator:
         got: dict[Key, int] = {}
         missing: list[Key] = []
         data, peer_data, peer_disk, graph = w.data, pw.data, pw.disk, self.graph
+        peer_writing = pw.writing
         for k in keys:
             v = peer_data.get(k)
             if v is None:
                 v = peer_disk.get(k)
+            if v is None:
+                v = peer_writing.get(k)
             if v is None:
                 missing.append(k)
             else:
                 data[k] = v
                 got[k] = graph[k].nbytes
         return GatherDepSuccess(sid, now, peer, got, missing)
+
+    def _writes_event(self, w: SimWorker, n: int | None) -> Any:
+        writing = w.writing
+        keys = list(writing) if n is None or n >= len(writing) else list(writing)[:n]
+        disk = w.disk
+        for k in keys:
+            disk[k] = writing.pop(k)
+        sid, now = self._sid("spill-written")
+        return SpillWritten(sid, now, keys)
+
+    def finish_writes(self, addr: str, n: int | None = None) -> None:
+        """The worker's spill writer completes its ``n`` oldest writes (all by default)
+        and reports them (``SpillWritten``)."""
+        w = self.workers[addr]
+        if w.writing:
+            self._to_worker(w, self._writes_event(w, n))
 
     def gather(self, addr: str, peer: str, *, fail: bool = False) -> None:
         """The transfer from ``peer`` ends: the keys the peer holds arrive (all fail with
@@ -545,7 +576,7 @@ class ClusterSimulator:
         """Deliver every message, finish every task and transfer until nothing is left.
 
         Each round delivers every queue as one batch (as the shells' batched streams do),
-        then ends every running task and every transfer. Returns the number of rounds;
+        then ends every running task and every transfer and completes every spill write. Returns the number of rounds;
         raises ``SimulationError`` if work remains after ``max_rounds``.
         """
         queues = self.queues
@@ -578,6 +609,9 @@ class ClusterSimulator:
                     busy = True
                     events = [self._gather_event(w, p, False) for p in list(w.gathers)]
                     self._obey(w, w.core.handle(*events))
+                if w.writing:
+                    busy = True
+                    self._obey(w, w.core.handle(self._writes_event(w, None)))
             if not busy:
                 return rounds
         raise SimulationError(f"the cluster did not settle in {max_rounds} rounds")
@@ -595,9 +629,15 @@ class ClusterSimulator:
                     f"{addr}: shell holds {sorted(w.data, key=repr)} in RAM, "
                     f"core says {sorted(ws.in_memory, key=repr)}"
                 )
-            if w.disk.keys() != ws.spilled:
+            if w.writing.keys() != ws.writing.keys():
                 raise SimulationError(
-                    f"{addr}: shell holds {sorted(w.disk, key=repr)} on disk, "
+                    f"{addr}: shell writes {sorted(w.writing, key=repr)} to disk, "
+                    f"core waits for {sorted(ws.writing, key=repr)}"
+                )
+            if w.disk.keys() | w.writing.keys() != ws.spilled:
+                raise SimulationError(
+                    f"{addr}: shell holds {sorted(w.disk, key=repr)} on disk "
+                    f"(and writes {sorted(w.writing, key=repr)}), "
                     f"core says {sorted(ws.spilled, key=repr)}"
                 )
             threads = {k for k, ts in ws.tasks.items() if _holds_thread(ts)}
@@ -693,7 +733,9 @@ class ClusterSimulator:
         for k, ts in s.tasks.items():
             for addr in ts.who_has:
                 holder = self.workers.get(addr)
-                if holder is None or (k not in holder.data and k not in holder.disk):
+                if holder is None or not (
+                    k in holder.data or k in holder.disk or k in holder.writing
+                ):
                     problems.append(f"scheduler thinks {addr} holds {k!r}; it does not")
         for client, wants in self.wants.items():
             cs = s.clients.get(client)
@@ -723,7 +765,7 @@ class ClusterSimulator:
             want = self.expected(key)
             for addr in ts.who_has:
                 w = self.workers[addr]
-                got = w.data.get(key, w.disk.get(key))
+                got = w.data.get(key, w.disk.get(key, w.writing.get(key)))
                 if got != want:
                     out.append(f"{key!r} on {addr} is {got}, expected {want}")
             if type(last) is not KeyInMemory:

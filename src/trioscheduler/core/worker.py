@@ -11,7 +11,13 @@ paused) and start transfers (one ``GatherDep`` per peer at a time, at most
 Where values live is tracked here, not in the shell: ``in_memory`` (RAM) and
 ``spilled`` (disk) partition the keys in state ``memory``. The core *decides* ``Spill``
 and ``Unspill`` and books them at once; the shell obeys in order and reports
-``SpillFailed`` if a value cannot be pickled, which moves it back for good.
+``SpillFailed`` if a value cannot be pickled, which moves it back for good. A spilled
+key stays in ``writing`` (its bytes in ``writing_bytes``) until the shell reports its file
+complete (``SpillWritten``), or until it leaves ``spilled`` (unspilled, dropped, given a
+new value, failed): that write is then over for the core, whatever the shell does with
+it. No task starts while ``writing_bytes`` exceeds the write-ahead threshold (not
+counting the writes of its own inputs, which its start ends), so the bytes counted as on
+disk are never far ahead of what has really left RAM.
 
 Queues are heaps with lazy deletion: an entry is valid while its task is still in the
 state it was queued for, so leaving a queue costs nothing. Ties break on a per-task
@@ -49,6 +55,7 @@ from trioscheduler.core.messages import (
     SecedeEvent,
     Spill,
     SpillFailed,
+    SpillWritten,
     StealRequest,
     StealResponse,
     TaskErred,
@@ -152,7 +159,7 @@ class WorkerState:
         "address", "nthreads", "total_resources", "available_resources", "thresholds",
         "transfer_incoming_count_limit", "transfer_message_bytes_limit", "validate",
         "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
-        "managed_bytes", "executing", "long_running", "missing", "in_flight",
+        "managed_bytes", "writing", "writing_bytes", "executing", "long_running", "missing", "in_flight",
         "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added", "_dropped",
         "_story", "_story_append", "_serial", "_starts", "process_memory",
     )  # fmt: skip
@@ -167,6 +174,7 @@ class WorkerState:
         target: float | None = 0.6,
         spill: float | None = 0.7,
         pause: float | None = 0.8,
+        write_ahead: float | None = 0.1,
         transfer_incoming_count_limit: int = 4,
         transfer_message_bytes_limit: int = 50_000_000,
         validate: bool = False,
@@ -176,7 +184,9 @@ class WorkerState:
         self.nthreads = nthreads
         self.total_resources: dict[str, float] = dict(resources or {})
         self.available_resources: dict[str, float] = dict(self.total_resources)
-        self.thresholds = mp.MemoryThresholds.from_fractions(memory_limit, target, spill, pause)
+        self.thresholds = mp.MemoryThresholds.from_fractions(
+            memory_limit, target, spill, pause, write_ahead
+        )
         self.transfer_incoming_count_limit = transfer_incoming_count_limit
         self.transfer_message_bytes_limit = transfer_message_bytes_limit
         self.validate = validate
@@ -187,6 +197,9 @@ class WorkerState:
         self.memory_bytes = 0
         self.spilled_bytes = 0
         self.managed_bytes = 0
+        # spilled keys whose file the shell has not reported written: key -> nbytes
+        self.writing: dict[Key, int] = {}
+        self.writing_bytes = 0
         self.process_memory = 0
         self.executing: set[WorkerTask] = set()  # tasks holding a thread slot
         self.long_running: set[WorkerTask] = set()  # seceded: thread runs, slot free
@@ -344,6 +357,7 @@ class WorkerState:
         if key in self.spilled:
             self.spilled.remove(key)
             self.spilled_bytes -= n
+            self._end_write(key)
         else:
             self.in_memory.remove(key)
             self.memory_bytes -= n
@@ -358,6 +372,7 @@ class WorkerState:
         ts.nbytes = nbytes
         self.managed_bytes += diff
         if ts.key in self.spilled:
+            self._end_write(ts.key)
             self.spilled_bytes += diff
             self.spilled.remove(ts.key)
             self.memory_bytes += nbytes
@@ -381,11 +396,20 @@ class WorkerState:
         self.spilled.add(key)
         self.memory_bytes -= n
         self.spilled_bytes += n
+        self.writing[key] = n
+        self.writing_bytes += n
         out.append(Spill(key))
+
+    def _end_write(self, key: Key) -> None:
+        """``key``'s pending write is over for the core (written, or no longer wanted)."""
+        n = self.writing.pop(key, None)
+        if n is not None:
+            self.writing_bytes -= n
 
     def _unspill(self, ts: WorkerTask, out: list[Any]) -> None:
         key = ts.key
         n = ts.nbytes
+        self._end_write(key)  # a value still being written comes back; its write is dropped
         self.spilled.remove(key)
         self.in_memory.add(key)
         self.spilled_bytes -= n
@@ -410,44 +434,60 @@ class WorkerState:
         consumers = self._ready_consumers
         executing = self.executing
         target = self.thresholds.target
+        write_ahead = self.thresholds.write_ahead
         started: list[WorkerTask] = []  # their inputs are kept from spilling (if it comes to that)
         while len(executing) < self.nthreads:
+            heap: list[HeapEntry] | None = None
             if consumers and target is not None and self.managed_bytes > target:
                 # above the memory target: a task that reads data first, before any new
                 # root task adds more (what a task reads can then be released)
                 while consumers and consumers[0][2].state != "ready":
                     heapq.heappop(consumers)
                 if consumers:
-                    ts = heapq.heappop(consumers)[2]
-                    transition(self, ts, "executing", stim, now, out)
-                    self._starts += 1
-                    started.append(ts)
-                    if self.memory_bytes > target:
-                        self._spill_to_target(out, _inputs_of(started))
-                    continue
-            while ready and ready[0][2].state != "ready":
-                heapq.heappop(ready)
-            while constrained and constrained[0][2].state != "constrained":
-                heapq.heappop(constrained)
-            if constrained and (not ready or constrained[0] < ready[0]):
-                ts = constrained[0][2]
-                if self._resources_free(ts):
+                    heap = consumers
+            if heap is None:
+                while ready and ready[0][2].state != "ready":
+                    heapq.heappop(ready)
+                while constrained and constrained[0][2].state != "constrained":
                     heapq.heappop(constrained)
+                if constrained and (not ready or constrained[0] < ready[0]):
+                    if self._resources_free(constrained[0][2]):
+                        heap = constrained
+                    elif ready:
+                        heap = ready
+                    else:
+                        return
                 elif ready:
-                    ts = heapq.heappop(ready)[2]
+                    heap = ready
                 else:
                     return
-            elif ready:
-                ts = heapq.heappop(ready)[2]
-            else:
-                return
+            ts = heap[0][2]
+            if write_ahead is not None and self.writing_bytes > write_ahead:
+                if self._writes_behind(ts, write_ahead):
+                    return  # wait for ``SpillWritten`` (tasks started above may have spilled)
+            heapq.heappop(heap)
             transition(self, ts, "executing", stim, now, out)
             self._starts += 1
-            if ts.dependencies:
+            if ts.dependencies:  # (every consumer has some)
                 started.append(ts)
                 if target is not None and self.memory_bytes > target:
                     # never push out what a task started by this event is about to read
                     self._spill_to_target(out, _inputs_of(started))
+
+    def _writes_behind(self, ts: WorkerTask, write_ahead: int) -> bool:
+        """More than ``write_ahead`` bytes would still be unwritten once ``ts`` starts.
+
+        Starting ``ts`` brings back its spilled inputs, which ends their pending writes:
+        a task waiting only for the writes of its own inputs starts at once, rather than
+        after its inputs went to disk and back.
+        """
+        behind = self.writing_bytes
+        writing = self.writing
+        for dep in ts.dependencies:
+            n = writing.get(dep.key)
+            if n is not None:
+                behind -= n
+        return behind > write_ahead
 
     def _resources_free(self, ts: WorkerTask) -> bool:
         avail = self.available_resources
@@ -809,11 +849,19 @@ class WorkerState:
             return
         ts.spillable = False
         if ts.key in self.spilled:
+            self._end_write(ts.key)
             self.spilled.remove(ts.key)
             self.spilled_bytes -= ts.nbytes
             self.in_memory.add(ts.key)
             self.memory_bytes += ts.nbytes
         self._lru.pop(ts.key, None)
+
+    def _on_spill_written(self, ev: SpillWritten, out: list[Any]) -> None:
+        """Files complete: those bytes have left RAM. A key whose write is no longer
+        pending (unspilled, dropped or failed since) is ignored. Tasks held back by the
+        write-ahead threshold start in ``handle``'s decisions after the batch."""
+        for key in ev.keys:
+            self._end_write(key)
 
 
 def _inputs_of(started: list[WorkerTask]) -> set[Key]:
@@ -843,4 +891,5 @@ _HANDLERS: Final[dict[type[Any], Callable[[WorkerState, Any, list[Any]], None]]]
     WorkerUpdateData: WorkerState._on_update_data,
     MemoryMeasured: WorkerState._on_memory_measured,
     SpillFailed: WorkerState._on_spill_failed,
+    SpillWritten: WorkerState._on_spill_written,
 }

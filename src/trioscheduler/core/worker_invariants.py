@@ -127,6 +127,11 @@ def validate_worker(ws: WorkerState) -> None:
     assert ws.memory_bytes == sum(tasks[k].nbytes for k in ws.in_memory), "memory bytes"
     assert ws.spilled_bytes == sum(tasks[k].nbytes for k in ws.spilled), "spilled bytes"
     assert ws.managed_bytes == ws.memory_bytes + ws.spilled_bytes, "managed bytes"
+    # pending spill writes: spilled keys only, booked at their current size
+    for k, n in ws.writing.items():
+        assert k in ws.spilled, f"a pending write for {k!r}, which is not spilled"
+        assert tasks[k].nbytes == n, ("pending write size", k, n, tasks[k].nbytes)
+    assert ws.writing_bytes == sum(ws.writing.values()), "writing bytes"
     lru_want = {k for k in ws.in_memory if tasks[k].spillable}
     assert set(ws._lru) == lru_want, set(ws._lru) ^ lru_want
     for k, n in ws._lru.items():
