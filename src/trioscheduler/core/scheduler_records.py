@@ -148,163 +148,104 @@ class TaskRecord:
     def __repr__(self) -> str:
         return f"<TaskRecord {self.key!r} {self.state}>"
 
+    def _set_extra(self, name: str, value: Any, default: Any) -> None:
+        """Set a ``TaskExtra`` field; the default needs no extra record (rare path)."""
+        if self.extra is None:
+            if value is default or (type(value) is type(default) and value == default):
+                return
+            self.extra = TaskExtra()
+        setattr(self.extra, name, value)
 
     # ``TaskExtra`` fields, read and written as if they were the record's own: the
     # default while there is no extra record, which the first other value creates
 
     @property
     def retries(self) -> int:
-        ex = self.extra
-        return 0 if ex is None else ex.retries
+        return 0 if self.extra is None else self.extra.retries
 
     @retries.setter
     def retries(self, value: int) -> None:
-        ex = self.extra
-        if ex is None:
-            if value == 0:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.retries = value
+        self._set_extra("retries", value, 0)
 
     @property
     def worker_restrictions(self) -> set[str] | None:
-        ex = self.extra
-        return None if ex is None else ex.worker_restrictions
+        return None if self.extra is None else self.extra.worker_restrictions
 
     @worker_restrictions.setter
     def worker_restrictions(self, value: set[str] | None) -> None:
-        ex = self.extra
-        if ex is None:
-            if value is None:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.worker_restrictions = value
+        self._set_extra("worker_restrictions", value, None)
 
     @property
     def allow_other_workers(self) -> bool:
-        ex = self.extra
-        return False if ex is None else ex.allow_other_workers
+        return False if self.extra is None else self.extra.allow_other_workers
 
     @allow_other_workers.setter
     def allow_other_workers(self, value: bool) -> None:
-        ex = self.extra
-        if ex is None:
-            if value is False:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.allow_other_workers = value
+        self._set_extra("allow_other_workers", value, False)
 
     @property
     def resource_restrictions(self) -> dict[str, float] | None:
-        ex = self.extra
-        return None if ex is None else ex.resource_restrictions
+        return None if self.extra is None else self.extra.resource_restrictions
 
     @resource_restrictions.setter
     def resource_restrictions(self, value: dict[str, float] | None) -> None:
-        ex = self.extra
-        if ex is None:
-            if value is None:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.resource_restrictions = value
+        self._set_extra("resource_restrictions", value, None)
 
     @property
     def suspicious(self) -> int:
-        ex = self.extra
-        return 0 if ex is None else ex.suspicious
+        return 0 if self.extra is None else self.extra.suspicious
 
     @suspicious.setter
     def suspicious(self, value: int) -> None:
-        ex = self.extra
-        if ex is None:
-            if value == 0:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.suspicious = value
+        self._set_extra("suspicious", value, 0)
 
     @property
     def killed_on(self) -> list[WorkerAddr] | None:
-        ex = self.extra
-        return None if ex is None else ex.killed_on
+        return None if self.extra is None else self.extra.killed_on
 
     @killed_on.setter
     def killed_on(self, value: list[WorkerAddr] | None) -> None:
-        ex = self.extra
-        if ex is None:
-            if value is None:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.killed_on = value
+        self._set_extra("killed_on", value, None)
 
     @property
     def exception(self) -> bytes | None:
-        ex = self.extra
-        return None if ex is None else ex.exception
+        return None if self.extra is None else self.extra.exception
 
     @exception.setter
     def exception(self, value: bytes | None) -> None:
-        ex = self.extra
-        if ex is None:
-            if value is None:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.exception = value
+        self._set_extra("exception", value, None)
 
     @property
     def traceback(self) -> bytes | None:
-        ex = self.extra
-        return None if ex is None else ex.traceback
+        return None if self.extra is None else self.extra.traceback
 
     @traceback.setter
     def traceback(self, value: bytes | None) -> None:
-        ex = self.extra
-        if ex is None:
-            if value is None:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.traceback = value
+        self._set_extra("traceback", value, None)
 
     @property
     def exception_text(self) -> str:
-        ex = self.extra
-        return "" if ex is None else ex.exception_text
+        return "" if self.extra is None else self.extra.exception_text
 
     @exception_text.setter
     def exception_text(self, value: str) -> None:
-        ex = self.extra
-        if ex is None:
-            if value == "":
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.exception_text = value
+        self._set_extra("exception_text", value, "")
 
     @property
     def traceback_text(self) -> str:
-        ex = self.extra
-        return "" if ex is None else ex.traceback_text
+        return "" if self.extra is None else self.extra.traceback_text
 
     @traceback_text.setter
     def traceback_text(self, value: str) -> None:
-        ex = self.extra
-        if ex is None:
-            if value == "":
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.traceback_text = value
+        self._set_extra("traceback_text", value, "")
 
     @property
     def exception_blame(self) -> Key:
-        ex = self.extra
-        return None if ex is None else ex.exception_blame
+        return None if self.extra is None else self.extra.exception_blame
 
     @exception_blame.setter
     def exception_blame(self, value: Key) -> None:
-        ex = self.extra
-        if ex is None:
-            if value is None:
-                return  # the default: no extra record needed
-            ex = self.extra = TaskExtra()
-        ex.exception_blame = value
+        self._set_extra("exception_blame", value, None)
 
 
 @dataclass(slots=True, eq=False)
