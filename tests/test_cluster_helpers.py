@@ -87,6 +87,40 @@ async def test_upload_py_zip_egg_and_a_syntax_error(tmp_path: Path) -> None:
                         await c.upload_file(str(tmp_path / "data.txt"))
 
 
+def imported(module: str) -> bool:
+    import sys
+
+    return module in sys.modules
+
+
+async def test_upload_without_loading_imports_at_first_use(tmp_path: Path) -> None:
+    """``upload_file(load=False)``, as dask's: the file is in place on every worker but
+    not imported (a broken file uploads fine); a task's import reads the newest version."""
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler(f"inproc://noload-{os.getpid()}") as s:
+            async with (
+                Worker(s.address, nthreads=1, memory_limit=0, local_directory=str(tmp_path)),
+                Client(s.address, asynchronous=True) as c,
+            ):
+                await c.wait_for_workers(1)
+                name = unique("lazymod")
+                source = tmp_path / f"{name}.py"
+                source.write_text("VALUE = 1\n")
+                assert len(await c.upload_file(str(source), load=False)) == 1
+                assert await c.run(imported, name) == {w: False for w in await c.nthreads()}
+                assert await c.submit(value_of, name, pure=False) == 1
+                source.write_text("VALUE = 2\n")  # imported before: the new file wins
+                await c.upload_file(str(source), load=False)
+                assert await c.submit(value_of, name, pure=False) == 2
+
+                broken = tmp_path / f"{unique('lazybad')}.py"
+                broken.write_text("def broken(:\n")
+                await c.upload_file(str(broken), load=False)  # never imported: no error
+                future = c.submit(value_of, broken.stem, pure=False)
+                with pytest.raises(SyntaxError):
+                    await future
+
+
 def add_one(x: int, dask_worker: Any = None) -> tuple[int, str]:
     return x + 1, dask_worker.address
 

@@ -44,9 +44,9 @@ def read_upload(path: str | os.PathLike[str]) -> tuple[str, bytes]:
     return p.name, p.read_bytes()
 
 
-def install_payload(filename: str, data: bytes) -> bytes:
+def install_payload(filename: str, data: bytes, load: bool = True) -> bytes:
     """The ``run`` request body that installs one file on a worker."""
-    payload: bytes = cloudpickle.dumps((install, (filename, data), {}), protocol=5)
+    payload: bytes = cloudpickle.dumps((install, (filename, data), {"load": load}), protocol=5)
     return payload
 
 
@@ -68,12 +68,16 @@ def upload_directory(worker: Any) -> Path:
     return _process_directory
 
 
-def install(filename: str, data: bytes, dask_worker: Any = None) -> list[str]:
+def install(
+    filename: str, data: bytes, dask_worker: Any = None, load: bool = True
+) -> list[str]:
     """Write ``filename`` on this worker and (re)import what it holds; the module names.
 
     A ``.py`` file becomes an importable module (reloaded if it was imported before); a
     ``.zip``/``.egg`` archive goes on ``sys.path`` and its top-level modules and
-    packages are (re)imported. Import errors propagate to the caller.
+    packages are (re)imported. Import errors propagate to the caller. With ``load=False``
+    (dask's ``upload_file(load=False)``) nothing is imported now: the file is in place
+    and modules it held before are forgotten, so the next ``import`` reads the new file.
     """
     directory = upload_directory(dask_worker)
     target = directory / filename
@@ -90,7 +94,8 @@ def install(filename: str, data: bytes, dask_worker: Any = None) -> list[str]:
     for name in names:
         for loaded in [n for n in sys.modules if n == name or n.startswith(name + ".")]:
             del sys.modules[loaded]  # import afresh: the file may have changed
-        importlib.import_module(name)
+        if load:
+            importlib.import_module(name)
     return names
 
 
@@ -116,12 +121,12 @@ class UploadStore:
     __slots__ = ("files",)
 
     def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, tuple[bytes, bool]] = {}  # name -> (data, load)
 
-    def keep(self, filename: str, data: bytes) -> None:
+    def keep(self, filename: str, data: bytes, load: bool = True) -> None:
         self.files.pop(filename, None)
-        self.files[filename] = data
+        self.files[filename] = (data, load)
 
     def payloads(self) -> list[tuple[str, bytes]]:
         """``(file name, run request body)`` for a joining worker, oldest first."""
-        return [(name, install_payload(name, data)) for name, data in self.files.items()]
+        return [(name, install_payload(name, *kept)) for name, kept in self.files.items()]

@@ -1036,16 +1036,19 @@ class Client:
     def upload_file(self, filename: str, load: bool = True) -> Any:
         """Make a ``.py``, ``.zip`` or ``.egg`` file importable on every worker.
 
-        Installed (and imported) on the workers now, and on every worker that joins or
-        restarts later. A file that fails to import on any worker raises that error
-        (original type, e.g. ``SyntaxError``) with every worker's error in its notes; the
-        workers keep running and the file is not kept.
+        Installed (and, with ``load=True``, imported) on the workers now, and on every
+        worker that joins or restarts later. A file that fails to import on any worker
+        raises that error (original type, e.g. ``SyntaxError``) with every worker's error
+        in its notes; the workers keep running and the file is not kept. With
+        ``load=False`` nothing is imported at upload: a task's ``import`` reads the file.
         """
         name, data = _upload.read_upload(filename)
-        return self._sync(self._upload_file, name, data)
+        return self._sync(self._upload_file, name, data, load)
 
-    async def _upload_file(self, name: str, data: bytes) -> dict[str, Any]:
-        reply = await self._rpc({"op": "upload_file", "filename": name, "data": data})
+    async def _upload_file(self, name: str, data: bytes, load: bool = True) -> dict[str, Any]:
+        reply = await self._rpc(
+            {"op": "upload_file", "filename": name, "data": data, "load": load}
+        )
         errors: dict[str, list[Any]] = reply["errors"]
         if errors:
             first: BaseException | None = None

@@ -732,8 +732,9 @@ class Scheduler:
         Returns ``{"workers": [...], "errors": {address: [exception, traceback, text]}}``.
         """
         filename, data = request["filename"], request["data"]
-        self.uploads.keep(filename, data)  # a worker joining meanwhile gets it too
-        payload = install_payload(filename, data)
+        load = bool(request.get("load", True))
+        self.uploads.keep(filename, data, load)  # a worker joining meanwhile gets it too
+        payload = install_payload(filename, data, load)
         workers = sorted(self.state.workers)
         errors: dict[str, list[Any]] = {}
 
