@@ -29,7 +29,9 @@ from trioscheduler.core.messages import (
     ToClient,
     ToScheduler,
     ToWorker,
+    UpdateData,
     UpdateGraph,
+    WorkerUpdateData,
 )
 from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.core.worker import WorkerState
@@ -198,3 +200,32 @@ def test_chaos_through_both_cores(seed: int) -> None:
             sim.worker(addr, sim.to_worker[addr].popleft())
     sim.run(chaos=True)
     assert sim.s.tasks[root].state == "memory"
+
+
+def test_scatter_racing_its_free_keys_ends_in_an_error_not_a_hang() -> None:
+    """A client scatters ``d``, releases it and scatters ``d`` again (a user-chosen key)
+    before the worker has read the ``FreeKeys`` of the first: the worker then drops the
+    new value. Nothing can recompute scattered data, but nothing may hang either: the
+    worker reports the drop (``ReleaseWorkerData``), and ``d`` and its dependent err,
+    naming ``d`` and telling the user to scatter it again."""
+    sim = Sim(1)
+    (w,) = sim.workers
+    ws = sim.workers[w]
+
+    def scatter() -> None:  # what the client does: put the value there, then tell
+        sim.worker(w, WorkerUpdateData(sim.sid(), sim.now, {"d": 100}))
+        sim.scheduler(UpdateData(sim.sid(), sim.now, "c", {"d": [w]}, {"d": 100}))
+
+    scatter()
+    sim.scheduler(ClientReleasesKeys(sim.sid(), sim.now, "c", ["d"]))
+    assert [type(m).__name__ for m in sim.to_worker[w]] == ["FreeKeys"]  # not read yet
+    scatter()
+    assert "d" in ws.in_memory
+    sim.scheduler(UpdateGraph(sim.sid(), sim.now, "c", [TaskSpec("f", ["d"], b"f")], ["f"]))
+    sim.run()
+    assert "d" not in ws.in_memory  # the stale FreeKeys dropped the new value
+    erred = {m.key: m for m in sim.client_msgs if type(m).__name__ == "KeyErred"}
+    assert sorted(erred) == ["d", "f"]  # both of the client's futures hear it
+    for m in erred.values():
+        assert "'d'" in m.exception_text and "Scatter it again" in m.exception_text
+    assert sim.s.tasks["f"].state == "erred"
