@@ -9,6 +9,8 @@ One class, two modes (documented in ``docs/getting-started.md``):
 * ``async with Client(address, asynchronous=True) as c`` -- the same session in the
   caller's own trio task; methods that wait return awaitables (``await c.gather(fs)``,
   ``await future``), as in dask. ``submit``/``map`` return futures directly in both.
+  Under asyncio (not trio) it refuses with an error that points to the sync client
+  through ``asyncio.to_thread``, which works there.
 
 Everything the client sends goes through one FIFO: ``_post`` queues a callback on the
 loop (``TrioToken.run_sync_soon``, thread-safe and ordered), the callback appends the
@@ -45,6 +47,7 @@ from typing import Any
 
 import cloudpickle
 import dask
+import sniffio
 import trio
 
 from trioscheduler import _transfer, _upload, datasets, runspec, wire
@@ -345,6 +348,7 @@ class Client:
             raise TypeError(
                 "use 'with Client(...)' for a sync client, or Client(..., asynchronous=True)"
             )
+        _require_trio("async with Client(..., asynchronous=True)")
         self._session_cm = self._session()
         await self._session_cm.__aenter__()
         return self
@@ -1224,3 +1228,22 @@ def fire_and_forget(obj: Any) -> None:
 
 def _is_our_future(x: Any) -> bool:
     return type(x) is Future
+
+
+def _require_trio(what: str) -> None:
+    """The asynchronous client runs in the caller's trio task tree; under another event
+    loop trio's primitives fail deep inside with "Task got bad yield": say so first."""
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return
+    if library == "trio":
+        return
+    hint = ""
+    if library == "asyncio":
+        hint = (
+            ". Under asyncio, use the sync Client (it runs its own event loop in a thread) "
+            "and call its blocking methods through asyncio.to_thread, e.g. "
+            "'await asyncio.to_thread(client.submit(f, x).result)'"
+        )
+    raise RuntimeError(f"{what} runs under trio (trio.run), not {library}{hint}")
