@@ -296,15 +296,20 @@ print("done", sorted(methods), flush=True)
 """
 
 
+async def _run_script(path: Any, text: str, *args: str) -> Any:
+    """Write ``text`` to ``path`` and run it in a fresh interpreter; the finished process."""
+    path.write_text(text)
+    with trio.fail_after(TIMEOUT):
+        return await trio.run_process(
+            [sys.executable, str(path), *args], capture_stdout=True, capture_stderr=True,
+            check=False,
+        )
+
+
 @needs_fork
 async def test_forks_while_other_threads_log_print_and_draw(tmp_path: Any) -> None:
     """Locks other threads hold at the fork (logging, stderr, numpy) do not hang a child."""
-    script = tmp_path / "busy.py"
-    script.write_text(BUSY_SCRIPT)
-    with trio.fail_after(TIMEOUT):
-        done = await trio.run_process(
-            [sys.executable, str(script)], capture_stdout=True, capture_stderr=True, check=False
-        )
+    done = await _run_script(tmp_path / "busy.py", BUSY_SCRIPT)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert done.stdout.decode().strip() == "done ['fork']"
     assert "Traceback" not in done.stderr.decode()
@@ -320,12 +325,8 @@ def _gone(pid: int) -> bool:
 @needs_fork
 async def test_forked_workers_print_once_and_leave_nothing(tmp_path: Any) -> None:
     """What the parent wrote before the fork is not written again by the children."""
-    script = tmp_path / "forking.py"
-    script.write_text(FORKING_SCRIPT)
-    with trio.fail_after(TIMEOUT):
-        done = await trio.run_process(
-            [sys.executable, str(script), "exit"], capture_stdout=True, capture_stderr=True
-        )
+    done = await _run_script(tmp_path / "forking.py", FORKING_SCRIPT, "exit")
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
     out = done.stdout.decode()
     assert out.count("parent-before") == 1, out
     assert out.count("from-task") == 2 and out.count("parent-after") == 1, out
