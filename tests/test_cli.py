@@ -15,10 +15,11 @@ import psutil
 import pytest
 import trio
 
-from trioscheduler.cli import build_parser, parse_resources
-from trioscheduler.client import Client
-from trioscheduler.execute import get_worker
-from trioscheduler.nanny import fork_supported
+from trioscheduler.cli.main import build_parser
+from trioscheduler.client.client import Client
+from trioscheduler.server.nanny import fork_supported
+from trioscheduler.server.task_context import get_worker
+from trioscheduler.server.worker_process import parse_resources
 
 TIMEOUT = 60
 
@@ -179,7 +180,7 @@ async def test_demo_runs(tmp_path: Path) -> None:
 
 
 def test_contact_address() -> None:
-    from trioscheduler.cli import contact_address
+    from trioscheduler.cli.main import contact_address
 
     assert contact_address("tcp://127.0.0.1:8786") == "tcp://127.0.0.1:8786"
     assert contact_address("inproc://s") == "inproc://s"

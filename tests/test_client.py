@@ -27,7 +27,7 @@ from trioscheduler import (
     fire_and_forget,
     wire,
 )
-from trioscheduler.runspec import UnpicklableArgumentError
+from trioscheduler.wire.runspec import UnpicklableArgumentError
 
 TIMEOUT = 30
 CALLS: Counter[str] = Counter()

@@ -224,7 +224,7 @@ async def test_options_and_annotations_reach_the_scheduler() -> None:
 
 
 async def test_bad_graphs_fail_at_submit_naming_the_key() -> None:
-    from trioscheduler.collections import CycleError, MissingDependencyError
+    from trioscheduler.client.collections import CycleError, MissingDependencyError
 
     with trio.fail_after(TIMEOUT):
         async with Scheduler(f"inproc://collections-bad-{os.getpid()}") as s:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from trioscheduler._loop import LoopError, LoopRunner, loop_runner
+from trioscheduler.deploy.loop import LoopError, LoopRunner, loop_runner
 
 TIMEOUT = 20
 

@@ -23,7 +23,7 @@ from trioscheduler import (
     as_completed,
     wait,
 )
-from trioscheduler._loop import LoopError
+from trioscheduler.deploy.loop import LoopError
 
 T = TypeVar("T")
 TIMEOUT = 60

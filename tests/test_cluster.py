@@ -15,11 +15,11 @@ import pytest
 import trio
 
 from trioscheduler import wire
-from trioscheduler.client import Client
-from trioscheduler.cluster import LocalCluster, default_sizes, open_cluster
+from trioscheduler.client.client import Client
 from trioscheduler.core.errors import KilledWorker
-from trioscheduler.nanny import Nanny, fork_supported
-from trioscheduler.runspec import RunSpecLoadError
+from trioscheduler.deploy.cluster import LocalCluster, default_sizes, open_cluster
+from trioscheduler.server.nanny import Nanny, fork_supported
+from trioscheduler.wire.runspec import RunSpecLoadError
 
 TIMEOUT = 60
 
@@ -242,8 +242,8 @@ async def test_twice_its_memory_limit_through_one_worker_by_spilling(tmp_path: A
 
 FORKING_SCRIPT = """
 import os, sys, time
-from trioscheduler.client import Client
-from trioscheduler.cluster import LocalCluster
+from trioscheduler.client.client import Client
+from trioscheduler.deploy.cluster import LocalCluster
 
 def shout(address):
     print("from-task", address, flush=True)
@@ -268,8 +268,8 @@ if __name__ == "__main__":
 BUSY_SCRIPT = """
 import logging, sys, threading
 import numpy as np
-from trioscheduler.client import Client
-from trioscheduler.cluster import LocalCluster
+from trioscheduler.client.client import Client
+from trioscheduler.deploy.cluster import LocalCluster
 
 logging.basicConfig(stream=sys.stderr, level=logging.INFO)
 stop = threading.Event()

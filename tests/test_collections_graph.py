@@ -26,8 +26,7 @@ import pytest
 from dask import delayed
 from dask._task_spec import TaskRef
 
-from trioscheduler import runspec
-from trioscheduler.collections import (
+from trioscheduler.client.collections import (
     CycleError,
     GraphError,
     MissingDependencyError,
@@ -38,6 +37,7 @@ from trioscheduler.collections import (
     repack,
 )
 from trioscheduler.core.messages import TaskSpec
+from trioscheduler.wire import runspec
 
 
 def evaluate(tasks: Iterable[TaskSpec], memory: Mapping[Any, Any] = ()) -> dict[Any, Any]:
@@ -208,7 +208,7 @@ def test_a_tree_is_ordered_depth_first_like_dask_order_without_running_it(
 ) -> None:
     """No task feeds two others: the order is a post-order (each subtree a contiguous
     run of orders ending at its root, as dask.order's), computed without dask.order."""
-    import trioscheduler._graph as graph_mod
+    import trioscheduler.client.graph as graph_mod
 
     def refuse(dsk: Any) -> Any:
         raise AssertionError("dask.order ran on a tree")
@@ -248,7 +248,7 @@ def test_a_tree_is_ordered_depth_first_like_dask_order_without_running_it(
 )
 def test_directly_written_run_specs_unpickle_like_the_picklers(args: list[Any]) -> None:
     """``_direct`` writes opcodes itself; the worker must see what the pickler would give."""
-    from trioscheduler._graph import _Dep, _direct, _function_body, _PlainPickler
+    from trioscheduler.client.graph import _Dep, _direct, _function_body, _PlainPickler
 
     keys = {"dep:a": "a", "dep:b": ("b", 0, 1)}
     args = [_Dep(keys[a]) if isinstance(a, str) and a in keys else a for a in args]

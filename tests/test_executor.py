@@ -1,4 +1,4 @@
-"""The worker's task threads (``trioscheduler._executor``) on their own, without a cluster."""
+"""The worker's task threads (``trioscheduler.server.executor``) on their own, without a cluster."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import trio
 
-from trioscheduler import runspec
-from trioscheduler._executor import Done, ThreadExecutor, nbytes_and_type
-from trioscheduler.execute import get_task_key, get_worker
+from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
+from trioscheduler.server.task_context import get_task_key, get_worker
+from trioscheduler.wire import runspec
 
 TIMEOUT = 30
 
@@ -101,7 +101,7 @@ def test_sizes_of_small_builtins_skip_the_dispatch() -> None:
 
 
 def test_only_small_immutable_builtins_are_pushed() -> None:
-    from trioscheduler._executor import PUSH_MAX_BYTES, nbytes_and_type, pushable
+    from trioscheduler.server.executor import PUSH_MAX_BYTES, nbytes_and_type, pushable
 
     def push(value: object) -> bool:
         return pushable(value, nbytes_and_type(value)[0])

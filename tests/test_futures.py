@@ -22,8 +22,8 @@ from trioscheduler import (
     as_completed,
     wait,
 )
-from trioscheduler.client import ClientClosedError
-from trioscheduler.futures import futures_of
+from trioscheduler.client.client import ClientClosedError
+from trioscheduler.client.futures import futures_of
 
 TIMEOUT = 30
 GATES: dict[str, threading.Event] = {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trioscheduler import TrioSchedulerWarning
-from trioscheduler.memory import (
+from trioscheduler.server.memory import (
     DataStore,
     UnpicklableValue,
     parse_memory_limit,

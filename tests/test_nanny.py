@@ -20,9 +20,9 @@ import trio
 
 from trioscheduler import nanny as nanny_module
 from trioscheduler import wire
-from trioscheduler.client import Client
-from trioscheduler.nanny import START_METHOD_ENV, Nanny, WorkerStartError
-from trioscheduler.scheduler import Scheduler
+from trioscheduler.client.client import Client
+from trioscheduler.server.nanny import START_METHOD_ENV, Nanny, WorkerStartError
+from trioscheduler.server.scheduler import Scheduler
 
 TIMEOUT = 60
 
@@ -133,7 +133,7 @@ async def test_forked_worker_failing_to_start_is_an_error(monkeypatch: pytest.Mo
         raise RuntimeError("this worker cannot start")
 
     # a forked child runs this process's code, patched function included
-    monkeypatch.setattr("trioscheduler.cli._worker_main", broken)
+    monkeypatch.setattr("trioscheduler.server.worker_process.run", broken)
     with trio.fail_after(TIMEOUT):
         async with Scheduler("tcp://127.0.0.1:0") as s:
             with pytest.raises(WorkerStartError, match="exited before joining"):

@@ -15,8 +15,8 @@ from typing import Any
 import trio
 from dask import delayed
 
-from trioscheduler.collections import collections_to_graph
-from trioscheduler.progress import ProgressTracker, aprogress, progress
+from trioscheduler.client.collections import collections_to_graph
+from trioscheduler.client.progress import ProgressTracker, aprogress, progress
 
 
 class KeyedFuture(concurrent.futures.Future[Any]):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import threading
 
-from trioscheduler.remote_error import RemoteError, pack_exception, unpack_exception
+from trioscheduler.wire.remote_error import RemoteError, pack_exception, unpack_exception
 
 
 def _fail() -> None:

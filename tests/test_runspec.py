@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from trioscheduler.runspec import (
+from trioscheduler.wire.runspec import (
     RunSpecLoadError,
     UnpicklableArgumentError,
     pack,

@@ -16,7 +16,7 @@ import trio
 from trioscheduler import Client, Scheduler, Worker, wire
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
-from trioscheduler.scheduler import local_route
+from trioscheduler.wire.local_alias import local_route
 
 TIMEOUT = 20
 

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import trio
 
-from trioscheduler.client import Client
-from trioscheduler.cluster import open_cluster
-from trioscheduler.nanny import Nanny
+from trioscheduler.client.client import Client
+from trioscheduler.deploy.cluster import open_cluster
+from trioscheduler.server.nanny import Nanny
 
 TIMEOUT = 90
 N = 2**20  # float64 elements: 8 MiB per array

@@ -13,10 +13,10 @@ import pytest
 import trio
 
 from trioscheduler import TrioSchedulerWarning, wire
-from trioscheduler.client import Client
-from trioscheduler.execute import get_task_key, get_worker, secede
-from trioscheduler.scheduler import Scheduler
-from trioscheduler.worker import Worker
+from trioscheduler.client.client import Client
+from trioscheduler.server.scheduler import Scheduler
+from trioscheduler.server.task_context import get_task_key, get_worker, secede
+from trioscheduler.server.worker import Worker
 
 TIMEOUT = 30
 
@@ -258,7 +258,7 @@ _attempts: list[str] = []
 
 
 def reschedule_once() -> int:
-    from trioscheduler.execute import Reschedule
+    from trioscheduler.server.task_context import Reschedule
 
     _attempts.append(get_worker().address)
     if len(_attempts) == 1:

@@ -20,7 +20,7 @@ from trioscheduler import (
     secede,
     worker_client,
 )
-from trioscheduler._loop import LoopError
+from trioscheduler.deploy.loop import LoopError
 
 TIMEOUT = 60
 

@@ -9,24 +9,19 @@ parts of dask it pulls in) at start-up.
 from __future__ import annotations
 
 import sys
-import types
 from typing import TYPE_CHECKING, Any
 
+from trioscheduler import _legacy
+from trioscheduler._version import __version__ as __version__
 from trioscheduler.errors import TrioSchedulerError, TrioSchedulerWarning
 
 if TYPE_CHECKING:
-    from trioscheduler._as_completed import as_completed
-    from trioscheduler.client import Client, Executor, default_client, fire_and_forget
-    from trioscheduler.cluster import LocalCluster, open_cluster
-    from trioscheduler.collections import futures_of
-    from trioscheduler.datasets import DatasetExistsError
-    from trioscheduler.execute import Reschedule
-    from trioscheduler.futures import Future, FutureCancelledError, wait
-    from trioscheduler.nanny import Nanny
-    from trioscheduler.progress import progress
-    from trioscheduler.scheduler import Scheduler
-    from trioscheduler.worker import Worker
-    from trioscheduler.worker_client import (
+    from trioscheduler.client.as_completed import as_completed
+    from trioscheduler.client.client import Client, Executor, default_client, fire_and_forget
+    from trioscheduler.client.collections import futures_of
+    from trioscheduler.client.futures import Future, FutureCancelledError, wait
+    from trioscheduler.client.progress import progress
+    from trioscheduler.client.worker_client import (
         get_client,
         get_task_key,
         get_worker,
@@ -35,6 +30,12 @@ if TYPE_CHECKING:
         secede,
         worker_client,
     )
+    from trioscheduler.deploy.cluster import LocalCluster, open_cluster
+    from trioscheduler.server.datasets import DatasetExistsError
+    from trioscheduler.server.nanny import Nanny
+    from trioscheduler.server.scheduler import Scheduler
+    from trioscheduler.server.task_context import Reschedule
+    from trioscheduler.server.worker import Worker
 
 __all__ = [
     "Client",
@@ -64,63 +65,50 @@ __all__ = [
     "wait",
     "worker_client",
 ]
-__version__ = "0.1.0"
 
 _LAZY = {
-    "as_completed": "trioscheduler._as_completed",
-    "Client": "trioscheduler.client",
-    "Executor": "trioscheduler.client",
-    "default_client": "trioscheduler.client",
-    "fire_and_forget": "trioscheduler.client",
-    "LocalCluster": "trioscheduler.cluster",
-    "open_cluster": "trioscheduler.cluster",
-    "futures_of": "trioscheduler.collections",
-    "DatasetExistsError": "trioscheduler.datasets",
-    "Reschedule": "trioscheduler.execute",
-    "Future": "trioscheduler.futures",
-    "FutureCancelledError": "trioscheduler.futures",
-    "wait": "trioscheduler.futures",
-    "Nanny": "trioscheduler.nanny",
-    "progress": "trioscheduler.progress",
-    "Scheduler": "trioscheduler.scheduler",
-    "Worker": "trioscheduler.worker",
-    "get_client": "trioscheduler.worker_client",
-    "get_task_key": "trioscheduler.worker_client",
-    "get_worker": "trioscheduler.worker_client",
-    "local_client": "trioscheduler.worker_client",
-    "rejoin": "trioscheduler.worker_client",
-    "secede": "trioscheduler.worker_client",
-    "worker_client": "trioscheduler.worker_client",
+    "as_completed": "trioscheduler.client.as_completed",
+    "Client": "trioscheduler.client.client",
+    "Executor": "trioscheduler.client.client",
+    "default_client": "trioscheduler.client.client",
+    "fire_and_forget": "trioscheduler.client.client",
+    "LocalCluster": "trioscheduler.deploy.cluster",
+    "open_cluster": "trioscheduler.deploy.cluster",
+    "futures_of": "trioscheduler.client.collections",
+    "DatasetExistsError": "trioscheduler.server.datasets",
+    "Reschedule": "trioscheduler.server.task_context",
+    "Future": "trioscheduler.client.futures",
+    "FutureCancelledError": "trioscheduler.client.futures",
+    "wait": "trioscheduler.client.futures",
+    "Nanny": "trioscheduler.server.nanny",
+    "progress": "trioscheduler.client.progress",
+    "Scheduler": "trioscheduler.server.scheduler",
+    "Worker": "trioscheduler.server.worker",
+    "get_client": "trioscheduler.client.worker_client",
+    "get_task_key": "trioscheduler.client.worker_client",
+    "get_worker": "trioscheduler.client.worker_client",
+    "local_client": "trioscheduler.client.worker_client",
+    "rejoin": "trioscheduler.client.worker_client",
+    "secede": "trioscheduler.client.worker_client",
+    "worker_client": "trioscheduler.client.worker_client",
 }
+
+_legacy.install()
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'trioscheduler' has no attribute {name!r}")
-    import importlib
+    if module is not None:
+        import importlib
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+    old = sys.modules.get(f"{__name__}.{name}")
+    if isinstance(old, _legacy.MovedModule):  # ``trioscheduler.scheduler``, an old path
+        return old
+    raise AttributeError(f"module 'trioscheduler' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-# ``progress`` and ``worker_client`` are both a public function and the name of the module
-# that defines it. Importing a submodule sets it as an attribute of this package, which
-# would hide the function behind the module; the eager imports this file used to do
-# overwrote it, and this keeps that: a submodule never replaces a public name here.
-_SHADOWED = frozenset(name for name, module in _LAZY.items() if module == f"{__name__}.{name}")
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -2,7 +2,7 @@
 
 import gc
 
-from trioscheduler.cli import main
+from trioscheduler.cli.main import main
 
 status = main()
 # The process ends here: with every object frozen, the collections at interpreter exit

@@ -3,6 +3,8 @@
 Nothing under this package imports trio, sockets, threads, clocks or randomness; time
 arrives as the ``now`` field of events. The shells feed events to ``handle`` and carry
 out the effects/instructions it returns.
+
+May import: ``errors`` only (and the standard library's pure parts).
 """
 
 from importlib.util import find_spec

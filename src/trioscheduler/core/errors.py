@@ -6,6 +6,9 @@ from typing import Any
 
 from trioscheduler.errors import TrioSchedulerError
 
+RESTART_REASON = "the cluster was restarted (Client.restart); submit the work again"
+"""Why a restart cancelled a client's keys (``KeyCancelled.reason``)."""
+
 
 class InvalidTransition(TrioSchedulerError):
     """A task was asked to move along an edge that is not in its transition table.

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar, dataclass_transform
+from typing import Any, Final, TypeVar, dataclass_transform
 
 Key = Any  # str | bytes | int | float | tuple[Key, ...]: anything hashable dask uses as a key
+
+FIRE_AND_FORGET: Final = "fire-and-forget"
+"""The client id that wants ``fire_and_forget`` keys: the scheduler's own, never removed."""
 WorkerAddr = str
 ClientId = str
 

@@ -3,7 +3,11 @@
 ``connect``/``listen`` give ``Stream``s over ``tcp://`` or ``inproc://`` with the
 shape of a trio memory channel pair; ``open_batched`` coalesces small messages;
 ``ConnectionPool`` reuses short-lived connections. Serialization lives in
-``trioscheduler.wire.serialize``.
+``trioscheduler.wire.serialize``; ``remote_error`` packs exceptions with their
+tracebacks, ``runspec`` the function-and-arguments of a task, both shared by client
+and worker; ``local_alias`` finds a listener served by the current trio run.
+
+May import: ``core`` (message types) and ``errors``; nothing above.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from trioscheduler.futures import Future
+from trioscheduler.client.futures import Future
 
 __all__ = ["as_completed"]
 

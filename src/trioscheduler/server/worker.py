@@ -12,7 +12,7 @@ One worker is one ``async with Worker(...)`` block owning a trio nursery:
 * one long-lived, batched stream to the scheduler (``AddWorker`` first, then events
   both ways, a heartbeat about every second);
 * a memory monitor feeding ``MemoryMeasured`` (psutil RSS) to the core;
-* tasks on persistent threads (``trioscheduler._executor``), one hop there and one back
+* tasks on persistent threads (``trioscheduler.server.executor``), one hop there and one back
   per batch of finished tasks; fetches through a connection pool.
 
 Shutdown, on leaving the block, on ``close()``, or when the scheduler sends
@@ -37,8 +37,7 @@ import cloudpickle
 import psutil
 import trio
 
-from trioscheduler import execute, memory, wire
-from trioscheduler._executor import Done, ThreadExecutor, nbytes_and_type
+from trioscheduler import wire
 from trioscheduler.core.messages import (
     AddWorker,
     CloseWorker,
@@ -62,10 +61,12 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.worker import WorkerState
-from trioscheduler.remote_error import pack_exception
+from trioscheduler.server import memory, task_context
+from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.wire.address import tcp_address
+from trioscheduler.wire.remote_error import pack_exception
 
-logger = logging.getLogger("trioscheduler.worker")
+logger = logging.getLogger("trioscheduler.server.worker")
 
 _inproc_ids = itertools.count(1)
 
@@ -148,7 +149,7 @@ class Worker:
         self.close_reason = ""
         self.state: WorkerState | None = None
         self.store: memory.DataStore | None = None
-        self.runner = execute.TaskRunner(self, nthreads)
+        self.runner = task_context.TaskRunner(self, nthreads)
         self._executor = ThreadExecutor(self, nthreads)
         self.trio_token: trio.lowlevel.TrioToken | None = None  # the loop running this worker
         self._process = psutil.Process()
@@ -578,7 +579,7 @@ class Worker:
         assert store is not None
         store.want(key)
 
-    def _secede(self, key: Any) -> None:
+    def secede(self, key: Any) -> None:
         """A running task called ``secede()``: free its slot and tell the core."""
         self.runner.release(key)
         self.handle(SecedeEvent(stimulus_id=_stimulus("secede"), now=_now(), key=key))
@@ -686,11 +687,11 @@ class Worker:
         assert done.coroutine is not None
         func, args, kwargs = done.coroutine
         done.coroutine = None
-        execute._worker.set(self)
-        execute._key.set(done.key)
+        task_context.current_worker.set(self)
+        task_context.current_key.set(done.key)
         try:
             value = await func(*args, **kwargs)
-        except execute.Reschedule:
+        except task_context.Reschedule:
             done.rescheduled = True
         except trio.Cancelled:
             raise
@@ -819,13 +820,13 @@ class Worker:
             fn, args, kwargs = cloudpickle.loads(payload)
             if _accepts(fn, "dask_worker"):
                 kwargs = {**kwargs, "dask_worker": self}
-            token = execute._worker.set(self)
+            token = task_context.current_worker.set(self)
             try:
                 result = fn(*args, **kwargs)
                 if inspect.isawaitable(result):
                     result = await result
             finally:
-                execute._worker.reset(token)
+                task_context.current_worker.reset(token)
         except trio.Cancelled:
             raise
         except Exception as exc:

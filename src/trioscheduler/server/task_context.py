@@ -21,12 +21,14 @@ import trio
 from trioscheduler.errors import TrioSchedulerError
 
 if TYPE_CHECKING:
-    from trioscheduler.worker import Worker
+    from trioscheduler.server.worker import Worker
 
-_worker: contextvars.ContextVar[Worker | None] = contextvars.ContextVar(
+current_worker: contextvars.ContextVar[Worker | None] = contextvars.ContextVar(
     "trioscheduler_worker", default=None
 )
-_key: contextvars.ContextVar[Any] = contextvars.ContextVar("trioscheduler_task_key", default=None)
+current_key: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "trioscheduler_task_key", default=None
+)
 
 
 class Reschedule(TrioSchedulerError):
@@ -35,7 +37,7 @@ class Reschedule(TrioSchedulerError):
 
 def get_worker() -> Worker:
     """The worker running the current task (inside a task, or a worker's ``run`` call)."""
-    worker = _worker.get()
+    worker = current_worker.get()
     if worker is None:
         raise ValueError("get_worker() was called outside of a task running on a worker")
     return worker
@@ -43,7 +45,7 @@ def get_worker() -> Worker:
 
 def get_task_key() -> Any:
     """The key of the task running in this thread or trio task, or ``None`` outside one."""
-    return _key.get()
+    return current_key.get()
 
 
 def secede() -> None:
@@ -53,14 +55,14 @@ def secede() -> None:
     their own sub-tasks can fill every slot and deadlock the worker.
     """
     worker = get_worker()
-    key = _key.get()
+    key = current_key.get()
     try:
         trio.lowlevel.current_trio_token()
     except RuntimeError:
         # in a task thread
-        trio.from_thread.run_sync(worker._secede, key, trio_token=worker.trio_token)
+        trio.from_thread.run_sync(worker.secede, key, trio_token=worker.trio_token)
     else:
-        worker._secede(key)  # an async task on the worker's loop
+        worker.secede(key)  # an async task on the worker's loop
 
 
 class TaskRunner:

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
-from trioscheduler import runspec
 from trioscheduler.errors import TrioSchedulerError
-from trioscheduler.remote_error import unpack_exception
+from trioscheduler.wire import runspec
+from trioscheduler.wire.remote_error import unpack_exception
 
 if TYPE_CHECKING:
-    from trioscheduler.client import Client
+    from trioscheduler.client.client import Client
 
 __all__ = [
     "ALL_COMPLETED",

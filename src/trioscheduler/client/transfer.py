@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trioscheduler.client.futures import Future, FutureCancelledError, KeyState, futures_of
+from trioscheduler.client.keys import check_key, scatter_key
 from trioscheduler.errors import TrioSchedulerError
-from trioscheduler.futures import Future, FutureCancelledError, KeyState, futures_of
-from trioscheduler.keys import check_key, scatter_key
-from trioscheduler.remote_error import unpack_exception
+from trioscheduler.wire.remote_error import unpack_exception
 
 if TYPE_CHECKING:
-    from trioscheduler.client import Client
+    from trioscheduler.client.client import Client
 
-logger = logging.getLogger("trioscheduler.client")
+logger = logging.getLogger("trioscheduler.client.client")
 
 
 async def gather(client: Client, futures: Any, errors: str) -> Any:

@@ -2,14 +2,14 @@
 
 ``processes=True`` (the default) runs the scheduler in this process and each worker in
 its own process under a ``Nanny``, over TCP on ``host``; ``start_method`` (``"auto"``,
-``"fork"``, ``"spawn"``; see ``trioscheduler.nanny``) says how those processes start.
+``"fork"``, ``"spawn"``; see ``trioscheduler.server.nanny``) says how those processes start.
 ``processes=False`` runs the scheduler and the workers in one trio loop over
 ``inproc://``: nothing is serialized, which suits tests and small jobs.
 
 Each worker (or nanny) is held open by one task of the cluster's worker nursery, so
 workers start and stop concurrently and closing the cluster closes all of them (nannies
 reap their processes) before the scheduler stops. A sync ``LocalCluster`` lives inside
-the process-wide background loop (``trioscheduler._loop``); an asynchronous one, or
+the process-wide background loop (``trioscheduler.deploy.loop``); an asynchronous one, or
 ``open_cluster``, inside the caller's trio program.
 """
 
@@ -25,11 +25,11 @@ from typing import Any
 
 import trio
 
-from trioscheduler.nanny import Nanny
-from trioscheduler.scheduler import Scheduler
-from trioscheduler.worker import Worker
+from trioscheduler.server.nanny import Nanny
+from trioscheduler.server.scheduler import Scheduler
+from trioscheduler.server.worker import Worker
 
-logger = logging.getLogger("trioscheduler.cluster")
+logger = logging.getLogger("trioscheduler.deploy.cluster")
 
 _cluster_ids = itertools.count(1)
 
@@ -110,7 +110,7 @@ class LocalCluster:
         self._handle: Any = None
         self._id = next(_cluster_ids)
         if not asynchronous:
-            from trioscheduler._loop import loop_runner
+            from trioscheduler.deploy.loop import loop_runner
 
             self._handle = loop_runner().enter(self._open(), name=f"LocalCluster-{self._id}")
 
@@ -182,7 +182,7 @@ class LocalCluster:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     try:
-                        await self._scale(self.n_workers)
+                        await self.scale_to(self.n_workers)
                         self.status = "running"
                         logger.info("%r started", self)
                         yield self
@@ -240,13 +240,13 @@ class LocalCluster:
     def scale(self, n: int) -> Any:
         """Run ``n`` workers: start new ones or close the newest. Awaitable if asynchronous."""
         if self.asynchronous:
-            return self._scale(n)
-        from trioscheduler._loop import loop_runner
+            return self.scale_to(n)
+        from trioscheduler.deploy.loop import loop_runner
 
-        loop_runner().run(self._scale, n)
+        loop_runner().run(self.scale_to, n)
         return None
 
-    async def _scale(self, n: int) -> None:
+    async def scale_to(self, n: int) -> None:
         if self._nursery is None:
             raise RuntimeError("the cluster is not running")
         nursery = self._nursery

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from trioscheduler._loop import Entered, LoopError
-from trioscheduler.execute import _key, get_task_key, get_worker, secede
+from trioscheduler.deploy.loop import Entered, LoopError
+from trioscheduler.server.task_context import get_task_key, get_worker, secede
 
 if TYPE_CHECKING:
-    from trioscheduler.client import Client
-    from trioscheduler.worker import Worker
+    from trioscheduler.client.client import Client
+    from trioscheduler.server.worker import Worker
 
 __all__ = [
     "get_client",
@@ -120,7 +120,7 @@ def get_client(timeout: float | None = None) -> Client:
     Inside a task, futures made with it may be passed to and returned from other tasks
     of the same cluster. ``timeout`` bounds connecting to the scheduler.
     """
-    from trioscheduler.client import Client, default_client
+    from trioscheduler.client.client import Client, default_client
 
     try:
         worker = get_worker()
@@ -171,7 +171,7 @@ def rejoin() -> None:
     The slot is given back when the task ends. Does nothing outside a seceded task.
     """
     worker = get_worker()
-    key = _key.get()
+    key = get_task_key()
     slots = worker.runner.slots
 
     async def acquire() -> None:

@@ -1,20 +1,10 @@
-"""Published datasets: named values (futures, persisted collections) kept by the scheduler.
+"""Published datasets, the client's side (the scheduler's is ``server/datasets.py``).
 
-A dataset outlives the client that published it. The value is pickled on the client with
-every ``Future`` inside it (also inside a persisted collection's graph) written as a
-reference to its key, so the scheduler stores opaque bytes plus the list of keys. The
-scheduler keeps those keys wanted by a holder of its own, one per dataset
-(``published-<name>``), exactly as a client would: the data stays in cluster memory after
-the publisher disconnects, is recomputed if a worker dies, and is released when the
-dataset is unpublished. ``get_dataset`` unpickles the bytes in the asking client, each
-reference becoming a new ``Future`` of that client.
-
-Three pieces, one per actor:
-
-* ``pack``/``unpack`` and ``dataset_names`` -- the client's side;
-* ``DatasetStore`` -- the scheduler's side, bookkeeping only: it turns publishing into the
-  ordinary ``ClientDesiresKeys``/``RemoveClient`` events of its holders;
-* ``Datasets`` -- ``client.datasets``, a ``MutableMapping`` over the client's methods.
+``pack``/``unpack`` pickle a value with every ``Future`` inside it (also inside a
+persisted collection's graph) written as a reference to its key; ``get_dataset``
+unpickles the bytes in the asking client, each reference becoming a new ``Future`` of
+that client. ``Datasets`` is ``client.datasets``, a ``MutableMapping`` over the client's
+methods.
 """
 
 from __future__ import annotations
@@ -27,39 +17,13 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 from dask.base import is_dask_collection
 
-from trioscheduler.core import messages as m
-from trioscheduler.errors import TrioSchedulerError
-from trioscheduler.futures import Future
+from trioscheduler.client.futures import Future
+from trioscheduler.server.datasets import DatasetExistsError
 
 if TYPE_CHECKING:
-    from trioscheduler.client import Client
+    from trioscheduler.client.client import Client
 
-__all__ = [
-    "DatasetExistsError",
-    "DatasetStore",
-    "Datasets",
-    "dataset_names",
-    "holder_id",
-    "pack",
-    "unpack",
-]
-
-
-class DatasetExistsError(TrioSchedulerError, KeyError):
-    """A dataset of that name is already published (pass ``override=True`` to replace it)."""
-
-    def __str__(self) -> str:  # KeyError would show the repr of the message
-        return str(self.args[0]) if self.args else ""
-
-
-def holder_id(name: Any) -> str:
-    """The scheduler-side client id that keeps dataset ``name``'s keys wanted."""
-    return f"published-{name if isinstance(name, str) else repr(name)}"
-
-
-# --------------------------------------------------------------------------------------
-# Client side
-# --------------------------------------------------------------------------------------
+__all__ = ["DatasetExistsError", "Datasets", "dataset_names", "pack", "unpack"]
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
@@ -149,68 +113,6 @@ def _collection_name(coll: Any) -> Any:
     while isinstance(keys, list) and keys:
         keys = keys[0]
     return keys
-
-
-# --------------------------------------------------------------------------------------
-# Scheduler side
-# --------------------------------------------------------------------------------------
-
-
-class DatasetStore:
-    """The scheduler's datasets: ``name -> (bytes, keys)``; events go through ``feed``.
-
-    ``feed(event_type, *fields)`` hands one client event to the scheduler core (the shell
-    fills in ``stimulus_id`` and ``now``).
-    """
-
-    __slots__ = ("datasets", "feed")
-
-    def __init__(self, feed: Callable[..., None]) -> None:
-        self.datasets: dict[Any, tuple[bytes, list[Any]]] = {}
-        self.feed = feed
-
-    def put(self, items: list[list[Any]], override: bool) -> None:
-        """Publish ``[[name, blob, keys], ...]``: all of them, or none if a name exists."""
-        if not override:
-            taken = [name for name, _, _ in items if name in self.datasets]
-            if taken:
-                raise DatasetExistsError(
-                    f"dataset {taken[0]!r} is already published; unpublish it first, or "
-                    "pass override=True to replace it"
-                )
-        for name, blob, keys in items:
-            old = self.datasets.get(name)
-            self.datasets[name] = (blob, list(keys))
-            holder = holder_id(name)
-            if keys:  # wanted before the old keys go: a key in both is never released
-                self.feed(m.ClientDesiresKeys, holder, list(keys))
-            if old is not None:
-                gone = set(old[1]).difference(keys)
-                if gone:
-                    self.feed(m.ClientReleasesKeys, holder, [k for k in old[1] if k in gone])
-
-    def get(self, name: Any) -> bytes | None:
-        entry = self.datasets.get(name)
-        return None if entry is None else entry[0]
-
-    def delete(self, name: Any) -> bool:
-        entry = self.datasets.pop(name, None)
-        if entry is None:
-            return False
-        self.feed(m.RemoveClient, holder_id(name))
-        return True
-
-    def clear(self) -> None:
-        for name in list(self.datasets):
-            self.delete(name)
-
-    def names(self) -> list[Any]:
-        return sorted(self.datasets, key=str)
-
-
-# --------------------------------------------------------------------------------------
-# client.datasets
-# --------------------------------------------------------------------------------------
 
 
 class Datasets(MutableMapping[Any, Any]):

@@ -35,7 +35,7 @@ from dask._task_spec import GraphNode, TaskRef
 from dask.base import collections_to_expr, is_dask_collection
 from dask.delayed import Delayed, delayed
 
-from trioscheduler._graph import (
+from trioscheduler.client.graph import (
     Annotations,
     CycleError,
     GraphError,

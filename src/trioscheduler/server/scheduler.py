@@ -45,18 +45,20 @@ import msgpack
 import trio
 
 from trioscheduler import wire
-from trioscheduler._upload import UploadStore, install_payload
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
+from trioscheduler.core.errors import RESTART_REASON
 from trioscheduler.core.scheduler import SchedulerState
-from trioscheduler.datasets import DatasetExistsError, DatasetStore
-from trioscheduler.remote_error import pack_exception
+from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
+from trioscheduler.server.uploads import UploadStore, install_payload
+from trioscheduler.wire import local_alias
+from trioscheduler.wire.remote_error import pack_exception
 
-__all__ = ["FIRE_AND_FORGET", "Scheduler", "local_route"]
+__all__ = ["FIRE_AND_FORGET", "Scheduler"]
 
-logger = logging.getLogger("trioscheduler.scheduler")
+logger = logging.getLogger("trioscheduler.server.scheduler")
 
-FIRE_AND_FORGET = "fire-and-forget"
+FIRE_AND_FORGET = m.FIRE_AND_FORGET
 """The client id that keeps ``fire_and_forget`` keys wanted until they are done."""
 
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -79,28 +81,7 @@ _DONE_FOR_CLIENT = (m.KeyInMemory, m.KeyErred, m.KeyCancelled)
 _NO_KEY: Any = object()
 
 
-_LOCAL: dict[str, tuple[str, trio.lowlevel.TrioToken]] = {}
-"""Schedulers of this process: listening address -> (inproc alias, the run serving it)."""
 _aliases = itertools.count(1)
-
-
-def local_route(address: str) -> str:
-    """The address to connect to for ``address`` from the current trio run.
-
-    A scheduler served by this same trio run (a ``LocalCluster`` beside a sync
-    ``Client`` share the process-wide loop) is reached through its ``inproc://`` alias:
-    messages go by reference, with no sockets, encoding or wake-ups of the kernel on
-    the way. Anything else (another process, another run) keeps ``address``.
-    """
-    entry = _LOCAL.get(address)
-    if entry is None:
-        return address
-    alias, token = entry
-    try:
-        here = trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return address
-    return alias if here is token else address
 
 
 class ProtocolViolation(Exception):
@@ -146,7 +127,6 @@ class _Peer:
 
 _WAITING_OPS = frozenset({"wait_for_workers"})
 
-RESTART_REASON = "the cluster was restarted (Client.restart); submit the work again"
 """RPCs that may wait indefinitely: abandoned when the requester hangs up."""
 
 
@@ -290,7 +270,7 @@ class Scheduler:
             if self.address.startswith("tcp://"):
                 # The same service under an inproc:// name, for a client in this very
                 # trio run (a sync Client beside its LocalCluster): no sockets, no
-                # serialization between them. See ``local_route``.
+                # serialization between them. See ``wire.local_alias``.
                 alias = await stack.enter_async_context(
                     wire.listen(
                         f"inproc://scheduler-{os.getpid()}-{next(_aliases)}",
@@ -300,8 +280,8 @@ class Scheduler:
                     )
                 )
                 self.inproc_address = alias.address
-                _LOCAL[self.address] = (alias.address, trio.lowlevel.current_trio_token())
-                stack.callback(_LOCAL.pop, self.address, None)
+                local_alias.register(self.address, alias.address)
+                stack.callback(local_alias.unregister, self.address)
             self._feed(
                 m.AddClient(self._stimulus("scheduler-start"), trio.current_time(), FIRE_AND_FORGET)
             )

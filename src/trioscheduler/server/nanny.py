@@ -50,11 +50,12 @@ from typing import Any, NoReturn
 import psutil
 import trio
 
-from trioscheduler import memory, wire
+from trioscheduler import wire
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.server import memory
 from trioscheduler.wire.address import tcp_address
 
-logger = logging.getLogger("trioscheduler.nanny")
+logger = logging.getLogger("trioscheduler.server.nanny")
 
 # Python 3.12+ warns at every fork of a process with threads; _fork is where the hazards
 # that warning names are met (see the notes above _ForkUnsafe).
@@ -253,7 +254,7 @@ class Nanny:
     # ----------------------------------------------------------------------------------
 
     def _listen_address(self) -> str:
-        from trioscheduler.worker import default_host
+        from trioscheduler.server.worker import default_host
 
         if wire.parse_address(self.scheduler_address)[0] == "inproc":
             return "inproc://nanny-" + str(os.getpid()) + "-" + str(id(self))
@@ -695,7 +696,7 @@ def _fork(
     """``(pid, pidfd)`` in the parent; the child runs ``_forked_worker`` and never returns."""
     import _imp
 
-    from trioscheduler.cli import parser
+    from trioscheduler.server.worker_process import parser
 
     parser()  # built once here, inherited ready by every child
     for stream in (sys.stdout, sys.stderr):
@@ -814,7 +815,7 @@ def _forked_worker(
                 comm.write("trioscheduler")
         except OSError:
             pass
-        from trioscheduler.cli import main
+        from trioscheduler.server.worker_process import main
 
         code = main(argv_for(ready_fd))
     except SystemExit as exc:
@@ -896,7 +897,8 @@ def _apply_worker_environ() -> None:
 
 def _reset_process_state() -> None:
     """Fresh stdio, logging without the parent's handlers, a new seed for numpy's global
-    random state (``random`` reseeds itself at fork), no default client."""
+    random state (``random`` reseeds itself at fork). (The client forgets the parent's default
+    clients itself, with ``os.register_at_fork``.)"""
     import faulthandler
 
     _inherited.extend([sys.stdin, sys.stdout, sys.stderr])
@@ -925,10 +927,6 @@ def _reset_process_state() -> None:
             if lock is not None:
                 lock.release()
             numpy_random.seed()
-    client = sys.modules.get("trioscheduler.client")
-    if client is not None:  # the parent's default clients live in the parent
-        _inherited.append(list(client._defaults))
-        client._defaults.clear()
 
 
 def _reopen(fd: int, mode: str) -> Any:

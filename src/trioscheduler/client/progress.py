@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from dask.utils import key_split
 
-from trioscheduler.collections import futures_of, is_future
+from trioscheduler.client.collections import futures_of, is_future
 
 __all__ = ["GroupProgress", "ProgressTracker", "aprogress", "progress"]
 

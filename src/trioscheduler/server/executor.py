@@ -38,10 +38,11 @@ import trio
 from dask.sizeof import sizeof
 from dask.utils import typename
 
-from trioscheduler import execute, runspec
-from trioscheduler.remote_error import pack_exception
+from trioscheduler.server import task_context
+from trioscheduler.wire import runspec
+from trioscheduler.wire.remote_error import pack_exception
 
-logger = logging.getLogger("trioscheduler.worker")
+logger = logging.getLogger("trioscheduler.server.worker")
 
 IDLE_TIMEOUT = 30.0
 """Seconds an extra thread (beyond ``nthreads``) waits for a job before it leaves."""
@@ -129,7 +130,7 @@ def run_job(key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> Done:
             done.coroutine = (func, args, kwargs)
             return done
         value = func(*args, **kwargs)
-    except execute.Reschedule:
+    except task_context.Reschedule:
         done.rescheduled = True
     except BaseException as exc:
         done.fail(exc)
@@ -267,7 +268,7 @@ class ThreadExecutor:
                 os.close(self._rfd)
 
     def _work(self) -> None:
-        worker_var, key_var = execute._worker, execute._key
+        worker_var, key_var = task_context.current_worker, task_context.current_key
         worker_var.set(self.worker)
         job = self._next_job(False)  # the job this thread was started for
         while job is not None:

@@ -26,7 +26,7 @@ Leaving the session sends ``RemoveClient``; the scheduler releases every key of 
 client and closes the stream, which the receive loop sees before the nursery ends.
 
 Dask collections: ``compute``/``persist``/``get`` turn graphs into tasks with
-``trioscheduler.collections``; a sync client is dask's scheduler while it is open.
+``trioscheduler.client.collections``; a sync client is dask's scheduler while it is open.
 Published datasets (``datasets``), uploaded files (``_upload``), ``run``,
 ``run_on_scheduler`` and ``restart`` are requests to the scheduler or the workers; the
 client only packs them and unpacks the answers.
@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -50,19 +51,18 @@ import dask
 import sniffio
 import trio
 
-from trioscheduler import _transfer, _upload, datasets, runspec, wire
-from trioscheduler._loop import Entered, LoopRunner, loop_runner
-from trioscheduler.collections import (
+from trioscheduler import wire
+from trioscheduler.client import datasets
+from trioscheduler.client import transfer as _transfer
+from trioscheduler.client.collections import (
     collections_to_graph,
     flatten_keys,
     graph_to_tasks,
     repack,
 )
-from trioscheduler.collections import futures_of as collection_futures
-from trioscheduler.core import messages as m
-from trioscheduler.errors import TrioSchedulerError
-from trioscheduler.futures import Future, KeyState, futures_of
-from trioscheduler.keys import (
+from trioscheduler.client.collections import futures_of as collection_futures
+from trioscheduler.client.futures import Future, KeyState, futures_of
+from trioscheduler.client.keys import (
     check_key,
     check_options,
     check_workers,
@@ -70,17 +70,34 @@ from trioscheduler.keys import (
     shippable,
     submit_key,
 )
-from trioscheduler.remote_error import unpack_exception
-from trioscheduler.scheduler import RESTART_REASON, local_route
+from trioscheduler.core import messages as m
+from trioscheduler.core.errors import RESTART_REASON
+from trioscheduler.deploy.loop import Entered, LoopRunner, loop_runner
+from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.server import uploads as _upload
+from trioscheduler.wire import runspec
+from trioscheduler.wire.local_alias import local_route
+from trioscheduler.wire.remote_error import unpack_exception
 
 __all__ = ["Client", "Executor", "default_client", "fire_and_forget"]
 
-logger = logging.getLogger("trioscheduler.client")
+logger = logging.getLogger("trioscheduler.client.client")
 
-FIRE_AND_FORGET = "fire-and-forget"  # the scheduler's client id for fire_and_forget keys
 
 _POLL = 0.25  # seconds between checks that the loop still runs while a thread waits
 _defaults: list[Client] = []  # open clients made with set_as_default=True, newest last
+_forked_away: list[list[Client]] = []  # a forked child's inherited defaults, never closed there
+
+
+def _forget_defaults_in_child() -> None:
+    """A forked process (a nanny's worker) has no client of its own: the parent's default
+    clients live in the parent. They are kept referenced, never collected, in the child:
+    closing them there would speak on the parent's connections."""
+    _forked_away.append(list(_defaults))
+    _defaults.clear()
+
+
+os.register_at_fork(after_in_child=_forget_defaults_in_child)
 _NO_DEFAULT: Any = object()  # get_dataset(name) without default= raises KeyError
 
 
@@ -191,7 +208,7 @@ class Client:
             # ``_loop``: another loop to run the session in (a worker's, for get_client)
             self._runner = _loop if _loop is not None else loop_runner()
             if address is None:
-                from trioscheduler.cluster import LocalCluster
+                from trioscheduler.deploy.cluster import LocalCluster
 
                 self.cluster = LocalCluster(**cluster_kwargs)
                 self._own_cluster = True
@@ -227,7 +244,7 @@ class Client:
     async def _open(self, stack: AsyncExitStack) -> None:
         """Connect (or start a cluster first), handshake, start the background tasks."""
         if self.scheduler_address is None:
-            from trioscheduler.cluster import open_cluster
+            from trioscheduler.deploy.cluster import open_cluster
 
             self.cluster = await stack.enter_async_context(open_cluster(**self._cluster_kwargs))
             self._own_cluster = True
@@ -1151,8 +1168,8 @@ class Client:
                 st.cancel(RESTART_REASON)
             if in_process and reply["plain"]:
                 n = len(cluster.workers)
-                await cluster._scale(0)
-                await cluster._scale(n)
+                await cluster.scale_to(0)
+                await cluster.scale_to(n)
             if reply["errors"]:
                 raise TrioSchedulerError(
                     "restart: "
@@ -1223,7 +1240,7 @@ def fire_and_forget(obj: Any) -> None:
     for f in futures_of(obj):
         by_client[f.client].append(f.key)
     for client, keys in by_client.items():
-        client._post(client._emit_desire, keys, FIRE_AND_FORGET)
+        client._post(client._emit_desire, keys, m.FIRE_AND_FORGET)
 
 
 def _is_our_future(x: Any) -> bool:

@@ -51,9 +51,9 @@ from dask._task_spec import (
 from dask.base import get_annotations
 from dask.order import order as dask_order
 
-from trioscheduler import runspec
 from trioscheduler.core.messages import Key, TaskSpec
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.wire import runspec
 
 __all__ = [
     "Annotations",
