@@ -43,7 +43,7 @@ def slow_sum(values: list[int]) -> int:
 
 
 async def states(c: Client, keys: list[object]) -> list[object]:
-    return [s for _, s in await c._rpc({"op": "task_states", "keys": keys})]
+    return [s for _, s in await c.rpc({"op": "task_states", "keys": keys})]
 
 
 async def test_published_data_outlives_its_client_and_reaches_another_process(

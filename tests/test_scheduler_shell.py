@@ -200,7 +200,7 @@ async def test_client_in_the_same_run_reaches_a_tcp_scheduler_in_memory() -> Non
                 Client(s.address, asynchronous=True) as c,
             ):
                 assert c.scheduler_address == s.address
-                assert c._route == s.inproc_address
+                assert c._link.route == s.inproc_address
                 assert await c.submit(inc, 1) == 2
                 assert await c.who_has() != {}
         assert local_route(s.address) == s.address  # closed: no alias left

@@ -38,7 +38,7 @@ from trioscheduler.server.worker_process import (
 )
 from trioscheduler.server.worker_process import run as run_worker
 
-logger = logging.getLogger("trioscheduler.cli.main")
+logger = logging.getLogger("trioscheduler.cli")
 
 # --------------------------------------------------------------------------------------
 # scheduler

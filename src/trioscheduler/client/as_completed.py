@@ -67,7 +67,7 @@ class as_completed:  # noqa: N801 - dask's name
             with self._lock:
                 self._pending_count += 1
                 generation = self._generation
-            f.client._on_done(f, functools.partial(self._done, f, generation))
+            f.client.on_done(f, functools.partial(self._done, f, generation))
 
     def add(self, future: Future) -> None:
         """Add one future."""

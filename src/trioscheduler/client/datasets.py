@@ -12,18 +12,31 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import cloudpickle
 from dask.base import is_dask_collection
 
+from trioscheduler.client.base import ClientBase
 from trioscheduler.client.futures import Future
 from trioscheduler.server.datasets import DatasetExistsError
 
 if TYPE_CHECKING:
     from trioscheduler.client.client import Client
 
-__all__ = ["DatasetExistsError", "Datasets", "dataset_names", "pack", "unpack"]
+__all__ = [
+    "DatasetMethods",
+    "NO_DEFAULT",
+    "DatasetExistsError",
+    "Datasets",
+    "dataset_names",
+    "get_dataset",
+    "pack",
+    "publish",
+    "unpack",
+]
+
+NO_DEFAULT: Any = object()  # get_dataset(name) without default= raises KeyError
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
@@ -115,6 +128,65 @@ def _collection_name(coll: Any) -> Any:
     return keys
 
 
+async def publish(client: ClientBase, items: list[list[Any]], override: bool) -> None:
+    error = await client.rpc({"op": "publish_put", "items": items, "override": override})
+    if error is not None:
+        raise DatasetExistsError(error)
+
+
+async def get_dataset(client: ClientBase, name: Any, default: Any) -> Any:
+    [blob] = await client.rpc({"op": "publish_get", "names": [name]})
+    if blob is None:
+        if default is NO_DEFAULT:
+            raise KeyError(f"dataset {name!r} is not published")
+        return default
+    return unpack(blob, cast("Client", client))  # every ClientBase made is a Client
+
+
+class DatasetMethods(ClientBase):
+    """``Client`` methods for published datasets (mixed into ``Client``)."""
+
+    @property
+    def datasets(self) -> Datasets:
+        """dask's ``client.datasets``: the published datasets as a mapping."""
+        return Datasets(self)
+
+    # -- published datasets ---------------------------------------------------------------
+
+    def publish_dataset(
+        self, *args: Any, name: Any = None, override: bool = False, **kwargs: Any
+    ) -> Any:
+        """Publish futures or (persisted) collections under names, for any client.
+
+        ``publish_dataset(x=df)``, ``publish_dataset(df, name="x")``, or collections
+        alone (named by their dask name). The scheduler keeps their data in cluster
+        memory until ``unpublish_dataset``, also after this client disconnects. An
+        existing name raises ``DatasetExistsError`` (a ``KeyError``) unless ``override``.
+        """
+        items = [
+            [n, *pack(value)]
+            for n, value in dataset_names(args, name, kwargs).items()
+        ]
+        return self.sync(publish, self, items, override)
+
+    def list_datasets(self) -> Any:
+        """The names of the published datasets."""
+        return self.sync(self.rpc, {"op": "publish_list"})
+
+    def get_dataset(self, name: Any, default: Any = NO_DEFAULT) -> Any:
+        """The dataset published as ``name``, its futures now held by this client.
+
+        An unknown name raises ``KeyError`` naming it, or returns ``default`` if given.
+        """
+        return self.sync(get_dataset, self, name, default)
+
+    def unpublish_dataset(self, name: Any) -> Any:
+        """Forget dataset ``name`` (its data is released unless a client holds it);
+        returns the names that were published (unknown names are ignored)."""
+        names = name if isinstance(name, list) else [name]
+        return self.sync(self.rpc, {"op": "publish_delete", "names": names})
+
+
 class Datasets(MutableMapping[Any, Any]):
     """``client.datasets``: the published datasets as a mapping (sync clients).
 
@@ -124,7 +196,7 @@ class Datasets(MutableMapping[Any, Any]):
 
     __slots__ = ("_client",)
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: DatasetMethods) -> None:
         self._client = client
 
     def _sync_only(self, what: str, instead: str) -> None:

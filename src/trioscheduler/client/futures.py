@@ -10,6 +10,11 @@ The client counts live ``Future`` objects per key. When the last one is released
 garbage-collected, the client tells the scheduler it no longer wants the key
 (``ClientReleasesKeys``, batched with everything else the client sends).
 
+A ``Future`` needs six things of its client, named in ``FutureHost`` (``Client`` is
+the one implementation): counting (``hold_key``/``unhold_key``), crossing into the
+client's loop (``sync``), blocking a thread until a key is done (``wait_until_done``),
+fetching values (``fetch``) and done-callbacks (``add_done_callback``).
+
 With a sync client the blocking methods (``result``, ``exception``...) cross into the
 loop thread; with an asynchronous client they return awaitables (``await f.result()``,
 or simply ``await f``), as in dask.
@@ -18,8 +23,8 @@ or simply ``await f``), as in dask.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import trio
 
@@ -36,6 +41,7 @@ __all__ = [
     "DoneAndNotDoneFutures",
     "Future",
     "FutureCancelledError",
+    "FutureHost",
     "KeyState",
     "futures_of",
     "wait",
@@ -145,6 +151,20 @@ class KeyState:
         return None
 
 
+class FutureHost(Protocol):
+    """What a ``Future`` uses of its client (and all it may use)."""
+
+    id: str
+    asynchronous: bool
+
+    def hold_key(self, key: Any) -> KeyState: ...
+    def unhold_key(self, key: Any) -> None: ...
+    def sync(self, async_fn: Callable[..., Any], *args: Any) -> Any: ...
+    def wait_until_done(self, st: KeyState, timeout: float | None, key: Any) -> bool: ...
+    def fetch(self, keys: list[Any], errors: str = "raise") -> Awaitable[dict[Any, Any]]: ...
+    def add_done_callback(self, future: Future, fn: Callable[[Future], Any]) -> None: ...
+
+
 class Future:
     """A remote value being computed under ``key``; see the module docstring.
 
@@ -157,7 +177,7 @@ class Future:
         self.key = key
         self.client = client
         self._released = True  # until counted by the client: __del__ must not uncount
-        self._state = _state if _state is not None else client._attach(key)
+        self._state = _state if _state is not None else client.hold_key(key)
         self._released = False
 
     # -- status ----------------------------------------------------------------------
@@ -183,7 +203,7 @@ class Future:
     def result(self, timeout: float | None = None) -> Any:
         """The value; raises the task's exception (original type, remote traceback)."""
         client, st = self.client, self._state
-        if not client.asynchronous and client._block_until_done(st, timeout, self.key):
+        if not client.asynchronous and client.wait_until_done(st, timeout, self.key):
             # A sync client woke us straight from the loop once the key was done: a
             # small value or an error needs no trip into the loop at all.
             status = st.status
@@ -195,7 +215,7 @@ class Future:
                 exc = st.exception()
                 assert exc is not None
                 raise exc
-        return client._sync(self._result, timeout)
+        return client.sync(self._result, timeout)
 
     async def _result(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         await _wait_state(self._state, timeout, self.key)
@@ -205,14 +225,14 @@ class Future:
         exc = st.exception()
         if exc is not None:
             raise exc
-        values = await self.client._fetch([self.key], errors="raise")
+        values = await self.client.fetch([self.key], errors="raise")
         if self.key not in values:  # it went back to pending (lost), wait again
             return await self._result(timeout)
         return values[self.key]
 
     def exception(self, timeout: float | None = None) -> Any:
         """The task's exception once done (``None`` if it finished)."""
-        return self.client._sync(self._exception, timeout)
+        return self.client.sync(self._exception, timeout)
 
     async def _exception(self, timeout: float | None = None) -> BaseException | None:  # noqa: ASYNC109
         await _wait_state(self._state, timeout, self.key)
@@ -222,7 +242,7 @@ class Future:
 
     def traceback(self, timeout: float | None = None) -> Any:
         """The remote traceback as text (frames cannot cross processes), or ``None``."""
-        return self.client._sync(self._traceback, timeout)
+        return self.client.sync(self._traceback, timeout)
 
     async def _traceback(self, timeout: float | None = None) -> str | None:  # noqa: ASYNC109
         await _wait_state(self._state, timeout, self.key)
@@ -242,7 +262,7 @@ class Future:
 
     def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
         """Call ``fn(future)`` once done, in a separate thread (it may block)."""
-        self.client._add_done_callback(self, fn)
+        self.client.add_done_callback(self, fn)
 
     def cancel(self, force: bool = False, reason: str = "") -> Any:
         return self.client.cancel([self], force=force, reason=reason)
@@ -254,7 +274,7 @@ class Future:
         """Drop this handle; the key is released on the cluster when no handle is left."""
         if not self._released:
             self._released = True
-            self.client._detach(self.key)
+            self.client.unhold_key(self.key)
 
     def __del__(self) -> None:
         try:
@@ -338,7 +358,7 @@ def wait(
     futures = futures_of(fs)
     if not futures:
         return DoneAndNotDoneFutures(set(), set())
-    return futures[0].client._sync(_wait, futures, timeout, return_when)
+    return futures[0].client.sync(_wait, futures, timeout, return_when)
 
 
 async def _wait(

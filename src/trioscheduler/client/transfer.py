@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import random
-import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +30,13 @@ from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.wire.remote_error import unpack_exception
 
 if TYPE_CHECKING:
+    from trioscheduler.client.base import ClientBase
     from trioscheduler.client.client import Client
 
-logger = logging.getLogger("trioscheduler.client.client")
+logger = logging.getLogger("trioscheduler.client")
 
 
-async def gather(client: Client, futures: Any, errors: str) -> Any:
+async def gather(client: ClientBase, futures: Any, errors: str) -> Any:
     """``futures`` (nested in lists/tuples/sets/dicts) with their values in place."""
     fs = futures_of(futures)
     states: dict[Any, KeyState] = {}
@@ -63,7 +63,7 @@ async def gather(client: Client, futures: Any, errors: str) -> Any:
     return repack_values(futures, values, bad)
 
 
-async def fetch(client: Client, keys: list[Any], errors: str = "raise") -> dict[Any, Any]:
+async def fetch(client: ClientBase, keys: list[Any], errors: str = "raise") -> dict[Any, Any]:
     """Values of finished ``keys`` from the workers holding them.
 
     A holder that vanished or lost the key is skipped; keys whose state went back to
@@ -71,7 +71,7 @@ async def fetch(client: Client, keys: list[Any], errors: str = "raise") -> dict[
     """
     out: dict[Any, Any] = {}
     missing = []
-    futures = client._futures
+    futures = client.futures
     for k in keys:  # small results came with their completion: nothing to fetch
         st = futures.get(k)
         if st is not None and st.held is not None and st.status == "finished":
@@ -80,7 +80,7 @@ async def fetch(client: Client, keys: list[Any], errors: str = "raise") -> dict[
             missing.append(k)
     attempt = 0
     while missing:
-        who_has = {k: v for k, v in await client._rpc({"op": "who_has", "keys": missing})}
+        who_has = {k: v for k, v in await client.rpc({"op": "who_has", "keys": missing})}
         by_worker: dict[str, list[Any]] = defaultdict(list)
         failed: list[Any] = []
         for k in missing:
@@ -94,7 +94,7 @@ async def fetch(client: Client, keys: list[Any], errors: str = "raise") -> dict[
                 nursery.start_soon(get_data, client, worker, ks, out, failed)
         missing = []
         for k in failed:
-            st = client._futures.get(k)
+            st = client.futures.get(k)
             if st is not None and st.status == "finished":
                 missing.append(k)
         if missing:
@@ -109,11 +109,10 @@ async def fetch(client: Client, keys: list[Any], errors: str = "raise") -> dict[
 
 
 async def get_data(
-    client: Client, worker: str, keys: list[Any], out: dict[Any, Any], failed: list[Any]
+    client: ClientBase, worker: str, keys: list[Any], out: dict[Any, Any], failed: list[Any]
 ) -> None:
-    assert client._pool is not None
     try:
-        async with client._pool.connect(worker) as stream:
+        async with client.worker_connection(worker) as stream:
             await stream.send({"op": "get_data", "keys": keys})
             reply = await stream.receive()
     except (
@@ -157,17 +156,16 @@ async def scatter(
         names = list(named)
     else:
         names = [scatter_key(x, hash) for x in data]
-        with client._lock:
-            # A hashed key released a moment ago may still be on its way out of a
-            # worker (its FreeKeys in flight): scattering it again under the same
-            # name could be deleted by that stale FreeKeys. Use a fresh name.
-            names = [fresh_scatter_name(client, n) for n in names]
+        # A hashed key released a moment ago may still be on its way out of a worker
+        # (its FreeKeys in flight): scattering it again under the same name could be
+        # deleted by that stale FreeKeys. ``scatter_name`` gives a fresh name then.
+        names = [client.futures.scatter_name(n) for n in names]
         named = dict(zip(names, data, strict=True))
     with trio.fail_after(client.timeout if timeout is None else timeout):
-        nthreads: dict[str, int] = await client._rpc({"op": "nthreads", "workers": workers})
+        nthreads: dict[str, int] = await client.rpc({"op": "nthreads", "workers": workers})
         while not nthreads:
-            await client._rpc({"op": "wait_for_workers", "n_workers": 1})
-            nthreads = await client._rpc({"op": "nthreads", "workers": workers})
+            await client.rpc({"op": "wait_for_workers", "n_workers": 1})
+            nthreads = await client.rpc({"op": "nthreads", "workers": workers})
     targets = sorted(nthreads)
     plan: dict[str, dict[Any, Any]] = defaultdict(dict)
     if broadcast:
@@ -182,8 +180,7 @@ async def scatter(
     nbytes: dict[Any, int] = {}
 
     async def send(worker: str, part: dict[Any, Any]) -> None:
-        assert client._pool is not None
-        async with client._pool.connect(worker) as stream:
+        async with client.worker_connection(worker) as stream:
             await stream.send({"op": "update_data", "data": part})
             reply = await stream.receive()
         if reply.get("status") != "OK":
@@ -195,21 +192,14 @@ async def scatter(
     async with trio.open_nursery() as nursery:
         for worker, part in plan.items():
             nursery.start_soon(send, worker, part)
-    await client._rpc(
+    await client.rpc(
         {
             "op": "update_data",
             "items": [[k, who_has[k], nbytes[k]] for k in who_has],
         }
     )
-    futures: dict[Any, Future] = {}
-    with client._lock:
-        client._scattered.update(named)
-        for k in named:
-            st = client._futures.get(k)
-            if st is None:
-                st = client._futures[k] = KeyState(k)
-            client._refcount[k] = client._refcount.get(k, 0) + 1
-            futures[k] = Future(k, client, st)
+    states = client.futures.hold_scattered(named)
+    futures = {k: Future(k, client, st) for k, st in states.items()}
     for k, v in named.items():
         if not futures[k]._state.done or futures[k]._state.status != "finished":
             futures[k]._state.finish(type(v).__name__)
@@ -221,34 +211,16 @@ async def scatter(
     return tuple(out) if kind is tuple else out
 
 
-def fresh_scatter_name(client: Client, name: str) -> str:
-    """``name``, or (under the lock) an alias if ``name`` was released a moment ago.
-
-    A key is alive while a ``Future`` counts it (``_refcount``); one that is not, but
-    is known or was recently released, may still have a ``FreeKeys`` on its way to a
-    worker, so its data goes under an alias (the live one, or a new one).
-    """
-    if name in client._refcount:
-        return name
-    if name not in client._futures and name not in client._released_scattered:
-        return name
-    alias = client._aliases.get(name)
-    if alias is None or alias not in client._refcount:
-        alias = client._aliases[name] = f"{name}-{uuid.uuid4().hex[:8]}"
-    return alias
-
-
 async def run_on_workers(
-    client: Client, payload: bytes, workers: list[str] | None, on_error: str = "raise"
+    client: ClientBase, payload: bytes, workers: list[str] | None, on_error: str = "raise"
 ) -> dict[str, Any]:
     """``{worker: result}`` of one ``run`` request per worker (see ``Client.run``)."""
-    targets = sorted(await client._rpc({"op": "nthreads", "workers": workers}))
+    targets = sorted(await client.rpc({"op": "nthreads", "workers": workers}))
     replies: dict[str, dict[str, Any]] = {}
 
     async def one(worker: str) -> None:
-        assert client._pool is not None
         try:
-            async with client._pool.connect(worker) as stream:
+            async with client.worker_connection(worker) as stream:
                 await stream.send({"op": "run", "function": payload})
                 replies[worker] = await stream.receive()
         except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:

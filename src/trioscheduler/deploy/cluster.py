@@ -29,7 +29,7 @@ from trioscheduler.server.nanny import Nanny
 from trioscheduler.server.scheduler import Scheduler
 from trioscheduler.server.worker import Worker
 
-logger = logging.getLogger("trioscheduler.deploy.cluster")
+logger = logging.getLogger("trioscheduler.cluster")
 
 _cluster_ids = itertools.count(1)
 

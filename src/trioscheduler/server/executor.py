@@ -42,7 +42,7 @@ from trioscheduler.server import task_context
 from trioscheduler.wire import runspec
 from trioscheduler.wire.remote_error import pack_exception
 
-logger = logging.getLogger("trioscheduler.server.worker")
+logger = logging.getLogger("trioscheduler.worker")
 
 IDLE_TIMEOUT = 30.0
 """Seconds an extra thread (beyond ``nthreads``) waits for a job before it leaves."""

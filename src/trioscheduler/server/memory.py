@@ -38,7 +38,7 @@ import psutil
 
 from trioscheduler.errors import TrioSchedulerWarning
 
-logger = logging.getLogger("trioscheduler.server.memory")
+logger = logging.getLogger("trioscheduler.memory")
 
 # dask's thresholds, as fractions of the memory limit.
 TARGET = 0.6  # managed bytes above this: spill by LRU

@@ -55,7 +55,7 @@ from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import memory
 from trioscheduler.wire.address import tcp_address
 
-logger = logging.getLogger("trioscheduler.server.nanny")
+logger = logging.getLogger("trioscheduler.nanny")
 
 # Python 3.12+ warns at every fork of a process with threads; _fork is where the hazards
 # that warning names are met (see the notes above _ForkUnsafe).

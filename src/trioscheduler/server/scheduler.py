@@ -56,7 +56,7 @@ from trioscheduler.wire.remote_error import pack_exception
 
 __all__ = ["FIRE_AND_FORGET", "Scheduler"]
 
-logger = logging.getLogger("trioscheduler.server.scheduler")
+logger = logging.getLogger("trioscheduler.scheduler")
 
 FIRE_AND_FORGET = m.FIRE_AND_FORGET
 """The client id that keeps ``fire_and_forget`` keys wanted until they are done."""

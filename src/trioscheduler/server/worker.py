@@ -66,7 +66,7 @@ from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.wire.address import tcp_address
 from trioscheduler.wire.remote_error import pack_exception
 
-logger = logging.getLogger("trioscheduler.server.worker")
+logger = logging.getLogger("trioscheduler.worker")
 
 _inproc_ids = itertools.count(1)
 

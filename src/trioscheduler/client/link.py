@@ -1,0 +1,308 @@
+"""The client's link to its scheduler: one ordered stream each way, plus requests.
+
+Out: everything the client sends goes through one FIFO, the outbox. ``emit`` (loop
+thread only) appends a message, merging adjacent ``UpdateGraph`` and
+``ClientReleasesKeys`` messages, and a flusher task writes the outbox to a batched
+stream. So a burst of ``submit`` calls becomes one graph, and a release can never
+overtake the submit it follows.
+
+In: the receive loop applies the scheduler's key messages (``KeyInMemory``,
+``KeyErred``, ``KeyCancelled``, ``KeyLost``, and a small result just ahead of its
+``KeyInMemory``) to the client's futures table.
+
+Requests (``who_has``, ``scatter``'s ``update_data``...) go over pooled connections and
+name how many stream messages came before them; the scheduler answers only after
+handling those, so a request never overtakes what the client sent earlier.
+
+Leaving (``goodbye``) sends ``RemoveClient``; the scheduler releases every key of this
+client and closes the stream, which the receive loop sees before the link's tasks end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+
+from trioscheduler import wire
+from trioscheduler.client.key_table import KeyTable
+from trioscheduler.core import messages as m
+from trioscheduler.errors import TrioSchedulerError
+
+__all__ = ["SchedulerLink"]
+
+logger = logging.getLogger("trioscheduler.client")
+
+
+class SchedulerLink:
+    """One client's stream to the scheduler, its receive loop and request pool."""
+
+    def __init__(
+        self,
+        client_id: str,
+        table: KeyTable,
+        *,
+        timeout: float,
+        batch_interval: float,
+        connection_limit: int,
+    ) -> None:
+        self.client_id = client_id
+        self.table = table
+        self.timeout = timeout
+        self.batch_interval = batch_interval
+        self.connection_limit = connection_limit
+        self.address: str | None = None  # the scheduler's address, as the user gave it
+        self.route: str | None = None  # what we connect to: the address or its inproc alias
+        self.closing = False
+        self.sent = 0  # messages written to the scheduler stream after AddClient
+        self._stimulus = 0
+        self._outbox: list[Any] = []
+        self._merge_order = 0  # the next free ``order`` of the last graph in the outbox
+        self._outbox_ready: trio.Event | None = None
+        self._stream: wire.Stream | None = None
+        self._batched: wire.BatchedSend | None = None
+        self._pool: wire.ConnectionPool | None = None
+        self._receive_done: trio.Event | None = None
+
+    def stimulus(self, kind: str) -> str:
+        self._stimulus += 1
+        return f"{kind}-{self._stimulus}"
+
+    # -- opening and closing --------------------------------------------------------------
+
+    async def open(self, stack: AsyncExitStack, address: str, route: str) -> None:
+        """Connect to ``route`` (``address`` or its in-process alias), say hello, and
+        enter the pool and the batched stream into ``stack``."""
+        self.address, self.route = address, route
+        try:
+            stream = await wire.connect(
+                route, timeout=self.timeout, role="client", info={"id": self.client_id}
+            )
+        except wire.ConnectError as exc:
+            raise wire.ConnectError(
+                f"Client could not connect to the scheduler at {address} within {self.timeout} s: {exc}"
+            ) from exc
+        self._stream = stream
+        stack.push_async_callback(stream.aclose)
+        ack: Any = None
+        with trio.move_on_after(self.timeout):
+            try:
+                await stream.send(
+                    m.AddClient(self.stimulus("add-client"), trio.current_time(), self.client_id)
+                )
+                ack = await stream.receive()
+            except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                ack = exc
+        if not (isinstance(ack, dict) and ack.get("op") == "stream-start"):
+            raise wire.ConnectError(
+                f"the scheduler at {address} did not acknowledge the client: {ack!r:.100}"
+            )
+        self._pool = await stack.enter_async_context(
+            wire.ConnectionPool(
+                self.connection_limit,
+                timeout=self.timeout,
+                role="client",
+                info={"id": self.client_id},
+            )
+        )
+        self._batched = await stack.enter_async_context(
+            _tolerant_batched(stream, self.batch_interval)
+        )
+        self._outbox_ready = trio.Event()
+        self._receive_done = trio.Event()
+
+    def start(self, nursery: trio.Nursery, on_lost: Callable[[], None]) -> None:
+        """The receive loop and the flusher, in ``nursery``; ``on_lost()`` runs if the
+        scheduler goes away without being asked to."""
+        nursery.start_soon(self._receive_loop, on_lost)
+        nursery.start_soon(self._flusher)
+
+    async def goodbye(self) -> None:
+        """Send what is queued and ``RemoveClient``; until the scheduler closes the stream
+        (or ``timeout``)."""
+        self.closing = True
+        with trio.move_on_after(self.timeout):
+            try:
+                self._flush_outbox()
+                assert self._batched is not None
+                self._batched.send_nowait(
+                    m.RemoveClient(
+                        self.stimulus("close-client"), trio.current_time(), self.client_id
+                    )
+                )
+                await self._batched.flush()
+                assert self._receive_done is not None
+                await self._receive_done.wait()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    # -- out ------------------------------------------------------------------------------
+
+    def emit(self, msg: Any) -> None:
+        """Loop thread: queue ``msg`` for the scheduler, merging with the previous one.
+
+        Merged graphs keep their submission order: each later part's ``order`` starts
+        after the earlier part's, as separate graphs would run in generation order.
+        """
+        if self.closing:
+            return
+        ob = self._outbox
+        t = type(msg)
+        if t is m.UpdateGraph:
+            if ob and type(ob[-1]) is t:
+                last = ob[-1]
+                base = self._merge_order
+                for spec in msg.tasks:
+                    spec.order += base
+                last.tasks.extend(msg.tasks)
+                last.keys.extend(msg.keys)
+            else:
+                ob.append(msg)
+                base = 0
+            if msg.tasks:
+                self._merge_order = base + 1 + max(spec.order - base for spec in msg.tasks)
+        elif t is m.ClientReleasesKeys and ob and type(ob[-1]) is t:
+            ob[-1].keys.extend(msg.keys)
+        else:
+            ob.append(msg)
+        if self._outbox_ready is not None:
+            self._outbox_ready.set()
+
+    def _flush_outbox(self) -> None:
+        msgs, self._outbox = self._outbox, []
+        assert self._batched is not None
+        for msg in msgs:
+            self._batched.send_nowait(msg)
+        self.sent += len(msgs)
+
+    async def _flusher(self) -> None:
+        last = -float("inf")
+        while True:
+            assert self._outbox_ready is not None
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            now = trio.current_time()
+            idle, last = now - last >= self.batch_interval, now
+            try:
+                self._flush_outbox()
+                if idle:  # after a quiet spell, write now: batching would only add latency
+                    assert self._batched is not None
+                    await self._batched.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    # -- requests -------------------------------------------------------------------------
+
+    def worker_connection(self, address: str) -> AbstractAsyncContextManager[wire.Stream]:
+        """A pooled connection to ``address`` (a worker's data server)."""
+        assert self._pool is not None
+        return self._pool.connect(address)
+
+    async def rpc(self, msg: dict[str, Any]) -> Any:
+        """One request to the scheduler, answered after everything this client sent on its
+        stream before it (``client``/``after``): a request never overtakes a message."""
+        assert self._pool is not None and self.route is not None
+        if not self.closing:
+            self._flush_outbox()
+        msg["client"] = self.client_id
+        msg["after"] = self.sent
+        try:
+            async with self._pool.connect(self.route) as stream:
+                await stream.send(msg)
+                reply = await stream.receive()
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.EndOfChannel,
+        ) as exc:
+            raise TrioSchedulerError(
+                f"request {msg.get('op')!r} to the scheduler at {self.address} failed: {exc!r}"
+            ) from exc
+        if reply.get("status") != "OK":
+            raise TrioSchedulerError(f"scheduler: {reply.get('text')}")
+        return reply["result"]
+
+    # -- in -------------------------------------------------------------------------------
+
+    async def _receive_loop(self, on_lost: Callable[[], None]) -> None:
+        assert self._stream is not None and self._receive_done is not None
+        handlers = self._handlers
+        try:
+            async for msg in self._stream:
+                handler = handlers.get(type(msg))
+                if handler is None:
+                    logger.warning(
+                        "client %s: unexpected message from the scheduler: %r",
+                        self.client_id,
+                        msg,
+                    )
+                    continue
+                handler(self, msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not self.closing:
+                logger.warning(
+                    "client %s lost its scheduler connection: %r", self.client_id, exc
+                )
+        finally:
+            self._receive_done.set()
+            if not self.closing:
+                logger.warning(
+                    "client %s: the scheduler at %s closed the connection",
+                    self.client_id,
+                    self.address,
+                )
+                on_lost()
+
+    def _on_key_in_memory(self, msg: m.KeyInMemory) -> None:
+        st = self.table.get(msg.key)
+        if st is not None:
+            st.finish(msg.type_name)
+
+    def _on_key_erred(self, msg: m.KeyErred) -> None:
+        st = self.table.get(msg.key)
+        if st is not None:
+            st.erred(msg.exception, msg.traceback, msg.exception_text)
+
+    def _on_key_cancelled(self, msg: m.KeyCancelled) -> None:
+        for st in self.table.drop([msg.key]):
+            st.cancel(msg.reason)
+
+    def _on_key_lost(self, msg: m.KeyLost) -> None:
+        st = self.table.get(msg.key)
+        if st is not None:
+            st.lost()
+
+    def _on_value(self, msg: dict[str, Any]) -> None:
+        """A small result, just ahead of its ``KeyInMemory``: kept, so no fetch is needed."""
+        if msg.get("op") != "value":
+            logger.warning(
+                "client %s: unexpected message from the scheduler: %r", self.client_id, msg
+            )
+            return
+        st = self.table.get(msg["key"])
+        if st is not None:
+            st.held = (msg["value"],)
+
+    _handlers: dict[type[Any], Callable[[SchedulerLink, Any], None]] = {
+        m.KeyInMemory: _on_key_in_memory,
+        m.KeyErred: _on_key_erred,
+        m.KeyCancelled: _on_key_cancelled,
+        m.KeyLost: _on_key_lost,
+        dict: _on_value,
+    }
+
+
+@asynccontextmanager
+async def _tolerant_batched(
+    stream: wire.Stream, interval: float
+) -> AsyncIterator[wire.BatchedSend]:
+    """``open_batched`` whose final flush ignores a stream the scheduler already closed."""
+    try:
+        async with wire.open_batched(stream, interval, direct=True) as batched:
+            yield batched
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
