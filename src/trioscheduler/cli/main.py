@@ -34,6 +34,9 @@ from trioscheduler.server.worker_process import add_arguments as add_worker_argu
 from trioscheduler.server.worker_process import (
     configure_logging,
     describe,
+    interface_host,
+    parse_seconds,
+    pid_file,
     run_until_signal,
 )
 from trioscheduler.server.worker_process import run as run_worker
@@ -48,15 +51,30 @@ logger = logging.getLogger("trioscheduler.cli")
 async def _scheduler_main(args: argparse.Namespace) -> None:
     from trioscheduler.server.scheduler import Scheduler
 
-    address = args.address or f"tcp://{args.host}:{args.port}"
-    async with Scheduler(address, worker_timeout=args.worker_timeout, record=args.record) as s:
+    host = interface_host(args.interface) if args.interface else args.host
+    address = args.address or f"{args.protocol}://{host}:{args.port}"
+    with pid_file(args.pid_file):
+        await _serve_scheduler(
+            Scheduler(
+                address,
+                worker_timeout=args.worker_timeout,
+                record=args.record,
+                idle_timeout=args.idle_timeout,
+                preload=args.preload,
+            ),
+            args,
+        )
+
+
+async def _serve_scheduler(scheduler: Any, args: argparse.Namespace) -> None:
+    async with scheduler as s:
         contact = contact_address(s.address)
         logger.info("scheduler at %s", contact)
         print(f"trioscheduler scheduler at {contact}", flush=True)
         if args.scheduler_file:
             _write_json(args.scheduler_file, {"type": "Scheduler", "address": contact})
         try:
-            await trio.sleep_forever()
+            await s.finished()  # forever, unless --idle-timeout
         finally:
             if args.scheduler_file:
                 try:
@@ -236,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler-file", help="write the scheduler's address to this JSON file")
     p.add_argument("--worker-timeout", type=float, default=30.0, help="seconds without heartbeat")
     p.add_argument("--record", help="log every event of the scheduler core to this file")
+    p.add_argument("--interface", help="network interface to listen on (e.g. eth0), instead of --host")
+    p.add_argument("--protocol", choices=("tcp",), default="tcp", help="protocol to listen on")
+    p.add_argument(
+        "--idle-timeout",
+        type=parse_seconds,
+        help="close after this long with no work (e.g. '1 hour')",
+    )
+    p.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        help="module or .py file run in the scheduler: dask_setup(scheduler) / dask_teardown",
+    )
+    p.add_argument("--pid-file", help="write the process id to this file (removed at exit)")
 
     add_worker_arguments(
         sub.add_parser("worker", help="run a worker (under a nanny by default)")

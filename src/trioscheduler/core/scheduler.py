@@ -164,6 +164,12 @@ class SchedulerState:
         self._queue_heap: list[tuple[Any, int, Key]] = []
         self._queue_seq = 0
 
+    def busy(self) -> bool:
+        """Work is waiting, queued, unrunnable or running: the scheduler is not idle
+        (``Scheduler(idle_timeout=)`` closes an idle one, as dask's)."""
+        c = self.state_counts
+        return bool(c["processing"] or c["waiting"] or c["queued"] or c["no-worker"])
+
     # ---------------------------------------------------------------- entry point
 
     def handle(self, *events: Any) -> list[Any]:

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, NoReturn
 
@@ -53,6 +53,7 @@ import trio
 from trioscheduler import wire
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import memory
+from trioscheduler.server.preload import preloads
 from trioscheduler.wire.address import tcp_address
 
 logger = logging.getLogger("trioscheduler.nanny")
@@ -137,6 +138,14 @@ class Nanny:
         log_level: str = "info",
         env: dict[str, str] | None = None,
         start_method: str | None = None,
+        port: int = 0,
+        worker_port: int = 0,
+        preload: Sequence[str] = (),
+        preload_nanny: Sequence[str] = (),
+        lifetime: float | None = None,
+        lifetime_stagger: float = 0.0,
+        lifetime_restart: bool = False,
+        death_timeout: float | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
@@ -152,6 +161,15 @@ class Nanny:
         self.log_level = log_level
         self.env = env
         self.start_method = _check_start_method(start_method or default_start_method())
+        self.port = port  # where the nanny listens (0: any free port)
+        # passed on to each worker process (see ``server/worker_process.py``)
+        self.worker_port = worker_port
+        self.preload = list(preload)
+        self.preload_nanny = list(preload_nanny)
+        self.lifetime = lifetime
+        self.lifetime_stagger = lifetime_stagger
+        self.lifetime_restart = lifetime_restart
+        self.death_timeout = death_timeout
 
         self.worker_address: str | None = None
         self.address: str | None = None  # where the nanny takes requests
@@ -225,22 +243,23 @@ class Nanny:
                 try:
                     async with wire.listen(listen_at, self._serve, role="nanny") as listener:
                         self.address = listener.address
-                        first = trio.Event()
-                        failure: list[BaseException] = []
-                        nursery.start_soon(self._supervise, first, failure)
-                        await first.wait()
-                        if failure:
-                            error = failure[0]  # raised from __aenter__, below
-                        else:
-                            self.status = "running"
-                            try:
-                                yield self
-                            except BaseException as exc:
-                                error = exc
-                            finally:
-                                self._closing = True
-                                with trio.CancelScope(shield=True):
-                                    await self._terminate(graceful=True)
+                        async with preloads(self.preload_nanny, self):
+                            first = trio.Event()
+                            failure: list[BaseException] = []
+                            nursery.start_soon(self._supervise, first, failure)
+                            await first.wait()
+                            if failure:
+                                error = failure[0]  # raised from __aenter__, below
+                            else:
+                                self.status = "running"
+                                try:
+                                    yield self
+                                except BaseException as exc:
+                                    error = exc
+                                finally:
+                                    self._closing = True
+                                    with trio.CancelScope(shield=True):
+                                        await self._terminate(graceful=True)
                 except BaseException as exc:  # start-up failed: raised unwrapped, below
                     error = exc
                 nursery.cancel_scope.cancel()
@@ -258,7 +277,7 @@ class Nanny:
 
         if wire.parse_address(self.scheduler_address)[0] == "inproc":
             return "inproc://nanny-" + str(os.getpid()) + "-" + str(id(self))
-        return tcp_address(self.host or default_host(self.scheduler_address), 0)
+        return tcp_address(self.host or default_host(self.scheduler_address), self.port)
 
     async def _serve(self, stream: wire.Stream) -> None:
         """Answer requests of the scheduler or a client (restart, kill, status)."""
@@ -329,6 +348,17 @@ class Nanny:
             argv += ["--local-directory", self._scratch]
         if self.host:
             argv += ["--host", self.host]
+        if self.worker_port:
+            argv += ["--worker-port", str(self.worker_port)]
+        for spec in self.preload:
+            argv += ["--preload", spec]
+        if self.lifetime is not None:
+            argv += ["--lifetime", repr(self.lifetime)]
+            argv += ["--lifetime-stagger", repr(self.lifetime_stagger)]
+            if self.lifetime_restart:
+                argv += ["--lifetime-restart"]
+        if self.death_timeout is not None:
+            argv += ["--death-timeout", repr(self.death_timeout)]
         return argv
 
     def fork_unsafe(self) -> str | None:
@@ -467,6 +497,8 @@ class Nanny:
                     while (text := await lines.next()) is not None:
                         if text.startswith("closing"):
                             closing_line = text[len("closing") :].strip()
+                        elif text.startswith("restart"):  # its lifetime ended: start anew
+                            self._kill_reason = "reached its lifetime (lifetime_restart)"
 
                 nursery.start_soon(read_rest)
                 await proc.wait()

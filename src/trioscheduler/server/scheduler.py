@@ -35,7 +35,7 @@ import inspect
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -50,6 +50,7 @@ from trioscheduler.core import recorder
 from trioscheduler.core.errors import RESTART_REASON
 from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
+from trioscheduler.server.preload import preloads
 from trioscheduler.server.uploads import UploadStore, install_payload
 from trioscheduler.wire import local_alias
 from trioscheduler.wire.remote_error import pack_exception
@@ -204,8 +205,16 @@ class Scheduler:
         batch_interval: float = 0.002,
         allowed_failures: int = 3,
         steal: bool = True,
+        idle_timeout: float | None = None,
+        preload: Sequence[str] = (),
     ) -> None:
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
         self._requested_address = address
+        self.idle_timeout = idle_timeout
+        self.preload = list(preload)
+        self._idle_since: float | None = None
+        self._finished = trio.Event()  # set when the scheduler wants to stop (idle)
         self._core_kwargs: dict[str, Any] = {
             "worker_timeout": worker_timeout,
             "allowed_failures": allowed_failures,
@@ -286,6 +295,7 @@ class Scheduler:
                 m.AddClient(self._stimulus("scheduler-start"), trio.current_time(), FIRE_AND_FORGET)
             )
             self._nursery.start_soon(self._ticker)
+            await stack.enter_async_context(preloads(self.preload, self))
             logger.info("scheduler listening at %s", self.address)
             self._stack = stack.pop_all()
 
@@ -409,6 +419,20 @@ class Scheduler:
             self._feed(m.Tick(self._stimulus("tick"), trio.current_time()))
             if len(self.state.workers) != before:  # the core timed a worker out
                 self._notify_workers_changed()
+            if self.idle_timeout is not None:
+                self._check_idle(trio.current_time(), self.idle_timeout)
+
+    def _check_idle(self, now: float, timeout: float) -> None:
+        if self.state.busy() or self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= timeout and not self._finished.is_set():
+            logger.info("scheduler idle for %.0f s (idle_timeout): closing", now - self._idle_since)
+            self._finished.set()
+
+    async def finished(self) -> None:
+        """Until the scheduler wants to stop on its own (``idle_timeout`` reached): whoever
+        holds it open (the ``trioscheduler scheduler`` command) then leaves its block."""
+        await self._finished.wait()
 
     # -- connections ---------------------------------------------------------------
 

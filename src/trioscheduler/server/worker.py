@@ -26,10 +26,11 @@ import inspect
 import itertools
 import logging
 import os
+import random
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -51,6 +52,7 @@ from trioscheduler.core.messages import (
     MemoryMeasured,
     RemoveWorker,
     RescheduleEvent,
+    RetireWorker,
     SecedeEvent,
     Spill,
     SpillFailed,
@@ -63,6 +65,7 @@ from trioscheduler.core.messages import (
 from trioscheduler.core.worker import WorkerState
 from trioscheduler.server import memory, task_context
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
+from trioscheduler.server.preload import preloads
 from trioscheduler.wire.address import tcp_address
 from trioscheduler.wire.remote_error import pack_exception
 
@@ -93,6 +96,8 @@ def _now() -> float:
 def _stimulus(kind: str) -> str:
     return f"{kind}-{time.time()}"
 
+
+_RETIRE_GRACE = 10.0  # seconds a retiring worker waits for the scheduler to close it
 
 class Worker:
     """A worker: ``async with Worker(scheduler_address, nthreads=2) as w: await w.finished()``.
@@ -125,6 +130,11 @@ class Worker:
         batch_interval: float = 0.002,
         connect_timeout: float = 10.0,
         validate: bool = False,
+        contact_address: str | None = None,
+        preload: Sequence[str] = (),
+        lifetime: float | None = None,
+        lifetime_stagger: float = 0.0,
+        lifetime_restart: bool = False,
     ) -> None:
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
@@ -143,6 +153,18 @@ class Worker:
         self.batch_interval = batch_interval
         self.connect_timeout = connect_timeout
         self.validate = validate
+        self.contact_address = contact_address  # what others dial, if not where we listen
+        self.preload = list(preload)
+        if lifetime is not None and lifetime <= 0:
+            raise ValueError(f"lifetime must be a positive number of seconds, got {lifetime!r}")
+        # dask's lifetime: close after ``lifetime`` +- ``lifetime_stagger`` seconds (so a
+        # fleet started together does not leave together); a nanny restarts the worker
+        # if ``lifetime_restart``.
+        self.lifetime = lifetime
+        if lifetime is not None and lifetime_stagger:
+            self.lifetime = max(0.0, lifetime + random.uniform(-lifetime_stagger, lifetime_stagger))
+        self.lifetime_restart = lifetime_restart
+        self.restart_after_close = False  # a nanny should start a new worker after us
 
         self.address: str = ""
         self.status = "created"  # created -> running -> closing -> closed
@@ -217,23 +239,24 @@ class Worker:
                         ) as listener,
                         wire.ConnectionPool() as pool,
                     ):
-                        self.address = listener.address
+                        self.address = self.contact_address or listener.address
                         self._pool = pool
-                        await self._connect()
-                        self.status = "running"
-                        logger.info(
-                            "worker %s (%d thread(s)) joined %s",
-                            self.address,
-                            self.nthreads,
-                            self.scheduler_address,
-                        )
-                        try:
-                            yield self
-                        except BaseException as exc:
-                            error = exc
-                        finally:
-                            with trio.CancelScope(shield=True):
-                                await self._shutdown("worker closed", report=True)
+                        async with preloads(self.preload, self):
+                            await self._connect()
+                            self.status = "running"
+                            logger.info(
+                                "worker %s (%d thread(s)) joined %s",
+                                self.address,
+                                self.nthreads,
+                                self.scheduler_address,
+                            )
+                            try:
+                                yield self
+                            except BaseException as exc:
+                                error = exc
+                            finally:
+                                with trio.CancelScope(shield=True):
+                                    await self._shutdown("worker closed", report=True)
                 except BaseException as exc:  # start-up failed: raised unwrapped, below
                     error = exc
                 nursery.cancel_scope.cancel()
@@ -301,6 +324,8 @@ class Worker:
         self._work.start_soon(self._read_scheduler, stream)
         self._work.start_soon(self._heartbeat_loop)
         self._work.start_soon(self._memory_loop)
+        if self.lifetime is not None:
+            self._work.start_soon(self._end_of_life, self.lifetime)
 
     async def _run_batched(
         self, stream: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -389,6 +414,20 @@ class Worker:
             return
         assert self._nursery is not None
         self._nursery.start_soon(self._shutdown_in_background, reason)
+
+    async def _end_of_life(self, lifetime: float) -> None:
+        """dask's ``lifetime``: after ``lifetime`` seconds, retire (the scheduler copies
+        this worker's unique data elsewhere, then closes it); if no other worker can take
+        the data within ``_RETIRE_GRACE`` seconds, close anyway, as dask does."""
+        await trio.sleep(lifetime)
+        logger.info("worker %s reached its lifetime (%.1f s): retiring", self.address, lifetime)
+        self.restart_after_close = self.lifetime_restart
+        self._send(RetireWorker(stimulus_id=_stimulus("lifetime"), now=_now(), worker=self.address))
+        with trio.move_on_after(_RETIRE_GRACE):
+            await self._closing_ev.wait()
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._shutdown_in_background, "reached its lifetime")
 
     async def _shutdown_in_background(self, reason: str) -> None:
         with trio.CancelScope(shield=True):

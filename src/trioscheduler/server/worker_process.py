@@ -21,15 +21,18 @@ was killed with SIGKILL and could not clean up).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import trio
+
+from trioscheduler.wire.address import tcp_address
 
 __all__ = [
     "START_METHOD_ENV",
@@ -85,6 +88,106 @@ async def run_until_signal(main: Callable[[], Awaitable[Any]]) -> bool:
     return stopped_by_signal
 
 
+def parse_nworkers(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--nworkers takes a positive number or 'auto', not {text!r}"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--nworkers must be at least 1, not {n}")
+    return n
+
+
+def auto_nworkers(cores: int) -> tuple[int, int]:
+    """``(processes, threads each)`` for ``--nworkers auto``: every core used, about
+    sqrt(cores) processes (all of them up to 4 cores), the smallest divisor of ``cores``
+    not below its square root, so each process gets the same number of threads."""
+    cores = max(1, cores)
+    if cores <= 4:
+        return cores, 1
+    processes = min(d for d in range(1, cores + 1) if cores % d == 0 and d * d >= cores)
+    return processes, cores // processes
+
+
+def parse_ports(text: str) -> list[int]:
+    """``"9000"`` or ``"9000:9010"`` (inclusive) as a list of ports."""
+    first, sep, last = text.partition(":")
+    try:
+        lo = int(first)
+        hi = int(last) if sep else lo
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not N or FIRST:LAST") from None
+    if not (0 <= lo <= hi <= 65535):
+        raise argparse.ArgumentTypeError(f"port range {text!r} is not within 0..65535")
+    return list(range(lo, hi + 1))
+
+
+def parse_seconds(text: str) -> float:
+    """A duration: seconds (``90``) or dask's words (``"1 hour"``, ``"5m"``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        from dask.utils import parse_timedelta
+
+        try:
+            value = float(parse_timedelta(text, default="seconds"))
+        except (KeyError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a duration ({exc})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a duration cannot be negative, got {text!r}")
+    return value
+
+
+def interface_host(name: str) -> str:
+    """The IPv4 address of network interface ``name`` (``--interface``)."""
+    import socket
+
+    import psutil
+
+    addrs = psutil.net_if_addrs()
+    if name not in addrs:
+        raise SystemExit(
+            f"trioscheduler: no network interface {name!r}; this host has {', '.join(sorted(addrs))}"
+        )
+    for a in addrs[name]:
+        if a.family == socket.AF_INET:
+            return str(a.address)
+    raise SystemExit(f"trioscheduler: network interface {name!r} has no IPv4 address")
+
+
+def ports_for(ports: list[int] | None, n: int, option: str) -> list[int]:
+    """One port per process: 0 (any) without ``option``; ``FIRST:LAST`` must cover ``n``."""
+    if not ports:
+        return [0] * n
+    if len(ports) == 1 and n == 1:
+        return ports
+    if len(ports) < n:
+        raise SystemExit(
+            f"trioscheduler worker: {option} gives {len(ports)} port(s) for {n} workers; "
+            f"give a range FIRST:LAST with at least {n} ports"
+        )
+    return ports[:n]
+
+
+@contextlib.contextmanager
+def pid_file(path: str | None) -> Iterator[None]:
+    """``--pid-file``: this process's id in ``path`` while it runs."""
+    if path is None:
+        yield
+        return
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -107,7 +210,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nthreads", type=int, default=0, help="threads per worker (default: cores / nworkers)"
     )
-    p.add_argument("--nworkers", type=int, default=1, help="worker processes to start")
+    p.add_argument(
+        "--nworkers",
+        type=parse_nworkers,
+        default=1,
+        help="worker processes to start, or 'auto' (by the cores, as dask: about sqrt(cores) "
+        "processes of several threads)",
+    )
     p.add_argument(
         "--memory-limit", default="auto", help="bytes per worker: auto, 4GiB, 0.5, 0 for none"
     )
@@ -133,6 +242,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host", help="interface to serve data on (default: the one that reaches the scheduler)"
     )
+    p.add_argument("--interface", help="network interface to serve on (e.g. eth0), instead of --host")
+    p.add_argument(
+        "--protocol", choices=("tcp",), help="protocol to serve on (tcp; the scheduler's otherwise)"
+    )
+    p.add_argument(
+        "--worker-port",
+        type=parse_ports,
+        help="port(s) workers serve data on: N, or FIRST:LAST for one port per worker",
+    )
+    p.add_argument(
+        "--nanny-port", type=parse_ports, help="port(s) nannies listen on: N or FIRST:LAST"
+    )
+    p.add_argument("--listen-address", help="address the worker listens on (one worker)")
+    p.add_argument(
+        "--contact-address",
+        help="address the worker tells the scheduler and peers to use (behind NAT; one worker)",
+    )
+    p.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        help="module or .py file run in each worker: dask_setup(worker) / dask_teardown(worker)",
+    )
+    p.add_argument(
+        "--preload-nanny",
+        action="append",
+        default=[],
+        help="module or .py file run in each nanny: dask_setup(nanny) / dask_teardown(nanny)",
+    )
+    p.add_argument(
+        "--death-timeout",
+        type=parse_seconds,
+        help="seconds to wait for the scheduler before giving up (default: 10 s to connect)",
+    )
+    p.add_argument(
+        "--lifetime", type=parse_seconds, help="retire the worker after this long (e.g. '1 hour')"
+    )
+    p.add_argument(
+        "--lifetime-stagger",
+        type=parse_seconds,
+        default=0.0,
+        help="spread lifetimes by up to this much either way, so workers do not all leave at once",
+    )
+    p.add_argument(
+        "--lifetime-restart",
+        action="store_true",
+        help="start a new worker when one reaches its lifetime (needs the nanny)",
+    )
+    p.add_argument("--pid-file", help="write the process id to this file (removed at exit)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nanny-address", help=argparse.SUPPRESS)
@@ -178,16 +336,40 @@ def _scheduler_address(args: argparse.Namespace) -> str:
 
 
 async def run(args: argparse.Namespace) -> None:
+    with pid_file(args.pid_file):
+        await _run(args)
+
+
+async def _run(args: argparse.Namespace) -> None:
     address = _scheduler_address(args)
-    nworkers = max(1, args.nworkers)
-    nthreads = args.nthreads or max(1, (os.cpu_count() or 1) // nworkers)
+    if args.nworkers == "auto":
+        nworkers, auto_threads = auto_nworkers(os.cpu_count() or 1)
+    else:
+        nworkers, auto_threads = max(1, args.nworkers), 0
+    nthreads = args.nthreads or auto_threads or max(1, (os.cpu_count() or 1) // nworkers)
+    if nworkers > 1 and (args.listen_address or args.contact_address):
+        raise SystemExit(
+            "trioscheduler worker: --listen-address and --contact-address name one worker; "
+            "leave them out with --nworkers > 1"
+        )
+    if args.lifetime_restart and not (args.nanny or args.nanny_address):
+        raise SystemExit("trioscheduler worker: --lifetime-restart needs the nanny (drop --no-nanny)")
+    host = interface_host(args.interface) if args.interface else args.host
+    worker_ports = ports_for(args.worker_port, nworkers, "--worker-port")
+    nanny_ports = ports_for(args.nanny_port, nworkers, "--nanny-port")
     common: dict[str, Any] = dict(
         nthreads=nthreads,
         memory_limit=args.memory_limit,
         resources=args.resources,
         local_directory=args.local_directory,
         nworkers=nworkers,
+        preload=args.preload,
+        lifetime=args.lifetime,
+        lifetime_stagger=args.lifetime_stagger,
+        lifetime_restart=args.lifetime_restart,
     )
+    if args.death_timeout is not None:
+        common["death_timeout"] = args.death_timeout
     names = [
         None if args.name is None else (args.name if nworkers == 1 else f"{args.name}-{i}")
         for i in range(nworkers)
@@ -197,17 +379,42 @@ async def run(args: argparse.Namespace) -> None:
 
         method = args.start_method or os.environ.get(START_METHOD_ENV) or "spawn"
 
-        def make(name: str | None) -> Any:
-            return Nanny(address, name=name, host=args.host, start_method=method, **common)
+        def make(i: int, name: str | None) -> Any:
+            return Nanny(
+                address,
+                name=name,
+                host=host,
+                start_method=method,
+                port=nanny_ports[i],
+                worker_port=worker_ports[i],
+                preload_nanny=args.preload_nanny,
+                **common,
+            )
     else:
         from trioscheduler.server.worker import Worker, default_host
 
-        listen = None if args.host is None else f"tcp://{args.host}:0"
-        if listen is None and not address.startswith("inproc://"):
-            listen = f"tcp://{default_host(address)}:0"
+        if args.preload_nanny:
+            raise SystemExit("trioscheduler worker: --preload-nanny needs the nanny")
+        death_timeout = common.pop("death_timeout", None)
+        if death_timeout is not None:
+            common["connect_timeout"] = death_timeout
 
-        def make(name: str | None) -> Any:
-            return Worker(address, address=listen, name=name, nanny=args.nanny_address, **common)
+        def listen_at(i: int) -> str | None:
+            if args.listen_address:
+                return str(args.listen_address)
+            if address.startswith("inproc://"):
+                return None
+            return tcp_address(host or default_host(address), worker_ports[i])
+
+        def make(i: int, name: str | None) -> Any:
+            return Worker(
+                address,
+                address=listen_at(i),
+                contact_address=args.contact_address,
+                name=name,
+                nanny=args.nanny_address,
+                **common,
+            )
 
     components: list[Any] = [None] * nworkers
     ready = ReadyPipe(args.ready_fd)
@@ -216,7 +423,7 @@ async def run(args: argparse.Namespace) -> None:
             nursery.start_soon(_exit_on_stdin_eof, nursery.cancel_scope)
         async with trio.open_nursery() as starters:  # all start (and later stop) at once
             for i, name in enumerate(names):
-                starters.start_soon(_start_into, nursery, make(name), components, i)
+                starters.start_soon(_start_into, nursery, make(i, name), components, i)
         addresses = [getattr(c, "worker_address", c.address) for c in components]
         if args.ready_fd is None:
             pid = f" (nanny pid {os.getpid()})" if args.nanny else ""
@@ -229,7 +436,9 @@ async def run(args: argparse.Namespace) -> None:
                     waiters.start_soon(c.finished)
             # Every worker closed on its own (scheduler asked or vanished): an orderly end.
             reasons = "; ".join(str(getattr(c, "close_reason", "")) for c in components)
-            ready.write(f"closing {reasons}\n")
+            # A worker past its ``lifetime`` with ``lifetime_restart`` asks its nanny for a new one.
+            restart = any(getattr(c, "restart_after_close", False) for c in components)
+            ready.write(f"{'restart' if restart else 'closing'} {reasons}\n")
         finally:
             ready.close()
         nursery.cancel_scope.cancel()
