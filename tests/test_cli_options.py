@@ -178,7 +178,7 @@ async def test_listen_address_and_contact_address(tmp_path: Path) -> None:
             address = (await wait_for_file(sched_file))["address"]
             async with (
                 spawn(
-                    tmp_path, "worker", "worker", address, "--no-nanny",
+                    tmp_path, "worker", "worker", address,  # under a nanny
                     "--listen-address", f"tcp://0.0.0.0:{port}",
                     "--contact-address", f"tcp://127.0.0.2:{port}",
                 ),

@@ -146,6 +146,8 @@ class Nanny:
         lifetime_stagger: float = 0.0,
         lifetime_restart: bool = False,
         death_timeout: float | None = None,
+        worker_listen_address: str | None = None,
+        worker_contact_address: str | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
@@ -170,6 +172,8 @@ class Nanny:
         self.lifetime_stagger = lifetime_stagger
         self.lifetime_restart = lifetime_restart
         self.death_timeout = death_timeout
+        self.worker_listen_address = worker_listen_address
+        self.worker_contact_address = worker_contact_address
 
         self.worker_address: str | None = None
         self.address: str | None = None  # where the nanny takes requests
@@ -359,6 +363,10 @@ class Nanny:
                 argv += ["--lifetime-restart"]
         if self.death_timeout is not None:
             argv += ["--death-timeout", repr(self.death_timeout)]
+        if self.worker_listen_address:
+            argv += ["--listen-address", self.worker_listen_address]
+        if self.worker_contact_address:
+            argv += ["--contact-address", self.worker_contact_address]
         return argv
 
     def fork_unsafe(self) -> str | None:

@@ -388,6 +388,8 @@ async def _run(args: argparse.Namespace) -> None:
                 port=nanny_ports[i],
                 worker_port=worker_ports[i],
                 preload_nanny=args.preload_nanny,
+                worker_listen_address=args.listen_address,
+                worker_contact_address=args.contact_address,
                 **common,
             )
     else:
