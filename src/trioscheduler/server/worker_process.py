@@ -305,10 +305,13 @@ def parser() -> argparse.ArgumentParser:
     (building one in a fresh process costs a few ms)."""
     global _parser
     if _parser is None:
-        _parser = argparse.ArgumentParser(prog="trioscheduler")
-        _parser.add_argument("--log-level", default="info")
-        sub = _parser.add_subparsers(dest="command", required=True)
+        # Built whole, then published: two nannies' fork threads call this at once, and
+        # one that saw a half-built parser forked a child without the 'worker' command.
+        built = argparse.ArgumentParser(prog="trioscheduler")
+        built.add_argument("--log-level", default="info")
+        sub = built.add_subparsers(dest="command", required=True)
         add_arguments(sub.add_parser("worker"))
+        _parser = built
     return _parser
 
 
