@@ -2,8 +2,9 @@
 
 A facade: ``Client`` gathers methods by concern -- its own futures API here (submit,
 map, dask collections, gather, scatter, cancel, retry), cluster administration
-(``admin.AdminMethods``: run, upload_file, restart, cluster information) and published
-datasets (``datasets.DatasetMethods``) -- over ``base.ClientBase``, the session, loop
+(``admin.AdminMethods``: run, upload_file, restart, cluster information), published
+datasets (``datasets.DatasetMethods``) and IPython kernels in the servers
+(``ipython.IPythonMethods``) -- over ``base.ClientBase``, the session, loop
 and futures table they all use. A new concern gets a module of its own, not more
 lines here.
 
@@ -30,6 +31,7 @@ from trioscheduler.client.collections import (
 )
 from trioscheduler.client.datasets import DatasetMethods
 from trioscheduler.client.futures import Future, FutureHost, futures_of
+from trioscheduler.client.ipython import IPythonMethods
 from trioscheduler.client.keys import (
     check_key,
     check_options,
@@ -44,7 +46,7 @@ from trioscheduler.wire import runspec
 __all__ = ["Client", "ClientClosedError", "Executor", "default_client", "fire_and_forget"]
 
 
-class Client(AdminMethods, DatasetMethods, ClientBase):
+class Client(AdminMethods, DatasetMethods, IPythonMethods, ClientBase):
     """Connect to a scheduler (or start a ``LocalCluster``) and submit work to it.
 
     ``address``: ``"tcp://host:port"``, ``"inproc://name"``, a ``LocalCluster`` (or

@@ -774,6 +774,15 @@ class Scheduler:
             "worker %s: %s (reported by its nanny)", request.get("worker"), request.get("reason")
         )
 
+    async def _op_start_ipython(self, request: dict[str, Any]) -> dict[str, Any]:
+        """An IPython kernel in this process with ``scheduler`` in its namespace."""
+        from trioscheduler.kernels.service import start_ipython_reply
+
+        assert self._nursery is not None
+        return await start_ipython_reply(
+            self, role="scheduler", address=self.address, directory=None, nursery=self._nursery
+        )
+
     # -- restart ---------------------------------------------------------------------
 
     async def _op_restart(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -848,6 +857,7 @@ class Scheduler:
         "run_function": _op_run_function,
         "restart": _op_restart,
         "worker_lost_reason": _op_worker_lost_reason,
+        "start_ipython": _op_start_ipython,
     }
 
 

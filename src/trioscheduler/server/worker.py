@@ -822,9 +822,22 @@ class Worker:
             return self._update_data(request["data"])
         if op == "run":
             return await self._run_function(request["function"])
+        if op == "start_ipython":  # a kernel in this process with ``worker`` in it
+            from trioscheduler.kernels.service import start_ipython_reply
+
+            assert self._nursery is not None
+            result = await start_ipython_reply(
+                self,
+                role="worker",
+                address=self.address,
+                directory=self.local_directory,
+                nursery=self._nursery,
+            )
+            return {"status": "OK", "result": result}
         return {
             "status": "error",
-            "text": f"unknown op {op!r}; this worker knows get_data, update_data, run",
+            "text": f"unknown op {op!r}; this worker knows get_data, update_data, run, "
+            "start_ipython",
         }
 
     async def _get_data(self, keys: list[Any]) -> dict[str, Any]:
