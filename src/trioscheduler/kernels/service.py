@@ -47,6 +47,7 @@ class _ProcessKernel:
         self.handle: KernelHandle | None = None
         self.schedulers: dict[str, Any] = {}
         self.workers: dict[str, Any] = {}  # the dict the kernel's ``workers`` name holds
+        self.published_worker: Any = None  # what ``worker`` was set to, if anything
 
     def names(self) -> dict[str, Any]:
         ns: dict[str, Any] = {"trio": trio, "workers": self.workers}
@@ -61,9 +62,11 @@ class _ProcessKernel:
         handle = self.handle
         if handle is not None and handle.alive:
             ns = handle.user_ns
-            ns.update(self.names())
-            if len(self.workers) != 1 and ns.get("worker") not in self.workers.values():
-                ns.pop("worker", None)
+            names = self.names()
+            ns.update(names)
+            if "worker" not in names and ns.get("worker") is self.published_worker:
+                ns.pop("worker", None)  # no longer the one worker of this process
+            self.published_worker = names.get("worker")
 
     def ensure(
         self, host: str, directory: str | None, token: trio.lowlevel.TrioToken
@@ -82,8 +85,10 @@ class _ProcessKernel:
                 self.handle = handle = None
             if handle is None:
                 kernel_dir = tempfile.mkdtemp(prefix="trioscheduler-ipykernel-", dir=directory)
-                handle = start_kernel(self.names(), host=host, directory=kernel_dir, token=token)
+                names = self.names()
+                handle = start_kernel(names, host=host, directory=kernel_dir, token=token)
                 self.handle = handle
+                self.published_worker = names.get("worker")
                 logger.info(
                     "IPython kernel listening on %s (messages are signed, not encrypted: "
                     "whoever may call this server can already run code here)",
