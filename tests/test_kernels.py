@@ -28,6 +28,7 @@ pytest.importorskip("ipykernel")
 from jupyter_client.blocking.client import BlockingKernelClient  # noqa: E402
 
 from trioscheduler.client import Client  # noqa: E402
+from trioscheduler.kernels.magics import RemoteKernelError, run_cell_remote  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60.0  # generous: a hang fails the test, a slow machine does not
@@ -319,6 +320,9 @@ def test_shutdown_request_stops_only_the_kernel(
         assert psutil.Process(child_pid).status() != psutil.STATUS_ZOMBIE
         assert c.submit(inc, 2, workers=[cluster.solo], pure=False).result(TIMEOUT) == 3
         assert cluster.procs["solo"].poll() is None
+        # the old connection info now fails with a clear error, not a hang
+        with pytest.raises(RemoteKernelError, match="did not answer"):
+            run_cell_remote(info, "1", timeout=1)
         # a fresh kernel on request, with a new key and a fresh namespace
         new = c.start_ipython_workers(workers=[cluster.solo])[cluster.solo]
         assert new["key"] != info["key"]
@@ -356,6 +360,12 @@ def test_only_cell_output_reaches_the_kernel_client(
     assert "task-marker\n" in cluster.out("solo")  # print() went to the worker's stdout
     assert "from the cell" not in cluster.out("solo")
     assert "log-marker" in cluster.err("solo")  # the process's log handlers are untouched
+    # A12: get_ipython() is the kernel's shell in the worker now, but our own code
+    # (a worker_client's Client, say) does not take it for the user's IPython
+    assert solo.value(
+        "get_ipython() is not None and "
+        "__import__('trioscheduler.kernels.magics').kernels.magics.user_shell() is None"
+    )
     # A6/A15: the process keeps its excepthook and its __main__
     assert solo.value("__import__('sys').excepthook is __import__('sys').__excepthook__")
     assert (
@@ -454,3 +464,26 @@ def test_without_the_extra_the_error_names_it(
         cluster.client.start_ipython_workers()
     with pytest.raises(ImportError, match=r"trioscheduler\[ipython\]"):
         cluster.client.start_ipython_scheduler()
+
+
+def test_in_process_cluster_shares_one_kernel() -> None:
+    """Scheduler and workers in one process (``processes=False``) share its one kernel;
+    ``run_cell_remote`` (what ``%remote`` calls) binds ``worker`` to the target."""
+    script = """
+from trioscheduler import Client
+from trioscheduler.kernels.magics import run_cell_remote
+with Client(n_workers=2, processes=False) as c:
+    infos = c.start_ipython_workers()
+    sinfo = c.start_ipython_scheduler()
+    print("PORTS", len({i["shell_port"] for i in [sinfo, *infos.values()]}))
+    for addr, info in sorted(infos.items()):
+        run_cell_remote(info, f"print('BOUND', worker.address == {addr!r})")
+    run_cell_remote(sinfo, "print('WORKERS', len(state.workers), sorted(workers) == sorted(state.workers))")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT * 2
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "PORTS 1" in proc.stdout
+    assert proc.stdout.count("BOUND True") == 2
+    assert "WORKERS 2 True" in proc.stdout
