@@ -231,6 +231,9 @@ def test_kernels_see_live_state(cluster: Cluster, kernel: Callable[..., Kernel])
 
     solo = kernel(infos[cluster.solo])
     assert solo.value("worker.address") == cluster.solo
+    # A7: no debugger offered (a breakpoint would freeze the worker)
+    features = solo.kc.kernel_info(reply=True)["content"].get("supported_features", [])
+    assert "debugger" not in features
     assert solo.value(f"worker.store[{on_solo.key!r}]") == 1234
     pair = kernel(infos[cluster.pair[0]])
     assert sorted(pair.value("sorted(workers)")) == sorted(cluster.pair)
@@ -290,6 +293,8 @@ def test_interrupt_ends_the_cell_not_the_server(
         ("await trio.sleep(1000)", "Cancelled"),  # its task on the worker's loop is cancelled
     ]:
         msg_id = solo.start(cell)
+        if cell == "while True: pass":  # meanwhile the worker serves tasks as before
+            assert c.submit(inc, 5, workers=[cluster.solo], pure=False).result(TIMEOUT) == 6
         solo.interrupt()
         reply = solo.reply_to(msg_id)
         assert reply["status"] == "error" and reply["ename"] == error, (cell, reply)

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -42,6 +43,7 @@ _ipykernel_log = logging.getLogger("trioscheduler.kernels.ipykernel")
 _ipykernel_log.addFilter(_Quiet())
 
 _kernel_class: type | None = None
+INTERRUPT_WAIT = 5.0  # seconds an interrupt waits for its cell to reach user code
 
 
 def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
@@ -61,20 +63,33 @@ def thread_kernel_class() -> type:
     class ThreadKernel(IPythonKernel):
         kernel_thread_id: int | None = None
         cancel_trio_cell: Callable[[], None] | None = None  # set while an await cell runs
-        _cell_lock = threading.Lock()
-        _cell_running = False
+        # Interrupts are raised only inside user code (``guard_run_code``): raised in
+        # ipykernel's own code, one would lose the cell's reply and hang the client.
+        cell_lock = threading.Lock()
+        in_user_code = 0  # run_code depth, changed under cell_lock
+        _cell_requested = False  # an execute_request is being handled
 
-        async def do_execute(self, *args: Any, **kwargs: Any) -> Any:
-            with self._cell_lock:
-                self._cell_running = True
+        async def execute_request(self, *args: Any) -> None:
+            self._cell_requested = True
             try:
                 base: Any = super()
-                return await base.do_execute(*args, **kwargs)
+                await base.execute_request(*args)
             finally:
-                with self._cell_lock:
-                    self._cell_running = False
-                    if self.kernel_thread_id is not None:  # a late interrupt: drop it
-                        _set_async_exc(self.kernel_thread_id, None)
+                self._cell_requested = False
+
+        async def interrupt_request(self, *args: Any) -> None:
+            # An interrupt that arrives while the cell is still on its way to user code
+            # (publishing its input, compiling, entering the trio task) would be lost:
+            # wait until it gets there, or ends.
+            deadline = time.monotonic() + INTERRUPT_WAIT
+            while (  # noqa: ASYNC110 - the flags change in other threads
+                self._cell_requested
+                and not (self.in_user_code or self.cancel_trio_cell is not None)
+                and time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.005)
+            base: Any = super()
+            await base.interrupt_request(*args)
 
         def _send_interrupt_children(self) -> None:
             # A2: the stock kernel SIGINTs its process (or group): the server would die.
@@ -82,8 +97,8 @@ def thread_kernel_class() -> type:
             if cancel is not None:
                 cancel()
                 return
-            with self._cell_lock:
-                if self._cell_running and self.kernel_thread_id is not None:
+            with self.cell_lock:
+                if self.in_user_code and self.kernel_thread_id is not None:
                     _set_async_exc(self.kernel_thread_id, KeyboardInterrupt)
 
         def _process_children(self) -> list[Any]:
@@ -279,6 +294,7 @@ def start_kernel(
             shell.user_ns.update(namespace)
             shell.loop_runner = trio_cell_runner(token, app.kernel)
             shell.autoawait = True
+            guard_run_code(shell, app.kernel)
             _pin_autoawait(shell)
             in_kernel_cell.set(True)  # this thread (and its asyncio tasks) run cells
             from tornado.ioloop import IOLoop
@@ -311,6 +327,34 @@ def start_kernel(
         raise box["error"]
     handle.app = box["app"]
     return handle
+
+
+def guard_run_code(shell: Any, kernel: Any) -> None:
+    """Mark where user code runs, so an interrupt lands there and nowhere else (A2).
+
+    An interrupt raised just outside IPython's own handler (entering or leaving
+    ``run_code``) is reported like one inside it; a pending one is dropped once the code
+    is left.
+    """
+    original = shell.run_code
+
+    async def run_code(code_obj: Any, result: Any = None, *, async_: bool = False) -> Any:
+        with kernel.cell_lock:
+            kernel.in_user_code += 1
+        try:
+            return await original(code_obj, result, async_=async_)
+        except KeyboardInterrupt as exc:
+            if result is not None:
+                result.error_in_exec = exc
+            shell.showtraceback()
+            return True
+        finally:
+            with kernel.cell_lock:
+                kernel.in_user_code -= 1
+                if threading.get_ident() == kernel.kernel_thread_id:
+                    _set_async_exc(threading.get_ident(), None)
+
+    shell.run_code = run_code
 
 
 def _pin_autoawait(shell: Any) -> None:
