@@ -275,6 +275,12 @@ def test_await_cells_run_on_the_servers_trio_loop(
     # so a server coroutine can be awaited (here: what a peer's data request gets)
     solo.run(f"reply = await worker._get_data([{x.key!r}])")
     assert solo.value(f"reply['data'][{x.key!r}]") == 7
+    # what an await cell prints reaches the cell, though it runs in the trio thread
+    content, outputs = solo.run("await trio.sleep(0); print('awaited print')")
+    assert content["status"] == "ok"
+    assert [m["content"]["text"] for m in outputs if m["header"]["msg_type"] == "stream"] == [
+        "awaited print\n"
+    ]
     # %autoawait cannot move cells off the server's loop
     solo.run("%autoawait asyncio")
     assert solo.value(f"[await trio.sleep(0), {main}][1]") is True
@@ -492,3 +498,15 @@ with Client(n_workers=2, processes=False) as c:
     assert "PORTS 1" in proc.stdout
     assert proc.stdout.count("BOUND True") == 2
     assert "WORKERS 2 True" in proc.stdout
+
+
+async def test_asynchronous_client_starts_kernels(cluster: Cluster) -> None:
+    async with Client(cluster.address, asynchronous=True, timeout=TIMEOUT) as ac:
+        infos = await ac.start_ipython_workers(workers=[cluster.solo])
+        sinfo = await ac.start_ipython_scheduler()
+        assert list(infos) == [cluster.solo] and infos[cluster.solo]["role"] == "worker"
+        assert sinfo["server_address"] == cluster.address and sinfo["role"] == "scheduler"
+        # asked again: the same kernel (one per process)
+        assert (await ac.start_ipython_scheduler())["key"] == sinfo["key"]
+        with pytest.raises(ValueError, match="no running worker"):
+            await ac.start_ipython_workers(workers=["nobody"])

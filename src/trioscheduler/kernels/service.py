@@ -75,9 +75,9 @@ class _ProcessKernel:
 
         with self.lock:
             handle = self.handle
-            if handle is not None and not handle.alive:  # shut down by a client
+            if handle is not None and not handle.alive:  # shut down by a client, or stuck
                 handle.stopped.wait(5)
-                if handle.thread.is_alive():
+                if not handle.stopped.is_set():
                     raise RuntimeError(
                         "the previous IPython kernel of this process is still stopping "
                         "(a cell is stuck in C code); try again when it returns"
@@ -101,8 +101,11 @@ class _ProcessKernel:
         with self.lock:
             if self.schedulers or self.workers or self.handle is None:
                 return
-            handle, self.handle = self.handle, None
-            if not handle.stop():
+            handle = self.handle
+            if handle.stop():
+                handle.stopped.wait(5)  # its thread tore the kernel down
+                self.handle = None
+            else:  # kept: the next start waits for it (or says it is stuck)
                 logger.warning(
                     "the IPython kernel's thread is stuck in a cell (in C code); abandoned"
                 )

@@ -151,10 +151,11 @@ class KernelHandle:
         self.directory = directory
         self.stopped = threading.Event()  # the kernel thread tore everything down
         self.loop: Any = None  # the kernel thread's tornado IOLoop
+        self.closing = False  # stop() was called
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopped.is_set()
+        return self.thread.is_alive() and not (self.closing or self.stopped.is_set())
 
     @property
     def user_ns(self) -> dict[str, Any]:
@@ -172,6 +173,7 @@ class KernelHandle:
         """Stop the kernel's loop (A9: interrupting a running cell first). False if the
         thread is stuck in C code: it is abandoned (a daemon) and no new kernel can start
         in this process until it returns."""
+        self.closing = True
         if not self.thread.is_alive():
             return True
         loop = self.loop
@@ -227,9 +229,6 @@ def _cancel_leftovers(app: Any) -> None:
 
 
 def _teardown(app: Any, saved: tuple[Any, Any], directory: str) -> None:
-    from ipykernel.kernelapp import IPKernelApp
-    from ipykernel.zmqshell import ZMQInteractiveShell
-
     with contextlib.suppress(Exception):
         app.kernel.shell.history_manager.end_session()
     try:
@@ -238,11 +237,19 @@ def _teardown(app: Any, saved: tuple[Any, Any], directory: str) -> None:
         sys.stdout, sys.stderr = saved  # reset_io() set them to sys.__stdout__
         with contextlib.suppress(Exception):
             app.cleanup_connection_file()
-        # A1: singletons; clear_instance only walks the MRO of the class it is called on
-        classes: tuple[Any, ...] = (thread_kernel_class(), IPKernelApp, ZMQInteractiveShell)
-        for cls in classes:
-            cls.clear_instance()
+        _forget_singletons()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _forget_singletons() -> None:
+    """A1: a later kernel in this process needs fresh singletons; ``clear_instance`` only
+    walks the MRO of the class it is called on, so call it on the most derived ones."""
+    from ipykernel.kernelapp import IPKernelApp
+    from ipykernel.zmqshell import ZMQInteractiveShell
+
+    classes: tuple[Any, ...] = (thread_kernel_class(), IPKernelApp, ZMQInteractiveShell)
+    for cls in classes:
+        cls.clear_instance()
 
 
 def start_kernel(
@@ -272,13 +279,13 @@ def start_kernel(
     def body() -> None:
         asyncio.set_event_loop(asyncio.new_event_loop())  # tornado's loop for this thread
         saved = sys.stdout, sys.stderr
+        main_module = sys.modules.get("__main__")
+        hook = sys.excepthook
         try:
             from ipykernel.kernelapp import IPKernelApp
 
             app: Any = IPKernelApp.instance()
             _isolate_app(app, host, directory)
-            main_module = sys.modules.get("__main__")
-            hook = sys.excepthook
             app.initialize([])
             # A5: only a cell's output goes to the client
             sys.stdout = RoutedStream(sys.stdout, saved[0])
@@ -301,8 +308,14 @@ def start_kernel(
 
             handle.loop = IOLoop.current()
             box["app"] = app
-        except BaseException as exc:
+        except BaseException as exc:  # leave the process as it was
             sys.stdout, sys.stderr = saved
+            sys.excepthook = hook
+            if main_module is not None:
+                sys.modules["__main__"] = main_module
+            with contextlib.suppress(Exception):
+                _forget_singletons()
+            shutil.rmtree(directory, ignore_errors=True)
             box["error"] = exc
             ready.set()
             return
