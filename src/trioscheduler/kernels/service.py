@@ -50,12 +50,13 @@ class _ProcessKernel:
         self.published_worker: Any = None  # what ``worker`` was set to, if anything
 
     def names(self) -> dict[str, Any]:
+        # copies: the trio thread changes the tables while a starting thread reads them
         ns: dict[str, Any] = {"trio": trio, "workers": self.workers}
-        if self.schedulers:
-            scheduler = next(iter(self.schedulers.values()))
-            ns["scheduler"], ns["state"] = scheduler, scheduler.state
-        if len(self.workers) == 1:
-            ns["worker"] = next(iter(self.workers.values()))
+        schedulers, workers = list(self.schedulers.values()), list(self.workers.values())
+        if schedulers:
+            ns["scheduler"], ns["state"] = schedulers[0], schedulers[0].state
+        if len(workers) == 1:
+            ns["worker"] = workers[0]
         return ns
 
     def publish_names(self) -> None:
