@@ -510,3 +510,11 @@ async def test_asynchronous_client_starts_kernels(cluster: Cluster) -> None:
         assert (await ac.start_ipython_scheduler())["key"] == sinfo["key"]
         with pytest.raises(ValueError, match="no running worker"):
             await ac.start_ipython_workers(workers=["nobody"])
+
+
+@pytest.mark.skipif(
+    __import__("shutil").which("jupyter-qtconsole") is not None, reason="qtconsole installed"
+)
+def test_qtconsole_without_qtconsole_says_how_to_connect(cluster: Cluster) -> None:
+    with pytest.raises(RuntimeError, match="jupyter console --existing"):
+        cluster.client.start_ipython_scheduler(magic_name=None, qtconsole=True)
