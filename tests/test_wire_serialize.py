@@ -141,6 +141,7 @@ def test_payload_that_fails_to_unpickle() -> None:
         ("127.0.0.1:8786", ("tcp", "127.0.0.1", 8786)),
         ("tcp://[::1]:0", ("tcp", "::1", 0)),
         ("tcp://localhost:1", ("tcp", "localhost", 1)),
+        ("tls://[::1]:8786", ("tls", "::1", 8786)),
         ("inproc://sched", ("inproc", "sched", None)),
         ("inproc://", ("inproc", "", None)),
     ],
@@ -152,7 +153,7 @@ def test_parse_address(address: str, parsed: tuple[str, str, int | None]) -> Non
 @pytest.mark.parametrize(
     ("address", "complaint"),
     [
-        ("tls://a:1", "unsupported scheme"),
+        ("ws://a:1", "unsupported scheme"),
         ("tcp://host", "no port"),
         ("tcp://:80", "no host"),
         ("tcp://h:http", "bad port"),

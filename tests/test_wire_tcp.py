@@ -128,7 +128,7 @@ async def test_silent_peer_is_dropped_after_the_handshake_timeout(
             while await sock.receive_some():  # our hello, then the hang-up
                 pass
         await sock.aclose()
-    assert "no handshake" in wire_logs(caplog)
+    assert "not identified within 0.2 s" in wire_logs(caplog)
 
 
 async def test_frame_limit_applies_to_clients_too() -> None:
@@ -169,3 +169,52 @@ async def test_received_arrays_never_share_memory_while_held() -> None:
     for mine, theirs in zip(held, sent[:3], strict=True):
         np.testing.assert_array_equal(mine, theirs)
     assert not any(np.shares_memory(a, b) for i, a in enumerate(held) for b in held[i + 1 :])
+
+
+async def _silent_after_hello(address: str) -> trio.SocketStream:
+    """A connection that completes the hello and then says nothing."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    sock = await trio.open_tcp_stream(host, int(port))
+    await sock.send_all(HELLO)
+    return sock
+
+
+async def _until_closed(sock: trio.SocketStream) -> None:
+    with trio.fail_after(30):  # a hang guard, not a timing assertion
+        try:
+            while await sock.receive_some():  # the listener's hello, then the hang-up
+                pass
+        except trio.BrokenResourceError:
+            pass
+    await sock.aclose()
+
+
+async def test_silence_after_the_hello_is_bounded_in_time(caplog: pytest.LogCaptureFixture) -> None:
+    async with listen("tcp://127.0.0.1:0", echo, handshake_timeout=0.3, peer_speaks_first=True) as lst:
+        silent = [await _silent_after_hello(lst.address) for _ in range(20)]
+        async with await connect(lst.address) as client:  # served meanwhile
+            await client.send("hi")
+            assert await client.receive() == "hi"
+        for sock in silent:
+            await _until_closed(sock)  # each one is closed by the listener
+        assert lst.unidentified == 0
+    # twenty refusals, one warning line (the rest at debug level)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("not identified within 0.3 s" in w for w in warnings) == 1
+    assert wire_logs(caplog).count("not identified within 0.3 s") == 20
+
+
+async def test_unidentified_connections_are_bounded_in_number() -> None:
+    async with listen("tcp://127.0.0.1:0", echo, max_unidentified=50, peer_speaks_first=True) as lst:
+        silent = []
+        for _ in range(200):  # 200 silent peers: at most 50 held at once, oldest evicted
+            silent.append(await _silent_after_hello(lst.address))
+            assert lst.unidentified <= 50
+        async with await connect(lst.address) as client:  # a real peer still gets in
+            await client.send("hi")
+            assert await client.receive() == "hi"
+        for sock in silent[:100]:
+            await _until_closed(sock)  # the oldest were closed long before the time-out
+        assert lst.unidentified <= 50
+        for sock in silent[100:]:
+            await sock.aclose()

@@ -1,11 +1,12 @@
 """The wire: streams between scheduler, workers and clients.
 
-``connect``/``listen`` give ``Stream``s over ``tcp://`` or ``inproc://`` with the
+``connect``/``listen`` give ``Stream``s over ``tcp://``, ``tls://`` or ``inproc://`` with the
 shape of a trio memory channel pair; ``open_batched`` coalesces small messages;
 ``ConnectionPool`` reuses short-lived connections. Serialization lives in
 ``trioscheduler.wire.serialize``; ``remote_error`` packs exceptions with their
 tracebacks, ``runspec`` the function-and-arguments of a task, both shared by client
-and worker; ``local_alias`` finds a listener served by the current trio run.
+and worker; ``local_alias`` finds a listener served by the current trio run;
+``security`` (``Security``, TLS contexts) and ``tls`` decide who may connect.
 
 May import: ``core`` (message types) and ``errors``; nothing above.
 """
@@ -17,6 +18,7 @@ from trioscheduler.wire.batched import BatchedSend, DirectSend, open_batched
 from trioscheduler.wire.endpoints import Listener, connect, listen
 from trioscheduler.wire.handshake import PROTOCOL_VERSION
 from trioscheduler.wire.pool import ConnectionPool
+from trioscheduler.wire.security import Security, SecurityError
 from trioscheduler.wire.serialize import DeserializationError, SerializationError
 from trioscheduler.wire.stream import (
     ConnectError,
@@ -36,6 +38,8 @@ __all__ = [
     "Listener",
     "ProtocolError",
     "ProtocolVersionError",
+    "Security",
+    "SecurityError",
     "SerializationError",
     "Stream",
     "connect",

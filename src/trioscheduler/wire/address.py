@@ -1,4 +1,4 @@
-"""Addresses: ``tcp://host:port`` and ``inproc://name``, parsed in one place."""
+"""Addresses: ``tcp://host:port``, ``tls://host:port`` and ``inproc://name``, parsed in one place."""
 
 from __future__ import annotations
 
@@ -6,18 +6,19 @@ from typing import Final
 
 from trioscheduler.errors import TrioSchedulerError
 
-SCHEMES: Final = ("tcp", "inproc")
+SCHEMES: Final = ("tcp", "tls", "inproc")
 
 
 class AddressError(TrioSchedulerError, ValueError):
-    """An address that is not ``tcp://host:port`` or ``inproc://name``."""
+    """An address that is not ``tcp://host:port``, ``tls://host:port`` or ``inproc://name``."""
 
 
 def parse_address(address: str) -> tuple[str, str, int | None]:
     """``(scheme, host_or_name, port_or_None)``.
 
     A bare ``host:port`` means TCP, as in dask. IPv6 hosts are written in brackets
-    (``tcp://[::1]:8786``) and returned without them.
+    (``tcp://[::1]:8786``) and returned without them. ``tls`` is TCP with TLS on top:
+    the same host and port rules.
     """
     if not isinstance(address, str):
         raise AddressError(f"an address must be a string, not {type(address).__name__}")
@@ -34,25 +35,25 @@ def parse_address(address: str) -> tuple[str, str, int | None]:
     if rest.startswith("["):
         host, bracket, port_text = rest[1:].partition("]")
         if not bracket or not port_text.startswith(":"):
-            raise AddressError(f"bad IPv6 address {address!r}; expected tcp://[host]:port")
+            raise AddressError(f"bad IPv6 address {address!r}; expected {scheme}://[host]:port")
         port_text = port_text[1:]
     else:
         host, colon, port_text = rest.rpartition(":")
         if not colon:
-            raise AddressError(f"address {address!r} has no port; expected tcp://host:port")
+            raise AddressError(f"address {address!r} has no port; expected {scheme}://host:port")
     if not host:
-        raise AddressError(f"address {address!r} has no host; expected tcp://host:port")
+        raise AddressError(f"address {address!r} has no host; expected {scheme}://host:port")
     try:
         port = int(port_text)
     except ValueError:
         raise AddressError(f"bad port {port_text!r} in address {address!r}") from None
     if not 0 <= port <= 65535:
         raise AddressError(f"port {port} out of range in address {address!r}")
-    return "tcp", host, port
+    return scheme, host, port
 
 
-def tcp_address(host: str, port: int) -> str:
-    """The ``tcp://`` spelling of a socket address (brackets around IPv6 hosts)."""
+def tcp_address(host: str, port: int, scheme: str = "tcp") -> str:
+    """The ``tcp://`` (or ``tls://``) spelling of a socket address (brackets around IPv6)."""
     if ":" in host:
-        return f"tcp://[{host}]:{port}"
-    return f"tcp://{host}:{port}"
+        return f"{scheme}://[{host}]:{port}"
+    return f"{scheme}://{host}:{port}"

@@ -9,6 +9,7 @@ room, and otherwise callers wait for a connection to come back.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +23,10 @@ from trioscheduler.wire.stream import Stream
 class ConnectionPool:
     """Connections per address, reused; ``limit`` bounds how many are open in total."""
 
-    __slots__ = ("limit", "timeout", "role", "info", "_idle", "_in_use", "_open", "_lot", "_closed")
+    __slots__ = (
+        "limit", "timeout", "role", "info", "ssl_context", "require_encryption",
+        "_idle", "_in_use", "_open", "_lot", "_closed",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -30,6 +34,8 @@ class ConnectionPool:
         timeout: float = 10.0,
         role: str = "peer",
         info: dict[str, Any] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        require_encryption: bool = False,
     ) -> None:
         if limit < 1:
             raise ValueError(f"a connection pool needs a limit of at least 1, not {limit}")
@@ -37,6 +43,8 @@ class ConnectionPool:
         self.timeout = timeout
         self.role = role
         self.info = info
+        self.ssl_context = ssl_context  # for tls:// addresses (see ``wire.connect``)
+        self.require_encryption = require_encryption
         self._idle: dict[str, list[Stream]] = {}
         self._in_use: dict[Stream, str] = {}
         self._open = 0  # idle + in use + being opened
@@ -82,7 +90,12 @@ class ConnectionPool:
                 self._open += 1
                 try:
                     stream = await connect(
-                        address, timeout=self.timeout, role=self.role, info=self.info
+                        address,
+                        timeout=self.timeout,
+                        role=self.role,
+                        info=self.info,
+                        ssl_context=self.ssl_context,
+                        require_encryption=self.require_encryption,
                     )
                 except BaseException:
                     self._open -= 1

@@ -243,6 +243,13 @@ class TCPStream(Stream):
             at_boundary = boundary and self._end == self._start
             self._end += await self._recv_into(self._view[self._end :], at_boundary)
 
+    async def _wait_message(self) -> None:
+        """Until the first bytes of the next message are here (``EndOfChannel`` on EOF)."""
+        if self._ready or self._end > self._start:
+            return
+        self._start = self._end = 0
+        await self._fill(1, boundary=True)
+
     async def _recv_into(self, view: memoryview, boundary: bool) -> int:
         """One ``recv_into``; EOF is ``EndOfChannel`` at a message boundary, else an error."""
         while True:
