@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from trioscheduler.server.scheduler import Scheduler
     from trioscheduler.server.task_context import Reschedule
     from trioscheduler.server.worker import Worker
+    from trioscheduler.wire.security import Security
 
 __all__ = [
     "Client",
@@ -47,6 +48,7 @@ __all__ = [
     "Nanny",
     "Reschedule",
     "Scheduler",
+    "Security",
     "TrioSchedulerError",
     "TrioSchedulerWarning",
     "Worker",
@@ -83,6 +85,7 @@ _LAZY = {
     "Nanny": "trioscheduler.server.nanny",
     "progress": "trioscheduler.client.progress",
     "Scheduler": "trioscheduler.server.scheduler",
+    "Security": "trioscheduler.wire.security",
     "Worker": "trioscheduler.server.worker",
     "get_client": "trioscheduler.client.worker_client",
     "get_task_key": "trioscheduler.client.worker_client",

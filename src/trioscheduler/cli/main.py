@@ -38,6 +38,8 @@ from trioscheduler.server.worker_process import (
     parse_seconds,
     pid_file,
     run_until_signal,
+    security_from_args,
+    tls_arguments,
 )
 from trioscheduler.server.worker_process import run as run_worker
 
@@ -51,8 +53,10 @@ logger = logging.getLogger("trioscheduler.cli")
 async def _scheduler_main(args: argparse.Namespace) -> None:
     from trioscheduler.server.scheduler import Scheduler
 
+    security = security_from_args(args, "scheduler")
+    protocol = "tls" if security is not None else args.protocol
     host = interface_host(args.interface) if args.interface else args.host
-    address = args.address or f"{args.protocol}://{host}:{args.port}"
+    address = args.address or f"{protocol}://{host}:{args.port}"
     with pid_file(args.pid_file):
         await _serve_scheduler(
             Scheduler(
@@ -61,6 +65,7 @@ async def _scheduler_main(args: argparse.Namespace) -> None:
                 record=args.record,
                 idle_timeout=args.idle_timeout,
                 preload=args.preload,
+                security=security,
             ),
             args,
         )
@@ -89,14 +94,14 @@ def contact_address(address: str) -> str:
     from trioscheduler.wire.address import tcp_address
 
     scheme, host, port = parse_address(address)
-    if scheme != "tcp" or host not in ("0.0.0.0", "::") or port is None:
+    if scheme not in ("tcp", "tls") or host not in ("0.0.0.0", "::") or port is None:
         return address
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect(("8.8.8.8", 80))  # UDP: picks the outward interface, sends nothing
-            return tcp_address(str(probe.getsockname()[0]), port)
+            return tcp_address(str(probe.getsockname()[0]), port, scheme)
     except OSError:
-        return tcp_address(socket.gethostname(), port)
+        return tcp_address(socket.gethostname(), port, scheme)
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -255,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-timeout", type=float, default=30.0, help="seconds without heartbeat")
     p.add_argument("--record", help="log every event of the scheduler core to this file")
     p.add_argument("--interface", help="network interface to listen on (e.g. eth0), instead of --host")
-    p.add_argument("--protocol", choices=("tcp",), default="tcp", help="protocol to listen on")
+    p.add_argument("--protocol", choices=("tcp", "tls"), default="tcp", help="protocol to listen on")
     p.add_argument(
         "--idle-timeout",
         type=parse_seconds,
@@ -268,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="module or .py file run in the scheduler: dask_setup(scheduler) / dask_teardown",
     )
     p.add_argument("--pid-file", help="write the process id to this file (removed at exit)")
+    tls_arguments(p)
 
     add_worker_arguments(
         sub.add_parser("worker", help="run a worker (under a nanny by default)")

@@ -55,6 +55,8 @@ from trioscheduler.core import messages as m
 from trioscheduler.deploy.loop import Entered, LoopRunner, loop_runner
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.wire.local_alias import local_route
+from trioscheduler.wire.security import connect_args
+from trioscheduler.wire.security import resolve as resolve_security
 
 if TYPE_CHECKING:
     from trioscheduler.client.client import Client
@@ -117,12 +119,9 @@ class ClientBase:
         _loop: Any = None,
         **cluster_kwargs: Any,
     ) -> None:
-        # dask's keywords: data always goes straight to the workers; TLS comes later.
-        if security is not None:
-            raise ValueError(
-                "Client(security=...): trioscheduler has no TLS; connect over tcp:// "
-                "on a trusted network, or leave security unset"
-            )
+        if security is None and address is not None and not isinstance(address, str):
+            security = getattr(address, "security", None)  # a LocalCluster's own
+        self.security = resolve_security(security)
         self.id = f"Client-{uuid.uuid4()}"
         self.name = name or self.id
         self.timeout = timeout
@@ -137,6 +136,7 @@ class ClientBase:
             timeout=timeout,
             batch_interval=batch_interval,
             connection_limit=connection_limit,
+            connect_args=connect_args(self.security, "client"),
         )
         self._token: trio.lowlevel.TrioToken | None = None
         self._loop_ident: int | None = None  # the thread running the session's trio loop
@@ -163,6 +163,8 @@ class ClientBase:
             raise TypeError(
                 f"unexpected keyword arguments {sorted(cluster_kwargs)} with an address"
             )
+        if address is None and self.security is not None:
+            cluster_kwargs["security"] = self.security  # the cluster this client starts
         self.scheduler_address: str | None = address
 
         if not asynchronous:

@@ -48,8 +48,10 @@ class SchedulerLink:
         timeout: float,
         batch_interval: float,
         connection_limit: int,
+        connect_args: dict[str, Any] | None = None,
     ) -> None:
         self.client_id = client_id
+        self.connect_args = dict(connect_args or {})  # TLS context (Client(security=))
         self.table = table
         self.timeout = timeout
         self.batch_interval = batch_interval
@@ -79,7 +81,11 @@ class SchedulerLink:
         self.address, self.route = address, route
         try:
             stream = await wire.connect(
-                route, timeout=self.timeout, role="client", info={"id": self.client_id}
+                route,
+                timeout=self.timeout,
+                role="client",
+                info={"id": self.client_id},
+                **self.connect_args,
             )
         except wire.ConnectError as exc:
             raise wire.ConnectError(
@@ -106,6 +112,7 @@ class SchedulerLink:
                 timeout=self.timeout,
                 role="client",
                 info={"id": self.client_id},
+                **self.connect_args,
             )
         )
         self._batched = await stack.enter_async_context(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trioscheduler import wire
 from trioscheduler.client.futures import Future, FutureCancelledError, KeyState, futures_of
 from trioscheduler.client.keys import check_key, scatter_key
 from trioscheduler.errors import TrioSchedulerError
@@ -89,9 +90,15 @@ async def fetch(client: ClientBase, keys: list[Any], errors: str = "raise") -> d
                 by_worker[random.choice(holders)].append(k)
             else:
                 failed.append(k)
-        async with trio.open_nursery() as nursery:
-            for worker, ks in by_worker.items():
-                nursery.start_soon(get_data, client, worker, ks, out, failed)
+        try:
+            async with trio.open_nursery() as nursery:
+                for worker, ks in by_worker.items():
+                    nursery.start_soon(get_data, client, worker, ks, out, failed)
+        except BaseExceptionGroup as group:  # a value that cannot travel: its own error
+            first: BaseException = group
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         missing = []
         for k in failed:
             st = client.futures.get(k)
@@ -115,6 +122,17 @@ async def get_data(
         async with client.worker_connection(worker) as stream:
             await stream.send({"op": "get_data", "keys": keys})
             reply = await stream.receive()
+    except wire.ProtocolError as exc:
+        if isinstance(exc.__cause__, wire.DeserializationError):  # no retry would help
+            raise wire.DeserializationError(
+                f"the value of {keys[0] if len(keys) == 1 else keys!r} arrived from {worker} "
+                f"but cannot be loaded here: {exc.__cause__}"
+            ) from exc.__cause__
+        logger.info(
+            "client %s: fetching %d keys from %s failed: %r", client.id, len(keys), worker, exc
+        )
+        failed.extend(keys)
+        return
     except (
         OSError,
         trio.BrokenResourceError,
@@ -130,6 +148,12 @@ async def get_data(
         logger.info("client %s: %s could not serve data: %s", client.id, worker, reply.get("text"))
         failed.extend(keys)
         return
+    errors = reply.get("errors")
+    if errors:  # the worker holds it, but it cannot be serialized: the real error, at once
+        key, (blob, tb, text) = next(iter(errors.items()))
+        error = unpack_exception(blob, tb, text)
+        error.add_note(f"(the result of {key!r} is on {worker} but cannot be serialized)")
+        raise error
     out.update(reply["data"])
     failed.extend(reply.get("missing") or ())
 

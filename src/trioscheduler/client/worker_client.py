@@ -143,6 +143,7 @@ def get_client(timeout: float | None = None) -> Client:
             timeout=worker.connect_timeout if timeout is None else timeout,
             set_as_default=False,
             name=f"worker-client-{worker.address}",
+            security=worker.security and worker.security.acting_as("client", "worker"),
             _loop=loop,
         )
         _clients[worker] = client

@@ -572,6 +572,9 @@ class GatherDepSuccess:
     peer: WorkerAddr
     data: dict[Key, int]
     missing: Sequence[Key] = field(default_factory=list)  # asked for but the peer had not
+    #: asked for, and the peer has them, but the value cannot travel (cannot be
+    #: serialized there or loaded here): not a lost replica; the scheduler errs the key
+    unusable: Sequence[Key] = field(default_factory=list)
 
 
 @message("gather-dep-failure")

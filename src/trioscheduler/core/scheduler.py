@@ -825,6 +825,18 @@ class SchedulerState:
             return
         ws.last_seen = ev.now
         ts = self.tasks.get(ev.key)
+        if ts is not None and ts.state == "memory":
+            # A worker found the value cannot travel (the holder cannot serialize it, or
+            # a fetcher cannot load it): unusable wherever it is needed, so the key errs,
+            # and its dependents with it, instead of being fetched for ever.
+            self._recs.pop(ts.key, None)
+            self.transition(ts, "released")
+            self._recs.pop(ts.key, None)
+            info = ErrorInfo(
+                ev.exception, ev.traceback, ev.exception_text, ev.traceback_text, ts.key
+            )
+            self.transition(ts, "erred", info)
+            return
         if ts is None or ts.state != "processing" or ts.processing_on != ws.address:
             self.free_on(ws.address, ev.key)  # stale: computed elsewhere, or released
             return

@@ -27,7 +27,7 @@ serial number, so the instruction lists are deterministic for the recorder.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Final, cast
 
@@ -764,7 +764,13 @@ class WorkerState:
             raise InvalidTransition(ts.key, st, "rescheduled", self.story(ts.key))
 
     def _gather_done(
-        self, peer: str, arrived: dict[Key, int], said_missing: bool, ev: Any, out: list[Any]
+        self,
+        peer: str,
+        arrived: dict[Key, int],
+        said_missing: bool,
+        ev: Any,
+        out: list[Any],
+        unusable: Sequence[Key] = (),
     ) -> None:
         """Settle the one in-flight ``GatherDep`` to ``peer``: keys not arrived failed.
 
@@ -799,12 +805,12 @@ class WorkerState:
             else:
                 if peer in ts.who_has:  # (never the shared empty set)
                     cast("set[str]", ts.who_has).discard(peer)
-                ts.errant_peer = peer if said_missing else None
+                ts.errant_peer = peer if said_missing and ts.key not in unusable else None
                 recs[ts] = "waiting" if st == "resumed" else "fetch"
         self._drain(recs, ev, out)
 
     def _on_gather_success(self, ev: GatherDepSuccess, out: list[Any]) -> None:
-        self._gather_done(ev.peer, ev.data, True, ev, out)
+        self._gather_done(ev.peer, ev.data, True, ev, out, ev.unusable)
 
     def _on_gather_failure(self, ev: GatherDepFailure, out: list[Any]) -> None:
         self._gather_done(ev.peer, {}, False, ev, out)

@@ -28,13 +28,73 @@ import trio
 from trioscheduler.server.nanny import Nanny
 from trioscheduler.server.scheduler import Scheduler
 from trioscheduler.server.worker import Worker
+from trioscheduler.wire.security import Security
+from trioscheduler.wire.security import resolve as resolve_security
 
 logger = logging.getLogger("trioscheduler.cluster")
 
 _cluster_ids = itertools.count(1)
 
-# Keywords dask users pass that have no meaning here (yet); accepted and ignored.
-_IGNORED = ("dashboard_address", "silence_logs", "loop", "security", "protocol", "interface")
+# dask's ``loop=`` is deprecated there and has no meaning here: accepted, as dask does.
+_IGNORED = ("loop",)
+_PROTOCOLS = ("tcp", "tls", "inproc")
+
+
+def _protocol(protocol: str | None, processes: bool, security: Security | None) -> str:
+    """dask's choice: given, else tls with security, else inproc in-process, else tcp."""
+    if protocol is None:
+        if security is not None and security.require_encryption:
+            return "tls"
+        return "tcp" if processes else "inproc"
+    scheme = protocol.removesuffix("://")
+    if scheme not in _PROTOCOLS:
+        raise ValueError(f"LocalCluster(protocol={protocol!r}): use tcp://, tls:// or inproc://")
+    if scheme == "inproc" and processes:
+        raise ValueError("LocalCluster(protocol='inproc://') needs processes=False")
+    if scheme == "tls" and (security is None or not security.enabled):
+        raise ValueError(
+            "LocalCluster(protocol='tls://') needs certificates: pass security=True "
+            "(a temporary CA) or security=Security(...)"
+        )
+    if scheme == "tcp" and security is not None and security.require_encryption:
+        raise ValueError(
+            "LocalCluster(protocol='tcp://') with a security that requires encryption: "
+            "use tls:// (or Security(require_encryption=False))"
+        )
+    return scheme
+
+
+def _interface_host(interface: str) -> str:
+    """The IPv4 address of a network interface (dask's ``interface=``)."""
+    import socket
+
+    import psutil
+
+    addrs = psutil.net_if_addrs()
+    if interface not in addrs:
+        raise ValueError(
+            f"LocalCluster(interface={interface!r}): no such network interface; "
+            f"this machine has {', '.join(sorted(addrs))}"
+        )
+    for a in addrs[interface]:
+        if a.family == socket.AF_INET:
+            return str(a.address)
+    raise ValueError(f"LocalCluster(interface={interface!r}) has no IPv4 address")
+
+
+def _log_level(silence_logs: Any) -> str | None:
+    """dask's ``silence_logs`` (a level, or False) as the workers' log level."""
+    if silence_logs is None or silence_logs is True:
+        return None
+    if silence_logs is False:
+        return "info"
+    if isinstance(silence_logs, int):
+        return logging.getLevelName(silence_logs).lower()
+    if isinstance(silence_logs, str) and silence_logs.lower() in (
+        "debug", "info", "warning", "error", "critical"
+    ):  # fmt: skip
+        return silence_logs.lower()
+    raise ValueError(f"LocalCluster(silence_logs={silence_logs!r}): give a logging level or False")
 
 
 def default_sizes(
@@ -83,10 +143,25 @@ class LocalCluster:
         worker_timeout: float = 30.0,
         worker_log_level: str = "warning",
         start_method: str | None = None,
+        security: Security | bool | None = None,
+        protocol: str | None = None,
+        interface: str | None = None,
+        silence_logs: Any = None,
+        dashboard_address: str | None = None,
         **worker_kwargs: Any,
     ) -> None:
         for name in _IGNORED:
             worker_kwargs.pop(name, None)
+        if dashboard_address is not None:
+            raise ValueError(
+                f"LocalCluster(dashboard_address={dashboard_address!r}): this build has no "
+                "dashboard; pass dashboard_address=None"
+            )
+        self.security = resolve_security(security)
+        self.protocol = _protocol(protocol, processes, self.security)
+        if interface is not None:
+            host = _interface_host(interface)
+        worker_log_level = _log_level(silence_logs) or worker_log_level
         self.n_workers, self.threads_per_worker = default_sizes(
             n_workers, threads_per_worker, processes
         )
@@ -169,14 +244,16 @@ class LocalCluster:
 
     @asynccontextmanager
     async def _open(self) -> AsyncIterator[LocalCluster]:
-        if self.processes:
-            address = f"tcp://{self.host}:{self.scheduler_port}"
+        if self.protocol != "inproc":
+            address = f"{self.protocol}://{self.host}:{self.scheduler_port}"
         else:
             address = f"inproc://cluster-{os.getpid()}-{self._id}"
         self.status = "starting"
         error: BaseException | None = None  # the block's own error, raised unwrapped
         try:
-            async with Scheduler(address, worker_timeout=self.worker_timeout) as scheduler:
+            async with Scheduler(
+                address, worker_timeout=self.worker_timeout, security=self.security
+            ) as scheduler:
                 self.scheduler = scheduler
                 self.scheduler_address = scheduler.address
                 async with trio.open_nursery() as nursery:
@@ -205,6 +282,7 @@ class LocalCluster:
             memory_limit=self.memory_limit,
             nworkers=self.n_workers,
             name=name,
+            security=self.security,
             **self.worker_kwargs,
         )
         if self.processes:
@@ -215,6 +293,8 @@ class LocalCluster:
                 start_method=self.start_method,
                 **kwargs,
             )
+        if self.protocol != "inproc":  # threads, but over the network as asked
+            kwargs["address"] = f"{self.protocol}://{self.host}:0"
         return Worker(self.scheduler_address, **kwargs)
 
     async def _hold(self, name: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

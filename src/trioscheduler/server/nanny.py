@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, NoReturn
@@ -55,8 +56,16 @@ from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import memory
 from trioscheduler.server.preload import preloads
 from trioscheduler.wire.address import tcp_address
+from trioscheduler.wire.security import Security, connect_args, listen_args, write_role_files
+from trioscheduler.wire.security import resolve as resolve_security
 
 logger = logging.getLogger("trioscheduler.nanny")
+
+#: A nanny restarting its worker this many times within ``RESTART_WINDOW`` seconds waits
+#: before the next restart: 0.5 s, doubling each time, at most ``RESTART_BACKOFF_MAX``.
+RESTART_BURST = 5
+RESTART_WINDOW = 60.0
+RESTART_BACKOFF_MAX = 30.0
 
 # Python 3.12+ warns at every fork of a process with threads; _fork is where the hazards
 # that warning names are met (see the notes above _ForkUnsafe).
@@ -148,7 +157,10 @@ class Nanny:
         death_timeout: float | None = None,
         worker_listen_address: str | None = None,
         worker_contact_address: str | None = None,
+        security: Security | bool | None = None,
     ) -> None:
+        self.security = resolve_security(security)
+        self._tls_argv: list[str] = []  # the worker certificate, as files the child reads
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
         self.memory_limit = memory.parse_memory_limit(memory_limit, nworkers=nworkers)
@@ -186,6 +198,8 @@ class Nanny:
         self._kill_reason: str | None = None
         self._sigtermed: int | None = None  # the pid we sent SIGTERM to
         self._closing = False
+        self._closing_ev = trio.Event()  # set with _closing: ends a restart back-off
+        self._restart_times: deque[float] = deque()
         self._closed = trio.Event()
         self._started = trio.Event()  # a (re)started child announced its address
         self._life: AbstractAsyncContextManager[Any] | None = None  # _run(), while open
@@ -215,6 +229,7 @@ class Nanny:
     async def close(self) -> None:
         """Terminate the worker and stop looking after it."""
         self._closing = True
+        self._closing_ev.set()
         await self._terminate(graceful=True)
         await self._closed.wait()
 
@@ -241,11 +256,21 @@ class Nanny:
         base = self.local_directory or tempfile.gettempdir()
         os.makedirs(base, exist_ok=True)
         self._scratch = tempfile.mkdtemp(prefix="trioscheduler-nanny-", dir=base)
+        tls_dir = None
         try:
+            if self.security is not None and self.security.enabled:
+                tls_dir = tempfile.mkdtemp(prefix="trioscheduler-tls-")  # 0700, ours only
+                self._tls_argv = write_role_files(self.security, "worker", tls_dir)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    async with wire.listen(listen_at, self._serve, role="nanny") as listener:
+                    async with wire.listen(
+                        listen_at,
+                        self._serve,
+                        role="nanny",
+                        peer_speaks_first=True,
+                        **listen_args(self.security, "nanny"),
+                    ) as listener:
                         self.address = listener.address
                         async with preloads(self.preload_nanny, self):
                             first = trio.Event()
@@ -262,6 +287,7 @@ class Nanny:
                                     error = exc
                                 finally:
                                     self._closing = True
+                                    self._closing_ev.set()
                                     with trio.CancelScope(shield=True):
                                         await self._terminate(graceful=True)
                 except BaseException as exc:  # start-up failed: raised unwrapped, below
@@ -269,6 +295,8 @@ class Nanny:
                 nursery.cancel_scope.cancel()
         finally:
             shutil.rmtree(self._scratch, ignore_errors=True)
+            if tls_dir is not None:
+                shutil.rmtree(tls_dir, ignore_errors=True)
             self.status = "closed"
             self._closed.set()
         if error is not None:
@@ -281,7 +309,8 @@ class Nanny:
 
         if wire.parse_address(self.scheduler_address)[0] == "inproc":
             return "inproc://nanny-" + str(os.getpid()) + "-" + str(id(self))
-        return tcp_address(self.host or default_host(self.scheduler_address), self.port)
+        scheme = wire.parse_address(self.scheduler_address)[0]
+        return tcp_address(self.host or default_host(self.scheduler_address), self.port, scheme)
 
     async def _serve(self, stream: wire.Stream) -> None:
         """Answer requests of the scheduler or a client (restart, kill, status)."""
@@ -317,7 +346,12 @@ class Nanny:
         """
         with trio.move_on_after(5):
             try:
-                stream = await wire.connect(self.scheduler_address, timeout=2, role="nanny")
+                stream = await wire.connect(
+                    self.scheduler_address,
+                    timeout=2,
+                    role="nanny",
+                    **connect_args(self.security, "nanny"),
+                )
                 async with stream:
                     await stream.send(
                         {"op": "worker_lost_reason", "worker": worker, "reason": reason}
@@ -367,7 +401,7 @@ class Nanny:
             argv += ["--listen-address", self.worker_listen_address]
         if self.worker_contact_address:
             argv += ["--contact-address", self.worker_contact_address]
-        return argv
+        return argv + self._tls_argv
 
     def fork_unsafe(self) -> str | None:
         """Why the next child must be spawned rather than forked, or None.
@@ -465,7 +499,28 @@ class Nanny:
             )
             if self.worker_address is not None and self._nursery is not None:
                 self._nursery.start_soon(self._tell_scheduler, self.worker_address, reason)
+            await self._back_off(reason)
         self._closed.set()
+
+    async def _back_off(self, reason: str) -> None:
+        """Restarting too often (``RESTART_BURST`` in ``RESTART_WINDOW`` s) waits, longer
+        each time (up to ``RESTART_BACKOFF_MAX`` s), and says why: a worker that dies at
+        once must not become a restart loop burning a core and flooding the log."""
+        now = trio.current_time()
+        recent = self._restart_times
+        recent.append(now)
+        while recent and now - recent[0] > RESTART_WINDOW:
+            recent.popleft()
+        if len(recent) < RESTART_BURST:
+            return
+        delay = min(RESTART_BACKOFF_MAX, 0.5 * 2 ** (len(recent) - RESTART_BURST))
+        logger.warning(
+            "nanny: worker restarted %d times in %.0f s (last: %s); waiting %.1f s before "
+            "the next restart",
+            len(recent), now - recent[0], reason, delay,
+        )  # fmt: skip
+        with trio.move_on_after(delay):
+            await self._closing_ev.wait()
 
     async def _run_child(self, first: trio.Event) -> tuple[bool, str]:
         """One child's life: ``(closed_on_purpose, why it ended)``."""

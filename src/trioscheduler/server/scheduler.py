@@ -54,6 +54,8 @@ from trioscheduler.server.preload import preloads
 from trioscheduler.server.uploads import UploadStore, install_payload
 from trioscheduler.wire import local_alias
 from trioscheduler.wire.remote_error import pack_exception
+from trioscheduler.wire.security import Security, connect_args, default_scheme, listen_args
+from trioscheduler.wire.security import resolve as resolve_security
 
 __all__ = ["FIRE_AND_FORGET", "Scheduler"]
 
@@ -196,7 +198,7 @@ class Scheduler:
 
     def __init__(
         self,
-        address: str = "tcp://127.0.0.1:8786",
+        address: str | None = None,
         *,
         worker_timeout: float = 30.0,
         record: str | Path | None = None,
@@ -207,10 +209,13 @@ class Scheduler:
         steal: bool = True,
         idle_timeout: float | None = None,
         preload: Sequence[str] = (),
+        security: Security | bool | None = None,
     ) -> None:
+        self.security = resolve_security(security)
         if idle_timeout is not None and idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
-        self._requested_address = address
+        # default: port 8786 on loopback, tls:// once certificates are given
+        self._requested_address = address or f"{default_scheme(self.security)}://127.0.0.1:8786"
         self.idle_timeout = idle_timeout
         self.preload = list(preload)
         self._idle_since: float | None = None
@@ -262,7 +267,11 @@ class Scheduler:
                     self._packer.pack(recorder.header("scheduler", self._core_kwargs))
                 )
             self._pool = await stack.enter_async_context(
-                wire.ConnectionPool(role="scheduler", info={"type": "Scheduler"})
+                wire.ConnectionPool(
+                    role="scheduler",
+                    info={"type": "Scheduler"},
+                    **connect_args(self.security, "scheduler"),
+                )
             )
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             # Runs after the listener closed, before the nursery exits (LIFO).
@@ -273,10 +282,12 @@ class Scheduler:
                     self._on_connection,
                     role="scheduler",
                     info={"type": "Scheduler"},
+                    peer_speaks_first=True,
+                    **listen_args(self.security, "scheduler"),
                 )
             )
             self.address = listener.address
-            if self.address.startswith("tcp://"):
+            if not self.address.startswith("inproc://"):
                 # The same service under an inproc:// name, for a client in this very
                 # trio run (a sync Client beside its LocalCluster): no sockets, no
                 # serialization between them. See ``wire.local_alias``.

@@ -57,6 +57,7 @@ from trioscheduler.core.messages import (
     Spill,
     SpillFailed,
     SpillWritten,
+    TaskErred,
     ToScheduler,
     Unspill,
     WorkerHeartbeat,
@@ -66,8 +67,11 @@ from trioscheduler.core.worker import WorkerState
 from trioscheduler.server import memory, task_context
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.server.preload import preloads
+from trioscheduler.wire import serialize
 from trioscheduler.wire.address import tcp_address
 from trioscheduler.wire.remote_error import pack_exception
+from trioscheduler.wire.security import Security, connect_args, listen_args
+from trioscheduler.wire.security import resolve as resolve_security
 
 logger = logging.getLogger("trioscheduler.worker")
 
@@ -78,7 +82,7 @@ def default_host(scheduler_address: str) -> str:
     """The interface to serve data on: loopback for a local scheduler, else the one
     this machine uses to reach the scheduler (so peers on other hosts can connect)."""
     scheme, host, port = wire.parse_address(scheduler_address)
-    if scheme != "tcp" or host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", ""):
+    if scheme not in ("tcp", "tls") or host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", ""):
         return "127.0.0.1"
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -135,9 +139,11 @@ class Worker:
         lifetime: float | None = None,
         lifetime_stagger: float = 0.0,
         lifetime_restart: bool = False,
+        security: Security | bool | None = None,
     ) -> None:
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
+        self.security = resolve_security(security)
         self.scheduler_address = scheduler_address
         self._listen_address = address
         self.nthreads = nthreads
@@ -193,6 +199,7 @@ class Worker:
         self._spill_jobs: deque[memory.SpillJob] = deque()
         self._doomed: list[str] = []  # spill files to remove, by the writer too
         self._spill_writer = False  # the writer task is running
+        self._unusable_reported: set[Any] = set()  # keys whose values cannot travel, said
 
     def __repr__(self) -> str:
         return f"<Worker {self.address or '(not started)'} {self.status} nthreads={self.nthreads}>"
@@ -235,9 +242,14 @@ class Worker:
                     listen_at = self._listen_address or self._default_listen_address()
                     async with (
                         wire.listen(
-                            listen_at, self._serve_peer, role="worker", info={"name": self.name}
+                            listen_at,
+                            self._serve_peer,
+                            role="worker",
+                            info={"name": self.name},
+                            peer_speaks_first=True,
+                            **listen_args(self.security, "worker"),
                         ) as listener,
-                        wire.ConnectionPool() as pool,
+                        wire.ConnectionPool(**connect_args(self.security, "worker")) as pool,
                     ):
                         self.address = self.contact_address or listener.address
                         self._pool = pool
@@ -272,7 +284,7 @@ class Worker:
         scheme, _, _ = wire.parse_address(self.scheduler_address)
         if scheme == "inproc":
             return f"inproc://worker-{os.getpid()}-{next(_inproc_ids)}"
-        return tcp_address(default_host(self.scheduler_address), 0)
+        return tcp_address(default_host(self.scheduler_address), 0, scheme)
 
     async def _background(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Hosts the cancellable work (tasks, fetches, loops) apart from the user's block."""
@@ -303,6 +315,7 @@ class Worker:
             timeout=self.connect_timeout,
             role="worker",
             info={"address": self.address, "name": self.name},
+            **connect_args(self.security, "worker"),
         )
         self._stream = stream
         await stream.send(
@@ -364,7 +377,7 @@ class Worker:
         self._shutdown_done.set()
 
     async def _say_goodbye(self, reason: str) -> None:
-        """``RemoveWorker(expected=True)`` after everything queued before it.
+        """``RemoveWorker`` after everything queued before it (expected, unless tasks run).
 
         Through the batched sender while it runs; straight on the stream once it was
         cancelled (the worker's block was cancelled from outside, e.g. by a signal).
@@ -372,11 +385,17 @@ class Worker:
         batched, stream = self._batched, self._stream
         if batched is None or stream is None:
             return
+        # Closing on our own (a signal, the block left) while tasks run interrupts them:
+        # not an expected departure, so they count towards allowed_failures. A task that
+        # signals its own worker must end in KilledWorker, not in restarts for ever.
+        expected = not self._executing or reason.startswith("the scheduler asked")
+        if not expected:
+            reason = f"{reason} while running {len(self._executing)} task(s)"
         goodbye = RemoveWorker(
             stimulus_id=_stimulus("worker-close"),
             now=_now(),
             worker=self.address,
-            expected=True,
+            expected=expected,
             reason=reason,
         )
         try:
@@ -743,13 +762,31 @@ class Worker:
 
     async def _gather_dep(self, peer: str, keys: list[Any]) -> None:
         assert self.store is not None and self._pool is not None
+        unusable: list[Any] = []
         try:
-            async with self._pool.connect(peer) as stream:
-                await stream.send({"op": "get_data", "keys": list(keys)})
-                reply = await stream.receive()
-            if not isinstance(reply, dict) or reply.get("status") != "OK":
-                text = reply.get("text") if isinstance(reply, dict) else repr(reply)
-                raise RuntimeError(f"peer answered: {text}")
+            try:
+                reply = await self._fetch(peer, keys)
+            except wire.ProtocolError as exc:
+                if not isinstance(exc.__cause__, wire.DeserializationError):
+                    raise
+                # It arrived whole and cannot be loaded here: no retry will help. Which
+                # key? Each on its own, so that the others still arrive.
+                reply = {"status": "OK", "data": {}, "missing": []}
+                for key in keys if len(keys) > 1 else ():
+                    try:
+                        one = await self._fetch(peer, [key])
+                    except wire.ProtocolError as e:
+                        if not isinstance(e.__cause__, wire.DeserializationError):
+                            raise
+                        self._report_unusable(key, e.__cause__, self._cannot_load)
+                        unusable.append(key)
+                    else:
+                        reply["data"].update(one["data"])
+                        reply["missing"] += one.get("missing", [])
+                        unusable += list(one.get("errors") or ())
+                if len(keys) == 1:
+                    self._report_unusable(keys[0], exc.__cause__, self._cannot_load)
+                    unusable.append(keys[0])
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -771,6 +808,7 @@ class Worker:
                 )
             )
             return
+        unusable += list(reply.get("errors") or ())  # the holder could not serialize them
         sizes: dict[Any, int] = {}
         for key, value in reply["data"].items():
             self.store.put(key, value)
@@ -782,8 +820,24 @@ class Worker:
                 peer=peer,
                 data=sizes,
                 missing=list(reply.get("missing", [])),
+                unusable=unusable,
             )
         )
+
+    @property
+    def _cannot_load(self) -> str:
+        return f"cannot be deserialized on {self.address}"
+
+    async def _fetch(self, peer: str, keys: list[Any]) -> dict[str, Any]:
+        """One ``get_data`` round trip; raises on a failed transfer or an error reply."""
+        assert self._pool is not None
+        async with self._pool.connect(peer) as stream:
+            await stream.send({"op": "get_data", "keys": list(keys)})
+            reply = await stream.receive()
+        if not isinstance(reply, dict) or reply.get("status") != "OK":
+            text = reply.get("text") if isinstance(reply, dict) else repr(reply)
+            raise RuntimeError(f"peer answered: {text}")
+        return reply
 
     # ----------------------------------------------------------------------------------
     # Data server
@@ -805,9 +859,51 @@ class Worker:
                         exc,
                     )
                     reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
-                await stream.send(reply)
+                try:
+                    await stream.send(reply)
+                except wire.SerializationError:
+                    if not (isinstance(request, dict) and request.get("op") == "get_data"):
+                        raise
+                    await stream.send(self._without_unserializable(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+
+    def _without_unserializable(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """A ``get_data`` reply that failed to serialize, without the values that cannot
+        travel: those go back as ``errors`` (the real exception, per key), and the
+        scheduler learns each key's value is unusable elsewhere, once, so the key and
+        its dependents err instead of being fetched again and again."""
+        data = dict(reply["data"])
+        errors: dict[Any, Any] = {}
+        for key, value in list(data.items()):
+            try:
+                serialize.dumps(value)
+            except Exception as exc:
+                del data[key]
+                errors[key] = pack_exception(exc)[:3]
+                self._report_unusable(key, exc, f"cannot be serialized to leave {self.address}")
+        return {**reply, "data": data, "errors": errors}
+
+    def _report_unusable(self, key: Any, exc: BaseException, why: str) -> None:
+        """Tell the scheduler (once per key) that the value of ``key`` cannot travel:
+        it errs with ``exc``, its dependents with it."""
+        if key in self._unusable_reported:
+            return
+        self._unusable_reported.add(key)
+        logger.warning("worker %s: the value of %r %s: %r", self.address, key, why, exc)
+        blob, tb, text, tb_text = pack_exception(exc)
+        self._send(
+            TaskErred(
+                stimulus_id=_stimulus("value-unusable"),
+                now=_now(),
+                worker=self.address,
+                key=key,
+                exception=blob,
+                traceback=tb,
+                exception_text=f"the result of {key!r} {why}: {text}",
+                traceback_text=tb_text,
+            )
+        )
 
     async def _answer(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict):

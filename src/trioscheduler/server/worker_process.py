@@ -244,7 +244,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--interface", help="network interface to serve on (e.g. eth0), instead of --host")
     p.add_argument(
-        "--protocol", choices=("tcp",), help="protocol to serve on (tcp; the scheduler's otherwise)"
+        "--protocol", choices=("tcp", "tls"), help="protocol to serve on (tls with --tls-*; the scheduler's otherwise)"
     )
     p.add_argument(
         "--worker-port",
@@ -291,9 +291,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="start a new worker when one reaches its lifetime (needs the nanny)",
     )
     p.add_argument("--pid-file", help="write the process id to this file (removed at exit)")
+    tls_arguments(p)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nanny-address", help=argparse.SUPPRESS)
+
+
+def tls_arguments(p: argparse.ArgumentParser) -> None:
+    """dask's ``--tls-ca-file --tls-cert --tls-key`` (scheduler and worker commands)."""
+    p.add_argument("--tls-ca-file", help="CA certificate(s): peers must present one it signed")
+    p.add_argument("--tls-cert", help="this process's certificate (PEM); turns TLS on (tls://)")
+    p.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+
+
+def security_from_args(args: argparse.Namespace, role: str) -> Any:
+    """``--tls-*`` as a ``Security`` for ``role`` (as dask's CLI), or None without them."""
+    if not any([args.tls_ca_file, args.tls_cert, args.tls_key]):
+        return None
+    if not args.tls_ca_file or not args.tls_cert:
+        raise SystemExit(
+            f"trioscheduler {args.command}: TLS needs --tls-ca-file and --tls-cert "
+            "(and --tls-key unless the key is in the cert file)"
+        )
+    from trioscheduler.wire.security import Security
+
+    return Security(
+        require_encryption=True,
+        tls_ca_file=args.tls_ca_file,
+        **{f"tls_{role}_cert": args.tls_cert, f"tls_{role}_key": args.tls_key},
+    )
 
 
 _parser: argparse.ArgumentParser | None = None
@@ -370,6 +396,7 @@ async def _run(args: argparse.Namespace) -> None:
         lifetime=args.lifetime,
         lifetime_stagger=args.lifetime_stagger,
         lifetime_restart=args.lifetime_restart,
+        security=security_from_args(args, "worker"),
     )
     if args.death_timeout is not None:
         common["death_timeout"] = args.death_timeout
@@ -398,6 +425,7 @@ async def _run(args: argparse.Namespace) -> None:
     else:
         from trioscheduler.server.worker import Worker, default_host
 
+        scheme = "tls" if common["security"] is not None else "tcp"
         if args.preload_nanny:
             raise SystemExit("trioscheduler worker: --preload-nanny needs the nanny")
         death_timeout = common.pop("death_timeout", None)
@@ -409,7 +437,7 @@ async def _run(args: argparse.Namespace) -> None:
                 return str(args.listen_address)
             if address.startswith("inproc://"):
                 return None
-            return tcp_address(host or default_host(address), worker_ports[i])
+            return tcp_address(host or default_host(address), worker_ports[i], scheme)
 
         def make(i: int, name: str | None) -> Any:
             return Worker(

@@ -1,0 +1,134 @@
+"""Failure loops found by trying the cluster as a new user would (issue 12), with real
+worker processes: each of these used to hang, retry for ever or flood the log."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import trio
+
+from trioscheduler import Client
+from trioscheduler.deploy.cluster import open_cluster
+from trioscheduler.wire import DeserializationError, SerializationError
+
+TIMEOUT = 60
+pytestmark = pytest.mark.slow
+
+
+def make_lock(x: int) -> Any:
+    return threading.Lock()
+
+
+def make_generator(x: int) -> Any:
+    return (i for i in range(x))
+
+
+def use(value: Any) -> int:
+    return 1
+
+
+def _refuse() -> Any:
+    raise ValueError("cannot rebuild Fragile here")
+
+
+class Fragile:
+    """Pickles fine, fails to unpickle anywhere."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _refuse, ()
+
+
+def make_fragile(x: int) -> Fragile:
+    return Fragile()
+
+
+@pytest.mark.parametrize("maker", [make_lock, make_generator])
+async def test_result_that_cannot_be_serialized_errs_at_once(
+    maker: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with trio.fail_after(TIMEOUT):  # used to take ~23 s, then a misleading error
+        async with open_cluster(2, 1, processes=True, memory_limit=0) as cluster:
+            w0, w1 = cluster.worker_addresses
+            async with Client(cluster, asynchronous=True) as c:
+                f = c.submit(maker, 3, workers=[w0])
+                with pytest.raises(SerializationError, match="cannot pickle") as info:
+                    await f
+                assert "holders" not in str(info.value)
+                # a dependent on another worker: used to hang for ever
+                dep = c.submit(use, c.submit(maker, 4, workers=[w0], pure=False), workers=[w1])
+                with pytest.raises(SerializationError, match="cannot pickle"):
+                    await dep
+                assert await c.submit(use, 1, workers=[w1]) == 1  # the cluster is fine
+    err = capfd.readouterr().err
+    # the holder said so once per key, not once per fetch attempt (~600 a second before)
+    assert err.count("cannot be serialized to leave") == 2, err[-3000:]
+    assert "Traceback" not in err
+
+
+async def test_result_that_cannot_be_deserialized_errs_at_once(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 1, processes=True, memory_limit=0) as cluster:
+            w0, w1 = cluster.worker_addresses
+            async with Client(cluster, asynchronous=True) as c:
+                dep = c.submit(use, c.submit(make_fragile, 1, workers=[w0]), workers=[w1])
+                with pytest.raises(DeserializationError, match="cannot rebuild Fragile here"):
+                    await dep
+                f = c.submit(make_fragile, 2, workers=[w0])
+                with pytest.raises(DeserializationError, match="cannot rebuild Fragile here"):
+                    await f
+                assert await c.submit(use, 1, workers=[w1]) == 1
+    err = capfd.readouterr().err
+    assert err.count("cannot be deserialized on") == 1, err[-3000:]
+
+
+def signal_own_worker(signum: int) -> int:
+    import os
+    import time
+
+    os.kill(os.getpid(), signum)
+    time.sleep(10)  # the worker closes under the task
+    return 1
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+async def test_task_signalling_its_own_worker_ends_in_killed_worker(signame: str) -> None:
+    """Used to restart workers for ever (966 restarts in 10 s, the future pending)."""
+    import signal
+
+    from trioscheduler.core.errors import KilledWorker
+    from trioscheduler.server.nanny import Nanny
+
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 1, processes=True, memory_limit=0) as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                f = c.submit(signal_own_worker, int(getattr(signal, signame)), key="signaller")
+                with pytest.raises(KilledWorker) as info:
+                    await f
+                assert len(info.value.workers) == 3  # allowed_failures, as any other death
+                restarts = sum(n.restarts for n in cluster.workers.values() if isinstance(n, Nanny))
+                assert restarts <= 3
+                assert await c.submit(use, 1) == 1  # the cluster still works
+
+
+async def test_nanny_restarting_too_often_backs_off_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from trioscheduler.server.nanny import RESTART_BURST, Nanny
+
+    caplog.set_level(logging.WARNING, "trioscheduler.nanny")
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(1, 1, processes=True, memory_limit=0) as cluster:
+            nanny = cluster.workers["0"]
+            assert isinstance(nanny, Nanny)
+            for _ in range(RESTART_BURST + 1):
+                await nanny.restart("killed by the test")  # SIGKILL, then a new worker
+            assert nanny.restarts == RESTART_BURST + 1
+    text = caplog.text
+    assert f"restarted {RESTART_BURST} times" in text and "before the next restart" in text
+    assert "killed by the test" in text  # and why
