@@ -132,3 +132,52 @@ async def test_nanny_restarting_too_often_backs_off_and_says_why(
     text = caplog.text
     assert f"restarted {RESTART_BURST} times" in text and "before the next restart" in text
     assert "killed by the test" in text  # and why
+
+
+def slow_inc(x: int) -> int:
+    import time
+
+    time.sleep(0.5)
+    return x + 1
+
+
+async def test_task_pinned_to_a_restarted_worker_follows_it_by_name() -> None:
+    """Pinned to an address whose worker was killed and restarted by its nanny under a
+    new address: used to hang for ever (dask too). The new worker has the same name."""
+    import os
+    import signal
+
+    from trioscheduler.server.nanny import Nanny
+
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 1, processes=True, memory_limit=0) as cluster:
+            nanny = cluster.workers["0"]
+            assert isinstance(nanny, Nanny) and nanny.pid is not None
+            old_address, old_pid = nanny.worker_address, nanny.pid
+            async with Client(cluster, asynchronous=True) as c:
+                f = c.submit(slow_inc, 1, workers=[old_address])
+                tasks = cluster.scheduler.state.tasks  # type: ignore[union-attr]
+                while f.key not in tasks or tasks[f.key].state != "processing":  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                os.kill(old_pid, signal.SIGKILL)
+                assert await f == 2
+                assert nanny.worker_address != old_address  # it ran on the successor
+                assert await c.submit(slow_inc, 2, workers=["0"]) == 3  # by name, too
+
+
+async def test_no_workers_timeout_errs_naming_the_restrictions() -> None:
+    import dask.config
+
+    from trioscheduler.core.errors import NoValidWorkerError
+
+    with dask.config.set({"distributed.scheduler.no-workers-timeout": "300ms"}):
+        with trio.fail_after(TIMEOUT):
+            async with open_cluster(1, 1, processes=False) as cluster:
+                async with Client(cluster, asynchronous=True) as c:
+                    f = c.submit(use, 1, workers=["tcp://10.255.0.1:1234"])
+                    with pytest.raises(NoValidWorkerError, match=r"workers=.*10\.255\.0\.1:1234"):
+                        await f
+                    g = c.submit(use, 3, resources={"GPU": 1})
+                    with pytest.raises(NoValidWorkerError, match="GPU"):
+                        await g
+                    assert await c.submit(use, 2) == 1

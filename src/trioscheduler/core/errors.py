@@ -46,5 +46,22 @@ class KilledWorker(TrioSchedulerError):
         return (type(self), (self.key, self.workers, self.allowed_failures))
 
 
+class NoValidWorkerError(TrioSchedulerError):
+    """A task could run on no worker for ``timeout`` seconds (dask's
+    ``distributed.scheduler.no-workers-timeout``); it names what it asked for."""
+
+    def __init__(self, key: Any, restrictions: str, timeout: float) -> None:
+        self.key = key
+        self.restrictions = restrictions
+        self.timeout = timeout
+        super().__init__(
+            f"task {key!r} could run on no worker for {timeout:g} s: no running worker "
+            f"satisfies {restrictions}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.restrictions, self.timeout))
+
+
 class CancelledKey(TrioSchedulerError):
     """The key was cancelled or released before it finished."""

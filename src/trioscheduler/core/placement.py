@@ -35,6 +35,10 @@ def _restricted_to(s: SchedulerState, ts: TaskRecord) -> set[str]:
     out: set[str] = set()
     for w in ts.worker_restrictions:
         addr = aliases.get(w, w)
+        if addr not in workers:  # a worker that left: its successor of the same name
+            name = s.former_names.get(addr)
+            if name is not None:
+                addr = aliases.get(name, addr)
         if addr in workers:
             out.add(addr)
         elif w in hosts:  # a host name or IP: every worker on that host (as dask)

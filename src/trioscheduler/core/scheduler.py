@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from trioscheduler.core import scheduler_transitions as tr
-from trioscheduler.core.errors import InvalidTransition, KilledWorker
+from trioscheduler.core.errors import InvalidTransition, KilledWorker, NoValidWorkerError
 from trioscheduler.core.messages import (
     AcquireReplicas,
     AddClient,
@@ -91,7 +91,7 @@ class SchedulerState:
         "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
         "total_nthreads", "retiring", "_story_append", "_effects", "_recs", "_sid", "_now",
         "_open_free", "_rr", "retried", "worker_saturation", "worker_backlog", "queuing",
-        "open", "queued", "_queue_heap", "_queue_seq",
+        "open", "queued", "_queue_heap", "_queue_seq", "former_names", "no_workers_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -106,6 +106,7 @@ class SchedulerState:
         story_length: int = 100_000,
         worker_saturation: float = 1.1,
         worker_backlog: float = 0.05,
+        no_workers_timeout: float | None = None,
     ) -> None:
         """``worker_saturation`` (dask's ``distributed.scheduler.worker-saturation``;
         ``inf``: no queuing) and ``worker_backlog`` (seconds of estimated work per thread)
@@ -131,7 +132,12 @@ class SchedulerState:
         self.idle: dict[WorkerAddr, WorkerRecord] = {}
         self.saturated: set[WorkerAddr] = set()  # more tasks than threads: steal victims
         self.running: list[WorkerRecord] = []  # status == running, for round robin
-        self.unrunnable: dict[Key, None] = {}  # tasks in no-worker (ordered set)
+        self.unrunnable: dict[Key, float] = {}  # tasks in no-worker -> since when
+        # dask's distributed.scheduler.no-workers-timeout: unrunnable this long -> erred
+        self.no_workers_timeout = no_workers_timeout
+        # address -> name of workers that left: a task pinned to the address of a worker
+        # its nanny restarted (same name, new address) follows it (see placement)
+        self.former_names: dict[WorkerAddr, str] = {}
         self.steals: dict[Key, PendingSteal] = {}
         self.state_counts: dict[str, int] = dict.fromkeys(STATES, 0)
         self.generation = 0
@@ -671,6 +677,11 @@ class SchedulerState:
         self.retiring.discard(addr)
         if ws.name is not None and self.aliases.get(str(ws.name)) == addr:
             del self.aliases[str(ws.name)]
+        if ws.name is not None:
+            former = self.former_names
+            former[addr] = str(ws.name)
+            if len(former) > 10_000:  # bounded: forget the oldest departures
+                del former[next(iter(former))]
         host = worker_host(addr)
         on_host = self.hosts.get(host)
         if on_host is not None:
@@ -953,6 +964,14 @@ class SchedulerState:
                 reason = f"no heartbeat for {ev.now - ws.last_seen:.1f}s (timeout {self.worker_timeout}s)"
                 self._effects.append(CloseWorker(ws.address, reason))
                 self._remove_worker(ws, expected=False, reason=reason)
+        timeout = self.no_workers_timeout
+        if timeout is not None and self.unrunnable:
+            for key, since in list(self.unrunnable.items()):
+                if ev.now - since >= timeout:
+                    ts = self.tasks[key]
+                    exc = NoValidWorkerError(key, _describe_restrictions(ts), timeout)
+                    self._recs.pop(key, None)
+                    self.transition(ts, "erred", ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key))
         if self._recs:
             self.drain()
         if self.steal:
@@ -965,6 +984,15 @@ class SchedulerState:
             tws.incoming_steals += 1
             self.update_worker_sets(tws)
             self.to_worker(victim, StealRequest(self._sid, self._now, key))
+
+
+def _describe_restrictions(ts: TaskRecord) -> str:
+    parts = []
+    if ts.worker_restrictions is not None:
+        parts.append(f"workers={sorted(map(str, ts.worker_restrictions))}")
+    if ts.resource_restrictions is not None:
+        parts.append(f"resources={dict(ts.resource_restrictions)}")
+    return ", ".join(parts) or "its placement (no restriction, but no worker can take it)"
 
 
 _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {

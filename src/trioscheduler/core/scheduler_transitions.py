@@ -498,7 +498,7 @@ def queued_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
 
 def waiting_no_worker(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     ts.state = "no-worker"
-    s.unrunnable[ts.key] = None
+    s.unrunnable[ts.key] = s._now
 
 
 def waiting_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:

@@ -210,6 +210,7 @@ class Scheduler:
         idle_timeout: float | None = None,
         preload: Sequence[str] = (),
         security: Security | bool | None = None,
+        no_workers_timeout: float | str | None = "config",
     ) -> None:
         self.security = resolve_security(security)
         if idle_timeout is not None and idle_timeout <= 0:
@@ -225,6 +226,7 @@ class Scheduler:
             "allowed_failures": allowed_failures,
             "steal": steal,
             "validate": validate,
+            "no_workers_timeout": _no_workers_timeout(no_workers_timeout),
         }
         self.state = SchedulerState(**self._core_kwargs)
         self.tick_interval = tick_interval
@@ -870,6 +872,22 @@ class Scheduler:
         "worker_lost_reason": _op_worker_lost_reason,
         "start_ipython": _op_start_ipython,
     }
+
+
+def _no_workers_timeout(value: float | str | None) -> float | None:
+    """Seconds, or None; ``"config"``: dask's ``distributed.scheduler.no-workers-timeout``."""
+    if value == "config":
+        import dask.config
+
+        value = dask.config.get("distributed.scheduler.no-workers-timeout", None)
+    if value is None:
+        return None
+    from dask.utils import parse_timedelta
+
+    seconds = parse_timedelta(value, default="seconds")
+    if seconds is None or seconds <= 0:
+        raise ValueError(f"no_workers_timeout must be a positive duration, got {value!r}")
+    return float(seconds)
 
 
 @asynccontextmanager
