@@ -181,3 +181,72 @@ async def test_no_workers_timeout_errs_naming_the_restrictions() -> None:
                     with pytest.raises(NoValidWorkerError, match="GPU"):
                         await g
                     assert await c.submit(use, 2) == 1
+
+
+def raise_base(kind: str) -> None:
+    if kind == "exit":
+        raise SystemExit(3)
+    raise KeyboardInterrupt
+
+
+class KeywordOnly(Exception):
+    def __init__(self, *, code: int) -> None:
+        super().__init__(f"code {code}")
+        self.code = code
+
+
+def raise_keyword_only() -> None:
+    raise KeywordOnly(code=7)
+
+
+async def test_task_exceptions_keep_their_type_and_never_end_the_client() -> None:
+    from trioscheduler.wire.remote_error import TaskExitError
+
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(1, 1, processes=True, memory_limit=0) as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                # was: the client program ended with exit code 3 / looked like Ctrl-C
+                with pytest.raises(TaskExitError, match=r"raised SystemExit\(3\)"):
+                    await c.submit(raise_base, "exit")
+                with pytest.raises(TaskExitError, match="raised KeyboardInterrupt"):
+                    await c.submit(raise_base, "interrupt")
+                # was: RemoteError; dask keeps the type
+                with pytest.raises(KeywordOnly, match="code 7") as info:
+                    await c.submit(raise_keyword_only)
+                assert info.value.code == 7
+                assert await c.submit(use, 1) == 1
+
+
+async def test_stale_nanny_directories_are_removed_at_the_next_start(tmp_path: Any) -> None:
+    """A nanny killed by SIGKILL leaves its scratch directory; the next one removes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from functools import partial
+
+    from trioscheduler.server.nanny import Nanny
+    from trioscheduler.server.scheduler import Scheduler
+
+    with trio.fail_after(TIMEOUT):
+        async with Scheduler("tcp://127.0.0.1:0") as s:
+            cmd = [
+                sys.executable, "-m", "trioscheduler", "worker", s.address,
+                "--nthreads", "1", "--memory-limit", "0", "--local-directory", str(tmp_path),
+            ]  # fmt: skip
+            async with trio.open_nursery() as nursery:
+                proc = await nursery.start(
+                    partial(trio.run_process, cmd, stdout=subprocess.PIPE, check=False)
+                )
+                assert proc.stdout is not None
+                while b"\n" not in await proc.stdout.receive_some():  # its address: running
+                    pass
+                left = [p.name for p in tmp_path.iterdir() if p.name.startswith("trioscheduler-nanny-")]
+                assert len(left) == 1
+                os.kill(proc.pid, signal.SIGKILL)
+            assert (tmp_path / left[0]).exists()  # left behind
+            async with Nanny(s.address, local_directory=str(tmp_path), memory_limit=0) as nanny:
+                assert not (tmp_path / left[0]).exists()  # removed: its lock was free
+                mine = [p for p in tmp_path.iterdir() if p.name.startswith("trioscheduler-nanny-")]
+                assert len(mine) == 1 and nanny.status == "running"
+            assert not any(tmp_path.iterdir())

@@ -33,6 +33,7 @@ scheduler as ``AddWorker.nanny``) so that a scheduler or client can restart work
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import os
@@ -60,6 +61,51 @@ from trioscheduler.wire.security import Security, connect_args, listen_args, wri
 from trioscheduler.wire.security import resolve as resolve_security
 
 logger = logging.getLogger("trioscheduler.nanny")
+
+_SCRATCH_PREFIX = "trioscheduler-nanny-"
+_LOCK_FILE = ".lock"  # flock()ed while the nanny lives
+_TLS_DIR = ".tls"  # the worker certificate for the child, if any
+
+
+def claim_scratch(base: str) -> tuple[str, int]:
+    """A new scratch directory in ``base``, locked (``flock``) for as long as the returned
+    fd is open. Directories of nannies that died without cleaning up (SIGKILL) are
+    removed first: their lock is free (the kernel released it with the process)."""
+    remove_stale_scratch(base)
+    path = tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=base)
+    fd = os.open(os.path.join(path, _LOCK_FILE), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, fd
+
+
+def remove_stale_scratch(base: str) -> list[str]:
+    """Remove the scratch directories in ``base`` whose nanny is gone; returns them."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(_SCRATCH_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(os.path.join(entry.path, _LOCK_FILE), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # no lock file: not ours to judge (being created, or another version)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live nanny holds it
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        finally:
+            os.close(fd)
+    if removed:
+        logger.info("nanny: removed %d stale scratch director%s of dead nannies in %s",
+                    len(removed), "y" if len(removed) == 1 else "ies", base)  # fmt: skip
+    return removed
+
 
 #: A nanny restarting its worker this many times within ``RESTART_WINDOW`` seconds waits
 #: before the next restart: 0.5 s, doubling each time, at most ``RESTART_BACKOFF_MAX``.
@@ -255,11 +301,11 @@ class Nanny:
         listen_at = self._listen_address()
         base = self.local_directory or tempfile.gettempdir()
         os.makedirs(base, exist_ok=True)
-        self._scratch = tempfile.mkdtemp(prefix="trioscheduler-nanny-", dir=base)
-        tls_dir = None
+        self._scratch, lock_fd = claim_scratch(base)
         try:
             if self.security is not None and self.security.enabled:
-                tls_dir = tempfile.mkdtemp(prefix="trioscheduler-tls-")  # 0700, ours only
+                tls_dir = os.path.join(self._scratch, _TLS_DIR)  # inside our 0700 scratch
+                os.mkdir(tls_dir, 0o700)
                 self._tls_argv = write_role_files(self.security, "worker", tls_dir)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -295,8 +341,7 @@ class Nanny:
                 nursery.cancel_scope.cancel()
         finally:
             shutil.rmtree(self._scratch, ignore_errors=True)
-            if tls_dir is not None:
-                shutil.rmtree(tls_dir, ignore_errors=True)
+            os.close(lock_fd)
             self.status = "closed"
             self._closed.set()
         if error is not None:
@@ -362,7 +407,8 @@ class Nanny:
 
     def _clean_scratch(self) -> None:
         for entry in os.listdir(self._scratch):
-            shutil.rmtree(os.path.join(self._scratch, entry), ignore_errors=True)
+            if entry not in (_LOCK_FILE, _TLS_DIR):
+                shutil.rmtree(os.path.join(self._scratch, entry), ignore_errors=True)
 
     def _command(self, ready_fd: int) -> list[str]:
         return [sys.executable, "-m", "trioscheduler", *self._worker_argv(ready_fd)]
