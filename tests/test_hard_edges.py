@@ -250,3 +250,44 @@ async def test_stale_nanny_directories_are_removed_at_the_next_start(tmp_path: A
                 mine = [p for p in tmp_path.iterdir() if p.name.startswith("trioscheduler-nanny-")]
                 assert len(mine) == 1 and nanny.status == "running"
             assert not any(tmp_path.iterdir())
+
+
+def big_block(n: int) -> Any:
+    import numpy as np
+
+    return np.ones(n, dtype="u1")
+
+
+async def test_gather_ends_when_the_holder_is_killed_mid_transfer() -> None:
+    """A worker killed by its nanny during a large gather left the gather hanging (its
+    task was pinned to the old address): it must end, with the data or an error."""
+    import os
+    import signal
+
+    from trioscheduler.server.nanny import Nanny
+
+    n = 200 * 2**20
+    with trio.fail_after(TIMEOUT * 2):
+        async with open_cluster(2, 1, processes=True, memory_limit=0) as cluster:
+            nanny = cluster.workers["0"]
+            assert isinstance(nanny, Nanny) and nanny.pid is not None
+            async with Client(cluster, asynchronous=True) as c:
+                f = c.submit(big_block, n, workers=[nanny.worker_address])
+                while f.status != "finished":  # noqa: ASYNC110 - a future's state
+                    await trio.sleep(0.01)
+                outcome: list[Any] = []
+
+                async def gather() -> None:
+                    try:
+                        outcome.append(await c.gather(f))
+                    except Exception as exc:  # an error is an acceptable end too
+                        outcome.append(exc)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(gather)
+                    await trio.sleep(0.05)  # under way (or done: either is fine)
+                    os.kill(nanny.pid, signal.SIGKILL)
+                (result,) = outcome
+                print("gather ended with", type(result).__name__)
+                if not isinstance(result, Exception):
+                    assert result.nbytes == n
