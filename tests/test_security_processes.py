@@ -237,3 +237,16 @@ async def test_silent_connections_cannot_exhaust_a_scheduler_process() -> None:
             for sock in silent:
                 await sock.aclose()
             sched.terminate()
+
+
+def nested_submit(x: int) -> int:
+    from trioscheduler import get_client
+
+    return int(get_client().submit(inc, x).result())
+
+
+async def test_get_client_in_a_tls_worker_presents_the_worker_certificate(sec: Security) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(1, 2, processes=True, memory_limit=0, security=sec) as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                assert await c.submit(nested_submit, 41) == 42
