@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from trioscheduler.client.as_completed import as_completed
     from trioscheduler.client.client import Client, Executor, default_client, fire_and_forget
     from trioscheduler.client.collections import futures_of
+    from trioscheduler.client.coordination import (
+        Event,
+        Lock,
+        MultiLock,
+        Queue,
+        Semaphore,
+        Variable,
+    )
     from trioscheduler.client.futures import Future, FutureCancelledError, wait
     from trioscheduler.client.progress import progress
     from trioscheduler.client.worker_client import (
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
         secede,
         worker_client,
     )
+    from trioscheduler.core.errors import KilledWorker
     from trioscheduler.deploy.cluster import LocalCluster, open_cluster
     from trioscheduler.server.datasets import DatasetExistsError
     from trioscheduler.server.nanny import Nanny
@@ -39,18 +48,27 @@ if TYPE_CHECKING:
     from trioscheduler.wire.security import Security
 
 __all__ = [
+    "CancelledError",
     "Client",
     "DatasetExistsError",
+    "Event",
     "Executor",
     "Future",
     "FutureCancelledError",
+    "KilledWorker",
     "LocalCluster",
+    "Lock",
+    "MultiLock",
     "Nanny",
+    "Queue",
     "Reschedule",
     "Scheduler",
     "Security",
+    "Semaphore",
+    "TimeoutError",
     "TrioSchedulerError",
     "TrioSchedulerWarning",
+    "Variable",
     "Worker",
     "as_completed",
     "default_client",
@@ -69,6 +87,17 @@ __all__ = [
 ]
 
 _LAZY = {
+    # dask's names for the standard errors: a cancelled future's result() raises a
+    # subclass of the first; timeouts (Variable.get, Queue.get...) raise the second
+    "CancelledError": "concurrent.futures",
+    "TimeoutError": "builtins",
+    "KilledWorker": "trioscheduler.core.errors",
+    "Event": "trioscheduler.client.coordination",
+    "Lock": "trioscheduler.client.coordination",
+    "MultiLock": "trioscheduler.client.coordination",
+    "Queue": "trioscheduler.client.coordination",
+    "Semaphore": "trioscheduler.client.coordination",
+    "Variable": "trioscheduler.client.coordination",
     "as_completed": "trioscheduler.client.as_completed",
     "Client": "trioscheduler.client.client",
     "Executor": "trioscheduler.client.client",

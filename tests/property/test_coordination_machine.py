@@ -218,6 +218,14 @@ class CoordinationMachine(RuleBasedStateMachine):
         for ident in [i for i, h in self.multi_held.items() if match(*h)]:
             del self.multi_held[ident]
 
+    @precondition(lambda self: bool(self.state.waiters))
+    @rule(data=st.data())
+    def abandon(self, data: st.DataObject) -> None:
+        request = data.draw(st.sampled_from(sorted(self.state.waiters)))
+        effects = self._feed(c.Abandon(self.now, request))
+        assert all(getattr(e, "request", None) != request for e in effects)
+        del self.pending[request]  # its asker left: never answered
+
     @rule(dt=st.sampled_from([0.25, 1.0, 3.0]))
     def tick(self, dt: float) -> None:
         self.now += dt

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "Abandon",
     "ClientGone",
     "Confirm",
     "CoordinationState",
@@ -236,6 +237,15 @@ class Tick:
     now: float
 
 
+@dataclass(slots=True, eq=False)
+class Abandon:
+    """The asker of ``request`` left (its connection closed, its call was cancelled):
+    if it still waits, it waits no more; nothing is answered."""
+
+    now: float
+    request: int
+
+
 # -- effects ----------------------------------------------------------------------------
 
 
@@ -356,6 +366,7 @@ class CoordinationState:
             ClientGone: self._client_gone,
             WorkerGone: self._worker_gone,
             Tick: self._tick,
+            Abandon: self._abandon,
         }
 
     # -- the one way in ---------------------------------------------------------------------
@@ -364,7 +375,8 @@ class CoordinationState:
         handler = self._handlers.get(type(event))
         if handler is None:
             raise TypeError(f"not a coordination event: {event!r:.200}")
-        self._out = out = []
+        out: list[Effect] = []
+        self._out = out
         handler(event)
         if self.validate:
             self.check()
@@ -425,7 +437,9 @@ class CoordinationState:
 
     def _sem_acquire(self, ev: SemAcquire) -> None:
         if ev.max_leases < 1:
-            self._fail(ev.request, "ValueError", f"max_leases must be at least 1, got {ev.max_leases}")
+            self._fail(
+                ev.request, "ValueError", f"max_leases must be at least 1, got {ev.max_leases}"
+            )
             return
         sem = self.semaphores.get(ev.name)
         if sem is None:
@@ -480,7 +494,11 @@ class CoordinationState:
     def _multi_acquire(self, ev: MultiAcquire) -> None:
         names = list(dict.fromkeys(ev.names))
         if ev.ident in self.multi:
-            self._fail(ev.request, "RuntimeError", f"MultiLock {ev.ident} asked again while it holds or waits")
+            self._fail(
+                ev.request,
+                "RuntimeError",
+                f"MultiLock {ev.ident} asked again while it holds or waits",
+            )
             return
         if not 1 <= ev.num_locks <= len(names):
             self._fail(
@@ -506,7 +524,14 @@ class CoordinationState:
             self._reply(ev.request, False)
         else:
             self._wait(
-                Waiter(ev.request, "multi", ev.ident, ev.owner, ev.worker, self._deadline(ev.now, ev.timeout))
+                Waiter(
+                    ev.request,
+                    "multi",
+                    ev.ident,
+                    ev.owner,
+                    ev.worker,
+                    self._deadline(ev.now, ev.timeout),
+                )
             )
 
     def _multi_release(self, ev: MultiRelease) -> None:
@@ -564,7 +589,14 @@ class CoordinationState:
             self._reply(ev.request, False)
         else:
             self._wait(
-                Waiter(ev.request, "event", ev.name, ev.owner, ev.worker, self._deadline(ev.now, ev.timeout))
+                Waiter(
+                    ev.request,
+                    "event",
+                    ev.name,
+                    ev.owner,
+                    ev.worker,
+                    self._deadline(ev.now, ev.timeout),
+                )
             )
             self.event_waiters.setdefault(ev.name, []).append(ev.request)
 
@@ -592,7 +624,14 @@ class CoordinationState:
             self._fail(ev.request, "TimeoutError", f"variable {ev.name!r} has no value")
         else:
             self._wait(
-                Waiter(ev.request, "var", ev.name, ev.owner, ev.worker, self._deadline(ev.now, ev.timeout))
+                Waiter(
+                    ev.request,
+                    "var",
+                    ev.name,
+                    ev.owner,
+                    ev.worker,
+                    self._deadline(ev.now, ev.timeout),
+                )
             )
             self.var_waiters.setdefault(ev.name, []).append(ev.request)
 
@@ -617,7 +656,9 @@ class CoordinationState:
         if q.maxsize and len(q.items) >= q.maxsize:
             if ev.timeout is not None and ev.timeout <= 0:
                 self._unref(item[1])
-                self._fail(ev.request, "TimeoutError", f"queue {ev.name!r} is full ({q.maxsize} items)")
+                self._fail(
+                    ev.request, "TimeoutError", f"queue {ev.name!r} is full ({q.maxsize} items)"
+                )
                 return
             self._wait(
                 Waiter(
@@ -635,7 +676,11 @@ class CoordinationState:
         if isinstance(ev.batch, bool):
             n = 0 if ev.batch else 1
         elif ev.batch < 1:
-            self._fail(ev.request, "ValueError", f"batch must be True, False or a count >= 1, got {ev.batch}")
+            self._fail(
+                ev.request,
+                "ValueError",
+                f"batch must be True, False or a count >= 1, got {ev.batch}",
+            )
             return
         else:
             n = ev.batch
@@ -661,7 +706,9 @@ class CoordinationState:
             q.getters.append(ev.request)
             self._serve_queue(ev.name, q)  # a putter may wait for room a big batch needs
 
-    def _hand_out_one(self, request: int, owner: str, items: list[tuple[bytes, tuple[Key, ...]]]) -> Any:
+    def _hand_out_one(
+        self, request: int, owner: str, items: list[tuple[bytes, tuple[Key, ...]]]
+    ) -> Any:
         """A batch's items as one list ``[[blob, ...], keys, receipt]``."""
         keys = tuple(k for _, ks in items for k in ks)
         return self._hand_out(request, owner, ([b for b, _ in items], keys))
@@ -744,6 +791,11 @@ class CoordinationState:
                         "put": "queue {!r} had no room"}[w.kind].format(w.name)  # fmt: skip
                 self._fail(w.request, "TimeoutError", f"{what} within the timeout")
 
+    def _abandon(self, ev: Abandon) -> None:
+        w = self.waiters.get(ev.request)
+        if w is not None:
+            self._cancel_waiter(w)
+
     def _cancel_waiter(self, w: Waiter) -> None:
         """Forget a waiter wherever it waits; what its leaving frees goes to the next."""
         del self.waiters[w.request]
@@ -802,7 +854,9 @@ class CoordinationState:
                 n = 1 if w.batch is False else int(w.batch)
                 assert len(q.items) < n, f"queue {name}: a getter waits beside enough items"
             if q.putters:
-                assert q.maxsize and len(q.items) >= q.maxsize, f"queue {name}: a putter waits beside room"
+                assert q.maxsize and len(q.items) >= q.maxsize, (
+                    f"queue {name}: a putter waits beside room"
+                )
         refs: dict[Key, int] = {}
         held = [v[1] for v in self.variables.values()]
         held += [item[1] for q in self.queues.values() for item in q.items]

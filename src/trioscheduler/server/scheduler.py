@@ -49,6 +49,7 @@ from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
 from trioscheduler.core.errors import RESTART_REASON
 from trioscheduler.core.scheduler import SchedulerState
+from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
 from trioscheduler.server.preload import preloads
 from trioscheduler.server.uploads import UploadStore, install_payload
@@ -128,7 +129,7 @@ class _Peer:
         self.batched.send_nowait(msg)
 
 
-_WAITING_OPS = frozenset({"wait_for_workers"})
+_WAITING_OPS = frozenset({"wait_for_workers", "coord_wait"})
 
 """RPCs that may wait indefinitely: abandoned when the requester hangs up."""
 
@@ -240,6 +241,7 @@ class Scheduler:
         self._counter = itertools.count()
         self.datasets = DatasetStore(self._feed_client_event)
         self.uploads = UploadStore()
+        self.coordination = CoordinationHost(self._feed_client_event, validate=validate)
         self._pool: wire.ConnectionPool | None = None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -422,6 +424,7 @@ class Scheduler:
                     pass  # the worker's stream is going: its serving task handles that
 
     def _notify_workers_changed(self) -> None:
+        self.coordination.workers_changed(self.state.workers)  # leases of the gone return
         self._workers_changed.set()
         self._workers_changed = trio.Event()
 
@@ -569,6 +572,7 @@ class Scheduler:
                 pass
             finally:
                 del self._clients[cid]
+                self.coordination.client_gone(cid)
                 if not removed:
                     self._feed(
                         m.RemoveClient(
@@ -852,6 +856,14 @@ class Scheduler:
             )
         return {"restarted": sorted(new), "plain": plain, "errors": errors}
 
+    # -- coordination primitives (``server/coordination.py``) ----------------------------
+
+    async def _op_coord(self, request: dict[str, Any]) -> Any:
+        return await self.coordination.answer(request, wait_ok=False)
+
+    async def _op_coord_wait(self, request: dict[str, Any]) -> Any:
+        return await self.coordination.answer(request, wait_ok=True)
+
     _rpc_handlers: dict[str, Callable[[Scheduler, dict[str, Any]], Any]] = {
         "identity": _op_identity,
         "scheduler_info": _op_identity,
@@ -871,6 +883,8 @@ class Scheduler:
         "restart": _op_restart,
         "worker_lost_reason": _op_worker_lost_reason,
         "start_ipython": _op_start_ipython,
+        "coord": _op_coord,
+        "coord_wait": _op_coord_wait,
     }
 
 
