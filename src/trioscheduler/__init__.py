@@ -16,6 +16,7 @@ from trioscheduler._version import __version__ as __version__
 from trioscheduler.errors import TrioSchedulerError, TrioSchedulerWarning
 
 if TYPE_CHECKING:
+    from trioscheduler.client.actors import Actor, ActorFuture, BaseActorFuture
     from trioscheduler.client.as_completed import as_completed
     from trioscheduler.client.client import Client, Executor, default_client, fire_and_forget
     from trioscheduler.client.collections import futures_of
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from trioscheduler.wire.security import Security
 
 __all__ = [
+    "Actor",
+    "ActorFuture",
+    "BaseActorFuture",
     "CancelledError",
     "Client",
     "DatasetExistsError",
@@ -92,6 +96,9 @@ _LAZY = {
     "CancelledError": "concurrent.futures",
     "TimeoutError": "builtins",
     "KilledWorker": "trioscheduler.core.errors",
+    "Actor": "trioscheduler.client.actors",
+    "ActorFuture": "trioscheduler.client.actors",
+    "BaseActorFuture": "trioscheduler.client.actors",
     "Event": "trioscheduler.client.coordination",
     "Lock": "trioscheduler.client.coordination",
     "MultiLock": "trioscheduler.client.coordination",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trioscheduler.client import transfer as _transfer
+from trioscheduler.client.actors import as_actor
 from trioscheduler.client.admin import AdminMethods
 from trioscheduler.client.base import ClientBase, ClientClosedError, default_client
 from trioscheduler.client.collections import (
@@ -115,6 +116,8 @@ class Client(AdminMethods, DatasetMethods, IPythonMethods, ClientBase):
         priority: int = 0,
         allow_other_workers: bool = False,
         pure: bool = True,
+        actor: bool = False,
+        actors: bool = False,
         **kwargs: Any,
     ) -> Future:
         """Run ``func(*args, **kwargs)`` on the cluster; a ``Future`` for the result.
@@ -127,6 +130,9 @@ class Client(AdminMethods, DatasetMethods, IPythonMethods, ClientBase):
         w, r, n_retries, prio, aow = check_options(
             workers, resources, retries, priority, allow_other_workers
         )
+        if actor or actors:  # an instance kept on the worker; its result is an Actor
+            key = submit_key(func, args, kwargs, False) if key is None else key
+            func = as_actor(func)
         if key is None:
             key = submit_key(func, args, kwargs, pure)
         else:
@@ -150,6 +156,8 @@ class Client(AdminMethods, DatasetMethods, IPythonMethods, ClientBase):
         allow_other_workers: bool = False,
         pure: bool = True,
         batch_size: int | None = None,
+        actor: bool = False,
+        actors: bool = False,
         **kwargs: Any,
     ) -> list[Future]:
         """``submit`` over the zipped ``iterables`` (equal lengths); one graph, one message.
@@ -170,7 +178,9 @@ class Client(AdminMethods, DatasetMethods, IPythonMethods, ClientBase):
             workers, resources, retries, priority, allow_other_workers
         )
         calls = list(zip(*seqs, strict=True))
-        keys = map_keys(func, calls, kwargs, key, pure)
+        keys = map_keys(func, calls, kwargs, key, pure and not (actor or actors))
+        if actor or actors:
+            func = as_actor(func)
         shipped = shippable(func)
         pack = runspec.pack
         TaskSpec = m.TaskSpec

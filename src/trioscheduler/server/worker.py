@@ -65,6 +65,7 @@ from trioscheduler.core.messages import (
 )
 from trioscheduler.core.worker import WorkerState
 from trioscheduler.server import memory, task_context
+from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.server.preload import preloads
 from trioscheduler.wire import serialize
@@ -178,6 +179,7 @@ class Worker:
         self.state: WorkerState | None = None
         self.store: memory.DataStore | None = None
         self.runner = task_context.TaskRunner(self, nthreads)
+        self.actors = ActorHost(self)  # instances of submit(Cls, actor=True) made here
         self._executor = ThreadExecutor(self, nthreads)
         self.trio_token: trio.lowlevel.TrioToken | None = None  # the loop running this worker
         self._process = psutil.Process()
@@ -535,6 +537,7 @@ class Worker:
                 elif kind is DeleteData:
                     assert self.store is not None
                     self.store.delete(ins.key)
+                    self.actors.forget(ins.key)
                 else:  # pragma: no cover - a new instruction type the shell does not know yet
                     logger.error("worker %s: unknown instruction %r", self.address, ins)
             if not written:
@@ -930,10 +933,12 @@ class Worker:
                 nursery=self._nursery,
             )
             return {"status": "OK", "result": result}
+        if op == "actor_execute" or op == "actor_attribute":
+            return await self.actors.answer(request)
         return {
             "status": "error",
             "text": f"unknown op {op!r}; this worker knows get_data, update_data, run, "
-            "start_ipython",
+            "start_ipython, actor_execute, actor_attribute",
         }
 
     async def _get_data(self, keys: list[Any]) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""Actors, the client's side: ``Actor`` proxies and the ``ActorFuture``s their calls return.
+
+``client.submit(Cls, actor=True)`` is an ordinary task (``server/actors.ActorConstructor``)
+whose value is an ``Actor``: the class, the address of the worker holding the instance,
+and the key. Calling a method sends ``actor_execute`` straight to that worker over the
+client's connection pool (no scheduler hop) and returns an ``ActorFuture`` at once: the
+call runs in the background, ``.result()`` blocks for it (sync client) and ``await``
+waits for it (asynchronous client). Reading an attribute asks the worker too, blocking or
+awaitable as the client is. An ``Actor`` finds its client late, as the coordination
+primitives do: the worker's own inside a task, else the default client.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import pickle
+import threading
+import time
+from collections.abc import Awaitable, Generator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import cloudpickle
+import trio
+
+from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.server.actors import ActorConstructor
+from trioscheduler.wire.remote_error import unpack_exception
+
+if TYPE_CHECKING:
+    from trioscheduler.client.client import Client
+
+__all__ = ["Actor", "ActorFuture", "BaseActorFuture", "as_actor"]
+
+T = TypeVar("T")
+_POLL = 0.25  # seconds between checks that the client still runs while a thread waits
+
+
+def as_actor(cls: Any) -> ActorConstructor:
+    """The task function for ``submit(cls, ..., actor=True)``."""
+    if not isinstance(cls, type):
+        raise TypeError(f"actor=True needs a class to instantiate on a worker, got {cls!r:.100}")
+    return ActorConstructor(cls, Actor)
+
+
+class Actor:
+    """A handle on an object living on one worker: ``counter.increment()`` runs there and
+    returns an ``ActorFuture``; ``counter.n`` reads the attribute there."""
+
+    def __init__(self, cls: type, address: str, key: Any, worker: Any = None) -> None:
+        self._cls = cls
+        self._address = address
+        self.key = key
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            from trioscheduler.client.worker_client import get_client
+
+            self._client = get_client()
+        return self._client
+
+    def __reduce__(self) -> Any:
+        return (Actor, (self._cls, self._address, self.key))
+
+    def __repr__(self) -> str:
+        return f"<Actor: {self._cls.__name__}, key={self.key}>"
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(dir(type(self))) | {a for a in dir(self._cls) if not a.startswith("_")})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        attr = getattr(self._cls, name, None)
+        if callable(attr):
+
+            @functools.wraps(attr)
+            def call(*args: Any, **kwargs: Any) -> ActorFuture[Any]:
+                try:
+                    payload = cloudpickle.dumps((args, kwargs), protocol=5)
+                except Exception as exc:
+                    raise TypeError(
+                        f"the arguments of {self._cls.__name__}.{name}() cannot be pickled: {exc}"
+                    ) from exc
+                msg = {"op": "actor_execute", "key": self.key, "method": name, "args": payload}
+                return ActorFuture(self.client, self._ask, msg)
+
+            return call
+        return self.client._sync(
+            self._ask, {"op": "actor_attribute", "key": self.key, "attribute": name}
+        )
+
+    async def _ask(self, msg: dict[str, Any]) -> Any:
+        """One request to the worker holding the instance; its result, or its error raised."""
+        client = self.client
+        if client._pool is None:
+            raise TrioSchedulerError(f"{client!r} is not running")
+        try:
+            async with client._pool.connect(self._address) as stream:
+                await stream.send(msg)
+                reply = await stream.receive()
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.EndOfChannel,
+        ) as exc:
+            raise TrioSchedulerError(
+                f"could not reach worker {self._address} holding actor {self.key!r} "
+                f"(the worker may have died: the actor is lost): {exc!r}"
+            ) from exc
+        if reply.get("status") != "OK":
+            if "exception" in reply:
+                raise unpack_exception(reply["exception"], reply["traceback"], reply["text"])
+            raise TrioSchedulerError(f"worker {self._address}: {reply.get('text')}")
+        return pickle.loads(reply["result"])
+
+
+class BaseActorFuture(abc.ABC, Awaitable[T]):
+    """The result of an actor's method call: ``result()``, ``done()``, ``await``."""
+
+    @abc.abstractmethod
+    def result(self, timeout: Any = None) -> T: ...
+
+    @abc.abstractmethod
+    def done(self) -> bool: ...
+
+    def __repr__(self) -> str:
+        return "<ActorFuture>"
+
+
+class ActorFuture(BaseActorFuture[T], Generic[T]):
+    """A call already on its way: started in the client's loop when made."""
+
+    def __init__(self, client: Client, ask: Any, msg: dict[str, Any]) -> None:
+        self._client = client
+        self._outcome: tuple[bool, Any] | None = None
+        self._ready = threading.Event()  # for a thread blocking in result()
+        self._event = trio.Event()  # for a task awaiting it in the loop
+
+        async def run() -> None:
+            try:
+                self._outcome = (True, await ask(msg))
+            except Exception as exc:
+                self._outcome = (False, exc)
+            finally:
+                self._event.set()
+                self._ready.set()
+
+        def spawn() -> None:  # in the loop thread
+            nursery = client._nursery
+            if nursery is None or client._closing:
+                self._outcome = (False, TrioSchedulerError(f"{client!r} is closed"))
+                self._event.set()
+                self._ready.set()
+            else:
+                nursery.start_soon(run)
+
+        client._post(spawn)
+
+    def done(self) -> bool:
+        return self._ready.is_set()
+
+    def _unwrap(self) -> T:
+        assert self._outcome is not None
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        result: T = value
+        return result
+
+    def result(self, timeout: Any = None) -> T:
+        """Block until the call returned (``TimeoutError`` after ``timeout`` seconds)."""
+        if self._client.asynchronous:
+            raise RuntimeError("an asynchronous client's ActorFuture is awaited: 'await fut'")
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        while not self._ready.wait(
+            _POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic()))
+        ):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"the actor call was not done after {timeout} s")
+            if self._client.status != "running":
+                raise TrioSchedulerError(f"{self._client!r} closed before the actor call returned")
+        return self._unwrap()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        async def wait() -> T:
+            await self._event.wait()
+            return self._unwrap()
+
+        return wait().__await__()
