@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import cloudpickle
 import trio
 
+from trioscheduler.client.futures import Future
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server.actors import ActorConstructor
 from trioscheduler.wire.remote_error import unpack_exception
@@ -30,7 +31,7 @@ from trioscheduler.wire.remote_error import unpack_exception
 if TYPE_CHECKING:
     from trioscheduler.client.client import Client
 
-__all__ = ["Actor", "ActorFuture", "BaseActorFuture", "as_actor"]
+__all__ = ["Actor", "ActorFuture", "BaseActorFuture", "as_actor", "hold_actors"]
 
 T = TypeVar("T")
 _POLL = 0.25  # seconds between checks that the client still runs while a thread waits
@@ -43,6 +44,16 @@ def as_actor(cls: Any) -> ActorConstructor:
     return ActorConstructor(cls, Actor)
 
 
+def hold_actors(client: Client, values: dict[Any, Any]) -> None:
+    """Fetched values that are ``Actor``s hold a future of their key, as dask's do: the
+    instance lives as long as the user keeps the handle, even once the future that made
+    it is gone (``gather(map(Cls, ..., actor=True))``)."""
+    for key, value in values.items():
+        if type(value) is Actor and value._future is None:
+            value._client = client
+            value._future = Future(key, client)
+
+
 class Actor:
     """A handle on an object living on one worker: ``counter.increment()`` runs there and
     returns an ``ActorFuture``; ``counter.n`` reads the attribute there."""
@@ -52,6 +63,9 @@ class Actor:
         self._address = address
         self.key = key
         self._client: Client | None = None
+        # Set once the client fetched it (``hold_actors``); on workers a handle holds
+        # nothing, or the worker holding the value would keep its own key wanted.
+        self._future: Future | None = None
 
     @property
     def client(self) -> Client:

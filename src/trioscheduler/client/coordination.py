@@ -86,10 +86,18 @@ class _Primitive:
         return self._client
 
     def _request(
-        self, kind: str, fields: dict[str, Any], then: Callable[[Any], Any] | None = None
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        then: Callable[[Any], Any] | None = None,
+        hold: Any = None,
     ) -> Any:
         """One request; the reply value (through ``then``); blocking or awaitable as the
-        client is. Inside a task the request names its worker (leases tied to it)."""
+        client is. Inside a task the request names its worker (leases tied to it).
+
+        ``hold`` (a value put in a variable or queue) is kept referenced until the reply:
+        its futures must not be released before the scheduler holds their keys.
+        """
         client = self.client
         worker = task_context.current_worker.get()
         op = "coord_wait" if "timeout" in fields else "coord"
@@ -101,7 +109,10 @@ class _Primitive:
                 err_kind, text = reply["error"]
                 raise _ERRORS.get(err_kind, TrioSchedulerError)(text)
             value = reply["value"]
+            del held[:]  # the scheduler holds the keys now
             return value if then is None else await then(value)
+
+        held = [hold]
 
         return client._sync(go)
 
@@ -372,7 +383,8 @@ class Variable(_Holding):
             raise TypeError(f"Variable.set() got unexpected keyword arguments {sorted(kwargs)}")
         _seconds(timeout)  # still checked
         blob, keys = _pack(value, f"Variable {self.name!r}")
-        return self._request("var_set", {"name": self.name, "blob": blob, "keys": keys})
+        fields = {"name": self.name, "blob": blob, "keys": keys}
+        return self._request("var_set", fields, hold=value)
 
     def get(self, timeout: Any = None, **kwargs: Any) -> Any:
         """The value, waiting until there is one; ``TimeoutError`` after ``timeout``."""
@@ -409,7 +421,7 @@ class Queue(_Holding):
             raise TypeError(f"Queue.put() got unexpected keyword arguments {sorted(kwargs)}")
         blob, keys = _pack(value, f"Queue {self.name!r}")
         fields = {"name": self.name, "maxsize": self.maxsize, "blob": blob, "keys": keys}
-        return self._request("queue_put", {**fields, "timeout": _seconds(timeout)})
+        return self._request("queue_put", {**fields, "timeout": _seconds(timeout)}, hold=value)
 
     def get(self, timeout: Any = None, batch: bool | int = False, **kwargs: Any) -> Any:
         """One item, waiting for it; ``batch=True``: every item there now (a list, maybe

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trioscheduler import wire
+from trioscheduler.client.actors import hold_actors
 from trioscheduler.client.futures import Future, FutureCancelledError, KeyState, futures_of
 from trioscheduler.client.keys import check_key, scatter_key
 from trioscheduler.errors import TrioSchedulerError
@@ -112,6 +113,7 @@ async def fetch(client: ClientBase, keys: list[Any], errors: str = "raise") -> d
                     "(the scheduler lists holders that do not have the data)"
                 )
             await trio.sleep(min(0.005 * 2**attempt, 0.5))
+    hold_actors(client, out)  # an Actor handed to the user keeps its instance alive
     return out
 
 
