@@ -44,7 +44,7 @@ def as_actor(cls: Any) -> ActorConstructor:
     return ActorConstructor(cls, Actor)
 
 
-def hold_actors(client: Client, values: dict[Any, Any]) -> None:
+def hold_actors(client: Any, values: dict[Any, Any]) -> None:
     """Fetched values that are ``Actor``s hold a future of their key, as dask's do: the
     instance lives as long as the user keeps the handle, even once the future that made
     it is gone (``gather(map(Cls, ..., actor=True))``)."""
@@ -102,17 +102,14 @@ class Actor:
                 return ActorFuture(self.client, self._ask, msg)
 
             return call
-        return self.client._sync(
+        return self.client.sync(
             self._ask, {"op": "actor_attribute", "key": self.key, "attribute": name}
         )
 
     async def _ask(self, msg: dict[str, Any]) -> Any:
         """One request to the worker holding the instance; its result, or its error raised."""
-        client = self.client
-        if client._pool is None:
-            raise TrioSchedulerError(f"{client!r} is not running")
         try:
-            async with client._pool.connect(self._address) as stream:
+            async with self.client.worker_connection(self._address) as stream:
                 await stream.send(msg)
                 reply = await stream.receive()
         except (
@@ -163,16 +160,12 @@ class ActorFuture(BaseActorFuture[T], Generic[T]):
                 self._event.set()
                 self._ready.set()
 
-        def spawn() -> None:  # in the loop thread
-            nursery = client._nursery
-            if nursery is None or client._closing:
-                self._outcome = (False, TrioSchedulerError(f"{client!r} is closed"))
-                self._event.set()
-                self._ready.set()
-            else:
-                nursery.start_soon(run)
+        def closed() -> None:  # in the loop thread
+            self._outcome = (False, TrioSchedulerError(f"{client!r} is closed"))
+            self._event.set()
+            self._ready.set()
 
-        client._post(spawn)
+        client.start_soon(run, closed)
 
     def done(self) -> bool:
         return self._ready.is_set()

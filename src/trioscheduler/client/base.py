@@ -34,7 +34,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self, cast
 
@@ -457,6 +457,21 @@ class ClientBase:
                 self._nursery.start_soon(call)
 
         self.on_done(future, hook)
+
+    def start_soon(
+        self, async_fn: Callable[[], Awaitable[Any]], if_closed: Callable[[], None]
+    ) -> None:
+        """Run ``async_fn()`` in the session's background nursery, from any thread, in
+        call order (an actor call in flight); ``if_closed()`` instead, in the loop
+        thread, once the session is closing."""
+
+        def start() -> None:
+            if self._nursery is not None and not self._link.closing:
+                self._nursery.start_soon(async_fn)
+            else:
+                if_closed()
+
+        self._post(start)
 
     async def fetch(self, keys: list[Any], errors: str = "raise") -> dict[Any, Any]:
         """Values of finished ``keys`` (used by ``Future.result``)."""

@@ -104,7 +104,7 @@ class _Primitive:
         msg = {"op": op, "kind": kind, "worker": worker.address if worker else None, **fields}
 
         async def go() -> Any:
-            reply = await client._rpc(msg)
+            reply = await client.rpc(msg)
             if "error" in reply:
                 err_kind, text = reply["error"]
                 raise _ERRORS.get(err_kind, TrioSchedulerError)(text)
@@ -114,7 +114,7 @@ class _Primitive:
 
         held = [hold]
 
-        return client._sync(go)
+        return client.sync(go)
 
     def __await__(self) -> Any:
         """``await Lock("x")``, as dask's: nothing to register, the object is ready."""
@@ -363,7 +363,7 @@ class _Holding(_Primitive):
         else:
             value = datasets.unpack(blob, client)
         if receipt is not None:  # after the futures' desire, on the client's stream
-            await client._rpc({"op": "coord", "kind": "confirm", "receipt": receipt})
+            await client.rpc({"op": "coord", "kind": "confirm", "receipt": receipt})
         return value
 
 
