@@ -10,7 +10,9 @@
   one ``Semaphore(max_leases=2)``; cycles per second from the first task's start to the
   last one's end (wall clock of the worker processes);
 * ``actor``: ``counter.increment().result()`` from the client to an actor on 1 worker
-  (p50 and mean in µs over 500, after 20 unmeasured).
+  (p50 and mean in µs over 500, after 20 unmeasured). ``SYSTEM`` may also be ``ray``
+  (Ray's actors, ``ray.get(counter.increment.remote())`` on a local Ray instance of
+  2 CPUs, when ray is installed).
 """
 
 from __future__ import annotations
@@ -70,6 +72,18 @@ def semaphore(system: System, quick: bool) -> dict[str, Any]:
     return {"cycles_per_s": 4 * cycles / elapsed, "elapsed_s": elapsed, "tasks": 4}
 
 
+def ray_actor(quick: bool) -> dict[str, Any]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        counter = ray.remote(Counter).remote()
+        metrics = _latencies(lambda: ray.get(counter.increment.remote()), 50 if quick else 500)
+        return {"system": "ray", "version": ray.__version__, **metrics}
+    finally:
+        ray.shutdown()
+
+
 def actor(system: System, quick: bool) -> dict[str, Any]:
     with system.session(1) as client:
         counter = client.submit(Counter, actor=True).result()
@@ -79,6 +93,9 @@ def actor(system: System, quick: bool) -> dict[str, Any]:
 def main() -> None:
     workload, name = sys.argv[1], sys.argv[2]
     quick = "--quick" in sys.argv[3:]
+    if name == "ray":
+        print(json.dumps(ray_actor(quick)))
+        return
     system = System(name)
     metrics = {"lock": lock, "semaphore": semaphore, "actor": actor}[workload](system, quick)
     print(json.dumps({**system.info, **metrics}))

@@ -6,11 +6,14 @@ workload on one system; the harness alternates ours and dask's (ABBA):
 * ``lock-roundtrip``: uncontended ``Lock`` acquire + release from the client (p50, µs);
 * ``semaphore-contended``: 4 tasks, one ``Semaphore(max_leases=2)``, 100 acquire +
   release cycles each (cycles per second);
-* ``actor-call``: an actor's method-call round trip from the client (p50, µs).
+* ``actor-call``: an actor's method-call round trip from the client (p50, µs);
+* ``actor-call-ray``: the same against Ray's actors, registered only where ``ray`` is
+  installed (``pip install ray``; not in the ``bench`` extra: it is large).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -62,4 +65,16 @@ for name, workload, metric, unit, higher, description in (
         ours=measure(workload, "trio", metric),
         reference=measure(workload, "dask", metric),
         reference_label="dask.distributed 2026.8.0",
+    )
+
+if importlib.util.find_spec("ray") is not None:
+    register(
+        "actor-call-ray",
+        description="Actor method call round trip against Ray's actors: "
+        "ray.get(counter.increment.remote()), local Ray instance of 2 CPUs (p50 of 500).",
+        unit="µs",
+        higher_is_better=False,
+        ours=measure("actor", "trio", "p50_us"),
+        reference=measure("actor", "ray", "p50_us"),
+        reference_label="ray",
     )
