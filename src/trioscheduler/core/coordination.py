@@ -762,7 +762,7 @@ class CoordinationState:
         """Cancel the waiters, return the leases and locks, close the receipts of a holder."""
         for w in [w for w in self.waiters.values() if match(w.owner, w.worker)]:
             if w.request not in self.waiters:
-                continue  # served meanwhile, by another's leaving: its lease goes below
+                continue  # served meanwhile (its own other waiter left); a lease goes below
             self._cancel_waiter(w)
             self._fail(w.request, "RuntimeError", f"{why} while this request waited")
         for name, sem in list(self.semaphores.items()):
