@@ -60,6 +60,12 @@ def add_through(counter: Actor, by: int) -> int:
     return counter.increment(by).result()
 
 
+async def add_through_async(counter: Actor, by: int) -> list[int]:
+    """An ``async def`` task calling an actor: awaited, through the worker's own loop."""
+    n = await counter.increment(by)
+    return [n, await counter.n]
+
+
 async def test_actor_calls_from_async_client_and_tasks() -> None:
     with trio.fail_after(TIMEOUT):
         async with open_cluster(2, 1, memory_limit=0) as cluster:
@@ -83,6 +89,9 @@ async def test_actor_calls_from_async_client_and_tasks() -> None:
                 seen = await c.gather(c.map(add_through, [counter] * 3, [1, 2, 3]))
                 assert max(seen) == 17 and len(set(seen)) == 3
                 assert await counter.n == 17
+                # and from async tasks, awaited on the worker's loop
+                assert await c.submit(add_through_async, counter, 100) == [117, 117]
+                assert await counter.n == 117
                 # every plain method call ran on one thread: no lock needed in the actor
                 assert len(await counter.threads) == 1
                 # two submits are two actors (actors are never pure)
@@ -90,7 +99,7 @@ async def test_actor_calls_from_async_client_and_tasks() -> None:
                 assert other.key != counter.key
                 assert await other.increment() == 6
 
-                with pytest.raises(ValueError, match="counter at 17 refuses") as info:
+                with pytest.raises(ValueError, match="counter at 117 refuses") as info:
                     await counter.fail()
                 assert "Remote traceback" in "".join(getattr(info.value, "__notes__", []))
                 with pytest.raises(TypeError, match="cannot be pickled"):
@@ -101,7 +110,7 @@ async def test_actor_calls_from_async_client_and_tasks() -> None:
                     await counter.no_such_attribute
                 with pytest.raises(TypeError, match="needs a class"):
                     c.submit(len, [1], actor=True)
-                assert await counter.n == 17  # none of that changed the actor
+                assert await counter.n == 117  # none of that changed the actor
 
                 actors = await c.gather(c.map(Counter, [10, 20], actor=True))
                 assert [await a.increment() for a in actors] == [11, 21]

@@ -90,6 +90,16 @@ def inc(x: int) -> int:
     return x + 1
 
 
+async def async_task_uses_primitives(i: int) -> list[Any]:
+    """An ``async def`` task: the primitives reach the scheduler through the worker's
+    asynchronous client, and are awaited."""
+    async with Lock("async-lock"):
+        await Queue("async-q").put(i)
+    async with Semaphore(2, "async-sem"):
+        await Variable(f"async-v-{i}").set({"i": i})
+    return [await Variable(f"async-v-{i}").get(timeout=5), await Event("async-e").wait(0)]
+
+
 # -- locks ---------------------------------------------------------------------------------
 
 
@@ -303,6 +313,20 @@ async def test_multilock_all_or_some_names() -> None:
                 await bc.release()
                 with pytest.raises(ValueError, match="not yet acquired"):
                     bc.release()
+
+
+# -- async tasks ----------------------------------------------------------------------------
+
+
+async def test_primitives_inside_async_tasks() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 2, memory_limit=0) as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                results = await c.gather(c.map(async_task_uses_primitives, range(4)))
+                assert results == [[{"i": i}, False] for i in range(4)]
+                assert sorted(await Queue("async-q").get(batch=True)) == [0, 1, 2, 3]
+                assert not await Lock("async-lock").locked()
+                assert await Semaphore(2, "async-sem").get_value() == 0
 
 
 # -- the sync client --------------------------------------------------------------------------

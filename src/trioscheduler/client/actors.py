@@ -24,7 +24,9 @@ import cloudpickle
 import trio
 
 from trioscheduler.client.futures import Future
+from trioscheduler.client.worker_client import in_async_task, worker_async_client
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.server import task_context
 from trioscheduler.server.actors import ActorConstructor
 from trioscheduler.wire.remote_error import unpack_exception
 
@@ -99,12 +101,21 @@ class Actor:
                         f"the arguments of {self._cls.__name__}.{name}() cannot be pickled: {exc}"
                     ) from exc
                 msg = {"op": "actor_execute", "key": self.key, "method": name, "args": payload}
+                if self._client is None and in_async_task():  # on the worker's loop
+                    return ActorFuture(None, self._ask_from_async_task, msg)
                 return ActorFuture(self.client, self._ask, msg)
 
             return call
-        return self.client.sync(
-            self._ask, {"op": "actor_attribute", "key": self.key, "attribute": name}
-        )
+        msg = {"op": "actor_attribute", "key": self.key, "attribute": name}
+        if self._client is None and in_async_task():
+            return self._ask_from_async_task(msg)
+        return self.client.sync(self._ask, msg)
+
+    async def _ask_from_async_task(self, msg: dict[str, Any]) -> Any:
+        """In an ``async def`` task: through the worker's asynchronous client."""
+        if self._client is None:
+            self._client = await worker_async_client()
+        return await self._ask(msg)
 
     async def _ask(self, msg: dict[str, Any]) -> Any:
         """One request to the worker holding the instance; its result, or its error raised."""
@@ -143,9 +154,10 @@ class BaseActorFuture(abc.ABC, Awaitable[T]):
 
 
 class ActorFuture(BaseActorFuture[T], Generic[T]):
-    """A call already on its way: started in the client's loop when made."""
+    """A call already on its way: started in the client's loop when made (``client`` is
+    ``None`` in an ``async def`` task: then in the worker's loop, awaited there)."""
 
-    def __init__(self, client: Client, ask: Any, msg: dict[str, Any]) -> None:
+    def __init__(self, client: Client | None, ask: Any, msg: dict[str, Any]) -> None:
         self._client = client
         self._outcome: tuple[bool, Any] | None = None
         self._ready = threading.Event()  # for a thread blocking in result()
@@ -161,11 +173,19 @@ class ActorFuture(BaseActorFuture[T], Generic[T]):
                 self._ready.set()
 
         def closed() -> None:  # in the loop thread
-            self._outcome = (False, TrioSchedulerError(f"{client!r} is closed"))
+            what = "the worker" if client is None else repr(client)
+            self._outcome = (False, TrioSchedulerError(f"{what} is closed"))
             self._event.set()
             self._ready.set()
 
-        client.start_soon(run, closed)
+        if client is not None:
+            client.start_soon(run, closed)
+            return
+        nursery = task_context.get_worker()._work
+        if nursery is None:
+            closed()
+        else:
+            nursery.start_soon(run)
 
     def done(self) -> bool:
         return self._ready.is_set()
@@ -180,8 +200,11 @@ class ActorFuture(BaseActorFuture[T], Generic[T]):
 
     def result(self, timeout: Any = None) -> T:
         """Block until the call returned (``TimeoutError`` after ``timeout`` seconds)."""
-        if self._client.asynchronous:
-            raise RuntimeError("an asynchronous client's ActorFuture is awaited: 'await fut'")
+        if self._client is None or self._client.asynchronous:
+            raise RuntimeError(
+                "this ActorFuture belongs to an asynchronous client or an async task: "
+                "'await fut' instead"
+            )
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         while not self._ready.wait(
             _POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic()))

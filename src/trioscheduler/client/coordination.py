@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from dask.utils import parse_timedelta
 
 from trioscheduler.client import datasets
+from trioscheduler.client.worker_client import in_async_task, worker_async_client
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import task_context
 
@@ -98,6 +99,8 @@ class _Primitive:
         ``hold`` (a value put in a variable or queue) is kept referenced until the reply:
         its futures must not be released before the scheduler holds their keys.
         """
+        if self._client is None and in_async_task():
+            return self._request_from_async_task(kind, fields, then, hold)
         client = self.client
         worker = task_context.current_worker.get()
         op = "coord_wait" if "timeout" in fields else "coord"
@@ -115,6 +118,13 @@ class _Primitive:
         held = [hold]
 
         return client.sync(go)
+
+    async def _request_from_async_task(
+        self, kind: str, fields: dict[str, Any], then: Callable[[Any], Any] | None, hold: Any
+    ) -> Any:
+        """In an ``async def`` task: through the worker's asynchronous client."""
+        self._client = await worker_async_client()
+        return await self._request(kind, fields, then, hold)
 
     def __await__(self) -> Any:
         """``await Lock("x")``, as dask's: nothing to register, the object is ready."""

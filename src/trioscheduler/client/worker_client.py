@@ -44,6 +44,9 @@ T = TypeVar("T")
 
 _clients: weakref.WeakKeyDictionary[Worker, Client] = weakref.WeakKeyDictionary()
 _clients_lock = threading.Lock()
+# the asynchronous client of each worker's async tasks (``worker_async_client``), or the
+# event its first caller sets once it is running
+_async_clients: weakref.WeakKeyDictionary[Worker, Client | trio.Event] = weakref.WeakKeyDictionary()
 
 
 class WorkerLoop:
@@ -148,6 +151,54 @@ def get_client(timeout: float | None = None) -> Client:
         )
         _clients[worker] = client
         return client
+
+
+async def worker_async_client() -> Client:
+    """The asynchronous client of ``async def`` tasks on this worker (``get_client()``'s
+    counterpart there, which would block the loop): one per worker, made on first use in
+    the worker's loop and closed with the worker. The coordination primitives use it
+    when no client is given."""
+    from trioscheduler.client.client import Client
+
+    worker = get_worker()
+    while True:
+        held = _async_clients.get(worker)
+        if isinstance(held, trio.Event):
+            await held.wait()  # another async task is making it
+            continue
+        if held is not None and held.status == "running":
+            return held
+        break
+    if worker._work is None or worker.status != "running":
+        raise RuntimeError(f"{worker!r} is not running: it cannot make a client")
+    ready = _async_clients[worker] = trio.Event()
+    try:
+        client = Client(
+            worker.scheduler_address,
+            timeout=worker.connect_timeout,
+            asynchronous=True,
+            set_as_default=False,
+            name=f"worker-async-client-{worker.address}",
+        )
+        # held in the worker's work nursery, closed when that is cancelled (never by
+        # handle.close(), which would need a runner)
+        handle: Entered[Client] = Entered(None, "worker async client")  # type: ignore[arg-type]
+        await worker._work.start(_hold, client, handle)
+        _async_clients[worker] = client
+        return client
+    finally:
+        if _async_clients.get(worker) is ready:
+            del _async_clients[worker]
+        ready.set()
+
+
+def in_async_task() -> bool:
+    """Inside an ``async def`` task (or ``run`` call) on a worker's own loop."""
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return _in_trio()
 
 
 def _in_trio() -> bool:
