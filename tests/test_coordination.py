@@ -23,6 +23,7 @@ from trioscheduler import (
     Queue,
     Semaphore,
     TimeoutError,
+    TrioSchedulerError,
     Variable,
 )
 from trioscheduler.deploy.cluster import open_cluster
@@ -148,6 +149,27 @@ async def test_lock_timeouts_and_bad_release() -> None:
                 assert not await a.locked()
                 with pytest.raises(TypeError, match="name must be a str"):
                     Lock(3)  # type: ignore[arg-type]
+
+
+async def test_malformed_requests_get_an_error_naming_the_field() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(1, 1, memory_limit=0) as cluster:
+            async with Client(cluster, asynchronous=True) as c:
+                with pytest.raises(TrioSchedulerError, match="unknown coordination request 'nope'"):
+                    await c.rpc({"op": "coord", "kind": "nope"})
+                with pytest.raises(TrioSchedulerError, match="sem_release: name must be a str"):
+                    await c.rpc({"op": "coord", "kind": "sem_release", "name": 1, "lease": "x"})
+                with pytest.raises(TrioSchedulerError, match="timeout must be a number"):
+                    await c.rpc(
+                        {"op": "coord_wait", "kind": "event_wait", "name": "e", "timeout": "1s"}
+                    )
+                with pytest.raises(
+                    TrioSchedulerError, match="may wait: send it as op 'coord_wait'"
+                ):
+                    await c.rpc({"op": "coord", "kind": "event_wait", "name": "e", "timeout": 0})
+                # the scheduler and this client's connections are fine
+                assert await Event("e").wait(0) is False
+                assert await c.submit(inc, 1) == 2
 
 
 # -- semaphores ------------------------------------------------------------------------------

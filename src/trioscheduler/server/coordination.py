@@ -152,9 +152,10 @@ class CoordinationHost:
         if may_wait and not wait_ok:
             raise ValueError(f"{kind} may wait: send it as op 'coord_wait'")
         args: list[Any] = []
+        checks: list[tuple[str, Callable[[Any], Any]]] = []
         if kind in _OWNER_KINDS:
-            args += [_str(request.get("client")), _opt_str(request.get("worker"))]
-        for name, check in fields:
+            checks += [("client", _str), ("worker", _opt_str)]
+        for name, check in checks + list(fields):
             try:
                 args.append(check(request.get(name)))
             except TypeError as exc:

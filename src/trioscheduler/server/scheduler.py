@@ -141,21 +141,24 @@ async def _unless_peer_leaves(stream: Any, awaitable: Any) -> Any:
     returns means it went away (or broke the protocol).
     """
     result: list[Any] = []
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def run() -> None:
-            result.append(await awaitable)
-            nursery.cancel_scope.cancel()
+            async def run() -> None:
+                result.append(await awaitable)
+                nursery.cancel_scope.cancel()
 
-        async def watch() -> None:
-            try:
-                await stream.receive()
-            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            nursery.cancel_scope.cancel()
+            async def watch() -> None:
+                try:
+                    await stream.receive()
+                except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                nursery.cancel_scope.cancel()
 
-        nursery.start_soon(run)
-        nursery.start_soon(watch)
+            nursery.start_soon(run)
+            nursery.start_soon(watch)
+    except BaseExceptionGroup as group:  # the handler's own error, unwrapped (bad input)
+        raise _sole_error(group) from None
     if not result:
         raise trio.EndOfChannel("the requester left before the reply")
     return result[0]
