@@ -24,7 +24,7 @@ import cloudpickle
 import trio
 
 from trioscheduler.client.futures import Future
-from trioscheduler.client.worker_client import in_async_task, worker_async_client
+from trioscheduler.client.worker_client import get_client, in_async_task, worker_async_client
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import task_context
 from trioscheduler.server.actors import ActorConstructor
@@ -72,8 +72,6 @@ class Actor:
     @property
     def client(self) -> Client:
         if self._client is None:
-            from trioscheduler.client.worker_client import get_client
-
             self._client = get_client()
         return self._client
 

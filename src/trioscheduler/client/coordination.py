@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from dask.utils import parse_timedelta
 
 from trioscheduler.client import datasets
-from trioscheduler.client.worker_client import in_async_task, worker_async_client
+from trioscheduler.client.worker_client import get_client, in_async_task, worker_async_client
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import task_context
 
@@ -75,8 +75,6 @@ class _Primitive:
     @property
     def client(self) -> Client:
         if self._client is None:
-            from trioscheduler.client.worker_client import get_client
-
             try:
                 self._client = get_client()
             except ValueError:
