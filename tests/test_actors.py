@@ -18,6 +18,8 @@ from trioscheduler import (
     BaseActorFuture,
     Client,
     LocalCluster,
+    Lock,
+    Security,
     TrioSchedulerError,
 )
 from trioscheduler.deploy.cluster import open_cluster
@@ -166,3 +168,26 @@ def test_actor_with_sync_client() -> None:
             with pytest.raises(ValueError, match="refuses"):
                 counter.fail().result()
             assert c.submit(add_through, counter, 4).result() == 10
+
+
+async def locked_actor_call(counter: Actor) -> int:
+    """An async task in a TLS cluster: its worker's asynchronous client presents the
+    worker's certificate to the scheduler, its actor call to the other worker."""
+    async with Lock("tls-lock"):
+        return int(await counter.increment(5))
+
+
+async def test_actors_and_locks_in_a_tls_cluster() -> None:
+    pytest.importorskip("cryptography")
+    sec = Security.temporary()
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(2, 1, memory_limit=0, security=sec) as cluster:
+            async with Client(cluster, asynchronous=True, security=sec) as c:
+                future = c.submit(Counter, actor=True)
+                counter = await future
+                assert counter._address.startswith("tls://")
+                assert await counter.increment() == 1
+                assert await c.submit(locked_actor_call, counter) == 6
+                assert await counter.n == 6
+                async with Lock("tls-lock"):
+                    assert await Lock("tls-lock").locked()

@@ -179,6 +179,7 @@ async def worker_async_client() -> Client:
             asynchronous=True,
             set_as_default=False,
             name=f"worker-async-client-{worker.address}",
+            security=worker.security and worker.security.acting_as("client", "worker"),
         )
         # held in the worker's work nursery, closed when that is cancelled (never by
         # handle.close(), which would need a runner)
