@@ -18,15 +18,15 @@ import psutil
 import pytest
 import trio
 
-from trioscheduler import nanny as nanny_module
 from trioscheduler import wire
 from trioscheduler.client.client import Client
+from trioscheduler.server import fork as fork_module
 from trioscheduler.server.nanny import START_METHOD_ENV, Nanny, WorkerStartError
 from trioscheduler.server.scheduler import Scheduler
 
 TIMEOUT = 60
 
-needs_fork = pytest.mark.skipif(not nanny_module.fork_supported(), reason="fork needs Linux pidfd")
+needs_fork = pytest.mark.skipif(not fork_module.fork_supported(), reason="fork needs Linux pidfd")
 BOTH = pytest.mark.parametrize("method", [pytest.param("fork", marks=needs_fork), "spawn"])
 
 
@@ -151,7 +151,7 @@ def test_start_method_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(START_METHOD_ENV, "spawn")
     assert Nanny(address).start_method == "spawn"
     assert Nanny(address, start_method="auto").start_method == "auto"
-    if not nanny_module.fork_supported():
+    if not fork_module.fork_supported():
         return
     assert Nanny(address, memory_limit=0, start_method="auto").fork_unsafe() is None
     assert "env=" in str(Nanny(address, memory_limit=0, env={}, start_method="fork").fork_unsafe())
@@ -177,7 +177,7 @@ async def test_no_fork_while_another_thread_imports(tmp_path: Path) -> None:
     importer.start()
     try:
         with trio.fail_after(TIMEOUT):
-            while nanny_module._module_being_imported() != "slow_to_import_mod":  # noqa: ASYNC110 - another thread's import
+            while fork_module._module_being_imported() != "slow_to_import_mod":  # noqa: ASYNC110 - another thread's import
                 await trio.sleep(0.01)
             async with Scheduler("tcp://127.0.0.1:0") as s:
                 async with Nanny(s.address, memory_limit=0, start_method="fork") as nanny:
@@ -188,7 +188,7 @@ async def test_no_fork_while_another_thread_imports(tmp_path: Path) -> None:
         sys.path.remove(str(tmp_path))
         del builtins._slow_import_gate  # type: ignore[attr-defined]
         sys.modules.pop("slow_to_import_mod", None)
-    assert nanny_module._module_being_imported() is None
+    assert fork_module._module_being_imported() is None
 
 
 @needs_fork
@@ -285,7 +285,7 @@ async def test_worker_returns_freed_memory_to_the_os(method: str) -> None:
                     (left,) = (await c.run(freed_arrays_kept_resident)).values()
                     (env,) = (await c.run(lambda: dict(os.environ))).values()
     assert left < 50 * 2**20, f"{left / 2**20:.0f} MiB of freed arrays still resident"
-    for name, value in nanny_module.WORKER_ENVIRON.items():
+    for name, value in fork_module.WORKER_ENVIRON.items():
         assert env.get(name) == os.environ.get(name, value)
 
 

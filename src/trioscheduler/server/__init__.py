@@ -3,7 +3,8 @@
 ``scheduler`` (the scheduler shell around ``core.scheduler``), ``worker`` (around
 ``core.worker``) with its ``executor`` (task threads), ``task_context`` (what a running
 task sees: ``get_worker``, ``secede``), ``memory`` (spill storage) and ``uploads``;
-``nanny`` (a worker process's keeper) and ``worker_process`` (what that process runs);
+``nanny`` (a worker process's keeper), ``fork`` (starting that process by fork) and
+``worker_process`` (what that process runs);
 ``datasets`` (the scheduler's store of published datasets).
 
 Shells turn bytes into events and instructions into sends; decisions belong in ``core``.
