@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     )
     from trioscheduler.core.errors import KilledWorker
     from trioscheduler.deploy.cluster import LocalCluster, open_cluster
+    from trioscheduler.deploy.ssh import SSHCluster
     from trioscheduler.server.datasets import DatasetExistsError
     from trioscheduler.server.nanny import Nanny
     from trioscheduler.server.scheduler import Scheduler
@@ -66,6 +67,7 @@ __all__ = [
     "Nanny",
     "Queue",
     "Reschedule",
+    "SSHCluster",
     "Scheduler",
     "Security",
     "Semaphore",
@@ -112,6 +114,7 @@ _LAZY = {
     "fire_and_forget": "trioscheduler.client.client",
     "LocalCluster": "trioscheduler.deploy.cluster",
     "open_cluster": "trioscheduler.deploy.cluster",
+    "SSHCluster": "trioscheduler.deploy.ssh",
     "futures_of": "trioscheduler.client.collections",
     "DatasetExistsError": "trioscheduler.server.datasets",
     "Reschedule": "trioscheduler.server.task_context",

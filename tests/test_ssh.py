@@ -1,0 +1,176 @@
+"""SSHCluster against real SSH servers: Debian's OpenSSH ``sshd`` runs in three network
+namespaces of the lab (scheduler host and two worker hosts), the client in a fourth, with
+a throwaway key pair made here (issue 18).
+
+Needs root, iproute2 and ``/usr/sbin/sshd`` (``.ci/run`` installs openssh-server);
+skipped, saying which, without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from test_netns import Lab, lab  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.slow
+
+SSHD = "/usr/sbin/sshd"
+HOSTS = ("sched", "a", "b")
+
+CLIENT = """
+import json, sys, time
+from trioscheduler import Client, SSHCluster
+
+hosts, key, mode = sys.argv[1:4], sys.argv[4], sys.argv[5]
+options = {"known_hosts": None, "username": "root", "client_keys": [key]}
+with SSHCluster(hosts, connect_options=options, worker_options={"nthreads": 2},
+                scheduler_options={"port": 0}) as cluster:
+    with Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        workers = sorted(client.scheduler_info()["workers"])
+        x = client.submit(bytes, 1_000_000, workers=[workers[0]])
+        y = client.submit(len, x, workers=[workers[1]])
+        out = {"scheduler": cluster.scheduler_address, "workers": workers,
+               "size": y.result(), "x_on": sorted(client.who_has(x)[x.key])}
+        print("RESULT " + json.dumps(out), flush=True)
+        if mode == "hang":
+            time.sleep(3600)  # the test kills us with SIGKILL
+print("CLOSED", flush=True)
+"""
+
+
+def _pids(lab: Lab, host: str) -> set[int]:
+    out = subprocess.run(
+        ["ip", "netns", "pids", lab.ns(host)], capture_output=True, text=True, check=True
+    ).stdout
+    return {int(p) for p in out.split()}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "(gone)"
+
+
+class SSHLab:
+    def __init__(self, lab: Lab, tmp: Path) -> None:
+        self.lab = lab
+        self.tmp = tmp
+        self.sshd: dict[str, int] = {}
+        self.key = tmp / "client_key"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True
+        )
+        (tmp / "authorized_keys").write_text((tmp / "client_key.pub").read_text())
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "host_key")],
+            check=True,
+        )
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        for host in HOSTS:
+            config = tmp / f"sshd_{host}.conf"
+            config.write_text(
+                textwrap.dedent(
+                    f"""\
+                    ListenAddress {lab.addr(host)}
+                    Port 22
+                    HostKey {tmp / "host_key"}
+                    AuthorizedKeysFile {tmp / "authorized_keys"}
+                    PidFile none
+                    PermitRootLogin prohibit-password
+                    PasswordAuthentication no
+                    KbdInteractiveAuthentication no
+                    UsePAM no
+                    StrictModes no
+                    """
+                )
+            )
+            proc = lab.run(host, SSHD, "-D", "-e", "-f", str(config), log=tmp / f"sshd_{host}.log")
+            self.sshd[host] = proc.pid
+        for host in HOSTS:  # until each sshd listens
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                r = subprocess.run(
+                    ["ip", "netns", "exec", lab.ns(host), "ss", "-ltn", f"sport = :22"],
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                if lab.addr(host) in r.stdout:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"sshd on {host} did not start: {(tmp / f'sshd_{host}.log').read_text()}")
+
+    def client(self, mode: str) -> tuple[subprocess.Popen[bytes], Path]:
+        script = self.tmp / "ssh_client.py"
+        script.write_text(CLIENT)
+        log = self.tmp / f"client_{mode}.log"
+        addrs = [self.lab.addr(h) for h in HOSTS]
+        proc = self.lab.run("client", sys.executable, str(script), *addrs, str(self.key), mode, log=log)
+        return proc, log
+
+    def leftovers(self, timeout: float = 30) -> dict[str, list[str]]:
+        """What still runs on the hosts besides sshd, after waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = {
+                h: [f"{p}: {_cmdline(p)}" for p in sorted(_pids(self.lab, h) - {self.sshd[h]})]
+                for h in HOSTS
+            }
+            if not any(left.values()) or time.monotonic() > deadline:
+                return {h: v for h, v in left.items() if v}
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def ssh_lab(lab: Lab, tmp_path: Path) -> SSHLab:  # noqa: F811
+    if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
+        pytest.skip("needs OpenSSH's sshd and ssh-keygen (apt-get install openssh-server)")
+    pytest.importorskip("asyncssh")
+    return SSHLab(lab, tmp_path)
+
+
+def _result(log: Path) -> dict[str, object]:
+    import json
+
+    text = log.read_text()
+    assert "RESULT " in text, text[-4000:]
+    return dict(json.loads(text.split("RESULT ", 1)[1].splitlines()[0]))
+
+
+def test_a_cluster_over_ssh_computes_and_leaves_nothing_running(ssh_lab: SSHLab) -> None:
+    lab = ssh_lab.lab
+    proc, log = ssh_lab.client("close")
+    assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+    out = _result(log)
+    assert str(out["scheduler"]).startswith(f"tcp://{lab.addr('sched')}:")
+    a, b = out["workers"]  # type: ignore[misc]
+    assert a.startswith(f"tcp://{lab.addr('a')}:") and b.startswith(f"tcp://{lab.addr('b')}:")
+    assert out["size"] == 1_000_000
+    assert out["x_on"] == [a, b]  # made on a, copied to b across the bridge
+    assert "CLOSED" in log.read_text()
+    assert ssh_lab.leftovers() == {}
+
+
+def test_a_client_killed_with_sigkill_leaves_nothing_running(ssh_lab: SSHLab) -> None:
+    proc, log = ssh_lab.client("hang")
+    deadline = time.monotonic() + 120
+    while "RESULT " not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+    assert _result(ssh_lab.tmp / "client_hang.log")["size"] == 1_000_000
+    # the cluster is up on the hosts: a scheduler, and a nanny and its worker on each
+    running = {h: len(_pids(ssh_lab.lab, h) - {ssh_lab.sshd[h]}) for h in HOSTS}
+    assert all(n >= 2 for n in running.values()), running
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert ssh_lab.leftovers() == {}
