@@ -18,9 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_netns import Lab, lab  # noqa: F401  (the fixture)
+
+import test_netns
+from test_netns import Lab
 
 pytestmark = pytest.mark.slow
+lab = test_netns.lab  # the fixture: four namespaces on a bridge
 
 SSHD = "/usr/sbin/sshd"
 HOSTS = ("sched", "a", "b")
@@ -31,6 +34,11 @@ from trioscheduler import Client, SSHCluster
 
 hosts, key, mode = sys.argv[1:4], sys.argv[4], sys.argv[5]
 options = {"known_hosts": None, "username": "root", "client_keys": [key]}
+if mode == "close":  # a keyword the remote scheduler does not take: its error, here
+    try:
+        SSHCluster(hosts[:1], connect_options=options, scheduler_options={"bogus": 1})
+    except Exception as exc:
+        print("BAD-OPTION " + json.dumps(f"{type(exc).__name__}: {exc}"), flush=True)
 with SSHCluster(hosts, connect_options=options, worker_options={"nthreads": 2},
                 scheduler_options={"port": 0}) as cluster:
     with Client(cluster) as client:
@@ -44,6 +52,24 @@ with SSHCluster(hosts, connect_options=options, worker_options={"nthreads": 2},
         if mode == "hang":
             time.sleep(3600)  # the test kills us with SIGKILL
 print("CLOSED", flush=True)
+"""
+
+ASYNC_CLIENT = """
+import json, sys
+import trio
+from trioscheduler import Client, SSHCluster
+
+async def main(hosts, key):
+    options = {"known_hosts": None, "username": "root", "client_keys": [key]}
+    async with SSHCluster(hosts, connect_options=options, worker_options={"n_workers": 2},
+                          scheduler_options={"port": 0}, asynchronous=True) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            total = await client.submit(sum, client.map(abs, range(-50, 0)))
+            print("RESULT " + json.dumps({"total": total, "workers": cluster.workers}),
+                  flush=True)
+    print("CLOSED " + cluster.status, flush=True)
+
+trio.run(main, sys.argv[1:4], sys.argv[4])
 """
 
 
@@ -100,21 +126,25 @@ class SSHLab:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 r = subprocess.run(
-                    ["ip", "netns", "exec", lab.ns(host), "ss", "-ltn", f"sport = :22"],
+                    ["ip", "netns", "exec", lab.ns(host), "ss", "-ltn", "sport = :22"],
                     capture_output=True, text=True,
                 )  # fmt: skip
                 if lab.addr(host) in r.stdout:
                     break
                 time.sleep(0.1)
             else:
-                pytest.fail(f"sshd on {host} did not start: {(tmp / f'sshd_{host}.log').read_text()}")
+                pytest.fail(
+                    f"sshd on {host} did not start: {(tmp / f'sshd_{host}.log').read_text()}"
+                )
 
     def client(self, mode: str) -> tuple[subprocess.Popen[bytes], Path]:
-        script = self.tmp / "ssh_client.py"
-        script.write_text(CLIENT)
+        script = self.tmp / f"ssh_client_{mode}.py"
+        script.write_text(ASYNC_CLIENT if mode == "async" else CLIENT)
         log = self.tmp / f"client_{mode}.log"
         addrs = [self.lab.addr(h) for h in HOSTS]
-        proc = self.lab.run("client", sys.executable, str(script), *addrs, str(self.key), mode, log=log)
+        proc = self.lab.run(
+            "client", sys.executable, str(script), *addrs, str(self.key), mode, log=log
+        )
         return proc, log
 
     def leftovers(self, timeout: float = 30) -> dict[str, list[str]]:
@@ -131,7 +161,7 @@ class SSHLab:
 
 
 @pytest.fixture
-def ssh_lab(lab: Lab, tmp_path: Path) -> SSHLab:  # noqa: F811
+def ssh_lab(lab: Lab, tmp_path: Path) -> SSHLab:
     if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
         pytest.skip("needs OpenSSH's sshd and ssh-keygen (apt-get install openssh-server)")
     pytest.importorskip("asyncssh")
@@ -157,6 +187,49 @@ def test_a_cluster_over_ssh_computes_and_leaves_nothing_running(ssh_lab: SSHLab)
     assert out["size"] == 1_000_000
     assert out["x_on"] == [a, b]  # made on a, copied to b across the bridge
     assert "CLOSED" in log.read_text()
+    bad = log.read_text().split("BAD-OPTION ", 1)[1].splitlines()[0]
+    assert "SSHClusterError" in bad and "bogus" in bad, bad  # the remote TypeError
+    assert ssh_lab.leftovers() == {}
+
+
+def test_an_async_cluster_inside_trio_with_two_workers_per_host(ssh_lab: SSHLab) -> None:
+    lab = ssh_lab.lab
+    proc, log = ssh_lab.client("async")
+    assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+    out = _result(log)
+    assert out["total"] == sum(range(1, 51))
+    workers = out["workers"]
+    assert sorted(workers) == [f"{lab.addr('a')}-1", f"{lab.addr('b')}-2"]  # type: ignore[call-overload]
+    assert all(len(v) == 2 for v in workers.values())  # type: ignore[attr-defined]
+    assert "CLOSED closed" in log.read_text()
+    assert ssh_lab.leftovers() == {}
+
+
+def test_the_ssh_command_runs_a_cluster_until_sigterm(ssh_lab: SSHLab, tmp_path: Path) -> None:
+    lab = ssh_lab.lab
+    log = tmp_path / "ssh_command.log"
+    command = lab.run(
+        "client", sys.executable, "-m", "trioscheduler", "ssh", lab.addr("a"), lab.addr("b"),
+        "--scheduler", lab.addr("sched"), "--ssh-username", "root",
+        "--ssh-private-key", str(ssh_lab.key), "--known-hosts", "none", "--nthreads", "2",
+        log=log,
+    )  # fmt: skip
+    out = test_netns._client(
+        lab,
+        tmp_path,
+        """
+        def main(client):
+            return {"workers": sorted(client.scheduler_info()["workers"]),
+                    "total": client.submit(sum, client.map(abs, range(-10, 0))).result()}
+        """,
+    )
+    assert out["total"] == 55
+    assert [w.split(":")[1] for w in out["workers"]] == [  # type: ignore[attr-defined]
+        f"//{lab.addr('a')}",
+        f"//{lab.addr('b')}",
+    ]
+    command.send_signal(signal.SIGTERM)
+    assert command.wait(timeout=60) == 0, log.read_text()[-4000:]
     assert ssh_lab.leftovers() == {}
 
 

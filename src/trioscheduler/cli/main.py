@@ -1,4 +1,4 @@
-"""The ``trioscheduler`` command: ``scheduler``, ``worker`` and ``demo``.
+"""The ``trioscheduler`` command: ``scheduler``, ``worker``, ``ssh`` and ``demo``.
 
 Each command is one ``trio.run`` whose main task holds the components in ``async with``
 blocks; SIGINT and SIGTERM cancel that task, so shutdown is the ordinary exit path of
@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("worker", help="run a worker (under a nanny by default)")
     )
 
+    from trioscheduler.cli import ssh as ssh_command
+
+    ssh_command.add_arguments(
+        sub.add_parser("ssh", help="start a scheduler and workers on other hosts over SSH")
+    )
+
     p = sub.add_parser("demo", help="start a local cluster and run a demo workload on it")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: by cores)")
     p.add_argument("--threads", type=int, default=None, help="threads per worker")
@@ -311,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             return 130
-    command = _scheduler_main if args.command == "scheduler" else run_worker
+    if args.command == "ssh":
+        from trioscheduler.cli.ssh import run as command
+    else:
+        command = _scheduler_main if args.command == "scheduler" else run_worker
     try:
         trio.run(run_until_signal, lambda: command(args))
     except KeyboardInterrupt:  # a signal that arrived before the handler was installed

@@ -31,6 +31,7 @@ import json
 import logging
 import shlex
 import sys
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -56,11 +57,11 @@ class SSHClusterError(TrioSchedulerError, RuntimeError):
 
 def _asyncssh() -> Any:
     try:
-        import asyncssh
+        with warnings.catch_warnings():  # asyncssh imports cryptography's deprecated DSA
+            warnings.filterwarnings("ignore", message="DSA is deprecated")
+            import asyncssh
     except ImportError:
-        raise ImportError(
-            "SSHCluster needs asyncssh: pip install 'trioscheduler[ssh]'"
-        ) from None
+        raise ImportError("SSHCluster needs asyncssh: pip install 'trioscheduler[ssh]'") from None
     return asyncssh
 
 
@@ -121,14 +122,14 @@ class _Remote:
             self.tail.append(text)
             logger.debug("[%s %s] %s", self.label, self.host, text)
 
-    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+    async def stop(self, grace: float = STOP_TIMEOUT) -> None:
         """Close the remote stdin (the process shuts down), wait for it, disconnect."""
         try:
-            if self.proc is not None and timeout > 0:
+            if self.proc is not None and grace > 0:
                 try:
                     self.proc.stdin.write_eof()
-                    await asyncio.wait_for(self.proc.wait_closed(), timeout)
-                except (OSError, asyncio.TimeoutError, _asyncssh().Error) as exc:
+                    await asyncio.wait_for(self.proc.wait_closed(), grace)
+                except (TimeoutError, OSError, _asyncssh().Error) as exc:
                     logger.warning("%s on %s did not stop in time: %r", self.label, self.host, exc)
         finally:
             for task in self._drains:
@@ -184,6 +185,8 @@ class SSHCluster:
         self.workers: dict[str, list[str]] = {}  # "host-i" -> addresses of its workers
         self.status = "created"
         self._life: AbstractAsyncContextManager[Any] | None = None
+        self._bridge: AsyncioThread | None = None
+        self._scheduler: _Remote | None = None
         self._handle: Any = None
         if not asynchronous:
             from trioscheduler.deploy.loop import loop_runner
@@ -269,20 +272,16 @@ class SSHCluster:
                         self._command(python, "scheduler", options=sched_opts), "scheduler",
                     )  # fmt: skip
                     remotes.append(scheduler)
+                    self._bridge, self._scheduler = bridge, scheduler
                     (self.scheduler_address,) = await bridge.call(scheduler.start, 1)
                     logger.info("scheduler at %s on %s", self.scheduler_address, self.hosts[0])
                     n = int(self.worker_options.get("n_workers", 1))
-                    async with trio.open_nursery() as nursery:
-                        for i, host in enumerate(self.hosts[1:], start=1):
-                            connect, python = self._host_options(i)
-                            opts = {"host": host, **self.worker_options}
-                            cmd = self._command(
-                                python, "worker", self.scheduler_address,
-                                "--worker-class", self.worker_class, options=opts,
-                            )  # fmt: skip
-                            remote = _Remote(host, connect, cmd, "workers")
-                            remotes.append(remote)
-                            nursery.start_soon(self._start_workers, bridge, remote, i, n)
+                    try:
+                        await self._start_all_workers(bridge, remotes, n)
+                    except BaseExceptionGroup as group:
+                        if len(group.exceptions) == 1:  # one host failed: say which way
+                            raise group.exceptions[0] from None
+                        raise
                     self.status = "running"
                     yield self
                 finally:
@@ -291,11 +290,32 @@ class SSHCluster:
                         await self._stop(bridge, remotes)
         finally:
             self.workers.clear()
+            self._bridge = self._scheduler = None
             self.status = "closed"
 
-    async def _start_workers(
-        self, bridge: AsyncioThread, remote: _Remote, i: int, n: int
+    async def _start_all_workers(
+        self, bridge: AsyncioThread, remotes: list[_Remote], n: int
     ) -> None:
+        async with trio.open_nursery() as nursery:  # every host at once
+            for i, host in enumerate(self.hosts[1:], start=1):
+                connect, python = self._host_options(i)
+                opts = {"host": host, **self.worker_options}
+                cmd = self._command(
+                    python, "worker", self.scheduler_address,
+                    "--worker-class", self.worker_class, options=opts,
+                )  # fmt: skip
+                remote = _Remote(host, connect, cmd, "workers")
+                remotes.append(remote)
+                nursery.start_soon(self._start_workers, bridge, remote, i, n)
+
+    async def finished(self) -> None:
+        """Until the scheduler's remote process has ended (e.g. its ``idle_timeout``)."""
+        bridge, scheduler = self._bridge, self._scheduler
+        if bridge is None or scheduler is None or scheduler.proc is None:
+            raise RuntimeError("the cluster is not running")
+        await bridge.call(scheduler.proc.wait_closed)
+
+    async def _start_workers(self, bridge: AsyncioThread, remote: _Remote, i: int, n: int) -> None:
         self.workers[f"{remote.host}-{i}"] = await bridge.call(remote.start, n)
 
     async def _stop(self, bridge: AsyncioThread, remotes: list[_Remote]) -> None:
