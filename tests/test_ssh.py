@@ -39,6 +39,10 @@ if mode == "close":  # a keyword the remote scheduler does not take: its error, 
         SSHCluster(hosts[:1], connect_options=options, scheduler_options={"bogus": 1})
     except Exception as exc:
         print("BAD-OPTION " + json.dumps(f"{type(exc).__name__}: {exc}"), flush=True)
+    try:  # no such interpreter on the host: the shell's complaint, here
+        SSHCluster(hosts[:1], connect_options=options, remote_python="/no/such/python")
+    except Exception as exc:
+        print("BAD-PYTHON " + json.dumps(f"{type(exc).__name__}: {exc}"), flush=True)
 with SSHCluster(hosts, connect_options=options, worker_options={"nthreads": 2},
                 scheduler_options={"port": 0}) as cluster:
     with Client(cluster) as client:
@@ -189,6 +193,9 @@ def test_a_cluster_over_ssh_computes_and_leaves_nothing_running(ssh_lab: SSHLab)
     assert "CLOSED" in log.read_text()
     bad = log.read_text().split("BAD-OPTION ", 1)[1].splitlines()[0]
     assert "SSHClusterError" in bad and "bogus" in bad, bad  # the remote TypeError
+    bad = log.read_text().split("BAD-PYTHON ", 1)[1].splitlines()[0]
+    assert "SSHClusterError" in bad and "exit status 127" in bad, bad
+    assert "/no/such/python: No such file or directory" in bad, bad
     assert ssh_lab.leftovers() == {}
 
 
