@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from trioscheduler.core.errors import KilledWorker
     from trioscheduler.deploy.cluster import LocalCluster, open_cluster
     from trioscheduler.deploy.ssh import SSHCluster
+    from trioscheduler.environments.errors import EnvironmentRefusedError
     from trioscheduler.server.datasets import DatasetExistsError
     from trioscheduler.server.nanny import Nanny
     from trioscheduler.server.scheduler import Scheduler
@@ -57,6 +58,7 @@ __all__ = [
     "Client",
     "DatasetExistsError",
     "Event",
+    "EnvironmentRefusedError",
     "Executor",
     "Future",
     "FutureCancelledError",
@@ -117,6 +119,7 @@ _LAZY = {
     "SSHCluster": "trioscheduler.deploy.ssh",
     "futures_of": "trioscheduler.client.collections",
     "DatasetExistsError": "trioscheduler.server.datasets",
+    "EnvironmentRefusedError": "trioscheduler.environments.errors",
     "Reschedule": "trioscheduler.server.task_context",
     "Future": "trioscheduler.client.futures",
     "FutureCancelledError": "trioscheduler.client.futures",

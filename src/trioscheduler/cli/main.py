@@ -292,7 +292,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-processes", action="store_true", help="everything in this process (inproc://)"
     )
+    p = sub.add_parser(
+        "pack-env",
+        help="pack a venv (or conda-pack style prefix) for Client.upload_environment",
+    )
+    p.add_argument("env", help="the environment's directory")
+    p.add_argument("-o", "--output", required=True, help="the archive to write (.tar.gz)")
     return parser
+
+
+def _pack_env(args: argparse.Namespace) -> int:
+    from trioscheduler.environments import archive
+    from trioscheduler.environments.errors import EnvironmentArchiveError
+
+    if not args.output.endswith(archive.SUFFIXES):
+        print(f"pack-env: the output must end in {' or '.join(archive.SUFFIXES)}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        env_id = archive.pack(args.env, args.output)
+    except EnvironmentArchiveError as exc:
+        print(f"pack-env: {exc}", file=sys.stderr)
+        return 1
+    size = os.path.getsize(args.output)
+    print(
+        f"{args.output}: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s; "
+        f"environment id {env_id}"
+    )
+    return 0
 
 
 _parser: argparse.ArgumentParser | None = None
@@ -311,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     level = args.log_level or ("warning" if args.command == "demo" else "info")
     configure_logging(level)
+    if args.command == "pack-env":
+        return _pack_env(args)
     if args.command == "demo":
         try:
             return _demo(args)

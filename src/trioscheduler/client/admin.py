@@ -1,5 +1,5 @@
 """Administration of the cluster from a client: functions run on the scheduler,
-uploaded files, restart, who holds what, waiting for workers.
+uploaded files, shipped environments, restart, who holds what, waiting for workers.
 
 ``Client``'s methods of the same names are thin: they check their arguments, then run
 these coroutines on the client's loop (``client.sync``). Everything here goes through
@@ -19,12 +19,15 @@ from trioscheduler.client.base import ClientBase
 from trioscheduler.client.futures import futures_of
 from trioscheduler.client.keys import check_workers
 from trioscheduler.core.errors import RESTART_REASON
+from trioscheduler.environments import EnvironmentRefusedError
+from trioscheduler.environments import transfer as env_transfer
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import uploads as _upload
 from trioscheduler.wire.remote_error import unpack_exception
 
 __all__ = [
-    "AdminMethods","restart", "run_on_scheduler", "upload_file", "wait_for_workers", "who_has"]
+    "AdminMethods","restart", "run_on_scheduler", "upload_environment", "upload_file",
+    "wait_for_workers", "who_has"]
 
 
 async def run_on_scheduler(client: ClientBase, payload: bytes) -> Any:
@@ -57,15 +60,29 @@ async def upload_file(client: ClientBase, name: str, data: bytes, load: bool = T
     return {w: "OK" for w in reply["workers"]}
 
 
-async def restart(client: ClientBase, timeout: float, wait_for_workers: bool) -> None:  # noqa: ASYNC109
+async def upload_environment(client: ClientBase, path: Any) -> str:
+    return await env_transfer.upload_path(client.rpc, path)
+
+
+async def restart(
+    client: ClientBase,
+    timeout: float,  # noqa: ASYNC109
+    wait_for_workers: bool,
+    environment: Any = None,
+) -> None:
     cluster = client.cluster
     in_process = cluster is not None and getattr(cluster, "processes", True) is False
+    if environment is not None and not env_transfer.is_environment_id(environment):
+        environment = await upload_environment(client, environment)
     with trio.fail_after(timeout):
         n_before = len(await client.rpc({"op": "nthreads"}))
         held = client.futures.snapshot()
         reply = await client.rpc(
-            {"op": "restart", "timeout": timeout, "close_workers": not in_process}
+            {"op": "restart", "timeout": timeout, "close_workers": not in_process,
+             "environment": environment}  # fmt: skip
         )
+        if reply.get("refused") is not None:  # nothing was touched
+            raise EnvironmentRefusedError(reply["refused_text"], reply["refused"])
         # Our keys were released without a message each (a late KeyCancelled could
         # cancel a future submitted again after the restart): cancel them here.
         client.futures.drop_unchanged(held)
@@ -141,15 +158,34 @@ class AdminMethods(ClientBase):
 
     # -- restart ----------------------------------------------------------------------------
 
-    def restart(self, timeout: float = 60.0, wait_for_workers: bool = True) -> Any:
+    def restart(
+        self, timeout: float = 60.0, wait_for_workers: bool = True, environment: Any = None
+    ) -> Any:
         """Restart every worker and cancel every future of every client.
 
         Nannies restart their worker processes; an in-process ``LocalCluster`` of this
         client gets new workers; other workers without a nanny are closed (a deployment
         may bring them back). Futures end ``cancelled``, their error saying the cluster
         was restarted. Published datasets are dropped.
+
+        ``environment``: a venv directory or archive (uploaded first, see
+        ``upload_environment``), an environment id, or ``"base"`` (each nanny's own
+        interpreter); None stays in the current one. The scheduler remembers it: workers
+        restarted after a crash and workers joining later start in it too. Every nanny
+        prepares it first; if any cannot, ``EnvironmentRefusedError`` names each
+        worker's reason and no worker stopped.
         """
-        return self.sync(restart, self, timeout, wait_for_workers)
+        return self.sync(restart, self, timeout, wait_for_workers, environment)
+
+    def upload_environment(self, path: Any, zipfile: Any = None) -> Any:
+        """Send a Python environment to the cluster; returns its id (the archive's sha256).
+
+        ``path``: a venv (or conda-pack style prefix) directory, packed on the fly, or an
+        archive made by ``trioscheduler pack-env``. dask 1.13's ``upload_environment(name,
+        zipfile)`` is accepted too (the id names it, so the name is not needed). Then
+        ``restart(environment=id)`` moves every worker into it.
+        """
+        return self.sync(upload_environment, self, path if zipfile is None else zipfile)
 
     # -- cluster information ----------------------------------------------------------
 

@@ -28,7 +28,13 @@ The nanny serves a few requests on its own address (``nanny.address``, announced
 scheduler as ``AddWorker.nanny``) so that a scheduler or client can restart workers:
 ``{"op": "restart", "reason": ...}`` -> ``{"status": "OK", "worker": new_address}``,
 ``{"op": "kill"}``, ``{"op": "status"}`` -> ``{"status": "OK", "worker", "pid",
-"restarts"}``.
+"restarts", "environment"}``, and ``{"op": "env_prepare", "id": sha256}`` (the first phase
+of a restart into a shipped environment).
+
+Before each start the nanny asks the scheduler which environment its workers run in
+(``trioscheduler.environments``): the base one, this nanny's own interpreter, or a
+shipped environment, which the child then runs in as ``<env>/bin/python -P -m
+trioscheduler worker ...``, always spawned.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ import psutil
 import trio
 
 from trioscheduler import wire
+from trioscheduler.environments.keeper import EnvironmentKeeper
+from trioscheduler.environments.launch import LaunchSpec
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import memory
 from trioscheduler.server.fork import (
@@ -196,6 +204,7 @@ class Nanny:
         worker_listen_address: str | None = None,
         worker_contact_address: str | None = None,
         security: Security | bool | None = None,
+        env_cache_dir: str | None = None,
     ) -> None:
         self.security = resolve_security(security)
         self._tls_argv: list[str] = []  # the worker certificate, as files the child reads
@@ -213,6 +222,11 @@ class Nanny:
         self.log_level = log_level
         self.env = env
         self.start_method = _check_start_method(start_method or default_start_method())
+        # Shipped environments; env_cache_dir (default: environments.cache) is shared by
+        # this user's nannies on the host.
+        self.environments = EnvironmentKeeper(
+            scheduler_address, env_cache_dir, connect_args(self.security, "nanny")
+        )
         self.port = port  # where the nanny listens (0: any free port)
         # passed on to each worker process (see ``server/worker_process.py``)
         self.worker_port = worker_port
@@ -366,11 +380,16 @@ class Nanny:
                         "worker": self.worker_address,
                         "pid": self.pid,
                         "restarts": self.restarts,
+                        "environment": self.environments.current,
                     }
+                elif op == "env_prepare":
+                    await self._prepare_environment(request.get("id"))
+                    reply = {"status": "OK"}
                 else:
                     reply = {
                         "status": "error",
-                        "text": f"unknown op {op!r}; a nanny knows restart, kill, status",
+                        "text": f"unknown op {op!r}; a nanny knows restart, kill, status, "
+                        "env_prepare",
                     }
             except Exception as exc:
                 reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
@@ -465,8 +484,39 @@ class Nanny:
                 )
         return _fork_hostile_library()
 
+    def _environ_base(self) -> dict[str, str]:
+        """The environment variables of a worker in a shipped environment (before
+        ``LaunchSpec.environ`` removes what would point outside it)."""
+        base = dict(os.environ if self.env is None else self.env)
+        for name, value in WORKER_ENVIRON.items():
+            base.setdefault(name, value)
+        return base
+
+    async def _prepare_environment(self, env_id: Any) -> LaunchSpec | None:
+        return await self.environments.prepare(
+            env_id, cwd=self._scratch, base_env=self._environ_base()
+        )
+
     async def _start_child(self, ready_fd: int) -> trio.Process | _ForkedProcess:
         """Fork or spawn the worker process, which announces itself on ``ready_fd``."""
+        choice = await self.environments.scheduler_choice()
+        try:
+            spec = await self._prepare_environment(choice)
+        except Exception as exc:
+            raise WorkerStartError(
+                f"cannot start the worker in environment {choice}: {exc}"
+            ) from exc
+        self.environments.current = choice if spec is not None else None
+        if spec is not None:
+            self.started_by = "spawn"
+            return await trio.lowlevel.open_process(
+                spec.argv(self._worker_argv(ready_fd)),
+                pass_fds=(ready_fd,),
+                stdin=subprocess.PIPE,
+                start_new_session=True,
+                env=spec.environ(self._environ_base()),
+                cwd=self._scratch,
+            )
         why = self.fork_unsafe()
         if why is None:
             try:

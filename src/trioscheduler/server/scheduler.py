@@ -25,8 +25,9 @@ Anything malformed closes only the connection it came on, with a logged reason.
 Beyond the core, the shell keeps what lives on the scheduler but is not task state:
 published datasets (``datasets.DatasetStore``, whose holders want keys through ordinary
 client events), uploaded files (``_upload.UploadStore``, installed on each joining worker
-before its ``AddWorker`` reaches the core), and ``restart`` (cancel every client's keys,
-then have the nannies restart their workers).
+before its ``AddWorker`` reaches the core), shipped Python environments and the current
+one (``environments.store``), and ``restart`` (cancel every client's keys, then have the
+nannies restart their workers, into another environment after every nanny prepared it).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
 from trioscheduler.core.errors import RESTART_REASON
 from trioscheduler.core.scheduler import SchedulerState
+from trioscheduler.environments import EnvironmentRefusedError
+from trioscheduler.environments.store import EnvironmentStore
+from trioscheduler.environments.twophase import prepare_everywhere
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
 from trioscheduler.server.preload import preloads
@@ -245,6 +249,8 @@ class Scheduler:
         self.datasets = DatasetStore(self._feed_client_event)
         self.uploads = UploadStore()
         self.coordination = CoordinationHost(self._feed_client_event, validate=validate)
+        self.environments = EnvironmentStore()  # shipped environments, and the current one
+        self._env_lock = trio.Lock()  # one chunk at a time into the store
         self._pool: wire.ConnectionPool | None = None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -273,6 +279,7 @@ class Scheduler:
                 self._record_file.write(
                     self._packer.pack(recorder.header("scheduler", self._core_kwargs))
                 )
+            stack.callback(self.environments.close)
             self._pool = await stack.enter_async_context(
                 wire.ConnectionPool(
                     role="scheduler",
@@ -814,6 +821,15 @@ class Scheduler:
         ``timeout``, until every restarted worker joined again.
         """
         timeout = float(request.get("timeout", 60))
+        nannies = {addr: ws.nanny for addr, ws in self.state.workers.items() if ws.nanny}
+        plain = sorted(addr for addr in self.state.workers if addr not in nannies)
+        environment = request.get("environment")  # None: stay in the current one
+        if environment is not None:
+            try:
+                await self._prepare_environment(environment, nannies, plain, timeout)
+            except EnvironmentRefusedError as exc:  # nothing was touched
+                return {"restarted": [], "plain": plain, "errors": {}, "refused": exc.reasons,
+                        "refused_text": str(exc)}  # fmt: skip
         self.datasets.clear()
         requester = request.get("client")  # cancels its own futures when we answer
         for cid, cs in list(self.state.clients.items()):
@@ -824,8 +840,6 @@ class Scheduler:
                 for key in keys:
                     self._send(self._clients, cid, m.KeyCancelled(key, RESTART_REASON))
             self._feed_client_event(m.ClientReleasesKeys, cid, keys)
-        nannies = {addr: ws.nanny for addr, ws in self.state.workers.items() if ws.nanny}
-        plain = sorted(addr for addr in self.state.workers if addr not in nannies)
         if request.get("close_workers", True):
             for addr in plain:
                 self._send(self._workers, addr, m.CloseWorker(addr, "restart"))
@@ -867,6 +881,46 @@ class Scheduler:
     async def _op_coord_wait(self, request: dict[str, Any]) -> Any:
         return await self.coordination.answer(request, wait_ok=True)
 
+    # -- shipped environments (trioscheduler.environments) -------------------------------
+
+    async def _prepare_environment(
+        self,
+        env_id: str,
+        nannies: dict[str, str],
+        plain: list[str],
+        timeout: float,  # noqa: ASYNC109
+    ) -> None:
+        """Phase one of a restart into ``env_id``; on success it becomes the current one."""
+        if env_id != "base":
+            if not isinstance(env_id, str) or not self.environments.has(env_id):
+                raise EnvironmentRefusedError(
+                    f"the scheduler has no environment {env_id!r:.80}: upload_environment() it first"
+                )
+            assert self._pool is not None
+            await prepare_everywhere(self._pool, nannies, plain, env_id, timeout)
+        # Set before the restart proper: a worker restarting meanwhile starts in it too.
+        self.environments.current = None if env_id == "base" else env_id
+
+    async def _op_env_has(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        env_id = request["id"]
+        return self.environments.manifests[env_id] if self.environments.has(env_id) else None
+
+    async def _op_env_put(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        async with self._env_lock:
+            return await trio.to_thread.run_sync(
+                lambda: self.environments.put(
+                    request["id"], int(request["offset"]), request["data"], bool(request.get("final"))
+                )
+            )
+
+    async def _op_env_get(self, request: dict[str, Any]) -> tuple[bytes, int]:
+        return await trio.to_thread.run_sync(
+            self.environments.read, request["id"], int(request["offset"]), int(request["length"])
+        )
+
+    async def _op_env_current(self, request: dict[str, Any]) -> str | None:
+        return self.environments.current
+
     _rpc_handlers: dict[str, Callable[[Scheduler, dict[str, Any]], Any]] = {
         "identity": _op_identity,
         "scheduler_info": _op_identity,
@@ -888,6 +942,10 @@ class Scheduler:
         "start_ipython": _op_start_ipython,
         "coord": _op_coord,
         "coord_wait": _op_coord_wait,
+        "env_has": _op_env_has,
+        "env_put": _op_env_put,
+        "env_get": _op_env_get,
+        "env_current": _op_env_current,
     }
 
 

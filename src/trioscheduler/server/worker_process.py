@@ -292,6 +292,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pid-file", help="write the process id to this file (removed at exit)")
     tls_arguments(p)
+    p.add_argument(
+        "--env-cache-dir",
+        help="where shipped environments are unpacked, shared by this user's nannies on the "
+        "host (default: $TRIOSCHEDULER_ENV_CACHE, else ~/.cache/trioscheduler/envs)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nanny-address", help=argparse.SUPPRESS)
@@ -420,6 +425,7 @@ async def _run(args: argparse.Namespace) -> None:
                 preload_nanny=args.preload_nanny,
                 worker_listen_address=args.listen_address,
                 worker_contact_address=args.contact_address,
+                env_cache_dir=args.env_cache_dir,
                 **common,
             )
     else:
