@@ -78,6 +78,7 @@ async def test_restart_on_kill_and_on_request(
                         "worker": second_addr,
                         "pid": nanny.pid,
                         "restarts": 1,
+                        "environment": None,  # the base one (trioscheduler.environments)
                     }
                     await stream.send({"op": "restart", "reason": "asked over the wire"})
                     reply = await stream.receive()
