@@ -339,3 +339,44 @@ def test_an_old_style_zip_is_accepted(shipped: Path, tmp_path: Path) -> None:
         cleanup()
     hello = subprocess.run([str(env / "bin" / "marker-hello")], capture_output=True, text=True)
     assert hello.stdout.split() == ["marker", envkit.MARKER_VERSION, str(env)], hello.stderr
+
+
+def test_a_prefix_environment_runs_as_it_is(tmp_path: Path) -> None:
+    """A conda-pack style prefix (its own ``bin/python``, no ``pyvenv.cfg``): not
+    re-based; its ``bin/conda-unpack`` runs once, in place, before it counts as ready;
+    the worker's interpreter is the prefix's own ``bin/python``."""
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    python = prefix / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexport FROM_PREFIX=yes\nexec {sys.executable} "$@"\n')
+    unpack = prefix / "bin" / "conda-unpack"
+    unpack.write_text('#!/bin/sh\necho fixed > "$(dirname "$0")/../unpacked-here"\n')
+    for script in (python, unpack):
+        script.chmod(0o755)
+    env_id = archive.pack(prefix, tmp_path / "prefix.tar.gz")
+    assert archive.read_manifest(tmp_path / "prefix.tar.gz")["kind"] == "prefix"
+
+    root = tmp_path / "cache"
+    env = cache.materialize(tmp_path / "prefix.tar.gz", env_id, root)
+    assert (env / "unpacked-here").read_text() == "fixed\n"  # ran where it now lies
+    assert (env / "bin" / "python").read_text() == python.read_text()  # not re-based
+    spec = prepare_launch(
+        env_id, env, cwd=str(tmp_path), cache_root=root, base_env=dict(os.environ)
+    )
+    done = subprocess.run(
+        spec.argv(["--version"]), capture_output=True, text=True, env=spec.environ(os.environ)
+    )
+    assert done.returncode == 0 and "trioscheduler" in done.stdout, done.stderr
+    probe = subprocess.run(
+        [spec.python, "-c", "import os; print(os.environ['FROM_PREFIX'])"],
+        capture_output=True,
+        text=True,
+        env=spec.environ(os.environ),
+    )
+    assert probe.stdout.strip() == "yes"
+    # Another platform's prefix is refused on this host.
+    other = envkit.rewrite_archive(
+        tmp_path / "prefix.tar.gz", tmp_path / "arm.tar.gz", platform="linux-aarch64"
+    )
+    with pytest.raises(IncompatibleEnvironmentError, match="platform: env 'linux-aarch64'"):
+        cache.materialize(other, archive.sha256_file(other), root)
