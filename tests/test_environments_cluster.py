@@ -170,11 +170,15 @@ async def test_refused_environments_stop_no_worker(
                 assert await c.submit(sum, [1, 2], pure=False) == 3
 
 
-async def test_shim_and_a_big_file_arrive_intact(
+async def test_shim_and_a_big_file_arrive_intact_over_tls(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An environment without trioscheduler (only its dependencies) runs with the nanny's
-    trioscheduler, with a warning; a 20 MB file (several chunks) arrives intact."""
+    trioscheduler, with a warning; a 20 MB file (several chunks) arrives intact, over
+    the TLS connections of a cluster with certificates."""
+    pytest.importorskip("cryptography")
+    from trioscheduler import Security
+
     env = envkit.make_venv(tmp_path / "deps-only", overlay="plain")
     (envkit.site_packages(env) / "marker.py").write_text("VERSION = 'shim-1'\n")
     blob = os.urandom(20 * 2**20)
@@ -183,8 +187,14 @@ async def test_shim_and_a_big_file_arrive_intact(
     caplog.set_level(logging.WARNING, logger="trioscheduler.environments")
     with trio.fail_after(TIMEOUT):
         async with open_cluster(
-            1, 1, memory_limit=0, start_method="spawn", env_cache_dir=str(tmp_path / "cache")
+            1,
+            1,
+            memory_limit=0,
+            start_method="spawn",
+            env_cache_dir=str(tmp_path / "cache"),
+            security=Security.temporary(),
         ) as cluster:
+            assert cluster.scheduler_address.startswith("tls://")
             async with Client(cluster, asynchronous=True) as c:
                 env_id = await c.upload_environment(str(env))
                 assert cluster.scheduler.environments.path(env_id).stat().st_size > 2 * 8 * 2**20  # type: ignore[union-attr]
