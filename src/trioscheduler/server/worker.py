@@ -39,6 +39,7 @@ import psutil
 import trio
 
 from trioscheduler import wire
+from trioscheduler.core import shm_policy
 from trioscheduler.core.messages import (
     AddWorker,
     CloseWorker,
@@ -69,6 +70,7 @@ from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.server.preload import preloads
 from trioscheduler.wire import serialize
+from trioscheduler.wire import shm
 from trioscheduler.wire.address import tcp_address
 from trioscheduler.wire.remote_error import pack_exception
 from trioscheduler.wire.security import Security, connect_args, listen_args
@@ -101,6 +103,10 @@ def _now() -> float:
 def _stimulus(kind: str) -> str:
     return f"{kind}-{time.time()}"
 
+
+#: ``0`` switches same-host shared-memory transfers off for workers started without
+#: ``shared_memory=`` (e.g. the processes of a ``LocalCluster``).
+SHARED_MEMORY_ENV = "TRIOSCHEDULER_SHARED_MEMORY"
 
 _RETIRE_GRACE = 10.0  # seconds a retiring worker waits for the scheduler to close it
 
@@ -141,6 +147,7 @@ class Worker:
         lifetime_stagger: float = 0.0,
         lifetime_restart: bool = False,
         security: Security | bool | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
@@ -171,6 +178,13 @@ class Worker:
         if lifetime is not None and lifetime_stagger:
             self.lifetime = max(0.0, lifetime + random.uniform(-lifetime_stagger, lifetime_stagger))
         self.lifetime_restart = lifetime_restart
+        # Large buffers to and from workers on this host go through shared memory
+        # (``wire.shm``); the threshold is ``shm_policy``'s. Default: on, unless the
+        # environment says ``TRIOSCHEDULER_SHARED_MEMORY=0``.
+        if shared_memory is None:
+            shared_memory = os.environ.get(SHARED_MEMORY_ENV, "1").strip() not in ("0", "")
+        self.shared_memory = shared_memory and shm.HOST_ID is not None
+        self.shared_memory_threshold = shm_policy.SHM_MIN_BYTES
         self.restart_after_close = False  # a nanny should start a new worker after us
 
         self.address: str = ""
@@ -501,6 +515,8 @@ class Worker:
                 rss = int(self._process.memory_info().rss)
             except psutil.Error:
                 rss = 0
+            if self.shared_memory:  # shared segments count once per host
+                rss = shm_policy.process_memory(rss, shm.rss_shared(), shm.owned_bytes())
             self.handle(
                 MemoryMeasured(
                     stimulus_id=_stimulus("memory-measured"), now=_now(), process_memory=rss
@@ -835,7 +851,10 @@ class Worker:
         """One ``get_data`` round trip; raises on a failed transfer or an error reply."""
         assert self._pool is not None
         async with self._pool.connect(peer) as stream:
-            await stream.send({"op": "get_data", "keys": list(keys)})
+            request: dict[str, Any] = {"op": "get_data", "keys": list(keys)}
+            if self.shared_memory:
+                request["shm"] = shm.HOST_ID
+            await stream.send(request)
             reply = await stream.receive()
         if not isinstance(reply, dict) or reply.get("status") != "OK":
             text = reply.get("text") if isinstance(reply, dict) else repr(reply)
@@ -916,7 +935,7 @@ class Worker:
             }
         op = request.get("op")
         if op == "get_data":
-            return await self._get_data(request["keys"])
+            return await self._get_data(request["keys"], request.get("shm"))
         if op == "update_data":
             return self._update_data(request["data"])
         if op == "run":
@@ -941,23 +960,44 @@ class Worker:
             "start_ipython, actor_execute, actor_attribute",
         }
 
-    async def _get_data(self, keys: list[Any]) -> dict[str, Any]:
+    async def _get_data(self, keys: list[Any], peer_host: Any = None) -> dict[str, Any]:
         store = self.store
         assert store is not None
         data: dict[Any, Any] = {}
         missing: list[Any] = []
+        share = shm_policy.use_shared_memory(shm.HOST_ID, peer_host, self.shared_memory)
         for key in keys:
             value = store.get_in_memory(key)
             if not store.is_missing(value):
+                if share:
+                    value = await self._share(key, value, in_memory=True)
                 data[key] = value
             elif key in store.spilled:
                 try:  # disk reads off the loop; the value may be deleted meanwhile
-                    data[key] = await trio.to_thread.run_sync(store.__getitem__, key)
+                    value = await trio.to_thread.run_sync(store.__getitem__, key)
                 except KeyError:
                     missing.append(key)
+                    continue
+                if share:
+                    value = await self._share(key, value, in_memory=False)
+                data[key] = value
             else:
                 missing.append(key)
         return {"status": "OK", "data": data, "missing": missing}
+
+    async def _share(self, key: Any, value: Any, *, in_memory: bool) -> Any:
+        """``value`` with its large buffers in shared memory, for a peer on this host.
+
+        The first time, the buffers are copied into segments (in a thread) and this
+        worker's own value is swapped for the copy in the segments: one copy per host.
+        """
+        threshold = self.shared_memory_threshold
+        if not shm_policy.share_buffer(_sizeof(value), threshold):
+            return value
+        sent, rebuilt = await trio.to_thread.run_sync(shm.share, value, threshold)
+        if rebuilt is not None and in_memory and self.store is not None:
+            self.store.replace(key, value, rebuilt)
+        return sent
 
     def _update_data(self, data: dict[Any, Any]) -> dict[str, Any]:
         assert self.store is not None
