@@ -101,29 +101,39 @@ def test_small_values_are_not_shared() -> None:
 
 def test_bad_references_are_refused_with_a_reason() -> None:
     sent, _ = shm.share(make(2 * MB, 3))
-    host, pid, fd, token, offset, size = sent.parts[0]
+    host, pid, fd, token, gen, offset, size = sent.parts[0]
     with pytest.raises(shm.SharedMemoryError, match="another host"):
-        shm.attach(("someone-else", pid, fd, token, offset, size))
+        shm.attach(("someone-else", pid, fd, token, gen, offset, size))
     with pytest.raises(shm.SharedMemoryError, match="malformed"):
-        shm.attach((host, pid, fd, "../x", offset, size))
+        shm.attach((host, pid, fd, "../x", gen, offset, size))
     with pytest.raises(shm.SharedMemoryError, match="not segment"):
-        shm.attach((host, pid, 0, token, offset, size))  # stdin is not the segment
+        shm.attach((host, pid, 0, token, gen, offset, size))  # stdin is not the segment
     with pytest.raises(shm.SharedMemoryError, match="has .* bytes"):
-        shm.attach((host, pid, fd, token, offset, size + 1))
+        shm.attach((host, pid, fd, token, gen, offset, size + 1))
+    with pytest.raises(shm.SharedMemoryError, match="reused"):
+        shm.attach((host, pid, fd, token, gen + 1, offset, size))
     with pytest.raises(serialize.DeserializationError, match="another host"):
-        bad = shm.Shared(sent.data, [("x", pid, fd, token, offset, size)], size)
+        bad = shm.Shared(sent.data, [("x", pid, fd, token, gen, offset, size)], size)
         serialize.loads(serialize.dumps(bad))
 
 
-def test_segments_are_freed_with_their_last_holder() -> None:
+def test_segments_are_reused_only_once_nobody_else_maps_them() -> None:
+    shm.release_segments()
     sent, rebuilt = shm.share(make(2 * MB, 4))
     token = sent.parts[0][3]
     received = serialize.loads(serialize.dumps(sent))
-    assert token in shm.segments_of(os.getpid()) and shm.owned_bytes() >= 2 * MB
-    del sent, rebuilt
-    assert token in shm.segments_of(os.getpid())  # the received copy still maps it
-    del received
-    assert token not in shm.segments_of(os.getpid())
+    assert shm.owned_bytes() >= 2 * MB
+    del sent, rebuilt  # the sender lets go; the receiver still maps it (its own lock)
+    other, _ = shm.share(make(2 * MB, 5))
+    assert other.parts[0][3] != token  # a receiver holds it: a new segment
+    assert np.array_equal(received, make(2 * MB, 4))
+    del received, other, _
+    again, kept = shm.share(make(2 * MB, 6))  # now free: reused, a new generation
+    assert again.parts[0][3] == token
+    assert np.array_equal(serialize.loads(serialize.dumps(again)), make(2 * MB, 6))
+    del again, kept
+    shm.release_segments()
+    assert token not in shm.segments_of(os.getpid()) and shm.owned_bytes() == 0
 
 
 @given(

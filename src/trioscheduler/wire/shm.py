@@ -28,6 +28,7 @@ import mmap
 import os
 import pickle
 import secrets
+import struct
 import threading
 import weakref
 from collections.abc import Callable
@@ -40,7 +41,6 @@ from trioscheduler.errors import TrioSchedulerError
 
 PREFIX: Final = "trioscheduler-"
 _SEALS: Final = getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4)
-_SEAL_WRITE: Final = getattr(fcntl, "F_SEAL_WRITE", 8)
 
 
 class SharedMemoryError(TrioSchedulerError, OSError):
@@ -69,10 +69,115 @@ HOST_ID: Final = _host_id()
 class _Mapping(mmap.mmap):
     """A copy-on-write mapping of a whole segment, with the descriptor it came from."""
 
-    fd: int
+    fd: int  # this mapping's own descriptor, closed with it
+    shared_fd: int  # what other processes open to map the segment
     token: str
-    nbytes: int
-    created: bool
+    generation: int
+    nbytes: int  # the data area (the segment's size without its generation footer)
+
+
+_FOOTER: Final = struct.Struct("<Q")  # the segment's generation, after its data area
+
+
+class _Segment:
+    """A segment this process created: its own descriptor and a writable mapping.
+
+    Reused for a later buffer once every other holder has let it go: each receiver
+    holds a shared ``flock`` on its own descriptor for as long as it maps the segment,
+    so an exclusive lock succeeds only when nobody else can see it (a killed holder's
+    lock goes with it). A reuse bumps the generation in the footer; a reference to an
+    older generation is refused, never read.
+    """
+
+    __slots__ = ("capacity", "fd", "generation", "token", "writer")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = secrets.token_hex(8)
+        self.generation = 0
+        self.fd = os.memfd_create(PREFIX + self.token, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, capacity + _FOOTER.size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)  # never shrinks under a reader
+            self.writer = mmap.mmap(self.fd, capacity + _FOOTER.size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def fill(self, view: memoryview) -> None:
+        self.generation += 1
+        _FOOTER.pack_into(self.writer, self.capacity, self.generation)
+        flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        memoryview(self.writer)[: flat.nbytes] = flat
+
+    def close(self) -> None:
+        self.writer.close()
+        os.close(self.fd)
+
+
+class _Pool:
+    """Segments this process created: in use (mapped by its own values) or free.
+
+    Free segments are kept (their pages warm: a fresh shared page costs far more than
+    copying into a used one) up to ``max_free`` segments and ``retain_bytes``.
+    """
+
+    def __init__(self, max_free: int = 4, retain_bytes: int = 256 << 20) -> None:
+        self.lock = threading.Lock()
+        self.free: list[_Segment] = []
+        self.owned = 0  # bytes of every segment this process created and holds
+        self.max_free = max_free
+        self.retain_bytes = retain_bytes
+
+    def take(self, view: memoryview) -> _Segment:
+        n = view.nbytes
+        with self.lock:
+            for k, seg in enumerate(self.free):
+                if n <= seg.capacity <= n + n // 8 + mmap.PAGESIZE and _exclusive(seg.fd):
+                    del self.free[k]
+                    break
+            else:
+                seg = None
+        if seg is None:
+            seg = _Segment(n)
+            with self.lock:
+                self.owned += seg.capacity
+            seg.fill(view)
+            return seg
+        try:
+            seg.fill(view)
+        finally:
+            fcntl.flock(seg.fd, fcntl.LOCK_UN)
+        return seg
+
+    def give_back(self, seg: _Segment) -> None:
+        with self.lock:
+            self.free.append(seg)
+            drop: list[_Segment] = []
+            kept = sum(s.capacity for s in self.free)
+            while self.free and (len(self.free) > self.max_free or kept > self.retain_bytes):
+                old = self.free.pop(0)
+                kept -= old.capacity
+                drop.append(old)
+            self.owned -= sum(s.capacity for s in drop)
+        for old in drop:
+            old.close()
+
+    def release(self) -> None:
+        """Close every free segment (their pages go once no receiver maps them)."""
+        with self.lock:
+            drop, self.free = self.free, []
+            self.owned -= sum(s.capacity for s in drop)
+        for old in drop:
+            old.close()
+
+
+def _exclusive(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 class _Registry:
@@ -81,26 +186,23 @@ class _Registry:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.by_start: dict[int, weakref.ref[_Mapping]] = {}
-        self.owned = 0  # bytes of live segments this process created
 
-    def add(self, m: _Mapping) -> int:
+    def add(self, m: _Mapping, segment: _Segment | None) -> None:
         start = _address(memoryview(m))
         assert start is not None
         with self.lock:
             self.by_start[start] = weakref.ref(m)
-            if m.created:
-                self.owned += m.nbytes
-        weakref.finalize(m, self._drop, start, m.fd, m.nbytes if m.created else 0)
-        return start
+        weakref.finalize(m, self._drop, start, m.fd, segment)
 
-    def _drop(self, start: int, fd: int, owned: int) -> None:
+    def _drop(self, start: int, fd: int, segment: _Segment | None) -> None:
         with self.lock:
             self.by_start.pop(start, None)
-            self.owned -= owned
         try:
-            os.close(fd)
+            os.close(fd)  # (a receiver's shared lock goes with its last descriptor)
         except OSError:
             pass
+        if segment is not None:
+            _pool.give_back(segment)
 
     def find(self, addr: int, nbytes: int) -> tuple[_Mapping, int] | None:
         """The mapping holding ``[addr, addr + nbytes)`` and the offset in it, if any."""
@@ -114,11 +216,17 @@ class _Registry:
 
 
 _registry = _Registry()
+_pool = _Pool()
 
 
 def owned_bytes() -> int:
-    """Bytes of shared segments this process created and still holds."""
-    return _registry.owned
+    """Bytes of shared segments this process created and still holds (in use or free)."""
+    return _pool.owned
+
+
+def release_segments() -> None:
+    """Drop free segments kept for reuse (e.g. under memory pressure)."""
+    _pool.release()
 
 
 def rss_shared() -> int:
@@ -149,28 +257,27 @@ def _address(view: memoryview) -> int | None:
 
 
 def _create(view: memoryview) -> _Mapping:
-    """A new sealed segment holding a copy of ``view``, mapped copy-on-write."""
-    size = view.nbytes
-    token = secrets.token_hex(8)
-    fd = os.memfd_create(PREFIX + token, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    """``view`` copied into a segment (a free one if possible), mapped copy-on-write."""
+    seg = _pool.take(view)
     try:
-        os.ftruncate(fd, size)
-        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as w:
-            memoryview(w)[:] = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        try:  # immutable from now on (no shared writable mapping is left)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | _SEAL_WRITE)
-        except OSError:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-        m = _Mapping(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        fd = os.dup(seg.fd)
+        try:
+            m = _Mapping(fd, seg.capacity, flags=mmap.MAP_PRIVATE, prot=_RW)
+        except BaseException:
+            os.close(fd)
+            raise
     except BaseException:
-        os.close(fd)
+        _pool.give_back(seg)
         raise
-    m.fd, m.token, m.nbytes, m.created = fd, token, size, True
-    _registry.add(m)
+    m.fd, m.shared_fd, m.token, m.generation = fd, seg.fd, seg.token, seg.generation
+    m.nbytes = seg.capacity
+    _registry.add(m, seg)
     return m
 
 
-Ref = tuple[str, int, int, str, int, int]  # host, pid, fd, token, offset, size
+_RW: Final = mmap.PROT_READ | mmap.PROT_WRITE
+
+Ref = tuple[str, int, int, str, int, int, int]  # host, pid, fd, token, generation, offset, size
 
 
 def _export(view: memoryview) -> tuple[Ref, memoryview]:
@@ -183,7 +290,7 @@ def _export(view: memoryview) -> tuple[Ref, memoryview]:
         m, offset = found
     else:
         m, offset = _create(view), 0
-    ref = (HOST_ID, os.getpid(), m.fd, m.token, offset, nbytes)
+    ref = (HOST_ID, os.getpid(), m.shared_fd, m.token, m.generation, offset, nbytes)
     return ref, memoryview(m)[offset : offset + nbytes]
 
 
@@ -263,10 +370,10 @@ def share(value: Any, threshold: int = shm_policy.SHM_MIN_BYTES) -> tuple[Any, A
 def attach(ref: Any) -> memoryview:
     """Map the bytes ``ref`` names (copy-on-write); raises ``SharedMemoryError``."""
     try:
-        host, pid, fd, token, offset, size = ref
+        host, pid, fd, token, generation, offset, size = ref
         if not (
             isinstance(host, str) and isinstance(token, str) and token.isalnum()
-            and all(type(x) is int and x >= 0 for x in (pid, fd, offset, size))
+            and all(type(x) is int and x >= 0 for x in (pid, fd, generation, offset, size))
         ):  # fmt: skip
             raise ValueError
     except (TypeError, ValueError):
@@ -288,16 +395,29 @@ def attach(ref: Any) -> memoryview:
             raise SharedMemoryError(f"process {pid}'s descriptor {fd} is not segment {token}")
         if not fcntl.fcntl(mine, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
             raise SharedMemoryError(f"segment {token} is not sealed against shrinking")
-        total = os.fstat(mine).st_size
-        if offset + size > total or total == 0:
+        if not _shared_lock(mine):  # held until this mapping's descriptors are closed
+            raise SharedMemoryError(f"segment {token} is being rewritten (the sender let it go)")
+        total = os.fstat(mine).st_size - _FOOTER.size
+        if offset + size > total or total <= 0:
             raise SharedMemoryError(f"segment {token} has {total} bytes, not {offset + size}")
-        m = _Mapping(mine, total, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        (current,) = _FOOTER.unpack(os.pread(mine, _FOOTER.size, total))
+        if current != generation:
+            raise SharedMemoryError(f"segment {token} was reused (the sender let it go)")
+        m = _Mapping(mine, total, flags=mmap.MAP_PRIVATE, prot=_RW)
     except BaseException:
         os.close(mine)
         raise
-    m.fd, m.token, m.nbytes, m.created = mine, token, total, False
-    _registry.add(m)
+    m.fd, m.shared_fd, m.token, m.generation, m.nbytes = mine, mine, token, generation, total
+    _registry.add(m, None)
     return _slice(m, offset, size)
+
+
+def _shared_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _slice(m: _Mapping, offset: int, size: int) -> memoryview:
