@@ -661,7 +661,7 @@ class Worker:
         self.runner.release(key)
         self.handle(SecedeEvent(stimulus_id=_stimulus("secede"), now=_now(), key=key))
 
-    def _execute(self, key: Any, run_spec: bytes | None) -> None:
+    def _execute(self, key: Any, run_spec: Any | None) -> None:
         """Carry out ``Execute``: take the key's slot and queue it for a task thread.
 
         The core never starts more than ``nthreads`` tasks, but a task that rejoined
@@ -686,7 +686,7 @@ class Worker:
         assert self.store is not None
         self._executor.submit(key, run_spec, self.store)
 
-    async def _execute_when_free(self, key: Any, run_spec: bytes) -> None:
+    async def _execute_when_free(self, key: Any, run_spec: Any) -> None:
         await self.runner.slots.acquire_on_behalf_of(key)
         self._executing.add(key)
         assert self.store is not None
