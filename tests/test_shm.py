@@ -196,3 +196,23 @@ def test_kill_9_leaves_nothing_behind(victim: str) -> None:
         os.kill(alive, signal.SIGKILL)
         wait_until(lambda: holders(token) == [])
     assert dev_shm() <= before
+
+
+def _spill(key: Any, dask_worker: Any) -> bool:
+    return bool(dask_worker.store.spill(key)) and key in dask_worker.store.spilled
+
+
+def test_a_shared_value_spills_and_comes_back_right() -> None:
+    n = 8 * MB
+    with LocalCluster(2, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        x = c.submit(make, n, 7, workers=[a])
+        on_b = c.submit(probe, x, workers=[b], pure=False).result()
+        token = token_of(on_b["where"])
+        pid_b = pid_of(c, b)
+        assert c.run(_spill, x.key, workers=[b])[b] is True
+        assert pid_b not in holders(token)  # spilling let the segment go on B
+        back = c.submit(probe, x, workers=[b], pure=False).result()
+        assert back["sum"] == on_b["sum"] and not back["where"].startswith("/memfd:")
+        assert c.run(_spill, x.key, workers=[a])[a] is True  # the sender's copy too
+        assert holders(token) in ([], [pid_of(c, a)])  # at most in A's pool of free segments
