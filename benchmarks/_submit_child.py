@@ -1,8 +1,10 @@
 """One sample of ``submit-large`` (``benchmarks.submit_large``), in a fresh process.
 
-``python -m benchmarks._submit_child trio|dask|trio-inband [--quick]``: a one-worker
-process cluster; after a warm-up, the seconds of ``submit(nbytes_of, a,
-pure=False).result()`` with ``a`` a 500 MB numpy array made on the client (median of 3).
+``python -m benchmarks._submit_child trio|dask|trio-inband [--quick] [--scatter]``: a
+one-worker process cluster; after a warm-up, the seconds of ``submit(nbytes_of, a,
+pure=False).result()`` with ``a`` a 500 MB numpy array made on the client (median of 3);
+with ``--scatter``, of ``c.submit(nbytes_of, c.scatter(a)).result()`` (a new array each
+time, so no sample finds the previous one's key).
 ``trio-inband`` is ours with out-of-band run specs switched off (the previous path).
 """
 
@@ -39,10 +41,18 @@ def main() -> None:
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, **kw) as cluster:
         with Client(cluster) as c:
             c.submit(nbytes_of, a[:10], pure=False).result()
-            for _ in range(3):
-                start = time.perf_counter()
-                assert c.submit(nbytes_of, a, pure=False).result() == n
-                times.append(time.perf_counter() - start)
+            for i in range(3):
+                if "--scatter" in sys.argv:
+                    a[0] = i  # a new value: a new key
+                    start = time.perf_counter()
+                    f = c.scatter(a)
+                    assert c.submit(nbytes_of, f, pure=False).result() == n
+                    times.append(time.perf_counter() - start)
+                    del f
+                else:
+                    start = time.perf_counter()
+                    assert c.submit(nbytes_of, a, pure=False).result() == n
+                    times.append(time.perf_counter() - start)
                 time.sleep(0.2)
     print(json.dumps({"seconds": statistics.median(times), "samples": times}))
 

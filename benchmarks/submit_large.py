@@ -6,7 +6,8 @@ process cluster; the figure is the seconds of ``submit(nbytes_of, a, pure=False)
 
 * ``submit-large``: ours against dask.distributed;
 * ``submit-large-inband``: ours against ours with the run spec pickled in line (the
-  path before out-of-band run specs: the array copied into the pickle on the client).
+  path before out-of-band run specs: the array copied into the pickle on the client);
+* ``scatter-large``: ``c.submit(nbytes_of, c.scatter(a)).result()``, ours against dask.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from benchmarks._harness import Measure, register
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _child(system: str) -> Measure:
+def _child(system: str, *extra: str) -> Measure:
     def measure(quick: bool) -> float:
-        cmd = [sys.executable, "-m", "benchmarks._submit_child", system,
+        cmd = [sys.executable, "-m", "benchmarks._submit_child", system, *extra,
                *(["--quick"] if quick else [])]  # fmt: skip
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True,
                               text=True, timeout=300)  # fmt: skip
@@ -48,4 +49,11 @@ register(
     "in line (the array copied into the pickle on the client, as before issue 20).",
     unit="s", higher_is_better=False, ours=_child("trio"), reference=_child("trio-inband"),
     reference_label="trioscheduler, run spec in line", target=1.0,
+)  # fmt: skip
+register(
+    "scatter-large", description="s of c.submit(nbytes_of, c.scatter(a)).result(), a a 500 MB "
+    "numpy array (hashed for its key in both), one-worker process cluster.",
+    unit="s", higher_is_better=False, ours=_child("trio", "--scatter"),
+    reference=_child("dask", "--scatter"), reference_label="dask.distributed (default)",
+    target=1.0,
 )  # fmt: skip
