@@ -140,10 +140,13 @@ def test_segments_are_reused_only_once_nobody_else_maps_them() -> None:
     local=st.one_of(st.none(), st.text(max_size=3)),
     peer=st.one_of(st.none(), st.integers(), st.text(max_size=3)),
     enabled=st.booleans(),
+    peer_pid=st.one_of(st.none(), st.integers(1, 3)),
 )
-def test_policy_shares_only_between_equal_known_hosts(local: Any, peer: Any, enabled: bool) -> None:
-    ok = shm_policy.use_shared_memory(local, peer, enabled)
-    assert ok == (enabled and local is not None and peer == local and bool(local))
+def test_policy_shares_only_between_processes_of_one_known_host(
+    local: Any, peer: Any, enabled: bool, peer_pid: Any
+) -> None:
+    ok = shm_policy.use_shared_memory(local, peer, enabled, 2, peer_pid)
+    assert ok == (enabled and local is not None and peer == local and bool(local) and peer_pid != 2)
 
 
 @given(rss=st.integers(0, 1 << 40), shared=st.integers(0, 1 << 40), owned=st.integers(0, 1 << 40))
@@ -216,3 +219,40 @@ def test_a_shared_value_spills_and_comes_back_right() -> None:
         assert back["sum"] == on_b["sum"] and not back["where"].startswith("/memfd:")
         assert c.run(_spill, x.key, workers=[a])[a] is True  # the sender's copy too
         assert holders(token) in ([], [pid_of(c, a)])  # at most in A's pool of free segments
+
+
+def _segments_cannot_be_mapped() -> None:
+    """What a host that forbids opening another process's descriptors does (we cannot
+    run such a kernel here, so the worker's own ``attach`` is made to fail that way)."""
+
+    def refuse(ref: Any) -> Any:
+        raise shm.SharedMemoryError("opening /proc/<pid>/fd: permission denied")
+
+    shm.attach = refuse
+
+
+def test_a_receiver_that_cannot_map_falls_back_to_the_socket() -> None:
+    n = 4 * MB
+    with LocalCluster(2, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        c.run(_segments_cannot_be_mapped, workers=[b])
+        x = c.submit(make, n, 8, workers=[a])
+        on_b = c.submit(probe, x, workers=[b], pure=False).result()
+        assert on_b["sum"] == int(make(n, 8).sum(dtype=np.uint64))
+        assert not on_b["where"].startswith("/memfd:")  # it came through the socket
+        y = c.submit(make, n, 9, workers=[a])  # and so does the next, without a failure first
+        assert c.submit(probe, y, workers=[b], pure=False).result()["sum"] == int(
+            make(n, 9).sum(dtype=np.uint64)
+        )
+
+
+async def test_in_process_workers_get_values_by_reference() -> None:
+    from trioscheduler.deploy.cluster import open_cluster
+
+    async with open_cluster(2, 1, processes=False, memory_limit=0) as cluster:
+        async with Client(cluster, asynchronous=True) as c:
+            a, b = sorted((await c.scheduler_info())["workers"])
+            x = c.submit(make, 2 * MB, 1, workers=[a])
+            on_b = await c.submit(probe, x, workers=[b], pure=False)
+            assert on_b["sum"] == int(make(2 * MB, 1).sum(dtype=np.uint64))
+            assert not on_b["where"].startswith("/memfd:")

@@ -15,12 +15,19 @@ from typing import Final
 SHM_MIN_BYTES: Final = 1 << 20
 
 
-def use_shared_memory(local_host: str | None, peer_host: object, enabled: bool = True) -> bool:
+def use_shared_memory(
+    local_host: str | None,
+    peer_host: object,
+    enabled: bool = True,
+    local_pid: int = 0,
+    peer_pid: object = None,
+) -> bool:
     """Whether a reply to ``peer_host`` may carry shared-memory references at all.
 
     ``None`` on either side means "no shared memory here" (not Linux, no ``memfd``, or
     switched off); a peer's identity that is not a non-empty string is never trusted to
-    match.
+    match. A peer in this very process (``peer_pid == local_pid``) shares our memory
+    already: it gets the value itself (over ``inproc`` by reference).
     """
     return (
         enabled
@@ -28,6 +35,7 @@ def use_shared_memory(local_host: str | None, peer_host: object, enabled: bool =
         and isinstance(peer_host, str)
         and bool(peer_host)
         and peer_host == local_host
+        and peer_pid != local_pid
     )
 
 

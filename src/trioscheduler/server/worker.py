@@ -65,12 +65,11 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.worker import WorkerState
-from trioscheduler.server import memory, task_context
+from trioscheduler.server import memory, same_host, task_context
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.server.preload import preloads
-from trioscheduler.wire import serialize
-from trioscheduler.wire import shm
+from trioscheduler.wire import serialize, shm
 from trioscheduler.wire.address import tcp_address
 from trioscheduler.wire.remote_error import pack_exception
 from trioscheduler.wire.security import Security, connect_args, listen_args
@@ -109,6 +108,7 @@ def _stimulus(kind: str) -> str:
 SHARED_MEMORY_ENV = "TRIOSCHEDULER_SHARED_MEMORY"
 
 _RETIRE_GRACE = 10.0  # seconds a retiring worker waits for the scheduler to close it
+
 
 class Worker:
     """A worker: ``async with Worker(scheduler_address, nthreads=2) as w: await w.finished()``.
@@ -185,6 +185,7 @@ class Worker:
             shared_memory = os.environ.get(SHARED_MEMORY_ENV, "1").strip() not in ("0", "")
         self.shared_memory = shared_memory and shm.HOST_ID is not None
         self.shared_memory_threshold = shm_policy.SHM_MIN_BYTES
+        self._no_shm_peers: set[str] = set()  # peers whose segments we could not map
         self.restart_after_close = False  # a nanny should start a new worker after us
 
         self.address: str = ""
@@ -848,12 +849,32 @@ class Worker:
         return f"cannot be deserialized on {self.address}"
 
     async def _fetch(self, peer: str, keys: list[Any]) -> dict[str, Any]:
-        """One ``get_data`` round trip; raises on a failed transfer or an error reply."""
+        """One ``get_data`` round trip; raises on a failed transfer or an error reply.
+
+        From a peer on this host, large buffers come through shared memory; if mapping
+        its segments fails here (e.g. ``/proc/<pid>/fd`` is not ours to open), that
+        peer's data comes through the socket from then on, starting with this fetch.
+        """
+        use_shm = self.shared_memory and peer not in self._no_shm_peers
+        try:
+            return await self._get_data_from(peer, keys, use_shm)
+        except (trio.BrokenResourceError, RuntimeError) as exc:
+            if not use_shm or not same_host.from_shared_memory(exc):
+                raise
+            logger.warning(
+                "worker %s: shared memory with %s failed (%s); using the socket",
+                self.address, peer, exc,
+            )  # fmt: skip
+            self._no_shm_peers.add(peer)
+            return await self._get_data_from(peer, keys, False)
+
+    async def _get_data_from(self, peer: str, keys: list[Any], use_shm: bool) -> dict[str, Any]:
         assert self._pool is not None
         async with self._pool.connect(peer) as stream:
             request: dict[str, Any] = {"op": "get_data", "keys": list(keys)}
-            if self.shared_memory:
+            if use_shm:
                 request["shm"] = shm.HOST_ID
+                request["pid"] = os.getpid()
             await stream.send(request)
             reply = await stream.receive()
         if not isinstance(reply, dict) or reply.get("status") != "OK":
@@ -935,7 +956,7 @@ class Worker:
             }
         op = request.get("op")
         if op == "get_data":
-            return await self._get_data(request["keys"], request.get("shm"))
+            return await self._get_data(request["keys"], request.get("shm"), request.get("pid"))
         if op == "update_data":
             return self._update_data(request["data"])
         if op == "run":
@@ -960,12 +981,16 @@ class Worker:
             "start_ipython, actor_execute, actor_attribute",
         }
 
-    async def _get_data(self, keys: list[Any], peer_host: Any = None) -> dict[str, Any]:
+    async def _get_data(
+        self, keys: list[Any], peer_host: Any = None, peer_pid: Any = None
+    ) -> dict[str, Any]:
         store = self.store
         assert store is not None
         data: dict[Any, Any] = {}
         missing: list[Any] = []
-        share = shm_policy.use_shared_memory(shm.HOST_ID, peer_host, self.shared_memory)
+        share = shm_policy.use_shared_memory(
+            shm.HOST_ID, peer_host, self.shared_memory, os.getpid(), peer_pid
+        )
         for key in keys:
             value = store.get_in_memory(key)
             if not store.is_missing(value):
@@ -986,18 +1011,10 @@ class Worker:
         return {"status": "OK", "data": data, "missing": missing}
 
     async def _share(self, key: Any, value: Any, *, in_memory: bool) -> Any:
-        """``value`` with its large buffers in shared memory, for a peer on this host.
-
-        The first time, the buffers are copied into segments (in a thread) and this
-        worker's own value is swapped for the copy in the segments: one copy per host.
-        """
-        threshold = self.shared_memory_threshold
-        if not shm_policy.share_buffer(_sizeof(value), threshold):
-            return value
-        sent, rebuilt = await trio.to_thread.run_sync(shm.share, value, threshold)
-        if rebuilt is not None and in_memory and self.store is not None:
-            self.store.replace(key, value, rebuilt)
-        return sent
+        assert self.store is not None
+        return await same_host.share(
+            self.store, key, value, self.shared_memory_threshold, in_memory, self.address
+        )
 
     def _update_data(self, data: dict[Any, Any]) -> dict[str, Any]:
         assert self.store is not None
