@@ -123,7 +123,7 @@ class _Pool:
     """
 
     def __init__(self, max_free: int = 4, retain_bytes: int = 256 << 20) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # finalizers may run inside, at any allocation
         self.free: list[_Segment] = []
         self.owned = 0  # bytes of every segment this process created and holds
         self.max_free = max_free
@@ -131,13 +131,15 @@ class _Pool:
 
     def take(self, view: memoryview) -> _Segment:
         n = view.nbytes
+        seg: _Segment | None = None
         with self.lock:
-            for k, seg in enumerate(self.free):
-                if n <= seg.capacity <= n + n // 8 + mmap.PAGESIZE and _exclusive(seg.fd):
-                    del self.free[k]
+            for candidate in list(self.free):
+                if n <= candidate.capacity <= n + n // 8 + mmap.PAGESIZE and _exclusive(
+                    candidate.fd
+                ):
+                    self.free.remove(candidate)
+                    seg = candidate
                     break
-            else:
-                seg = None
         if seg is None:
             seg = _Segment(n)
             with self.lock:
@@ -184,7 +186,7 @@ class _Registry:
     """This process's live mappings by start address (to recognise buffers inside them)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # finalizers may run inside, at any allocation
         self.by_start: dict[int, weakref.ref[_Mapping]] = {}
 
     def add(self, m: _Mapping, segment: _Segment | None) -> None:
