@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
+from trioscheduler.wire import runspec
 from trioscheduler.wire.runspec import (
     RunSpecLoadError,
     UnpicklableArgumentError,
@@ -49,3 +51,27 @@ def test_missing_dependency_value_is_a_clear_error() -> None:
 def test_garbage_run_spec_is_a_load_error() -> None:
     with pytest.raises(RunSpecLoadError, match="could not load"):
         run(b"not a pickle", {})
+
+
+def _nbytes_plus(a: Any, k: int = 0) -> int:
+    return int(a.nbytes) + k
+
+
+def test_large_arguments_ride_out_of_band_without_a_copy() -> None:
+    import numpy as np
+
+    from trioscheduler.wire import serialize
+
+    a = np.arange(1 << 20, dtype=np.float64)  # 8 MB
+    spec, deps = runspec.pack(_nbytes_plus, (a,), {"k": 1})
+    assert isinstance(spec, runspec.OutOfBandRunSpec) and deps == []
+    assert len(spec.data) < 4096  # the array is not in the pickle...
+    assert np.shares_memory(np.frombuffer(spec.buffers[0], dtype=np.float64), a)  # ...nor copied
+    hop = serialize.loads(serialize.dumps({"spec": spec}))["spec"]  # client -> scheduler
+    hop = serialize.loads(serialize.dumps_batch([hop]))[0]  # scheduler -> worker, batched
+    assert hop == spec
+    func, args, kwargs = runspec.unpack(hop, {})
+    assert func(*args, **kwargs) == a.nbytes + 1 and np.array_equal(args[0], a)
+    small, _ = runspec.pack(_nbytes_plus, (np.arange(10),), {})
+    assert isinstance(small, bytes)  # small buffers: one self-contained pickle
+

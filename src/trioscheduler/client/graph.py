@@ -323,7 +323,7 @@ class _PlainPickler(pickle.Pickler):
 
     def pack(
         self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[bytes, list[Key]]:
+    ) -> tuple[runspec.RunSpec, list[Key]]:
         buf = self._buf
         buf.seek(0)
         buf.truncate()
@@ -362,7 +362,7 @@ class _Packer:
         self.functions = _FunctionCache()
         self.plain = _PlainPickler()
 
-    def __call__(self, node: GraphNode) -> tuple[bytes, list[Key]]:
+    def __call__(self, node: GraphNode) -> tuple[runspec.RunSpec, list[Key]]:
         t = type(node)
         if t is Task:
             flat = self._flat_task(node)  # type: ignore[arg-type]
@@ -375,7 +375,7 @@ class _Packer:
         values = {k: _Dep(k) for k in node.dependencies}
         return runspec.pack(_execute_node, (node, values), {})
 
-    def _flat_task(self, node: Task) -> tuple[bytes, list[Key]] | None:
+    def _flat_task(self, node: Task) -> tuple[runspec.RunSpec, list[Key]] | None:
         args = []
         for a in node.args:
             ok, packed = _flat_arg(a)
@@ -397,7 +397,7 @@ class _Packer:
 
     def _pack(
         self, func: Any, plain: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[bytes, list[Key]]:
+    ) -> tuple[runspec.RunSpec, list[Key]]:
         if (
             plain
             and (_ATOMS.issuperset(map(type, args)) or _plain(args))

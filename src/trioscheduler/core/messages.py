@@ -136,7 +136,7 @@ class TaskSpec:
 
     key: Key
     dependencies: Sequence[Key]
-    run_spec: bytes | None
+    run_spec: Any  # bytes, or bytes with out-of-band buffers (wire.runspec); None
     priority: int = 0
     order: int = 0
     workers: Sequence[str] | None = None
@@ -467,7 +467,7 @@ class ComputeTask:
     stimulus_id: str
     now: float
     key: Key
-    run_spec: bytes | None
+    run_spec: Any  # bytes, or bytes with out-of-band buffers (wire.runspec); None
     dependencies: Sequence[Key]
     who_has: dict[Key, Sequence[WorkerAddr]]
     nbytes: dict[Key, int]
@@ -645,7 +645,7 @@ class Execute:
     """Run the task's run_spec in a thread slot (its dependencies are in memory)."""
 
     key: Key
-    run_spec: bytes | None
+    run_spec: Any  # bytes, or bytes with out-of-band buffers (wire.runspec); None
 
 
 @message("gather-dep")

@@ -104,7 +104,7 @@ class WorkerTask:
     key: Key
     serial: int  # creation order: deterministic tie-break in the heaps
     state: str
-    run_spec: bytes | None
+    run_spec: Any  # opaque: bytes or wire.runspec.OutOfBandRunSpec; None
     priority: tuple[Any, ...]
     dependencies: tuple[WorkerTask, ...]
     # active local tasks reading this key (insertion-ordered set: deterministic output)

@@ -120,7 +120,7 @@ class Done:
         self.push = pushable(value, self.nbytes)
 
 
-def run_job(key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> Done:
+def run_job(key: Any, run_spec: Any, data: Mapping[Any, Any]) -> Done:
     """Load and call one run spec; never raises (a task's ``SystemExit`` included)."""
     done = Done(key)
     done.start = time.time()
@@ -176,7 +176,7 @@ class ThreadExecutor:
         self._instrument = _HandOver(self)
         trio.lowlevel.add_instrument(self._instrument)
 
-    def submit(self, key: Any, run_spec: bytes, data: Mapping[Any, Any]) -> None:
+    def submit(self, key: Any, run_spec: Any, data: Mapping[Any, Any]) -> None:
         """Run ``run_spec`` in a task thread; its ``Done`` comes back through ``wait``.
 
         The job reaches a thread when the loop next waits for I/O (see the module doc).

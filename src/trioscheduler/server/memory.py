@@ -401,6 +401,15 @@ class DataStore(Mapping[Any, Any]):
             self._forget(key)
             self.memory[key] = value
 
+    def replace(self, key: Any, old: Any, new: Any) -> bool:
+        """Swap ``key``'s in-memory value ``old`` for ``new`` (an equal value, e.g. one
+        rebuilt on shared memory), unless it changed meanwhile; False then."""
+        with self._lock:
+            if self.memory.get(key, _MISSING) is not old:
+                return False
+            self.memory[key] = new
+            return True
+
     def spill(self, key: Any) -> bool:
         """Move ``key`` to disk now. False if its value cannot be pickled (it stays).
 

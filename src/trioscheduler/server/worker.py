@@ -39,6 +39,7 @@ import psutil
 import trio
 
 from trioscheduler import wire
+from trioscheduler.core import shm_policy
 from trioscheduler.core.messages import (
     AddWorker,
     CloseWorker,
@@ -64,11 +65,11 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.worker import WorkerState
-from trioscheduler.server import memory, task_context
+from trioscheduler.server import memory, same_host, task_context
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.server.preload import preloads
-from trioscheduler.wire import serialize
+from trioscheduler.wire import serialize, shm
 from trioscheduler.wire.address import tcp_address
 from trioscheduler.wire.remote_error import pack_exception
 from trioscheduler.wire.security import Security, connect_args, listen_args
@@ -102,7 +103,12 @@ def _stimulus(kind: str) -> str:
     return f"{kind}-{time.time()}"
 
 
+#: ``0`` switches same-host shared-memory transfers off for workers started without
+#: ``shared_memory=`` (e.g. the processes of a ``LocalCluster``).
+SHARED_MEMORY_ENV = "TRIOSCHEDULER_SHARED_MEMORY"
+
 _RETIRE_GRACE = 10.0  # seconds a retiring worker waits for the scheduler to close it
+
 
 class Worker:
     """A worker: ``async with Worker(scheduler_address, nthreads=2) as w: await w.finished()``.
@@ -141,6 +147,7 @@ class Worker:
         lifetime_stagger: float = 0.0,
         lifetime_restart: bool = False,
         security: Security | bool | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
@@ -171,6 +178,14 @@ class Worker:
         if lifetime is not None and lifetime_stagger:
             self.lifetime = max(0.0, lifetime + random.uniform(-lifetime_stagger, lifetime_stagger))
         self.lifetime_restart = lifetime_restart
+        # Large buffers to and from workers on this host go through shared memory
+        # (``wire.shm``); the threshold is ``shm_policy``'s. Default: on, unless the
+        # environment says ``TRIOSCHEDULER_SHARED_MEMORY=0``.
+        if shared_memory is None:
+            shared_memory = os.environ.get(SHARED_MEMORY_ENV, "1").strip() not in ("0", "")
+        self.shared_memory = shared_memory and shm.HOST_ID is not None
+        self.shared_memory_threshold = shm_policy.SHM_MIN_BYTES
+        self._no_shm_peers: set[str] = set()  # peers whose segments we could not map
         self.restart_after_close = False  # a nanny should start a new worker after us
 
         self.address: str = ""
@@ -501,6 +516,8 @@ class Worker:
                 rss = int(self._process.memory_info().rss)
             except psutil.Error:
                 rss = 0
+            if self.shared_memory:  # shared segments count once per host
+                rss = shm_policy.process_memory(rss, shm.rss_shared(), shm.owned_bytes())
             self.handle(
                 MemoryMeasured(
                     stimulus_id=_stimulus("memory-measured"), now=_now(), process_memory=rss
@@ -645,7 +662,7 @@ class Worker:
         self.runner.release(key)
         self.handle(SecedeEvent(stimulus_id=_stimulus("secede"), now=_now(), key=key))
 
-    def _execute(self, key: Any, run_spec: bytes | None) -> None:
+    def _execute(self, key: Any, run_spec: Any | None) -> None:
         """Carry out ``Execute``: take the key's slot and queue it for a task thread.
 
         The core never starts more than ``nthreads`` tasks, but a task that rejoined
@@ -670,7 +687,7 @@ class Worker:
         assert self.store is not None
         self._executor.submit(key, run_spec, self.store)
 
-    async def _execute_when_free(self, key: Any, run_spec: bytes) -> None:
+    async def _execute_when_free(self, key: Any, run_spec: Any) -> None:
         await self.runner.slots.acquire_on_behalf_of(key)
         self._executing.add(key)
         assert self.store is not None
@@ -832,10 +849,33 @@ class Worker:
         return f"cannot be deserialized on {self.address}"
 
     async def _fetch(self, peer: str, keys: list[Any]) -> dict[str, Any]:
-        """One ``get_data`` round trip; raises on a failed transfer or an error reply."""
+        """One ``get_data`` round trip; raises on a failed transfer or an error reply.
+
+        From a peer on this host, large buffers come through shared memory; if mapping
+        its segments fails here (e.g. ``/proc/<pid>/fd`` is not ours to open), that
+        peer's data comes through the socket from then on, starting with this fetch.
+        """
+        use_shm = self.shared_memory and peer not in self._no_shm_peers
+        try:
+            return await self._get_data_from(peer, keys, use_shm)
+        except (trio.BrokenResourceError, RuntimeError) as exc:
+            if not use_shm or not same_host.from_shared_memory(exc):
+                raise
+            logger.warning(
+                "worker %s: shared memory with %s failed (%s); using the socket",
+                self.address, peer, exc,
+            )  # fmt: skip
+            self._no_shm_peers.add(peer)
+            return await self._get_data_from(peer, keys, False)
+
+    async def _get_data_from(self, peer: str, keys: list[Any], use_shm: bool) -> dict[str, Any]:
         assert self._pool is not None
         async with self._pool.connect(peer) as stream:
-            await stream.send({"op": "get_data", "keys": list(keys)})
+            request: dict[str, Any] = {"op": "get_data", "keys": list(keys)}
+            if use_shm:
+                request["shm"] = shm.HOST_ID
+                request["pid"] = os.getpid()
+            await stream.send(request)
             reply = await stream.receive()
         if not isinstance(reply, dict) or reply.get("status") != "OK":
             text = reply.get("text") if isinstance(reply, dict) else repr(reply)
@@ -916,7 +956,7 @@ class Worker:
             }
         op = request.get("op")
         if op == "get_data":
-            return await self._get_data(request["keys"])
+            return await self._get_data(request["keys"], request.get("shm"), request.get("pid"))
         if op == "update_data":
             return self._update_data(request["data"])
         if op == "run":
@@ -941,23 +981,40 @@ class Worker:
             "start_ipython, actor_execute, actor_attribute",
         }
 
-    async def _get_data(self, keys: list[Any]) -> dict[str, Any]:
+    async def _get_data(
+        self, keys: list[Any], peer_host: Any = None, peer_pid: Any = None
+    ) -> dict[str, Any]:
         store = self.store
         assert store is not None
         data: dict[Any, Any] = {}
         missing: list[Any] = []
+        share = shm_policy.use_shared_memory(
+            shm.HOST_ID, peer_host, self.shared_memory, os.getpid(), peer_pid
+        )
         for key in keys:
             value = store.get_in_memory(key)
             if not store.is_missing(value):
+                if share:
+                    value = await self._share(key, value, in_memory=True)
                 data[key] = value
             elif key in store.spilled:
                 try:  # disk reads off the loop; the value may be deleted meanwhile
-                    data[key] = await trio.to_thread.run_sync(store.__getitem__, key)
+                    value = await trio.to_thread.run_sync(store.__getitem__, key)
                 except KeyError:
                     missing.append(key)
+                    continue
+                if share:
+                    value = await self._share(key, value, in_memory=False)
+                data[key] = value
             else:
                 missing.append(key)
         return {"status": "OK", "data": data, "missing": missing}
+
+    async def _share(self, key: Any, value: Any, *, in_memory: bool) -> Any:
+        assert self.store is not None
+        return await same_host.share(
+            self.store, key, value, self.shared_memory_threshold, in_memory, self.address
+        )
 
     def _update_data(self, data: dict[Any, Any]) -> dict[str, Any]:
         assert self.store is not None

@@ -6,7 +6,8 @@ shape of a trio memory channel pair; ``open_batched`` coalesces small messages;
 ``trioscheduler.wire.serialize``; ``remote_error`` packs exceptions with their
 tracebacks, ``runspec`` the function-and-arguments of a task, both shared by client
 and worker; ``local_alias`` finds a listener served by the current trio run;
-``security`` (``Security``, TLS contexts) and ``tls`` decide who may connect.
+``security`` (``Security``, TLS contexts) and ``tls`` decide who may connect;
+``shm`` hands large buffers to processes on the same host through ``memfd`` segments.
 
 May import: ``core`` (message types) and ``errors``; nothing above.
 """

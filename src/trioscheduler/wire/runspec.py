@@ -8,7 +8,10 @@ the task's dependencies. On the worker, ``unpack`` resolves each reference to th
 dependency's value through pickle's ``persistent_load``, so no Python-level walk over
 the arguments happens on either side.
 
-The scheduler never unpacks a run spec; it only forwards the bytes.
+The scheduler never unpacks a run spec; it only forwards the bytes. Large buffers of
+the arguments (pickle protocol 5: numpy, pandas, bytes) stay out of the pickle
+(``OutOfBandRunSpec``), so a 500 MB array is never copied on the client and travels
+as frames of its own on every hop.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import cloudpickle
 
@@ -38,9 +41,52 @@ class RunSpecLoadError(TrioSchedulerError):
     """A worker could not load a task's run spec (e.g. a module missing on the worker)."""
 
 
+class OutOfBandRunSpec:
+    """A run spec whose large buffers (numpy, pandas, bytes) travel beside the pickle.
+
+    ``pack`` makes one when an argument exposes pickle-5 buffers: the buffers are not
+    copied on the client, and every hop (client, scheduler, worker) sends them as
+    frames of their own and receives them without copying again; the worker's arrays
+    are built on the received buffers. The caller must not change an argument's
+    buffer in place until the task has started (as with any zero-copy send).
+    """
+
+    __slots__ = ("buffers", "data")
+
+    def __init__(self, data: bytes, buffers: list[Any]) -> None:
+        self.data = data
+        self.buffers = buffers
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return OutOfBandRunSpec, (self.data, [_out_of_band(b) for b in self.buffers])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OutOfBandRunSpec):
+            return NotImplemented
+        return self.data == other.data and [memoryview(b).cast("B") for b in self.buffers] == [
+            memoryview(b).cast("B") for b in other.buffers
+        ]
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _out_of_band(buf: Any) -> pickle.PickleBuffer:
+    return buf if isinstance(buf, pickle.PickleBuffer) else pickle.PickleBuffer(buf)
+
+
+#: What ``pack`` returns as the run spec: bytes, or bytes with out-of-band buffers.
+RunSpec = bytes | OutOfBandRunSpec
+
+
 class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=5)
+    def __init__(self, file: io.BytesIO, buffers: list[Any] | None = None) -> None:
+        super().__init__(
+            file, protocol=5, buffer_callback=None if buffers is None else buffers.append
+        )
         self.dependencies: list[Any] = []
         self._seen: set[Any] = set()
 
@@ -56,22 +102,42 @@ class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle shi
 
 
 class _RefUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, data: Mapping[Any, Any]) -> None:
-        super().__init__(file)
+    def __init__(
+        self, file: io.BytesIO, data: Mapping[Any, Any], buffers: list[Any] | None = None
+    ) -> None:
+        super().__init__(file, buffers=buffers)
         self._data = data
 
     def persistent_load(self, pid: Any) -> Any:
         return self._data[pid[0]]
 
 
-def _pickle(obj: Any) -> tuple[bytes, list[Any]]:
+#: Out-of-band buffers smaller than this in total are pickled in line (plain bytes).
+OUT_OF_BAND_BYTES: Final = 64 * 1024
+
+
+def _pickle(obj: Any) -> tuple[RunSpec, list[Any]]:
     buf = io.BytesIO()
-    p = _RefPickler(buf)
+    buffers: list[pickle.PickleBuffer] = []
+    p = _RefPickler(buf, buffers)
     p.dump(obj)
-    return buf.getvalue(), p.dependencies
+    if not buffers:
+        return buf.getvalue(), p.dependencies
+    raws: list[Any] = []
+    for pb in buffers:
+        try:
+            raws.append(pb.raw())
+        except BufferError:  # not contiguous: one copy
+            raws.append(memoryview(pb).tobytes())
+    if sum(r.nbytes if isinstance(r, memoryview) else len(r) for r in raws) < OUT_OF_BAND_BYTES:
+        buf = io.BytesIO()  # small: one self-contained pickle is cheaper to carry
+        p = _RefPickler(buf)
+        p.dump(obj)
+        return buf.getvalue(), p.dependencies
+    return OutOfBandRunSpec(buf.getvalue(), raws), p.dependencies
 
 
-def pack(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[Any]]:
+def pack(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[RunSpec, list[Any]]:
     """``(run_spec, dependencies)`` for ``func(*args, **kwargs)``.
 
     Raises ``UnpicklableArgumentError`` naming the function or argument that failed.
@@ -99,10 +165,14 @@ def _name_culprit(
     return UnpicklableArgumentError(f"cannot serialize task {func!r}: {type(exc).__name__}: {exc}")
 
 
-def unpack(run_spec: bytes, data: Mapping[Any, Any]) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+def unpack(run_spec: RunSpec, data: Mapping[Any, Any]) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Load a run spec, resolving dependency references from ``data`` (key -> value)."""
     try:
-        func, args, kwargs = _RefUnpickler(io.BytesIO(run_spec), data).load()
+        if isinstance(run_spec, OutOfBandRunSpec):
+            loader = _RefUnpickler(io.BytesIO(run_spec.data), data, run_spec.buffers)
+        else:
+            loader = _RefUnpickler(io.BytesIO(run_spec), data)
+        func, args, kwargs = loader.load()
     except KeyError as exc:
         raise RunSpecLoadError(f"dependency {exc.args[0]!r} of the task is not in memory here") from None
     except Exception as exc:
@@ -113,7 +183,7 @@ def unpack(run_spec: bytes, data: Mapping[Any, Any]) -> tuple[Callable[..., Any]
     return func, args, kwargs
 
 
-def run(run_spec: bytes, data: Mapping[Any, Any]) -> Any:
+def run(run_spec: RunSpec, data: Mapping[Any, Any]) -> Any:
     """Execute a packed task with its dependencies' values from ``data``."""
     func, args, kwargs = unpack(run_spec, data)
     return func(*args, **kwargs)
