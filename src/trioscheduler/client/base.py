@@ -27,6 +27,7 @@ submit it follows.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
@@ -83,8 +84,18 @@ def _forget_defaults_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_defaults_in_child)
 
 
+current_client: contextvars.ContextVar[ClientBase | None] = contextvars.ContextVar(
+    "trioscheduler_current_client", default=None
+)
+"""The client of ``with client.as_current():`` in this thread or trio task."""
+
+
 def default_client() -> Client:
-    """The most recent client created with ``set_as_default=True`` that is still open."""
+    """The client of ``with client.as_current():``, else the most recent client created
+    with ``set_as_default=True`` that is still open."""
+    current = current_client.get()
+    if current is not None and current.status == "running":
+        return cast("Client", current)
     if not _defaults:
         raise ValueError("no trioscheduler Client is open; create one with Client(...)")
     return cast("Client", _defaults[-1])  # every ClientBase made is a Client
@@ -102,6 +113,8 @@ class ClientBase:
     """A client's session, loop and futures table; ``Client`` is the one to use."""
 
     get: Callable[..., Any]  # dask's scheduler interface, ``Client.get``
+    asynchronous: bool = False  # set per client; a class attribute, as dask's is public
+    scheduler_file: str | None = None  # the file the address came from (or was written to)
 
     def __init__(
         self,
@@ -116,9 +129,13 @@ class ClientBase:
         batch_interval: float = 0.002,
         direct_to_workers: bool | None = None,
         security: Any = None,
+        loop: Any = None,
         _loop: Any = None,
         **cluster_kwargs: Any,
     ) -> None:
+        # ``loop=`` (a tornado IOLoop in dask) is accepted and ignored, as dask ignores it
+        # with an address: the session runs in trioscheduler's own loop thread.
+        del loop
         if security is None and address is not None and not isinstance(address, str):
             security = getattr(address, "security", None)  # a LocalCluster's own
         self.security = resolve_security(security)
@@ -150,6 +167,7 @@ class ClientBase:
         self._dask_get: Any = None
 
         if address is None and scheduler_file is not None:
+            self.scheduler_file = scheduler_file
             with open(scheduler_file) as f:
                 address = json.load(f)["address"]
         if address is not None and not isinstance(address, str):

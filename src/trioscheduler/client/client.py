@@ -30,7 +30,11 @@ from trioscheduler.client.collections import (
     graph_to_tasks,
     repack,
 )
+from trioscheduler.client.context import ContextMethods
 from trioscheduler.client.datasets import DatasetMethods
+from trioscheduler.client.diagnostics import DiagnosticsMethods
+from trioscheduler.client.events import EventMethods
+from trioscheduler.client.executor import ExecutorMethods
 from trioscheduler.client.futures import Future, FutureHost, futures_of
 from trioscheduler.client.ipython import IPythonMethods
 from trioscheduler.client.keys import (
@@ -41,13 +45,24 @@ from trioscheduler.client.keys import (
     shippable,
     submit_key,
 )
+from trioscheduler.client.workers import WorkerMethods
 from trioscheduler.core import messages as m
 from trioscheduler.wire import runspec
 
 __all__ = ["Client", "ClientClosedError", "Executor", "default_client", "fire_and_forget"]
 
 
-class Client(AdminMethods, DatasetMethods, IPythonMethods, ClientBase):
+class Client(
+    ContextMethods,
+    ExecutorMethods,
+    DiagnosticsMethods,
+    EventMethods,
+    WorkerMethods,
+    AdminMethods,
+    DatasetMethods,
+    IPythonMethods,
+    ClientBase,
+):
     """Connect to a scheduler (or start a ``LocalCluster``) and submit work to it.
 
     ``address``: ``"tcp://host:port"``, ``"inproc://name"``, a ``LocalCluster`` (or

@@ -258,6 +258,35 @@ class Future:
             )
         return self._result().__await__()
 
+    @property
+    def executor(self) -> Client:
+        """The client this future runs on (dask's name: a client is an executor)."""
+        return self.client
+
+    def bind_client(self, client: Client) -> None:
+        """Move this handle to ``client``: it holds the key there, and no longer here."""
+        if client is self.client:
+            return
+        st = client.hold_key(self.key)
+        old, self.client, self._state = self.client, client, st
+        if not self._released:
+            old.unhold_key(self.key)
+        self._released = False
+
+    def substitute(self, subs: dict[Any, Any], key: Any = None) -> Any:
+        """dask's graph-node protocol: a reference to ``subs[self.key]`` if this key is
+        renamed (a ``TaskRef``), else this future."""
+        if self.key not in subs:
+            return self
+        from dask._task_spec import GraphNode, TaskRef
+
+        val = subs[self.key]
+        if isinstance(val, GraphNode):
+            return val.substitute({}, key=self.key)
+        if isinstance(val, TaskRef):
+            return val
+        return TaskRef(val)
+
     # -- lifetime --------------------------------------------------------------------
 
     def add_done_callback(self, fn: Callable[[Future], Any]) -> None:

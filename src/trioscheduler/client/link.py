@@ -68,6 +68,8 @@ class SchedulerLink:
         self._batched: wire.BatchedSend | None = None
         self._pool: wire.ConnectionPool | None = None
         self._receive_done: trio.Event | None = None
+        # ``Client.subscribe_topic``: called (loop thread) with (topic, [time, msg])
+        self.on_event: Callable[[str, Any], None] | None = None
 
     def stimulus(self, kind: str) -> str:
         self._stimulus += 1
@@ -284,7 +286,11 @@ class SchedulerLink:
             st.lost()
 
     def _on_value(self, msg: dict[str, Any]) -> None:
-        """A small result, just ahead of its ``KeyInMemory``: kept, so no fetch is needed."""
+        """A small result, just ahead of its ``KeyInMemory``: kept, so no fetch is needed.
+        Or an event of a topic this client subscribed to."""
+        if msg.get("op") == "event" and self.on_event is not None:
+            self.on_event(msg["topic"], msg["event"])
+            return
         if msg.get("op") != "value":
             logger.warning(
                 "client %s: unexpected message from the scheduler: %r", self.client_id, msg

@@ -39,6 +39,7 @@ from dask.sizeof import sizeof
 from dask.utils import typename
 
 from trioscheduler.server import task_context
+from trioscheduler.server.profiling import EXECUTING
 from trioscheduler.wire import runspec
 from trioscheduler.wire.remote_error import pack_exception
 
@@ -124,6 +125,8 @@ def run_job(key: Any, run_spec: Any, data: Mapping[Any, Any]) -> Done:
     """Load and call one run spec; never raises (a task's ``SystemExit`` included)."""
     done = Done(key)
     done.start = time.time()
+    ident = threading.get_ident()
+    EXECUTING[ident] = key  # call_stack / profile see which task this thread runs
     try:
         func, args, kwargs = runspec.unpack(run_spec, data)
         if inspect.iscoroutinefunction(func):
@@ -136,6 +139,8 @@ def run_job(key: Any, run_spec: Any, data: Mapping[Any, Any]) -> Done:
         done.fail(exc)
     else:
         done.settle(value)
+    finally:
+        EXECUTING.pop(ident, None)
     done.stop = time.time()
     return done
 

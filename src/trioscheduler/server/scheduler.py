@@ -55,6 +55,8 @@ from trioscheduler.environments.store import EnvironmentStore
 from trioscheduler.environments.twophase import prepare_everywhere
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
+from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
+from trioscheduler.server.diagnostics import Diagnostics
 from trioscheduler.server.preload import preloads
 from trioscheduler.server.uploads import UploadStore, install_payload
 from trioscheduler.wire import local_alias
@@ -251,6 +253,7 @@ class Scheduler:
         self.coordination = CoordinationHost(self._feed_client_event, validate=validate)
         self.environments = EnvironmentStore()  # shipped environments, and the current one
         self._env_lock = trio.Lock()  # one chunk at a time into the store
+        self.diagnostics = Diagnostics(self)  # events, metadata, task stream, metrics
         self._pool: wire.ConnectionPool | None = None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -515,10 +518,13 @@ class Scheduler:
                         if t is dict and msg.get("op") == "value":
                             values[msg["key"]] = msg["value"]
                             continue
+                        if t is dict and self.diagnostics.worker_message(addr, msg):
+                            continue
                         if t not in _WORKER_EVENTS or msg.worker != addr:
                             reason = f"protocol violation: {msg!r:.200}"
                             raise ProtocolViolation(f"worker {addr} sent {msg!r:.200}")
                         msg.now = trio.current_time()
+                        self.diagnostics.observe(msg)
                         if values and t is m.TaskFinished and msg.key in values:
                             self._feed_with_value(msg, values.pop(msg.key))
                         else:
@@ -531,6 +537,7 @@ class Scheduler:
                 reason = f"connection lost: {exc!r}"
             finally:
                 del self._workers[addr]
+                self.diagnostics.worker_left()
                 if not removed and addr in self.state.workers:
                     self._feed(
                         m.RemoveWorker(
@@ -633,6 +640,10 @@ class Scheduler:
             "resources": dict(getattr(ws, "resources", None) or {}),
             "status": getattr(ws, "status", "running"),
             "nanny": getattr(ws, "nanny", None),
+            "metrics": self.diagnostics.metrics.get(addr, {}),  # the latest heartbeat's
+            "executing": self.diagnostics.metrics.get(addr, {}).get("executing", 0),
+            "processing": len(getattr(ws, "processing", ())),
+            "nbytes": getattr(ws, "nbytes", 0),
         }
 
     async def _op_identity(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -946,6 +957,7 @@ class Scheduler:
         "env_put": _op_env_put,
         "env_get": _op_env_get,
         "env_current": _op_env_current,
+        **_DIAGNOSTICS_HANDLERS,  # logs, events, metadata, retire/replicate... (diagnostics.py)
     }
 
 

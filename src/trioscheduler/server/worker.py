@@ -65,7 +65,7 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.worker import WorkerState
-from trioscheduler.server import memory, same_host, task_context
+from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.server.preload import preloads
@@ -353,6 +353,8 @@ class Worker:
         self._work.start_soon(self._finish_loop)
         self._work.start_soon(self._read_scheduler, stream)
         self._work.start_soon(self._heartbeat_loop)
+        diagnostics.install_log_buffer()  # get_worker_logs
+        profiling.sampler()  # Client.profile: samples task threads while tasks run
         self._work.start_soon(self._memory_loop)
         if self.lifetime is not None:
             self._work.start_soon(self._end_of_life, self.lifetime)
@@ -489,6 +491,19 @@ class Worker:
                     metrics=self.metrics(),
                 )
             )
+
+    def log_event(self, topic: str | list[str], msg: Any) -> None:
+        """Record ``msg`` under ``topic`` on the scheduler (``Client.get_events``,
+        ``subscribe_topic``); callable from a task thread or the worker's loop."""
+        event = {"op": "log-event", "topic": topic, "msg": msg}
+        try:
+            in_loop = trio.lowlevel.current_trio_token() is self.trio_token
+        except RuntimeError:
+            in_loop = False
+        if in_loop:
+            self._send(event)
+        else:
+            trio.from_thread.run_sync(self._send, event, trio_token=self.trio_token)
 
     def metrics(self) -> dict[str, Any]:
         """What the heartbeat tells the scheduler (and dashboards) about this worker."""
