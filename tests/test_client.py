@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -126,8 +127,8 @@ async def test_map_and_gather(address: str) -> None:
             named = c.map(inc, [1, 2], key=["one", "two"])
             assert [f.key for f in named] == ["one", "two"]
             assert await c.gather(named) == [2, 3]
-            with pytest.raises(ValueError, match="equal length"):
-                c.map(add, [1, 2], [1])
+            # iterables of different lengths stop at the shortest (builtin map, dask)
+            assert await c.gather(c.map(add, [1, 2, 3], [10, 20])) == [11, 22]
             with pytest.raises(ValueError, match="2 keys for 1 tasks"):
                 c.map(inc, [1], key=["a", "b"])
 
@@ -169,12 +170,13 @@ async def test_task_error_has_original_type_and_remote_traceback(address: str) -
             f = c.submit(fail, 42)
             with pytest.raises(ValueError, match="bad value 42") as info:
                 await f
-            notes = "\n".join(getattr(info.value, "__notes__", []))
-            assert "Remote traceback" in notes and "in fail" in notes
+            # the remote frames are a real traceback: print_tb/pdb/IDEs show them
+            frames = [fr.name for fr in traceback.extract_tb(info.value.__traceback__)]
+            assert "fail" in frames
             assert f.status == "error" and f.done()
             exc = await f.exception()
             assert isinstance(exc, ValueError)
-            assert "in fail" in await f.traceback()
+            assert "fail" in [fr.name for fr in traceback.extract_tb(await f.traceback())]
             dependent = c.submit(inc, f)
             with pytest.raises(ValueError, match="bad value 42"):
                 await dependent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -70,7 +71,7 @@ async def test_sync_client_with_threads_cluster() -> None:
             with pytest.raises(KeyError, match="missing 1"):
                 err.result()
             assert isinstance(err.exception(), KeyError)
-            assert "in fail" in err.traceback()
+            assert "fail" in [fr.name for fr in traceback.extract_tb(err.traceback())]
             [data] = c.scatter([10])
             assert c.submit(inc, data).result() == 11
             cluster = c.cluster
@@ -211,7 +212,7 @@ async def test_sync_client_with_process_cluster() -> None:
             assert x.result(timeout=TIMEOUT) == sum(range(1, 21))
             with pytest.raises(KeyError, match="missing 7") as info:
                 c.submit(fail, 7).result()
-            assert "Remote traceback" in "\n".join(info.value.__notes__)
+            assert "fail" in [fr.name for fr in traceback.extract_tb(info.value.__traceback__)]
             big = c.scatter(list(range(1000)), hash=False)
             assert c.gather(c.submit(len, big)) == 1000
             assert len(c.nthreads()) == 2

@@ -175,7 +175,8 @@ class Client(
         actors: bool = False,
         **kwargs: Any,
     ) -> list[Future]:
-        """``submit`` over the zipped ``iterables`` (equal lengths); one graph, one message.
+        """``submit`` over the zipped ``iterables`` (up to the shortest, as builtin ``map``);
+        one graph, one message.
 
         ``key`` is a prefix for the generated keys or a list of keys.
         """
@@ -186,13 +187,10 @@ class Client(
         if any(isinstance(it, (dict, str)) for it in iterables):
             raise TypeError("map() iterates over sequences of arguments, not a dict or str")
         seqs = [it if isinstance(it, (list, tuple)) else list(it) for it in iterables]
-        lengths = sorted({len(s) for s in seqs})
-        if len(lengths) > 1:
-            raise ValueError(f"map() needs iterables of equal length, got lengths {lengths}")
         w, r, n_retries, prio, aow = check_options(
             workers, resources, retries, priority, allow_other_workers
         )
-        calls = list(zip(*seqs, strict=True))
+        calls = list(zip(*seqs))  # noqa: B905 - stops at the shortest, as builtin map and dask
         keys = map_keys(func, calls, kwargs, key, pure and not (actor or actors))
         if actor or actors:
             func = as_actor(func)

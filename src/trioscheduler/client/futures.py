@@ -241,14 +241,16 @@ class Future:
         return self._state.exception()
 
     def traceback(self, timeout: float | None = None) -> Any:
-        """The remote traceback as text (frames cannot cross processes), or ``None``."""
+        """The remote traceback (a traceback object, for ``traceback.print_tb`` or
+        ``pdb.post_mortem``), or ``None`` if the task did not fail."""
         return self.client.sync(self._traceback, timeout)
 
-    async def _traceback(self, timeout: float | None = None) -> str | None:  # noqa: ASYNC109
+    async def _traceback(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         await _wait_state(self._state, timeout, self.key)
         if self._state.status != "error":
             return None
-        return self._state.tb_blob.decode(errors="replace") or None
+        exc = self._state.exception()
+        return None if exc is None else exc.__traceback__
 
     def __await__(self) -> Any:
         if not self.client.asynchronous:

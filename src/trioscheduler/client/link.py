@@ -34,6 +34,13 @@ from trioscheduler.errors import TrioSchedulerError
 
 __all__ = ["SchedulerLink"]
 
+_BUILTIN_ERRORS: dict[Any, type[Exception]] = {
+    "ValueError": ValueError,
+    "KeyError": KeyError,
+    "TypeError": TypeError,
+    "TimeoutError": TimeoutError,
+}
+
 logger = logging.getLogger("trioscheduler.client")
 
 
@@ -232,7 +239,10 @@ class SchedulerLink:
                 f"request {msg.get('op')!r} to the scheduler at {self.address} failed: {exc!r}"
             ) from exc
         if reply.get("status") != "OK":
-            raise TrioSchedulerError(f"scheduler: {reply.get('text')}")
+            # A bad argument comes back as the builtin type the scheduler raised (dask's
+            # ValueError/KeyError/TypeError), anything else as a TrioSchedulerError.
+            kind = _BUILTIN_ERRORS.get(reply.get("type"), TrioSchedulerError)
+            raise kind(f"scheduler: {reply.get('text')}")
         return reply["result"]
 
     # -- in -------------------------------------------------------------------------------

@@ -265,6 +265,17 @@ class RetireWorker:
     worker: WorkerAddr
 
 
+@message("drop-replicas")
+class DropReplicas:
+    """Drop ``worker``'s copies of ``keys`` where another copy remains (the Active Memory
+    Manager, ``rebalance``): the shell's plan, recorded so that a replay drops the same."""
+
+    stimulus_id: str
+    now: float
+    worker: WorkerAddr
+    keys: list[Key]
+
+
 @message("heartbeat")
 class WorkerHeartbeat:
     stimulus_id: str
@@ -691,7 +702,7 @@ SCHEDULER_EVENTS: tuple[type[Any], ...] = (
     AddClient, RemoveClient, UpdateGraph, UpdateData, ClientDesiresKeys, ClientReleasesKeys,
     CancelKeys, RetryKeys, AddWorker, RemoveWorker, RetireWorker, WorkerHeartbeat,
     WorkerStatusChange, TaskFinished, TaskErred, AddKeys, ReleaseWorkerData, MissingData,
-    LongRunning, Reschedule, StealResponse, Tick,
+    LongRunning, Reschedule, StealResponse, Tick, DropReplicas,
 )  # fmt: skip
 WORKER_EVENTS: tuple[type[Any], ...] = (
     ComputeTask, FreeKeys, StealRequest, AcquireReplicas, RefreshWhoHas, ExecuteSuccess,

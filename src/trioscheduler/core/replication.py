@@ -1,15 +1,21 @@
-"""Where extra copies of keys go (``Client.replicate``): a pure, deterministic plan.
+"""Where copies of keys go, and which go away: pure, deterministic plans.
 
-The shell asks the chosen workers to fetch (``AcquireReplicas``); the core learns of
-each new copy from the worker's ``AddKeys`` as for any other replica.
+``plan_replicas`` (``Client.replicate``) and ``plan_rebalance`` pick workers to fetch
+copies: the shell sends them ``AcquireReplicas`` and the core learns of each new copy
+from the worker's ``AddKeys``, as for any replica. ``reduce_replicas`` is the Active
+Memory Manager's default policy (dask's ReduceReplicas): copies beyond what running
+tasks need are dropped, by the core's ``DropReplicas`` event, which keeps at least one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["plan_replicas"]
+if TYPE_CHECKING:
+    from trioscheduler.core.scheduler import SchedulerState
+
+__all__ = ["plan_rebalance", "plan_replicas", "reduce_replicas"]
 
 
 def plan_replicas(
@@ -40,3 +46,69 @@ def plan_replicas(
             plan.setdefault(w, []).append(key)
             load[w] += 1
     return plan
+
+
+def reduce_replicas(state: SchedulerState) -> dict[str, list[Any]]:
+    """``{worker: [keys whose copy there is not needed]}``.
+
+    A key keeps the copies on workers where a dependent runs now or will run (it reads
+    the local copy), and at least one; the others go, fullest workers first.
+    """
+    drop: dict[str, list[Any]] = {}
+    workers = state.workers
+    tasks = state.tasks
+    for key, ts in tasks.items():
+        if ts.state != "memory" or len(ts.who_has) < 2:
+            continue
+        needed = {
+            tasks[d].processing_on
+            for d in ts.dependents
+            if d in tasks and tasks[d].processing_on is not None
+        }
+        holders = sorted(
+            (w for w in ts.who_has if w in workers),
+            key=lambda w: (w in needed, -workers[w].nbytes, w),
+        )
+        keep = max(1, len(needed & set(holders)))
+        for w in holders[: len(holders) - keep]:
+            if w not in needed:
+                drop.setdefault(w, []).append(key)
+    return drop
+
+
+def plan_rebalance(
+    state: SchedulerState, keys: Iterable[Any] | None, workers: list[str]
+) -> list[tuple[Any, str, str]]:
+    """``[(key, sender, receiver), ...]`` moving bytes from workers above the mean to
+    workers below it (among ``workers``), largest keys first, while a move narrows the
+    gap; only keys in ``keys`` if given."""
+    if len(workers) < 2:
+        return []
+    wanted = None if keys is None else set(keys)
+    load = {w: state.workers[w].nbytes for w in workers}
+    mean = sum(load.values()) / len(load)
+    moves: list[tuple[Any, str, str]] = []
+    for sender in sorted(workers, key=lambda w: (-load[w], w)):
+        if load[sender] <= mean:
+            break
+        candidates = []
+        for k in state.workers[sender].has_what:
+            ts = state.tasks.get(k)
+            if ts is None or ts.state != "memory" or (wanted is not None and k not in wanted):
+                continue
+            candidates.append((ts.nbytes, k))
+        candidates.sort(key=lambda c: -c[0])
+        for nbytes, k in candidates:
+            if load[sender] - nbytes < mean - nbytes / 2 or nbytes == 0:
+                continue
+            who = state.tasks[k].who_has
+            receivers = sorted((w for w in workers if w not in who), key=lambda w: (load[w], w))
+            if not receivers or load[receivers[0]] + nbytes > mean + nbytes / 2:
+                continue
+            receiver = receivers[0]
+            moves.append((k, sender, receiver))
+            load[sender] -= nbytes
+            load[receiver] += nbytes
+            if load[sender] <= mean:
+                break
+    return moves

@@ -31,6 +31,7 @@ from trioscheduler.core.messages import (
     ClientId,
     ClientReleasesKeys,
     CloseWorker,
+    DropReplicas,
     FreeKeys,
     Key,
     KeyCancelled,
@@ -730,6 +731,25 @@ class SchedulerState:
         self._rebuild_running()
         self._retire_progress(ws)
 
+    def _on_drop_replicas(self, ev: DropReplicas) -> None:
+        """Drop copies only where another copy stays and no task running there reads it."""
+        ws = self.workers.get(ev.worker)
+        if ws is None:
+            return
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "memory" or ws.address not in ts.who_has:
+                continue
+            if len(ts.who_has) < 2:
+                continue
+            tasks = self.tasks
+            if any(
+                d in tasks and tasks[d].processing_on == ws.address for d in ts.dependents
+            ):
+                continue
+            tr.remove_replica(self, ts, ws)
+            self.free_on(ws.address, key)
+
     def _retire_pending(self) -> None:
         """After any event while workers retire: a unique key may have been released
         (not replicated), which no retirement event reports; close those now done."""
@@ -1007,6 +1027,7 @@ _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
     AddWorker: SchedulerState._on_add_worker,
     RemoveWorker: SchedulerState._on_remove_worker,
     RetireWorker: SchedulerState._on_retire,
+    DropReplicas: SchedulerState._on_drop_replicas,
     WorkerHeartbeat: SchedulerState._on_heartbeat,
     WorkerStatusChange: SchedulerState._on_status,
     TaskFinished: SchedulerState._on_task_finished,

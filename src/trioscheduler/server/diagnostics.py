@@ -31,7 +31,7 @@ import cloudpickle
 import trio
 
 from trioscheduler.core import messages as m
-from trioscheduler.core.replication import plan_replicas
+from trioscheduler.core.replication import plan_rebalance, plan_replicas, reduce_replicas
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import profiling
 
@@ -45,6 +45,7 @@ logger = logging.getLogger("trioscheduler.scheduler")
 EVENTS_PER_TOPIC = 100_000  # dask's distributed.scheduler.events-log-length
 TASK_STREAM_LENGTH = 100_000
 LOG_LENGTH = 10_000
+AMM_INTERVAL = 2.0  # dask's distributed.scheduler.active-memory-manager.interval
 
 REQUIRED_PACKAGES = ("python", "trioscheduler", "dask", "cloudpickle", "msgpack", "trio")
 OPTIONAL_PACKAGES = ("numpy", "pandas", "lz4", "toolz")
@@ -181,6 +182,7 @@ class Diagnostics:
         self.task_stream: deque[dict[str, Any]] = deque(maxlen=TASK_STREAM_LENGTH)
         self.metrics: dict[str, dict[str, Any]] = {}
         self._changed = trio.Event()  # set when a worker reports replicas or leaves
+        self._amm_scope: trio.CancelScope | None = None
         install_log_buffer()
 
     async def until(self, done: Callable[[], bool]) -> None:
@@ -189,6 +191,33 @@ class Diagnostics:
         wakes: the feed is synchronous)."""
         while not done():
             await self._changed.wait()
+
+    # -- the Active Memory Manager ---------------------------------------------------
+
+    def amm_run_once(self) -> int:
+        """Drop the copies ``reduce_replicas`` finds unneeded; how many were planned."""
+        s = self.scheduler
+        plan = reduce_replicas(s.state)
+        for worker, keys in sorted(plan.items()):
+            s._feed(m.DropReplicas(s._stimulus("amm"), trio.current_time(), worker, keys))
+        return sum(len(keys) for keys in plan.values())
+
+    def amm_start(self, nursery: trio.Nursery) -> None:
+        """Run the policy every ``AMM_INTERVAL`` seconds (dask starts it by default)."""
+        if self._amm_scope is None:
+            self._amm_scope = trio.CancelScope()
+            nursery.start_soon(self._amm_loop, self._amm_scope)
+
+    def amm_stop(self) -> None:
+        if self._amm_scope is not None:
+            self._amm_scope.cancel()
+            self._amm_scope = None
+
+    async def _amm_loop(self, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await trio.sleep(AMM_INTERVAL)
+                self.amm_run_once()
 
     def observe(self, msg: Any) -> None:
         """A message from a worker's stream, before the core sees it."""
@@ -598,6 +627,65 @@ async def op_replicate(s: Scheduler, request: dict[str, Any]) -> dict[Any, int]:
     return {k: copies(k) for k in keys}
 
 
+async def op_rebalance(s: Scheduler, request: dict[str, Any]) -> dict[str, int]:
+    """Move keys from the fullest workers to the emptiest: copy, then drop the original."""
+    names = request.get("workers")
+    workers = _resolve_workers(s, names) if names is not None else sorted(s.state.workers)
+    workers = [w for w in workers if s.state.workers[w].status == "running"]
+    keys = request.get("keys")
+    timeout = float(request.get("timeout", 60))
+    moves = plan_rebalance(s.state, keys, workers)
+    tasks = s.state.tasks
+    by_receiver: dict[str, list[tuple[Any, str]]] = {}
+    for key, sender, receiver in moves:
+        by_receiver.setdefault(receiver, []).append((key, sender))
+    for receiver, items in sorted(by_receiver.items()):
+        s._send(
+            s._workers,
+            receiver,
+            m.AcquireReplicas(
+                s._stimulus("rebalance"),
+                trio.current_time(),
+                {k: [sender] for k, sender in items},
+                {k: tasks[k].nbytes for k, _ in items},
+            ),
+        )
+
+    def arrived(key: Any, receiver: str) -> bool:
+        ts = tasks.get(key)
+        return ts is None or receiver in ts.who_has or receiver not in s.state.workers
+
+    with trio.move_on_after(timeout):
+        await _diag(s).until(lambda: all(arrived(k, r) for k, _, r in moves))
+    by_sender: dict[str, list[Any]] = {}
+    moved = 0
+    for key, sender, receiver in moves:
+        ts = tasks.get(key)
+        if ts is not None and receiver in ts.who_has:
+            by_sender.setdefault(sender, []).append(key)
+            moved += 1
+    for sender, ks in sorted(by_sender.items()):
+        s._feed(m.DropReplicas(s._stimulus("rebalance"), trio.current_time(), sender, ks))
+    return {"moved": moved, "planned": len(moves)}
+
+
+async def op_amm(s: Scheduler, request: dict[str, Any]) -> Any:
+    diag = _diag(s)
+    action = request.get("action")
+    if action == "start":
+        assert s._nursery is not None
+        diag.amm_start(s._nursery)
+        return None
+    if action == "stop":
+        diag.amm_stop()
+        return None
+    if action == "running":
+        return diag._amm_scope is not None
+    if action == "run_once":
+        return diag.amm_run_once()
+    raise ValueError(f"amm: unknown action {action!r} (start, stop, running, run_once)")
+
+
 async def op_terminate_workers(s: Scheduler, request: dict[str, Any]) -> list[str]:
     """``Client.shutdown`` without a cluster object: close every worker (and its nanny)."""
     workers = sorted(s.state.workers)
@@ -664,5 +752,7 @@ HANDLERS: dict[str, Callable[[Scheduler, dict[str, Any]], Awaitable[Any]]] = {
     "restart_workers": op_restart_workers,
     "replicate": op_replicate,
     "terminate_workers": op_terminate_workers,
+    "rebalance": op_rebalance,
+    "amm": op_amm,
     "dump_state": op_dump_state,
 }

@@ -74,7 +74,7 @@ FIRE_AND_FORGET = m.FIRE_AND_FORGET
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _WORKER_EVENTS = frozenset(m.SCHEDULER_EVENTS) - {
     m.AddClient, m.RemoveClient, m.UpdateGraph, m.UpdateData, m.ClientDesiresKeys,
-    m.ClientReleasesKeys, m.CancelKeys, m.RetryKeys, m.Tick, m.AddWorker,
+    m.ClientReleasesKeys, m.CancelKeys, m.RetryKeys, m.Tick, m.AddWorker, m.DropReplicas,
 }  # fmt: skip
 _CLIENT_EVENTS = frozenset(
     {
@@ -323,6 +323,7 @@ class Scheduler:
                 m.AddClient(self._stimulus("scheduler-start"), trio.current_time(), FIRE_AND_FORGET)
             )
             self._nursery.start_soon(self._ticker)
+            self.diagnostics.amm_start(self._nursery)  # on by default, as dask's
             await stack.enter_async_context(preloads(self.preload, self))
             logger.info("scheduler listening at %s", self.address)
             self._stack = stack.pop_all()
@@ -619,7 +620,11 @@ class Scheduler:
                     return  # the requester left while waiting
                 except Exception as exc:
                     logger.warning("rpc %r failed: %r", op, exc)
-                    reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
+                    reply = {
+                        "status": "error",
+                        "text": f"{type(exc).__name__}: {exc}",
+                        "type": type(exc).__name__,  # the client re-raises builtin types
+                    }
             await stream.send(reply)
             try:
                 request = await stream.receive()

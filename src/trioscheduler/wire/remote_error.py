@@ -2,10 +2,12 @@
 
 A task's exception is pickled on the worker into two blobs (exception, traceback) plus
 texts for humans and logs. The scheduler forwards the blobs untouched. The client
-rebuilds the exception with its original type; the remote traceback travels as text
-(frames cannot be pickled) and is attached as a note, so ``result()`` shows where the
-task failed on the worker. An exception whose ``__init__`` cannot take back its own
-``args`` (keyword-only parameters) travels by state (``__new__``, ``args``,
+rebuilds the exception with its original type and the remote frames as a real
+traceback (``tblib``, as dask): ``traceback.print_tb``, ``pdb.post_mortem`` and IDEs
+show where the task failed on the worker. The traceback blob is ``TBv1`` + msgpack of
+the text and tblib's plain-data frames (never pickle); where frames cannot be rebuilt,
+the text is attached as a note instead. An exception whose ``__init__`` cannot take back
+its own ``args`` (keyword-only parameters) travels by state (``__new__``, ``args``,
 ``__dict__``) and keeps its type. One that cannot be pickled at all becomes a
 ``RemoteError`` carrying its type name and message, never a pickling failure.
 
@@ -21,6 +23,7 @@ import traceback as tb_module
 from typing import Any
 
 import cloudpickle
+import msgpack
 
 from trioscheduler.errors import TrioSchedulerError
 
@@ -80,16 +83,55 @@ def pack_exception(exc: BaseException) -> tuple[bytes, bytes, str, str]:
     tb_text = "".join(tb_module.format_exception(type(exc), exc, exc.__traceback__))
     if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt, GeneratorExit...
         stand_in = TaskExitError(type(exc).__qualname__, ", ".join(map(repr, exc.args)))
-        return pickle.dumps(stand_in, protocol=5), tb_text.encode(), str(stand_in), tb_text
+        return pickle.dumps(stand_in, protocol=5), _pack_traceback(exc, tb_text), str(stand_in), tb_text
     for candidate in (exc, _ByState(exc)):
         try:
             blob = cloudpickle.dumps(candidate, protocol=5)
             pickle.loads(blob)  # an exception that pickles but cannot load is useless remotely
-            return blob, tb_text.encode(), exc_text, tb_text
+            return blob, _pack_traceback(exc, tb_text), exc_text, tb_text
         except Exception:
             continue
     blob = pickle.dumps(RemoteError(type(exc).__qualname__, str(exc)), protocol=5)
-    return blob, tb_text.encode(), exc_text, tb_text
+    return blob, _pack_traceback(exc, tb_text), exc_text, tb_text
+
+
+_TB_MAGIC = b"TBv1"
+
+
+def _pack_traceback(exc: BaseException, tb_text: str) -> bytes:
+    frames = None
+    if exc.__traceback__ is not None:
+        try:
+            from tblib import Traceback
+
+            frames = Traceback(exc.__traceback__).as_dict()
+        except Exception:  # a traceback tblib cannot read: the text still travels
+            frames = None
+    try:
+        return _TB_MAGIC + msgpack.packb({"text": tb_text, "frames": frames}, use_bin_type=True)
+    except (TypeError, ValueError):
+        return _TB_MAGIC + msgpack.packb({"text": tb_text, "frames": None}, use_bin_type=True)
+
+
+def unpack_traceback(tb_blob: bytes) -> tuple[str, Any]:
+    """``(text, traceback object or None)`` from a traceback blob."""
+    if not tb_blob.startswith(_TB_MAGIC):
+        return tb_blob.decode(errors="replace"), None
+    try:
+        data = msgpack.unpackb(tb_blob[len(_TB_MAGIC) :], raw=False, strict_map_key=False)
+        text = str(data.get("text") or "")
+        frames = data.get("frames")
+    except Exception:
+        return "", None
+    tb = None
+    if frames:
+        try:
+            from tblib import Traceback
+
+            tb = Traceback.from_dict(frames).as_traceback()
+        except Exception:
+            tb = None
+    return text, tb
 
 
 def unpack_exception(exc_blob: bytes, tb_blob: bytes, exc_text: str = "") -> BaseException:
@@ -102,7 +144,9 @@ def unpack_exception(exc_blob: bytes, tb_blob: bytes, exc_text: str = "") -> Bas
     except Exception as load_error:
         type_name, _, text = exc_text.partition(": ")
         exc = RemoteError(type_name or "Exception", text or f"unreadable remote exception ({load_error})")
-    tb_text = tb_blob.decode(errors="replace") if tb_blob else ""
+    tb_text, tb = unpack_traceback(tb_blob) if tb_blob else ("", None)
+    if tb is not None:
+        return exc.with_traceback(tb)
     if tb_text:
         exc.add_note("\nRemote traceback (from the worker that ran the task):\n" + tb_text.rstrip())
     return exc
