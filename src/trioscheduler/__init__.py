@@ -28,6 +28,8 @@ if TYPE_CHECKING:
         Semaphore,
         Variable,
     )
+    from trioscheduler.client.compat import CompatibleExecutor, config, dask, print, warn
+    from trioscheduler.client.diagnostics import get_task_stream
     from trioscheduler.client.futures import Future, FutureCancelledError, wait
     from trioscheduler.client.progress import progress
     from trioscheduler.client.worker_client import (
@@ -56,6 +58,7 @@ __all__ = [
     "BaseActorFuture",
     "CancelledError",
     "Client",
+    "CompatibleExecutor",
     "DatasetExistsError",
     "Event",
     "EnvironmentRefusedError",
@@ -79,18 +82,23 @@ __all__ = [
     "Variable",
     "Worker",
     "as_completed",
+    "config",
+    "dask",
     "default_client",
     "fire_and_forget",
     "futures_of",
     "get_client",
     "get_task_key",
+    "get_task_stream",
     "get_worker",
     "local_client",
     "open_cluster",
+    "print",
     "progress",
     "rejoin",
     "secede",
     "wait",
+    "warn",
     "worker_client",
 ]
 
@@ -109,6 +117,12 @@ _LAZY = {
     "Queue": "trioscheduler.client.coordination",
     "Semaphore": "trioscheduler.client.coordination",
     "Variable": "trioscheduler.client.coordination",
+    "CompatibleExecutor": "trioscheduler.client.compat",
+    "config": "trioscheduler.client.compat",
+    "dask": "trioscheduler.client.compat",
+    "print": "trioscheduler.client.compat",
+    "warn": "trioscheduler.client.compat",
+    "get_task_stream": "trioscheduler.client.diagnostics",
     "as_completed": "trioscheduler.client.as_completed",
     "Client": "trioscheduler.client.client",
     "Executor": "trioscheduler.client.client",

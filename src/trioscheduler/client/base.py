@@ -238,8 +238,12 @@ class ClientBase:
         await self._link.open(stack, address, local_route(address))
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(self._background)
+        self._session_started()
         self.status = "running"
         self._make_default()
+
+    def _session_started(self) -> None:
+        """Hook for mixins: the link and the background nursery are up (loop thread)."""
 
     async def _background(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The client's own tasks, in a nursery that ``_shutdown`` cancels.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -139,6 +140,67 @@ class ContextMethods(ClientBase):
             json.dump(payload, f, indent=2)
         os.replace(tmp, scheduler_file)
         self.scheduler_file = scheduler_file
+
+    # -- how it shows -----------------------------------------------------------------
+
+    def _totals(self) -> tuple[int, int, int] | None:
+        """(workers, threads, memory) from the scheduler, when asking cannot block the
+        loop (a sync client called from another thread)."""
+        if self.asynchronous or self.status != "running":
+            return None
+        if threading.get_ident() == self._loop_ident:
+            return None
+        try:
+            workers = self.sync(self.rpc, {"op": "scheduler_info"})["workers"]
+        except Exception:
+            return None
+        return (
+            len(workers),
+            sum(w["nthreads"] for w in workers.values()),
+            sum(w.get("memory_limit") or 0 for w in workers.values()),
+        )
+
+    def __repr__(self) -> str:
+        from dask.utils import format_bytes
+
+        if self.scheduler_address is None:
+            return "<Client: No scheduler connected>"
+        totals = self._totals()
+        if totals is None:
+            return f"<Client: {self.scheduler_address!r} status={self.status}>"
+        n, threads, memory = totals
+        return (
+            f"<Client: {self.scheduler_address!r} processes={n} threads={threads}, "
+            f"memory={format_bytes(memory)}>"
+        )
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        from dask.utils import format_bytes
+
+        rows = [
+            ("Client", self.id),
+            ("Scheduler", str(self.scheduler_address)),
+            ("Status", self.status),
+        ]
+        if self.cluster is not None:
+            rows.append(("Cluster", type(self.cluster).__name__))
+        totals = self._totals()
+        if totals is not None:
+            n, threads, memory = totals
+            rows += [
+                ("Workers", str(n)),
+                ("Threads", str(threads)),
+                ("Memory", format_bytes(memory)),
+            ]
+        link = self.dashboard_link
+        body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
+        if link:
+            body += (
+                f'<tr><th>Dashboard</th><td><a href="{escape(link)}">{escape(link)}</a></td></tr>'
+            )
+        return f"<div><h3>Client</h3><table>{body}</table></div>"
 
     @property
     def dashboard_link(self) -> str | None:

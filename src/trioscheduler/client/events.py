@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from trioscheduler.client.base import ClientBase
+from trioscheduler.client.compat import handle_print, handle_warn
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import task_context
 
@@ -119,23 +120,27 @@ class EventMethods(ClientBase):
             raise TypeError(f"subscribe_topic needs a callable handler, got {handler!r}")
         return self.sync(self._subscribe_topic, topic, handler)
 
+    def _session_started(self) -> None:
+        """Events pushed by the scheduler go to a dispatcher task; ``print``/``warn``
+        from tasks are repeated here by default (dask's clients do the same)."""
+        super()._session_started()
+        assert self._nursery is not None
+        self._topic_handlers = {"print": handle_print, "warn": handle_warn}
+        send, receive = trio.open_memory_channel[tuple[str, Any]](float("inf"))
+        self._event_send = send
+        self._link.on_event = self._on_event
+        self._nursery.start_soon(self._dispatch_events, receive)
+
     async def _subscribe_topic(self, topic: str, handler: Callable[..., Any]) -> None:
-        if "_topic_handlers" not in self.__dict__:
-            self._topic_handlers = {}
         if self._event_send is None:
-            if self._nursery is None:
-                raise TrioSchedulerError(f"{self!r} is not running")
-            send, receive = trio.open_memory_channel[tuple[str, Any]](float("inf"))
-            self._event_send = send
-            self._link.on_event = self._on_event
-            self._nursery.start_soon(self._dispatch_events, receive)
+            raise TrioSchedulerError(f"{self!r} is not running")
         self._topic_handlers[topic] = handler
         await self.rpc({"op": "subscribe_topic", "topic": topic})
 
     def unsubscribe_topic(self, topic: str) -> Any:
         """Stop calling the handler of ``topic``; ``ValueError`` if there is none."""
         handlers = self.__dict__.get("_topic_handlers", {})
-        if topic not in handlers:
+        if topic not in handlers or topic in ("print", "warn"):
             raise ValueError(f"no event handler known for topic {topic!r}")
         del handlers[topic]
         return self.sync(self.rpc, {"op": "unsubscribe_topic", "topic": topic})

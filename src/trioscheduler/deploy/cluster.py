@@ -189,11 +189,39 @@ class LocalCluster:
 
             self._handle = loop_runner().enter(self._open(), name=f"LocalCluster-{self._id}")
 
+    def _totals(self) -> tuple[int, int, int]:
+        """(workers, threads, memory) as the scheduler knows them (dask's repr)."""
+        state = self.scheduler.state if self.scheduler is not None else None
+        records = list(state.workers.values()) if state is not None else []
+        if not records:
+            return len(self.workers), len(self.workers) * self.threads_per_worker, 0
+        threads = sum(ws.nthreads for ws in records)
+        return len(records), threads, sum(ws.memory_limit or 0 for ws in records)
+
     def __repr__(self) -> str:
-        kind = "processes" if self.processes else "threads"
+        from dask.utils import format_bytes
+
+        n, threads, memory = self._totals()
         return (
-            f"LocalCluster({self.scheduler_address!r}, workers={len(self.workers)}, "
-            f"threads_per_worker={self.threads_per_worker}, {kind}, {self.status})"
+            f"LocalCluster({self._id}, {self.scheduler_address!r}, workers={n}, "
+            f"threads={threads}, memory={format_bytes(memory)})"
+        )
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        from dask.utils import format_bytes
+
+        n, threads, memory = self._totals()
+        kind = "processes" if self.processes else "threads in this process"
+        return (
+            f"<div><h3>LocalCluster</h3><table>"
+            f"<tr><th>Scheduler</th><td>{escape(self.scheduler_address)}</td></tr>"
+            f"<tr><th>Workers</th><td>{n} ({kind})</td></tr>"
+            f"<tr><th>Threads</th><td>{threads}</td></tr>"
+            f"<tr><th>Memory</th><td>{format_bytes(memory)}</td></tr>"
+            f"<tr><th>Status</th><td>{escape(self.status)}</td></tr>"
+            f"</table></div>"
         )
 
     # -- sync use ------------------------------------------------------------------

@@ -45,6 +45,7 @@ logger = logging.getLogger("trioscheduler.scheduler")
 EVENTS_PER_TOPIC = 100_000  # dask's distributed.scheduler.events-log-length
 TASK_STREAM_LENGTH = 100_000
 LOG_LENGTH = 10_000
+BROADCAST_TOPICS = frozenset({"print", "warn"})  # trioscheduler.print/warn inside tasks
 AMM_INTERVAL = 2.0  # dask's distributed.scheduler.active-memory-manager.interval
 
 REQUIRED_PACKAGES = ("python", "trioscheduler", "dask", "cloudpickle", "msgpack", "trio")
@@ -251,7 +252,16 @@ class Diagnostics:
         ts = time.time()
         for topic in [topics] if isinstance(topics, str) else list(topics):
             self.events[topic].append((ts, msg))
-            for cid in list(self.subscribers.get(topic, ())):
+            # what tasks print or warn goes to every client, as dask's clients subscribe
+            # to these topics when they start
+            to = self.scheduler._clients if topic in BROADCAST_TOPICS else ()
+            for cid in list(to):
+                self.scheduler._send(
+                    self.scheduler._clients,
+                    cid,
+                    {"op": "event", "topic": topic, "event": [ts, msg]},
+                )
+            for cid in list(self.subscribers.get(topic, ()) if not to else ()):
                 if cid in self.scheduler._clients:
                     self.scheduler._send(
                         self.scheduler._clients,

@@ -107,10 +107,12 @@ def _pack_traceback(exc: BaseException, tb_text: str) -> bytes:
             frames = Traceback(exc.__traceback__).as_dict()
         except Exception:  # a traceback tblib cannot read: the text still travels
             frames = None
+    packed: bytes
     try:
-        return _TB_MAGIC + msgpack.packb({"text": tb_text, "frames": frames}, use_bin_type=True)
+        packed = msgpack.packb({"text": tb_text, "frames": frames}, use_bin_type=True)
     except (TypeError, ValueError):
-        return _TB_MAGIC + msgpack.packb({"text": tb_text, "frames": None}, use_bin_type=True)
+        packed = msgpack.packb({"text": tb_text, "frames": None}, use_bin_type=True)
+    return _TB_MAGIC + packed
 
 
 def unpack_traceback(tb_blob: bytes) -> tuple[str, Any]:
