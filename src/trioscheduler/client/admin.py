@@ -16,7 +16,7 @@ import trio
 
 from trioscheduler.client import transfer as _transfer
 from trioscheduler.client.base import ClientBase
-from trioscheduler.client.futures import futures_of
+from trioscheduler.client.collections import futures_of as collection_futures
 from trioscheduler.client.keys import check_workers
 from trioscheduler.core.errors import RESTART_REASON
 from trioscheduler.environments import EnvironmentRefusedError
@@ -195,7 +195,12 @@ class AdminMethods(ClientBase):
 
     def who_has(self, futures: Any = None) -> Any:
         """``{key: [worker addresses]}`` for ``futures`` (all keys if None)."""
-        keys = None if futures is None else list(dict.fromkeys(f.key for f in futures_of(futures)))
+        # futures, or collections holding them (a persisted dask collection), as dask
+        keys = (
+            None
+            if futures is None
+            else list(dict.fromkeys(f.key for f in collection_futures(futures)))
+        )
         return self.sync(who_has, self, keys)
 
     def has_what(self, workers: Any = None) -> Any:

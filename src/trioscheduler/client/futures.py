@@ -270,6 +270,10 @@ class Future:
         if client is self.client:
             return
         st = client.hold_key(self.key)
+        if not client.asynchronous:
+            # The new client's claim reaches the scheduler before the old one lets go
+            # (they are separate streams): one request behind it is the barrier.
+            client.sync(client.rpc, {"op": "task_states", "keys": [self.key]})
         old, self.client, self._state = self.client, client, st
         if not self._released:
             old.unhold_key(self.key)

@@ -61,6 +61,7 @@ class _LogBuffer(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.records: deque[tuple[str, str]] = deque(maxlen=LOG_LENGTH)
+        self.pid = os.getpid()
         self.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -80,9 +81,11 @@ def install_log_buffer() -> _LogBuffer:
     unless the application lowers it): the buffer does not change what gets logged.
     """
     global _log_buffer
-    if _log_buffer is None:
+    log = logging.getLogger("trioscheduler")
+    # A forked worker process starts without its parent's handlers (nanny): a new buffer.
+    if _log_buffer is None or _log_buffer.pid != os.getpid() or _log_buffer not in log.handlers:
         _log_buffer = _LogBuffer()
-        logging.getLogger("trioscheduler").addHandler(_log_buffer)
+        log.addHandler(_log_buffer)
     return _log_buffer
 
 
