@@ -336,8 +336,10 @@ def test_versions_metadata_dump_benchmark(client: Client, tmp_path: Path) -> Non
 
 def test_scheduler_info_has_worker_metrics(client: Client) -> None:
     info = eventually(
-        lambda: all(w["metrics"] for w in client.scheduler_info()["workers"].values())
-        and client.scheduler_info(),
+        lambda: (
+            all(w["metrics"] for w in client.scheduler_info()["workers"].values())
+            and client.scheduler_info()
+        ),
         "heartbeat metrics",
     )
     for w in info["workers"].values():
