@@ -263,7 +263,38 @@ def w_spill(s: System, quick: bool) -> dict[str, Any]:
             "worker_restarted": before != after, "error": error}  # fmt: skip
 
 
+def w_api(s: System, quick: bool) -> dict[str, Any]:
+    """Issue 13's Client API: an executor call's round trip (``get_executor().submit(...)
+    .result()``), an event's (``log_event`` then ``get_events``), and ``profile()``."""
+    n = 50 if quick else 300
+    with s.session() as client:
+        ex = client.get_executor(pure=False)
+        for i in range(20):
+            ex.submit(inc, i).result()
+        lat = []
+        for i in range(n):
+            start = time.perf_counter()
+            ex.submit(inc, i).result()
+            lat.append(time.perf_counter() - start)
+        events = []
+        for i in range(n):
+            start = time.perf_counter()
+            client.log_event("bench", i)
+            client.get_events("bench")
+            events.append(time.perf_counter() - start)
+        client.gather(client.map(inc, range(2_000)))
+        profiles = []
+        for _ in range(5 if quick else 20):
+            start = time.perf_counter()
+            client.profile()
+            profiles.append(time.perf_counter() - start)
+    return {"executor_p50_ms": statistics.median(lat) * 1e3,
+            "event_p50_ms": statistics.median(events) * 1e3,
+            "profile_ms": statistics.median(profiles) * 1e3}  # fmt: skip
+
+
 WORKLOADS: dict[str, Callable[[System, bool], dict[str, Any]]] = {
+    "api": w_api,
     "startup": w_startup,
     "map": w_map,
     "tree": w_tree,

@@ -217,6 +217,23 @@ register(
 )  # fmt: skip
 
 
+for name, metric, description in (
+    ("executor", "executor_p50_ms", "p50 of get_executor().submit(inc, i).result(), 300 in a "
+     "row after 20 warm-up calls (ms)."),
+    ("event", "event_p50_ms", "p50 of log_event('bench', i) then get_events('bench'), 300 "
+     "in a row (ms; the list grows to 300 events)."),
+    ("profile", "profile_ms", "median of 20 client.profile() calls after 2,000 tasks ran "
+     "(ms)."),
+):
+    register(
+        f"cluster-api-{name}", description=f"Client API (issue 13): {description}",
+        unit="ms", higher_is_better=False,
+        ours=derived(f"cluster-api-{name}", "api", "trio", metric),
+        reference=derived(f"cluster-api-{name}", "api", "dask", metric),
+        reference_label="dask.distributed (default)",
+    )  # fmt: skip
+
+
 def _raw(quick: bool) -> float:
     from benchmarks.wire import raw_large
 

@@ -24,29 +24,39 @@ _ALLOWED = frozenset({"pure", "workers", "resources", "allow_other_workers", "re
 
 
 def _mirror(future: Future) -> cf.Future[Any]:
-    """A standard-library future that follows ``future``."""
+    """A standard-library future that follows ``future``.
+
+    Copied in the client's loop thread as soon as the key is done when the outcome is
+    at hand there (a small result the scheduler pushed, an error, a cancellation); a
+    result that must be fetched is fetched from a thread (``add_done_callback``).
+    """
     out: cf.Future[Any] = cf.Future()
     out.set_running_or_notify_cancel()
 
-    def copy(f: Future) -> None:
+    def copy(f: Future) -> None:  # a thread: may block on the fetch
         if out.done():
             return
-        status = f.status
-        if status == "finished":
-            try:
-                out.set_result(f.result())
-            except BaseException as exc:  # the value could not be fetched
-                out.set_exception(exc)
-        elif status == "cancelled":
-            # A running cf.Future cannot be marked cancelled; wait() wakes on an exception.
-            out.set_exception(cf.CancelledError(f"the task {f.key!r} was cancelled"))
-        else:
-            try:
-                out.set_exception(f.exception())
-            except BaseException as exc:
-                out.set_exception(exc)
+        try:
+            out.set_result(f.result())
+        except BaseException as exc:
+            out.set_exception(exc)
 
-    future.add_done_callback(copy)
+    def settle() -> None:  # the loop thread
+        st = future._state
+        if out.done():
+            return
+        if st.status == "finished":
+            if st.held is not None:
+                out.set_result(st.held[0])
+            else:
+                future.add_done_callback(copy)
+        elif st.status == "cancelled":
+            # A running cf.Future cannot be marked cancelled; wait() wakes on an exception.
+            out.set_exception(cf.CancelledError(f"the task {future.key!r} was cancelled"))
+        else:
+            out.set_exception(st.exception() or RuntimeError(f"{future.key!r}: {st.status}"))
+
+    future.client.on_done(future, settle)
     return out
 
 

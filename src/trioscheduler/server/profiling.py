@@ -42,18 +42,18 @@ def _root() -> dict[str, Any]:
 
 def _add_stack(tree: dict[str, Any], frame: FrameType | None) -> None:
     """Count one sample of ``frame``'s stack (outermost call first) into ``tree``."""
-    frames: list[FrameType] = []
+    frames: list[Any] = []
     while frame is not None:
-        frames.append(frame)
+        frames.append(frame.f_code)
+        frames.append(frame.f_lineno)
         frame = frame.f_back
     node = tree
     node["count"] += 1
-    for f in reversed(frames):
-        code = f.f_code
+    for i in range(len(frames) - 2, -1, -2):
+        code, lineno = frames[i], frames[i + 1] or 0
         ident = f"{code.co_name};{code.co_filename};{code.co_firstlineno}"
         child = node["children"].get(ident)
         if child is None:
-            lineno = f.f_lineno or 0
             child = node["children"][ident] = {
                 "identifier": ident,
                 "description": {
@@ -121,17 +121,24 @@ class Sampler:
                 self._rotate(now)
 
     def sample(self) -> None:
+        # ``_current_frames`` includes this very frame: the dict and this frame would form
+        # a cycle holding every thread's frames, and with them the tasks' locals (large
+        # arrays), until a garbage collection. So the dict never outlives the loop.
         frames = sys._current_frames()
-        with self._lock:
-            for ident, key in list(EXECUTING.items()):
-                frame = frames.get(ident)
-                if frame is None:
-                    continue
-                prefix = key_prefix(key)
-                tree = self._current.get(prefix)
-                if tree is None:
-                    tree = self._current[prefix] = _root()
-                _add_stack(tree, frame)
+        try:
+            with self._lock:
+                for ident, key in list(EXECUTING.items()):
+                    frame = frames.get(ident)
+                    if frame is None:
+                        continue
+                    prefix = key_prefix(key)
+                    tree = self._current.get(prefix)
+                    if tree is None:
+                        tree = self._current[prefix] = _root()
+                    _add_stack(tree, frame)
+        finally:
+            frame = None
+            del frames
 
     def _rotate(self, now: float) -> None:
         with self._lock:
@@ -177,10 +184,14 @@ def call_stacks(keys: list[Any] | None = None) -> dict[Any, list[str]]:
     frames = sys._current_frames()
     wanted = None if keys is None else set(keys)
     out: dict[Any, list[str]] = {}
-    for ident, key in list(EXECUTING.items()):
-        if wanted is not None and key not in wanted:
-            continue
-        frame = frames.get(ident)
-        if frame is not None:
-            out[key] = traceback.format_stack(frame)
+    try:
+        for ident, key in list(EXECUTING.items()):
+            if wanted is not None and key not in wanted:
+                continue
+            frame = frames.get(ident)
+            if frame is not None:
+                out[key] = traceback.format_stack(frame)
+    finally:
+        frame = None
+        del frames  # see ``Sampler.sample``: no cycle through this frame
     return out
