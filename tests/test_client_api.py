@@ -437,3 +437,40 @@ def test_print_and_warn_in_tasks_reach_the_client(
             "the warning",
         )
     assert warned[0].category is RuntimeWarning
+
+
+async def test_the_new_methods_are_awaitable_on_an_asynchronous_client() -> None:
+    import trio
+
+    from trioscheduler import open_cluster
+
+    with trio.fail_after(TIMEOUT):
+        async with (
+            open_cluster(2, 1, processes=False) as cluster,
+            Client(cluster, asynchronous=True) as c,
+        ):
+            assert c.loop is None and c.asynchronous
+            fs = c.map(inc, range(4))
+            assert await c.gather(fs) == [1, 2, 3, 4]
+            await c.replicate(fs[:1])
+            assert [len(w) for w in (await c.who_has(fs[:1])).values()] == [2]
+            assert await c.amm.run_once() == 1
+            got: list[Any] = []
+            arrived = trio.Event()
+
+            async def handler(event: Any) -> None:
+                got.append(event[1])
+                arrived.set()
+
+            await c.subscribe_topic("async-topic", handler)
+            await c.log_event("async-topic", "hi")
+            await arrived.wait()
+            assert got == ["hi"]
+            assert (await c.get_events("async-topic"))[0][1] == "hi"
+            await c.set_metadata(["k"], 1)
+            assert await c.get_metadata("k") == 1
+            assert set(await c.processing()) == set(cluster.worker_addresses)
+            assert (await c.nbytes(fs, summary=False)).keys() == {f.key for f in fs}
+            assert set(await c.get_versions()) == {"scheduler", "workers", "client"}
+            await c.shutdown()
+            assert c.status == "closed"

@@ -79,7 +79,8 @@ class ContextMethods(ClientBase):
 
     def shutdown(self) -> Any:
         """Close this client and the cluster it is connected to (its scheduler and workers),
-        not only this client's own ``LocalCluster``."""
+        not only this client's own ``LocalCluster``. Asynchronous: the workers close and
+        the client ends; a cluster opened with ``async with`` closes when its block ends."""
         cluster = self.cluster
         if self.asynchronous:
             return self._shutdown_async(cluster)
@@ -91,13 +92,12 @@ class ContextMethods(ClientBase):
         return None
 
     async def _shutdown_async(self, cluster: Any) -> None:
-        if cluster is None and self.status == "running":
+        # Structured: a cluster opened with ``async with`` is closed by its own block
+        # (closing it from inside would tear its nursery out from under it), so here the
+        # workers are told to close and the client ends; the block's exit does the rest.
+        if self.status == "running":
             await self.rpc({"op": "terminate_workers"})
         await self._shutdown()
-        if cluster is not None:
-            closing = cluster.close()
-            if hasattr(closing, "__await__"):
-                await closing
 
     def futures_of(self, futures: Any) -> list[Future]:
         """The futures of this client inside ``futures`` (collections, lists, dicts...).
