@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from trioscheduler.client.as_completed import as_completed
     from trioscheduler.client.client import Client, Executor, default_client, fire_and_forget
     from trioscheduler.client.collections import futures_of
+    from trioscheduler.client.compat import CompatibleExecutor, config, dask, print, warn
     from trioscheduler.client.coordination import (
         Event,
         Lock,
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
         Semaphore,
         Variable,
     )
-    from trioscheduler.client.compat import CompatibleExecutor, config, dask, print, warn
     from trioscheduler.client.diagnostics import get_task_stream
     from trioscheduler.client.futures import Future, FutureCancelledError, wait
     from trioscheduler.client.progress import progress
