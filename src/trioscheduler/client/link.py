@@ -34,11 +34,30 @@ from trioscheduler.errors import TrioSchedulerError
 
 __all__ = ["SchedulerLink"]
 
+
+
+class SchedulerValueError(TrioSchedulerError, ValueError):
+    """The scheduler refused a request's argument (``ValueError`` there, as dask's)."""
+
+
+class SchedulerKeyError(TrioSchedulerError, KeyError):
+    """The scheduler has no such key or path (``KeyError`` there)."""
+
+
+class SchedulerTypeError(TrioSchedulerError, TypeError):
+    """A request's argument had the wrong type (``TypeError`` there)."""
+
+
+class SchedulerTimeoutError(TrioSchedulerError, TimeoutError):
+    """A request's wait on the scheduler ran out (``TimeoutError`` there)."""
+
+
+# A request's error is both a TrioSchedulerError and the builtin type dask code catches.
 _BUILTIN_ERRORS: dict[Any, type[Exception]] = {
-    "ValueError": ValueError,
-    "KeyError": KeyError,
-    "TypeError": TypeError,
-    "TimeoutError": TimeoutError,
+    "ValueError": SchedulerValueError,
+    "KeyError": SchedulerKeyError,
+    "TypeError": SchedulerTypeError,
+    "TimeoutError": SchedulerTimeoutError,
 }
 
 logger = logging.getLogger("trioscheduler.client")
