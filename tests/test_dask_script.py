@@ -36,7 +36,7 @@ def fail(x):
 
 
 if __name__ == "__main__":
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
         with Client(cluster) as client:
             print("current", Client.current() is client)
             fs = client.map(inc, range(10))
