@@ -141,7 +141,7 @@ async def test_worker_ports_preloads_and_lifetime_restart(tmp_path: Path) -> Non
                     "--worker-port", f"{worker_ports[0]}:{worker_ports[1]}",
                     "--nanny-port", f"{nanny_ports[0]}:{nanny_ports[1]}",
                     "--preload", preload, "--preload-nanny", preload,
-                    "--lifetime", "2", "--lifetime-restart", "--pid-file", str(pid_path),
+                    "--lifetime", "6", "--lifetime-restart", "--pid-file", str(pid_path),
                 ) as worker,
                 Client(address, asynchronous=True) as c,
             ):  # fmt: skip
