@@ -37,12 +37,14 @@ from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import (
     AcquireReplicas,
     AddKeys,
+    CloseWorker,
     ComputeTask,
     DeleteData,
     ExecuteFailure,
     ExecuteSuccess,
     FreeKeys,
     GatherDep,
+    HEARTBEAT_TIMEOUT,
     GatherDepFailure,
     GatherDepSuccess,
     Key,
@@ -52,6 +54,7 @@ from trioscheduler.core.messages import (
     ReleaseWorkerData,
     Reschedule,
     RescheduleEvent,
+    SchedulerLost,
     SecedeEvent,
     Spill,
     SpillFailed,
@@ -632,6 +635,28 @@ class WorkerState:
                 recs[ts] = "released"
         self._drain(recs, ev, out)
 
+    def _on_scheduler_lost(self, ev: SchedulerLost, out: list[Any]) -> None:
+        """Release all the scheduler asked for; keep every value held (it counted each
+        one here, through ``TaskFinished``/``AddKeys``/data updates), to offer again on
+        registration (``held``). Running tasks and transfers become ``cancelled``: the
+        shell cannot stop a task thread, and what they bring is dropped on arrival."""
+        tasks = self.tasks
+        for ts in tasks.values():
+            if ts.state == "memory":
+                ts.wanted = True  # not released with its local dependents below
+        gone = [key for key, ts in tasks.items() if ts.state != "memory"]
+        self._on_free_keys(FreeKeys(ev.stimulus_id, ev.now, gone), out)
+
+    def held(self) -> dict[Key, int]:
+        """The values this worker holds, with their sizes: ``AddWorker.data`` on rejoining."""
+        return {key: ts.nbytes for key, ts in self.tasks.items() if ts.state == "memory"}
+
+    @staticmethod
+    def closing_is_loss(msg: CloseWorker) -> bool:
+        """A ``CloseWorker`` for silence (see ``HEARTBEAT_TIMEOUT``): the scheduler gave
+        this worker up while the link was cut; it is alive and rejoins."""
+        return msg.reason.startswith(HEARTBEAT_TIMEOUT)
+
     def _on_steal_request(self, ev: StealRequest, out: list[Any]) -> None:
         ts = self.tasks.get(ev.key)
         state = ts.state if ts is not None else None
@@ -898,4 +923,5 @@ _HANDLERS: Final[dict[type[Any], Callable[[WorkerState, Any, list[Any]], None]]]
     MemoryMeasured: WorkerState._on_memory_measured,
     SpillFailed: WorkerState._on_spill_failed,
     SpillWritten: WorkerState._on_spill_written,
+    SchedulerLost: WorkerState._on_scheduler_lost,
 }
