@@ -35,6 +35,7 @@ from trioscheduler.core import memory_policy as mp
 from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import (
+    HEARTBEAT_TIMEOUT,
     AcquireReplicas,
     AddKeys,
     CloseWorker,
@@ -44,7 +45,6 @@ from trioscheduler.core.messages import (
     ExecuteSuccess,
     FreeKeys,
     GatherDep,
-    HEARTBEAT_TIMEOUT,
     GatherDepFailure,
     GatherDepSuccess,
     Key,
