@@ -530,25 +530,28 @@ class Worker:
         self.handle(SchedulerLost(stimulus_id=_stimulus("scheduler-lost"), now=now))
         first, longest = _BACKOFF
         while not self._closing:
-            attempts += 1
-            self._outage = (since, attempts)
             left = None if self.death_timeout is None else since + self.death_timeout - _now()
+            if attempts:  # back off before every attempt but an outage's first
+                delay = min(longest, first * 2 ** min(attempts - 1, 16))
+                delay *= random.uniform(0.5, 1.0)
+                if left is not None:
+                    delay = min(delay, max(left, 0.0))
+                await trio.sleep(delay)
+                left = None if self.death_timeout is None else since + self.death_timeout - _now()
             if left is not None and left <= 0:
                 break
+            attempts += 1
+            self._outage = (since, attempts)
             try:
                 await self._join(
                     self.connect_timeout if left is None else min(left, self.connect_timeout)
                 )
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                     trio.TooSlowError, wire.ProtocolError) as exc:  # fmt: skip
-                delay = min(longest, first * 2 ** min(attempts - 1, 16))
-                delay *= random.uniform(0.5, 1.0)
                 logger.info(
-                    "worker %s: rejoining %s, attempt %d failed (%s: %s); next in %.1f s",
-                    self.address, self.scheduler_address, attempts, type(exc).__name__,
-                    exc, delay,
+                    "worker %s: rejoining %s, attempt %d failed: %s: %s", self.address,
+                    self.scheduler_address, attempts, type(exc).__name__, exc,
                 )  # fmt: skip
-                await trio.sleep(delay if left is None else min(delay, max(left, 0.0)))
                 continue
             self.reconnections += 1
             logger.info(
