@@ -644,8 +644,13 @@ class WorkerState:
         for ts in tasks.values():
             if ts.state == "memory":
                 ts.wanted = True  # not released with its local dependents below
-        gone = [key for key, ts in tasks.items() if ts.state != "memory"]
-        self._on_free_keys(FreeKeys(ev.stimulus_id, ev.now, gone), out)
+        # A second pass for what the first kept for local readers that it then released
+        # (a resumed transfer kept in flight for a dependent freed after it).
+        for _ in range(2):
+            gone = [k for k, ts in tasks.items() if ts.state != "memory" and ts.state != "cancelled"]
+            if not gone:
+                break
+            self._on_free_keys(FreeKeys(ev.stimulus_id, ev.now, gone), out)
 
     def held(self) -> dict[Key, int]:
         """The values this worker holds, with their sizes: ``AddWorker.data`` on rejoining."""

@@ -547,7 +547,7 @@ class Worker:
                     self.connect_timeout if left is None else min(left, self.connect_timeout)
                 )
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    trio.TooSlowError, wire.ProtocolError) as exc:  # fmt: skip
+                    trio.EndOfChannel, trio.TooSlowError, wire.ProtocolError) as exc:  # fmt: skip
                 logger.info(
                     "worker %s: rejoining %s, attempt %d failed: %s: %s", self.address,
                     self.scheduler_address, attempts, type(exc).__name__, exc,
