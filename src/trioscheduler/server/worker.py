@@ -22,7 +22,8 @@ for up to ``death_timeout`` seconds (then it closes). So does a ``CloseWorker`` 
 because the scheduler heard nothing for too long: the worker is alive after all.
 
 Shutdown, on leaving the block, on ``close()``, when the scheduler sends
-``CloseWorker``, or after ``death_timeout`` without a scheduler: tell the scheduler ``RemoveWorker(expected=True)``, close the stream,
+``CloseWorker``, or after ``death_timeout`` without a scheduler: tell the scheduler
+``RemoveWorker(expected=True)`` (if connected), close the stream,
 cancel running work, close the listener, remove the spill directory.
 """
 
