@@ -143,7 +143,7 @@ async def test_worker_under_nanny_restarts_and_exits_with_scheduler(
             address = (await wait_for_file(sched_file))["address"]
             async with spawn(
                 tmp_path, "w", "worker", address, "--nthreads", "1", "--memory-limit", "0",
-                "--start-method", method,
+                "--start-method", method, "--death-timeout", "2",
             ) as w:  # fmt: skip
                 async with Client(address, asynchronous=True, timeout=20) as c:
                     await c.wait_for_workers(1)
@@ -159,7 +159,8 @@ async def test_worker_under_nanny_restarts_and_exits_with_scheduler(
                             continue
                         if new_pid != pid:
                             break
-                # the scheduler goes away: the worker closes and the nanny process ends
+                # the scheduler goes away: after --death-timeout the worker closes and
+                # the nanny process ends
                 assert await stop(sched) == 0
                 assert await w.process.wait() == 0
             assert "SIGKILL" in w.stderr() and "restarting" in w.stderr()

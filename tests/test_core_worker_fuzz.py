@@ -31,6 +31,7 @@ from trioscheduler.core.messages import (
     MissingData,
     RefreshWhoHas,
     RescheduleEvent,
+    SchedulerLost,
     SecedeEvent,
     Spill,
     SpillFailed,
@@ -148,6 +149,12 @@ class FakeShell:
                 done = [key, *rng.sample(self.spills, rng.randint(0, len(self.spills)))]
                 self.spills = [k for k in self.spills if k not in done]
                 self.feed(SpillWritten(s, now, done))
+        elif r < 0.94:  # the stream to the scheduler was lost (issue 18)
+            self.feed(SchedulerLost(s, now))
+            held = self.ws.held()
+            assert {k for k, t in self.ws.tasks.items() if t.state == "memory"} == set(held)
+            left = {k: t.state for k, t in self.ws.tasks.items()}
+            assert set(left.values()) <= {"memory", "cancelled"}, left
         else:
             k = rng.choice(KEYS)
             self.feed(WorkerUpdateData(s, now, {k: rng.randint(1, 300)}))

@@ -114,7 +114,9 @@ def _start_cluster(lab: Lab, tmp_path: Path, worker_timeout: float = 30.0) -> st
     return address
 
 
-def _client(lab: Lab, tmp_path: Path, code: str, timeout: float = 120) -> dict[str, object]:
+def _client(
+    lab: Lab, tmp_path: Path, code: str, timeout: float = 120, workers: int = 2
+) -> dict[str, object]:
     """Run ``code`` (it defines ``main(client) -> dict``) in the client's namespace."""
     script = tmp_path / "client_script.py"
     script.write_text(
@@ -125,10 +127,10 @@ def _client(lab: Lab, tmp_path: Path, code: str, timeout: float = 120) -> dict[s
                 import json, sys
                 from trioscheduler import Client
                 with Client(sys.argv[1], timeout=30) as client:
-                    client.wait_for_workers(2, timeout=60)
+                    client.wait_for_workers({workers}, timeout=60)
                     print("RESULT " + json.dumps(main(client)), flush=True)
             """
-        )
+        ).replace("{workers}", str(workers))
     )
     log = tmp_path / "client.log"
     proc = lab.run("client", sys.executable, str(script), f"tcp://{lab.addr('sched')}:8786", log=log)
@@ -207,3 +209,114 @@ def test_a_worker_host_cut_off_mid_graph_is_noticed_and_the_result_is_right(
     (left,) = out["workers_left"]  # type: ignore[misc]
     assert left.startswith(f"tcp://{lab.addr('a')}:")
     print(f"worker b's loss noticed {out['noticed_after']:.1f} s after its link was cut")
+
+
+def _scheduler(
+    lab: Lab, tmp_path: Path, log: str, worker_timeout: float = 30.0
+) -> subprocess.Popen[bytes]:
+    return lab.run(
+        "sched", sys.executable, "-m", "trioscheduler", "scheduler", "--host",
+        lab.addr("sched"), "--port", "8786", "--worker-timeout", str(worker_timeout),
+        log=tmp_path / log,
+    )  # fmt: skip
+
+
+def _wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never came"
+        time.sleep(0.05)
+
+
+def test_a_worker_cut_off_past_the_worker_timeout_rejoins_when_its_link_is_back(
+    lab: Lab, tmp_path: Path
+) -> None:
+    _start_cluster(lab, tmp_path, worker_timeout=3.0)
+    cut, restore = tmp_path / "cut", tmp_path / "restore"
+    code = f"""
+        import time
+
+        def where(x):
+            from trioscheduler import get_worker
+            return [get_worker().address, x]
+
+        def main(client):
+            b = next(w for w, i in client.scheduler_info()["workers"].items() if i["name"] == "b")
+            before = client.submit(where, 1, workers=[b], pure=False).result()
+            open({str(cut)!r}, "w").close()  # the test cuts b's link now
+            while b in client.scheduler_info()["workers"]:
+                time.sleep(0.1)  # the scheduler gave b up (no heartbeat for 3 s)
+            open({str(restore)!r}, "w").close()  # ... and restores it
+            while b not in client.scheduler_info()["workers"]:
+                time.sleep(0.1)
+            after = client.submit(where, 2, workers=[b], pure=False).result()
+            return {{"b": b, "before": before, "after": after}}
+        """
+
+    def cut_and_restore() -> None:
+        _wait_for(cut)
+        lab.link("b", "down")
+        _wait_for(restore)
+        lab.link("b", "up")
+
+    switch = threading.Thread(target=cut_and_restore, daemon=True)
+    switch.start()
+    out = _client(lab, tmp_path, code)
+    switch.join(timeout=5)
+    b = out["b"]
+    assert out["before"] == [b, 1] and out["after"] == [b, 2]  # the same worker, back
+    assert "rejoined" in (tmp_path / "worker-b.log").read_text()
+
+
+def test_workers_under_nannies_rejoin_a_scheduler_killed_and_restarted(
+    lab: Lab, tmp_path: Path
+) -> None:
+    _start_cluster(lab, tmp_path)  # --death-timeout 30
+    scheduler = lab.procs[0]
+    code = """
+        def square(x):
+            return x * x
+
+        def main(client):
+            workers = sorted(client.scheduler_info()["workers"])
+            assert client.submit(square, 3, workers=[workers[0]]).result() == 9
+            return {"workers": workers}
+        """
+    workers = _client(lab, tmp_path, code)["workers"]
+    scheduler.kill()  # SIGKILL: ``ip netns exec`` exec'd the scheduler itself
+    scheduler.wait(timeout=30)
+    time.sleep(2)  # the scheduler stays away a while: the workers dial in vain
+    _scheduler(lab, tmp_path, "scheduler-2.log")
+    out = _client(
+        lab,
+        tmp_path,
+        """
+        def main(client):
+            workers = sorted(client.scheduler_info()["workers"])
+            return {"workers": workers, "sums": client.gather(
+                [client.submit(sum, range(n), workers=[w]) for n, w in enumerate(workers, 10)]
+            )}
+        """,
+    )
+    assert out["workers"] == workers  # the same two, at their addresses
+    assert out["sums"] == [sum(range(10)), sum(range(11))]
+    for host in ("a", "b"):
+        text = (tmp_path / f"worker-{host}.log").read_text()
+        assert "rejoined" in text and "restarting it" not in text  # the same process
+
+
+def test_a_worker_gives_up_a_scheduler_that_never_comes_back(lab: Lab, tmp_path: Path) -> None:
+    address = f"tcp://{lab.addr('sched')}:8786"
+    _scheduler(lab, tmp_path, "scheduler.log")
+    worker = lab.run(
+        "a", sys.executable, "-m", "trioscheduler", "worker", address, "--name", "a",
+        "--death-timeout", "4", log=tmp_path / "worker-a.log",
+    )  # fmt: skip
+    out = _client(lab, tmp_path, "def main(client):\n    return {'n': 1 + 1}\n", workers=1)
+    assert out == {"n": 2}  # the worker had joined
+    scheduler = lab.procs[0]
+    scheduler.kill()
+    scheduler.wait(timeout=30)
+    assert worker.wait(timeout=60) == 0  # the nanny stops with its worker, in order
+    text = (tmp_path / "worker-a.log").read_text()
+    assert "no scheduler at" in text and "rejoined" not in text

@@ -416,10 +416,19 @@ class ToClient:
 
 @message("close-worker")
 class CloseWorker:
-    """Ask the worker (and its nanny) to shut down: retirement or a stuck worker."""
+    """Ask the worker (and its nanny) to shut down: retirement or a stuck worker.
+
+    A reason starting with ``HEARTBEAT_TIMEOUT`` means the scheduler gave the worker up
+    for silence (a cut link, a stuck loop): a worker that reads it is alive after all and
+    rejoins, as dask's does on a "missing" heartbeat reply (``WorkerState.closing_is_loss``).
+    """
 
     worker: WorkerAddr
     reason: str
+
+
+HEARTBEAT_TIMEOUT: Final = "no heartbeat for"
+"""How a ``CloseWorker`` for a silent worker starts its reason (see ``CloseWorker``)."""
 
 
 @message("log")
@@ -627,6 +636,18 @@ class SpillFailed:
     reason: str = ""
 
 
+@message("scheduler-lost")
+class SchedulerLost:
+    """The shell lost its scheduler stream (not a ``CloseWorker``): it reconnects.
+
+    Whatever the scheduler had asked for is released (it reschedules it when the worker
+    is back or gone); values in memory are kept, and offered again at registration.
+    """
+
+    stimulus_id: str
+    now: float
+
+
 @message("spill-written")
 class SpillWritten:
     """The spill files of ``keys`` are complete: their bytes have left RAM.
@@ -707,7 +728,7 @@ SCHEDULER_EVENTS: tuple[type[Any], ...] = (
 WORKER_EVENTS: tuple[type[Any], ...] = (
     ComputeTask, FreeKeys, StealRequest, AcquireReplicas, RefreshWhoHas, ExecuteSuccess,
     ExecuteFailure, SecedeEvent, RescheduleEvent, GatherDepSuccess, GatherDepFailure,
-    WorkerUpdateData, MemoryMeasured, SpillFailed, SpillWritten,
+    WorkerUpdateData, MemoryMeasured, SpillFailed, SpillWritten, SchedulerLost,
 )  # fmt: skip
 CLIENT_MESSAGES: tuple[type[Any], ...] = (KeyInMemory, KeyErred, KeyCancelled, KeyLost)
 

@@ -22,6 +22,7 @@ from typing import Any, Final
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.errors import InvalidTransition, KilledWorker, NoValidWorkerError
 from trioscheduler.core.messages import (
+    HEARTBEAT_TIMEOUT,
     AcquireReplicas,
     AddClient,
     AddKeys,
@@ -981,7 +982,7 @@ class SchedulerState:
         deadline = ev.now - self.worker_timeout
         for ws in list(self.workers.values()):
             if ws.last_seen < deadline and ws.address in self.workers:
-                reason = f"no heartbeat for {ev.now - ws.last_seen:.1f}s (timeout {self.worker_timeout}s)"
+                reason = f"{HEARTBEAT_TIMEOUT} {ev.now - ws.last_seen:.1f}s (timeout {self.worker_timeout}s)"
                 self._effects.append(CloseWorker(ws.address, reason))
                 self._remove_worker(ws, expected=False, reason=reason)
         timeout = self.no_workers_timeout

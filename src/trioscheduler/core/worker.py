@@ -35,8 +35,10 @@ from trioscheduler.core import memory_policy as mp
 from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import (
+    HEARTBEAT_TIMEOUT,
     AcquireReplicas,
     AddKeys,
+    CloseWorker,
     ComputeTask,
     DeleteData,
     ExecuteFailure,
@@ -52,6 +54,7 @@ from trioscheduler.core.messages import (
     ReleaseWorkerData,
     Reschedule,
     RescheduleEvent,
+    SchedulerLost,
     SecedeEvent,
     Spill,
     SpillFailed,
@@ -632,6 +635,33 @@ class WorkerState:
                 recs[ts] = "released"
         self._drain(recs, ev, out)
 
+    def _on_scheduler_lost(self, ev: SchedulerLost, out: list[Any]) -> None:
+        """Release all the scheduler asked for; keep every value held (it counted each
+        one here, through ``TaskFinished``/``AddKeys``/data updates), to offer again on
+        registration (``held``). Running tasks and transfers become ``cancelled``: the
+        shell cannot stop a task thread, and what they bring is dropped on arrival."""
+        tasks = self.tasks
+        for ts in tasks.values():
+            if ts.state == "memory":
+                ts.wanted = True  # not released with its local dependents below
+        # A second pass for what the first kept for local readers that it then released
+        # (a resumed transfer kept in flight for a dependent freed after it).
+        for _ in range(2):
+            gone = [k for k, ts in tasks.items() if ts.state != "memory" and ts.state != "cancelled"]
+            if not gone:
+                break
+            self._on_free_keys(FreeKeys(ev.stimulus_id, ev.now, gone), out)
+
+    def held(self) -> dict[Key, int]:
+        """The values this worker holds, with their sizes: ``AddWorker.data`` on rejoining."""
+        return {key: ts.nbytes for key, ts in self.tasks.items() if ts.state == "memory"}
+
+    @staticmethod
+    def closing_is_loss(msg: CloseWorker) -> bool:
+        """A ``CloseWorker`` for silence (see ``HEARTBEAT_TIMEOUT``): the scheduler gave
+        this worker up while the link was cut; it is alive and rejoins."""
+        return msg.reason.startswith(HEARTBEAT_TIMEOUT)
+
     def _on_steal_request(self, ev: StealRequest, out: list[Any]) -> None:
         ts = self.tasks.get(ev.key)
         state = ts.state if ts is not None else None
@@ -898,4 +928,5 @@ _HANDLERS: Final[dict[type[Any], Callable[[WorkerState, Any, list[Any]], None]]]
     MemoryMeasured: WorkerState._on_memory_measured,
     SpillFailed: WorkerState._on_spill_failed,
     SpillWritten: WorkerState._on_spill_written,
+    SchedulerLost: WorkerState._on_scheduler_lost,
 }

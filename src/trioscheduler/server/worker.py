@@ -15,8 +15,15 @@ One worker is one ``async with Worker(...)`` block owning a trio nursery:
 * tasks on persistent threads (``trioscheduler.server.executor``), one hop there and one back
   per batch of finished tasks; fetches through a connection pool.
 
-Shutdown, on leaving the block, on ``close()``, or when the scheduler sends
-``CloseWorker``: tell the scheduler ``RemoveWorker(expected=True)``, close the stream,
+A lost scheduler stream (a cut link, a killed scheduler) does not end the worker: the
+core releases what the scheduler had asked for (``SchedulerLost``), the values stay, and
+the worker dials again with exponential back-off, offering them in ``AddWorker.data``,
+for up to ``death_timeout`` seconds (then it closes). So does a ``CloseWorker`` sent
+because the scheduler heard nothing for too long: the worker is alive after all.
+
+Shutdown, on leaving the block, on ``close()``, when the scheduler sends
+``CloseWorker``, or after ``death_timeout`` without a scheduler: tell the scheduler
+``RemoveWorker(expected=True)`` (if connected), close the stream,
 cancel running work, close the listener, remove the spill directory.
 """
 
@@ -54,6 +61,7 @@ from trioscheduler.core.messages import (
     RemoveWorker,
     RescheduleEvent,
     RetireWorker,
+    SchedulerLost,
     SecedeEvent,
     Spill,
     SpillFailed,
@@ -108,6 +116,9 @@ def _stimulus(kind: str) -> str:
 SHARED_MEMORY_ENV = "TRIOSCHEDULER_SHARED_MEMORY"
 
 _RETIRE_GRACE = 10.0  # seconds a retiring worker waits for the scheduler to close it
+DEATH_TIMEOUT = 60.0  # default seconds to keep dialling a lost scheduler before closing
+_BACKOFF = (0.1, 5.0)  # first and longest wait between two attempts to rejoin
+
 
 
 class Worker:
@@ -117,6 +128,8 @@ class Worker:
     scheduler is in-process, else ``tcp://<host>:0`` with ``host`` chosen by
     ``default_host``; ``w.address`` is the bound one). ``memory_limit`` as in
     ``memory.parse_memory_limit`` (``nworkers`` workers share this host for ``"auto"``).
+    ``death_timeout``: how long to keep dialling a scheduler whose stream was lost before
+    closing (``None``: for ever); ``connect_timeout`` bounds the first connection.
     """
 
     def __init__(
@@ -140,6 +153,7 @@ class Worker:
         memory_monitor_interval: float = 0.25,
         batch_interval: float = 0.002,
         connect_timeout: float = 10.0,
+        death_timeout: float | None = DEATH_TIMEOUT,
         validate: bool = False,
         contact_address: str | None = None,
         preload: Sequence[str] = (),
@@ -166,6 +180,10 @@ class Worker:
         self.memory_monitor_interval = memory_monitor_interval
         self.batch_interval = batch_interval
         self.connect_timeout = connect_timeout
+        if death_timeout is not None and death_timeout < 0:
+            raise ValueError(f"death_timeout must be >= 0 seconds, got {death_timeout!r}")
+        self.death_timeout = death_timeout
+        self.reconnections = 0  # times this worker rejoined a scheduler after losing it
         self.validate = validate
         self.contact_address = contact_address  # what others dial, if not where we listen
         self.preload = list(preload)
@@ -207,7 +225,10 @@ class Worker:
         self._batched: wire.BatchedSend | None = None
         self._closing = False
         self._closing_ev = trio.Event()  # shutdown began
+        self._link_stop = trio.Event()  # the current stream's batched sender closes
         self._batched_done = trio.Event()  # the batched sender flushed and closed
+        self._link_up = 0.0  # when the current stream registered (trio clock)
+        self._outage: tuple[float, int] | None = None  # since when, attempts made
         self._shutdown_done = trio.Event()  # streams closed, work cancelled
         self._closed = trio.Event()  # everything released
         self._executing: set[Any] = set()
@@ -237,7 +258,8 @@ class Worker:
         return await self._life.__aexit__(*exc_info)
 
     async def finished(self) -> None:
-        """Wait until the worker has shut down (``CloseWorker``, scheduler lost, ``close``)."""
+        """Wait until the worker has shut down (``CloseWorker``, no scheduler for
+        ``death_timeout``, ``close``)."""
         await self._shutdown_done.wait()
 
     async def close(self, reason: str = "worker closed") -> None:
@@ -327,31 +349,9 @@ class Worker:
             transfer_message_bytes_limit=bytes_limit,
             validate=self.validate,
         )
-        stream = await wire.connect(
-            self.scheduler_address,
-            timeout=self.connect_timeout,
-            role="worker",
-            info={"address": self.address, "name": self.name},
-            **connect_args(self.security, "worker"),
-        )
-        self._stream = stream
-        await stream.send(
-            AddWorker(
-                stimulus_id=_stimulus("worker-connect"),
-                now=_now(),
-                worker=self.address,
-                nthreads=self.nthreads,
-                memory_limit=self.memory_limit or 0,
-                resources=self.resources,
-                name=self.name,
-                nanny=self.nanny,
-                data={},
-            )
-        )
-        assert self._nursery is not None and self._work is not None
-        self._batched = await self._nursery.start(self._run_batched, stream)
+        await self._join(self.connect_timeout)
+        assert self._work is not None
         self._work.start_soon(self._finish_loop)
-        self._work.start_soon(self._read_scheduler, stream)
         self._work.start_soon(self._heartbeat_loop)
         diagnostics.install_log_buffer()  # get_worker_logs
         profiling.sampler()  # Client.profile: samples task threads while tasks run
@@ -359,18 +359,60 @@ class Worker:
         if self.lifetime is not None:
             self._work.start_soon(self._end_of_life, self.lifetime)
 
+    async def _join(self, within: float) -> None:
+        """Connect, register (with the values held: none at first), start the stream's
+        batched sender and reader."""
+        assert self.state is not None
+        stream = await wire.connect(
+            self.scheduler_address,
+            timeout=within,
+            role="worker",
+            info={"address": self.address, "name": self.name},
+            **connect_args(self.security, "worker"),
+        )
+        try:
+            await stream.send(
+                AddWorker(
+                    stimulus_id=_stimulus("worker-connect"),
+                    now=_now(),
+                    worker=self.address,
+                    nthreads=self.nthreads,
+                    memory_limit=self.memory_limit or 0,
+                    resources=self.resources,
+                    name=self.name,
+                    nanny=self.nanny,
+                    data=self.state.held(),
+                )
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        assert self._nursery is not None and self._work is not None
+        self._stream = stream
+        self._link_stop, self._batched_done = stop, done = trio.Event(), trio.Event()
+        self._link_up = _now()
+        self._batched = await self._nursery.start(self._run_batched, stream, stop, done)
+        self._work.start_soon(self._read_scheduler, stream)
+
     async def _run_batched(
-        self, stream: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED
+        self,
+        stream: Any,
+        stop: trio.Event,
+        done: trio.Event,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Owns the batched sender; it flushes and closes once shutdown begins."""
+        """Owns one stream's batched sender; it flushes and closes on ``stop``
+        (shutdown, or the stream was lost)."""
         try:
             async with wire.open_batched(stream, self.batch_interval) as batched:
                 task_status.started(batched)
-                await self._closing_ev.wait()
+                await stop.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             logger.debug("worker %s: batched stream ended: %r", self.address, exc)
         finally:
-            self._batched_done.set()
+            done.set()
 
     async def _shutdown(self, reason: str, *, report: bool) -> None:
         """Idempotent orderly shutdown; later callers wait for the first to finish."""
@@ -384,7 +426,8 @@ class Worker:
         with trio.move_on_after(5):
             if report and self._batched is not None:
                 await self._say_goodbye(reason)
-            self._closing_ev.set()  # the batched sender closes
+            self._closing_ev.set()
+            self._link_stop.set()  # the batched sender closes
             await self._batched_done.wait()
             if self._work_scope is not None:
                 self._work_scope.cancel()
@@ -432,8 +475,10 @@ class Worker:
 
     async def _read_scheduler(self, stream: Any) -> None:
         """Feed the scheduler's messages to the core, all that arrived together in one
-        ``handle`` call, until ``CloseWorker`` or the stream ends."""
+        ``handle`` call, until ``CloseWorker`` or the stream ends; then close, or rejoin
+        if the scheduler was lost (see ``_rejoin``)."""
         reason = "the scheduler closed the connection"
+        lost = True
         try:
             while True:
                 try:
@@ -444,14 +489,84 @@ class Worker:
                 if closing is not None:
                     self.handle(*msgs[: msgs.index(closing)])
                     reason = f"the scheduler asked: {closing.reason}"
+                    lost = WorkerState.closing_is_loss(closing)
                     break
                 self.handle(*msgs)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             reason = f"lost the scheduler connection ({type(exc).__name__}: {exc})"
-        if self._closing:
+        if self._closing or stream is not self._stream:
+            return
+        if lost and self.death_timeout != 0:
+            assert self._work is not None
+            self._work.start_soon(self._rejoin, stream, reason)
             return
         assert self._nursery is not None
         self._nursery.start_soon(self._shutdown_in_background, reason)
+
+    async def _rejoin(self, stream: Any, reason: str) -> None:
+        """The scheduler stream was lost: drop it, let the core release the scheduler's
+        work, and dial again with exponential back-off (``_BACKOFF``, with jitter) until
+        registered or ``death_timeout`` passed since the outage began; then close.
+
+        A stream that dies within two heartbeats of registering (a scheduler that still
+        had our old stream, say) continues the same outage: its deadline and back-off.
+        """
+        self._batched = None  # messages from now on are dropped: the rejoin reconciles
+        self._link_stop.set()
+        with trio.move_on_after(1):
+            await self._batched_done.wait()
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await stream.aclose()
+            except Exception as exc:
+                logger.debug("worker %s: closing the lost stream: %r", self.address, exc)
+        now = _now()
+        if self._outage is not None and now - self._link_up < 2 * self.heartbeat_interval:
+            since, attempts = self._outage
+        else:
+            since, attempts = now, 0
+            logger.warning(
+                "worker %s: %s; rejoining %s (for up to %s)", self.address, reason,
+                self.scheduler_address,
+                "ever" if self.death_timeout is None else f"{self.death_timeout:g} s",
+            )  # fmt: skip
+        self.handle(SchedulerLost(stimulus_id=_stimulus("scheduler-lost"), now=now))
+        first, longest = _BACKOFF
+        while not self._closing:
+            left = None if self.death_timeout is None else since + self.death_timeout - _now()
+            if attempts:  # back off before every attempt but an outage's first
+                delay = min(longest, first * 2 ** min(attempts - 1, 16))
+                delay *= random.uniform(0.5, 1.0)
+                if left is not None:
+                    delay = min(delay, max(left, 0.0))
+                await trio.sleep(delay)
+                left = None if self.death_timeout is None else since + self.death_timeout - _now()
+            if left is not None and left <= 0:
+                break
+            attempts += 1
+            self._outage = (since, attempts)
+            try:
+                await self._join(
+                    self.connect_timeout if left is None else min(left, self.connect_timeout)
+                )
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    trio.EndOfChannel, trio.TooSlowError, wire.ProtocolError) as exc:  # fmt: skip
+                logger.info(
+                    "worker %s: rejoining %s, attempt %d failed: %s: %s", self.address,
+                    self.scheduler_address, attempts, type(exc).__name__, exc,
+                )  # fmt: skip
+                continue
+            self.reconnections += 1
+            logger.info(
+                "worker %s rejoined %s (attempt %d) holding %d key(s)", self.address,
+                self.scheduler_address, attempts, len(self.state.held() if self.state else ()),
+            )  # fmt: skip
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            self._shutdown_in_background,
+            f"{reason}; no scheduler at {self.scheduler_address} for {self.death_timeout} s",
+        )
 
     async def _end_of_life(self, lifetime: float) -> None:
         """dask's ``lifetime``: after ``lifetime`` seconds, retire (the scheduler copies

@@ -274,7 +274,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--death-timeout",
         type=parse_seconds,
-        help="seconds to wait for the scheduler before giving up (default: 10 s to connect)",
+        help="seconds to wait for the scheduler before giving up, at start and after losing it "
+        "(default: 10 s to connect, 60 s to rejoin)",
     )
     p.add_argument(
         "--lifetime", type=parse_seconds, help="retire the worker after this long (e.g. '1 hour')"
@@ -435,8 +436,9 @@ async def _run(args: argparse.Namespace) -> None:
         if args.preload_nanny:
             raise SystemExit("trioscheduler worker: --preload-nanny needs the nanny")
         death_timeout = common.pop("death_timeout", None)
-        if death_timeout is not None:
+        if death_timeout is not None:  # to connect at start, and to rejoin a lost scheduler
             common["connect_timeout"] = death_timeout
+            common["death_timeout"] = death_timeout
 
         def listen_at(i: int) -> str | None:
             if args.listen_address:
