@@ -36,12 +36,16 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from machine_coverage import Tally
 
 from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask
 
+TALLY = Tally()
+
 NAMES = ["alpha", "beta"]
-CLIENTS = ["c0", "c1"]
+CLIENTS = ["c0", "c1", "c2"]
 MAX_WORKERS = 5
+TIMEOUT = 1.0  # worker_timeout of the runs that time workers out
 MEMORY_LIMIT = 2000  # small: target 1200, spill 1400, pause 1600 bytes
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,7 +74,8 @@ index = st.integers(0, 255)
 task_attrs = st.fixed_dictionaries(
     {
         "nbytes": st.sampled_from([100, 10, 700]),
-        "fail": st.sampled_from([0, 0, 0, 0, 1, 2, ALWAYS]),
+        # mostly tasks that succeed: a failing task ends the lineage above it
+        "fail": st.sampled_from([0] * 9 + [1, 2, ALWAYS]),
         "retries": st.integers(0, 2),
         "where": st.sampled_from([None, None, None, "alpha", "beta"]),
         "loose": st.booleans(),
@@ -78,6 +83,8 @@ task_attrs = st.fixed_dictionaries(
         "priority": st.integers(0, 2),
         "wanted": st.booleans(),
         "deps": st.lists(index, max_size=3),
+        # tasks of one big group reading a few scattered keys are root-ish (queued)
+        "prefix": st.sampled_from(["inc", "inc", "map"]),
     }
 )
 
@@ -85,21 +92,28 @@ task_attrs = st.fixed_dictionaries(
 class ClusterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.sim = ClusterSimulator(validate=True)
+        self.sim = ClusterSimulator(validate=True, tally=True)
         self.n_keys = 0
+        self.n_scattered = 0
         self.ok = True
 
     # ------------------------------------------------------------------ set-up
 
     @initialize(n=st.integers(1, 3), saturation=st.sampled_from([math.inf, 0.5, 1.0, 1.1]),
-                backlog=st.sampled_from([0.0, 0.0, 0.05]))  # fmt: skip
+                backlog=st.sampled_from([0.0, 0.0, 0.05]), allowed_failures=st.integers(1, 3),
+                timeout=st.sampled_from([TIMEOUT, 1e9]))  # fmt: skip
     @guarded
-    def start(self, n: int, saturation: float, backlog: float) -> None:
+    def start(
+        self, n: int, saturation: float, backlog: float, allowed_failures: int, timeout: float
+    ) -> None:
         """``saturation``/``backlog``: root-task queuing off (inf), tight (a worker takes
-        one root task per thread or fewer), or as by default."""
+        one root task per thread or fewer), or as by default. ``allowed_failures``: how
+        many workers a task may see die before it errs (``KilledWorker``); ``timeout``:
+        how long a worker may stay silent before a ``Tick`` removes it."""
         self.sim = ClusterSimulator(
-            validate=True, worker_saturation=saturation, worker_backlog=backlog
-        )
+            validate=True, tally=True, worker_saturation=saturation, worker_backlog=backlog,
+            allowed_failures=allowed_failures, worker_timeout=timeout,
+        )  # fmt: skip
         for i in range(n):
             if i < len(NAMES):
                 self.sim.add_worker(name=NAMES[i], nthreads=2, resources={"GPU": 1.0})
@@ -119,7 +133,7 @@ class ClusterMachine(RuleBasedStateMachine):
         new: list[SimTask] = []
         for a in tasks:
             self.n_keys += 1
-            kind = "fail" if a["fail"] else "inc"
+            kind = "fail" if a["fail"] else a["prefix"]
             key = f"{kind}-{self.n_keys}"
             candidates = [t.key for t in new] + existing
             deps = sorted({pick(candidates, i) for i in a["deps"]}) if candidates else []
@@ -169,10 +183,44 @@ class ClusterMachine(RuleBasedStateMachine):
         if held:
             self.sim.retry(client, [pick(held, i)])
 
-    @rule(client=st.sampled_from(CLIENTS))
+    @precondition(lambda self: any(self.sim.wants.values()))
+    @rule(i=index)
     @guarded
-    def remove_client(self, client: str) -> None:
-        self.sim.remove_client(client)
+    def remove_client(self, i: int) -> None:
+        """A client holding futures disconnects (mid-graph: its keys may still run)."""
+        holding = sorted(c for c, ks in self.sim.wants.items() if ks)
+        self.sim.remove_client(pick(holding, i))
+
+    @precondition(lambda self: len(self.sim.wants) < len(CLIENTS))
+    @rule(i=index)
+    @guarded
+    def add_client(self, i: int) -> None:
+        """A client connects (before it submits anything)."""
+        self.sim.add_client(pick([c for c in CLIENTS if c not in self.sim.wants], i))
+
+    @precondition(lambda self: bool(self.sim.workers))
+    @rule(client=st.sampled_from(CLIENTS), i=index, n=st.integers(1, 3), known=st.booleans())
+    @guarded
+    def scatter(self, client: str, i: int, n: int, known: bool) -> None:
+        """``client.scatter``: new data (no lineage), or, with ``known``, the right value
+        of a submitted task under its key (as ``client.scatter({key: value})``), which
+        then wins over computing it."""
+        sim = self.sim
+        key: Any = None
+        if known:
+            flags = sim._failure_flags()
+            candidates = sorted(
+                (k for k, t in sim.graph.items()
+                 if not t.scattered and not flags[k][1] and k in sim.scheduler.tasks),
+                key=repr,
+            )  # fmt: skip
+            if candidates:
+                key = pick(candidates, i)
+        if key is None:
+            self.n_scattered += 1
+            key = f"scat-{self.n_scattered}"
+        addrs = sorted(sim.workers)
+        sim.scatter(client, key, [pick(addrs, i + j) for j in range(min(n, len(addrs)))])
 
     # ------------------------------------------------------------------ messages and work
 
@@ -260,6 +308,63 @@ class ClusterMachine(RuleBasedStateMachine):
     def lose_worker(self, i: int, flush: bool) -> None:
         self.sim.lose_worker(pick(list(self.sim.workers), i), flush=flush)
 
+    @precondition(lambda self: bool(self.sim.pending_gathers()))
+    @rule(i=index)
+    @guarded
+    def lose_peer_in_flight(self, i: int) -> None:
+        """A worker dies while another fetches data from it."""
+        _, peer = pick(self.sim.pending_gathers(), i)
+        if peer in self.sim.workers:
+            self.sim.lose_worker(peer)
+
+    @precondition(lambda self: bool(self.sim.scheduler.steals))
+    @rule(i=index, race=st.sampled_from(["finish", "deliver", "victim", "thief"]))
+    @guarded
+    def steal_race(self, i: int, race: str) -> None:
+        """Something crosses a steal request on its way: the victim starts the task (its
+        queue delivered) or finishes it, the victim or the thief dies."""
+        sim = self.sim
+        key = pick(sorted(sim.scheduler.steals, key=repr), i)
+        pending = sim.scheduler.steals[key]
+        victim, thief = pending.victim, pending.thief
+        if race == "deliver" and victim in sim.workers:
+            sim.deliver("scheduler", victim, 1_000)
+        elif race == "finish" and victim in sim.workers:
+            if key in sim.workers[victim].running:
+                sim.finish(victim, key)
+        elif race == "victim" and victim in sim.workers:
+            sim.lose_worker(victim)
+        elif race == "thief" and thief in sim.workers:
+            sim.lose_worker(thief)
+
+    @precondition(lambda self: bool(self.sim.workers))
+    @rule(i=index)
+    @guarded
+    def reregister(self, i: int) -> None:
+        """The worker's process dies and a new one registers at the same address."""
+        self.sim.reregister(pick(sorted(self.sim.workers), i))
+
+    @precondition(lambda self: bool(self.sim.workers))
+    @rule(i=index)
+    @guarded
+    def heartbeat(self, i: int) -> None:
+        self.sim.heartbeat(pick(sorted(self.sim.workers), i))
+
+    @rule(seconds=st.sampled_from([0.3, TIMEOUT / 2, 2 * TIMEOUT]))
+    @guarded
+    def advance(self, seconds: float) -> None:
+        """Time passes: workers not heard from within ``worker_timeout`` are removed at
+        the next tick."""
+        self.sim.advance(seconds)
+
+    @precondition(lambda self: bool(self.sim.pending_writes()))
+    @rule(i=index, j=index)
+    @guarded
+    def fail_spill(self, i: int, j: int) -> None:
+        """A spill file cannot be written: the value stays in RAM for good."""
+        addr = pick(self.sim.pending_writes(), i)
+        self.sim.fail_spill(addr, pick(list(self.sim.workers[addr].writing), j))
+
     @precondition(lambda self: bool(self.sim.workers))
     @rule(i=index)
     @guarded
@@ -291,6 +396,7 @@ class ClusterMachine(RuleBasedStateMachine):
         if not self.ok:
             return
         problems = self.sim.settle(max_rounds=2_000)
+        TALLY.add_run(self.sim)
         assert not problems, "\n".join(problems)
 
 

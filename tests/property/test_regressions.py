@@ -127,3 +127,26 @@ def test_task_finished_crossing_its_free_keys_is_not_a_replica() -> None:
     sim.run_to_completion()
     phantoms = [w for w in sim.scheduler.tasks["x"].who_has if "x" not in sim.workers[w].data]
     assert not phantoms, f"the scheduler counts {phantoms} as holding x"
+
+
+def test_scatter_over_an_erred_key() -> None:
+    """Fixed: scattering a value under the key of an erred task (here erred with
+    KilledWorker) moved it ``erred -> released``, whose ``waiting`` recommendation (a
+    client wants it) then ran on the task the scatter had put in memory:
+    ``InvalidTransition memory -> waiting``. Found by the cluster machine's scatter rule."""
+    sim = ClusterSimulator(validate=True, allowed_failures=1)
+    a = sim.add_worker(nthreads=2)
+    b = sim.add_worker(nthreads=2)
+    sim.submit("c", [SimTask("x"), SimTask("y")], ["x", "y"])
+    sim.lose_worker(holder_of_processing(sim, "x"))
+    assert sim.scheduler.tasks["x"].state == "erred"  # KilledWorker at the first loss
+    alive = a if a in sim.workers else b
+    sim.scatter("c", "x", [alive])
+    assert sim.scheduler.tasks["x"].state == "memory"
+    settled(sim)
+
+
+def holder_of_processing(sim: ClusterSimulator, key: str) -> str:
+    on = sim.scheduler.tasks[key].processing_on
+    assert on is not None
+    return on

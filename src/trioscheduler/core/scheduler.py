@@ -554,6 +554,7 @@ class SchedulerState:
                 tr.want(ts, cs)
                 if ts.state == "erred":
                     self.transition(ts, "released")
+                    self._recs.pop(key, None)  # its "waiting": the data is here instead
                 ts.nbytes = nbytes
                 self.transition(ts, "memory", alive[0].address)
             for ws in alive:
