@@ -36,12 +36,16 @@ class Tally:
     """Edges and event types summed over the runs of one test."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.scheduler: Counter[Edge] = Counter()
         self.worker: Counter[Edge] = Counter()
         self.events: Counter[str] = Counter()
         self.runs = 0
 
-    def add_run(self, sim: ClusterSimulator) -> None:
+    def add_run(self, sim: ClusterSimulator) -> dict[str, int]:
+        """Add one run's moves and events; returns how many distinct edges it took."""
         self.runs += 1
         log = sim.scheduler.log
         moves = _moves(log.starts, log.finishes)
@@ -49,10 +53,13 @@ class Tally:
         if steals:
             self.events["scheduler:steal-moved"] += steals
         self.scheduler.update(moves)
+        worker: Counter[Edge] = Counter()
         for w in [*sim.workers.values(), *sim.departed]:
             story = w.state._story
-            self.worker.update(_moves(story.starts, story.finishes))
+            worker.update(_moves(story.starts, story.finishes))
+        self.worker.update(worker)
         self.events.update(sim.event_counts or {})
+        return {"scheduler": len(moves), "worker": len(worker)}
 
     # ------------------------------------------------------------------ figures
 

@@ -23,20 +23,25 @@ Profiles: ``--hypothesis-profile=ci`` (about a minute) and ``long`` (``nox -s pr
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from hypothesis import settings
+import pytest
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    run_state_machine_as_test,
     initialize,
     invariant,
     precondition,
     rule,
 )
-from machine_coverage import Tally
+from machine_coverage import Tally, as_dict
 
 from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask
 
@@ -45,6 +50,9 @@ TALLY = Tally()
 NAMES = ["alpha", "beta"]
 CLIENTS = ["c0", "c1", "c2"]
 MAX_WORKERS = 5
+MAX_FAULTS = 4
+STEP_KINDS = ["deliver"] * 6 + ["finish"] * 3 + ["gather"] * 2 + ["writes", "secede", "reschedule", "round"]
+SCATTER_OVER = ["processing", "waiting", "no-worker", "queued", "erred", "memory"]
 TIMEOUT = 1.0  # worker_timeout of the runs that time workers out
 MEMORY_LIMIT = 2000  # small: target 1200, spill 1400, pause 1600 bytes
 
@@ -55,8 +63,11 @@ def guarded(fn: F) -> F:
     """Mark the machine broken while ``fn`` runs: teardown skips the final checks after a
     failed step, so hypothesis shrinks the original error, not a follow-up one."""
 
+    name = f"rule:{fn.__name__}"
+
     @functools.wraps(fn)
     def wrapper(self: ClusterMachine, *args: Any, **kwargs: Any) -> Any:
+        TALLY.events[name] += 1
         self.ok = False
         result = fn(self, *args, **kwargs)
         self.ok = True
@@ -95,21 +106,26 @@ class ClusterMachine(RuleBasedStateMachine):
         self.sim = ClusterSimulator(validate=True, tally=True)
         self.n_keys = 0
         self.n_scattered = 0
+        self.faults = 0  # workers this run may still kill, re-register or retire
         self.ok = True
 
     # ------------------------------------------------------------------ set-up
 
     @initialize(n=st.integers(1, 3), saturation=st.sampled_from([math.inf, 0.5, 1.0, 1.1]),
                 backlog=st.sampled_from([0.0, 0.0, 0.05]), allowed_failures=st.integers(1, 3),
-                timeout=st.sampled_from([TIMEOUT, 1e9]))  # fmt: skip
+                timeout=st.sampled_from([TIMEOUT, 1e9]), faults=st.integers(1, MAX_FAULTS))  # fmt: skip
     @guarded
     def start(
-        self, n: int, saturation: float, backlog: float, allowed_failures: int, timeout: float
+        self, n: int, saturation: float, backlog: float, allowed_failures: int, timeout: float,
+        faults: int,
     ) -> None:
         """``saturation``/``backlog``: root-task queuing off (inf), tight (a worker takes
         one root task per thread or fewer), or as by default. ``allowed_failures``: how
         many workers a task may see die before it errs (``KilledWorker``); ``timeout``:
-        how long a worker may stay silent before a ``Tick`` removes it."""
+        how long a worker may stay silent before a ``Tick`` removes it. ``faults``: how
+        many workers the run may kill, re-register or retire (hypothesis draws those
+        rules as often as any other; unbounded, they leave too little to interleave)."""
+        self.faults = faults
         self.sim = ClusterSimulator(
             validate=True, tally=True, worker_saturation=saturation, worker_backlog=backlog,
             allowed_failures=allowed_failures, worker_timeout=timeout,
@@ -199,19 +215,22 @@ class ClusterMachine(RuleBasedStateMachine):
         self.sim.add_client(pick([c for c in CLIENTS if c not in self.sim.wants], i))
 
     @precondition(lambda self: bool(self.sim.workers))
-    @rule(client=st.sampled_from(CLIENTS), i=index, n=st.integers(1, 3), known=st.booleans())
+    @rule(client=st.sampled_from(CLIENTS), i=index, n=st.integers(1, 3),
+          known=st.sampled_from([None, *SCATTER_OVER]))  # fmt: skip
     @guarded
-    def scatter(self, client: str, i: int, n: int, known: bool) -> None:
-        """``client.scatter``: new data (no lineage), or, with ``known``, the right value
-        of a submitted task under its key (as ``client.scatter({key: value})``), which
-        then wins over computing it."""
+    def scatter(self, client: str, i: int, n: int, known: str | None) -> None:
+        """``client.scatter``: new data (no lineage), or the right value of a submitted
+        task in scheduler state ``known`` under its key (as ``client.scatter({key:
+        value})``), which then wins over computing it."""
         sim = self.sim
         key: Any = None
-        if known:
+        if known is not None:
+            tasks = sim.scheduler.tasks
             flags = sim._failure_flags()
             candidates = sorted(
                 (k for k, t in sim.graph.items()
-                 if not t.scattered and not flags[k][1] and k in sim.scheduler.tasks),
+                 if not t.scattered and not flags[k][1] and k in tasks
+                 and tasks[k].state == known),
                 key=repr,
             )  # fmt: skip
             if candidates:
@@ -222,21 +241,90 @@ class ClusterMachine(RuleBasedStateMachine):
         addrs = sorted(sim.workers)
         sim.scatter(client, key, [pick(addrs, i + j) for j in range(min(n, len(addrs)))])
 
+    def _sought(self) -> list[tuple[str, Any]]:
+        """(worker, key) pairs: a worker looking for data of a task that cannot fail."""
+        sim = self.sim
+        flags = sim._failure_flags()
+        return [
+            (a, k) for a, w in sorted(sim.workers.items())
+            for k, ts in w.state.tasks.items()
+            if ts.state in ("fetch", "missing", "flight") and k in sim.graph and not flags[k][1]
+        ]  # fmt: skip
+
+    @precondition(
+        lambda self: any(
+            ts.state in ("fetch", "missing", "flight")
+            for w in self.sim.workers.values() for ts in w.state.tasks.values()
+        )
+    )  # fmt: skip
+    @rule(client=st.sampled_from(CLIENTS), i=index)
+    @guarded
+    def scatter_to_fetcher(self, client: str, i: int) -> None:
+        """A client scatters a key to a worker that is fetching (or missing) it."""
+        addr, key = pick(self._sought(), i)
+        self.sim.scatter(client, key, [addr])
+
+    def _held_for_others(self) -> list[str]:
+        """Workers holding data that a task elsewhere still needs."""
+        s = self.sim.scheduler
+        out = set()
+        for ts in s.tasks.values():
+            if ts.state == "memory" and any(
+                s.tasks[d].state in ("waiting", "no-worker", "queued", "processing")
+                for d in ts.dependents
+            ):
+                out.update(ts.who_has)
+        return sorted(out)
+
+    @precondition(lambda self: self.faults > 0 and bool(self._held_for_others()))
+    @rule(i=index)
+    @guarded
+    def lose_holder(self, i: int) -> None:
+        """A worker dies holding data that a task elsewhere still needs."""
+        self.faults -= 1
+        addr = pick(self._held_for_others(), i)
+        if addr in self.sim.workers:
+            self.sim.lose_worker(addr)
+
     # ------------------------------------------------------------------ messages and work
 
-    @precondition(lambda self: bool(self.sim.nonempty_queues()))
-    @rule(i=index, n=st.integers(1, 4))
-    @guarded
-    def deliver(self, i: int, n: int) -> None:
-        """The next messages of one (sender, receiver) stream, as one batch."""
-        src, dst = pick(self.sim.nonempty_queues(), i)
-        self.sim.deliver(src, dst, n)
+    def work(self, step: tuple[str, int, int, bool]) -> None:
+        """One small step of message delivery or work, its kind drawn with weights.
 
-    @rule()
-    @guarded
-    def progress(self) -> None:
-        """One round of everything: deliver all queues, end all tasks and transfers."""
-        self._one_round()
+        ``deliver``: the next ``n`` messages of one stream as a batch; ``finish``: a
+        running task ends (fails if built to fail this time); ``secede``, ``reschedule``;
+        ``gather``: a transfer ends (the keys the peer still holds arrive, or it fails
+        outright); ``writes``: a spill writer completes its oldest writes; ``round``: one
+        round of every delivery, task, transfer and write (deeper states sooner). A kind
+        with nothing to do delivers instead.
+
+        Registered as WORK_WEIGHT identical rules (``work_0``...) below: hypothesis draws
+        every rule about as often as any other, and a cluster whose messages and tasks
+        move one rule in thirty has every key released or its worker dead before a
+        transfer is ever in flight. ``round`` is one kind among many for the same
+        reason: a flush drawn as often as the rest would leave nothing to interleave.
+        """
+        kind, i, n, fail = step
+        sim = self.sim
+        running = sim.running_tasks()
+        gathers = sim.pending_gathers()
+        writes = sim.pending_writes()
+        if kind == "finish" and running:
+            sim.finish(*pick(running, i))
+        elif kind == "secede" and running:
+            sim.secede(*pick(running, i))
+        elif kind == "reschedule" and running:
+            sim.reschedule(*pick(running, i))
+        elif kind == "gather" and gathers:
+            addr, peer = pick(gathers, i)
+            sim.gather(addr, peer, fail=fail and n == 1)
+        elif kind == "writes" and writes:
+            sim.finish_writes(pick(writes, i), None if fail else n)
+        elif kind == "round":
+            self._one_round()
+        elif sim.nonempty_queues():
+            src, dst = pick(sim.nonempty_queues(), i)
+            sim.deliver(src, dst, n)
 
     def _one_round(self) -> None:
         sim = self.sim
@@ -253,40 +341,6 @@ class ClusterMachine(RuleBasedStateMachine):
             if addr in sim.workers:
                 sim.finish_writes(addr)
 
-    @precondition(lambda self: bool(self.sim.running_tasks()))
-    @rule(i=index)
-    @guarded
-    def finish(self, i: int) -> None:
-        """A running task ends (fails if it was built to fail this time)."""
-        self.sim.finish(*pick(self.sim.running_tasks(), i))
-
-    @precondition(lambda self: bool(self.sim.running_tasks()))
-    @rule(i=index)
-    @guarded
-    def secede(self, i: int) -> None:
-        self.sim.secede(*pick(self.sim.running_tasks(), i))
-
-    @precondition(lambda self: bool(self.sim.running_tasks()))
-    @rule(i=index)
-    @guarded
-    def reschedule(self, i: int) -> None:
-        self.sim.reschedule(*pick(self.sim.running_tasks(), i))
-
-    @precondition(lambda self: bool(self.sim.pending_gathers()))
-    @rule(i=index, fail=st.booleans())
-    @guarded
-    def gather(self, i: int, fail: bool) -> None:
-        """A transfer ends: the keys the peer still holds arrive (or it fails outright)."""
-        addr, peer = pick(self.sim.pending_gathers(), i)
-        self.sim.gather(addr, peer, fail=fail)
-
-    @precondition(lambda self: bool(self.sim.pending_writes()))
-    @rule(i=index, n=st.sampled_from([1, 2, None]))
-    @guarded
-    def finish_writes(self, i: int, n: int | None) -> None:
-        """A worker's spill writer completes its oldest ``n`` writes (all: ``None``)."""
-        self.sim.finish_writes(pick(self.sim.pending_writes(), i), n)
-
     # ------------------------------------------------------------------ workers
 
     @precondition(lambda self: len(self.sim.workers) < MAX_WORKERS)
@@ -302,17 +356,19 @@ class ClusterMachine(RuleBasedStateMachine):
             memory_limit=MEMORY_LIMIT if limited else 0,
         )  # fmt: skip
 
-    @precondition(lambda self: bool(self.sim.workers))
+    @precondition(lambda self: bool(self.sim.workers) and self.faults > 0)
     @rule(i=index, flush=st.booleans())
     @guarded
     def lose_worker(self, i: int, flush: bool) -> None:
+        self.faults -= 1
         self.sim.lose_worker(pick(list(self.sim.workers), i), flush=flush)
 
-    @precondition(lambda self: bool(self.sim.pending_gathers()))
+    @precondition(lambda self: self.faults > 0 and bool(self.sim.pending_gathers()))
     @rule(i=index)
     @guarded
     def lose_peer_in_flight(self, i: int) -> None:
         """A worker dies while another fetches data from it."""
+        self.faults -= 1
         _, peer = pick(self.sim.pending_gathers(), i)
         if peer in self.sim.workers:
             self.sim.lose_worker(peer)
@@ -337,25 +393,28 @@ class ClusterMachine(RuleBasedStateMachine):
         elif race == "thief" and thief in sim.workers:
             sim.lose_worker(thief)
 
-    @precondition(lambda self: bool(self.sim.workers))
+    @precondition(lambda self: bool(self.sim.workers) and self.faults > 0)
     @rule(i=index)
     @guarded
     def reregister(self, i: int) -> None:
         """The worker's process dies and a new one registers at the same address."""
+        self.faults -= 1
         self.sim.reregister(pick(sorted(self.sim.workers), i))
 
-    @precondition(lambda self: bool(self.sim.workers))
-    @rule(i=index)
+    @rule(kind=st.sampled_from(["tick", "tick", "heartbeat", "advance"]), i=index,
+          seconds=st.sampled_from([0.3, TIMEOUT / 2, 2 * TIMEOUT]))  # fmt: skip
     @guarded
-    def heartbeat(self, i: int) -> None:
-        self.sim.heartbeat(pick(sorted(self.sim.workers), i))
-
-    @rule(seconds=st.sampled_from([0.3, TIMEOUT / 2, 2 * TIMEOUT]))
-    @guarded
-    def advance(self, seconds: float) -> None:
-        """Time passes: workers not heard from within ``worker_timeout`` are removed at
-        the next tick."""
-        self.sim.advance(seconds)
+    def clock(self, kind: str, i: int, seconds: float) -> None:
+        """``tick``: the scheduler's periodic tick (work stealing; workers not heard from
+        within ``worker_timeout`` are removed); ``heartbeat``: a worker says it is alive;
+        ``advance``: time passes."""
+        sim = self.sim
+        if kind == "tick":
+            sim.tick()
+        elif kind == "heartbeat" and sim.workers:
+            sim.heartbeat(pick(sorted(sim.workers), i))
+        elif kind == "advance":
+            sim.advance(seconds)
 
     @precondition(lambda self: bool(self.sim.pending_writes()))
     @rule(i=index, j=index)
@@ -365,13 +424,14 @@ class ClusterMachine(RuleBasedStateMachine):
         addr = pick(self.sim.pending_writes(), i)
         self.sim.fail_spill(addr, pick(list(self.sim.workers[addr].writing), j))
 
-    @precondition(lambda self: bool(self.sim.workers))
+    @precondition(lambda self: bool(self.sim.workers) and self.faults > 0)
     @rule(i=index)
     @guarded
     def retire_worker(self, i: int) -> None:
+        self.faults -= 1
         self.sim.retire_worker(pick(list(self.sim.workers), i))
 
-    @precondition(lambda self: bool(self.sim.workers))
+    @precondition(lambda self: any(w.memory_limit for w in self.sim.workers.values()))
     @rule(i=index, level=st.sampled_from([0, 1500, 1700, 3000]))
     @guarded
     def memory_pressure(self, i: int, level: int) -> None:
@@ -379,11 +439,6 @@ class ClusterMachine(RuleBasedStateMachine):
         addr = pick(list(self.sim.workers), i)
         if self.sim.workers[addr].memory_limit or not level:
             self.sim.measure_memory(addr, level)
-
-    @rule()
-    @guarded
-    def tick(self) -> None:
-        self.sim.tick()
 
     # ------------------------------------------------------------------ checks
 
@@ -396,18 +451,63 @@ class ClusterMachine(RuleBasedStateMachine):
         if not self.ok:
             return
         problems = self.sim.settle(max_rounds=2_000)
-        TALLY.add_run(self.sim)
+        taken = TALLY.add_run(self.sim)
+        event("scheduler edges taken in a run", taken["scheduler"])
+        event("worker edges taken in a run", taken["worker"])
         assert not problems, "\n".join(problems)
 
 
+def _register_work(weight: int) -> None:
+    body = guarded(ClusterMachine.work)
+    for n in range(weight):
+
+        def work_n(self: ClusterMachine, step: tuple[str, int, int, bool]) -> None:
+            body(self, step)
+
+        work_n.__name__ = work_n.__qualname__ = f"work_{n}"
+        strategy = st.tuples(st.sampled_from(STEP_KINDS), index, st.integers(1, 4), st.booleans())
+        setattr(ClusterMachine, work_n.__name__, rule(step=strategy)(work_n))
+
+
+WORK_WEIGHT = 6
+_register_work(WORK_WEIGHT)
+
+
 # Examples are cheap (a few ms per step): run EXAMPLES_PER_PROFILE_EXAMPLE of them for
-# each example the profile asks for (ci: 50 -> 200 runs of up to 100 steps, ~1 minute).
+# each example the profile asks for (ci: 50 -> 200 runs of up to 100 steps).
 EXAMPLES_PER_PROFILE_EXAMPLE = 4
-ClusterMachine.TestCase.settings = settings(
-    max_examples=settings().max_examples * EXAMPLES_PER_PROFILE_EXAMPLE,
-    stateful_step_count=100,
-)
-TestCluster = ClusterMachine.TestCase
+STEPS = 100
+# Share of the reachable edges of each table a profile must take (the others: report).
+REQUIRED_COVERAGE = {"ci": 0.9, "long": 1.0}
+REPORT = Path(os.environ.get("TRIOSCHEDULER_COVERAGE_REPORT", "")) or None
+
+
+def test_cluster_machine(request: pytest.FixtureRequest) -> None:
+    """Run the machine; then the edges it took: every reachable edge in the long
+    profile, REQUIRED_COVERAGE of them in ci (``-rP`` or ``-s`` prints the report;
+    ``TRIOSCHEDULER_COVERAGE_REPORT=path`` writes it as JSON)."""
+    TALLY.reset()
+    run_state_machine_as_test(
+        ClusterMachine,
+        settings=settings(
+            max_examples=settings().max_examples * EXAMPLES_PER_PROFILE_EXAMPLE,
+            stateful_step_count=STEPS,
+        ),
+    )
+    print(TALLY.report())
+    if REPORT is not None:
+        REPORT.write_text(json.dumps(as_dict(TALLY), indent=1, default=str))
+    assert not any(TALLY.unknown().values()), f"moves outside the tables: {TALLY.unknown()}"
+    need = REQUIRED_COVERAGE.get(request.config.getoption("hypothesis_profile", None) or "")
+    if need is None:
+        return
+    fraction = TALLY.fraction()
+    missed = TALLY.missed()
+    for core, got in fraction.items():
+        assert got >= need, (
+            f"the machine took {got:.0%} of the {core}'s reachable edges (needs {need:.0%}); "
+            f"never taken: {missed[core]}"
+        )
 
 
 # ---------------------------------------------------------------------- the oracle itself

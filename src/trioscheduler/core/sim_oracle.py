@@ -18,7 +18,7 @@ themselves, independently of the scheduler's own bookkeeping for them:
   is not a reason.
 * **Suspicion** (after every step): a task that was processing on ``allowed_failures``
   workers when they died unexpectedly is not processing again (it must err with
-  ``KilledWorker``), unless a client retried it since.
+  ``KilledWorker``); once it erred, a retry or a scatter may bring it back.
 
 Pure, like the simulator: it only reads the cores' states, stories and queues.
 """
@@ -162,9 +162,11 @@ class RunOracle:
                     f"{key!r} is {ts.state} on {addr}, but the scheduler has it {where} and "
                     "never told that worker to drop it: a second run may start elsewhere"
                 )
-        for key, (rec, n) in self.deaths.items():
-            if n >= self.allowed_failures and s.tasks.get(key) is rec:
-                if rec is not None and rec.state == "processing":
+        for key, (rec, n) in list(self.deaths.items()):
+            if n >= self.allowed_failures and s.tasks.get(key) is rec and rec is not None:
+                if rec.state == "erred":
+                    del self.deaths[key]  # given up, as it should: a retry or scatter may revive it
+                elif rec.state == "processing":
                     raise OracleError(
                         f"{key!r} was processing on {n} workers that died (allowed_failures="
                         f"{self.allowed_failures}) and is processing again: it should have "
