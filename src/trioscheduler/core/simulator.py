@@ -476,7 +476,8 @@ class ClusterSimulator:
             w.data[key] = value
             sid, now = self._sid("scatter")
             self._to_worker(w, WorkerUpdateData(sid, now, {key: task.nbytes}))
-            if key in w.data:
+            wts = w.state.tasks.get(key)
+            if wts is not None and wts.state == "memory":  # (perhaps spilled at once)
                 took.append(addr)
         if took:
             self.wants.setdefault(client, set()).add(key)
