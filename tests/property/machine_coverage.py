@@ -25,7 +25,17 @@ SCHEDULER_EDGES: frozenset[Edge] = frozenset(scheduler_transitions.TRANSITIONS)
 WORKER_EDGES: frozenset[Edge] = frozenset(worker_transitions.TABLE)
 
 UNREACHABLE_SCHEDULER: dict[Edge, str] = {}
-UNREACHABLE_WORKER: dict[Edge, str] = {}
+UNREACHABLE_WORKER: dict[Edge, str] = {
+    ("error", "waiting"): "the scheduler frees an erred key on its worker (FreeKeys) when it "
+    "handles the TaskErred, before any later ComputeTask for that key on the same FIFO "
+    "stream, so the worker has released it first; kept for a worker that would re-register "
+    "with its state (none does)",
+    ("error", "fetch"): "as error -> waiting: the FreeKeys always precedes an AcquireReplicas "
+    "or a dependent's ComputeTask naming the key",
+    ("memory", "released"): "only memory_forgotten's fallback, for a reader that attached "
+    "between the forget recommendation and its application; within one drain nothing "
+    "attaches to a key in memory after _detach or FreeKeys recommended forgetting it",
+}
 
 
 def _moves(starts: Iterable[str], finishes: Iterable[str]) -> Counter[Edge]:

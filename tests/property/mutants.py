@@ -111,8 +111,7 @@ MUTANTS = [
         "scheduler.py",
         "        for key in list(ws.has_what):\n            ts = tasks[key]\n"
         "            tr.remove_replica(self, ts, ws)",
-        "        for key in list(ws.has_what):\n            ts = tasks[key]\n"
-        "            continue",
+        "        for key in list(ws.has_what):\n            ts = tasks[key]\n            continue",
         "data on a dead worker is still counted: dependents fetch from nobody",
     ),
     Mutant(
@@ -143,14 +142,13 @@ MUTANTS = [
         "worker.py",
         "                if peer in ts.who_has:  # (never the shared empty set)\n"
         '                    cast("set[str]", ts.who_has).discard(peer)',
-        "                if False:\n"
-        '                    cast("set[str]", ts.who_has).discard(peer)',
+        '                if False:\n                    cast("set[str]", ts.who_has).discard(peer)',
         "a failed transfer is retried from the same peer forever",
     ),
     Mutant(
         "worker-missing-silent",
         "worker_transitions.py",
-        "    out.append(ToScheduler(MissingData(stim, now, ws.address, ts.key, ts.errant_peer or \"\")))",
+        '    out.append(ToScheduler(MissingData(stim, now, ws.address, ts.key, ts.errant_peer or "")))',
         "    pass",
         "a worker that cannot find a dependency never asks: its task hangs",
     ),
@@ -158,7 +156,7 @@ MUTANTS = [
         "worker-resumed-no-report",
         "worker_transitions.py",
         "        out.append(\n"
-        "            ToScheduler(TaskFinished(stim, now, ws.address, ts.key, ts.nbytes, \"\", now, now))\n"
+        '            ToScheduler(TaskFinished(stim, now, ws.address, ts.key, ts.nbytes, "", now, now))\n'
         "        )",
         "        pass",
         "a transfer that completes after the worker was asked to compute the key never "
@@ -198,7 +196,9 @@ def run(mutant: Mutant, profile: str, timeout: float) -> tuple[str, float, str]:
         ]  # fmt: skip
         t = time.monotonic()
         try:
-            p = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run(
+                cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
             return "timeout", time.monotonic() - t, ""
         elapsed = time.monotonic() - t

@@ -11,7 +11,7 @@ themselves, independently of the scheduler's own bookkeeping for them:
   worker is a ``FreeKeys``). A run the scheduler forgot without telling the worker is a
   second, concurrent run waiting to happen.
 * **Justified re-runs** (at each ``Execute``): a key runs again only if, since its last
-  run started, a run of it ended without its result being kept (it failed, was
+  run was assigned, a run of it ended without its result being kept (it failed, was
   rescheduled, was cancelled, its worker died) or the scheduler moved it out of
   ``processing`` or ``memory`` by something other than a steal (a loss, a release or
   cancellation, a retry). A confirmed steal of a task the victim had already started
@@ -64,7 +64,7 @@ class RunOracle:
     def __init__(self, allowed_failures: int) -> None:
         self.allowed_failures = allowed_failures
         self.runs: dict[Key, int] = {}  # Execute instructions obeyed, per key
-        self._marks: dict[Key, int] = {}  # scheduler story length when its last run started
+        self._marks: dict[Key, int] = {}  # story index of the assignment of its last run
         self._unkept: set[Key] = set()  # a run ended without a kept result since then
         # key -> (the scheduler's record then, deaths of workers it was processing on)
         self.deaths: dict[Key, tuple[Any, int]] = {}
@@ -89,13 +89,25 @@ class RunOracle:
                 "failed, was cancelled or lost, and the scheduler never moved it out of "
                 f"processing/memory since its last run started: {sim.scheduler.story(key)[-6:]}"
             )
-        self._marks[key] = n
+        self._marks[key] = self._assigned(sim.scheduler, key, n)
         self._unkept.discard(key)
 
     def ended(self, key: Key, kept: bool) -> None:
         """A run of ``key`` ended; ``kept``: its worker now holds the result."""
         if not kept:
             self._unkept.add(key)
+
+    @staticmethod
+    def _assigned(s: SchedulerState, key: Key, n: int) -> int:
+        """Where this run's story starts: the scheduler's last move of ``key`` into
+        ``processing`` (the run may start after the scheduler already released it again:
+        a ``FreeKeys`` behind the ``ComputeTask``)."""
+        log = s.log
+        keys, finishes = log.keys, log.finishes
+        for i in range(n - 1, -1, -1):
+            if keys[i] == key and finishes[i] == "processing":
+                return i
+        return n
 
     @staticmethod
     def _justified(s: SchedulerState, key: Key, mark: int) -> bool:
