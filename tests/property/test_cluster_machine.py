@@ -208,23 +208,7 @@ class ClusterMachine(RuleBasedStateMachine):
         lineage = sim.lineage(key)
         if any(graph[k].scattered for k in lineage):
             return  # a lost scattered input cannot be resubmitted, only scattered again
-        if self._mentioned(key):
-            # KNOWN BUG (test_regressions.py::test_stale_task_finished_of_a_forgotten_key):
-            # a TaskFinished of the key's last run, still on its way, would be taken for the
-            # result of the new run. Resubmit a key only once its old runs are over.
-            return
         sim.submit(client, [t for k, t in graph.items() if k in lineage], [key])
-
-    def _mentioned(self, key: Any) -> bool:
-        """Does a worker still know ``key``, or a message on its way name it?"""
-        sim = self.sim
-        if any(key in w.state.tasks for w in sim.workers.values()):
-            return True
-        for q in sim.queues.values():
-            for msg in q:
-                if getattr(msg, "key", None) == key or key in getattr(msg, "keys", ()):
-                    return True
-        return False
 
     @precondition(lambda self: any(self.sim.wants.values()))
     @rule(client=st.sampled_from(CLIENTS), i=index)

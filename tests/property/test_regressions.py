@@ -8,8 +8,6 @@ the test passes, the strict mark turns that into a failure, and the mark comes o
 
 from __future__ import annotations
 
-import pytest
-
 from trioscheduler.core.simulator import ClusterSimulator, SimTask
 
 
@@ -154,21 +152,16 @@ def holder_of_processing(sim: ClusterSimulator, key: str) -> str:
     return on
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a TaskFinished is matched to the task by key and worker only, not "
-    "to the assignment it answers (dask: run_id), so a stale one completes a new run",
-)
 def test_stale_task_finished_of_a_forgotten_key() -> None:
-    """Open: found by the cluster machine's resubmit rule (which now avoids it). A task
+    """Fixed: found by the cluster machine's resubmit rule and its run oracle. A task
     finishes on A, but before A's TaskFinished arrives the client drops it (the
     scheduler forgets it and frees it on A); the client submits the same key again and
     it is assigned to A once more. The stale TaskFinished then arrives and the scheduler
     takes it as the new run's result (``memory`` on A), while A drops the old value
     (FreeKeys) and runs the task again, a run the scheduler no longer owns: a second
     concurrent run becomes possible, and the data is briefly counted where it is not.
-    The fix is dask's ``run_id``: ComputeTask carries one, TaskFinished echoes it, the
-    scheduler ignores an answer to an older assignment."""
+    Fixed as dask does, with a ``run_id``: ComputeTask carries one, TaskFinished and
+    TaskErred echo it, the scheduler ignores an answer to an older assignment."""
     sim = ClusterSimulator(validate=True)
     a = sim.add_worker()
     x = SimTask("x")
@@ -180,3 +173,5 @@ def test_stale_task_finished_of_a_forgotten_key() -> None:
     sim.deliver(a, "scheduler")  # the stale TaskFinished: taken for the new run
     sim.deliver("scheduler", a, n=100)  # A drops the old value and runs x again
     sim.check()  # the oracle: A runs x, which the scheduler has in memory
+    assert sim.scheduler.tasks["x"].state == "processing"
+    settled(sim)

@@ -66,6 +66,8 @@ class RunOracle:
         self.runs: dict[Key, int] = {}  # Execute instructions obeyed, per key
         self._marks: dict[Key, int] = {}  # story index of the assignment of its last run
         self._unkept: set[Key] = set()  # a run ended without a kept result since then
+        # (worker, key) -> stimulus id of the last ComputeTask for it that worker received
+        self.computes: dict[tuple[str, Key], str] = {}
         # key -> (the scheduler's record then, deaths of workers it was processing on)
         self.deaths: dict[Key, tuple[Any, int]] = {}
 
@@ -89,7 +91,9 @@ class RunOracle:
                 "failed, was cancelled or lost, and the scheduler never moved it out of "
                 f"processing/memory since its last run started: {sim.scheduler.story(key)[-6:]}"
             )
-        self._marks[key] = self._assigned(sim.scheduler, key, n)
+        self._marks[key] = self._assigned(
+            sim.scheduler, key, n, self.computes.get((worker, key))
+        )
         self._unkept.discard(key)
 
     def ended(self, key: Key, kept: bool) -> None:
@@ -98,16 +102,24 @@ class RunOracle:
             self._unkept.add(key)
 
     @staticmethod
-    def _assigned(s: SchedulerState, key: Key, n: int) -> int:
-        """Where this run's story starts: the scheduler's last move of ``key`` into
-        ``processing`` (the run may start after the scheduler already released it again:
-        a ``FreeKeys`` behind the ``ComputeTask``)."""
+    def _assigned(s: SchedulerState, key: Key, n: int, stimulus: str | None) -> int:
+        """Where this run's story starts: the scheduler's move of ``key`` into
+        ``processing`` that sent the ``ComputeTask`` this run obeys (the run may start
+        after the scheduler released and even re-assigned the key: that ``FreeKeys``
+        and the next ``ComputeTask`` are still behind it on the stream)."""
         log = s.log
-        keys, finishes = log.keys, log.finishes
+        keys, finishes, stimuli = log.keys, log.finishes, log.stimuli
         for i in range(n - 1, -1, -1):
             if keys[i] == key and finishes[i] == "processing":
-                return i
+                if stimulus is None or stimuli[i] == stimulus:
+                    return i
         return n
+
+    def delivered(self, worker: str, events: Iterable[Any]) -> None:
+        """Messages reach ``worker``: remember which assignment each ComputeTask is."""
+        for ev in events:
+            if type(ev) is ComputeTask:
+                self.computes[(worker, ev.key)] = ev.stimulus_id
 
     @staticmethod
     def _justified(s: SchedulerState, key: Key, mark: int) -> bool:

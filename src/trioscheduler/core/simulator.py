@@ -311,6 +311,8 @@ class ClusterSimulator:
     def _to_worker(self, w: SimWorker, *events: Any) -> None:
         if self.event_counts is not None:
             self._count(events, "worker")
+        if self.oracle is not None:
+            self.oracle.delivered(w.address, events)
         self._obey(w, w.core.handle(*events))
 
     def _obey(self, w: SimWorker, out: list[Any]) -> None:
@@ -755,6 +757,8 @@ class ClusterSimulator:
                     if w is not None:
                         if self.event_counts is not None:
                             self._count(batch, "worker")
+                        if self.oracle is not None:
+                            self.oracle.delivered(dst, batch)
                         self._obey(w, w.core.handle(*batch))
             for w in list(workers.values()):
                 if w.address not in workers:
