@@ -2,22 +2,29 @@
 
 The machine owns a ``ClusterSimulator`` (one scheduler core, a changing set of worker
 cores, FIFO queues per (sender, receiver) pair) and interleaves every kind of step:
-clients submit random DAGs (restrictions, resources, retries, tasks built to fail),
-release and cancel keys; messages are delivered from any non-empty queue; running tasks
-finish, fail, secede or reschedule; transfers complete or fail; spill files finish being
-written (``SpillWritten``: until then a worker past its write-ahead starts no task);
-workers join, die (with or without their unsent messages), retire, come under memory
-pressure; the scheduler ticks (work stealing). Root-task queuing is on with a tight or default saturation, or off
+clients join and leave (mid-graph), submit random DAGs (restrictions, resources,
+retries, tasks built to fail), maps over one input (root-ish, queued), the same keys
+again, scatter data (new keys, or the right value of a submitted task, also to a worker
+fetching it), release, cancel and retry keys; messages are delivered from any non-empty
+queue; running tasks finish, fail, secede or reschedule; transfers complete or fail;
+spill files finish being written (``SpillWritten``: until then a worker past its
+write-ahead starts no task) or fail (``SpillFailed``); workers join, die (with or
+without their unsent messages; mid-transfer; holding data a task needs; crossing a
+steal), restart at their address, retire, come under memory pressure, send heartbeats;
+time passes; the scheduler ticks (work stealing, heartbeat timeouts). Root-task queuing is on with a tight or default saturation, or off
 (``inf``), per run. After every step both cores' invariants hold and each simulated
 shell agrees with its core. At teardown faults stop, everything runs to completion, and
 every key a client still wants must be in memory with the value a direct evaluation of
-the DAG gives (or erred, when its lineage was built to fail or a worker was lost).
+the DAG gives (or erred, when its lineage was built to fail or a worker was lost). The
+simulator's run oracle (``core/sim_oracle.py``) checks the runs themselves after every
+step; ``test_cluster_machine`` then checks which table edges the runs took
+(``machine_coverage.py``, ``docs/cluster-machine.md``).
 
 Choices among the current queues, tasks and workers are drawn as integers taken modulo
 the number of candidates, so failures shrink toward "the first one". Every shrunk
 failure becomes a named test in ``test_regressions.py``.
 
-Profiles: ``--hypothesis-profile=ci`` (about a minute) and ``long`` (``nox -s property``).
+Profiles: ``--hypothesis-profile=ci`` (400 runs, ~70 CPU-s) and ``long`` (``nox -s property``).
 """
 
 from __future__ import annotations
