@@ -179,6 +179,10 @@ MUTANTS = [
 ]
 
 
+# What a caught mutant fails with: an oracle or invariant of the simulator or the cores
+CATCHES = ("OracleError", "SimulationError", "InvalidTransition", "AssertionError")
+
+
 def run(mutant: Mutant, profile: str, timeout: float) -> tuple[str, float, str]:
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
         src = Path(tmp) / "src"
@@ -206,6 +210,8 @@ def run(mutant: Mutant, profile: str, timeout: float) -> tuple[str, float, str]:
             return "survived", elapsed, ""
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("E ")]
         why = next((ln[2:].strip() for ln in lines if "Error" in ln), lines[0] if lines else "")
+        if not any(m in p.stdout for m in CATCHES):
+            return "error", elapsed, why[:160]  # the run broke, but not on an oracle
         return "caught", elapsed, why[:160]
 
 

@@ -537,7 +537,8 @@ REQUIRED_COVERAGE = {
     "ci": {"scheduler": 0.9, "worker": 0.8},
     "long": {"scheduler": 1.0, "worker": 1.0},
 }
-REPORT = Path(os.environ.get("TRIOSCHEDULER_COVERAGE_REPORT", "")) or None
+_REPORT_PATH = os.environ.get("TRIOSCHEDULER_COVERAGE_REPORT")
+REPORT = Path(_REPORT_PATH) if _REPORT_PATH else None
 
 
 def test_cluster_machine(request: pytest.FixtureRequest) -> None:
