@@ -1,4 +1,5 @@
-"""Developer sessions: `nox -s tests`, `nox -s property`, `nox -s lint`, `nox -s bench`."""
+"""Developer sessions: `nox -s tests`, `nox -s property`, `nox -s mutants`, `nox -s lint`,
+`nox -s bench`."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ def property(session: nox.Session) -> None:
     """The hypothesis state machines and fuzzers with the long profile."""
     session.install(".[test]")
     session.run("pytest", "-q", "tests/property", "--hypothesis-profile=long", *session.posargs)
+
+
+@nox.session
+def mutants(session: nox.Session) -> None:
+    """Known-bad edits of the core: which does the cluster machine (ci examples) catch?"""
+    session.install("-e", ".[test]")
+    session.run("python", "tests/property/mutants.py", *session.posargs)
 
 
 @nox.session

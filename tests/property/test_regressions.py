@@ -127,3 +127,51 @@ def test_task_finished_crossing_its_free_keys_is_not_a_replica() -> None:
     sim.run_to_completion()
     phantoms = [w for w in sim.scheduler.tasks["x"].who_has if "x" not in sim.workers[w].data]
     assert not phantoms, f"the scheduler counts {phantoms} as holding x"
+
+
+def test_scatter_over_an_erred_key() -> None:
+    """Fixed: scattering a value under the key of an erred task (here erred with
+    KilledWorker) moved it ``erred -> released``, whose ``waiting`` recommendation (a
+    client wants it) then ran on the task the scatter had put in memory:
+    ``InvalidTransition memory -> waiting``. Found by the cluster machine's scatter rule."""
+    sim = ClusterSimulator(validate=True, allowed_failures=1)
+    a = sim.add_worker(nthreads=2)
+    b = sim.add_worker(nthreads=2)
+    sim.submit("c", [SimTask("x"), SimTask("y")], ["x", "y"])
+    sim.lose_worker(holder_of_processing(sim, "x"))
+    assert sim.scheduler.tasks["x"].state == "erred"  # KilledWorker at the first loss
+    alive = a if a in sim.workers else b
+    sim.scatter("c", "x", [alive])
+    assert sim.scheduler.tasks["x"].state == "memory"
+    settled(sim)
+
+
+def holder_of_processing(sim: ClusterSimulator, key: str) -> str:
+    on = sim.scheduler.tasks[key].processing_on
+    assert on is not None
+    return on
+
+
+def test_stale_task_finished_of_a_forgotten_key() -> None:
+    """Fixed: found by the cluster machine's resubmit rule and its run oracle. A task
+    finishes on A, but before A's TaskFinished arrives the client drops it (the
+    scheduler forgets it and frees it on A); the client submits the same key again and
+    it is assigned to A once more. The stale TaskFinished then arrives and the scheduler
+    takes it as the new run's result (``memory`` on A), while A drops the old value
+    (FreeKeys) and runs the task again, a run the scheduler no longer owns: a second
+    concurrent run becomes possible, and the data is briefly counted where it is not.
+    Fixed as dask does, with a ``run_id``: ComputeTask carries one, TaskFinished and
+    TaskErred echo it, the scheduler ignores an answer to an older assignment."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker()
+    x = SimTask("x")
+    sim.submit("c", [x], ["x"])
+    sim.deliver("scheduler", a)  # ComputeTask(x)
+    sim.finish(a, "x")  # TaskFinished(x) waits in A's queue
+    sim.remove_client("c")  # x forgotten; FreeKeys(x) for A
+    sim.submit("c", [x], ["x"])  # the same key again: ComputeTask(x) for A
+    sim.deliver(a, "scheduler")  # the stale TaskFinished: taken for the new run
+    sim.deliver("scheduler", a, n=100)  # A drops the old value and runs x again
+    sim.check()  # the oracle: A runs x, which the scheduler has in memory
+    assert sim.scheduler.tasks["x"].state == "processing"
+    settled(sim)

@@ -304,6 +304,7 @@ class TaskFinished:
     type_name: str = ""
     start: float = 0.0
     stop: float = 0.0
+    run_id: int = 0  # the ComputeTask's (0: not an answer to one, e.g. a shell's report)
 
 
 @message("task-erred")
@@ -320,6 +321,7 @@ class TaskErred:
     traceback_text: str = ""
     start: float = 0.0
     stop: float = 0.0
+    run_id: int = 0  # the ComputeTask's (0: not an answer to one, e.g. a shell's report)
 
 
 @message("add-keys")
@@ -494,6 +496,9 @@ class ComputeTask:
     priority: Sequence[Any]
     resources: dict[str, float] | None = None
     duration: float = 0.5
+    # which assignment this is: echoed by the TaskFinished/TaskErred that answers it, so
+    # the scheduler can tell an answer to an older assignment of the key (0: untracked)
+    run_id: int = 0
 
 
 @message("free-keys")

@@ -93,7 +93,7 @@ class SchedulerState:
         "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
         "total_nthreads", "retiring", "_story_append", "_effects", "_recs", "_sid", "_now",
         "_open_free", "_rr", "retried", "worker_saturation", "worker_backlog", "queuing",
-        "open", "queued", "_queue_heap", "_queue_seq", "former_names", "no_workers_timeout",
+        "open", "queued", "_queue_heap", "_queue_seq", "runs", "_run_seq", "former_names", "no_workers_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -171,6 +171,9 @@ class SchedulerState:
         self.queued: dict[Key, int] = {}
         self._queue_heap: list[tuple[Any, int, Key]] = []
         self._queue_seq = 0
+        # processing tasks -> the run id of their ComputeTask (answers to others are stale)
+        self.runs: dict[Key, int] = {}
+        self._run_seq = 0
 
     def busy(self) -> bool:
         """Work is waiting, queued, unrunnable or running: the scheduler is not idle
@@ -556,6 +559,7 @@ class SchedulerState:
                 tr.want(ts, cs)
                 if ts.state == "erred":
                     self.transition(ts, "released")
+                    self._recs.pop(key, None)  # its "waiting": the data is here instead
                 ts.nbytes = nbytes
                 self.transition(ts, "memory", alive[0].address)
             for ws in alive:
@@ -831,6 +835,10 @@ class SchedulerState:
             self.free_on(ws.address, ev.key)
             return
         if ts.state == "processing" and ts.processing_on == ws.address:
+            if ev.run_id and ev.run_id != self.runs.get(ts.key):
+                # the answer to an older assignment to this worker, which has since
+                # dropped that value (FreeKeys) and runs the new one: wait for that
+                return
             if ev.stop > ev.start:
                 tp = ts.prefix
                 d = ev.stop - ev.start
@@ -857,7 +865,7 @@ class SchedulerState:
             return
         ws.last_seen = ev.now
         ts = self.tasks.get(ev.key)
-        if ts is not None and ts.state == "memory":
+        if ts is not None and ts.state == "memory" and not ev.run_id:
             # A worker found the value cannot travel (the holder cannot serialize it, or
             # a fetcher cannot load it): unusable wherever it is needed, so the key errs,
             # and its dependents with it, instead of being fetched for ever.
@@ -872,6 +880,8 @@ class SchedulerState:
         if ts is None or ts.state != "processing" or ts.processing_on != ws.address:
             self.free_on(ws.address, ev.key)  # stale: computed elsewhere, or released
             return
+        if ev.run_id and ev.run_id != self.runs.get(ts.key):
+            return  # a failure of an older assignment to this worker (see TaskFinished)
         self._recs.pop(ts.key, None)
         if ts.retries > 0:
             ts.retries -= 1

@@ -160,12 +160,16 @@ def _assign(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
     open_free = s._open_free
     if open_free:
         open_free.pop(addr, None)  # a later FreeKeys must not jump ahead of this task
+    s._run_seq += 1
+    run_id = s._run_seq
+    s.runs[key] = run_id
     s._effects.append(
         ToWorker(
             addr,
             ComputeTask(
                 s._sid, s._now, key, ts.run_spec, list(deps), who_has, nbytes,
                 ts.priority, None if ts.extra is None else ts.extra.resource_restrictions, d,
+                run_id,
             ),
         )
     )  # fmt: skip
@@ -220,6 +224,7 @@ def _unassign(s: SchedulerState, ts: TaskRecord, free: bool) -> None:
     ts.processing_on = None
     if addr is None:
         return
+    s.runs.pop(ts.key, None)
     steal = s.steals.pop(ts.key, None)
     if steal is not None:
         thief = s.workers.get(steal.thief)

@@ -26,13 +26,14 @@ from __future__ import annotations
 import pickle
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from trioscheduler.core.errors import KilledWorker
 from trioscheduler.core.invariants import validate
 from trioscheduler.core.messages import (
+    AddClient,
     AddWorker,
     CancelKeys,
     ClientDesiresKeys,
@@ -58,6 +59,7 @@ from trioscheduler.core.messages import (
     RetryKeys,
     SecedeEvent,
     Spill,
+    SpillFailed,
     SpillWritten,
     TaskSpec,
     Tick,
@@ -65,12 +67,17 @@ from trioscheduler.core.messages import (
     ToScheduler,
     ToWorker,
     Unspill,
+    UpdateData,
     UpdateGraph,
+    WorkerHeartbeat,
+    WorkerUpdateData,
 )
 from trioscheduler.core.recorder import Recorder
 from trioscheduler.core.scheduler import SchedulerState
+from trioscheduler.core.sim_oracle import RunOracle, removes_workers
 from trioscheduler.core.worker import WorkerState
 from trioscheduler.core.worker_transitions import RUNNING_STATES
+from trioscheduler.errors import TrioSchedulerError
 
 SCHEDULER = "scheduler"
 """The scheduler's name as a queue endpoint."""
@@ -118,6 +125,7 @@ class SimTask:
     resources: dict[str, float] | None = None
     priority: int = 0
     duration: float = 0.01
+    scattered: bool = False  # data a client scattered: no lineage to recompute it from
 
 
 @dataclass(slots=True, eq=False)
@@ -182,6 +190,7 @@ class ClusterSimulator:
         allowed_failures: int = 3,
         steal: bool = True,
         time_step: float = 0.001,
+        tally: bool = False,
         **scheduler_kwargs: Any,
     ) -> None:
         kw = dict(
@@ -204,6 +213,11 @@ class ClusterSimulator:
         self.required_names: set[str] = set()
         self.needs_resources: dict[str, float] = {}
         self.lost = 0  # workers lost unexpectedly (KilledWorker becomes possible)
+        self.departed: list[SimWorker] = []  # workers gone (lost, closed): their stories
+        # ``tally=True``: how many events of each type each kind of core handled
+        self.event_counts: dict[str, int] | None = {} if tally else None
+        # ``validate=True``: no task runs twice (or keeps running) without a reason
+        self.oracle = RunOracle(allowed_failures) if validate else None
         self.now = 0.0
         self.time_step = time_step
         self._n = 0
@@ -227,8 +241,41 @@ class ClusterSimulator:
         self.now += self.time_step
         return f"{kind}-{self._n}", self.now
 
+    def _count(self, events: Iterable[Any], where: str) -> None:
+        counts = self.event_counts
+        assert counts is not None
+        for ev in events:
+            name = f"{where}:{type(ev).__name__}"
+            counts[name] = counts.get(name, 0) + 1
+
     def _to_scheduler(self, *events: Any) -> None:
-        self._route_effects(self.scheduler_core.handle(*events))
+        self._route_effects(self._scheduler_handle(events))
+
+    def _scheduler_handle(self, events: Sequence[Any]) -> list[Any]:
+        if self.event_counts is not None:
+            self._count(events, "scheduler")
+        oracle = self.oracle
+        core = self.scheduler_core
+        if oracle is None or not any(removes_workers(ev) for ev in events):
+            return core.handle(*events)  # type: ignore[no-any-return]
+        # the oracle looks at who processed what just before a worker is removed; the
+        # scheduler handles a batch event by event, so splitting it changes nothing
+        effects: list[Any] = []
+        todo: list[Any] = []
+        for ev in events:
+            if not removes_workers(ev):
+                todo.append(ev)
+                continue
+            if todo:
+                effects.extend(core.handle(*todo))
+                todo = []
+            before = oracle.processing_by_worker(self.scheduler)
+            out = core.handle(ev)
+            oracle.after_removals(self.scheduler, before, [ev], out)
+            effects.extend(out)
+        if todo:
+            effects.extend(core.handle(*todo))
+        return effects
 
     def _route_effects(self, effects: list[Any]) -> None:
         queues = self.queues
@@ -245,7 +292,7 @@ class ClusterSimulator:
             elif t is ToClient:
                 self._client_receives(eff.client, eff.msg)
             elif t is CloseWorker:
-                self._close(eff.worker)
+                self._close(eff.worker, eff.reason)
             elif t is Log:
                 self.logs.append(eff)
             else:
@@ -262,6 +309,10 @@ class ClusterSimulator:
                 wants.discard(msg.key)
 
     def _to_worker(self, w: SimWorker, *events: Any) -> None:
+        if self.event_counts is not None:
+            self._count(events, "worker")
+        if self.oracle is not None:
+            self.oracle.delivered(w.address, events)
         self._obey(w, w.core.handle(*events))
 
     def _obey(self, w: SimWorker, out: list[Any]) -> None:
@@ -317,11 +368,19 @@ class ClusterSimulator:
                     f"{w.address}: Execute {key!r} before its input {dk!r} is in memory there"
                 )
             inputs.append(v)
+        if self.oracle is not None:
+            self.oracle.started(self, w.address, key)
         w.running[key] = _Run(task_value(key, inputs), self.now, task)
 
-    def _close(self, addr: str) -> None:
+    def _close(self, addr: str, reason: str) -> None:
         """The worker shuts down (the scheduler has already removed it)."""
-        self.workers.pop(addr, None)
+        w = self.workers.pop(addr, None)
+        if w is not None:
+            self.departed.append(w)
+            if self.oracle is not None:
+                self._runs_ended(w, w.running)
+            if reason != "retired":
+                self.lost += 1  # removed for silence (no heartbeat): as good as lost
         self.queues.pop((SCHEDULER, addr), None)
         self.queues.pop((addr, SCHEDULER), None)
 
@@ -339,6 +398,18 @@ class ClusterSimulator:
         """Start a worker and register it with the scheduler; returns its address."""
         self._n_workers += 1
         addr = f"sim://w{self._n_workers}"
+        self._spawn(addr, name, nthreads, resources, memory_limit, **worker_kwargs)
+        return addr
+
+    def _spawn(
+        self,
+        addr: str,
+        name: str | None,
+        nthreads: int,
+        resources: dict[str, float] | None,
+        memory_limit: int,
+        **worker_kwargs: Any,
+    ) -> None:
         res = dict(resources or {})
         kw = dict(
             nthreads=nthreads, resources=res, memory_limit=memory_limit,
@@ -353,14 +424,86 @@ class ClusterSimulator:
         self.workers[addr] = SimWorker(addr, name, nthreads, res, memory_limit, core)
         sid, now = self._sid("add-worker")
         self._to_scheduler(AddWorker(sid, now, addr, nthreads, memory_limit, res, name))
-        return addr
+
+    def reregister(self, addr: str) -> None:
+        """The worker's process dies and a new one starts at the same address (a nanny
+        restarting it on a fixed port) before the scheduler noticed: the scheduler learns
+        of it only from the new process's ``AddWorker``. Nothing of the old one survives:
+        its values, runs, transfers and the messages in both directions."""
+        old = self.workers.pop(addr)
+        self.departed.append(old)
+        self.lost += 1
+        if self.oracle is not None:
+            self._runs_ended(old, old.running)
+        self.queues.pop((SCHEDULER, addr), None)
+        self.queues.pop((addr, SCHEDULER), None)
+        self._spawn(addr, old.name, old.nthreads, old.resources, old.memory_limit)
+
+    def heartbeat(self, addr: str) -> None:
+        """The worker's periodic heartbeat, queued behind its other messages."""
+        sid, now = self._sid("heartbeat")
+        q = self.queues.get((addr, SCHEDULER))
+        if q is None:
+            q = self.queues[(addr, SCHEDULER)] = deque()
+        q.append(WorkerHeartbeat(sid, now, addr))
+
+    def advance(self, seconds: float) -> None:
+        """Time passes (a worker silent for longer than ``worker_timeout`` is removed at
+        the scheduler's next ``Tick``)."""
+        self.now += seconds
+
+    def add_client(self, client: str) -> None:
+        """A client connects (its handshake)."""
+        self.wants.setdefault(client, set())
+        sid, now = self._sid("add-client")
+        self._to_scheduler(AddClient(sid, now, client))
+
+    def scatter(self, client: str, key: Key, addrs: list[str], nbytes: int = 100) -> list[str]:
+        """``client.scatter``: the value of ``key`` goes straight to the workers at
+        ``addrs``, then the scheduler is told who holds it. A new key has no lineage; a
+        key of a submitted task gets the value the graph gives it. A worker computing or
+        fetching the key keeps its own copy and declines; returns the workers that took it."""
+        task = self.graph.get(key)
+        if task is None:
+            task = self.graph[key] = SimTask(key, [], nbytes, scattered=True)
+        value = self.expected(key)
+        took = []
+        for addr in addrs:
+            w = self.workers[addr]
+            wts = w.state.tasks.get(key)
+            if wts is not None and wts.state not in ("released", "fetch", "missing", "memory"):
+                continue
+            if key in w.disk or key in w.writing:
+                continue  # (a spilled copy: the shell would overwrite it; not modelled)
+            w.data[key] = value
+            sid, now = self._sid("scatter")
+            self._to_worker(w, WorkerUpdateData(sid, now, {key: task.nbytes}))
+            wts = w.state.tasks.get(key)
+            if wts is not None and wts.state == "memory":  # (perhaps spilled at once)
+                took.append(addr)
+        if took:
+            self.wants.setdefault(client, set()).add(key)
+            sid, now = self._sid("update-data")
+            self._to_scheduler(UpdateData(sid, now, client, {key: took}, {key: task.nbytes}))
+        return took
+
+    def fail_spill(self, addr: str, key: Key) -> None:
+        """Writing ``key``'s spill file fails (it cannot be pickled, or the disk is full):
+        the value stays in RAM, for good."""
+        w = self.workers[addr]
+        w.data[key] = w.writing.pop(key)
+        sid, now = self._sid("spill-failed")
+        self._to_worker(w, SpillFailed(sid, now, key, "simulated"))
 
     def lose_worker(self, addr: str, *, flush: bool = False) -> None:
         """The worker dies. Messages to it are lost; its own unsent messages are lost too,
         unless ``flush`` (they were in the socket: the scheduler reads them before it sees
         the stream end). Its running tasks and transfers vanish."""
-        self.workers.pop(addr)
+        w = self.workers.pop(addr)
+        self.departed.append(w)
         self.lost += 1
+        if self.oracle is not None:
+            self._runs_ended(w, w.running)
         self.queues.pop((SCHEDULER, addr), None)
         sid, now = self._sid("worker-lost")
         ev = RemoveWorker(sid, now, addr, False, "simulated loss")
@@ -432,8 +575,12 @@ class ClusterSimulator:
 
     def retry(self, client: str, keys: list[Key]) -> None:
         """``client.retry(futures)``: erred keys (and erred dependencies) run again."""
+        tasks = self.scheduler.tasks
+        erred = [k for k, ts in tasks.items() if ts.state == "erred"] if self.oracle else []
         sid, now = self._sid("retry")
         self._to_scheduler(RetryKeys(sid, now, client, list(keys)))
+        if self.oracle is not None:
+            self.oracle.retried(k for k in erred if k not in tasks or tasks[k].state != "erred")
 
     def remove_client(self, client: str) -> None:
         self.wants.pop(client, None)
@@ -489,6 +636,15 @@ class ClusterSimulator:
         """The running task ends: it succeeds, unless it was built to fail this time."""
         w = self.workers[addr]
         self._to_worker(w, self._outcome(w, key))
+        if self.oracle is not None:
+            self._runs_ended(w, [key])
+
+    def _runs_ended(self, w: SimWorker, keys: Iterable[Key]) -> None:
+        assert self.oracle is not None
+        tasks = w.state.tasks if w.address in self.workers else {}
+        for key in keys:
+            ts = tasks.get(key)
+            self.oracle.ended(key, ts is not None and ts.state == "memory")
 
     def secede(self, addr: str, key: Key) -> None:
         """The running task calls ``secede()`` (once)."""
@@ -506,6 +662,8 @@ class ClusterSimulator:
         del w.running[key]
         sid, now = self._sid("reschedule")
         self._to_worker(w, RescheduleEvent(sid, now, key))
+        if self.oracle is not None:
+            self.oracle.ended(key, False)
 
     def _gather_event(self, w: SimWorker, peer: str, fail: bool) -> Any:
         keys = w.gathers.pop(peer)
@@ -593,25 +751,32 @@ class ClusterSimulator:
                 # handle() and routing called directly, not through _to_scheduler and
                 # _to_worker: one call less per batch in the benchmark's only loop
                 if dst == SCHEDULER:
-                    self._route_effects(self.scheduler_core.handle(*batch))
+                    self._route_effects(self._scheduler_handle(batch))
                 else:
                     w = workers.get(dst)
                     if w is not None:
+                        if self.event_counts is not None:
+                            self._count(batch, "worker")
+                        if self.oracle is not None:
+                            self.oracle.delivered(dst, batch)
                         self._obey(w, w.core.handle(*batch))
             for w in list(workers.values()):
                 if w.address not in workers:
                     continue
                 if w.running:
                     busy = True
-                    events = [self._outcome(w, k) for k in list(w.running)]
-                    self._obey(w, w.core.handle(*events))
+                    ended = list(w.running)
+                    events = [self._outcome(w, k) for k in ended]
+                    self._to_worker(w, *events)
+                    if self.oracle is not None:
+                        self._runs_ended(w, ended)
                 if w.gathers:
                     busy = True
                     events = [self._gather_event(w, p, False) for p in list(w.gathers)]
-                    self._obey(w, w.core.handle(*events))
+                    self._to_worker(w, *events)
                 if w.writing:
                     busy = True
-                    self._obey(w, w.core.handle(self._writes_event(w, None)))
+                    self._to_worker(w, self._writes_event(w, None))
             if not busy:
                 return rounds
         raise SimulationError(f"the cluster did not settle in {max_rounds} rounds")
@@ -649,6 +814,8 @@ class ClusterSimulator:
             flights = {p: {t.key for t in b} for p, b in ws.in_flight.items()}
             if {p: set(ks) for p, ks in w.gathers.items()} != flights:
                 raise SimulationError(f"{addr}: shell fetches {w.gathers}, core {flights}")
+        if self.oracle is not None:
+            self.oracle.check(self)
 
     def expected(self, key: Key) -> int:
         """The value ``key`` must have: the graph evaluated directly."""
@@ -788,6 +955,10 @@ class ClusterSimulator:
         elif isinstance(exc, KilledWorker):
             if not self.lost:
                 out.append(f"{key!r} erred with KilledWorker, but no worker was lost")
+        elif isinstance(exc, TrioSchedulerError) and "Scatter it again" in str(exc):
+            # scattered data lost (or freed while a scatter of it raced the FreeKeys)
+            if not any(graph[k].scattered for k in self.lineage(key)):
+                out.append(f"{key!r} erred as lost scattered data, but none is in its lineage")
         else:
             out.append(f"{key!r} erred with an unexpected {exc!r}")
         return out

@@ -101,7 +101,8 @@ class WorkerTask:
     __slots__ = (
         "key", "serial", "state", "run_spec", "priority", "dependencies", "dependents",
         "waiting_for_data", "who_has", "nbytes", "resources", "duration", "wanted",
-        "coming_from", "errant_peer", "previous", "next", "spillable", "pending_compute"
+        "coming_from", "errant_peer", "previous", "next", "spillable", "pending_compute",
+        "run_id",
     )  # fmt: skip
 
     key: Key
@@ -126,6 +127,7 @@ class WorkerTask:
     spillable: bool  # False after SpillFailed
     # resumed after a transfer: the ComputeTask to carry out if the transfer fails
     pending_compute: ComputeTask | None
+    run_id: int  # of the latest ComputeTask: echoed by the TaskFinished/TaskErred
 
     def __init__(self, key: Key, serial: int) -> None:
         # Written out, not a dataclass's: one record per task, and mypyc compiles this
@@ -149,6 +151,7 @@ class WorkerTask:
         self.next = None
         self.spillable = True
         self.pending_compute = None
+        self.run_id = 0
 
 
     def __repr__(self) -> str:
@@ -584,6 +587,7 @@ class WorkerState:
     def _on_compute_task(self, ev: ComputeTask, out: list[Any]) -> None:
         ts = self._task(ev.key)
         ts.wanted = True
+        ts.run_id = ev.run_id  # whatever runs now answers this assignment
         st = ts.state
         finish: str | None = None
         if st in ("released", "fetch", "missing", "error"):
@@ -598,7 +602,12 @@ class WorkerState:
             self._step(ts, ts.previous, ev, out)
         elif st == "memory":
             out.append(
-                ToScheduler(TaskFinished(ev.stimulus_id, ev.now, self.address, ts.key, ts.nbytes))
+                ToScheduler(
+                    TaskFinished(
+                        ev.stimulus_id, ev.now, self.address, ts.key, ts.nbytes,
+                        run_id=ev.run_id,
+                    )
+                )  # fmt: skip
             )
         # waiting / ready / constrained / executing / long-running: already on it
         if finish == "resumed":
@@ -725,7 +734,7 @@ class WorkerState:
                 ToScheduler(
                     TaskFinished(
                         ev.stimulus_id, ev.now, self.address, ts.key, ev.nbytes,
-                        ev.type_name, ev.start, ev.stop,
+                        ev.type_name, ev.start, ev.stop, ts.run_id,
                     )
                 )
             )  # fmt: skip
@@ -750,6 +759,7 @@ class WorkerState:
                     TaskErred(
                         ev.stimulus_id, ev.now, self.address, ts.key, ev.exception,
                         ev.traceback, ev.exception_text, ev.traceback_text, ev.start, ev.stop,
+                        ts.run_id,
                     )
                 )
             )  # fmt: skip

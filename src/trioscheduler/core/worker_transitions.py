@@ -463,7 +463,9 @@ def resumed_memory(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: 
         ts.pending_compute = None
         recs = _enter_memory(ws, ts, stim, now)
         out.append(
-            ToScheduler(TaskFinished(stim, now, ws.address, ts.key, ts.nbytes, "", now, now))
+            ToScheduler(
+                TaskFinished(stim, now, ws.address, ts.key, ts.nbytes, "", now, now, ts.run_id)
+            )
         )
         return recs
     _leave_thread(ws, ts)

@@ -1,0 +1,211 @@
+"""The simulator's execution oracle: no task runs twice without a reason.
+
+The end-state check of ``ClusterSimulator.check_outcome`` cannot see a task that ran on
+two workers at once when both runs produce the same value, nor a task that kills
+worker after worker without ever being given up. This oracle watches the runs
+themselves, independently of the scheduler's own bookkeeping for them:
+
+* **Ownership** (after every step): a task executing on a worker, and not cancelled
+  there, is the scheduler's run of it (``processing_on`` that worker), or the
+  scheduler has already disowned it (the last message about the key on its way to that
+  worker is a ``FreeKeys``). A run the scheduler forgot without telling the worker is a
+  second, concurrent run waiting to happen.
+* **Justified re-runs** (at each ``Execute``): a key runs again only if, since its last
+  run was assigned, a run of it ended without its result being kept (it failed, was
+  rescheduled, was cancelled, its worker died) or the scheduler moved it out of
+  ``processing`` or ``memory`` by something other than a steal (a loss, a release or
+  cancellation, a retry). A confirmed steal of a task the victim had already started
+  is not a reason.
+* **Suspicion** (after every step): a task that was processing on ``allowed_failures``
+  workers when they died unexpectedly is not processing again (it must err with
+  ``KilledWorker``); once it erred, a retry or a scatter may bring it back.
+
+Pure, like the simulator: it only reads the cores' states, stories and queues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from trioscheduler.core.messages import (
+    AddWorker,
+    CloseWorker,
+    ComputeTask,
+    FreeKeys,
+    Key,
+    RemoveWorker,
+    Tick,
+)
+from trioscheduler.core.worker_transitions import RUNNING_STATES
+
+if TYPE_CHECKING:
+    from trioscheduler.core.scheduler import SchedulerState
+    from trioscheduler.core.simulator import ClusterSimulator
+
+# Scheduler moves that justify running a key again: out of processing or memory, but
+# not processing -> processing (a steal) and not processing -> memory (it just finished).
+_SETTLED = frozenset({"processing", "memory"})
+
+
+class OracleError(AssertionError):
+    """A task ran (or is running) in a way no event justifies."""
+
+
+def removes_workers(ev: Any) -> bool:
+    """Events after which the scheduler may have removed a worker."""
+    t = type(ev)
+    return t is RemoveWorker or t is Tick or t is AddWorker
+
+
+class RunOracle:
+    """Counts runs per key and checks the three rules of the module doc."""
+
+    def __init__(self, allowed_failures: int) -> None:
+        self.allowed_failures = allowed_failures
+        self.runs: dict[Key, int] = {}  # Execute instructions obeyed, per key
+        self._marks: dict[Key, int] = {}  # story index of the assignment of its last run
+        self._unkept: set[Key] = set()  # a run ended without a kept result since then
+        # (worker, key) -> stimulus id of the last ComputeTask for it that worker received
+        self.computes: dict[tuple[str, Key], str] = {}
+        # key -> (the scheduler's record then, deaths of workers it was processing on)
+        self.deaths: dict[Key, tuple[Any, int]] = {}
+
+    # ------------------------------------------------------------------ runs
+
+    def started(self, sim: ClusterSimulator, worker: str, key: Key) -> None:
+        """``worker`` obeys ``Execute(key)``: is this run justified?"""
+        log = sim.scheduler.log
+        n = len(log)
+        mark = self._marks.get(key)
+        self.runs[key] = self.runs.get(key, 0) + 1
+        full = log.keys.maxlen is not None and n >= log.keys.maxlen
+        if (
+            mark is not None
+            and not full
+            and key not in self._unkept
+            and not self._justified(sim.scheduler, key, mark)
+        ):
+            raise OracleError(
+                f"{key!r} runs again on {worker} (run {self.runs[key]}) though no run of it "
+                "failed, was cancelled or lost, and the scheduler never moved it out of "
+                f"processing/memory since its last run started: {sim.scheduler.story(key)[-6:]}"
+            )
+        self._marks[key] = self._assigned(
+            sim.scheduler, key, n, self.computes.get((worker, key))
+        )
+        self._unkept.discard(key)
+
+    def ended(self, key: Key, kept: bool) -> None:
+        """A run of ``key`` ended; ``kept``: its worker now holds the result."""
+        if not kept:
+            self._unkept.add(key)
+
+    @staticmethod
+    def _assigned(s: SchedulerState, key: Key, n: int, stimulus: str | None) -> int:
+        """Where this run's story starts: the scheduler's move of ``key`` into
+        ``processing`` that sent the ``ComputeTask`` this run obeys (the run may start
+        after the scheduler released and even re-assigned the key: that ``FreeKeys``
+        and the next ``ComputeTask`` are still behind it on the stream)."""
+        log = s.log
+        keys, finishes, stimuli = log.keys, log.finishes, log.stimuli
+        for i in range(n - 1, -1, -1):
+            if keys[i] == key and finishes[i] == "processing":
+                if stimulus is None or stimuli[i] == stimulus:
+                    return i
+        return n
+
+    def delivered(self, worker: str, events: Iterable[Any]) -> None:
+        """Messages reach ``worker``: remember which assignment each ComputeTask is."""
+        for ev in events:
+            if type(ev) is ComputeTask:
+                self.computes[(worker, ev.key)] = ev.stimulus_id
+
+    @staticmethod
+    def _justified(s: SchedulerState, key: Key, mark: int) -> bool:
+        log = s.log
+        keys, starts, finishes = log.keys, log.starts, log.finishes
+        for i in range(mark, len(keys)):
+            if keys[i] == key:
+                a, b = starts[i], finishes[i]
+                if a in _SETTLED and b not in _SETTLED:
+                    return True
+        return False
+
+    # ------------------------------------------------------------------ losses
+
+    @staticmethod
+    def processing_by_worker(s: SchedulerState) -> dict[str, tuple[Any, list[tuple[Key, Any]]]]:
+        """Before an event that may remove workers: who processes what."""
+        return {
+            addr: (ws, [(k, s.tasks[k]) for k in ws.processing]) for addr, ws in s.workers.items()
+        }
+
+    def after_removals(
+        self,
+        s: SchedulerState,
+        before: dict[str, tuple[Any, list[tuple[Key, Any]]]],
+        events: Iterable[Any],
+        effects: Iterable[Any],
+    ) -> None:
+        """Count, per task, unexpected deaths of workers it was processing on."""
+        unexpected: set[str] = set()
+        for ev in events:
+            if type(ev) is RemoveWorker and not ev.expected:
+                unexpected.add(ev.worker)
+        for eff in effects:
+            if type(eff) is CloseWorker and eff.reason != "retired":
+                unexpected.add(eff.worker)  # a heartbeat timeout
+        for addr, (ws, processing) in before.items():
+            if addr not in unexpected or s.workers.get(addr) is ws:
+                continue
+            for key, rec in processing:
+                old = self.deaths.get(key)
+                n = old[1] if old is not None and old[0] is rec else 0
+                self.deaths[key] = (rec, n + 1)
+
+    def retried(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self.deaths.pop(key, None)
+
+    # ------------------------------------------------------------------ invariants
+
+    def check(self, sim: ClusterSimulator) -> None:
+        s = sim.scheduler
+        for addr, w in sim.workers.items():
+            for key, ts in w.state.tasks.items():
+                if ts.state not in RUNNING_STATES:
+                    continue
+                sts = s.tasks.get(key)
+                if sts is not None and sts.state == "processing" and sts.processing_on == addr:
+                    continue
+                if _disowned(sim.queues.get(("scheduler", addr), ()), key):
+                    continue
+                where = "forgotten" if sts is None else f"{sts.state} on {sts.processing_on}"
+                raise OracleError(
+                    f"{key!r} is {ts.state} on {addr}, but the scheduler has it {where} and "
+                    "never told that worker to drop it: a second run may start elsewhere"
+                )
+        for key, (rec, n) in list(self.deaths.items()):
+            if n >= self.allowed_failures and s.tasks.get(key) is rec and rec is not None:
+                if rec.state == "erred":
+                    del self.deaths[key]  # given up, as it should: a retry or scatter may revive it
+                elif rec.state == "processing":
+                    raise OracleError(
+                        f"{key!r} was processing on {n} workers that died (allowed_failures="
+                        f"{self.allowed_failures}) and is processing again: it should have "
+                        "erred with KilledWorker"
+                    )
+
+
+def _disowned(queue: Iterable[Any], key: Key) -> bool:
+    """Is the last message about ``key`` in this queue a ``FreeKeys``?"""
+    last = None
+    for msg in queue:
+        t = type(msg)
+        if t is FreeKeys:
+            if key in msg.keys:
+                last = t
+        elif t is ComputeTask and msg.key == key:
+            last = t
+    return last is FreeKeys
