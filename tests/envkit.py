@@ -46,15 +46,25 @@ def site_packages(env: Path) -> Path:
 
 def make_venv(env: Path, *, overlay: str | None = "addsitedir", system_site: bool = False) -> Path:
     """A bare venv; ``overlay``: ``"addsitedir"`` (runner packages, editable ones too),
-    ``"plain"`` (runner site-packages as a plain path: its .pth files not processed, so
-    no editable trioscheduler), or None (nothing of the runner's)."""
+    ``"plain"`` (the runner's packages but trioscheduler: links to every other entry of
+    its site-packages, .pth files left out, so neither an installed nor an editable
+    trioscheduler shows), or None (nothing of the runner's)."""
     venv.EnvBuilder(with_pip=False, symlinks=True, system_site_packages=system_site).create(env)
     sp = site_packages(env)
     if overlay == "addsitedir":
         lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in runner_site_dirs())
         (sp / "zz_runner.pth").write_text(lines)
     elif overlay == "plain":
-        (sp / "zz_runner.pth").write_text("".join(p + "\n" for p in runner_site_dirs()))
+        deps = env.parent / f"{env.name}-runner-deps"  # outside: packing refuses links out
+        deps.mkdir()
+        for site_dir in runner_site_dirs():
+            for entry in Path(site_dir).iterdir():
+                name = entry.name
+                if name.startswith(("trioscheduler", "__editable__")) or name.endswith(".pth"):
+                    continue
+                if not (deps / name).exists():
+                    (deps / name).symlink_to(entry)
+        (sp / "zz_runner.pth").write_text(f"{deps}\n")
     return env
 
 
