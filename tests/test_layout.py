@@ -4,7 +4,7 @@ Every ``import`` in the package is read with ``ast`` (function-level ones includ
 under ``if TYPE_CHECKING:`` are exempt, they never run) and each must point to the
 module's own folder or a folder below it::
 
-    cli -> client -> deploy -> server -> {http, kernels, environments} -> wire -> core -> base
+    cli -> client -> deploy -> plugins -> server -> {http, kernels, environments} -> wire -> core -> base
 
 ``base`` is ``errors`` and ``_version``; the package face (``__init__``, ``__main__``,
 ``_legacy``) sits on top. With one direction there can be no circle between folders.
@@ -27,10 +27,11 @@ RANK = {
     "kernels": 3,
     "environments": 3,
     "server": 4,
-    "deploy": 5,
-    "client": 6,
-    "cli": 7,
-    "face": 8,
+    "plugins": 5,
+    "deploy": 6,
+    "client": 7,
+    "cli": 8,
+    "face": 9,
 }
 BASE = {"errors", "_version"}
 FACE = {"__init__", "__main__", "_legacy"}

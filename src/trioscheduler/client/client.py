@@ -35,6 +35,7 @@ from trioscheduler.client.datasets import DatasetMethods
 from trioscheduler.client.diagnostics import DiagnosticsMethods
 from trioscheduler.client.events import EventMethods
 from trioscheduler.client.executor import ExecutorMethods
+from trioscheduler.client.plugins import PluginMethods
 from trioscheduler.client.futures import Future, FutureHost, futures_of
 from trioscheduler.client.ipython import IPythonMethods
 from trioscheduler.client.keys import (
@@ -61,6 +62,7 @@ class Client(
     AdminMethods,
     DatasetMethods,
     IPythonMethods,
+    PluginMethods,
     ClientBase,
 ):
     """Connect to a scheduler (or start a ``LocalCluster``) and submit work to it.

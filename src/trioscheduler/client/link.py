@@ -321,6 +321,11 @@ class SchedulerLink:
             self.on_event(msg["topic"], msg["event"])
             return
         if msg.get("op") != "value":
+            if msg.get("op") == "plugin-error":
+                from trioscheduler.client.plugins import report_plugin_error
+
+                report_plugin_error(self.client_id, msg)
+                return
             logger.warning(
                 "client %s: unexpected message from the scheduler: %r", self.client_id, msg
             )

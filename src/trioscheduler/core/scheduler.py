@@ -211,6 +211,15 @@ class SchedulerState:
         """What happened to ``keys``: ``(key, start, finish, stimulus_id, now)`` entries."""
         return self.log.story(*keys)
 
+    def log_tap(self, on: bool) -> tuple[list[Any], ...] | None:
+        """Also copy every transition into five lists (key, start, finish, stimulus_id,
+        now) that the caller empties, or stop doing so. Off, transitions cost nothing more."""
+        if not on:
+            self._story_append = self.log.appenders()
+            return None
+        self._story_append, tap = self.log.tapped_appenders()
+        return tap
+
     # ---------------------------------------------------------------- plumbing for transitions
 
     def drain(self) -> None:

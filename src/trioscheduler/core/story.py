@@ -46,6 +46,21 @@ class StoryLog:
             self.nows.append,
         )  # fmt: skip
 
+    def tapped_appenders(self) -> tuple[tuple[Callable[[Any], None], ...], tuple[list[Any], ...]]:
+        """Appenders that also copy every entry into five lists (the tap), for a shell
+        that hands transitions on (plugins) and clears the lists after each event."""
+        tap: tuple[list[Any], ...] = ([], [], [], [], [])
+
+        def both(a: Callable[[Any], None], b: Callable[[Any], None]) -> Callable[[Any], None]:
+            def append(x: Any) -> None:
+                a(x)
+                b(x)
+
+            return append
+
+        plain = self.appenders()
+        return tuple(both(a, t.append) for a, t in zip(plain, tap, strict=True)), tap
+
     def story(self, *keys: Any) -> list[StoryEntry]:
         """Every retained entry about any of ``keys``, oldest first."""
         wanted = set(keys)

@@ -241,6 +241,14 @@ class WorkerState:
         """``(key, start, finish, stimulus_id, now)`` of every recorded transition of ``key``."""
         return self._story.story(key)
 
+    def log_tap(self, on: bool) -> tuple[list[Any], ...] | None:
+        """As ``SchedulerState.log_tap``: copy transitions into lists the shell empties."""
+        if not on:
+            self._story_append = self._story.appenders()
+            return None
+        self._story_append, tap = self._story.tapped_appenders()
+        return tap
+
     def handle(self, *events: Any) -> list[Any]:
         """Apply events in order; return the instructions for the shell.
 

@@ -71,6 +71,7 @@ from trioscheduler.server.fork import (
     fork_supported,
 )
 from trioscheduler.server.preload import preloads
+from trioscheduler.server.plugins import NannyPlugins
 from trioscheduler.wire.address import tcp_address
 from trioscheduler.wire.security import Security, connect_args, listen_args, write_role_files
 from trioscheduler.wire.security import resolve as resolve_security
@@ -257,6 +258,7 @@ class Nanny:
         self._life: AbstractAsyncContextManager[Any] | None = None  # _run(), while open
         self._nursery: trio.Nursery | None = None
         self._scratch = ""  # our directory for the children's spill files
+        self.plugins = NannyPlugins(self)
 
     def __repr__(self) -> str:
         return f"<Nanny {self.worker_address or '(no worker)'} pid={self.pid} {self.status}>"
@@ -324,6 +326,7 @@ class Nanny:
                         **listen_args(self.security, "nanny"),
                     ) as listener:
                         self.address = listener.address
+                        await self.plugins.fetch()
                         async with preloads(self.preload_nanny, self):
                             first = trio.Event()
                             failure: list[BaseException] = []
@@ -342,6 +345,7 @@ class Nanny:
                                     self._closing_ev.set()
                                     with trio.CancelScope(shield=True):
                                         await self._terminate(graceful=True)
+                                        await self.plugins.teardown_all()
                 except BaseException as exc:  # start-up failed: raised unwrapped, below
                     error = exc
                 nursery.cancel_scope.cancel()
@@ -374,6 +378,8 @@ class Nanny:
                 elif op == "kill":
                     await self.kill(str(request.get("reason", "killed on request")))
                     reply = {"status": "OK"}
+                elif op in ("plugin_add", "plugin_remove", "plugin_sync"):
+                    reply = await self.plugins.handle(request)
                 elif op == "status":
                     reply = {
                         "status": "OK",

@@ -54,6 +54,7 @@ from trioscheduler.environments import EnvironmentRefusedError
 from trioscheduler.environments.store import EnvironmentStore
 from trioscheduler.environments.twophase import prepare_everywhere
 from trioscheduler.server.coordination import CoordinationHost
+from trioscheduler.server import plugins as _plugins
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
 from trioscheduler.server.diagnostics import Diagnostics
@@ -254,6 +255,7 @@ class Scheduler:
         self.environments = EnvironmentStore()  # shipped environments, and the current one
         self._env_lock = trio.Lock()  # one chunk at a time into the store
         self.diagnostics = Diagnostics(self)  # events, metadata, task stream, metrics
+        self.plugins = _plugins.SchedulerPlugins(self)
         self._pool: wire.ConnectionPool | None = None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -331,6 +333,8 @@ class Scheduler:
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         assert self._stack is not None
         try:
+            with trio.CancelScope(shield=True):
+                await self.plugins.close_all()
             # The body's own exception is not fed through our nursery: it propagates
             # unwrapped once everything here is closed ...
             await self._stack.aclose()
@@ -357,6 +361,8 @@ class Scheduler:
         effects = self.state.handle(*events)
         if effects:
             self._route(effects)
+        if self.plugins.active:
+            self.plugins.after(events)
 
     def _feed_with_value(self, finished: m.TaskFinished, value: Any) -> None:
         """Feed ``finished``; clients told its key is in memory also get ``value``.
@@ -499,6 +505,7 @@ class Scheduler:
         removed = False
         reason = "stream closed"
         await self._install_uploads(addr)  # before any task can reach the worker
+        await self.plugins.joining(addr, add.nanny)
         async with wire.open_batched(stream, self.batch_interval) as batched:
             self._workers[addr] = _Peer(batched)
             # Small results (``{"op": "value"}``) whose TaskFinished follows in the same
@@ -518,6 +525,9 @@ class Scheduler:
                         t = type(msg)
                         if t is dict and msg.get("op") == "value":
                             values[msg["key"]] = msg["value"]
+                            continue
+                        if t is dict and msg.get("op") == "plugin-error":
+                            self.plugins.worker_reported(addr, msg)
                             continue
                         if t is dict and self.diagnostics.worker_message(addr, msg):
                             continue
@@ -847,6 +857,7 @@ class Scheduler:
                 return {"restarted": [], "plain": plain, "errors": {}, "refused": exc.reasons,
                         "refused_text": str(exc)}  # fmt: skip
         self.datasets.clear()
+        self.plugins.call("restart", self)
         requester = request.get("client")  # cancels its own futures when we answer
         for cid, cs in list(self.state.clients.items()):
             keys = list(cs.wants)
@@ -963,6 +974,7 @@ class Scheduler:
         "env_get": _op_env_get,
         "env_current": _op_env_current,
         **_DIAGNOSTICS_HANDLERS,  # logs, events, metadata, retire/replicate... (diagnostics.py)
+        **_plugins.RPC_HANDLERS,
     }
 
 

@@ -75,6 +75,7 @@ from trioscheduler.core.messages import (
 from trioscheduler.core.worker import WorkerState
 from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
 from trioscheduler.server.actors import ActorHost
+from trioscheduler.server.plugins import WorkerPlugins
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.server.preload import preloads
 from trioscheduler.wire import serialize, shm
@@ -213,6 +214,7 @@ class Worker:
         self.store: memory.DataStore | None = None
         self.runner = task_context.TaskRunner(self, nthreads)
         self.actors = ActorHost(self)  # instances of submit(Cls, actor=True) made here
+        self.plugins = WorkerPlugins(self)
         self._executor = ThreadExecutor(self, nthreads)
         self.trio_token: trio.lowlevel.TrioToken | None = None  # the loop running this worker
         self._process = psutil.Process()
@@ -424,6 +426,7 @@ class Worker:
         self.close_reason = reason
         logger.info("worker %s closing: %s", self.address, reason)
         with trio.move_on_after(5):
+            await self.plugins.teardown_all()
             if report and self._batched is not None:
                 await self._say_goodbye(reason)
             self._closing_ev.set()
@@ -666,6 +669,8 @@ class Worker:
         if state is None or self._closing:
             return
         out = state.handle(*events)
+        if self.plugins.watching:
+            self.plugins.transitions()
         while out:
             written: list[Any] = []  # spills with nothing to write: on disk already
             for ins in out:
