@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         worker_client,
     )
     from trioscheduler.core.errors import KilledWorker
+    from trioscheduler.deploy.adaptive import Adaptive
     from trioscheduler.deploy.cluster import LocalCluster, open_cluster
     from trioscheduler.deploy.ssh import SSHCluster
     from trioscheduler.environments.errors import EnvironmentRefusedError
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Actor",
     "ActorFuture",
+    "Adaptive",
     "BaseActorFuture",
     "CancelledError",
     "Client",
@@ -143,6 +145,7 @@ _LAZY = {
     "print": "trioscheduler.client.compat",
     "warn": "trioscheduler.client.compat",
     "get_task_stream": "trioscheduler.client.diagnostics",
+    "Adaptive": "trioscheduler.deploy.adaptive",
     "SchedulerPlugin": "trioscheduler.plugins",
     "WorkerPlugin": "trioscheduler.plugins",
     "NannyPlugin": "trioscheduler.plugins",

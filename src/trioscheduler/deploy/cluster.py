@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from trioscheduler.deploy import adaptive as _adaptive
 from trioscheduler.server.nanny import Nanny
 from trioscheduler.server.scheduler import Scheduler
 from trioscheduler.server.worker import Worker
@@ -184,6 +185,8 @@ class LocalCluster:
         self._life: AbstractAsyncContextManager[Any] | None = None  # _open(), while open
         self._handle: Any = None
         self._id = next(_cluster_ids)
+        self._adaptive: _adaptive.Adaptive | None = None
+        self._adaptive_options: dict[str, Any] = {}
         if not asynchronous:
             from trioscheduler.deploy.loop import loop_runner
 
@@ -373,6 +376,97 @@ class LocalCluster:
                 stop.set()
             for _, gone in leaving:
                 await gone.wait()
+
+    # -- adaptive scaling ----------------------------------------------------------
+
+    def scale_up(self, n: int) -> Any:
+        """Run at least ``n`` workers (dask's ``scale_up``). Awaitable if asynchronous."""
+        if self.asynchronous:
+            return self._scale_up(n)
+        from trioscheduler.deploy.loop import loop_runner
+
+        loop_runner().run(self._scale_up, n)
+        return None
+
+    async def _scale_up(self, n: int) -> None:
+        if n > len(self.workers):
+            await self.scale_to(n)
+
+    def scale_down(self, workers: list[str]) -> Any:
+        """Close these workers (addresses or names) gracefully: their unique data goes to
+        other workers first. Awaitable if asynchronous."""
+        if self.asynchronous:
+            return self.retire(workers)
+        from trioscheduler.deploy.loop import loop_runner
+
+        loop_runner().run(self.retire, workers)
+        return None
+
+    async def retire(self, workers: list[str], timeout: float = 60.0) -> list[str]:  # noqa: ASYNC109
+        """``scale_down``'s work: the names of the workers that left."""
+        scheduler = self.scheduler
+        if scheduler is None or self._nursery is None:
+            raise RuntimeError("the cluster is not running")
+        by_address = {self._address_of(w): name for name, w in self.workers.items()}
+        names: dict[str, str] = {}  # name -> address
+        for w in workers:
+            name = w if w in self.workers else by_address.get(w)
+            if name is None:
+                raise ValueError(f"scale_down: {w!r} is not a worker of {self!r}")
+            names[name] = self._address_of(self.workers[name])
+        for addr in names.values():
+            if addr:
+                scheduler.retire_worker(addr)
+        left: list[str] = []
+        with trio.move_on_after(timeout):
+            for name, addr in names.items():
+                stops = self._stops.get(name)
+                while stops is not None and not stops[1].is_set():
+                    ws = scheduler.state.workers.get(addr)
+                    if ws is not None and ws.status == "running":  # retirement refused
+                        break
+                    if ws is None:  # gone from the scheduler: stop what holds it
+                        stops[0].set()
+                        await stops[1].wait()
+                        break
+                    await trio.sleep(0.02)
+                if name not in self.workers:
+                    left.append(name)
+        return left
+
+    @staticmethod
+    def _address_of(worker: Worker | Nanny) -> str:
+        return (worker.worker_address if isinstance(worker, Nanny) else worker.address) or ""
+
+    def adapt(
+        self, Adaptive: type[_adaptive.Adaptive] = _adaptive.Adaptive, **kwargs: Any  # noqa: N803
+    ) -> _adaptive.Adaptive:
+        """Scale with the backlog between ``minimum`` and ``maximum`` workers (see
+        ``Adaptive`` for ``interval``, ``wait_count``, ``target_duration``...). Replaces
+        an earlier ``adapt``, keeping the options it was given unless given again (as
+        dask); ``adaptive.stop()`` ends it."""
+        options = {**self._adaptive_options, **kwargs}
+        adaptive = Adaptive(self, **options)
+        self._adaptive_options = options
+        if self.asynchronous:
+            self._start_adaptive(adaptive)
+        else:
+            from trioscheduler.deploy.loop import loop_runner
+
+            loop_runner().run(self._start_adaptive_async, adaptive)
+        return adaptive
+
+    async def _start_adaptive_async(self, adaptive: _adaptive.Adaptive) -> None:
+        self._start_adaptive(adaptive)
+
+    def _start_adaptive(self, adaptive: _adaptive.Adaptive | None) -> None:
+        if self._nursery is None:
+            raise RuntimeError("the cluster is not running")
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        self._adaptive = adaptive
+        if adaptive is not None:
+            self._nursery.start_soon(adaptive.run)
 
     @property
     def worker_addresses(self) -> list[str]:

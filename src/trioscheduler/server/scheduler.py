@@ -836,6 +836,11 @@ class Scheduler:
             self, role="scheduler", address=self.address, directory=None, nursery=self._nursery
         )
 
+    def retire_worker(self, addr: str) -> None:
+        """Close ``addr`` gracefully: its unique data is copied to other workers first
+        (the core's ``RetireWorker``); a worker nobody could take data from keeps running."""
+        self._feed(m.RetireWorker(self._stimulus("retire"), trio.current_time(), addr))
+
     # -- restart ---------------------------------------------------------------------
 
     async def _op_restart(self, request: dict[str, Any]) -> dict[str, Any]:
