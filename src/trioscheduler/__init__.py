@@ -17,6 +17,8 @@ from trioscheduler.errors import TrioSchedulerError, TrioSchedulerWarning
 
 if TYPE_CHECKING:
     from trioscheduler.client.actors import Actor, ActorFuture, BaseActorFuture
+    from dask import config
+
     from trioscheduler.client.as_completed import as_completed
     from trioscheduler.client.client import Client, Executor, default_client, fire_and_forget
     from trioscheduler.client.collections import futures_of
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from trioscheduler.client.diagnostics import get_task_stream
     from trioscheduler.client.futures import Future, FutureCancelledError, wait
     from trioscheduler.client.progress import progress
+    from trioscheduler.client.task_metadata import get_task_metadata, span
     from trioscheduler.client.worker_client import (
         get_client,
         get_task_key,
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
         worker_client,
     )
     from trioscheduler.core.errors import KilledWorker
+    from trioscheduler.core.status import Status
     from trioscheduler.deploy.adaptive import Adaptive
     from trioscheduler.deploy.cluster import LocalCluster, open_cluster
     from trioscheduler.deploy.ssh import SSHCluster
@@ -95,6 +99,7 @@ __all__ = [
     "SchedulerPlugin",
     "Security",
     "Semaphore",
+    "Status",
     "TimeoutError",
     "TrioSchedulerError",
     "TrioSchedulerWarning",
@@ -111,6 +116,7 @@ __all__ = [
     "futures_of",
     "get_client",
     "get_task_key",
+    "get_task_metadata",
     "get_task_stream",
     "get_worker",
     "local_client",
@@ -119,6 +125,7 @@ __all__ = [
     "progress",
     "rejoin",
     "secede",
+    "span",
     "wait",
     "warn",
     "worker_client",
@@ -145,6 +152,10 @@ _LAZY = {
     "print": "trioscheduler.client.compat",
     "warn": "trioscheduler.client.compat",
     "get_task_stream": "trioscheduler.client.diagnostics",
+    "Status": "trioscheduler.core.status",
+    "config": "dask",
+    "get_task_metadata": "trioscheduler.client.task_metadata",
+    "span": "trioscheduler.client.task_metadata",
     "Adaptive": "trioscheduler.deploy.adaptive",
     "SchedulerPlugin": "trioscheduler.plugins",
     "WorkerPlugin": "trioscheduler.plugins",

@@ -35,7 +35,6 @@ from trioscheduler.client.datasets import DatasetMethods
 from trioscheduler.client.diagnostics import DiagnosticsMethods
 from trioscheduler.client.events import EventMethods
 from trioscheduler.client.executor import ExecutorMethods
-from trioscheduler.client.plugins import PluginMethods
 from trioscheduler.client.futures import Future, FutureHost, futures_of
 from trioscheduler.client.ipython import IPythonMethods
 from trioscheduler.client.keys import (
@@ -46,6 +45,7 @@ from trioscheduler.client.keys import (
     shippable,
     submit_key,
 )
+from trioscheduler.client.plugins import PluginMethods
 from trioscheduler.client.workers import WorkerMethods
 from trioscheduler.core import messages as m
 from trioscheduler.wire import runspec

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-__all__ = ["NannyPlugin", "SchedulerPlugin", "WorkerPlugin", "plugin_name"]
+__all__ = ["CollectTaskMetadata", "NannyPlugin", "SchedulerPlugin", "WorkerPlugin", "plugin_name"]
 
 
 class SchedulerPlugin:
@@ -115,3 +115,26 @@ def plugin_name(plugin: Any) -> str:
     if isinstance(name, str) and name:
         return name
     return f"{type(plugin).__name__}-{uuid.uuid4()}"
+
+
+class CollectTaskMetadata(SchedulerPlugin):
+    """The scheduler side of ``get_task_metadata``: the final state (``memory`` or
+    ``erred``) of every task submitted while it is registered."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.keys: set[Any] = set()
+        self.metadata: dict[Any, Any] = {}
+        self.state: dict[Any, str] = {}
+
+    def update_graph(self, scheduler: Any, *, keys: set[Any], **kwargs: Any) -> None:
+        self.keys.update(keys)
+        self.keys.update(kwargs.get("tasks") or ())
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str = "", **kwargs: Any
+    ) -> None:
+        if finish in ("memory", "erred") and key in self.keys:
+            self.metadata[key] = {}  # tasks carry no metadata here (no set_metadata yet)
+            self.state[key] = finish
+            self.keys.discard(key)

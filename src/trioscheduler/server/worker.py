@@ -75,8 +75,8 @@ from trioscheduler.core.messages import (
 from trioscheduler.core.worker import WorkerState
 from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
 from trioscheduler.server.actors import ActorHost
-from trioscheduler.server.plugins import WorkerPlugins
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
+from trioscheduler.server.plugins import WorkerPlugins
 from trioscheduler.server.preload import preloads
 from trioscheduler.wire import serialize, shm
 from trioscheduler.wire.address import tcp_address
