@@ -50,6 +50,7 @@ class as_completed:  # noqa: N801 - dask's name
         self._generation = 0
         self._sync_futures = False  # of sync clients: iterate with ``for``
         self._async_futures = False  # of asynchronous clients: iterate with ``async for``
+        self._async_client: Any = None  # one of them: its loop runs the waiting
         if futures:
             self.update(futures)
 
@@ -62,6 +63,7 @@ class as_completed:  # noqa: N801 - dask's name
                 raise TypeError(f"as_completed takes futures, got {f!r:.100}")
             if f.client.asynchronous:
                 self._async_futures = True
+                self._async_client = f.client
             else:
                 self._sync_futures = True
             with self._lock:
@@ -167,9 +169,14 @@ class as_completed:  # noqa: N801 - dask's name
     def __aiter__(self) -> as_completed:
         return self
 
-    async def __anext__(self) -> Any:
+    def __anext__(self) -> Any:
         if self._sync_futures:
             raise TypeError("futures of a sync Client: use a plain 'for' on as_completed")
+        if self._async_client is None:
+            return self._anext()
+        return self._async_client.sync(self._anext)  # under asyncio: in the client's loop
+
+    async def _anext(self) -> Any:
         with trio.move_on_after(float("inf") if self.timeout is None else self.timeout):
             while not self._ready:
                 if self._pending_count <= 0:

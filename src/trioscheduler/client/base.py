@@ -45,6 +45,7 @@ import trio
 
 from trioscheduler import wire
 from trioscheduler.client import transfer as _transfer
+from trioscheduler.client.bridge import Bridge, current_library
 from trioscheduler.client.collections import futures_of as collection_futures
 from trioscheduler.client.futures import Future, KeyState
 from trioscheduler.client.key_table import KeyTable
@@ -165,6 +166,7 @@ class ClientBase:
         self._own_cluster = False
         self._dask_config: Any = None
         self._dask_get: Any = None
+        self._bridge: Bridge | None = None  # an asynchronous client under asyncio
 
         if address is None and scheduler_file is not None:
             self.scheduler_file = scheduler_file
@@ -296,12 +298,35 @@ class ClientBase:
             raise TypeError(
                 "use 'with Client(...)' for a sync client, or Client(..., asynchronous=True)"
             )
+        if current_library() == "asyncio":
+            await self._enter_bridged()
+            return self
         _require_trio("async with Client(..., asynchronous=True)")
         self._session_cm = self._session()
         await self._session_cm.__aenter__()
         return self
 
+    async def _enter_bridged(self) -> None:
+        """Under asyncio: the session lives in the background trio loop (``bridge``)."""
+        import anyio
+
+        self._runner = loop_runner()
+        name = f"Client {self.id}"
+        self._handle = await anyio.to_thread.run_sync(
+            lambda: self._runner.enter(self._session(), name=name)
+        )
+        assert self._token is not None
+        self._bridge = Bridge(self._token)
+
     async def __aexit__(self, *exc_info: Any) -> bool | None:
+        if self._bridge is not None:
+            import anyio
+
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                await anyio.to_thread.run_sync(handle.close)
+            self.status = "closed"
+            return None
         cm, self._session_cm = self._session_cm, None
         if cm is None:
             return None
@@ -333,7 +358,7 @@ class ClientBase:
         returns an awaitable (the session itself ends when ``async with`` does).
         """
         if self.asynchronous:
-            return self._shutdown()
+            return self.sync(self._shutdown)
         if self._handle is not None:
             handle, self._handle = self._handle, None
             try:
@@ -352,6 +377,8 @@ class ClientBase:
     def sync(self, async_fn: Callable[..., Any], *args: Any) -> Any:
         """Awaitable in asynchronous mode; run to completion in the loop otherwise."""
         if self.asynchronous:
+            if self._bridge is not None:
+                return self._bridge.call(async_fn, *args)
             return async_fn(*args)
         if self._runner is None or self.status in ("closed", "closing"):
             raise ClientClosedError(f"{self!r} is closed")

@@ -256,9 +256,9 @@ class Future:
         if not self.client.asynchronous:
             raise TypeError(
                 "this future belongs to a sync Client: call future.result(), or use "
-                "Client(..., asynchronous=True) inside trio"
+                "Client(..., asynchronous=True) inside trio or asyncio"
             )
-        return self._result().__await__()
+        return self.client.sync(self._result).__await__()
 
     @property
     def executor(self) -> Client:
