@@ -33,4 +33,4 @@ async def test_getting_started_example_runs(index: int, tmp_path: Path) -> None:
 
 
 def test_every_example_is_covered() -> None:
-    assert len(BLOCKS) == 9 and len(RUNNABLE) == 8
+    assert len(BLOCKS) == 10 and len(RUNNABLE) == 9

@@ -24,9 +24,9 @@ def test_status_compares_with_our_status_strings() -> None:
 
 
 def test_config_is_dask_config() -> None:
-    assert trioscheduler.config is dask.config
-    with trioscheduler.config.set({"trioscheduler-test.value": 3}):
-        assert dask.config.get("trioscheduler-test.value") == 3
+    assert trioscheduler.config is dask.config.config  # as distributed.config
+    with dask.config.set({"trioscheduler-test.value": 3}):
+        assert trioscheduler.config["trioscheduler-test"]["value"] == 3
 
 
 def test_get_task_metadata_collects_final_states() -> None:

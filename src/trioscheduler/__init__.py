@@ -17,8 +17,6 @@ from trioscheduler.errors import TrioSchedulerError, TrioSchedulerWarning
 
 if TYPE_CHECKING:
     from trioscheduler.client.actors import Actor, ActorFuture, BaseActorFuture
-    from dask import config
-
     from trioscheduler.client.as_completed import as_completed
     from trioscheduler.client.client import Client, Executor, default_client, fire_and_forget
     from trioscheduler.client.collections import futures_of
@@ -153,7 +151,6 @@ _LAZY = {
     "warn": "trioscheduler.client.compat",
     "get_task_stream": "trioscheduler.client.diagnostics",
     "Status": "trioscheduler.core.status",
-    "config": "dask",
     "get_task_metadata": "trioscheduler.client.task_metadata",
     "span": "trioscheduler.client.task_metadata",
     "Adaptive": "trioscheduler.deploy.adaptive",

@@ -16,8 +16,8 @@ One class, two modes (documented in ``docs/getting-started.md``):
 * ``async with Client(address, asynchronous=True) as c`` -- the same session in the
   caller's own trio task; methods that wait return awaitables (``await c.gather(fs)``,
   ``await future``), as in dask. ``submit``/``map`` return futures directly in both.
-  Under asyncio (not trio) it refuses with an error that points to the sync client
-  through ``asyncio.to_thread``, which works there.
+  Under asyncio the session lives in the background loop instead and each awaitable
+  is bridged to the caller's loop (``client/bridge.py``).
 
 Everything the client sends goes through one FIFO: ``_post`` queues a callback on the
 loop (``TrioToken.run_sync_soon``, thread-safe and ordered), the callback hands the
@@ -541,19 +541,15 @@ def _is_our_future(x: Any) -> bool:
 
 
 def _require_trio(what: str) -> None:
-    """The asynchronous client runs in the caller's trio task tree; under another event
-    loop trio's primitives fail deep inside with "Task got bad yield": say so first."""
+    """The asynchronous client runs in the caller's trio task tree, or bridged from asyncio
+    (``bridge``); under any other event loop trio's primitives would fail deep inside
+    with "Task got bad yield": say so first."""
     try:
         library = sniffio.current_async_library()
     except sniffio.AsyncLibraryNotFoundError:
         return
-    if library == "trio":
+    if library in ("trio", "asyncio"):
         return
-    hint = ""
-    if library == "asyncio":
-        hint = (
-            ". Under asyncio, use the sync Client (it runs its own event loop in a thread) "
-            "and call its blocking methods through asyncio.to_thread, e.g. "
-            "'await asyncio.to_thread(client.submit(f, x).result)'"
-        )
-    raise RuntimeError(f"{what} runs under trio (trio.run), not {library}{hint}")
+    raise RuntimeError(
+        f"{what} runs under trio or asyncio, not {library}; the sync Client works anywhere"
+    )
