@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 import trio
 
@@ -395,8 +396,9 @@ async def test_scatter_again_after_release_keeps_the_key(address: str) -> None:
                 gc.collect()
 
 
-async def test_async_client_without_address_starts_and_stops_a_cluster() -> None:
-    with trio.fail_after(TIMEOUT):
+@pytest.mark.anyio
+async def test_async_client_without_address_starts_and_stops_a_cluster(anyio_backend: str) -> None:
+    with anyio.fail_after(TIMEOUT):
         async with Client(asynchronous=True, n_workers=1, processes=False) as c:
             assert c.cluster is not None and c.cluster.status == "running"
             assert await c.submit(inc, 1) == 2

@@ -29,11 +29,6 @@ from trioscheduler.plugins import WorkerPlugin
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Any:
     with LocalCluster(2, 2, memory_limit=0) as cluster:
