@@ -70,8 +70,8 @@ from trioscheduler.server.fork import (
     _own_rss,
     fork_supported,
 )
-from trioscheduler.server.preload import preloads
 from trioscheduler.server.plugins import NannyPlugins
+from trioscheduler.server.preload import preloads
 from trioscheduler.wire.address import tcp_address
 from trioscheduler.wire.security import Security, connect_args, listen_args, write_role_files
 from trioscheduler.wire.security import resolve as resolve_security
