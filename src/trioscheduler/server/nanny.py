@@ -395,7 +395,7 @@ class Nanny:
                     reply = {
                         "status": "error",
                         "text": f"unknown op {op!r}; a nanny knows restart, kill, status, "
-                        "env_prepare",
+                        "env_prepare, plugin_add, plugin_remove, plugin_sync",
                     }
             except Exception as exc:
                 reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}

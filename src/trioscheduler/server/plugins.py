@@ -446,6 +446,7 @@ class WorkerPlugins:
         self.worker = worker
         self.plugins: dict[str, Any] = {}
         self.watching = False
+        self._watchers: list[tuple[str, Any]] = []
         self._tap: Any = None
         self.guard = _Guard(f"worker {worker.address or '?'}", self._report)
 
@@ -456,7 +457,8 @@ class WorkerPlugins:
             )
 
     def _rewatch(self) -> None:
-        want = any(overrides(p, "transition") for p in self.plugins.values())
+        self._watchers = [(n, p) for n, p in self.plugins.items() if overrides(p, "transition")]
+        want = bool(self._watchers)
         state = self.worker.state
         if want and self._tap is None and state is not None:
             self._tap = state.log_tap(True)
@@ -502,9 +504,8 @@ class WorkerPlugins:
         entries = list(zip(keys, starts, finishes, stimuli, strict=True))
         for column in tap:
             column.clear()
-        watchers = [(n, p) for n, p in self.plugins.items() if overrides(p, "transition")]
         for key, start, finish, stim in entries:
-            for name, plugin in watchers:
+            for name, plugin in self._watchers:
                 self.guard.call(name, plugin, "transition", key, start, finish, stimulus_id=stim)
 
 
