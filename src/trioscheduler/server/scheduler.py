@@ -55,6 +55,7 @@ from trioscheduler.environments.store import EnvironmentStore
 from trioscheduler.environments.twophase import prepare_everywhere
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server import plugins as _plugins
+from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
 from trioscheduler.server.diagnostics import Diagnostics
