@@ -141,6 +141,32 @@ async def test_plugins_and_task_metadata(cluster: Any, anyio_backend: str) -> No
         assert tasks.state == {f"meta-{anyio_backend}": "memory"}
 
 
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def increment(self) -> int:
+        self.n += 1
+        return self.n
+
+
+async def test_actors_and_coordination_primitives(cluster: Any, anyio_backend: str) -> None:
+    from trioscheduler import Lock, Queue, Variable
+
+    async with Client(cluster.scheduler_address, asynchronous=True) as c:
+        counter = await c.submit(Counter, actor=True)
+        assert [await counter.increment() for _ in range(3)] == [1, 2, 3]
+        lock = Lock(f"async-lock-{anyio_backend}")
+        async with lock:
+            assert await lock.locked()
+        var = Variable(f"async-var-{anyio_backend}")
+        await var.set(7)
+        assert await var.get() == 7
+        queue = Queue(f"async-queue-{anyio_backend}")
+        await queue.put("item")
+        assert await queue.get() == "item"
+
+
 async def test_own_cluster_and_close(anyio_backend: str) -> None:
     async with Client(asynchronous=True, n_workers=1, processes=False) as c:
         assert await c.submit(inc, 1) == 2

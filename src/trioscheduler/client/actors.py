@@ -218,4 +218,8 @@ class ActorFuture(BaseActorFuture[T], Generic[T]):
             await self._event.wait()
             return self._unwrap()
 
+        client = self._client
+        if client is not None and client.asynchronous:  # under asyncio: in the client's loop
+            awaitable: Any = client.sync(wait)
+            return awaitable.__await__()  # type: ignore[no-any-return]
         return wait().__await__()
