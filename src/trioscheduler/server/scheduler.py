@@ -53,7 +53,6 @@ from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.environments import EnvironmentRefusedError
 from trioscheduler.environments.store import EnvironmentStore
 from trioscheduler.environments.twophase import prepare_everywhere
-from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server import plugins as _plugins
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
