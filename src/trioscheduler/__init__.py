@@ -16,8 +16,6 @@ from trioscheduler._version import __version__ as __version__
 from trioscheduler.errors import TrioSchedulerError, TrioSchedulerWarning
 
 if TYPE_CHECKING:
-    from dask import config
-
     from trioscheduler.client.actors import Actor, ActorFuture, BaseActorFuture
     from trioscheduler.client.as_completed import as_completed
     from trioscheduler.client.client import Client, Executor, default_client, fire_and_forget
