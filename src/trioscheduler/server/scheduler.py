@@ -53,6 +53,8 @@ from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.environments import EnvironmentRefusedError
 from trioscheduler.environments.store import EnvironmentStore
 from trioscheduler.environments.twophase import prepare_everywhere
+from trioscheduler.http import format_dashboard_link, resolve_dashboard_address
+from trioscheduler.http.task_stream import TaskStream
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
@@ -88,6 +90,7 @@ _CLIENT_EVENTS = frozenset(
     }
 )
 _DONE_FOR_CLIENT = (m.KeyInMemory, m.KeyErred, m.KeyCancelled)
+_STREAMED = (m.TaskFinished, m.TaskErred, m.WorkerHeartbeat)  # what the task stream reads
 _NO_KEY: Any = object()
 
 
@@ -204,6 +207,10 @@ class Scheduler:
     ``record`` (a path) is written with every event handed to the core: a
     ``core.recorder`` header, then one msgpack ``messages.dump(event)`` per event, so
     ``core.recorder.replay(load_log(path))`` rebuilds the scheduler's state.
+
+    ``dashboard_address`` (``":8787"``, ``"127.0.0.1:0"``, a port; None: no dashboard,
+    the default here) serves the dashboard (``trioscheduler.http``) from this process;
+    it needs the ``dashboard`` extra. No host means this scheduler's own host.
     """
 
     def __init__(
@@ -221,6 +228,7 @@ class Scheduler:
         preload: Sequence[str] = (),
         security: Security | bool | None = None,
         no_workers_timeout: float | str | None = "config",
+        dashboard_address: str | int | None = None,
     ) -> None:
         self.security = resolve_security(security)
         if idle_timeout is not None and idle_timeout <= 0:
@@ -231,6 +239,10 @@ class Scheduler:
         self.preload = list(preload)
         self._idle_since: float | None = None
         self._finished = trio.Event()  # set when the scheduler wants to stop (idle)
+        # raises naming the extra if one was asked for and it is missing
+        self._dashboard_request = resolve_dashboard_address(dashboard_address)
+        self.dashboard: Any = None  # http.app.Dashboard while serving
+        self.task_stream = TaskStream()
         self._core_kwargs: dict[str, Any] = {
             "worker_timeout": worker_timeout,
             "allowed_failures": allowed_failures,
@@ -324,9 +336,37 @@ class Scheduler:
             )
             self._nursery.start_soon(self._ticker)
             self.diagnostics.amm_start(self._nursery)  # on by default, as dask's
+            if self._dashboard_request is not None:
+                await self._start_dashboard(self._dashboard_request)
             await stack.enter_async_context(preloads(self.preload, self))
             logger.info("scheduler listening at %s", self.address)
             self._stack = stack.pop_all()
+
+    async def _start_dashboard(self, requested: str | int) -> None:
+        from trioscheduler.http.app import Dashboard, parse_dashboard_address
+
+        scheme, host, _ = wire.parse_address(self.address)
+        default_host = host if scheme == "tcp" and host else "127.0.0.1"
+        bind_host, port = parse_dashboard_address(requested, default_host)
+        dashboard = Dashboard(self)
+        assert self._nursery is not None
+        await self._nursery.start(dashboard.serve, bind_host, port)
+        self.dashboard = dashboard
+        logger.info("dashboard at %s", self.dashboard_link)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """``http://host:port/status``, or None without a dashboard."""
+        if self.dashboard is None:
+            return None
+        _, host, _ = wire.parse_address(self.address)
+        return format_dashboard_link(self.dashboard.host, self.dashboard.port, host or "")
+
+    def services(self) -> dict[str, Any]:
+        """dask's ``services``: ``{"dashboard": port}`` while a dashboard serves, and its host."""
+        if self.dashboard is None:
+            return {}
+        return {"dashboard": self.dashboard.port, "dashboard_host": self.dashboard.host}
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         assert self._stack is not None
@@ -339,6 +379,7 @@ class Scheduler:
             if exc is None or not _only_cancelled(closing_error):
                 raise
         finally:
+            self.dashboard = None
             logger.info("scheduler at %s closed", self.address)
 
     # -- the core ------------------------------------------------------------------
@@ -505,6 +546,7 @@ class Scheduler:
             # batch; one whose TaskFinished did not come (the worker dropped the result)
             # is forgotten with the batch.
             values: dict[Any, Any] = {}
+            task_stream = self.task_stream  # records while a dashboard or report wants it
             try:
                 add.now = trio.current_time()
                 self._feed(add)
@@ -530,6 +572,8 @@ class Scheduler:
                             self._feed_with_value(msg, values.pop(msg.key))
                         else:
                             self._feed(msg)
+                        if task_stream.wanted and t in _STREAMED:
+                            task_stream.observe(msg)
                         if t is m.RemoveWorker:
                             removed = True
                             break
@@ -563,7 +607,7 @@ class Scheduler:
                 add.now = trio.current_time()
                 self._feed(add)
                 # The client waits for this before using RPCs that name it.
-                peer.send({"op": "stream-start", "client": cid})
+                peer.send({"op": "stream-start", "client": cid, "services": self.services()})
                 while not removed:
                     try:
                         batch = await stream.receive_batch()
@@ -655,6 +699,7 @@ class Scheduler:
         return {
             "type": "Scheduler",
             "address": self.address,
+            "services": self.services(),
             "workers": {
                 addr: self._worker_info(addr, ws) for addr, ws in self.state.workers.items()
             },

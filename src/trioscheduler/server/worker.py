@@ -232,6 +232,7 @@ class Worker:
         self._shutdown_done = trio.Event()  # streams closed, work cancelled
         self._closed = trio.Event()  # everything released
         self._executing: set[Any] = set()
+        self._transfers: list[list[Any]] = []  # [start, stop, peer, nbytes, [key], n]
         # Spill files are written by one writer task, in a thread (``_write_spills``),
         # which reports each finished write to the core (``SpillWritten``).
         self._spill_jobs: deque[memory.SpillJob] = deque()
@@ -598,12 +599,15 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await trio.sleep(self.heartbeat_interval)
+            metrics = self.metrics()
+            # the fetches since the last heartbeat, for the scheduler's task stream
+            metrics["transfers"], self._transfers = self._transfers, []
             self._send(
                 WorkerHeartbeat(
                     stimulus_id=_stimulus("heartbeat"),
                     now=_now(),
                     worker=self.address,
-                    metrics=self.metrics(),
+                    metrics=metrics,
                 )
             )
 
@@ -638,7 +642,14 @@ class Worker:
             "in_memory": len(store.memory) if store is not None else 0,
             "executing": len(self._executing),
             "status": getattr(state, "status", self.status),
+            "cpu": self._cpu_percent(),
         }
+
+    def _cpu_percent(self) -> float:
+        try:
+            return float(self._process.cpu_percent(None))  # since the previous call
+        except psutil.Error:
+            return 0.0
 
     async def _memory_loop(self) -> None:
         while True:
@@ -912,6 +923,7 @@ class Worker:
 
     async def _gather_dep(self, peer: str, keys: list[Any]) -> None:
         assert self.store is not None and self._pool is not None
+        started = time.time()
         unusable: list[Any] = []
         try:
             try:
@@ -963,6 +975,11 @@ class Worker:
         for key, value in reply["data"].items():
             self.store.put(key, value)
             sizes[key] = _sizeof(value)
+        if sizes and len(self._transfers) < 1000:  # reported with the next heartbeat
+            first = next(iter(sizes))
+            self._transfers.append(
+                [started, time.time(), peer, sum(sizes.values()), [first], len(sizes)]
+            )
         self.handle(
             GatherDepSuccess(
                 stimulus_id=_stimulus("gather-dep-success"),
