@@ -22,7 +22,6 @@ from trioscheduler import Client, open_cluster
 from trioscheduler.core import messages as m
 from trioscheduler.http import (
     DEFAULT_DASHBOARD_ADDRESS,
-    DashboardUnavailableError,
     format_dashboard_link,
     resolve_dashboard_address,
 )
@@ -187,7 +186,10 @@ async def test_routes_values_and_metrics() -> None:
             assert samples[("dask_scheduler_tasks", (("state", "erred"),))] == 1
             assert samples[("dask_scheduler_clients", ())] == 1
             assert sum(v for (n, _), v in samples.items() if n == "dask_scheduler_workers") == 2
-            assert ("dask_scheduler_tasks_compute_seconds_total", (("task_prefix_name", "inc"),)) in samples
+            assert (
+                "dask_scheduler_tasks_compute_seconds_total",
+                (("task_prefix_name", "inc"),),
+            ) in samples
 
             # every link of the navigation and of the sitemap answers 200 (dask: /groups 500s)
             sitemap = json.loads((await aget(base, "/sitemap.json"))[2])["paths"]
@@ -235,7 +237,9 @@ async def test_static_bokehjs_gzip_cache_and_traversal() -> None:
             assert "/static/js/bokeh.min.js?v=" in page and "mathjax" not in page
             # an unchanged snapshot is an empty 304
             first = await aget(base, "/json/progress.json")
-            again = await aget(base, "/json/progress.json", headers={"If-None-Match": first[1]["etag"]})
+            again = await aget(
+                base, "/json/progress.json", headers={"If-None-Match": first[1]["etag"]}
+            )
             assert again[0] == 304 and again[2] == b""
 
 
@@ -274,10 +278,13 @@ async def test_hostile_input_closes_only_its_connection() -> None:
             work = client.map(inc, range(200))
 
             assert (await raw(port, b"\x00\xff garbage\r\n\r\n")).startswith(b"HTTP/1.1 400")
-            assert (await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40_000 + b"\r\n\r\n")).startswith(
-                b"HTTP/1.1 431"
+            assert (
+                await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40_000 + b"\r\n\r\n")
+            ).startswith(b"HTTP/1.1 431")
+            big = (
+                b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n"
+                + b"x" * 200_000
             )
-            big = b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200_000
             assert (await raw(port, big)).startswith(b"HTTP/1.1 413")
             assert (await aget(base, "/health", method="POST"))[0] == 405
             assert (await raw(port, b"GET /health HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400")
@@ -312,7 +319,10 @@ async def test_dashboard_port_in_use_falls_back(caplog: pytest.LogCaptureFixture
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with caplog.at_level(logging.WARNING, logger="trioscheduler.http"), trio.fail_after(TIMEOUT):
+        with (
+            caplog.at_level(logging.WARNING, logger="trioscheduler.http"),
+            trio.fail_after(TIMEOUT),
+        ):
             async with open_cluster(1, processes=False, dashboard_address=f"127.0.0.1:{port}") as c:
                 link = c.dashboard_link
                 assert link is not None and f":{port}/" not in link
@@ -362,6 +372,13 @@ try:
 except DashboardUnavailableError as exc:
     assert isinstance(exc, ImportError)
     print(exc)
+else:
+    raise AssertionError("no error")
+from trioscheduler import performance_report
+try:
+    performance_report("x.html")
+except DashboardUnavailableError as exc:
+    assert "trioscheduler[dashboard]" in str(exc)
 else:
     raise AssertionError("no error")
 """

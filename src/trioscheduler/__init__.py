@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     )
     from trioscheduler.client.diagnostics import get_task_stream
     from trioscheduler.client.futures import Future, FutureCancelledError, wait
+    from trioscheduler.client.performance_report import performance_report
     from trioscheduler.client.progress import progress
     from trioscheduler.client.worker_client import (
         get_client,
@@ -93,6 +94,7 @@ __all__ = [
     "get_worker",
     "local_client",
     "open_cluster",
+    "performance_report",
     "print",
     "progress",
     "rejoin",
@@ -139,6 +141,7 @@ _LAZY = {
     "FutureCancelledError": "trioscheduler.client.futures",
     "wait": "trioscheduler.client.futures",
     "Nanny": "trioscheduler.server.nanny",
+    "performance_report": "trioscheduler.client.performance_report",
     "progress": "trioscheduler.client.progress",
     "Scheduler": "trioscheduler.server.scheduler",
     "Security": "trioscheduler.wire.security",

@@ -73,7 +73,7 @@ def _status_page() -> Page:
     cluster = source("cluster_memory_source", "y", "bytes", "text")
     p_cluster = figure(
         name="cluster_memory", title="Bytes stored", height=100, width=440, tools="",
-        toolbar_location=None, x_range=DataRange1d(start=0), y_range=Range1d(-0.5, 0.5),
+        toolbar_location=None, x_range=DataRange1d(start=0), y_range=Range1d(start=-0.5, end=0.5),
     )  # fmt: skip
     p_cluster.hbar(y="y", left=0, right="bytes", height=0.8, color="#1f77b4", source=cluster)
     p_cluster.xaxis.formatter = NumeralTickFormatter(format="0.0 b")
@@ -131,7 +131,8 @@ def _status_page() -> Page:
     )  # fmt: skip
     p_prog = figure(
         name="task_progress", title="Progress", height=340, width=820, tools="",
-        toolbar_location=None, x_range=Range1d(0, 1), y_range=Range1d(-PROGRESS_ROWS + 0.5, 0.5),
+        toolbar_location=None, x_range=Range1d(start=0, end=1),
+        y_range=Range1d(start=-PROGRESS_ROWS + 0.5, end=0.5),
     )  # fmt: skip
     bar: dict[str, Any] = {"y": "y", "height": 0.8, "source": prog}
     p_prog.hbar(left=0, right="erred_right", color="#000000", **bar)
@@ -168,7 +169,8 @@ def _status_page() -> Page:
 
 def _workers_page() -> Page:
     from bokeh.embed import components
-    from bokeh.models import ColumnDataSource, DataTable, TableColumn
+    from bokeh.models import ColumnDataSource
+    from bokeh.models.widgets import DataTable, TableColumn
 
     fields = (
         ("name", "Name"), ("address", "Address"), ("nthreads", "Threads"),

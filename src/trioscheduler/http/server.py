@@ -131,7 +131,9 @@ class HttpServer:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _read_request(self, stream: trio.SocketStream, conn: h11.Connection) -> Request | None:
+    async def _read_request(
+        self, stream: trio.SocketStream, conn: h11.Connection
+    ) -> Request | None:
         head: h11.Request | None = None
         body = 0
         while True:

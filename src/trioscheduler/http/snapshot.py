@@ -88,8 +88,10 @@ class Snapshot:
                     "text": [format_bytes(c["bytes"])],
                 },
             },
-            "titles": {"task_progress": progress_title(c), "cluster_memory": "Bytes stored: "
-                       + format_bytes(c["bytes"])},
+            "titles": {
+                "task_progress": progress_title(c),
+                "cluster_memory": "Bytes stored: " + format_bytes(c["bytes"]),
+            },
             "text": {
                 "tasks-done": str(c["done"]),
                 "tasks-total": str(c["tasks"]),
@@ -100,7 +102,9 @@ class Snapshot:
 
     def workers_payload(self) -> dict[str, Any]:
         rows = self.workers
-        columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in _WORKER_COLUMNS}
+        columns: dict[str, list[Any]] = {
+            name: [row[name] for row in rows] for name in _WORKER_COLUMNS
+        }
         return {
             "sources": {"workers_source": columns},
             "titles": {},

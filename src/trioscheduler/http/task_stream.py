@@ -79,7 +79,9 @@ class TaskStream:
         entry = self._add("transfer", first, key_prefix(first), worker, start, stop)
         entry.nbytes, entry.peer = nbytes, str(peer)
 
-    def _add(self, kind: str, key: Any, prefix: str, worker: str, start: float, stop: float) -> StreamEntry:
+    def _add(
+        self, kind: str, key: Any, prefix: str, worker: str, start: float, stop: float
+    ) -> StreamEntry:
         lanes = self._lanes.setdefault(worker, [])
         for i, (lane, free_at) in enumerate(lanes):
             if free_at <= start:
