@@ -77,7 +77,9 @@ class performance_report:  # noqa: N801 - dask's name
 
         from trioscheduler.http.report import render_report
 
-        text = render_report(rows, start=self._start, stop=time.time(), title="Dask Performance Report")
+        text = render_report(
+            rows, start=self._start, stop=time.time(), title="Dask Performance Report"
+        )
         with open(self.filename, "w", encoding="utf-8") as f:
             f.write(text)
 
@@ -98,7 +100,7 @@ async def _record(action: str, start: float = 0.0, dask_scheduler: Any = None) -
         return time.time()
     stop = time.time()
     with trio.move_on_after(HEARTBEAT_WAIT):
-        while any(
+        while any(  # noqa: ASYNC110 - no event marks a heartbeat; polled, bounded
             ws.metrics.get("time", 0.0) < stop for ws in dask_scheduler.state.workers.values()
         ):
             await trio.sleep(0.05)

@@ -32,7 +32,8 @@ def render_report(rows: Sequence[Sequence[Any]], *, start: float, stop: float, t
     """The report page (blocking: imports bokeh)."""
     from bokeh.embed import file_html
     from bokeh.layouts import column
-    from bokeh.models import ColumnDataSource, Div, HoverTool
+    from bokeh.models import ColumnDataSource, HoverTool
+    from bokeh.models.widgets import Div
     from bokeh.plotting import figure
     from bokeh.resources import INLINE
 
@@ -73,7 +74,9 @@ def render_report(rows: Sequence[Sequence[Any]], *, start: float, stop: float, t
         y="y", left="start", right="stop", height=0.8, color="color", line_color=None, source=stream
     )
     p_stream.yaxis.visible = False
-    p_stream.add_tools(HoverTool(tooltips=[("key", "@key"), ("kind", "@kind"), ("worker", "@worker")]))
+    p_stream.add_tools(
+        HoverTool(tooltips=[("key", "@key"), ("kind", "@kind"), ("worker", "@worker")])
+    )
 
     per_prefix: dict[str, list[float]] = {}  # prefix -> [tasks, erred, seconds]
     for r in computed:
@@ -90,7 +93,9 @@ def render_report(rows: Sequence[Sequence[Any]], *, start: float, stop: float, t
             "erred": [int(per_prefix[n][1]) for n in names],
             "seconds": [per_prefix[n][2] for n in names],
             "color": [prefix_color(n) for n in names],
-            "label": [f"{n}: {int(per_prefix[n][0])} tasks, {per_prefix[n][2]:.2f} s" for n in names],
+            "label": [
+                f"{n}: {int(per_prefix[n][0])} tasks, {per_prefix[n][2]:.2f} s" for n in names
+            ],
         },
         name="progress_source",
     )
@@ -103,7 +108,9 @@ def render_report(rows: Sequence[Sequence[Any]], *, start: float, stop: float, t
         toolbar_location=None,
     )
     p_prog.hbar(y="y", left=0, right="seconds", height=0.8, color="color", source=progress)
-    p_prog.text(x=0, y="y", text="label", text_baseline="middle", text_font_size="11px", source=progress)
+    p_prog.text(
+        x=0, y="y", text="label", text_baseline="middle", text_font_size="11px", source=progress
+    )
     p_prog.yaxis.visible = False
 
     moved = sum(int(r["nbytes"]) for r in transfers)
