@@ -142,3 +142,51 @@ register(
     description="bytes over the wire for the first load of /status (fresh browser context)",
     higher_is_better=False,
 )
+
+
+def screenshots(folder: str) -> None:
+    """``python -m benchmarks.dashboard screenshots docs``: the pages mid-run, as PNGs."""
+    from pathlib import Path
+
+    import dask.array as da
+    from playwright.sync_api import sync_playwright
+
+    from benchmarks._dashboard_child import inc
+    from trioscheduler import Client, LocalCluster
+
+    out = Path(folder)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
+        x = da.random.random((4000, 4000), chunks=500).persist()
+        slow = client.map(_slow, range(1000))
+        y = client.compute((x + x.T).sum())
+        client.gather(client.map(inc, range(100)))
+        assert cluster.dashboard_link is not None
+        base = cluster.dashboard_link[: -len("/status")]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1320, "height": 780})
+            for path, name in (
+                ("/status", "dashboard-status.png"),
+                ("/workers", "dashboard-workers.png"),
+                ("/info/main/workers.html", "dashboard-info.png"),
+            ):
+                page.goto(base + path)
+                page.wait_for_timeout(2500)
+                page.screenshot(path=str(out / name), full_page=True)
+                print("wrote", out / name)
+            browser.close()
+        y.result()
+        del slow
+
+
+def _slow(i: int) -> int:
+    time.sleep(0.05)
+    return i
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["screenshots"]:
+        screenshots(sys.argv[2] if len(sys.argv) > 2 else "docs")

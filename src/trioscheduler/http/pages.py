@@ -97,14 +97,18 @@ def _status_page() -> Page:
         source=mem,
     )  # fmt: skip
     p_mem.xaxis.formatter = NumeralTickFormatter(format="0.0 b")
+    p_mem.text(x=0, y="y", text="text", text_baseline="middle", text_font_size="11px", source=mem)
+    p_mem.yaxis.visible = False
     p_mem.add_tools(HoverTool(tooltips=[("worker", "@address"), ("", "@text")]))
 
-    proc = source("processing_source", "y", "name", "processing", "executing")
+    proc = source("processing_source", "y", "name", "processing", "executing", "text")
     p_proc = figure(
         name="processing", title="Tasks processing per worker (backlog)", height=240,
         width=440, tools=tools, x_range=DataRange1d(start=0),
     )  # fmt: skip
     p_proc.hbar(y="y", left=0, right="processing", height=0.8, color="#2ca02c", source=proc)
+    p_proc.text(x=0, y="y", text="text", text_baseline="middle", text_font_size="11px", source=proc)
+    p_proc.yaxis.visible = False
     p_proc.add_tools(HoverTool(tooltips=[("worker", "@name"), ("processing", "@processing")]))
 
     stream = source(
@@ -185,7 +189,9 @@ def _workers_page() -> Page:
     table = DataTable(
         name="workers_table",
         source=src,
-        columns=[TableColumn(field=f, title=t) for f, t in fields],
+        columns=[
+            TableColumn(field=f, title=t, width=230 if f == "address" else 90) for f, t in fields
+        ],
         width=1200,
         height=420,
         index_position=None,

@@ -183,6 +183,7 @@ def take_snapshot(source: DashboardSource, *, now: float, wall: float) -> Snapsh
             "name": [w["name"] for w in workers],
             "processing": [w["processing"] for w in workers],
             "executing": [w["executing"] for w in workers],
+            "text": [f"{w['name']}: {w['processing']} processing" for w in workers],
         },
         stream=_stream_columns(source.task_stream),
         prefix_nbytes=prefix_nbytes,
