@@ -61,6 +61,10 @@ def inc(x: int) -> int:
     return x + 1
 
 
+def log_warning(text: str) -> None:
+    logging.getLogger("trioscheduler.worker").warning("%s", text)
+
+
 def fail(x: int) -> int:
     raise ValueError(f"bad {x}")
 
@@ -171,6 +175,14 @@ async def test_routes_values_and_metrics() -> None:
             assert progress["done"][rows["inc"]] == progress["all"][rows["inc"]] == 50
             assert progress["erred"][rows["fail"]] == 1
 
+            # the workers' heartbeats (memory, executing, ...) reach the page
+            async def heartbeats_seen() -> bool:
+                rows = json.loads((await aget(base, "/json/workers.json"))[2])
+                return all(w["memory"] > 0 for w in rows)
+
+            while not await heartbeats_seen():  # noqa: ASYNC110 - polling, as a page does
+                await trio.sleep(0.1)
+
             identity = json.loads((await aget(base, "/json/identity.json"))[2])
             assert identity["address"] == cluster.scheduler_address
             assert sorted(identity["workers"]) == sorted(info["workers"])
@@ -204,6 +216,11 @@ async def test_routes_values_and_metrics() -> None:
             status, _, body = await aget(base, "/info/worker/" + quote(worker, safe="") + ".html")
             assert worker.encode() in body
             assert (await aget(base, "/info/worker/tcp%3A%2F%2Fnowhere%3A1.html"))[0] == 404
+            # a worker's logs, asked of the worker (its data server's get_logs)
+            await client.run(log_warning, "a line for the dashboard", workers=[worker])
+            status, _, body = await aget(base, "/info/logs/" + quote(worker, safe="") + ".html")
+            assert status == 200 and b"a line for the dashboard" in body
+            assert (await aget(base, "/info/logs/tcp%3A%2F%2Fnowhere%3A1.html"))[0] == 404
             assert (await aget(base, "/no/such/page"))[0] == 404
 
 

@@ -19,7 +19,8 @@ from urllib.parse import unquote
 
 import trio
 
-from trioscheduler.http.info import LogBuffer, logs_page, worker_page, workers_page
+from trioscheduler.http.info import logs_page, worker_page, workers_page
+from trioscheduler.http.logs import LogBuffer
 from trioscheduler.http.pages import build_page, render
 from trioscheduler.http.server import HttpServer, Request, Response
 from trioscheduler.http.snapshot import DashboardSource, Snapshot, SnapshotCache
@@ -114,7 +115,6 @@ class Dashboard:
         A port in use (a second cluster on dask's 8787) falls back to a free port with a
         warning in the log, as dask does."""
         stream = self.source.task_stream
-        root = logging.getLogger("trioscheduler")
         async with trio.open_nursery() as nursery:
             try:
                 bound = await nursery.start(self.server.serve, host, port)
@@ -129,12 +129,12 @@ class Dashboard:
                 )
             self.host, self.port = bound
             stream.wanted += 1
-            root.addHandler(self.log)
+            self.log.attach()
             try:
                 task_status.started(bound)
                 await trio.sleep_forever()
             finally:
-                root.removeHandler(self.log)
+                self.log.detach()
                 stream.wanted -= 1
                 nursery.cancel_scope.cancel()
 
@@ -147,6 +147,8 @@ class Dashboard:
             return await self._static(path[len("/static/js/") :])
         if path.startswith("/info/worker/") and path.endswith(".html"):
             return self._info_worker(path[len("/info/worker/") : -len(".html")])
+        if path.startswith("/info/logs/") and path.endswith(".html"):
+            return await self._info_worker_logs(path[len("/info/logs/") : -len(".html")])
         return Response(404, f"not found: {path[:200]}\n".encode())
 
     def snapshot(self) -> Snapshot:
@@ -226,7 +228,11 @@ class Dashboard:
         return Response(200, self._metrics.render(), CONTENT_TYPE)
 
     async def _sitemap(self, request: Request) -> Response:
-        paths = sorted(self._routes) + ["/info/worker/<address>.html", "/static/js/<file>"]
+        paths = sorted(self._routes) + [
+            "/info/worker/<address>.html",
+            "/info/logs/<address>.html",
+            "/static/js/<file>",
+        ]
         return Response(200, json.dumps({"paths": paths}).encode(), JSON)
 
     async def _json_index(self, request: Request) -> Response:
@@ -252,6 +258,13 @@ class Dashboard:
 
     async def _info_logs(self, request: Request) -> Response:
         return Response(200, logs_page(list(self.log.lines)).encode(), HTML)
+
+    async def _info_worker_logs(self, quoted: str) -> Response:
+        address = unquote(quoted)
+        if address not in self.source.state.workers:
+            return Response(404, f"no worker {address[:200]} is connected\n".encode())
+        lines = await self.source.worker_logs(address)
+        return Response(200, logs_page(lines, f"Worker {address}").encode(), HTML)
 
     def _info_worker(self, quoted: str) -> Response:
         address = unquote(quoted)

@@ -1,4 +1,4 @@
-"""Plain HTML pages under ``/info``: the scheduler, each worker, the scheduler's log.
+"""Plain HTML pages under ``/info``: the scheduler, each worker, their logs.
 
 No Bokeh and no script: a table per page from the shared snapshot, linked to each
 other, readable by anything that reads HTML. Values are escaped; a worker's page is
@@ -8,33 +8,20 @@ found by its address (percent-encoded in the URL).
 from __future__ import annotations
 
 import html
-import logging
-from collections import deque
 from urllib.parse import quote
 
 from trioscheduler.http.pages import page_head, page_tail
 from trioscheduler.http.snapshot import Snapshot, format_bytes
 
-__all__ = ["LogBuffer", "logs_page", "worker_page", "workers_page"]
-
-
-class LogBuffer(logging.Handler):
-    """The last ``n`` records of the ``trioscheduler`` loggers, formatted, for ``/info``."""
-
-    def __init__(self, n: int = 1000) -> None:
-        super().__init__()
-        self.lines: deque[str] = deque(maxlen=n)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.lines.append(self.format(record))
-        except Exception:  # a log line must never break the scheduler
-            self.handleError(record)
+__all__ = ["logs_page", "worker_page", "workers_page"]
 
 
 def worker_href(address: str) -> str:
     return "/info/worker/" + quote(address, safe="") + ".html"
+
+
+def logs_href(address: str) -> str:
+    return "/info/logs/" + quote(address, safe="") + ".html"
 
 
 def _e(value: object) -> str:
@@ -54,7 +41,8 @@ def workers_page(snap: Snapshot) -> str:
             f"<td>{_e(w['memory_text'])}</td><td>{_e(w['limit_text'])}</td><td>{use}</td>"
             f"<td>{_e(w['managed_text'])}</td><td>{_e(w['spilled_text'])}</td>"
             f"<td>{w['processing']}</td><td>{w['executing']}</td><td>{w['in_memory']}</td>"
-            f"<td>{_e(w['status'])}</td><td>{w['last_seen']:.1f} s ago</td></tr>"
+            f"<td>{_e(w['status'])}</td><td>{w['last_seen']:.1f} s ago</td>"
+            f'<td><a href="{logs_href(w["address"])}">logs</a></td></tr>'
         )
     return (
         page_head("Scheduler", "/info/main/workers.html")
@@ -65,7 +53,7 @@ def workers_page(snap: Snapshot) -> str:
         + '<table class="info" id="workers-table"><thead><tr><th>Worker</th><th>Name</th>'
         "<th>Threads</th><th>Memory</th><th>Limit</th><th>Use</th><th>Managed</th>"
         "<th>Spilled</th><th>Processing</th><th>Executing</th><th>In memory</th>"
-        "<th>Status</th><th>Last seen</th></tr></thead><tbody>"
+        "<th>Status</th><th>Last seen</th><th>Logs</th></tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table>"
         + page_tail()
@@ -83,18 +71,20 @@ def worker_page(snap: Snapshot, address: str, processing: list[str]) -> str | No
     return (
         page_head(f"Worker {address}", "")
         + f"<h1>Worker {_e(address)}</h1>"
-        + '<p><a href="/info/main/workers.html">all workers</a></p>'
+        + f'<p><a href="/info/main/workers.html">all workers</a> &middot; '
+        f'<a href="{logs_href(address)}">logs</a></p>'
         + f'<table class="info" id="worker-info">{cells}</table>'
         + f"<h2>Processing ({len(processing)})</h2><ul>{tasks}</ul>{more}"
         + page_tail()
     )
 
 
-def logs_page(lines: list[str]) -> str:
+def logs_page(lines: list[str], whose: str = "Scheduler") -> str:
     body = "\n".join(_e(line) for line in lines) or "(nothing logged yet)"
+    here = "/info/main/logs.html" if whose == "Scheduler" else ""
     return (
-        page_head("Scheduler logs", "/info/main/logs.html")
-        + "<h1>Scheduler logs</h1>"
+        page_head(f"{whose} logs", here)
+        + f"<h1>{_e(whose)} logs</h1>"
         + f'<pre class="logs" id="logs">{body}</pre>'
         + page_tail()
     )

@@ -45,6 +45,10 @@ class DashboardSource(Protocol):
     state: SchedulerState
     task_stream: TaskStream
 
+    async def worker_logs(self, address: str) -> list[str]:
+        """The worker's recent log lines (asked of the worker; an error says why not)."""
+        ...
+
 
 def prefix_color(prefix: str) -> str:
     """A colour per task prefix, the same in every process (crc32, not ``hash``)."""

@@ -362,6 +362,20 @@ class Scheduler:
         _, host, _ = wire.parse_address(self.address)
         return format_dashboard_link(self.dashboard.host, self.dashboard.port, host or "")
 
+    async def worker_logs(self, address: str) -> list[str]:
+        """A worker's recent log lines (its data server's ``get_logs``), for the dashboard."""
+        assert self._pool is not None
+        try:
+            with trio.fail_after(10):
+                async with self._pool.connect(address) as stream:
+                    await stream.send({"op": "get_logs"})
+                    reply: dict[str, Any] = await stream.receive()
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+            return [f"(could not reach worker {address}: {exc!r})"]
+        if reply.get("status") != "OK":
+            return [f"(worker {address} answered: {reply.get('text')})"]
+        return [str(line) for line in reply.get("logs", [])]
+
     def services(self) -> dict[str, Any]:
         """dask's ``services``: ``{"dashboard": port}`` while a dashboard serves, and its host."""
         if self.dashboard is None:

@@ -73,6 +73,7 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.worker import WorkerState
+from trioscheduler.http.logs import LogBuffer
 from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
@@ -233,6 +234,7 @@ class Worker:
         self._closed = trio.Event()  # everything released
         self._executing: set[Any] = set()
         self._transfers: list[list[Any]] = []  # [start, stop, peer, nbytes, [key], n]
+        self.logs = LogBuffer()  # for the data server's get_logs (the dashboard's /info)
         # Spill files are written by one writer task, in a thread (``_write_spills``),
         # which reports each finished write to the core (``SpillWritten``).
         self._spill_jobs: deque[memory.SpillJob] = deque()
@@ -274,6 +276,7 @@ class Worker:
         self.trio_token = trio.lowlevel.current_trio_token()
         self._executor.start()
         error: BaseException | None = None  # the block's own error, raised unwrapped
+        self.logs.attach()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -313,6 +316,7 @@ class Worker:
                     error = exc
                 nursery.cancel_scope.cancel()
         finally:
+            self.logs.detach()
             self._executor.close()
             self.store.close()
             self.status = "closed"
@@ -1122,10 +1126,12 @@ class Worker:
             return {"status": "OK", "result": result}
         if op == "actor_execute" or op == "actor_attribute":
             return await self.actors.answer(request)
+        if op == "get_logs":
+            return {"status": "OK", "logs": list(self.logs.lines)}
         return {
             "status": "error",
             "text": f"unknown op {op!r}; this worker knows get_data, update_data, run, "
-            "start_ipython, actor_execute, actor_attribute",
+            "start_ipython, actor_execute, actor_attribute, get_logs",
         }
 
     async def _get_data(
