@@ -441,3 +441,21 @@ async def test_cli_dashboard_flags(tmp_path: Path) -> None:
         finally:
             proc.kill()
             await proc.wait()
+
+
+async def test_log_buffers_keep_warnings_on_stderr() -> None:
+    """The dashboard's and the workers' log buffers are handlers; in a program that
+    configured no logging, warnings still reach stderr (logging's last resort), once."""
+    code = """
+import logging
+from trioscheduler import LocalCluster
+with LocalCluster(n_workers=2, processes=False, dashboard_address="127.0.0.1:0") as cluster:
+    logging.getLogger("trioscheduler.test").warning("still on stderr")
+    logging.getLogger("trioscheduler.test").info("not shown")
+"""
+    result = await trio.run_process(
+        [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stderr.decode().count("still on stderr") == 1
+    assert "not shown" not in result.stderr.decode()

@@ -244,7 +244,7 @@ class Dashboard:
         body = (
             page_head("JSON API", "/json/index.html")
             + "<h1>JSON API</h1><p>Every page reads these; each reply comes from one shared "
-            "snapshot (rebuilt at most every 0.2 s) and carries an ETag.</p>"
+            "snapshot (rebuilt at most every 0.45 s) and carries an ETag.</p>"
             + f"<ul>{items}</ul>"
             + page_tail()
         )

@@ -13,6 +13,8 @@ from collections import deque
 
 __all__ = ["LogBuffer"]
 
+LOGGER = "trioscheduler"
+
 
 class LogBuffer(logging.Handler):
     """The last ``n`` records of the ``trioscheduler`` loggers, formatted, for ``/info``."""
@@ -27,9 +29,30 @@ class LogBuffer(logging.Handler):
             self.lines.append(self.format(record))
         except Exception:  # a log line must never break the scheduler
             self.handleError(record)
+            return
+        # Any handler on the way up stops logging's last resort (warnings to stderr in a
+        # program that configured no logging): we are not meant to swallow those, so the
+        # first buffer hands such a record to the last resort itself.
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level and self._first_alone(record):
+            last.handle(record)
+
+    def _first_alone(self, record: logging.LogRecord) -> bool:
+        """Am I the first buffer, and is there no other handler for ``record``?"""
+        ours = logging.getLogger(LOGGER)
+        if next((h for h in ours.handlers if isinstance(h, LogBuffer)), None) is not self:
+            return False
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(not isinstance(h, LogBuffer) for h in logger.handlers):
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return True
 
     def attach(self) -> None:
-        logging.getLogger("trioscheduler").addHandler(self)
+        logging.getLogger(LOGGER).addHandler(self)
 
     def detach(self) -> None:
-        logging.getLogger("trioscheduler").removeHandler(self)
+        logging.getLogger(LOGGER).removeHandler(self)
