@@ -4,8 +4,10 @@ This package owns everything served over HTTP by a scheduler: a small trio + h11
 (``server.py``), one shared snapshot of the scheduler's state per update interval
 (``snapshot.py``), the Bokeh pages built once and fed by polling (``pages.py``), plain
 HTML ``/info`` pages (``info.py``), Prometheus metrics (``metrics.py``), BokehJS from the
-installed ``bokeh`` (``static.py``), and the task stream the scheduler records for it
-(``task_stream.py``). The routes are in ``app.py``; ``docs/dashboard.md`` lists them.
+installed ``bokeh`` (``static.py``), the task stream the scheduler records for it
+(``task_stream.py``), the log buffers behind the ``/info`` log pages (``logs.py``, also
+kept by each worker), and the HTML of ``performance_report`` (``report.py``). The routes
+are in ``app.py``; ``docs/dashboard.md`` lists them.
 
 It never imports the server shells at run time: the scheduler shell starts
 ``Dashboard(self).serve`` in its own nursery and is read through ``DashboardSource``
