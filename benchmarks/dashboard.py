@@ -151,7 +151,6 @@ def screenshots(folder: str) -> None:
     import dask.array as da
     from playwright.sync_api import sync_playwright
 
-    from benchmarks._dashboard_child import inc
     from trioscheduler import Client, LocalCluster
 
     out = Path(folder)
@@ -159,12 +158,15 @@ def screenshots(folder: str) -> None:
         LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
     ):
+        import urllib.request
+
+        assert cluster.dashboard_link is not None
+        base = cluster.dashboard_link[: -len("/status")]
+        for path in ("/status", "/workers"):  # built once, before the work: shown mid-run
+            urllib.request.urlopen(base + path).read()
         x = da.random.random((4000, 4000), chunks=500).persist()
         slow = client.map(_slow, range(1000))
         y = client.compute((x + x.T).sum())
-        client.gather(client.map(inc, range(100)))
-        assert cluster.dashboard_link is not None
-        base = cluster.dashboard_link[: -len("/status")]
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1320, "height": 780})
