@@ -23,9 +23,9 @@ from trioscheduler.core import messages as m
 from trioscheduler.http import (
     DEFAULT_DASHBOARD_ADDRESS,
     format_dashboard_link,
+    parse_dashboard_address,
     resolve_dashboard_address,
 )
-from trioscheduler.http.app import parse_dashboard_address
 from trioscheduler.http.pages import NAV
 from trioscheduler.http.snapshot import SnapshotCache
 from trioscheduler.http.task_stream import TaskStream
@@ -84,6 +84,8 @@ def test_dashboard_addresses() -> None:
         parse_dashboard_address("nonsense", "h")
     with pytest.raises(ValueError, match="out of range"):
         parse_dashboard_address(":70000", "h")
+    with pytest.raises(ValueError, match="dashboard_address 'x:y'"):
+        resolve_dashboard_address("x:y")  # at construction, not when the cluster starts
     with pytest.raises(TypeError, match="dashboard_address must be"):
         resolve_dashboard_address(["8787"])  # type: ignore[arg-type]
     assert resolve_dashboard_address(None) is None

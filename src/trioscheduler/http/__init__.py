@@ -31,6 +31,7 @@ __all__ = [
     "DashboardUnavailableError",
     "dashboard_available",
     "format_dashboard_link",
+    "parse_dashboard_address",
     "require_dashboard",
     "resolve_dashboard_address",
 ]
@@ -84,6 +85,7 @@ def resolve_dashboard_address(address: str | int | None) -> str | int | None:
             f"dashboard_address must be ':PORT', 'HOST:PORT', a port number or None, "
             f"got {address!r:.100}"
         )
+    parse_dashboard_address(address, "")  # a malformed address fails here, not at start
     require_dashboard()
     return address
 
@@ -96,3 +98,28 @@ def format_dashboard_link(host: str, port: int, fallback_host: str = "") -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}/status"
+
+
+def parse_dashboard_address(address: str | int, default_host: str) -> tuple[str, int]:
+    """``":8787"``, ``"8787"``, ``8787``, ``"host:port"``, ``"http://host:port"`` ->
+    ``(host, port)``; no host means ``default_host`` (the scheduler's own host)."""
+    if isinstance(address, int):
+        return default_host, address
+    text = str(address).strip()
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :]
+    text = text.rstrip("/")
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(
+            f"dashboard_address {address!r}: expected ':PORT', 'HOST:PORT' or a port number"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"dashboard_address {address!r}: port out of range")
+    return host or default_host, port

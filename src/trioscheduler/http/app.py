@@ -19,6 +19,7 @@ from urllib.parse import unquote
 
 import trio
 
+from trioscheduler.http import parse_dashboard_address
 from trioscheduler.http.info import logs_page, worker_page, workers_page
 from trioscheduler.http.logs import LogBuffer
 from trioscheduler.http.pages import build_page, render
@@ -44,31 +45,6 @@ JSON_API: dict[str, str] = {
     "/json/page-status.json": "everything /status shows, in one reply (what the page polls)",
     "/json/page-workers.json": "everything /workers shows, in one reply",
 }
-
-
-def parse_dashboard_address(address: str | int, default_host: str) -> tuple[str, int]:
-    """``":8787"``, ``"8787"``, ``8787``, ``"host:port"``, ``"http://host:port"`` ->
-    ``(host, port)``; no host means ``default_host`` (the scheduler's own host)."""
-    if isinstance(address, int):
-        return default_host, address
-    text = str(address).strip()
-    for scheme in ("http://", "https://"):
-        if text.startswith(scheme):
-            text = text[len(scheme) :]
-    text = text.rstrip("/")
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "", text
-    host = host.strip("[]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(
-            f"dashboard_address {address!r}: expected ':PORT', 'HOST:PORT' or a port number"
-        ) from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"dashboard_address {address!r}: port out of range")
-    return host or default_host, port
 
 
 class Dashboard:

@@ -343,7 +343,8 @@ class Scheduler:
             self._stack = stack.pop_all()
 
     async def _start_dashboard(self, requested: str | int) -> None:
-        from trioscheduler.http.app import Dashboard, parse_dashboard_address
+        from trioscheduler.http import parse_dashboard_address
+        from trioscheduler.http.app import Dashboard
 
         scheme, host, _ = wire.parse_address(self.address)
         default_host = host if scheme == "tcp" and host else "127.0.0.1"
