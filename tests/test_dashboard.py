@@ -153,7 +153,7 @@ async def test_routes_values_and_metrics() -> None:
             link = client.dashboard_link
             assert link == cluster.dashboard_link
             assert link is not None and link.startswith("http://127.0.0.1:")
-            assert f"dashboard={link!r}" in repr(client)
+            assert f"dashboard={link!r}" in repr(client) and link in client._repr_html_()
             info = await client.scheduler_info()
             assert info["services"]["dashboard"] == int(link.rsplit(":", 1)[1].split("/")[0])
             base = base_of(link)

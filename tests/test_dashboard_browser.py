@@ -75,7 +75,7 @@ def until(page: Any, check: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError("the page did not show it in time")
+            raise AssertionError(f"the page did not show it in time: {check.__doc__ or ''}")
         page.wait_for_timeout(100)
 
 
@@ -168,8 +168,8 @@ def test_memory_per_worker_follows_scattered_data(browser: Any, cluster: Any) ->
     workers = sorted(client.scheduler_info()["workers"])
     size = 24 * 2**20
     data = [
-        client.scatter(np.ones(size // 8), workers=[w]) for w in workers
-    ]  # one 24 MiB array on each worker
+        client.scatter(np.full(size // 8, float(i)), workers=[w]) for i, w in enumerate(workers)
+    ]  # one 24 MiB array on each worker (different values: different keys)
     context, page, _ = open_page(browser, c.dashboard_link)
     try:
 

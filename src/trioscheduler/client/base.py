@@ -346,9 +346,7 @@ class ClientBase:
         return None
 
     def __repr__(self) -> str:
-        link = self.dashboard_link
-        dashboard = f" dashboard={link!r}" if link else ""
-        return f"<Client: scheduler={self.scheduler_address!r}{dashboard} status={self.status}>"
+        return f"<Client: scheduler={self.scheduler_address!r} status={self.status}>"
 
     @property
     def dashboard_link(self) -> str | None:

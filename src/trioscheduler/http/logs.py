@@ -19,6 +19,8 @@ LOGGER = "trioscheduler"
 class LogBuffer(logging.Handler):
     """The last ``n`` records of the ``trioscheduler`` loggers, formatted, for ``/info``."""
 
+    buffer_only = True  # a handler that shows nothing (other buffers say so too)
+
     def __init__(self, n: int = 1000) -> None:
         super().__init__()
         self.lines: deque[str] = deque(maxlen=n)
@@ -44,7 +46,7 @@ class LogBuffer(logging.Handler):
             return False
         logger: logging.Logger | None = logging.getLogger(record.name)
         while logger is not None:
-            if any(not isinstance(h, LogBuffer) for h in logger.handlers):
+            if any(not getattr(h, "buffer_only", False) for h in logger.handlers):
                 return False
             if not logger.propagate:
                 break
