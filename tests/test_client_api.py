@@ -123,7 +123,9 @@ def test_repr_shows_workers_threads_memory(client: Client, cluster: LocalCluster
     html = client._repr_html_()
     assert "<table>" in html and "Workers" in html and cluster.scheduler_address in html
     assert "Threads" in cluster._repr_html_()
-    assert client.dashboard_link is None  # no dashboard served yet
+    link = client.dashboard_link  # the dashboard (issue 15): in both reprs
+    assert link is not None and link == cluster.dashboard_link
+    assert link in text and link in html
 
 
 def test_write_scheduler_file(client: Client, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_local_cluster_keywords_are_never_silently_dropped() -> None:
     with pytest.raises(ValueError, match="protocol='tls://'.*security"):
         LocalCluster(1, 1, processes=False, protocol="tls://")
     with pytest.raises(ValueError, match="dashboard_address"):
-        LocalCluster(1, 1, processes=False, dashboard_address=":8787")
+        LocalCluster(1, 1, processes=False, dashboard_address="no-such-address")
     with pytest.raises(ValueError, match="interface='no-such-nic'"):
         LocalCluster(1, 1, processes=False, interface="no-such-nic")
     with pytest.raises(TypeError, match="security="):

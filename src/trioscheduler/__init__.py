@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     )
     from trioscheduler.client.diagnostics import get_task_stream
     from trioscheduler.client.futures import Future, FutureCancelledError, wait
+    from trioscheduler.client.performance_report import performance_report
     from trioscheduler.client.progress import progress
     from trioscheduler.client.task_metadata import get_task_metadata, span
     from trioscheduler.client.worker_client import (
@@ -119,6 +120,7 @@ __all__ = [
     "get_worker",
     "local_client",
     "open_cluster",
+    "performance_report",
     "print",
     "progress",
     "rejoin",
@@ -179,6 +181,7 @@ _LAZY = {
     "FutureCancelledError": "trioscheduler.client.futures",
     "wait": "trioscheduler.client.futures",
     "Nanny": "trioscheduler.server.nanny",
+    "performance_report": "trioscheduler.client.performance_report",
     "progress": "trioscheduler.client.progress",
     "Scheduler": "trioscheduler.server.scheduler",
     "Security": "trioscheduler.wire.security",

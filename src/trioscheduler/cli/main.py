@@ -66,16 +66,23 @@ async def _scheduler_main(args: argparse.Namespace) -> None:
                 idle_timeout=args.idle_timeout,
                 preload=args.preload,
                 security=security,
+                dashboard_address=args.dashboard_address if args.dashboard else None,
             ),
             args,
         )
 
 
 async def _serve_scheduler(scheduler: Any, args: argparse.Namespace) -> None:
+    from trioscheduler.http import format_dashboard_link
+    from trioscheduler.wire import parse_address
+
     async with scheduler as s:
         contact = contact_address(s.address)
         logger.info("scheduler at %s", contact)
         print(f"trioscheduler scheduler at {contact}", flush=True)
+        if s.dashboard is not None:
+            link = format_dashboard_link(s.dashboard.host, s.dashboard.port, parse_address(contact)[1])
+            print(f"dashboard at {link}", flush=True)
         if args.scheduler_file:
             _write_json(args.scheduler_file, {"type": "Scheduler", "address": contact})
         try:
@@ -177,6 +184,8 @@ def run_demo(
                 file=out,
                 flush=True,
             )
+            if client.dashboard_link:
+                print(f"  dashboard: {client.dashboard_link}", file=out, flush=True)
 
             print(
                 f"[1/2] futures: estimate pi with {ntasks} Monte Carlo tasks", file=out, flush=True
@@ -274,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pid-file", help="write the process id to this file (removed at exit)")
     tls_arguments(p)
+    from trioscheduler.http import DEFAULT_DASHBOARD_ADDRESS
+
+    p.add_argument(
+        "--dashboard-address",
+        default=DEFAULT_DASHBOARD_ADDRESS,
+        help="where the dashboard listens: ':PORT' (this scheduler's host), 'HOST:PORT', "
+        "0 for any free port (default :8787; off without the 'dashboard' extra)",
+    )
+    p.add_argument(
+        "--dashboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve the dashboard (--no-dashboard: do not)",
+    )
 
     add_worker_arguments(
         sub.add_parser("worker", help="run a worker (under a nanny by default)")

@@ -3,7 +3,8 @@
 Owns ``Client`` (a facade whose methods delegate to modules by concern: ``transfer``
 for data movement, ``datasets``, ``collections``/``graph`` for dask graphs), ``Future``
 and its waiting helpers (``futures``, ``as_completed``, ``progress``), key rules
-(``keys``) and ``worker_client`` for tasks that submit tasks.
+(``keys``), ``worker_client`` for tasks that submit tasks, and ``performance_report``
+(its HTML is ``http.report``'s).
 
 May import: ``deploy`` (a Client given no address opens a ``LocalCluster``), ``server``
 (public helpers only: task context, upload packing), subsystems, ``wire``, ``core``.

@@ -56,6 +56,7 @@ from trioscheduler.client.link import SchedulerLink
 from trioscheduler.core import messages as m
 from trioscheduler.deploy.loop import Entered, LoopRunner, loop_runner
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.http import format_dashboard_link
 from trioscheduler.wire.local_alias import local_route
 from trioscheduler.wire.security import connect_args
 from trioscheduler.wire.security import resolve as resolve_security
@@ -371,6 +372,21 @@ class ClientBase:
 
     def __repr__(self) -> str:
         return f"<Client: scheduler={self.scheduler_address!r} status={self.status}>"
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard, ``http://host:port/status``; None if it has none.
+
+        As dask's: the port the scheduler announced, on the host this client reached
+        the scheduler by (when the dashboard listens on every interface)."""
+        services = self._link.services
+        port = services.get("dashboard")
+        if not isinstance(port, int):
+            return None
+        host = ""
+        if self.scheduler_address and self.scheduler_address.startswith("tcp://"):
+            host = wire.parse_address(self.scheduler_address)[1] or ""
+        return format_dashboard_link(str(services.get("dashboard_host", "")), port, host)
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -165,13 +165,15 @@ class ContextMethods(ClientBase):
 
         if self.scheduler_address is None:
             return "<Client: No scheduler connected>"
+        link = self.dashboard_link
+        dashboard = f", dashboard={link!r}" if link else ""
         totals = self._totals()
         if totals is None:
-            return f"<Client: {self.scheduler_address!r} status={self.status}>"
+            return f"<Client: {self.scheduler_address!r} status={self.status}{dashboard}>"
         n, threads, memory = totals
         return (
             f"<Client: {self.scheduler_address!r} processes={n} threads={threads}, "
-            f"memory={format_bytes(memory)}>"
+            f"memory={format_bytes(memory)}{dashboard}>"
         )
 
     def _repr_html_(self) -> str:
@@ -204,6 +206,10 @@ class ContextMethods(ClientBase):
 
     @property
     def dashboard_link(self) -> str | None:
-        """The dashboard's URL, or ``None`` while the scheduler serves no dashboard."""
+        """The dashboard's URL, or ``None`` while the scheduler serves no dashboard: the
+        cluster's, else the one the scheduler announced (``ClientBase.dashboard_link``)."""
         link = getattr(self.cluster, "dashboard_link", None)
-        return link if isinstance(link, str) and link else None
+        if isinstance(link, str) and link:
+            return link
+        announced = super().dashboard_link
+        return announced if isinstance(announced, str) else None

@@ -96,6 +96,7 @@ class SchedulerLink:
         self._receive_done: trio.Event | None = None
         # ``Client.subscribe_topic``: called (loop thread) with (topic, [time, msg])
         self.on_event: Callable[[str, Any], None] | None = None
+        self.services: dict[str, Any] = {}  # the scheduler's (dashboard port), from its ack
 
     def stimulus(self, kind: str) -> str:
         self._stimulus += 1
@@ -134,6 +135,8 @@ class SchedulerLink:
             raise wire.ConnectError(
                 f"the scheduler at {address} did not acknowledge the client: {ack!r:.100}"
             )
+        services = ack.get("services")
+        self.services = services if isinstance(services, dict) else {}
         self._pool = await stack.enter_async_context(
             wire.ConnectionPool(
                 self.connection_limit,

@@ -819,6 +819,8 @@ class SchedulerState:
         ws = self.workers.get(ev.worker)
         if ws is not None:
             ws.last_seen = ev.now
+            if isinstance(ev.metrics, dict):
+                ws.metrics = ev.metrics
 
     def _on_status(self, ev: WorkerStatusChange) -> None:
         ws = self.workers.get(ev.worker)

@@ -274,6 +274,9 @@ class WorkerRecord:
     queue_slots: int = 1
     backlog: float = 0.0
     single: frozenset[WorkerAddr] = frozenset()  # {address}, shared by who_has of its keys
+    # the worker's last heartbeat (memory, spilled, executing, ...): read by dashboards,
+    # never by a decision
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.single = frozenset((self.address,))

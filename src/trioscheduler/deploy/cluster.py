@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from trioscheduler.deploy import adaptive as _adaptive
+from trioscheduler.http import DEFAULT_DASHBOARD_ADDRESS, resolve_dashboard_address
 from trioscheduler.server.nanny import Nanny
 from trioscheduler.server.scheduler import Scheduler
 from trioscheduler.server.worker import Worker
@@ -129,6 +130,11 @@ class LocalCluster:
     maps names to the running ``Worker``/``Nanny`` objects; ``scale(n)`` adds or removes
     workers (awaitable when asynchronous). Other keyword arguments go to each worker
     (``resources=``, ``local_directory=``, ...).
+
+    ``dashboard_address``: dask's ``":8787"`` by default (a free port if it is taken,
+    and no dashboard if the ``dashboard`` extra is not installed), ``0`` or
+    ``"127.0.0.1:0"`` for a free port, None for none. With no host it listens on
+    ``host`` (127.0.0.1 by default); ``dashboard_link`` says where.
     """
 
     def __init__(
@@ -148,16 +154,11 @@ class LocalCluster:
         protocol: str | None = None,
         interface: str | None = None,
         silence_logs: Any = None,
-        dashboard_address: str | None = None,
+        dashboard_address: str | int | None = DEFAULT_DASHBOARD_ADDRESS,
         **worker_kwargs: Any,
     ) -> None:
         for name in _IGNORED:
             worker_kwargs.pop(name, None)
-        if dashboard_address is not None:
-            raise ValueError(
-                f"LocalCluster(dashboard_address={dashboard_address!r}): this build has no "
-                "dashboard; pass dashboard_address=None"
-            )
         self.security = resolve_security(security)
         self.protocol = _protocol(protocol, processes, self.security)
         if interface is not None:
@@ -174,6 +175,8 @@ class LocalCluster:
         self.worker_timeout = worker_timeout
         self.worker_log_level = worker_log_level
         self.start_method = start_method
+        # an explicit address without the extra fails here, in the caller's thread
+        self.dashboard_address = resolve_dashboard_address(dashboard_address)
         self.worker_kwargs = worker_kwargs
         self.scheduler: Scheduler | None = None
         self.scheduler_address = ""
@@ -283,7 +286,10 @@ class LocalCluster:
         error: BaseException | None = None  # the block's own error, raised unwrapped
         try:
             async with Scheduler(
-                address, worker_timeout=self.worker_timeout, security=self.security
+                address,
+                worker_timeout=self.worker_timeout,
+                security=self.security,
+                dashboard_address=self.dashboard_address,
             ) as scheduler:
                 self.scheduler = scheduler
                 self.scheduler_address = scheduler.address
@@ -467,6 +473,11 @@ class LocalCluster:
         self._adaptive = adaptive
         if adaptive is not None:
             self._nursery.start_soon(adaptive.run)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """``http://127.0.0.1:8787/status``, or None without a dashboard."""
+        return self.scheduler.dashboard_link if self.scheduler is not None else None
 
     @property
     def worker_addresses(self) -> list[str]:

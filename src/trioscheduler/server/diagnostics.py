@@ -58,6 +58,8 @@ OPTIONAL_PACKAGES = ("numpy", "pandas", "lz4", "toolz")
 class _LogBuffer(logging.Handler):
     """The last ``LOG_LENGTH`` records of the ``trioscheduler`` loggers in this process."""
 
+    buffer_only = True  # keeps lines, shows none: http.logs.LogBuffer still lets warnings out
+
     def __init__(self) -> None:
         super().__init__()
         self.records: deque[tuple[str, str]] = deque(maxlen=LOG_LENGTH)

@@ -53,6 +53,8 @@ from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.environments import EnvironmentRefusedError
 from trioscheduler.environments.store import EnvironmentStore
 from trioscheduler.environments.twophase import prepare_everywhere
+from trioscheduler.http import format_dashboard_link, resolve_dashboard_address
+from trioscheduler.http.task_stream import TaskStream
 from trioscheduler.server import plugins as _plugins
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
@@ -89,6 +91,7 @@ _CLIENT_EVENTS = frozenset(
     }
 )
 _DONE_FOR_CLIENT = (m.KeyInMemory, m.KeyErred, m.KeyCancelled)
+_STREAMED = (m.TaskFinished, m.TaskErred, m.WorkerHeartbeat)  # what the task stream reads
 _NO_KEY: Any = object()
 
 
@@ -205,6 +208,10 @@ class Scheduler:
     ``record`` (a path) is written with every event handed to the core: a
     ``core.recorder`` header, then one msgpack ``messages.dump(event)`` per event, so
     ``core.recorder.replay(load_log(path))`` rebuilds the scheduler's state.
+
+    ``dashboard_address`` (``":8787"``, ``"127.0.0.1:0"``, a port; None: no dashboard,
+    the default here) serves the dashboard (``trioscheduler.http``) from this process;
+    it needs the ``dashboard`` extra. No host means this scheduler's own host.
     """
 
     def __init__(
@@ -222,6 +229,7 @@ class Scheduler:
         preload: Sequence[str] = (),
         security: Security | bool | None = None,
         no_workers_timeout: float | str | None = "config",
+        dashboard_address: str | int | None = None,
     ) -> None:
         self.security = resolve_security(security)
         if idle_timeout is not None and idle_timeout <= 0:
@@ -232,6 +240,10 @@ class Scheduler:
         self.preload = list(preload)
         self._idle_since: float | None = None
         self._finished = trio.Event()  # set when the scheduler wants to stop (idle)
+        # raises naming the extra if one was asked for and it is missing
+        self._dashboard_request = resolve_dashboard_address(dashboard_address)
+        self.dashboard: Any = None  # http.app.Dashboard while serving
+        self.task_stream = TaskStream()
         self._core_kwargs: dict[str, Any] = {
             "worker_timeout": worker_timeout,
             "allowed_failures": allowed_failures,
@@ -326,9 +338,52 @@ class Scheduler:
             )
             self._nursery.start_soon(self._ticker)
             self.diagnostics.amm_start(self._nursery)  # on by default, as dask's
+            if self._dashboard_request is not None:
+                await self._start_dashboard(self._dashboard_request)
             await stack.enter_async_context(preloads(self.preload, self))
             logger.info("scheduler listening at %s", self.address)
             self._stack = stack.pop_all()
+
+    async def _start_dashboard(self, requested: str | int) -> None:
+        from trioscheduler.http import parse_dashboard_address
+        from trioscheduler.http.app import Dashboard
+
+        scheme, host, _ = wire.parse_address(self.address)
+        default_host = host if scheme == "tcp" and host else "127.0.0.1"
+        bind_host, port = parse_dashboard_address(requested, default_host)
+        dashboard = Dashboard(self)
+        assert self._nursery is not None
+        await self._nursery.start(dashboard.serve, bind_host, port)
+        self.dashboard = dashboard
+        logger.info("dashboard at %s", self.dashboard_link)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """``http://host:port/status``, or None without a dashboard."""
+        if self.dashboard is None:
+            return None
+        _, host, _ = wire.parse_address(self.address)
+        return format_dashboard_link(self.dashboard.host, self.dashboard.port, host or "")
+
+    async def worker_logs(self, address: str) -> list[str]:
+        """A worker's recent log lines (its data server's ``get_logs``), for the dashboard."""
+        assert self._pool is not None
+        try:
+            with trio.fail_after(10):
+                async with self._pool.connect(address) as stream:
+                    await stream.send({"op": "get_logs"})
+                    reply: dict[str, Any] = await stream.receive()
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+            return [f"(could not reach worker {address}: {exc!r})"]
+        if reply.get("status") != "OK":
+            return [f"(worker {address} answered: {reply.get('text')})"]
+        return [str(line) for line in reply.get("logs", [])]
+
+    def services(self) -> dict[str, Any]:
+        """dask's ``services``: ``{"dashboard": port}`` while a dashboard serves, and its host."""
+        if self.dashboard is None:
+            return {}
+        return {"dashboard": self.dashboard.port, "dashboard_host": self.dashboard.host}
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         assert self._stack is not None
@@ -343,6 +398,7 @@ class Scheduler:
             if exc is None or not _only_cancelled(closing_error):
                 raise
         finally:
+            self.dashboard = None
             logger.info("scheduler at %s closed", self.address)
 
     # -- the core ------------------------------------------------------------------
@@ -512,6 +568,7 @@ class Scheduler:
             # batch; one whose TaskFinished did not come (the worker dropped the result)
             # is forgotten with the batch.
             values: dict[Any, Any] = {}
+            task_stream = self.task_stream  # records while a dashboard or report wants it
             try:
                 add.now = trio.current_time()
                 self._feed(add)
@@ -540,6 +597,8 @@ class Scheduler:
                             self._feed_with_value(msg, values.pop(msg.key))
                         else:
                             self._feed(msg)
+                        if task_stream.wanted and t in _STREAMED:
+                            task_stream.observe(msg)
                         if t is m.RemoveWorker:
                             removed = True
                             break
@@ -573,7 +632,7 @@ class Scheduler:
                 add.now = trio.current_time()
                 self._feed(add)
                 # The client waits for this before using RPCs that name it.
-                peer.send({"op": "stream-start", "client": cid})
+                peer.send({"op": "stream-start", "client": cid, "services": self.services()})
                 while not removed:
                     try:
                         batch = await stream.receive_batch()
@@ -665,6 +724,7 @@ class Scheduler:
         return {
             "type": "Scheduler",
             "address": self.address,
+            "services": self.services(),
             "workers": {
                 addr: self._worker_info(addr, ws) for addr, ws in self.state.workers.items()
             },

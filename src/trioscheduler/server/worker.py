@@ -73,6 +73,7 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.worker import WorkerState
+from trioscheduler.http.logs import LogBuffer
 from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
@@ -234,6 +235,8 @@ class Worker:
         self._shutdown_done = trio.Event()  # streams closed, work cancelled
         self._closed = trio.Event()  # everything released
         self._executing: set[Any] = set()
+        self._transfers: list[list[Any]] = []  # [start, stop, peer, nbytes, [key], n]
+        self.logs = LogBuffer()  # for the data server's get_logs (the dashboard's /info)
         # Spill files are written by one writer task, in a thread (``_write_spills``),
         # which reports each finished write to the core (``SpillWritten``).
         self._spill_jobs: deque[memory.SpillJob] = deque()
@@ -275,6 +278,7 @@ class Worker:
         self.trio_token = trio.lowlevel.current_trio_token()
         self._executor.start()
         error: BaseException | None = None  # the block's own error, raised unwrapped
+        self.logs.attach()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -314,6 +318,7 @@ class Worker:
                     error = exc
                 nursery.cancel_scope.cancel()
         finally:
+            self.logs.detach()
             self._executor.close()
             self.store.close()
             self.status = "closed"
@@ -601,12 +606,15 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await trio.sleep(self.heartbeat_interval)
+            metrics = self.metrics()
+            # the fetches since the last heartbeat, for the scheduler's task stream
+            metrics["transfers"], self._transfers = self._transfers, []
             self._send(
                 WorkerHeartbeat(
                     stimulus_id=_stimulus("heartbeat"),
                     now=_now(),
                     worker=self.address,
-                    metrics=self.metrics(),
+                    metrics=metrics,
                 )
             )
 
@@ -641,7 +649,14 @@ class Worker:
             "in_memory": len(store.memory) if store is not None else 0,
             "executing": len(self._executing),
             "status": getattr(state, "status", self.status),
+            "cpu": self._cpu_percent(),
         }
+
+    def _cpu_percent(self) -> float:
+        try:
+            return float(self._process.cpu_percent(None))  # since the previous call
+        except psutil.Error:
+            return 0.0
 
     async def _memory_loop(self) -> None:
         while True:
@@ -917,6 +932,7 @@ class Worker:
 
     async def _gather_dep(self, peer: str, keys: list[Any]) -> None:
         assert self.store is not None and self._pool is not None
+        started = time.time()
         unusable: list[Any] = []
         try:
             try:
@@ -968,6 +984,11 @@ class Worker:
         for key, value in reply["data"].items():
             self.store.put(key, value)
             sizes[key] = _sizeof(value)
+        if sizes and len(self._transfers) < 1000:  # reported with the next heartbeat
+            first = next(iter(sizes))
+            self._transfers.append(
+                [started, time.time(), peer, sum(sizes.values()), [first], len(sizes)]
+            )
         self.handle(
             GatherDepSuccess(
                 stimulus_id=_stimulus("gather-dep-success"),
@@ -1110,10 +1131,12 @@ class Worker:
             return {"status": "OK", "result": result}
         if op == "actor_execute" or op == "actor_attribute":
             return await self.actors.answer(request)
+        if op == "get_logs":
+            return {"status": "OK", "logs": list(self.logs.lines)}
         return {
             "status": "error",
             "text": f"unknown op {op!r}; this worker knows get_data, update_data, run, "
-            "start_ipython, actor_execute, actor_attribute",
+            "start_ipython, actor_execute, actor_attribute, get_logs",
         }
 
     async def _get_data(
