@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from trioscheduler.deploy import adaptive as _adaptive
+from trioscheduler.deploy.facade import SyncAsyncFacade
 from trioscheduler.http import DEFAULT_DASHBOARD_ADDRESS, resolve_dashboard_address
 from trioscheduler.server.nanny import Nanny
 from trioscheduler.server.scheduler import Scheduler
@@ -123,7 +124,7 @@ def default_sizes(
     return n_workers, threads_per_worker
 
 
-class LocalCluster:
+class LocalCluster(SyncAsyncFacade):
     """``with LocalCluster(n_workers=2) as cluster: Client(cluster)``.
 
     Also ``async with LocalCluster(..., asynchronous=True)`` inside trio. ``workers``
@@ -229,50 +230,6 @@ class LocalCluster:
             f"<tr><th>Status</th><td>{escape(self.status)}</td></tr>"
             f"</table></div>"
         )
-
-    # -- sync use ------------------------------------------------------------------
-
-    def __enter__(self) -> LocalCluster:
-        if self.asynchronous:
-            raise TypeError("an asynchronous LocalCluster is used with 'async with'")
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-    def close(self) -> Any:
-        """Stop every worker (and its process), then the scheduler; idempotent.
-
-        Returns an awaitable when the cluster is asynchronous.
-        """
-        if self.asynchronous:
-            return self._aclose()
-        if self._handle is not None:
-            handle, self._handle = self._handle, None
-            handle.close()
-        return None
-
-    async def _aclose(self) -> None:
-        if self._life is not None:
-            life, self._life = self._life, None
-            await life.__aexit__(None, None, None)
-
-    # -- async use -----------------------------------------------------------------
-
-    async def __aenter__(self) -> LocalCluster:
-        if not self.asynchronous:
-            raise TypeError("pass asynchronous=True to use a LocalCluster with 'async with'")
-        # A start-up failure inside _open() has already unwound what it opened.
-        life = self._open()
-        await life.__aenter__()
-        self._life = life
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        life, self._life = self._life, None
-        if life is None:
-            return None
-        return await life.__aexit__(*exc_info)
 
     # -- the cluster's life ----------------------------------------------------------
 

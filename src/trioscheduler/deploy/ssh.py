@@ -39,6 +39,7 @@ from typing import Any
 import trio
 
 from trioscheduler.deploy.asyncio_thread import AsyncioThread
+from trioscheduler.deploy.facade import SyncAsyncFacade
 from trioscheduler.deploy.spawn import ERROR_MARK, MARK
 from trioscheduler.errors import TrioSchedulerError
 
@@ -139,7 +140,7 @@ class _Remote:
                 await self.conn.wait_closed()
 
 
-class SSHCluster:
+class SSHCluster(SyncAsyncFacade):
     """``with SSHCluster(["sched-host", "worker-1", "worker-2"]) as cluster: Client(cluster)``."""
 
     def __init__(
@@ -212,49 +213,6 @@ class SSHCluster:
         return shlex.join(
             [python, "-m", "trioscheduler.deploy.spawn", *args, "--options", json.dumps(options)]
         )
-
-    # -- sync use ------------------------------------------------------------------
-
-    def __enter__(self) -> SSHCluster:
-        if self.asynchronous:
-            raise TypeError("an asynchronous SSHCluster is used with 'async with'")
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-    def close(self) -> Any:
-        """Stop the workers, then the scheduler, and disconnect; idempotent.
-
-        Returns an awaitable when the cluster is asynchronous.
-        """
-        if self.asynchronous:
-            return self._aclose()
-        if self._handle is not None:
-            handle, self._handle = self._handle, None
-            handle.close()
-        return None
-
-    async def _aclose(self) -> None:
-        if self._life is not None:
-            life, self._life = self._life, None
-            await life.__aexit__(None, None, None)
-
-    # -- async use -----------------------------------------------------------------
-
-    async def __aenter__(self) -> SSHCluster:
-        if not self.asynchronous:
-            raise TypeError("pass asynchronous=True to use an SSHCluster with 'async with'")
-        life = self._open()
-        await life.__aenter__()
-        self._life = life
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        life, self._life = self._life, None
-        if life is None:
-            return None
-        return await life.__aexit__(*exc_info)
 
     # -- the cluster's life ----------------------------------------------------------
 
