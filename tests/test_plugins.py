@@ -230,6 +230,18 @@ def test_worker_plugin_reaches_every_worker_now_later_and_after_restart(
         client.unregister_worker_plugin("counter")
 
 
+def _mark_worker(dask_worker: Any) -> None:
+    dask_worker.marked_by_callback = True
+
+
+def test_register_worker_callbacks_runs_setup_on_every_worker(client: Client) -> None:
+    replies = client.register_worker_callbacks(_mark_worker)
+    assert len(replies) == 2
+    assert set(client.run(_worker_attr, "marked_by_callback").values()) == {True}
+    with pytest.raises(TypeError, match="needs the setup function"):
+        client.register_worker_callbacks()
+
+
 def test_a_worker_plugin_whose_setup_raises(cluster: Any, client: Client) -> None:
     with pytest.raises(ZeroDivisionError, match="setup of this plugin fails") as info:
         client.register_plugin(SetupFails())

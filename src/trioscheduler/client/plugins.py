@@ -11,6 +11,7 @@ scheduler or worker and reported to this client, which logs it as a warning on t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -124,6 +125,15 @@ class PluginMethods(ClientBase):
             idempotent = bool(getattr(plugin, "idempotent", False))
         blob = cloudpickle.dumps(plugin, protocol=5)
         return self.sync(register, self, kind, blob, name, idempotent)
+
+    def register_worker_callbacks(self, setup: Callable[..., Any] | None = None) -> Any:
+        """dask's older form of a worker plugin: run ``setup()`` (``setup(dask_worker=)``
+        if it takes the worker) on every worker, now and on workers that join later."""
+        if setup is None:
+            raise TypeError("register_worker_callbacks() needs the setup function to run")
+        from trioscheduler.plugins.builtin import WorkerSetup
+
+        return self.register_plugin(WorkerSetup(setup))
 
     def unregister_worker_plugin(self, name: str, nanny: bool | None = None) -> Any:
         """Tear down the worker (``nanny=True``: nanny) plugin ``name`` everywhere; a name

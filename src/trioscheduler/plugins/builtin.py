@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import inspect
 import io
 import logging
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "PipInstall",
     "UploadDirectory",
     "UploadFile",
+    "WorkerSetup",
 ]
 
 logger = logging.getLogger("trioscheduler.plugins")
@@ -213,6 +215,23 @@ class Environ(NannyPlugin):
         # Our nanny's ``env`` is the whole environment of its workers (None: its own).
         base = os.environ if nanny.env is None else nanny.env
         nanny.env = {**base, **self.environ}
+
+
+class WorkerSetup(WorkerPlugin):
+    """``Client.register_worker_callbacks(setup)``: ``setup()`` (or
+    ``setup(dask_worker=worker)``) on every worker, now and on later ones."""
+
+    def __init__(self, setup: Callable[..., Any]) -> None:
+        self.setup_function = setup
+        self.name = f"{getattr(setup, '__name__', 'setup')}-{uuid.uuid4().hex[:8]}"
+
+    def setup(self, worker: Any) -> Any:
+        fn = self.setup_function
+        try:
+            takes_worker = "dask_worker" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes_worker = False
+        return fn(dask_worker=worker) if takes_worker else fn()
 
 
 class UploadFile(WorkerPlugin):
