@@ -9,6 +9,7 @@ background loop's ``enter`` of it) when sync; the rest is here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Self
 
@@ -19,9 +20,7 @@ class SyncAsyncFacade:
     asynchronous: bool
     _handle: Any  # deploy.loop's Entered, while a sync cluster is open
     _life: AbstractAsyncContextManager[Any] | None  # _open(), while an async one is open
-
-    def _open(self) -> AbstractAsyncContextManager[Any]:
-        raise NotImplementedError  # every subclass defines its life
+    _open: Callable[[], AbstractAsyncContextManager[Any]]  # the subclass's life
 
     # -- sync use ------------------------------------------------------------------
 
