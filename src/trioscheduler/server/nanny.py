@@ -70,6 +70,7 @@ from trioscheduler.server.fork import (
     _own_rss,
     fork_supported,
 )
+from trioscheduler.server.lifecycle import RunsInAsyncWith
 from trioscheduler.server.plugins import NannyPlugins
 from trioscheduler.server.preload import preloads
 from trioscheduler.wire.address import tcp_address
@@ -167,7 +168,7 @@ def _check_start_method(method: str) -> str:
     return method
 
 
-class Nanny:
+class Nanny(RunsInAsyncWith):
     """``async with Nanny(scheduler_address, nthreads=2) as n: ...``; ``n.worker_address``.
 
     ``memory_limit`` is resolved here (``"auto"`` shares system memory among ``nworkers``)
@@ -264,17 +265,6 @@ class Nanny:
         return f"<Nanny {self.worker_address or '(no worker)'} pid={self.pid} {self.status}>"
 
     # ----------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Nanny:
-        # A start-up failure inside _run() has already unwound what it opened.
-        life = self._run()
-        await life.__aenter__()
-        self._life = life
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        assert self._life is not None
-        return await self._life.__aexit__(*exc_info)
 
     async def finished(self) -> None:
         """Wait until the nanny stopped (closed, or its worker closed on purpose)."""

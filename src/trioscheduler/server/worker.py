@@ -77,6 +77,7 @@ from trioscheduler.http.logs import LogBuffer
 from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
+from trioscheduler.server.lifecycle import RunsInAsyncWith
 from trioscheduler.server.plugins import WorkerPlugins
 from trioscheduler.server.preload import preloads
 from trioscheduler.wire import serialize, shm
@@ -123,7 +124,7 @@ _BACKOFF = (0.1, 5.0)  # first and longest wait between two attempts to rejoin
 
 
 
-class Worker:
+class Worker(RunsInAsyncWith):
     """A worker: ``async with Worker(scheduler_address, nthreads=2) as w: await w.finished()``.
 
     ``address`` is where this worker serves its data (``None``: ``inproc://`` when the
@@ -250,17 +251,6 @@ class Worker:
     # ----------------------------------------------------------------------------------
     # Life cycle
     # ----------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Worker:
-        # A start-up failure inside _run() has already unwound what it opened.
-        life = self._run()
-        await life.__aenter__()
-        self._life = life
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        assert self._life is not None
-        return await self._life.__aexit__(*exc_info)
 
     async def finished(self) -> None:
         """Wait until the worker has shut down (``CloseWorker``, no scheduler for
