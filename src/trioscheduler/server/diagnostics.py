@@ -729,12 +729,12 @@ async def op_dump_state(s: Scheduler, request: dict[str, Any]) -> dict[str, Any]
     if workers:
         logs = await on_workers(s, worker_logs, (None,), workers)
         worker_parts = {a: {"logs": [list(r) for r in logs[a]]} for a in workers}
-    info = await s._op_identity({})
+    worker_info = {a: s._worker_info(a, ws) for a, ws in s.state.workers.items()}
     gc.collect()
     return {
         "scheduler": {
             "address": s.address,
-            "workers": info["workers"],
+            "workers": worker_info,
             "clients": sorted(s.state.clients),
             "tasks": tasks,
             "events": {t: [list(e) for e in q] for t, q in _diag(s).events.items()},

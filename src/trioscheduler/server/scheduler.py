@@ -32,7 +32,6 @@ nannies restart their workers, into another environment after every nanny prepar
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import os
@@ -41,29 +40,25 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import IO, Any
 
-import cloudpickle
 import msgpack
 import trio
 
 from trioscheduler import wire
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
-from trioscheduler.core.errors import RESTART_REASON
 from trioscheduler.core.scheduler import SchedulerState
-from trioscheduler.environments import EnvironmentRefusedError
 from trioscheduler.environments.store import EnvironmentStore
-from trioscheduler.environments.twophase import prepare_everywhere
 from trioscheduler.http import format_dashboard_link, resolve_dashboard_address
 from trioscheduler.http.task_stream import TaskStream
 from trioscheduler.server import plugins as _plugins
 from trioscheduler.server.coordination import CoordinationHost
-from trioscheduler.server.datasets import DatasetExistsError, DatasetStore
+from trioscheduler.server.datasets import DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
 from trioscheduler.server.diagnostics import Diagnostics
 from trioscheduler.server.preload import preloads
-from trioscheduler.server.uploads import UploadStore, install_payload
+from trioscheduler.server.scheduler_ops import HANDLERS as _OPS_HANDLERS
+from trioscheduler.server.uploads import UploadStore
 from trioscheduler.wire import local_alias
-from trioscheduler.wire.remote_error import pack_exception
 from trioscheduler.wire.security import Security, connect_args, default_scheme, listen_args
 from trioscheduler.wire.security import resolve as resolve_security
 
@@ -187,19 +182,6 @@ def _sole_error(group: BaseExceptionGroup) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    """Does ``fn`` take a keyword argument ``name`` (``dask_scheduler``)?"""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _addr(obj: Any) -> str:
-    """A worker address whether the core stores addresses or worker records."""
-    return obj if isinstance(obj, str) else str(obj.address)
 
 
 class Scheduler:
@@ -702,7 +684,7 @@ class Scheduler:
             if type(request) is not dict:
                 raise ProtocolViolation(f"rpc request is not a dict: {request!r:.200}")
 
-    # -- RPC operations --------------------------------------------------------------
+    # -- what RPC operations (``server/scheduler_ops.py``) use -----------------------
 
     def _worker_info(self, addr: str, ws: Any) -> dict[str, Any]:
         return {
@@ -719,105 +701,6 @@ class Scheduler:
             "processing": len(getattr(ws, "processing", ())),
             "nbytes": getattr(ws, "nbytes", 0),
         }
-
-    async def _op_identity(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "type": "Scheduler",
-            "address": self.address,
-            "services": self.services(),
-            "workers": {
-                addr: self._worker_info(addr, ws) for addr, ws in self.state.workers.items()
-            },
-        }
-
-    async def _op_who_has(self, request: dict[str, Any]) -> list[list[Any]]:
-        tasks = self.state.tasks
-        keys = request.get("keys")
-        if keys is None:
-            keys = list(tasks)
-        out: list[list[Any]] = []
-        for key in keys:
-            ts = tasks.get(key)
-            holders = (
-                [_addr(w) for w in (getattr(ts, "who_has", None) or ())] if ts is not None else []
-            )
-            out.append([key, holders])
-        return out
-
-    async def _op_has_what(self, request: dict[str, Any]) -> dict[str, list[Any]]:
-        workers = request.get("workers") or list(self.state.workers)
-        out: dict[str, list[Any]] = {}
-        for addr in workers:
-            ws = self.state.workers.get(addr)
-            if ws is not None:
-                out[addr] = [getattr(ts, "key", ts) for ts in ws.has_what]
-        return out
-
-    async def _op_nthreads(self, request: dict[str, Any]) -> dict[str, int]:
-        workers = request.get("workers")
-        items = self.state.workers.items()
-        return {
-            addr: ws.nthreads
-            for addr, ws in items
-            if (not workers or addr in workers or getattr(ws, "name", None) in workers)
-            and getattr(ws, "status", "running") == "running"
-        }
-
-    async def _op_wait_for_workers(self, request: dict[str, Any]) -> int:
-        n = int(request.get("n_workers", 1))
-        while len(self.state.workers) < n:
-            await self._workers_changed.wait()
-        return len(self.state.workers)
-
-    async def _op_update_data(self, request: dict[str, Any]) -> int:
-        """A client scattered data: ``items`` is ``[[key, [holders], nbytes], ...]``.
-
-        An RPC (not a stream event) so the client's next request sees the data.
-        """
-        client = request.get("client")
-        peer = self._clients.get(client) if isinstance(client, str) else None
-        if peer is None or not isinstance(client, str):
-            raise ValueError(f"update_data from unknown client {client!r}")
-        items = request["items"]
-        self._feed(
-            m.UpdateData(
-                self._stimulus("scatter"),
-                trio.current_time(),
-                client,
-                {key: list(holders) for key, holders, _ in items},
-                {key: nbytes for key, _, nbytes in items},
-            )
-        )
-        return len(items)
-
-    async def _op_task_states(self, request: dict[str, Any]) -> list[list[Any]]:
-        """``[[key, state], ...]`` for ``keys`` (or all tasks): for tests and dashboards."""
-        tasks = self.state.tasks
-        keys = request.get("keys")
-        if keys is None:
-            keys = list(tasks)
-        return [[k, tasks[k].state if k in tasks else None] for k in keys]
-
-    # -- datasets ------------------------------------------------------------------
-
-    async def _op_publish_put(self, request: dict[str, Any]) -> str | None:
-        """Publish ``items`` (``[[name, bytes, keys], ...]``); an error text if a name is taken."""
-        try:
-            self.datasets.put(request["items"], bool(request.get("override")))
-        except DatasetExistsError as exc:
-            return str(exc)
-        return None
-
-    async def _op_publish_get(self, request: dict[str, Any]) -> list[bytes | None]:
-        return [self.datasets.get(name) for name in request["names"]]
-
-    async def _op_publish_list(self, request: dict[str, Any]) -> list[Any]:
-        return self.datasets.names()
-
-    async def _op_publish_delete(self, request: dict[str, Any]) -> list[Any]:
-        return [name for name in request["names"] if self.datasets.delete(name)]
-
-    # -- functions and files on workers, functions here -------------------------------
 
     async def _run_on_worker(self, addr: str, payload: bytes, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
         """One ``run`` request to a worker's data server; a failure becomes an error reply."""
@@ -843,201 +726,13 @@ class Scheduler:
                     reply.get("text"),
                 )
 
-    async def _op_upload_file(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Install a file on every worker; kept for later workers only if all succeeded.
-
-        Returns ``{"workers": [...], "errors": {address: [exception, traceback, text]}}``.
-        """
-        filename, data = request["filename"], request["data"]
-        load = bool(request.get("load", True))
-        self.uploads.keep(filename, data, load)  # a worker joining meanwhile gets it too
-        payload = install_payload(filename, data, load)
-        workers = sorted(self.state.workers)
-        errors: dict[str, list[Any]] = {}
-
-        async def one(addr: str) -> None:
-            reply = await self._run_on_worker(addr, payload, float(request.get("timeout", 60)))
-            if reply.get("status") != "OK":
-                errors[addr] = [reply.get("exception"), reply.get("traceback"), reply.get("text")]
-
-        async with trio.open_nursery() as nursery:
-            for addr in workers:
-                nursery.start_soon(one, addr)
-        if errors:
-            self.uploads.files.pop(filename, None)
-        return {"workers": workers, "errors": errors}
-
-    async def _op_run_function(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``run_on_scheduler``: call a function here (``dask_scheduler=`` is this object)."""
-        try:
-            fn, args, kwargs = cloudpickle.loads(request["function"])
-            if _accepts(fn, "dask_scheduler"):
-                kwargs = {**kwargs, "dask_scheduler": self}
-            result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-        except Exception as exc:
-            blob, tb_blob, text, _ = pack_exception(exc)
-            return {"error": [blob, tb_blob, text]}
-        return {"result": result}
-
-    async def _op_worker_lost_reason(self, request: dict[str, Any]) -> None:
-        """A nanny says why its worker vanished (the scheduler saw only a broken stream)."""
-        logger.warning(
-            "worker %s: %s (reported by its nanny)", request.get("worker"), request.get("reason")
-        )
-
-    async def _op_start_ipython(self, request: dict[str, Any]) -> dict[str, Any]:
-        """An IPython kernel in this process with ``scheduler`` in its namespace."""
-        from trioscheduler.kernels.service import start_ipython_reply
-
-        assert self._nursery is not None
-        return await start_ipython_reply(
-            self, role="scheduler", address=self.address, directory=None, nursery=self._nursery
-        )
-
     def retire_worker(self, addr: str) -> None:
         """Close ``addr`` gracefully: its unique data is copied to other workers first
         (the core's ``RetireWorker``); a worker nobody could take data from keeps running."""
         self._feed(m.RetireWorker(self._stimulus("retire"), trio.current_time(), addr))
 
-    # -- restart ---------------------------------------------------------------------
-
-    async def _op_restart(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Cancel every client's keys, then restart the workers.
-
-        Workers under a nanny are restarted by it; the others are closed when
-        ``close_workers`` (dask's rule: a deployment may bring them back), else left
-        alone (the requesting client restarts its own in-process cluster). Waits, up to
-        ``timeout``, until every restarted worker joined again.
-        """
-        timeout = float(request.get("timeout", 60))
-        nannies = {addr: ws.nanny for addr, ws in self.state.workers.items() if ws.nanny}
-        plain = sorted(addr for addr in self.state.workers if addr not in nannies)
-        environment = request.get("environment")  # None: stay in the current one
-        if environment is not None:
-            try:
-                await self._prepare_environment(environment, nannies, plain, timeout)
-            except EnvironmentRefusedError as exc:  # nothing was touched
-                return {"restarted": [], "plain": plain, "errors": {}, "refused": exc.reasons,
-                        "refused_text": str(exc)}  # fmt: skip
-        self.datasets.clear()
-        self.plugins.call("restart", self)
-        requester = request.get("client")  # cancels its own futures when we answer
-        for cid, cs in list(self.state.clients.items()):
-            keys = list(cs.wants)
-            if not keys:
-                continue
-            if cid in self._clients and cid != requester:
-                for key in keys:
-                    self._send(self._clients, cid, m.KeyCancelled(key, RESTART_REASON))
-            self._feed_client_event(m.ClientReleasesKeys, cid, keys)
-        if request.get("close_workers", True):
-            for addr in plain:
-                self._send(self._workers, addr, m.CloseWorker(addr, "restart"))
-        new: list[str] = []
-        errors: dict[str, str] = {}
-        assert self._pool is not None
-        pool = self._pool
-
-        async def one(addr: str, nanny: str) -> None:
-            try:
-                async with pool.connect(nanny) as stream:
-                    await stream.send({"op": "restart", "reason": "Client.restart"})
-                    reply = await stream.receive()
-            except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
-                reply = {"status": "error", "text": repr(exc)}
-            if reply.get("status") == "OK":
-                new.append(reply["worker"])
-            else:
-                errors[addr] = str(reply.get("text"))
-
-        with trio.move_on_after(timeout) as scope:
-            async with trio.open_nursery() as nursery:
-                for addr, nanny in nannies.items():
-                    nursery.start_soon(one, addr, nanny)
-            while not all(a in self.state.workers for a in new):
-                await self._workers_changed.wait()
-        if scope.cancelled_caught:
-            errors["timeout"] = (
-                f"{len([a for a in new if a in self.state.workers])} of {len(nannies)} "
-                f"workers were back within {timeout} s"
-            )
-        return {"restarted": sorted(new), "plain": plain, "errors": errors}
-
-    # -- coordination primitives (``server/coordination.py``) ----------------------------
-
-    async def _op_coord(self, request: dict[str, Any]) -> Any:
-        return await self.coordination.answer(request, wait_ok=False)
-
-    async def _op_coord_wait(self, request: dict[str, Any]) -> Any:
-        return await self.coordination.answer(request, wait_ok=True)
-
-    # -- shipped environments (trioscheduler.environments) -------------------------------
-
-    async def _prepare_environment(
-        self,
-        env_id: str,
-        nannies: dict[str, str],
-        plain: list[str],
-        timeout: float,  # noqa: ASYNC109
-    ) -> None:
-        """Phase one of a restart into ``env_id``; on success it becomes the current one."""
-        if env_id != "base":
-            if not isinstance(env_id, str) or not self.environments.has(env_id):
-                raise EnvironmentRefusedError(
-                    f"the scheduler has no environment {env_id!r:.80}: upload_environment() it first"
-                )
-            assert self._pool is not None
-            await prepare_everywhere(self._pool, nannies, plain, env_id, timeout)
-        # Set before the restart proper: a worker restarting meanwhile starts in it too.
-        self.environments.current = None if env_id == "base" else env_id
-
-    async def _op_env_has(self, request: dict[str, Any]) -> dict[str, Any] | None:
-        env_id = request["id"]
-        return self.environments.manifests[env_id] if self.environments.has(env_id) else None
-
-    async def _op_env_put(self, request: dict[str, Any]) -> dict[str, Any] | None:
-        async with self._env_lock:
-            return await trio.to_thread.run_sync(
-                lambda: self.environments.put(
-                    request["id"], int(request["offset"]), request["data"], bool(request.get("final"))
-                )
-            )
-
-    async def _op_env_get(self, request: dict[str, Any]) -> tuple[bytes, int]:
-        return await trio.to_thread.run_sync(
-            self.environments.read, request["id"], int(request["offset"]), int(request["length"])
-        )
-
-    async def _op_env_current(self, request: dict[str, Any]) -> str | None:
-        return self.environments.current
-
     _rpc_handlers: dict[str, Callable[[Scheduler, dict[str, Any]], Any]] = {
-        "identity": _op_identity,
-        "scheduler_info": _op_identity,
-        "who_has": _op_who_has,
-        "has_what": _op_has_what,
-        "nthreads": _op_nthreads,
-        "ncores": _op_nthreads,
-        "wait_for_workers": _op_wait_for_workers,
-        "update_data": _op_update_data,
-        "task_states": _op_task_states,
-        "publish_put": _op_publish_put,
-        "publish_get": _op_publish_get,
-        "publish_list": _op_publish_list,
-        "publish_delete": _op_publish_delete,
-        "upload_file": _op_upload_file,
-        "run_function": _op_run_function,
-        "restart": _op_restart,
-        "worker_lost_reason": _op_worker_lost_reason,
-        "start_ipython": _op_start_ipython,
-        "coord": _op_coord,
-        "coord_wait": _op_coord_wait,
-        "env_has": _op_env_has,
-        "env_put": _op_env_put,
-        "env_get": _op_env_get,
-        "env_current": _op_env_current,
+        **_OPS_HANDLERS,  # identity, who_has, datasets, upload_file, restart... (scheduler_ops.py)
         **_DIAGNOSTICS_HANDLERS,  # logs, events, metadata, retire/replicate... (diagnostics.py)
         **_plugins.RPC_HANDLERS,
     }

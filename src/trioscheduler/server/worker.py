@@ -29,7 +29,6 @@ cancel running work, close the listener, remove the spill directory.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import os
@@ -41,7 +40,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-import cloudpickle
 import psutil
 import trio
 
@@ -76,6 +74,7 @@ from trioscheduler.core.worker import WorkerState
 from trioscheduler.http.logs import LogBuffer
 from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
 from trioscheduler.server.actors import ActorHost
+from trioscheduler.server.calling import call_pickled
 from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
 from trioscheduler.server.lifecycle import RunsInAsyncWith
 from trioscheduler.server.plugins import WorkerPlugins
@@ -1175,14 +1174,9 @@ class Worker(RunsInAsyncWith):
 
     async def _run_function(self, payload: bytes) -> dict[str, Any]:
         try:
-            fn, args, kwargs = cloudpickle.loads(payload)
-            if _accepts(fn, "dask_worker"):
-                kwargs = {**kwargs, "dask_worker": self}
             token = task_context.current_worker.set(self)
             try:
-                result = fn(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
+                result = await call_pickled(payload, "dask_worker", self)
             finally:
                 task_context.current_worker.reset(token)
         except trio.Cancelled:
@@ -1195,10 +1189,3 @@ class Worker(RunsInAsyncWith):
 
 def _sizeof(value: Any) -> int:
     return nbytes_and_type(value)[0]
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
