@@ -27,6 +27,7 @@ import pytest
 pytest.importorskip("ipykernel")
 from jupyter_client.blocking.client import BlockingKernelClient  # noqa: E402
 
+import trioscheduler  # noqa: E402
 from trioscheduler.client import Client  # noqa: E402
 from trioscheduler.kernels.magics import RemoteKernelError, run_cell_remote  # noqa: E402
 
@@ -54,8 +55,10 @@ class Cluster:
 
 
 def _env(home: Path) -> dict[str, str]:
-    # the workers import this module's functions, as a user's workers would
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(Path(__file__).parent)}
+    # the workers import this module's functions, as a user's workers would, and the
+    # same trioscheduler as this process
+    paths = [str(Path(__file__).parent), str(Path(trioscheduler.__file__).parents[1])]
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": os.pathsep.join(paths)}
     for var in ("JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "IPYTHONDIR", "XDG_DATA_HOME"):
         env.pop(var, None)
     return env
@@ -273,7 +276,8 @@ def test_await_cells_run_on_the_servers_trio_loop(
     assert solo.value(main) is False  # a plain cell: the kernel's thread
     assert solo.value(f"[await trio.sleep(0), {main}][1]") is True
     # so a server coroutine can be awaited (here: what a peer's data request gets)
-    solo.run(f"reply = await worker._get_data([{x.key!r}])")
+    solo.run("from trioscheduler.server.worker_peers import get_data")
+    solo.run(f"reply = await get_data(worker, [{x.key!r}])")
     assert solo.value(f"reply['data'][{x.key!r}]") == 7
     # what an await cell prints reaches the cell, though it runs in the trio thread
     content, outputs = solo.run("await trio.sleep(0); print('awaited print')")

@@ -35,9 +35,9 @@ import os
 import random
 import socket
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import psutil
@@ -53,8 +53,6 @@ from trioscheduler.core.messages import (
     ExecuteFailure,
     ExecuteSuccess,
     GatherDep,
-    GatherDepFailure,
-    GatherDepSuccess,
     MemoryMeasured,
     RemoveWorker,
     RescheduleEvent,
@@ -62,26 +60,25 @@ from trioscheduler.core.messages import (
     SchedulerLost,
     SecedeEvent,
     Spill,
-    SpillFailed,
     SpillWritten,
-    TaskErred,
     ToScheduler,
     Unspill,
     WorkerHeartbeat,
-    WorkerUpdateData,
 )
 from trioscheduler.core.worker import WorkerState
 from trioscheduler.http.logs import LogBuffer
-from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
+from trioscheduler.server import diagnostics, memory, profiling, task_context
 from trioscheduler.server.actors import ActorHost
-from trioscheduler.server.calling import call_pickled
-from trioscheduler.server.executor import Done, ThreadExecutor, nbytes_and_type
+from trioscheduler.server.executor import Done, ThreadExecutor
 from trioscheduler.server.lifecycle import RunsInAsyncWith
 from trioscheduler.server.plugins import WorkerPlugins
 from trioscheduler.server.preload import preloads
-from trioscheduler.wire import serialize, shm
+from trioscheduler.server.spill_writer import SpillWriter
+from trioscheduler.server.stimuli import now as _now
+from trioscheduler.server.stimuli import stimulus as _stimulus
+from trioscheduler.server.worker_peers import gather_dep, serve_peer
+from trioscheduler.wire import shm
 from trioscheduler.wire.address import tcp_address
-from trioscheduler.wire.remote_error import pack_exception
 from trioscheduler.wire.security import Security, connect_args, listen_args
 from trioscheduler.wire.security import resolve as resolve_security
 
@@ -103,14 +100,6 @@ def default_host(scheduler_address: str) -> str:
             return str(s.getsockname()[0])
     except OSError:
         return "127.0.0.1"
-
-
-def _now() -> float:
-    return trio.current_time()
-
-
-def _stimulus(kind: str) -> str:
-    return f"{kind}-{time.time()}"
 
 
 #: ``0`` switches same-host shared-memory transfers off for workers started without
@@ -237,11 +226,9 @@ class Worker(RunsInAsyncWith):
         self._executing: set[Any] = set()
         self._transfers: list[list[Any]] = []  # [start, stop, peer, nbytes, [key], n]
         self.logs = LogBuffer()  # for the data server's get_logs (the dashboard's /info)
-        # Spill files are written by one writer task, in a thread (``_write_spills``),
-        # which reports each finished write to the core (``SpillWritten``).
-        self._spill_jobs: deque[memory.SpillJob] = deque()
-        self._doomed: list[str] = []  # spill files to remove, by the writer too
-        self._spill_writer = False  # the writer task is running
+        # Spill files are written in a thread by one writer task, which reports each
+        # finished write to the core (``SpillWritten``): ``server/spill_writer.py``.
+        self._spill_writer: SpillWriter | None = None
         self._unusable_reported: set[Any] = set()  # keys whose values cannot travel, said
 
     def __repr__(self) -> str:
@@ -263,7 +250,8 @@ class Worker(RunsInAsyncWith):
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Worker]:
         self.store = memory.DataStore(self.local_directory)
-        self.store.remove = self._remove_later
+        self._spill_writer = SpillWriter(self.store, self._start, self.handle, self)
+        self.store.remove = self._spill_writer.remove_later
         self.trio_token = trio.lowlevel.current_trio_token()
         self._executor.start()
         error: BaseException | None = None  # the block's own error, raised unwrapped
@@ -277,7 +265,7 @@ class Worker(RunsInAsyncWith):
                     async with (
                         wire.listen(
                             listen_at,
-                            self._serve_peer,
+                            partial(serve_peer, self),
                             role="worker",
                             info={"name": self.name},
                             peer_speaks_first=True,
@@ -684,12 +672,17 @@ class Worker(RunsInAsyncWith):
                 elif kind is Execute:
                     self._execute(ins.key, ins.run_spec)
                 elif kind is GatherDep:
-                    self._start(self._gather_dep, ins.peer, ins.keys)
-                elif kind is Spill:
-                    if not self._spill(ins.key):
+                    self._start(gather_dep, self, ins.peer, ins.keys)
+                elif kind is Spill:  # the core counts it as being written; the
+                    # file is written in a thread (a value stays readable meanwhile)
+                    assert self._spill_writer is not None
+                    ts = state.tasks.get(ins.key)
+                    if not self._spill_writer.spill(ins.key, ts.nbytes if ts is not None else 0):
                         written.append(ins.key)
-                elif kind is Unspill:
-                    self._unspill(ins.key)
+                elif kind is Unspill:  # only marks the key: the task thread gathering
+                    # the task's inputs reads it (``DataStore.__getitem__``), off the loop
+                    assert self.store is not None
+                    self.store.want(ins.key)
                 elif kind is DeleteData:
                     assert self.store is not None
                     self.store.delete(ins.key)
@@ -705,96 +698,6 @@ class Worker(RunsInAsyncWith):
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._work is not None and not self._closing:
             self._work.start_soon(fn, *args)
-
-    # Spilling: the core books a ``Spill`` at once and counts its bytes as being written;
-    # the file is written here in a thread, one job at a time, while the value stays
-    # readable in ``store.writing``, and each finished write is reported (``SpillWritten``,
-    # or ``SpillFailed``). The core starts no task while more than its write-ahead
-    # threshold (``memory.WRITE_AHEAD`` of the limit) is unwritten, so its byte counts are
-    # never far ahead of the disk (with unbounded write-behind a worker once ran past its
-    # terminate threshold). ``Unspill`` only marks the key: the task thread gathering the
-    # task's inputs reads it (``DataStore.__getitem__``), off the loop.
-
-    def _spill(self, key: Any) -> bool:
-        """Carry out ``Spill``; False if nothing is left to write (its file is there
-        already, or the key is unknown): the caller reports it written at once."""
-        store, state = self.store, self.state
-        assert store is not None and state is not None
-        ts = state.tasks.get(key)
-        job = store.begin_spill(key, ts.nbytes if ts is not None else 0)
-        if job is None:
-            return False
-        self._spill_jobs.append(job)
-        self._wake_writer()
-        return True
-
-    def _remove_later(self, path: str) -> None:
-        self._doomed.append(path)
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        if not self._spill_writer:
-            self._spill_writer = True
-            self._start(self._write_spills)
-
-    async def _write_spills(self) -> None:
-        """Write queued spill files in a thread, then book them and report failures;
-        remove unneeded files in the same thread.
-
-        Small values go to the thread several at a time (up to ``SPILL_BATCH`` bytes).
-        """
-        store = self.store
-        assert store is not None
-        jobs = self._spill_jobs
-        try:
-            while jobs or self._doomed:
-                doomed, self._doomed = self._doomed, []
-                batch: list[memory.SpillJob] = []
-                size = 0
-                while jobs and size < memory.SPILL_BATCH:
-                    job = jobs.popleft()
-                    if store.writing.get(job.key) is not job:
-                        continue  # deleted, replaced or wanted back before its turn
-                    batch.append(job)
-                    size += job.nbytes
-                if batch or doomed:
-                    await trio.to_thread.run_sync(memory.write_spills, batch, doomed)
-                written: list[Any] = []
-                events: list[Any] = []
-                for job in batch:
-                    # a write overtaken by Unspill, DeleteData or a new value is over for
-                    # the core already: not reported
-                    current = store.writing.get(job.key) is job
-                    error = store.finish_spill(job)
-                    if error is None:
-                        if current:
-                            written.append(job.key)
-                        continue
-                    if isinstance(error, memory.UnpicklableValue):
-                        reason = "cannot be pickled"
-                    else:
-                        reason = f"could not write the spill file: {type(error).__name__}: {error}"
-                        logger.error(
-                            "worker %s: spilling %r failed: %s", self.address, job.key, reason
-                        )
-                    events.append(
-                        SpillFailed(
-                            stimulus_id=_stimulus("spill-failed"), now=_now(), key=job.key,
-                            reason=reason,
-                        )
-                    )  # fmt: skip
-                if written:
-                    stim = _stimulus("spill-written")
-                    events.insert(0, SpillWritten(stimulus_id=stim, now=_now(), keys=written))
-                if events:
-                    self.handle(*events)
-        finally:
-            self._spill_writer = False
-
-    def _unspill(self, key: Any) -> None:
-        store = self.store
-        assert store is not None
-        store.want(key)
 
     def secede(self, key: Any) -> None:
         """A running task called ``secede()``: free its slot and tell the core."""
@@ -918,274 +821,3 @@ class Worker(RunsInAsyncWith):
             done.settle(value)
         done.stop = time.time()
         self._executor.deliver(done)
-
-    async def _gather_dep(self, peer: str, keys: list[Any]) -> None:
-        assert self.store is not None and self._pool is not None
-        started = time.time()
-        unusable: list[Any] = []
-        try:
-            try:
-                reply = await self._fetch(peer, keys)
-            except wire.ProtocolError as exc:
-                if not isinstance(exc.__cause__, wire.DeserializationError):
-                    raise
-                # It arrived whole and cannot be loaded here: no retry will help. Which
-                # key? Each on its own, so that the others still arrive.
-                reply = {"status": "OK", "data": {}, "missing": []}
-                for key in keys if len(keys) > 1 else ():
-                    try:
-                        one = await self._fetch(peer, [key])
-                    except wire.ProtocolError as e:
-                        if not isinstance(e.__cause__, wire.DeserializationError):
-                            raise
-                        self._report_unusable(key, e.__cause__, self._cannot_load)
-                        unusable.append(key)
-                    else:
-                        reply["data"].update(one["data"])
-                        reply["missing"] += one.get("missing", [])
-                        unusable += list(one.get("errors") or ())
-                if len(keys) == 1:
-                    self._report_unusable(keys[0], exc.__cause__, self._cannot_load)
-                    unusable.append(keys[0])
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            logger.info(
-                "worker %s: fetching %d keys from %s failed: %s",
-                self.address,
-                len(keys),
-                peer,
-                reason,
-            )
-            self.handle(
-                GatherDepFailure(
-                    stimulus_id=_stimulus("gather-dep-failure"),
-                    now=_now(),
-                    peer=peer,
-                    keys=list(keys),
-                    reason=reason,
-                )
-            )
-            return
-        unusable += list(reply.get("errors") or ())  # the holder could not serialize them
-        sizes: dict[Any, int] = {}
-        for key, value in reply["data"].items():
-            self.store.put(key, value)
-            sizes[key] = _sizeof(value)
-        if sizes and len(self._transfers) < 1000:  # reported with the next heartbeat
-            first = next(iter(sizes))
-            self._transfers.append(
-                [started, time.time(), peer, sum(sizes.values()), [first], len(sizes)]
-            )
-        self.handle(
-            GatherDepSuccess(
-                stimulus_id=_stimulus("gather-dep-success"),
-                now=_now(),
-                peer=peer,
-                data=sizes,
-                missing=list(reply.get("missing", [])),
-                unusable=unusable,
-            )
-        )
-
-    @property
-    def _cannot_load(self) -> str:
-        return f"cannot be deserialized on {self.address}"
-
-    async def _fetch(self, peer: str, keys: list[Any]) -> dict[str, Any]:
-        """One ``get_data`` round trip; raises on a failed transfer or an error reply.
-
-        From a peer on this host, large buffers come through shared memory; if mapping
-        its segments fails here (e.g. ``/proc/<pid>/fd`` is not ours to open), that
-        peer's data comes through the socket from then on, starting with this fetch.
-        """
-        use_shm = self.shared_memory and peer not in self._no_shm_peers
-        try:
-            return await self._get_data_from(peer, keys, use_shm)
-        except (trio.BrokenResourceError, RuntimeError) as exc:
-            if not use_shm or not same_host.from_shared_memory(exc):
-                raise
-            logger.warning(
-                "worker %s: shared memory with %s failed (%s); using the socket",
-                self.address, peer, exc,
-            )  # fmt: skip
-            self._no_shm_peers.add(peer)
-            return await self._get_data_from(peer, keys, False)
-
-    async def _get_data_from(self, peer: str, keys: list[Any], use_shm: bool) -> dict[str, Any]:
-        assert self._pool is not None
-        async with self._pool.connect(peer) as stream:
-            request: dict[str, Any] = {"op": "get_data", "keys": list(keys)}
-            if use_shm:
-                request["shm"] = shm.HOST_ID
-                request["pid"] = os.getpid()
-            await stream.send(request)
-            reply = await stream.receive()
-        if not isinstance(reply, dict) or reply.get("status") != "OK":
-            text = reply.get("text") if isinstance(reply, dict) else repr(reply)
-            raise RuntimeError(f"peer answered: {text}")
-        return reply
-
-    # ----------------------------------------------------------------------------------
-    # Data server
-    # ----------------------------------------------------------------------------------
-
-    async def _serve_peer(self, stream: Any) -> None:
-        """Answer request dicts on one connection until the peer closes it."""
-        try:
-            async for request in stream:
-                try:
-                    reply = await self._answer(request)
-                except trio.Cancelled:
-                    raise
-                except Exception as exc:
-                    logger.info(
-                        "worker %s: request from %s failed: %r",
-                        self.address,
-                        getattr(stream, "peer_address", "?"),
-                        exc,
-                    )
-                    reply = {"status": "error", "text": f"{type(exc).__name__}: {exc}"}
-                try:
-                    await stream.send(reply)
-                except wire.SerializationError:
-                    if not (isinstance(request, dict) and request.get("op") == "get_data"):
-                        raise
-                    await stream.send(self._without_unserializable(reply))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-
-    def _without_unserializable(self, reply: dict[str, Any]) -> dict[str, Any]:
-        """A ``get_data`` reply that failed to serialize, without the values that cannot
-        travel: those go back as ``errors`` (the real exception, per key), and the
-        scheduler learns each key's value is unusable elsewhere, once, so the key and
-        its dependents err instead of being fetched again and again."""
-        data = dict(reply["data"])
-        errors: dict[Any, Any] = {}
-        for key, value in list(data.items()):
-            try:
-                serialize.dumps(value)
-            except Exception as exc:
-                del data[key]
-                errors[key] = pack_exception(exc)[:3]
-                self._report_unusable(key, exc, f"cannot be serialized to leave {self.address}")
-        return {**reply, "data": data, "errors": errors}
-
-    def _report_unusable(self, key: Any, exc: BaseException, why: str) -> None:
-        """Tell the scheduler (once per key) that the value of ``key`` cannot travel:
-        it errs with ``exc``, its dependents with it."""
-        if key in self._unusable_reported:
-            return
-        self._unusable_reported.add(key)
-        logger.warning("worker %s: the value of %r %s: %r", self.address, key, why, exc)
-        blob, tb, text, tb_text = pack_exception(exc)
-        self._send(
-            TaskErred(
-                stimulus_id=_stimulus("value-unusable"),
-                now=_now(),
-                worker=self.address,
-                key=key,
-                exception=blob,
-                traceback=tb,
-                exception_text=f"the result of {key!r} {why}: {text}",
-                traceback_text=tb_text,
-            )
-        )
-
-    async def _answer(self, request: Any) -> dict[str, Any]:
-        if not isinstance(request, dict):
-            return {
-                "status": "error",
-                "text": f"expected a request dict, got {type(request).__name__}",
-            }
-        op = request.get("op")
-        if op == "get_data":
-            return await self._get_data(request["keys"], request.get("shm"), request.get("pid"))
-        if op == "update_data":
-            return self._update_data(request["data"])
-        if op == "run":
-            return await self._run_function(request["function"])
-        if op == "start_ipython":  # a kernel in this process with ``worker`` in it
-            from trioscheduler.kernels.service import start_ipython_reply
-
-            assert self._nursery is not None
-            result = await start_ipython_reply(
-                self,
-                role="worker",
-                address=self.address,
-                directory=self.local_directory,
-                nursery=self._nursery,
-            )
-            return {"status": "OK", "result": result}
-        if op == "actor_execute" or op == "actor_attribute":
-            return await self.actors.answer(request)
-        if op == "get_logs":
-            return {"status": "OK", "logs": list(self.logs.lines)}
-        return {
-            "status": "error",
-            "text": f"unknown op {op!r}; this worker knows get_data, update_data, run, "
-            "start_ipython, actor_execute, actor_attribute, get_logs",
-        }
-
-    async def _get_data(
-        self, keys: list[Any], peer_host: Any = None, peer_pid: Any = None
-    ) -> dict[str, Any]:
-        store = self.store
-        assert store is not None
-        data: dict[Any, Any] = {}
-        missing: list[Any] = []
-        share = shm_policy.use_shared_memory(
-            shm.HOST_ID, peer_host, self.shared_memory, os.getpid(), peer_pid
-        )
-        for key in keys:
-            value = store.get_in_memory(key)
-            if not store.is_missing(value):
-                if share:
-                    value = await self._share(key, value, in_memory=True)
-                data[key] = value
-            elif key in store.spilled:
-                try:  # disk reads off the loop; the value may be deleted meanwhile
-                    value = await trio.to_thread.run_sync(store.__getitem__, key)
-                except KeyError:
-                    missing.append(key)
-                    continue
-                if share:
-                    value = await self._share(key, value, in_memory=False)
-                data[key] = value
-            else:
-                missing.append(key)
-        return {"status": "OK", "data": data, "missing": missing}
-
-    async def _share(self, key: Any, value: Any, *, in_memory: bool) -> Any:
-        assert self.store is not None
-        return await same_host.share(
-            self.store, key, value, self.shared_memory_threshold, in_memory, self.address
-        )
-
-    def _update_data(self, data: dict[Any, Any]) -> dict[str, Any]:
-        assert self.store is not None
-        nbytes: dict[Any, int] = {}
-        for key, value in data.items():
-            self.store.put(key, value)
-            nbytes[key] = _sizeof(value)
-        self.handle(WorkerUpdateData(stimulus_id=_stimulus("update-data"), now=_now(), data=nbytes))
-        return {"status": "OK", "nbytes": nbytes}
-
-    async def _run_function(self, payload: bytes) -> dict[str, Any]:
-        try:
-            token = task_context.current_worker.set(self)
-            try:
-                result = await call_pickled(payload, "dask_worker", self)
-            finally:
-                task_context.current_worker.reset(token)
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            blob, tb_blob, text, _ = pack_exception(exc)
-            return {"status": "error", "exception": blob, "traceback": tb_blob, "text": text}
-        return {"status": "OK", "result": result}
-
-
-def _sizeof(value: Any) -> int:
-    return nbytes_and_type(value)[0]
