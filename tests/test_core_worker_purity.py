@@ -12,7 +12,9 @@ import trioscheduler.core as core_pkg
 from trioscheduler.core import memory_policy, messages
 from trioscheduler.core.worker import WorkerState, WorkerTask
 
-FORBIDDEN = {"trio", "anyio", "socket", "threading", "time", "random", "asyncio"}
+FORBIDDEN = {
+    "trio", "anyio", "socket", "threading", "time", "random", "asyncio", "os", "pathlib", "io",
+}  # fmt: skip
 CORE = Path(core_pkg.__file__).parent
 WORKER_MODULES = ["worker.py", "worker_transitions.py", "worker_invariants.py", "memory_policy.py"]
 

@@ -17,6 +17,7 @@ from trioscheduler.core import recorder
 from trioscheduler.core.recorder import Recorder, ReplayError, replay, snapshot
 from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask, layered_graph
+from trioscheduler.server import event_log
 
 
 def random_run(seed: int, steps: int = 400) -> ClusterSimulator:
@@ -145,7 +146,7 @@ def test_headerless_shell_file_replays_as_scheduler(tmp_path: Path) -> None:
     path = tmp_path / "events.msgpack"
     packer = msgpack.Packer(use_bin_type=True)
     path.write_bytes(b"".join(packer.pack(r) for r in rec.log[1:]))
-    log = recorder.load_log(path)
+    log = event_log.load_log(path)
     state = replay(log, defaults={"allowed_failures": 5})
     assert state.allowed_failures == 5
     assert snapshot(state) == snapshot(rec)
@@ -153,7 +154,7 @@ def test_headerless_shell_file_replays_as_scheduler(tmp_path: Path) -> None:
 
 def test_bad_logs_are_refused() -> None:
     with pytest.raises(ReplayError, match="unknown state kind"):
-        replay([[recorder.HEADER_TAG, recorder.FORMAT_VERSION, "nanny", {}]])
+        replay([[recorder.HEADER_TAG, recorder.FORMAT_VERSION, "nanny", {}, {}]])
     with pytest.raises(ReplayError, match="unsupported"):
         replay([[recorder.HEADER_TAG, 99, "scheduler", {}]])
     two = [recorder.header("scheduler", {}), recorder.header("scheduler", {})]
@@ -190,3 +191,34 @@ def test_replay_in_a_process_with_another_hash_seed(tmp_path: Path) -> None:
     env["PYTHONHASHSEED"] = "2"
     done = subprocess.run([sys.executable, "-c", script, "replay", str(data)], env=env)
     assert done.returncode == 0, "replay diverged from the recording"
+
+
+@pytest.mark.parametrize("kind", sorted(recorder.KINDS))
+def test_header_defaults_are_the_constructors(kind: str) -> None:
+    """A header holds every setting; its defaults are the constructor's (so a replay does
+    not depend on the defaults of the code that reads it)."""
+    import inspect
+
+    params = inspect.signature(recorder.KINDS[kind].__init__).parameters
+    defaults = {
+        n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty
+    }
+    assert recorder.DEFAULTS[kind] == defaults
+
+
+def test_header_carries_all_settings_and_the_version() -> None:
+    import trioscheduler
+
+    head = recorder.header("scheduler", {"allowed_failures": 5})
+    assert head[3]["allowed_failures"] == 5
+    assert head[3]["worker_saturation"] == 1.1  # a default, written out
+    assert recorder.header_meta(head) == {"version": trioscheduler.__version__}
+    with pytest.raises(ReplayError, match="unknown scheduler settings"):
+        recorder.header("scheduler", {"no_such_setting": 1})
+    state = replay(recorder.unpack_log(recorder.pack_log([head])))
+    assert state.allowed_failures == 5
+
+
+def test_format_1_headers_still_replay() -> None:
+    old = [recorder.HEADER_TAG, 1, "scheduler", {"allowed_failures": 7}]
+    assert replay([old]).allowed_failures == 7

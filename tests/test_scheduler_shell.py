@@ -16,6 +16,7 @@ import trio
 from trioscheduler import Client, Scheduler, Worker, wire
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
+from trioscheduler.server import event_log
 from trioscheduler.wire.local_alias import local_route
 
 TIMEOUT = 20
@@ -159,7 +160,7 @@ async def test_record_writes_every_event(tmp_path: Path, address: str) -> None:
             await w.aclose()
             await wait_until(lambda: not s.state.workers)
         live = recorder.snapshot(s.state)
-    log = recorder.load_log(path)
+    log = event_log.load_log(path)
     assert log[0][0] == recorder.HEADER_TAG
     events = [m.load(x) for x in log[1:]]
     kinds = [type(e) for e in events]

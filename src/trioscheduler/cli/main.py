@@ -63,6 +63,9 @@ async def _scheduler_main(args: argparse.Namespace) -> None:
                 address,
                 worker_timeout=args.worker_timeout,
                 record=args.record,
+                recover_from=args.recover_from,
+                log_fsync_interval=args.log_fsync_interval,
+                recovery_grace=args.recovery_grace,
                 idle_timeout=args.idle_timeout,
                 preload=args.preload,
                 security=security,
@@ -70,6 +73,12 @@ async def _scheduler_main(args: argparse.Namespace) -> None:
             ),
             args,
         )
+
+
+def _fsync_interval(text: str) -> float | None:
+    if text.strip().lower() in ("never", "none"):
+        return None
+    return parse_seconds(text)
 
 
 async def _serve_scheduler(scheduler: Any, args: argparse.Namespace) -> None:
@@ -268,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler-file", help="write the scheduler's address to this JSON file")
     p.add_argument("--worker-timeout", type=float, default=30.0, help="seconds without heartbeat")
     p.add_argument("--record", help="log every event of the scheduler core to this file")
+    p.add_argument(
+        "--recover-from",
+        metavar="LOG",
+        help="keep the event log in LOG across restarts: started with an existing LOG, the "
+        "scheduler rebuilds its tasks and clients' wishes from it (docs/recovery.md)",
+    )
+    p.add_argument(
+        "--log-fsync-interval",
+        type=_fsync_interval,
+        default=1.0,
+        help="fsync the --recover-from/--record log at most this often, in seconds (0: after "
+        "every write; 'never': leave it to the OS). Default 1",
+    )
+    p.add_argument(
+        "--recovery-grace",
+        type=parse_seconds,
+        default=60.0,
+        help="after recovering, how long workers and clients have to come back (default 60 s)",
+    )
     p.add_argument("--interface", help="network interface to listen on (e.g. eth0), instead of --host")
     p.add_argument("--protocol", choices=("tcp", "tls"), default="tcp", help="protocol to listen on")
     p.add_argument(

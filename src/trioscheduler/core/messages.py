@@ -399,6 +399,22 @@ class Tick:
     now: float
 
 
+@message("recovered")
+class Recovered:
+    """The state was rebuilt from a log by a restarted scheduler: nobody is connected.
+
+    Every worker becomes ``recovering`` (its replicas kept, its processing tasks
+    rescheduled) until it registers again or ``grace`` seconds pass; every client but
+    those in ``keep`` has as long to come back before its wishes are dropped
+    (``core/recovery.py``).
+    """
+
+    stimulus_id: str
+    now: float
+    grace: float
+    keep: Sequence[ClientId] = ()
+
+
 # --------------------------------------------------------------------------------------
 # Scheduler effects
 # --------------------------------------------------------------------------------------
@@ -728,7 +744,7 @@ SCHEDULER_EVENTS: tuple[type[Any], ...] = (
     AddClient, RemoveClient, UpdateGraph, UpdateData, ClientDesiresKeys, ClientReleasesKeys,
     CancelKeys, RetryKeys, AddWorker, RemoveWorker, RetireWorker, WorkerHeartbeat,
     WorkerStatusChange, TaskFinished, TaskErred, AddKeys, ReleaseWorkerData, MissingData,
-    LongRunning, Reschedule, StealResponse, Tick, DropReplicas,
+    LongRunning, Reschedule, StealResponse, Tick, DropReplicas, Recovered,
 )  # fmt: skip
 WORKER_EVENTS: tuple[type[Any], ...] = (
     ComputeTask, FreeKeys, StealRequest, AcquireReplicas, RefreshWhoHas, ExecuteSuccess,

@@ -6,7 +6,7 @@ keeps ``messages.dump(event)`` of each event before handing it to ``handle`` (so
 stays msgpack-writable and cannot be changed by the core afterwards), and starts with a
 header naming the kind of state and its constructor keyword arguments::
 
-    ["recorder-header", 1, "scheduler" | "worker", {kwarg: value, ...}]
+    ["recorder-header", 2, "scheduler" | "worker", {setting: value, ...}, {"version": ...}]
     ["update-graph", ...]            # one dumped event per record
     ["batch", 2]                     # the next 2 events reached one handle() call
     ["task-finished", ...]
@@ -17,12 +17,16 @@ Batch markers matter because the cores make some decisions once per ``handle()``
 (the worker starts tasks and transfers after the whole batch): a replay that handled a
 batch's events one by one could decide differently. ``batches`` regroups the records.
 
-``replay(log)`` rebuilds the state from such a list. The Scheduler shell writes the same
-records to a file (``Scheduler(record=PATH)``: one msgpack object per record, the header
-first); ``unpack_log``/``load_log`` read it. A log without a header (older shell files)
-replays on a ``SchedulerState`` built from ``defaults`` (pass the shell's arguments
-there). Writing and reading files is the shell's business: ``load_log`` is a
-convenience for tools and tests, nothing in the core calls it.
+The header carries every setting of the state (its constructor's defaults filled in,
+``settings``), so a replay does not depend on the defaults of the code that reads it,
+and the version of the code that wrote it. Format 1 headers (the arguments given only,
+no version) still replay.
+
+``replay(log)`` rebuilds the state from such a list. The shells write the same records to
+files (``server/event_log.py``: ``Scheduler(record=PATH)``, ``recover_from=PATH``) and
+read them back (``event_log.load_log``); files are no business of the core's.
+``pack_log``/``unpack_log`` turn records into bytes and back. A log without a header
+(older shell files) replays on a ``SchedulerState`` built from ``defaults``.
 
 Replay does not depend on ``PYTHONHASHSEED``: the cores keep no decision on the
 iteration order of ``str`` sets (``test_replay_in_a_process_with_another_hash_seed``,
@@ -36,19 +40,36 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from trioscheduler._version import __version__
 from trioscheduler.core import messages
 from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.core.worker import WorkerState
 
 HEADER_TAG = "recorder-header"
 BATCH_TAG = "batch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)
 KINDS: dict[str, type[Any]] = {"scheduler": SchedulerState, "worker": WorkerState}
+
+# Every constructor argument of each kind with its default: a header holds them all, so a
+# replay never depends on the defaults of the code reading it (tests/test_recorder.py
+# checks these against the constructors' signatures).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "scheduler": {
+        "worker_timeout": 30.0, "allowed_failures": 3, "steal": True, "validate": False,
+        "bandwidth": 100e6, "default_duration": 0.5, "story_length": 100_000,
+        "worker_saturation": 1.1, "worker_backlog": 0.05, "no_workers_timeout": None,
+    },
+    "worker": {
+        "nthreads": 1, "resources": None, "memory_limit": 0, "target": 0.6, "spill": 0.7,
+        "pause": 0.8, "write_ahead": 0.1, "transfer_incoming_count_limit": 4,
+        "transfer_message_bytes_limit": 50_000_000, "validate": False, "story_limit": 100_000,
+    },
+}  # fmt: skip
 
 
 class ReplayError(ValueError):
@@ -56,10 +77,20 @@ class ReplayError(ValueError):
 
 
 def header(kind: str, kwargs: dict[str, Any]) -> list[Any]:
-    """The first record of a log: the state's kind and constructor keyword arguments."""
+    """The first record of a log: the state's kind, all its settings (``kwargs`` with the
+    constructor's defaults filled in) and the code's version."""
     if kind not in KINDS:
         raise ReplayError(f"unknown state kind {kind!r}; expected one of {sorted(KINDS)}")
-    return [HEADER_TAG, FORMAT_VERSION, kind, dict(kwargs)]
+    unknown = set(kwargs) - set(DEFAULTS[kind]) - {"address"}
+    if unknown:
+        raise ReplayError(f"unknown {kind} settings {sorted(unknown)}")
+    full = {**DEFAULTS[kind], **kwargs}
+    return [HEADER_TAG, FORMAT_VERSION, kind, full, {"version": __version__}]
+
+
+def header_meta(head: Any) -> dict[str, Any]:
+    """The header's fifth field (``{"version": ...}``), empty for format 1."""
+    return dict(head[4]) if len(head) > 4 else {}
 
 
 def _kind_of(state: Any) -> str:
@@ -128,7 +159,7 @@ def split_log(
     records = list(log)
     if records and records[0] and records[0][0] == HEADER_TAG:
         head = records[0]
-        if len(head) != 4 or head[1] != FORMAT_VERSION:
+        if head[1] not in _READABLE_FORMATS or len(head) != 3 + head[1]:
             raise ReplayError(f"unsupported recorder header {head!r:.200}")
         kind, kwargs = head[2], dict(head[3])
         if kind not in KINDS:
@@ -205,14 +236,9 @@ def unpack_log(data: bytes) -> list[Any]:
 
 
 def _header_lists(r: Any) -> Any:
-    if r and r[0] == HEADER_TAG and len(r) == 4:
-        return [r[0], r[1], r[2], dict(r[3])]
+    if r and r[0] == HEADER_TAG and len(r) >= 4:
+        return [r[0], r[1], r[2], dict(r[3]), *[dict(x) for x in r[4:]]]
     return r
-
-
-def load_log(path: str | Path) -> list[Any]:
-    """Read a log file written by the Scheduler shell or by ``pack_log`` (for tools)."""
-    return unpack_log(Path(path).read_bytes())
 
 
 # ------------------------------------------------------------------------------ snapshots

@@ -19,6 +19,7 @@ import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
+from trioscheduler.core import recovery
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.errors import InvalidTransition, KilledWorker, NoValidWorkerError
 from trioscheduler.core.messages import (
@@ -41,6 +42,7 @@ from trioscheduler.core.messages import (
     Log,
     LongRunning,
     MissingData,
+    Recovered,
     RefreshWhoHas,
     ReleaseWorkerData,
     RemoveClient,
@@ -94,6 +96,7 @@ class SchedulerState:
         "total_nthreads", "retiring", "_story_append", "_effects", "_recs", "_sid", "_now",
         "_open_free", "_rr", "retried", "worker_saturation", "worker_backlog", "queuing",
         "open", "queued", "_queue_heap", "_queue_seq", "runs", "_run_seq", "former_names", "no_workers_timeout",
+        "recovery",
     )  # fmt: skip
 
     def __init__(
@@ -174,6 +177,8 @@ class SchedulerState:
         # processing tasks -> the run id of their ComputeTask (answers to others are stale)
         self.runs: dict[Key, int] = {}
         self._run_seq = 0
+        # after a restart from the log: who is still awaited (``core/recovery.py``)
+        self.recovery: recovery.Recovery | None = None
 
     def busy(self) -> bool:
         """Work is waiting, queued, unrunnable or running: the scheduler is not idle
@@ -424,6 +429,8 @@ class SchedulerState:
 
     def _on_add_client(self, ev: AddClient) -> None:
         self._client(ev.client).last_seen = ev.now
+        if self.recovery is not None:
+            recovery.client_back(self, ev.client)
 
     def _on_remove_client(self, ev: RemoveClient) -> None:
         cs = self.clients.pop(ev.client, None)
@@ -651,6 +658,8 @@ class SchedulerState:
     def _on_add_worker(self, ev: AddWorker) -> None:
         old = self.workers.get(ev.worker)
         if old is not None:
+            if old.status == recovery.RECOVERING:
+                recovery.worker_back(self, ev)  # keeps the replicas it still holds
             self._remove_worker(old, expected=True, reason="re-registered")
         ws = WorkerRecord(
             ev.worker, max(ev.nthreads, 1), ev.memory_limit, ev.name, ev.nanny,
@@ -1000,6 +1009,8 @@ class SchedulerState:
             self.transition(ts, "waiting")
 
     def _on_tick(self, ev: Tick) -> None:
+        if self.recovery is not None:
+            recovery.expire(self, ev.now)
         deadline = ev.now - self.worker_timeout
         for ws in list(self.workers.values()):
             if ws.last_seen < deadline and ws.address in self.workers:
@@ -1061,4 +1072,5 @@ _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
     Reschedule: SchedulerState._on_reschedule,
     StealResponse: SchedulerState._on_steal_response,
     Tick: SchedulerState._on_tick,
+    Recovered: recovery.on_recovered,
 }

@@ -127,7 +127,14 @@ def validate_scheduler(s: SchedulerState) -> None:
     total_threads = 0
     for addr, ws in s.workers.items():
         _check(ws.address == addr, f"worker {addr} filed under the wrong address")
-        _check(ws.status in ("running", "paused", "closing"), f"worker {addr}: status {ws.status}")
+        _check(
+            ws.status in ("running", "paused", "closing", "recovering"),
+            f"worker {addr}: status {ws.status}",
+        )
+        _check(
+            ws.status != "recovering" or not ws.processing,
+            f"worker {addr}: recovering after a restart, yet processing {list(ws.processing)[:3]}",
+        )
         total_threads += ws.nthreads
         nbytes = 0
         for key in ws.has_what:

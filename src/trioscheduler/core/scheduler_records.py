@@ -260,7 +260,7 @@ class WorkerRecord:
     name: str | None = None
     nanny: str | None = None
     resources: dict[str, float] = field(default_factory=dict)
-    status: str = "running"  # running | paused | closing | closed
+    status: str = "running"  # running | paused | closing | closed | recovering
     has_what: dict[Key, None] = field(default_factory=dict)
     processing: dict[Key, float] = field(default_factory=dict)
     long_running: set[Key] = field(default_factory=set)

@@ -40,11 +40,24 @@ class DatasetStore:
     fills in ``stimulus_id`` and ``now``).
     """
 
-    __slots__ = ("datasets", "feed")
+    __slots__ = ("datasets", "feed", "journal")
 
     def __init__(self, feed: Callable[..., None]) -> None:
         self.datasets: dict[Any, tuple[bytes, list[Any]]] = {}
         self.feed = feed
+        # the scheduler's log (``recover_from``): each change as a record, before it is fed
+        self.journal: Callable[[list[Any]], None] | None = None
+
+    def restore(self, records: list[Any]) -> None:
+        """Redo the journal of a log being recovered (the core replays the holders)."""
+        for r in records:
+            if r[1] == "dataset-put":
+                self.datasets[r[2]] = (r[3], list(r[4]))
+            elif r[1] == "dataset-delete":
+                self.datasets.pop(r[2], None)
+
+    def holders(self) -> list[str]:
+        return [holder_id(name) for name in self.datasets]
 
     def put(self, items: list[list[Any]], override: bool) -> None:
         """Publish ``[[name, blob, keys], ...]``: all of them, or none if a name exists."""
@@ -58,6 +71,8 @@ class DatasetStore:
         for name, blob, keys in items:
             old = self.datasets.get(name)
             self.datasets[name] = (blob, list(keys))
+            if self.journal is not None:
+                self.journal(["dataset-put", name, blob, list(keys)])
             holder = holder_id(name)
             if keys:  # wanted before the old keys go: a key in both is never released
                 self.feed(m.ClientDesiresKeys, holder, list(keys))
@@ -74,6 +89,8 @@ class DatasetStore:
         entry = self.datasets.pop(name, None)
         if entry is None:
             return False
+        if self.journal is not None:
+            self.journal(["dataset-delete", name])
         self.feed(m.RemoveClient, holder_id(name))
         return True
 

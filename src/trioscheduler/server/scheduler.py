@@ -38,23 +38,25 @@ import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import msgpack
 import trio
 
 from trioscheduler import wire
+from trioscheduler._version import __version__
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
 from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.environments.store import EnvironmentStore
 from trioscheduler.http import format_dashboard_link, resolve_dashboard_address
 from trioscheduler.http.task_stream import TaskStream
+from trioscheduler.server import event_log
 from trioscheduler.server import plugins as _plugins
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
 from trioscheduler.server.diagnostics import Diagnostics
+from trioscheduler.server.event_log import EventLogWriter
 from trioscheduler.server.preload import preloads
 from trioscheduler.server.scheduler_ops import HANDLERS as _OPS_HANDLERS
 from trioscheduler.server.uploads import UploadStore
@@ -73,6 +75,7 @@ _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.
 _WORKER_EVENTS = frozenset(m.SCHEDULER_EVENTS) - {
     m.AddClient, m.RemoveClient, m.UpdateGraph, m.UpdateData, m.ClientDesiresKeys,
     m.ClientReleasesKeys, m.CancelKeys, m.RetryKeys, m.Tick, m.AddWorker, m.DropReplicas,
+    m.Recovered,
 }  # fmt: skip
 _CLIENT_EVENTS = frozenset(
     {
@@ -188,8 +191,14 @@ class Scheduler:
     """``async with Scheduler(address) as s``: serve workers and clients until exit.
 
     ``record`` (a path) is written with every event handed to the core: a
-    ``core.recorder`` header, then one msgpack ``messages.dump(event)`` per event, so
-    ``core.recorder.replay(load_log(path))`` rebuilds the scheduler's state.
+    ``core.recorder`` header, then the dumped events (``server/event_log.py``'s framed
+    file), so ``core.recorder.replay(event_log.load_log(path))`` rebuilds the state.
+
+    ``recover_from`` (a path) is the same log, kept across restarts: a scheduler started
+    with an existing log replays it, tells the core it ``Recovered`` (workers and
+    clients then have ``recovery_grace`` seconds to come back), and appends to it.
+    ``log_fsync_interval`` bounds what a power loss can take (see ``event_log``;
+    docs/recovery.md says what survives).
 
     ``dashboard_address`` (``":8787"``, ``"127.0.0.1:0"``, a port; None: no dashboard,
     the default here) serves the dashboard (``trioscheduler.http``) from this process;
@@ -202,6 +211,9 @@ class Scheduler:
         *,
         worker_timeout: float = 30.0,
         record: str | Path | None = None,
+        recover_from: str | Path | None = None,
+        log_fsync_interval: float | None = 1.0,
+        recovery_grace: float = 60.0,
         validate: bool = False,
         tick_interval: float = 0.1,
         batch_interval: float = 0.002,
@@ -236,9 +248,18 @@ class Scheduler:
         self.state = SchedulerState(**self._core_kwargs)
         self.tick_interval = tick_interval
         self.batch_interval = batch_interval
+        if record is not None and recover_from is not None:
+            raise ValueError("pass record= or recover_from=, not both (recover_from also records)")
+        if log_fsync_interval is not None and log_fsync_interval < 0:
+            raise ValueError(f"log_fsync_interval must be >= 0 or None, not {log_fsync_interval!r}")
+        if not recovery_grace >= 0:
+            raise ValueError(f"recovery_grace must be >= 0 seconds, not {recovery_grace!r}")
         self._record_path = Path(record) if record is not None else None
-        self._record_file: IO[bytes] | None = None
-        self._packer = msgpack.Packer(use_bin_type=True)
+        self.recover_from = Path(recover_from) if recover_from is not None else None
+        self.log_fsync_interval = log_fsync_interval
+        self.recovery_grace = recovery_grace
+        self.recovered = False  # started from an existing log
+        self._log: EventLogWriter | None = None
         self._workers: dict[str, _Peer] = {}  # address -> batched sender
         self._clients: dict[str, _Peer] = {}  # client id -> batched sender
         self._workers_changed = trio.Event()
@@ -271,13 +292,8 @@ class Scheduler:
 
     async def _start(self) -> None:
         async with AsyncExitStack() as stack:
-            if self._record_path is not None:
-                self._record_file = stack.enter_context(self._record_path.open("wb"))
-                stack.callback(setattr, self, "_record_file", None)  # before the file closes
-                # A header with the core's arguments: core.recorder.replay rebuilds it.
-                self._record_file.write(
-                    self._packer.pack(recorder.header("scheduler", self._core_kwargs))
-                )
+            if self._record_path is not None or self.recover_from is not None:
+                self._open_log(stack)
             stack.callback(self.environments.close)
             self._pool = await stack.enter_async_context(
                 wire.ConnectionPool(
@@ -289,6 +305,15 @@ class Scheduler:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             # Runs after the listener closed, before the nursery exits (LIFO).
             stack.callback(self._nursery.cancel_scope.cancel)
+            if self._log is not None and self.log_fsync_interval:
+                self._nursery.start_soon(self._fsync_loop, self._log, self.log_fsync_interval)
+            if self.recovered:  # before anyone can connect: they all count as coming back
+                self._feed(
+                    m.Recovered(
+                        self._stimulus("recovered"), trio.current_time(), self.recovery_grace,
+                        [FIRE_AND_FORGET, *self.datasets.holders()],
+                    )
+                )
             listener = await stack.enter_async_context(
                 wire.listen(
                     self._requested_address,
@@ -369,6 +394,10 @@ class Scheduler:
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         assert self._stack is not None
+        if self.recover_from is not None:
+            # Stopped in order, the scheduler comes back as it was when asked to stop:
+            # the streams closing now (clients and workers "leaving") are not recorded.
+            self._close_log()
         try:
             with trio.CancelScope(shield=True):
                 await self.plugins.close_all()
@@ -389,18 +418,90 @@ class Scheduler:
         return f"{kind}-{next(self._counter)}"
 
     def _feed(self, *events: Any) -> None:
-        """Hand events to the core and carry out its effects (synchronously)."""
-        if self._record_file is not None:
-            write = self._record_file.write
-            if len(events) > 1:  # replayed as one handle() call, as here
-                write(self._packer.pack([recorder.BATCH_TAG, len(events)]))
-            for ev in events:
-                write(self._packer.pack(m.dump(ev)))
+        """Hand events to the core and carry out its effects (synchronously).
+
+        With a log, the events reach the kernel (one frame, one write) before the core
+        sees them, so nothing they cause can leave the process unrecorded."""
+        if self._log is not None:
+            dump = m.dump
+            if len(events) == 1:
+                self._log.append([dump(events[0])])
+            else:  # replayed as one handle() call, as here
+                self._log.append([[recorder.BATCH_TAG, len(events)], *[dump(e) for e in events]])
         effects = self.state.handle(*events)
         if effects:
             self._route(effects)
         if self.plugins.active:
             self.plugins.after(events)
+
+    def _open_log(self, stack: AsyncExitStack) -> None:
+        """Start the log, or (``recover_from`` an existing one) replay it first."""
+        path = self._record_path or self.recover_from
+        assert path is not None
+        if self.recover_from is not None and path.exists() and path.stat().st_size > 0:
+            contents = event_log.read_log(path)
+            if contents.header is not None:
+                self.state = self._replay(path, contents)
+                self._log = EventLogWriter.append_to(path, contents, self.log_fsync_interval)
+                self.recovered = True
+        if self._log is None:
+            header = recorder.header("scheduler", self._core_kwargs)
+            self._log = EventLogWriter.create(path, header, self.log_fsync_interval)
+        stack.callback(self._close_log)
+        if self.recover_from is not None:  # published datasets are kept in the log too
+            self.datasets.journal = self._log_shell_record
+
+    def _replay(self, path: Path, contents: event_log.LogContents) -> SchedulerState:
+        """The state ``contents`` describes (pure replay: no effect goes anywhere), and
+        the shell's own records applied (published datasets)."""
+        head = contents.header
+        assert head is not None
+        kind, logged, _ = recorder.split_log([head])
+        if kind != "scheduler":
+            raise event_log.LogError(f"{path} is a {kind}'s log, not a scheduler's")
+        wanted = recorder.header("scheduler", self._core_kwargs)[3]
+        differ = sorted(k for k in wanted if logged.get(k) != wanted[k])
+        if differ:
+            logger.warning(
+                "recovering from %s with the settings it was written with; ignoring %s",
+                path, ", ".join(f"{k}={wanted[k]!r} (log: {logged.get(k)!r})" for k in differ),
+            )  # fmt: skip
+        version = recorder.header_meta(head).get("version")
+        if version != __version__:
+            logger.warning(
+                "%s was written by trioscheduler %s, this is %s: replaying anyway",
+                path, version, __version__,
+            )  # fmt: skip
+        self._core_kwargs = logged
+        if contents.torn_bytes:
+            logger.warning(
+                "%s: dropped a torn last frame (%d bytes, a write cut short)",
+                path, contents.torn_bytes,
+            )  # fmt: skip
+        state: SchedulerState = recorder.replay(contents.records)
+        self.datasets.restore(contents.shell)
+        logger.info(
+            "recovered from %s: %d frames, %d tasks, %d workers and %d clients to await",
+            path, contents.frames, len(state.tasks), len(state.workers), len(state.clients),
+        )  # fmt: skip
+        return state
+
+    def _log_shell_record(self, record: list[Any]) -> None:
+        if self._log is not None:
+            self._log.append([[event_log.SHELL_TAG, *record]])
+
+    def _close_log(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            log.close()
+
+    @staticmethod
+    async def _fsync_loop(log: EventLogWriter, interval: float) -> None:
+        """``fsync`` the log at most every ``interval`` seconds, when it has news."""
+        while True:
+            await trio.sleep(interval)
+            if log.dirty and log.fd >= 0:
+                await trio.to_thread.run_sync(log.sync)
 
     def _feed_with_value(self, finished: m.TaskFinished, value: Any) -> None:
         """Feed ``finished``; clients told its key is in memory also get ``value``.

@@ -1,0 +1,183 @@
+"""A scheduler restarted from its log (issue 18): the file format, the core's
+reconciliation, and the shell replaying it. Across processes with kill -9:
+``tests/test_recovery_processes.py``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from trioscheduler.core import messages as m
+from trioscheduler.core import recorder
+from trioscheduler.core.recorder import Recorder, replay, snapshot
+from trioscheduler.server import event_log
+from trioscheduler.server.event_log import EventLogWriter, LogError
+
+
+def _spec(key: str, deps: list[str] = (), **kw: object) -> m.TaskSpec:  # type: ignore[assignment]
+    return m.TaskSpec(key, list(deps), f"run-{key}".encode(), **kw)  # type: ignore[arg-type]
+
+
+def _write(path: Path, batches: list[list[object]], fsync_interval: float | None = 1.0) -> None:
+    w = EventLogWriter.create(
+        path, recorder.header("scheduler", {"validate": True}), fsync_interval
+    )
+    for b in batches:
+        w.append([m.dump(ev) for ev in b])
+    w.close()
+
+
+EVENTS = [
+    [m.AddWorker("a", 0.0, "w1", 2)],
+    [m.AddClient("c", 0.1, "c1")],
+    [m.UpdateGraph("u", 0.2, "c1", [_spec("x"), _spec("y", ["x"])], ["y"])],
+]
+
+
+def test_a_log_file_replays_the_state(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    _write(path, EVENTS)
+    rec = Recorder.scheduler(validate=True)
+    for b in EVENTS:
+        rec.handle(*b)
+    contents = event_log.read_log(path)
+    assert contents.frames == 4 and contents.torn_bytes == 0
+    assert snapshot(replay(contents.records)) == snapshot(rec)
+    assert contents.header is not None and recorder.header_meta(contents.header)["version"]
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 20])
+def test_a_torn_last_frame_is_dropped_and_cut_off_before_appending(
+    tmp_path: Path, cut: int
+) -> None:
+    """kill -9 in the middle of a write: the partial frame is not replayed, and the next
+    run appends after the last whole frame."""
+    path = tmp_path / "log"
+    _write(path, EVENTS)
+    whole = path.stat().st_size
+    with path.open("ab") as f:  # the start of one more frame, cut short
+        f.write(event_log.frame([m.dump(m.AddClient("d", 0.3, "c2"))])[:cut])
+    contents = event_log.read_log(path)
+    assert contents.frames == 4 and contents.torn_bytes == cut and contents.good_bytes == whole
+    w = EventLogWriter.append_to(path, contents, None)
+    w.append([m.dump(m.AddClient("e", 0.4, "c3"))])
+    w.close()
+    again = event_log.read_log(path)
+    assert again.torn_bytes == 0 and again.frames == 5
+    assert set(replay(again.records).clients) == {"c1", "c3"}
+
+
+def test_damage_before_the_last_frame_is_an_error_naming_the_offset(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    _write(path, EVENTS)
+    data = bytearray(path.read_bytes())
+    data[len(event_log.MAGIC) + 12] ^= 0xFF  # inside the header frame's payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogError, match="damaged frame at byte 8"):
+        event_log.read_log(path)
+
+
+def test_not_a_log_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(b"\xc1\xc1 certainly not msgpack")
+    with pytest.raises(LogError, match="not a trioscheduler event log"):
+        event_log.read_log(path)
+
+
+def test_fsync_every_write_and_never(tmp_path: Path) -> None:
+    for interval in (0.0, None):
+        path = tmp_path / f"log-{interval}"
+        _write(path, EVENTS, interval)
+        assert event_log.read_log(path).frames == 4
+    with pytest.raises(ValueError, match="fsync_interval"):
+        EventLogWriter(tmp_path / "x", os.open(os.devnull, os.O_WRONLY), -1.0)
+
+
+# ---------------------------------------------------------------------------- the core
+
+
+def _crashed_state() -> Recorder:
+    """Two workers; x in memory on w1, y in memory on w2, z processing on w1, z2 queued
+    behind; a client wants z and z2; another client wants x."""
+    rec = Recorder.scheduler(validate=True)
+    rec.handle(m.AddWorker("a1", 0.0, "w1", 1), m.AddWorker("a2", 0.0, "w2", 1))
+    rec.handle(m.AddClient("c", 0.0, "c1"), m.AddClient("c", 0.0, "c2"))
+    rec.handle(
+        m.UpdateGraph(
+            "u", 0.1, "c1",
+            [_spec("x", workers=["w1"]), _spec("y", workers=["w2"]),
+             _spec("z", ["x", "y"], workers=["w1"], allow_other_workers=True), _spec("z2", ["z"])],
+            ["z2"],
+        )
+    )  # fmt: skip
+    s = rec.state
+    for key in ("x", "y"):
+        w = s.tasks[key].processing_on
+        rec.handle(m.TaskFinished(f"f-{key}", 0.2, w, key, 10))
+    rec.handle(m.ClientDesiresKeys("d", 0.2, "c2", ["x"]))
+    assert s.tasks["z"].state == "processing"
+    assert s.tasks["x"].who_has == {"w1"} and s.tasks["y"].who_has == {"w2"}
+    return rec
+
+
+def test_recovered_reschedules_processing_and_keeps_replicas_of_returning_workers() -> None:
+    crashed = _crashed_state()
+    state = replay(crashed.log)
+    z_on = crashed.state.tasks["z"].processing_on
+    x_on = next(iter(crashed.state.tasks["x"].who_has))
+    y_on = next(iter(crashed.state.tasks["y"].who_has))
+    effects = state.handle(m.Recovered("r", 100.0, 5.0, [m.FIRE_AND_FORGET]))
+    assert not any(type(e) is m.ToWorker and type(e.msg) is m.ComputeTask for e in effects)
+    assert state.tasks["z"].state in ("waiting", "no-worker")
+    assert state.tasks["z"].suspicious == 0  # the scheduler died, not the worker
+    assert {ws.status for ws in state.workers.values()} == {"recovering"}
+    # the worker holding x comes back with it (and the other one never does)
+    effects = state.handle(m.AddWorker("back", 100.5, x_on, 1, data={"x": 10}))
+    assert state.tasks["x"].state == "memory" and state.tasks["x"].who_has == {x_on}
+    # y's holder is still awaited: y stays in memory there, z runs on the returned worker
+    assert state.tasks["y"].state == "memory"
+    computes = [
+        e.msg.key for e in effects if type(e) is m.ToWorker and type(e.msg) is m.ComputeTask
+    ]
+    assert computes == ["z"] and state.tasks["z"].processing_on == x_on
+    assert z_on in state.workers
+    # the grace ends: y's holder is gone, y is recomputed from lineage; c2 never came back
+    state.handle(m.AddClient("c", 101.0, "c1"), m.Tick("t", 106.0))
+    assert y_on not in state.workers
+    assert "c2" not in state.clients and "c1" in state.clients
+    assert state.tasks["y"].state in ("processing", "waiting", "no-worker")
+    assert state.recovery is None
+
+
+def test_a_returning_worker_that_lost_a_value_gets_it_recomputed() -> None:
+    crashed = _crashed_state()
+    state = replay(crashed.log)
+    state.handle(m.Recovered("r", 100.0, 5.0, []))
+    x_on = next(iter(crashed.state.tasks["x"].who_has))
+    state.handle(m.AddWorker("back", 100.5, x_on, 1, data={}))  # came back empty
+    assert state.tasks["x"].state in ("processing", "waiting", "released")
+    assert x_on not in state.tasks["x"].who_has
+
+
+def test_everyone_back_ends_the_recovery() -> None:
+    crashed = _crashed_state()
+    state = replay(crashed.log)
+    state.handle(m.Recovered("r", 100.0, 5.0, []))
+    for addr in sorted(crashed.state.workers):
+        held = {k: 10 for k in crashed.state.workers[addr].has_what}
+        state.handle(m.AddWorker("back", 100.5, addr, 1, data=held))
+    state.handle(m.AddClient("c", 100.6, "c1"), m.AddClient("c", 100.6, "c2"))
+    assert state.recovery is None
+    assert state.tasks["x"].state == state.tasks["y"].state == "memory"
+    assert state.tasks["z"].state == "processing"
+
+
+def test_recovered_is_recorded_and_replays() -> None:
+    crashed = _crashed_state()
+    log = list(crashed.log)
+    state = replay(log)
+    state.handle(m.Recovered("r", 100.0, 5.0, []))
+    log.append(m.dump(m.Recovered("r", 100.0, 5.0, [])))
+    assert snapshot(replay(log)) == snapshot(state)
