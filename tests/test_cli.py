@@ -15,6 +15,7 @@ import psutil
 import pytest
 import trio
 
+import trioscheduler
 from trioscheduler.cli.main import build_parser
 from trioscheduler.client.client import Client
 from trioscheduler.server.nanny import fork_supported
@@ -45,8 +46,10 @@ class Proc:
 async def spawn(tmp_path: Path, name: str, *args: str) -> AsyncIterator[Proc]:
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with out.open("wb") as fo, err.open("wb") as fe:  # noqa: ASYNC230 - creating empty files
-        # the workers import this test module's functions, as a user's workers would
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+        # the workers import this test module's functions, as a user's workers would,
+        # and the trioscheduler this test imports (not another installed one)
+        path = [str(Path(__file__).parent), str(Path(trioscheduler.__file__).parents[1])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "trioscheduler", *args], stdout=fo, stderr=fe, env=env
         )

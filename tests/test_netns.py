@@ -22,9 +22,13 @@ from pathlib import Path
 
 import pytest
 
+import trioscheduler
+
 pytestmark = pytest.mark.slow
 
 HOSTS = {"sched": 1, "a": 2, "b": 3, "client": 4}
+# the tests' helpers, and the trioscheduler under test (not another one installed)
+PYTHONPATH = (str(Path(__file__).parent), str(Path(trioscheduler.__file__).parents[1]))
 
 
 def _ip(*args: str) -> None:
@@ -49,7 +53,7 @@ class Lab:
         return f"p{HOSTS[host]}{self.tag[-4:]}"  # the bridge's end of the host's veth
 
     def run(self, host: str, *cmd: str, log: Path) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(PYTHONPATH)}
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns(host), *cmd], stdout=out, stderr=out, env=env
