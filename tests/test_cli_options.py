@@ -188,3 +188,34 @@ async def test_listen_address_and_contact_address(tmp_path: Path) -> None:
                 assert list((await c.scheduler_info())["workers"]) == [f"tcp://127.0.0.2:{port}"]
                 future = c.submit(bytes, 1000)
                 assert await c.gather(future) == bytes(1000)  # fetched via the contact address
+
+
+@pytest.mark.slow
+async def test_a_scheduler_stopped_in_order_closes_its_workers_unless_told_not_to(
+    tmp_path: Path,
+) -> None:
+    """dask's behaviour: SIGTERM to the scheduler closes the workers and their nannies at
+    once, however long their --death-timeout. With --no-close-workers (a restart on
+    purpose) they stay, and rejoin the scheduler started again at the same address."""
+    port = _free_ports(1)[0]
+    address = f"tcp://127.0.0.1:{port}"
+    with trio.fail_after(TIMEOUT):
+        async with spawn(
+            tmp_path, "worker", "worker", address, "--death-timeout", "3600", "--nthreads", "1"
+        ) as worker:
+            async with spawn(
+                tmp_path, "scheduler1", "scheduler", "--port", str(port), "--no-close-workers"
+            ) as first:
+                async with Client(address, asynchronous=True) as c:
+                    await c.wait_for_workers(1)
+                    (before,) = (await c.scheduler_info())["workers"]
+                assert await stop(first) == 0
+            async with spawn(tmp_path, "scheduler2", "scheduler", "--port", str(port)) as second:
+                async with Client(address, asynchronous=True) as c:
+                    await c.wait_for_workers(1)  # the same worker, not restarted: rejoined
+                    assert list((await c.scheduler_info())["workers"]) == [before]
+                    assert await c.submit(sum, [1, 2], pure=False) == 3
+                assert worker.process.returncode is None
+                assert await stop(second) == 0
+                assert await worker.process.wait() == 0  # the nanny and its worker closed
+    assert "scheduler-close" in worker.stderr()

@@ -6,6 +6,7 @@ Across real hosts, with a cut link and a killed scheduler: ``tests/test_netns.py
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from typing import Any
 
 import pytest
@@ -51,9 +52,12 @@ async def test_a_dropped_stream_is_rejoined_and_the_held_value_offered_again() -
             assert w.status == "running"
 
 
-async def _serve(address: str, stop: trio.Event, *, task_status: Any) -> None:
-    """A scheduler in a task of its own, so that it can stop while the worker runs."""
-    async with Scheduler(address) as s:
+async def _serve(
+    address: str, stop: trio.Event, *, close_workers: bool = False, task_status: Any
+) -> None:
+    """A scheduler in a task of its own, so that it can stop while the worker runs
+    (restarted on purpose: ``close_workers=False``, the workers stay)."""
+    async with Scheduler(address, close_workers=close_workers) as s:
         task_status.started(s)
         await stop.wait()
 
@@ -77,6 +81,22 @@ async def test_a_restarted_scheduler_at_the_same_address_gets_the_worker_back() 
                 async with Client(address, asynchronous=True) as c:
                     assert await c.submit(counted, 7, workers=[w.address]) == 8
                 stop.set()
+
+
+async def test_an_orderly_close_closes_the_workers_whatever_their_death_timeout() -> None:
+    """dask's ``Scheduler.close``: the workers are told to close, whatever their
+    ``death_timeout`` (here: for ever)."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            stop = trio.Event()
+            s: Scheduler = await nursery.start(
+                partial(_serve, close_workers=True), "tcp://127.0.0.1:0", stop
+            )
+            async with Worker(s.address, nthreads=1, memory_limit=0, death_timeout=None) as w:
+                stop.set()
+                await w.finished()
+                assert w.close_reason == "the scheduler asked: scheduler-close"
+                assert w.reconnections == 0
 
 
 async def test_death_timeout_zero_closes_at_once_and_a_bad_one_is_refused() -> None:

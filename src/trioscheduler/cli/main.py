@@ -70,6 +70,7 @@ async def _scheduler_main(args: argparse.Namespace) -> None:
                 preload=args.preload,
                 security=security,
                 dashboard_address=args.dashboard_address if args.dashboard else None,
+                close_workers=args.close_workers,
             ),
             args,
         )
@@ -95,13 +96,26 @@ async def _serve_scheduler(scheduler: Any, args: argparse.Namespace) -> None:
         if args.scheduler_file:
             _write_json(args.scheduler_file, {"type": "Scheduler", "address": contact})
         try:
-            await s.finished()  # forever, unless --idle-timeout
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_close_on_signal, s)
+                await s.finished()  # forever, unless --idle-timeout or a signal
+                nursery.cancel_scope.cancel()
         finally:
             if args.scheduler_file:
                 try:
                     os.remove(args.scheduler_file)
                 except OSError:
                     pass
+
+
+async def _close_on_signal(scheduler: Any) -> None:
+    """The first SIGINT/SIGTERM closes the scheduler in order (its workers too, as dask's
+    do); a second one finds ``run_until_signal``'s handler again and cancels outright."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logger.info("%s received: closing the scheduler", signal.Signals(signum).name)
+            break
+    await scheduler.close()
 
 
 def contact_address(address: str) -> str:
@@ -310,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="module or .py file run in the scheduler: dask_setup(scheduler) / dask_teardown",
     )
     p.add_argument("--pid-file", help="write the process id to this file (removed at exit)")
+    p.add_argument(
+        "--close-workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on an orderly stop (SIGTERM, Ctrl-C, --idle-timeout) tell the workers and their "
+        "nannies to close, as dask's scheduler does (default); --no-close-workers leaves them "
+        "redialling for their --death-timeout, for a scheduler restarted on purpose",
+    )
     tls_arguments(p)
     from trioscheduler.http import DEFAULT_DASHBOARD_ADDRESS
 

@@ -71,6 +71,7 @@ logger = logging.getLogger("trioscheduler.scheduler")
 FIRE_AND_FORGET = m.FIRE_AND_FORGET
 """The client id that keeps ``fire_and_forget`` keys wanted until they are done."""
 
+_CLOSE_FLUSH_TIMEOUT = 5.0  # seconds an orderly close gives the workers' CloseWorker to go out
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _WORKER_EVENTS = frozenset(m.SCHEDULER_EVENTS) - {
     m.AddClient, m.RemoveClient, m.UpdateGraph, m.UpdateData, m.ClientDesiresKeys,
@@ -203,6 +204,11 @@ class Scheduler:
     ``dashboard_address`` (``":8787"``, ``"127.0.0.1:0"``, a port; None: no dashboard,
     the default here) serves the dashboard (``trioscheduler.http``) from this process;
     it needs the ``dashboard`` extra. No host means this scheduler's own host.
+
+    Leaving the block tells every connected worker to close (and its nanny with it), as
+    dask's ``Scheduler.close`` does; ``close_workers=False`` leaves them redialling for
+    their ``death_timeout``, for a scheduler that is restarted on purpose. A scheduler
+    that crashes tells nobody: its workers redial and rejoin one that comes back.
     """
 
     def __init__(
@@ -224,8 +230,11 @@ class Scheduler:
         security: Security | bool | None = None,
         no_workers_timeout: float | str | None = "config",
         dashboard_address: str | int | None = None,
+        close_workers: bool = True,
     ) -> None:
         self.security = resolve_security(security)
+        self.close_workers = close_workers
+        self._workers_told = False  # an orderly close sent them CloseWorker
         if idle_timeout is not None and idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
         # default: port 8786 on loopback, tls:// once certificates are given
@@ -401,6 +410,8 @@ class Scheduler:
         try:
             with trio.CancelScope(shield=True):
                 await self.plugins.close_all()
+                if self.close_workers:
+                    await self._close_workers()
             # The body's own exception is not fed through our nursery: it propagates
             # unwrapped once everything here is closed ...
             await self._stack.aclose()
@@ -411,6 +422,23 @@ class Scheduler:
         finally:
             self.dashboard = None
             logger.info("scheduler at %s closed", self.address)
+
+    async def close(self) -> None:
+        """dask's ``Scheduler.close``: tell the workers to close (unless ``close_workers``
+        is off), then ``finished()`` returns, so whoever holds the block leaves it."""
+        if self.close_workers:
+            await self._close_workers()
+        self._finished.set()
+
+    async def _close_workers(self) -> None:
+        """``CloseWorker`` to every worker, written out before the streams close (once)."""
+        if self._workers_told:
+            return
+        self._workers_told = True
+        for addr in list(self._workers):
+            self._send(self._workers, addr, m.CloseWorker(addr, "scheduler-close"))
+        with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
+            await self._flush_workers()
 
     # -- the core ------------------------------------------------------------------
 
@@ -605,8 +633,8 @@ class Scheduler:
             self._finished.set()
 
     async def finished(self) -> None:
-        """Until the scheduler wants to stop on its own (``idle_timeout`` reached): whoever
-        holds it open (the ``trioscheduler scheduler`` command) then leaves its block."""
+        """Until the scheduler wants to stop (``idle_timeout`` reached, ``close()``):
+        whoever holds it open (the ``trioscheduler scheduler`` command) then leaves its block."""
         await self._finished.wait()
 
     # -- connections ---------------------------------------------------------------
