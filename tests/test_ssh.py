@@ -8,11 +8,13 @@ skipped, saying which, without them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -55,6 +57,43 @@ with SSHCluster(hosts, connect_options=options, worker_options={"nthreads": 2},
         print("RESULT " + json.dumps(out), flush=True)
         if mode == "hang":
             time.sleep(3600)  # the test kills us with SIGKILL
+print("CLOSED", flush=True)
+"""
+
+TLS_CLIENT = """
+import json, os, sys, time
+import dask
+from trioscheduler import Client, Security, SSHCluster
+
+hosts, key, ready, go = sys.argv[1:4], sys.argv[4], sys.argv[6], sys.argv[7]
+options = {"known_hosts": None, "username": "root", "client_keys": [key]}
+security = Security.temporary()
+print("CA " + json.dumps(security.tls_ca_file), flush=True)
+
+def answer():
+    return dask.config.get("trioscheduler-test.answer", None)
+
+with dask.config.set({"trioscheduler-test.answer": 42}):
+    cluster = SSHCluster(hosts, connect_options=options, scheduler_options={"port": 0},
+                         security=security)
+with cluster, Client(cluster) as client:
+    client.wait_for_workers(2, timeout=60)
+    workers = sorted(client.scheduler_info()["workers"])
+    x = client.submit(bytes, 1_000_000, workers=[workers[0]])
+    y = client.submit(len, x, workers=[workers[1]])
+    out = {"scheduler": cluster.scheduler_address, "workers": workers, "size": y.result(),
+           "x_on": sorted(client.who_has(x)[x.key]),
+           "config_scheduler": client.run_on_scheduler(answer),
+           "config_workers": sorted(client.run(answer).values())}
+    try:  # the same port without certificates: refused
+        Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout=10).close()
+        out["plain"] = "accepted"
+    except Exception as exc:
+        out["plain"] = type(exc).__name__
+    print("RESULT " + json.dumps(out), flush=True)
+    open(ready, "w").close()
+    while not os.path.exists(go):  # the test looks at the hosts meanwhile
+        time.sleep(0.05)
 print("CLOSED", flush=True)
 """
 
@@ -121,6 +160,7 @@ class SSHLab:
                     KbdInteractiveAuthentication no
                     UsePAM no
                     StrictModes no
+                    SetEnv PYTHONPATH={os.pathsep.join(test_netns.PYTHONPATH)}
                     """
                 )
             )
@@ -141,13 +181,13 @@ class SSHLab:
                     f"sshd on {host} did not start: {(tmp / f'sshd_{host}.log').read_text()}"
                 )
 
-    def client(self, mode: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def client(self, mode: str, *more: str) -> tuple[subprocess.Popen[bytes], Path]:
         script = self.tmp / f"ssh_client_{mode}.py"
-        script.write_text(ASYNC_CLIENT if mode == "async" else CLIENT)
+        script.write_text({"async": ASYNC_CLIENT, "tls": TLS_CLIENT}.get(mode, CLIENT))
         log = self.tmp / f"client_{mode}.log"
         addrs = [self.lab.addr(h) for h in HOSTS]
         proc = self.lab.run(
-            "client", sys.executable, str(script), *addrs, str(self.key), mode, log=log
+            "client", sys.executable, str(script), *addrs, str(self.key), mode, *more, log=log
         )
         return proc, log
 
@@ -173,8 +213,6 @@ def ssh_lab(lab: Lab, tmp_path: Path) -> SSHLab:
 
 
 def _result(log: Path) -> dict[str, object]:
-    import json
-
     text = log.read_text()
     assert "RESULT " in text, text[-4000:]
     return dict(json.loads(text.split("RESULT ", 1)[1].splitlines()[0]))
@@ -254,3 +292,61 @@ def test_a_client_killed_with_sigkill_leaves_nothing_running(ssh_lab: SSHLab) ->
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert ssh_lab.leftovers() == {}
+
+
+def _files_holding(text: str, root: Path, since: float) -> dict[str, int]:
+    """Files under ``root`` changed since ``since`` whose contents hold ``text``: mode."""
+    found = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath, name)
+            try:
+                st = path.lstat()
+                if st.st_mtime < since or not path.is_file() or st.st_size > 1 << 20:
+                    continue
+                if text in path.read_text(errors="replace"):
+                    found[str(path)] = st.st_mode & 0o777
+            except OSError:
+                continue
+    return found
+
+
+def test_tls_between_the_processes_certificates_never_on_argv_config_forwarded(
+    ssh_lab: SSHLab,
+) -> None:
+    """security=: every address is tls://, a plain connection is refused, the certificates
+    reach the hosts inside SSH (on no command line, in no environment; a nanny's copies are
+    0600 files, gone after close), and the client's dask config reaches the scheduler and
+    the workers (dask's SSHCluster forwards it too)."""
+    lab, tmp = ssh_lab.lab, ssh_lab.tmp
+    since = time.time() - 1
+    ready, go = tmp / "ready", tmp / "go"
+    proc, log = ssh_lab.client("tls", str(ready), str(go))
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+    out = _result(log)
+    assert str(out["scheduler"]).startswith(f"tls://{lab.addr('sched')}:")
+    a, b = out["workers"]  # type: ignore[misc]
+    assert a.startswith(f"tls://{lab.addr('a')}:") and b.startswith(f"tls://{lab.addr('b')}:")
+    assert out["size"] == 1_000_000 and out["x_on"] == [a, b]  # a transfer over TLS
+    assert out["plain"] != "accepted"
+    assert out["config_scheduler"] == 42 and out["config_workers"] == [42, 42]
+    ca = json.loads(log.read_text().split("CA ", 1)[1].splitlines()[0])
+    body = ca.splitlines()[1]  # a line of the certificate's base64
+    remote = {p for h in HOSTS for p in _pids(lab, h) - {ssh_lab.sshd[h]}}
+    assert len(remote) >= 5  # a scheduler; a nanny and its worker on each worker host
+    for pid in remote:
+        for what in ("cmdline", "environ"):
+            text = Path(f"/proc/{pid}/{what}").read_bytes().decode(errors="replace")
+            assert "BEGIN" not in text and body not in text, (pid, what)
+    copies = _files_holding(body, Path(tempfile.gettempdir()), since)
+    copies = {p: mode for p, mode in copies.items() if not p.startswith(str(tmp))}
+    assert copies and set(copies.values()) == {0o600}, copies  # the nannies' copies
+    go.touch()
+    assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+    assert "CLOSED" in log.read_text()
+    assert ssh_lab.leftovers() == {}
+    assert not [p for p in copies if os.path.exists(p)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -30,6 +31,34 @@ def test_bad_arguments_are_named() -> None:
         SSHCluster(["a", "b"], remote_python=["/usr/bin/python3"])
     with pytest.raises(TypeError, match="n_wrokers"):
         SSHCluster(["a", "b"], n_wrokers=2)
+    with pytest.raises(TypeError, match="give security= to SSHCluster itself"):
+        SSHCluster(["a", "b"], worker_options={"security": True})
+
+
+def test_the_setup_line_carries_certificate_files_as_text_and_json_config(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a remote process gets on stdin: PEM text (a path on this machine means nothing
+    on the hosts), and the config JSON can carry (the warning names what it cannot)."""
+    import json
+
+    from trioscheduler import Security
+    from trioscheduler.deploy import remote_setup
+
+    temporary = Security.temporary()
+    ca = tmp_path / "ca.pem"
+    ca.write_text(temporary.tls_ca_file or "")
+    security = Security(**{**temporary.to_dict(), "tls_ca_file": str(ca)})
+    config = {"a": {"b": 1}, "scheduler": print, "x": {"fn": print}}
+    with caplog.at_level("WARNING", logger="trioscheduler.ssh"):
+        line = remote_setup.pack(security, config)
+    assert [r.getMessage().rsplit(": ", 1)[1] for r in caplog.records] == ["x.fn"]
+    setup = json.loads(line)
+    assert setup["config"] == {"a": {"b": 1}, "x": {}}
+    assert setup["security"]["tls_ca_file"] == temporary.tls_ca_file
+    assert Security(**setup["security"]).get_connection_args("client")["ssl_context"]
+    with pytest.raises(ValueError, match="cannot read tls_ca_file='/no/such.pem'"):
+        remote_setup.pack(Security(**{**temporary.to_dict(), "tls_ca_file": "/no/such.pem"}), {})
 
 
 def _closed_port() -> int:
@@ -65,5 +94,15 @@ def test_the_ssh_command_line_maps_to_dask_meanings() -> None:
     assert kwargs["worker_options"] == {"n_workers": 2, "nthreads": 3, "memory_limit": "auto"}
     assert kwargs["worker_class"] == "trioscheduler.Worker"
     assert kwargs["scheduler_options"] == {"port": 8786}
+    assert kwargs["security"] is None
+    tls = ["ssh", "h1", "--tls-ca-file", "ca.pem", "--tls-cert", "c.pem", "--tls-key", "k.pem"]
+    security = cluster_arguments(parser().parse_args(tls))["security"]
+    assert security.require_encryption and security.tls_ca_file == "ca.pem"
+    for role in ("client", "scheduler", "worker"):
+        assert security.get_tls_config_for_role(role) | {"ciphers": None} == {
+            "ca_file": "ca.pem", "cert": "c.pem", "key": "k.pem", "ciphers": None
+        }
+    with pytest.raises(SystemExit, match="needs --tls-ca-file and --tls-cert"):
+        cluster_arguments(parser().parse_args(["ssh", "h1", "--tls-key", "k.pem"]))
     with pytest.raises(SystemExit, match="need --nanny"):
         cluster_arguments(parser().parse_args(["ssh", "h1", "--worker-port", "9000", "--no-nanny"]))

@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssh-port", type=int, default=22, help="SSH port")
     p.add_argument("--ssh-private-key", help="private key file (default: SSH's choice)")
     p.add_argument(
+        "--tls-ca-file",
+        help="CA certificate: with --tls-cert (and --tls-key) the cluster speaks tls://, "
+        "every process presenting that certificate; the files are shipped over SSH",
+    )
+    p.add_argument("--tls-cert", help="the cluster's certificate (PEM)")
+    p.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    p.add_argument(
         "--known-hosts",
         help="known_hosts file to check host keys against, or 'none' to accept any host "
         "key (default: ~/.ssh/known_hosts)",
@@ -72,6 +79,7 @@ def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
         if args.worker_port is not None:
             workers["worker_port"] = args.worker_port
     return dict(
+        security=_security(args),
         hosts=[scheduler, *hosts],
         connect_options=connect,
         worker_options=workers,
@@ -79,6 +87,19 @@ def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
         worker_class="trioscheduler.Nanny" if args.nanny else "trioscheduler.Worker",
         remote_python=args.remote_python,
     )
+
+
+def _security(args: argparse.Namespace) -> Any:
+    """``--tls-*`` as one ``Security`` whose every role presents the same certificate."""
+    if not any([args.tls_ca_file, args.tls_cert, args.tls_key]):
+        return None
+    if not args.tls_ca_file or not args.tls_cert:
+        raise SystemExit("trioscheduler ssh: TLS needs --tls-ca-file and --tls-cert")
+    from trioscheduler.wire.security import ROLES, Security
+
+    fields = {f"tls_{role}_cert": args.tls_cert for role in ROLES}
+    fields |= {f"tls_{role}_key": args.tls_key for role in ROLES}
+    return Security(require_encryption=True, tls_ca_file=args.tls_ca_file, **fields)
 
 
 async def run(args: argparse.Namespace) -> None:

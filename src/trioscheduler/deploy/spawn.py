@@ -6,6 +6,8 @@ are the keyword arguments of ``SSHCluster(scheduler_options=, worker_options=)``
 given to the class as they are, so an unknown keyword fails here, and that error reaches
 the user (this process prints it, the cluster raises it).
 
+The first line on stdin is the setup (``remote_setup``): the client's dask config and,
+for a cluster with ``security=``, its certificates (then everything here is ``tls://``).
 Each started component prints one line ``trioscheduler-spawn {"address": ...}`` on stdout.
 The process lives as long as its stdin is open: SSH closes it when the connection drops,
 whether the cluster closed or the client process was killed, so nothing outlives the
@@ -25,7 +27,9 @@ from typing import Any
 
 import trio
 
+from trioscheduler.deploy import remote_setup
 from trioscheduler.server.worker_process import configure_logging, run_until_signal
+from trioscheduler.wire.security import Security, default_scheme
 
 MARK = "trioscheduler-spawn "
 ERROR_MARK = "trioscheduler-spawn-error "
@@ -67,7 +71,7 @@ async def _exit_on_stdin_eof(scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _scheduler(options: dict[str, Any]) -> None:
+async def _scheduler(options: dict[str, Any], security: Security | None) -> None:
     from trioscheduler.server.scheduler import Scheduler
     from trioscheduler.wire.address import tcp_address
 
@@ -75,15 +79,19 @@ async def _scheduler(options: dict[str, Any]) -> None:
     address = options.pop("address", None)
     host = options.pop("host", "127.0.0.1")
     port = options.pop("port", 8786)
-    protocol = str(options.pop("protocol", "tcp")).removesuffix("://")
+    protocol = str(options.pop("protocol", default_scheme(security))).removesuffix("://")
     if address is None:
         address = tcp_address(host, port, protocol)
+    if security is not None:
+        options["security"] = security
     async with Scheduler(address, **options) as scheduler:
         _announce(scheduler.address)
         await scheduler.finished()
 
 
-async def _workers(scheduler_address: str, options: dict[str, Any], cls_path: str) -> None:
+async def _workers(
+    scheduler_address: str, options: dict[str, Any], cls_path: str, security: Security | None
+) -> None:
     from trioscheduler.server.nanny import Nanny
     from trioscheduler.server.worker import Worker
 
@@ -98,7 +106,9 @@ async def _workers(scheduler_address: str, options: dict[str, Any], cls_path: st
         if host is not None:
             options["host"] = host
     elif issubclass(cls, Worker) and host is not None and "address" not in options:
-        options["address"] = f"tcp://{host}:0"
+        options["address"] = f"{default_scheme(security)}://{host}:0"
+    if security is not None:
+        options["security"] = security
 
     def make(i: int) -> Any:
         kwargs = dict(options)
@@ -134,16 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     options = json.loads(args.options)
     if not isinstance(options, dict):
         p.error("--options must be a JSON object")
+    try:
+        security = remote_setup.unpack(remote_setup.read_line(sys.stdin.fileno()))
+    except Exception as exc:
+        print(ERROR_MARK + json.dumps(f"the setup line: {type(exc).__name__}: {exc}"), flush=True)
+        return 1
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_exit_on_stdin_eof, nursery.cancel_scope)
             if args.kind == "scheduler":
-                await _scheduler(options)
+                await _scheduler(options, security)
             else:
                 if not args.scheduler_address:
                     p.error("worker needs the scheduler's address")
-                await _workers(args.scheduler_address, options, args.worker_class)
+                await _workers(args.scheduler_address, options, args.worker_class, security)
             nursery.cancel_scope.cancel()
 
     try:

@@ -16,6 +16,12 @@ used to reach its host (the client must reach the scheduler there anyway), on po
 ``scheduler_options["port"]`` (default 8786, as ``dask scheduler``). Workers listen on
 their own host's name likewise.
 
+``security=`` (a ``Security``, or ``True`` for ``Security.temporary()``) makes the
+scheduler and workers speak ``tls://`` among themselves and with the client; their
+certificates travel inside the SSH connection, never on a command line, and the
+client's dask config goes the same way (``remote_setup``), as dask's ``SSHCluster``
+forwards it.
+
 asyncssh runs on an asyncio loop in a thread of its own (``AsyncioThread``); the cluster
 itself is a trio object like ``LocalCluster``: sync through the background trio loop, or
 ``async with SSHCluster(..., asynchronous=True)`` inside a trio program. Needs the
@@ -38,10 +44,13 @@ from typing import Any
 
 import trio
 
+from trioscheduler.deploy import remote_setup
 from trioscheduler.deploy.asyncio_thread import AsyncioThread
 from trioscheduler.deploy.facade import SyncAsyncFacade
 from trioscheduler.deploy.spawn import ERROR_MARK, MARK
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.wire.security import Security
+from trioscheduler.wire.security import resolve as resolve_security
 
 logger = logging.getLogger("trioscheduler.ssh")
 
@@ -69,11 +78,14 @@ def _asyncssh() -> Any:
 class _Remote:
     """One SSH connection running one spawn process. Its methods run on the asyncio loop."""
 
-    def __init__(self, host: str, connect_options: dict[str, Any], command: str, label: str):
+    def __init__(
+        self, host: str, connect_options: dict[str, Any], command: str, label: str, setup: str
+    ) -> None:
         self.host = host
         self.connect_options = connect_options
         self.command = command
         self.label = label
+        self.setup = setup  # remote_setup's line: certificates and config, on stdin
         self.conn: Any = None
         self.proc: Any = None
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -90,6 +102,7 @@ class _Remote:
                     f"SSHCluster: cannot connect to {self.host!r} for the {self.label}: {exc}"
                 ) from exc
             self.proc = await self.conn.create_process(self.command)
+            self.proc.stdin.write(self.setup + "\n")
             self._drains.append(asyncio.ensure_future(self._drain(self.proc.stderr)))
             addresses: list[str] = []
             error = ""
@@ -154,6 +167,7 @@ class SSHCluster(SyncAsyncFacade):
         *,
         asynchronous: bool = False,
         name: str | None = None,
+        security: Security | bool | None = None,
         **kwargs: Any,
     ) -> None:
         for key in _IGNORED:
@@ -172,7 +186,14 @@ class SSHCluster(SyncAsyncFacade):
                 "SSHCluster: remote_python as a list needs one path per host "
                 f"({len(hosts)}), got {len(remote_python)}"
             )
+        for options, label in ((scheduler_options, "scheduler"), (worker_options, "worker")):
+            if options and "security" in options:
+                raise TypeError(
+                    f"SSHCluster: give security= to SSHCluster itself, not in {label}_options "
+                    "(it is shipped over SSH, never on a command line)"
+                )
         _asyncssh()  # the missing extra is reported here, not on the loop thread
+        self.security = resolve_security(security)
         self.hosts = list(hosts)
         self.connect_options = connect_options or {}
         self.worker_options = dict(worker_options or {})
@@ -189,6 +210,7 @@ class SSHCluster(SyncAsyncFacade):
         self._bridge: AsyncioThread | None = None
         self._scheduler: _Remote | None = None
         self._handle: Any = None
+        self._setup = ""  # remote_setup's line, made when the cluster starts
         if not asynchronous:
             from trioscheduler.deploy.loop import loop_runner
 
@@ -218,8 +240,11 @@ class SSHCluster(SyncAsyncFacade):
 
     @asynccontextmanager
     async def _open(self) -> AsyncIterator[SSHCluster]:
+        import dask.config
+
         self.status = "starting"
         remotes: list[_Remote] = []
+        self._setup = remote_setup.pack(self.security, dask.config.config)
         try:
             async with AsyncioThread(f"{self.name}-asyncssh") as bridge:
                 try:
@@ -228,6 +253,7 @@ class SSHCluster(SyncAsyncFacade):
                     scheduler = _Remote(
                         self.hosts[0], connect,
                         self._command(python, "scheduler", options=sched_opts), "scheduler",
+                        self._setup,
                     )  # fmt: skip
                     remotes.append(scheduler)
                     self._bridge, self._scheduler = bridge, scheduler
@@ -262,7 +288,7 @@ class SSHCluster(SyncAsyncFacade):
                     python, "worker", self.scheduler_address,
                     "--worker-class", self.worker_class, options=opts,
                 )  # fmt: skip
-                remote = _Remote(host, connect, cmd, "workers")
+                remote = _Remote(host, connect, cmd, "workers", self._setup)
                 remotes.append(remote)
                 nursery.start_soon(self._start_workers, bridge, remote, i, n)
 
