@@ -131,6 +131,7 @@ class ClientBase:
         batch_interval: float = 0.002,
         direct_to_workers: bool | None = None,
         security: Any = None,
+        reconnect_timeout: float = 60.0,
         loop: Any = None,
         _loop: Any = None,
         **cluster_kwargs: Any,
@@ -156,6 +157,7 @@ class ClientBase:
             batch_interval=batch_interval,
             connection_limit=connection_limit,
             connect_args=connect_args(self.security, "client"),
+            reconnect_timeout=reconnect_timeout,
         )
         self._token: trio.lowlevel.TrioToken | None = None
         self._loop_ident: int | None = None  # the thread running the session's trio loop
@@ -256,7 +258,7 @@ class ClientBase:
         """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._link.start(nursery, self._on_lost)
+            await nursery.start(self._link.serve, self._on_lost)
             task_status.started()
 
     async def _shutdown(self) -> None:

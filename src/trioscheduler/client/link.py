@@ -16,11 +16,19 @@ handling those, so a request never overtakes what the client sent earlier.
 
 Leaving (``goodbye``) sends ``RemoveClient``; the scheduler releases every key of this
 client and closes the stream, which the receive loop sees before the link's tasks end.
+
+A stream that drops without being asked to is dialled again with back-off for
+``reconnect_timeout`` seconds (a scheduler restarting from its log at the same address:
+docs/recovery.md). Reconnected, the link says hello with the same client id, sends what
+queued up meanwhile, then wants every key it still holds again: the scheduler answers
+each with its outcome (or ``KeyCancelled`` for a key it does not know), so pending
+futures complete. Only if no scheduler answers in time are the futures cancelled.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -31,9 +39,9 @@ from trioscheduler import wire
 from trioscheduler.client.key_table import KeyTable
 from trioscheduler.core import messages as m
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.wire.local_alias import local_route
 
 __all__ = ["SchedulerLink"]
-
 
 
 class SchedulerValueError(TrioSchedulerError, ValueError):
@@ -75,7 +83,13 @@ class SchedulerLink:
         batch_interval: float,
         connection_limit: int,
         connect_args: dict[str, Any] | None = None,
+        reconnect_timeout: float = 60.0,
     ) -> None:
+        if not reconnect_timeout >= 0:
+            raise ValueError(f"reconnect_timeout must be >= 0 seconds, not {reconnect_timeout!r}")
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnections = 0
+        self.expect_return = True  # False once the scheduler said it closes for good
         self.client_id = client_id
         self.connect_args = dict(connect_args or {})  # TLS context (Client(security=))
         self.table = table
@@ -106,37 +120,15 @@ class SchedulerLink:
 
     async def open(self, stack: AsyncExitStack, address: str, route: str) -> None:
         """Connect to ``route`` (``address`` or its in-process alias), say hello, and
-        enter the pool and the batched stream into ``stack``."""
+        enter the pool into ``stack``; ``serve`` then runs the stream."""
         self.address, self.route = address, route
         try:
-            stream = await wire.connect(
-                route,
-                timeout=self.timeout,
-                role="client",
-                info={"id": self.client_id},
-                **self.connect_args,
-            )
+            self._stream = await self._connect()
         except wire.ConnectError as exc:
             raise wire.ConnectError(
                 f"Client could not connect to the scheduler at {address} within {self.timeout} s: {exc}"
             ) from exc
-        self._stream = stream
-        stack.push_async_callback(stream.aclose)
-        ack: Any = None
-        with trio.move_on_after(self.timeout):
-            try:
-                await stream.send(
-                    m.AddClient(self.stimulus("add-client"), trio.current_time(), self.client_id)
-                )
-                ack = await stream.receive()
-            except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
-                ack = exc
-        if not (isinstance(ack, dict) and ack.get("op") == "stream-start"):
-            raise wire.ConnectError(
-                f"the scheduler at {address} did not acknowledge the client: {ack!r:.100}"
-            )
-        services = ack.get("services")
-        self.services = services if isinstance(services, dict) else {}
+        stack.push_async_callback(self._close_stream)
         self._pool = await stack.enter_async_context(
             wire.ConnectionPool(
                 self.connection_limit,
@@ -146,22 +138,145 @@ class SchedulerLink:
                 **self.connect_args,
             )
         )
-        self._batched = await stack.enter_async_context(
-            _tolerant_batched(stream, self.batch_interval)
-        )
         self._outbox_ready = trio.Event()
         self._receive_done = trio.Event()
 
-    def start(self, nursery: trio.Nursery, on_lost: Callable[[], None]) -> None:
-        """The receive loop and the flusher, in ``nursery``; ``on_lost()`` runs if the
-        scheduler goes away without being asked to."""
-        nursery.start_soon(self._receive_loop, on_lost)
-        nursery.start_soon(self._flusher)
+    async def _connect(self) -> wire.Stream:
+        """One stream to the scheduler, acknowledged."""
+        assert self.route is not None
+        stream = await wire.connect(
+            self.route,
+            timeout=self.timeout,
+            role="client",
+            info={"id": self.client_id},
+            **self.connect_args,
+        )
+        ack: Any = None
+        try:
+            with trio.move_on_after(self.timeout):
+                try:
+                    await stream.send(
+                        m.AddClient(
+                            self.stimulus("add-client"), trio.current_time(), self.client_id
+                        )
+                    )
+                    ack = await stream.receive()
+                except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                    ack = exc
+            if not (isinstance(ack, dict) and ack.get("op") == "stream-start"):
+                raise wire.ConnectError(
+                    f"the scheduler at {self.address} did not acknowledge the client: {ack!r:.100}"
+                )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        services = ack.get("services")
+        self.services = services if isinstance(services, dict) else {}
+        self.sent = 0  # the scheduler counts this stream's messages from its hello
+        return stream
+
+    async def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def serve(
+        self, on_lost: Callable[[], None], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The stream's batched sender, receive loop and flusher (started once the sender
+        is up); on a dropped stream, reconnect (``_reconnect``) and go on, or, if no
+        scheduler answers in time, ``on_lost()``."""
+        assert self._receive_done is not None
+        try:
+            while True:
+                assert self._stream is not None
+                async with _tolerant_batched(self._stream, self.batch_interval) as batched:
+                    self._batched = batched
+                    if self.reconnections:
+                        self._reannounce()
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._flusher)
+                        await self._receive_loop()
+                        nursery.cancel_scope.cancel()
+                    self._batched = None  # until reconnected, messages wait in the outbox
+                if self.closing:
+                    return
+                if not await self._reconnect():
+                    logger.warning(
+                        "client %s: the scheduler at %s closed the connection",
+                        self.client_id,
+                        self.address,
+                    )
+                    on_lost()
+                    return
+        finally:
+            self._receive_done.set()
+
+    async def _reconnect(self) -> bool:
+        """Dial again with back-off (0.05 s doubling to 2 s, jittered) for
+        ``reconnect_timeout`` seconds."""
+        if self.reconnect_timeout <= 0 or not self.expect_return:
+            return False
+        deadline = trio.current_time() + self.reconnect_timeout
+        delay = 0.05
+        attempts = 0
+        logger.warning(
+            "client %s lost the scheduler at %s; reconnecting for up to %g s",
+            self.client_id, self.address, self.reconnect_timeout,
+        )  # fmt: skip
+        await self._close_stream()
+        while not self.closing:
+            left = deadline - trio.current_time()
+            if left <= 0:
+                return False
+            attempts += 1
+            assert self.address is not None
+            # a scheduler in this trio run has a new in-memory alias each time it starts
+            self.route = local_route(self.address)
+            try:
+                with trio.fail_after(min(left, self.timeout)):
+                    self._stream = await self._connect()
+                break
+            except (OSError, wire.ConnectError, wire.ProtocolError, trio.TooSlowError,
+                    trio.BrokenResourceError, trio.EndOfChannel) as exc:  # fmt: skip
+                logger.debug("client %s: reconnect attempt %d: %r", self.client_id, attempts, exc)
+            await trio.sleep(
+                min(delay * random.uniform(0.5, 1.0), max(deadline - trio.current_time(), 0))
+            )
+            delay = min(delay * 2, 2.0)
+        if self.closing:
+            return False
+        self.reconnections += 1
+        logger.warning(
+            "client %s reconnected to %s (attempt %d)", self.client_id, self.address, attempts
+        )
+        return True
+
+    def _reannounce(self) -> None:
+        """What queued meanwhile first (new graphs: their keys must be known before they
+        are wanted again), then every key still held, each answered with its outcome."""
+        held = list(self.table)
+        if held:
+            self._outbox.append(
+                m.ClientDesiresKeys(
+                    self.stimulus("reconnect"), trio.current_time(), self.client_id, held
+                )
+            )
+        try:
+            self._flush_outbox()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # lost again: the receive loop sees it and we come back here
 
     async def goodbye(self) -> None:
         """Send what is queued and ``RemoveClient``; until the scheduler closes the stream
         (or ``timeout``)."""
         self.closing = True
+        if self._batched is None:
+            return  # no scheduler right now (reconnecting): it drops us after its grace
         with trio.move_on_after(self.timeout):
             try:
                 self._flush_outbox()
@@ -210,10 +325,12 @@ class SchedulerLink:
             self._outbox_ready.set()
 
     def _flush_outbox(self) -> None:
+        batched = self._batched
+        if batched is None:
+            return  # reconnecting: sent once through (``_reannounce``)
         msgs, self._outbox = self._outbox, []
-        assert self._batched is not None
         for msg in msgs:
-            self._batched.send_nowait(msg)
+            batched.send_nowait(msg)
         self.sent += len(msgs)
 
     async def _flusher(self) -> None:
@@ -269,8 +386,8 @@ class SchedulerLink:
 
     # -- in -------------------------------------------------------------------------------
 
-    async def _receive_loop(self, on_lost: Callable[[], None]) -> None:
-        assert self._stream is not None and self._receive_done is not None
+    async def _receive_loop(self) -> None:
+        assert self._stream is not None
         handlers = self._handlers
         try:
             async for msg in self._stream:
@@ -285,18 +402,7 @@ class SchedulerLink:
                 handler(self, msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if not self.closing:
-                logger.warning(
-                    "client %s lost its scheduler connection: %r", self.client_id, exc
-                )
-        finally:
-            self._receive_done.set()
-            if not self.closing:
-                logger.warning(
-                    "client %s: the scheduler at %s closed the connection",
-                    self.client_id,
-                    self.address,
-                )
-                on_lost()
+                logger.warning("client %s lost its scheduler connection: %r", self.client_id, exc)
 
     def _on_key_in_memory(self, msg: m.KeyInMemory) -> None:
         st = self.table.get(msg.key)
@@ -324,6 +430,9 @@ class SchedulerLink:
             self.on_event(msg["topic"], msg["event"])
             return
         if msg.get("op") != "value":
+            if msg.get("op") == "scheduler-closing":  # stopped in order: back only with a log
+                self.expect_return = bool(msg.get("reconnect"))
+                return
             if msg.get("op") == "plugin-error":
                 from trioscheduler.client.plugins import report_plugin_error
 

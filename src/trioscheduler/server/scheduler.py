@@ -269,6 +269,7 @@ class Scheduler:
         self.recovery_grace = recovery_grace
         self.recovered = False  # started from an existing log
         self._log: EventLogWriter | None = None
+        self._frozen = False  # stopping with recover_from: the state stays the log's
         self._workers: dict[str, _Peer] = {}  # address -> batched sender
         self._clients: dict[str, _Peer] = {}  # client id -> batched sender
         self._workers_changed = trio.Event()
@@ -405,8 +406,17 @@ class Scheduler:
         assert self._stack is not None
         if self.recover_from is not None:
             # Stopped in order, the scheduler comes back as it was when asked to stop:
-            # the streams closing now (clients and workers "leaving") are not recorded.
+            # from now on, nothing reaches the core (and no effect leaves) unrecorded.
             self._close_log()
+            self._frozen = True
+        # Clients learn whether to wait for a restart (a scheduler with a log) or give up.
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            for peer in list(self._clients.values()):
+                try:
+                    peer.send({"op": "scheduler-closing", "reconnect": self.recover_from is not None})
+                    await peer.batched.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
         try:
             with trio.CancelScope(shield=True):
                 await self.plugins.close_all()
@@ -450,6 +460,8 @@ class Scheduler:
 
         With a log, the events reach the kernel (one frame, one write) before the core
         sees them, so nothing they cause can leave the process unrecorded."""
+        if self._frozen:
+            return
         if self._log is not None:
             dump = m.dump
             if len(events) == 1:
