@@ -327,10 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--close-workers",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="on an orderly stop (SIGTERM, Ctrl-C, --idle-timeout) tell the workers and their "
-        "nannies to close, as dask's scheduler does (default); --no-close-workers leaves them "
-        "redialling for their --death-timeout, for a scheduler restarted on purpose",
+        "nannies to close, as dask's scheduler does (default without --recover-from); "
+        "--no-close-workers leaves them redialling for their --death-timeout, for a scheduler "
+        "restarted on purpose (default with --recover-from)",
     )
     tls_arguments(p)
     from trioscheduler.http import DEFAULT_DASHBOARD_ADDRESS

@@ -207,7 +207,8 @@ class Scheduler:
 
     Leaving the block tells every connected worker to close (and its nanny with it), as
     dask's ``Scheduler.close`` does; ``close_workers=False`` leaves them redialling for
-    their ``death_timeout``, for a scheduler that is restarted on purpose. A scheduler
+    their ``death_timeout``, for a scheduler that is restarted on purpose (the default
+    with ``recover_from``). A scheduler
     that crashes tells nobody: its workers redial and rejoin one that comes back.
     """
 
@@ -230,10 +231,11 @@ class Scheduler:
         security: Security | bool | None = None,
         no_workers_timeout: float | str | None = "config",
         dashboard_address: str | int | None = None,
-        close_workers: bool = True,
+        close_workers: bool | None = None,
     ) -> None:
         self.security = resolve_security(security)
-        self.close_workers = close_workers
+        # None: close them, unless the scheduler keeps a log to come back from
+        self.close_workers = recover_from is None if close_workers is None else close_workers
         self._workers_told = False  # an orderly close sent them CloseWorker
         if idle_timeout is not None and idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
