@@ -372,8 +372,11 @@ class SchedulerState:
             return
         cs.wants.add(ts.key)
         tr.want(ts, cs)
-        if not notify:
-            return
+        if notify:
+            self._tell_outcome(cs, ts)
+
+    def _tell_outcome(self, cs: ClientRecord, ts: TaskRecord) -> None:
+        """Tell ``cs`` the outcome of ``ts`` if known; if released, compute it again."""
         if ts.state == "memory":
             self.to_client(cs.client, KeyInMemory(ts.key, ts.type_name))
         elif ts.state == "erred":
@@ -588,6 +591,8 @@ class SchedulerState:
             ts = self.tasks.get(key)
             if ts is None:
                 self.to_client(cs.client, KeyCancelled(key, "the scheduler does not know this key"))
+            elif key in cs.wants:  # asked again (a client reconnecting): the outcome again
+                self._tell_outcome(cs, ts)
             else:
                 self._add_want(cs, ts)
 
