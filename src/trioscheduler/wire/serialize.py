@@ -306,11 +306,41 @@ def _reducer(cls: type[Any], names: tuple[str, ...]) -> Callable[[Any], tuple[An
     return reduce
 
 
+class _BatchPickler(pickle.Pickler):
+    """Protocol 5 with the records' reducers; ``dispatch_table`` is set by
+    ``_batch_pickler`` (one merged table shared by every batch, not one per batch)."""
+
+
+_table_sizes = (-1, -1)  # (copyreg's, the records') when the merged table was built
+
+
+def _batch_pickler(out: io.BytesIO, buffer_callback: Callable[[Any], None]) -> pickle.Pickler:
+    global _table_sizes
+    sizes = (len(copyreg.dispatch_table), len(_RECORD_TYPES))
+    if sizes != _table_sizes:  # a library registered a reducer, or a record type is new
+        _BatchPickler.dispatch_table = {**copyreg.dispatch_table, **_record_reducers()}
+        _table_sizes = sizes
+    return _BatchPickler(out, protocol=5, buffer_callback=buffer_callback)
+
+
+def _pickle_header(count: int) -> bytes:
+    """The header of a pickled batch of ``count`` frames (cached: ``msgpack.packb``
+    makes a packer with a 256 KiB buffer per call)."""
+    header = _PICKLE_HEADERS.get(count)
+    if header is None:
+        header = msgpack.packb(msgpack.ExtType(_PICKLE, _U32x2.pack(0, count)))
+        if count < 64:
+            _PICKLE_HEADERS[count] = header
+    return header
+
+
+_PICKLE_HEADERS: dict[int, bytes] = {}
+
+
 def _pickle_batch(msgs: list[Any]) -> list[Frame] | None:
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
-    pickler = pickle.Pickler(out, protocol=5, buffer_callback=buffers.append)
-    pickler.dispatch_table = {**copyreg.dispatch_table, **_record_reducers()}
+    pickler = _batch_pickler(out, buffers.append)
     try:
         pickler.dump(Batch(msgs))
     except Exception:  # whatever pickle cannot do, the msgpack path does (or reports)
@@ -324,7 +354,7 @@ def _pickle_batch(msgs: list[Any]) -> list[Frame] | None:
             frames.append(pb.raw())
         except BufferError:  # non-contiguous: one copy is unavoidable
             frames.append(memoryview(pb).tobytes())
-    frames[0] = msgpack.packb(msgpack.ExtType(_PICKLE, _U32x2.pack(0, len(frames) - 1)))
+    frames[0] = _pickle_header(len(frames) - 1)
     return frames
 
 
