@@ -202,3 +202,35 @@ async def test_user_errors_survive_an_outside_cancellation() -> None:
                         nursery.cancel_scope.cancel()
                         raise KeyError("the user's own error")
         assert info.group_contains(KeyError, match="own error")
+
+
+def test_a_waiter_added_from_another_thread_is_never_lost() -> None:
+    """``result()`` of a sync client arms its wake-up from the user's thread while the
+    loop thread may be settling the key: either ``add_waiter`` says done, or the
+    wake-up runs (else ``result()`` would sleep until its poll, or forever)."""
+    from trioscheduler.client.futures import KeyState
+
+    for i in range(500):
+        st = KeyState(("k", i))
+        woken = threading.Event()
+        said_done: list[bool] = []
+        start = threading.Barrier(2)
+
+        def arm(
+            st: KeyState = st,
+            woken: threading.Event = woken,
+            out: list[bool] = said_done,
+            start: threading.Barrier = start,
+        ) -> None:
+            start.wait()
+            out.append(st.add_waiter(woken.set))
+
+        t = threading.Thread(target=arm)
+        t.start()
+        start.wait()
+        st.finish("int")
+        t.join()
+        assert said_done == [True] or woken.is_set(), i
+    st = KeyState("done")
+    st.finish()
+    assert st.add_waiter(lambda: None) is True and st.hooks == []

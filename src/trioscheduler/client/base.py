@@ -410,6 +410,10 @@ class ClientBase:
         result handed back through ``trio.from_thread``. ``False`` where this does not
         apply (a worker's own loop, a closed client): the caller then crosses into the
         loop as usual. ``TimeoutError`` after ``timeout`` seconds.
+
+        The hook is appended from this thread, not posted to the loop (a post is one
+        more loop wake-up per ``result()``): ``KeyState.add_waiter`` says why no
+        wake-up can be lost.
         """
         runner = self._runner
         if type(runner) is not LoopRunner or self.status != "running":
@@ -418,16 +422,12 @@ class ClientBase:
             return True
         runner.check_blocking("result()")
         event = threading.Event()
-
-        def arm() -> None:  # loop thread
-            if st.done:
-                event.set()
-            else:
-                st.hooks.append(event.set)
-
-        self._post(arm)
+        if st.add_waiter(event.set):
+            return True
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         while not event.wait(min(_POLL, deadline - time.monotonic())):
+            if st.done:  # a wake-up lost all the same: the poll still sees it
+                return True
             if not runner.alive or self.status != "running":
                 return False  # the loop or the session ended: the usual path reports it
             if time.monotonic() >= deadline:

@@ -69,7 +69,8 @@ class KeyState:
 
     ``status``: ``pending`` -> ``finished`` | ``error`` | ``cancelled``; ``lost`` (the
     only copy died, the scheduler recomputes) and ``pending`` again (``retry``) lead back.
-    ``hooks`` are one-shot sync callables run in the loop thread when the key is done.
+    ``hooks`` are one-shot sync callables run in the loop thread when the key is done
+    (appended in the loop thread, or by ``add_waiter`` from any thread).
     """
 
     __slots__ = (
@@ -112,6 +113,20 @@ class KeyState:
             hooks, self.hooks = self.hooks, []
             for hook in hooks:
                 hook()
+
+    def add_waiter(self, wake: Callable[[], None]) -> bool:
+        """Any thread: ``wake()`` (from the loop thread) once the key is done; ``True``
+        instead if it is done already.
+
+        Without a lock or a trip into the loop: ``_settle`` sets ``status`` before it
+        takes the hook list, so a hook appended after the list was taken finds the
+        status done on the check that follows the append (both run under the GIL, and
+        a list append is atomic). At worst ``wake`` is called once after ``True``.
+        """
+        if self.status in DONE_STATUSES:
+            return True
+        self.hooks.append(wake)
+        return self.status in DONE_STATUSES
 
     def finish(self, type_name: str = "") -> None:
         self.type_name = type_name

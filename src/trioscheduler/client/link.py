@@ -321,8 +321,18 @@ class SchedulerLink:
             ob[-1].keys.extend(msg.keys)
         else:
             ob.append(msg)
-        if self._outbox_ready is not None:
-            self._outbox_ready.set()
+        if self._outbox_ready is None:
+            return
+        direct = type(self._batched) is wire.DirectSend
+        if len(ob) == 1 and direct and not self._outbox_ready.is_set():
+            # In memory, the first message since the flusher last ran goes now (the
+            # flusher would hand it over one task switch later); the flusher is woken
+            # all the same, so what follows in this loop round still merges behind it.
+            try:
+                self._flush_outbox()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the receive loop sees the stream end
+        self._outbox_ready.set()
 
     def _flush_outbox(self) -> None:
         batched = self._batched
