@@ -13,7 +13,10 @@ Waking a thread costs the waker its CPU on a busy machine (the woken thread pree
 and then waits for the GIL the waker holds), so jobs are handed to the threads just
 before the loop waits for I/O (a trio ``Instrument``), after the loop has done the rest
 of what the finished task set off (e.g. writing ``TaskFinished`` to the scheduler);
-a loop that stays busy hands them over after ``MAX_DEFERRALS`` rounds anyway.
+a loop that stays busy hands them over after ``MAX_DEFERRALS`` rounds anyway. A job
+that finds every thread idle goes at once: nothing finished is waiting to be written,
+and deferring it would put the loop's other writes ahead of the task (a lone
+``submit(...).result()`` waited behind them).
 
 There is always one thread per queued or running job: a job goes to an idle thread or
 starts a new one. A seceded task keeps its thread, so the next job gets another; threads
@@ -184,9 +187,13 @@ class ThreadExecutor:
     def submit(self, key: Any, run_spec: Any, data: Mapping[Any, Any]) -> None:
         """Run ``run_spec`` in a task thread; its ``Done`` comes back through ``wait``.
 
-        The job reaches a thread when the loop next waits for I/O (see the module doc).
+        The job reaches a thread when the loop next waits for I/O (see the module doc),
+        or at once if every thread is idle: then no finished task's follow-up is
+        waiting to be written, and the job is the round trip's critical path.
         """
-        if self._instrument is None:
+        if self._instrument is None or (
+            not self._pending and self._idle > 0 and self._idle == self._threads
+        ):
             self._queue((key, run_spec, data))
         else:
             self._pending.append((key, run_spec, data))
