@@ -75,3 +75,34 @@ def test_large_arguments_ride_out_of_band_without_a_copy() -> None:
     small, _ = runspec.pack(_nbytes_plus, (np.arange(10),), {})
     assert isinstance(small, bytes)  # small buffers: one self-contained pickle
 
+
+
+def test_the_plain_packer_makes_the_run_spec_pack_makes() -> None:
+    """``map``'s fast path: the same bytes as ``pack`` for a function pickled by
+    reference (or shipped by value once) and plain arguments; refused where cloudpickle
+    is needed."""
+    from operator import add
+
+    from trioscheduler.client.keys import plain, shippable
+
+    for func in (add, shippable(lambda a, b: a + b)):
+        packer = runspec.plain_packer(func, {})
+        assert packer is not None
+        for args in [(1, 2), (1.5, True), ("x", "y"), (b"a", b"b"), (None, None)]:
+            assert plain(args)
+            assert packer(args) == pack(func, args, {})[0]
+        assert run(packer((2, 3)), {}) == 5
+    assert runspec.plain_packer(lambda a: a, {}) is None  # a lambda not shipped first
+    assert runspec.plain_packer(add, {"lock": threading.Lock()}) is None
+    assert not plain((Ref("k"),)) and not plain(([1],)) and not plain(("x" * 5000,))
+
+
+def test_plain_map_keys_are_stable_and_tell_types_apart() -> None:
+    from trioscheduler.client.keys import map_keys
+
+    calls = [(1,), (1.0,), (True,), ("1",), (b"1",), (None,), ((1,),)]
+    keys = map_keys(abs, calls, {}, None, True)
+    assert len(set(keys)) == len(calls)
+    assert keys == map_keys(abs, calls, {}, None, True)  # the same calls, the same keys
+    assert keys != map_keys(abs, calls, {"x": 1}, None, True)
+    assert all(k.startswith("abs-") for k in keys)

@@ -42,6 +42,7 @@ from trioscheduler.client.keys import (
     check_options,
     check_workers,
     map_keys,
+    plain,
     shippable,
     submit_key,
 )
@@ -198,13 +199,19 @@ class Client(
             func = as_actor(func)
         shipped = shippable(func)
         pack = runspec.pack
+        pack_plain = runspec.plain_packer(shipped, kwargs) if plain(tuple(kwargs.values())) else None
         TaskSpec = m.TaskSpec
         specs: list[m.TaskSpec] = []
         packed: dict[Any, m.TaskSpec] = {}
+        run_spec: runspec.RunSpec
+        deps: list[Any]
         for k, args in zip(keys, calls, strict=True):
             spec = packed.get(k)  # the same pure call twice in one map: pack it once
             if spec is None:
-                run_spec, deps = pack(shipped, args, kwargs)
+                if pack_plain is not None and plain(args):
+                    run_spec, deps = pack_plain(args), []
+                else:
+                    run_spec, deps = pack(shipped, args, kwargs)
                 spec = packed[k] = TaskSpec(k, deps, run_spec, prio, 0, w, aow, r, n_retries)
             specs.append(spec)
         return self._new_futures(specs)

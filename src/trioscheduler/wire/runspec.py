@@ -148,6 +148,28 @@ def pack(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
         raise _name_culprit(func, args, kwargs, exc) from exc
 
 
+def plain_packer(func: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[tuple[Any, ...]], bytes] | None:
+    """A faster ``pack`` for many calls of ``func`` whose arguments and ``kwargs`` hold
+    no references and no large buffers (the caller checks: ``client.keys.plain``), or
+    ``None`` if ``func`` needs cloudpickle.
+
+    The C pickler does what ``_RefPickler`` would (the same bytes, checked here on
+    ``func``: a function pickled by reference, or pickled once by value beforehand),
+    without cloudpickle's Python-level hooks for every object: ~7x cheaper per task.
+    """
+    try:
+        head = pickle.dumps((func, kwargs), protocol=5)
+        if head != cloudpickle.dumps((func, kwargs), protocol=5) or b"__main__" in head:
+            return None
+    except Exception:
+        return None
+
+    def pack_plain(args: tuple[Any, ...]) -> bytes:
+        return pickle.dumps((func, args, kwargs), protocol=5)
+
+    return pack_plain
+
+
 def _name_culprit(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
 ) -> UnpicklableArgumentError:
