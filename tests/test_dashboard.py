@@ -461,3 +461,34 @@ with LocalCluster(n_workers=2, processes=False, dashboard_address="127.0.0.1:0")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stderr.decode().count("still on stderr") == 1
     assert "not shown" not in result.stderr.decode()
+
+
+async def test_a_scheduler_alone_keeps_warnings_on_stderr_and_in_its_logs() -> None:
+    """No dashboard, no workers: the process's one log buffer is the only handler on
+    the ``trioscheduler`` logger, and still hides no warning from logging's last resort
+    (it did when the scheduler's logs had a buffer of their own); configured logging
+    shows each warning once, and the buffer keeps it for ``get_scheduler_logs``."""
+    code = """
+import logging, sys, trio
+from trioscheduler.server.diagnostics import recent_logs
+from trioscheduler.server.scheduler import Scheduler
+if sys.argv[1] == "configured":
+    logging.basicConfig(format="configured: %(message)s")
+async def main():
+    async with Scheduler("tcp://127.0.0.1:0"):
+        logging.getLogger("trioscheduler.test").warning("still on stderr")
+        logging.getLogger("trioscheduler.test").info("not shown")
+        print([level for level, line in recent_logs() if "still on stderr" in line])
+trio.run(main)
+"""
+    for mode in ("bare", "configured"):
+        result = await trio.run_process(
+            [sys.executable, "-c", code, mode], capture_stdout=True, capture_stderr=True,
+            check=False,
+        )  # fmt: skip
+        err = result.stderr.decode()
+        assert result.returncode == 0, err
+        assert err.count("still on stderr") == 1, (mode, err)
+        assert ("configured: still on stderr" in err) == (mode == "configured"), err
+        assert "not shown" not in err
+        assert result.stdout.decode().strip() == "['WARNING']"

@@ -19,9 +19,8 @@ from urllib.parse import unquote
 
 import trio
 
-from trioscheduler.http import parse_dashboard_address
+from trioscheduler.http import logs, parse_dashboard_address
 from trioscheduler.http.info import logs_page, worker_page, workers_page
-from trioscheduler.http.logs import LogBuffer
 from trioscheduler.http.pages import build_page, render
 from trioscheduler.http.server import HttpServer, Request, Response
 from trioscheduler.http.snapshot import DashboardSource, Snapshot, SnapshotCache
@@ -60,7 +59,6 @@ class Dashboard:
         self.source = source
         self.cache = SnapshotCache(source, clock, wall)
         self.static = BokehStatic()
-        self.log = LogBuffer()
         self.server = HttpServer(self.handle)
         self.host = ""
         self.port = 0
@@ -105,12 +103,11 @@ class Dashboard:
                 )
             self.host, self.port = bound
             stream.wanted += 1
-            self.log.attach()
+            logs.install()
             try:
                 task_status.started(bound)
                 await trio.sleep_forever()
             finally:
-                self.log.detach()
                 stream.wanted -= 1
                 nursery.cancel_scope.cancel()
 
@@ -233,7 +230,7 @@ class Dashboard:
         return Response(200, workers_page(self.snapshot()).encode(), HTML)
 
     async def _info_logs(self, request: Request) -> Response:
-        return Response(200, logs_page(list(self.log.lines)).encode(), HTML)
+        return Response(200, logs_page(logs.install().lines()).encode(), HTML)
 
     async def _info_worker_logs(self, quoted: str) -> Response:
         address = unquote(quoted)

@@ -33,6 +33,7 @@ import trio
 from trioscheduler.core import messages as m
 from trioscheduler.core.replication import plan_rebalance, plan_replicas, reduce_replicas
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.http import logs
 from trioscheduler.server import profiling
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ logger = logging.getLogger("trioscheduler.scheduler")
 
 EVENTS_PER_TOPIC = 100_000  # dask's distributed.scheduler.events-log-length
 TASK_STREAM_LENGTH = 100_000
-LOG_LENGTH = 10_000
 BROADCAST_TOPICS = frozenset({"print", "warn"})  # trioscheduler.print/warn inside tasks
 AMM_INTERVAL = 2.0  # dask's distributed.scheduler.active-memory-manager.interval
 
@@ -55,46 +55,14 @@ OPTIONAL_PACKAGES = ("numpy", "pandas", "lz4", "toolz")
 # -- log lines ---------------------------------------------------------------------------
 
 
-class _LogBuffer(logging.Handler):
-    """The last ``LOG_LENGTH`` records of the ``trioscheduler`` loggers in this process."""
-
-    buffer_only = True  # keeps lines, shows none: http.logs.LogBuffer still lets warnings out
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: deque[tuple[str, str]] = deque(maxlen=LOG_LENGTH)
-        self.pid = os.getpid()
-        self.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.records.append((record.levelname, self.format(record)))
-        except Exception:  # a record that cannot be formatted is not kept
-            self.handleError(record)
-
-
-_log_buffer: _LogBuffer | None = None
-
-
-def install_log_buffer() -> _LogBuffer:
-    """This process's buffer of recent log lines (``get_scheduler_logs``/``get_worker_logs``).
-
-    It sees what the ``trioscheduler`` loggers emit at their configured level (WARNING
-    unless the application lowers it): the buffer does not change what gets logged.
-    """
-    global _log_buffer
-    log = logging.getLogger("trioscheduler")
-    # A forked worker process starts without its parent's handlers (nanny): a new buffer.
-    if _log_buffer is None or _log_buffer.pid != os.getpid() or _log_buffer not in log.handlers:
-        _log_buffer = _LogBuffer()
-        log.addHandler(_log_buffer)
-    return _log_buffer
+def install_log_buffer() -> logs.LogBuffer:
+    """This process's buffer of recent log lines (``get_scheduler_logs``/``get_worker_logs``)."""
+    return logs.install()
 
 
 def recent_logs(n: int | None = None) -> list[tuple[str, str]]:
     """``[(level, line), ...]``, newest first (dask's order)."""
-    records = list(reversed(install_log_buffer().records))
-    return records if n is None else records[:n]
+    return logs.install().recent(n)
 
 
 # -- versions ----------------------------------------------------------------------------

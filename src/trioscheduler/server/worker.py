@@ -66,7 +66,6 @@ from trioscheduler.core.messages import (
     WorkerHeartbeat,
 )
 from trioscheduler.core.worker import WorkerState
-from trioscheduler.http.logs import LogBuffer
 from trioscheduler.server import diagnostics, memory, profiling, task_context
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.executor import Done, ThreadExecutor
@@ -225,7 +224,6 @@ class Worker(RunsInAsyncWith):
         self._closed = trio.Event()  # everything released
         self._executing: set[Any] = set()
         self._transfers: list[list[Any]] = []  # [start, stop, peer, nbytes, [key], n]
-        self.logs = LogBuffer()  # for the data server's get_logs (the dashboard's /info)
         # Spill files are written in a thread by one writer task, which reports each
         # finished write to the core (``SpillWritten``): ``server/spill_writer.py``.
         self._spill_writer: SpillWriter | None = None
@@ -254,8 +252,8 @@ class Worker(RunsInAsyncWith):
         self.store.remove = self._spill_writer.remove_later
         self.trio_token = trio.lowlevel.current_trio_token()
         self._executor.start()
+        diagnostics.install_log_buffer()  # get_worker_logs, the dashboard's /info/logs
         error: BaseException | None = None  # the block's own error, raised unwrapped
-        self.logs.attach()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -295,7 +293,6 @@ class Worker(RunsInAsyncWith):
                     error = exc
                 nursery.cancel_scope.cancel()
         finally:
-            self.logs.detach()
             self._executor.close()
             self.store.close()
             self.status = "closed"
@@ -337,7 +334,6 @@ class Worker(RunsInAsyncWith):
         assert self._work is not None
         self._work.start_soon(self._finish_loop)
         self._work.start_soon(self._heartbeat_loop)
-        diagnostics.install_log_buffer()  # get_worker_logs
         profiling.sampler()  # Client.profile: samples task threads while tasks run
         self._work.start_soon(self._memory_loop)
         if self.lifetime is not None:

@@ -26,6 +26,7 @@ from trioscheduler.core.messages import (
     TaskErred,
     WorkerUpdateData,
 )
+from trioscheduler.http import logs
 from trioscheduler.server import same_host, task_context
 from trioscheduler.server.calling import call_pickled
 from trioscheduler.server.executor import nbytes_and_type
@@ -246,7 +247,7 @@ async def _answer(w: Worker, request: Any) -> dict[str, Any]:
     if op == "actor_execute" or op == "actor_attribute":
         return await w.actors.answer(request)
     if op == "get_logs":
-        return {"status": "OK", "logs": list(w.logs.lines)}
+        return {"status": "OK", "logs": logs.install().lines()}
     return {
         "status": "error",
         "text": f"unknown op {op!r}; this worker knows get_data, update_data, run, "
