@@ -61,6 +61,20 @@ def _no_backend(scheduler_rpc: Any, loop: Any, what: str) -> None:
         )
 
 
+def _no_extra(kwargs: dict[str, Any], what: str) -> None:
+    if kwargs:
+        raise TypeError(f"{what}() got unexpected keyword arguments {sorted(kwargs)}")
+
+
+def _blocking_timeout(blocking: bool, timeout: Any) -> Any:
+    """dask's ``acquire(blocking=False)``: a timeout of 0 (and no timeout of its own)."""
+    if blocking:
+        return timeout
+    if timeout is not None:
+        raise ValueError("can't specify a timeout for a non-blocking call")
+    return 0
+
+
 class _Primitive:
     """The shared plumbing: the late-bound client and one request to the scheduler."""
 
@@ -139,7 +153,28 @@ class _Primitive:
 # -- semaphores and locks ---------------------------------------------------------------
 
 
-class Semaphore(_Primitive):
+class _Held(_Primitive):
+    """``with``/``async with`` around ``acquire()``/``release()`` (sync or async client)."""
+
+    acquire: Callable[..., Any]  # the subclass's
+    release: Callable[[], Any]
+
+    def __enter__(self) -> Any:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Any:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.release()
+
+
+class Semaphore(_Held):
     """At most ``max_leases`` holders of ``name`` at a time, across the cluster.
 
     A lease taken inside a task is returned if its worker dies (or its client leaves),
@@ -195,20 +230,6 @@ class Semaphore(_Primitive):
     def register(self) -> None:
         """dask registers a semaphore before use; here it exists on first acquire."""
 
-    def __enter__(self) -> Any:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.release()
-
-    async def __aenter__(self) -> Any:
-        await self.acquire()
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.release()
-
     def __reduce__(self) -> Any:
         return (type(self), (self.max_leases, self.name))
 
@@ -232,10 +253,7 @@ class Lock(Semaphore):
     def acquire(self, blocking: bool = True, timeout: Any = None) -> Any:  # type: ignore[override]
         """``True`` once held; ``False`` if not free within ``timeout`` (or at once, with
         ``blocking=False``)."""
-        if not blocking:
-            if timeout is not None:
-                raise ValueError("can't specify a timeout for a non-blocking call")
-            timeout = 0
+        timeout = _blocking_timeout(blocking, timeout)
         return super().acquire(timeout)
 
     def release(self) -> Any:
@@ -257,7 +275,7 @@ class Lock(Semaphore):
         return (type(self), (self.name,))
 
 
-class MultiLock(_Primitive):
+class MultiLock(_Held):
     """Hold several locks at once (all of ``names``, or ``num_locks`` of them), taken
     atomically so two MultiLocks never deadlock. Its own namespace, apart from ``Lock``."""
 
@@ -276,10 +294,7 @@ class MultiLock(_Primitive):
         self, blocking: bool = True, timeout: Any = None, num_locks: int | None = None
     ) -> Any:
         """``True`` once ``num_locks`` (default all) of the names are held by this object."""
-        if not blocking:
-            if timeout is not None:
-                raise ValueError("can't specify a timeout for a non-blocking call")
-            timeout = 0
+        timeout = _blocking_timeout(blocking, timeout)
         if not self.names:
             raise ValueError("MultiLock() has no names to lock")
         n = len(set(self.names)) if num_locks is None else num_locks
@@ -299,20 +314,6 @@ class MultiLock(_Primitive):
 
     def locked(self) -> bool:
         return self._locked
-
-    def __enter__(self) -> Any:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.release()
-
-    async def __aenter__(self) -> Any:
-        await self.acquire()
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.release()
 
     def __reduce__(self) -> Any:
         return (type(self), (self.names,))
@@ -387,8 +388,7 @@ class Variable(_Holding):
     def set(self, value: Any, timeout: Any = "30 s", **kwargs: Any) -> Any:
         """Replace the value. (``timeout`` is dask's wait for a future's key to reach
         the scheduler; here it always has, since the request follows it on the wire.)"""
-        if kwargs:
-            raise TypeError(f"Variable.set() got unexpected keyword arguments {sorted(kwargs)}")
+        _no_extra(kwargs, "Variable.set")
         _seconds(timeout)  # still checked
         blob, keys = _pack(value, f"Variable {self.name!r}")
         fields = {"name": self.name, "blob": blob, "keys": keys}
@@ -396,8 +396,7 @@ class Variable(_Holding):
 
     def get(self, timeout: Any = None, **kwargs: Any) -> Any:
         """The value, waiting until there is one; ``TimeoutError`` after ``timeout``."""
-        if kwargs:
-            raise TypeError(f"Variable.get() got unexpected keyword arguments {sorted(kwargs)}")
+        _no_extra(kwargs, "Variable.get")
         fields = {"name": self.name, "timeout": _seconds(timeout)}
         return self._request("var_get", fields, self._unpack)
 
@@ -425,8 +424,7 @@ class Queue(_Holding):
     def put(self, value: Any, timeout: Any = None, **kwargs: Any) -> Any:
         """Append ``value``, waiting for room in a full queue; ``TimeoutError`` after
         ``timeout``. A value that cannot be pickled raises ``TypeError`` here."""
-        if kwargs:
-            raise TypeError(f"Queue.put() got unexpected keyword arguments {sorted(kwargs)}")
+        _no_extra(kwargs, "Queue.put")
         blob, keys = _pack(value, f"Queue {self.name!r}")
         fields = {"name": self.name, "maxsize": self.maxsize, "blob": blob, "keys": keys}
         return self._request("queue_put", {**fields, "timeout": _seconds(timeout)}, hold=value)
@@ -434,8 +432,7 @@ class Queue(_Holding):
     def get(self, timeout: Any = None, batch: bool | int = False, **kwargs: Any) -> Any:
         """One item, waiting for it; ``batch=True``: every item there now (a list, maybe
         empty, never waits); ``batch=n``: a list of ``n`` items, taken together."""
-        if kwargs:
-            raise TypeError(f"Queue.get() got unexpected keyword arguments {sorted(kwargs)}")
+        _no_extra(kwargs, "Queue.get")
         if not isinstance(batch, bool) and (not isinstance(batch, int) or batch < 1):
             raise ValueError(f"batch must be True, False or a count >= 1, got {batch!r}")
         fields = {"name": self.name, "maxsize": self.maxsize, "batch": batch}
@@ -443,8 +440,7 @@ class Queue(_Holding):
 
     def qsize(self, **kwargs: Any) -> Any:
         """How many items wait in the queue now."""
-        if kwargs:
-            raise TypeError(f"Queue.qsize() got unexpected keyword arguments {sorted(kwargs)}")
+        _no_extra(kwargs, "Queue.qsize")
         return self._request("queue_size", {"name": self.name})
 
     def __reduce__(self) -> Any:
