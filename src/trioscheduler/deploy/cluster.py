@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from trioscheduler import wire
 from trioscheduler.deploy import adaptive as _adaptive
 from trioscheduler.deploy.facade import SyncAsyncFacade
 from trioscheduler.http import DEFAULT_DASHBOARD_ADDRESS, resolve_dashboard_address
@@ -240,7 +241,6 @@ class LocalCluster(SyncAsyncFacade):
         else:
             address = f"inproc://cluster-{os.getpid()}-{self._id}"
         self.status = "starting"
-        error: BaseException | None = None  # the block's own error, raised unwrapped
         try:
             async with Scheduler(
                 address,
@@ -250,25 +250,20 @@ class LocalCluster(SyncAsyncFacade):
             ) as scheduler:
                 self.scheduler = scheduler
                 self.scheduler_address = scheduler.address
-                async with trio.open_nursery() as nursery:
+                async with wire.background_nursery() as nursery:  # errors unwrapped
                     self._nursery = nursery
                     try:
                         await self.scale_to(self.n_workers)
                         self.status = "running"
                         logger.info("%r started", self)
                         yield self
-                    except BaseException as exc:  # also start-up errors: raised unwrapped
-                        error = exc
                     finally:
-                        self.status = "closing"
-                        nursery.cancel_scope.cancel()  # every worker closes at once
+                        self.status = "closing"  # leaving cancels every worker at once
         finally:
             self.workers.clear()
             self._stops.clear()
             self._nursery = None
             self.status = "closed"
-        if error is not None:
-            raise error
 
     def _make(self, name: str) -> Worker | Nanny:
         kwargs: dict[str, Any] = dict(

@@ -295,7 +295,6 @@ class Nanny(RunsInAsyncWith):
 
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Nanny]:
-        error: BaseException | None = None  # the block's own error, raised unwrapped
         listen_at = self._listen_address()
         base = self.local_directory or tempfile.gettempdir()
         os.makedirs(base, exist_ok=True)
@@ -305,47 +304,38 @@ class Nanny(RunsInAsyncWith):
                 tls_dir = os.path.join(self._scratch, _TLS_DIR)  # inside our 0700 scratch
                 os.mkdir(tls_dir, 0o700)
                 self._tls_argv = write_role_files(self.security, "worker", tls_dir)
-            async with trio.open_nursery() as nursery:
+            async with wire.background_nursery() as nursery:  # the block's error, unwrapped
                 self._nursery = nursery
-                try:
-                    async with wire.listen(
-                        listen_at,
-                        self._serve,
-                        role="nanny",
-                        peer_speaks_first=True,
-                        **listen_args(self.security, "nanny"),
-                    ) as listener:
-                        self.address = listener.address
-                        await self.plugins.fetch()
-                        async with preloads(self.preload_nanny, self):
-                            first = trio.Event()
-                            failure: list[BaseException] = []
-                            nursery.start_soon(self._supervise, first, failure)
-                            await first.wait()
-                            if failure:
-                                error = failure[0]  # raised from __aenter__, below
-                            else:
-                                self.status = "running"
-                                try:
-                                    yield self
-                                except BaseException as exc:
-                                    error = exc
-                                finally:
-                                    self._closing = True
-                                    self._closing_ev.set()
-                                    with trio.CancelScope(shield=True):
-                                        await self._terminate(graceful=True)
-                                        await self.plugins.teardown_all()
-                except BaseException as exc:  # start-up failed: raised unwrapped, below
-                    error = exc
-                nursery.cancel_scope.cancel()
+                async with wire.listen(
+                    listen_at,
+                    self._serve,
+                    role="nanny",
+                    peer_speaks_first=True,
+                    **listen_args(self.security, "nanny"),
+                ) as listener:
+                    self.address = listener.address
+                    await self.plugins.fetch()
+                    async with preloads(self.preload_nanny, self):
+                        first = trio.Event()
+                        failure: list[BaseException] = []
+                        nursery.start_soon(self._supervise, first, failure)
+                        await first.wait()
+                        if failure:
+                            raise failure[0]  # from __aenter__
+                        self.status = "running"
+                        try:
+                            yield self
+                        finally:
+                            self._closing = True
+                            self._closing_ev.set()
+                            with trio.CancelScope(shield=True):
+                                await self._terminate(graceful=True)
+                                await self.plugins.teardown_all()
         finally:
             shutil.rmtree(self._scratch, ignore_errors=True)
             os.close(lock_fd)
             self.status = "closed"
             self._closed.set()
-        if error is not None:
-            raise error
 
     # ----------------------------------------------------------------------------------
 

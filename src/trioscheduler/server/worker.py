@@ -253,52 +253,43 @@ class Worker(RunsInAsyncWith):
         self.trio_token = trio.lowlevel.current_trio_token()
         self._executor.start()
         diagnostics.install_log_buffer()  # get_worker_logs, the dashboard's /info/logs
-        error: BaseException | None = None  # the block's own error, raised unwrapped
         try:
-            async with trio.open_nursery() as nursery:
+            async with wire.background_nursery() as nursery:  # the block's error, unwrapped
                 self._nursery = nursery
-                try:
-                    await nursery.start(self._background)
-                    listen_at = self._listen_address or self._default_listen_address()
-                    async with (
-                        wire.listen(
-                            listen_at,
-                            partial(serve_peer, self),
-                            role="worker",
-                            info={"name": self.name},
-                            peer_speaks_first=True,
-                            **listen_args(self.security, "worker"),
-                        ) as listener,
-                        wire.ConnectionPool(**connect_args(self.security, "worker")) as pool,
-                    ):
-                        self.address = self.contact_address or listener.address
-                        self._pool = pool
-                        async with preloads(self.preload, self):
-                            await self._connect()
-                            self.status = "running"
-                            logger.info(
-                                "worker %s (%d thread(s)) joined %s",
-                                self.address,
-                                self.nthreads,
-                                self.scheduler_address,
-                            )
-                            try:
-                                yield self
-                            except BaseException as exc:
-                                error = exc
-                            finally:
-                                with trio.CancelScope(shield=True):
-                                    await self._shutdown("worker closed", report=True)
-                except BaseException as exc:  # start-up failed: raised unwrapped, below
-                    error = exc
-                nursery.cancel_scope.cancel()
+                await nursery.start(self._background)
+                listen_at = self._listen_address or self._default_listen_address()
+                async with (
+                    wire.listen(
+                        listen_at,
+                        partial(serve_peer, self),
+                        role="worker",
+                        info={"name": self.name},
+                        peer_speaks_first=True,
+                        **listen_args(self.security, "worker"),
+                    ) as listener,
+                    wire.ConnectionPool(**connect_args(self.security, "worker")) as pool,
+                ):
+                    self.address = self.contact_address or listener.address
+                    self._pool = pool
+                    async with preloads(self.preload, self):
+                        await self._connect()
+                        self.status = "running"
+                        logger.info(
+                            "worker %s (%d thread(s)) joined %s",
+                            self.address,
+                            self.nthreads,
+                            self.scheduler_address,
+                        )
+                        try:
+                            yield self
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await self._shutdown("worker closed", report=True)
         finally:
             self._executor.close()
             self.store.close()
             self.status = "closed"
             self._closed.set()
-        if error is not None:
-            raise error
 
     def _default_listen_address(self) -> str:
         scheme, _, _ = wire.parse_address(self.scheduler_address)

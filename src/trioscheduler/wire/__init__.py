@@ -7,13 +7,15 @@ shape of a trio memory channel pair; ``open_batched`` coalesces small messages;
 tracebacks, ``runspec`` the function-and-arguments of a task, both shared by client
 and worker; ``local_alias`` finds a listener served by the current trio run;
 ``security`` (``Security``, TLS contexts) and ``tls`` decide who may connect;
-``shm`` hands large buffers to processes on the same host through ``memfd`` segments.
+``shm`` hands large buffers to processes on the same host through ``memfd`` segments;
+``background_nursery`` is the nursery every shell's ``async with`` yields inside.
 
 May import: ``core`` (message types) and ``errors``; nothing above.
 """
 
 from __future__ import annotations
 
+from trioscheduler.wire._nursery import background_nursery
 from trioscheduler.wire.address import AddressError, parse_address
 from trioscheduler.wire.batched import BatchedSend, DirectSend, open_batched
 from trioscheduler.wire.endpoints import Listener, connect, listen
@@ -43,6 +45,7 @@ __all__ = [
     "SecurityError",
     "SerializationError",
     "Stream",
+    "background_nursery",
     "connect",
     "listen",
     "open_batched",

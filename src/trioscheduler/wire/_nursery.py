@@ -30,8 +30,10 @@ async def background_nursery() -> AsyncIterator[trio.Nursery]:
 
     An exception raised by the block propagates as it is (no ``ExceptionGroup``), also
     when an enclosing scope was cancelled meanwhile: the cancellation is then not lost,
-    it is still in effect and fires at the caller's next checkpoint. Background tasks
-    must not fail; if one did, its error becomes the ``__context__`` of the block's.
+    it is still in effect and fires at the caller's next checkpoint. A background task
+    that fails cancels the block; then its error (in the nursery's group) propagates,
+    not the block's ``Cancelled``. If the block failed on its own too, the block's
+    error propagates with the background one as its ``__context__``.
     """
     error: BaseException | None = None
     try:
@@ -46,6 +48,8 @@ async def background_nursery() -> AsyncIterator[trio.Nursery]:
         if error is None:
             raise
         if not _only_cancelled(exc):
+            if _only_cancelled(error):
+                raise  # a background task failed and cancelled the block: its error
             raise error  # noqa: B904 (the background failure becomes its __context__)
         # A cancellation from outside: drop it here (it fires again at the next
         # checkpoint) and raise the block's exception below, outside this handler, so

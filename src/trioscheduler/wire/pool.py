@@ -129,16 +129,22 @@ class ConnectionPool:
 
     async def aclose(self) -> None:
         """Close idle connections now; those in use close when their block ends."""
+        await self._close()
+        await trio.lowlevel.checkpoint()
+
+    async def _close(self) -> None:
+        """``aclose`` without its checkpoint (the closes themselves are shielded)."""
         self._closed = True
         idle = [s for streams in self._idle.values() for s in streams]
         self._idle.clear()
         for stream in idle:
             await self._discard(stream)
         self._lot.unpark_all()
-        await trio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> ConnectionPool:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        # No checkpoint: under a cancelled scope it would raise Cancelled in place of
+        # the block's own error, which the enclosing scope then absorbs (lost).
+        await self._close()
