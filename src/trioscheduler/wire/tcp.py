@@ -250,6 +250,12 @@ class TCPStream(Stream):
         self._start = self._end = 0
         await self._fill(1, boundary=True)
 
+    # What a transport's recv_into raises (TLS: OpenSSL's own): "wait until readable",
+    # "wait until writable", "the peer went away". Read only when one is raised.
+    _wait_readable: tuple[type[OSError], ...] = (BlockingIOError,)
+    _wait_writable: tuple[type[OSError], ...] = ()
+    _gone: tuple[type[OSError], ...] = _GONE
+
     async def _recv_into(self, view: memoryview, boundary: bool) -> int:
         """One ``recv_into``; EOF is ``EndOfChannel`` at a message boundary, else an error."""
         while True:
@@ -259,10 +265,13 @@ class TCPStream(Stream):
                 raise trio.BrokenResourceError(f"connection to {self.peer_address} is broken")
             try:
                 got = self._sock.recv_into(view)
-            except BlockingIOError:
+            except self._wait_readable:
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
-            except _GONE as e:
+            except self._wait_writable:
+                await trio.lowlevel.wait_writable(self._sock)
+                continue
+            except self._gone as e:
                 self._eof = True
                 if boundary:
                     raise trio.EndOfChannel from e
@@ -270,6 +279,7 @@ class TCPStream(Stream):
                     f"connection to {self.peer_address} broke: {e}"
                 ) from e
             except OSError as e:
+                self._eof = True
                 if self._closed:
                     raise trio.ClosedResourceError("this stream was closed") from e
                 raise trio.BrokenResourceError(

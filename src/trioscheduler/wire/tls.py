@@ -1,9 +1,10 @@
 """TLS transport: the TCP stream's framing over an ``ssl.SSLSocket``.
 
 ``TLSStream`` is a ``TCPStream`` whose bytes go through OpenSSL: the same message
-format, the same read-ahead buffer and large-frame path, only the two calls that
-touch the socket differ (``send`` instead of ``sendmsg``: a TLS record cannot be
-scattered; ``recv_into`` of the SSL socket). The TLS handshake runs before our own
+format, the same read-ahead buffer, receive loop and large-frame path, only the two
+calls that touch the socket differ (``send`` instead of ``sendmsg``: a TLS record cannot
+be scattered; ``recv_into`` of the SSL socket, whose "wait" and end-of-stream errors
+are OpenSSL's own: ``_wait_readable``, ``_wait_writable``, ``_gone``). The TLS handshake runs before our own
 hello, so with mutual TLS a peer is authenticated before it can send a single byte
 of ours, let alone a pickle.
 
@@ -23,7 +24,6 @@ import msgpack
 import trio
 
 from trioscheduler.wire.handshake import refusal
-from trioscheduler.wire.stream import ProtocolError
 from trioscheduler.wire.tcp import MAX_FRAME_BYTES, TCPStream, frame_prefix
 
 #: The first byte of a TLS record carrying a handshake (a ClientHello starts with it).
@@ -65,43 +65,9 @@ class TLSStream(TCPStream):
                     raise OSError(f"TLS error: {e}") from e
                 view = view[sent:]
 
-    async def _recv_into(self, view: memoryview, boundary: bool) -> int:
-        while True:
-            if self._eof:
-                if boundary:
-                    raise trio.EndOfChannel
-                raise trio.BrokenResourceError(f"connection to {self.peer_address} is broken")
-            try:
-                got = self._sock.recv_into(view)
-            except (ssl.SSLWantReadError, BlockingIOError):
-                await trio.lowlevel.wait_readable(self._sock)
-                continue
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self._sock)
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionError) as e:
-                got = 0
-                if not boundary:
-                    self._eof = True
-                    raise trio.BrokenResourceError(
-                        f"connection to {self.peer_address} broke: {e}"
-                    ) from e
-            except OSError as e:
-                self._eof = True
-                if self._closed:
-                    raise trio.ClosedResourceError("this stream was closed") from e
-                raise trio.BrokenResourceError(
-                    f"TLS connection to {self.peer_address} broke: {e}"
-                ) from e
-            if got:
-                return got
-            self._eof = True
-            if boundary:
-                raise trio.EndOfChannel
-            self._close_socket()
-            raise ProtocolError(
-                f"{self.peer_address} closed the connection in the middle of a message"
-            )
+    _wait_readable = (ssl.SSLWantReadError, BlockingIOError)
+    _wait_writable = (ssl.SSLWantWriteError,)  # a renegotiation/key update sends first
+    _gone = (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionError)
 
     def _is_reusable(self) -> bool:
         if self._closed or self._eof or self._ready or self._end != self._start:
