@@ -20,7 +20,6 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 import traceback
 from typing import Any
@@ -28,7 +27,11 @@ from typing import Any
 import trio
 
 from trioscheduler.deploy import remote_setup
-from trioscheduler.server.worker_process import configure_logging, run_until_signal
+from trioscheduler.server.worker_process import (
+    cancel_on_stdin_eof,
+    configure_logging,
+    run_until_signal,
+)
 from trioscheduler.wire.security import Security, default_scheme
 
 MARK = "trioscheduler-spawn "
@@ -59,16 +62,6 @@ def worker_class(path: str) -> type:
 
 def _announce(address: str) -> None:
     print(MARK + json.dumps({"address": address}), flush=True)
-
-
-async def _exit_on_stdin_eof(scope: trio.CancelScope) -> None:
-    """SSH holds our stdin open; EOF means the client (or its connection) is gone."""
-    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    async with stream:
-        while await stream.receive_some(4096):
-            pass
-    logger.info("stdin closed (the SSH client is gone): shutting down")
-    scope.cancel()
 
 
 async def _scheduler(options: dict[str, Any], security: Security | None) -> None:
@@ -152,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_exit_on_stdin_eof, nursery.cancel_scope)
+            nursery.start_soon(
+                cancel_on_stdin_eof,
+                nursery.cancel_scope,
+                "stdin closed (the SSH client is gone)",
+                logging.INFO,
+            )
             if args.kind == "scheduler":
                 await _scheduler(options, security)
             else:

@@ -37,6 +37,7 @@ from trioscheduler.wire.address import tcp_address
 __all__ = [
     "START_METHOD_ENV",
     "add_arguments",
+    "cancel_on_stdin_eof",
     "configure_logging",
     "describe",
     "main",
@@ -461,7 +462,7 @@ async def _run(args: argparse.Namespace) -> None:
     ready = ReadyPipe(args.ready_fd)
     async with trio.open_nursery() as nursery:
         if args.watch_stdin:
-            nursery.start_soon(_exit_on_stdin_eof, nursery.cancel_scope)
+            nursery.start_soon(cancel_on_stdin_eof, nursery.cancel_scope)
         async with trio.open_nursery() as starters:  # all start (and later stop) at once
             for i, name in enumerate(names):
                 starters.start_soon(_start_into, nursery, make(i, name), components, i)
@@ -519,11 +520,16 @@ class ReadyPipe:
             self.fd = None
 
 
-async def _exit_on_stdin_eof(scope: trio.CancelScope) -> None:
-    """The nanny holds our stdin open; EOF means it is gone, so we go too."""
+async def cancel_on_stdin_eof(
+    scope: trio.CancelScope,
+    why: str = "the nanny is gone (stdin closed)",
+    level: int = logging.WARNING,
+) -> None:
+    """Whoever started us (a nanny, an SSH client) holds our stdin open; EOF means it is
+    gone, so we go too: ``scope`` is cancelled, saying ``why``."""
     stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     async with stream:
         while await stream.receive_some(4096):
             pass
-    logger.warning("the nanny is gone (stdin closed): shutting down")
+    logger.log(level, "%s: shutting down", why)
     scope.cancel()
