@@ -21,18 +21,9 @@ import time
 from functools import lru_cache
 from typing import Any
 
-import trio
-
+from benchmarks import wire
 from benchmarks._harness import register
-from benchmarks.wire import (
-    RTT_COUNT,
-    RTT_WARMUP,
-    _in_threads,
-    _large_array,
-    _percentile,
-    rtt_message,
-)
-from trioscheduler.wire import Stream, connect, listen
+from benchmarks.wire import _in_threads, _large_array, _percentile
 from trioscheduler.wire.security import Security, connect_args, listen_args
 
 
@@ -55,109 +46,29 @@ def _dask_security() -> Any:
     )
 
 
-def _ours_args(scheme: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _ours_args(scheme: str) -> dict[str, Any]:
     if scheme == "tcp":
-        return {}, {}
-    return listen_args(_security(), "scheduler"), connect_args(_security(), "client")
+        return {"scheme": "tcp"}
+    return {
+        "scheme": scheme,
+        "server_args": listen_args(_security(), "scheduler"),
+        "client_args": connect_args(_security(), "client"),
+    }
 
 
-# ----------------------------------------------------------------------------- round trip
+# The loops are wire.py's (TCP), run over TLS here.
 
 
 def ours_rtt(quick: bool, scheme: str = "tls") -> list[float]:
-    n = RTT_COUNT // (10 if quick else 1)
-    server_args, client_args = _ours_args(scheme)
-
-    async def main() -> list[float]:
-        async def echo(stream: Stream) -> None:
-            async for msg in stream:
-                await stream.send(msg)
-
-        samples = []
-        async with listen(f"{scheme}://127.0.0.1:0", echo, **server_args) as lst:
-            async with await connect(lst.address, **client_args) as stream:
-                for i in range(n + RTT_WARMUP):
-                    start = time.perf_counter()
-                    await stream.send(rtt_message(i))
-                    await stream.receive()
-                    samples.append(time.perf_counter() - start)
-        return samples[RTT_WARMUP:]
-
-    return trio.run(main)
+    return wire.ours_rtt(quick, **_ours_args(scheme))
 
 
 def distributed_rtt(quick: bool) -> list[float]:
-    from distributed.comm import connect as d_connect
-    from distributed.comm import listen as d_listen
-
-    logging.getLogger("distributed").setLevel(logging.ERROR)
-    n = RTT_COUNT // (10 if quick else 1)
-    sec = _dask_security()
-
-    async def main() -> list[float]:
-        async def echo(comm: Any) -> None:
-            try:
-                while True:
-                    await comm.write(await comm.read())
-            except Exception:  # the client closed
-                pass
-
-        listener = await d_listen("tls://127.0.0.1:0", echo, **sec.get_listen_args("scheduler"))
-        await listener.start()
-        comm = await d_connect(listener.contact_address, **sec.get_connection_args("client"))
-        samples = []
-        for i in range(n + RTT_WARMUP):
-            start = time.perf_counter()
-            await comm.write(rtt_message(i))
-            await comm.read()
-            samples.append(time.perf_counter() - start)
-        await comm.close()
-        listener.stop()
-        return samples[RTT_WARMUP:]
-
-    return asyncio.run(main())
-
-
-# --------------------------------------------------------------------------- large arrays
+    return wire.distributed_rtt(quick, security=_dask_security())
 
 
 def ours_large(quick: bool, scheme: str = "tls") -> float:
-    arr, count = _large_array(quick)
-    server_args, client_args = _ours_args(scheme)
-
-    def receiver(q: Any) -> float:
-        done: list[float] = []
-
-        async def main() -> None:
-            finished = trio.Event()
-
-            async def handler(stream: Stream) -> None:
-                for _ in range(count):
-                    got = await stream.receive()
-                    assert got.nbytes == arr.nbytes
-                    del got
-                done.append(time.perf_counter())
-                finished.set()
-
-            async with listen(f"{scheme}://127.0.0.1:0", handler, **server_args) as lst:
-                q.put(lst.address)
-                await finished.wait()
-
-        trio.run(main)
-        return done[0]
-
-    def sender(address: str) -> float:
-        async def main() -> float:
-            async with await connect(address, **client_args) as stream:
-                start = time.perf_counter()
-                for _ in range(count):
-                    await stream.send(arr)
-                return start
-
-        return trio.run(main)
-
-    start, end = _in_threads(receiver, sender)
-    return arr.nbytes * count / (end - start) / 1e6
+    return wire.ours_large(quick, **_ours_args(scheme))
 
 
 def distributed_large(quick: bool) -> float:

@@ -97,7 +97,14 @@ def _in_threads(receiver: Callable[[queue.Queue[Any]], float], sender: Callable[
     return out["start"], out["end"]
 
 
-def ours_large(quick: bool) -> float:
+def ours_large(
+    quick: bool,
+    scheme: str = "tcp",
+    server_args: dict[str, Any] | None = None,
+    client_args: dict[str, Any] | None = None,
+) -> float:
+    """``scheme`` and the listener's/connector's keywords: ``benchmarks/tls.py`` runs
+    the same over TLS."""
     arr, count = _large_array(quick)
 
     def receiver(q: queue.Queue[Any]) -> float:
@@ -114,7 +121,7 @@ def ours_large(quick: bool) -> float:
                 done.append(time.perf_counter())
                 finished.set()
 
-            async with listen("tcp://127.0.0.1:0", handler) as lst:
+            async with listen(f"{scheme}://127.0.0.1:0", handler, **(server_args or {})) as lst:
                 q.put(lst.address)
                 await finished.wait()
 
@@ -123,7 +130,7 @@ def ours_large(quick: bool) -> float:
 
     def sender(address: str) -> float:
         async def main() -> float:
-            async with await connect(address) as stream:
+            async with await connect(address, **(client_args or {})) as stream:
                 start = time.perf_counter()
                 for _ in range(count):
                     await stream.send(arr)
@@ -287,7 +294,13 @@ def _percentile(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[q - 1] * 1e6
 
 
-def ours_rtt(quick: bool, batched: bool = False) -> list[float]:
+def ours_rtt(
+    quick: bool,
+    batched: bool = False,
+    scheme: str = "tcp",
+    server_args: dict[str, Any] | None = None,
+    client_args: dict[str, Any] | None = None,
+) -> list[float]:
     n = RTT_COUNT // (10 if quick else 1) // (4 if batched else 1)
 
     async def main() -> list[float]:
@@ -301,8 +314,8 @@ def ours_rtt(quick: bool, batched: bool = False) -> list[float]:
                     await stream.send(msg)
 
         samples = []
-        async with listen("tcp://127.0.0.1:0", echo) as lst:
-            async with await connect(lst.address) as stream:
+        async with listen(f"{scheme}://127.0.0.1:0", echo, **(server_args or {})) as lst:
+            async with await connect(lst.address, **(client_args or {})) as stream:
                 if batched:
                     async with open_batched(stream) as b:
                         for i in range(n + RTT_WARMUP):
@@ -322,7 +335,8 @@ def ours_rtt(quick: bool, batched: bool = False) -> list[float]:
     return trio.run(main)
 
 
-def distributed_rtt(quick: bool, batched: bool = False) -> list[float]:
+def distributed_rtt(quick: bool, batched: bool = False, security: Any = None) -> list[float]:
+    """``security``: a ``distributed.Security`` for dask's TLS (``benchmarks/tls.py``)."""
     from distributed.batched import BatchedSend
     from distributed.comm import connect as d_connect
     from distributed.comm import listen as d_listen
@@ -345,9 +359,12 @@ def distributed_rtt(quick: bool, batched: bool = False) -> list[float]:
             except Exception:  # the client closed: the comm raises CommClosedError
                 pass
 
-        listener = await d_listen("tcp://127.0.0.1:0", echo)
+        scheme = "tcp" if security is None else "tls"
+        listen_kw = {} if security is None else security.get_listen_args("scheduler")
+        connect_kw = {} if security is None else security.get_connection_args("client")
+        listener = await d_listen(f"{scheme}://127.0.0.1:0", echo, **listen_kw)
         await listener.start()
-        comm = await d_connect(listener.contact_address)
+        comm = await d_connect(listener.contact_address, **connect_kw)
         samples = []
         if batched:
             b = BatchedSend(interval="2ms")
