@@ -211,7 +211,7 @@ def _unsafe(tmp_path: Path, kind: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("path", ["data-filter", "fallback"])
+@pytest.mark.parametrize("path", ["with-data-filter", "without-data-filter"])
 @pytest.mark.parametrize(
     "kind",
     [
@@ -228,7 +228,7 @@ def _unsafe(tmp_path: Path, kind: str) -> Path:
 def test_unsafe_archives_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, kind: str
 ) -> None:
-    if path == "fallback":  # Python 3.11.0-3.11.3 have no data filter
+    if path == "without-data-filter":  # Python 3.11.0-3.11.3: the same checks hold
         monkeypatch.delattr(tarfile, "data_filter")
     bad = _unsafe(tmp_path, kind)
     root = tmp_path / "deep" / "cache"
@@ -236,6 +236,47 @@ def test_unsafe_archives_are_refused(
         cache.materialize(bad, archive.sha256_file(bad), root)
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "deep" / "evil.txt").exists()
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_extraction_keeps_what_an_environment_needs(tmp_path: Path) -> None:
+    """Modes (less what the data filter drops), mtimes (the .pyc stay valid), links,
+    a file bigger than one write, and the last of two members of one name."""
+    from trioscheduler.environments.extract import INLINE, safe_extract
+
+    big = os.urandom(INLINE * 3 + 17)
+    out = tmp_path / "a.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+
+        def add(name: str, data: bytes = b"", **attrs: object) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode = len(data), 1_600_000_000, 0o644
+            for k, v in attrs.items():
+                setattr(ti, k, v)
+            tar.addfile(ti, io.BytesIO(data) if ti.isfile() else None)
+
+        add("env", type=tarfile.DIRTYPE, mode=0o777)
+        add("env/bin", type=tarfile.DIRTYPE, mode=0o755)
+        add("env/bin/tool", b"#!/bin/sh\necho hi\n", mode=0o4775)
+        add("env/data.txt", b"private", mode=0o400)
+        add("env/big.bin", big)
+        add("env/same.txt", b"first")
+        add("env/same.txt", b"second")
+        add("env/hard", type=tarfile.LNKTYPE, linkname="env/big.bin")
+        add("env/bin/link", type=tarfile.SYMTYPE, linkname="tool")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    assert safe_extract(out, dest) == len(big) + 18 + 7 + 5 + 6
+    env = dest / "env"
+    assert (env / "bin" / "tool").stat().st_mode & 0o7777 == 0o755  # no setuid, no g+w
+    assert (env / "data.txt").stat().st_mode & 0o777 == 0o600  # the owner may write
+    assert env.stat().st_mode & 0o777 == 0o755
+    assert (env / "big.bin").read_bytes() == big
+    assert (env / "hard").stat().st_ino == (env / "big.bin").stat().st_ino
+    assert (env / "same.txt").read_text() == "second"
+    assert os.readlink(env / "bin" / "link") == "tool"
+    assert {int((env / n).stat().st_mtime) for n in ("big.bin", "data.txt")} == {1_600_000_000}
+    done = subprocess.run([str(env / "bin" / "link")], capture_output=True, text=True)
+    assert done.stdout == "hi\n"
 
 
 def test_fallback_extraction_keeps_a_real_venv_working(

@@ -147,6 +147,9 @@ def pack(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> str:
             )
         ti.uid = ti.gid = 0
         ti.uname = ti.gname = ""
+        # Whole seconds, which is all a .pyc records of its source: a float mtime costs
+        # every member a PAX header, twice the headers to write and to read.
+        ti.mtime = int(ti.mtime)
         return ti
 
     target = Path(out)

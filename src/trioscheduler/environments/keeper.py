@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,20 @@ class EnvironmentKeeper:
             spec = self._specs.get(env_id)
             if spec is not None and await trio.Path(spec.python).exists():
                 return spec
+            t0 = time.monotonic()
             prefix = cache.cached(self.cache_root, env_id)
             if prefix is None:
                 prefix = await self._fetch_and_materialize(env_id)
+            t1 = time.monotonic()
             spec = await trio.to_thread.run_sync(
                 lambda: prepare_launch(
                     env_id, prefix, cwd=cwd, cache_root=self.cache_root, base_env=base_env
                 )
             )
+            logger.info(
+                "environment %s ready in %.2f s (host cache %.2f s, preflight %.2f s)",
+                env_id[:12], time.monotonic() - t0, t1 - t0, time.monotonic() - t1,
+            )  # fmt: skip
             self._specs[env_id] = spec
             return spec
 
@@ -94,13 +101,20 @@ class EnvironmentKeeper:
             found = cache.cached(root, env_id)  # another nanny of this host made it
             if found is not None:
                 return found
+            t0 = time.monotonic()
             archive = await transfer.download(
                 self.scheduler_address, env_id, root, connect_args=self.connect_args
             )
+            t1 = time.monotonic()
             try:
-                return await trio.to_thread.run_sync(
+                prefix = await trio.to_thread.run_sync(
                     lambda: cache.materialize_locked(archive, env_id, root, verify=False)
                 )
+                logger.info(
+                    "environment %s: fetched %.0f MB in %.2f s, unpacked in %.2f s",
+                    env_id[:12], archive.stat().st_size / 2**20, t1 - t0, time.monotonic() - t1,
+                )  # fmt: skip
+                return prefix
             finally:
                 archive.unlink(missing_ok=True)
         finally:
