@@ -27,7 +27,7 @@ import tarfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO
+from typing import IO, Protocol, cast
 
 from trioscheduler.environments.errors import UnsafeArchiveError
 from trioscheduler.environments.manifest import ROOT
@@ -38,10 +38,16 @@ INLINE = 1 << 20
 """Files bigger than this are written by the inflating thread itself, in pieces."""
 IN_FLIGHT = 64 << 20
 """Bytes read but not yet written that the writer threads may hold."""
+
+
+class Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
 _OPEN = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
-def safe_extract(source: str | os.PathLike[str] | IO[bytes], dest: str | os.PathLike[str]) -> int:
+def safe_extract(source: str | os.PathLike[str] | Readable, dest: str | os.PathLike[str]) -> int:
     """Extract tar.gz ``source`` (a path or a binary stream) into the empty directory
     ``dest``, or raise ``UnsafeArchiveError``; returns the bytes of the files written.
 
@@ -52,7 +58,7 @@ def safe_extract(source: str | os.PathLike[str] | IO[bytes], dest: str | os.Path
         with open(source, "rb") as raw:
             return safe_extract(raw, dest)
     with (
-        gzip.GzipFile(fileobj=source, mode="rb") as gz,
+        gzip.GzipFile(fileobj=cast("IO[bytes]", source), mode="rb") as gz,
         tarfile.open(fileobj=gz, mode="r:") as tar,
         _Writer(os.fspath(dest)) as writer,
     ):

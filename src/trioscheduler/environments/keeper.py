@@ -3,25 +3,33 @@
 Before each start of a worker the nanny asks the scheduler for the current environment
 (``env_current``), so a worker restarted after a crash, and the worker of a nanny that
 joins later, start where the others run. ``prepare`` is the first phase of a restart
-into an environment: fetch it (unless this host has it), materialize it, run the
-preflight; the nanny answers the scheduler only after all of that, and its worker keeps
-running meanwhile.
+into an environment: fetch it (unless this host has it) straight into the extraction,
+re-base it, run the preflight; the nanny answers the scheduler only after all of that,
+and its worker keeps running meanwhile.
+
+The keeper leases (``cache.Lease``) every entry it prepared until a worker has started
+elsewhere, so the host's eviction, run after each new entry, never removes an
+environment a worker of this nanny runs in or is about to.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from trioscheduler import wire
-from trioscheduler.environments import cache, transfer
-from trioscheduler.environments.launch import LaunchSpec, prepare_launch
+from trioscheduler.environments import cache, evict, transfer
+from trioscheduler.environments import manifest as mf
+from trioscheduler.environments.extract import safe_extract
+from trioscheduler.environments.launch import LaunchSpec, preflight_done, prepare_launch
 
 logger = logging.getLogger("trioscheduler.environments")
 
@@ -29,19 +37,30 @@ BASE = "base"
 
 
 class EnvironmentKeeper:
-    """Environments of one nanny; ``cache_root`` is shared by the user's nannies on a host."""
+    """Environments of one nanny; ``cache_root`` is shared by the user's nannies on a host.
+
+    ``python``: the interpreter venvs are re-based onto (None: the nanny's own base
+    interpreter); ``limits``: the host cache's bounds, applied after each new entry.
+    """
 
     def __init__(
         self,
         scheduler_address: str,
         cache_root: str | os.PathLike[str] | None = None,
         connect_args: dict[str, Any] | None = None,
+        *,
+        python: str | None = None,
+        limits: evict.Limits | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.connect_args = dict(connect_args or {})  # TLS: the nanny's certificate
         self.cache_root = Path(cache_root) if cache_root is not None else cache.default_cache_dir()
+        self.python = python
+        self.limits = limits if limits is not None else evict.Limits.resolve()
         self.current: str | None = None  # the environment of the running worker; None: base
         self._specs: dict[str, LaunchSpec] = {}
+        self._leases: dict[str, cache.Lease] = {}
+        self._base: str | None = None  # rebase_onto(), once
         self._lock = trio.Lock()
 
     async def scheduler_choice(self) -> str | None:
@@ -71,51 +90,128 @@ class EnvironmentKeeper:
         cache.check_id(env_id)
         async with self._lock:  # one fetch per nanny; other nannies wait on the host lock
             spec = self._specs.get(env_id)
-            if spec is not None and await trio.Path(spec.python).exists():
+            if spec is not None and env_id in self._leases:
                 return spec
             t0 = time.monotonic()
-            prefix = cache.cached(self.cache_root, env_id)
-            if prefix is None:
-                prefix = await self._fetch_and_materialize(env_id)
-            t1 = time.monotonic()
-            spec = await trio.to_thread.run_sync(
-                lambda: prepare_launch(
-                    env_id, prefix, cwd=cwd, cache_root=self.cache_root, base_env=base_env
-                )
-            )
+            python = await self.rebase_onto()
+            lease = await trio.to_thread.run_sync(cache.acquire, self.cache_root, env_id, python)
+            made = False
+            if lease is None or not preflight_done(lease.prefix):
+                # Under the host lock: one nanny of the host fetches and extracts it and
+                # runs the preflight; the others find both done.
+                if lease is not None:
+                    lease.release()
+                async with _host_lock(self.cache_root, env_id):
+                    lease = await trio.to_thread.run_sync(
+                        cache.acquire, self.cache_root, env_id, python
+                    )
+                    if lease is None:
+                        lease, made = await self._stream_build(env_id, python), True
+                    self._leases[env_id] = lease
+                    spec = await self._preflight(env_id, lease, cwd, base_env)
+            else:
+                self._leases[env_id] = lease
+                spec = await self._preflight(env_id, lease, cwd, base_env)
             logger.info(
-                "environment %s ready in %.2f s (host cache %.2f s, preflight %.2f s)",
-                env_id[:12], time.monotonic() - t0, t1 - t0, time.monotonic() - t1,
+                "environment %s ready in %.2f s%s",
+                env_id[:12], time.monotonic() - t0, " (fetched and extracted here)" if made else "",
             )  # fmt: skip
             self._specs[env_id] = spec
-            return spec
+        if made:
+            # After, never before, the new entry: its extraction should not pay for the
+            # deletions (inode allocation slows down right after many files were removed).
+            await trio.to_thread.run_sync(evict.evict, self.cache_root, self.limits)
+        return spec
 
-    async def _fetch_and_materialize(self, env_id: str) -> Path:
+    async def rebase_onto(self) -> str | None:
+        """The base interpreter of ``python`` (a venv's ``bin/python`` is a view on one,
+        and a venv cannot be based on another venv); None: this process's."""
+        if self.python is not None and self._base is None:
+            facts = await trio.to_thread.run_sync(mf.describe_interpreter, self.python)
+            self._base = str(facts.get("base_executable") or self.python)
+        return self._base
+
+    async def _preflight(
+        self, env_id: str, lease: cache.Lease, cwd: str, base_env: Mapping[str, str]
+    ) -> LaunchSpec:
         root = self.cache_root
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(root / f".{env_id}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            import fcntl
-
-            await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
-            found = cache.cached(root, env_id)  # another nanny of this host made it
-            if found is not None:
-                return found
-            t0 = time.monotonic()
-            archive = await transfer.download(
-                self.scheduler_address, env_id, root, connect_args=self.connect_args
+        return await trio.to_thread.run_sync(
+            lambda: prepare_launch(
+                env_id, lease.prefix, cwd=cwd, cache_root=root, base_env=base_env
             )
-            t1 = time.monotonic()
+        )
+
+    def started(self, env_id: str | None) -> None:
+        """A worker started in ``env_id`` (None: base): the other leases may go."""
+        self.current = env_id
+        for other in [e for e in self._leases if e != env_id]:
+            self._leases.pop(other).release()
+            self._specs.pop(other, None)
+
+    def close(self) -> None:
+        for lease in self._leases.values():
+            lease.release()
+        self._leases.clear()
+        self._specs.clear()
+
+    async def _stream_build(self, env_id: str, python: str | None) -> cache.Lease:
+        """Fetch ``env_id`` straight into its extraction; the caller holds the host lock."""
+        send, receive = trio.open_memory_channel[transfer.Chunk](4)
+
+        async def next_chunk() -> transfer.Chunk:
             try:
-                prefix = await trio.to_thread.run_sync(
-                    lambda: cache.materialize_locked(archive, env_id, root, verify=False)
+                return await receive.receive()
+            except trio.EndOfChannel:
+                return b""
+
+        reader = transfer.ChunkReader(lambda: trio.from_thread.run(next_chunk), env_id)
+
+        def fill(tmp: Path) -> int:
+            written = safe_extract(reader, tmp)
+            reader.finish()
+            return written
+
+        outcome: list[cache.Lease | Exception] = []
+
+        async def build() -> None:
+            try:
+                outcome.append(
+                    await trio.to_thread.run_sync(
+                        lambda: cache.build(fill, env_id, self.cache_root, python=python)
+                    )
                 )
-                logger.info(
-                    "environment %s: fetched %.0f MB in %.2f s, unpacked in %.2f s",
-                    env_id[:12], archive.stat().st_size / 2**20, t1 - t0, time.monotonic() - t1,
-                )  # fmt: skip
-                return prefix
+            except Exception as exc:
+                outcome.append(exc)
             finally:
-                archive.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
+                receive.close()  # a fetch still sending stops
+
+        t0 = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: transfer.fetch(
+                    self.scheduler_address, env_id, send, connect_args=self.connect_args
+                )
+            )
+            nursery.start_soon(build)
+        [result] = outcome
+        if isinstance(result, Exception):
+            raise result
+        logger.info(
+            "environment %s: fetched %.0f MB and extracted it in %.2f s",
+            env_id[:12], reader.size / 2**20, time.monotonic() - t0,
+        )  # fmt: skip
+        return result
+
+
+@asynccontextmanager
+async def _host_lock(root: Path, env_id: str) -> AsyncIterator[None]:
+    """``cache.host_lock`` for async code: waited for in a thread."""
+    await trio.to_thread.run_sync(lambda: root.mkdir(parents=True, exist_ok=True, mode=0o700))
+    fd = os.open(
+        root / f".{cache.check_id(env_id)}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
+    )
+    try:
+        await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

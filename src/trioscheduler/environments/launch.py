@@ -29,6 +29,8 @@ from trioscheduler.environments.manifest import clean_environ
 
 logger = logging.getLogger("trioscheduler.environments")
 
+BASE = "base"
+
 # The version first (a mismatch is the clearest reason), then what the worker process
 # imports (``python -m trioscheduler`` runs ``cli.main``).
 _PREFLIGHT = (
@@ -41,7 +43,8 @@ _MISSING = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """How to start a worker in environment ``env_id`` (a ready directory ``prefix``)."""
+    """How to start a worker in environment ``env_id`` (a ready directory ``prefix``), or
+    in the base environment under another interpreter (``env_id == "base"``)."""
 
     env_id: str
     prefix: str
@@ -52,9 +55,16 @@ class LaunchSpec:
         return [self.python, "-P", "-m", "trioscheduler", *args]
 
     def environ(self, base: Mapping[str, str]) -> dict[str, str]:
-        env = clean_environ(dict(base))
-        if self.shim:
-            env["PYTHONPATH"] = self.shim
+        if self.env_id == BASE:
+            # Another interpreter in the base environment (``Nanny(python=...)``): the
+            # nanny's PYTHONPATH (the user's own directories) stays, as for any worker.
+            env = {k: v for k, v in base.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")}
+            path = [self.shim or "", env.get("PYTHONPATH", "")]
+        else:
+            env = clean_environ(dict(base))
+            path = [self.shim or ""]
+        if any(path):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         return env
 
 
@@ -93,40 +103,80 @@ def _run_preflight(python: str, cwd: str, environ: dict[str, str]) -> tuple[int,
     return done.returncode, done.stdout, done.stderr
 
 
+def _preflight_record(prefix: Path, python: str) -> Path:
+    """Where a passed preflight of ``prefix`` is remembered: in its cache entry, keyed by
+    everything the preflight's outcome depends on (the entry itself never changes)."""
+    key = "\0".join([os.path.realpath(python), __version__, str(_package_dir())])
+    return prefix.parent / f".preflight-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def preflight_done(prefix: Path) -> bool:
+    """Has a nanny of this host passed the preflight of ``prefix`` (as ``prepare_launch``
+    would run it)?"""
+    return _preflight_record(prefix, str(prefix / "bin" / "python")).exists()
+
+
 def prepare_launch(
     env_id: str, prefix: Path, *, cwd: str, cache_root: Path, base_env: Mapping[str, str]
 ) -> LaunchSpec:
-    """The ``LaunchSpec`` of ready environment ``prefix``, after a successful preflight."""
+    """The ``LaunchSpec`` of ready environment ``prefix``, after a successful preflight
+    (run once per host: the nannies of a host share its outcome)."""
     python = str(prefix / "bin" / "python")
-    spec = LaunchSpec(env_id, str(prefix), python)
+    record = _preflight_record(prefix, python)
+    try:
+        shim = record.read_text().strip() or None
+    except OSError:
+        pass
+    else:
+        if shim is None or os.path.isdir(shim):
+            return LaunchSpec(env_id, str(prefix), python, shim)
+    spec = preflight(env_id, str(prefix), python, cwd=cwd, cache_root=cache_root, base_env=base_env)
+    tmp = record.with_name(f"{record.name}.{os.getpid()}")
+    tmp.write_text(spec.shim or "")
+    os.replace(tmp, record)
+    return spec
+
+
+def preflight(
+    env_id: str,
+    prefix: str,
+    python: str,
+    *,
+    cwd: str,
+    cache_root: Path,
+    base_env: Mapping[str, str],
+) -> LaunchSpec:
+    """Run interpreter ``python`` as the worker will and import what it will: the
+    ``LaunchSpec`` that works (with a shim if trioscheduler is missing), or an error
+    naming what is wrong."""
+    spec = LaunchSpec(env_id, prefix, python)
     want = __version__
     code, out, err = _run_preflight(python, cwd, spec.environ(base_env))
     missing = _MISSING.search(err)
     if code != 0 and missing and missing.group(1) == "trioscheduler":
-        spec = LaunchSpec(env_id, str(prefix), python, shim=make_shim(cache_root))
+        spec = LaunchSpec(env_id, prefix, python, shim=make_shim(cache_root))
         logger.warning(
-            "environment %s has no trioscheduler: using this nanny's trioscheduler %s "
-            "(install 'trioscheduler==%s' into the environment to silence this)",
-            env_id[:12],
+            "%s has no trioscheduler: using this nanny's trioscheduler %s "
+            "(install 'trioscheduler==%s' into it to silence this)",
+            f"environment {env_id[:12]}" if env_id != BASE else python,
             want,
             want,
         )
         code, out, err = _run_preflight(python, cwd, spec.environ(base_env))
         missing = _MISSING.search(err)
     have = out.strip().rpartition("trioscheduler ")[2] if "trioscheduler " in out else None
+    where = "the environment" if env_id != BASE else python
     if have is not None and have != want:
         raise IncompatibleEnvironmentError(
-            f"the environment has trioscheduler {have}, the cluster runs {want}: "
+            f"{where} has trioscheduler {have}, the cluster runs {want}: "
             f"install 'trioscheduler=={want}' into it"
         )
     if code != 0:
         if missing:
             raise IncompatibleEnvironmentError(
-                f"the environment lacks the module {missing.group(1)!r}, which trioscheduler "
+                f"{where} lacks the module {missing.group(1)!r}, which trioscheduler "
                 f"needs: install 'trioscheduler=={want}' (and so its dependencies) into it"
             )
         tail = (err.strip().splitlines() or [f"exit status {code}"])[-1]
-        raise IncompatibleEnvironmentError(
-            f"trioscheduler does not start in the environment: {tail}"
-        )
+        raise IncompatibleEnvironmentError(f"trioscheduler does not start in {where}: {tail}")
     return spec

@@ -36,6 +36,7 @@ facts = {
     "platform": sysconfig.get_platform(),
     "soabi": sysconfig.get_config_var("SOABI"),
     "libc": " ".join(platform.libc_ver()).strip(),
+    "base_executable": getattr(sys, "_base_executable", None) or sys.executable,
 }
 if sys.argv[1:] == ["dists"]:
     import importlib.metadata as md
@@ -79,6 +80,7 @@ def own_facts() -> dict[str, Any]:
         "platform": sysconfig.get_platform(),
         "soabi": sysconfig.get_config_var("SOABI"),
         "libc": " ".join(platform.libc_ver()).strip(),
+        "base_executable": base_interpreter(),
     }
 
 

@@ -57,8 +57,9 @@ import psutil
 import trio
 
 from trioscheduler import wire
+from trioscheduler.environments.evict import Limits
 from trioscheduler.environments.keeper import EnvironmentKeeper
-from trioscheduler.environments.launch import LaunchSpec
+from trioscheduler.environments.launch import LaunchSpec, preflight
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import memory
 from trioscheduler.server.fork import (
@@ -153,6 +154,16 @@ class WorkerStartError(TrioSchedulerError):
     """The worker process exited or stayed silent before it joined the scheduler."""
 
 
+def _check_python(python: str | None) -> str | None:
+    """``python`` as an absolute path to an executable, or a clear error now."""
+    if python is None:
+        return None
+    found = shutil.which(os.fspath(python))
+    if found is None:
+        raise ValueError(f"python={python!r} is not an executable interpreter (nor on PATH)")
+    return os.path.abspath(found)
+
+
 def default_start_method() -> str:
     """``$TRIOSCHEDULER_WORKER_START_METHOD`` or ``"auto"``."""
     return os.environ.get(START_METHOD_ENV, "").strip().lower() or "auto"
@@ -207,6 +218,9 @@ class Nanny(RunsInAsyncWith):
         worker_contact_address: str | None = None,
         security: Security | bool | None = None,
         env_cache_dir: str | None = None,
+        env_cache_max_count: int | str | None = "default",
+        env_cache_max_size: int | str | None = "default",
+        python: str | None = None,
     ) -> None:
         self.security = resolve_security(security)
         self._tls_argv: list[str] = []  # the worker certificate, as files the child reads
@@ -224,10 +238,18 @@ class Nanny(RunsInAsyncWith):
         self.log_level = log_level
         self.env = env
         self.start_method = _check_start_method(start_method or default_start_method())
+        # The worker's interpreter (None: ours; always spawned otherwise), which shipped
+        # venvs are re-based onto too.
+        self.python = _check_python(python)
+        self._base_spec: LaunchSpec | None = None  # python's preflight, once
         # Shipped environments; env_cache_dir (default: environments.cache) is shared by
-        # this user's nannies on the host.
+        # this user's nannies on the host, and bounded (environments.evict).
         self.environments = EnvironmentKeeper(
-            scheduler_address, env_cache_dir, connect_args(self.security, "nanny")
+            scheduler_address,
+            env_cache_dir,
+            connect_args(self.security, "nanny"),
+            python=self.python,
+            limits=Limits.resolve(env_cache_max_count, env_cache_max_size),
         )
         self.port = port  # where the nanny listens (0: any free port)
         # passed on to each worker process (see ``server/worker_process.py``)
@@ -332,6 +354,7 @@ class Nanny(RunsInAsyncWith):
                                 await self._terminate(graceful=True)
                                 await self.plugins.teardown_all()
         finally:
+            self.environments.close()
             shutil.rmtree(self._scratch, ignore_errors=True)
             os.close(lock_fd)
             self.status = "closed"
@@ -483,6 +506,24 @@ class Nanny(RunsInAsyncWith):
             env_id, cwd=self._scratch, base_env=self._environ_base()
         )
 
+    async def _python_spec(self) -> LaunchSpec:
+        """How to start a worker under ``python`` in the base environment (its preflight
+        runs once: an interpreter without trioscheduler's dependencies fails here, with
+        the module named)."""
+        if self._base_spec is None:
+            assert self.python is not None
+            python, cwd, root = self.python, self._scratch, self.environments.cache_root
+            base = self._child_env()
+            try:
+                self._base_spec = await trio.to_thread.run_sync(
+                    lambda: preflight("base", "", python, cwd=cwd, cache_root=root, base_env=base)
+                )
+            except Exception as exc:
+                raise WorkerStartError(
+                    f"cannot start the worker with python={python}: {exc}"
+                ) from exc
+        return self._base_spec
+
     async def _start_child(self, ready_fd: int) -> trio.Process | _ForkedProcess:
         """Fork or spawn the worker process, which announces itself on ``ready_fd``."""
         choice = await self.environments.scheduler_choice()
@@ -492,7 +533,9 @@ class Nanny(RunsInAsyncWith):
             raise WorkerStartError(
                 f"cannot start the worker in environment {choice}: {exc}"
             ) from exc
-        self.environments.current = choice if spec is not None else None
+        self.environments.started(choice if spec is not None else None)
+        if spec is None and self.python is not None:
+            spec = await self._python_spec()
         if spec is not None:
             self.started_by = "spawn"
             return await trio.lowlevel.open_process(
@@ -500,7 +543,9 @@ class Nanny(RunsInAsyncWith):
                 pass_fds=(ready_fd,),
                 stdin=subprocess.PIPE,
                 start_new_session=True,
-                env=spec.environ(self._environ_base()),
+                env=spec.environ(
+                    self._child_env() if spec.env_id == "base" else self._environ_base()
+                ),
                 cwd=self._scratch,
             )
         why = self.fork_unsafe()
