@@ -265,3 +265,12 @@ def test_another_python_version_is_refused_naming_both(shipped: Path, tmp_path: 
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     assert f"python: env '{here}' vs host '3.12'" in str(info.value)
     assert _entries(tmp_path / "cache") == []
+
+
+def test_worker_command_python_needs_the_nanny() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trioscheduler", "worker", "tcp://127.0.0.1:9", "--no-nanny",
+         "--python", sys.executable],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "--python needs the nanny" in done.stderr

@@ -154,6 +154,12 @@ async def test_refused_environments_stop_no_worker(
                 # The archive rots on the scheduler's disk: the nanny's sha256 check
                 # refuses what arrives.
                 env_id = await c.upload_environment(str(good))
+                # The first phase has its own budget: used up, the restart is refused
+                # (nanny side) or never asked for (upload side), before any worker stops.
+                with pytest.raises(EnvironmentRefusedError, match="prepare_timeout"):
+                    await c.restart(environment=env_id, prepare_timeout=0)
+                with pytest.raises(TimeoutError, match="uploading the environment took longer"):
+                    await c.restart(environment=str(good), prepare_timeout=0)
                 stored = cluster.scheduler.environments.path(env_id)  # type: ignore[union-attr]
                 data = bytearray(stored.read_bytes())
                 data[len(data) // 2] ^= 0xFF

@@ -26,8 +26,14 @@ from trioscheduler.server import uploads as _upload
 from trioscheduler.wire.remote_error import unpack_exception
 
 __all__ = [
-    "AdminMethods","restart", "run_on_scheduler", "upload_environment", "upload_file",
-    "wait_for_workers", "who_has"]
+    "AdminMethods",
+    "restart",
+    "run_on_scheduler",
+    "upload_environment",
+    "upload_file",
+    "wait_for_workers",
+    "who_has",
+]
 
 
 async def run_on_scheduler(client: ClientBase, payload: bytes) -> Any:
@@ -37,10 +43,10 @@ async def run_on_scheduler(client: ClientBase, payload: bytes) -> Any:
     return reply["result"]
 
 
-async def upload_file(client: ClientBase, name: str, data: bytes, load: bool = True) -> dict[str, Any]:
-    reply = await client.rpc(
-        {"op": "upload_file", "filename": name, "data": data, "load": load}
-    )
+async def upload_file(
+    client: ClientBase, name: str, data: bytes, load: bool = True
+) -> dict[str, Any]:
+    reply = await client.rpc({"op": "upload_file", "filename": name, "data": data, "load": load})
     errors: dict[str, list[Any]] = reply["errors"]
     if errors:
         first: BaseException | None = None
@@ -49,9 +55,7 @@ async def upload_file(client: ClientBase, name: str, data: bytes, load: bool = T
             lines.append(f"  {worker}: {text}")
             if first is None and blob is not None:
                 first = unpack_exception(blob, tb_blob or b"", text)
-        exc = (
-            first if first is not None else TrioSchedulerError(f"upload_file({name!r}) failed")
-        )
+        exc = first if first is not None else TrioSchedulerError(f"upload_file({name!r}) failed")
         exc.add_note(
             f"upload_file({name!r}) failed on {len(errors)} of {len(reply['workers'])} "
             "workers (they keep running; the file was not kept):\n" + "\n".join(lines)
@@ -69,17 +73,33 @@ async def restart(
     timeout: float,  # noqa: ASYNC109
     wait_for_workers: bool,
     environment: Any = None,
+    prepare_timeout: float = env_transfer.PREPARE_TIMEOUT,
 ) -> None:
     cluster = client.cluster
     in_process = cluster is not None and getattr(cluster, "processes", True) is False
-    if environment is not None and not env_transfer.is_environment_id(environment):
-        environment = await upload_environment(client, environment)
-    with trio.fail_after(timeout):
+    prepare_left = 0.0  # what remains of prepare_timeout for the nannies
+    if environment is not None:
+        start = trio.current_time()
+        if not env_transfer.is_environment_id(environment):
+            with trio.move_on_after(prepare_timeout) as uploading:
+                environment = await upload_environment(client, environment)
+            if uploading.cancelled_caught:
+                raise TimeoutError(
+                    f"restart(environment=...): uploading the environment took longer than "
+                    f"prepare_timeout={prepare_timeout} s; no worker was restarted"
+                )
+        prepare_left = max(0.0, prepare_timeout - (trio.current_time() - start))
+    with trio.fail_after(timeout + prepare_left):
         n_before = len(await client.rpc({"op": "nthreads"}))
         held = client.futures.snapshot()
         reply = await client.rpc(
-            {"op": "restart", "timeout": timeout, "close_workers": not in_process,
-             "environment": environment}  # fmt: skip
+            {
+                "op": "restart",
+                "timeout": timeout,
+                "close_workers": not in_process,
+                "environment": environment,
+                "prepare_timeout": prepare_left,
+            }  # fmt: skip
         )
         if reply.get("refused") is not None:  # nothing was touched
             raise EnvironmentRefusedError(reply["refused_text"], reply["refused"])
@@ -159,7 +179,11 @@ class AdminMethods(ClientBase):
     # -- restart ----------------------------------------------------------------------------
 
     def restart(
-        self, timeout: float = 60.0, wait_for_workers: bool = True, environment: Any = None
+        self,
+        timeout: float = 60.0,
+        wait_for_workers: bool = True,
+        environment: Any = None,
+        prepare_timeout: float = env_transfer.PREPARE_TIMEOUT,
     ) -> Any:
         """Restart every worker and cancel every future of every client.
 
@@ -174,8 +198,13 @@ class AdminMethods(ClientBase):
         restarted after a crash and workers joining later start in it too. Every nanny
         prepares it first; if any cannot, ``EnvironmentRefusedError`` names each
         worker's reason and no worker stopped.
+
+        Two budgets: ``prepare_timeout`` (default 600 s) for uploading the environment
+        and for every nanny to fetch, extract and check it, which can take a while for a
+        big environment on a slow link, while the workers keep running; then
+        ``timeout`` for the restart proper, until the workers are back.
         """
-        return self.sync(restart, self, timeout, wait_for_workers, environment)
+        return self.sync(restart, self, timeout, wait_for_workers, environment, prepare_timeout)
 
     def upload_environment(self, path: Any, zipfile: Any = None) -> Any:
         """Send a Python environment to the cluster; returns its id (the archive's sha256).

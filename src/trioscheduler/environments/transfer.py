@@ -24,6 +24,9 @@ from trioscheduler import wire
 from trioscheduler.environments.errors import EnvironmentArchiveError
 
 CHUNK = 8 << 20
+PREPARE_TIMEOUT = 600.0
+"""Default budget of ``restart(environment=...)``'s first phase (upload, and every
+nanny's fetch, extraction and preflight), apart from the restart's own ``timeout``."""
 
 Rpc = Callable[[dict[str, Any]], Awaitable[Any]]
 

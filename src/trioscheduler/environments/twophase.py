@@ -19,7 +19,7 @@ async def prepare_everywhere(
     nannies: dict[str, str],
     plain: list[str],
     env_id: str,
-    timeout: float,  # noqa: ASYNC109 - the restart's own time-out, shared by its phases
+    prepare_timeout: float,
 ) -> None:
     """Have ``nannies`` (worker -> nanny address) prepare ``env_id``; raise if any cannot."""
     reasons = {
@@ -29,12 +29,15 @@ async def prepare_everywhere(
 
     async def one(addr: str, nanny: str) -> None:
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(prepare_timeout):
                 async with pool.connect(nanny) as stream:
                     await stream.send({"op": "env_prepare", "id": env_id})
                     reply = await stream.receive()
         except trio.TooSlowError:
-            reasons[addr] = f"its nanny did not prepare the environment within {timeout} s"
+            reasons[addr] = (
+                f"its nanny did not prepare the environment within {prepare_timeout:.0f} s "
+                "(restart's prepare_timeout)"
+            )
             return
         except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
             reasons[addr] = f"could not reach its nanny at {nanny}: {exc!r}"

@@ -204,7 +204,8 @@ async def op_restart(s: Scheduler, request: dict[str, Any]) -> dict[str, Any]:
     environment = request.get("environment")  # None: stay in the current one
     if environment is not None:
         try:
-            await _prepare_environment(s, environment, nannies, plain, timeout)
+            prepare_timeout = float(request.get("prepare_timeout", timeout))
+            await _prepare_environment(s, environment, nannies, plain, prepare_timeout)
         except EnvironmentRefusedError as exc:  # nothing was touched
             return {"restarted": [], "plain": plain, "errors": {}, "refused": exc.reasons,
                     "refused_text": str(exc)}  # fmt: skip
@@ -266,16 +267,17 @@ async def _prepare_environment(
     env_id: str,
     nannies: dict[str, str],
     plain: list[str],
-    timeout: float,  # noqa: ASYNC109
+    prepare_timeout: float,
 ) -> None:
-    """Phase one of a restart into ``env_id``; on success it becomes the current one."""
+    """Phase one of a restart into ``env_id``, with its own budget (the restart's
+    ``timeout`` starts after it); on success it becomes the current one."""
     if env_id != "base":
         if not isinstance(env_id, str) or not s.environments.has(env_id):
             raise EnvironmentRefusedError(
                 f"the scheduler has no environment {env_id!r:.80}: upload_environment() it first"
             )
         assert s._pool is not None
-        await prepare_everywhere(s._pool, nannies, plain, env_id, timeout)
+        await prepare_everywhere(s._pool, nannies, plain, env_id, prepare_timeout)
     # Set before the restart proper: a worker restarting meanwhile starts in it too.
     s.environments.current = None if env_id == "base" else env_id
 

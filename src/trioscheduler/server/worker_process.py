@@ -299,6 +299,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where shipped environments are unpacked, shared by this user's nannies on the "
         "host (default: $TRIOSCHEDULER_ENV_CACHE, else ~/.cache/trioscheduler/envs)",
     )
+    p.add_argument(
+        "--env-cache-max-count",
+        help="keep at most this many shipped environments in the host cache, least recently "
+        "used go first, never one in use (default: $TRIOSCHEDULER_ENV_CACHE_MAX_COUNT, else 10; "
+        "0: no bound)",
+    )
+    p.add_argument(
+        "--env-cache-max-size",
+        help="and at most this many bytes, e.g. '20GiB' (default: "
+        "$TRIOSCHEDULER_ENV_CACHE_MAX_SIZE, else 20GiB; 0: no bound)",
+    )
+    p.add_argument(
+        "--python",
+        help="run the worker under this interpreter instead of the nanny's (needs the nanny; "
+        "shipped venvs are re-based onto its base interpreter)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nanny-address", help=argparse.SUPPRESS)
@@ -390,6 +406,8 @@ async def _run(args: argparse.Namespace) -> None:
         )
     if args.lifetime_restart and not (args.nanny or args.nanny_address):
         raise SystemExit("trioscheduler worker: --lifetime-restart needs the nanny (drop --no-nanny)")
+    if args.python and not args.nanny:
+        raise SystemExit("trioscheduler worker: --python needs the nanny (drop --no-nanny)")
     host = interface_host(args.interface) if args.interface else args.host
     worker_ports = ports_for(args.worker_port, nworkers, "--worker-port")
     nanny_ports = ports_for(args.nanny_port, nworkers, "--nanny-port")
@@ -428,6 +446,9 @@ async def _run(args: argparse.Namespace) -> None:
                 worker_listen_address=args.listen_address,
                 worker_contact_address=args.contact_address,
                 env_cache_dir=args.env_cache_dir,
+                env_cache_max_count=args.env_cache_max_count or "default",
+                env_cache_max_size=args.env_cache_max_size or "default",
+                python=args.python,
                 **common,
             )
     else:
