@@ -239,6 +239,7 @@ async def send_batch(stream: Stream, msgs: list[Any]) -> None:
 
 async def test_receive_batch_and_receive_nowait_take_what_is_here(transport: str) -> None:
     async def five(stream: Stream) -> None:
+        assert await stream.receive() == "go"  # not before the client looked
         await send_batch(stream, [("m", i) for i in range(5)])
         await stream.receive()  # stay open until the client is done
 
@@ -246,6 +247,7 @@ async def test_receive_batch_and_receive_nowait_take_what_is_here(transport: str
         async with await connect(lst.address) as stream:
             with pytest.raises(trio.WouldBlock):
                 stream.receive_nowait()  # nothing here yet
+            await stream.send("go")
             got = await stream.receive_batch()
             while len(got) < 5:
                 got += await stream.receive_batch()

@@ -127,29 +127,42 @@ class BatchedSend:
         await self.flush()
 
     async def flush(self) -> None:
-        """Write everything pending, in order."""
-        async with self._write_lock:
-            if not self._pending:
-                return
-            batch, self._pending = self._pending, []
-            self._has_pending = trio.Event()
-            if self._urgent.is_set():
-                self._urgent = trio.Event()
-            now = trio.current_time()
-            self._last_gap = now - (self._next_write - self.interval)
-            self._next_write = now + self.interval
-            self._last_batch = len(batch)
+        """Write everything pending, in order.
+
+        The lock is taken without a schedule point when nobody holds it (``async with``
+        would yield once first: one more loop round before every write)."""
+        lock = self._write_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            await self._write_pending()
+        finally:
+            lock.release()
+
+    async def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._has_pending = trio.Event()
+        if self._urgent.is_set():
+            self._urgent = trio.Event()
+        now = trio.current_time()
+        self._last_gap = now - (self._next_write - self.interval)
+        self._next_write = now + self.interval
+        self._last_batch = len(batch)
+        try:
             try:
-                try:
-                    await self.stream._send_batch(batch)
-                except SerializationError:
-                    batch = self._drop_unserializable(batch)
-                    await self.stream._send_batch(batch)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                self._error = e
-                raise
-            self.messages_sent += len(batch)
-            self.batches_sent += 1
+                await self.stream._send_batch(batch)
+            except SerializationError:
+                batch = self._drop_unserializable(batch)
+                await self.stream._send_batch(batch)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._error = e
+            raise
+        self.messages_sent += len(batch)
+        self.batches_sent += 1
 
     def _drop_unserializable(self, batch: list[Any]) -> list[Any]:
         good = []
