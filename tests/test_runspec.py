@@ -106,3 +106,14 @@ def test_plain_map_keys_are_stable_and_tell_types_apart() -> None:
     assert keys == map_keys(abs, calls, {}, None, True)  # the same calls, the same keys
     assert keys != map_keys(abs, calls, {"x": 1}, None, True)
     assert all(k.startswith("abs-") for k in keys)
+
+
+def test_submit_packs_plain_calls_as_pack_does() -> None:
+    import functools
+
+    from trioscheduler.client.keys import check_key
+
+    assert runspec.pack_plain_call(check_key, ("k",)) == pack(check_key, ("k",), {})[0]
+    assert runspec.pack_plain_call(check_key, ("k",)) == pack(check_key, ("k",), {})[0]
+    assert runspec.pack_plain_call(lambda a: a, (1,)) is None  # needs cloudpickle
+    assert runspec.pack_plain_call(functools.partial(check_key, "k"), ()) is None

@@ -158,7 +158,13 @@ class Client(
         st = self.futures.hold_existing(key)
         if st is not None:
             return Future(key, self, st)
-        run_spec, deps = runspec.pack(func, args, kwargs)
+        plain_spec = None if kwargs or not plain(args) else runspec.pack_plain_call(func, args)
+        run_spec: runspec.RunSpec
+        deps: list[Any]
+        if plain_spec is not None:
+            run_spec, deps = plain_spec, []
+        else:
+            run_spec, deps = runspec.pack(func, args, kwargs)
         spec = m.TaskSpec(key, deps, run_spec, prio, 0, w, aow, r, n_retries)
         return self._new_futures([spec])[0]
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import io
 import pickle
+import weakref
 from collections.abc import Callable, Mapping
+from types import FunctionType
 from typing import Any, Final
 
 import cloudpickle
@@ -168,6 +170,24 @@ def plain_packer(func: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[
         return pickle.dumps((func, args, kwargs), protocol=5)
 
     return pack_plain
+
+
+_PLAIN_FUNCTIONS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+"""function -> ``plain_packer(function, {})`` works (weakly held: a closure's data is not
+kept alive by this)."""
+
+
+def pack_plain_call(func: Callable[..., Any], args: tuple[Any, ...]) -> bytes | None:
+    """``submit``'s fast path: the run spec of ``func(*args)`` (no keywords, ``args``
+    plain) as ``pack`` would make it, or ``None`` where ``pack`` is needed. Only plain
+    functions qualify (a ``partial`` may hold large buffers, which ``pack`` sends out of
+    band); whether one does is remembered per function."""
+    if type(func) is not FunctionType:
+        return None
+    ok = _PLAIN_FUNCTIONS.get(func)
+    if ok is None:
+        ok = _PLAIN_FUNCTIONS[func] = plain_packer(func, {}) is not None
+    return pickle.dumps((func, args, {}), protocol=5) if ok else None
 
 
 def _name_culprit(
