@@ -246,3 +246,41 @@ async def test_a_restarted_scheduler_finishes_the_graph_and_keeps_datasets(tmp_p
                 story = [t for t in s2.state.story("chain-0") if t[2] == "processing"]
                 assert len(story) <= 1  # chain-0 was done before the stop: not rerun
             stop.set()
+
+
+# ---------------------------------------------------------------------------- recorders
+
+
+def test_local_cluster_record_logs_every_core_and_the_logs_replay(tmp_path: Path) -> None:
+    """``LocalCluster(record=DIR)``: the scheduler's and each worker's events; each log
+    replays to the state its core ended in (in-process workers, to compare with)."""
+    from trioscheduler import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=2, processes=False, record=tmp_path, dashboard_address=None) as cluster,
+        Client(cluster) as c,
+    ):
+        assert c.submit(sum, c.map(slow_inc, range(20))).result() == sum(range(1, 21))
+        workers = list(cluster.workers.values())
+        scheduler = cluster.scheduler
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "scheduler.log", *(f"worker-{w.name}.log" for w in workers)
+    }
+    for w in workers:
+        log = event_log.load_log(tmp_path / f"worker-{w.name}.log")
+        assert log[0][2] == "worker" and recorder.header_meta(log[0])["version"]
+        assert snapshot(replay(log)) == snapshot(w.state)
+    assert snapshot(replay(event_log.load_log(tmp_path / "scheduler.log"))) == snapshot(scheduler.state)
+
+
+def test_worker_processes_record_through_their_nanny(tmp_path: Path) -> None:
+    from trioscheduler import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=1, processes=True, record=tmp_path, dashboard_address=None) as cluster,
+        Client(cluster) as c,
+    ):
+        assert c.submit(slow_inc, 1).result() == 2
+        (name,) = [w.name for w in cluster.workers.values()]
+    state = replay(event_log.load_log(tmp_path / f"worker-{name}.log"))
+    assert state.address.startswith("tcp://")

@@ -21,6 +21,7 @@ import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -157,8 +158,17 @@ class LocalCluster(SyncAsyncFacade):
         interface: str | None = None,
         silence_logs: Any = None,
         dashboard_address: str | int | None = DEFAULT_DASHBOARD_ADDRESS,
+        scheduler_kwargs: dict[str, Any] | None = None,
+        record: str | os.PathLike[str] | None = None,
         **worker_kwargs: Any,
     ) -> None:
+        # dask's: more keywords for the Scheduler (``recover_from=``, ``record=``...)
+        self.scheduler_kwargs = dict(scheduler_kwargs or {})
+        # ``record``: a directory for every core's event log (scheduler.log, worker-NAME.log)
+        self.record = Path(record) if record is not None else None
+        if self.record is not None:
+            self.record.mkdir(parents=True, exist_ok=True)
+            self.scheduler_kwargs.setdefault("record", self.record / "scheduler.log")
         for name in _IGNORED:
             worker_kwargs.pop(name, None)
         self.security = resolve_security(security)
@@ -247,6 +257,7 @@ class LocalCluster(SyncAsyncFacade):
                 worker_timeout=self.worker_timeout,
                 security=self.security,
                 dashboard_address=self.dashboard_address,
+                **self.scheduler_kwargs,
             ) as scheduler:
                 self.scheduler = scheduler
                 self.scheduler_address = scheduler.address
@@ -274,6 +285,8 @@ class LocalCluster(SyncAsyncFacade):
             security=self.security,
             **self.worker_kwargs,
         )
+        if self.record is not None:
+            kwargs["record"] = self.record / f"worker-{name}.log"
         if self.processes:
             return Nanny(
                 self.scheduler_address,

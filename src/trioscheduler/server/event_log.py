@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-from trioscheduler.core import recorder
+from trioscheduler.core import messages, recorder
 
 __all__ = ["EventLogWriter", "LogContents", "LogError", "load_log", "read_log"]
 
@@ -69,7 +69,7 @@ def _unpack(payload: bytes) -> list[Any]:
     return recorder.unpack_log(payload)
 
 
-def read_log(path: str | Path) -> LogContents:
+def read_log(path: str | os.PathLike[str]) -> LogContents:
     """Every whole frame of ``path``; a torn last frame is counted in ``torn_bytes``."""
     data = Path(path).read_bytes()
     out = LogContents()
@@ -107,7 +107,7 @@ def read_log(path: str | Path) -> LogContents:
     return out
 
 
-def load_log(path: str | Path) -> list[Any]:
+def load_log(path: str | os.PathLike[str]) -> list[Any]:
     """The core's records of a log file, for ``core.recorder.replay`` (tools, tests)."""
     return read_log(path).records
 
@@ -142,7 +142,7 @@ class EventLogWriter:
 
     @classmethod
     def create(
-        cls, path: str | Path, header: list[Any], fsync_interval: float | None
+        cls, path: str | os.PathLike[str], header: list[Any], fsync_interval: float | None
     ) -> EventLogWriter:
         path = Path(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
@@ -153,7 +153,7 @@ class EventLogWriter:
 
     @classmethod
     def append_to(
-        cls, path: str | Path, contents: LogContents, fsync_interval: float | None
+        cls, path: str | os.PathLike[str], contents: LogContents, fsync_interval: float | None
     ) -> EventLogWriter:
         path = Path(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -181,6 +181,14 @@ class EventLogWriter:
             os.fsync(self.fd)
         else:
             self.dirty = True
+
+    def record(self, events: tuple[Any, ...] | list[Any]) -> None:
+        """The events of one ``handle()`` call, as the recorder logs them: one frame."""
+        dump = messages.dump
+        if len(events) == 1:
+            self.append([dump(events[0])])
+        else:  # replayed as one handle() call, as it was handled
+            self.append([[recorder.BATCH_TAG, len(events)], *[dump(e) for e in events]])
 
     def sync(self) -> None:
         """``fsync`` (blocking: call it in a thread from a trio task)."""

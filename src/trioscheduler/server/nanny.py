@@ -221,8 +221,10 @@ class Nanny(RunsInAsyncWith):
         env_cache_max_count: int | str | None = "default",
         env_cache_max_size: int | str | None = "default",
         python: str | None = None,
+        record: str | os.PathLike[str] | None = None,
     ) -> None:
         self.security = resolve_security(security)
+        self.record = record  # the worker's event log (``Worker(record=)``), passed on
         self._tls_argv: list[str] = []  # the worker certificate, as files the child reads
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
@@ -463,6 +465,8 @@ class Nanny(RunsInAsyncWith):
                 argv += ["--lifetime-restart"]
         if self.death_timeout is not None:
             argv += ["--death-timeout", repr(self.death_timeout)]
+        if self.record is not None:
+            argv += ["--record", os.fspath(self.record)]
         if self.worker_listen_address:
             argv += ["--listen-address", self.worker_listen_address]
         if self.worker_contact_address:

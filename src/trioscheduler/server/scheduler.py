@@ -465,11 +465,7 @@ class Scheduler:
         if self._frozen:
             return
         if self._log is not None:
-            dump = m.dump
-            if len(events) == 1:
-                self._log.append([dump(events[0])])
-            else:  # replayed as one handle() call, as here
-                self._log.append([[recorder.BATCH_TAG, len(events)], *[dump(e) for e in events]])
+            self._log.record(events)
         effects = self.state.handle(*events)
         if effects:
             self._route(effects)

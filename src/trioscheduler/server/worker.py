@@ -44,7 +44,7 @@ import psutil
 import trio
 
 from trioscheduler import wire
-from trioscheduler.core import shm_policy
+from trioscheduler.core import recorder, shm_policy
 from trioscheduler.core.messages import (
     AddWorker,
     CloseWorker,
@@ -68,6 +68,7 @@ from trioscheduler.core.messages import (
 from trioscheduler.core.worker import WorkerState
 from trioscheduler.server import diagnostics, memory, profiling, task_context
 from trioscheduler.server.actors import ActorHost
+from trioscheduler.server.event_log import EventLogWriter
 from trioscheduler.server.executor import Done, ThreadExecutor
 from trioscheduler.server.lifecycle import RunsInAsyncWith
 from trioscheduler.server.plugins import WorkerPlugins
@@ -152,6 +153,7 @@ class Worker(RunsInAsyncWith):
         lifetime_restart: bool = False,
         security: Security | bool | None = None,
         shared_memory: bool | None = None,
+        record: str | os.PathLike[str] | None = None,
     ) -> None:
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
@@ -195,6 +197,10 @@ class Worker(RunsInAsyncWith):
         self.shared_memory_threshold = shm_policy.SHM_MIN_BYTES
         self._no_shm_peers: set[str] = set()  # peers whose segments we could not map
         self.restart_after_close = False  # a nanny should start a new worker after us
+        # ``record``: every event handed to the core, to this file (``event_log``):
+        # ``recorder.replay(event_log.load_log(path))`` rebuilds the core's state
+        self.record = record
+        self._log: EventLogWriter | None = None
 
         self.address: str = ""
         self.status = "created"  # created -> running -> closing -> closed
@@ -288,6 +294,8 @@ class Worker(RunsInAsyncWith):
         finally:
             self._executor.close()
             self.store.close()
+            if self._log is not None:
+                self._log.close()
             self.status = "closed"
             self._closed.set()
 
@@ -308,19 +316,16 @@ class Worker(RunsInAsyncWith):
     async def _connect(self) -> None:
         target, spill, pause = self._thresholds
         count_limit, bytes_limit = self._transfer_limits
-        self.state = WorkerState(
-            self.address,
-            nthreads=self.nthreads,
-            resources=self.resources,
-            memory_limit=self.memory_limit or 0,
-            target=target,
-            spill=spill,
-            pause=pause,
-            write_ahead=memory.WRITE_AHEAD,
-            transfer_incoming_count_limit=count_limit,
-            transfer_message_bytes_limit=bytes_limit,
+        settings: dict[str, Any] = dict(
+            nthreads=self.nthreads, resources=self.resources, memory_limit=self.memory_limit or 0,
+            target=target, spill=spill, pause=pause, write_ahead=memory.WRITE_AHEAD,
+            transfer_incoming_count_limit=count_limit, transfer_message_bytes_limit=bytes_limit,
             validate=self.validate,
-        )
+        )  # fmt: skip
+        self.state = WorkerState(self.address, **settings)
+        if self.record is not None:
+            head = recorder.header("worker", {"address": self.address, **settings})
+            self._log = EventLogWriter.create(self.record, head, fsync_interval=None)
         await self._join(self.connect_timeout)
         assert self._work is not None
         self._work.start_soon(self._finish_loop)
@@ -647,6 +652,8 @@ class Worker(RunsInAsyncWith):
         state = self.state
         if state is None or self._closing:
             return
+        if self._log is not None:
+            self._log.record(events)
         out = state.handle(*events)
         if self.plugins.watching:
             self.plugins.transitions()
@@ -679,8 +686,10 @@ class Worker(RunsInAsyncWith):
             if not written:
                 break
             # told after the instructions that came with the Spill, in their order
-            stim = _stimulus("spill-written")
-            out = state.handle(SpillWritten(stimulus_id=stim, now=_now(), keys=written))
+            done = SpillWritten(stimulus_id=_stimulus("spill-written"), now=_now(), keys=written)
+            if self._log is not None:
+                self._log.record((done,))
+            out = state.handle(done)
 
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._work is not None and not self._closing:

@@ -279,6 +279,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: 10 s to connect, 60 s to rejoin)",
     )
     p.add_argument(
+        "--record",
+        metavar="PATH",
+        help="log every event of the worker core to PATH (PATH-0, PATH-1... with --nworkers)",
+    )
+    p.add_argument(
         "--lifetime", type=parse_seconds, help="retire the worker after this long (e.g. '1 hour')"
     )
     p.add_argument(
@@ -429,6 +434,10 @@ async def _run(args: argparse.Namespace) -> None:
         None if args.name is None else (args.name if nworkers == 1 else f"{args.name}-{i}")
         for i in range(nworkers)
     ]
+    records = [
+        None if args.record is None else (args.record if nworkers == 1 else f"{args.record}-{i}")
+        for i in range(nworkers)
+    ]
     if args.nanny:
         from trioscheduler.server.nanny import Nanny
 
@@ -449,6 +458,7 @@ async def _run(args: argparse.Namespace) -> None:
                 env_cache_max_count=args.env_cache_max_count or "default",
                 env_cache_max_size=args.env_cache_max_size or "default",
                 python=args.python,
+                record=records[i],
                 **common,
             )
     else:
@@ -476,6 +486,7 @@ async def _run(args: argparse.Namespace) -> None:
                 contact_address=args.contact_address,
                 name=name,
                 nanny=args.nanny_address,
+                record=records[i],
                 **common,
             )
 
