@@ -30,7 +30,7 @@ import psutil
 
 from benchmarks._cluster_tasks import add, first, inc, make_array, nbytes_of, total
 
-SYSTEMS = ("trio", "dask", "dask-inf")
+SYSTEMS = ("trio", "trio-log", "dask", "dask-inf")
 MB = 1_000_000
 
 
@@ -39,7 +39,7 @@ class System:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        if name == "trio":
+        if name in ("trio", "trio-log"):
             import trioscheduler
 
             self.LocalCluster = trioscheduler.LocalCluster
@@ -59,10 +59,16 @@ class System:
 
     def cluster(self, n_workers: int = 2, **kw: Any) -> Any:
         kw.setdefault("threads_per_worker", 1)
+        if self.name == "trio-log":  # the scheduler keeps its recovery log (issue 18)
+            import tempfile
+
+            log = os.path.join(tempfile.mkdtemp(prefix="bench-recover-"), "scheduler.log")
+            kw["scheduler_kwargs"] = {"recover_from": log}
+            self.info["log"] = log
         cluster = self.LocalCluster(
             n_workers=n_workers, processes=True, dashboard_address=None, **kw
         )
-        if self.name != "trio":
+        if not self.name.startswith("trio"):
             # what the running scheduler actually uses (proves the config took effect)
             self.info["worker_saturation"] = cluster.scheduler.WORKER_SATURATION
         return cluster
@@ -137,14 +143,15 @@ def w_map(s: System, quick: bool) -> dict[str, Any]:
         del warm
         time.sleep(0.2)
         with PeakRSS() as rss:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             futures = client.map(inc, range(n))
             results = client.gather(futures)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert results[-1] == n
         del futures, results
     return {"tasks_per_s": n / elapsed, "seconds": elapsed, "tasks": n,
-            "rss_delta": rss.delta, "bytes_per_task": rss.delta / n}  # fmt: skip
+            "rss_delta": rss.delta, "bytes_per_task": rss.delta / n,
+            "tasks_per_cpu_s": n / cpu}  # fmt: skip
 
 
 def latency(client: Any, quick: bool) -> dict[str, Any]:
@@ -173,12 +180,13 @@ def w_tree(s: System, quick: bool) -> dict[str, Any]:
         root = layer[0]
         n = 2 * leaves - 1
         with PeakRSS() as rss:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             value = client.compute(root).result()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert value == leaves * (leaves + 1) // 2, value
     return {"tasks_per_s": n / elapsed, "seconds": elapsed, "tasks": n,
-            "rss_delta": rss.delta, "bytes_per_task": rss.delta / n}  # fmt: skip
+            "rss_delta": rss.delta, "bytes_per_task": rss.delta / n,
+            "tasks_per_cpu_s": n / cpu}  # fmt: skip
 
 
 def array(s: System, client: Any, quick: bool) -> dict[str, Any]:
@@ -194,7 +202,7 @@ def array(s: System, client: Any, quick: bool) -> dict[str, Any]:
         value = client.compute(expr).result()
         how = "client.compute"
     except Exception as exc:
-        if s.name != "trio":
+        if not s.name.startswith("trio"):
             return {"array_error": f"{type(exc).__name__}: {exc}"[:300]}
         try:
             start = time.perf_counter()
@@ -309,6 +317,18 @@ def main(argv: list[str]) -> int:
     s = System(system)
     metrics = WORKLOADS[workload](s, quick)
     metrics.update(s.info)
+    if "log" in s.info:  # how long a restart would replay this run's log
+        from trioscheduler.core.recorder import replay
+        from trioscheduler.server.event_log import read_log
+
+        start = time.perf_counter()
+        contents = read_log(s.info["log"])
+        replay(contents.records)
+        metrics["replay_s"] = time.perf_counter() - start
+        metrics["log_bytes"] = contents.good_bytes
+        import shutil
+
+        shutil.rmtree(os.path.dirname(s.info["log"]), ignore_errors=True)
     metrics["peak_rss_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sys.stdout.flush()
     print("\n" + json.dumps(metrics, default=str), flush=True)
