@@ -50,6 +50,7 @@ from hypothesis.stateful import (
 )
 from machine_coverage import Tally, as_dict
 
+from trioscheduler.core.sim_restart import record_scheduler, restart_scheduler
 from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask
 
 TALLY = Tally()
@@ -116,6 +117,8 @@ class ClusterMachine(RuleBasedStateMachine):
         self.n_scattered = 0
         self.faults = 0  # workers this run may still kill, re-register or retire
         self.aimed = 0  # ... and kill at a chosen moment (mid-transfer, mid-steal, ...)
+        self.restarts = 0  # scheduler crashes this run may still have
+        self.awaited = False  # a worker died with the scheduler: its grace must run out
         self.ok = True
 
     # ------------------------------------------------------------------ set-up
@@ -136,10 +139,12 @@ class ClusterMachine(RuleBasedStateMachine):
         rules as often as any other; unbounded, they leave too little to interleave)."""
         self.faults = faults
         self.aimed = AIMED_FAULTS
+        self.restarts = 1
         self.sim = ClusterSimulator(
             validate=True, tally=True, worker_saturation=saturation, worker_backlog=backlog,
             allowed_failures=allowed_failures, worker_timeout=timeout,
         )  # fmt: skip
+        record_scheduler(self.sim)  # its log, for restart_scheduler
         for i in range(n):
             if i < len(NAMES):
                 self.sim.add_worker(name=NAMES[i], nthreads=2, resources={"GPU": 1.0})
@@ -454,6 +459,21 @@ class ClusterMachine(RuleBasedStateMachine):
         self.faults -= 1
         self.sim.reregister(pick(sorted(self.sim.workers), i))
 
+    @precondition(lambda self: self.restarts > 0)
+    @rule(dead=st.lists(index, max_size=2))
+    @guarded
+    def restart_scheduler(self, dead: list[int]) -> None:
+        """The scheduler process crashes (kill -9: whatever was in flight to or from it is
+        lost) and starts again from its log (issue 18, ``core/sim_restart.py``); the
+        workers ``dead`` picks died with it, the others and the clients come back."""
+        self.restarts -= 1
+        workers = sorted(self.sim.workers)
+        gone = {pick(workers, i) for i in dead} if workers and self.faults > 0 else set()
+        if gone:
+            self.faults -= 1
+            self.awaited = True
+        restart_scheduler(self.sim, TIMEOUT, gone)
+
     @rule(kind=st.sampled_from(["tick", "tick", "heartbeat", "advance"]), i=index,
           seconds=st.sampled_from([0.3, TIMEOUT / 2, 2 * TIMEOUT]))  # fmt: skip
     @guarded
@@ -503,6 +523,9 @@ class ClusterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if not self.ok:
             return
+        if self.awaited:  # the grace for workers that died with the scheduler runs out
+            self.sim.advance(2 * TIMEOUT)
+            self.sim.tick()
         problems = self.sim.settle(max_rounds=2_000)
         taken = TALLY.add_run(self.sim)
         event("scheduler edges taken in a run", taken["scheduler"])

@@ -132,6 +132,16 @@ class Recorder:
         kw = {"address": address, **kwargs}
         return cls(WorkerState(**kw), kw)
 
+    @classmethod
+    def resume(cls, log: Iterable[Any]) -> Recorder:
+        """The state ``log`` replays to, recording on after it (a scheduler restarted
+        from its log: ``core/sim_restart.py``, ``Scheduler(recover_from=)``)."""
+        records = list(log)
+        self = cls.__new__(cls)
+        self.state = replay(records)
+        self.log = records
+        return self
+
     def handle(self, *events: Any) -> list[Any]:
         """Log ``events`` (dumped, before the core sees them), then handle them."""
         dump = messages.dump

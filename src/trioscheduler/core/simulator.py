@@ -466,6 +466,10 @@ class ClusterSimulator:
         task = self.graph.get(key)
         if task is None:
             task = self.graph[key] = SimTask(key, [], nbytes, scattered=True)
+        sts = self.scheduler.tasks.get(key)
+        if sts is None or sts.run_spec is None:
+            # a submitted key the scheduler forgot: it takes the data without lineage
+            task.scattered = True
         value = self.expected(key)
         took = []
         for addr in addrs:
