@@ -80,6 +80,20 @@ def test_a_torn_last_frame_is_dropped_and_cut_off_before_appending(
     assert set(replay(again.records).clients) == {"c1", "c3"}
 
 
+def test_held_frames_go_in_one_write_at_release(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    w = EventLogWriter.create(path, recorder.header("scheduler", {}), None)
+    size = path.stat().st_size
+    w.hold()
+    for b in EVENTS:
+        w.record(b)
+    assert path.stat().st_size == size  # nothing written while held
+    w.release()
+    assert path.stat().st_size > size
+    w.close()
+    assert event_log.read_log(path).frames == 4
+
+
 def test_damage_before_the_last_frame_is_an_error_naming_the_offset(tmp_path: Path) -> None:
     path = tmp_path / "log"
     _write(path, EVENTS)

@@ -127,7 +127,7 @@ class EventLogWriter:
     off its torn tail.
     """
 
-    __slots__ = ("path", "fd", "fsync_interval", "dirty", "packer", "frames", "bytes")
+    __slots__ = ("path", "fd", "fsync_interval", "dirty", "packer", "frames", "bytes", "_held")
 
     def __init__(self, path: Path, fd: int, fsync_interval: float | None) -> None:
         if fsync_interval is not None and fsync_interval < 0:
@@ -139,6 +139,7 @@ class EventLogWriter:
         self.packer = msgpack.Packer(use_bin_type=True)
         self.frames = 0
         self.bytes = 0
+        self._held: list[bytes] | None = None  # frames kept for one write (``hold``)
 
     @classmethod
     def create(
@@ -174,13 +175,34 @@ class EventLogWriter:
         self.bytes += len(data)
 
     def append(self, records: Iterable[Any]) -> None:
-        """One frame: written to the kernel now; synced now if ``fsync_interval == 0``."""
-        self._write(frame(records, self.packer))
+        """One frame: written to the kernel now (or at ``release``, while held); synced
+        then too if ``fsync_interval == 0``."""
+        data = frame(records, self.packer)
         self.frames += 1
+        if self._held is not None:
+            self._held.append(data)
+            return
+        self._write(data)
         if self.fsync_interval == 0:
             os.fsync(self.fd)
         else:
             self.dirty = True
+
+    def hold(self) -> None:
+        """Keep the next frames for one ``write`` at ``release``. The caller releases
+        before anything those events caused can leave the process (the shell holds
+        while it handles one batch read from a stream, with no schedule point between)."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._write(b"".join(held))
+            if self.fsync_interval == 0:
+                os.fsync(self.fd)
+            else:
+                self.dirty = True
 
     def record(self, events: tuple[Any, ...] | list[Any]) -> None:
         """The events of one ``handle()`` call, as the recorder logs them: one frame."""
@@ -196,6 +218,7 @@ class EventLogWriter:
         os.fsync(self.fd)
 
     def close(self) -> None:
+        self.release()
         if self.fd >= 0:
             try:
                 os.fsync(self.fd)

@@ -699,6 +699,9 @@ class Scheduler:
                         batch = await stream.receive_batch()
                     except trio.EndOfChannel:
                         break
+                    log = self._log
+                    if log is not None:  # the batch's frames in one write, before its effects
+                        log.hold()  # leave (they go at the next schedule point, after this)
                     for msg in batch:
                         t = type(msg)
                         if t is dict and msg.get("op") == "value":
@@ -724,9 +727,13 @@ class Scheduler:
                             removed = True
                             break
                     values.clear()
+                    if log is not None:
+                        log.release()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reason = f"connection lost: {exc!r}"
             finally:
+                if self._log is not None:
+                    self._log.release()  # (a batch cut short by an error)
                 del self._workers[addr]
                 self.diagnostics.worker_left()
                 if not removed and addr in self.state.workers:
