@@ -41,6 +41,11 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+def touch(i: int, path: str) -> int:
+    Path(path, str(i)).touch()
+    return i
+
+
 def boom(x: Any) -> None:
     raise ZeroDivisionError(f"boom {x}")
 
@@ -204,6 +209,31 @@ def test_futures_of_and_normalize_collection(client: Client) -> None:
 def test_map_stops_at_the_shortest_iterable(client: Client) -> None:
     fs = client.map(add, [1, 2, 3], [10, 20])
     assert len(fs) == 2 and client.gather(fs) == [11, 22]
+
+
+def test_map_sends_batches_while_it_reads_its_input(client: Client, tmp_path: Path) -> None:
+    """A map goes out ``batch_size`` calls at a time: the cluster runs the first batches
+    while the rest of a generator is still unread (here it waits for them to run)."""
+
+    def calls() -> Iterator[int]:
+        for i in range(10):
+            if i == 6:
+                eventually(lambda: (tmp_path / "3").exists(), "the first batches to run")
+            yield i
+
+    fs = client.map(touch, calls(), path=str(tmp_path), batch_size=2)
+    assert client.gather(fs) == list(range(10))
+    # batching changes no key: a pure call's is its token, an impure one's its position
+    again = client.map(touch, range(10), path=str(tmp_path), batch_size=3)
+    assert [f.key for f in again] == [f.key for f in fs]
+    impure = client.map(touch, range(7), path=str(tmp_path), pure=False, batch_size=3)
+    assert len({f.key for f in impure}) == 7 and client.gather(impure) == list(range(7))
+    named = client.map(touch, range(5), path=str(tmp_path), key=list("abcde"), batch_size=2)
+    assert [f.key for f in named] == list("abcde") and client.gather(named) == list(range(5))
+    with pytest.raises(TypeError, match="batch_size"):
+        client.map(touch, range(3), path=str(tmp_path), batch_size=0)
+    with pytest.raises(ValueError, match="2 keys for 3 tasks"):
+        client.map(touch, range(3), path=str(tmp_path), key=["a", "b"], batch_size=2)
 
 
 def test_remote_traceback_is_a_real_traceback(client: Client) -> None:

@@ -14,8 +14,10 @@ Dask collections: ``compute``/``persist``/``get`` turn graphs into tasks with
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -41,7 +43,7 @@ from trioscheduler.client.keys import (
     check_key,
     check_options,
     check_workers,
-    map_keys,
+    map_namer,
     plain,
     shippable,
     submit_key,
@@ -50,6 +52,9 @@ from trioscheduler.client.plugins import PluginMethods
 from trioscheduler.client.workers import WorkerMethods
 from trioscheduler.core import messages as m
 from trioscheduler.wire import runspec
+
+MAP_BATCH = 10_000
+"""Tasks per graph message of a ``map`` (its ``batch_size`` when none is given)."""
 
 __all__ = ["Client", "ClientClosedError", "Executor", "default_client", "fire_and_forget"]
 
@@ -184,10 +189,14 @@ class Client(
         actors: bool = False,
         **kwargs: Any,
     ) -> list[Future]:
-        """``submit`` over the zipped ``iterables`` (up to the shortest, as builtin ``map``);
-        one graph, one message.
+        """``submit`` over the zipped ``iterables`` (up to the shortest, as builtin ``map``).
 
-        ``key`` is a prefix for the generated keys or a list of keys.
+        ``key`` is a prefix for the generated keys or a list of keys. The calls are
+        named, pickled and sent ``batch_size`` at a time (``MAP_BATCH`` if ``None``),
+        each batch a graph of its own: the scheduler starts on the first while the next
+        is being made, and a sync client writes each batch before making the next, so
+        the client holds at most one batch of run specs and an iterator of millions of
+        items is read as it goes.
         """
         if not callable(func):
             raise TypeError("the first argument of map must be a callable function")
@@ -195,32 +204,55 @@ class Client(
             return []
         if any(isinstance(it, (dict, str)) for it in iterables):
             raise TypeError("map() iterates over sequences of arguments, not a dict or str")
-        seqs = [it if isinstance(it, (list, tuple)) else list(it) for it in iterables]
+        if batch_size is None:
+            batch_size = MAP_BATCH
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise TypeError(f"batch_size= takes a number of tasks >= 1, got {batch_size!r}")
         w, r, n_retries, prio, aow = check_options(
             workers, resources, retries, priority, allow_other_workers
         )
-        calls = list(zip(*seqs))  # noqa: B905 - stops at the shortest, as builtin map and dask
-        keys = map_keys(func, calls, kwargs, key, pure and not (actor or actors))
+        if isinstance(key, (list, tuple)):  # the keys must match the calls: count them first
+            seqs = [it if isinstance(it, (list, tuple)) else list(it) for it in iterables]
+            n = min(len(seq) for seq in seqs)
+            if len(key) != n:
+                raise ValueError(f"map() got {len(key)} keys for {n} tasks")
+            iterables = tuple(seqs)
+        calls = zip(*iterables)  # noqa: B905 - stops at the shortest, as builtin map and dask
+        name = map_namer(func, kwargs, key, pure and not (actor or actors))
         if actor or actors:
             func = as_actor(func)
         shipped = shippable(func)
         pack = runspec.pack
         pack_plain = runspec.plain_packer(shipped, kwargs) if plain(tuple(kwargs.values())) else None
         TaskSpec = m.TaskSpec
-        specs: list[m.TaskSpec] = []
-        packed: dict[Any, m.TaskSpec] = {}
         run_spec: runspec.RunSpec
         deps: list[Any]
-        for k, args in zip(keys, calls, strict=True):
-            spec = packed.get(k)  # the same pure call twice in one map: pack it once
-            if spec is None:
-                if pack_plain is not None and plain(args):
-                    run_spec, deps = pack_plain(args), []
-                else:
-                    run_spec, deps = pack(shipped, args, kwargs)
-                spec = packed[k] = TaskSpec(k, deps, run_spec, prio, 0, w, aow, r, n_retries)
-            specs.append(spec)
-        return self._new_futures(specs)
+        futures: list[Future] = []
+        while batch := list(islice(calls, batch_size)):
+            if futures:  # a batch went before: on the wire before the next is made
+                self._flush_sent()
+            keys = name(batch, len(futures))
+            specs: list[m.TaskSpec] = []
+            packed: dict[Any, m.TaskSpec] = {}
+            for k, args in zip(keys, batch, strict=True):
+                spec = packed.get(k)  # the same pure call twice in one batch: pack it once
+                if spec is None:
+                    if pack_plain is not None and plain(args):
+                        run_spec, deps = pack_plain(args), []
+                    else:
+                        run_spec, deps = pack(shipped, args, kwargs)
+                    spec = packed[k] = TaskSpec(k, deps, run_spec, prio, 0, w, aow, r, n_retries)
+                specs.append(spec)
+            del packed, batch, keys
+            futures.extend(self._new_futures(specs))
+            del specs
+        return futures
+
+    def _flush_sent(self) -> None:
+        """A sync client in another thread than its loop: until everything this client
+        posted is written to the scheduler (an asynchronous client does not wait)."""
+        if not self.asynchronous and threading.get_ident() != self._loop_ident:
+            self.sync(self._link.flush)
 
     # -- dask collections ----------------------------------------------------------------
 

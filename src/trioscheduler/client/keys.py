@@ -27,6 +27,7 @@ __all__ = [
     "check_resources",
     "check_workers",
     "map_keys",
+    "map_namer",
     "plain",
     "scatter_key",
     "shippable",
@@ -54,22 +55,33 @@ def map_keys(
     pure: bool,
 ) -> list[Any]:
     """One key per call: from the ``key=`` list, or ``<prefix>-<token>`` as dask's map."""
-    n = len(calls)
+    if isinstance(key, (list, tuple)) and len(key) != len(calls):
+        raise ValueError(f"map() got {len(key)} keys for {len(calls)} tasks")
+    return map_namer(func, kwargs, key, pure)(calls, 0)
+
+
+def map_namer(
+    func: Callable[..., Any], kwargs: Mapping[str, Any], key: Any, pure: bool
+) -> Callable[[Sequence[tuple[Any, ...]], int], list[Any]]:
+    """``name(calls, start)``: the keys of a run of calls of one ``map``, the first being
+    call number ``start``; what depends only on the map (its token, its random id) is
+    computed once, so a map named batch by batch gets the keys it would get at once."""
     if isinstance(key, (list, tuple)):
-        if len(key) != n:
-            raise ValueError(f"map() got {len(key)} keys for {n} tasks")
         for k in key:
             check_key(k)
-        return list(key)
+        keys = list(key)
+        return lambda calls, start: keys[start : start + len(calls)]
     prefix = key if isinstance(key, str) else funcname(func)
     if pure:
         tok = tokenize(func, kwargs)
-        return [
+        return lambda calls, start: [
             f"{prefix}-{plain_token(tok, args) if plain(args) else tokenize(tok, args)}"
             for args in calls
         ]
     uid = uuid.uuid4().hex
-    return [f"{prefix}-{uid}-{i}" for i in range(n)]
+    return lambda calls, start: [
+        f"{prefix}-{uid}-{i}" for i in range(start, start + len(calls))
+    ]
 
 
 _PLAIN: Final = frozenset({int, float, str, bytes, bool, type(None)})

@@ -70,6 +70,9 @@ _BUILTIN_ERRORS: dict[Any, type[Exception]] = {
 
 logger = logging.getLogger("trioscheduler.client")
 
+MERGE_MAX = 10_000
+"""Tasks: adjacent graphs in the outbox merge into one message up to this size."""
+
 
 class SchedulerLink:
     """One client's stream to the scheduler, its receive loop and request pool."""
@@ -298,14 +301,16 @@ class SchedulerLink:
         """Loop thread: queue ``msg`` for the scheduler, merging with the previous one.
 
         Merged graphs keep their submission order: each later part's ``order`` starts
-        after the earlier part's, as separate graphs would run in generation order.
+        after the earlier part's, as separate graphs would run in generation order. A
+        graph stops growing at ``MERGE_MAX`` tasks: the scheduler starts on it while the
+        next one is on its way, and neither side holds one message of a million tasks.
         """
         if self.closing:
             return
         ob = self._outbox
         t = type(msg)
         if t is m.UpdateGraph:
-            if ob and type(ob[-1]) is t:
+            if ob and type(ob[-1]) is t and len(ob[-1].tasks) + len(msg.tasks) <= MERGE_MAX:
                 last = ob[-1]
                 base = self._merge_order
                 for spec in msg.tasks:
@@ -342,6 +347,16 @@ class SchedulerLink:
         for msg in msgs:
             batched.send_nowait(msg)
         self.sent += len(msgs)
+
+    async def flush(self) -> None:
+        """Write everything queued now (a huge ``map`` waits so between batches)."""
+        if self.closing or self._batched is None:
+            return
+        try:
+            self._flush_outbox()
+            await self._batched.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the receive loop reports a lost scheduler
 
     async def _flusher(self) -> None:
         last = -float("inf")
@@ -454,7 +469,7 @@ class SchedulerLink:
             return
         st = self.table.get(msg["key"])
         if st is not None:
-            st.held = (msg["value"],)
+            st.keep(msg["value"])
 
     _handlers: dict[type[Any], Callable[[SchedulerLink, Any], None]] = {
         m.KeyInMemory: _on_key_in_memory,
