@@ -64,6 +64,9 @@ class FutureCancelledError(TrioSchedulerError, concurrent.futures.CancelledError
         return (type(self), (self.key, self.reason))
 
 
+_NOTHING: Any = object()  # KeyState._value when no small result came with the completion
+
+
 class KeyState:
     """What one client knows about one key; shared by all its ``Future`` objects.
 
@@ -71,38 +74,59 @@ class KeyState:
     only copy died, the scheduler recomputes) and ``pending`` again (``retry``) lead back.
     ``hooks`` are one-shot sync callables run in the loop thread when the key is done
     (appended in the loop thread, or by ``add_waiter`` from any thread).
+
+    A client of a million futures holds a million of these, so a state keeps to seven
+    slots: the rare parts (an error's three fields, a cancellation's reason) share one,
+    and a small result pushed with the completion is held as itself, not in a tuple.
     """
 
-    __slots__ = (
-        "_event",
-        "exc_blob",
-        "exc_text",
-        "held",
-        "hooks",
-        "key",
-        "reason",
-        "status",
-        "tb_blob",
-        "type_name",
-    )
+    __slots__ = ("_detail", "_event", "_value", "hooks", "key", "status", "type_name")
 
     def __init__(self, key: Any) -> None:
         self.key = key
         self.status = "pending"
         self.type_name = ""
-        self.exc_blob = b""
-        self.tb_blob = b""
-        self.exc_text = ""
-        self.reason = ""
+        # ``(exc_blob, tb_blob, exc_text)`` once erred, the reason once cancelled
+        self._detail: Any = None
         self._event: trio.Event | None = None
         self.hooks: list[Callable[[], None]] = []
-        # ``(value,)`` of a small result the scheduler pushed with its completion
+        # a small result the scheduler pushed with its completion
         # (``_executor.pushable``): ``result()``/``gather`` need not fetch it.
-        self.held: tuple[Any] | None = None
+        self._value: Any = _NOTHING
 
     @property
     def done(self) -> bool:
         return self.status in DONE_STATUSES
+
+    @property
+    def held(self) -> tuple[Any] | None:
+        """``(value,)`` of a small result that came with the completion, else ``None``."""
+        value = self._value
+        return None if value is _NOTHING else (value,)
+
+    @held.setter
+    def held(self, held: tuple[Any] | None) -> None:
+        self._value = _NOTHING if held is None else held[0]
+
+    def keep(self, value: Any) -> None:
+        """Hold a small result that came just ahead of the key's completion."""
+        self._value = value
+
+    @property
+    def exc_blob(self) -> bytes:
+        return self._detail[0] if self.status == "error" else b""
+
+    @property
+    def tb_blob(self) -> bytes:
+        return self._detail[1] if self.status == "error" else b""
+
+    @property
+    def exc_text(self) -> str:
+        return self._detail[2] if self.status == "error" else ""
+
+    @property
+    def reason(self) -> str:
+        return self._detail if self.status == "cancelled" else ""
 
     def _settle(self, status: str) -> None:
         self.status = status
@@ -133,22 +157,21 @@ class KeyState:
         self._settle("finished")
 
     def erred(self, exc_blob: bytes, tb_blob: bytes, exc_text: str) -> None:
-        self.exc_blob, self.tb_blob, self.exc_text = exc_blob, tb_blob, exc_text
+        self._detail = (exc_blob, tb_blob, exc_text)
         self._settle("error")
 
     def cancel(self, reason: str = "") -> None:
-        self.held = None
-        self.reason = reason
+        self._value = _NOTHING
+        self._detail = reason
         self._settle("cancelled")
 
     def lost(self) -> None:
-        self.held = None
+        self._value = _NOTHING
         self._settle("lost")
 
     def reset(self) -> None:
-        self.held = None
-        self.exc_blob = self.tb_blob = b""
-        self.exc_text = ""
+        self._value = _NOTHING
+        self._detail = None
         self._settle("pending")
 
     async def wait(self) -> None:
@@ -160,9 +183,9 @@ class KeyState:
 
     def exception(self) -> BaseException | None:
         if self.status == "error":
-            return unpack_exception(self.exc_blob, self.tb_blob, self.exc_text)
+            return unpack_exception(*self._detail)
         if self.status == "cancelled":
-            return FutureCancelledError(self.key, self.reason)
+            return FutureCancelledError(self.key, self._detail)
         return None
 
 
