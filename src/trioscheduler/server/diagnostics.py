@@ -153,7 +153,10 @@ class Diagnostics:
         )
         self.subscribers: defaultdict[str, set[str]] = defaultdict(set)
         self.metadata: dict[Any, Any] = {}
-        self.task_stream: deque[dict[str, Any]] = deque(maxlen=TASK_STREAM_LENGTH)
+        # (key, worker, erred, start, stop, nbytes, type_name) of each finished task, made
+        # into dask's dicts only when asked: a dict with its startstops list costs ~500
+        # bytes more, times the 100,000 kept
+        self.task_stream: deque[tuple[Any, ...]] = deque(maxlen=TASK_STREAM_LENGTH)
         self.metrics: dict[str, dict[str, Any]] = {}
         self._changed = trio.Event()  # set when a worker reports replicas or leaves
         self._amm_scope: trio.CancelScope | None = None
@@ -197,16 +200,17 @@ class Diagnostics:
         """A message from a worker's stream, before the core sees it."""
         t = type(msg)
         if t is m.TaskFinished or t is m.TaskErred:
-            record: dict[str, Any] = {
-                "key": msg.key,
-                "worker": msg.worker,
-                "status": "OK" if t is m.TaskFinished else "error",
-                "startstops": [{"action": "compute", "start": msg.start, "stop": msg.stop}],
-            }
+            # the key and worker strings the scheduler already holds, not the message's
+            # fresh copies (~150 bytes a row)
+            ts = self.scheduler.state.tasks.get(msg.key)
+            key = msg.key if ts is None else ts.key
+            ws = self.scheduler.state.workers.get(msg.worker)
+            worker = msg.worker if ws is None else ws.address
             if t is m.TaskFinished:
-                record["nbytes"] = msg.nbytes
-                record["type"] = msg.type_name
-            self.task_stream.append(record)
+                row = (key, worker, False, msg.start, msg.stop, msg.nbytes, msg.type_name)
+            else:
+                row = (key, worker, True, msg.start, msg.stop, 0, "")
+            self.task_stream.append(row)
         elif t is m.WorkerHeartbeat:
             self.metrics[msg.worker] = dict(msg.metrics)
         elif t is m.RemoveWorker:
@@ -423,15 +427,29 @@ async def op_get_metadata(s: Scheduler, request: dict[str, Any]) -> dict[str, An
     return {"value": d}
 
 
+def _stream_record(row: tuple[Any, ...]) -> dict[str, Any]:
+    """dask's task-stream dict of one ``Diagnostics.task_stream`` row."""
+    key, worker, erred, start, stop, nbytes, type_name = row
+    record: dict[str, Any] = {
+        "key": key,
+        "worker": worker,
+        "status": "error" if erred else "OK",
+        "startstops": [{"action": "compute", "start": start, "stop": stop}],
+    }
+    if not erred:
+        record["nbytes"] = nbytes
+        record["type"] = type_name
+    return record
+
+
 async def op_task_stream(s: Scheduler, request: dict[str, Any]) -> list[dict[str, Any]]:
     start, stop, count = request.get("start"), request.get("stop"), request.get("count")
-    out = [
+    rows = [
         r
         for r in _diag(s).task_stream
-        if (start is None or r["startstops"][-1]["stop"] >= start)
-        and (stop is None or r["startstops"][0]["start"] <= stop)
+        if (start is None or r[4] >= start) and (stop is None or r[3] <= stop)
     ]
-    return out[-count:] if count else out
+    return [_stream_record(r) for r in (rows[-count:] if count else rows)]
 
 
 async def op_call_stack(s: Scheduler, request: dict[str, Any]) -> dict[str, Any]:
@@ -707,7 +725,7 @@ async def op_dump_state(s: Scheduler, request: dict[str, Any]) -> dict[str, Any]
             "tasks": tasks,
             "events": {t: [list(e) for e in q] for t, q in _diag(s).events.items()},
             "logs": [list(r) for r in recent_logs()],
-            "task_stream": list(_diag(s).task_stream),
+            "task_stream": [_stream_record(r) for r in _diag(s).task_stream],
         },
         "workers": worker_parts,
         "versions": {"scheduler": versions()},
