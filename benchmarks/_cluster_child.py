@@ -7,7 +7,7 @@ with ``dask.config.set`` before the cluster exists; the scheduler reads it in th
 process, and the value it read is reported as ``worker_saturation``).
 
 Both systems run ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)``
-with the dashboard off: the scheduler and the client live in this process, the workers in
+(``scale<W>``: ``W`` workers, benchmarks/scaling.py) with the dashboard off: the scheduler and the client live in this process, the workers in
 child processes. So the peak RSS of this process during a workload, minus its RSS just
 before, is the memory the scheduler (and the client's futures) needed for it.
 """
@@ -301,7 +301,31 @@ def w_api(s: System, quick: bool) -> dict[str, Any]:
             "profile_ms": statistics.median(profiles) * 1e3}  # fmt: skip
 
 
+def w_scale(s: System, quick: bool, n_workers: int) -> dict[str, Any]:
+    """How cost grows with the cluster: ``n_workers`` one-thread worker processes, a
+    map of 20,000 trivial tasks (tasks/s), then the latency of 500 submits in a row."""
+    n = 2_000 if quick else 20_000
+    start = time.perf_counter()
+    with s.session(n_workers=n_workers) as client:
+        client.wait_for_workers(n_workers, timeout=300)
+        started = time.perf_counter() - start
+        client.gather(client.map(inc, range(-20 * n_workers, 0)))  # every worker warm
+        time.sleep(0.2)
+        start = time.perf_counter()
+        results = client.gather(client.map(inc, range(n)))
+        elapsed = time.perf_counter() - start
+        assert results[-1] == n
+        metrics = latency(client, quick)
+    metrics.update(tasks_per_s=n / elapsed, seconds=elapsed, tasks=n, workers=n_workers,
+                   startup_s=started)  # fmt: skip
+    return metrics
+
+
+SCALE_WORKERS = (2, 8, 32)
+"""Worker processes of the ``scale<W>`` workloads (benchmarks/scaling.py)."""
+
 WORKLOADS: dict[str, Callable[[System, bool], dict[str, Any]]] = {
+    **{f"scale{w}": (lambda s, quick, w=w: w_scale(s, quick, w)) for w in SCALE_WORKERS},
     "api": w_api,
     "startup": w_startup,
     "map": w_map,
