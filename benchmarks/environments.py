@@ -14,7 +14,12 @@ It is packed once per benchmark process with ``trioscheduler pack-env``'s code, 
 timed (``pack-env`` prints its own time).
 
 Each sample starts a fresh 2-worker ``LocalCluster`` (spawned workers) with an empty host
-cache, then times, from the call to the first task's result in the new environment:
+cache, then times, from the call to the first task's result in the new environment.
+The host caches and the built environment are deleted when the benchmark process ends,
+not between samples: on this machine's ext4 (no journal), creating files right after
+thousands were deleted is several times slower (the inode allocator skips recently
+deleted inodes one by one), which a host seeing an environment for the first time
+does not pay.
 
 * ``env-restart-cold``: ``restart(environment=archive)``: upload to the scheduler in
   chunks, both nannies fetch it and check its sha256, extract, re-base, preflight,
@@ -25,6 +30,7 @@ cache, then times, from the call to the first task's result in the new environme
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata as md
 import os
 import re
@@ -53,6 +59,13 @@ _pending: dict[str, list[float]] = {
     "ref-cached": [],
 }
 samples: list[dict[str, Any]] = []
+_leftovers: list[str] = []
+
+
+@atexit.register
+def _remove_leftovers() -> None:
+    for path in _leftovers:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _norm(name: str) -> str:
@@ -112,6 +125,7 @@ def _environment(quick: bool) -> tuple[Path, Path, str]:
         from trioscheduler.environments import archive
 
         directory = Path(tempfile.mkdtemp(prefix="trioscheduler-bench-env-"))
+        _leftovers.append(str(directory))
         env = build_environment(directory, quick)
         t0 = time.perf_counter()
         env_id = archive.pack(env, directory / "env.tar.gz")
@@ -142,8 +156,9 @@ def scenario(quick: bool) -> dict[str, Any]:
     from trioscheduler import Client, LocalCluster
 
     _, archive_path, env_id = _environment(quick)
+    cache = tempfile.mkdtemp(prefix="trioscheduler-bench-cache-")
+    _leftovers.append(cache)
     with (
-        tempfile.TemporaryDirectory(prefix="trioscheduler-bench-cache-") as cache,
         LocalCluster(2, 1, memory_limit=0, start_method="spawn", env_cache_dir=cache) as cluster,
         Client(cluster) as client,
     ):
