@@ -250,9 +250,10 @@ class TCPStream(Stream):
         self._start = self._end = 0
         await self._fill(1, boundary=True)
 
-    # What a transport's recv_into raises (TLS: OpenSSL's own): "wait until readable",
-    # "wait until writable", "the peer went away". Read only when one is raised.
-    _wait_readable: tuple[type[OSError], ...] = (BlockingIOError,)
+    # What a transport's recv_into raises besides BlockingIOError (TLS: OpenSSL's own)
+    # for "wait until readable", "wait until writable", "the peer went away". Read only
+    # when one is raised; a plain socket's wait stays the literal clause (no lookup).
+    _wait_readable: tuple[type[OSError], ...] = ()
     _wait_writable: tuple[type[OSError], ...] = ()
     _gone: tuple[type[OSError], ...] = _GONE
 
@@ -265,6 +266,9 @@ class TCPStream(Stream):
                 raise trio.BrokenResourceError(f"connection to {self.peer_address} is broken")
             try:
                 got = self._sock.recv_into(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
             except self._wait_readable:
                 await trio.lowlevel.wait_readable(self._sock)
                 continue

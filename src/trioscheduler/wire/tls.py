@@ -65,7 +65,7 @@ class TLSStream(TCPStream):
                     raise OSError(f"TLS error: {e}") from e
                 view = view[sent:]
 
-    _wait_readable = (ssl.SSLWantReadError, BlockingIOError)
+    _wait_readable = (ssl.SSLWantReadError,)
     _wait_writable = (ssl.SSLWantWriteError,)  # a renegotiation/key update sends first
     _gone = (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionError)
 
