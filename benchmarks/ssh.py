@@ -7,6 +7,11 @@ the run and stopped after it), with one task computed through a ``Client`` in be
 ours against ``distributed.SSHCluster``. Both start the remote Python processes the same
 way (one SSH session each); the figure is dominated by interpreter start-up and imports
 on the "hosts". Needs ``/usr/sbin/sshd`` and asyncssh (the ``ssh`` extra).
+
+``ssh-cluster-cycle-tls``: the same cycle of ours with ``security=True`` (a temporary CA
+made, shipped to each process over SSH, every connection mutual TLS) against ours
+without: the ratio is what TLS costs a cluster's life. (dask's ``SSHCluster`` ships no
+certificates: its hosts need their own files.)
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from typing import Any
 from benchmarks._harness import register
 
 SSHD = "/usr/sbin/sshd"
+
+
+def _source_root() -> str:
+    import trioscheduler
+
+    return str(Path(trioscheduler.__file__).parents[1])
 
 
 def _free_port() -> int:
@@ -50,6 +61,7 @@ def _sshd() -> dict[str, Any]:
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {tmp / 'host_key'}\n"
         f"AuthorizedKeysFile {tmp / 'authorized_keys'}\nPidFile none\nUsePAM no\n"
         "StrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n"
+        f"SetEnv PYTHONPATH={_source_root()}\n"  # the "hosts" run the code measured here
     )
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
@@ -83,23 +95,24 @@ def _sshd() -> dict[str, Any]:
     }
 
 
-def _cycle(make: Callable[..., Any], client_cls: Any) -> float:
+def _cycle(make: Callable[..., Any], client_cls: Any, **kwargs: Any) -> float:
     start = time.perf_counter()
     with make(
         ["127.0.0.1"] * 3,
         connect_options=_sshd(),
         worker_options={"nthreads": 1},
         scheduler_options={"port": 0},
+        **kwargs,
     ) as cluster:
         with client_cls(cluster) as client:
             assert client.submit(sum, [1, 2]).result() == 3  # a builtin: no import
     return time.perf_counter() - start
 
 
-def ours(quick: bool) -> float:
+def ours(quick: bool, security: bool = False) -> float:
     from trioscheduler import Client, SSHCluster
 
-    return _cycle(SSHCluster, Client)
+    return _cycle(SSHCluster, Client, **({"security": True} if security else {}))
 
 
 def reference(quick: bool) -> float:
@@ -122,5 +135,17 @@ register(
     ours=ours,
     reference=reference,
     reference_label="distributed.SSHCluster",
+    higher_is_better=False,
+)
+register(
+    "ssh-cluster-cycle-tls",
+    description=(
+        "The same cycle with SSHCluster(security=True) (temporary CA shipped over SSH, "
+        "mutual TLS everywhere) against ours without (s; ratio = what TLS costs)."
+    ),
+    unit="s",
+    ours=lambda quick: ours(quick, security=True),
+    reference=ours,
+    reference_label="ours, plain tcp",
     higher_is_better=False,
 )
