@@ -97,6 +97,28 @@ def block(name: str, value: Any = None) -> Any:
     return value
 
 
+ARRIVED: dict[str, list[int]] = {}
+
+
+def _arrived(name: str, i: int) -> Marker:
+    ARRIVED.setdefault(name, []).append(i)
+    return Marker(name, i)
+
+
+class Marker:
+    """A result that notes when it is unpickled (on the client: fetched from a worker)."""
+
+    def __init__(self, name: str, i: int) -> None:
+        self.name, self.i = name, i
+
+    def __reduce__(self) -> Any:
+        return (_arrived, (self.name, self.i))
+
+
+def marker(name: str, i: int) -> Marker:
+    return Marker(name, i)
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -132,6 +154,31 @@ async def test_map_and_gather(address: str) -> None:
             assert await c.gather(c.map(add, [1, 2, 3], [10, 20])) == [11, 22]
             with pytest.raises(ValueError, match="2 keys for 1 tasks"):
                 c.map(inc, [1], key=["a", "b"])
+
+
+async def test_gather_fetches_a_batch_as_soon_as_it_is_done(monkeypatch: Any) -> None:
+    """gather fetches ``FETCH_BATCH`` results at a time, each batch once its keys are
+    done: the first values reach the client while a later task still runs."""
+    from trioscheduler.client import transfer
+
+    monkeypatch.setattr(transfer, "FETCH_BATCH", 3)
+    name = f"fetch-{uuid.uuid4().hex}"
+    with trio.fail_after(TIMEOUT):
+        async with cluster("tcp://127.0.0.1:0") as (_, _, c):  # tcp: values are pickled
+            fs = c.map(marker, [name] * 7, range(7))
+            last = c.submit(block, name, "last")
+            got: list[Any] = []
+
+            async def gather() -> None:
+                got.extend(await c.gather([*fs, last]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(gather)
+                await wait_until(lambda: len(ARRIVED.get(name, ())) >= 6)  # two batches
+                assert not got
+                gate(name).set()
+            assert [m.i for m in got[:7]] == list(range(7)) and got[7] == "last"
+            assert sorted(ARRIVED[name]) == list(range(7))
 
 
 async def test_futures_as_arguments_become_dependencies(address: str) -> None:

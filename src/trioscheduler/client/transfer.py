@@ -38,8 +38,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger("trioscheduler.client")
 
 
+FETCH_BATCH = 10_000
+"""Keys per ``who_has`` request and per fetch round of ``gather``: a gather of a million
+results moves them a batch at a time, from the first batch done, not all at the end."""
+
+
 async def gather(client: ClientBase, futures: Any, errors: str) -> Any:
-    """``futures`` (nested in lists/tuples/sets/dicts) with their values in place."""
+    """``futures`` (nested in lists/tuples/sets/dicts) with their values in place.
+
+    Results are fetched ``FETCH_BATCH`` at a time, in order, each batch as soon as its
+    keys are done: the first values arrive while later tasks still run, and no request
+    or reply carries more than one batch.
+    """
     fs = futures_of(futures)
     states: dict[Any, KeyState] = {}
     for f in fs:
@@ -50,6 +60,7 @@ async def gather(client: ClientBase, futures: Any, errors: str) -> Any:
         todo = [k for k in states if k not in values and k not in bad]
         if not todo:
             break
+        ready: list[Any] = []
         for k in todo:
             st = states[k]
             await st.wait()
@@ -59,7 +70,11 @@ async def gather(client: ClientBase, futures: Any, errors: str) -> Any:
                     assert exc is not None
                     raise exc
                 bad.add(k)
-        ready = [k for k in todo if states[k].status == "finished"]
+                continue
+            ready.append(k)
+            if len(ready) >= FETCH_BATCH:
+                values.update(await fetch(client, ready, errors))
+                ready = []
         if ready:
             values.update(await fetch(client, ready, errors))
     return repack_values(futures, values, bad)
@@ -80,6 +95,14 @@ async def fetch(client: ClientBase, keys: list[Any], errors: str = "raise") -> d
             out[k] = st.held[0]
         else:
             missing.append(k)
+    for i in range(0, len(missing), FETCH_BATCH):
+        await _fetch_missing(client, missing[i : i + FETCH_BATCH], out)
+    hold_actors(client, out)  # an Actor handed to the user keeps its instance alive
+    return out
+
+
+async def _fetch_missing(client: ClientBase, missing: list[Any], out: dict[Any, Any]) -> None:
+    """Values of ``missing`` into ``out``, from their holders (asking again if needed)."""
     attempt = 0
     while missing:
         who_has = {k: v for k, v in await client.rpc({"op": "who_has", "keys": missing})}
@@ -113,8 +136,6 @@ async def fetch(client: ClientBase, keys: list[Any], errors: str = "raise") -> d
                     "(the scheduler lists holders that do not have the data)"
                 )
             await trio.sleep(min(0.005 * 2**attempt, 0.5))
-    hold_actors(client, out)  # an Actor handed to the user keeps its instance alive
-    return out
 
 
 async def get_data(
