@@ -43,14 +43,13 @@ from typing import Any
 import trio
 
 from trioscheduler import wire
-from trioscheduler._version import __version__
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
 from trioscheduler.core.scheduler import SchedulerState
 from trioscheduler.environments.store import EnvironmentStore
 from trioscheduler.http import format_dashboard_link, resolve_dashboard_address
 from trioscheduler.http.task_stream import TaskStream
-from trioscheduler.server import event_log
+from trioscheduler.server import event_log, recovery
 from trioscheduler.server import plugins as _plugins
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetStore
@@ -318,7 +317,7 @@ class Scheduler:
             # Runs after the listener closed, before the nursery exits (LIFO).
             stack.callback(self._nursery.cancel_scope.cancel)
             if self._log is not None and self.log_fsync_interval:
-                self._nursery.start_soon(self._fsync_loop, self._log, self.log_fsync_interval)
+                self._nursery.start_soon(recovery.fsync_loop, self._log, self.log_fsync_interval)
             if self.recovered:  # before anyone can connect: they all count as coming back
                 self._feed(
                     m.Recovered(
@@ -479,7 +478,8 @@ class Scheduler:
         if self.recover_from is not None and path.exists() and path.stat().st_size > 0:
             contents = event_log.read_log(path)
             if contents.header is not None:
-                self.state = self._replay(path, contents)
+                self.state, self._core_kwargs = recovery.replay(path, contents, self._core_kwargs)
+                self.datasets.restore(contents.shell)
                 self._log = EventLogWriter.append_to(path, contents, self.log_fsync_interval)
                 self.recovered = True
         if self._log is None:
@@ -489,41 +489,6 @@ class Scheduler:
         if self.recover_from is not None:  # published datasets are kept in the log too
             self.datasets.journal = self._log_shell_record
 
-    def _replay(self, path: Path, contents: event_log.LogContents) -> SchedulerState:
-        """The state ``contents`` describes (pure replay: no effect goes anywhere), and
-        the shell's own records applied (published datasets)."""
-        head = contents.header
-        assert head is not None
-        kind, logged, _ = recorder.split_log([head])
-        if kind != "scheduler":
-            raise event_log.LogError(f"{path} is a {kind}'s log, not a scheduler's")
-        wanted = recorder.header("scheduler", self._core_kwargs)[3]
-        differ = sorted(k for k in wanted if logged.get(k) != wanted[k])
-        if differ:
-            logger.warning(
-                "recovering from %s with the settings it was written with; ignoring %s",
-                path, ", ".join(f"{k}={wanted[k]!r} (log: {logged.get(k)!r})" for k in differ),
-            )  # fmt: skip
-        version = recorder.header_meta(head).get("version")
-        if version != __version__:
-            logger.warning(
-                "%s was written by trioscheduler %s, this is %s: replaying anyway",
-                path, version, __version__,
-            )  # fmt: skip
-        self._core_kwargs = logged
-        if contents.torn_bytes:
-            logger.warning(
-                "%s: dropped a torn last frame (%d bytes, a write cut short)",
-                path, contents.torn_bytes,
-            )  # fmt: skip
-        state: SchedulerState = recorder.replay(contents.records)
-        self.datasets.restore(contents.shell)
-        logger.info(
-            "recovered from %s: %d frames, %d tasks, %d workers and %d clients to await",
-            path, contents.frames, len(state.tasks), len(state.workers), len(state.clients),
-        )  # fmt: skip
-        return state
-
     def _log_shell_record(self, record: list[Any]) -> None:
         if self._log is not None:
             self._log.append([[event_log.SHELL_TAG, *record]])
@@ -532,14 +497,6 @@ class Scheduler:
         log, self._log = self._log, None
         if log is not None:
             log.close()
-
-    @staticmethod
-    async def _fsync_loop(log: EventLogWriter, interval: float) -> None:
-        """``fsync`` the log at most every ``interval`` seconds, when it has news."""
-        while True:
-            await trio.sleep(interval)
-            if log.dirty and log.fd >= 0:
-                await trio.to_thread.run_sync(log.sync)
 
     def _feed_with_value(self, finished: m.TaskFinished, value: Any) -> None:
         """Feed ``finished``; clients told its key is in memory also get ``value``.
