@@ -262,7 +262,7 @@ class SchedulerLink:
     def _reannounce(self) -> None:
         """What queued meanwhile first (new graphs: their keys must be known before they
         are wanted again), then every key still held, each answered with its outcome."""
-        held = list(self.table)
+        held = list(self.table.snapshot())  # (under the table's lock: user threads add keys)
         if held:
             self._outbox.append(
                 m.ClientDesiresKeys(
