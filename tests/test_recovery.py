@@ -335,3 +335,17 @@ def test_a_simulated_scheduler_restarted_from_its_log_finishes_right(seed: int) 
         sim.tick()
         assert workers[0] not in sim.scheduler.workers
     assert not sim.settle()
+
+
+def test_cli_recovery_options() -> None:
+    from trioscheduler.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["scheduler", "--recover-from", "s.log", "--log-fsync-interval", "never"])
+    assert (args.recover_from, args.log_fsync_interval, args.recovery_grace) == ("s.log", None, 60.0)
+    args = parser.parse_args(["scheduler", "--log-fsync-interval", "0", "--recovery-grace", "2m"])
+    assert (args.log_fsync_interval, args.recovery_grace) == (0.0, 120.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["scheduler", "--log-fsync-interval", "-1"])
+    with pytest.raises(ValueError, match="record= or recover_from="):
+        Scheduler(record="a", recover_from="b")
