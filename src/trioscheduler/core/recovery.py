@@ -25,7 +25,7 @@ from the log (``tests/property/test_cluster_machine.py``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.messages import FIRE_AND_FORGET, AddWorker, Recovered, RemoveClient
@@ -116,6 +116,3 @@ def _maybe_done(s: SchedulerState) -> None:
         return
     s.recovery = None
 
-
-def is_recovering(ws: Any) -> bool:
-    return bool(ws.status == RECOVERING)
