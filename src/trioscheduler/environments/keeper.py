@@ -29,7 +29,12 @@ from trioscheduler import wire
 from trioscheduler.environments import cache, evict, transfer
 from trioscheduler.environments import manifest as mf
 from trioscheduler.environments.extract import safe_extract
-from trioscheduler.environments.launch import LaunchSpec, preflight_done, prepare_launch
+from trioscheduler.environments.launch import (
+    LaunchSpec,
+    preflight,
+    preflight_done,
+    prepare_launch,
+)
 
 logger = logging.getLogger("trioscheduler.environments")
 
@@ -61,6 +66,7 @@ class EnvironmentKeeper:
         self._specs: dict[str, LaunchSpec] = {}
         self._leases: dict[str, cache.Lease] = {}
         self._base: str | None = None  # rebase_onto(), once
+        self._base_spec: LaunchSpec | None = None  # base_spec(), once
         self._lock = trio.Lock()
 
     async def scheduler_choice(self) -> str | None:
@@ -122,6 +128,18 @@ class EnvironmentKeeper:
             # deletions (inode allocation slows down right after many files were removed).
             await trio.to_thread.run_sync(evict.evict, self.cache_root, self.limits)
         return spec
+
+    async def base_spec(self, *, cwd: str, base_env: Mapping[str, str]) -> LaunchSpec:
+        """How to start a worker under ``python`` in the base environment; its preflight
+        runs once (an interpreter without trioscheduler's dependencies fails here, the
+        missing module named)."""
+        if self._base_spec is None:
+            assert self.python is not None
+            python, root = self.python, self.cache_root
+            self._base_spec = await trio.to_thread.run_sync(
+                lambda: preflight(BASE, "", python, cwd=cwd, cache_root=root, base_env=base_env)
+            )
+        return self._base_spec
 
     async def rebase_onto(self) -> str | None:
         """The base interpreter of ``python`` (a venv's ``bin/python`` is a view on one,

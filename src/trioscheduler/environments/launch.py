@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,6 +67,17 @@ class LaunchSpec:
         if any(path):
             env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         return env
+
+
+def resolve_python(python: str | os.PathLike[str] | None) -> str | None:
+    """``python`` (``Nanny(python=...)``) as an absolute path to an executable, or a clear
+    error now rather than at the first start of a worker."""
+    if python is None:
+        return None
+    found = shutil.which(os.fspath(python))
+    if found is None:
+        raise ValueError(f"python={python!r} is not an executable interpreter (nor on PATH)")
+    return os.path.abspath(found)
 
 
 def _package_dir() -> Path:

@@ -34,7 +34,9 @@ of a restart into a shipped environment).
 Before each start the nanny asks the scheduler which environment its workers run in
 (``trioscheduler.environments``): the base one, this nanny's own interpreter, or a
 shipped environment, which the child then runs in as ``<env>/bin/python -P -m
-trioscheduler worker ...``, always spawned.
+trioscheduler worker ...``, always spawned. ``python=PATH`` runs the base environment's
+worker under another interpreter (spawned, after a preflight) and re-bases shipped venvs
+onto PATH's base interpreter.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ import trio
 from trioscheduler import wire
 from trioscheduler.environments.evict import Limits
 from trioscheduler.environments.keeper import EnvironmentKeeper
-from trioscheduler.environments.launch import LaunchSpec, preflight
+from trioscheduler.environments.launch import LaunchSpec, resolve_python
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.server import memory
 from trioscheduler.server.fork import (
@@ -154,16 +156,6 @@ class WorkerStartError(TrioSchedulerError):
     """The worker process exited or stayed silent before it joined the scheduler."""
 
 
-def _check_python(python: str | None) -> str | None:
-    """``python`` as an absolute path to an executable, or a clear error now."""
-    if python is None:
-        return None
-    found = shutil.which(os.fspath(python))
-    if found is None:
-        raise ValueError(f"python={python!r} is not an executable interpreter (nor on PATH)")
-    return os.path.abspath(found)
-
-
 def default_start_method() -> str:
     """``$TRIOSCHEDULER_WORKER_START_METHOD`` or ``"auto"``."""
     return os.environ.get(START_METHOD_ENV, "").strip().lower() or "auto"
@@ -242,8 +234,7 @@ class Nanny(RunsInAsyncWith):
         self.start_method = _check_start_method(start_method or default_start_method())
         # The worker's interpreter (None: ours; always spawned otherwise), which shipped
         # venvs are re-based onto too.
-        self.python = _check_python(python)
-        self._base_spec: LaunchSpec | None = None  # python's preflight, once
+        self.python = resolve_python(python)
         # Shipped environments; env_cache_dir (default: environments.cache) is shared by
         # this user's nannies on the host, and bounded (environments.evict).
         self.environments = EnvironmentKeeper(
@@ -510,24 +501,6 @@ class Nanny(RunsInAsyncWith):
             env_id, cwd=self._scratch, base_env=self._environ_base()
         )
 
-    async def _python_spec(self) -> LaunchSpec:
-        """How to start a worker under ``python`` in the base environment (its preflight
-        runs once: an interpreter without trioscheduler's dependencies fails here, with
-        the module named)."""
-        if self._base_spec is None:
-            assert self.python is not None
-            python, cwd, root = self.python, self._scratch, self.environments.cache_root
-            base = self._child_env()
-            try:
-                self._base_spec = await trio.to_thread.run_sync(
-                    lambda: preflight("base", "", python, cwd=cwd, cache_root=root, base_env=base)
-                )
-            except Exception as exc:
-                raise WorkerStartError(
-                    f"cannot start the worker with python={python}: {exc}"
-                ) from exc
-        return self._base_spec
-
     async def _start_child(self, ready_fd: int) -> trio.Process | _ForkedProcess:
         """Fork or spawn the worker process, which announces itself on ``ready_fd``."""
         choice = await self.environments.scheduler_choice()
@@ -539,7 +512,14 @@ class Nanny(RunsInAsyncWith):
             ) from exc
         self.environments.started(choice if spec is not None else None)
         if spec is None and self.python is not None:
-            spec = await self._python_spec()
+            try:
+                spec = await self.environments.base_spec(
+                    cwd=self._scratch, base_env=self._child_env()
+                )
+            except Exception as exc:
+                raise WorkerStartError(
+                    f"cannot start the worker with python={self.python}: {exc}"
+                ) from exc
         if spec is not None:
             self.started_by = "spawn"
             return await trio.lowlevel.open_process(
