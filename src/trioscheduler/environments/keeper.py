@@ -185,7 +185,13 @@ class EnvironmentKeeper:
         reader = transfer.ChunkReader(lambda: trio.from_thread.run(next_chunk), env_id)
 
         def fill(tmp: Path) -> int:
-            written = safe_extract(reader, tmp)
+            try:
+                written = safe_extract(reader, tmp)
+            except Exception:
+                # Bytes corrupted on the way explain any extraction error (a zlib error,
+                # a bad tar header): the sha256 check of the whole says so, if it fails.
+                reader.finish()
+                raise
             reader.finish()
             return written
 
