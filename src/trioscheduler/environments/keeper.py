@@ -113,10 +113,8 @@ class EnvironmentKeeper:
                     )
                     if lease is None:
                         lease, made = await self._stream_build(env_id, python), True
-                    self._leases[env_id] = lease
                     spec = await self._preflight(env_id, lease, cwd, base_env)
             else:
-                self._leases[env_id] = lease
                 spec = await self._preflight(env_id, lease, cwd, base_env)
             logger.info(
                 "environment %s ready in %.2f s%s",
@@ -152,12 +150,22 @@ class EnvironmentKeeper:
     async def _preflight(
         self, env_id: str, lease: cache.Lease, cwd: str, base_env: Mapping[str, str]
     ) -> LaunchSpec:
+        """The preflight; ``lease`` is kept if it passes, released if not."""
         root = self.cache_root
-        return await trio.to_thread.run_sync(
-            lambda: prepare_launch(
-                env_id, lease.prefix, cwd=cwd, cache_root=root, base_env=base_env
+        try:
+            spec = await trio.to_thread.run_sync(
+                lambda: prepare_launch(
+                    env_id, lease.prefix, cwd=cwd, cache_root=root, base_env=base_env
+                )
             )
-        )
+        except BaseException:
+            lease.release()
+            raise
+        old = self._leases.pop(env_id, None)
+        if old is not None and old is not lease:
+            old.release()
+        self._leases[env_id] = lease
+        return spec
 
     def started(self, env_id: str | None) -> None:
         """A worker started in ``env_id`` (None: base): the other leases may go."""
