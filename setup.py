@@ -27,11 +27,15 @@ COMPILED = [
     "memory_policy.py",
     "placement.py",
     "scheduler.py",
+    "scheduler_client_events.py",
     "scheduler_records.py",
+    "scheduler_retirement.py",
     "scheduler_transitions.py",
     "stealing.py",
     "story.py",
     "worker.py",
+    "worker_decisions.py",
+    "worker_task.py",
     "worker_transitions.py",
 ]
 """The hot modules. Left interpreted: ``empty`` (a dict subclass, which mypyc cannot

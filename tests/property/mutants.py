@@ -116,8 +116,8 @@ MUTANTS = [
     ),
     Mutant(
         "update-data-erred-rec",
-        "scheduler.py",
-        '                    self._recs.pop(key, None)  # its "waiting": the data is here instead\n',
+        "scheduler_client_events.py",
+        '                s.recs.pop(key, None)  # its "waiting": the data is here instead\n',
         "",
         "scattering over an erred key crashes the scheduler (memory -> waiting)",
     ),
@@ -156,7 +156,9 @@ MUTANTS = [
         "worker-resumed-no-report",
         "worker_transitions.py",
         "        out.append(\n"
-        '            ToScheduler(TaskFinished(stim, now, ws.address, ts.key, ts.nbytes, "", now, now))\n'
+        "            ToScheduler(\n"
+        '                TaskFinished(stim, now, ws.address, ts.key, ts.nbytes, "", now, now, ts.run_id)\n'
+        "            )\n"
         "        )",
         "        pass",
         "a transfer that completes after the worker was asked to compute the key never "

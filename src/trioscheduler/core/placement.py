@@ -172,6 +172,6 @@ def _least_busy(s: SchedulerState) -> WorkerRecord | None:
         return None
     if len(running) <= SMALL_POOL:
         return min(running, key=lambda ws: ws.occupancy / ws.nthreads)
-    ws = running[s._rr % len(running)]
-    s._rr += 1
+    ws = running[s.round_robin % len(running)]
+    s.round_robin += 1
     return ws

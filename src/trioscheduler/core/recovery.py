@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from trioscheduler.core import scheduler_transitions as tr
-from trioscheduler.core.messages import FIRE_AND_FORGET, AddWorker, Recovered, RemoveClient
+from trioscheduler.core.messages import FIRE_AND_FORGET, AddWorker, Recovered
 
 if TYPE_CHECKING:
     from trioscheduler.core.scheduler import SchedulerState
@@ -57,11 +57,11 @@ def on_recovered(s: SchedulerState, ev: Recovered) -> None:
         ws.retire_requested = None
         s.retiring.discard(ws.address)
         s.update_worker_sets(ws)
-    s._rebuild_running()
+    s.rebuild_running()
     for ws in list(s.workers.values()):
         for key in sorted(ws.processing, key=repr):  # sorted: replays agree
             ts = tasks[key]
-            s._recs.pop(key, None)
+            s.recs.pop(key, None)
             s.transition(ts, "waiting")
     for key in list(s.unrunnable):
         s.unrunnable[key] = now
@@ -101,11 +101,11 @@ def expire(s: SchedulerState, now: float) -> None:
     for addr in sorted(s.workers):
         ws = s.workers[addr]
         if ws.status == RECOVERING:
-            s._remove_worker(
+            s.remove_worker(
                 ws, expected=True, reason="did not return after the scheduler restarted"
             )
     for client in sorted(rec.clients):
-        s._on_remove_client(RemoveClient(s._sid, now, client))
+        s.drop_client(client)
 
 
 def _maybe_done(s: SchedulerState) -> None:

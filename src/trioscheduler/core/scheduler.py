@@ -16,15 +16,16 @@ from __future__ import annotations
 import heapq
 import math
 import pickle
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any, Final
 
 from trioscheduler.core import recovery
+from trioscheduler.core import scheduler_client_events as ce
+from trioscheduler.core import scheduler_retirement as retirement
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.errors import InvalidTransition, KilledWorker, NoValidWorkerError
 from trioscheduler.core.messages import (
     HEARTBEAT_TIMEOUT,
-    AcquireReplicas,
     AddClient,
     AddKeys,
     AddWorker,
@@ -36,7 +37,6 @@ from trioscheduler.core.messages import (
     DropReplicas,
     FreeKeys,
     Key,
-    KeyCancelled,
     KeyErred,
     KeyInMemory,
     Log,
@@ -79,7 +79,6 @@ from trioscheduler.core.scheduler_records import (
 )
 from trioscheduler.core.stealing import plan_steals
 from trioscheduler.core.story import StoryEntry, StoryLog
-from trioscheduler.errors import TrioSchedulerError
 
 # --------------------------------------------------------------------------------------
 # The state
@@ -93,8 +92,8 @@ class SchedulerState:
         "tasks", "workers", "clients", "aliases", "hosts", "prefixes", "idle", "saturated", "running",
         "unrunnable", "steals", "state_counts", "generation", "log", "worker_timeout",
         "allowed_failures", "steal", "validate", "bandwidth", "default_duration",
-        "total_nthreads", "retiring", "_story_append", "_effects", "_recs", "_sid", "_now",
-        "_open_free", "_rr", "retried", "worker_saturation", "worker_backlog", "queuing",
+        "total_nthreads", "retiring", "_story_append", "_effects", "recs", "stimulus_id", "now",
+        "_open_free", "round_robin", "retried", "worker_saturation", "worker_backlog", "queuing",
         "open", "queued", "_queue_heap", "_queue_seq", "runs", "_run_seq", "former_names", "no_workers_timeout",
         "recovery",
     )  # fmt: skip
@@ -157,12 +156,12 @@ class SchedulerState:
         self.total_nthreads = 0
         self.retiring: set[WorkerAddr] = set()  # iterated sorted (deterministic)
         self._effects: list[Any] = []
-        self._recs: dict[Key, str] = {}
-        self._sid = ""
-        self._now = 0.0
+        self.recs: dict[Key, str] = {}
+        self.stimulus_id = ""
+        self.now = 0.0
         # the keys list of the FreeKeys each worker may still get more keys in
         self._open_free: dict[WorkerAddr, list[Key]] = {}
-        self._rr = 0
+        self.round_robin = 0
         self.retried: list[TaskRecord] = []  # retried tasks: release them if nobody needs them
         self.worker_saturation = worker_saturation
         self.worker_backlog = worker_backlog
@@ -196,15 +195,15 @@ class SchedulerState:
             handler = _HANDLERS.get(type(ev))
             if handler is None:
                 raise TypeError(f"not a scheduler event: {ev!r:.200}")
-            self._sid = ev.stimulus_id
-            self._now = ev.now
+            self.stimulus_id = ev.stimulus_id
+            self.now = ev.now
             handler(self, ev)
-            if self._recs:
+            if self.recs:
                 self.drain()
             if self.retried:
                 self._release_unneeded_retries()
             if self.retiring:
-                self._retire_pending()
+                retirement.retire_pending(self)
             if self.queued and self.open:
                 self._fill_queue_slots()
             self._open_free.clear()
@@ -229,7 +228,7 @@ class SchedulerState:
 
     def drain(self) -> None:
         """Apply recommendations until none are left (LIFO: depth first, like dask)."""
-        recs = self._recs
+        recs = self.recs
         tasks = self.tasks
         while recs:
             key, finish = recs.popitem()
@@ -248,7 +247,7 @@ class SchedulerState:
             _, seq, key = heapq.heappop(heap)
             if queued.get(key) == seq:
                 self.transition(tasks[key], "processing", next(iter(open_.values())))
-        if self._recs:
+        if self.recs:
             self.drain()
 
     def _release_unneeded_retries(self) -> None:
@@ -276,14 +275,14 @@ class SchedulerState:
             ak(ts.key)
             a_s(start)
             af(new)
-            ai(self._sid)
-            an(self._now)
+            ai(self.stimulus_id)
+            an(self.now)
             counts = self.state_counts
             counts[start] -= 1
             counts[new] += 1
 
     def recommend(self, key: Key, finish: str) -> None:
-        self._recs[key] = finish
+        self.recs[key] = finish
 
     def to_worker(self, addr: WorkerAddr, msg: Any) -> None:
         self._open_free.pop(addr, None)
@@ -291,6 +290,9 @@ class SchedulerState:
 
     def to_client(self, client: ClientId, msg: Any) -> None:
         self._effects.append(ToClient(client, msg))
+
+    def emit(self, effect: Any) -> None:
+        self._effects.append(effect)
 
     def log_msg(self, level: str, text: str) -> None:
         self._effects.append(Log(level, text))
@@ -303,7 +305,7 @@ class SchedulerState:
             if ws is None or ws.status == "closed":
                 return
             keys = [key]
-            self._effects.append(ToWorker(addr, FreeKeys(self._sid, self._now, keys)))
+            self._effects.append(ToWorker(addr, FreeKeys(self.stimulus_id, self.now, keys)))
             self._open_free[addr] = keys
         else:
             keys.append(key)
@@ -336,7 +338,7 @@ class SchedulerState:
             else:
                 self.saturated.discard(addr)
 
-    def _rebuild_running(self) -> None:
+    def rebuild_running(self) -> None:
         self.running = [ws for ws in self.workers.values() if ws.status == "running"]
 
     def duration_estimate(self, ts: TaskRecord) -> float:
@@ -345,10 +347,10 @@ class SchedulerState:
 
     # ---------------------------------------------------------------- small helpers
 
-    def _client(self, client: ClientId) -> ClientRecord:
+    def client_record(self, client: ClientId) -> ClientRecord:
         cs = self.clients.get(client)
         if cs is None:
-            cs = self.clients[client] = ClientRecord(client, last_seen=self._now)
+            cs = self.clients[client] = ClientRecord(client, last_seen=self.now)
         return cs
 
     def _prefix(self, key: Key) -> TaskPrefix:
@@ -358,7 +360,7 @@ class SchedulerState:
             tp = self.prefixes[name] = TaskPrefix(name)
         return tp
 
-    def _new_task(self, key: Key, run_spec: bytes | None, priority: tuple[Any, ...]) -> TaskRecord:
+    def new_task(self, key: Key, run_spec: bytes | None, priority: tuple[Any, ...]) -> TaskRecord:
         tp = self._prefix(key)
         tp.n_tasks += 1
         ts = TaskRecord(key, run_spec, priority, tp)
@@ -366,16 +368,16 @@ class SchedulerState:
         self.state_counts["released"] += 1
         return ts
 
-    def _add_want(self, cs: ClientRecord, ts: TaskRecord, notify: bool = True) -> None:
+    def add_want(self, cs: ClientRecord, ts: TaskRecord, notify: bool = True) -> None:
         """``cs`` holds a future for ``ts``: tell it at once if the outcome is known."""
         if ts.key in cs.wants:
             return
         cs.wants.add(ts.key)
         tr.want(ts, cs)
         if notify:
-            self._tell_outcome(cs, ts)
+            self.tell_outcome(cs, ts)
 
-    def _tell_outcome(self, cs: ClientRecord, ts: TaskRecord) -> None:
+    def tell_outcome(self, cs: ClientRecord, ts: TaskRecord) -> None:
         """Tell ``cs`` the outcome of ``ts`` if known; if released, compute it again."""
         if ts.state == "memory":
             self.to_client(cs.client, KeyInMemory(ts.key, ts.type_name))
@@ -384,10 +386,18 @@ class SchedulerState:
                 cs.client,
                 KeyErred(ts.key, ts.exception or b"", ts.traceback or b"", ts.exception_text),
             )
-        elif ts.state == "released" and ts.key not in self._recs:
-            self._recs[ts.key] = "waiting"
+        elif ts.state == "released" and ts.key not in self.recs:
+            self.recs[ts.key] = "waiting"
 
-    def _drop_want(self, cs: ClientRecord, key: Key) -> None:
+    def drop_client(self, client: ClientId) -> None:
+        """``client`` is gone: its wants end."""
+        cs = self.clients.pop(client, None)
+        if cs is None:
+            return
+        for key in sorted(cs.wants, key=repr):  # a set: sorted, so replays agree
+            self.drop_want(cs, key)
+
+    def drop_want(self, cs: ClientRecord, key: Key) -> None:
         if key not in cs.wants:
             return
         cs.wants.discard(key)
@@ -403,9 +413,9 @@ class SchedulerState:
             return
         st = ts.state
         if st in ("memory", "waiting", "processing", "no-worker", "queued"):
-            self._recs[ts.key] = "released"
+            self.recs[ts.key] = "released"
         elif st in ("released", "erred") and not ts.dependents:
-            self._recs[ts.key] = "forgotten"
+            self.recs[ts.key] = "forgotten"
 
     def _worker_has(self, ws: WorkerRecord, key: Key, nbytes: int, accept: bool) -> None:
         """``ws`` reports holding ``key``: a replica, new data (if ``accept``), or junk."""
@@ -422,241 +432,11 @@ class SchedulerState:
         ):
             # Data we are computing (here or elsewhere) is the result: take it. Freeing it
             # instead would race the ComputeTask already on its way to this worker.
-            self._recs.pop(key, None)
+            self.recs.pop(key, None)
             ts.nbytes = nbytes
             self.transition(ts, "memory", ws.address)
         else:
             self.free_on(ws.address, key)
-
-    # ---------------------------------------------------------------- client events
-
-    def _on_add_client(self, ev: AddClient) -> None:
-        self._client(ev.client).last_seen = ev.now
-        if self.recovery is not None:
-            recovery.client_back(self, ev.client)
-
-    def _on_remove_client(self, ev: RemoveClient) -> None:
-        cs = self.clients.pop(ev.client, None)
-        if cs is None:
-            return
-        for key in sorted(cs.wants, key=repr):  # a set: sorted, so replays agree
-            self._drop_want(cs, key)
-
-    def _on_update_graph(self, ev: UpdateGraph) -> None:
-        cs = self._client(ev.client)
-        self.generation += 1
-        gen = self.generation
-        tasks = self.tasks
-        new: list[tuple[TaskRecord, Sequence[Key]]] = []
-        for spec in ev.tasks:
-            ts = tasks.get(spec.key)
-            if ts is not None:
-                if ts.run_spec is None and spec.run_spec is not None and ts.state == "released":
-                    ts.run_spec = spec.run_spec
-                continue
-            ts = self._new_task(spec.key, spec.run_spec, (-spec.priority, gen, spec.order))
-            ts.retries = spec.retries
-            if spec.workers:
-                ts.worker_restrictions = set(spec.workers)
-                ts.allow_other_workers = spec.allow_other_workers
-            if spec.resources:
-                ts.resource_restrictions = dict(spec.resources)
-            new.append((ts, spec.dependencies))
-        pos = {ts.key: i for i, (ts, _) in enumerate(new)}
-        forward = False  # a dependency submitted after its dependent: a cycle is possible
-        broken: list[TaskRecord] = []
-        for i, (ts, deps) in enumerate(new):
-            if not deps:
-                continue
-            missing: list[Key] = []
-            found: dict[Key, None] = {}  # ordered and deduplicated
-            key = ts.key
-            for dk in deps:
-                dts = tasks.get(dk)
-                if dts is None or dts is ts:  # unknown, or a task depending on itself
-                    missing.append(dk)
-                    continue
-                if pos.get(dk, -1) > i:
-                    forward = True
-                found[dk] = None
-                tr.add_dependent(dts, key)
-            if found:
-                ts.dependencies = tuple(found)
-            if missing:
-                if ts.key in missing:
-                    why = "itself: a cycle. Check how the graph was built."
-                else:
-                    why = (
-                        f"{missing!r}, which the scheduler does not know (never submitted, "
-                        "or already released). Keep a future for the dependency, or submit "
-                        "it in the same graph."
-                    )
-                tr.stash_error(ts, TrioSchedulerError(f"task {ts.key!r} depends on {why}"))
-                broken.append(ts)
-        if forward:
-            broken.extend(self._break_cycles([ts for ts, _ in new]))
-        for ts in broken:  # before wants are added, so dependents see them erred
-            self.transition(ts, "erred")
-        for key in ev.keys:
-            ts = tasks.get(key)
-            if ts is None:
-                self.to_client(cs.client, KeyCancelled(key, "not part of the submitted graph"))
-                continue
-            self._add_want(cs, ts)
-        self.drain()
-        # tasks of this graph that nothing wants and nothing depends on: drop them
-        for ts, _ in new:
-            if ts.state == "released" and not ts.wanted_by and not ts.dependents:
-                self._recs[ts.key] = "forgotten"
-
-    def _break_cycles(self, new: list[TaskRecord]) -> list[TaskRecord]:
-        """The tasks of ``new`` that lie on a dependency cycle, each with an error naming
-        the cycle (their dependents then err through them). Only new tasks can form one:
-        an existing task never gains dependencies. Kahn's algorithm: what cannot be
-        ordered is on a cycle or downstream of one; following dependencies from there
-        always ends on a cycle."""
-        tasks = self.tasks
-        indeg = {ts.key: 0 for ts in new}
-        for ts in new:
-            for dk in ts.dependencies:
-                if dk in indeg:
-                    indeg[ts.key] += 1
-        free = [k for k, n in indeg.items() if not n]
-        while free:
-            for dk in tasks[free.pop()].dependents:
-                if dk in indeg:
-                    indeg[dk] -= 1
-                    if not indeg[dk]:
-                        free.append(dk)
-        stuck = {k: None for k, n in indeg.items() if n}  # ordered: deterministic errors
-        on_cycle: dict[Key, list[Key]] = {}
-        done: set[Key] = set()
-        for start in stuck:
-            path: list[Key] = []
-            at: dict[Key, int] = {}
-            k = start
-            while k not in at and k not in done:
-                at[k] = len(path)
-                path.append(k)
-                k = next(d for d in tasks[k].dependencies if d in stuck)
-            if k in at:  # a new cycle: path[at[k]:]
-                cycle = path[at[k] :]
-                for c in cycle:
-                    on_cycle[c] = cycle
-            done.update(path)
-        out = []
-        for k, cycle in on_cycle.items():
-            ts = tasks[k]
-            i = cycle.index(k)
-            loop = " -> ".join(repr(c) for c in [*cycle[i:], *cycle[:i], k])
-            tr.stash_error(
-                ts,
-                TrioSchedulerError(
-                    f"task {k!r} depends on itself through a cycle: {loop}. "
-                    "Check how the graph was built."
-                ),
-            )
-            out.append(ts)
-        return out
-
-    def _on_update_data(self, ev: UpdateData) -> None:
-        cs = self._client(ev.client)
-        for key, holders in ev.who_has.items():
-            alive = [self.workers[w] for w in holders if w in self.workers]
-            if not alive:
-                self.log_msg("warning", f"scattered key {key!r} has no live holder; ignored")
-                continue
-            ts = self.tasks.get(key)
-            if ts is None:
-                ts = self._new_task(key, None, (0, self.generation, 0))
-            nbytes = ev.nbytes.get(key, ts.nbytes)
-            if ts.state == "memory":
-                self._add_want(cs, ts)
-            else:
-                self._recs.pop(key, None)
-                cs.wants.add(key)
-                tr.want(ts, cs)
-                if ts.state == "erred":
-                    self.transition(ts, "released")
-                    self._recs.pop(key, None)  # its "waiting": the data is here instead
-                ts.nbytes = nbytes
-                self.transition(ts, "memory", alive[0].address)
-            for ws in alive:
-                if ws.address not in ts.who_has:
-                    tr.add_replica(self, ts, ws)
-
-    def _on_desires(self, ev: ClientDesiresKeys) -> None:
-        cs = self._client(ev.client)
-        for key in ev.keys:
-            ts = self.tasks.get(key)
-            if ts is None:
-                self.to_client(cs.client, KeyCancelled(key, "the scheduler does not know this key"))
-            elif key in cs.wants:  # asked again (a client reconnecting): the outcome again
-                self._tell_outcome(cs, ts)
-            else:
-                self._add_want(cs, ts)
-
-    def _on_releases(self, ev: ClientReleasesKeys) -> None:
-        cs = self.clients.get(ev.client)
-        if cs is None:
-            return
-        for key in ev.keys:
-            self._drop_want(cs, key)
-
-    def _walk(
-        self, keys: Iterable[Key], neighbours: Callable[[TaskRecord], Sequence[Key]]
-    ) -> Iterator[tuple[TaskRecord, Sequence[Key]]]:
-        """Each known task reachable from ``keys`` once, depth first, with the keys to go
-        on to (``neighbours``, asked *before* the caller acts on the task)."""
-        tasks = self.tasks
-        seen: set[Key] = set()
-        stack = list(keys)
-        while stack:
-            key = stack.pop()
-            if key in seen:
-                continue
-            seen.add(key)
-            ts = tasks.get(key)
-            if ts is None:
-                continue
-            nxt = neighbours(ts)
-            yield ts, nxt
-            stack.extend(nxt)
-
-    def _on_cancel(self, ev: CancelKeys) -> None:
-        """Cancel ``keys`` for the client, and the dependents only it wanted (all, with
-        ``force``: for every client)."""
-        if ev.client not in self.clients and not ev.force:
-            return
-        client = ev.client
-
-        def onward(ts: TaskRecord) -> Sequence[Key]:
-            wb = ts.wanted_by
-            return tuple(ts.dependents) if wb and (ev.force or wb == {client}) else ()
-
-        for ts, _ in self._walk(ev.keys, onward):
-            if not ts.wanted_by:
-                continue
-            for c in sorted(ts.wanted_by) if ev.force else [client]:
-                ccs = self.clients.get(c)
-                if ccs is None or ts.key not in ccs.wants:
-                    continue
-                self.to_client(c, KeyCancelled(ts.key, "cancelled"))
-                self._drop_want(ccs, ts.key)
-
-    def _on_retry(self, ev: RetryKeys) -> None:
-        """Run erred ``keys`` again, from their erred dependencies up (the roots of the
-        failure are retried; dependents follow through ``erred -> waiting``)."""
-        tasks = self.tasks
-
-        def erred_deps(ts: TaskRecord) -> Sequence[Key]:
-            if ts.state != "erred":
-                return ()
-            return [d for d in ts.dependencies if tasks[d].state == "erred"]
-
-        for ts, nxt in self._walk(ev.keys, erred_deps):
-            if ts.state == "erred" and not nxt:
-                self._recs[ts.key] = "waiting"
 
     # ---------------------------------------------------------------- worker events
 
@@ -665,7 +445,7 @@ class SchedulerState:
         if old is not None:
             if old.status == recovery.RECOVERING:
                 recovery.worker_back(self, ev)  # keeps the replicas it still holds
-            self._remove_worker(old, expected=True, reason="re-registered")
+            self.remove_worker(old, expected=True, reason="re-registered")
         ws = WorkerRecord(
             ev.worker, max(ev.nthreads, 1), ev.memory_limit, ev.name, ev.nanny,
             dict(ev.resources), last_seen=ev.now,
@@ -678,14 +458,14 @@ class SchedulerState:
             self.aliases[str(ev.name)] = ev.worker
         self.hosts.setdefault(worker_host(ev.worker), set()).add(ev.worker)
         self.total_nthreads += ws.nthreads
-        self._rebuild_running()
+        self.rebuild_running()
         self.update_worker_sets(ws)
         for key, nbytes in ev.data.items():
             self._worker_has(ws, key, nbytes, accept=True)
-        self._recheck_unrunnable()
+        self.recheck_unrunnable()
 
-    def _recheck_unrunnable(self) -> None:
-        recs = self._recs
+    def recheck_unrunnable(self) -> None:
+        recs = self.recs
         for key in self.unrunnable:
             # a pending recommendation (``waiting``: an input was just lost) wins
             recs.setdefault(key, "processing")
@@ -693,16 +473,16 @@ class SchedulerState:
     def _on_remove_worker(self, ev: RemoveWorker) -> None:
         ws = self.workers.get(ev.worker)
         if ws is not None:
-            self._remove_worker(ws, expected=ev.expected, reason=ev.reason)
+            self.remove_worker(ws, expected=ev.expected, reason=ev.reason)
 
-    def _remove_worker(self, ws: WorkerRecord, *, expected: bool, reason: str) -> None:
+    def remove_worker(self, ws: WorkerRecord, *, expected: bool, reason: str) -> None:
         """Forget ``ws``: its replicas are gone, its processing tasks go elsewhere."""
         addr = ws.address
         if not expected:
             self.log_msg("warning", f"worker {addr} lost ({reason or 'no reason given'})")
         ws.status = "closed"
         self.update_worker_sets(ws)
-        self._rebuild_running()
+        self.rebuild_running()
         self.retiring.discard(addr)
         if ws.name is not None and self.aliases.get(str(ws.name)) == addr:
             del self.aliases[str(ws.name)]
@@ -722,11 +502,11 @@ class SchedulerState:
             ts = tasks[key]
             tr.remove_replica(self, ts, ws)
             if not ts.who_has and ts.state == "memory":
-                self._recs.pop(key, None)
+                self.recs.pop(key, None)
                 self.transition(ts, "released")
         for key in list(ws.processing):
             ts = tasks[key]
-            self._recs.pop(key, None)
+            self.recs.pop(key, None)
             if not expected:
                 ts.suspicious += 1
                 if ts.killed_on is None:
@@ -746,88 +526,7 @@ class SchedulerState:
         for other in sorted(self.retiring):
             ows = self.workers.get(other)
             if ows is not None:
-                self._retire_progress(ows)
-
-    def _on_retire(self, ev: RetireWorker) -> None:
-        ws = self.workers.get(ev.worker)
-        if ws is None or ws.status in ("closing", "closed"):
-            return
-        ws.status = "closing"
-        ws.retire_requested = {}
-        self.retiring.add(ws.address)
-        self.update_worker_sets(ws)
-        self._rebuild_running()
-        self._retire_progress(ws)
-
-    def _on_drop_replicas(self, ev: DropReplicas) -> None:
-        """Drop copies only where another copy stays and no task running there reads it."""
-        ws = self.workers.get(ev.worker)
-        if ws is None:
-            return
-        for key in ev.keys:
-            ts = self.tasks.get(key)
-            if ts is None or ts.state != "memory" or ws.address not in ts.who_has:
-                continue
-            if len(ts.who_has) < 2:
-                continue
-            tasks = self.tasks
-            if any(
-                d in tasks and tasks[d].processing_on == ws.address for d in ts.dependents
-            ):
-                continue
-            tr.remove_replica(self, ts, ws)
-            self.free_on(ws.address, key)
-
-    def _retire_pending(self) -> None:
-        """After any event while workers retire: a unique key may have been released
-        (not replicated), which no retirement event reports; close those now done."""
-        for addr in sorted(self.retiring):
-            ws = self.workers.get(addr)
-            if ws is not None:
-                self._retire_progress(ws)
-        if self._recs:
-            self.drain()
-
-    def _retire_progress(self, ws: WorkerRecord) -> None:
-        """Copy the retiring worker's unique keys away; close it once none is left."""
-        if ws.status != "closing" or ws.retire_requested is None:
-            return
-        unique = [k for k in ws.has_what if len(self.tasks[k].who_has) == 1]
-        if not unique:
-            self._effects.append(CloseWorker(ws.address, "retired"))
-            self._remove_worker(ws, expected=True, reason="retired")
-            return
-        others = self.running
-        if not others:
-            self.log_msg(
-                "warning",
-                f"cannot retire {ws.address}: no other running worker can take its "
-                f"{len(unique)} unique keys; it keeps running",
-            )
-            ws.status = "running"
-            ws.retire_requested = None
-            self.retiring.discard(ws.address)
-            self._rebuild_running()
-            self.update_worker_sets(ws)
-            self._recheck_unrunnable()
-            return
-        requested = ws.retire_requested
-        batches: dict[WorkerAddr, AcquireReplicas] = {}
-        for key in unique:
-            target = requested.get(key)
-            if target is not None and target in self.workers:
-                if self.workers[target].status == "running":
-                    continue
-            tws = others[self._rr % len(others)]
-            self._rr += 1
-            requested[key] = tws.address
-            msg = batches.get(tws.address)
-            if msg is None:
-                msg = batches[tws.address] = AcquireReplicas(self._sid, self._now, {}, {})
-            msg.who_has[key] = [ws.address]
-            msg.nbytes[key] = self.tasks[key].nbytes
-        for taddr, msg in batches.items():
-            self.to_worker(taddr, msg)
+                retirement.retire_progress(self, ows)
 
     def _on_heartbeat(self, ev: WorkerHeartbeat) -> None:
         ws = self.workers.get(ev.worker)
@@ -845,10 +544,10 @@ class SchedulerState:
             return
         ws.status = ev.status
         ws.last_seen = ev.now
-        self._rebuild_running()
+        self.rebuild_running()
         self.update_worker_sets(ws)
         if ev.status == "running":
-            self._recheck_unrunnable()
+            self.recheck_unrunnable()
 
     def _on_task_finished(self, ev: TaskFinished) -> None:
         ws = self.workers.get(ev.worker)
@@ -873,11 +572,11 @@ class SchedulerState:
                 tp.n_finished += 1
             ts.nbytes = ev.nbytes
             ts.type_name = ev.type_name
-            self._recs.pop(ts.key, None)
+            self.recs.pop(ts.key, None)
             self.transition(ts, "memory")
             if ws.status == "closing":
                 self.drain()
-                self._retire_progress(ws)
+                retirement.retire_progress(self, ws)
         elif ts.state == "memory":
             if ws.address not in ts.who_has:
                 tr.add_replica(self, ts, ws)
@@ -894,9 +593,9 @@ class SchedulerState:
             # A worker found the value cannot travel (the holder cannot serialize it, or
             # a fetcher cannot load it): unusable wherever it is needed, so the key errs,
             # and its dependents with it, instead of being fetched for ever.
-            self._recs.pop(ts.key, None)
+            self.recs.pop(ts.key, None)
             self.transition(ts, "released")
-            self._recs.pop(ts.key, None)
+            self.recs.pop(ts.key, None)
             info = ErrorInfo(
                 ev.exception, ev.traceback, ev.exception_text, ev.traceback_text, ts.key
             )
@@ -907,7 +606,7 @@ class SchedulerState:
             return
         if ev.run_id and ev.run_id != self.runs.get(ts.key):
             return  # a failure of an older assignment to this worker (see TaskFinished)
-        self._recs.pop(ts.key, None)
+        self.recs.pop(ts.key, None)
         if ts.retries > 0:
             ts.retries -= 1
             self.log_msg(
@@ -929,7 +628,7 @@ class SchedulerState:
         for addr in sorted(self.retiring):
             rws = self.workers.get(addr)
             if rws is not None:
-                self._retire_progress(rws)
+                retirement.retire_progress(self, rws)
 
     def _on_release_worker_data(self, ev: ReleaseWorkerData) -> None:
         ws = self.workers.get(ev.worker)
@@ -941,10 +640,10 @@ class SchedulerState:
                 continue
             tr.remove_replica(self, ts, ws)
             if not ts.who_has and ts.state == "memory":
-                self._recs.pop(key, None)
+                self.recs.pop(key, None)
                 self.transition(ts, "released")
         if ws.status == "closing":
-            self._retire_progress(ws)
+            retirement.retire_progress(self, ws)
 
     def _on_missing_data(self, ev: MissingData) -> None:
         ts = self.tasks.get(ev.key)
@@ -955,7 +654,7 @@ class SchedulerState:
         if errant is not None and errant.address in ts.who_has:
             tr.remove_replica(self, ts, errant)
             if not ts.who_has and ts.state == "memory":
-                self._recs.pop(ts.key, None)
+                self.recs.pop(ts.key, None)
                 self.transition(ts, "released")
         if not ts.who_has:
             # no copy anywhere (lost, or being computed): the worker stops looking; a
@@ -965,7 +664,7 @@ class SchedulerState:
                 self.free_on(ev.worker, ev.key)
         elif ev.worker in self.workers:
             self.to_worker(
-                ev.worker, RefreshWhoHas(self._sid, self._now, {ts.key: sorted(ts.who_has)})
+                ev.worker, RefreshWhoHas(self.stimulus_id, self.now, {ts.key: sorted(ts.who_has)})
             )
 
     def _on_long_running(self, ev: LongRunning) -> None:
@@ -986,7 +685,7 @@ class SchedulerState:
         ts = self.tasks.get(ev.key)
         if ts is None or ts.state != "processing" or ts.processing_on != ev.worker:
             return
-        self._recs.pop(ts.key, None)
+        self.recs.pop(ts.key, None)
         self.transition(ts, "waiting")
 
     def _on_steal_response(self, ev: StealResponse) -> None:
@@ -1007,7 +706,7 @@ class SchedulerState:
             return
         if ev.state not in STEALABLE_STATES:
             return  # the victim already runs it (or has finished): the steal failed
-        self._recs.pop(ts.key, None)
+        self.recs.pop(ts.key, None)
         if thief is not None and satisfies(self, ts, thief):
             tr.move_processing(self, ts, thief)
         else:
@@ -1021,16 +720,16 @@ class SchedulerState:
             if ws.last_seen < deadline and ws.address in self.workers:
                 reason = f"{HEARTBEAT_TIMEOUT} {ev.now - ws.last_seen:.1f}s (timeout {self.worker_timeout}s)"
                 self._effects.append(CloseWorker(ws.address, reason))
-                self._remove_worker(ws, expected=False, reason=reason)
+                self.remove_worker(ws, expected=False, reason=reason)
         timeout = self.no_workers_timeout
         if timeout is not None and self.unrunnable:
             for key, since in list(self.unrunnable.items()):
                 if ev.now - since >= timeout:
                     ts = self.tasks[key]
                     exc = NoValidWorkerError(key, _describe_restrictions(ts), timeout)
-                    self._recs.pop(key, None)
+                    self.recs.pop(key, None)
                     self.transition(ts, "erred", ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key))
-        if self._recs:
+        if self.recs:
             self.drain()
         if self.steal:
             self._start_steals()
@@ -1038,10 +737,10 @@ class SchedulerState:
     def _start_steals(self) -> None:
         for key, victim, thief in plan_steals(self):
             tws = self.workers[thief]
-            self.steals[key] = PendingSteal(victim, thief, self._sid)
+            self.steals[key] = PendingSteal(victim, thief, self.stimulus_id)
             tws.incoming_steals += 1
             self.update_worker_sets(tws)
-            self.to_worker(victim, StealRequest(self._sid, self._now, key))
+            self.to_worker(victim, StealRequest(self.stimulus_id, self.now, key))
 
 
 def _describe_restrictions(ts: TaskRecord) -> str:
@@ -1054,18 +753,18 @@ def _describe_restrictions(ts: TaskRecord) -> str:
 
 
 _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
-    AddClient: SchedulerState._on_add_client,
-    RemoveClient: SchedulerState._on_remove_client,
-    UpdateGraph: SchedulerState._on_update_graph,
-    UpdateData: SchedulerState._on_update_data,
-    ClientDesiresKeys: SchedulerState._on_desires,
-    ClientReleasesKeys: SchedulerState._on_releases,
-    CancelKeys: SchedulerState._on_cancel,
-    RetryKeys: SchedulerState._on_retry,
+    AddClient: ce.on_add_client,
+    RemoveClient: ce.on_remove_client,
+    UpdateGraph: ce.on_update_graph,
+    UpdateData: ce.on_update_data,
+    ClientDesiresKeys: ce.on_desires,
+    ClientReleasesKeys: ce.on_releases,
+    CancelKeys: ce.on_cancel,
+    RetryKeys: ce.on_retry,
     AddWorker: SchedulerState._on_add_worker,
     RemoveWorker: SchedulerState._on_remove_worker,
-    RetireWorker: SchedulerState._on_retire,
-    DropReplicas: SchedulerState._on_drop_replicas,
+    RetireWorker: retirement.on_retire,
+    DropReplicas: retirement.on_drop_replicas,
     WorkerHeartbeat: SchedulerState._on_heartbeat,
     WorkerStatusChange: SchedulerState._on_status,
     TaskFinished: SchedulerState._on_task_finished,

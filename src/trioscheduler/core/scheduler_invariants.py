@@ -195,4 +195,4 @@ def validate_scheduler(s: SchedulerState) -> None:
             _check(
                 cts is not None and c in cts.wanted_by, f"client {c} wants {key!r} inconsistently"
             )
-    _check(not s._recs, "recommendations left undrained")
+    _check(not s.recs, "recommendations left undrained")

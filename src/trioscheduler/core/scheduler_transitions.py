@@ -167,7 +167,7 @@ def _assign(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
         ToWorker(
             addr,
             ComputeTask(
-                s._sid, s._now, key, ts.run_spec, list(deps), who_has, nbytes,
+                s.stimulus_id, s.now, key, ts.run_spec, list(deps), who_has, nbytes,
                 ts.priority, None if ts.extra is None else ts.extra.resource_restrictions, d,
                 run_id,
             ),
@@ -262,7 +262,7 @@ def _deactivate(s: SchedulerState, ts: TaskRecord) -> None:
 def _enter_waiting(s: SchedulerState, ts: TaskRecord) -> None:
     """Wait for dependencies not in memory (recomputing released ones), or run."""
     tasks = s.tasks
-    recs = s._recs
+    recs = s.recs
     n = 0
     for dk in ts.dependencies:
         dts = tasks[dk]
@@ -301,7 +301,7 @@ def _to_memory(s: SchedulerState, ts: TaskRecord, holder: str, was_active: bool)
     ws = s.workers[holder]
     add_replica(s, ts, ws)
     tasks = s.tasks
-    recs = s._recs
+    recs = s.recs
     for dk in ts.dependents:
         dts = tasks[dk]
         if dts.state == "waiting":
@@ -344,7 +344,7 @@ def _to_erred(s: SchedulerState, ts: TaskRecord, info: Any, was_active: bool) ->
         _deactivate(s, ts)
     ts.state = "erred"
     tasks = s.tasks
-    recs = s._recs
+    recs = s.recs
     for dk in ts.dependents:
         dts = tasks[dk]
         if dts.state in ACTIVE or (dts.state == "released" and (dts.wanted_by or dts.n_waiters)):
@@ -362,7 +362,7 @@ def move_processing(s: SchedulerState, ts: TaskRecord, thief: WorkerRecord) -> N
     victim = ts.processing_on
     _unassign(s, ts, free=False)
     _assign(s, ts, thief)
-    s.log.record(ts.key, "processing", "processing", s._sid, s._now)
+    s.log.record(ts.key, "processing", "processing", s.stimulus_id, s.now)
     s.log_msg("debug", f"stole {ts.key!r} from {victim} to {thief.address}")
 
 
@@ -399,7 +399,7 @@ def released_onwards(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     """
     released_waiting(s, ts, info)
     if ts.state == "waiting" and not ts.n_waiting:
-        recs = s._recs
+        recs = s.recs
         if recs.get(ts.key) == "processing":
             del recs[ts.key]
             waiting_processing(s, ts, None)
@@ -438,7 +438,7 @@ def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     ts.state = "forgotten"
     ts.prefix.n_tasks -= 1
     tasks = s.tasks
-    recs = s._recs
+    recs = s.recs
     del tasks[key]
     for dk in ts.dependencies:
         dts = tasks[dk]
@@ -503,7 +503,7 @@ def queued_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
 
 def waiting_no_worker(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     ts.state = "no-worker"
-    s.unrunnable[ts.key] = s._now
+    s.unrunnable[ts.key] = s.now
 
 
 def waiting_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
@@ -586,7 +586,7 @@ def memory_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     ts.who_has = EMPTY
     ts.state = "released"
     tasks = s.tasks
-    recs = s._recs
+    recs = s.recs
     for dk in ts.dependents:
         dts = tasks[dk]
         st = dts.state

@@ -24,14 +24,10 @@ no randomness (graph builders take an injected ``random.Random``).
 from __future__ import annotations
 
 import pickle
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from trioscheduler.core.errors import KilledWorker
-from trioscheduler.core.invariants import validate
 from trioscheduler.core.messages import (
     AddClient,
     AddWorker,
@@ -48,8 +44,6 @@ from trioscheduler.core.messages import (
     GatherDepSuccess,
     Key,
     KeyCancelled,
-    KeyErred,
-    KeyInMemory,
     Log,
     MemoryMeasured,
     RemoveClient,
@@ -74,104 +68,32 @@ from trioscheduler.core.messages import (
 )
 from trioscheduler.core.recorder import Recorder
 from trioscheduler.core.scheduler import SchedulerState
+from trioscheduler.core.sim_graphs import Rng, independent_graph, layered_graph, sinks, tree_graph
 from trioscheduler.core.sim_oracle import RunOracle, removes_workers
+from trioscheduler.core.sim_outcome import check_outcome, check_shells
+from trioscheduler.core.sim_records import (
+    ALWAYS,
+    SimRun,
+    SimTask,
+    SimulatedFailure,
+    SimulationError,
+    SimWorker,
+    task_value,
+)
 from trioscheduler.core.worker import WorkerState
-from trioscheduler.core.worker_transitions import RUNNING_STATES
-from trioscheduler.errors import TrioSchedulerError
+
+__all__ = [
+    "ALWAYS", "RUN_SPEC", "SCHEDULER", "ClusterSimulator", "Rng", "SimTask", "SimWorker",
+    "SimulatedFailure", "SimulationError", "independent_graph", "layered_graph", "sinks",
+    "task_value", "tree_graph",
+]  # fmt: skip
 
 SCHEDULER = "scheduler"
 """The scheduler's name as a queue endpoint."""
-ALWAYS = 1 << 30
-"""``SimTask.fail_attempts`` for a task that never succeeds."""
 RUN_SPEC = b"sim"
 """The opaque run spec of every simulated task (the simulator keeps the real graph)."""
-_MASK = (1 << 61) - 1
 
 SchedulerEndpoint = Callable[..., list[Any]]
-
-
-class Rng(Protocol):
-    """What the graph builders need of an injected ``random.Random``."""
-
-    def sample(self, population: list[Any], k: int) -> list[Any]: ...
-
-
-class SimulationError(AssertionError):
-    """A core broke its contract with the shell, or the cluster did not settle."""
-
-
-class SimulatedFailure(Exception):
-    """The exception a simulated task raises (pickled into ``ExecuteFailure``)."""
-
-    def __init__(self, key: Any) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-@dataclass(slots=True, eq=False)
-class SimTask:
-    """One task of a simulated graph; its value is ``task_value(key, input values)``.
-
-    ``fail_attempts``: how many executions fail before one succeeds (``ALWAYS``: never).
-    """
-
-    key: Key
-    dependencies: list[Key] = field(default_factory=list)
-    nbytes: int = 100
-    fail_attempts: int = 0
-    retries: int = 0
-    workers: list[str] | None = None
-    allow_other_workers: bool = False
-    resources: dict[str, float] | None = None
-    priority: int = 0
-    duration: float = 0.01
-    scattered: bool = False  # data a client scattered: no lineage to recompute it from
-
-
-@dataclass(slots=True, eq=False)
-class _Run:
-    value: int
-    start: float
-    task: SimTask  # kept so that ending the run needs no second look-up in the graph
-    seceded: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class SimWorker:
-    """One worker: its core and what its shell holds (values, threads, transfers)."""
-
-    address: str
-    name: str | None
-    nthreads: int
-    resources: dict[str, float]
-    memory_limit: int
-    core: Any  # WorkerState or Recorder
-    data: dict[Key, int] = field(default_factory=dict)  # values in RAM
-    disk: dict[Key, int] = field(default_factory=dict)  # spilled values, written
-    writing: dict[Key, int] = field(default_factory=dict)  # spilled, write not yet reported
-    running: dict[Key, _Run] = field(default_factory=dict)  # Execute received, not ended
-    gathers: dict[str, list[Key]] = field(default_factory=dict)  # peer -> keys in flight
-    process_memory: int = 0
-
-    @property
-    def state(self) -> WorkerState:
-        core = self.core
-        return core.state if type(core) is Recorder else core  # type: ignore[no-any-return]
-
-
-def task_value(key: Key, inputs: Iterable[int]) -> int:
-    """The deterministic value of a simulated task (stable across processes)."""
-    v = zlib.crc32(repr(key).encode())
-    for x in inputs:
-        v = ((v * 1_000_003) ^ x) & _MASK
-    return v
-
-
-def _holds_thread(ts: Any) -> bool:
-    st = ts.state
-    return st in RUNNING_STATES or (
-        (st == "cancelled" or st == "resumed") and ts.previous in RUNNING_STATES
-    )
 
 
 class ClusterSimulator:
@@ -370,7 +292,7 @@ class ClusterSimulator:
             inputs.append(v)
         if self.oracle is not None:
             self.oracle.started(self, w.address, key)
-        w.running[key] = _Run(task_value(key, inputs), self.now, task)
+        w.running[key] = SimRun(task_value(key, inputs), self.now, task)
 
     def _close(self, addr: str, reason: str) -> None:
         """The worker shuts down (the scheduler has already removed it)."""
@@ -789,37 +711,7 @@ class ClusterSimulator:
 
     def check(self) -> None:
         """Every core's invariants, and that each worker shell agrees with its core."""
-        validate(self.scheduler)
-        for addr, w in self.workers.items():
-            ws = w.state
-            validate(ws)
-            if w.data.keys() != ws.in_memory:
-                raise SimulationError(
-                    f"{addr}: shell holds {sorted(w.data, key=repr)} in RAM, "
-                    f"core says {sorted(ws.in_memory, key=repr)}"
-                )
-            if w.writing.keys() != ws.writing.keys():
-                raise SimulationError(
-                    f"{addr}: shell writes {sorted(w.writing, key=repr)} to disk, "
-                    f"core waits for {sorted(ws.writing, key=repr)}"
-                )
-            if w.disk.keys() | w.writing.keys() != ws.spilled:
-                raise SimulationError(
-                    f"{addr}: shell holds {sorted(w.disk, key=repr)} on disk "
-                    f"(and writes {sorted(w.writing, key=repr)}), "
-                    f"core says {sorted(ws.spilled, key=repr)}"
-                )
-            threads = {k for k, ts in ws.tasks.items() if _holds_thread(ts)}
-            if w.running.keys() != threads:
-                raise SimulationError(
-                    f"{addr}: shell runs {sorted(w.running, key=repr)}, "
-                    f"core has threads for {sorted(threads, key=repr)}"
-                )
-            flights = {p: {t.key for t in b} for p, b in ws.in_flight.items()}
-            if {p: set(ks) for p, ks in w.gathers.items()} != flights:
-                raise SimulationError(f"{addr}: shell fetches {w.gathers}, core {flights}")
-        if self.oracle is not None:
-            self.oracle.check(self)
+        check_shells(self)
 
     def expected(self, key: Key) -> int:
         """The value ``key`` must have: the graph evaluated directly."""
@@ -854,7 +746,7 @@ class ClusterSimulator:
                     stack.append(d)
         return seen
 
-    def _failure_flags(self) -> dict[Key, tuple[bool, bool]]:
+    def failure_flags(self) -> dict[Key, tuple[bool, bool]]:
         """``key -> (doomed, may_fail)`` over its lineage: a task that always fails, a
         task that may fail more often than its retries allow (graph order is
         topological: dependencies are submitted first)."""
@@ -869,103 +761,13 @@ class ClusterSimulator:
             flags[k] = (doomed, may_fail)
         return flags
 
+
+    _failure_flags = failure_flags  # the name the machine's rules use
+
     def check_outcome(self) -> list[str]:
-        """After ``run_to_completion``: what is wrong with the result (empty if nothing).
-
-        Liveness: no task is left computing anywhere. Correctness: every key a client
-        still wants is in memory with the value the graph gives it, on every holder, and
-        the client was told; or it erred, and the graph asked for that (a task built to
-        fail in its lineage) or a worker was lost (``KilledWorker``).
-        """
-        problems: list[str] = []
-        s = self.scheduler
-        flags = self._failure_flags()
-        stuck = {
-            k: ts.state
-            for k, ts in s.tasks.items()
-            if ts.state not in ("memory", "erred", "released")
-        }
-        if stuck:
-            problems.append(f"scheduler tasks still not done: {dict(list(stuck.items())[:10])}")
-        for addr, w in self.workers.items():
-            ws = w.state
-            busy = {
-                k: ts.state for k, ts in ws.tasks.items() if ts.state not in ("memory", "error")
-            }
-            if busy:
-                problems.append(f"{addr}: tasks still not done: {dict(list(busy.items())[:10])}")
-            sws = s.workers.get(addr)
-            if sws is not None and sws.status == "closing":
-                problems.append(f"{addr}: still retiring (status closing) after everything settled")
-            for k in ws.in_memory | ws.spilled:
-                sts = s.tasks.get(k)
-                if sts is None or sts.state != "memory" or addr not in sts.who_has:
-                    problems.append(f"{addr} holds {k!r}, which the scheduler does not count")
-        for k, ts in s.tasks.items():
-            for addr in ts.who_has:
-                holder = self.workers.get(addr)
-                if holder is None or not (
-                    k in holder.data or k in holder.disk or k in holder.writing
-                ):
-                    problems.append(f"scheduler thinks {addr} holds {k!r}; it does not")
-        for client, wants in self.wants.items():
-            cs = s.clients.get(client)
-            have = set(cs.wants) if cs is not None else set()
-            if have != wants:
-                problems.append(
-                    f"client {client} wants {sorted(wants, key=repr)}, "
-                    f"scheduler says {sorted(have, key=repr)}"
-                )
-            msgs = self.client_msgs.get(client, {})
-            for key in wants:
-                problems.extend(self._check_key(client, key, msgs.get(key), flags))
-        return problems
-
-    def _check_key(
-        self, client: str, key: Key, last: Any, flags: dict[Key, tuple[bool, bool]]
-    ) -> list[str]:
-        ts = self.scheduler.tasks.get(key)
-        if ts is None:
-            return [f"{client} wants {key!r}, which the scheduler forgot"]
-        graph = self.graph
-        doomed, may_fail = flags[key]
-        if ts.state == "memory":
-            out = []
-            if doomed:
-                out.append(f"{key!r} in memory, though a task of its lineage always fails")
-            want = self.expected(key)
-            for addr in ts.who_has:
-                w = self.workers[addr]
-                got = w.data.get(key, w.disk.get(key, w.writing.get(key)))
-                if got != want:
-                    out.append(f"{key!r} on {addr} is {got}, expected {want}")
-            if type(last) is not KeyInMemory:
-                out.append(f"{client} was not told {key!r} is in memory (last: {last!r:.100})")
-            return out
-        if ts.state != "erred":
-            return [f"{client} wants {key!r}, left in state {ts.state}"]
-        out = []
-        if type(last) is not KeyErred:
-            out.append(f"{client} was not told {key!r} erred (last: {last!r:.100})")
-        try:
-            exc = pickle.loads(ts.exception or b"")
-        except Exception as e:  # noqa: BLE001 - any garbage is a finding
-            return [*out, f"{key!r} erred with an unreadable exception: {e!r}"]
-        if isinstance(exc, SimulatedFailure):
-            if exc.key not in self.lineage(key) or not graph[exc.key].fail_attempts:
-                out.append(f"{key!r} erred blaming {exc.key!r}, not a failing task of its lineage")
-            elif not may_fail:
-                out.append(f"{key!r} erred though every failure was within its retries")
-        elif isinstance(exc, KilledWorker):
-            if not self.lost:
-                out.append(f"{key!r} erred with KilledWorker, but no worker was lost")
-        elif isinstance(exc, TrioSchedulerError) and "Scatter it again" in str(exc):
-            # scattered data lost (or freed while a scatter of it raced the FreeKeys)
-            if not any(graph[k].scattered for k in self.lineage(key)):
-                out.append(f"{key!r} erred as lost scattered data, but none is in its lineage")
-        else:
-            out.append(f"{key!r} erred with an unexpected {exc!r}")
-        return out
+        """After ``run_to_completion``: what is wrong with the result (empty if nothing);
+        see ``sim_outcome.check_outcome``."""
+        return check_outcome(self)
 
     def settle(self, max_rounds: int = 100_000) -> list[str]:
         """Stop faults, run to completion, check everything; returns the problems."""
@@ -974,62 +776,3 @@ class ClusterSimulator:
         self.check()
         return self.check_outcome()
 
-
-# ------------------------------------------------------------------------------ graphs
-
-
-def layered_graph(
-    n_tasks: int,
-    width: int,
-    rng: Rng,
-    *,
-    fan_in: int = 2,
-    prefix: str = "t",
-    nbytes: int = 1000,
-) -> list[SimTask]:
-    """``n_tasks`` in layers of ``width``; each task past the first layer reads
-    ``fan_in`` random tasks of the layer before (so data moves between workers)."""
-    tasks: list[SimTask] = []
-    prev: list[Key] = []
-    layer = 0
-    while len(tasks) < n_tasks:
-        cur: list[Key] = []
-        for i in range(min(width, n_tasks - len(tasks))):
-            key = f"{prefix}{layer}-{i}"
-            deps = rng.sample(prev, min(fan_in, len(prev))) if prev else []
-            tasks.append(SimTask(key, deps, nbytes))
-            cur.append(key)
-        prev = cur
-        layer += 1
-    return tasks
-
-
-def independent_graph(n_tasks: int, *, prefix: str = "m", nbytes: int = 1000) -> list[SimTask]:
-    """``n_tasks`` tasks without dependencies (a ``map``)."""
-    return [SimTask(f"{prefix}-{i}", [], nbytes) for i in range(n_tasks)]
-
-
-def tree_graph(
-    n_tasks: int, *, fan_in: int = 2, prefix: str = "r", nbytes: int = 1000
-) -> list[SimTask]:
-    """A reduction tree of about ``n_tasks`` tasks: leaves, then each task combines
-    ``fan_in`` neighbours of the level below (dask's tree reduction)."""
-    n_leaves = max(1, n_tasks * (fan_in - 1) // fan_in)
-    tasks = [SimTask(f"{prefix}0-{i}", [], nbytes) for i in range(n_leaves)]
-    level = [t.key for t in tasks]
-    depth = 0
-    while len(level) > 1 and len(tasks) < n_tasks:
-        depth += 1
-        nxt: list[Key] = []
-        for i in range(0, len(level), fan_in):
-            key = f"{prefix}{depth}-{i // fan_in}"
-            tasks.append(SimTask(key, level[i : i + fan_in], nbytes))
-            nxt.append(key)
-        level = nxt
-    return tasks
-
-
-def sinks(tasks: list[SimTask]) -> list[Key]:
-    """Keys no task of ``tasks`` depends on (what a client usually holds futures for)."""
-    used = {d for t in tasks for d in t.dependencies}
-    return [t.key for t in tasks if t.key not in used]

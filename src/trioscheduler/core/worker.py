@@ -6,7 +6,7 @@ applies; then three decisions run, all pure: report acquired replicas, spill to 
 memory target, start tasks in priority order (thread slots, resources, not while
 paused) and start transfers (one ``GatherDep`` per peer at a time, at most
 ``transfer_incoming_count_limit`` in all, keys bundled per peer up to
-``transfer_message_bytes_limit``).
+``transfer_message_bytes_limit``); the last two live in ``worker_decisions``.
 
 Where values live is tracked here, not in the shell: ``in_memory`` (RAM) and
 ``spilled`` (disk) partition the keys in state ``memory``. The core *decides* ``Spill``
@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Sequence
-from collections.abc import Set as AbstractSet
 from typing import Any, Final, cast
 
 from trioscheduler.core import memory_policy as mp
-from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import (
     HEARTBEAT_TIMEOUT,
@@ -44,7 +42,6 @@ from trioscheduler.core.messages import (
     ExecuteFailure,
     ExecuteSuccess,
     FreeKeys,
-    GatherDep,
     GatherDepFailure,
     GatherDepSuccess,
     Key,
@@ -69,7 +66,9 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.story import StoryLog
+from trioscheduler.core.worker_decisions import ensure_communicating, ensure_computing
 from trioscheduler.core.worker_invariants import validate_worker
+from trioscheduler.core.worker_task import HeapEntry, WorkerTask
 from trioscheduler.core.worker_transitions import (
     DATA_STATES,
     RUNNING_STATES,
@@ -77,85 +76,10 @@ from trioscheduler.core.worker_transitions import (
     drain,
     secede_cancelled,
     step,
-    transition,
 )
-
-DEFAULT_NBYTES: Final = 1024
-"""Size assumed for a dependency whose size the scheduler did not say (dask's default)."""
 
 STEALABLE: Final = frozenset({"waiting", "ready", "constrained"})
 """States in which a stolen task had not started and is released here."""
-
-HeapEntry = tuple[tuple[Any, ...], int, "WorkerTask"]
-
-
-class WorkerTask:
-    """One key known to this worker: a task to compute, or data to hold or fetch.
-
-    The collections start as shared, read-only empties (``()``, ``EMPTY_MAP``, ``EMPTY``)
-    and are replaced, never mutated in place, until they hold something: most tasks
-    never need some of them, and four empty containers per task cost time, memory and
-    garbage-collector work.
-    """
-
-    __slots__ = (
-        "key", "serial", "state", "run_spec", "priority", "dependencies", "dependents",
-        "waiting_for_data", "who_has", "nbytes", "resources", "duration", "wanted",
-        "coming_from", "errant_peer", "previous", "next", "spillable", "pending_compute",
-        "run_id",
-    )  # fmt: skip
-
-    key: Key
-    serial: int  # creation order: deterministic tie-break in the heaps
-    state: str
-    run_spec: Any  # opaque: bytes or wire.runspec.OutOfBandRunSpec; None
-    priority: tuple[Any, ...]
-    dependencies: tuple[WorkerTask, ...]
-    # active local tasks reading this key (insertion-ordered set: deterministic output)
-    dependents: dict[WorkerTask, None]
-    # the shared empty frozenset until the first item: then a set of the task's own
-    waiting_for_data: AbstractSet[WorkerTask]
-    who_has: AbstractSet[str]
-    nbytes: int
-    resources: dict[str, float] | None
-    duration: float
-    wanted: bool  # the scheduler counts this key as ours (result, replica, scatter)
-    coming_from: str | None  # peer of the GatherDep carrying it
-    errant_peer: str | None  # last peer that failed to deliver it
-    previous: str | None  # cancelled/resumed: what is really running
-    next: str | None  # resumed: what to become if that fails
-    spillable: bool  # False after SpillFailed
-    # resumed after a transfer: the ComputeTask to carry out if the transfer fails
-    pending_compute: ComputeTask | None
-    run_id: int  # of the latest ComputeTask: echoed by the TaskFinished/TaskErred
-
-    def __init__(self, key: Key, serial: int) -> None:
-        # Written out, not a dataclass's: one record per task, and mypyc compiles this
-        # __init__ (a dataclass's generated one would stay interpreted, ~5x slower).
-        self.key = key
-        self.serial = serial
-        self.state = "released"
-        self.run_spec = None
-        self.priority = ()
-        self.dependencies = ()
-        self.dependents = EMPTY_MAP
-        self.waiting_for_data = EMPTY
-        self.who_has = EMPTY
-        self.nbytes = 0
-        self.resources = None
-        self.duration = 0.0
-        self.wanted = False
-        self.coming_from = None
-        self.errant_peer = None
-        self.previous = None
-        self.next = None
-        self.spillable = True
-        self.pending_compute = None
-        self.run_id = 0
-
-
-    def __repr__(self) -> str:
-        return f"<WorkerTask {self.key!r} {self.state}>"
 
 
 class WorkerState:
@@ -295,9 +219,9 @@ class WorkerState:
         if target is not None and self.memory_bytes > target:
             self._spill_to_target(out, ())
         if (self._ready or self._constrained) and len(self.executing) < self.nthreads:
-            self._ensure_computing(stim, now, out)
+            ensure_computing(self, stim, now, out)
         if self._fetch_dirty:
-            self._ensure_communicating(stim, now, out)
+            ensure_communicating(self, stim, now, out)
         if validate:
             validate_worker(self)
         return out
@@ -436,132 +360,6 @@ class WorkerState:
         excess = mp.target_excess(self.memory_bytes, self.thresholds)
         for key in mp.choose_spill(iter(self._lru.items()), excess, exclude):
             self._spill(key, out)
-
-    # ------------------------------------------------------------------ decisions
-
-    def _ensure_computing(self, stim: str, now: float, out: list[Any]) -> None:
-        """Start ready tasks, best priority first, while slots and resources allow."""
-        if self.status != "running":
-            return
-        ready = self._ready
-        constrained = self._constrained
-        consumers = self._ready_consumers
-        executing = self.executing
-        target = self.thresholds.target
-        write_ahead = self.thresholds.write_ahead
-        started: list[WorkerTask] = []  # their inputs are kept from spilling (if it comes to that)
-        while len(executing) < self.nthreads:
-            heap: list[HeapEntry] | None = None
-            if consumers and target is not None and self.managed_bytes > target:
-                # above the memory target: a task that reads data first, before any new
-                # root task adds more (what a task reads can then be released)
-                while consumers and consumers[0][2].state != "ready":
-                    heapq.heappop(consumers)
-                if consumers:
-                    heap = consumers
-            if heap is None:
-                while ready and ready[0][2].state != "ready":
-                    heapq.heappop(ready)
-                while constrained and constrained[0][2].state != "constrained":
-                    heapq.heappop(constrained)
-                if constrained and (not ready or constrained[0] < ready[0]):
-                    if self._resources_free(constrained[0][2]):
-                        heap = constrained
-                    elif ready:
-                        heap = ready
-                    else:
-                        return
-                elif ready:
-                    heap = ready
-                else:
-                    return
-            ts = heap[0][2]
-            if write_ahead is not None and self.writing_bytes > write_ahead:
-                if self._writes_behind(ts, write_ahead):
-                    return  # wait for ``SpillWritten`` (tasks started above may have spilled)
-            heapq.heappop(heap)
-            transition(self, ts, "executing", stim, now, out)
-            self._starts += 1
-            if ts.dependencies:  # (every consumer has some)
-                started.append(ts)
-                if target is not None and self.memory_bytes > target:
-                    # never push out what a task started by this event is about to read
-                    self._spill_to_target(out, _inputs_of(started))
-
-    def _writes_behind(self, ts: WorkerTask, write_ahead: int) -> bool:
-        """More than ``write_ahead`` bytes would still be unwritten once ``ts`` starts.
-
-        Starting ``ts`` brings back its spilled inputs, which ends their pending writes:
-        a task waiting only for the writes of its own inputs starts at once, rather than
-        after its inputs went to disk and back.
-        """
-        behind = self.writing_bytes
-        writing = self.writing
-        for dep in ts.dependencies:
-            n = writing.get(dep.key)
-            if n is not None:
-                behind -= n
-        return behind > write_ahead
-
-    def _resources_free(self, ts: WorkerTask) -> bool:
-        avail = self.available_resources
-        assert ts.resources is not None
-        return all(avail.get(r, 0.0) >= q for r, q in ts.resources.items())
-
-    def _ensure_communicating(self, stim: str, now: float, out: list[Any]) -> None:
-        """Start transfers from idle peers, best-priority key first, bundled per peer.
-
-        One ``GatherDep`` per peer at a time (so a peer's answer is unambiguous and no
-        peer is flooded): a key is fetched from whichever of its holders is idle, which
-        spreads the load over holders. Ties break on the address, so it is deterministic.
-        """
-        if self.status != "running":
-            return
-        self._fetch_dirty = False
-        free = self.transfer_incoming_count_limit - len(self.in_flight)
-        if free <= 0:
-            return
-        by_peer = self._fetch_by_peer
-        in_flight = self.in_flight
-        candidates: list[tuple[tuple[Any, ...], int, str]] = []
-        for peer, heap in list(by_peer.items()):
-            if peer in in_flight:
-                continue
-            while heap and not _fetchable(heap[0][2], peer):
-                heapq.heappop(heap)
-            if not heap:
-                del by_peer[peer]
-                continue
-            candidates.append((heap[0][0], heap[0][1], peer))
-        candidates.sort()
-        limit = self.transfer_message_bytes_limit
-        for _, _, peer in candidates:
-            heap = by_peer[peer]
-            keys: list[Key] = []
-            total = 0
-            while heap:
-                ts = heap[0][2]
-                if not _fetchable(ts, peer):
-                    heapq.heappop(heap)
-                    continue
-                n = ts.nbytes or DEFAULT_NBYTES
-                if keys and total + n > limit:
-                    break
-                heapq.heappop(heap)
-                if not keys:
-                    in_flight[peer] = set()
-                keys.append(ts.key)
-                total += n
-                ts.coming_from = peer
-                transition(self, ts, "flight", stim, now, out)
-            if not heap:
-                del by_peer[peer]
-            if keys:
-                out.append(GatherDep(peer, keys, total))
-                self._starts += 1
-                free -= 1
-                if free <= 0:
-                    break
 
     # ------------------------------------------------------------------ event handlers
 
@@ -916,14 +714,6 @@ class WorkerState:
         write-ahead threshold start in ``handle``'s decisions after the batch."""
         for key in ev.keys:
             self._end_write(key)
-
-
-def _inputs_of(started: list[WorkerTask]) -> set[Key]:
-    return {d.key for ts in started for d in ts.dependencies}
-
-
-def _fetchable(ts: WorkerTask, peer: str) -> bool:
-    return ts.state == "fetch" and peer in ts.who_has
 
 
 def _serial(ts: WorkerTask) -> int:

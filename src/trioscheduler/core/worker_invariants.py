@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from trioscheduler.core.worker_transitions import RUNNING_STATES, is_active
 
 if TYPE_CHECKING:
-    from trioscheduler.core.worker import WorkerState, WorkerTask
+    from trioscheduler.core.worker import WorkerState
+    from trioscheduler.core.worker_task import WorkerTask
 
 WORKER_STATES = frozenset(
     {

@@ -43,7 +43,8 @@ from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import Execute, MissingData, TaskFinished, ToScheduler
 
 if TYPE_CHECKING:
-    from trioscheduler.core.worker import WorkerState, WorkerTask
+    from trioscheduler.core.worker import WorkerState
+    from trioscheduler.core.worker_task import WorkerTask
 
 Recs = dict["WorkerTask", str]
 Transition = Callable[["WorkerState", "WorkerTask", str, float, list[Any]], "Recs | None"]

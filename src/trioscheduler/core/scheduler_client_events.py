@@ -1,0 +1,265 @@
+"""The scheduler's answers to its clients: graphs, scatter, wants, releases, cancels, retries.
+
+Each ``on_*`` function is the handler of one client event type (``SchedulerState.handle``
+dispatches to it); it changes client bookkeeping and asks for task state changes through
+the table (``scheduler_transitions``), never moving a task itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from trioscheduler.core import recovery
+from trioscheduler.core import scheduler_transitions as tr
+from trioscheduler.core.messages import (
+    AddClient,
+    CancelKeys,
+    ClientDesiresKeys,
+    ClientReleasesKeys,
+    Key,
+    KeyCancelled,
+    RemoveClient,
+    RetryKeys,
+    UpdateData,
+    UpdateGraph,
+)
+from trioscheduler.core.scheduler_records import TaskRecord
+from trioscheduler.errors import TrioSchedulerError
+
+if TYPE_CHECKING:
+    from trioscheduler.core.scheduler import SchedulerState
+
+
+def on_add_client(s: SchedulerState, ev: AddClient) -> None:
+    s.client_record(ev.client).last_seen = ev.now
+    if s.recovery is not None:
+        recovery.client_back(s, ev.client)
+
+
+def on_remove_client(s: SchedulerState, ev: RemoveClient) -> None:
+    s.drop_client(ev.client)
+
+
+def on_update_graph(s: SchedulerState, ev: UpdateGraph) -> None:
+    cs = s.client_record(ev.client)
+    s.generation += 1
+    gen = s.generation
+    tasks = s.tasks
+    new: list[tuple[TaskRecord, Sequence[Key]]] = []
+    for spec in ev.tasks:
+        ts = tasks.get(spec.key)
+        if ts is not None:
+            if ts.run_spec is None and spec.run_spec is not None and ts.state == "released":
+                ts.run_spec = spec.run_spec
+            continue
+        ts = s.new_task(spec.key, spec.run_spec, (-spec.priority, gen, spec.order))
+        ts.retries = spec.retries
+        if spec.workers:
+            ts.worker_restrictions = set(spec.workers)
+            ts.allow_other_workers = spec.allow_other_workers
+        if spec.resources:
+            ts.resource_restrictions = dict(spec.resources)
+        new.append((ts, spec.dependencies))
+    pos = {ts.key: i for i, (ts, _) in enumerate(new)}
+    forward = False  # a dependency submitted after its dependent: a cycle is possible
+    broken: list[TaskRecord] = []
+    for i, (ts, deps) in enumerate(new):
+        if not deps:
+            continue
+        missing: list[Key] = []
+        found: dict[Key, None] = {}  # ordered and deduplicated
+        key = ts.key
+        for dk in deps:
+            dts = tasks.get(dk)
+            if dts is None or dts is ts:  # unknown, or a task depending on itself
+                missing.append(dk)
+                continue
+            if pos.get(dk, -1) > i:
+                forward = True
+            found[dk] = None
+            tr.add_dependent(dts, key)
+        if found:
+            ts.dependencies = tuple(found)
+        if missing:
+            if ts.key in missing:
+                why = "itself: a cycle. Check how the graph was built."
+            else:
+                why = (
+                    f"{missing!r}, which the scheduler does not know (never submitted, "
+                    "or already released). Keep a future for the dependency, or submit "
+                    "it in the same graph."
+                )
+            tr.stash_error(ts, TrioSchedulerError(f"task {ts.key!r} depends on {why}"))
+            broken.append(ts)
+    if forward:
+        broken.extend(break_cycles(s, [ts for ts, _ in new]))
+    for ts in broken:  # before wants are added, so dependents see them erred
+        s.transition(ts, "erred")
+    for key in ev.keys:
+        ts = tasks.get(key)
+        if ts is None:
+            s.to_client(cs.client, KeyCancelled(key, "not part of the submitted graph"))
+            continue
+        s.add_want(cs, ts)
+    s.drain()
+    # tasks of this graph that nothing wants and nothing depends on: drop them
+    for ts, _ in new:
+        if ts.state == "released" and not ts.wanted_by and not ts.dependents:
+            s.recs[ts.key] = "forgotten"
+
+
+def break_cycles(s: SchedulerState, new: list[TaskRecord]) -> list[TaskRecord]:
+    """The tasks of ``new`` that lie on a dependency cycle, each with an error naming
+    the cycle (their dependents then err through them). Only new tasks can form one:
+    an existing task never gains dependencies. Kahn's algorithm: what cannot be
+    ordered is on a cycle or downstream of one; following dependencies from there
+    always ends on a cycle."""
+    tasks = s.tasks
+    indeg = {ts.key: 0 for ts in new}
+    for ts in new:
+        for dk in ts.dependencies:
+            if dk in indeg:
+                indeg[ts.key] += 1
+    free = [k for k, n in indeg.items() if not n]
+    while free:
+        for dk in tasks[free.pop()].dependents:
+            if dk in indeg:
+                indeg[dk] -= 1
+                if not indeg[dk]:
+                    free.append(dk)
+    stuck = {k: None for k, n in indeg.items() if n}  # ordered: deterministic errors
+    on_cycle: dict[Key, list[Key]] = {}
+    done: set[Key] = set()
+    for start in stuck:
+        path: list[Key] = []
+        at: dict[Key, int] = {}
+        k = start
+        while k not in at and k not in done:
+            at[k] = len(path)
+            path.append(k)
+            k = next(d for d in tasks[k].dependencies if d in stuck)
+        if k in at:  # a new cycle: path[at[k]:]
+            cycle = path[at[k] :]
+            for c in cycle:
+                on_cycle[c] = cycle
+        done.update(path)
+    out = []
+    for k, cycle in on_cycle.items():
+        ts = tasks[k]
+        i = cycle.index(k)
+        loop = " -> ".join(repr(c) for c in [*cycle[i:], *cycle[:i], k])
+        tr.stash_error(
+            ts,
+            TrioSchedulerError(
+                f"task {k!r} depends on itself through a cycle: {loop}. "
+                "Check how the graph was built."
+            ),
+        )
+        out.append(ts)
+    return out
+
+
+def on_update_data(s: SchedulerState, ev: UpdateData) -> None:
+    cs = s.client_record(ev.client)
+    for key, holders in ev.who_has.items():
+        alive = [s.workers[w] for w in holders if w in s.workers]
+        if not alive:
+            s.log_msg("warning", f"scattered key {key!r} has no live holder; ignored")
+            continue
+        ts = s.tasks.get(key)
+        if ts is None:
+            ts = s.new_task(key, None, (0, s.generation, 0))
+        nbytes = ev.nbytes.get(key, ts.nbytes)
+        if ts.state == "memory":
+            s.add_want(cs, ts)
+        else:
+            s.recs.pop(key, None)
+            cs.wants.add(key)
+            tr.want(ts, cs)
+            if ts.state == "erred":
+                s.transition(ts, "released")
+                s.recs.pop(key, None)  # its "waiting": the data is here instead
+            ts.nbytes = nbytes
+            s.transition(ts, "memory", alive[0].address)
+        for ws in alive:
+            if ws.address not in ts.who_has:
+                tr.add_replica(s, ts, ws)
+
+
+def on_desires(s: SchedulerState, ev: ClientDesiresKeys) -> None:
+    cs = s.client_record(ev.client)
+    for key in ev.keys:
+        ts = s.tasks.get(key)
+        if ts is None:
+            s.to_client(cs.client, KeyCancelled(key, "the scheduler does not know this key"))
+        elif key in cs.wants:  # asked again (a client reconnecting): the outcome again
+            s.tell_outcome(cs, ts)
+        else:
+            s.add_want(cs, ts)
+
+
+def on_releases(s: SchedulerState, ev: ClientReleasesKeys) -> None:
+    cs = s.clients.get(ev.client)
+    if cs is None:
+        return
+    for key in ev.keys:
+        s.drop_want(cs, key)
+
+
+def walk(
+    s: SchedulerState, keys: Iterable[Key], neighbours: Callable[[TaskRecord], Sequence[Key]]
+) -> Iterator[tuple[TaskRecord, Sequence[Key]]]:
+    """Each known task reachable from ``keys`` once, depth first, with the keys to go
+    on to (``neighbours``, asked *before* the caller acts on the task)."""
+    tasks = s.tasks
+    seen: set[Key] = set()
+    stack = list(keys)
+    while stack:
+        key = stack.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        ts = tasks.get(key)
+        if ts is None:
+            continue
+        nxt = neighbours(ts)
+        yield ts, nxt
+        stack.extend(nxt)
+
+
+def on_cancel(s: SchedulerState, ev: CancelKeys) -> None:
+    """Cancel ``keys`` for the client, and the dependents only it wanted (all, with
+    ``force``: for every client)."""
+    if ev.client not in s.clients and not ev.force:
+        return
+    client = ev.client
+
+    def onward(ts: TaskRecord) -> Sequence[Key]:
+        wb = ts.wanted_by
+        return tuple(ts.dependents) if wb and (ev.force or wb == {client}) else ()
+
+    for ts, _ in walk(s, ev.keys, onward):
+        if not ts.wanted_by:
+            continue
+        for c in sorted(ts.wanted_by) if ev.force else [client]:
+            ccs = s.clients.get(c)
+            if ccs is None or ts.key not in ccs.wants:
+                continue
+            s.to_client(c, KeyCancelled(ts.key, "cancelled"))
+            s.drop_want(ccs, ts.key)
+
+
+def on_retry(s: SchedulerState, ev: RetryKeys) -> None:
+    """Run erred ``keys`` again, from their erred dependencies up (the roots of the
+    failure are retried; dependents follow through ``erred -> waiting``)."""
+    tasks = s.tasks
+
+    def erred_deps(ts: TaskRecord) -> Sequence[Key]:
+        if ts.state != "erred":
+            return ()
+        return [d for d in ts.dependencies if tasks[d].state == "erred"]
+
+    for ts, nxt in walk(s, ev.keys, erred_deps):
+        if ts.state == "erred" and not nxt:
+            s.recs[ts.key] = "waiting"
