@@ -199,6 +199,10 @@ def test_header_defaults_are_the_constructors(kind: str) -> None:
     not depend on the defaults of the code that reads it)."""
     import inspect
 
+    import trioscheduler.core as core
+
+    if core.compiled():  # mypyc's classes show no Python signature
+        pytest.skip("needs the interpreted core (an editable install) to read __init__'s defaults")
     params = inspect.signature(recorder.KINDS[kind].__init__).parameters
     defaults = {
         n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty
