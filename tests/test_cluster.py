@@ -62,6 +62,18 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def test_keyword_the_workers_do_not_take_fails_before_anything_starts() -> None:
+    """No scheduler or thread is started for a keyword that could never work."""
+    threads = {t.name for t in __import__("threading").enumerate()}
+    with pytest.raises(ValueError, match=r"python=.*processes=True"):
+        LocalCluster(1, processes=False, python=sys.executable)
+    with pytest.raises(TypeError, match=r"'nthread'.*Nanny \(processes=True\)"):
+        LocalCluster(1, nthread=2)
+    with pytest.raises(TypeError, match=r"'preload_nanny'.*Worker \(processes=False\)"):
+        LocalCluster(1, processes=False, preload_nanny=["x"])
+    assert {t.name for t in __import__("threading").enumerate()} <= threads
+
+
 def test_default_sizes() -> None:
     assert default_sizes(None, None, True, cores=2) == (2, 1)
     assert default_sizes(None, None, True, cores=16) == (4, 4)

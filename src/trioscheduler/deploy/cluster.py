@@ -15,6 +15,7 @@ the process-wide background loop (``trioscheduler.deploy.loop``); an asynchronou
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -43,6 +44,26 @@ _cluster_ids = itertools.count(1)
 # dask's ``loop=`` is deprecated there and has no meaning here: accepted, as dask does.
 _IGNORED = ("loop",)
 _PROTOCOLS = ("tcp", "tls", "inproc")
+
+
+def _check_worker_kwargs(worker_kwargs: dict[str, Any], processes: bool) -> None:
+    """Refuse a keyword the workers would not take now, before anything starts: dask
+    raises the worker's TypeError later, from inside the cluster's start-up."""
+    kind = Nanny if processes else Worker
+    accepted = set(inspect.signature(kind.__init__).parameters) - {"self"}
+    unknown = sorted(set(worker_kwargs) - accepted)
+    if not unknown:
+        return
+    if "python" in unknown and "python" in inspect.signature(Nanny.__init__).parameters:
+        raise ValueError(
+            "LocalCluster(python=...) starts each worker in another interpreter, which "
+            "needs worker processes: pass processes=True (threads run in this interpreter)"
+        )
+    where = "Nanny (processes=True)" if processes else "Worker (processes=False)"
+    raise TypeError(
+        f"LocalCluster got keyword(s) {', '.join(map(repr, unknown))} that its workers "
+        f"do not take: not a parameter of {where}"
+    )
 
 
 def _protocol(protocol: str | None, processes: bool, security: Security | None) -> str:
@@ -171,6 +192,7 @@ class LocalCluster(SyncAsyncFacade):
             self.scheduler_kwargs.setdefault("record", self.record / "scheduler.log")
         for name in _IGNORED:
             worker_kwargs.pop(name, None)
+        _check_worker_kwargs(worker_kwargs, processes)
         self.security = resolve_security(security)
         self.protocol = _protocol(protocol, processes, self.security)
         if interface is not None:
