@@ -359,10 +359,8 @@ class LocalCluster(SyncAsyncFacade):
                 async with trio.open_nursery() as starters:
                     for _ in range(n - len(self.workers)):
                         starters.start_soon(nursery.start, self._hold, str(next(self._names)))
-            except BaseExceptionGroup as group:
-                if len(group.exceptions) == 1:  # one worker failed to start: say which way
-                    raise group.exceptions[0] from None
-                raise
+            except BaseExceptionGroup as group:  # one worker failed to start: say which way
+                raise wire.sole_error(group) from None
         elif n < len(self.workers):
             leaving = [self._stops[name] for name in sorted(self.workers, key=int)[n:]]
             for stop, _ in leaving:

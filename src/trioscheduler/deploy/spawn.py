@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from trioscheduler import wire
 from trioscheduler.deploy import remote_setup
 from trioscheduler.server.worker_process import (
     cancel_on_stdin_eof,
@@ -164,19 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # reported to the SSH client, which raises it
-        exc = _unwrap(exc)
+        exc = wire.sole_error(exc)
         if isinstance(exc, SystemExit):
             return int(exc.code or 0)
         traceback.print_exception(exc, file=sys.stderr)
         print(ERROR_MARK + json.dumps(f"{type(exc).__name__}: {exc}"), flush=True)
         return 1
     return 0
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from typing import Any
 
 import trio
 
+from trioscheduler import wire
 from trioscheduler.deploy import remote_setup
 from trioscheduler.deploy.asyncio_thread import AsyncioThread
 from trioscheduler.deploy.facade import SyncAsyncFacade
@@ -262,10 +263,8 @@ class SSHCluster(SyncAsyncFacade):
                     n = int(self.worker_options.get("n_workers", 1))
                     try:
                         await self._start_all_workers(bridge, remotes, n)
-                    except BaseExceptionGroup as group:
-                        if len(group.exceptions) == 1:  # one host failed: say which way
-                            raise group.exceptions[0] from None
-                        raise
+                    except BaseExceptionGroup as group:  # one host failed: say which way
+                        raise wire.sole_error(group) from None
                     self.status = "running"
                     yield self
                 finally:

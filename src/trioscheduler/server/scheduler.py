@@ -56,6 +56,7 @@ from trioscheduler.server.datasets import DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
 from trioscheduler.server.diagnostics import Diagnostics
 from trioscheduler.server.event_log import EventLogWriter
+from trioscheduler.server.peers import WAITING_OPS, Peer, ProtocolViolation, unless_peer_leaves
 from trioscheduler.server.preload import preloads
 from trioscheduler.server.scheduler_ops import HANDLERS as _OPS_HANDLERS
 from trioscheduler.server.uploads import UploadStore
@@ -94,97 +95,6 @@ _NO_KEY: Any = object()
 
 
 _aliases = itertools.count(1)
-
-
-class ProtocolViolation(Exception):
-    """A peer sent something that does not belong on its connection."""
-
-
-class _Peer:
-    """A peer's batched sender, and how many of its stream messages were handled.
-
-    When to write is ``BatchedSend``'s rule alone (at once after one schedule point,
-    coalescing only bursts); this class used to add its own "write now after a quiet
-    interval" task, which that rule made redundant.
-    """
-
-    __slots__ = ("batched", "received", "waiters")
-
-    def __init__(self, batched: wire.BatchedSend) -> None:
-        self.batched = batched
-        self.received = 0  # messages handled from this peer (after its first)
-        self.waiters: list[tuple[int, trio.Event]] = []
-
-    def handled_one(self) -> None:
-        self.received += 1
-        if self.waiters:
-            still = []
-            for n, event in self.waiters:
-                if self.received >= n:
-                    event.set()
-                else:
-                    still.append((n, event))
-            self.waiters = still
-
-    async def caught_up(self, n: int) -> None:
-        """Until ``n`` messages of this peer's stream were handled (RPC after stream)."""
-        if self.received < n:
-            event = trio.Event()
-            self.waiters.append((n, event))
-            await event.wait()
-
-    def send(self, msg: Any) -> None:
-        self.batched.send_nowait(msg)
-
-
-_WAITING_OPS = frozenset({"wait_for_workers", "coord_wait"})
-
-"""RPCs that may wait indefinitely: abandoned when the requester hangs up."""
-
-
-async def _unless_peer_leaves(stream: Any, awaitable: Any) -> Any:
-    """``await awaitable``, but give up (raise ``EndOfChannel``) if the peer closes first.
-
-    The requester sends nothing while it waits for the reply, so any receive that
-    returns means it went away (or broke the protocol).
-    """
-    result: list[Any] = []
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def run() -> None:
-                result.append(await awaitable)
-                nursery.cancel_scope.cancel()
-
-            async def watch() -> None:
-                try:
-                    await stream.receive()
-                except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(run)
-            nursery.start_soon(watch)
-    except BaseExceptionGroup as group:  # the handler's own error, unwrapped (bad input)
-        raise _sole_error(group) from None
-    if not result:
-        raise trio.EndOfChannel("the requester left before the reply")
-    return result[0]
-
-
-def _only_cancelled(exc: BaseException) -> bool:
-    """``exc`` is a ``trio.Cancelled``, or a group of nothing else."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_cancelled(e) for e in exc.exceptions)
-    return isinstance(exc, trio.Cancelled)
-
-
-def _sole_error(group: BaseExceptionGroup) -> BaseException:
-    """The one exception inside nested groups, or the group itself if there are several."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 class Scheduler:
@@ -271,8 +181,8 @@ class Scheduler:
         self.recovered = False  # started from an existing log
         self._log: EventLogWriter | None = None
         self._frozen = False  # stopping with recover_from: the state stays the log's
-        self._workers: dict[str, _Peer] = {}  # address -> batched sender
-        self._clients: dict[str, _Peer] = {}  # client id -> batched sender
+        self._workers: dict[str, Peer] = {}  # address -> batched sender
+        self._clients: dict[str, Peer] = {}  # client id -> batched sender
         self._workers_changed = trio.Event()
         self._counter = itertools.count()
         self.datasets = DatasetStore(self._feed_client_event)
@@ -298,7 +208,7 @@ class Scheduler:
         except BaseExceptionGroup as group:
             # A start-up failure (address in use...) surfaces as itself, not wrapped in
             # the groups of the nurseries it passed through.
-            raise _sole_error(group) from None
+            raise wire.sole_error(group) from None
         return self
 
     async def _start(self) -> None:
@@ -428,7 +338,7 @@ class Scheduler:
             await self._stack.aclose()
         except BaseException as closing_error:
             # ... and is not replaced by a cancellation of the closing from outside.
-            if exc is None or not _only_cancelled(closing_error):
+            if exc is None or not wire.only_cancelled(closing_error):
                 raise
         finally:
             self.dashboard = None
@@ -556,7 +466,7 @@ class Scheduler:
             )
 
     @staticmethod
-    def _send(table: dict[str, _Peer], peer: str, msg: Any) -> None:
+    def _send(table: dict[str, Peer], peer: str, msg: Any) -> None:
         out = table.get(peer)
         if out is None:
             logger.debug("dropping %r for %s: not connected", type(msg).__name__, peer)
@@ -641,7 +551,7 @@ class Scheduler:
         await self._install_uploads(addr)  # before any task can reach the worker
         await self.plugins.joining(addr, add.nanny)
         async with wire.open_batched(stream, self.batch_interval) as batched:
-            self._workers[addr] = _Peer(batched)
+            self._workers[addr] = Peer(batched)
             # Small results (``{"op": "value"}``) whose TaskFinished follows in the same
             # batch; one whose TaskFinished did not come (the worker dropped the result)
             # is forgotten with the batch.
@@ -712,7 +622,7 @@ class Scheduler:
         removed = False
         # A client in this trio run (inproc) gets each message at once: no batching delay.
         async with wire.open_batched(stream, self.batch_interval, direct=True) as batched:
-            peer = self._clients[cid] = _Peer(batched)
+            peer = self._clients[cid] = Peer(batched)
             try:
                 add.now = trio.current_time()
                 self._feed(add)
@@ -765,8 +675,8 @@ class Scheduler:
                 reply: dict[str, Any] = {"status": "error", "text": f"unknown operation {op!r}"}
             else:
                 try:
-                    if op in _WAITING_OPS:
-                        result = await _unless_peer_leaves(stream, handler(self, request))
+                    if op in WAITING_OPS:
+                        result = await unless_peer_leaves(stream, handler(self, request))
                     else:
                         result = await handler(self, request)
                     reply = {"status": "OK", "result": result}

@@ -15,7 +15,7 @@ May import: ``core`` (message types) and ``errors``; nothing above.
 
 from __future__ import annotations
 
-from trioscheduler.wire._nursery import background_nursery
+from trioscheduler.wire._nursery import background_nursery, only_cancelled, sole_error
 from trioscheduler.wire.address import AddressError, parse_address
 from trioscheduler.wire.batched import BatchedSend, DirectSend, open_batched
 from trioscheduler.wire.endpoints import Listener, connect, listen
@@ -46,6 +46,8 @@ __all__ = [
     "SerializationError",
     "Stream",
     "background_nursery",
+    "only_cancelled",
+    "sole_error",
     "connect",
     "listen",
     "open_batched",

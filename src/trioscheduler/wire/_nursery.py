@@ -16,12 +16,21 @@ from contextlib import asynccontextmanager
 import trio
 
 
-def _only_cancelled(exc: BaseException) -> bool:
+def only_cancelled(exc: BaseException) -> bool:
+    """``exc`` is a ``trio.Cancelled``, or a group of nothing else."""
     if isinstance(exc, trio.Cancelled):
         return True
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(trio.Cancelled)[1] is None
     return False
+
+
+def sole_error(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups, else ``exc`` itself (a
+    group of several stays a group: nothing is dropped)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 @asynccontextmanager
@@ -47,8 +56,8 @@ async def background_nursery() -> AsyncIterator[trio.Nursery]:
     except BaseException as exc:
         if error is None:
             raise
-        if not _only_cancelled(exc):
-            if _only_cancelled(error):
+        if not only_cancelled(exc):
+            if only_cancelled(error):
                 raise  # a background task failed and cancelled the block: its error
             raise error  # noqa: B904 (the background failure becomes its __context__)
         # A cancellation from outside: drop it here (it fires again at the next
