@@ -16,8 +16,10 @@ import pytest
 
 from trioscheduler.core.errors import InvalidTransition
 from trioscheduler.core.messages import (
+    FIRE_AND_FORGET,
     AddClient,
     AddWorker,
+    CancelAll,
     CancelKeys,
     ClientDesiresKeys,
     ClientReleasesKeys,
@@ -128,6 +130,36 @@ def test_simple_chain() -> None:
     assert frees(eff) == [(A, ["c"])]
     assert s.tasks == {}
     assert s.story("a")[-1][:3] == ("a", "released", "forgotten")
+
+
+def test_fire_and_forget_keys_are_released_once_done() -> None:
+    """``fire_and_forget``: the key runs though no future holds it, and is released once
+    done (in the same ``handle`` call: a decision of the core, not of its shell)."""
+    s = cluster((A, 1))
+    s.handle(ev(AddClient, FIRE_AND_FORGET))
+    s.handle(ev(UpdateGraph, "c", [spec("shared"), spec("ok"), spec("bad")], ["shared"]))
+    s.handle(ev(ClientDesiresKeys, FIRE_AND_FORGET, ["shared", "ok", "bad"]))
+    eff = s.handle(finished(A, "ok"))
+    assert to_clients(eff) == []  # nobody to tell
+    assert frees(eff) == [(A, ["ok"])] and "ok" not in s.tasks
+    eff = s.handle(erred(A, "bad"))
+    assert to_clients(eff) == [] and "bad" not in s.tasks
+    eff = s.handle(finished(A, "shared"))
+    assert to_clients(eff) == [("c", "KeyInMemory", "shared")]  # still c's
+    assert states(s) == {"shared": "memory"} and s.tasks["shared"].wanted_by == {"c"}
+
+
+def test_cancel_all_tells_every_client_but_the_requester() -> None:
+    """``Client.restart``: every wanted key is cancelled and released; the requester is
+    not told (it cancels its own futures), the others hear why."""
+    s = cluster((A, 1))
+    s.handle(ev(UpdateGraph, "c1", [spec("a"), spec("b", ("a",))], ["b"]))
+    s.handle(ev(UpdateGraph, "c2", [spec("x")], ["x", "b"]))
+    eff = s.handle(ev(CancelAll, "c1", "restarted"))
+    assert sorted(to_clients(eff)) == [("c2", "KeyCancelled", "b"), ("c2", "KeyCancelled", "x")]
+    assert all(e.msg.reason == "restarted" for e in eff if isinstance(e, ToClient))
+    assert all(not cs.wants for cs in s.clients.values())
+    assert all(ts.state in ("released", "forgotten") for ts in s.tasks.values())
 
 
 def test_diamond() -> None:

@@ -215,6 +215,17 @@ class CancelKeys:
     force: bool = False
 
 
+@message("cancel-all")
+class CancelAll:
+    """``Client.restart``: every client's wanted keys are cancelled (each is told why,
+    except ``client``, the requester, which cancels its own futures) and released."""
+
+    stimulus_id: str
+    now: float
+    client: ClientId
+    reason: str
+
+
 @message("retry-keys")
 class RetryKeys:
     """Erred ``keys`` (and their erred dependencies) go back to waiting."""
@@ -742,7 +753,7 @@ _NESTED: dict[type[Any], list[tuple[int, str]]] = {
 
 SCHEDULER_EVENTS: tuple[type[Any], ...] = (
     AddClient, RemoveClient, UpdateGraph, UpdateData, ClientDesiresKeys, ClientReleasesKeys,
-    CancelKeys, RetryKeys, AddWorker, RemoveWorker, RetireWorker, WorkerHeartbeat,
+    CancelKeys, CancelAll, RetryKeys, AddWorker, RemoveWorker, RetireWorker, WorkerHeartbeat,
     WorkerStatusChange, TaskFinished, TaskErred, AddKeys, ReleaseWorkerData, MissingData,
     LongRunning, Reschedule, StealResponse, Tick, DropReplicas, Recovered,
 )  # fmt: skip

@@ -25,10 +25,12 @@ from trioscheduler.core import scheduler_retirement as retirement
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.errors import InvalidTransition, KilledWorker, NoValidWorkerError
 from trioscheduler.core.messages import (
+    FIRE_AND_FORGET,
     HEARTBEAT_TIMEOUT,
     AddClient,
     AddKeys,
     AddWorker,
+    CancelAll,
     CancelKeys,
     ClientDesiresKeys,
     ClientId,
@@ -37,6 +39,7 @@ from trioscheduler.core.messages import (
     DropReplicas,
     FreeKeys,
     Key,
+    KeyCancelled,
     KeyErred,
     KeyInMemory,
     Log,
@@ -85,6 +88,10 @@ from trioscheduler.core.story import StoryEntry, StoryLog
 # --------------------------------------------------------------------------------------
 
 
+_OUTCOMES: Final = (KeyInMemory, KeyErred, KeyCancelled)
+"""What a client hears when a key it wants is done, one way or another."""
+
+
 class SchedulerState:
     """All the scheduler knows. Change it only through ``handle``."""
 
@@ -95,7 +102,7 @@ class SchedulerState:
         "total_nthreads", "retiring", "_story_append", "_effects", "recs", "stimulus_id", "now",
         "_open_free", "round_robin", "retried", "worker_saturation", "worker_backlog", "queuing",
         "open", "queued", "_queue_heap", "_queue_seq", "runs", "_run_seq", "former_names", "no_workers_timeout",
-        "recovery",
+        "recovery", "forget_done",
     )  # fmt: skip
 
     def __init__(
@@ -163,6 +170,8 @@ class SchedulerState:
         self._open_free: dict[WorkerAddr, list[Key]] = {}
         self.round_robin = 0
         self.retried: list[TaskRecord] = []  # retried tasks: release them if nobody needs them
+        # fire-and-forget keys whose outcome came: released once the event is handled
+        self.forget_done: list[Key] = []
         self.worker_saturation = worker_saturation
         self.worker_backlog = worker_backlog
         self.queuing = worker_saturation != math.inf
@@ -200,6 +209,8 @@ class SchedulerState:
             handler(self, ev)
             if self.recs:
                 self.drain()
+            if self.forget_done:
+                self._release_fire_and_forget()
             if self.retried:
                 self._release_unneeded_retries()
             if self.retiring:
@@ -289,7 +300,20 @@ class SchedulerState:
         self._effects.append(ToWorker(addr, msg))
 
     def to_client(self, client: ClientId, msg: Any) -> None:
+        if client == FIRE_AND_FORGET:  # nobody listens: an outcome ends the want (dask)
+            if type(msg) in _OUTCOMES:
+                self.forget_done.append(msg.key)
+            return
         self._effects.append(ToClient(client, msg))
+
+    def _release_fire_and_forget(self) -> None:
+        keys, self.forget_done = self.forget_done, []
+        cs = self.clients.get(FIRE_AND_FORGET)
+        if cs is not None:
+            for key in keys:
+                self.drop_want(cs, key)
+            if self.recs:
+                self.drain()
 
     def emit(self, effect: Any) -> None:
         self._effects.append(effect)
@@ -760,6 +784,7 @@ _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
     ClientDesiresKeys: ce.on_desires,
     ClientReleasesKeys: ce.on_releases,
     CancelKeys: ce.on_cancel,
+    CancelAll: ce.on_cancel_all,
     RetryKeys: ce.on_retry,
     AddWorker: SchedulerState._on_add_worker,
     RemoveWorker: SchedulerState._on_remove_worker,

@@ -14,6 +14,7 @@ from trioscheduler.core import recovery
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.messages import (
     AddClient,
+    CancelAll,
     CancelKeys,
     ClientDesiresKeys,
     ClientReleasesKeys,
@@ -205,6 +206,15 @@ def on_releases(s: SchedulerState, ev: ClientReleasesKeys) -> None:
         return
     for key in ev.keys:
         s.drop_want(cs, key)
+
+
+def on_cancel_all(s: SchedulerState, ev: CancelAll) -> None:
+    for cs in list(s.clients.values()):
+        keys = sorted(cs.wants, key=repr)  # a fixed order: replays and the machine agree
+        for key in keys:
+            if cs.client != ev.client:
+                s.to_client(cs.client, KeyCancelled(key, ev.reason))
+            s.drop_want(cs, key)
 
 
 def walk(

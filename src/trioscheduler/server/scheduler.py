@@ -75,7 +75,7 @@ _CLOSE_FLUSH_TIMEOUT = 5.0  # seconds an orderly close gives the workers' CloseW
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _WORKER_EVENTS = frozenset(m.SCHEDULER_EVENTS) - {
     m.AddClient, m.RemoveClient, m.UpdateGraph, m.UpdateData, m.ClientDesiresKeys,
-    m.ClientReleasesKeys, m.CancelKeys, m.RetryKeys, m.Tick, m.AddWorker, m.DropReplicas,
+    m.ClientReleasesKeys, m.CancelKeys, m.CancelAll, m.RetryKeys, m.Tick, m.AddWorker, m.DropReplicas,
     m.Recovered,
 }  # fmt: skip
 _CLIENT_EVENTS = frozenset(
@@ -89,7 +89,6 @@ _CLIENT_EVENTS = frozenset(
         m.RemoveClient,
     }
 )
-_DONE_FOR_CLIENT = (m.KeyInMemory, m.KeyErred, m.KeyCancelled)
 _STREAMED = (m.TaskFinished, m.TaskErred, m.WorkerHeartbeat)  # what the task stream reads
 _NO_KEY: Any = object()
 
@@ -428,42 +427,26 @@ class Scheduler:
         )
 
     def _route(self, effects: list[Any]) -> None:
-        follow_up: list[Any] = []
         for eff in effects:
             t = type(eff)
             if t is m.ToWorker:
                 self._send(self._workers, eff.worker, eff.msg)
             elif t is m.ToClient:
-                if eff.client == FIRE_AND_FORGET:
-                    if isinstance(eff.msg, _DONE_FOR_CLIENT):
-                        follow_up.append(eff.msg.key)
-                else:
-                    msg = eff.msg
-                    if self._value_key is not _NO_KEY and type(msg) is m.KeyInMemory:
-                        if msg.key == self._value_key:
-                            self._send(
-                                self._clients,
-                                eff.client,
-                                {"op": "value", "key": msg.key, "value": self._value},
-                            )
-                    self._send(self._clients, eff.client, msg)
+                msg = eff.msg
+                if self._value_key is not _NO_KEY and type(msg) is m.KeyInMemory:
+                    if msg.key == self._value_key:
+                        self._send(
+                            self._clients,
+                            eff.client,
+                            {"op": "value", "key": msg.key, "value": self._value},
+                        )
+                self._send(self._clients, eff.client, msg)
             elif t is m.CloseWorker:
                 self._send(self._workers, eff.worker, eff)
             elif t is m.Log:
                 logger.log(_LOG_LEVELS.get(eff.level, logging.ERROR), "%s", eff.text)
             else:
                 logger.error("unknown effect from the scheduler core: %r", eff)
-        if follow_up:
-            # Fire-and-forget keys are released once done (dask's rule, made here until
-            # the core does it itself).
-            self._feed(
-                m.ClientReleasesKeys(
-                    self._stimulus("fire-and-forget-done"),
-                    trio.current_time(),
-                    FIRE_AND_FORGET,
-                    follow_up,
-                )
-            )
 
     @staticmethod
     def _send(table: dict[str, Peer], peer: str, msg: Any) -> None:

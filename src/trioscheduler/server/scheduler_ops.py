@@ -211,15 +211,8 @@ async def op_restart(s: Scheduler, request: dict[str, Any]) -> dict[str, Any]:
                     "refused_text": str(exc)}  # fmt: skip
     s.datasets.clear()
     s.plugins.call("restart", s)
-    requester = request.get("client")  # cancels its own futures when we answer
-    for cid, cs in list(s.state.clients.items()):
-        keys = list(cs.wants)
-        if not keys:
-            continue
-        if cid in s._clients and cid != requester:
-            for key in keys:
-                s._send(s._clients, cid, m.KeyCancelled(key, RESTART_REASON))
-        s._feed_client_event(m.ClientReleasesKeys, cid, keys)
+    # the requester cancels its own futures when we answer
+    s._feed(m.CancelAll(s._stimulus("restart"), trio.current_time(), request.get("client", ""), RESTART_REASON))
     if request.get("close_workers", True):
         for addr in plain:
             s._send(s._workers, addr, m.CloseWorker(addr, "restart"))
