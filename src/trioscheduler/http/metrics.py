@@ -75,22 +75,19 @@ class _Collector:
             "Number of task prefixes known by scheduler",
             value=len(snap.progress["name"]),
         )
-        output = GaugeMetricFamily(
-            "dask_scheduler_tasks_output_bytes",
-            "Current number of bytes in memory (without duplicates) for each prefix",
-            labels=["task_prefix_name"],
-        )
-        for prefix, nbytes in sorted(snap.prefix_nbytes.items()):
-            output.add_metric([prefix], nbytes)
-        yield output
-        compute = CounterMetricFamily(
-            "dask_scheduler_tasks_compute_seconds",
-            "Total amount of compute time spent in each prefix (while recorded)",
-            labels=["task_prefix_name"],
-        )
-        for prefix, seconds in sorted(stream.compute_seconds.items()):
-            compute.add_metric([prefix], seconds)
-        yield compute
+        per_prefix = (
+            (GaugeMetricFamily, "dask_scheduler_tasks_output_bytes",
+             "Current number of bytes in memory (without duplicates) for each prefix",
+             snap.prefix_nbytes),
+            (CounterMetricFamily, "dask_scheduler_tasks_compute_seconds",
+             "Total amount of compute time spent in each prefix (while recorded)",
+             stream.compute_seconds),
+        )  # fmt: skip
+        for family, name, documentation, values in per_prefix:
+            metric = family(name, documentation, labels=["task_prefix_name"])
+            for prefix, value in sorted(values.items()):
+                metric.add_metric([prefix], value)
+            yield metric
         memory = GaugeMetricFamily(
             "dask_worker_memory_bytes", "Memory of each worker by type", labels=["worker", "type"]
         )
