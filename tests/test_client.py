@@ -20,6 +20,7 @@ import anyio
 import pytest
 import trio
 
+from polling import wait_until
 from trioscheduler import (
     Client,
     Future,
@@ -41,11 +42,6 @@ def address(request: pytest.FixtureRequest) -> str:
         return f"inproc://test-client-{os.getpid()}-{request.node.name}"
     return "tcp://127.0.0.1:0"
 
-
-async def wait_until(predicate: Any) -> None:
-    """Poll the running system until ``predicate()`` (bounded by the test's fail_after)."""
-    while not predicate():  # noqa: ASYNC110 - another component's state, no event to wait on
-        await trio.sleep(0.01)
 
 
 @asynccontextmanager

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 import trioscheduler
+from polling import eventually
 from trioscheduler import Client, LocalCluster, default_client, get_task_stream, get_worker
 
 TIMEOUT = 60
@@ -57,17 +58,6 @@ def spin_until(path: str) -> str:
         sum(range(1000))
     return path
 
-
-def eventually(check: Callable[[], Any], what: str) -> Any:
-    """``check()``'s first truthy result; fails after ``TIMEOUT`` seconds."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ Waiting for the cluster to settle polls with a deadline (no timed assertions).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import dask
 import pytest
 
+from polling import eventually
 from trioscheduler import Client, LocalCluster
 from trioscheduler.core.replication import plan_replicas
 
@@ -27,16 +26,6 @@ def blob(i: int) -> bytes:
 def inc(x: int) -> int:
     return x + 1
 
-
-def eventually(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def copies(c: Client, fs: list[Any]) -> list[int]:

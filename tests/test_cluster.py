@@ -14,6 +14,7 @@ import psutil
 import pytest
 import trio
 
+from polling import wait_until
 from trioscheduler import wire
 from trioscheduler.client.client import Client
 from trioscheduler.core.errors import KilledWorker
@@ -43,10 +44,6 @@ def worker_children() -> list[psutil.Process]:
             pass
     return out
 
-
-async def wait_until(predicate: Any) -> None:
-    while not predicate():  # noqa: ASYNC110 - another component's state, no event to wait on
-        await trio.sleep(0.02)
 
 
 def inc(x: int) -> int:

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 import envkit
+from polling import wait_until
 from trioscheduler.client.client import Client
 from trioscheduler.deploy.cluster import open_cluster
 from trioscheduler.environments import EnvironmentRefusedError, archive
@@ -59,10 +60,6 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return envkit.shippable_venv(tmp_path_factory.mktemp("build") / "venv")
 
 
-async def wait_for(predicate: Any) -> None:
-    while not predicate():  # noqa: ASYNC110 - another component's state, no event to wait on
-        await trio.sleep(0.05)
-
 
 async def test_workers_restart_into_the_environment_and_stay_there(
     shipped: Path, tmp_path: Path
@@ -100,7 +97,7 @@ async def test_workers_restart_into_the_environment_and_stay_there(
                 old_pid, old_address, restarts = victim.pid, victim.worker_address, victim.restarts
                 os.kill(old_pid, signal.SIGKILL)
                 workers = cluster.scheduler.state.workers  # type: ignore[union-attr]
-                await wait_for(
+                await wait_until(
                     lambda: (
                         victim.restarts == restarts + 1
                         and victim.worker_address != old_address

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from polling import wait_until
 from trioscheduler import (
     Client,
     Future,
@@ -45,10 +46,6 @@ def inc(x: int) -> int:
 def fail(x: Any) -> None:
     raise ZeroDivisionError(x)
 
-
-async def wait_until(predicate: Any) -> None:
-    while not predicate():  # noqa: ASYNC110 - another component's state
-        await trio.sleep(0.01)
 
 
 @asynccontextmanager

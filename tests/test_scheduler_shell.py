@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from polling import wait_until
 from trioscheduler import Client, Scheduler, Worker, wire
 from trioscheduler.core import messages as m
 from trioscheduler.core import recorder
@@ -28,10 +29,6 @@ def address(request: pytest.FixtureRequest) -> str:
         return f"inproc://test-shell-{os.getpid()}-{request.node.name}"
     return "tcp://127.0.0.1:0"
 
-
-async def wait_until(predicate: Any) -> None:
-    while not predicate():  # noqa: ASYNC110 - the scheduler's state, no event to wait on
-        await trio.sleep(0.01)
 
 
 def add_worker(addr: str, nthreads: int = 1, name: str | None = None) -> m.AddWorker:

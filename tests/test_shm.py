@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from polling import eventually
 from trioscheduler.client.client import Client
 from trioscheduler.core import shm_policy
 from trioscheduler.deploy.cluster import LocalCluster
@@ -61,12 +61,6 @@ def holders(token: str) -> list[int]:
     pids = [me.pid, *(p.pid for p in me.children(recursive=True))]
     return [pid for pid in pids if token in shm.segments_of(pid)]
 
-
-def wait_until(cond: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def dev_shm() -> set[str]:
@@ -190,14 +184,14 @@ def test_kill_9_leaves_nothing_behind(victim: str) -> None:
         assert sorted(holders(token)) == sorted([pid_a, pid_b])
         dead, alive = (pid_a, pid_b) if victim == "sender" else (pid_b, pid_a)
         os.kill(dead, signal.SIGKILL)
-        wait_until(lambda: dead not in holders(token))
+        eventually(lambda: dead not in holders(token), "the dead holder dropped", 30)
         assert holders(token) == [alive]  # the survivor's copy is intact
         if victim == "sender":
-            wait_until(lambda: a not in c.scheduler_info()["workers"])
+            eventually(lambda: a not in c.scheduler_info()["workers"], "the worker gone", 30)
             again = c.submit(probe, x, workers=[b], pure=False).result()
             assert again["sum"] == on_b["sum"] and token_of(again["where"]) == token
         os.kill(alive, signal.SIGKILL)
-        wait_until(lambda: holders(token) == [])
+        eventually(lambda: holders(token) == [], "no holder left", 30)
     assert dev_shm() <= before
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from polling import wait_until
 from trioscheduler.client.client import Client
 from trioscheduler.server.scheduler import Scheduler
 from trioscheduler.server.worker import Worker
@@ -25,10 +26,6 @@ def counted(x: int) -> int:
     CALLS.append(next(_calls))
     return x + 1
 
-
-async def wait_until(predicate: Any) -> None:
-    while not predicate():  # noqa: ASYNC110 - another component's state, no event to wait on
-        await trio.sleep(0.01)
 
 
 async def test_a_dropped_stream_is_rejoined_and_the_held_value_offered_again() -> None:
