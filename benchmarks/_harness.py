@@ -22,11 +22,14 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 Measure = Callable[[bool], float]
 
@@ -96,6 +99,21 @@ class Result:
 
 
 REGISTRY: dict[str, Workload] = {}
+
+
+def child_result(
+    module: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``python -m module args...`` from the repository root (a fresh process per
+    sample) and return the JSON object its last line of output holds."""
+    argv = [sys.executable, "-m", module, *args]
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        argv, cwd=root, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def register(

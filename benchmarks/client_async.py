@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import register
+from benchmarks._harness import child_result, register
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS, WARM_UP = 500, 20
@@ -72,13 +71,7 @@ def _child(system: str, loop: str, n: int) -> float:
 
 def _sample(system: str, loop: str, quick: bool) -> float:
     n = 100 if quick else CALLS
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.client_async", "CHILD", system, loop, str(n)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"{system}/{loop} child failed:\n{out.stderr[-2000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["p50_ms"])
+    return float(child_result("benchmarks.client_async", "CHILD", system, loop, str(n), timeout=300)["p50_ms"])
 
 
 register(

@@ -10,13 +10,12 @@ reference is dask.distributed with the same two plugins (subclassing its classes
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import register
+from benchmarks._harness import child_result, register
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,13 +70,7 @@ def _child(system: str, n: int) -> float:
 
 def _sample(system: str, quick: bool) -> float:
     n = 1000 if quick else 10_000
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.plugins", "CHILD", system, str(n)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"{system} child failed:\n{out.stderr[-2000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["tasks_per_s"])
+    return float(child_result("benchmarks.plugins", "CHILD", system, str(n))["tasks_per_s"])
 
 
 register(

@@ -16,26 +16,18 @@ scheduler listens again), and the log's size.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from benchmarks._harness import register
+from benchmarks._harness import child_result, register
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _child(workload: str, system: str, quick: bool) -> dict[str, float]:
-    args = [sys.executable, "-m", "benchmarks._cluster_child", workload, system]
-    if quick:
-        args.append("--quick")
+    args = [workload, system, *(["--quick"] if quick else [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
-    out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    if out.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    return child_result("benchmarks._cluster_child", *args, env=env)
 
 
 def _rate(workload: str, system: str, metric: str):  # type: ignore[no-untyped-def]
