@@ -53,7 +53,6 @@ from trioscheduler.core.messages import (
     ExecuteFailure,
     ExecuteSuccess,
     GatherDep,
-    MemoryMeasured,
     RemoveWorker,
     RescheduleEvent,
     RetireWorker,
@@ -63,10 +62,10 @@ from trioscheduler.core.messages import (
     SpillWritten,
     ToScheduler,
     Unspill,
-    WorkerHeartbeat,
 )
 from trioscheduler.core.worker import WorkerState
 from trioscheduler.server import diagnostics, memory, profiling, task_context
+from trioscheduler.server import worker_monitor as monitor
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.event_log import EventLogWriter
 from trioscheduler.server.executor import Done, ThreadExecutor
@@ -329,9 +328,9 @@ class Worker(RunsInAsyncWith):
         await self._join(self.connect_timeout)
         assert self._work is not None
         self._work.start_soon(self._finish_loop)
-        self._work.start_soon(self._heartbeat_loop)
+        self._work.start_soon(monitor.heartbeat_loop, self)
         profiling.sampler()  # Client.profile: samples task threads while tasks run
-        self._work.start_soon(self._memory_loop)
+        self._work.start_soon(monitor.memory_loop, self)
         if self.lifetime is not None:
             self._work.start_soon(self._end_of_life, self.lifetime)
 
@@ -572,21 +571,6 @@ class Worker(RunsInAsyncWith):
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             logger.debug("worker %s: dropped %r: %s", self.address, msg, exc)
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await trio.sleep(self.heartbeat_interval)
-            metrics = self.metrics()
-            # the fetches since the last heartbeat, for the scheduler's task stream
-            metrics["transfers"], self._transfers = self._transfers, []
-            self._send(
-                WorkerHeartbeat(
-                    stimulus_id=_stimulus("heartbeat"),
-                    now=_now(),
-                    worker=self.address,
-                    metrics=metrics,
-                )
-            )
-
     def log_event(self, topic: str | list[str], msg: Any) -> None:
         """Record ``msg`` under ``topic`` on the scheduler (``Client.get_events``,
         ``subscribe_topic``); callable from a task thread or the worker's loop."""
@@ -602,45 +586,7 @@ class Worker(RunsInAsyncWith):
 
     def metrics(self) -> dict[str, Any]:
         """What the heartbeat tells the scheduler (and dashboards) about this worker."""
-        store = self.store
-        state = self.state
-        try:
-            rss = int(self._process.memory_info().rss)
-        except psutil.Error:
-            rss = 0
-        return {
-            "time": time.time(),
-            "memory": rss,
-            "memory_limit": self.memory_limit or 0,
-            "managed_bytes": getattr(state, "managed_bytes", 0),
-            "spilled_bytes": store.spilled_bytes if store is not None else 0,
-            "spilled_keys": len(store.spilled) if store is not None else 0,
-            "in_memory": len(store.memory) if store is not None else 0,
-            "executing": len(self._executing),
-            "status": getattr(state, "status", self.status),
-            "cpu": self._cpu_percent(),
-        }
-
-    def _cpu_percent(self) -> float:
-        try:
-            return float(self._process.cpu_percent(None))  # since the previous call
-        except psutil.Error:
-            return 0.0
-
-    async def _memory_loop(self) -> None:
-        while True:
-            try:
-                rss = int(self._process.memory_info().rss)
-            except psutil.Error:
-                rss = 0
-            if self.shared_memory:  # shared segments count once per host
-                rss = shm_policy.process_memory(rss, shm.rss_shared(), shm.owned_bytes())
-            self.handle(
-                MemoryMeasured(
-                    stimulus_id=_stimulus("memory-measured"), now=_now(), process_memory=rss
-                )
-            )
-            await trio.sleep(self.memory_monitor_interval)
+        return monitor.metrics(self)
 
     # ----------------------------------------------------------------------------------
     # The core and its instructions
