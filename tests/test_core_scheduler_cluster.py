@@ -34,6 +34,8 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.scheduler import SchedulerState
+from trioscheduler.core.sim_records import ALWAYS, SimTask
+from trioscheduler.core.simulator import ClusterSimulator
 from trioscheduler.core.worker import WorkerState
 
 _ids = itertools.count()
@@ -229,3 +231,33 @@ def test_scatter_racing_its_free_keys_ends_in_an_error_not_a_hang() -> None:
     for m in erred.values():
         assert "'d'" in m.exception_text and "Scatter it again" in m.exception_text
     assert sim.s.tasks["f"].state == "erred"
+
+
+
+def test_fire_and_forget_and_restart_through_the_simulator() -> None:
+    """Both decisions the shell used to make, now the core's, through both cores: a
+    fire-and-forget key runs to its outcome and is released; a restart cancels every
+    client's keys (the others are told) and leaves nothing running or held."""
+    sim = ClusterSimulator(validate=True)
+    sim.add_worker()
+    sim.add_worker()
+    graph = [SimTask("a"), SimTask("b", ["a"]), SimTask("bad", fail_attempts=ALWAYS)]
+    sim.submit("c", graph, ["b", "bad"])
+    sim.fire_and_forget(["b", "bad"])
+    sim.release("c", ["b", "bad"])  # the futures go; the work must still happen
+    assert not sim.settle()
+    assert sim.client_msgs.get("c") is None  # c had released them: told nothing
+    moves = {(k, start, finish) for k, start, finish, *_ in sim.scheduler.story("b", "bad")}
+    assert {("b", "processing", "memory"), ("bad", "processing", "erred")} <= moves
+    assert "b" not in sim.scheduler.tasks and "bad" not in sim.scheduler.tasks  # released
+
+    sim.submit("c", [SimTask("x"), SimTask("y", ["x"])], ["y"])
+    sim.submit("d", [SimTask("z", ["x"])], ["z", "y"])
+    sim.restart_clients("c")
+    assert not sim.settle()
+    assert {k: type(m).__name__ for k, m in sim.client_msgs["d"].items()} == {
+        "y": "KeyCancelled", "z": "KeyCancelled",
+    }  # fmt: skip
+    assert "y" not in sim.client_msgs.get("c", {})  # the requester is not told
+    assert sim.scheduler.tasks == {}
+    assert all(not w.state.tasks for w in sim.workers.values())

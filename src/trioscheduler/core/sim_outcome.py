@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from trioscheduler.core.errors import KilledWorker
 from trioscheduler.core.invariants import validate
-from trioscheduler.core.messages import Key, KeyErred, KeyInMemory
+from trioscheduler.core.messages import FIRE_AND_FORGET, Key, KeyErred, KeyInMemory
 from trioscheduler.core.sim_records import SimulatedFailure, SimulationError, holds_thread
 from trioscheduler.errors import TrioSchedulerError
 
@@ -85,6 +85,9 @@ def check_outcome(sim: ClusterSimulator) -> list[str]:
             holder = sim.workers.get(addr)
             if holder is None or not (k in holder.data or k in holder.disk or k in holder.writing):
                 problems.append(f"scheduler thinks {addr} holds {k!r}; it does not")
+    forgotten = s.clients.get(FIRE_AND_FORGET)
+    if forgotten is not None and forgotten.wants:  # each had an outcome: released then
+        problems.append(f"fire-and-forget keys still wanted: {sorted(forgotten.wants, key=repr)}")
     for client, wants in sim.wants.items():
         cs = s.clients.get(client)
         have = set(cs.wants) if cs is not None else set()

@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from trioscheduler.core.messages import (
+    FIRE_AND_FORGET,
     AddClient,
     AddWorker,
+    CancelAll,
     CancelKeys,
     ClientDesiresKeys,
     ClientReleasesKeys,
@@ -507,6 +509,21 @@ class ClusterSimulator:
         self._to_scheduler(RetryKeys(sid, now, client, list(keys)))
         if self.oracle is not None:
             self.oracle.retried(k for k in erred if k not in tasks or tasks[k].state != "erred")
+
+    def fire_and_forget(self, keys: list[Key]) -> None:
+        """``fire_and_forget(futures)``: the scheduler's own client wants ``keys`` until
+        each has an outcome (then the core releases it; ``check_outcome`` says if not)."""
+        sid, now = self._sid("fire-and-forget")
+        if FIRE_AND_FORGET not in self.scheduler.clients:  # the shell adds it at start
+            self._to_scheduler(AddClient(sid, now, FIRE_AND_FORGET))
+        self._to_scheduler(ClientDesiresKeys(sid, now, FIRE_AND_FORGET, list(keys)))
+
+    def restart_clients(self, requester: str) -> None:
+        """``Client.restart``'s cancellation: every want ends; the requester drops its
+        own futures, the others as ``KeyCancelled`` arrives."""
+        self.wants.get(requester, set()).clear()
+        sid, now = self._sid("restart")
+        self._to_scheduler(CancelAll(sid, now, requester, "restarted"))
 
     def remove_client(self, client: str) -> None:
         self.wants.pop(client, None)
