@@ -6,8 +6,8 @@ why there is no ``zict.Buffer`` here: a buffer with its own LRU would make the s
 decision a second time, behind the core's back. The disk side is one file per key
 holding a pickle protocol 5 stream plus its out-of-band buffers as separate frames, so a
 numpy array or a bytes object goes to disk without being copied into the pickle and
-comes back byte-identical; large buffers come back mapped copy-on-write from the page
-cache rather than read. A value read back into memory keeps its spill file (values
+comes back byte-identical; large files bypass the page cache (``O_DIRECT``, see
+``spill_file``). A value read back into memory keeps its spill file (values
 are immutable once stored), so spilling it again only drops the in-memory reference;
 the file goes when the key is deleted or given a new value. A value that cannot be
 pickled stays in memory; the first such value warns once (``TrioSchedulerWarning``),
@@ -23,11 +23,8 @@ stays readable until its file is complete.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import pickle
 import shutil
-import struct
 import tempfile
 import threading
 import warnings
@@ -37,6 +34,7 @@ from typing import Any
 import psutil
 
 from trioscheduler.errors import TrioSchedulerWarning
+from trioscheduler.server.spill_file import read_value, serialize, write_frames
 
 logger = logging.getLogger("trioscheduler.memory")
 
@@ -121,120 +119,6 @@ def parse_memory_limit(memory_limit: str | float | None, *, nworkers: int = 1) -
 # --------------------------------------------------------------------------------------
 # Spill files
 # --------------------------------------------------------------------------------------
-
-_HEAD = struct.Struct("<BI")  # kind, number of frames; then one <Q length per frame
-_PICKLE, _BYTES, _BYTEARRAY = 0, 1, 2
-ALIGN = 64  # every frame starts at a multiple of this: a mapped numpy buffer is aligned
-MAP_MIN = 1 << 20  # read back by mapping the file when a buffer frame is at least this big
-_CAN_MAP = os.name == "posix"  # Windows cannot delete a file that is mapped
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def serialize(value: Any) -> tuple[int, list[memoryview | bytes]]:
-    """``(kind, frames)`` for a spill file, never copying a large buffer.
-
-    ``bytes``/``bytearray`` are written raw (pickle would copy them into its stream);
-    anything else is pickle protocol 5 with out-of-band buffers, so a numpy array's
-    data is one frame of its own. Plain pickle first (fast, exact), cloudpickle for what
-    it refuses (lambdas, classes defined in ``__main__``). Raises what pickling raises.
-    """
-    kind = type(value)
-    if kind is bytes:
-        return _BYTES, [value]
-    if kind is bytearray:
-        return _BYTEARRAY, [memoryview(value)]
-    buffers: list[pickle.PickleBuffer] = []
-    try:
-        head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    except Exception:
-        import cloudpickle  # only for what plain pickle refuses
-
-        buffers.clear()
-        head = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    frames: list[memoryview | bytes] = [head]
-    frames.extend(b.raw() for b in buffers)  # contiguous views of the buffers
-    return _PICKLE, frames
-
-
-def _layout(lengths: list[int] | tuple[int, ...]) -> tuple[int, list[int]]:
-    """Size of the header block and each frame's offset (frames aligned to ``ALIGN``)."""
-    head = _aligned(_HEAD.size + 8 * len(lengths))
-    offsets = []
-    at = head
-    for n in lengths:
-        offsets.append(at)
-        at = _aligned(at + n)
-    return head, offsets
-
-
-def write_frames(path: str, kind: int, frames: list[memoryview | bytes]) -> int:
-    """Write serialized frames to a new spill file at ``path``; return the bytes written.
-
-    Unbuffered writes straight from the frames' memory (no copy into a file buffer),
-    and no fsync: a spill file only has to outlive the process's need for it.
-    """
-    views = [memoryview(f).cast("B") for f in frames]
-    lengths = [v.nbytes for v in views]
-    head, offsets = _layout(lengths)
-    header = _HEAD.pack(kind, len(views)) + struct.pack(f"<{len(views)}Q", *lengths)
-    with open(path, "wb", buffering=0) as f:
-        _write_all(f, memoryview(header.ljust(head, b"\0")))
-        at = head
-        for view, offset in zip(views, offsets, strict=True):
-            if offset > at:
-                _write_all(f, memoryview(bytes(offset - at)))
-            _write_all(f, view)
-            at = offset + view.nbytes
-    return at
-
-
-def _write_all(f: Any, view: memoryview) -> None:
-    done, total = 0, view.nbytes
-    while done < total:
-        done += f.write(view[done:])
-
-
-def read_value(path: str) -> Any:
-    """The value in a spill file.
-
-    A pickled value with a buffer of ``MAP_MIN`` bytes or more is mapped copy-on-write
-    instead of read: a task that touches part of a large array reads only those pages,
-    and the pages come from the page cache without a copy. Other buffers are read
-    straight into their final memory.
-    """
-    with open(path, "rb", buffering=0) as f:
-        kind, count = _HEAD.unpack(f.read(_HEAD.size))
-        lengths = struct.unpack(f"<{count}Q", f.read(8 * count))
-        head, offsets = _layout(lengths)
-        end = offsets[-1] + lengths[-1] if count else head
-        if os.fstat(f.fileno()).st_size < end:
-            raise OSError(f"spill file {path} is truncated")
-        if kind == _PICKLE and _CAN_MAP and any(n >= MAP_MIN for n in lengths[1:]):
-            body: Any = memoryview(mmap.mmap(f.fileno(), end, access=mmap.ACCESS_COPY))
-            start = 0
-        else:
-            f.seek(head)
-            if kind == _BYTES:
-                data = f.read(lengths[0])  # one allocation, no copy after it
-                if len(data) != lengths[0]:
-                    raise OSError(f"spill file {path} is truncated")
-                return data
-            raw = bytearray(end - head)
-            view = memoryview(raw)
-            done = 0
-            while done < len(raw):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise OSError(f"spill file {path} is truncated")
-                done += n
-            if kind == _BYTEARRAY:
-                return raw  # one frame, at ``head``: the bytearray is the value
-            body, start = view, head
-    frames = [body[o - start : o - start + n] for o, n in zip(offsets, lengths, strict=True)]
-    return pickle.loads(frames[0], buffers=frames[1:])
 
 
 class UnpicklableValue(Exception):
