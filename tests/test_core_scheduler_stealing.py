@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from test_core_scheduler import A, B, C, cluster, computes, ev, finished, spec, states
+from test_core_scheduler import A, B, C, cluster, computes, ev, finished, frees, spec, states
 from trioscheduler.core.messages import (
     AcquireReplicas,
     AddKeys,
@@ -90,6 +90,50 @@ def test_steal_accepted_refused_and_late() -> None:
 
     eff = s.handle(ev(Tick, now=2.0))  # B has one free slot again
     assert len(steal_requests(eff)) == 1
+
+
+def input_held_by_a_third_worker() -> tuple[SchedulerState, Any]:
+    """Tasks reading ``x`` pile up on A (one thread); B (idle) is asked to take one; then
+    C, idle with eight threads, gets a replica of ``x`` before the victim answers."""
+    s = cluster((A, 1), worker_saturation=math.inf)
+    s.handle(ev(UpdateData, "c", {"x": [A]}, {"x": 1000}))
+    s.handle(ev(UpdateGraph, "c", [spec(f"t-{i}", ("x",)) for i in range(6)], [f"t-{i}" for i in range(6)]))
+    s.handle(ev(AddWorker, B, 2))
+    s.handle(ev(Tick, now=1.0))
+    key = next(iter(s.steals))
+    assert s.steals[key].thief == B
+    s.handle(ev(AddWorker, C, 8))
+    s.handle(ev(AddKeys, C, {"x": 1000}))
+    return s, key
+
+
+def test_steal_confirmed_moves_the_task_to_the_thief() -> None:
+    s, key = input_held_by_a_third_worker()
+    eff = s.handle(answer(s, A, key, "ready"))
+    assert computes(eff) == [(B, key)]  # the victim dropped it as asked: it runs on B
+    assert frees(eff) == []
+
+
+@pytest.mark.parametrize("state", ["released", None, "fetch", "flight", "missing"])
+def test_steal_answered_released_or_unknown_places_the_task_again(state: str | None) -> None:
+    """As dask's ``move_task_confirm``: a victim that does not hold the task queued
+    (released, unknown, only fetching the key) voids the plan the steal was made on;
+    the task is placed afresh, here on C, which holds its input and is idle, rather
+    than sent to the thief, which would have to fetch ``x``."""
+    s, key = input_held_by_a_third_worker()
+    eff = s.handle(answer(s, A, key, state))
+    assert computes(eff) == [(C, key)]
+    assert frees(eff) == [(A, [key])]  # the victim is told the task is not its own
+    assert s.tasks[key].processing_on == C
+    assert [e[1:3] for e in s.story(key)[-2:]] == [("processing", "waiting"), ("waiting", "processing")]
+    assert key not in s.steals and s.workers[B].incoming_steals == len(s.steals)
+
+
+@pytest.mark.parametrize("state", ["executing", "long-running", "memory", "error", "cancelled", "resumed"])
+def test_steal_refused_leaves_the_task_on_the_victim(state: str) -> None:
+    s, key = input_held_by_a_third_worker()
+    assert s.handle(answer(s, A, key, state)) == []
+    assert s.tasks[key].processing_on == A and s.workers[B].incoming_steals == len(s.steals)
 
 
 def test_answer_to_an_earlier_request_is_ignored() -> None:

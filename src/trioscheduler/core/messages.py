@@ -391,8 +391,9 @@ class Reschedule:
 class StealResponse:
     """Answer to ``StealRequest``: ``state`` the task had on the victim (None if unknown).
 
-    The steal succeeds only if the state was ``waiting``/``ready``/``fetch``/``flight``
-    (the task had not started) and the scheduler still expects this answer.
+    If the scheduler still expects this answer: ``waiting``/``ready``/``constrained``
+    (queued, now dropped) moves the task to the thief; a running or finished task stays;
+    any other state (``released``, None, a transfer) places the task again.
     """
 
     stimulus_id: str

@@ -70,7 +70,8 @@ from trioscheduler.core.placement import satisfies
 from trioscheduler.core.scheduler_invariants import validate_scheduler
 from trioscheduler.core.scheduler_records import (
     STATES,
-    STEALABLE_STATES,
+    STEAL_CONFIRM,
+    STEAL_REJECT,
     ClientRecord,
     ErrorInfo,
     PendingSteal,
@@ -728,12 +729,14 @@ class SchedulerState:
         ts = self.tasks.get(ev.key)
         if ts is None or ts.state != "processing" or ts.processing_on != pending.victim:
             return
-        if ev.state not in STEALABLE_STATES:
+        if ev.state in STEAL_REJECT:
             return  # the victim already runs it (or has finished): the steal failed
         self.recs.pop(ts.key, None)
-        if thief is not None and satisfies(self, ts, thief):
+        if ev.state in STEAL_CONFIRM and thief is not None and satisfies(self, ts, thief):
             tr.move_processing(self, ts, thief)
         else:
+            # the victim does not hold it queued (released, unknown) or the thief is gone
+            # or unfit: decide again where it runs (dask's move_task_confirm reschedules)
             self.transition(ts, "waiting")
 
     def _on_tick(self, ev: Tick) -> None:

@@ -24,11 +24,16 @@ STATES: Final = (
     "erred",
     "forgotten",
 )
-# States a victim may report for a task it had not started: then it is safe to move.
-# ``released``/None mean the victim does not hold the task at all (it is not running it).
-STEALABLE_STATES: Final = frozenset(
-    {"waiting", "ready", "fetch", "flight", "constrained", "released", None}
+# What a victim's answer to a ``StealRequest`` means (dask's ``stealing.py`` sets):
+# it held the task queued and has dropped it: move it to the thief;
+STEAL_CONFIRM: Final = frozenset({"waiting", "ready", "constrained"})
+# it runs it, has run it or is bringing its value: the steal failed, the task stays.
+STEAL_REJECT: Final = frozenset(
+    {"executing", "long-running", "memory", "error", "cancelled", "resumed"}
 )
+# Any other answer (``released``, None: unknown there, or only a transfer of the key)
+# means the victim does not hold the task as queued, so the steal's premise is gone:
+# placement is decided again (``processing -> waiting``), not handed to the thief.
 
 
 # --------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from trioscheduler.core.messages import (
     Spill,
     SpillFailed,
     SpillWritten,
+    StealResponse,
     TaskSpec,
     Tick,
     ToClient,
@@ -171,6 +172,12 @@ class ClusterSimulator:
         for ev in events:
             name = f"{where}:{type(ev).__name__}"
             counts[name] = counts.get(name, 0) + 1
+            if type(ev) is StealResponse:
+                # the victim's answer to a request still pending: moved, refused, placed again
+                p = self.scheduler.steals.get(ev.key)
+                if p is not None and p.victim == ev.worker and p.stimulus_id == ev.stimulus_id:
+                    name = f"scheduler:steal-answer={ev.state}"
+                    counts[name] = counts.get(name, 0) + 1
 
     def _to_scheduler(self, *events: Any) -> None:
         self._route_effects(self._scheduler_handle(events))
