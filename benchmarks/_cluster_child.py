@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks._cluster_tasks import add, first, inc, make_array, nbytes_of, total
+from benchmarks._cluster_tasks import add, first, inc, make_array, nbytes_of, peak_rss, total
 
 SYSTEMS = ("trio", "trio-log", "dask", "dask-inf")
 MB = 1_000_000
@@ -266,9 +266,13 @@ def w_spill(s: System, quick: bool) -> dict[str, Any]:
             error = f"{type(exc).__name__}: {exc}"[:300]
         elapsed = time.perf_counter() - start
         after = workers_of(client)
+        try:  # the worker's peak RSS over its life (the workload is most of it)
+            worker_rss = max(client.run(peak_rss).values()) / MB
+        except Exception:
+            worker_rss = float("nan")
     completed = float(finished and before == after)
     return {"seconds": elapsed, "completed": completed, "finished": finished, "value": value, "expected": expected,
-            "worker_restarted": before != after, "error": error}  # fmt: skip
+            "worker_restarted": before != after, "error": error, "worker_peak_rss_mb": worker_rss}  # fmt: skip
 
 
 def w_api(s: System, quick: bool) -> dict[str, Any]:

@@ -36,3 +36,17 @@ def nbytes_of(arr: Any) -> int:
 
 def total(*xs: float) -> float:
     return float(sum(xs))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (bytes): ``VmHWM``, else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

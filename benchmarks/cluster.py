@@ -15,7 +15,8 @@ other row reads the same subprocesses' metrics (each row reads each run once):
 
 * ``cluster-<w>-inf``: ours against dask with ``worker-saturation = inf``;
 * ``cluster-map-mem`` / ``cluster-tree-mem``: peak RSS delta per task (bytes);
-* ``cluster-latency-p99``; ``cluster-spill-completed``;
+* ``cluster-latency-p99``; ``cluster-spill-completed``; ``cluster-spill-rss`` (the
+  spilling worker's peak RSS);
 * ``cluster-transfer-raw``: ours against a raw loopback socket
   (``benchmarks.wire.raw_large``: 200 MB x 3 ``sendall``, measured then and there).
 
@@ -210,6 +211,14 @@ register(
     reference_label="dask.distributed (default)",
 )  # fmt: skip
 register(
+    "cluster-spill-rss",
+    description="7. peak RSS of the spilling worker process (MB, VmHWM read by client.run "
+    "after the sum; issue 20: no higher than dask's).", unit="MB", higher_is_better=False,
+    target=1.0, ours=derived("cluster-spill-rss", "spill", "trio", "worker_peak_rss_mb"),
+    reference=derived("cluster-spill-rss", "spill", "dask", "worker_peak_rss_mb"),
+    reference_label="dask.distributed (default)",
+)  # fmt: skip
+register(
     "cluster-latency-p99", description="3. p99 of the same 500 submits (ms).", unit="ms",
     higher_is_better=False, ours=derived("cluster-latency-p99", "small", "trio", "p99_ms"),
     reference=derived("cluster-latency-p99", "small", "dask", "p99_ms"),
@@ -291,6 +300,7 @@ def summary(path: Path) -> str:
         "cluster-latency-p99",
         "cluster-transfer-raw",
         "cluster-spill-completed",
+        "cluster-spill-rss",
     )
     for extra in extras:
         r = rows.get(extra)
