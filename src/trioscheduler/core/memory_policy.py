@@ -7,7 +7,12 @@ and "should we pause?", so the policy can be read and tested without a state mac
 Thresholds follow dask's ``distributed.worker.memory.*``: fractions of the memory limit,
 ``None`` disables that threshold, and a memory limit of 0 disables all of them.
 
-* ``target``: after storing a value, spill LRU keys while *managed* RAM exceeds it.
+* ``target``: after storing a value, spill LRU keys while *managed* RAM exceeds it,
+  less the ``write_ahead`` allowance: a spilled value stays in RAM until its file is
+  complete, and a task may start with up to ``write_ahead`` bytes unwritten, so spilling
+  down to ``target - write_ahead`` keeps what managed values hold in RAM (in memory plus
+  being written) under ``target`` whenever a task starts, as dask's synchronous spill
+  does (``spill_goal``).
 * ``spill``: when the measured *process* memory exceeds it, spill LRU keys until the
   process would be back under ``target`` (or under ``spill`` if ``target`` is disabled).
 * ``pause``: while the process memory exceeds it, start no task and fetch nothing.
@@ -53,11 +58,20 @@ class MemoryThresholds:
         return cls(limit, absolute(target), absolute(spill), absolute(pause), absolute(write_ahead))
 
 
+def spill_goal(th: MemoryThresholds) -> int | None:
+    """Managed bytes in memory that spilling brings us down to: ``target`` less the
+    write-ahead allowance (``None``: no target)."""
+    if th.target is None:
+        return None
+    return max(0, th.target - (th.write_ahead or 0))
+
+
 def target_excess(memory_bytes: int, th: MemoryThresholds) -> int:
-    """Bytes of managed RAM above ``target`` (0 when under it or disabled)."""
-    if th.target is None or memory_bytes <= th.target:
+    """Bytes of managed RAM above the spill goal (0 when under it or disabled)."""
+    goal = spill_goal(th)
+    if goal is None or memory_bytes <= goal:
         return 0
-    return memory_bytes - th.target
+    return memory_bytes - goal
 
 
 def process_excess(process_memory: int, th: MemoryThresholds) -> int:

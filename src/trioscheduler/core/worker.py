@@ -91,7 +91,7 @@ class WorkerState:
         "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
         "managed_bytes", "writing", "writing_bytes", "executing", "long_running", "missing", "in_flight",
         "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added", "_dropped",
-        "_story", "_story_append", "_serial", "_starts", "process_memory",
+        "_story", "_story_append", "_serial", "_starts", "process_memory", "_spill_goal",
     )  # fmt: skip
 
     def __init__(
@@ -117,6 +117,7 @@ class WorkerState:
         self.thresholds = mp.MemoryThresholds.from_fractions(
             memory_limit, target, spill, pause, write_ahead
         )
+        self._spill_goal = mp.spill_goal(self.thresholds)  # managed bytes spilling aims at
         self.transfer_incoming_count_limit = transfer_incoming_count_limit
         self.transfer_message_bytes_limit = transfer_message_bytes_limit
         self.validate = validate
@@ -215,8 +216,8 @@ class WorkerState:
             gone = [k for k in dropped if (t := tasks.get(k)) is None or t.state != "memory"]
             if gone:
                 out.append(ToScheduler(ReleaseWorkerData(stim, now, self.address, gone)))
-        target = self.thresholds.target
-        if target is not None and self.memory_bytes > target:
+        goal = self._spill_goal
+        if goal is not None and self.memory_bytes > goal:
             self._spill_to_target(out, ())
         if (self._ready or self._constrained) and len(self.executing) < self.nthreads:
             ensure_computing(self, stim, now, out)

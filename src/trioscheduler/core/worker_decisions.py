@@ -52,7 +52,7 @@ def ensure_computing(ws: WorkerState, stim: str, now: float, out: list[Any]) -> 
     if ws.status != "running":
         return
     executing = ws.executing
-    target = ws.thresholds.target
+    goal = ws._spill_goal
     write_ahead = ws.thresholds.write_ahead
     started: list[WorkerTask] = []  # their inputs are kept from spilling (if it comes to that)
     while len(executing) < ws.nthreads:
@@ -68,7 +68,7 @@ def ensure_computing(ws: WorkerState, stim: str, now: float, out: list[Any]) -> 
         ws._starts += 1
         if ts.dependencies:  # (every consumer has some)
             started.append(ts)
-            if target is not None and ws.memory_bytes > target:
+            if goal is not None and ws.memory_bytes > goal:
                 # never push out what a task started by this event is about to read
                 ws._spill_to_target(out, _inputs_of(started))
 
