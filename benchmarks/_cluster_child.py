@@ -44,6 +44,7 @@ class System:
 
             self.LocalCluster = trioscheduler.LocalCluster
             self.Client = trioscheduler.Client
+            self.wait = trioscheduler.wait
             self.version = getattr(trioscheduler, "__version__", "dev")
         else:
             import dask
@@ -54,6 +55,7 @@ class System:
                 dask.config.set({"distributed.scheduler.worker-saturation": float("inf")})
             self.LocalCluster = distributed.LocalCluster
             self.Client = distributed.Client
+            self.wait = distributed.wait
             self.version = distributed.__version__
         self.info: dict[str, Any] = {"system": name, "version": self.version}
 
@@ -248,7 +250,9 @@ def w_small(s: System, quick: bool) -> dict[str, Any]:
     return metrics
 
 
-def w_spill(s: System, quick: bool) -> dict[str, Any]:
+def w_spill(s: System, quick: bool, readback: bool = False) -> dict[str, Any]:
+    """Workload 7; with ``readback`` (``spillback``) every array is made before any
+    ``first`` runs, so the spilled ones (~24 of 30) are read back from disk."""
     count, size, limit = (8, 50 * MB, "400MiB") if quick else (30, 100 * MB, "1GiB")
     expected = float(sum(range(count)))
     finished, error, value = False, None, None
@@ -259,6 +263,8 @@ def w_spill(s: System, quick: bool) -> dict[str, Any]:
             arrays = [
                 client.submit(make_array, size, i, float(i), pure=False) for i in range(count)
             ]
+            if readback:
+                s.wait(arrays)  # all made (and most spilled) before any is read
             firsts = client.map(first, arrays, pure=False)
             value = client.submit(total, *firsts, pure=False).result()
             finished = value == expected
@@ -336,6 +342,7 @@ WORKLOADS: dict[str, Callable[[System, bool], dict[str, Any]]] = {
     "tree": w_tree,
     "small": w_small,
     "spill": w_spill,
+    "spillback": lambda s, quick: w_spill(s, quick, readback=True),
 }
 
 

@@ -205,7 +205,7 @@ class _Stage:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._map = mmap.mmap(-1, _STAGE)
+        self._map = _anonymous(_STAGE)
         self.buf = memoryview(self._map)
         self.pos = 0  # file offset of the buffer's first byte (a multiple of BLOCK)
         self.fill = 0  # bytes staged
@@ -303,6 +303,22 @@ def _read_into(f: Any, view: memoryview, path: str) -> None:
         done += n
 
 
+def _anonymous(size: int) -> mmap.mmap:
+    """``size`` bytes of page-aligned private memory (``mmap.mmap(-1, n)`` alone would be
+    shared memory, slower to fault in), in huge pages where the system gives them: as
+    numpy's large arrays are. Reading 100 MB into it cost 0.1 s of CPU against 0.6 s
+    for shared memory (``/tmp`` script, 8 reads)."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    buf = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and size >= 1 << 21:
+        try:
+            buf.madvise(advice)
+        except OSError:  # pragma: no cover - a kernel without transparent huge pages
+            pass
+    return buf
+
+
 def _read_direct(path: str, end: int) -> memoryview | None:
     """The first ``end`` bytes of ``path`` in a page-aligned anonymous buffer, read
     with ``O_DIRECT``; None where that is refused."""
@@ -315,7 +331,7 @@ def _read_direct(path: str, end: int) -> memoryview | None:
         return None
     try:
         size = -(-end // BLOCK) * BLOCK
-        buf = mmap.mmap(-1, size)
+        buf = _anonymous(size)
         view = memoryview(buf)
         done = 0
         try:
