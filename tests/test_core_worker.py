@@ -224,6 +224,49 @@ def test_fetch_in_flight_limit_and_spreading() -> None:
     assert out[-1] == GatherDep("w2", ["b"], 1024)
 
 
+def test_fetch_bytes_in_flight_limit() -> None:
+    """dask's ``transfer_incoming_bytes_limit``: the bytes in flight stay within it,
+    whatever the count limit would allow; the rest waits for a transfer to end."""
+    deps = {"a": ["w1"], "b": ["w2"], "c": ["w3"]}
+    sizes = {"a": 400, "b": 500, "c": 300}
+    ws = ws_(transfer_incoming_bytes_limit=1000)
+    out = ws.handle(compute("y", deps, nbytes=sizes))
+    # a and b (900 bytes) fit; c would take the bytes in flight to 1200: it waits
+    assert out == [GatherDep("w1", ["a"], 400), GatherDep("w2", ["b"], 500)]
+    assert ws.transfer_incoming_bytes == 900
+    out = ws.handle(GatherDepSuccess("g", 2.0, "w1", {"a": 400}))
+    assert out == [ToScheduler(AddKeys("g", 2.0, W, {"a": 400})), GatherDep("w3", ["c"], 300)]
+    assert ws.transfer_incoming_bytes == 800
+    # None (the core's default, dask's without a memory limit): only the count limit
+    assert len(ws_().handle(compute("y", deps, nbytes=sizes))) == 3
+
+
+def test_fetch_bytes_limit_lets_one_big_key_through_alone() -> None:
+    """A key larger than the limit is still fetched when nothing else is in flight (else
+    it could never arrive), and nothing joins it until it is here."""
+    ws = ws_(transfer_incoming_bytes_limit=100)
+    out = ws.handle(compute("y", {"big": ["w1"], "small": ["w2"]}, nbytes={"big": 5000, "small": 10}))
+    assert out == [GatherDep("w1", ["big"], 5000)]
+    ws2 = ws_(transfer_incoming_bytes_limit=100)
+    out = ws2.handle(compute("y", {"big": ["w1"], "small": ["w1"]}, nbytes={"big": 5000, "small": 10}))
+    assert out == [GatherDep("w1", ["big"], 5000)]  # not bundled with it either
+    out = ws.handle(GatherDepSuccess("g", 2.0, "w1", {"big": 5000}))
+    assert out == [ToScheduler(AddKeys("g", 2.0, W, {"big": 5000})), GatherDep("w2", ["small"], 10)]
+
+
+def test_fetch_bytes_limit_keeps_priority_order() -> None:
+    """The best key that does not fit waits; a smaller, later one does not overtake it."""
+    ws = ws_(transfer_incoming_bytes_limit=1000)
+    ws.handle(compute("first", {"a": ["w1"]}, nbytes={"a": 800}, prio=(1,)))
+    out = ws.handle(
+        compute("second", {"b": ["w2"]}, nbytes={"b": 600}, prio=(2,)),
+        compute("third", {"c": ["w3"]}, nbytes={"c": 100}, prio=(3,)),
+    )
+    assert out == []  # b does not fit beside a; c waits behind b
+    out = ws.handle(GatherDepSuccess("g", 2.0, "w1", {"a": 800}))
+    assert out[-2:] == [GatherDep("w2", ["b"], 600), GatherDep("w3", ["c"], 100)]
+
+
 def test_fetch_order_follows_dependent_priority() -> None:
     ws = ws_(transfer_incoming_count_limit=1)
     ws.handle(compute("late", {"b": ["w2"]}, prio=(5,)))

@@ -13,6 +13,7 @@ from trioscheduler import TrioSchedulerWarning
 from trioscheduler.server.memory import (
     DataStore,
     UnpicklableValue,
+    incoming_bytes_limit,
     parse_memory_limit,
     system_memory,
     write_spills,
@@ -40,6 +41,17 @@ def test_parse_memory_limit() -> None:
         parse_memory_limit(-5)
     with pytest.raises(TypeError):
         parse_memory_limit([1])  # type: ignore[arg-type]
+
+
+def test_incoming_bytes_limit() -> None:
+    """A worker's transfer_incoming_bytes_limit: 10% of its memory limit by default."""
+    assert incoming_bytes_limit("auto", 2_000_000) == 200_000
+    assert incoming_bytes_limit("auto", None) is None  # no memory limit, no byte limit
+    assert incoming_bytes_limit(None, 2_000_000) is None
+    assert incoming_bytes_limit(5_000, None) == 5_000
+    assert incoming_bytes_limit("1MiB", 2_000_000) == 2**20
+    with pytest.raises(ValueError, match="transfer_incoming_bytes_limit"):
+        incoming_bytes_limit(-1, None)
 
 
 @pytest.fixture

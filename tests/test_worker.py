@@ -69,6 +69,8 @@ async def test_join_serve_and_leave(scheduler_address: str) -> None:
                 assert w.status == "running"
                 await wait_until(lambda: w.address in s.state.workers)
                 assert w.memory_limit == 2**30
+                # dask's default: at most 10% of the memory limit fetched from peers at once
+                assert w.state.transfer_incoming_bytes_limit == 2**30 // 10
                 # the data server, as a peer would use it
                 async with wire.ConnectionPool() as pool, pool.connect(w.address) as stream:
                     await stream.send({"op": "update_data", "data": {"x": b"abc", ("y", 1): 7}})

@@ -412,6 +412,9 @@ class ClusterMachine(RuleBasedStateMachine):
         self.sim.add_worker(
             name=name, nthreads=nthreads, resources={"GPU": 1.0} if gpu else None,
             memory_limit=MEMORY_LIMIT if limited else 0,
+            # as dask's worker: 10% of its memory limit in flight (200 bytes; keys of 10,
+            # 100 or 700 bytes: a 700-byte key comes alone, when nothing else is in flight)
+            transfer_incoming_bytes_limit=MEMORY_LIMIT // 10 if limited else None,
         )  # fmt: skip
 
     @precondition(lambda self: bool(self.sim.workers) and self.faults > 0)

@@ -368,7 +368,10 @@ class ClusterSimulator:
             self._runs_ended(old, old.running)
         self.queues.pop((SCHEDULER, addr), None)
         self.queues.pop((addr, SCHEDULER), None)
-        self._spawn(addr, old.name, old.nthreads, old.resources, old.memory_limit)
+        self._spawn(
+            addr, old.name, old.nthreads, old.resources, old.memory_limit,
+            transfer_incoming_bytes_limit=old.state.transfer_incoming_bytes_limit,
+        )  # fmt: skip
 
     def heartbeat(self, addr: str) -> None:
         """The worker's periodic heartbeat, queued behind its other messages."""

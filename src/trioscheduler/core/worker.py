@@ -5,8 +5,9 @@ an event into recommendations (``{task: finish}``) which ``worker_transitions.dr
 applies; then three decisions run, all pure: report acquired replicas, spill to the
 memory target, start tasks in priority order (thread slots, resources, not while
 paused) and start transfers (one ``GatherDep`` per peer at a time, at most
-``transfer_incoming_count_limit`` in all, keys bundled per peer up to
-``transfer_message_bytes_limit``); the last two live in ``worker_decisions``.
+``transfer_incoming_count_limit`` in all and, if set, ``transfer_incoming_bytes_limit``
+bytes in flight, keys bundled per peer up to ``transfer_message_bytes_limit``); the last
+two live in ``worker_decisions``.
 
 Where values live is tracked here, not in the shell: ``in_memory`` (RAM) and
 ``spilled`` (disk) partition the keys in state ``memory``. The core *decides* ``Spill``
@@ -88,6 +89,7 @@ class WorkerState:
     __slots__ = (
         "address", "nthreads", "total_resources", "available_resources", "thresholds",
         "transfer_incoming_count_limit", "transfer_message_bytes_limit", "validate",
+        "transfer_incoming_bytes_limit", "transfer_incoming_bytes", "in_flight_bytes",
         "tasks", "status", "in_memory", "spilled", "memory_bytes", "spilled_bytes",
         "managed_bytes", "writing", "writing_bytes", "executing", "long_running", "missing", "in_flight",
         "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added", "_dropped",
@@ -109,7 +111,12 @@ class WorkerState:
         transfer_message_bytes_limit: int = 50_000_000,
         validate: bool = False,
         story_limit: int = 100_000,
+        transfer_incoming_bytes_limit: int | None = None,
     ) -> None:
+        """``transfer_incoming_bytes_limit`` (dask's, 10% of the memory limit in its
+        ``Worker``; None: no limit): no transfer starts while this many bytes are in
+        flight, nor one that would pass it, except a single key when nothing else is in
+        flight (so a key larger than the limit still arrives)."""
         self.address = address
         self.nthreads = nthreads
         self.total_resources: dict[str, float] = dict(resources or {})
@@ -120,6 +127,9 @@ class WorkerState:
         self._spill_goal = mp.spill_goal(self.thresholds)  # managed bytes spilling aims at
         self.transfer_incoming_count_limit = transfer_incoming_count_limit
         self.transfer_message_bytes_limit = transfer_message_bytes_limit
+        self.transfer_incoming_bytes_limit = transfer_incoming_bytes_limit
+        self.transfer_incoming_bytes = 0  # sum of ``in_flight_bytes``
+        self.in_flight_bytes: dict[str, int] = {}  # peer -> bytes its GatherDep asked for
         self.validate = validate
         self.tasks: dict[Key, WorkerTask] = {}
         self.status = "running"
@@ -626,6 +636,7 @@ class WorkerState:
         transfer we do not know that, and the scheduler drops a holder it is told about.
         """
         batch = self.in_flight.pop(peer, None)
+        self.transfer_incoming_bytes -= self.in_flight_bytes.pop(peer, 0)
         self._fetch_dirty = True
         if batch is None:
             # nothing asked: a stale answer; do not leak the values

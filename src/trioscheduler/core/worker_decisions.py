@@ -101,12 +101,21 @@ def ensure_communicating(ws: WorkerState, stim: str, now: float, out: list[Any])
     One ``GatherDep`` per peer at a time (so a peer's answer is unambiguous and no
     peer is flooded): a key is fetched from whichever of its holders is idle, which
     spreads the load over holders. Ties break on the address, so it is deterministic.
+
+    With a ``transfer_incoming_bytes_limit`` (dask's ``_task_exceeds_transfer_limits``)
+    no key is asked for that would take the bytes in flight past it, except one key when
+    nothing is in flight; the best-priority key that does not fit waits for room rather
+    than let smaller, later keys overtake it.
     """
     if ws.status != "running":
         return
     ws._fetch_dirty = False
     free = ws.transfer_incoming_count_limit - len(ws.in_flight)
     if free <= 0:
+        return
+    bytes_limit = ws.transfer_incoming_bytes_limit
+    incoming = ws.transfer_incoming_bytes
+    if bytes_limit is not None and incoming and incoming >= bytes_limit:
         return
     by_peer = ws._fetch_by_peer
     in_flight = ws.in_flight
@@ -126,6 +135,7 @@ def ensure_communicating(ws: WorkerState, stim: str, now: float, out: list[Any])
         heap = by_peer[peer]
         keys: list[Key] = []
         total = 0
+        full = False  # the next key would pass the bytes limit
         while heap:
             ts = heap[0][2]
             if not _fetchable(ts, peer):
@@ -133,6 +143,9 @@ def ensure_communicating(ws: WorkerState, stim: str, now: float, out: list[Any])
                 continue
             n = ts.nbytes or DEFAULT_NBYTES
             if keys and total + n > limit:
+                break
+            if bytes_limit is not None and (keys or incoming) and incoming + total + n > bytes_limit:
+                full = True
                 break
             heapq.heappop(heap)
             if not keys:
@@ -145,10 +158,15 @@ def ensure_communicating(ws: WorkerState, stim: str, now: float, out: list[Any])
             del by_peer[peer]
         if keys:
             out.append(GatherDep(peer, keys, total))
+            ws.in_flight_bytes[peer] = total
+            incoming += total
             ws._starts += 1
             free -= 1
             if free <= 0:
                 break
+        if full or (bytes_limit is not None and incoming >= bytes_limit):
+            break  # no room for the best key left: it waits for a transfer to end
+    ws.transfer_incoming_bytes = incoming
 
 
 def _inputs_of(started: list[WorkerTask]) -> set[Key]:

@@ -110,6 +110,12 @@ def validate_worker(ws: WorkerState) -> None:
             flight_seen.add(ts)
             assert tasks.get(ts.key) is ts and _in_transfer(ts) and ts.coming_from == peer, ts
     assert len(ws.in_flight) <= ws.transfer_incoming_count_limit, "too many transfers"
+    assert ws.in_flight_bytes.keys() == ws.in_flight.keys(), (ws.in_flight_bytes, ws.in_flight)
+    assert ws.transfer_incoming_bytes == sum(ws.in_flight_bytes.values()), "bytes in flight"
+    limit = ws.transfer_incoming_bytes_limit
+    if limit is not None and ws.transfer_incoming_bytes > limit:
+        # past the limit only by one key fetched alone
+        assert [len(b) for b in ws.in_flight.values()] == [1], ("past the bytes limit", ws.in_flight_bytes)
     for name, heap in (("ready", ws._ready), ("constrained", ws._constrained)):
         in_heap = {e[2] for e in heap if e[2].state == name}
         want = {ts for ts in tasks.values() if ts.state == name}

@@ -44,6 +44,7 @@ SPILL = 0.7  # process memory (RSS) above this: spill
 PAUSE = 0.8  # process memory above this: start no new tasks
 TERMINATE = 0.95  # process memory above this: the nanny restarts the worker
 WRITE_AHEAD = 0.1  # the worker core starts no task while more than this is unwritten
+TRANSFER = 0.1  # dask's distributed.worker.memory.transfer: bytes in flight to a worker
 SPILL_BATCH = 4 << 20  # small spill files go to the writer thread up to this many bytes at once
 
 
@@ -114,6 +115,28 @@ def parse_memory_limit(memory_limit: str | float | None, *, nworkers: int = 1) -
         )  # fmt: skip
         return total
     return result
+
+
+def incoming_bytes_limit(setting: str | int | None, memory_limit: int | None) -> int | None:
+    """The worker's ``transfer_incoming_bytes_limit`` in bytes, or None for none.
+
+    ``"auto"`` (the default): ``TRANSFER`` of the memory limit, as dask's worker (no
+    memory limit, no byte limit); a number of bytes or a byte string: that; None: none.
+    """
+    if setting is None:
+        return None
+    if isinstance(setting, str):
+        if setting.strip().lower() == "auto":
+            return int(memory_limit * TRANSFER) if memory_limit else None
+        from dask.utils import parse_bytes  # here: a worker need not import dask
+
+        setting = parse_bytes(setting)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(
+            f"transfer_incoming_bytes_limit must be 'auto', a number of bytes >= 0, a byte "
+            f"string like '100MB', or None for no limit; got {setting!r}"
+        )
+    return setting
 
 
 # --------------------------------------------------------------------------------------

@@ -118,8 +118,10 @@ class Worker(RunsInAsyncWith):
     scheduler is in-process, else ``tcp://<host>:0`` with ``host`` chosen by
     ``default_host``; ``w.address`` is the bound one). ``memory_limit`` as in
     ``memory.parse_memory_limit`` (``nworkers`` workers share this host for ``"auto"``).
-    ``death_timeout``: how long to keep dialling a scheduler whose stream was lost before
-    closing (``None``: for ever); ``connect_timeout`` bounds the first connection.
+    ``transfer_incoming_bytes_limit``: bytes fetched from peers at once (``"auto"``: 10%
+    of the memory limit, as dask; None: no limit). ``death_timeout``: how long to keep
+    dialling a scheduler whose stream was lost before closing (``None``: for ever);
+    ``connect_timeout`` bounds the first connection.
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class Worker(RunsInAsyncWith):
         memory_pause_fraction: float | None = memory.PAUSE,
         transfer_incoming_count_limit: int = 4,
         transfer_message_bytes_limit: int = 50_000_000,
+        transfer_incoming_bytes_limit: str | int | None = "auto",
         heartbeat_interval: float = 1.0,
         memory_monitor_interval: float = 0.25,
         batch_interval: float = 0.002,
@@ -166,7 +169,10 @@ class Worker(RunsInAsyncWith):
         self.local_directory = local_directory
         self.nanny = nanny
         self._thresholds = (memory_target_fraction, memory_spill_fraction, memory_pause_fraction)
-        self._transfer_limits = (transfer_incoming_count_limit, transfer_message_bytes_limit)
+        self._transfer_limits = (
+            transfer_incoming_count_limit, transfer_message_bytes_limit,
+            memory.incoming_bytes_limit(transfer_incoming_bytes_limit, self.memory_limit),
+        )  # fmt: skip
         self.heartbeat_interval = heartbeat_interval
         self.memory_monitor_interval = memory_monitor_interval
         self.batch_interval = batch_interval
@@ -314,12 +320,12 @@ class Worker(RunsInAsyncWith):
 
     async def _connect(self) -> None:
         target, spill, pause = self._thresholds
-        count_limit, bytes_limit = self._transfer_limits
+        count_limit, bytes_limit, incoming_limit = self._transfer_limits
         settings: dict[str, Any] = dict(
             nthreads=self.nthreads, resources=self.resources, memory_limit=self.memory_limit or 0,
             target=target, spill=spill, pause=pause, write_ahead=memory.WRITE_AHEAD,
             transfer_incoming_count_limit=count_limit, transfer_message_bytes_limit=bytes_limit,
-            validate=self.validate,
+            transfer_incoming_bytes_limit=incoming_limit, validate=self.validate,
         )  # fmt: skip
         self.state = WorkerState(self.address, **settings)
         if self.record is not None:
