@@ -118,6 +118,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.faults = 0  # workers this run may still kill, re-register or retire
         self.aimed = 0  # ... and kill at a chosen moment (mid-transfer, mid-steal, ...)
         self.restarts = 0  # scheduler crashes this run may still have
+        self.client_restarts = 1  # Client.restart's cancellation: at most once a run
         self.awaited = False  # a worker died with the scheduler: its grace must run out
         self.ok = True
 
@@ -262,6 +263,14 @@ class ClusterMachine(RuleBasedStateMachine):
         """A client holding futures disconnects (mid-graph: its keys may still run)."""
         holding = sorted(c for c, ks in self.sim.wants.items() if ks)
         self.sim.remove_client(pick(holding, i))
+
+    @precondition(lambda self: self.client_restarts > 0 and any(self.sim.wants.values()))
+    @rule(client=st.sampled_from(CLIENTS))
+    @guarded
+    def restart_clients(self, client: str) -> None:
+        """``Client.restart``'s cancellation of every client's keys, mid-graph."""
+        self.client_restarts -= 1
+        self.sim.restart_clients(client)
 
     @precondition(lambda self: len(self.sim.wants) < len(CLIENTS))
     @rule(i=index)

@@ -8,6 +8,8 @@ the test passes, the strict mark turns that into a failure, and the mark comes o
 
 from __future__ import annotations
 
+import pytest
+
 from trioscheduler.core.simulator import ClusterSimulator, SimTask
 
 
@@ -174,4 +176,28 @@ def test_stale_task_finished_of_a_forgotten_key() -> None:
     sim.deliver("scheduler", a, n=100)  # A drops the old value and runs x again
     sim.check()  # the oracle: A runs x, which the scheduler has in memory
     assert sim.scheduler.tasks["x"].state == "processing"
+    settled(sim)
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: scatter racing the scheduler's queued FreeKeys")
+def test_scatter_over_a_rescheduled_task_races_its_stale_free_keys() -> None:
+    """Not fixed (found 2026-12-06 by the machine with a fire-and-forget rule, which
+    only changed the derandomized path; shrunk by hand). A running task is rescheduled
+    on its worker A: the scheduler queues FreeKeys(x) (the old run) and ComputeTask(x)
+    (the new one) for A. The client scatters x straight to A before those arrive, then
+    tells the scheduler, which counts x in memory on A. The stale FreeKeys then drops the
+    scattered value on A and the ComputeTask runs x again: the scheduler counts data A
+    does not hold, and a run it does not own is executing. dask's worker has the same
+    race (free-keys carries no notion of which copy it frees). A fix needs FreeKeys to
+    name what it frees (the run, as TaskFinished's ``run_id`` does), so a worker keeps a
+    value that arrived by scatter after the free was sent."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker()
+    sim.submit("c", [SimTask("x")], ["x"])
+    sim.deliver("scheduler", a, n=10)  # x runs on A
+    sim.reschedule(a, "x")
+    sim.deliver(a, "scheduler", n=10)  # FreeKeys(x) + ComputeTask(x) queued for A
+    sim.scatter("c", "x", [a])  # the data reaches A first
+    sim.deliver("scheduler", a, n=10)
+    sim.check()
     settled(sim)
