@@ -32,6 +32,29 @@ def copies(c: Client, fs: list[Any]) -> list[int]:
     return [len(v) for v in c.who_has(fs).values()]
 
 
+def test_amm_follows_dask_config() -> None:
+    """``distributed.scheduler.active-memory-manager``: ``start: false`` leaves it off
+    until ``client.amm.start()``, which runs it every ``interval``."""
+    config = {
+        "distributed.scheduler.active-memory-manager.start": False,
+        "distributed.scheduler.active-memory-manager.interval": "100ms",
+    }
+    with (
+        dask.config.set(config),
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cluster,
+        Client(cluster) as c,
+    ):
+        c.wait_for_workers(2, timeout=TIMEOUT)
+        assert not c.amm.running()
+        fs = c.map(blob, range(3))
+        c.gather(fs)
+        c.replicate(fs)
+        assert copies(c, fs) == [2, 2, 2]
+        c.amm.start()
+        assert c.amm.running()
+        eventually(lambda: copies(c, fs) == [1, 1, 1], "one copy each, within a few ticks")
+
+
 def test_replicate_amm_rebalance_and_retire() -> None:
     with (
         LocalCluster(n_workers=3, threads_per_worker=1, processes=True) as cluster,

@@ -69,6 +69,8 @@ class Tally:
             worker.update(_moves(story.starts, story.finishes))
         self.worker.update(worker)
         self.events.update(sim.event_counts or {})
+        if sim.scheduler.amm_dropped:  # copies the Active Memory Manager dropped
+            self.events["scheduler:amm-dropped"] += sim.scheduler.amm_dropped
         return {"scheduler": len(moves), "worker": len(worker)}
 
     # ------------------------------------------------------------------ figures

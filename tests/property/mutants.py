@@ -39,12 +39,12 @@ class Mutant:
 MUTANTS = [
     Mutant(
         "steal-confirmation",
-        "scheduler.py",
-        "        if ev.state in STEAL_REJECT:\n"
-        "            return  # the victim already runs it (or has finished): the steal failed\n"
-        "        self.recs.pop(ts.key, None)\n"
-        "        if ev.state in STEAL_CONFIRM and thief is not None",
-        "        self.recs.pop(ts.key, None)\n        if thief is not None",
+        "stealing.py",
+        "    if ev.state in STEAL_REJECT:\n"
+        "        return  # the victim already runs it (or has finished): the steal failed\n"
+        "    s.recs.pop(ts.key, None)\n"
+        "    if ev.state in STEAL_CONFIRM and thief is not None",
+        "    s.recs.pop(ts.key, None)\n    if thief is not None",
         "a steal of a task the victim already runs moves it anyway: two concurrent runs",
     ),
     Mutant(

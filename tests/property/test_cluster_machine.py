@@ -64,6 +64,13 @@ STEP_KINDS = ["deliver"] * 6 + ["finish"] * 3 + ["gather"] * 2 + ["writes", "sec
 SCATTER_OVER = ["processing", "waiting", "no-worker", "queued", "erred", "memory"]
 TIMEOUT = 1.0  # worker_timeout of the runs that time workers out
 MEMORY_LIMIT = 2000  # small: target 1200, spill 1400, pause 1600 bytes
+# The Active Memory Manager's interval (0: every tick; None: off). Off unless
+# TRIOSCHEDULER_MACHINE_AMM says so: with it on, the derandomized ci path reaches the
+# known scatter-over-a-rescheduled-task race (the strict xfail in test_regressions.py),
+# as any change of path may; turn it on here once that race is fixed. A setting, not a
+# draw: another draw would move every run of the derandomized ci profile elsewhere.
+_AMM = os.environ.get("TRIOSCHEDULER_MACHINE_AMM")
+AMM_INTERVAL = float(_AMM) if _AMM else None
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -144,6 +151,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.sim = ClusterSimulator(
             validate=True, tally=True, worker_saturation=saturation, worker_backlog=backlog,
             allowed_failures=allowed_failures, worker_timeout=timeout,
+            amm_interval=AMM_INTERVAL,
         )  # fmt: skip
         record_scheduler(self.sim)  # its log, for restart_scheduler
         for i in range(n):

@@ -201,3 +201,24 @@ def test_scatter_over_a_rescheduled_task_races_its_stale_free_keys() -> None:
     sim.deliver("scheduler", a, n=10)
     sim.check()
     settled(sim)
+
+
+def test_scatter_crossing_the_release_of_a_dropped_copy() -> None:
+    """Fixed: the Active Memory Manager drops a copy on w1 (FreeKeys); w1 drops it and
+    says so (ReleaseWorkerData); a client scatters the key to w1 again meanwhile, and the
+    scheduler counts w1 (UpdateData) before w1's report of the old drop arrives on the
+    other stream. The scheduler then uncounted the new copy while w1 kept it for ever (a
+    leak, found by the machine once the AMM ran in the core). Now the scheduler also tells
+    w1 to drop whatever copy it holds, so both sides agree."""
+    sim = ClusterSimulator(validate=True, amm_interval=0.0)
+    w1 = sim.add_worker()
+    w2 = sim.add_worker()
+    sim.scatter("c", "d", [w1, w2])
+    sim.tick()  # the AMM's first tick schedules it
+    sim.tick()  # it drops one of the two copies: FreeKeys to that worker
+    (kept,) = sim.scheduler.tasks["d"].who_has
+    dropped = w1 if kept == w2 else w2
+    sim.deliver("scheduler", dropped)  # the worker drops it: ReleaseWorkerData queued
+    sim.scatter("c", "d", [dropped])  # scattered there again; the scheduler counts it
+    assert sim.scheduler.tasks["d"].who_has == {w1, w2}
+    settled(sim)

@@ -278,13 +278,24 @@ class RetireWorker:
 
 @message("drop-replicas")
 class DropReplicas:
-    """Drop ``worker``'s copies of ``keys`` where another copy remains (the Active Memory
-    Manager, ``rebalance``): the shell's plan, recorded so that a replay drops the same."""
+    """Drop ``worker``'s copies of ``keys`` where another copy remains (``rebalance``):
+    the shell's plan, recorded so that a replay drops the same."""
 
     stimulus_id: str
     now: float
     worker: WorkerAddr
     keys: list[Key]
+
+
+@message("active-memory-manager")
+class ActiveMemoryManager:
+    """``client.amm``: ``action`` is ``"start"`` (run ReduceReplicas at every ``Tick``
+    ``interval`` seconds after the last run), ``"stop"`` or ``"run_once"`` (now)."""
+
+    stimulus_id: str
+    now: float
+    action: str
+    interval: float = 2.0
 
 
 @message("heartbeat")
@@ -756,7 +767,7 @@ SCHEDULER_EVENTS: tuple[type[Any], ...] = (
     AddClient, RemoveClient, UpdateGraph, UpdateData, ClientDesiresKeys, ClientReleasesKeys,
     CancelKeys, CancelAll, RetryKeys, AddWorker, RemoveWorker, RetireWorker, WorkerHeartbeat,
     WorkerStatusChange, TaskFinished, TaskErred, AddKeys, ReleaseWorkerData, MissingData,
-    LongRunning, Reschedule, StealResponse, Tick, DropReplicas, Recovered,
+    LongRunning, Reschedule, StealResponse, Tick, DropReplicas, Recovered, ActiveMemoryManager,
 )  # fmt: skip
 WORKER_EVENTS: tuple[type[Any], ...] = (
     ComputeTask, FreeKeys, StealRequest, AcquireReplicas, RefreshWhoHas, ExecuteSuccess,

@@ -63,6 +63,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "worker_timeout": 30.0, "allowed_failures": 3, "steal": True, "validate": False,
         "bandwidth": 100e6, "default_duration": 0.5, "story_length": 100_000,
         "worker_saturation": 1.1, "worker_backlog": 0.05, "no_workers_timeout": None,
+        "amm_interval": None,
     },
     "worker": {
         "nthreads": 1, "resources": None, "memory_limit": 0, "target": 0.6, "spill": 0.7,

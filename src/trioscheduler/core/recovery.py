@@ -71,6 +71,7 @@ def on_recovered(s: SchedulerState, ev: Recovered) -> None:
         if cs.client not in keep:
             awaited.add(cs.client)
     s.recovery = Recovery(now + ev.grace, awaited)
+    s.amm_due = None  # the log's times are the old clock's: the AMM starts counting again
 
 
 def client_back(s: SchedulerState, client: str) -> None:

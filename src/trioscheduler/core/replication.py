@@ -4,7 +4,8 @@
 copies: the shell sends them ``AcquireReplicas`` and the core learns of each new copy
 from the worker's ``AddKeys``, as for any replica. ``reduce_replicas`` is the Active
 Memory Manager's default policy (dask's ReduceReplicas): copies beyond what running
-tasks need are dropped, by the core's ``DropReplicas`` event, which keeps at least one.
+tasks need are dropped; the scheduler core runs it on its ticks
+(``scheduler_retirement.amm_tick``) and keeps at least one copy.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def reduce_replicas(state: SchedulerState) -> dict[str, list[Any]]:
     """``{worker: [keys whose copy there is not needed]}``.
 
     A key keeps the copies on workers where a dependent runs now or will run (it reads
-    the local copy), and at least one; the others go, fullest workers first.
+    the local copy), and at least one; the others go: from paused or retiring workers
+    first (as dask's), then the fullest. One copy stays on a running worker if one
+    holds it, so that a retirement does not copy back what was just dropped (dask's
+    guard against that ping-pong).
     """
     drop: dict[str, list[Any]] = {}
     workers = state.workers
@@ -67,12 +71,15 @@ def reduce_replicas(state: SchedulerState) -> dict[str, list[Any]]:
         }
         holders = sorted(
             (w for w in ts.who_has if w in workers),
-            key=lambda w: (w in needed, -workers[w].nbytes, w),
+            key=lambda w: (w in needed, workers[w].status == "running", -workers[w].nbytes, w),
         )
         keep = max(1, len(needed & set(holders)))
-        for w in holders[: len(holders) - keep]:
-            if w not in needed:
-                drop.setdefault(w, []).append(key)
+        going = [w for w in holders[: len(holders) - keep] if w not in needed]
+        running = [w for w in going if workers[w].status == "running"]
+        if running and len(running) == sum(workers[w].status == "running" for w in holders):
+            going.remove(running[-1])  # the emptiest running holder keeps its copy
+        for w in going:
+            drop.setdefault(w, []).append(key)
     return drop
 
 

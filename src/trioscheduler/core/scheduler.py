@@ -19,7 +19,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any, Final
 
-from trioscheduler.core import recovery
+from trioscheduler.core import recovery, stealing
 from trioscheduler.core import scheduler_client_events as ce
 from trioscheduler.core import scheduler_retirement as retirement
 from trioscheduler.core import scheduler_transitions as tr
@@ -27,6 +27,7 @@ from trioscheduler.core.errors import InvalidTransition, KilledWorker, NoValidWo
 from trioscheduler.core.messages import (
     FIRE_AND_FORGET,
     HEARTBEAT_TIMEOUT,
+    ActiveMemoryManager,
     AddClient,
     AddKeys,
     AddWorker,
@@ -53,7 +54,6 @@ from trioscheduler.core.messages import (
     Reschedule,
     RetireWorker,
     RetryKeys,
-    StealRequest,
     StealResponse,
     TaskErred,
     TaskFinished,
@@ -66,12 +66,9 @@ from trioscheduler.core.messages import (
     WorkerHeartbeat,
     WorkerStatusChange,
 )
-from trioscheduler.core.placement import satisfies
 from trioscheduler.core.scheduler_invariants import validate_scheduler
 from trioscheduler.core.scheduler_records import (
     STATES,
-    STEAL_CONFIRM,
-    STEAL_REJECT,
     ClientRecord,
     ErrorInfo,
     PendingSteal,
@@ -81,7 +78,6 @@ from trioscheduler.core.scheduler_records import (
     key_prefix,
     worker_host,
 )
-from trioscheduler.core.stealing import plan_steals
 from trioscheduler.core.story import StoryEntry, StoryLog
 
 # --------------------------------------------------------------------------------------
@@ -103,7 +99,7 @@ class SchedulerState:
         "total_nthreads", "retiring", "_story_append", "_effects", "recs", "stimulus_id", "now",
         "_open_free", "round_robin", "retried", "worker_saturation", "worker_backlog", "queuing",
         "open", "queued", "_queue_heap", "_queue_seq", "runs", "_run_seq", "former_names", "no_workers_timeout",
-        "recovery", "forget_done",
+        "recovery", "forget_done", "amm_interval", "amm_due", "amm_dropped",
     )  # fmt: skip
 
     def __init__(
@@ -119,6 +115,7 @@ class SchedulerState:
         worker_saturation: float = 1.1,
         worker_backlog: float = 0.05,
         no_workers_timeout: float | None = None,
+        amm_interval: float | None = None,
     ) -> None:
         """``worker_saturation`` (dask's ``distributed.scheduler.worker-saturation``;
         ``inf``: no queuing) and ``worker_backlog`` (seconds of estimated work per thread)
@@ -129,7 +126,9 @@ class SchedulerState:
         slow or unknown-duration tasks (``default_duration``) a worker is handed at once,
         which bounds memory. The backlog has hysteresis: a worker filled to it takes more
         only once it is down to half, then a run of consecutive tasks (siblings of a
-        reduction share a worker, so most reductions need no transfer)."""
+        reduction share a worker, so most reductions need no transfer).
+        ``amm_interval``: seconds between runs of the Active Memory Manager (None: off;
+        ``scheduler_retirement.amm_tick``)."""
         if not worker_saturation > 0:
             raise ValueError(
                 f"worker_saturation must be > 0 (inf: no queuing), not {worker_saturation!r}"
@@ -188,6 +187,9 @@ class SchedulerState:
         self._run_seq = 0
         # after a restart from the log: who is still awaited (``core/recovery.py``)
         self.recovery: recovery.Recovery | None = None
+        self.amm_interval = amm_interval
+        self.amm_due: float | None = None  # ``now`` of its next run (None: at the next tick + interval)
+        self.amm_dropped = 0  # copies it dropped, in all
 
     def busy(self) -> bool:
         """Work is waiting, queued, unrunnable or running: the scheduler is not idle
@@ -664,6 +666,9 @@ class SchedulerState:
             if ts is None or ws.address not in ts.who_has:
                 continue
             tr.remove_replica(self, ts, ws)
+            # counted again since the FreeKeys this answers (a TaskFinished crossed it,
+            # or a scatter, which may have put a new copy there): drop any copy it holds
+            self.free_on(ws.address, key)
             if not ts.who_has and ts.state == "memory":
                 self.recs.pop(key, None)
                 self.transition(ts, "released")
@@ -713,32 +718,6 @@ class SchedulerState:
         self.recs.pop(ts.key, None)
         self.transition(ts, "waiting")
 
-    def _on_steal_response(self, ev: StealResponse) -> None:
-        pending = self.steals.get(ev.key)
-        if (
-            pending is None
-            or pending.victim != ev.worker
-            or pending.stimulus_id != ev.stimulus_id  # the worker echoes the request's id
-        ):
-            return  # late or duplicate answer, or one to an earlier request: settled already
-        del self.steals[ev.key]
-        thief = self.workers.get(pending.thief)
-        if thief is not None:
-            thief.incoming_steals -= 1
-            self.update_worker_sets(thief)
-        ts = self.tasks.get(ev.key)
-        if ts is None or ts.state != "processing" or ts.processing_on != pending.victim:
-            return
-        if ev.state in STEAL_REJECT:
-            return  # the victim already runs it (or has finished): the steal failed
-        self.recs.pop(ts.key, None)
-        if ev.state in STEAL_CONFIRM and thief is not None and satisfies(self, ts, thief):
-            tr.move_processing(self, ts, thief)
-        else:
-            # the victim does not hold it queued (released, unknown) or the thief is gone
-            # or unfit: decide again where it runs (dask's move_task_confirm reschedules)
-            self.transition(ts, "waiting")
-
     def _on_tick(self, ev: Tick) -> None:
         if self.recovery is not None:
             recovery.expire(self, ev.now)
@@ -756,18 +735,12 @@ class SchedulerState:
                     exc = NoValidWorkerError(key, _describe_restrictions(ts), timeout)
                     self.recs.pop(key, None)
                     self.transition(ts, "erred", ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key))
+        if self.amm_interval is not None:
+            retirement.amm_tick(self, ev.now)
         if self.recs:
             self.drain()
         if self.steal:
-            self._start_steals()
-
-    def _start_steals(self) -> None:
-        for key, victim, thief in plan_steals(self):
-            tws = self.workers[thief]
-            self.steals[key] = PendingSteal(victim, thief, self.stimulus_id)
-            tws.incoming_steals += 1
-            self.update_worker_sets(tws)
-            self.to_worker(victim, StealRequest(self.stimulus_id, self.now, key))
+            stealing.start_steals(self)
 
 
 def _describe_restrictions(ts: TaskRecord) -> str:
@@ -793,6 +766,7 @@ _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
     RemoveWorker: SchedulerState._on_remove_worker,
     RetireWorker: retirement.on_retire,
     DropReplicas: retirement.on_drop_replicas,
+    ActiveMemoryManager: retirement.on_amm,
     WorkerHeartbeat: SchedulerState._on_heartbeat,
     WorkerStatusChange: SchedulerState._on_status,
     TaskFinished: SchedulerState._on_task_finished,
@@ -802,7 +776,7 @@ _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
     MissingData: SchedulerState._on_missing_data,
     LongRunning: SchedulerState._on_long_running,
     Reschedule: SchedulerState._on_reschedule,
-    StealResponse: SchedulerState._on_steal_response,
+    StealResponse: stealing.on_steal_response,
     Tick: SchedulerState._on_tick,
     Recovered: recovery.on_recovered,
 }

@@ -3,20 +3,30 @@
 A retiring worker (``RetireWorker``) copies its unique keys to running workers
 (``AcquireReplicas``) and closes once none is left; ``DropReplicas`` removes copies where
 another stays and no task running there reads it.
+
+The Active Memory Manager runs dask's default policy, ReduceReplicas
+(``replication.reduce_replicas``), here, on the ``Tick`` that comes ``amm_interval``
+seconds (of the events' ``now``) after its last run, so the simulator and the cluster
+machine drive it like any other decision; ``ActiveMemoryManager`` starts, stops or runs
+it once (``client.amm``). It waits while a restarted scheduler awaits its workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.messages import (
     AcquireReplicas,
+    ActiveMemoryManager,
     CloseWorker,
     DropReplicas,
+    Key,
     RetireWorker,
     WorkerAddr,
 )
+from trioscheduler.core.replication import reduce_replicas
 from trioscheduler.core.scheduler_records import WorkerRecord
 
 if TYPE_CHECKING:
@@ -36,21 +46,68 @@ def on_retire(s: SchedulerState, ev: RetireWorker) -> None:
 
 
 def on_drop_replicas(s: SchedulerState, ev: DropReplicas) -> None:
-    """Drop copies only where another copy stays and no task running there reads it."""
     ws = s.workers.get(ev.worker)
-    if ws is None:
-        return
-    for key in ev.keys:
-        ts = s.tasks.get(key)
+    if ws is not None:
+        drop_replicas(s, ws, ev.keys)
+
+
+def drop_replicas(s: SchedulerState, ws: WorkerRecord, keys: Iterable[Key]) -> int:
+    """Drop copies only where another copy stays and no task running there reads it;
+    how many went."""
+    tasks = s.tasks
+    n = 0
+    for key in keys:
+        ts = tasks.get(key)
         if ts is None or ts.state != "memory" or ws.address not in ts.who_has:
             continue
         if len(ts.who_has) < 2:
             continue
-        tasks = s.tasks
         if any(d in tasks and tasks[d].processing_on == ws.address for d in ts.dependents):
             continue
         tr.remove_replica(s, ts, ws)
         s.free_on(ws.address, key)
+        n += 1
+    return n
+
+
+def run_amm(s: SchedulerState) -> None:
+    """ReduceReplicas once: drop the copies no running or queued task needs, keep one."""
+    n = 0
+    workers = s.workers
+    for addr, keys in sorted(reduce_replicas(s).items()):
+        ws = workers.get(addr)
+        if ws is not None:
+            n += drop_replicas(s, ws, keys)
+    s.amm_dropped += n
+
+
+def amm_tick(s: SchedulerState, now: float) -> None:
+    """At a ``Tick``: run the AMM if its interval has passed since its last run."""
+    interval = s.amm_interval
+    if interval is None or s.recovery is not None:
+        return
+    due = s.amm_due
+    if due is None:  # the first tick since it started (or since a restart)
+        s.amm_due = now + interval
+    elif now >= due:
+        s.amm_due = now + interval
+        run_amm(s)
+
+
+def on_amm(s: SchedulerState, ev: ActiveMemoryManager) -> None:
+    action = ev.action
+    if action == "start":
+        if not ev.interval >= 0:
+            s.log_msg("warning", f"active memory manager: bad interval {ev.interval!r}")
+            return
+        s.amm_interval = ev.interval
+        s.amm_due = ev.now + ev.interval
+    elif action == "stop":
+        s.amm_interval = s.amm_due = None
+    elif action == "run_once":
+        run_amm(s)
+    else:
+        s.log_msg("warning", f"active memory manager: unknown action {action!r}")
 
 
 def retire_pending(s: SchedulerState) -> None:

@@ -12,6 +12,11 @@ with any queued task); thieves are running workers with a free thread slot. Task
 taken lowest priority first (the ones the victim would start last, so least likely
 started: as dask; among equals the most recently assigned), at most ``MAX_EXAMINED`` per victim per tick, so a tick stays cheap
 (``heapq.nlargest``: O(n log MAX_EXAMINED) in the victim's queue).
+
+``start_steals`` and ``on_steal_response`` are the scheduler's side of it: they ask the
+victims and act on their answers through the scheduler's table (dask's
+``move_task_confirm``: queued and dropped there, the task moves to the thief; running or
+finished, it stays; any other answer, such as ``released`` or unknown, places it again).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING, Any, Final
 
+from trioscheduler.core import scheduler_transitions as tr
+from trioscheduler.core.messages import StealRequest, StealResponse
 from trioscheduler.core.placement import satisfies
+from trioscheduler.core.scheduler_records import STEAL_CONFIRM, STEAL_REJECT, PendingSteal
 
 if TYPE_CHECKING:
     from trioscheduler.core.scheduler import SchedulerState
@@ -110,3 +118,41 @@ def plan_steals(s: SchedulerState) -> list[tuple[Any, str, str]]:
                 if not free:
                     return plans
     return plans
+
+
+def start_steals(s: SchedulerState) -> None:
+    """Ask the victims of ``plan_steals`` to give their tasks up; the thieves' slots are
+    reserved until the answers come."""
+    for key, victim, thief in plan_steals(s):
+        tws = s.workers[thief]
+        s.steals[key] = PendingSteal(victim, thief, s.stimulus_id)
+        tws.incoming_steals += 1
+        s.update_worker_sets(tws)
+        s.to_worker(victim, StealRequest(s.stimulus_id, s.now, key))
+
+
+def on_steal_response(s: SchedulerState, ev: StealResponse) -> None:
+    pending = s.steals.get(ev.key)
+    if (
+        pending is None
+        or pending.victim != ev.worker
+        or pending.stimulus_id != ev.stimulus_id  # the worker echoes the request's id
+    ):
+        return  # late or duplicate answer, or one to an earlier request: settled already
+    del s.steals[ev.key]
+    thief = s.workers.get(pending.thief)
+    if thief is not None:
+        thief.incoming_steals -= 1
+        s.update_worker_sets(thief)
+    ts = s.tasks.get(ev.key)
+    if ts is None or ts.state != "processing" or ts.processing_on != pending.victim:
+        return
+    if ev.state in STEAL_REJECT:
+        return  # the victim already runs it (or has finished): the steal failed
+    s.recs.pop(ts.key, None)
+    if ev.state in STEAL_CONFIRM and thief is not None and satisfies(s, ts, thief):
+        tr.move_processing(s, ts, thief)
+    else:
+        # the victim does not hold it queued (released, unknown) or the thief is gone
+        # or unfit: decide again where it runs (dask's move_task_confirm reschedules)
+        s.transition(ts, "waiting")

@@ -31,7 +31,7 @@ import cloudpickle
 import trio
 
 from trioscheduler.core import messages as m
-from trioscheduler.core.replication import plan_rebalance, plan_replicas, reduce_replicas
+from trioscheduler.core.replication import plan_rebalance, plan_replicas
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.http import logs
 from trioscheduler.server import profiling
@@ -47,6 +47,24 @@ EVENTS_PER_TOPIC = 100_000  # dask's distributed.scheduler.events-log-length
 TASK_STREAM_LENGTH = 100_000
 BROADCAST_TOPICS = frozenset({"print", "warn"})  # trioscheduler.print/warn inside tasks
 AMM_INTERVAL = 2.0  # dask's distributed.scheduler.active-memory-manager.interval
+
+
+def amm_config() -> tuple[bool, float]:
+    """dask's ``distributed.scheduler.active-memory-manager`` ``start`` and ``interval``
+    (seconds): whether the scheduler starts the AMM, and how often it runs."""
+    import dask.config
+    from dask.utils import parse_timedelta
+
+    start = bool(dask.config.get("distributed.scheduler.active-memory-manager.start", True))
+    value = dask.config.get("distributed.scheduler.active-memory-manager.interval", AMM_INTERVAL)
+    interval = parse_timedelta(value, default="seconds")
+    if interval is None or not interval >= 0:
+        raise ValueError(
+            f"distributed.scheduler.active-memory-manager.interval must be a duration >= 0, "
+            f"got {value!r}"
+        )
+    return start, float(interval)
+
 
 REQUIRED_PACKAGES = ("python", "trioscheduler", "dask", "cloudpickle", "msgpack", "trio")
 OPTIONAL_PACKAGES = ("numpy", "pandas", "lz4", "toolz")
@@ -159,7 +177,6 @@ class Diagnostics:
         self.task_stream: deque[tuple[Any, ...]] = deque(maxlen=TASK_STREAM_LENGTH)
         self.metrics: dict[str, dict[str, Any]] = {}
         self._changed = trio.Event()  # set when a worker reports replicas or leaves
-        self._amm_scope: trio.CancelScope | None = None
         install_log_buffer()
 
     async def until(self, done: Callable[[], bool]) -> None:
@@ -170,31 +187,28 @@ class Diagnostics:
             await self._changed.wait()
 
     # -- the Active Memory Manager ---------------------------------------------------
+    # The core decides (ReduceReplicas on its ticks: ``core/scheduler_retirement.py``);
+    # these only switch it, as ``client.amm`` asks.
 
     def amm_run_once(self) -> int:
-        """Drop the copies ``reduce_replicas`` finds unneeded; how many were planned."""
+        """Run ReduceReplicas now; how many copies it dropped."""
         s = self.scheduler
-        plan = reduce_replicas(s.state)
-        for worker, keys in sorted(plan.items()):
-            s._feed(m.DropReplicas(s._stimulus("amm"), trio.current_time(), worker, keys))
-        return sum(len(keys) for keys in plan.values())
+        before = s.state.amm_dropped
+        s._feed(m.ActiveMemoryManager(s._stimulus("amm"), trio.current_time(), "run_once"))
+        return s.state.amm_dropped - before
 
-    def amm_start(self, nursery: trio.Nursery) -> None:
-        """Run the policy every ``AMM_INTERVAL`` seconds (dask starts it by default)."""
-        if self._amm_scope is None:
-            self._amm_scope = trio.CancelScope()
-            nursery.start_soon(self._amm_loop, self._amm_scope)
+    def amm_start(self) -> None:
+        """Run it every ``interval`` seconds of the config (the scheduler starts it
+        itself unless the config says ``start: false``, as dask's)."""
+        s = self.scheduler
+        if s.state.amm_interval is None:
+            _, interval = amm_config()
+            s._feed(m.ActiveMemoryManager(s._stimulus("amm"), trio.current_time(), "start", interval))
 
     def amm_stop(self) -> None:
-        if self._amm_scope is not None:
-            self._amm_scope.cancel()
-            self._amm_scope = None
-
-    async def _amm_loop(self, scope: trio.CancelScope) -> None:
-        with scope:
-            while True:
-                await trio.sleep(AMM_INTERVAL)
-                self.amm_run_once()
+        s = self.scheduler
+        if s.state.amm_interval is not None:
+            s._feed(m.ActiveMemoryManager(s._stimulus("amm"), trio.current_time(), "stop"))
 
     def observe(self, msg: Any) -> None:
         """A message from a worker's stream, before the core sees it."""
@@ -674,14 +688,13 @@ async def op_amm(s: Scheduler, request: dict[str, Any]) -> Any:
     diag = _diag(s)
     action = request.get("action")
     if action == "start":
-        assert s._nursery is not None
-        diag.amm_start(s._nursery)
+        diag.amm_start()
         return None
     if action == "stop":
         diag.amm_stop()
         return None
     if action == "running":
-        return diag._amm_scope is not None
+        return s.state.amm_interval is not None
     if action == "run_once":
         return diag.amm_run_once()
     raise ValueError(f"amm: unknown action {action!r} (start, stop, running, run_once)")

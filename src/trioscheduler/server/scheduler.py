@@ -54,7 +54,7 @@ from trioscheduler.server import plugins as _plugins
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
-from trioscheduler.server.diagnostics import Diagnostics
+from trioscheduler.server.diagnostics import Diagnostics, amm_config
 from trioscheduler.server.event_log import EventLogWriter
 from trioscheduler.server.peers import WAITING_OPS, Peer, ProtocolViolation, unless_peer_leaves
 from trioscheduler.server.preload import preloads
@@ -76,7 +76,7 @@ _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.
 _WORKER_EVENTS = frozenset(m.SCHEDULER_EVENTS) - {
     m.AddClient, m.RemoveClient, m.UpdateGraph, m.UpdateData, m.ClientDesiresKeys,
     m.ClientReleasesKeys, m.CancelKeys, m.CancelAll, m.RetryKeys, m.Tick, m.AddWorker, m.DropReplicas,
-    m.Recovered,
+    m.Recovered, m.ActiveMemoryManager,
 }  # fmt: skip
 _CLIENT_EVENTS = frozenset(
     {
@@ -157,12 +157,15 @@ class Scheduler:
         self._dashboard_request = resolve_dashboard_address(dashboard_address)
         self.dashboard: Any = None  # http.app.Dashboard while serving
         self.task_stream = TaskStream()
+        amm_start, amm_interval = amm_config()
         self._core_kwargs: dict[str, Any] = {
             "worker_timeout": worker_timeout,
             "allowed_failures": allowed_failures,
             "steal": steal,
             "validate": validate,
             "no_workers_timeout": _no_workers_timeout(no_workers_timeout),
+            # the Active Memory Manager, on by default as dask's (its config is honoured)
+            "amm_interval": amm_interval if amm_start else None,
         }
         self.state = SchedulerState(**self._core_kwargs)
         self.tick_interval = tick_interval
@@ -264,7 +267,6 @@ class Scheduler:
                 m.AddClient(self._stimulus("scheduler-start"), trio.current_time(), FIRE_AND_FORGET)
             )
             self._nursery.start_soon(self._ticker)
-            self.diagnostics.amm_start(self._nursery)  # on by default, as dask's
             if self._dashboard_request is not None:
                 await self._start_dashboard(self._dashboard_request)
             await stack.enter_async_context(preloads(self.preload, self))
