@@ -29,6 +29,7 @@ Profiles: ``--hypothesis-profile=ci`` (400 runs, ~70 CPU-s) and ``long`` (``nox 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -50,6 +51,7 @@ from hypothesis.stateful import (
 )
 from machine_coverage import Tally, as_dict
 
+from trioscheduler.core.messages import ComputeTask, FreeKeys, ReleaseWorkerData
 from trioscheduler.core.sim_restart import record_scheduler, restart_scheduler
 from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask
 
@@ -58,9 +60,15 @@ TALLY = Tally()
 NAMES = ["alpha", "beta"]
 CLIENTS = ["c0", "c1", "c2"]
 MAX_WORKERS = 5
+# Keys a run may submit: the few runs that submit in most of their steps (and have one
+# worker) spent most of the profile's CPU settling hundreds of tasks at the end.
+MAX_KEYS = 250
 MAX_FAULTS = 4
 AIMED_FAULTS = 2
 STEP_KINDS = ["deliver"] * 6 + ["finish"] * 3 + ["gather"] * 2 + ["writes", "secede", "reschedule", "round"]
+MOVING = frozenset(
+    {"executing", "long-running", "flight", "fetch", "missing", "cancelled", "resumed"}
+)
 SCATTER_OVER = ["processing", "waiting", "no-worker", "queued", "erred", "memory"]
 TIMEOUT = 1.0  # worker_timeout of the runs that time workers out
 MEMORY_LIMIT = 2000  # small: target 1200, spill 1400, pause 1600 bytes
@@ -123,7 +131,8 @@ class ClusterMachine(RuleBasedStateMachine):
         self.n_keys = 0
         self.n_scattered = 0
         self.faults = 0  # workers this run may still kill, re-register or retire
-        self.aimed = 0  # ... and kill at a chosen moment (mid-transfer, mid-steal, ...)
+        self.aimed = 0  # ... and kill at a chosen moment (holding data others need)
+        self.races = 0  # ... and kill mid-transfer or mid-rerun (``resumed``)
         self.restarts = 0  # scheduler crashes this run may still have
         self.client_restarts = 1  # Client.restart's cancellation: at most once a run
         self.awaited = False  # a worker died with the scheduler: its grace must run out
@@ -147,6 +156,7 @@ class ClusterMachine(RuleBasedStateMachine):
         rules as often as any other; unbounded, they leave too little to interleave)."""
         self.faults = faults
         self.aimed = AIMED_FAULTS
+        self.races = AIMED_FAULTS + 1
         self.restarts = 1
         self.sim = ClusterSimulator(
             validate=True, tally=True, worker_saturation=saturation, worker_backlog=backlog,
@@ -162,6 +172,7 @@ class ClusterMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ clients
 
+    @precondition(lambda self: self.n_keys < MAX_KEYS)
     @rule(client=st.sampled_from(CLIENTS), tasks=st.lists(task_attrs, min_size=1, max_size=6),
           reuse=st.lists(index, max_size=2))  # fmt: skip
     @guarded
@@ -190,6 +201,7 @@ class ClusterMachine(RuleBasedStateMachine):
         ]
         sim.submit(client, new, wanted)
 
+    @precondition(lambda self: self.n_keys < MAX_KEYS)
     @rule(client=st.sampled_from(CLIENTS), n=st.integers(3, 12),
           fail=st.sampled_from([0, 0, 0, ALWAYS]), scattered=st.booleans())  # fmt: skip
     @guarded
@@ -312,7 +324,8 @@ class ClusterMachine(RuleBasedStateMachine):
             self.n_scattered += 1
             key = f"scat-{self.n_scattered}"
         addrs = sorted(sim.workers)
-        sim.scatter(client, key, [pick(addrs, i + j) for j in range(min(n, len(addrs)))])
+        to = [pick(addrs, i + j) for j in range(min(n, len(addrs)))]
+        sim.scatter(client, key, [a for a in to if not self._stale_release(a, key)])
 
     def _sought(self) -> list[tuple[str, Any]]:
         """(worker, key) pairs: a worker looking for data of a task that cannot fail."""
@@ -330,14 +343,145 @@ class ClusterMachine(RuleBasedStateMachine):
             for w in self.sim.workers.values() for ts in w.state.tasks.values()
         )
     )  # fmt: skip
-    @rule(client=st.sampled_from(CLIENTS), i=index)
+    @rule(client=st.sampled_from(CLIENTS), i=index, state=st.sampled_from(["missing", "any"]))
     @guarded
-    def scatter_to_fetcher(self, client: str, i: int) -> None:
-        """A client scatters a key to a worker that is fetching (or missing) it."""
+    def scatter_to_fetcher(self, client: str, i: int, state: str) -> None:
+        """A client scatters a key to a worker that is fetching (or missing) it;
+        ``missing`` prefers a key no holder is known of (a rarer, shorter state)."""
         sought = self._sought()
+        if state == "missing":
+            workers = self.sim.workers
+            sought = [(a, k) for a, k in sought if workers[a].state.tasks[k].state == state] or sought
         if sought:
             addr, key = pick(sought, i)
-            self.sim.scatter(client, key, [addr])
+            if not self._stale_release(addr, key):
+                self.sim.scatter(client, key, [addr])
+
+    def _stale_release(self, addr: str, key: Any) -> bool:
+        """Two known races, not fixed yet (strict xfails in ``test_regressions.py``): a
+        ``ReleaseWorkerData`` of ``key`` still on its way from ``addr`` would undo a
+        scatter of ``key`` to ``addr`` (``test_stale_release_worker_data_undoes_a_scatter``),
+        and so would a ``FreeKeys`` of it on its way to ``addr``
+        (``test_scatter_over_a_rescheduled_task_races_its_stale_free_keys``); the scatter
+        rules do not scatter there."""
+        queues = self.sim.queues
+        return any(
+            type(m) is ReleaseWorkerData and key in m.keys
+            for m in queues.get((addr, "scheduler"), ())
+        ) or any(type(m) is FreeKeys and key in m.keys for m in queues.get(("scheduler", addr), ()))
+
+    def _moving(self, state: str) -> list[tuple[str, Any]]:
+        """(worker, key) pairs: a computed key a worker is running, fetching or still
+        finishing after the scheduler gave it up (cancelled, resumed); those in
+        ``state`` if any (``flight`` and ``resumed`` are short, ``executing`` common)."""
+        sim = self.sim
+        graph = sim.graph
+        found = [
+            (a, k, ts.state) for a, w in sorted(sim.workers.items())
+            for k, ts in w.state.tasks.items()
+            if ts.state in MOVING and k in graph and not graph[k].scattered
+        ]  # fmt: skip
+        return [(a, k) for a, k, st_ in found if st_ == state] or [(a, k) for a, k, _ in found]
+
+    @precondition(
+        lambda self: any(
+            ts.state in MOVING for w in self.sim.workers.values() for ts in w.state.tasks.values()
+        )
+    )  # fmt: skip
+    @rule(state=st.sampled_from(sorted(MOVING)), i=index, j=index, k=index,
+          where=st.sampled_from(["here", "there", "back"]), deliver=st.booleans(),
+          rounds=st.integers(0, 3), end=st.sampled_from(["no", "secede", "reschedule"]))  # fmt: skip
+    @guarded
+    def rerun_moving(
+        self, state: str, i: int, j: int, k: int, where: str, deliver: bool, rounds: int,
+        end: str,
+    ) -> None:
+        """The clients cancel a key a worker is running or fetching (``state``), and
+        everything they want downstream of it, and at once submit the same keys again,
+        asking (loosely) for that worker for the key (``here``; its dependents for worker
+        ``k``), or for worker ``j`` for the key and that worker for its dependents
+        (``there``): the scheduler decides anew while the old run or transfer goes on, so
+        the worker hears of the key again before its thread or transfer ends
+        (``cancelled``, ``resumed`` and back; dask: a key recomputed after
+        ``client.cancel``, or a dependent placed where an old run still goes).
+        ``deliver``: the worker's messages from the scheduler arrive at once;
+        ``rounds``: rounds of everything else go by while the old run or transfer lasts.
+        ``back``: as ``there``, the key may also go to the old worker, and after the
+        rounds the worker that computed it dies (if the run may still lose one): the
+        scheduler computes it again, on the old worker, whose old run still goes on for
+        the dependent waiting there (``resumed`` asked to run again). ``end``: the old
+        run secedes first, or raises ``Reschedule`` at the end."""
+        sim = self.sim
+        moving = self._moving(state)
+        if not moving:
+            return
+        addr, key = pick(moving, i)
+        s = sim.scheduler
+        below = {key}  # the key and its dependents, transitively
+        stack = [key]
+        while stack:
+            sts = s.tasks.get(stack.pop())
+            for d in sts.dependents if sts is not None else ():
+                if d not in below:
+                    below.add(d)
+                    stack.append(d)
+        wanted = {c: sorted(ks & below, key=repr) for c, ks in sorted(sim.wants.items())}
+        wanted = {c: ks for c, ks in wanted.items() if ks}
+        if not wanted:  # the scheduler gave the key up: a client asks for it again
+            wanted = {CLIENTS[i % len(CLIENTS)]: [key]}
+        graph = sim.graph
+        lineages = {c: set().union(*(sim.lineage(x) for x in ks)) for c, ks in wanted.items()}
+        if any(graph[x].scattered for ls in lineages.values() for x in ls):
+            return  # a scattered input cannot be submitted again, only scattered
+        wts = sim.workers[addr].state.tasks[key]
+        slow: tuple[str, str, Any] | None = None
+        if key in sim.workers[addr].running:
+            slow = ("run", addr, key)
+            if end == "secede":
+                sim.secede(addr, key)
+        elif wts.coming_from is not None:
+            slow = ("gather", addr, wts.coming_from)
+        for c, ks in wanted.items():
+            sim.cancel(c, ks, force=True)
+        workers = sorted(sim.workers)
+        others = [a for a in workers if a != addr] or workers
+        if where == "here":
+            first, then = [addr], [pick(workers, k)]
+        else:
+            first, then = [pick(others, j)], [addr]
+            if where == "back":
+                first.append(addr)
+        for c, ks in wanted.items():
+            tasks = []
+            for x, t in graph.items():
+                if x not in lineages[c]:
+                    continue
+                if x in below:  # asked for a worker, loosely (it may be gone by then)
+                    w = first if x == key else then
+                    t = dataclasses.replace(t, workers=w, allow_other_workers=True)
+                tasks.append(t)
+            sim.submit(c, tasks, ks)
+        if deliver and addr in sim.workers:
+            sim.deliver("scheduler", addr, 1_000)
+        for _ in range(rounds):
+            self._one_round(slow)
+        sts = s.tasks.get(key)
+        if where == "back" and self.races > 0 and sts is not None and sts.state == "memory":
+            gone = sorted(a for a in sts.who_has if a != addr and a in sim.workers)
+            if gone:
+                self.races -= 1
+                sim.lose_worker(gone[0])
+        if end == "reschedule" and addr in sim.workers and key in sim.workers[addr].running:
+            sim.reschedule(addr, key)
+
+    @precondition(lambda self: bool(self.sim.pending_gathers()))
+    @rule(i=index)
+    @guarded
+    def fail_transfer(self, i: int) -> None:
+        """A transfer fails (the connection broke): the fetcher tries another holder,
+        or, knowing none, asks the scheduler (``missing``, ``MissingData``)."""
+        addr, peer = pick(self.sim.pending_gathers(), i)
+        self.sim.gather(addr, peer, fail=True)
 
     def _held_for_others(self) -> list[str]:
         """Workers holding data that a task elsewhere still needs."""
@@ -401,20 +545,43 @@ class ClusterMachine(RuleBasedStateMachine):
             src, dst = pick(sim.nonempty_queues(), i)
             sim.deliver(src, dst, n)
 
-    def _one_round(self) -> None:
+    def _one_round(self, slow: tuple[str, str, Any] | None = None) -> None:
+        """Every delivery, task, transfer and write once; not ``slow``: ``("run", worker,
+        key)`` or ``("gather", worker, peer)``, a thread or transfer that takes longer."""
         sim = self.sim
         for src, dst in sim.nonempty_queues():
             if dst == "scheduler" or dst in sim.workers:
                 sim.deliver(src, dst, 1_000)
         for addr, key in sim.running_tasks():
             if addr in sim.workers and key in sim.workers[addr].running:
-                sim.finish(addr, key)
+                if slow != ("run", addr, key):
+                    sim.finish(addr, key)
         for addr, peer in sim.pending_gathers():
             if addr in sim.workers and peer in sim.workers[addr].gathers:
-                sim.gather(addr, peer)
+                if slow != ("gather", addr, peer):
+                    sim.gather(addr, peer)
         for addr in sim.pending_writes():
             if addr in sim.workers:
                 sim.finish_writes(addr)
+
+    @precondition(lambda self: bool(self.sim.running_tasks() or self.sim.pending_gathers()))
+    @rule(i=index, gather=st.booleans(), rounds=st.integers(1, 4))
+    @guarded
+    def straggle(self, i: int, gather: bool, rounds: int) -> None:
+        """One task thread (or, ``gather``, one transfer) is slow: ``rounds`` rounds of
+        everything else go by while it runs. The cluster moves on around a straggler:
+        the scheduler may give its key up, compute it elsewhere and send a dependent
+        back before it ends (with ``rerun_moving`` and ``lose_holder``: ``resumed``)."""
+        sim = self.sim
+        gathers = sim.pending_gathers()
+        running = sim.running_tasks()
+        slow: tuple[str, str, Any]
+        if gathers and (gather or not running):
+            slow = ("gather", *pick(gathers, i))
+        else:
+            slow = ("run", *pick(running, i))
+        for _ in range(rounds):
+            self._one_round(slow)
 
     # ------------------------------------------------------------------ workers
 
@@ -441,15 +608,67 @@ class ClusterMachine(RuleBasedStateMachine):
         self.faults -= 1
         self.sim.lose_worker(pick(list(self.sim.workers), i), flush=flush)
 
-    @precondition(lambda self: self.aimed > 0 and bool(self.sim.pending_gathers()))
-    @rule(i=index)
+    @precondition(lambda self: self.races > 0 and bool(self.sim.pending_gathers()))
+    @rule(i=index, then=st.sampled_from(["nothing", "deliver", "gather"]))
     @guarded
-    def lose_peer_in_flight(self, i: int) -> None:
-        """A worker dies while another fetches data from it."""
-        self.aimed -= 1
-        _, peer = pick(self.sim.pending_gathers(), i)
-        if peer in self.sim.workers:
-            self.sim.lose_worker(peer)
+    def lose_peer_in_flight(self, i: int, then: str) -> None:
+        """A worker dies while another fetches data from it. The scheduler recomputes
+        what only the dead worker held, perhaps on the fetcher: ``deliver`` hands the
+        fetcher that news before its transfer fails (``flight -> resumed``), ``gather``
+        after (``fetch``/``missing -> waiting``)."""
+        self.races -= 1
+        sim = self.sim
+        addr, peer = pick(sim.pending_gathers(), i)
+        if peer not in sim.workers:
+            return
+        sim.lose_worker(peer)
+        if addr not in sim.workers:
+            return
+        if then == "gather" and peer in sim.workers[addr].gathers:
+            sim.gather(addr, peer)
+        if then != "nothing":
+            sim.deliver("scheduler", addr, 1_000)
+
+    def _about_to_fetch(self) -> list[tuple[str, str]]:
+        """(worker, peer): a ``ComputeTask`` on its way to the worker names an input only
+        the (live) peer holds, which the scheduler can compute again."""
+        sim = self.sim
+        graph = sim.graph
+        out = []
+        for (src, dst), q in sim.queues.items():
+            if src != "scheduler" or dst not in sim.workers:
+                continue
+            for msg in q:
+                if type(msg) is ComputeTask:
+                    for k, holders in msg.who_has.items():
+                        if (
+                            len(holders) == 1 and holders[0] != dst and holders[0] in sim.workers
+                            and k in graph and not graph[k].scattered
+                        ):  # fmt: skip
+                            out.append((dst, holders[0]))
+        return sorted(set(out))
+
+    @precondition(lambda self: self.races > 0 and bool(self._about_to_fetch()))
+    @rule(i=index, then=st.sampled_from(["deliver", "gather"]))
+    @guarded
+    def lose_source(self, i: int, then: str) -> None:
+        """A worker dies just as another starts fetching from it: the fetcher hears of
+        its task (it fetches the input), the holder dies, and the scheduler computes
+        the input again, perhaps on the fetcher itself, which hears of that before its
+        transfer fails (``deliver``: ``flight -> resumed``) or after (``gather``:
+        ``missing``/``fetch -> waiting``)."""
+        self.races -= 1
+        sim = self.sim
+        addr, peer = pick(self._about_to_fetch(), i)
+        sim.deliver("scheduler", addr, 1_000)
+        if peer not in sim.workers or addr not in sim.workers:
+            return
+        sim.lose_worker(peer)
+        if addr not in sim.workers:
+            return
+        if then == "gather" and peer in sim.workers[addr].gathers:
+            sim.gather(addr, peer)
+        sim.deliver("scheduler", addr, 1_000)
 
     @precondition(lambda self: bool(self.sim.scheduler.steals))
     @rule(i=index, race=st.sampled_from(["finish", "deliver", "victim", "thief"]))
@@ -574,10 +793,9 @@ _register_work(WORK_WEIGHT)
 EXAMPLES_PER_PROFILE_EXAMPLE = 8
 STEPS = 200
 # Share of the reachable edges of each table a profile must take (other profiles: report).
-# The target is 90% in ci for both tables; the worker's table is at 82% (40 of 49 reachable
-# edges on 2026-12-06): its floor guards against losing ground until rules reach the rest.
+# ci: 90% of each (the worker's table at 46 of 49 on 2026-12-06, docs/cluster-machine.md).
 REQUIRED_COVERAGE = {
-    "ci": {"scheduler": 0.9, "worker": 0.8},
+    "ci": {"scheduler": 0.9, "worker": 0.9},
     "long": {"scheduler": 1.0, "worker": 1.0},
 }
 _REPORT_PATH = os.environ.get("TRIOSCHEDULER_COVERAGE_REPORT")

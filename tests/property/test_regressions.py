@@ -200,6 +200,30 @@ def test_scatter_over_a_rescheduled_task_races_its_stale_free_keys() -> None:
     sim.scatter("c", "x", [a])  # the data reaches A first
     sim.deliver("scheduler", a, n=10)
     sim.check()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug (found 2026-12-06 by the machine's straggle/rerun rules): a stale "
+    "ReleaseWorkerData undoes a later scatter's replica; the fix needs the worker's word "
+    "on the order (a serial in ReleaseWorkerData and the scatter's reply), a wire change",
+)
+def test_stale_release_worker_data_undoes_a_scatter() -> None:
+    """Open: a worker drops a key on the scheduler's ``FreeKeys`` and reports it
+    (``ReleaseWorkerData``); before the scheduler reads that report, a client scatters
+    the same key to that worker and tells the scheduler (``UpdateData``, another stream).
+    The stale report then removes the new replica: the worker holds data the scheduler
+    does not count (never freed: a leak) and, as the only holder, the client's key is
+    lost although its value is there. Dask has the same race (``release_worker_data``
+    trusts the worker's report whatever crossed it)."""
+    sim = ClusterSimulator(validate=True)
+    w = sim.add_worker()
+    sim.submit("c", [SimTask("x")], ["x"])
+    sim.run_to_completion()
+    sim.release("c", ["x"])  # forgotten: FreeKeys(x) queued for w
+    sim.deliver("scheduler", w)  # w drops x; its ReleaseWorkerData(x) is on its way
+    assert sim.scatter("c", "x", [w]) == [w]  # the scheduler counts w's new copy
+    sim.deliver(w, "scheduler")  # the stale report arrives after the scatter
     settled(sim)
 
 
