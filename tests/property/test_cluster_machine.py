@@ -156,7 +156,7 @@ class ClusterMachine(RuleBasedStateMachine):
         rules as often as any other; unbounded, they leave too little to interleave)."""
         self.faults = faults
         self.aimed = AIMED_FAULTS
-        self.races = AIMED_FAULTS + 1
+        self.races = AIMED_FAULTS + 2
         self.restarts = 1
         self.sim = ClusterSimulator(
             validate=True, tally=True, worker_saturation=saturation, worker_backlog=backlog,
@@ -390,7 +390,7 @@ class ClusterMachine(RuleBasedStateMachine):
     )  # fmt: skip
     @rule(state=st.sampled_from(sorted(MOVING)), i=index, j=index, k=index,
           where=st.sampled_from(["here", "there", "back"]), deliver=st.booleans(),
-          rounds=st.integers(0, 3), end=st.sampled_from(["no", "secede", "reschedule"]))  # fmt: skip
+          rounds=st.integers(0, 4), end=st.sampled_from(["no", "secede", "reschedule"]))  # fmt: skip
     @guarded
     def rerun_moving(
         self, state: str, i: int, j: int, k: int, where: str, deliver: bool, rounds: int,
@@ -405,7 +405,8 @@ class ClusterMachine(RuleBasedStateMachine):
         (``cancelled``, ``resumed`` and back; dask: a key recomputed after
         ``client.cancel``, or a dependent placed where an old run still goes).
         ``deliver``: the worker's messages from the scheduler arrive at once;
-        ``rounds``: rounds of everything else go by while the old run or transfer lasts.
+        ``rounds``: rounds of everything else go by while the old run or transfer lasts
+        (until the worker hears of the key again).
         ``back``: as ``there``, the key may also go to the old worker, and after the
         rounds the worker that computed it dies (if the run may still lose one): the
         scheduler computes it again, on the old worker, whose old run still goes on for
@@ -465,6 +466,10 @@ class ClusterMachine(RuleBasedStateMachine):
             sim.deliver("scheduler", addr, 1_000)
         for _ in range(rounds):
             self._one_round(slow)
+            w = sim.workers.get(addr)
+            now = w.state.tasks.get(key) if w is not None else None
+            if now is None or now.state != "cancelled":
+                break  # the worker heard of the key again, or its old run ended
         sts = s.tasks.get(key)
         if where == "back" and self.races > 0 and sts is not None and sts.state == "memory":
             gone = sorted(a for a in sts.who_has if a != addr and a in sim.workers)
@@ -786,6 +791,10 @@ def _register_work(weight: int) -> None:
 
 WORK_WEIGHT = 6
 _register_work(WORK_WEIGHT)
+# The rules aimed at the cancelled/resumed family, drawn twice as often as the rest: each
+# run reaches a few of those interleavings, and the ci profile must reach them all.
+ClusterMachine.rerun_moving_again = ClusterMachine.rerun_moving  # type: ignore[attr-defined]
+ClusterMachine.lose_source_again = ClusterMachine.lose_source  # type: ignore[attr-defined]
 
 
 # Examples are cheap (a few ms per step): run EXAMPLES_PER_PROFILE_EXAMPLE of them for
