@@ -51,7 +51,7 @@ from hypothesis.stateful import (
 )
 from machine_coverage import Tally, as_dict
 
-from trioscheduler.core.messages import ComputeTask, FreeKeys, ReleaseWorkerData
+from trioscheduler.core.messages import ComputeTask, FreeKeys
 from trioscheduler.core.sim_restart import record_scheduler, restart_scheduler
 from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask
 
@@ -358,17 +358,12 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.sim.scatter(client, key, [addr])
 
     def _stale_release(self, addr: str, key: Any) -> bool:
-        """Two known races, not fixed yet (strict xfails in ``test_regressions.py``): a
-        ``ReleaseWorkerData`` of ``key`` still on its way from ``addr`` would undo a
-        scatter of ``key`` to ``addr`` (``test_stale_release_worker_data_undoes_a_scatter``),
-        and so would a ``FreeKeys`` of it on its way to ``addr``
-        (``test_scatter_over_a_rescheduled_task_races_its_stale_free_keys``); the scatter
-        rules do not scatter there."""
-        queues = self.sim.queues
-        return any(
-            type(m) is ReleaseWorkerData and key in m.keys
-            for m in queues.get((addr, "scheduler"), ())
-        ) or any(type(m) is FreeKeys and key in m.keys for m in queues.get(("scheduler", addr), ()))
+        """A known race, not fixed yet (strict xfail
+        ``test_scatter_over_a_rescheduled_task_races_its_stale_free_keys``): a ``FreeKeys``
+        of ``key`` on its way to ``addr`` drops a scatter of ``key`` to ``addr`` that the
+        scheduler counts; the scatter rules do not scatter there."""
+        queue = self.sim.queues.get(("scheduler", addr), ())
+        return any(type(m) is FreeKeys and key in m.keys for m in queue)
 
     def _moving(self, state: str) -> list[tuple[str, Any]]:
         """(worker, key) pairs: a computed key a worker is running, fetching or still

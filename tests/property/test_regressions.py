@@ -202,20 +202,15 @@ def test_scatter_over_a_rescheduled_task_races_its_stale_free_keys() -> None:
     sim.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (found 2026-12-06 by the machine's straggle/rerun rules): a stale "
-    "ReleaseWorkerData undoes a later scatter's replica; the fix needs the worker's word "
-    "on the order (a serial in ReleaseWorkerData and the scatter's reply), a wire change",
-)
 def test_stale_release_worker_data_undoes_a_scatter() -> None:
-    """Open: a worker drops a key on the scheduler's ``FreeKeys`` and reports it
+    """Fixed (e60a179: a ``ReleaseWorkerData`` that uncounts a copy frees the key there).
+    A worker drops a key on the scheduler's ``FreeKeys`` and reports it
     (``ReleaseWorkerData``); before the scheduler reads that report, a client scatters
     the same key to that worker and tells the scheduler (``UpdateData``, another stream).
-    The stale report then removes the new replica: the worker holds data the scheduler
-    does not count (never freed: a leak) and, as the only holder, the client's key is
-    lost although its value is there. Dask has the same race (``release_worker_data``
-    trusts the worker's report whatever crossed it)."""
+    The stale report then removed the new replica: the worker held data the scheduler did
+    not count (never freed: a leak). Found by the machine's rerun/straggle rules the same
+    morning as the AMM's variant (``test_scatter_crossing_the_release_of_a_dropped_copy``).
+    Dask has the same race (``release_worker_data`` trusts the worker's report)."""
     sim = ClusterSimulator(validate=True)
     w = sim.add_worker()
     sim.submit("c", [SimTask("x")], ["x"])
