@@ -52,12 +52,14 @@ def compute(
     nbytes: dict[Any, int] | None = None,
     resources: dict[str, float] | None = None,
     stim: str = "s",
+    duration: float = 0.5,
 ) -> ComputeTask:
     deps = deps or {}
     spec = f"run-{key}".encode()
     return ComputeTask(
-        stim, 1.0, key, spec, list(deps), deps, nbytes or {}, prio, resources=resources
-    )
+        stim, 1.0, key, spec, list(deps), deps, nbytes or {}, prio, resources=resources,
+        duration=duration,
+    )  # fmt: skip
 
 
 def done(key: Any, nbytes: int = 10, stim: str = "s") -> ExecuteSuccess:
@@ -68,8 +70,8 @@ def finished(key: Any, nbytes: int = 10, stim: str = "s") -> ToScheduler:
     return ToScheduler(TaskFinished(stim, 2.0, W, key, nbytes, "int", 1.5, 2.0))
 
 
-def ex(key: Any) -> Execute:
-    return Execute(key, f"run-{key}".encode())
+def ex(key: Any, behind: bool = False) -> Execute:
+    return Execute(key, f"run-{key}".encode(), behind)
 
 
 def states(ws: WorkerState) -> dict[Any, str]:
@@ -439,6 +441,71 @@ def test_free_waiting_task_releases_unneeded_fetches() -> None:
 
 def test_free_unknown_key_is_ignored() -> None:
     assert ws_().handle(FreeKeys("f", 1.0, ["nope"])) == []
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+SHORT = 0.0001  # seconds: a trivial task's estimated duration
+
+
+def test_prefetch_queues_short_tasks_behind_the_running_one() -> None:
+    ws = ws_(nthreads=1, prefetch=2)
+    out = ws.handle(*(compute(k, prio=(i,), duration=SHORT) for i, k in enumerate("abcd")))
+    # one on the thread, two more queued for it: it goes on without waiting for the loop
+    assert out == [ex("a"), ex("b", behind=True), ex("c", behind=True)]
+    assert ws.executing_count == 3 and ws.tasks["d"].state == "ready"
+    # the loop hears of a and b together: d is queued behind c
+    assert ws.handle(done("a"), done("b")) == [finished("a"), finished("b"), ex("d", behind=True)]
+    assert ws.handle(done("c")) == [finished("c")]
+    assert ws.handle(done("d")) == [finished("d")]
+    assert ws.executing_count == 0
+
+
+def test_no_prefetch_by_default_or_for_long_or_constrained_tasks() -> None:
+    assert ws_(nthreads=1).handle(compute("a", duration=SHORT), compute("b", duration=SHORT)) == [
+        ex("a")
+    ]
+    ws = ws_(nthreads=1, prefetch=4, resources={"GPU": 1})
+    # behind a task estimated at 0.5 s nothing waits: it could still be stolen instead
+    assert ws.handle(compute("long", prio=(0,)), compute("b", prio=(1,), duration=SHORT)) == [
+        ex("long")
+    ]
+    assert ws.handle(done("long"))[-1] == ex("b")
+    # a task that needs resources never takes them while it waits for a thread
+    out = ws.handle(compute("g", prio=(2,), resources={"GPU": 1}, duration=SHORT))
+    assert out == [] and ws.tasks["g"].state == "constrained"
+    assert ws.handle(done("b")) == [finished("b"), ex("g")]
+
+
+def test_prefetch_stops_at_its_budget_of_estimated_seconds_per_thread() -> None:
+    # 1 ms per thread: the running task's 0.4 ms and one more 0.4 ms fit, a third does not
+    ws = ws_(nthreads=1, prefetch=8, prefetch_duration=0.001)
+    out = ws.handle(*(compute(k, prio=(i,), duration=0.0004) for i, k in enumerate("abc")))
+    assert out == [ex("a"), ex("b", behind=True)]
+    assert ws.handle(done("a")) == [finished("a"), ex("c", behind=True)]
+    ws2 = ws_(nthreads=2, prefetch=8, prefetch_duration=0.001)  # 2 ms for two threads
+    out = ws2.handle(*(compute(k, prio=(i,), duration=0.0004) for i, k in enumerate("abcdef")))
+    assert out == [ex("a"), ex("b"), ex("c", behind=True), ex("d", behind=True), ex("e", True)]
+
+
+def test_a_prefetched_task_is_not_stolen_and_can_be_cancelled() -> None:
+    ws = ws_(nthreads=1, prefetch=1)
+    ws.handle(compute("a", prio=(0,), duration=SHORT), compute("b", prio=(1,), duration=SHORT))
+    out = ws.handle(StealRequest("st", 2.0, "b"))  # handed to the shell: it will run here
+    assert out == [ToScheduler(StealResponse("st", 2.0, W, "b", "executing"))]
+    assert ws.handle(FreeKeys("f", 2.0, ["b"])) == []
+    assert ws.tasks["b"].state == "cancelled"
+    assert ws.handle(done("a"), done("b")) == [finished("a"), DeleteData("b")]
+    assert "b" not in ws.tasks
+
+
+def test_secede_ahead_of_a_prefetched_task() -> None:
+    ws = ws_(nthreads=1, prefetch=1)
+    ws.handle(*(compute(k, prio=(i,), duration=SHORT) for i, k in enumerate("abc")))
+    # a leaves the slot: b (queued) now holds it, c is queued behind b
+    out = ws.handle(SecedeEvent("sec", 2.0, "a", 0.5))
+    assert out == [ToScheduler(LongRunning("sec", 2.0, W, "a", 0.5)), ex("c", behind=True)]
+    assert ws.executing_count == 2 and ws.tasks["a"].state == "long-running"
 
 
 # ----------------------------------------------------------------------------- stealing

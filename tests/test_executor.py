@@ -33,6 +33,15 @@ def blocked() -> bool:
     return _release.wait()
 
 
+_started = threading.Event()
+
+
+def blocked_here() -> str:
+    _started.set()
+    _release.wait()
+    return threading.current_thread().name
+
+
 def fail() -> None:
     raise KeyError("boom")
 
@@ -78,6 +87,37 @@ async def test_errors_are_packed_and_a_busy_thread_gets_company() -> None:
             assert (await collect(ex, 1))["blocked"].value is True
         finally:
             release.set()
+            ex.close()
+
+
+async def test_a_prefetched_job_waits_for_the_busy_thread_unless_its_task_secedes() -> None:
+    ex = ThreadExecutor(FakeWorker(), 1)
+    _release.clear()
+    _started.clear()
+    with trio.fail_after(TIMEOUT):
+        ex.start()
+        try:
+            ex.submit("first", spec(blocked_here), {})
+            ex.submit("next", spec(whoami, 1), {}, behind=True)
+            with trio.move_on_after(0.3):  # no second thread: it waits for the first
+                await ex.wait()
+                raise AssertionError("the prefetched job ran beside the busy thread")
+            _release.set()
+            got = await collect(ex, 2)
+            assert got["next"].value[1] == got["first"].value  # on the same thread, next
+            # a task that secedes leaves its thread: a job waiting behind it gets another
+            _release.clear()
+            _started.clear()
+            ex.submit("seceding", spec(blocked_here), {})
+            await trio.to_thread.run_sync(_started.wait)
+            ex.submit("after", spec(whoami, 2), {}, behind=True)
+            ex.secede("seceding")
+            after = (await collect(ex, 1))["after"]
+            _release.set()
+            seceded = (await collect(ex, 1))["seceding"]
+            assert after.value[1] != seceded.value
+        finally:
+            _release.set()
             ex.close()
 
 

@@ -718,10 +718,15 @@ class ToScheduler:
 
 @message("execute")
 class Execute:
-    """Run the task's run_spec in a thread slot (its dependencies are in memory)."""
+    """Run the task's run_spec in a thread slot (its dependencies are in memory).
+
+    ``behind``: every thread slot is taken; run it on the next thread that frees, after
+    the task that thread runs (a prefetched task: ``WorkerState(prefetch=...)``).
+    """
 
     key: Key
     run_spec: Any  # bytes, or bytes with out-of-band buffers (wire.runspec); None
+    behind: bool = False
 
 
 @message("gather-dep")

@@ -69,7 +69,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "nthreads": 1, "resources": None, "memory_limit": 0, "target": 0.6, "spill": 0.7,
         "pause": 0.8, "write_ahead": 0.1, "transfer_incoming_count_limit": 4,
         "transfer_message_bytes_limit": 50_000_000, "validate": False, "story_limit": 100_000,
-        "transfer_incoming_bytes_limit": None,
+        "transfer_incoming_bytes_limit": None, "prefetch": 0, "prefetch_duration": 0.001,
     },
 }  # fmt: skip
 

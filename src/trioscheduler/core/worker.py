@@ -4,7 +4,8 @@
 an event into recommendations (``{task: finish}``) which ``worker_transitions.drain``
 applies; then three decisions run, all pure: report acquired replicas, spill to the
 memory target, start tasks in priority order (thread slots, resources, not while
-paused) and start transfers (one ``GatherDep`` per peer at a time, at most
+paused; with ``prefetch``, short tasks also queued behind the running ones) and start
+transfers (one ``GatherDep`` per peer at a time, at most
 ``transfer_incoming_count_limit`` in all and, if set, ``transfer_incoming_bytes_limit``
 bytes in flight, keys bundled per peer up to ``transfer_message_bytes_limit``); the last
 two live in ``worker_decisions``.
@@ -82,6 +83,10 @@ from trioscheduler.core.worker_transitions import (
 STEALABLE: Final = frozenset({"waiting", "ready", "constrained"})
 """States in which a stolen task had not started and is released here."""
 
+PREFETCH_DURATION: Final = 0.001
+"""Seconds of estimated work per thread (``ComputeTask.duration``, the scheduler's
+estimate) that prefetching may hand to the threads at once, running tasks included."""
+
 
 class WorkerState:
     """Everything one worker knows, changed only by ``handle``."""
@@ -94,6 +99,7 @@ class WorkerState:
         "managed_bytes", "writing", "writing_bytes", "executing", "long_running", "missing", "in_flight",
         "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added", "_dropped",
         "_story", "_story_append", "_serial", "_starts", "process_memory", "_spill_goal",
+        "prefetch", "prefetch_duration", "max_executing",
     )  # fmt: skip
 
     def __init__(
@@ -112,6 +118,8 @@ class WorkerState:
         validate: bool = False,
         story_limit: int = 100_000,
         transfer_incoming_bytes_limit: int | None = None,
+        prefetch: int = 0,
+        prefetch_duration: float = PREFETCH_DURATION,
     ) -> None:
         """``transfer_incoming_bytes_limit`` (dask's, 10% of the memory limit in its
         ``Worker``; None: no limit): no transfer starts while this many bytes are in
@@ -119,6 +127,11 @@ class WorkerState:
         flight (so a key larger than the limit still arrives)."""
         self.address = address
         self.nthreads = nthreads
+        # up to ``prefetch`` short tasks started beyond the thread slots, each to run on
+        # the next thread that frees (``Execute.behind``; see ``worker_decisions``)
+        self.prefetch = max(0, prefetch)
+        self.prefetch_duration = prefetch_duration
+        self.max_executing = nthreads + self.prefetch
         self.total_resources: dict[str, float] = dict(resources or {})
         self.available_resources: dict[str, float] = dict(self.total_resources)
         self.thresholds = mp.MemoryThresholds.from_fractions(
@@ -229,7 +242,7 @@ class WorkerState:
         goal = self._spill_goal
         if goal is not None and self.memory_bytes > goal:
             self._spill_to_target(out, ())
-        if (self._ready or self._constrained) and len(self.executing) < self.nthreads:
+        if (self._ready or self._constrained) and len(self.executing) < self.max_executing:
             ensure_computing(self, stim, now, out)
         if self._fetch_dirty:
             ensure_communicating(self, stim, now, out)

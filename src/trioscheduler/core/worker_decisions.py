@@ -48,18 +48,37 @@ def next_ready(ws: WorkerState) -> list[HeapEntry] | None:
 
 def ensure_computing(ws: WorkerState, stim: str, now: float, out: list[Any]) -> None:
     """Start ready tasks, best priority first, while slots, resources and the spill
-    writer's backlog allow."""
+    writer's backlog allow.
+
+    With ``prefetch``, up to that many more start beyond the thread slots, each as an
+    ``Execute`` with ``behind`` set: the shell queues it for the next thread that frees,
+    so a thread goes from one short task to the next without waiting for the loop to
+    handle each completion (a loop round trip per task with one thread), and the loop
+    handles the completions in batches. Only plain ready tasks (no resources) are
+    prefetched, and only while the estimated durations of all tasks executing and
+    queued, the new one included, add up to ``prefetch_duration`` seconds per thread or
+    less: a prefetched task can no longer be stolen, so it must not wait long.
+    """
     if ws.status != "running":
         return
     executing = ws.executing
+    nthreads = ws.nthreads
+    most = ws.max_executing
     goal = ws._spill_goal
     write_ahead = ws.thresholds.write_ahead
     started: list[WorkerTask] = []  # their inputs are kept from spilling (if it comes to that)
-    while len(executing) < ws.nthreads:
+    handed = -1.0  # estimated seconds of work handed to the threads (once prefetching)
+    while len(executing) < most:
         heap = next_ready(ws)
         if heap is None:
             return
         ts = heap[0][2]
+        if len(executing) >= nthreads:
+            if handed < 0.0:
+                handed = sum([t.duration for t in executing])
+            handed += ts.duration
+            if ts.resources or handed > ws.prefetch_duration * nthreads:
+                return
         if write_ahead is not None and ws.writing_bytes > write_ahead:
             if writes_behind(ws, ts, write_ahead):
                 return  # wait for ``SpillWritten`` (tasks started above may have spilled)

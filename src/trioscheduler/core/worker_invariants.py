@@ -100,7 +100,7 @@ def validate_worker(ws: WorkerState) -> None:
     # index sets agree with the states
     assert ws.executing == executing, (ws.executing, executing)
     assert ws.long_running == long_running, (ws.long_running, long_running)
-    assert len(ws.executing) <= ws.nthreads, "more tasks running than thread slots"
+    assert len(ws.executing) <= ws.nthreads + ws.prefetch, "more tasks running than slots"
     assert ws.missing == {ts for ts in tasks.values() if ts.state == "missing"}, ws.missing
     flight_seen: set[WorkerTask] = set()
     for peer, batch in ws.in_flight.items():

@@ -282,7 +282,8 @@ def ready_executing(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out:
         for r, q in ts.resources.items():
             avail[r] = avail.get(r, 0.0) - q
     _set(ws, ts, "executing", stim, now)
-    out.append(Execute(ts.key, ts.run_spec))
+    # beyond the thread slots: prefetched, to wait for a busy thread (``ensure_computing``)
+    out.append(Execute(ts.key, ts.run_spec, len(ws.executing) > ws.nthreads))
 
 
 # ----------------------------------------------------------------------------- executing

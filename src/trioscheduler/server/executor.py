@@ -18,10 +18,14 @@ that finds every thread idle goes at once: nothing finished is waiting to be wri
 and deferring it would put the loop's other writes ahead of the task (a lone
 ``submit(...).result()`` waited behind them).
 
-There is always one thread per queued or running job: a job goes to an idle thread or
-starts a new one. A seceded task keeps its thread, so the next job gets another; threads
-beyond ``nthreads`` leave after idling ``IDLE_TIMEOUT`` seconds. Threads are daemons: a
-task that never returns does not keep the process alive.
+A job goes to an idle thread or starts a new one, except a prefetched one (``behind``:
+the core started it with every thread slot taken), which waits in the queue for the next
+thread that finishes its task, so that thread goes straight on to it without a round
+trip through the loop; it starts a thread only while fewer than ``nthreads`` threads take
+jobs. A seceded task keeps its thread and stops counting as one that takes jobs (a
+prefetched job waiting behind it gets a new thread); a thread that finishes a task while
+more than ``nthreads`` do leaves. Threads are daemons: a task that never returns does not
+keep the process alive.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import select
 import sys
 import threading
 import time
@@ -47,11 +50,6 @@ from trioscheduler.wire import runspec
 from trioscheduler.wire.remote_error import pack_exception
 
 logger = logging.getLogger("trioscheduler.worker")
-
-IDLE_TIMEOUT = 30.0
-"""Seconds an extra thread (beyond ``nthreads``) waits for a job before it leaves."""
-
-_CAN_POLL_PIPES = os.name == "posix"
 
 MAX_DEFERRALS = 4
 """Loop rounds without a wait for I/O that may pass before queued jobs go out anyway."""
@@ -166,14 +164,19 @@ class ThreadExecutor:
         self._rfd = self._wfd = -1
         self._lock = threading.Lock()
         self._threads = 0  # started and not yet left
-        self._idle = 0  # threads waiting for a job, minus jobs queued for them
+        # threads waiting for a job, minus jobs queued: below 0, prefetched jobs wait for
+        # busy threads
+        self._idle = 0
+        self._running: set[Any] = set()  # keys of the jobs threads run now
+        self._seceded: set[Any] = set()  # of those, the seceded ones (their threads take no job)
         self._serial = 0
         self._done: list[Done] = []  # finished, not yet taken by the loop
         self._woken = False  # a wake-up for the loop is on its way
         self._closed = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._ready = trio.Event()
-        self._pending: list[tuple[Any, bytes, Mapping[Any, Any]]] = []  # not yet queued
+        # not yet queued: (job, behind)
+        self._pending: list[tuple[tuple[Any, bytes, Mapping[Any, Any]], bool]] = []
         self._deferred = 0  # loop rounds the pending jobs waited without an I/O wait
         self._instrument: _HandOver | None = None
 
@@ -184,19 +187,25 @@ class ThreadExecutor:
         self._instrument = _HandOver(self)
         trio.lowlevel.add_instrument(self._instrument)
 
-    def submit(self, key: Any, run_spec: Any, data: Mapping[Any, Any]) -> None:
+    def submit(
+        self, key: Any, run_spec: Any, data: Mapping[Any, Any], *, behind: bool = False
+    ) -> None:
         """Run ``run_spec`` in a task thread; its ``Done`` comes back through ``wait``.
 
         The job reaches a thread when the loop next waits for I/O (see the module doc),
         or at once if every thread is idle: then no finished task's follow-up is
-        waiting to be written, and the job is the round trip's critical path.
+        waiting to be written, and the job is the round trip's critical path. A
+        prefetched job (``behind``) is queued at once (after any pending before it), for
+        the next thread that frees.
         """
-        if self._instrument is None or (
-            not self._pending and self._idle > 0 and self._idle == self._threads
+        if self._pending:
+            self._pending.append(((key, run_spec, data), behind))
+        elif behind or self._instrument is None or (
+            self._idle > 0 and self._idle == self._threads
         ):
-            self._queue((key, run_spec, data))
+            self._queue((key, run_spec, data), behind=behind)
         else:
-            self._pending.append((key, run_spec, data))
+            self._pending.append(((key, run_spec, data), False))
 
     def hand_over(self, timeout: float) -> None:
         """Queue the pending jobs: the loop is about to wait ``timeout`` seconds for I/O."""
@@ -207,14 +216,16 @@ class ThreadExecutor:
             return
         self._deferred = 0
         jobs, self._pending = self._pending, []
-        for job in jobs:
-            self._queue(job)
+        for job, behind in jobs:
+            self._queue(job, behind=behind)
 
-    def _queue(self, job: tuple[Any, bytes, Mapping[Any, Any]]) -> None:
+    def _queue(self, job: tuple[Any, bytes, Mapping[Any, Any]], *, behind: bool = False) -> None:
         with self._lock:
             if self._closed:
                 return
-            spawn = self._idle == 0
+            spawn = self._idle <= 0
+            if behind and spawn:  # waits for a busy thread, if enough take jobs
+                spawn = self._threads - len(self._seceded) < self.nthreads
             if spawn:
                 self._threads += 1
                 self._serial += 1
@@ -224,29 +235,60 @@ class ThreadExecutor:
             self._jobs.append(job)
         os.write(self._wfd, b"\0")
         if spawn:
-            t = threading.Thread(target=self._work, name=f"{self.name}-{serial}", daemon=True)
-            t.start()
+            self._spawn(serial)
 
-    def deliver(self, done: Done, *, idle: bool = False) -> None:
+    def _spawn(self, serial: int) -> None:
+        t = threading.Thread(target=self._work, name=f"{self.name}-{serial}", daemon=True)
+        t.start()
+
+    def secede(self, key: Any) -> None:
+        """The task ``key`` seceded: its thread takes no job until it ends. A prefetched
+        job waiting for a thread gets a new one if fewer than ``nthreads`` take jobs."""
+        with self._lock:
+            if key not in self._running or self._closed:
+                return  # (an ``async def`` task: it runs on the loop, not in a thread)
+            self._seceded.add(key)
+            spawn = self._idle < 0 and self._threads - len(self._seceded) < self.nthreads
+            if spawn:
+                self._threads += 1
+                self._idle += 1
+                self._serial += 1
+                serial = self._serial
+        if spawn:
+            self._spawn(serial)
+
+    def deliver(self, done: Done, *, idle: bool = False) -> bool:
         """Hand ``done`` to the loop (any thread); wakes the loop only if it was idle.
 
-        ``idle``: the calling task thread takes its next job right after, so it counts
-        as idle in the same step (else a job submitted in between would start a thread).
+        ``idle``: the calling task thread is done with ``done``'s job and takes its next
+        one right after, so it counts as idle in the same step (else a job submitted in
+        between would start a thread); unless more than ``nthreads`` threads take jobs:
+        then it leaves (returns True) and counts as gone.
         """
+        leave = False
         with self._lock:
             self._done.append(done)
             if idle:
-                self._idle += 1
+                self._running.discard(done.key)
+                self._seceded.discard(done.key)
+                if self._threads - len(self._seceded) > self.nthreads:
+                    leave = True
+                    self._threads -= 1
+                    if self._closed and self._threads == 0:
+                        os.close(self._rfd)
+                else:
+                    self._idle += 1
             if self._woken:
-                return
+                return leave
             self._woken = True
         token = self._token
         if token is None:
-            return
+            return leave
         try:
             token.run_sync_soon(self._wake)
         except trio.RunFinishedError:
             pass
+        return leave
 
     def _wake(self) -> None:
         self._ready.set()
@@ -282,7 +324,7 @@ class ThreadExecutor:
     def _work(self) -> None:
         worker_var, key_var = task_context.current_worker, task_context.current_key
         worker_var.set(self.worker)
-        job = self._next_job(False)  # the job this thread was started for
+        job = self._next_job()  # the job this thread was started for (or an earlier one)
         while job is not None:
             key, run_spec, data = job
             key_var.set(key)
@@ -293,31 +335,23 @@ class ThreadExecutor:
                 done.fail(exc)
             key_var.set(None)
             del job, run_spec, data
-            self.deliver(done, idle=True)
+            if self.deliver(done, idle=True):
+                return  # one thread too many: counted as gone
             del done
-            job = self._next_job(self._threads > self.nthreads)
+            job = self._next_job()
         with self._lock:
             self._threads -= 1
             if self._closed and self._threads == 0:
                 os.close(self._rfd)
 
-    def _next_job(self, extra: bool) -> tuple[Any, bytes, Mapping[Any, Any]] | None:
-        """The next job; ``None`` to leave: closed, or an ``extra`` thread (beyond
-        ``nthreads``) that idled ``IDLE_TIMEOUT`` seconds (where pipes can be polled)."""
-        rfd = self._rfd
-        while True:
-            if extra and _CAN_POLL_PIPES:
-                readable, _, _ = select.select([rfd], [], [], IDLE_TIMEOUT)
-                if not readable:
-                    with self._lock:
-                        if self._threads > self.nthreads and self._idle > 0:
-                            self._idle -= 1
-                            return None
-                    continue
-            if not os.read(rfd, 1):
-                return None  # closed
-            with self._lock:
-                return self._jobs.popleft()
+    def _next_job(self) -> tuple[Any, bytes, Mapping[Any, Any]] | None:
+        """The next job, marked running; ``None`` once closed."""
+        if not os.read(self._rfd, 1):
+            return None  # closed
+        with self._lock:
+            job = self._jobs.popleft()
+            self._running.add(job[0])
+            return job
 
 
 class _HandOver(trio.abc.Instrument):

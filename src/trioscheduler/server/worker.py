@@ -105,6 +105,9 @@ def default_host(scheduler_address: str) -> str:
 #: ``shared_memory=`` (e.g. the processes of a ``LocalCluster``).
 SHARED_MEMORY_ENV = "TRIOSCHEDULER_SHARED_MEMORY"
 
+PREFETCH = 64
+"""Short tasks per thread the core may queue behind the running ones (``prefetch=``):
+each worth at most ``WorkerState.prefetch_duration`` (1 ms per thread in all)."""
 _RETIRE_GRACE = 10.0  # seconds a retiring worker waits for the scheduler to close it
 DEATH_TIMEOUT = 60.0  # default seconds to keep dialling a lost scheduler before closing
 _BACKOFF = (0.1, 5.0)  # first and longest wait between two attempts to rejoin
@@ -156,6 +159,7 @@ class Worker(RunsInAsyncWith):
         security: Security | bool | None = None,
         shared_memory: bool | None = None,
         record: str | os.PathLike[str] | None = None,
+        prefetch: int | None = None,
     ) -> None:
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, got {nthreads}")
@@ -163,6 +167,8 @@ class Worker(RunsInAsyncWith):
         self.scheduler_address = scheduler_address
         self._listen_address = address
         self.nthreads = nthreads
+        # short tasks the core may queue behind the running ones (``WorkerState.prefetch``)
+        self.prefetch = PREFETCH * nthreads if prefetch is None else max(0, prefetch)
         self.memory_limit = memory.parse_memory_limit(memory_limit, nworkers=nworkers)
         self.resources = dict(resources or {})
         self.name = name
@@ -234,6 +240,7 @@ class Worker(RunsInAsyncWith):
         self._shutdown_done = trio.Event()  # streams closed, work cancelled
         self._closed = trio.Event()  # everything released
         self._executing: set[Any] = set()
+        self._slot_waiters = 0  # Execute instructions waiting for a thread slot
         self._transfers: list[list[Any]] = []  # [start, stop, peer, nbytes, [key], n]
         # Spill files are written in a thread by one writer task, which reports each
         # finished write to the core (``SpillWritten``): ``server/spill_writer.py``.
@@ -326,6 +333,7 @@ class Worker(RunsInAsyncWith):
             target=target, spill=spill, pause=pause, write_ahead=memory.WRITE_AHEAD,
             transfer_incoming_count_limit=count_limit, transfer_message_bytes_limit=bytes_limit,
             transfer_incoming_bytes_limit=incoming_limit, validate=self.validate,
+            prefetch=self.prefetch,
         )  # fmt: skip
         self.state = WorkerState(self.address, **settings)
         if self.record is not None:
@@ -616,7 +624,7 @@ class Worker(RunsInAsyncWith):
                 if kind is ToScheduler:
                     self._send(ins.msg)
                 elif kind is Execute:
-                    self._execute(ins.key, ins.run_spec)
+                    self._execute(ins.key, ins.run_spec, ins.behind)
                 elif kind is GatherDep:
                     self._start(gather_dep, self, ins.peer, ins.keys)
                 elif kind is Spill:  # the core counts it as being written; the
@@ -650,13 +658,16 @@ class Worker(RunsInAsyncWith):
     def secede(self, key: Any) -> None:
         """A running task called ``secede()``: free its slot and tell the core."""
         self.runner.release(key)
+        self._executor.secede(key)
         self.handle(SecedeEvent(stimulus_id=_stimulus("secede"), now=_now(), key=key))
 
-    def _execute(self, key: Any, run_spec: Any | None) -> None:
+    def _execute(self, key: Any, run_spec: Any | None, behind: bool = False) -> None:
         """Carry out ``Execute``: take the key's slot and queue it for a task thread.
 
         The core never starts more than ``nthreads`` tasks, but a task that rejoined
         after seceding holds a slot the core counts as free; then the task waits for one.
+        A prefetched task (``behind``) takes no slot: it waits in the executor for a
+        busy thread, unless other tasks wait for slots (then it waits for one too).
         """
         if run_spec is None:
             done = Done(key)
@@ -666,9 +677,15 @@ class Worker(RunsInAsyncWith):
             done.start = done.stop = time.time()
             self._executor.deliver(done)
             return
+        if behind and not self._slot_waiters:
+            self._executing.add(key)
+            assert self.store is not None
+            self._executor.submit(key, run_spec, self.store, behind=True)
+            return
         try:
             self.runner.slots.acquire_on_behalf_of_nowait(key)
         except trio.WouldBlock:
+            self._slot_waiters += 1  # (counted down by _execute_when_free)
             self._start(self._execute_when_free, key, run_spec)
             return
         except RuntimeError:  # pragma: no cover - it holds its slot already
@@ -678,7 +695,10 @@ class Worker(RunsInAsyncWith):
         self._executor.submit(key, run_spec, self.store)
 
     async def _execute_when_free(self, key: Any, run_spec: Any) -> None:
-        await self.runner.slots.acquire_on_behalf_of(key)
+        try:
+            await self.runner.slots.acquire_on_behalf_of(key)
+        finally:
+            self._slot_waiters -= 1
         self._executing.add(key)
         assert self.store is not None
         self._executor.submit(key, run_spec, self.store)
