@@ -91,6 +91,7 @@ _CLIENT_EVENTS = frozenset(
 )
 _STREAMED = (m.TaskFinished, m.TaskErred, m.WorkerHeartbeat)  # what the task stream reads
 _NO_KEY: Any = object()
+_NO_VALUES: dict[Any, Any] = {}  # (never written to)
 
 
 _aliases = itertools.count(1)
@@ -199,8 +200,7 @@ class Scheduler:
         self._nursery: trio.Nursery | None = None
         self.address: str = ""
         self.inproc_address: str | None = None  # the same service for this trio run
-        self._value_key: Any = _NO_KEY  # the key whose small value _feed_with_value routes
-        self._value: Any = None
+        self._values: dict[Any, Any] = _NO_VALUES  # small values _feed_finished routes
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -409,18 +409,21 @@ class Scheduler:
         if log is not None:
             log.close()
 
-    def _feed_with_value(self, finished: m.TaskFinished, value: Any) -> None:
-        """Feed ``finished``; clients told its key is in memory also get ``value``.
+    def _feed_finished(self, finished: list[m.TaskFinished], values: dict[Any, Any]) -> None:
+        """Feed a run of ``TaskFinished`` from one worker in one ``handle`` call (one
+        pass of the shell and the core per run, not per task); clients told a key is in
+        memory also get its value from ``values``.
 
         A worker sends a small result (``_executor.pushable``) as ``{"op": "value"}``
-        just before its ``TaskFinished``, so that ``future.result()`` needs no
-        ``who_has`` and no ``get_data`` round trip; nothing keeps it here afterwards.
+        just before its ``TaskFinished``, in the same batch, so that ``future.result()``
+        needs no ``who_has`` and no ``get_data`` round trip; nothing keeps it here
+        afterwards.
         """
-        self._value_key, self._value = finished.key, value
+        self._values = values
         try:
-            self._feed(finished)
+            self._feed(*finished)
         finally:
-            self._value_key, self._value = _NO_KEY, None
+            self._values = _NO_VALUES
 
     def _feed_client_event(self, event_type: Any, client: str, *fields: Any) -> None:
         """One client event made up by the shell itself (datasets, restart)."""
@@ -435,12 +438,11 @@ class Scheduler:
                 self._send(self._workers, eff.worker, eff.msg)
             elif t is m.ToClient:
                 msg = eff.msg
-                if self._value_key is not _NO_KEY and type(msg) is m.KeyInMemory:
-                    if msg.key == self._value_key:
+                if self._values and type(msg) is m.KeyInMemory:
+                    value = self._values.get(msg.key, _NO_KEY)
+                    if value is not _NO_KEY:
                         self._send(
-                            self._clients,
-                            eff.client,
-                            {"op": "value", "key": msg.key, "value": self._value},
+                            self._clients, eff.client, {"op": "value", "key": msg.key, "value": value}
                         )
                 self._send(self._clients, eff.client, msg)
             elif t is m.CloseWorker:
@@ -554,6 +556,7 @@ class Scheduler:
                     log = self._log
                     if log is not None:  # the batch's frames in one write, before its effects
                         log.hold()  # leave (they go at the next schedule point, after this)
+                    run: list[Any] = []  # consecutive TaskFinished: fed together
                     for msg in batch:
                         t = type(msg)
                         if t is dict and msg.get("op") == "value":
@@ -569,15 +572,20 @@ class Scheduler:
                             raise ProtocolViolation(f"worker {addr} sent {msg!r:.200}")
                         msg.now = trio.current_time()
                         self.diagnostics.observe(msg)
-                        if values and t is m.TaskFinished and msg.key in values:
-                            self._feed_with_value(msg, values.pop(msg.key))
-                        else:
-                            self._feed(msg)
+                        if t is m.TaskFinished:
+                            run.append(msg)
+                            continue
+                        if run:
+                            self._feed_run(run, values)
+                            run = []
+                        self._feed(msg)
                         if task_stream.wanted and t in _STREAMED:
                             task_stream.observe(msg)
                         if t is m.RemoveWorker:
                             removed = True
                             break
+                    if run:
+                        self._feed_run(run, values)
                     values.clear()
                     if log is not None:
                         log.release()
@@ -599,6 +607,13 @@ class Scheduler:
                         )
                     )
                 self._notify_workers_changed()
+
+    def _feed_run(self, run: list[Any], values: dict[Any, Any]) -> None:
+        self._feed_finished(run, values)
+        task_stream = self.task_stream
+        if task_stream.wanted:
+            for msg in run:
+                task_stream.observe(msg)
 
     async def _serve_client(self, stream: Any, add: m.AddClient) -> None:
         cid = add.client
