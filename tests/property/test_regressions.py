@@ -241,3 +241,23 @@ def test_scatter_crossing_the_release_of_a_dropped_copy() -> None:
     sim.scatter("c", "d", [dropped])  # scattered there again; the scheduler counts it
     assert sim.scheduler.tasks["d"].who_has == {w1, w2}
     settled(sim)
+
+
+def test_a_stale_run_of_an_older_assignment_is_not_taken_for_an_unjustified_rerun() -> None:
+    """Fixed (in the oracle, not the core): the run oracle judged every run against the
+    last run's assignment. A's ComputeTask(x) is still on its way when the client leaves
+    (x released, a FreeKeys behind it) and another client submits x again, now placed on
+    B. B runs x first; then A obeys its old ComputeTask: a run the scheduler disowned and
+    whose cancellation follows, which the ownership rule allows. The oracle took it for
+    a third run with no reason (the false positive that kept the session-5 machine work
+    from landing); now a run is judged from its own assignment."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker(name="A")
+    b = sim.add_worker(name="B")
+    sim.submit("c", [SimTask("x", workers=["A"])], ["x"])
+    sim.remove_client("c")  # x released: FreeKeys(x) queued behind A's ComputeTask(x)
+    sim.submit("d", [SimTask("x", workers=["B"])], ["x"])
+    sim.deliver("scheduler", b, n=10)  # B runs x
+    sim.deliver("scheduler", a, n=1)  # A runs its stale assignment
+    sim.check()
+    settled(sim)

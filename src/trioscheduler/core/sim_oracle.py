@@ -80,20 +80,23 @@ class RunOracle:
         mark = self._marks.get(key)
         self.runs[key] = self.runs.get(key, 0) + 1
         full = log.keys.maxlen is not None and n >= log.keys.maxlen
+        this = self._assigned(sim.scheduler, key, n, self.computes.get((worker, key)))
+        # A run that obeys an older assignment than the last run's (its ComputeTask was
+        # still on the way when the scheduler gave the key up and assigned it again) is
+        # justified by a move out of processing since *its* assignment.
+        since = mark if mark is None or this >= mark else this
         if (
-            mark is not None
+            since is not None
             and not full
             and key not in self._unkept
-            and not self._justified(sim.scheduler, key, mark)
+            and not self._justified(sim.scheduler, key, since)
         ):
             raise OracleError(
                 f"{key!r} runs again on {worker} (run {self.runs[key]}) though no run of it "
                 "failed, was cancelled or lost, and the scheduler never moved it out of "
                 f"processing/memory since its last run started: {sim.scheduler.story(key)[-6:]}"
             )
-        self._marks[key] = self._assigned(
-            sim.scheduler, key, n, self.computes.get((worker, key))
-        )
+        self._marks[key] = this if mark is None else max(mark, this)
         self._unkept.discard(key)
 
     def ended(self, key: Key, kept: bool) -> None:
