@@ -29,12 +29,15 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from trioscheduler.core.messages import (
+    AddKeys,
     AddWorker,
     CloseWorker,
     ComputeTask,
     FreeKeys,
     Key,
     RemoveWorker,
+    TaskErred,
+    TaskFinished,
     Tick,
 )
 from trioscheduler.core.worker_transitions import RUNNING_STATES
@@ -189,6 +192,22 @@ class RunOracle:
                     f"{key!r} is {ts.state} on {addr}, but the scheduler has it {where} and "
                     "never told that worker to drop it: a second run may start elsewhere"
                 )
+        for addr, ws in s.workers.items():
+            sw = sim.workers.get(addr)
+            if sw is None:
+                continue
+            for key in ws.processing:
+                wts = sw.state.tasks.get(key)
+                if wts is None or wts.state != "memory":
+                    continue
+                if _reported(sim.queues.get((addr, "scheduler"), ()), key) or _mentioned(
+                    sim.queues.get(("scheduler", addr), ()), key
+                ):
+                    continue
+                raise OracleError(
+                    f"{key!r} is in memory on {addr}, which the scheduler has processing it, "
+                    "and no report of it is on its way: the key would wait forever"
+                )
         for key, (rec, n) in list(self.deaths.items()):
             if n >= self.allowed_failures and s.tasks.get(key) is rec and rec is not None:
                 if rec.state == "erred":
@@ -199,6 +218,27 @@ class RunOracle:
                         f"{self.allowed_failures}) and is processing again: it should have "
                         "erred with KilledWorker"
                     )
+
+
+def _reported(queue: Iterable[Any], key: Key) -> bool:
+    """Does a worker's stream to the scheduler carry the result of ``key``?"""
+    for msg in queue:
+        t = type(msg)
+        inner = msg
+        if (t is TaskFinished or t is TaskErred) and inner.key == key:
+            return True
+        if t is AddKeys and key in inner.keys:
+            return True
+    return False
+
+
+def _mentioned(queue: Iterable[Any], key: Key) -> bool:
+    """Is a message about ``key`` still on its way to the worker (it will answer it)?"""
+    for msg in queue:
+        t = type(msg)
+        if (t is ComputeTask and msg.key == key) or (t is FreeKeys and key in msg.keys):
+            return True
+    return False
 
 
 def _disowned(queue: Iterable[Any], key: Key) -> bool:
