@@ -8,8 +8,6 @@ the test passes, the strict mark turns that into a failure, and the mark comes o
 
 from __future__ import annotations
 
-import pytest
-
 from trioscheduler.core.simulator import ClusterSimulator, SimTask
 
 
@@ -179,18 +177,33 @@ def test_stale_task_finished_of_a_forgotten_key() -> None:
     settled(sim)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: scatter racing the scheduler's queued FreeKeys")
 def test_scatter_over_a_rescheduled_task_races_its_stale_free_keys() -> None:
-    """Not fixed (found 2026-12-06 by the machine with a fire-and-forget rule, which
-    only changed the derandomized path; shrunk by hand). A running task is rescheduled
-    on its worker A: the scheduler queues FreeKeys(x) (the old run) and ComputeTask(x)
-    (the new one) for A. The client scatters x straight to A before those arrive, then
-    tells the scheduler, which counts x in memory on A. The stale FreeKeys then drops the
-    scattered value on A and the ComputeTask runs x again: the scheduler counts data A
-    does not hold, and a run it does not own is executing. dask's worker has the same
-    race (free-keys carries no notion of which copy it frees). A fix needs FreeKeys to
-    name what it frees (the run, as TaskFinished's ``run_id`` does), so a worker keeps a
-    value that arrived by scatter after the free was sent."""
+    """Fixed (found 2026-12-06 by the machine with a fire-and-forget rule, which only
+    changed the derandomized path; shrunk by hand). A running task is rescheduled on its
+    worker A: the scheduler queues FreeKeys(x) (the old run) and ComputeTask(x) (the new
+    one) for A. The client scatters x straight to A before those arrive, then tells the
+    scheduler, which counted x in memory on A. The stale FreeKeys then dropped the
+    scattered value on A and the ComputeTask ran x again: the scheduler counted data A
+    did not hold, and a run it did not own was executing.
+
+    dask's worker has the same race: its free-keys names no copy (``FreeKeysEvent`` has
+    only keys, ``_handle_free_keys`` releases each), and its scheduler's ``update_data``
+    puts the key in memory on the holders whatever it was doing. Fixed in the scheduler:
+    told of a scatter to the worker a task is *processing* on (and to no other worker),
+    it keeps that run instead of counting the data. The run's ComputeTask is on its way
+    to that worker, or answered already: a worker that gave the run up (reschedule,
+    steal) tells the scheduler, and one computing the key declines the scatter. So the
+    run's TaskFinished always comes: from the scattered value if it survives, or from
+    computing x again if a FreeKeys sent before the scheduler knew of the scatter dropped
+    it; either way a run the scheduler owns. (A pending steal keeps the old way, the data
+    winning at once; a scatter that also reached other workers counts those and frees
+    the run.)
+
+    A first fix made FreeKeys name the run it cancels (``run_ids``, as ComputeTask and
+    TaskFinished carry ``run_id``) so a worker kept a value scattered after that free was
+    sent: it kept this test's value, but the cluster machine then found the same race
+    with a FreeKeys of a key (not of a run: the next test), which no run id ties to the
+    value it meant. Keeping the run covers both, with no new message field."""
     sim = ClusterSimulator(validate=True)
     a = sim.add_worker()
     sim.submit("c", [SimTask("x")], ["x"])
@@ -261,3 +274,24 @@ def test_a_stale_run_of_an_older_assignment_is_not_taken_for_an_unjustified_reru
     sim.deliver("scheduler", a, n=1)  # A runs its stale assignment
     sim.check()
     settled(sim)
+
+
+def test_scatter_over_a_resubmitted_task_races_the_free_keys_of_its_old_value() -> None:
+    """Fixed with ``test_scatter_over_a_rescheduled_task_races_its_stale_free_keys`` (the
+    ci machine found it after a first fix of that one left it open). x is in memory on A; the client drops it (FreeKeys(x)
+    queued for A) and submits it again (ComputeTask(x) queued behind). A client scatters x
+    to A, which still holds the old value and takes the new one; the scheduler keeps the
+    run on A instead of counting the data (the FreeKeys drops it), and the run's answer
+    puts x in memory."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker()
+    x = SimTask("x")
+    sim.submit("c", [x], ["x"])
+    sim.run_to_completion()
+    sim.remove_client("c")  # x forgotten: FreeKeys(x) for A
+    sim.submit("c", [x], ["x"])  # the same key again: ComputeTask(x) for A
+    sim.scatter("c", "x", [a])  # A takes it over the old value, then the scheduler hears
+    sim.deliver("scheduler", a, n=10)  # the FreeKeys drops it; the ComputeTask runs x
+    sim.check()
+    settled(sim)
+    assert sim.scheduler.tasks["x"].who_has == {a}

@@ -172,6 +172,19 @@ def on_update_data(s: SchedulerState, ev: UpdateData) -> None:
         if ts is None:
             ts = s.new_task(key, None, (0, s.generation, 0))
         nbytes = ev.nbytes.get(key, ts.nbytes)
+        on = ts.processing_on
+        if on is not None and on in holders and key not in s.steals:
+            # scattered to the worker the task runs on, whose ComputeTask is on its way or
+            # answered (a worker that gave the run up declines the data or tells us): the
+            # value may yet be dropped there by a FreeKeys sent before this news (a run
+            # rescheduled, the key released and submitted again), so keep the run, whose
+            # TaskFinished reports the value (or a result, if it was dropped). A copy on
+            # another holder wins instead, and the run is freed.
+            alive = [ws for ws in alive if ws.address != on]
+            if not alive:
+                cs.wants.add(key)
+                tr.want(ts, cs)
+                continue
         if ts.state == "memory":
             s.add_want(cs, ts)
         else:
