@@ -74,13 +74,11 @@ MOVING = frozenset(
 SCATTER_OVER = ["processing", "waiting", "no-worker", "queued", "erred", "memory"]
 TIMEOUT = 1.0  # worker_timeout of the runs that time workers out
 MEMORY_LIMIT = 2000  # small: target 1200, spill 1400, pause 1600 bytes
-# The Active Memory Manager's interval (0: every tick; None: off). Off unless
-# TRIOSCHEDULER_MACHINE_AMM says so: with it on, the derandomized ci path reaches the
-# known scatter-over-a-rescheduled-task race (the strict xfail in test_regressions.py),
-# as any change of path may; turn it on here once that race is fixed. A setting, not a
-# draw: another draw would move every run of the derandomized ci profile elsewhere.
-_AMM = os.environ.get("TRIOSCHEDULER_MACHINE_AMM")
-AMM_INTERVAL = float(_AMM) if _AMM else None
+# The Active Memory Manager's interval (0: every tick, the default since the
+# scatter-over-a-rescheduled-task race was fixed; "off": never). A setting, not a draw:
+# another draw would move every run of the derandomized ci profile elsewhere.
+_AMM = os.environ.get("TRIOSCHEDULER_MACHINE_AMM", "0")
+AMM_INTERVAL = None if _AMM == "off" else float(_AMM)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
