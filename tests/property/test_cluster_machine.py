@@ -631,13 +631,7 @@ class ClusterMachine(RuleBasedStateMachine):
         addr, peer = pick(sim.pending_gathers(), i)
         if peer not in sim.workers:
             return
-        sim.lose_worker(peer)
-        if addr not in sim.workers:
-            return
-        if then == "gather" and peer in sim.workers[addr].gathers:
-            sim.gather(addr, peer)
-        if then != "nothing":
-            sim.deliver("scheduler", addr, 1_000)
+        self._lose_while_fetching(addr, peer, then)
 
     def _about_to_fetch(self) -> list[tuple[str, str]]:
         """(worker, peer): a ``ComputeTask`` on its way to the worker names an input only
@@ -673,12 +667,19 @@ class ClusterMachine(RuleBasedStateMachine):
         sim.deliver("scheduler", addr, 1_000)
         if peer not in sim.workers or addr not in sim.workers:
             return
+        self._lose_while_fetching(addr, peer, then)
+
+    def _lose_while_fetching(self, addr: str, peer: str, then: str) -> None:
+        """``peer`` dies while ``addr`` fetches from it; ``addr`` hears its transfer
+        failed (``gather``) or not yet, then what the scheduler says (unless ``nothing``)."""
+        sim = self.sim
         sim.lose_worker(peer)
         if addr not in sim.workers:
             return
         if then == "gather" and peer in sim.workers[addr].gathers:
             sim.gather(addr, peer)
-        sim.deliver("scheduler", addr, 1_000)
+        if then != "nothing":
+            sim.deliver("scheduler", addr, 1_000)
 
     @precondition(lambda self: bool(self.sim.scheduler.steals))
     @rule(i=index, race=st.sampled_from(["finish", "deliver", "victim", "thief"]))
