@@ -295,3 +295,29 @@ def test_scatter_over_a_resubmitted_task_races_the_free_keys_of_its_old_value() 
     sim.check()
     settled(sim)
     assert sim.scheduler.tasks["x"].who_has == {a}
+
+
+def test_scatter_to_a_worker_that_gave_the_run_up_waits_for_its_reschedule() -> None:
+    """Not a core bug: an oracle false positive (found 2026-12-06 by the ci machine with
+    the pure core). x runs on A, which raises ``Reschedule`` (the message is on its way)
+    and then takes a scatter of x; the scheduler keeps the run on A (``on_update_data``).
+    The "reports" invariant called that "in memory, processing there, no report coming",
+    but the Reschedule is the report: the scheduler frees x on A and places it again, here
+    on B (A is busy), and the value A held is dropped, not leaked."""
+    sim = ClusterSimulator(validate=True)
+    sim.add_worker()
+    sim.add_worker()
+    sim.submit("c", [SimTask("x")], ["x"])
+    on = sim.scheduler.tasks["x"].processing_on
+    assert on is not None
+    sim.deliver("scheduler", on, n=10)  # x runs on A
+    sim.reschedule(on, "x")  # Reschedule(x) queued for the scheduler
+    sim.scatter("c", "x", [on])  # A takes the value; the scheduler keeps the run
+    sim.check()
+    busy = [SimTask(k, workers=[on], duration=10.0) for k in ("z1", "z2")]
+    sim.submit("c", busy, ["z1", "z2"])
+    sim.deliver(on, "scheduler", n=10)
+    settled(sim)
+    (elsewhere,) = sim.scheduler.tasks["x"].who_has
+    assert elsewhere != on
+    assert "x" not in sim.workers[on].state.tasks, "A keeps a copy the scheduler does not count"

@@ -36,6 +36,7 @@ from trioscheduler.core.messages import (
     FreeKeys,
     Key,
     RemoveWorker,
+    Reschedule,
     TaskErred,
     TaskFinished,
     Tick,
@@ -221,13 +222,13 @@ class RunOracle:
 
 
 def _reported(queue: Iterable[Any], key: Key) -> bool:
-    """Does a worker's stream to the scheduler carry the result of ``key``?"""
+    """Does a worker's stream to the scheduler carry the result of ``key``, or news that
+    it gave the run up (a ``Reschedule``: the scheduler places it again)?"""
     for msg in queue:
         t = type(msg)
-        inner = msg
-        if (t is TaskFinished or t is TaskErred) and inner.key == key:
+        if (t is TaskFinished or t is TaskErred or t is Reschedule) and msg.key == key:
             return True
-        if t is AddKeys and key in inner.keys:
+        if t is AddKeys and key in msg.keys:
             return True
     return False
 

@@ -54,7 +54,7 @@ def _check_worker_kwargs(worker_kwargs: dict[str, Any], processes: bool) -> None
     unknown = sorted(set(worker_kwargs) - accepted)
     if not unknown:
         return
-    if "python" in unknown and "python" in inspect.signature(Nanny.__init__).parameters:
+    if "python" in unknown and not processes:
         raise ValueError(
             "LocalCluster(python=...) starts each worker in another interpreter, which "
             "needs worker processes: pass processes=True (threads run in this interpreter)"
