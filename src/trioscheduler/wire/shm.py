@@ -80,13 +80,20 @@ _FOOTER: Final = struct.Struct("<Q")  # the segment's generation, after its data
 
 
 class _Segment:
-    """A segment this process created: its own descriptor and a writable mapping.
+    """A segment this process created: its own descriptor (and, once reused, a writer).
 
     Reused for a later buffer once every other holder has let it go: each receiver
     holds a shared ``flock`` on its own descriptor for as long as it maps the segment,
     so an exclusive lock succeeds only when nobody else can see it (a killed holder's
     lock goes with it). A reuse bumps the generation in the footer; a reference to an
     older generation is refused, never read.
+
+    The first fill writes with ``pwrite``: the kernel allocates the shared pages as it
+    copies, without a page fault per page (3-4x faster than writing through a fresh
+    mapping on a VM, where each fault is dear). A reuse copies through a writer mapping
+    whose page tables are filled in one call (``MAP_POPULATE``, at the first reuse), so
+    it costs a ``memcpy``. Both copies release the GIL (``pwrite``, numpy), so the
+    event loop runs meanwhile.
     """
 
     __slots__ = ("capacity", "fd", "generation", "token", "writer")
@@ -95,24 +102,51 @@ class _Segment:
         self.capacity = capacity
         self.token = secrets.token_hex(8)
         self.generation = 0
+        self.writer: mmap.mmap | None = None
         self.fd = os.memfd_create(PREFIX + self.token, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, capacity + _FOOTER.size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)  # never shrinks under a reader
-            self.writer = mmap.mmap(self.fd, capacity + _FOOTER.size, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(self.fd)
             raise
 
     def fill(self, view: memoryview) -> None:
         self.generation += 1
-        _FOOTER.pack_into(self.writer, self.capacity, self.generation)
         flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        memoryview(self.writer)[: flat.nbytes] = flat
+        if self.generation == 1:
+            _pwrite_all(self.fd, flat)
+        else:
+            if self.writer is None:
+                size = self.capacity + _FOOTER.size
+                self.writer = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+            _copy(memoryview(self.writer)[: flat.nbytes], flat)
+        os.pwrite(self.fd, _FOOTER.pack(self.generation), self.capacity)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         os.close(self.fd)
+
+
+_POPULATE: Final = getattr(mmap, "MAP_POPULATE", 0)
+_CHUNK: Final = 1 << 30  # bytes per ``pwrite`` (one call writes at most ~2 GiB)
+
+
+def _pwrite_all(fd: int, data: memoryview) -> None:
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done : done + _CHUNK], done)
+
+
+def _copy(dst: memoryview, src: memoryview) -> None:
+    """``dst[:] = src``, without the GIL where numpy is there to copy."""
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with the test dependencies
+        dst[:] = src
+        return
+    numpy.frombuffer(dst, dtype=numpy.uint8)[:] = numpy.frombuffer(src, dtype=numpy.uint8)
 
 
 class _Pool:
