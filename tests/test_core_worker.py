@@ -34,7 +34,7 @@ from trioscheduler.core.messages import (
     WorkerUpdateData,
 )
 from trioscheduler.core.worker import WorkerState
-from trioscheduler.core.worker_transitions import TABLE, transition
+from trioscheduler.core.worker_transitions import TRANSITIONS, transition
 
 W = "w0"
 
@@ -594,7 +594,7 @@ def test_story_is_bounded() -> None:
 
 
 def test_table_edges_are_strings() -> None:
-    for start, finish in TABLE:
+    for start, finish in TRANSITIONS:
         assert isinstance(start, str) and isinstance(finish, str)
 
 

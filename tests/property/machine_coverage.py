@@ -22,7 +22,7 @@ from trioscheduler.core.simulator import ClusterSimulator
 Edge = tuple[str, str]
 
 SCHEDULER_EDGES: frozenset[Edge] = frozenset(scheduler_transitions.TRANSITIONS)
-WORKER_EDGES: frozenset[Edge] = frozenset(worker_transitions.TABLE)
+WORKER_EDGES: frozenset[Edge] = frozenset(worker_transitions.TRANSITIONS)
 
 UNREACHABLE_SCHEDULER: dict[Edge, str] = {}
 UNREACHABLE_WORKER: dict[Edge, str] = {

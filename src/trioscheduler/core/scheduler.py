@@ -260,7 +260,7 @@ class SchedulerState:
         while open_ and queued:
             _, seq, key = heapq.heappop(heap)
             if queued.get(key) == seq:
-                self.transition(tasks[key], "processing", next(iter(open_.values())))
+                self.transition(tasks[key], "processing", worker=next(iter(open_.values())))
         if self.recs:
             self.drain()
 
@@ -273,8 +273,17 @@ class SchedulerState:
                     self.maybe_release(ts)
             self.drain()
 
-    def transition(self, ts: TaskRecord, finish: str, info: Any = None) -> None:
-        """Move ``ts`` to ``finish`` through the table; record the story."""
+    def transition(
+        self,
+        ts: TaskRecord,
+        finish: str,
+        *,
+        worker: WorkerRecord | None = None,
+        error: ErrorInfo | None = None,
+    ) -> None:
+        """Move ``ts`` to ``finish`` through the table; record the story. ``worker``: the
+        holder for ``-> memory`` (or a worker with room for ``queued -> processing``);
+        ``error``: the failure for ``-> erred``."""
         start = ts.state
         if start == finish:
             return
@@ -282,7 +291,7 @@ class SchedulerState:
         fn = None if edges is None else edges.get(finish)
         if fn is None:
             raise InvalidTransition(ts.key, start, finish, self.log.story(ts.key))
-        fn(self, ts, info)
+        fn(self, ts, worker, error)
         new = ts.state
         if new != start:
             ak, a_s, af, ai, an = self._story_append
@@ -461,7 +470,7 @@ class SchedulerState:
             # instead would race the ComputeTask already on its way to this worker.
             self.recs.pop(key, None)
             ts.nbytes = nbytes
-            self.transition(ts, "memory", ws.address)
+            self.transition(ts, "memory", worker=ws)
         else:
             self.free_on(ws.address, key)
 
@@ -541,8 +550,8 @@ class SchedulerState:
                 ts.killed_on.append(addr)
                 if ts.suspicious >= self.allowed_failures:
                     exc = KilledWorker(key, list(ts.killed_on), self.allowed_failures)
-                    info = ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key)
-                    self.transition(ts, "erred", info)
+                    error = ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key)
+                    self.transition(ts, "erred", error=error)
                     continue
             self.transition(ts, "waiting")
         self.total_nthreads -= ws.nthreads
@@ -623,10 +632,10 @@ class SchedulerState:
             self.recs.pop(ts.key, None)
             self.transition(ts, "released")
             self.recs.pop(ts.key, None)
-            info = ErrorInfo(
+            error = ErrorInfo(
                 ev.exception, ev.traceback, ev.exception_text, ev.traceback_text, ts.key
             )
-            self.transition(ts, "erred", info)
+            self.transition(ts, "erred", error=error)
             return
         if ts is None or ts.state != "processing" or ts.processing_on != ws.address:
             self.free_on(ws.address, ev.key)  # stale: computed elsewhere, or released
@@ -641,10 +650,10 @@ class SchedulerState:
             )
             self.transition(ts, "waiting")
         else:
-            info = ErrorInfo(
+            error = ErrorInfo(
                 ev.exception, ev.traceback, ev.exception_text, ev.traceback_text, ts.key
             )
-            self.transition(ts, "erred", info)
+            self.transition(ts, "erred", error=error)
 
     def _on_add_keys(self, ev: AddKeys) -> None:
         ws = self.workers.get(ev.worker)
@@ -734,7 +743,8 @@ class SchedulerState:
                     ts = self.tasks[key]
                     exc = NoValidWorkerError(key, _describe_restrictions(ts), timeout)
                     self.recs.pop(key, None)
-                    self.transition(ts, "erred", ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key))
+                    error = ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key)
+                    self.transition(ts, "erred", error=error)
         if self.amm_interval is not None:
             retirement.amm_tick(self, ev.now)
         if self.recs:

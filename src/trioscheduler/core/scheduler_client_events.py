@@ -195,7 +195,7 @@ def on_update_data(s: SchedulerState, ev: UpdateData) -> None:
                 s.transition(ts, "released")
                 s.recs.pop(key, None)  # its "waiting": the data is here instead
             ts.nbytes = nbytes
-            s.transition(ts, "memory", alive[0].address)
+            s.transition(ts, "memory", worker=alive[0])
         for ws in alive:
             if ws.address not in ts.who_has:
                 tr.add_replica(s, ts, ws)

@@ -1,12 +1,13 @@
 """Every state change of a scheduler task lives here (h11's rule), as a table.
 
-``TRANSITIONS[(start, finish)]`` is a function ``(state, task, info) -> None`` that
+``TRANSITIONS[(start, finish)]`` is a function ``(state, task, worker, error) -> None`` that
 moves the task, updates the bookkeeping that depends on its state (worker processing
 sets, replicas, waiters, clients), appends effects and recommends further transitions
 through ``state.recommend``. ``SchedulerState.transition`` looks the edge up; an edge
-missing from the table raises ``InvalidTransition`` with the key's story. ``info``
-carries what a few edges need: the holder for ``-> memory``, an ``ErrorInfo`` for
-``-> erred``.
+missing from the table raises ``InvalidTransition`` with the key's story. Every edge
+takes the same two named extras and uses at most one: ``worker``, the holder for
+``-> memory`` (a worker with room for ``queued -> processing``), and ``error``, the
+failure for ``-> erred``.
 
 States and the edges between them::
 
@@ -41,7 +42,7 @@ import heapq
 import pickle
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Optional, cast
 
 from trioscheduler.core.empty import EMPTY, EMPTY_MAP
 from trioscheduler.core.messages import ComputeTask, KeyErred, KeyInMemory, KeyLost, ToWorker
@@ -52,11 +53,21 @@ _FROZEN: Final[type[Any]] = frozenset
 
 if TYPE_CHECKING:
     from trioscheduler.core.scheduler import SchedulerState
-    from trioscheduler.core.scheduler_records import ClientRecord, TaskRecord, WorkerRecord
+    from trioscheduler.core.scheduler_records import (
+        ClientRecord,
+        ErrorInfo,
+        TaskRecord,
+        WorkerRecord,
+    )
 
 ACTIVE: Final = frozenset({"waiting", "no-worker", "processing", "queued"})
 
-Transition = Callable[["SchedulerState", "TaskRecord", Any], None]
+Holder = Optional["WorkerRecord"]
+"""What ``-> memory`` needs (the worker holding the data; for ``processing -> memory``
+None means the one it ran on) and ``queued -> processing`` (a worker with room)."""
+Failure = Optional["ErrorInfo"]
+"""What ``-> erred`` needs: the failure (None: a stashed error or an erred input's)."""
+Transition = Callable[["SchedulerState", "TaskRecord", Holder, Failure], None]
 
 
 # --------------------------------------------------------------------------------------
@@ -293,13 +304,13 @@ def _clear_error(ts: TaskRecord) -> None:
     ts.exception_blame = None
 
 
-def _to_memory(s: SchedulerState, ts: TaskRecord, holder: str, was_active: bool) -> None:
+def _to_memory(s: SchedulerState, ts: TaskRecord, holder: Holder, was_active: bool) -> None:
+    assert holder is not None, "-> memory needs the worker holding the data"
     key = ts.key
     if was_active:
         _deactivate(s, ts)
     ts.state = "memory"
-    ws = s.workers[holder]
-    add_replica(s, ts, ws)
+    add_replica(s, ts, holder)
     tasks = s.tasks
     recs = s.recs
     for dk in ts.dependents:
@@ -316,15 +327,15 @@ def _to_memory(s: SchedulerState, ts: TaskRecord, holder: str, was_active: bool)
         recs[key] = "released"
 
 
-def _to_erred(s: SchedulerState, ts: TaskRecord, info: Any, was_active: bool) -> None:
-    """Record the failure (``info``, a stashed error, or an erred dependency's) and
+def _to_erred(s: SchedulerState, ts: TaskRecord, error: Failure, was_active: bool) -> None:
+    """Record the failure (``error``, a stashed error, or an erred dependency's) and
     propagate it to dependents that still wanted to run."""
-    if info is not None:
-        ts.exception = info.exception
-        ts.traceback = info.traceback
-        ts.exception_text = info.exception_text
-        ts.traceback_text = info.traceback_text
-        ts.exception_blame = info.blame
+    if error is not None:
+        ts.exception = error.exception
+        ts.traceback = error.traceback
+        ts.exception_text = error.exception_text
+        ts.traceback_text = error.traceback_text
+        ts.exception_blame = error.blame
     elif ts.exception is None:
         tasks = s.tasks
         for dk in ts.dependencies:
@@ -371,7 +382,7 @@ def move_processing(s: SchedulerState, ts: TaskRecord, thief: WorkerRecord) -> N
 # --------------------------------------------------------------------------------------
 
 
-def released_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def released_waiting(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     if not ts.wanted_by and not ts.n_waiters:
         # stale: the dependent that wanted it was released before this ran
         if not ts.dependents:
@@ -390,19 +401,19 @@ def released_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     _enter_waiting(s, ts)
 
 
-def released_onwards(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def released_onwards(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     """``released -> waiting``, then at once ``-> processing | queued`` when every input
     is in memory (one transition; the story says ``released -> processing | queued``).
 
     Only reached through ``drain``: the ``processing`` recommendation just made is the
     last one in ``_recs``, so it would have been the very next applied (LIFO).
     """
-    released_waiting(s, ts, info)
+    released_waiting(s, ts, worker, error)
     if ts.state == "waiting" and not ts.n_waiting:
         recs = s.recs
         if recs.get(ts.key) == "processing":
             del recs[ts.key]
-            waiting_processing(s, ts, None)
+            waiting_processing(s, ts, None, None)
 
 
 def stash_error(ts: TaskRecord, exc: Exception) -> None:
@@ -423,15 +434,15 @@ def _stash_lost(ts: TaskRecord) -> None:
     )
 
 
-def released_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    _to_erred(s, ts, info, was_active=False)
+def released_erred(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
+    _to_erred(s, ts, error, was_active=False)
 
 
-def released_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    _to_memory(s, ts, info, was_active=False)
+def released_memory(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
+    _to_memory(s, ts, worker, was_active=False)
 
 
-def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def released_forgotten(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     if ts.wanted_by or ts.dependents:
         return  # stale recommendation: somebody wants it again
     key = ts.key
@@ -450,7 +461,7 @@ def released_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
                 s.maybe_release(dts)
 
 
-def waiting_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def waiting_processing(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     if ts.n_waiting:
         return  # a stale recommendation: a dependency went missing meanwhile
     if s.queuing and rootish(s, ts):
@@ -463,15 +474,15 @@ def waiting_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     _assign(s, ts, ws)
 
 
-def waiting_queued(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def waiting_queued(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     if ts.n_waiting:
         return  # stale, as in waiting_processing
     _enqueue(s, ts)
 
 
-def queued_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    """``info``: a worker with room (``SchedulerState.open``); the first one if None."""
-    ws = info
+def queued_processing(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
+    """``worker``: one with room (``SchedulerState.open``); the first one if None."""
+    ws = worker
     if ws is None:
         if not s.open:
             return  # no room yet: stay queued
@@ -480,45 +491,45 @@ def queued_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     _assign(s, ts, ws)
 
 
-def queued_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def queued_waiting(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     """An input was lost: wait for its recomputation."""
     _unqueue(s, ts)
     _enter_waiting(s, ts)
 
 
-def queued_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def queued_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     _unqueue(s, ts)
     _release(s, ts, was_active=True)
 
 
-def queued_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def queued_erred(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     _unqueue(s, ts)
-    _to_erred(s, ts, info, was_active=True)
+    _to_erred(s, ts, error, was_active=True)
 
 
-def queued_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def queued_memory(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     _unqueue(s, ts)
-    _to_memory(s, ts, info, was_active=True)
+    _to_memory(s, ts, worker, was_active=True)
 
 
-def waiting_no_worker(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def waiting_no_worker(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     ts.state = "no-worker"
     s.unrunnable[ts.key] = s.now
 
 
-def waiting_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def waiting_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     _release(s, ts, was_active=True)
 
 
-def waiting_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    _to_erred(s, ts, info, was_active=True)
+def waiting_erred(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
+    _to_erred(s, ts, error, was_active=True)
 
 
-def waiting_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    _to_memory(s, ts, info, was_active=True)
+def waiting_memory(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
+    _to_memory(s, ts, worker, was_active=True)
 
 
-def no_worker_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def no_worker_processing(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     ws = decide_worker(s, ts)
     if ws is None:
         return  # still no valid worker: stay
@@ -526,51 +537,52 @@ def no_worker_processing(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
     _assign(s, ts, ws)
 
 
-def no_worker_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def no_worker_waiting(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     s.unrunnable.pop(ts.key, None)
     _enter_waiting(s, ts)
 
 
-def no_worker_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def no_worker_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     s.unrunnable.pop(ts.key, None)
     _release(s, ts, was_active=True)
 
 
-def no_worker_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def no_worker_erred(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     s.unrunnable.pop(ts.key, None)
-    _to_erred(s, ts, info, was_active=True)
+    _to_erred(s, ts, error, was_active=True)
 
 
-def no_worker_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def no_worker_memory(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     s.unrunnable.pop(ts.key, None)
-    _to_memory(s, ts, info, was_active=True)
+    _to_memory(s, ts, worker, was_active=True)
 
 
-def processing_memory(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
-    """``info``: the holder; None means the worker it was processing on."""
+def processing_memory(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
+    """``worker``: the holder; None means the worker it was processing on."""
     on = ts.processing_on
-    holder = info if info is not None else on
-    assert holder is not None
-    _unassign(s, ts, free=holder != on)
-    _to_memory(s, ts, holder, was_active=True)
+    if worker is None:
+        assert on is not None
+        worker = s.workers[on]
+    _unassign(s, ts, free=worker.address != on)
+    _to_memory(s, ts, worker, was_active=True)
 
 
-def processing_erred(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def processing_erred(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     _unassign(s, ts, free=True)
-    _to_erred(s, ts, info, was_active=True)
+    _to_erred(s, ts, error, was_active=True)
 
 
-def processing_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def processing_waiting(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     _unassign(s, ts, free=True)
     _enter_waiting(s, ts)
 
 
-def processing_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def processing_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     _unassign(s, ts, free=True)
     _release(s, ts, was_active=True)
 
 
-def memory_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def memory_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     """Drop every replica; dependents that counted on the data wait again.
 
     With clients or waiters still needing it, this is a loss: recompute from lineage.
@@ -604,7 +616,7 @@ def memory_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
         recs[key] = "forgotten"
 
 
-def erred_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def erred_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     _clear_error(ts)
     ts.state = "released"
     if ts.wanted_by or ts.n_waiters:
@@ -613,7 +625,7 @@ def erred_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
         s.recommend(ts.key, "forgotten")
 
 
-def erred_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def erred_waiting(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     """Retry: compute again, and so do the dependents that erred because of it.
 
     Whether anyone still needs it is only known once those dependents have moved, so
@@ -626,14 +638,14 @@ def erred_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
         if tasks[dk].state == "erred":
             s.recommend(dk, "waiting")
     s.retried.append(ts)
-    released_waiting(s, ts, info)
+    released_waiting(s, ts, worker, error)
 
 
-def erred_forgotten(s: SchedulerState, ts: TaskRecord, info: Any) -> None:
+def erred_forgotten(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:
     if ts.wanted_by or ts.dependents:
         return  # stale recommendation: somebody wants it again
     _clear_error(ts)
-    released_forgotten(s, ts, info)
+    released_forgotten(s, ts, worker, error)
 
 
 TRANSITIONS: Final[dict[tuple[str, str], Transition]] = {

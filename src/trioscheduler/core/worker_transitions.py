@@ -1,7 +1,7 @@
 """Every state change of a worker task, as a ``(start, finish) -> function`` table.
 
 h11's rule: nothing outside this module assigns ``WorkerTask.state``; an edge that is not
-in ``TABLE`` raises ``InvalidTransition`` with the key's story. A transition function
+in ``TRANSITIONS`` raises ``InvalidTransition`` with the key's story. A transition function
 mutates the state, appends instructions to ``out`` and returns recommendations
 (``{task: finish}``) that ``drain`` applies until none are left.
 
@@ -546,7 +546,7 @@ def error_fetch(
     return _enter_fetch(ws, ts, stim, now)
 
 
-TABLE: Final[dict[tuple[str, str], Transition]] = {
+TRANSITIONS: Final[dict[tuple[str, str], Transition]] = {
     ("released", "waiting"): released_waiting,
     ("released", "fetch"): released_fetch,
     ("released", "ready"): released_ready,
@@ -603,8 +603,8 @@ TABLE: Final[dict[tuple[str, str], Transition]] = {
 
 
 EDGES: Final[dict[str, dict[str, Transition]]] = {}
-"""``TABLE`` by start, then finish: the lookup builds no ``(start, finish)`` tuple."""
-for (_start, _finish), _fn in TABLE.items():
+"""``TRANSITIONS`` by start, then finish: the lookup builds no ``(start, finish)`` tuple."""
+for (_start, _finish), _fn in TRANSITIONS.items():
     EDGES.setdefault(_start, {})[_finish] = _fn
 
 
@@ -619,7 +619,7 @@ def _edge(ws: WorkerState, ts: WorkerTask, start: str, finish: str) -> Transitio
 def transition(
     ws: WorkerState, ts: WorkerTask, finish: str, stim: str, now: float, out: list[Any]
 ) -> Recs | None:
-    """Move ``ts`` along one edge of ``TABLE``; any other move is a bug."""
+    """Move ``ts`` along one edge of ``TRANSITIONS``; any other move is a bug."""
     return _edge(ws, ts, ts.state, finish)(ws, ts, stim, now, out)
 
 
