@@ -103,7 +103,7 @@ def test_execute_with_deps_fetches_then_runs() -> None:
     assert ws.handle(FreeKeys("f", 3.0, ["a", "b"])) == [
         DeleteData("a"),
         DeleteData("b"),
-        ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a", "b"])),
+        ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a", "b"]), lazy=True),
     ]
     assert set(ws.tasks) == {"y"}
 
@@ -424,7 +424,7 @@ def test_freed_dependency_kept_until_dependent_finishes() -> None:
     assert ws.handle(done("y")) == [
         finished("y"),
         DeleteData("a"),
-        ToScheduler(ReleaseWorkerData("s", 2.0, W, ["a"])),
+        ToScheduler(ReleaseWorkerData("s", 2.0, W, ["a"]), lazy=True),
     ]
     assert set(ws.tasks) == {"y"}
 
@@ -622,6 +622,6 @@ def test_freed_result_without_local_reader_is_forgotten_in_one_step() -> None:
     ws.handle(compute("a"))
     ws.handle(done("a"))
     out = ws.handle(FreeKeys("f", 3.0, ["a"]))
-    assert out == [DeleteData("a"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a"]))]
+    assert out == [DeleteData("a"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a"]), lazy=True)]
     assert "a" not in ws.tasks
     assert ws.story("a")[-1] == ("a", "memory", "forgotten", "f", 3.0)

@@ -223,3 +223,53 @@ async def test_a_reply_soon_after_a_write_is_not_delayed(
             batched.send_nowait("c")
             assert await take(recv, 1) == ["c"]
             assert batched.batches_sent == 3
+
+
+async def test_a_later_message_waits_for_the_next_write(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]], clock: MockClock
+) -> None:
+    """``send_later`` (a report nothing waits on) wakes nobody: it goes with the next
+    message, in order, in one write."""
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=1000) as batched:
+            batched.send_later("report")
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.WouldBlock):
+                recv.receive_nowait()
+            batched.send_nowait("result")
+            assert await take(recv, 2) == ["report", "result"]
+            assert (batched.batches_sent, batched.messages_sent) == (1, 2)
+
+
+async def test_a_later_message_goes_within_the_interval(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]], clock: MockClock
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=1000) as batched:
+            batched.send_later("report")
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(1000)
+            assert await take(recv, 1) == ["report"]
+
+
+async def test_held_messages_are_written_by_flush_or_after_unhold(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]], clock: MockClock
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=1000) as batched:
+            batched.hold()
+            batched.send_nowait(1)
+            batched.send_nowait(2)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.WouldBlock):  # held: no write of its own
+                recv.receive_nowait()
+            await batched.flush()
+            batched.unhold()
+            assert await take(recv, 2) == [1, 2]
+            batched.hold()
+            batched.send_nowait(3)
+            batched.unhold()  # not flushed: the writer writes it as usual
+            assert await take(recv, 1) == [3]

@@ -713,7 +713,15 @@ class SpillWritten:
 
 @message("to-scheduler")
 class ToScheduler:
+    """Send ``msg`` (a scheduler event) on the stream to the scheduler.
+
+    ``lazy``: nothing waits on it (a report such as ``ReleaseWorkerData``), so it may go
+    with the next message written, up to the batch interval later, instead of waking
+    the sender for a write of its own; it never overtakes what was sent before it.
+    """
+
     msg: Any  # a SchedulerEvent
+    lazy: bool = False
 
 
 @message("execute")

@@ -201,6 +201,9 @@ class Scheduler:
         self.address: str = ""
         self.inproc_address: str | None = None  # the same service for this trio run
         self._values: dict[Any, Any] = _NO_VALUES  # small values _feed_finished routes
+        # While a client's batch is handled: the workers' senders it queued messages on,
+        # held (no writer wake-up: ``_flush_client_work`` writes them); else None.
+        self._held: list[Peer] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -435,6 +438,12 @@ class Scheduler:
         for eff in effects:
             t = type(eff)
             if t is m.ToWorker:
+                held = self._held
+                if held is not None:
+                    peer = self._workers.get(eff.worker)
+                    if peer is not None and not peer.batched.holding:
+                        peer.batched.hold()
+                        held.append(peer)
                 self._send(self._workers, eff.worker, eff.msg)
             elif t is m.ToClient:
                 msg = eff.msg
@@ -463,10 +472,21 @@ class Scheduler:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.debug("dropping %r for %s: stream closed", type(msg).__name__, peer)
 
+    async def _flush_client_work(self, held: list[Peer]) -> None:
+        """``_flush_workers`` for what a client's batch queued (``_held``): each of those
+        senders is written now and released (its writer's wake-up would find nothing)."""
+        try:
+            for peer in held:
+                try:
+                    await peer.batched.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the worker's stream is going: its serving task handles that
+        finally:
+            for peer in held:
+                peer.batched.unhold()
+
     async def _flush_workers(self) -> None:
-        """Write what a client's messages produced for the workers (``ComputeTask``...)
-        now: a client's graph starts work without waiting for the batched senders'
-        wake-ups; messages caused by workers keep ``BatchedSend``'s rule."""
+        """Write what is queued for every worker now (closing)."""
         for peer in list(self._workers.values()):
             if peer.batched.pending:
                 try:
@@ -633,23 +653,34 @@ class Scheduler:
                         batch = await stream.receive_batch()
                     except trio.EndOfChannel:
                         break
-                    for msg in batch:
-                        t = type(msg)
-                        if t not in _CLIENT_EVENTS or (
-                            msg.client != cid
-                            and not (t is m.ClientDesiresKeys and msg.client == FIRE_AND_FORGET)
-                        ):
-                            raise ProtocolViolation(f"client {cid} sent {msg!r:.200}")
-                        msg.now = trio.current_time()
-                        self._feed(msg)
-                        peer.handled_one()
-                        if t is m.RemoveClient:
-                            removed = True
-                            break
+                    held: list[Peer] = []
+                    self._held = held
+                    try:
+                        for msg in batch:
+                            t = type(msg)
+                            if t not in _CLIENT_EVENTS or (
+                                msg.client != cid
+                                and not (t is m.ClientDesiresKeys and msg.client == FIRE_AND_FORGET)
+                            ):
+                                raise ProtocolViolation(f"client {cid} sent {msg!r:.200}")
+                            msg.now = trio.current_time()
+                            self._feed(msg)
+                            peer.handled_one()
+                            if t is m.RemoveClient:
+                                removed = True
+                                break
+                    except BaseException:
+                        for p in held:
+                            p.batched.unhold()
+                        raise
+                    finally:
+                        self._held = None
                     # not kept while flushing or waiting: a graph's TaskSpecs would outlive its
                     # handling (the tree's peak came while _flush_workers still held them)
                     batch = msg = None
-                    await self._flush_workers()
+                    # what the batch queued for workers (ComputeTask...) is written now: a
+                    # graph starts work without waiting for the senders' wake-ups
+                    await self._flush_client_work(held)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:

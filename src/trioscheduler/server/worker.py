@@ -576,12 +576,15 @@ class Worker(RunsInAsyncWith):
         with trio.CancelScope(shield=True):
             await self._shutdown(reason, report=True)
 
-    def _send(self, msg: Any) -> None:
+    def _send(self, msg: Any, lazy: bool = False) -> None:
         batched = self._batched
         if batched is None or self._closing:
             return
         try:
-            batched.send_nowait(msg)
+            if lazy:
+                batched.send_later(msg)
+            else:
+                batched.send_nowait(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             logger.debug("worker %s: dropped %r: %s", self.address, msg, exc)
 
@@ -622,7 +625,7 @@ class Worker(RunsInAsyncWith):
             for ins in out:
                 kind = type(ins)
                 if kind is ToScheduler:
-                    self._send(ins.msg)
+                    self._send(ins.msg, ins.lazy)
                 elif kind is Execute:
                     self._execute(ins.key, ins.run_spec, ins.behind)
                 elif kind is GatherDep:
@@ -712,13 +715,21 @@ class Worker(RunsInAsyncWith):
         """
         executor = self._executor
         while True:
-            self._finish(await executor.wait())
+            batch = await executor.wait()
             batched = self._batched
-            if not self._executing and batched is not None and not self._closing:
-                try:
-                    await batched.flush()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the batched sender keeps the error; _read_scheduler sees the end
+            if batched is None:
+                self._finish(batch)
+                continue
+            batched.hold()  # (if it is written below, a wake-up of the writer is wasted)
+            try:
+                self._finish(batch)
+                if not self._executing and not self._closing:
+                    try:
+                        await batched.flush()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the batched sender keeps the error; _read_scheduler sees it
+            finally:
+                batched.unhold()
 
     def _finish(self, batch: list[Done]) -> None:
         store = self.store

@@ -10,7 +10,9 @@ per ``interval`` as with dask's rule). Only a burst waits: once the last two gap
 between writes were both shorter than ``interval * QUIET_FRACTION``, or the last batch
 held ``BURST_MESSAGES`` or more, the writer waits until ``interval`` after its last
 write and writes everything queued meanwhile, and goes on doing so while those waits
-catch more than one message. ``interval=0`` is pure natural batching. Over TCP a batch
+catch more than one message. ``interval=0`` is pure natural batching. A message
+queued with ``send_later`` (a report nothing waits on) wakes nobody: it goes with the
+next write, or ``interval`` after it was queued at the latest. Over TCP a batch
 is one message (``serialize.dumps_batch``); the receiving stream hands the messages out
 one by one, in order, so receivers cannot tell batched from unbatched sends.
 
@@ -72,18 +74,25 @@ class BatchedSend:
     """
 
     __slots__ = (
-        "stream", "interval", "large_bytes", "_pending", "_has_pending", "_urgent",
+        "stream", "interval", "large_bytes", "_pending", "_has_pending", "_woken", "_urgent",
         "_next_write", "_last_batch", "_last_gap", "_write_lock", "_error", "_closed",
-        "messages_sent", "batches_sent",
+        "_lazy_at", "_idle_scope", "_holding", "_owed", "messages_sent", "batches_sent",
     )  # fmt: skip
 
     def __init__(self, stream: Stream, interval: float, large_bytes: int) -> None:
         self.stream = stream
         self.interval = interval
         self.large_bytes = large_bytes
-        # Invariant: _has_pending is set exactly when _pending is not empty (flush swaps both).
+        # Invariants (a flush swaps all of them): _woken is whether _has_pending is set,
+        # which it is exactly when _pending holds a message of send_nowait; _pending holding
+        # only send_later's messages has _lazy_at finite (the writer wakes by then).
         self._pending: list[Any] = []
         self._has_pending = trio.Event()
+        self._woken = False
+        self._lazy_at = math.inf
+        self._idle_scope: trio.CancelScope | None = None  # the writer's wait, while it waits
+        self._holding = False  # between hold() and unhold(): a first message wakes nobody
+        self._owed = False  # ... and the writer is owed that wake-up, unless a flush came
         self._urgent = trio.Event()  # a large message is pending: write without waiting
         self._next_write = -math.inf  # the last write started at _next_write - interval
         self._last_batch = 0  # messages in the last write
@@ -103,12 +112,47 @@ class BatchedSend:
         """Queue ``msg``; never blocks. Raises if the stream already broke or was closed."""
         if self._error is not None or self._closed:
             self._raise_unusable()
-        pending = self._pending
-        pending.append(msg)
-        if len(pending) == 1:  # the first of a batch: wake the writer
-            self._has_pending.set()
+        self._pending.append(msg)
+        if not self._woken:  # the first of a batch: wake the writer
+            if self._holding:
+                self._owed = True
+            else:
+                self._woken = True
+                self._has_pending.set()
         if type(msg) not in _NOT_ARRAYS and _large(msg, self.large_bytes):
             self._urgent.set()
+
+    @property
+    def holding(self) -> bool:
+        """Between ``hold`` and ``unhold``."""
+        return self._holding
+
+    def hold(self) -> None:
+        """Until ``unhold``, queued messages do not wake the writer: the caller is about
+        to ``flush`` them itself (a wake-up would find nothing left to write)."""
+        self._holding = True
+
+    def unhold(self) -> None:
+        """End ``hold``: whatever is still queued wakes the writer as usual."""
+        self._holding = False
+        if self._owed:
+            self._owed = False
+            if not self._woken:
+                self._woken = True
+                self._has_pending.set()
+
+    def send_later(self, msg: Any) -> None:
+        """Queue ``msg`` without waking the writer: it goes with the next write, and
+        ``interval`` from now at the latest. For reports nothing waits on; order kept."""
+        if self._error is not None or self._closed:
+            self._raise_unusable()
+        self._pending.append(msg)
+        if self._woken or self._lazy_at != math.inf:
+            return  # a write is due already
+        self._lazy_at = trio.current_time() + self.interval
+        scope = self._idle_scope
+        if scope is not None:
+            scope.deadline = self._lazy_at
 
     def _raise_unusable(self) -> None:
         if self._error is not None:
@@ -145,7 +189,15 @@ class BatchedSend:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        self._has_pending = trio.Event()
+        self._owed = False
+        if self._woken:
+            self._has_pending = trio.Event()
+            self._woken = False
+        if self._lazy_at != math.inf:
+            self._lazy_at = math.inf
+            scope = self._idle_scope
+            if scope is not None:  # the writer waits: no wake-up for what went now
+                scope.deadline = math.inf
         if self._urgent.is_set():
             self._urgent = trio.Event()
         now = trio.current_time()
@@ -181,7 +233,11 @@ class BatchedSend:
     async def _run(self) -> None:
         burst = False  # the last write came out of a coalescing wait that caught a burst
         while True:
-            await self._has_pending.wait()
+            with trio.CancelScope(deadline=self._lazy_at) as self._idle_scope:
+                await self._has_pending.wait()
+            self._idle_scope = None
+            if not self._pending:
+                continue  # written meanwhile (``flush``): no schedule point, no write
             # One schedule point: whatever the other tasks produce in this loop
             # iteration joins the batch (trio runs them all before we run again).
             await trio.lowlevel.checkpoint()
@@ -232,6 +288,9 @@ class DirectSend(BatchedSend):
                 self.batches_sent += 1
                 return
         super().send_nowait(msg)
+
+    def send_later(self, msg: Any) -> None:
+        self.send_nowait(msg)  # in memory a batch saves nothing: no reason to wait
 
 
 @asynccontextmanager
