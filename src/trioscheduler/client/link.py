@@ -4,7 +4,9 @@ Out: everything the client sends goes through one FIFO, the outbox. ``emit`` (lo
 thread only) appends a message, merging adjacent ``UpdateGraph`` and
 ``ClientReleasesKeys`` messages, and a flusher task writes the outbox to a batched
 stream. So a burst of ``submit`` calls becomes one graph, and a release can never
-overtake the submit it follows.
+overtake the submit it follows. A release is not urgent: it waits for the next message
+(a ``submit`` right after a ``result()`` usually: then the scheduler gets both, and
+the worker ``FreeKeys`` and ``ComputeTask``, in one batch), or one batch interval.
 
 In: the receive loop applies the scheduler's key messages (``KeyInMemory``,
 ``KeyErred``, ``KeyCancelled``, ``KeyLost``, and a small result just ahead of its
@@ -28,6 +30,7 @@ futures complete. Only if no scheduler answers in time are the futures cancelled
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -107,6 +110,10 @@ class SchedulerLink:
         self._outbox: list[Any] = []
         self._merge_order = 0  # the next free ``order`` of the last graph in the outbox
         self._outbox_ready: trio.Event | None = None
+        # Releases wake nobody: they go with the next message, or one batch interval
+        # after the first of them (the flusher's wait ends then: ``_lazy_at``).
+        self._lazy_at = math.inf
+        self._flusher_wait: trio.CancelScope | None = None  # while the flusher waits
         self._stream: wire.Stream | None = None
         self._batched: wire.BatchedSend | None = None
         self._pool: wire.ConnectionPool | None = None
@@ -322,21 +329,35 @@ class SchedulerLink:
                 base = 0
             if msg.tasks:
                 self._merge_order = base + 1 + max(spec.order - base for spec in msg.tasks)
-        elif t is m.ClientReleasesKeys and ob and type(ob[-1]) is t:
-            ob[-1].keys.extend(msg.keys)
+        elif t is m.ClientReleasesKeys:
+            if ob and type(ob[-1]) is t:
+                ob[-1].keys.extend(msg.keys)
+            else:
+                ob.append(msg)
+            if self._outbox_ready is not None and self._lazy_at == math.inf:
+                self._lazy_at = trio.current_time() + self.batch_interval
+                if self._flusher_wait is not None:
+                    self._flusher_wait.deadline = self._lazy_at
+            return  # (what comes next takes it along; else the flusher, by _lazy_at)
         else:
             ob.append(msg)
         if self._outbox_ready is None:
             return
-        direct = type(self._batched) is wire.DirectSend
-        if len(ob) == 1 and direct and not self._outbox_ready.is_set():
-            # In memory, the first message since the flusher last ran goes now (the
-            # flusher would hand it over one task switch later); the flusher is woken
-            # all the same, so what follows in this loop round still merges behind it.
+        batched = self._batched
+        if (
+            type(batched) is wire.DirectSend
+            and not self._outbox_ready.is_set()
+            and batched.peer_caught_up()
+        ):
+            # In memory, a message the scheduler can take at once goes now (the flusher
+            # would hand it over one task switch later), with any releases before it.
+            # One that finds the last still untaken (a burst of submits in one loop
+            # round) waits for the flusher, merging with what follows.
             try:
                 self._flush_outbox()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the receive loop sees the stream end
+            return
         self._outbox_ready.set()
 
     def _flush_outbox(self) -> None:
@@ -344,6 +365,10 @@ class SchedulerLink:
         if batched is None:
             return  # reconnecting: sent once through (``_reannounce``)
         msgs, self._outbox = self._outbox, []
+        if self._lazy_at != math.inf:
+            self._lazy_at = math.inf
+            if self._flusher_wait is not None:  # no wake-up for the releases that went now
+                self._flusher_wait.deadline = math.inf
         for msg in msgs:
             batched.send_nowait(msg)
         self.sent += len(msgs)
@@ -362,8 +387,14 @@ class SchedulerLink:
         last = -float("inf")
         while True:
             assert self._outbox_ready is not None
-            await self._outbox_ready.wait()
-            self._outbox_ready = trio.Event()
+            with trio.CancelScope(deadline=self._lazy_at) as self._flusher_wait:
+                await self._outbox_ready.wait()
+            self._flusher_wait = None
+            self._lazy_at = math.inf  # (what is queued goes now, or waits for a stream)
+            if self._outbox_ready.is_set():
+                self._outbox_ready = trio.Event()
+            elif not self._outbox:
+                continue
             now = trio.current_time()
             idle, last = now - last >= self.batch_interval, now
             try:

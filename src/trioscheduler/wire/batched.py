@@ -268,11 +268,17 @@ class DirectSend(BatchedSend):
     channel is full do messages queue (in order) for the writer, as in ``BatchedSend``.
     """
 
-    __slots__ = ("_put",)
+    __slots__ = ("_put", "_channel")
 
     def __init__(self, stream: InprocStream, interval: float, large_bytes: int) -> None:
         super().__init__(stream, interval, large_bytes)
         self._put = stream._send.send_nowait
+        self._channel = stream._send
+
+    def peer_caught_up(self) -> bool:
+        """Has the peer taken every message sent so far? (If not, it will take what is
+        sent next in the same go: a sender may as well merge it with what follows.)"""
+        return not self._pending and self._channel.statistics().current_buffer_used == 0
 
     def send_nowait(self, msg: Any) -> None:
         if not self._pending and self._error is None and not self._closed:
