@@ -273,3 +273,44 @@ async def test_held_messages_are_written_by_flush_or_after_unhold(
             batched.send_nowait(3)
             batched.unhold()  # not flushed: the writer writes it as usual
             assert await take(recv, 1) == [3]
+
+
+async def test_a_write_without_waiting_that_fills_the_socket_is_finished_in_order(
+    transport: str,
+) -> None:
+    """``flush_nowait`` writes what the socket takes at once; the rest (here: of a
+    message larger than the socket's buffers, the reader not reading yet) is written by
+    the writer task before anything sent after it."""
+    go = trio.Event()
+    send, recv = trio.open_memory_channel[object](10)
+
+    async def slow_reader(stream: Stream) -> None:
+        await go.wait()
+        async for msg in stream:
+            await send.send(msg)
+
+    big = b"x" * (64 << 20)
+    address = "tcp://127.0.0.1:0" if transport == "tcp" else "inproc://"
+    async with listen(address, slow_reader) as lst, await connect(lst.address) as stream:
+        async with open_batched(stream, interval=1000) as batched:
+            batched.send_nowait(big)
+            assert batched.flush_nowait() is False  # (inproc: never without the writer)
+            batched.send_nowait("after")
+            assert batched.flush_nowait() is False
+            go.set()
+            got = await take(recv, 2)
+            assert len(got[0]) == len(big) and got[1] == "after"  # type: ignore[arg-type]
+
+
+async def test_a_write_without_waiting_goes_at_once(
+    inbox: tuple[str, trio.MemoryReceiveChannel[object]], clock: MockClock, transport: str
+) -> None:
+    address, recv = inbox
+    async with await connect(address) as stream:
+        async with open_batched(stream, interval=1000) as batched:
+            batched.hold()
+            batched.send_nowait("done")
+            assert batched.flush_nowait() is (transport == "tcp")
+            batched.unhold()
+            assert await take(recv, 1) == ["done"]
+            assert batched.batches_sent == 1

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -153,8 +153,17 @@ class ThreadExecutor:
     ``start`` comes before the first ``submit``.
     """
 
-    def __init__(self, worker: Any, nthreads: int, *, name: str = "trioscheduler-task") -> None:
+    def __init__(
+        self,
+        worker: Any,
+        nthreads: int,
+        *,
+        name: str = "trioscheduler-task",
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         self.worker = worker
+        # called in the loop (instead of waking ``wait``) when tasks finished: ``take``
+        self.on_done = on_done
         self.nthreads = nthreads
         self.name = name
         # Jobs wait in a deque; each has one byte in a pipe, which idle threads read. A
@@ -291,7 +300,17 @@ class ThreadExecutor:
         return leave
 
     def _wake(self) -> None:
-        self._ready.set()
+        if self.on_done is not None:
+            self.on_done()
+        else:
+            self._ready.set()
+
+    def take(self) -> list[Done]:
+        """The finished tasks, in the order they finished (``on_done``'s callee)."""
+        with self._lock:
+            done, self._done = self._done, []
+            self._woken = False
+        return done
 
     async def wait(self) -> list[Done]:
         """Wait for finished tasks and take them all, in the order they finished."""

@@ -221,7 +221,7 @@ class Worker(RunsInAsyncWith):
         self.runner = task_context.TaskRunner(self, nthreads)
         self.actors = ActorHost(self)  # instances of submit(Cls, actor=True) made here
         self.plugins = WorkerPlugins(self)
-        self._executor = ThreadExecutor(self, nthreads)
+        self._executor = ThreadExecutor(self, nthreads, on_done=self._tasks_done)
         self.trio_token: trio.lowlevel.TrioToken | None = None  # the loop running this worker
         self._process = psutil.Process()
         self._life: AbstractAsyncContextManager[Any] | None = None  # _run(), while open
@@ -341,7 +341,6 @@ class Worker(RunsInAsyncWith):
             self._log = EventLogWriter.create(self.record, head, fsync_interval=None)
         await self._join(self.connect_timeout)
         assert self._work is not None
-        self._work.start_soon(self._finish_loop)
         self._work.start_soon(monitor.heartbeat_loop, self)
         profiling.sampler()  # Client.profile: samples task threads while tasks run
         self._work.start_soon(monitor.memory_loop, self)
@@ -706,30 +705,43 @@ class Worker(RunsInAsyncWith):
         assert self.store is not None
         self._executor.submit(key, run_spec, self.store)
 
-    async def _finish_loop(self) -> None:
-        """Feed finished tasks to the core, each batch in one ``handle`` call.
+    def _tasks_done(self) -> None:
+        """(In the loop, woken by a task thread.) Feed the finished tasks to the core,
+        all in one ``handle`` call.
 
         When no task is left running, what that produced (``TaskFinished``...) is
-        written at once: nothing else is coming to batch it with, and the batched
-        sender's own wake-up and schedule point would only delay the round trip.
+        written at once, here, if the socket takes it (``BatchedSend.flush_nowait``):
+        nothing else is coming to batch it with, and a task of its own or the batched
+        sender's wake-up and schedule point would only delay the round trip.
         """
-        executor = self._executor
-        while True:
-            batch = await executor.wait()
-            batched = self._batched
-            if batched is None:
-                self._finish(batch)
-                continue
-            batched.hold()  # (if it is written below, a wake-up of the writer is wasted)
-            try:
-                self._finish(batch)
-                if not self._executing and not self._closing:
-                    try:
-                        await batched.flush()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # the batched sender keeps the error; _read_scheduler sees it
-            finally:
-                batched.unhold()
+        batch = self._executor.take()
+        scope = self._work_scope
+        if scope is not None and scope.cancel_called:
+            return  # shut down: nobody to tell (as a cancelled task would not take them)
+        batched = self._batched
+        if batched is None:
+            self._finish_or_report(batch)
+            return
+        batched.hold()  # (if it is written below, a wake-up of the writer is wasted)
+        try:
+            self._finish_or_report(batch)
+            if not self._executing and not self._closing:
+                try:
+                    batched.flush_nowait()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the batched sender keeps the error; _read_scheduler sees it
+        finally:
+            batched.unhold()
+
+    def _finish_or_report(self, batch: list[Done]) -> None:
+        """``_finish``, whose error (a bug) ends the worker as one in a task would: a
+        callback of ``run_sync_soon`` must not raise."""
+        try:
+            self._finish(batch)
+        except BaseException as exc:
+            if self._nursery is None:
+                raise
+            self._nursery.start_soon(_reraise, exc)
 
     def _finish(self, batch: list[Done]) -> None:
         store = self.store
@@ -800,3 +812,7 @@ class Worker(RunsInAsyncWith):
             done.settle(value)
         done.stop = time.time()
         self._executor.deliver(done)
+
+
+async def _reraise(exc: BaseException) -> None:
+    raise exc

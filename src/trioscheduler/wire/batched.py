@@ -185,9 +185,46 @@ class BatchedSend:
         finally:
             lock.release()
 
-    async def _write_pending(self) -> None:
+    def flush_nowait(self) -> bool:
+        """Write everything pending now, without a schedule point, if no write is under
+        way and the stream can (``TCPStream.send_batch_nowait``); else (or if the socket
+        took only part of it) wake the writer to finish. True if it was all written."""
         if not self._pending:
-            return
+            return True
+        nowait = getattr(self.stream, "send_batch_nowait", None)
+        if nowait is None or self._write_lock.locked():
+            self._wake_writer()
+            return False
+        batch = self._pending
+        try:
+            went = nowait(batch)
+        except SerializationError:
+            went = False  # the writer drops what cannot be serialized
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._error = e
+            raise
+        if not went:
+            self._wake_writer()
+            return False
+        self._take_pending()
+        self.messages_sent += len(batch)
+        self.batches_sent += 1
+        if self.stream.unsent:  # type: ignore[attr-defined]
+            self._wake_writer()
+            return False
+        return True
+
+    def _wake_writer(self) -> None:
+        self._owed = False
+        if not self._woken:
+            self._woken = True
+            self._has_pending.set()
+
+    def _unsent(self) -> bool:
+        return bool(getattr(self.stream, "unsent", None))
+
+    def _take_pending(self) -> list[Any]:
+        """The batch to write now, with the bookkeeping of a write."""
         batch, self._pending = self._pending, []
         self._owed = False
         if self._woken:
@@ -204,6 +241,18 @@ class BatchedSend:
         self._last_gap = now - (self._next_write - self.interval)
         self._next_write = now + self.interval
         self._last_batch = len(batch)
+        return batch
+
+    async def _write_pending(self) -> None:
+        if not self._pending:
+            if self._unsent():  # the rest of a flush_nowait
+                try:
+                    await self.stream.send_unsent()  # type: ignore[attr-defined]
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    self._error = e
+                    raise
+            return
+        batch = self._take_pending()
         try:
             try:
                 await self.stream._send_batch(batch)
@@ -236,7 +285,7 @@ class BatchedSend:
             with trio.CancelScope(deadline=self._lazy_at) as self._idle_scope:
                 await self._has_pending.wait()
             self._idle_scope = None
-            if not self._pending:
+            if not self._pending and not self._unsent():
                 continue  # written meanwhile (``flush``): no schedule point, no write
             # One schedule point: whatever the other tasks produce in this loop
             # iteration joins the batch (trio runs them all before we run again).

@@ -29,7 +29,7 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import trio
 
@@ -67,12 +67,31 @@ def adopt(sock: trio.socket.SocketType) -> socket.socket:
     return raw
 
 
+def _join(encoded: Sequence[Any]) -> list[Frame]:
+    """The buffers of ``encoded`` messages to write: small ones joined (one memcpy beats
+    an iovec entry), large ones as they are."""
+    out: list[Frame] = []
+    small: list[Frame] = []
+    for message in encoded:
+        for buf in message:
+            if len(buf) < _BUFFER:
+                small.append(buf)
+            else:
+                if small:
+                    out.append(b"".join(small))
+                    small = []
+                out.append(buf)
+    if small:
+        out.append(b"".join(small) if len(small) > 1 else small[0])
+    return out
+
+
 class TCPStream(Stream):
     """A ``Stream`` over one connected TCP socket (see the module doc for the format)."""
 
     __slots__ = (
         "_sock", "_buf", "_view", "_start", "_end", "_ready", "_ops", "_sending",
-        "_receiving", "_closed", "_eof", "max_frame_bytes",
+        "_receiving", "_closed", "_eof", "max_frame_bytes", "unsent",
     )  # fmt: skip
 
     def __init__(
@@ -95,6 +114,9 @@ class TCPStream(Stream):
         self._closed = False
         self._eof = False  # the peer closed (or reset) the connection
         self.max_frame_bytes = max_frame_bytes
+        # What ``send_batch_nowait`` wrote only in part: the rest goes before anything
+        # else (``_send_encoded``, ``send_unsent``).
+        self.unsent: list[Frame] = []
 
     @property
     def closed(self) -> bool:
@@ -117,37 +139,71 @@ class TCPStream(Stream):
         frames = dumps_batch(msgs, walk)
         await self._send_encoded([(frame_prefix(frames), *frames)])
 
-    async def _send_encoded(self, encoded: Sequence[Any]) -> None:
-        # Join small buffers (one memcpy beats an iovec entry); pass large ones as they are.
-        out: list[Frame] = []
-        small: list[Frame] = []
-        for message in encoded:
-            for buf in message:
-                if len(buf) < _BUFFER:
-                    small.append(buf)
-                else:
-                    if small:
-                        out.append(b"".join(small))
-                        small = []
-                    out.append(buf)
-        if small:
-            out.append(b"".join(small) if len(small) > 1 else small[0])
+    def send_batch_nowait(self, msgs: list[Any]) -> bool:
+        """Write a batch at once, without a schedule point: False (nothing done) if a
+        write is under way. What the socket does not take now stays in ``unsent``, which
+        goes before anything else; whoever sees it set awaits ``send_unsent``.
+        Raises as ``_send_batch`` does (``SerializationError`` before anything is sent)."""
+        if self._sending.locked() or self.unsent:
+            return False
+        frames = dumps_batch(msgs, True)
+        out = _join([(frame_prefix(frames), *frames)])
+        self._check_open()
+        try:
+            sent = self._send_now(out)
+        except OSError as e:
+            self._broke(e)
+        i = 0
+        while sent:
+            n = len(out[i])
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                out[i] = memoryview(out[i])[sent:]
+                sent = 0
+        if i < len(out):
+            self.unsent = out[i:]
+        return True
+
+    def _send_now(self, bufs: list[Frame]) -> int:
+        """Bytes of ``bufs`` the socket takes now (0 if none)."""
+        try:
+            return self._sock.sendmsg(bufs[:_IOV_MAX])
+        except BlockingIOError:
+            return 0
+
+    async def send_unsent(self) -> None:
+        """Write what ``send_batch_nowait`` left (a no-op if nothing)."""
+        await self._send_encoded(())
+
+    def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this stream was closed")
         if self._eof:
             raise trio.BrokenResourceError(f"{self.peer_address} closed the connection")
+
+    def _broke(self, e: OSError) -> NoReturn:
+        self._eof = True
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed") from e
+        raise trio.BrokenResourceError(f"connection to {self.peer_address} broke: {e}") from e
+
+    async def _send_encoded(self, encoded: Sequence[Any]) -> None:
+        out = _join(encoded)
+        self._check_open()
         lock = self._sending
         if lock.locked():
             await lock.acquire()
         else:
             lock.acquire_nowait()
         try:
+            if self.unsent:  # the rest of a write begun by send_batch_nowait goes first
+                out[:0] = self.unsent
+                self.unsent = []
             await self._sendall(out)
         except OSError as e:
-            self._eof = True
-            if self._closed:
-                raise trio.ClosedResourceError("this stream was closed") from e
-            raise trio.BrokenResourceError(f"connection to {self.peer_address} broke: {e}") from e
+            self._broke(e)
         finally:
             lock.release()
         await self._maybe_checkpoint()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import _socket
 import socket
 import ssl
-from typing import Final
+from typing import Any, Final
 
 import msgpack
 import trio
@@ -47,6 +47,9 @@ class TLSStream(TCPStream):
         max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
         super().__init__(sock, local_address, peer_address, max_frame_bytes)
+
+    def send_batch_nowait(self, msgs: list[Any]) -> bool:
+        return False  # an SSL socket is written by ``_sendall`` only
 
     async def _sendall(self, bufs: list[bytes | bytearray | memoryview]) -> None:
         sock = self._sock
