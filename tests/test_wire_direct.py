@@ -60,3 +60,27 @@ async def test_over_tcp_it_is_an_ordinary_batched_send() -> None:
             async with await connect(lst.address) as stream:
                 async with open_batched(stream, direct=True) as out:
                     assert type(out) is BatchedSend
+
+
+async def test_a_reader_that_takes_messages_as_sent_gets_them_in_the_senders_step() -> None:
+    """``deliver_to``: after what was in the channel, messages reach the handler inside
+    the sender's call, in order, by every way of sending; the end still comes through
+    the channel; ``deliver_to(None)`` goes back to the channel."""
+    mine, theirs = inproc.stream_pair("inproc://a", "inproc://b")
+    got: list[object] = []
+    with trio.fail_after(10):
+        async with open_batched(mine, direct=True) as out:
+            out.send_nowait("queued before")
+            assert theirs.receive_nowait() == "queued before"
+            theirs.deliver_to(got.append)
+            out.send_nowait(1)
+            assert got == [1]  # no schedule point: handled within send_nowait
+            await mine.send(2)
+            await out.send(3)
+            assert got == [1, 2, 3]
+            theirs.deliver_to(None)
+            out.send_nowait(4)
+            assert theirs.receive_nowait() == 4 and got == [1, 2, 3]
+        await mine.aclose()
+        with pytest.raises(trio.EndOfChannel):
+            await theirs.receive()

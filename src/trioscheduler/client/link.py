@@ -42,6 +42,7 @@ from trioscheduler import wire
 from trioscheduler.client.key_table import KeyTable
 from trioscheduler.core import messages as m
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.wire.inproc import InprocStream
 from trioscheduler.wire.local_alias import local_route
 
 __all__ = ["SchedulerLink"]
@@ -443,22 +444,48 @@ class SchedulerLink:
     # -- in -------------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
-        assert self._stream is not None
-        handlers = self._handlers
+        """Apply the scheduler's messages until its stream ends.
+
+        From a scheduler in this trio run (``inproc``), messages are applied as the
+        scheduler sends them (``InprocStream.deliver_to``): a result reaches its future
+        within the scheduler's own step, not one task switch later. What the channel
+        held before is applied first; the stream's end still comes through it.
+        """
+        stream = self._stream
+        assert stream is not None
+        dispatch = self._dispatch
+        inproc = stream if isinstance(stream, InprocStream) else None
         try:
-            async for msg in self._stream:
-                handler = handlers.get(type(msg))
-                if handler is None:
-                    logger.warning(
-                        "client %s: unexpected message from the scheduler: %r",
-                        self.client_id,
-                        msg,
-                    )
-                    continue
-                handler(self, msg)
+            if inproc is not None:
+                try:
+                    while True:
+                        dispatch(inproc.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    pass
+                inproc.deliver_to(self._deliver)
+            async for msg in stream:
+                dispatch(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if not self.closing:
                 logger.warning("client %s lost its scheduler connection: %r", self.client_id, exc)
+        finally:
+            if inproc is not None:
+                inproc.deliver_to(None)
+
+    def _dispatch(self, msg: Any) -> None:
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            logger.warning("client %s: unexpected message from the scheduler: %r", self.client_id, msg)
+            return
+        handler(self, msg)
+
+    def _deliver(self, msg: Any) -> None:
+        """``_dispatch`` in the scheduler's task: an error is this client's, logged, not
+        the scheduler's."""
+        try:
+            self._dispatch(msg)
+        except Exception:
+            logger.exception("client %s: handling %r failed", self.client_id, msg)
 
     def _on_key_in_memory(self, msg: m.KeyInMemory) -> None:
         st = self.table.get(msg.key)

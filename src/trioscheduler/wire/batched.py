@@ -313,16 +313,19 @@ class DirectSend(BatchedSend):
 
     In memory a batch saves nothing (no system call, no encoding), while the writer's
     wake-up and schedule point would hold every message back two loop rounds. So
-    ``send_nowait`` puts the message straight into the peer's channel; only while that
-    channel is full do messages queue (in order) for the writer, as in ``BatchedSend``.
+    ``send_nowait`` puts the message straight into the peer's channel, or hands it to
+    the peer's reader if that takes messages as they are sent (``InprocStream.deliver_to``);
+    only while the channel is full do messages queue (in order) for the writer, as in
+    ``BatchedSend``.
     """
 
-    __slots__ = ("_put", "_channel")
+    __slots__ = ("_put", "_channel", "_stream")
 
     def __init__(self, stream: InprocStream, interval: float, large_bytes: int) -> None:
         super().__init__(stream, interval, large_bytes)
         self._put = stream._send.send_nowait
         self._channel = stream._send
+        self._stream = stream
 
     def peer_caught_up(self) -> bool:
         """Has the peer taken every message sent so far? (If not, it will take what is
@@ -331,6 +334,12 @@ class DirectSend(BatchedSend):
 
     def send_nowait(self, msg: Any) -> None:
         if not self._pending and self._error is None and not self._closed:
+            deliver = self._stream.peer_delivery()
+            if deliver is not None:  # the peer takes it here and now (``deliver_to``)
+                deliver(msg)
+                self.messages_sent += 1
+                self.batches_sent += 1
+                return
             try:
                 self._put(msg)
             except trio.WouldBlock:

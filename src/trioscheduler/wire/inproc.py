@@ -4,13 +4,17 @@ Objects pass by reference, nothing is serialized, so a message received is the v
 object that was sent (mutating it afterwards is visible to the receiver, as in dask's
 inproc comm). Listeners live in a per-process table, tagged with the trio run that
 opened them: an ``inproc://`` address only means something inside that one run.
+
+A reader whose handling of a message is synchronous may take messages as they are
+sent (``deliver_to``): the sender's task calls it, no channel and no task switch in
+between; the end of the stream still comes through the channel.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import trio
@@ -30,7 +34,7 @@ def unique_name(prefix: str = "") -> str:
 class InprocStream(Stream):
     """A ``Stream`` over two memory channels; errors are the channels' own."""
 
-    __slots__ = ("_send", "_recv", "_closed")
+    __slots__ = ("_send", "_recv", "_closed", "_peer", "_deliver")
 
     def __init__(
         self,
@@ -43,12 +47,31 @@ class InprocStream(Stream):
         self._send = send
         self._recv = recv
         self._closed = False
+        self._peer: InprocStream | None = None  # the other end (``stream_pair``)
+        self._deliver: Callable[[Any], None] | None = None  # see ``deliver_to``
+
+    def deliver_to(self, handler: Callable[[Any], None] | None) -> None:
+        """From now on, hand each message sent to this end to ``handler`` at once, in
+        the sender's task (``None``: through the channel again). Take what is in the
+        channel first (``receive_nowait``): those were sent before. ``handler`` must
+        not raise, and must not wait for its peer (it runs inside the peer's send)."""
+        self._deliver = handler
+
+    def peer_delivery(self) -> Callable[[Any], None] | None:
+        """The handler the other end takes messages with (``deliver_to``), if any."""
+        peer = self._peer
+        return None if peer is None else peer._deliver
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     async def send(self, msg: Any) -> None:
+        deliver = self.peer_delivery()
+        if deliver is not None and not self._closed:
+            deliver(msg)
+            await trio.lowlevel.checkpoint()
+            return
         await self._send.send(msg)
 
     def _encode(self, msg: Any) -> tuple[Any, int]:
@@ -58,6 +81,12 @@ class InprocStream(Stream):
         await self._send_encoded(msgs)
 
     async def _send_encoded(self, encoded: Sequence[Any]) -> None:
+        deliver = self.peer_delivery()
+        if deliver is not None and not self._closed:
+            for msg in encoded:
+                deliver(msg)
+            await trio.lowlevel.checkpoint()
+            return
         send = self._send
         for msg in encoded:
             try:
@@ -91,5 +120,6 @@ def stream_pair(client_address: str, server_address: str) -> tuple[InprocStream,
     s2c_send, s2c_recv = trio.open_memory_channel[Any](BUFFER_MESSAGES)
     client = InprocStream(c2s_send, s2c_recv, client_address, server_address)
     server = InprocStream(s2c_send, c2s_recv, server_address, client_address)
+    client._peer, server._peer = server, client
     return client, server
 
