@@ -34,6 +34,11 @@ def nbytes_of(arr: Any) -> int:
     return int(arr.nbytes)
 
 
+def touch(arr: np.ndarray) -> float:
+    """Read one value per 4 KiB page of a float64 array (every page of it, little else)."""
+    return float(arr.reshape(-1)[::512].sum())
+
+
 def total(*xs: float) -> float:
     return float(sum(xs))
 

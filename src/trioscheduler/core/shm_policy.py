@@ -14,6 +14,16 @@ from typing import Final
 #: Out-of-band buffers at least this large travel through shared memory (same host only).
 SHM_MIN_BYTES: Final = 1 << 20
 
+#: A task's result whose buffers reach this size is put in shared memory as the task
+#: returns (``place_result``), so that a transfer on this host is a mapping. Larger than
+#: ``SHM_MIN_BYTES``: each placed result holds a segment (and its descriptors) while it
+#: lives, and a result never fetched paid its copy for nothing.
+PLACE_MIN_BYTES: Final = 16 << 20
+
+#: ``distributed.worker.shared-memory.place-results``: ``auto`` places results once the
+#: worker has exchanged data with a worker on its own host; ``always``; ``never``.
+PLACE_MODES: Final = ("auto", "always", "never")
+
 
 def use_shared_memory(
     local_host: str | None,
@@ -53,3 +63,36 @@ def process_memory(rss: int, rss_shared: int, owned_shared: int) -> int:
     others (``rss_shared`` minus its own) are not its memory.
     """
     return max(0, rss - rss_shared + min(owned_shared, rss_shared))
+
+
+def place_result(
+    nbytes: int,
+    *,
+    mode: str,
+    threshold: int,
+    same_host_peers: bool,
+    segments: int,
+    max_segments: int,
+) -> bool:
+    """Whether a task's result of ``nbytes`` (``sizeof``) goes into shared memory as it returns.
+
+    Only if placing is on (``mode``: ``always``, or ``auto`` once a worker on this host
+    is known to exchange data with this one), the result is large enough, and the
+    process holds fewer than ``max_segments`` segments (each costs file descriptors).
+    """
+    if mode == "never" or (mode == "auto" and not same_host_peers):
+        return False
+    return share_buffer(nbytes, threshold) and segments < max_segments
+
+
+def release_free_segments(process_memory: int, memory_limit: int, target: float | None) -> bool:
+    """Whether to close the segments kept warm for reuse: when the process is above its
+    memory target (they count as its memory; spilling a value frees its segment into
+    that pool, which must not keep the memory the spill was for)."""
+    return bool(memory_limit) and target is not None and process_memory > target * memory_limit
+
+
+def max_segments(open_files_limit: int) -> int:
+    """Segments a process may hold for placed results: each holds up to four descriptors
+    (its own, a mapping's, and the copies ``mmap`` keeps), so a quarter of the limit."""
+    return max(0, open_files_limit // 16)

@@ -188,6 +188,9 @@ class ThreadExecutor:
         self._pending: list[tuple[tuple[Any, bytes, Mapping[Any, Any]], bool]] = []
         self._deferred = 0  # loop rounds the pending jobs waited without an I/O wait
         self._instrument: _HandOver | None = None
+        # called in the task's thread with each finished task before the loop gets it
+        # (the worker places large results in shared memory there: ``same_host``)
+        self.after_task: Callable[[Done], None] | None = None
 
     def start(self) -> None:
         """Remember the loop to wake and hook into its I/O waits."""
@@ -354,6 +357,11 @@ class ThreadExecutor:
                 done.fail(exc)
             key_var.set(None)
             del job, run_spec, data
+            if self.after_task is not None:
+                try:
+                    self.after_task(done)
+                except Exception:  # the task's result stays as it is
+                    logger.exception("after task %r", done.key)
             if self.deliver(done, idle=True):
                 return  # one thread too many: counted as gone
             del done

@@ -1,25 +1,103 @@
 """The worker's side of same-host transfers: which values go through shared memory.
 
 The mechanics are ``wire.shm``'s and the decisions ``core.shm_policy``'s; this module
-puts them together for the worker shell: share a value for a peer on this host (and
-keep this worker's own copy on the segment, so the host holds the bytes once), and
-recognise a failure to map a peer's segments (after which that peer's data comes
-through the socket).
+puts them together for the worker shell: place a large result in shared memory as its
+task returns (``ResultPlacer``), share a value for a peer on this host (and keep this
+worker's own copy on the segment, so the host holds the bytes once), and recognise a
+failure to map a peer's segments (after which that peer's data comes through the
+socket).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import resource
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trioscheduler.core import shm_policy
-from trioscheduler.server.executor import nbytes_and_type
+from trioscheduler.server.executor import Done, nbytes_and_type
 from trioscheduler.server.memory import DataStore
 from trioscheduler.wire import shm
 
+if TYPE_CHECKING:
+    from trioscheduler.server.worker import Worker
+
 logger = logging.getLogger("trioscheduler.worker")
+
+#: dask config keys (read when a worker starts; environment variables as dask's, e.g.
+#: ``DASK_DISTRIBUTED__WORKER__SHARED_MEMORY__PLACE_RESULTS=never``).
+PLACE_KEY = "distributed.worker.shared-memory.place-results"
+THRESHOLD_KEY = "distributed.worker.shared-memory.place-results-threshold"
+
+
+def placement_settings() -> tuple[str, int]:
+    """``(mode, threshold in bytes)`` from the dask config; raises ``ValueError``."""
+    import dask.config
+    from dask.utils import parse_bytes
+
+    raw = dask.config.get(PLACE_KEY, "auto")
+    mode = str(raw).lower() if isinstance(raw, (str, bool)) else ""
+    mode = {"true": "always", "false": "never"}.get(mode, mode)
+    if mode not in shm_policy.PLACE_MODES:
+        raise ValueError(
+            f"{PLACE_KEY} is {raw!r}; use one of {', '.join(shm_policy.PLACE_MODES)} "
+            "(or true/false)"
+        )
+    limit = dask.config.get(THRESHOLD_KEY, shm_policy.PLACE_MIN_BYTES)
+    try:
+        threshold = parse_bytes(limit) if isinstance(limit, str) else int(limit)
+    except (TypeError, ValueError):
+        raise ValueError(f"{THRESHOLD_KEY} is {limit!r}; give bytes, e.g. '16 MiB'") from None
+    return mode, threshold
+
+
+class ResultPlacer:
+    """Puts a task's large result in shared memory as the task returns, in its thread.
+
+    Called by the worker's task threads with each finished task (``Done``) before it
+    reaches the loop: the result is replaced by the same value rebuilt on segments, so
+    a later fetch by a worker on this host maps it instead of copying it (and the copy
+    is paid here, off the loop, by the producer). ``core.shm_policy.place_result``
+    decides; ``peer_seen`` tells it this worker has a same-host peer (for ``auto``).
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.mode, self.threshold = placement_settings()
+        self.peers: set[Any] = set()  # same-host processes we exchanged data with
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_segments = shm_policy.max_segments(soft if soft > 0 else 1 << 16)
+        self._said = False
+
+    def peer_seen(self, peer: Any) -> None:
+        """A worker on this host fetched from us, or we from it, through shared memory."""
+        if peer not in self.peers:
+            self.peers.add(peer)
+
+    def __call__(self, done: Done) -> None:
+        if done.error is not None or done.rescheduled or done.coroutine is not None:
+            return
+        if not self.worker.shared_memory or not shm_policy.place_result(
+            done.nbytes, mode=self.mode, threshold=self.threshold,
+            same_host_peers=bool(self.peers), segments=shm.owned_segments(),
+            max_segments=self.max_segments,
+        ):  # fmt: skip
+            return
+        try:
+            rebuilt = shm.place(done.value, self.threshold)
+        except OSError as exc:  # out of descriptors or memory: the value stays as it is
+            if not self._said:
+                self._said = True
+                logger.warning(
+                    "worker %s: placing %r in shared memory failed (%s); results stay in "
+                    "private memory until a peer fetches them",
+                    self.worker.address, done.key, exc,
+                )  # fmt: skip
+            return
+        if rebuilt is not None:
+            done.value = rebuilt
 
 
 async def share(

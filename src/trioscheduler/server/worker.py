@@ -64,7 +64,7 @@ from trioscheduler.core.messages import (
     Unspill,
 )
 from trioscheduler.core.worker import WorkerState
-from trioscheduler.server import diagnostics, memory, profiling, task_context
+from trioscheduler.server import diagnostics, memory, profiling, same_host, task_context
 from trioscheduler.server import worker_monitor as monitor
 from trioscheduler.server.actors import ActorHost
 from trioscheduler.server.event_log import EventLogWriter
@@ -207,6 +207,8 @@ class Worker(RunsInAsyncWith):
         self.shared_memory = shared_memory and shm.HOST_ID is not None
         self.shared_memory_threshold = shm_policy.SHM_MIN_BYTES
         self._no_shm_peers: set[str] = set()  # peers whose segments we could not map
+        # large results go into shared memory as their task returns (``same_host``)
+        self.placer = same_host.ResultPlacer(self)
         self.restart_after_close = False  # a nanny should start a new worker after us
         # ``record``: every event handed to the core, to this file (``event_log``):
         # ``recorder.replay(event_log.load_log(path))`` rebuilds the core's state
@@ -222,6 +224,7 @@ class Worker(RunsInAsyncWith):
         self.actors = ActorHost(self)  # instances of submit(Cls, actor=True) made here
         self.plugins = WorkerPlugins(self)
         self._executor = ThreadExecutor(self, nthreads, on_done=self._tasks_done)
+        self._executor.after_task = self.placer
         self.trio_token: trio.lowlevel.TrioToken | None = None  # the loop running this worker
         self._process = psutil.Process()
         self._life: AbstractAsyncContextManager[Any] | None = None  # _run(), while open

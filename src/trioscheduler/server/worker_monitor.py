@@ -58,6 +58,13 @@ async def memory_loop(w: Worker) -> None:
         rss = _rss(w._process)
         if w.shared_memory:  # shared segments count once per host
             rss = shm_policy.process_memory(rss, shm.rss_shared(), shm.owned_bytes())
+            target = next((f for f in w._thresholds if f is not None), None)
+            if shm.free_bytes() and shm_policy.release_free_segments(
+                rss, w.memory_limit or 0, target
+            ):
+                shm.release_segments()
+                rss = _rss(w._process)
+                rss = shm_policy.process_memory(rss, shm.rss_shared(), shm.owned_bytes())
         w.handle(
             MemoryMeasured(stimulus_id=_stimulus("memory-measured"), now=_now(), process_memory=rss)
         )

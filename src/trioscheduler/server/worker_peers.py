@@ -151,6 +151,8 @@ async def _get_data_from(w: Worker, peer: str, keys: list[Any], use_shm: bool) -
     if not isinstance(reply, dict) or reply.get("status") != "OK":
         text = reply.get("text") if isinstance(reply, dict) else repr(reply)
         raise RuntimeError(f"peer answered: {text}")
+    if use_shm and reply.get("shm") == shm.HOST_ID:  # a peer on this host
+        w.placer.peer_seen(peer)
     return reply
 
 
@@ -265,6 +267,8 @@ async def get_data(
     share = shm_policy.use_shared_memory(
         shm.HOST_ID, peer_host, w.shared_memory, os.getpid(), peer_pid
     )
+    if share:  # a peer on this host: our large results go into shared memory from now
+        w.placer.peer_seen(peer_pid)
     for key in keys:
         value = store.get_in_memory(key)
         if not store.is_missing(value):
@@ -282,6 +286,8 @@ async def get_data(
             data[key] = value
         else:
             missing.append(key)
+    if share:
+        return {"status": "OK", "data": data, "missing": missing, "shm": shm.HOST_ID}
     return {"status": "OK", "data": data, "missing": missing}
 
 

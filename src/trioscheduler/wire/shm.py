@@ -160,6 +160,7 @@ class _Pool:
         self.lock = threading.RLock()  # finalizers may run inside, at any allocation
         self.free: list[_Segment] = []
         self.owned = 0  # bytes of every segment this process created and holds
+        self.count = 0  # how many segments that is
         self.max_free = max_free
         self.retain_bytes = retain_bytes
 
@@ -178,6 +179,7 @@ class _Pool:
             seg = _Segment(n)
             with self.lock:
                 self.owned += seg.capacity
+                self.count += 1
             seg.fill(view)
             return seg
         try:
@@ -196,6 +198,7 @@ class _Pool:
                 kept -= old.capacity
                 drop.append(old)
             self.owned -= sum(s.capacity for s in drop)
+            self.count -= len(drop)
         for old in drop:
             old.close()
 
@@ -204,6 +207,7 @@ class _Pool:
         with self.lock:
             drop, self.free = self.free, []
             self.owned -= sum(s.capacity for s in drop)
+            self.count -= len(drop)
         for old in drop:
             old.close()
 
@@ -258,6 +262,17 @@ _pool = _Pool()
 def owned_bytes() -> int:
     """Bytes of shared segments this process created and still holds (in use or free)."""
     return _pool.owned
+
+
+def free_bytes() -> int:
+    """Bytes of the segments kept warm for reuse (no value of ours in them)."""
+    with _pool.lock:
+        return sum(s.capacity for s in _pool.free)
+
+
+def owned_segments() -> int:
+    """How many segments this process created and still holds (each costs descriptors)."""
+    return _pool.count
 
 
 def release_segments() -> None:
@@ -398,6 +413,17 @@ def share(value: Any, threshold: int = shm_policy.SHM_MIN_BYTES) -> tuple[Any, A
             local.append(pb)
     rebuilt = pickle.loads(data, buffers=local)
     return Shared(data, parts, shared), rebuilt
+
+
+def place(value: Any, threshold: int = shm_policy.SHM_MIN_BYTES) -> Any:
+    """``value`` rebuilt with its large buffers in segments, or None if none is large.
+
+    What a worker does to a task's result as it returns (in the task's thread), so that
+    a later transfer to a process on this host is a mapping; the rebuilt value replaces
+    the result, so the bytes are held once. A value that cannot be pickled is left as it
+    is (None).
+    """
+    return share(value, threshold)[1]
 
 
 # ----------------------------------------------------------------------- attaching

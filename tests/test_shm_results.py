@@ -1,0 +1,163 @@
+"""Large results placed in shared memory as their task returns (``same_host.ResultPlacer``).
+
+What a user notices: once a worker has a peer on its host, a large result it computes is
+already in a shared segment when the task ends, so a same-host fetch maps it; the values
+are right, the bytes are counted once on the host (by the producer), a spilled result lets
+its segment go, and nothing is left in ``/dev/shm`` or in any process after close or
+``kill -9``. ``distributed.worker.shared-memory.place-results`` switches it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import dask.config
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from polling import eventually
+from test_shm import dev_shm, holders, make, pid_of, probe, token_of
+from trioscheduler.client.client import Client
+from trioscheduler.core import shm_policy
+from trioscheduler.deploy.cluster import LocalCluster
+from trioscheduler.server import same_host
+from trioscheduler.wire import shm
+
+pytestmark = pytest.mark.skipif(shm.HOST_ID is None, reason="no memfd on this system")
+
+MB = 1 << 20
+N = 20 * MB  # above the placing threshold (16 MiB)
+
+
+def expected(seed: int) -> int:
+    return int(make(N, seed).sum(dtype=np.uint64))
+
+
+def _meet(c: Client, a: str, b: str) -> None:
+    """A small exchange from ``a`` to ``b``: the two workers now know they share a host."""
+    small = c.submit(make, 2 * MB, 0, workers=[a], pure=False)
+    c.submit(probe, small, workers=[b], pure=False).result()
+
+
+def test_a_large_result_is_in_shared_memory_when_its_task_returns() -> None:
+    before = dev_shm()
+    with LocalCluster(2, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        lone = c.submit(make, N, 1, workers=[a], pure=False)
+        on_a = c.submit(probe, lone, workers=[a], pure=False).result()
+        assert not on_a["where"].startswith("/memfd:")  # no peer on this host known yet
+        _meet(c, a, b)
+        x = c.submit(make, N, 2, workers=[a], pure=False)
+        on_a = c.submit(probe, x, workers=[a], pure=False).result()
+        token = token_of(on_a["where"])  # placed as it returned, before any fetch
+        assert on_a["sum"] == expected(2) and on_a["owned"] >= N
+        assert on_a["counted"] >= N  # the producer counts the segment
+        on_b = c.submit(probe, x, workers=[b], pure=False).result()
+        assert token_of(on_b["where"]) == token and on_b["sum"] == expected(2)
+        assert on_b["owned"] == 0 and on_b["rss"] - on_b["counted"] >= N * 9 // 10
+        assert sorted(holders(token)) == sorted([on_a["pid"], on_b["pid"]])
+    assert holders(token) == []
+    assert dev_shm() <= before
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_place_results_setting(mode: str) -> None:
+    with dask.config.set({same_host.PLACE_KEY: mode}):
+        with LocalCluster(2, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+            a, b = sorted(c.scheduler_info()["workers"])
+            x = c.submit(make, N, 3, workers=[a], pure=False)
+            on_a = c.submit(probe, x, workers=[a], pure=False).result()
+            assert on_a["where"].startswith("/memfd:") == (mode == "always")
+            _meet(c, a, b)
+            y = c.submit(make, N, 4, workers=[a], pure=False)
+            on_a = c.submit(probe, y, workers=[a], pure=False).result()
+            assert on_a["where"].startswith("/memfd:") == (mode == "always")
+            on_b = c.submit(probe, y, workers=[b], pure=False).result()
+            assert on_b["sum"] == expected(4)
+            assert on_b["where"].startswith("/memfd:")  # shared at the fetch, if not before
+
+
+@pytest.mark.parametrize("victim", ["producer", "consumer"])
+def test_kill_9_with_a_placed_result_leaves_nothing_behind(victim: str) -> None:
+    before = dev_shm()
+    with LocalCluster(2, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        _meet(c, a, b)
+        x = c.submit(make, N, 5, workers=[a], pure=False)
+        token = token_of(c.submit(probe, x, workers=[a], pure=False).result()["where"])
+        on_b = c.submit(probe, x, workers=[b], pure=False).result()
+        pid_a, pid_b = pid_of(c, a), pid_of(c, b)
+        assert sorted(holders(token)) == sorted([pid_a, pid_b])
+        dead, alive = (pid_a, pid_b) if victim == "producer" else (pid_b, pid_a)
+        os.kill(dead, signal.SIGKILL)
+        eventually(lambda: dead not in holders(token), "the dead holder dropped", 30)
+        assert holders(token) == [alive]
+        if victim == "producer":  # the consumer's copy outlives its producer
+            eventually(lambda: a not in c.scheduler_info()["workers"], "the worker gone", 30)
+            again = c.submit(probe, x, workers=[b], pure=False).result()
+            assert again["sum"] == on_b["sum"] == expected(5)
+        os.kill(alive, signal.SIGKILL)
+        eventually(lambda: holders(token) == [], "no holder left", 30)
+    assert dev_shm() <= before
+
+
+def _spill(key: Any, dask_worker: Any) -> bool:
+    return bool(dask_worker.store.spill(key)) and key in dask_worker.store.spilled
+
+
+def test_a_placed_result_spills_and_comes_back_right() -> None:
+    with LocalCluster(2, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        _meet(c, a, b)
+        x = c.submit(make, N, 6, workers=[a], pure=False)
+        token = token_of(c.submit(probe, x, workers=[a], pure=False).result()["where"])
+        assert c.run(_spill, x.key, workers=[a])[a] is True
+        back = c.submit(probe, x, workers=[a], pure=False).result()
+        assert back["sum"] == expected(6) and not back["where"].startswith("/memfd:")
+        assert holders(token) in ([], [pid_of(c, a)])  # at most in A's pool of free segments
+        on_b = c.submit(probe, x, workers=[b], pure=False).result()  # shared at the fetch
+        assert on_b["sum"] == expected(6) and on_b["where"].startswith("/memfd:")
+
+
+def test_a_bad_setting_is_refused_with_what_to_write() -> None:
+    with dask.config.set({same_host.PLACE_KEY: "sometimes"}):
+        with pytest.raises(ValueError, match="auto, always, never"):
+            same_host.placement_settings()
+    with dask.config.set({same_host.PLACE_KEY: False, same_host.THRESHOLD_KEY: "64 MiB"}):
+        assert same_host.placement_settings() == ("never", 64 * MB)
+    with dask.config.set({same_host.THRESHOLD_KEY: "lots"}):
+        with pytest.raises(ValueError, match="16 MiB"):
+            same_host.placement_settings()
+
+
+@given(
+    nbytes=st.integers(0, 1 << 40),
+    mode=st.sampled_from(shm_policy.PLACE_MODES),
+    peers=st.booleans(),
+    segments=st.integers(0, 5000),
+)
+def test_policy_places_large_results_only_when_switched_on(
+    nbytes: int, mode: str, peers: bool, segments: int
+) -> None:
+    placed = shm_policy.place_result(
+        nbytes, mode=mode, threshold=16 * MB, same_host_peers=peers, segments=segments,
+        max_segments=1000,
+    )  # fmt: skip
+    on = mode == "always" or (mode == "auto" and peers)
+    assert placed == (on and nbytes >= 16 * MB and segments < 1000)
+
+
+@given(
+    memory=st.integers(0, 1 << 40),
+    limit=st.integers(0, 1 << 40),
+    target=st.one_of(st.none(), st.floats(0.1, 1.0)),
+)
+def test_free_segments_go_when_the_process_is_above_its_target(
+    memory: int, limit: int, target: float | None
+) -> None:
+    release = shm_policy.release_free_segments(memory, limit, target)
+    assert release == (limit > 0 and target is not None and memory > target * limit)
