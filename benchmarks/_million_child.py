@@ -4,12 +4,19 @@
 line. ``WORKLOAD`` is ``map`` (``client.map(inc, range(N))`` then ``client.gather``) or
 ``delayed`` (a dask.delayed graph of ``N`` tasks: ``N/2`` independent ``inc`` leaves
 summed pairwise, level by level, to one root, computed with ``client.compute``);
-``SYSTEM`` is ``trio`` or ``dask``.
+``SYSTEM`` is ``trio`` or ``dask``. With ``--by-value`` the map's function is one
+defined in this script (``__main__``, as in most users' scripts), which cloudpickle ships
+by value, instead of one the workers import.
 
 The scheduler is started with the system's CLI (``python -m trioscheduler scheduler`` /
 ``dask scheduler``) and the workers likewise (``W`` processes, one thread each), so the
 client (this process) and the scheduler have RSS of their own: both are sampled every
 20 ms and their peaks reported (``client_peak_rss`` / ``scheduler_peak_rss``, bytes).
+The CPU seconds (user + system) each side spent in the timed block are reported too
+(``client_cpu_s``, ``scheduler_cpu_s``, ``workers_cpu_s``: all worker processes), and
+the client's user thread's own (``user_thread_cpu_s``, and ``submit_thread_cpu_s`` up to
+the return of ``map``): on a shared machine these move
+far less with the load than the wall figures do.
 The children inherit this process's environment (``PYTHONPATH`` included) and
 interpreter, so they run the same trioscheduler as this process.
 """
@@ -33,6 +40,11 @@ import psutil
 from benchmarks._cluster_tasks import add, inc
 
 START_TIMEOUT = 60.0
+
+
+def script_inc(x: int) -> int:
+    """``inc`` defined in the script the user runs (``__main__``: shipped by value)."""
+    return x + 1
 
 
 class Peaks:
@@ -67,6 +79,26 @@ class Peaks:
         self._sample()
 
 
+def _cpu_s(proc: psutil.Process, recursive: bool = False) -> float:
+    total = 0.0
+    for p in [proc, *(proc.children(recursive=True) if recursive else [])]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _cpu(me: psutil.Process, sched: psutil.Process, workers: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far of the client (this process), the scheduler and all workers."""
+    return {
+        "client": _cpu_s(me),
+        "scheduler": _cpu_s(sched),
+        "workers": _cpu_s(workers, recursive=True),
+    }
+
+
 def _wait_for_file(path: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -82,7 +114,9 @@ def _wait_for_file(path: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 
 @contextmanager
-def cluster(system: str, n_workers: int) -> Iterator[tuple[str, psutil.Process]]:
+def cluster(
+    system: str, n_workers: int
+) -> Iterator[tuple[str, psutil.Process, psutil.Process]]:
     """A scheduler and ``n_workers`` one-thread workers, each its own process."""
     py = sys.executable
     quiet = subprocess.DEVNULL
@@ -105,7 +139,7 @@ def cluster(system: str, n_workers: int) -> Iterator[tuple[str, psutil.Process]]
         try:
             address = _wait_for_file(sfile, sched)["address"]
             workers = subprocess.Popen(worker_cmd, stdout=quiet, stderr=quiet)
-            yield address, psutil.Process(sched.pid)
+            yield address, psutil.Process(sched.pid), psutil.Process(workers.pid)
         finally:
             for proc in (workers, sched):
                 if proc is not None:
@@ -144,19 +178,27 @@ def delayed_graph(n: int) -> tuple[Any, int]:
     return layer[0], leaves * (leaves + 1) // 2
 
 
-def run(workload: str, system: str, n: int, n_workers: int) -> dict[str, Any]:
+def run(
+    workload: str, system: str, n: int, n_workers: int, by_value: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {"workload": workload, "system": system, "n": n, "workers": n_workers}
-    with cluster(system, n_workers) as (address, sched):
+    fn = script_inc if by_value else inc
+    if by_value:
+        out["by_value"] = True
+    with cluster(system, n_workers) as (address, sched, workers):
         client = connect(system, address, n_workers)
         try:
             me = psutil.Process()
             out["client_rss_before"] = me.memory_info().rss
             out["scheduler_rss_before"] = sched.memory_info().rss
             with Peaks({"client": me, "scheduler": sched}) as peaks:
+                cpu_before = _cpu(me, sched, workers)
+                thread_before = time.thread_time()
                 start = time.perf_counter()
                 if workload == "map":
-                    futures = client.map(inc, range(n))
+                    futures = client.map(fn, range(n))
                     out["submit_s"] = time.perf_counter() - start
+                    out["submit_thread_cpu_s"] = time.thread_time() - thread_before
                     results = client.gather(futures)
                     assert len(results) == n and results[-1] == n, results[-1]
                     tasks = n
@@ -169,6 +211,10 @@ def run(workload: str, system: str, n: int, n_workers: int) -> dict[str, Any]:
                     assert value == expected, (value, expected)
                     del root
                 elapsed = time.perf_counter() - start
+                out["user_thread_cpu_s"] = time.thread_time() - thread_before
+                cpu_after = _cpu(me, sched, workers)
+            for side, after in cpu_after.items():
+                out[f"{side}_cpu_s"] = after - cpu_before[side]
         finally:
             client.close()
     out.update(
@@ -184,7 +230,7 @@ def run(workload: str, system: str, n: int, n_workers: int) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     workload, system, n = argv[0], argv[1], int(argv[2])
     n_workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 2
-    metrics = run(workload, system, n, n_workers)
+    metrics = run(workload, system, n, n_workers, by_value="--by-value" in argv)
     print("\n" + json.dumps(metrics), flush=True)
     os._exit(0)
 
