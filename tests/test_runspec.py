@@ -76,8 +76,19 @@ def test_large_arguments_ride_out_of_band_without_a_copy() -> None:
     assert isinstance(small, bytes)  # small buffers: one self-contained pickle
 
 
+def test_a_large_argument_reaches_the_worker_through_the_scheduler() -> None:
+    """The scheduler keeps an out-of-band run spec as it keeps bytes (its compiled core
+    took only bytes and dropped the client's connection on a large ``submit``)."""
+    import numpy as np
 
-def test_the_plain_packer_makes_the_run_spec_pack_makes() -> None:
+    from trioscheduler import Client, LocalCluster
+
+    kw: dict[str, Any] = {"n_workers": 1, "processes": False, "dashboard_address": None}
+    with LocalCluster(**kw) as cluster, Client(cluster) as client:
+        a = np.arange(1 << 17, dtype=np.float64)  # 1 MB
+        assert client.submit(_nbytes_plus, a, k=1).result(timeout=60) == a.nbytes + 1
+
+
     """``map``'s fast path: the same bytes as ``pack`` for a function pickled by
     reference (or shipped by value once) and plain arguments; refused where cloudpickle
     is needed."""
@@ -117,3 +128,4 @@ def test_submit_packs_plain_calls_as_pack_does() -> None:
     assert runspec.pack_plain_call(check_key, ("k",)) == pack(check_key, ("k",), {})[0]
     assert runspec.pack_plain_call(lambda a: a, (1,)) is None  # needs cloudpickle
     assert runspec.pack_plain_call(functools.partial(check_key, "k"), ()) is None
+

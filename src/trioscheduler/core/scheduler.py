@@ -396,7 +396,7 @@ class SchedulerState:
             tp = self.prefixes[name] = TaskPrefix(name)
         return tp
 
-    def new_task(self, key: Key, run_spec: bytes | None, priority: tuple[Any, ...]) -> TaskRecord:
+    def new_task(self, key: Key, run_spec: Any, priority: tuple[Any, ...]) -> TaskRecord:
         tp = self._prefix(key)
         tp.n_tasks += 1
         ts = TaskRecord(key, run_spec, priority, tp)

@@ -113,7 +113,7 @@ class TaskRecord:
     )  # fmt: skip
 
     key: Key
-    run_spec: bytes | None
+    run_spec: Any  # opaque: bytes or a wire.runspec record; None: no computation
     priority: tuple[Any, ...]
     prefix: TaskPrefix
     state: str
@@ -130,7 +130,7 @@ class TaskRecord:
     extra: TaskExtra | None
 
     def __init__(
-        self, key: Key, run_spec: bytes | None, priority: tuple[Any, ...], prefix: TaskPrefix
+        self, key: Key, run_spec: Any, priority: tuple[Any, ...], prefix: TaskPrefix
     ) -> None:
         # Written out, not a dataclass's: one record per task, and mypyc compiles this
         # __init__ (a dataclass's generated one would stay interpreted, ~5x slower).
