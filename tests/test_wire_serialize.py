@@ -226,6 +226,17 @@ def test_a_large_batch_keeps_big_buffers_out_of_the_header() -> None:
     assert len(frames[0]) < 1000 and any(len(f) == len(big) for f in frames[1:])
 
 
+def test_a_large_batch_of_many_small_records_stays_one_pickle() -> None:
+    # A map's graph message: 10,000 small tasks pickle to more than PICKLED_BATCH_MAX,
+    # and walking them with msgpack would cost ~6x pickling them.
+    specs = [messages.TaskSpec(f"inc-{i:032x}", [], b"%060d" % i) for i in range(10_000)]
+    graph = messages.UpdateGraph("s1", 1.5, "client-1", specs, [s.key for s in specs])
+    back, frames = batch_round_trip([graph])
+    assert back == [graph]
+    assert len(frames) == 2 and sum(map(len, frames)) > PICKLED_BATCH_MAX
+    assert loads([frames[0], b"\x80\x05N."]) is None  # the header only points at the pickle
+
+
 def test_dumps_leaves_no_reference_cycles() -> None:
     # Each encoder used to be a cycle (packer -> bound method -> encoder), so every
     # small message left its encoder and a packer buffer to the garbage collector.
