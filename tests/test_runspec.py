@@ -129,3 +129,38 @@ def test_submit_packs_plain_calls_as_pack_does() -> None:
     assert runspec.pack_plain_call(lambda a: a, (1,)) is None  # needs cloudpickle
     assert runspec.pack_plain_call(functools.partial(check_key, "k"), ()) is None
 
+
+def test_a_by_value_function_travels_once_for_many_calls() -> None:
+    import pickle
+
+    from trioscheduler.core import messages
+    from trioscheduler.wire import serialize
+
+    offset = 3
+
+    def f(x: int, k: int = 0) -> int:  # a closure: cloudpickle ships it by value
+        return x + offset + k
+
+    f.__module__ = "__main__"  # as a function of the user's script
+
+    assert runspec.plain_packer(f, {"k": 1}) is None
+    pack_shared = runspec.shared_packer(f, {"k": 1})
+    assert pack_shared is not None
+    specs = [pack_shared((i,)) for i in range(1000)]
+    assert [run(s, {}) for s in specs] == [i + 4 for i in range(1000)]
+    one = len(pickle.dumps(specs[0]))
+    assert one > 200 and len(pickle.dumps(specs)) < one + 1000 * 40  # the function once
+    graph = messages.UpdateGraph(
+        "s", 0.0, "c", [messages.TaskSpec(f"f-{i}", [], s) for i, s in enumerate(specs)], []
+    )
+    frames = serialize.dumps_batch([graph])
+    assert len(frames) == 2  # pickled (the function's own __main__ does not show)
+    back = serialize.loads(frames)[0]
+    assert len({id(t.run_spec[0]) for t in back.tasks}) == 1  # one copy on the receiver
+    assert run(back.tasks[5].run_spec, {}) == 9
+    assert runspec.shared_packer(lambda: threading.Lock(), {"k": threading.Lock()}) is None
+
+
+def test_a_shared_run_spec_that_cannot_load_is_a_load_error() -> None:
+    with pytest.raises(RunSpecLoadError, match="could not load"):
+        run((b"garbage", b"garbage"), {})

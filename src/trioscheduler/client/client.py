@@ -221,9 +221,11 @@ class Client(
         name = map_namer(func, kwargs, key, pure and not (actor or actors))
         if actor or actors:
             func = as_actor(func)
-        shipped = shippable(func)
+        shipped: Any = None  # shippable(func), made when a call needs runspec.pack
         pack = runspec.pack
-        pack_plain = runspec.plain_packer(shipped, kwargs) if plain(tuple(kwargs.values())) else None
+        pack_plain: Callable[[tuple[Any, ...]], runspec.RunSpec] | None = None
+        if plain(tuple(kwargs.values())):  # C-pickled calls, the function by reference or once
+            pack_plain = runspec.plain_packer(func, kwargs) or runspec.shared_packer(func, kwargs)
         TaskSpec = m.TaskSpec
         run_spec: runspec.RunSpec
         deps: list[Any]
@@ -240,6 +242,8 @@ class Client(
                     if pack_plain is not None and plain(args):
                         run_spec, deps = pack_plain(args), []
                     else:
+                        if shipped is None:
+                            shipped = shippable(func)
                         run_spec, deps = pack(shipped, args, kwargs)
                     spec = packed[k] = TaskSpec(k, deps, run_spec, prio, 0, w, aow, r, n_retries)
                 specs.append(spec)

@@ -8,6 +8,10 @@ the task's dependencies. On the worker, ``unpack`` resolves each reference to th
 dependency's value through pickle's ``persistent_load``, so no Python-level walk over
 the arguments happens on either side.
 
+A ``map`` of a function cloudpickle ships by value (``__main__``, lambdas, closures)
+with plain arguments makes run specs in two parts (``shared_packer``): the function's
+bytes, one object shared by all calls, and each call's arguments.
+
 The scheduler never unpacks a run spec; it only forwards the bytes. Large buffers of
 the arguments (pickle protocol 5: numpy, pandas, bytes) stay out of the pickle
 (``OutOfBandRunSpec``), so a 500 MB array is never copied on the client and travels
@@ -16,9 +20,11 @@ as frames of its own on every hop.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import weakref
+import zlib
 from collections.abc import Callable, Mapping
 from types import FunctionType
 from typing import Any, Final
@@ -80,8 +86,12 @@ def _out_of_band(buf: Any) -> pickle.PickleBuffer:
     return buf if isinstance(buf, pickle.PickleBuffer) else pickle.PickleBuffer(buf)
 
 
-#: What ``pack`` returns as the run spec: bytes, or bytes with out-of-band buffers.
-RunSpec = bytes | OutOfBandRunSpec
+#: A run spec in two parts, ``(function, call)``, made by ``shared_packer``: the function
+#: pickled once by value for all calls of a ``map``, and one call's ``(args, kwargs)``.
+SharedRunSpec = tuple[bytes, bytes]
+
+#: A run spec: bytes, bytes with out-of-band buffers, or a function shared by many calls.
+RunSpec = bytes | OutOfBandRunSpec | SharedRunSpec
 
 
 class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
@@ -172,6 +182,41 @@ def plain_packer(func: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[
     return pack_plain
 
 
+def shared_packer(
+    func: Callable[..., Any], kwargs: dict[str, Any]
+) -> Callable[[tuple[Any, ...]], SharedRunSpec] | None:
+    """``plain_packer``'s counterpart for a function cloudpickle ships by value (defined
+    in ``__main__``, a lambda, a closure), or ``None`` if it cannot be pickled.
+
+    The function is pickled once; each call's run spec is ``(function, call)`` with the
+    *same* ``function`` bytes object and the call's ``(args, kwargs)`` pickled by the C
+    pickler (the same caller's check: no references, no large buffers). A message of
+    many such calls (a graph, a batch of ``ComputeTask``) pickles the function once, so
+    the scheduler and the workers hold one copy of it per message, not one per task;
+    a worker loads it once (``_function``). The function's pickle is compressed so that
+    its own ``__main__`` does not show: ``serialize`` sends a batch that reads as
+    referring to ``__main__`` the slow way (msgpack, every byte string copied), and that
+    would undo the sharing.
+    """
+    try:
+        blob = zlib.compress(cloudpickle.dumps(func, protocol=5))
+        pickle.dumps(kwargs, protocol=5)
+    except Exception:
+        return None
+
+    def pack_shared(args: tuple[Any, ...]) -> SharedRunSpec:
+        return blob, pickle.dumps((args, kwargs), protocol=5)
+
+    return pack_shared
+
+
+@functools.lru_cache(maxsize=64)
+def _function(blob: bytes) -> Any:
+    """A shared run spec's function, unpickled once per worker (a map's million calls
+    hold a few hundred copies of its bytes, one per message, all equal)."""
+    return pickle.loads(zlib.decompress(blob))
+
+
 _PLAIN_FUNCTIONS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 """function -> ``plain_packer(function, {})`` works (weakly held: a closure's data is not
 kept alive by this)."""
@@ -210,11 +255,16 @@ def _name_culprit(
 def unpack(run_spec: RunSpec, data: Mapping[Any, Any]) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Load a run spec, resolving dependency references from ``data`` (key -> value)."""
     try:
-        if isinstance(run_spec, OutOfBandRunSpec):
+        if isinstance(run_spec, tuple):
+            blob, call = run_spec
+            func = _function(blob)
+            args, kwargs = _RefUnpickler(io.BytesIO(call), data).load()
+        elif isinstance(run_spec, OutOfBandRunSpec):
             loader = _RefUnpickler(io.BytesIO(run_spec.data), data, run_spec.buffers)
+            func, args, kwargs = loader.load()
         else:
             loader = _RefUnpickler(io.BytesIO(run_spec), data)
-        func, args, kwargs = loader.load()
+            func, args, kwargs = loader.load()
     except KeyError as exc:
         raise RunSpecLoadError(f"dependency {exc.args[0]!r} of the task is not in memory here") from None
     except Exception as exc:
