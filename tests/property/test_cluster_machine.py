@@ -134,6 +134,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.aimed = 0  # ... and kill at a chosen moment (holding data others need)
         self.races = 0  # ... and kill mid-transfer or mid-rerun (``resumed``)
         self.restarts = 0  # scheduler crashes this run may still have
+        self.crashes = 0  # ... and crashes right behind a ComputeTask (``_crash_behind``)
         self.client_restarts = 1  # Client.restart's cancellation: at most once a run
         self.awaited = False  # a worker died with the scheduler: its grace must run out
         self.ok = True
@@ -158,6 +159,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.aimed = AIMED_FAULTS
         self.races = AIMED_FAULTS + 2
         self.restarts = 1
+        self.crashes = 1
         self.sim = ClusterSimulator(
             validate=True, tally=True, worker_saturation=saturation, worker_backlog=backlog,
             allowed_failures=allowed_failures, worker_timeout=timeout,
@@ -625,7 +627,8 @@ class ClusterMachine(RuleBasedStateMachine):
         """A worker dies while another fetches data from it. The scheduler recomputes
         what only the dead worker held, perhaps on the fetcher: ``deliver`` hands the
         fetcher that news before its transfer fails (``flight -> resumed``), ``gather``
-        after (``fetch``/``missing -> waiting``)."""
+        after (``fetch``/``missing -> waiting``); the first ``deliver`` of a run that can
+        has the scheduler crash right after that news (``_crash_behind``)."""
         self.races -= 1
         sim = self.sim
         addr, peer = pick(sim.pending_gathers(), i)
@@ -660,7 +663,8 @@ class ClusterMachine(RuleBasedStateMachine):
         its task (it fetches the input), the holder dies, and the scheduler computes
         the input again, perhaps on the fetcher itself, which hears of that before its
         transfer fails (``deliver``: ``flight -> resumed``) or after (``gather``:
-        ``missing``/``fetch -> waiting``)."""
+        ``missing``/``fetch -> waiting``); the first ``deliver`` of a run that can has
+        the scheduler crash right after that news (``_crash_behind``)."""
         self.races -= 1
         sim = self.sim
         addr, peer = pick(self._about_to_fetch(), i)
@@ -671,15 +675,47 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def _lose_while_fetching(self, addr: str, peer: str, then: str) -> None:
         """``peer`` dies while ``addr`` fetches from it; ``addr`` hears its transfer
-        failed (``gather``) or not yet, then what the scheduler says (unless ``nothing``)."""
+        failed (``gather``) or not yet, then what the scheduler says (unless ``nothing``;
+        ``deliver``, once a run: only up to the ``ComputeTask`` of a key it fetches for a
+        local task, and the scheduler crashes, see ``_crash_behind``)."""
         sim = self.sim
         sim.lose_worker(peer)
         if addr not in sim.workers:
+            return
+        if then == "deliver" and self._crash_behind(addr):
             return
         if then == "gather" and peer in sim.workers[addr].gathers:
             sim.gather(addr, peer)
         if then != "nothing":
             sim.deliver("scheduler", addr, 1_000)
+
+    def _crash_behind(self, addr: str) -> bool:
+        """The scheduler crashes right after ``addr`` read a ``ComputeTask`` of a key it
+        is fetching for local tasks (``flight -> resumed``): the ``FreeKeys`` of those
+        tasks, sent right behind it (the scheduler sends them back to waiting in the
+        same drain), is lost, and ``SchedulerLost`` frees the key while they still read
+        it: ``resumed -> flight``, the one way to that edge (docs/cluster-machine.md).
+        False (nothing done) when no such ``ComputeTask`` is on its way, or the run had
+        its crash."""
+        sim = self.sim
+        if self.crashes <= 0:
+            return False
+        tasks = sim.workers[addr].state.tasks
+        freed: set[Any] = set()  # by a FreeKeys ahead of it: no longer reading the key
+        for n, msg in enumerate(sim.queues.get(("scheduler", addr), ()), 1):
+            if type(msg) is FreeKeys:
+                freed.update(msg.keys)
+            elif type(msg) is ComputeTask:
+                ts = tasks.get(msg.key)
+                if (
+                    ts is not None and ts.state == "flight" and msg.key not in freed
+                    and any(d.key not in freed for d in ts.dependents)
+                ):  # fmt: skip
+                    self.crashes -= 1
+                    sim.deliver("scheduler", addr, n)
+                    restart_scheduler(sim, TIMEOUT)
+                    return True
+        return False
 
     @precondition(lambda self: bool(self.sim.scheduler.steals))
     @rule(i=index, race=st.sampled_from(["finish", "deliver", "victim", "thief"]))
