@@ -19,6 +19,11 @@ themselves, independently of the scheduler's own bookkeeping for them:
 * **Suspicion** (after every step): a task that was processing on ``allowed_failures``
   workers when they died unexpectedly is not processing again (it must err with
   ``KilledWorker``); once it erred, a retry or a scatter may bring it back.
+* **Retries** (at each ``client.retry``): every erred key the client retries leaves
+  ``erred`` while the scheduler handles the retry (it runs again, from its erred inputs
+  up; it may err again at once, as lost scattered data does, but it moves). A key left
+  erred is a future ``client.retry`` did nothing for: the user still sees the old error,
+  though its failed input ran again and may now be in memory.
 
 Pure, like the simulator: it only reads the cores' states, stories and queues.
 """
@@ -174,6 +179,26 @@ class RunOracle:
     def retried(self, keys: Iterable[Key]) -> None:
         for key in keys:
             self.deaths.pop(key, None)
+
+    @staticmethod
+    def check_retry(s: SchedulerState, stimulus: str, erred: Iterable[Key]) -> None:
+        """The scheduler handled ``client.retry`` (``stimulus``) of the keys ``erred``,
+        which were erred then: each must have moved out of ``erred`` in that handling."""
+        log = s.log
+        moved = set()
+        entries = zip(reversed(log.keys), reversed(log.starts), reversed(log.stimuli), strict=True)
+        for key, start, stim in entries:
+            if stim != stimulus:
+                break
+            if start == "erred":
+                moved.add(key)
+        stuck = [k for k in erred if k not in moved]
+        if stuck:
+            key = stuck[0]
+            raise OracleError(
+                f"client.retry({key!r}): it stays erred though it was retried (its failed "
+                f"inputs run again, it does not): {s.story(key)[-6:]}"
+            )
 
     # ------------------------------------------------------------------ invariants
 

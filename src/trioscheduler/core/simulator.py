@@ -514,11 +514,12 @@ class ClusterSimulator:
     def retry(self, client: str, keys: list[Key]) -> None:
         """``client.retry(futures)``: erred keys (and erred dependencies) run again."""
         tasks = self.scheduler.tasks
-        erred = [k for k, ts in tasks.items() if ts.state == "erred"] if self.oracle else []
+        erred = {k for k, ts in tasks.items() if ts.state == "erred"} if self.oracle else set()
         sid, now = self._sid("retry")
         self._to_scheduler(RetryKeys(sid, now, client, list(keys)))
         if self.oracle is not None:
             self.oracle.retried(k for k in erred if k not in tasks or tasks[k].state != "erred")
+            self.oracle.check_retry(self.scheduler, sid, [k for k in keys if k in erred])
 
     def fire_and_forget(self, keys: list[Key]) -> None:
         """``fire_and_forget(futures)``: the scheduler's own client wants ``keys`` until

@@ -1,0 +1,47 @@
+"""The simulator's run oracle (``core/sim_oracle.py``) on hand-made paths: what it accepts.
+
+What it catches is shown by the mutants (``tests/property/mutants.py``,
+docs/cluster-machine.md): a broken core under the cluster machine fails on it.
+"""
+
+from __future__ import annotations
+
+from trioscheduler.core.simulator import ClusterSimulator, SimTask
+
+
+def settled(sim: ClusterSimulator) -> None:
+    problems = sim.settle(max_rounds=1_000)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_retried_key_erred_by_its_input_runs_again() -> None:
+    """``client.retry(y)`` of a key that erred because its input ``x`` failed runs ``x``
+    again, then ``y``: the user gets ``y``'s value, not the old error (the retries oracle
+    checks that ``y`` left ``erred`` as the scheduler handled the retry)."""
+    sim = ClusterSimulator(validate=True)
+    sim.add_worker()
+    sim.submit("c", [SimTask("x", fail_attempts=1), SimTask("y", ["x"])], ["y"])
+    sim.run_to_completion()
+    assert sim.scheduler.tasks["y"].state == "erred"
+    sim.retry("c", ["y"])  # the oracle: y leaves erred now
+    assert sim.scheduler.tasks["y"].state == "waiting"
+    settled(sim)
+    assert sim.scheduler.tasks["y"].state == "memory"
+
+
+def test_a_retry_that_errs_again_at_once_is_a_retry() -> None:
+    """A key whose scattered input was lost erred ("scatter it again"); a retry cannot
+    compute that input, so the key errs again while the retry is handled. It moved out
+    of ``erred`` and back: the oracle accepts it, and the client is told the error."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker()
+    sim.add_worker()
+    sim.scatter("c", "s", [a])
+    sim.submit("c", [SimTask("y", ["s"], workers=[a])], ["y"])
+    sim.release("c", ["s"])
+    sim.lose_worker(a)  # s is lost; y cannot run without it
+    sim.run_to_completion()
+    assert sim.scheduler.tasks["y"].state == "erred"
+    sim.retry("c", ["y"])
+    assert sim.scheduler.tasks["y"].state == "erred"
+    settled(sim)
