@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 import dask.config
@@ -60,6 +61,15 @@ def test_a_large_result_is_in_shared_memory_when_its_task_returns() -> None:
         assert token_of(on_b["where"]) == token and on_b["sum"] == expected(2)
         assert on_b["owned"] == 0 and on_b["rss"] - on_b["counted"] >= N * 9 // 10
         assert sorted(holders(token)) == sorted([on_a["pid"], on_b["pid"]])
+
+        def reported(worker: str, since: float) -> int | None:  # what the dashboards see
+            metrics = c.scheduler_info()["workers"][worker]["metrics"]
+            return int(metrics["memory"]) if metrics.get("time", 0) > since else None
+
+        since = time.time()
+        eventually(lambda: reported(b, since) is not None, "a heartbeat from B", 30)
+        assert (reported(b, since) or 0) < on_b["rss"] - N // 2  # B maps it: not B's memory
+        assert (reported(a, 0) or 0) >= N  # A counts it
     assert holders(token) == []
     assert dev_shm() <= before
 

@@ -41,7 +41,7 @@ def metrics(w: Worker) -> dict[str, Any]:
     state = w.state
     return {
         "time": time.time(),
-        "memory": _rss(w._process),
+        "memory": _memory(w),
         "memory_limit": w.memory_limit or 0,
         "managed_bytes": getattr(state, "managed_bytes", 0),
         "spilled_bytes": store.spilled_bytes if store is not None else 0,
@@ -55,20 +55,26 @@ def metrics(w: Worker) -> dict[str, Any]:
 
 async def memory_loop(w: Worker) -> None:
     while True:
-        rss = _rss(w._process)
-        if w.shared_memory:  # shared segments count once per host
-            rss = shm_policy.process_memory(rss, shm.rss_shared(), shm.owned_bytes())
+        rss = _memory(w)
+        if w.shared_memory:
             target = next((f for f in w._thresholds if f is not None), None)
             if shm.free_bytes() and shm_policy.release_free_segments(
                 rss, w.memory_limit or 0, target
             ):
                 shm.release_segments()
-                rss = _rss(w._process)
-                rss = shm_policy.process_memory(rss, shm.rss_shared(), shm.owned_bytes())
+                rss = _memory(w)
         w.handle(
             MemoryMeasured(stimulus_id=_stimulus("memory-measured"), now=_now(), process_memory=rss)
         )
         await trio.sleep(w.memory_monitor_interval)
+
+
+def _memory(w: Worker) -> int:
+    """The process's memory, shared segments counted once per host (by their creator)."""
+    rss = _rss(w._process)
+    if w.shared_memory:
+        rss = shm_policy.process_memory(rss, shm.rss_shared(), shm.owned_bytes())
+    return rss
 
 
 def _rss(process: psutil.Process) -> int:
