@@ -77,6 +77,8 @@ class ResultPlacer:
             self.peers.add(peer)
 
     def __call__(self, done: Done) -> None:
+        if done.nbytes < self.threshold:  # most results: one comparison per task
+            return
         if done.error is not None or done.rescheduled or done.coroutine is not None:
             return
         if not self.worker.shared_memory or not shm_policy.place_result(
