@@ -625,3 +625,20 @@ def test_freed_result_without_local_reader_is_forgotten_in_one_step() -> None:
     assert out == [DeleteData("a"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a"]), lazy=True)]
     assert "a" not in ws.tasks
     assert ws.story("a")[-1] == ("a", "memory", "forgotten", "f", 3.0)
+
+
+def test_a_fetch_keeps_its_holders_when_a_compute_task_names_only_this_worker() -> None:
+    """Found by the cluster machine (2026-12-06): this worker fetched ``a`` and reported
+    the replica, while a ``FreeKeys(a)`` sent before that report was still on its way; the
+    free dropped the copy, and before the scheduler heard so it named this worker as the
+    only holder of ``a`` in a dependent's ``ComputeTask``. The worker, fetching ``a``
+    again, was left with nobody to fetch from (an invariant failure; a stuck task without
+    validation). It keeps the holders it had; a fetch that fails ends in ``MissingData``."""
+    ws = ws_(nthreads=2, transfer_incoming_count_limit=1)
+    ws.handle(compute("y", {"b": ["w2"]}))  # the one transfer slot: b from w2
+    ws.handle(compute("z", {"a": ["w1"]}))
+    assert ws.tasks["a"].state == "fetch"
+    assert ws.handle(compute("x", {"a": [W]})) == []
+    assert ws.tasks["a"].state == "fetch" and ws.tasks["a"].who_has == {"w1"}
+    out = ws.handle(GatherDepSuccess("g", 2.0, "w2", {"b": 1}))
+    assert GatherDep("w1", ["a"], 1024) in out

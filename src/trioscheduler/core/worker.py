@@ -304,6 +304,17 @@ class WorkerState:
         else:
             ts.who_has = new
 
+    def _learn_holders(self, ts: WorkerTask, holders: Sequence[str] | None) -> None:
+        """Holders named by a ``ComputeTask`` or ``AcquireReplicas``. A fetch keeps its
+        own when the list names no other worker (empty, or only this one: a count gone
+        stale, as when this worker's copy was dropped by a ``FreeKeys`` that crossed its
+        ``AddKeys``); only ``RefreshWhoHas``, the answer to ``MissingData``, empties one."""
+        if holders is None:
+            return
+        if ts.state == "fetch" and all(w == self.address for w in holders):
+            return
+        self._set_who_has(ts, holders)
+
     # ------------------------------------------------------------------ memory bookkeeping
 
     def _store(self, ts: WorkerTask) -> None:
@@ -407,9 +418,7 @@ class WorkerState:
             dep = self._task(k)
             if dep.state != "memory":
                 here = False
-                holders = ev.who_has.get(k)
-                if holders or (holders is not None and dep.state != "fetch"):
-                    self._set_who_has(dep, holders)
+                self._learn_holders(dep, ev.who_has.get(k))
                 n = ev.nbytes.get(k)
                 if n is not None:
                     dep.nbytes = n
@@ -534,8 +543,7 @@ class WorkerState:
             ts.wanted = True
             if ts.state == "memory":
                 continue
-            if holders or ts.state != "fetch":
-                self._set_who_has(ts, holders)
+            self._learn_holders(ts, holders)
             n = ev.nbytes.get(key)
             if n is not None:
                 ts.nbytes = n
