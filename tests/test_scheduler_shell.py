@@ -156,6 +156,7 @@ async def test_record_writes_every_event(tmp_path: Path, address: str) -> None:
                 await wait_until(lambda: f.done())
             await w.aclose()
             await wait_until(lambda: not s.state.workers)
+            await trio.sleep(0.05)  # a few ticks (the rest can take less than one)
         live = recorder.snapshot(s.state)
     log = event_log.load_log(path)
     assert log[0][0] == recorder.HEADER_TAG

@@ -6,7 +6,7 @@ thread only) appends a message, merging adjacent ``UpdateGraph`` and
 stream. So a burst of ``submit`` calls becomes one graph, and a release can never
 overtake the submit it follows. A release is not urgent: it waits for the next message
 (a ``submit`` right after a ``result()`` usually: then the scheduler gets both, and
-the worker ``FreeKeys`` and ``ComputeTask``, in one batch), or one batch interval.
+the worker ``FreeKeys`` and ``ComputeTask``, in one batch), or ``wire.batched.LAZY_DELAY``.
 
 In: the receive loop applies the scheduler's key messages (``KeyInMemory``,
 ``KeyErred``, ``KeyCancelled``, ``KeyLost``, and a small result just ahead of its
@@ -42,6 +42,7 @@ from trioscheduler import wire
 from trioscheduler.client.key_table import KeyTable
 from trioscheduler.core import messages as m
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.wire.batched import LAZY_DELAY
 from trioscheduler.wire.inproc import InprocStream
 from trioscheduler.wire.local_alias import local_route
 
@@ -111,8 +112,9 @@ class SchedulerLink:
         self._outbox: list[Any] = []
         self._merge_order = 0  # the next free ``order`` of the last graph in the outbox
         self._outbox_ready: trio.Event | None = None
-        # Releases wake nobody: they go with the next message, or one batch interval
-        # after the first of them (the flusher's wait ends then: ``_lazy_at``).
+        # Releases wake nobody: they go with the next message, or ``LAZY_DELAY`` after
+        # the first of them (the flusher's wait ends then: ``_lazy_at``; armed once, not
+        # disarmed by a write: see ``wire.batched``).
         self._lazy_at = math.inf
         self._flusher_wait: trio.CancelScope | None = None  # while the flusher waits
         self._stream: wire.Stream | None = None
@@ -336,7 +338,7 @@ class SchedulerLink:
             else:
                 ob.append(msg)
             if self._outbox_ready is not None and self._lazy_at == math.inf:
-                self._lazy_at = trio.current_time() + self.batch_interval
+                self._lazy_at = trio.current_time() + max(self.batch_interval, LAZY_DELAY)
                 if self._flusher_wait is not None:
                     self._flusher_wait.deadline = self._lazy_at
             return  # (what comes next takes it along; else the flusher, by _lazy_at)
@@ -366,10 +368,6 @@ class SchedulerLink:
         if batched is None:
             return  # reconnecting: sent once through (``_reannounce``)
         msgs, self._outbox = self._outbox, []
-        if self._lazy_at != math.inf:
-            self._lazy_at = math.inf
-            if self._flusher_wait is not None:  # no wake-up for the releases that went now
-                self._flusher_wait.deadline = math.inf
         for msg in msgs:
             batched.send_nowait(msg)
         self.sent += len(msgs)
@@ -391,11 +389,12 @@ class SchedulerLink:
             with trio.CancelScope(deadline=self._lazy_at) as self._flusher_wait:
                 await self._outbox_ready.wait()
             self._flusher_wait = None
-            self._lazy_at = math.inf  # (what is queued goes now, or waits for a stream)
             if self._outbox_ready.is_set():
                 self._outbox_ready = trio.Event()
-            elif not self._outbox:
-                continue
+            else:  # the releases' timer: the next release arms it again
+                self._lazy_at = math.inf
+                if not self._outbox:
+                    continue
             now = trio.current_time()
             idle, last = now - last >= self.batch_interval, now
             try:

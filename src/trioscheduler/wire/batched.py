@@ -12,7 +12,10 @@ held ``BURST_MESSAGES`` or more, the writer waits until ``interval`` after its l
 write and writes everything queued meanwhile, and goes on doing so while those waits
 catch more than one message. ``interval=0`` is pure natural batching. A message
 queued with ``send_later`` (a report nothing waits on) wakes nobody: it goes with the
-next write, or ``interval`` after it was queued at the latest. Over TCP a batch
+next write, or ``LAZY_DELAY`` (at least ``interval``) after it was queued at the latest.
+That timer is armed once and not disarmed by a write (a trio deadline set and reset
+cost ~10 us, more than the rest of a small write): it may wake the writer once per
+``LAZY_DELAY`` for nothing. Over TCP a batch
 is one message (``serialize.dumps_batch``); the receiving stream hands the messages out
 one by one, in order, so receivers cannot tell batched from unbatched sends.
 
@@ -50,6 +53,8 @@ BURST_MESSAGES: Final = 16
 #: stream of messages, not a request/reply pair: coalesce until ``interval`` after the
 #: last write.
 QUIET_FRACTION: Final = 0.25
+#: A ``send_later`` message waits at most this long (or ``interval``, if longer).
+LAZY_DELAY: Final = 0.05
 _BUFFERS: Final = frozenset({bytes, bytearray, memoryview})
 _NOT_ARRAYS: Final = frozenset({str, int, float, bool, type(None), tuple, list, dict})
 
@@ -150,7 +155,7 @@ class BatchedSend:
         self._pending.append(msg)
         if self._woken or self._lazy_at != math.inf:
             return  # a write is due already
-        self._lazy_at = trio.current_time() + self.interval
+        self._lazy_at = trio.current_time() + max(self.interval, LAZY_DELAY)
         scope = self._idle_scope
         if scope is not None:
             scope.deadline = self._lazy_at
@@ -231,11 +236,6 @@ class BatchedSend:
         if self._woken:
             self._has_pending = trio.Event()
             self._woken = False
-        if self._lazy_at != math.inf:
-            self._lazy_at = math.inf
-            scope = self._idle_scope
-            if scope is not None:  # the writer waits: no wake-up for what went now
-                scope.deadline = math.inf
         if self._urgent.is_set():
             self._urgent = trio.Event()
         now = trio.current_time()
@@ -286,6 +286,8 @@ class BatchedSend:
             with trio.CancelScope(deadline=self._lazy_at) as self._idle_scope:
                 await self._has_pending.wait()
             self._idle_scope = None
+            if not self._woken:  # the send_later timer: the next one arms it again
+                self._lazy_at = math.inf
             if not self._pending and not self._unsent():
                 continue  # written meanwhile (``flush``): no schedule point, no write
             # One schedule point: whatever the other tasks produce in this loop
