@@ -248,3 +248,12 @@ def test_dumps_leaves_no_reference_cycles() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_large_batch_with_a_big_string_among_small_records_goes_out_of_band() -> None:
+    specs = [messages.TaskSpec(f"inc-{i:032x}", [], b"%060d" % i) for i in range(10_000)]
+    specs[7].run_spec = big = b"y" * (1 << 17)  # in line in a pickle
+    graph = messages.UpdateGraph("s1", 1.5, "client-1", specs, [s.key for s in specs])
+    back, frames = batch_round_trip([graph])
+    assert back == [graph]
+    assert any(f == big for f in frames[1:]) and big not in frames[0]

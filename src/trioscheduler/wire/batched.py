@@ -25,9 +25,9 @@ still sent. ``await send(msg)`` checks its message first and raises at the call 
 A message that is itself a large buffer or array (``len``/``nbytes`` at least
 ``large_bytes``) is flushed at once instead of waiting; the check is O(1) because it
 runs for every message. Large buffers nested anywhere in a message still travel out of
-band: a batch that pickles to ``serialize.PICKLED_BATCH_MAX`` or more, mostly in a few
-large strings, is packed with msgpack message by message, and a message that packs
-large is split.
+band: a batch that pickles to ``serialize.PICKLED_BATCH_MAX`` or more with a large string
+in it is packed with msgpack message by message, and a message that packs large is
+split.
 """
 
 from __future__ import annotations

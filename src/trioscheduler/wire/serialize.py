@@ -247,16 +247,12 @@ def dumps(msg: Any) -> list[Frame]:
 _PLAIN_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 
 
-#: A batch whose pickle is at least this large is packed with msgpack instead if its
-#: bytes are mostly a few large strings (see ``PICKLED_BYTES_PER_OBJECT``), so that those
-#: travel out of band rather than being copied into the pickle.
+#: A batch whose pickle is at least this large is packed with msgpack instead if it holds
+#: a string of 64 KiB or more in line (``_has_large_strings``), so that those travel out
+#: of band rather than being copied into the pickle. A large batch of small objects stays
+#: pickled: a map's graph of 10,000 tasks (~1.2 MB) costs ~1.7 us per task to encode and
+#: ~0.9 us to decode pickled, ~10 us and ~4 us packed with msgpack.
 PICKLED_BATCH_MAX: Final = 1 << 20
-
-#: ...but a large batch made of many small objects stays pickled: at most this many bytes
-#: of pickle per object pickle memoized (strings, bytes, containers, records). A map's
-#: graph of 10,000 tasks pickles to ~1.2 MB in ~40k objects: pickled it costs ~1.7 us per
-#: task to encode and ~0.9 us to decode, packed with msgpack ~10 us and ~4 us.
-PICKLED_BYTES_PER_OBJECT: Final = 4096
 
 
 def dumps_batch(msgs: list[Any], walk: bool = True) -> list[Frame]:
@@ -267,8 +263,8 @@ def dumps_batch(msgs: list[Any], walk: bool = True) -> list[Frame]:
     handles tuples, lists and dicts in C, where msgpack needs a Python hook for every
     tuple and record on both sides (3-4x slower for typical messages). A batch that
     pickle cannot take (lambdas, local functions, ``__main__`` objects, memoryviews)
-    or that pickles to ``PICKLED_BATCH_MAX`` or more in a few large strings (not in many
-    small objects, as a graph of thousands of tasks) is packed with msgpack: with
+    or that pickles to ``PICKLED_BATCH_MAX`` or more with a string of 64 KiB or more in
+    it (not a graph of thousands of small tasks) is packed with msgpack: with
     ``walk=False`` in one call (byte strings inside stay in line), otherwise message by
     message, a message that packs large being split so that its big byte strings go
     out of band.
@@ -345,6 +341,21 @@ def _pickle_header(count: int) -> bytes:
 _PICKLE_HEADERS: dict[int, bytes] = {}
 
 
+def _has_large_strings(data: bytes) -> bool:
+    """Does a protocol-5 pickle hold a byte or text string of 64 KiB or more in line?
+
+    The pickler writes its output in frames (opcode ``FRAME``, 0x95, and an 8-byte
+    length) of ~64 KiB, except such strings, which it writes between frames: so a walk
+    from frame to frame (a few dozen steps for a megabyte) finds them.
+    """
+    pos, end = 2, len(data)  # after PROTO
+    while pos < end:
+        if data[pos] != 0x95:
+            return True
+        pos += 9 + int.from_bytes(data[pos + 1 : pos + 9], "little")
+    return False
+
+
 def _pickle_batch(msgs: list[Any]) -> list[Frame] | None:
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
@@ -356,10 +367,8 @@ def _pickle_batch(msgs: list[Any]) -> list[Frame] | None:
     data = out.getvalue()
     if b"__main__" in data:
         return None  # needs cloudpickle
-    if len(data) >= PICKLED_BATCH_MAX and len(data) > PICKLED_BYTES_PER_OBJECT * len(
-        pickler.memo.copy()
-    ):
-        return None  # a few large strings: msgpack sends them out of band
+    if len(data) >= PICKLED_BATCH_MAX and _has_large_strings(data):
+        return None  # msgpack sends them out of band
     frames: list[Frame] = [b"", data]
     for pb in buffers:
         try:
