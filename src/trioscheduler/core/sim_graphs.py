@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from trioscheduler.core.messages import Key
-from trioscheduler.core.sim_records import SimTask
+from trioscheduler.core.sim_records import ALWAYS, SimTask, task_value
 
 
 class Rng(Protocol):
@@ -69,3 +69,55 @@ def sinks(tasks: list[SimTask]) -> list[Key]:
     """Keys no task of ``tasks`` depends on (what a client usually holds futures for)."""
     used = {d for t in tasks for d in t.dependencies}
     return [t.key for t in tasks if t.key not in used]
+
+
+# ---------------------------------------------------------------------- what a graph implies
+# (the simulator's oracles ask these of the graph it was given)
+
+
+def expected_value(graph: dict[Key, SimTask], values: dict[Key, int], key: Key) -> int:
+    """The value ``key`` must have: the graph evaluated directly (``values`` caches)."""
+    v = values.get(key)
+    if v is not None:
+        return v
+    stack = [key]
+    while stack:
+        k = stack[-1]
+        if k in values:
+            stack.pop()
+            continue
+        todo = [d for d in graph[k].dependencies if d not in values]
+        if todo:
+            stack.extend(todo)
+            continue
+        stack.pop()
+        values[k] = task_value(k, [values[d] for d in graph[k].dependencies])
+    return values[key]
+
+
+def lineage(graph: dict[Key, SimTask], key: Key) -> set[Key]:
+    """``key`` and everything it depends on, transitively."""
+    seen = {key}
+    stack = [key]
+    while stack:
+        for d in graph[stack.pop()].dependencies:
+            if d not in seen:
+                seen.add(d)
+                stack.append(d)
+    return seen
+
+
+def failure_flags(graph: dict[Key, SimTask]) -> dict[Key, tuple[bool, bool]]:
+    """``key -> (doomed, may_fail)`` over its lineage: a task that always fails, a task
+    that may fail more often than its retries allow (graph order is topological:
+    dependencies are submitted first)."""
+    flags: dict[Key, tuple[bool, bool]] = {}
+    for k, t in graph.items():
+        doomed = t.fail_attempts == ALWAYS
+        may_fail = t.fail_attempts > t.retries
+        for d in t.dependencies:
+            dd, dm = flags[d]
+            doomed = doomed or dd
+            may_fail = may_fail or dm
+        flags[k] = (doomed, may_fail)
+    return flags

@@ -71,7 +71,16 @@ from trioscheduler.core.messages import (
 )
 from trioscheduler.core.recorder import Recorder
 from trioscheduler.core.scheduler import SchedulerState
-from trioscheduler.core.sim_graphs import Rng, independent_graph, layered_graph, sinks, tree_graph
+from trioscheduler.core.sim_graphs import (
+    Rng,
+    expected_value,
+    failure_flags,
+    independent_graph,
+    layered_graph,
+    lineage,
+    sinks,
+    tree_graph,
+)
 from trioscheduler.core.sim_oracle import RunOracle, removes_workers
 from trioscheduler.core.sim_outcome import check_outcome, check_shells
 from trioscheduler.core.sim_records import (
@@ -743,52 +752,15 @@ class ClusterSimulator:
 
     def expected(self, key: Key) -> int:
         """The value ``key`` must have: the graph evaluated directly."""
-        values = self._values
-        v = values.get(key)
-        if v is not None:
-            return v
-        graph = self.graph
-        stack = [key]
-        while stack:
-            k = stack[-1]
-            if k in values:
-                stack.pop()
-                continue
-            todo = [d for d in graph[k].dependencies if d not in values]
-            if todo:
-                stack.extend(todo)
-                continue
-            stack.pop()
-            values[k] = task_value(k, [values[d] for d in graph[k].dependencies])
-        return values[key]
+        return expected_value(self.graph, self._values, key)
 
     def lineage(self, key: Key) -> set[Key]:
         """``key`` and everything it depends on, transitively."""
-        seen = {key}
-        stack = [key]
-        graph = self.graph
-        while stack:
-            for d in graph[stack.pop()].dependencies:
-                if d not in seen:
-                    seen.add(d)
-                    stack.append(d)
-        return seen
+        return lineage(self.graph, key)
 
     def failure_flags(self) -> dict[Key, tuple[bool, bool]]:
-        """``key -> (doomed, may_fail)`` over its lineage: a task that always fails, a
-        task that may fail more often than its retries allow (graph order is
-        topological: dependencies are submitted first)."""
-        flags: dict[Key, tuple[bool, bool]] = {}
-        for k, t in self.graph.items():
-            doomed = t.fail_attempts == ALWAYS
-            may_fail = t.fail_attempts > t.retries
-            for d in t.dependencies:
-                dd, dm = flags[d]
-                doomed = doomed or dd
-                may_fail = may_fail or dm
-            flags[k] = (doomed, may_fail)
-        return flags
-
+        """``key -> (doomed, may_fail)``: see ``sim_graphs.failure_flags``."""
+        return failure_flags(self.graph)
 
     _failure_flags = failure_flags  # the name the machine's rules use
 
