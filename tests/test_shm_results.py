@@ -171,3 +171,27 @@ def test_free_segments_go_when_the_process_is_above_its_target(
 ) -> None:
     release = shm_policy.release_free_segments(memory, limit, target)
     assert release == (limit > 0 and target is not None and memory > target * limit)
+
+
+def test_a_result_larger_than_the_default_pool_finds_its_segment_warm() -> None:
+    """A worker keeps an eighth of its memory limit of free segments warm (at least
+    256 MiB), so a 260 MiB result reuses the segment of the one before it."""
+    shm.release_segments()
+    shm.keep_warm(shm_policy.warm_pool_bytes(4 << 30))  # a 4 GiB worker keeps 512 MiB
+    n = 260 * MB
+    first = shm.place(np.full(n, 1, dtype=np.uint8), threshold=16 * MB)
+    token = shm.share(first)[0].parts[0][3]
+    del first
+    second = shm.place(np.full(n, 2, dtype=np.uint8), threshold=16 * MB)
+    assert shm.share(second)[0].parts[0][3] == token  # the same segment, written again
+    assert int(second[::4096].sum(dtype=np.uint64)) == 2 * len(range(0, n, 4096))
+    del second
+    shm.release_segments()
+    assert token not in shm.segments_of(os.getpid())
+
+
+@given(limit=st.integers(-1, 1 << 44))
+def test_the_warm_pool_is_an_eighth_of_the_memory_limit(limit: int) -> None:
+    kept = shm_policy.warm_pool_bytes(limit)
+    assert kept >= shm_policy.WARM_POOL_BYTES
+    assert kept == (max(shm_policy.WARM_POOL_BYTES, limit // 8) if limit > 0 else kept)

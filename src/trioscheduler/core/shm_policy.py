@@ -20,6 +20,9 @@ SHM_MIN_BYTES: Final = 1 << 20
 #: lives, and a result never fetched paid its copy for nothing.
 PLACE_MIN_BYTES: Final = 16 << 20
 
+#: Free segments a process keeps warm for reuse, at least (``warm_pool_bytes``).
+WARM_POOL_BYTES: Final = 256 << 20
+
 #: ``distributed.worker.shared-memory.place-results``: ``auto`` places results once the
 #: worker has exchanged data with a worker on its own host; ``always``; ``never``.
 PLACE_MODES: Final = ("auto", "always", "never")
@@ -90,6 +93,14 @@ def release_free_segments(process_memory: int, memory_limit: int, target: float 
     memory target (they count as its memory; spilling a value frees its segment into
     that pool, which must not keep the memory the spill was for)."""
     return bool(memory_limit) and target is not None and process_memory > target * memory_limit
+
+
+def warm_pool_bytes(memory_limit: int) -> int:
+    """Bytes of free segments a worker keeps warm for its next results: an eighth of its
+    memory limit, so that a result larger than the default 256 MiB finds its segment
+    warm too (the memory monitor closes them when the worker is above its target); the
+    default without a limit."""
+    return max(WARM_POOL_BYTES, memory_limit // 8) if memory_limit > 0 else WARM_POOL_BYTES
 
 
 def max_segments(open_files_limit: int) -> int:

@@ -69,6 +69,8 @@ class ResultPlacer:
         self.peers: set[Any] = set()  # same-host processes we exchanged data with
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.max_segments = shm_policy.max_segments(soft if soft > 0 else 1 << 16)
+        if worker.shared_memory and self.mode != "never":
+            shm.keep_warm(shm_policy.warm_pool_bytes(worker.memory_limit or 0))
         self._said = False
 
     def peer_seen(self, peer: Any) -> None:

@@ -156,7 +156,7 @@ class _Pool:
     copying into a used one) up to ``max_free`` segments and ``retain_bytes``.
     """
 
-    def __init__(self, max_free: int = 4, retain_bytes: int = 256 << 20) -> None:
+    def __init__(self, max_free: int = 4, retain_bytes: int = shm_policy.WARM_POOL_BYTES) -> None:
         self.lock = threading.RLock()  # finalizers may run inside, at any allocation
         self.free: list[_Segment] = []
         self.owned = 0  # bytes of every segment this process created and holds
@@ -273,6 +273,13 @@ def free_bytes() -> int:
 def owned_segments() -> int:
     """How many segments this process created and still holds (each costs descriptors)."""
     return _pool.count
+
+
+def keep_warm(nbytes: int) -> None:
+    """Keep up to ``nbytes`` of free segments warm for reuse (at least the default 256 MiB;
+    the largest figure any caller in this process asked for)."""
+    with _pool.lock:
+        _pool.retain_bytes = max(_pool.retain_bytes, nbytes)
 
 
 def release_segments() -> None:
