@@ -133,6 +133,34 @@ def test_a_placed_result_spills_and_comes_back_right() -> None:
         assert on_b["sum"] == expected(6) and on_b["where"].startswith("/memfd:")
 
 
+def full(n: int, value: int) -> np.ndarray:
+    return np.full(n, value, dtype=np.uint8)
+
+
+def pieces(n: int, count: int) -> list[np.ndarray]:
+    """``count`` arrays of ``n`` bytes, each below the placing threshold (kept private)."""
+    return [np.full(n, i, dtype=np.uint8) for i in range(count)]
+
+
+def test_warm_segments_are_let_go_when_the_worker_is_above_its_memory_target() -> None:
+    """Free segments kept for reuse are the worker's memory: above its target (60% of
+    1 GiB here) it closes them, rather than spill values and keep the segments."""
+    with LocalCluster(2, 1, processes=True, memory_limit="1GiB") as cluster, Client(cluster) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        _meet(c, a, b)
+
+        def free() -> int:
+            return int(c.run(shm.free_bytes, workers=[a])[a])
+
+        xs = [c.submit(full, 100 * MB, i, workers=[a], pure=False) for i in range(2)]
+        assert [c.submit(len, x, workers=[a], pure=False).result() for x in xs] == [100 * MB] * 2
+        del xs  # their segments go to A's pool of warm ones
+        eventually(lambda: free() >= 200 * MB, "A keeps the two segments warm", 30)
+        hog = c.submit(pieces, 15 * MB, 30, workers=[a], pure=False)  # 450 MB, private
+        eventually(lambda: free() == 0, "A let the warm segments go", 60)
+        assert c.submit(len, hog, workers=[a], pure=False).result() == 30
+
+
 def test_a_bad_setting_is_refused_with_what_to_write() -> None:
     with dask.config.set({same_host.PLACE_KEY: "sometimes"}):
         with pytest.raises(ValueError, match="auto, always, never"):

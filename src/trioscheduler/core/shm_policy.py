@@ -62,10 +62,11 @@ def process_memory(rss: int, rss_shared: int, owned_shared: int) -> int:
 
     ``rss`` counts every shared page a process has touched, so a 200 MB array mapped by
     three workers would look like 600 MB. Instead each segment is counted by the process
-    that created it, while it holds it (``owned_shared``); pages it merely maps from
-    others (``rss_shared`` minus its own) are not its memory.
+    that created it, while it holds it (``owned_shared``), whether it maps the segment or
+    not (a segment kept warm for reuse is mapped by nobody, and its pages are memory all
+    the same); pages it merely maps from others are not its memory.
     """
-    return max(0, rss - rss_shared + min(owned_shared, rss_shared))
+    return max(0, rss - rss_shared) + max(0, owned_shared)
 
 
 def place_result(
