@@ -57,18 +57,18 @@ MUTANTS = [
     Mutant(
         "processing-released-no-free",
         "scheduler_transitions.py",
-        "def processing_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:\n"
+        "def processing_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:\n"
         "    _unassign(s, ts, free=True)",
-        "def processing_released(s: SchedulerState, ts: TaskRecord, info: Any) -> None:\n"
+        "def processing_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:\n"
         "    _unassign(s, ts, free=False)",
         "a released task keeps running (and its result stays) on the worker",
     ),
     Mutant(
         "processing-waiting-no-free",
         "scheduler_transitions.py",
-        "def processing_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:\n"
+        "def processing_waiting(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:\n"
         "    _unassign(s, ts, free=True)",
-        "def processing_waiting(s: SchedulerState, ts: TaskRecord, info: Any) -> None:\n"
+        "def processing_waiting(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Failure) -> None:\n"
         "    _unassign(s, ts, free=False)",
         "a task sent back to waiting keeps running where it was: a second run elsewhere",
     ),

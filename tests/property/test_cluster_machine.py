@@ -6,16 +6,17 @@ clients join and leave (mid-graph), submit random DAGs (restrictions, resources,
 retries, tasks built to fail), maps over one input (root-ish, queued), the same keys
 again, scatter data (new keys, or the right value of a submitted task, also to a worker
 fetching it), release (or fire and forget), cancel and retry keys; messages are
-delivered from any non-empty queue; running tasks finish, fail, secede or reschedule; transfers complete or fail;
-spill files finish being written (``SpillWritten``: until then a worker past its
-write-ahead starts no task) or fail (``SpillFailed``); workers join, die (with or
-without their unsent messages; mid-transfer; holding data a task needs; crossing a
-steal), restart at their address, retire, come under memory pressure, send heartbeats;
-time passes; the scheduler ticks (work stealing, heartbeat timeouts); a key is cancelled
-and submitted again while its old run or transfer goes on (``rerun_moving``: ``cancelled``,
-``resumed``), a run or transfer straggles, a transfer fails. Root-task queuing is on with a tight or default saturation, or off
-(``inf``), per run. After every step both cores' invariants hold and each simulated
-shell agrees with its core. At teardown faults stop, everything runs to completion, and
+delivered from any non-empty queue; running tasks finish, fail, secede or reschedule;
+transfers complete or fail; spill files finish being written (``SpillWritten``: until
+then a worker past its write-ahead starts no task) or fail (``SpillFailed``); workers
+join, die (with or without their unsent messages; mid-transfer; holding data a task
+needs; crossing a steal), restart at their address, retire, come under memory pressure,
+send heartbeats; time passes; the scheduler ticks (work stealing, heartbeat timeouts); a
+key is cancelled and submitted again while its old run or transfer goes on
+(``rerun_moving``: ``cancelled``, ``resumed``), a run or transfer straggles, a transfer
+fails. Root-task queuing is on with a tight or default saturation, or off (``inf``),
+per run. After every step both cores' invariants hold and each simulated shell agrees
+with its core. At teardown faults stop, everything runs to completion, and
 every key a client still wants must be in memory with the value a direct evaluation of
 the DAG gives (or erred, when its lineage was built to fail or a worker was lost). The
 simulator's run oracle (``core/sim_oracle.py``) checks the runs themselves after every
@@ -26,7 +27,7 @@ Choices among the current queues, tasks and workers are drawn as integers taken 
 the number of candidates, so failures shrink toward "the first one". Every shrunk
 failure becomes a named test in ``test_regressions.py``.
 
-Profiles: ``--hypothesis-profile=ci`` (~380 runs, ~57 CPU-s) and ``long`` (``nox -s property``).
+Profiles: ``--hypothesis-profile=ci`` (~380 runs, ~61 CPU-s) and ``long`` (``nox -s property``).
 """
 
 from __future__ import annotations
