@@ -45,3 +45,24 @@ def test_a_retry_that_errs_again_at_once_is_a_retry() -> None:
     sim.retry("c", ["y"])
     assert sim.scheduler.tasks["y"].state == "erred"
     settled(sim)
+
+
+def test_a_peer_named_again_after_a_failed_transfer_may_be_asked_again() -> None:
+    """A transfer of ``x`` from its only holder A breaks (the connection, not the data):
+    B, knowing no other holder, asks the scheduler (``MissingData``), which still counts
+    A and names it again (``RefreshWhoHas``); B fetches from A again and gets ``x``. The
+    peers oracle accepts that second fetch: the scheduler named A since the failure."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker(name="A")
+    b = sim.add_worker(name="B")
+    sim.submit("c", [SimTask("x", workers=["A"]), SimTask("y", ["x"], workers=["B"])], ["y"])
+    sim.deliver("scheduler", a)
+    sim.finish(a, "x")
+    sim.deliver(a, "scheduler")  # TaskFinished(x): ComputeTask(y) for B
+    sim.deliver("scheduler", b)  # B fetches x from A
+    sim.gather(b, a, fail=True)  # the transfer breaks: x missing on B, MissingData(x)
+    sim.deliver(b, "scheduler", n=10)  # the scheduler names A again
+    sim.deliver("scheduler", b, n=10)  # B fetches from A once more
+    assert sim.pending_gathers() == [(b, a)]
+    settled(sim)
+    assert sim.scheduler.tasks["y"].state == "memory"

@@ -19,6 +19,10 @@ themselves, independently of the scheduler's own bookkeeping for them:
 * **Suspicion** (after every step): a task that was processing on ``allowed_failures``
   workers when they died unexpectedly is not processing again (it must err with
   ``KilledWorker``); once it erred, a retry or a scatter may bring it back.
+* **Peers** (at each ``GatherDep``): a worker does not fetch a key again from a peer
+  whose transfer of it failed (or which said it lacks it), unless the scheduler has
+  named that peer as a holder of the key to it since: a transfer retried from the same
+  peer without news may go on for ever.
 * **Retries** (at each ``client.retry``): every erred key the client retries leaves
   ``erred`` while the scheduler handles the retry (it runs again, from its erred inputs
   up; it may err again at once, as lost scattered data does, but it moves). A key left
@@ -34,12 +38,16 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from trioscheduler.core.messages import (
+    AcquireReplicas,
     AddKeys,
     AddWorker,
     CloseWorker,
     ComputeTask,
     FreeKeys,
+    GatherDepFailure,
+    GatherDepSuccess,
     Key,
+    RefreshWhoHas,
     RemoveWorker,
     Reschedule,
     TaskErred,
@@ -55,6 +63,7 @@ if TYPE_CHECKING:
 # Scheduler moves that justify running a key again: out of processing or memory, but
 # not processing -> processing (a steal) and not processing -> memory (it just finished).
 _SETTLED = frozenset({"processing", "memory"})
+_FETCHING = frozenset({"flight", "resumed"})  # a worker's states of a key in a transfer
 
 
 class OracleError(AssertionError):
@@ -79,6 +88,8 @@ class RunOracle:
         self.computes: dict[tuple[str, Key], str] = {}
         # key -> (the scheduler's record then, deaths of workers it was processing on)
         self.deaths: dict[Key, tuple[Any, int]] = {}
+        # (worker, key) -> peers whose transfer of it failed, not named by the scheduler since
+        self.refused: dict[tuple[str, Key], set[str]] = {}
 
     # ------------------------------------------------------------------ runs
 
@@ -127,11 +138,46 @@ class RunOracle:
                     return i
         return n
 
-    def delivered(self, worker: str, events: Iterable[Any]) -> None:
-        """Messages reach ``worker``: remember which assignment each ComputeTask is."""
+    def delivered(self, worker: str, events: Iterable[Any], tasks: dict[Key, Any]) -> None:
+        """Messages reach ``worker`` (whose tasks are ``tasks``, before it handles them):
+        remember which assignment each ComputeTask is, and which peers failed a transfer
+        of a key or were named as its holders again."""
         for ev in events:
-            if type(ev) is ComputeTask:
+            t = type(ev)
+            if t is ComputeTask:
                 self.computes[(worker, ev.key)] = ev.stimulus_id
+                self._named(worker, ev.who_has)
+            elif t is AcquireReplicas or t is RefreshWhoHas:
+                self._named(worker, ev.who_has)
+            elif t is GatherDepFailure or t is GatherDepSuccess:
+                failed = ev.keys if t is GatherDepFailure else [*ev.missing, *ev.unusable]
+                for key in failed:
+                    ts = tasks.get(key)
+                    if ts is not None and ts.state in _FETCHING and ts.coming_from == ev.peer:
+                        self.refused.setdefault((worker, key), set()).add(ev.peer)
+
+    def _named(self, worker: str, who_has: dict[Key, Any]) -> None:
+        refused = self.refused
+        if not refused:
+            return
+        for key, holders in who_has.items():
+            peers = refused.get((worker, key))
+            if peers:
+                peers.difference_update(holders)
+
+    def fetching(self, worker: str, peer: str, keys: Iterable[Key]) -> None:
+        """``worker`` starts a transfer of ``keys`` from ``peer`` (``GatherDep``)."""
+        refused = self.refused
+        if not refused:
+            return
+        for key in keys:
+            peers = refused.get((worker, key))
+            if peers and peer in peers:
+                raise OracleError(
+                    f"{worker} fetches {key!r} from {peer} again, though that peer's "
+                    "transfer of it failed and the scheduler has not named it as a holder "
+                    "since: a transfer retried from the same peer for ever"
+                )
 
     @staticmethod
     def _justified(s: SchedulerState, key: Key, mark: int) -> bool:

@@ -252,7 +252,7 @@ class ClusterSimulator:
         if self.event_counts is not None:
             self._count(events, "worker")
         if self.oracle is not None:
-            self.oracle.delivered(w.address, events)
+            self.oracle.delivered(w.address, events, w.state.tasks)
         self._obey(w, w.core.handle(*events))
 
     def _obey(self, w: SimWorker, out: list[Any]) -> None:
@@ -273,6 +273,8 @@ class ClusterSimulator:
             elif t is Execute:
                 self._start(w, ins.key)
             elif t is GatherDep:
+                if self.oracle is not None:
+                    self.oracle.fetching(w.address, ins.peer, ins.keys)
                 if ins.peer in w.gathers:
                     raise SimulationError(f"{w.address}: a second GatherDep to {ins.peer}")
                 if not ins.keys:
@@ -721,7 +723,7 @@ class ClusterSimulator:
                         if self.event_counts is not None:
                             self._count(batch, "worker")
                         if self.oracle is not None:
-                            self.oracle.delivered(dst, batch)
+                            self.oracle.delivered(dst, batch, w.state.tasks)
                         self._obey(w, w.core.handle(*batch))
             for w in list(workers.values()):
                 if w.address not in workers:
