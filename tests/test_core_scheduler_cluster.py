@@ -205,11 +205,13 @@ def test_chaos_through_both_cores(seed: int) -> None:
 
 
 def test_scatter_racing_its_free_keys_ends_in_an_error_not_a_hang() -> None:
-    """A client scatters ``d``, releases it and scatters ``d`` again (a user-chosen key)
-    before the worker has read the ``FreeKeys`` of the first: the worker then drops the
-    new value. Nothing can recompute scattered data, but nothing may hang either: the
-    worker reports the drop (``ReleaseWorkerData``), and ``d`` and its dependent err,
-    naming ``d`` and telling the user to scatter it again."""
+    """A client that does not number its data updates (``UpdateData`` without ``seqs``;
+    ours does, see ``test_a_key_scattered_again_survives_the_free_of_its_released_value``)
+    scatters ``d``, releases it and scatters ``d`` again before the worker has read the
+    ``FreeKeys`` of the first: the worker then drops the new value. Nothing can recompute
+    scattered data, but nothing may hang either: the worker reports the drop
+    (``ReleaseWorkerData``), and ``d`` and its dependent err, naming ``d`` and telling the
+    user to scatter it again."""
     sim = Sim(1)
     (w,) = sim.workers
     ws = sim.workers[w]

@@ -642,3 +642,20 @@ def test_a_fetch_keeps_its_holders_when_a_compute_task_names_only_this_worker() 
     assert ws.tasks["a"].state == "fetch" and ws.tasks["a"].who_has == {"w1"}
     out = ws.handle(GatherDepSuccess("g", 2.0, "w2", {"b": 1}))
     assert GatherDep("w1", ["a"], 1024) in out
+
+
+def test_a_free_keeps_a_value_scattered_after_it_was_sent() -> None:
+    """A ``FreeKeys`` names the latest data update (scatter) of each key the scheduler
+    knew of; a value put here by a newer update stays, a known one goes."""
+    ws = ws_()
+    ws.handle(WorkerUpdateData("u1", 1.0, {"x": 8}))
+    assert ws.scatter_seq == 1
+    ws.handle(WorkerUpdateData("u2", 1.0, {"x": 8}))  # scattered again: update 2
+    assert ws.handle(FreeKeys("f", 2.0, ["x"], {"x": 1})) == []  # sent knowing update 1
+    assert ws.tasks["x"].state == "memory"
+    out = ws.handle(FreeKeys("f", 3.0, ["x"], {"x": 2}))
+    assert out == [DeleteData("x"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["x"]), lazy=True)]
+    assert "x" not in ws.tasks
+    ws.handle(compute("x"))
+    ws.handle(done("x"))
+    assert ws.handle(FreeKeys("f", 4.0, ["x"]))[0] == DeleteData("x")  # computed: no number

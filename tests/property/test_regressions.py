@@ -321,3 +321,27 @@ def test_scatter_to_a_worker_that_gave_the_run_up_waits_for_its_reschedule() -> 
     (elsewhere,) = sim.scheduler.tasks["x"].who_has
     assert elsewhere != on
     assert "x" not in sim.workers[on].state.tasks, "A keeps a copy the scheduler does not count"
+
+
+def test_a_key_scattered_again_survives_the_free_of_its_released_value() -> None:
+    """Fixed (found 2026-12-06 as a flaky real-cluster test: one client scattered 41 and
+    left, another scattered 41 under the same hashed key at once and found it "lost, no
+    lineage"). The release queued FreeKeys(x) for A; the second scatter reached A first;
+    the scheduler counted it; the stale free then dropped it, and x, with no lineage,
+    erred. dask has the same race. Now each data update on a worker has a number the
+    client passes on (``UpdateData.seqs``) and a ``FreeKeys`` names the latest one the
+    scheduler knew of: A keeps a value that came by a newer update than the free knew."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker()
+    sim.add_client("c")
+    sim.scatter("c", "x", [a])
+    sim.release("c", ["x"])  # x forgotten: FreeKeys(x) queued for A
+    sim.scatter("c", "x", [a])  # the same key again, before A hears of the free
+    sim.deliver("scheduler", a, n=10)
+    sim.deliver(a, "scheduler", n=10)
+    settled(sim)
+    assert sim.scheduler.tasks["x"].state == "memory"
+    assert sim.scheduler.tasks["x"].who_has == {a}
+    sim.release("c", ["x"])  # a free sent after the scheduler knew does drop it
+    sim.run_to_completion()
+    assert "x" not in sim.workers[a].state.tasks

@@ -225,6 +225,7 @@ async def scatter(
             plan[slots[(start + i) % len(slots)]][k] = v
     who_has: dict[Any, list[str]] = defaultdict(list)
     nbytes: dict[Any, int] = {}
+    seqs: dict[str, int] = {}
 
     async def send(worker: str, part: dict[Any, Any]) -> None:
         async with client.worker_connection(worker) as stream:
@@ -235,6 +236,8 @@ async def scatter(
         for k, n in reply["nbytes"].items():
             who_has[k].append(worker)
             nbytes[k] = n
+        if isinstance(reply.get("seq"), int):
+            seqs[worker] = reply["seq"]
 
     async with trio.open_nursery() as nursery:
         for worker, part in plan.items():
@@ -243,6 +246,7 @@ async def scatter(
         {
             "op": "update_data",
             "items": [[k, who_has[k], nbytes[k]] for k in who_has],
+            "seqs": seqs,
         }
     )
     states = client.futures.hold_scattered(named)

@@ -201,13 +201,16 @@ class UpdateGraph:
 
 @message("update-data")
 class UpdateData:
-    """A client scattered data straight to workers: ``who_has`` holders, ``nbytes`` sizes."""
+    """A client scattered data straight to workers: ``who_has`` holders, ``nbytes`` sizes;
+    ``seqs``: each holder's number for that data update (``WorkerState.scatter_seq``),
+    which the scheduler's later ``FreeKeys`` of those keys there carry back."""
 
     stimulus_id: str
     now: float
     client: ClientId
     who_has: dict[Key, Sequence[WorkerAddr]]
     nbytes: dict[Key, int]
+    seqs: dict[WorkerAddr, int] | None = None
 
 
 @message("client-desires-keys")
@@ -564,11 +567,15 @@ class ComputeTask:
 
 @message("free-keys")
 class FreeKeys:
-    """The scheduler no longer needs these keys here (results or replicas)."""
+    """The scheduler no longer needs these keys here (results or replicas). ``seqs``: for
+    a key scattered here, the latest data update of it the scheduler knew of when it sent
+    this (none: a value it did not know came by scatter); a newer scattered value is not
+    this free's to drop. ``None``: the sender numbers no scatter (drop as asked)."""
 
     stimulus_id: str
     now: float
     keys: Sequence[Key]
+    seqs: dict[Key, int] | None = None
 
 
 @message("steal-request")

@@ -17,7 +17,7 @@ import heapq
 import math
 import pickle
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from trioscheduler.core import recovery, stealing
 from trioscheduler.core import scheduler_client_events as ce
@@ -167,7 +167,7 @@ class SchedulerState:
         self.stimulus_id = ""
         self.now = 0.0
         # the keys list of the FreeKeys each worker may still get more keys in
-        self._open_free: dict[WorkerAddr, list[Key]] = {}
+        self._open_free: dict[WorkerAddr, tuple[list[Key], FreeKeys]] = {}
         self.round_robin = 0
         self.retried: list[TaskRecord] = []  # retried tasks: release them if nobody needs them
         # fire-and-forget keys whose outcome came: released once the event is handled
@@ -334,17 +334,23 @@ class SchedulerState:
         self._effects.append(Log(level, text))
 
     def free_on(self, addr: WorkerAddr, key: Key) -> None:
-        """Tell ``addr`` to drop ``key``; consecutive frees to one worker share a message."""
-        keys = self._open_free.get(addr)
-        if keys is None:
+        """Tell ``addr`` to drop ``key``; consecutive frees to one worker share a message,
+        which names the latest scatter of ``key`` there we know of (see ``FreeKeys``)."""
+        open_ = self._open_free.get(addr)
+        if open_ is None:
             ws = self.workers.get(addr)
             if ws is None or ws.status == "closed":
                 return
-            keys = [key]
-            self._effects.append(ToWorker(addr, FreeKeys(self.stimulus_id, self.now, keys)))
-            self._open_free[addr] = keys
+            msg = FreeKeys(self.stimulus_id, self.now, [key], {})
+            self._effects.append(ToWorker(addr, msg))
+            self._open_free[addr] = open_ = (cast("list[Key]", msg.keys), msg)
         else:
-            keys.append(key)
+            open_[0].append(key)
+        ts = self.tasks.get(key)
+        if ts is not None and ts.extra is not None and ts.extra.scatter_seqs:
+            seq = ts.extra.scatter_seqs.get(addr)
+            if seq is not None:
+                cast("dict[Key, int]", open_[1].seqs)[key] = seq
 
     def update_worker_sets(self, ws: WorkerRecord) -> None:
         """Keep ``idle``/``saturated`` true for ``ws`` after its load changed (O(1))."""

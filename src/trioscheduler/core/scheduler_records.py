@@ -81,6 +81,8 @@ class TaskExtra:
     exception_text: str = ""
     traceback_text: str = ""
     exception_blame: Key = None
+    # worker -> the latest data update (scatter) of this key there we were told of
+    scatter_seqs: dict[WorkerAddr, int] | None = None
 
 
 class TaskRecord:

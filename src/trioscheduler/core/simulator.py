@@ -417,6 +417,7 @@ class ClusterSimulator:
             task.scattered = True
         value = self.expected(key)
         took = []
+        seqs: dict[str, int] = {}
         for addr in addrs:
             w = self.workers[addr]
             wts = w.state.tasks.get(key)
@@ -430,10 +431,13 @@ class ClusterSimulator:
             wts = w.state.tasks.get(key)
             if wts is not None and wts.state == "memory":  # (perhaps spilled at once)
                 took.append(addr)
+                seqs[addr] = w.state.scatter_seq  # the shell's reply to update_data
         if took:
             self.wants.setdefault(client, set()).add(key)
             sid, now = self._sid("update-data")
-            self._to_scheduler(UpdateData(sid, now, client, {key: took}, {key: task.nbytes}))
+            self._to_scheduler(
+                UpdateData(sid, now, client, {key: took}, {key: task.nbytes}, seqs)
+            )
         return took
 
     def fail_spill(self, addr: str, key: Key) -> None:

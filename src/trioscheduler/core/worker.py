@@ -99,7 +99,7 @@ class WorkerState:
         "managed_bytes", "writing", "writing_bytes", "executing", "long_running", "missing", "in_flight",
         "_ready", "_ready_consumers", "_constrained", "_fetch_by_peer", "_fetch_dirty", "_lru", "_added", "_dropped",
         "_story", "_story_append", "_serial", "_starts", "process_memory", "_spill_goal",
-        "prefetch", "prefetch_duration", "max_executing",
+        "prefetch", "prefetch_duration", "max_executing", "scatter_seq", "_scattered",
     )  # fmt: skip
 
     def __init__(
@@ -168,6 +168,8 @@ class WorkerState:
         self._fetch_dirty = False
         self._lru: dict[Key, int] = {}  # spillable keys in RAM, least recently used first
         self._added: dict[Key, int] = {}  # replicas acquired during this event
+        self.scatter_seq = 0  # data updates (scatters) taken so far; the shell answers it
+        self._scattered: dict[Key, int] = {}  # key -> the data update that put it here
         self._dropped: dict[Key, None] = {}  # values dropped during this event
         # transitions as parallel columns: nothing allocated per transition (see StoryLog)
         self._story = StoryLog(story_limit)
@@ -463,8 +465,22 @@ class WorkerState:
     def _on_free_keys(self, ev: FreeKeys, out: list[Any]) -> None:
         recs: Recs = {}
         tasks = self.tasks
+        scattered = self._scattered
         for key in ev.keys:
             ts = tasks.get(key)
+            if scattered:
+                seq = scattered.pop(key, None)
+                if (
+                    seq is not None
+                    and ts is not None
+                    and ts.state == "memory"
+                    and ev.seqs is not None  # (None: a scheduler that numbers no scatter)
+                    and ev.seqs.get(key, 0) < seq
+                ):
+                    # sent before the scheduler heard of the scatter that put this value
+                    # here (the key released and scattered again): not this free's to drop
+                    scattered[key] = seq
+                    continue
             if ts is None:
                 continue
             ts.wanted = False
@@ -492,6 +508,7 @@ class WorkerState:
         registration (``held``). Running tasks and transfers become ``cancelled``: the
         shell cannot stop a task thread, and what they bring is dropped on arrival."""
         tasks = self.tasks
+        self._scattered.clear()  # no free sent on the lost stream can still come
         for ts in tasks.values():
             if ts.state == "memory":
                 ts.wanted = True  # not released with its local dependents below
@@ -699,6 +716,8 @@ class WorkerState:
 
     def _on_update_data(self, ev: WorkerUpdateData, out: list[Any]) -> None:
         recs: Recs = {}
+        self.scatter_seq += 1
+        seq = self.scatter_seq
         for key, n in ev.data.items():
             ts = self._task(key)
             st = ts.state
@@ -711,6 +730,8 @@ class WorkerState:
                 recs[ts] = "memory"
             else:  # being computed or fetched here: that copy wins, drop the scattered one
                 out.append(DeleteData(key))
+                continue
+            self._scattered[key] = seq
         self._drain(recs, ev, out)
 
     def _on_memory_measured(self, ev: MemoryMeasured, out: list[Any]) -> None:

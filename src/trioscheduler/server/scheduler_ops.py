@@ -96,6 +96,11 @@ async def op_update_data(s: Scheduler, request: dict[str, Any]) -> int:
     if peer is None or not isinstance(client, str):
         raise ValueError(f"update_data from unknown client {client!r}")
     items = request["items"]
+    seqs = request.get("seqs")
+    if seqs is not None and not (
+        isinstance(seqs, dict) and all(isinstance(v, int) for v in seqs.values())
+    ):
+        raise ValueError(f"update_data: seqs must map worker addresses to ints, not {seqs!r:.100}")
     s._feed(
         m.UpdateData(
             s._stimulus("scatter"),
@@ -103,6 +108,7 @@ async def op_update_data(s: Scheduler, request: dict[str, Any]) -> int:
             client,
             {key: list(holders) for key, holders, _ in items},
             {key: nbytes for key, _, nbytes in items},
+            seqs or None,
         )
     )
     return len(items)
