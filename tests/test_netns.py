@@ -166,7 +166,9 @@ def test_a_computation_crosses_real_interfaces_worker_to_worker(lab: Lab, tmp_pa
     a, b = out["workers"]  # type: ignore[misc]
     assert a.startswith(f"tcp://{lab.addr('a')}:") and b.startswith(f"tcp://{lab.addr('b')}:")
     assert out["size"] == 5_000_000
-    assert out["x_on"] == [a, b]  # made on a, copied to b over the bridge
+    # made on a, copied to b over the bridge (y's size); b's copy may be gone already: the
+    # AMM drops a replica nobody needs at its next tick (dask's default)
+    assert a in out["x_on"] and set(out["x_on"]) <= {a, b}
 
 
 def test_a_worker_host_cut_off_mid_graph_is_noticed_and_the_result_is_right(

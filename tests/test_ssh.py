@@ -227,7 +227,9 @@ def test_a_cluster_over_ssh_computes_and_leaves_nothing_running(ssh_lab: SSHLab)
     a, b = out["workers"]  # type: ignore[misc]
     assert a.startswith(f"tcp://{lab.addr('a')}:") and b.startswith(f"tcp://{lab.addr('b')}:")
     assert out["size"] == 1_000_000
-    assert out["x_on"] == [a, b]  # made on a, copied to b across the bridge
+    # made on a, copied to b across the bridge (y's size); b's copy may be gone already:
+    # the AMM drops a replica nobody needs at its next tick (dask's default)
+    assert a in out["x_on"] and set(out["x_on"]) <= {a, b}
     assert "CLOSED" in log.read_text()
     bad = log.read_text().split("BAD-OPTION ", 1)[1].splitlines()[0]
     assert "SSHClusterError" in bad and "bogus" in bad, bad  # the remote TypeError
@@ -331,7 +333,8 @@ def test_tls_between_the_processes_certificates_never_on_argv_config_forwarded(
     assert str(out["scheduler"]).startswith(f"tls://{lab.addr('sched')}:")
     a, b = out["workers"]  # type: ignore[misc]
     assert a.startswith(f"tls://{lab.addr('a')}:") and b.startswith(f"tls://{lab.addr('b')}:")
-    assert out["size"] == 1_000_000 and out["x_on"] == [a, b]  # a transfer over TLS
+    assert out["size"] == 1_000_000  # a transfer over TLS (b's copy: see above)
+    assert a in out["x_on"] and set(out["x_on"]) <= {a, b}
     assert out["plain"] != "accepted"
     assert out["config_scheduler"] == 42 and out["config_workers"] == [42, 42]
     ca = json.loads(log.read_text().split("CA ", 1)[1].splitlines()[0])
