@@ -7,11 +7,11 @@ Futures, ``as_completed``, ``wait``, dask collections, ``Client.current()`` and
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-import trio
+
+from user_scripts import run_script
 
 pytest.importorskip("distributed")
 
@@ -63,18 +63,8 @@ if __name__ == "__main__":
 
 
 async def run(tmp_path: Path, name: str, line: str) -> list[str]:
-    script = tmp_path / f"{name}.py"
-    script.write_text(SCRIPT.replace("{IMPORT}", line))
-    with trio.fail_after(180):
-        result = await trio.run_process(
-            [sys.executable, str(script)],
-            cwd=tmp_path,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    return result.stdout.decode().splitlines()
+    out = await run_script(tmp_path, name, SCRIPT.replace("{IMPORT}", line))
+    return out.splitlines()
 
 
 @pytest.mark.slow

@@ -7,11 +7,11 @@ reaches the user with its traceback.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-import trio
+
+from user_scripts import run_script
 
 SCRIPT = '''
 import traceback
@@ -69,18 +69,8 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 async def test_by_value_functions_run_through_map_submit_and_collections(tmp_path: Path) -> None:
-    script = tmp_path / "user_script.py"
-    script.write_text(SCRIPT)
-    with trio.fail_after(180):
-        result = await trio.run_process(
-            [sys.executable, str(script)],
-            cwd=tmp_path,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    assert result.stdout.decode().splitlines() == [
+    out = await run_script(tmp_path, "user_script", SCRIPT)
+    assert out.splitlines() == [
         "main [1, 2, 3, 4, 5]",
         "kwargs [10, 11, 12, 13, 14]",
         "strings ['A!', 'B!']",
