@@ -166,7 +166,7 @@ class SchedulerState:
         self.recs: dict[Key, str] = {}
         self.stimulus_id = ""
         self.now = 0.0
-        # the keys list of the FreeKeys each worker may still get more keys in
+        # the FreeKeys each worker may still get more keys in (with its keys list)
         self._open_free: dict[WorkerAddr, tuple[list[Key], FreeKeys]] = {}
         self.round_robin = 0
         self.retried: list[TaskRecord] = []  # retried tasks: release them if nobody needs them
