@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -250,3 +251,36 @@ def _cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def alternate_builds(
+    module: str, args: Sequence[str], builds: Sequence[tuple[str, str]], rounds: int, key: str
+) -> None:
+    """``python -m module *args`` once per build per round, the order alternating (ABBA),
+    each build's ``PYTHONPATH`` its path (``-`` for none); prints each build's medians of
+    the numeric fields of the child's last JSON line, and the samples of ``key``. For
+    before/after comparisons of CPU per task on a loaded machine."""
+    got: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in builds}
+    for r in range(rounds):
+        for name, path in builds if r % 2 == 0 else builds[::-1]:
+            env = dict(os.environ)
+            if path == "-":
+                env.pop("PYTHONPATH", None)
+            else:
+                env["PYTHONPATH"] = path
+            proc = subprocess.run(
+                [sys.executable, "-m", module, *args],
+                env=env, capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if not lines:
+                print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            got[name].append(json.loads(lines[-1]))
+    for name, samples in got.items():
+        if not samples:
+            continue
+        keys = [k for k, v in samples[0].items() if isinstance(v, (int, float))]
+        medians = {k: round(statistics.median(s[k] for s in samples), 3) for k in keys}
+        print(name, json.dumps(medians), f"{key} samples:", [round(s[key], 3) for s in samples])
+    print(f"load {os.getloadavg()[0]:.1f} at {time.strftime('%H:%M:%S')} UTC")

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
 from benchmarks._cluster_tasks import inc
+from benchmarks._harness import alternate_builds
 
 
 def _cpu(proc: Any) -> dict[str, float]:
@@ -78,30 +78,8 @@ def sample(mode: str, n: int) -> dict[str, Any]:
 
 
 def ab(rounds: int, n: int, mode: str, builds: list[tuple[str, str]]) -> None:
-    samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in builds}
-    for r in range(rounds):
-        for name, path in builds if r % 2 == 0 else builds[::-1]:
-            env = dict(os.environ)
-            if path == "-":
-                env.pop("PYTHONPATH", None)
-            else:
-                env["PYTHONPATH"] = path
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.cpu_per_task", mode, str(n)],
-                env=env, capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if not lines:
-                print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            samples[name].append(json.loads(lines[-1]))
-    for name, got in samples.items():
-        if not got:
-            continue
-        medians = {k: round(statistics.median(s[k] for s in got), 3) for k in got[0]}
-        key = "p50_ms" if mode == "lat" else "tasks_per_s"
-        print(name, json.dumps(medians), "samples:", [round(s[key], 3) for s in got])
-    print(f"load {os.getloadavg()[0]:.1f} at {time.strftime('%H:%M:%S')} UTC")
+    key = "p50_ms" if mode == "lat" else "tasks_per_s"
+    alternate_builds("benchmarks.cpu_per_task", [mode, str(n)], builds, rounds, key)
 
 
 def main(argv: list[str]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import trio
 
 from benchmarks._cluster_tasks import inc
+from benchmarks._harness import alternate_builds
 
 _STATE: dict[str, Any] = {}  # per process: the counter and the CPU clocks at the start
 
@@ -114,26 +114,7 @@ def sample(n: int) -> dict[str, Any]:
 
 
 def ab(rounds: int, n: int, builds: list[tuple[str, str]]) -> None:
-    got: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in builds}
-    for r in range(rounds):
-        for name, path in builds if r % 2 == 0 else builds[::-1]:
-            env = dict(os.environ, PYTHONPATH=path)
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.round_trip_steps", str(n)],
-                env=env, capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if not lines:
-                print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            got[name].append(json.loads(lines[-1]))
-    for name, samples in got.items():
-        if not samples:
-            continue
-        keys = [k for k, v in samples[0].items() if isinstance(v, (int, float))]
-        medians = {k: round(statistics.median(s[k] for s in samples), 2) for k in keys}
-        print(name, json.dumps(medians), "p50 samples:", [round(s["p50_ms"], 3) for s in samples])
-    print(f"load {os.getloadavg()[0]:.1f} at {time.strftime('%H:%M:%S')} UTC")
+    alternate_builds("benchmarks.round_trip_steps", [str(n)], builds, rounds, "p50_ms")
 
 
 def main(argv: list[str]) -> None:
