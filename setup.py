@@ -39,7 +39,7 @@ COMPILED = [
     "worker_transitions.py",
 ]
 """The hot modules. Left interpreted: ``empty`` (a dict subclass, which mypyc cannot
-compile), ``messages`` (dataclass_transform machinery read by the wire), ``errors``,
+compile), ``messages`` and ``records`` (dataclass_transform machinery read by the wire), ``errors``,
 ``recorder``, ``simulator`` and the invariant checks (test-time code)."""
 
 BUILDS = {"bdist_wheel", "build", "build_ext", "install"}
