@@ -44,6 +44,7 @@ import trio
 from dask.sizeof import sizeof
 from dask.utils import typename
 
+from trioscheduler.core.messages import ExecuteFailure, ExecuteSuccess, RescheduleEvent
 from trioscheduler.server import task_context
 from trioscheduler.server.profiling import EXECUTING
 from trioscheduler.wire import runspec
@@ -120,6 +121,23 @@ class Done:
         self.value = value
         self.nbytes, self.type_name = nbytes_and_type(value)
         self.push = pushable(value, self.nbytes)
+
+    def event(self, stim: str, now: float) -> Any:
+        """The worker core's event for this outcome (the value itself is stored by the
+        caller, before the core hears of it)."""
+        if self.rescheduled:
+            return RescheduleEvent(stimulus_id=stim, now=now, key=self.key)
+        if self.error is not None:
+            blob, tb_blob, exc_text, tb_text = self.error
+            return ExecuteFailure(
+                stimulus_id=stim, now=now, key=self.key, exception=blob, traceback=tb_blob,
+                exception_text=exc_text, traceback_text=tb_text, start=self.start,
+                stop=self.stop,
+            )  # fmt: skip
+        return ExecuteSuccess(
+            stimulus_id=stim, now=now, key=self.key, nbytes=self.nbytes,
+            type_name=self.type_name, start=self.start, stop=self.stop,
+        )  # fmt: skip
 
 
 def run_job(key: Any, run_spec: Any, data: Mapping[Any, Any]) -> Done:

@@ -50,11 +50,8 @@ from trioscheduler.core.messages import (
     CloseWorker,
     DeleteData,
     Execute,
-    ExecuteFailure,
-    ExecuteSuccess,
     GatherDep,
     RemoveWorker,
-    RescheduleEvent,
     RetireWorker,
     SchedulerLost,
     SecedeEvent,
@@ -760,39 +757,13 @@ class Worker(RunsInAsyncWith):
                 continue
             release(key)
             self._executing.discard(key)
-            if done.rescheduled:
-                events.append(RescheduleEvent(stimulus_id=stim, now=now, key=key))
-            elif done.error is not None:
-                blob, tb_blob, exc_text, tb_text = done.error
-                logger.info("worker %s: task %r failed: %s", self.address, key, exc_text)
-                events.append(
-                    ExecuteFailure(
-                        stimulus_id=stim,
-                        now=now,
-                        key=key,
-                        exception=blob,
-                        traceback=tb_blob,
-                        exception_text=exc_text,
-                        traceback_text=tb_text,
-                        start=done.start,
-                        stop=done.stop,
-                    )
-                )
-            else:
+            if done.error is not None and not done.rescheduled:
+                logger.info("worker %s: task %r failed: %s", self.address, key, done.error[2])
+            elif not done.rescheduled:
                 store.put(key, done.value)
                 if done.push:  # a small value goes ahead of its TaskFinished, to the clients
                     self._send({"op": "value", "key": key, "value": done.value})
-                events.append(
-                    ExecuteSuccess(
-                        stimulus_id=stim,
-                        now=now,
-                        key=key,
-                        nbytes=done.nbytes,
-                        type_name=done.type_name,
-                        start=done.start,
-                        stop=done.stop,
-                    )
-                )
+            events.append(done.event(stim, now))
         if events:
             self.handle(*events)
 
