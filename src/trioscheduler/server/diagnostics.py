@@ -35,6 +35,7 @@ from trioscheduler.core.replication import plan_rebalance, plan_replicas
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.http import logs
 from trioscheduler.server import profiling
+from trioscheduler.server.scheduler_config import amm_config
 
 if TYPE_CHECKING:
     from trioscheduler.server.scheduler import Scheduler
@@ -46,26 +47,6 @@ logger = logging.getLogger("trioscheduler.scheduler")
 EVENTS_PER_TOPIC = 100_000  # dask's distributed.scheduler.events-log-length
 TASK_STREAM_LENGTH = 100_000
 BROADCAST_TOPICS = frozenset({"print", "warn"})  # trioscheduler.print/warn inside tasks
-AMM_INTERVAL = 2.0  # dask's distributed.scheduler.active-memory-manager.interval
-
-
-def amm_config() -> tuple[bool, float]:
-    """dask's ``distributed.scheduler.active-memory-manager`` ``start`` and ``interval``
-    (seconds): whether the scheduler starts the AMM, and how often it runs."""
-    import dask.config
-    from dask.utils import parse_timedelta
-
-    start = bool(dask.config.get("distributed.scheduler.active-memory-manager.start", True))
-    value = dask.config.get("distributed.scheduler.active-memory-manager.interval", AMM_INTERVAL)
-    interval = parse_timedelta(value, default="seconds")
-    if interval is None or not interval >= 0:
-        raise ValueError(
-            f"distributed.scheduler.active-memory-manager.interval must be a duration >= 0, "
-            f"got {value!r}"
-        )
-    return start, float(interval)
-
-
 REQUIRED_PACKAGES = ("python", "trioscheduler", "dask", "cloudpickle", "msgpack", "trio")
 OPTIONAL_PACKAGES = ("numpy", "pandas", "lz4", "toolz")
 

@@ -54,10 +54,12 @@ from trioscheduler.server import plugins as _plugins
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
-from trioscheduler.server.diagnostics import Diagnostics, amm_config
+from trioscheduler.server.diagnostics import Diagnostics
 from trioscheduler.server.event_log import EventLogWriter
 from trioscheduler.server.peers import WAITING_OPS, Peer, ProtocolViolation, unless_peer_leaves
 from trioscheduler.server.preload import preloads
+from trioscheduler.server.scheduler_config import amm_config
+from trioscheduler.server.scheduler_config import no_workers_timeout as no_workers_timeout_setting
 from trioscheduler.server.scheduler_ops import HANDLERS as _OPS_HANDLERS
 from trioscheduler.server.uploads import UploadStore
 from trioscheduler.wire import local_alias
@@ -164,7 +166,7 @@ class Scheduler:
             "allowed_failures": allowed_failures,
             "steal": steal,
             "validate": validate,
-            "no_workers_timeout": _no_workers_timeout(no_workers_timeout),
+            "no_workers_timeout": no_workers_timeout_setting(no_workers_timeout),
             # the Active Memory Manager, on by default as dask's (its config is honoured)
             "amm_interval": amm_interval if amm_start else None,
         }
@@ -780,22 +782,6 @@ class Scheduler:
         **_DIAGNOSTICS_HANDLERS,  # logs, events, metadata, retire/replicate... (diagnostics.py)
         **_plugins.RPC_HANDLERS,
     }
-
-
-def _no_workers_timeout(value: float | str | None) -> float | None:
-    """Seconds, or None; ``"config"``: dask's ``distributed.scheduler.no-workers-timeout``."""
-    if value == "config":
-        import dask.config
-
-        value = dask.config.get("distributed.scheduler.no-workers-timeout", None)
-    if value is None:
-        return None
-    from dask.utils import parse_timedelta
-
-    seconds = parse_timedelta(value, default="seconds")
-    if seconds is None or seconds <= 0:
-        raise ValueError(f"no_workers_timeout must be a positive duration, got {value!r}")
-    return float(seconds)
 
 
 @asynccontextmanager
