@@ -345,3 +345,41 @@ def test_a_key_scattered_again_survives_the_free_of_its_released_value() -> None
     sim.release("c", ["x"])  # a free sent after the scheduler knew does drop it
     sim.run_to_completion()
     assert "x" not in sim.workers[a].state.tasks
+
+
+def test_missing_data_from_a_worker_that_holds_the_key_again_frees_it_there() -> None:
+    """Fixed (session 8, found by reading ``_on_missing_data``): the scheduler uncounted
+    the errant worker's copy without a ``FreeKeys`` to it, so a copy that worker had
+    taken again meanwhile stayed there, uncounted, for ever (a leak). E's old run of x
+    finished across a cancel (E counted by its stale ``TaskFinished``, its value then
+    dropped by the ``FreeKeys``); F, sent to E for x, hears "missing"; the scheduler
+    uncounts E on E's ``ReleaseWorkerData``; a client scatters x to E again (counted);
+    F's ``MissingData`` naming E comes last. Now the scheduler also frees x on E, so E
+    drops whatever copy it holds and both sides agree."""
+    sim = ClusterSimulator(validate=True)
+    s = "scheduler"
+    h = sim.add_worker(name="H")  # sim://w1: F tries it first
+    e = sim.add_worker(name="E")
+    f = sim.add_worker(name="F")
+    sim.submit("c", [SimTask("x", workers=["E"])], ["x"])
+    sim.deliver(s, e)
+    sim.finish(e, "x")  # TaskFinished(x) of this run on its way
+    sim.cancel("c", ["x"])  # FreeKeys(x) for E, crossing it
+    sim.submit("c", [SimTask("x", workers=["H"])], ["x"])
+    sim.deliver(s, h)
+    sim.finish(h, "x")
+    sim.deliver(h, s)
+    sim.deliver(e, s)  # the old run's TaskFinished: x counted on E too
+    assert sim.scheduler.tasks["x"].who_has == {h, e}
+    sim.submit("c", [SimTask("w", ["x"], workers=["F"])], ["w"])
+    sim.deliver(s, f)  # F fetches x from H, then from E
+    sim.gather(f, h, fail=True)
+    sim.deliver(s, e, n=10)  # the FreeKeys: E drops x (ReleaseWorkerData queued)
+    sim.gather(f, e)  # E says it lacks x: MissingData(x, errant E) queued
+    sim.deliver(e, s)  # the ReleaseWorkerData: E uncounted
+    assert sim.scatter("c", "x", [e]) == [e]  # E holds x again, counted
+    sim.deliver(f, s)  # the MissingData, now stale
+    settled(sim)
+    x = sim.scheduler.tasks["x"]
+    assert e not in x.who_has
+    assert "x" not in sim.workers[e].data, "E keeps a copy the scheduler does not count"

@@ -698,6 +698,9 @@ class SchedulerState:
         errant = self.workers.get(ev.errant_worker)
         if errant is not None and errant.address in ts.who_has:
             tr.remove_replica(self, ts, errant)
+            # it lacked the key when asked, but may hold it again by now (taken again
+            # since, and counted): drop any copy there, as ReleaseWorkerData does
+            self.free_on(errant.address, ts.key)
             if not ts.who_has and ts.state == "memory":
                 self.recs.pop(ts.key, None)
                 self.transition(ts, "released")
