@@ -383,3 +383,30 @@ def test_missing_data_from_a_worker_that_holds_the_key_again_frees_it_there() ->
     x = sim.scheduler.tasks["x"]
     assert e not in x.who_has
     assert "x" not in sim.workers[e].data, "E keeps a copy the scheduler does not count"
+
+
+def test_a_worker_restarted_at_its_address_numbers_its_scatters_afresh() -> None:
+    """Fixed (session 8, found by reading): a worker's data updates are numbered by its
+    process (``WorkerState.scatter_seq``), and a new process at the same address counts
+    from 0 again, while the scheduler kept the old process's larger number for a key. A
+    free then named that stale number, and a value the new process took by a newer
+    scatter, which the free was sent before, was dropped: x, with no lineage, erred
+    "lost". Now the numbers belong to the worker's registration, not to its address."""
+    sim = ClusterSimulator(validate=True)
+    s = "scheduler"
+    a = sim.add_worker()
+    b = sim.add_worker()
+    sim.add_client("c")
+    sim.scatter("c", "y", [a])  # A's update 1
+    sim.scatter("c", "x", [a, b])  # A's update 2
+    sim.reregister(a)  # a new process at A's address; x stays on B
+    sim.run_to_completion()
+    sim.scatter("c", "x", [a])  # the new A's update 1
+    sim.release("c", ["x"])  # x forgotten: FreeKeys(x) queued for A
+    sim.scatter("c", "x", [a])  # the new A's update 2, before the free arrives
+    sim.deliver(s, a, n=10)
+    sim.deliver(a, s, n=10)
+    settled(sim)
+    x = sim.scheduler.tasks["x"]
+    assert x.state == "memory", sim.client_msgs["c"].get("x")
+    assert x.who_has == {a}

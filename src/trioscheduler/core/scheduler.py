@@ -348,7 +348,8 @@ class SchedulerState:
             open_[0].append(key)
         ts = self.tasks.get(key)
         if ts is not None and ts.extra is not None and ts.extra.scatter_seqs:
-            seq = ts.extra.scatter_seqs.get(addr)
+            ws = self.workers.get(addr)
+            seq = ts.extra.scatter_seqs.get(ws) if ws is not None else None
             if seq is not None:
                 cast("dict[Key, int]", open_[1].seqs)[key] = seq
 

@@ -217,10 +217,13 @@ def _note_scatter(ts: TaskRecord, seqs: Mapping[WorkerAddr, int], alive: list[Wo
     known = ts.extra.scatter_seqs
     if known is None:
         known = ts.extra.scatter_seqs = {}
+    else:
+        for ws in [ws for ws in known if ws.status == "closed"]:
+            del known[ws]  # a departed registration: its numbers mean nothing now
     for ws in alive:
         seq = seqs.get(ws.address, UNKNOWN_SEQ)
-        if seq > known.get(ws.address, 0):
-            known[ws.address] = seq
+        if seq > known.get(ws, 0):
+            known[ws] = seq
 
 
 def on_desires(s: SchedulerState, ev: ClientDesiresKeys) -> None:

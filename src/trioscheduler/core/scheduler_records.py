@@ -81,8 +81,9 @@ class TaskExtra:
     exception_text: str = ""
     traceback_text: str = ""
     exception_blame: Key = None
-    # worker -> the latest data update (scatter) of this key there we were told of
-    scatter_seqs: dict[WorkerAddr, int] | None = None
+    # worker -> the latest data update (scatter) of this key there we were told of. Keyed
+    # by the registration, not the address: a new process there numbers its updates afresh
+    scatter_seqs: dict[WorkerRecord, int] | None = None
 
 
 class TaskRecord:
