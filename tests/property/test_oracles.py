@@ -66,3 +66,22 @@ def test_a_peer_named_again_after_a_failed_transfer_may_be_asked_again() -> None
     assert sim.pending_gathers() == [(b, a)]
     settled(sim)
     assert sim.scheduler.tasks["y"].state == "memory"
+
+
+def test_a_transfer_that_arrives_for_nobody_is_dropped_unreported() -> None:
+    """B fetches ``x`` for ``y``; the client cancels ``y`` while the transfer is on its
+    way, so B no longer wants ``x``: the value that arrives is dropped, and B reports
+    nothing. The transfers-reported oracle checks only values a worker keeps; one that
+    B kept would be in the same batch's ``AddKeys``."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker(name="A")
+    b = sim.add_worker(name="B")
+    sim.submit("c", [SimTask("x", workers=["A"])], ["x"])
+    sim.run_to_completion()
+    sim.submit("c", [SimTask("y", ["x"], workers=["B"])], ["y"])
+    sim.deliver("scheduler", b)  # B fetches x from A
+    sim.cancel("c", ["y"])
+    sim.deliver("scheduler", b)  # FreeKeys(y): x is cancelled in flight
+    sim.gather(b, a)  # x arrives and is dropped; the oracle accepts it
+    assert "x" not in sim.workers[b].data
+    settled(sim)

@@ -23,6 +23,11 @@ themselves, independently of the scheduler's own bookkeeping for them:
   whose transfer of it failed (or which said it lacks it), unless the scheduler has
   named that peer as a holder of the key to it since: a transfer retried from the same
   peer without news may go on for ever.
+* **Transfers reported** (after each batch a worker handles): every value a transfer
+  brought that the worker keeps is in that batch's ``AddKeys``. The scheduler counts a
+  replica only when told: ``client.who_has``, the AMM, rebalancing and retirement (which
+  waits for its replicas to be counted, for ever) all rely on it, while the worker's
+  dependents would run alike without it.
 * **Retries** (at each ``client.retry``): every erred key the client retries leaves
   ``erred`` while the scheduler handles the retry (it runs again, from its erred inputs
   up; it may err again at once, as lost scattered data does, but it moves). A key left
@@ -53,6 +58,7 @@ from trioscheduler.core.messages import (
     TaskErred,
     TaskFinished,
     Tick,
+    ToScheduler,
 )
 from trioscheduler.core.worker_transitions import RUNNING_STATES
 
@@ -155,6 +161,27 @@ class RunOracle:
                     ts = tasks.get(key)
                     if ts is not None and ts.state in _FETCHING and ts.coming_from == ev.peer:
                         self.refused.setdefault((worker, key), set()).add(ev.peer)
+
+    @staticmethod
+    def transfers_reported(
+        worker: str, events: Iterable[Any], out: Iterable[Any], tasks: dict[Key, Any]
+    ) -> None:
+        """``worker`` handled ``events`` (its tasks now ``tasks``) and answered ``out``:
+        each value a transfer brought that it keeps is reported (``AddKeys``)."""
+        arrived = [k for ev in events if type(ev) is GatherDepSuccess for k in ev.data]
+        if not arrived:
+            return
+        added: set[Key] = set()
+        for ins in out:
+            if type(ins) is ToScheduler and type(ins.msg) is AddKeys:
+                added.update(ins.msg.keys)
+        for key in arrived:
+            ts = tasks.get(key)
+            if ts is not None and ts.state == "memory" and key not in added:
+                raise OracleError(
+                    f"{worker} keeps {key!r}, which a transfer just brought, and does not "
+                    "tell the scheduler (no AddKeys): it is a replica nobody counts"
+                )
 
     def _named(self, worker: str, who_has: dict[Key, Any]) -> None:
         refused = self.refused

@@ -251,9 +251,14 @@ class ClusterSimulator:
     def _to_worker(self, w: SimWorker, *events: Any) -> None:
         if self.event_counts is not None:
             self._count(events, "worker")
-        if self.oracle is not None:
-            self.oracle.delivered(w.address, events, w.state.tasks)
-        self._obey(w, w.core.handle(*events))
+        oracle = self.oracle
+        if oracle is None:
+            self._obey(w, w.core.handle(*events))
+            return
+        oracle.delivered(w.address, events, w.state.tasks)
+        out = w.core.handle(*events)
+        oracle.transfers_reported(w.address, events, out, w.state.tasks)
+        self._obey(w, out)
 
     def _obey(self, w: SimWorker, out: list[Any]) -> None:
         """Carry out a worker core's instructions, as the worker shell does."""
