@@ -68,7 +68,9 @@ def test_a_large_result_is_in_shared_memory_when_its_task_returns() -> None:
 
         since = time.time()
         for worker in (a, b):  # each one's first heartbeat after both hold x
-            eventually(lambda: reported(worker, since) is not None, f"a heartbeat from {worker}", 30)
+            eventually(
+                lambda w=worker: reported(w, since) is not None, f"a heartbeat from {worker}", 30
+            )
         assert (reported(b, since) or 0) < on_b["rss"] - N // 2  # B maps it: not B's memory
         assert (reported(a, since) or 0) >= N  # A counts it
     assert holders(token) == []
