@@ -18,17 +18,21 @@ they live here to keep ``client.py`` about the session and the futures.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import trio
+from dask.sizeof import sizeof
 
 from trioscheduler import wire
 from trioscheduler.client.actors import hold_actors
 from trioscheduler.client.futures import Future, FutureCancelledError, KeyState, futures_of
 from trioscheduler.client.keys import check_key, scatter_key
+from trioscheduler.core import shm_policy
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.wire import shm
 from trioscheduler.wire.remote_error import unpack_exception
 
 if TYPE_CHECKING:
@@ -189,48 +193,89 @@ async def scatter(
     hash: bool,
     timeout: float | None,  # noqa: ASYNC109 - the user's timeout, passed through
 ) -> Any:
-    """Futures shaped like ``data`` (one value, a list/tuple, or a dict of key -> value)."""
+    """Futures shaped like ``data`` (one value, a list/tuple, or a dict of key -> value).
+
+    To a worker on this host, large buffers (numpy arrays: pickle protocol 5, out of
+    band) go through shared memory: copied once into new segments that the worker maps
+    and keeps (``wire.shm.hand_off``), not through the socket. That copy runs in a
+    thread beside the hashing of the keys (both release the GIL), which is dask's
+    ``tokenize`` as before: the keys are dask's.
+    """
     kind = type(data)
     if kind in (set, frozenset):
         data = list(data)
     single = type(data) not in (dict, list, tuple)
     if single:
         data = [data]
+    given: list[Any] | None = None
     if isinstance(data, dict):
         for k in data:
             check_key(k)
-        named = dict(data)
-        names = list(named)
+        given = list(data)
+        values = list(data.values())
     else:
-        names = [scatter_key(x, hash) for x in data]
-        # A hashed key released a moment ago may still be on its way out of a worker
-        # (its FreeKeys in flight): scattering it again under the same name could be
-        # deleted by that stale FreeKeys. ``scatter_name`` gives a fresh name then.
-        names = [client.futures.scatter_name(n) for n in names]
-        named = dict(zip(names, data, strict=True))
+        values = list(data)
+    large = any(_large(v) for v in values)
+    names: list[Any] = []
+    if given is not None:
+        names = given
+    elif not large:
+        names = _names(client, values, hash)
     with trio.fail_after(client.timeout if timeout is None else timeout):
         nthreads: dict[str, int] = await client.rpc({"op": "nthreads", "workers": workers})
         while not nthreads:
             await client.rpc({"op": "wait_for_workers", "n_workers": 1})
             nthreads = await client.rpc({"op": "nthreads", "workers": workers})
     targets = sorted(nthreads)
-    plan: dict[str, dict[Any, Any]] = defaultdict(dict)
+    plan: dict[str, list[int]] = defaultdict(list)  # worker -> indexes into values
     if broadcast:
         for t in targets:
-            plan[t] = dict(named)
+            plan[t] = list(range(len(values)))
     else:
         slots = [t for t in targets for _ in range(max(1, nthreads[t]))]
         start = random.randrange(len(slots))
-        for i, (k, v) in enumerate(named.items()):
-            plan[slots[(start + i) % len(slots)]][k] = v
+        for i in range(len(values)):
+            plan[slots[(start + i) % len(slots)]].append(i)
     who_has: dict[Any, list[str]] = defaultdict(list)
     nbytes: dict[Any, int] = {}
     seqs: dict[str, int] = {}
+    named = trio.Event()
 
-    async def send(worker: str, part: dict[Any, Any]) -> None:
+    async def name_all() -> None:
+        if not names:  # large values: hashed in a thread, beside their copies
+            tokens = await trio.to_thread.run_sync(_tokens, values, hash)
+            names.extend(client.futures.scatter_name(n) for n in tokens)
+        named.set()
+
+    async def send(worker: str, idx: list[int]) -> None:
         async with client.worker_connection(worker) as stream:
-            await stream.send({"op": "update_data", "data": part})
-            reply = await stream.receive()
+            handoffs: dict[int, shm.HandOff] = {}
+            try:
+                if large and _same_host(worker, stream.peer_info):
+                    handoffs = await trio.to_thread.run_sync(_hand_off, values, idx)
+                await named.wait()
+                request: dict[str, Any] = {
+                    "op": "update_data",
+                    "data": {names[i]: values[i] for i in idx if i not in handoffs},
+                }
+                if handoffs:
+                    request["shared"] = {names[i]: h.message for i, h in handoffs.items()}
+                await stream.send(request)
+                reply = await stream.receive()
+            finally:  # the worker maps them now (or never will): our descriptors go
+                for h in handoffs.values():
+                    h.close()
+        if reply.get("shm") == "failed":  # the worker could not map them: the socket
+            logger.info(
+                "client %s: shared memory with %s failed (%s); using the socket",
+                client.id, worker, reply.get("text"),
+            )  # fmt: skip
+            _NO_SHM.add(worker)
+            async with client.worker_connection(worker) as stream:
+                await stream.send(
+                    {"op": "update_data", "data": {names[i]: values[i] for i in idx}}
+                )
+                reply = await stream.receive()
         if reply.get("status") != "OK":
             raise TrioSchedulerError(f"scatter to {worker} failed: {reply.get('text')}")
         for k, n in reply["nbytes"].items():
@@ -239,9 +284,13 @@ async def scatter(
         if isinstance(reply.get("seq"), int):
             seqs[worker] = reply["seq"]
 
-    async with trio.open_nursery() as nursery:
-        for worker, part in plan.items():
-            nursery.start_soon(send, worker, part)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(name_all)
+            for worker, idx in plan.items():
+                nursery.start_soon(send, worker, idx)
+    except BaseExceptionGroup as group:
+        raise wire.sole_error(group) from None
     await client.rpc(
         {
             "op": "update_data",
@@ -249,17 +298,63 @@ async def scatter(
             "seqs": seqs,
         }
     )
-    states = client.futures.hold_scattered(named)
+    named_values = dict(zip(names, values, strict=True))
+    states = client.futures.hold_scattered(named_values)
     futures = {k: Future(k, client, st) for k, st in states.items()}
-    for k, v in named.items():
+    for k, v in named_values.items():
         if not futures[k]._state.done or futures[k]._state.status != "finished":
             futures[k]._state.finish(type(v).__name__)
     if single:
         return futures[names[0]]
-    if isinstance(data, dict):
+    if given is not None:
         return futures
     out = [futures[k] for k in names]
     return tuple(out) if kind is tuple else out
+
+
+#: Workers whose handed-off segments could not be mapped: values go through the socket.
+_NO_SHM: set[str] = set()
+
+
+def _large(value: Any) -> bool:
+    """Could ``value`` carry a buffer worth handing over through shared memory?"""
+    return shm_policy.share_buffer(sizeof(value))
+
+
+def _names(client: Client, values: list[Any], hash: bool) -> list[Any]:
+    # A hashed key released a moment ago may still be on its way out of a worker
+    # (its FreeKeys in flight): scattering it again under the same name could be
+    # deleted by that stale FreeKeys. ``scatter_name`` gives a fresh name then.
+    return [client.futures.scatter_name(n) for n in _tokens(values, hash)]
+
+
+def _tokens(values: list[Any], hash: bool) -> list[str]:
+    return [scatter_key(x, hash) for x in values]
+
+
+def _same_host(worker: str, info: dict[str, Any]) -> bool:
+    """Whether ``worker`` (its handshake's ``info``) can take our buffers through shared
+    memory: same host identity, another process, neither side switched off."""
+    return worker not in _NO_SHM and shm_policy.use_shared_memory(
+        shm.HOST_ID, info.get("shm"), shm.enabled_by_environment(), os.getpid(), info.get("pid")
+    )
+
+
+def _hand_off(values: list[Any], idx: list[int]) -> dict[int, shm.HandOff]:
+    """The values at ``idx`` that have large buffers, copied into new segments (in a
+    thread). A failure to make segments (descriptors, memory) sends them by socket."""
+    out: dict[int, shm.HandOff] = {}
+    try:
+        for i in idx:
+            h = shm.hand_off(values[i])
+            if h is not None:
+                out[i] = h
+    except OSError as exc:
+        logger.info("scatter: shared memory failed (%s); sending through the socket", exc)
+        for h in out.values():
+            h.close()
+        return {}
+    return out
 
 
 async def run_on_workers(

@@ -11,6 +11,7 @@ socket).
 from __future__ import annotations
 
 import logging
+import os
 import resource
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,26 @@ def placement_settings() -> tuple[str, int]:
     except (TypeError, ValueError):
         raise ValueError(f"{THRESHOLD_KEY} is {limit!r}; give bytes, e.g. '16 MiB'") from None
     return mode, threshold
+
+
+def hello_info(worker: Worker) -> dict[str, Any]:
+    """What the worker's data server announces in its handshake: its name, and (with
+    shared memory on) its host identity and pid, so that a client on this host can hand
+    it large scattered buffers through shared memory (``client.transfer.scatter``)."""
+    info: dict[str, Any] = {"name": worker.name}
+    if worker.shared_memory:
+        info["shm"] = shm.HOST_ID
+        info["pid"] = os.getpid()
+    return info
+
+
+def adopt_all(shared: Any) -> dict[Any, Any]:
+    """``{key: value}`` of the values a client on this host handed over (``update_data``'s
+    ``shared``: ``{key: shm.HandOff.message}``); raises ``shm.SharedMemoryError`` if any
+    cannot be mapped (nothing is kept then: the client sends them all again)."""
+    if not isinstance(shared, dict):
+        raise shm.SharedMemoryError("malformed update_data: 'shared' is not a dict")
+    return {key: shm.adopt(message) for key, message in shared.items()}
 
 
 class ResultPlacer:

@@ -100,7 +100,7 @@ def default_host(scheduler_address: str) -> str:
 
 #: ``0`` switches same-host shared-memory transfers off for workers started without
 #: ``shared_memory=`` (e.g. the processes of a ``LocalCluster``).
-SHARED_MEMORY_ENV = "TRIOSCHEDULER_SHARED_MEMORY"
+SHARED_MEMORY_ENV = shm.ENV
 
 PREFETCH = 64
 """Short tasks per thread the core may queue behind the running ones (``prefetch=``):
@@ -200,7 +200,7 @@ class Worker(RunsInAsyncWith):
         # (``wire.shm``); the threshold is ``shm_policy``'s. Default: on, unless the
         # environment says ``TRIOSCHEDULER_SHARED_MEMORY=0``.
         if shared_memory is None:
-            shared_memory = os.environ.get(SHARED_MEMORY_ENV, "1").strip() not in ("0", "")
+            shared_memory = shm.enabled_by_environment()
         self.shared_memory = shared_memory and shm.HOST_ID is not None
         self.shared_memory_threshold = shm_policy.SHM_MIN_BYTES
         self._no_shm_peers: set[str] = set()  # peers whose segments we could not map
@@ -281,7 +281,7 @@ class Worker(RunsInAsyncWith):
                         listen_at,
                         partial(serve_peer, self),
                         role="worker",
-                        info={"name": self.name},
+                        info=same_host.hello_info(self),
                         peer_speaks_first=True,
                         **listen_args(self.security, "worker"),
                     ) as listener,

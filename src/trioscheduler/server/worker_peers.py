@@ -231,7 +231,15 @@ async def _answer(w: Worker, request: Any) -> dict[str, Any]:
     if op == "get_data":
         return await get_data(w, request["keys"], request.get("shm"), request.get("pid"))
     if op == "update_data":
-        return _update_data(w, request["data"])
+        data = request["data"]
+        if request.get("shared"):  # from a client on this host, through shared memory
+            if not w.shared_memory:
+                return {"status": "error", "shm": "failed", "text": "shared memory is off"}
+            try:
+                data = {**data, **same_host.adopt_all(request["shared"])}
+            except shm.SharedMemoryError as exc:
+                return {"status": "error", "shm": "failed", "text": str(exc)}
+        return _update_data(w, data)
     if op == "run":
         return await _run_function(w, request["function"])
     if op == "start_ipython":  # a kernel in this process with ``worker`` in it

@@ -40,6 +40,8 @@ from trioscheduler.core import shm_policy
 from trioscheduler.errors import TrioSchedulerError
 
 PREFIX: Final = "trioscheduler-"
+#: ``TRIOSCHEDULER_SHARED_MEMORY=0`` switches same-host shared memory off (workers, clients).
+ENV: Final = "TRIOSCHEDULER_SHARED_MEMORY"
 _SEALS: Final = getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4)
 
 
@@ -64,6 +66,11 @@ def _host_id() -> str | None:
 
 #: This process's host identity for shared memory, ``None`` where it is unavailable.
 HOST_ID: Final = _host_id()
+
+
+def enabled_by_environment() -> bool:
+    """Whether the environment leaves shared memory on (``TRIOSCHEDULER_SHARED_MEMORY``)."""
+    return os.environ.get(ENV, "1").strip() not in ("0", "")
 
 
 class _Mapping(mmap.mmap):
@@ -227,14 +234,20 @@ class _Registry:
         self.lock = threading.RLock()  # finalizers may run inside, at any allocation
         self.by_start: dict[int, weakref.ref[_Mapping]] = {}
 
-    def add(self, m: _Mapping, segment: _Segment | None) -> None:
+    def add(self, m: _Mapping, segment: _Segment | None, adopted: int = 0) -> None:
+        """Track ``m``; ``segment`` (ours) goes back to the pool when ``m`` is garbage,
+        and ``adopted`` bytes (a segment handed to us) count as ours while ``m`` lives."""
         start = _address(memoryview(m))
         assert start is not None
         with self.lock:
             self.by_start[start] = weakref.ref(m)
-        weakref.finalize(m, self._drop, start, m.fd, segment)
+        if adopted:
+            with _pool.lock:
+                _pool.owned += adopted
+                _pool.count += 1
+        weakref.finalize(m, self._drop, start, m.fd, segment, adopted)
 
-    def _drop(self, start: int, fd: int, segment: _Segment | None) -> None:
+    def _drop(self, start: int, fd: int, segment: _Segment | None, adopted: int) -> None:
         with self.lock:
             self.by_start.pop(start, None)
         try:
@@ -243,6 +256,10 @@ class _Registry:
             pass
         if segment is not None:
             _pool.give_back(segment)
+        if adopted:
+            with _pool.lock:
+                _pool.owned -= adopted
+                _pool.count -= 1
 
     def find(self, addr: int, nbytes: int) -> tuple[_Mapping, int] | None:
         """The mapping holding ``[addr, addr + nbytes)`` and the offset in it, if any."""
@@ -436,8 +453,12 @@ def place(value: Any, threshold: int = shm_policy.SHM_MIN_BYTES) -> Any:
 # ----------------------------------------------------------------------- attaching
 
 
-def attach(ref: Any) -> memoryview:
-    """Map the bytes ``ref`` names (copy-on-write); raises ``SharedMemoryError``."""
+def attach(ref: Any, adopt: bool = False) -> memoryview:
+    """Map the bytes ``ref`` names (copy-on-write); raises ``SharedMemoryError``.
+
+    With ``adopt`` the segment was handed to this process (``hand_off``): its bytes
+    count as this process's memory (``owned_bytes``) for as long as it maps them.
+    """
     try:
         host, pid, fd, token, generation, offset, size = ref
         if not (
@@ -477,7 +498,7 @@ def attach(ref: Any) -> memoryview:
         os.close(mine)
         raise
     m.fd, m.shared_fd, m.token, m.generation, m.nbytes = mine, mine, token, generation, total
-    _registry.add(m, None)
+    _registry.add(m, None, total if adopt else 0)
     return _slice(m, offset, size)
 
 
@@ -500,6 +521,91 @@ def _load(data: bytes, parts: list[Any]) -> Any:
     if not isinstance(parts, list):
         raise SharedMemoryError("malformed shared value")
     buffers = [p if not isinstance(p, tuple) else attach(p) for p in parts]
+    return pickle.loads(data, buffers=buffers)
+
+
+# ----------------------------------------------------------------------- handing off
+
+
+class HandOff:
+    """A value for one process on this host to take over: its pickle, with each large
+    buffer copied into a new segment of its own (``hand_off``).
+
+    ``message`` goes into the request (``[pickle, parts]``, a part being a reference or
+    a small buffer); the receiver's ``adopt`` maps the segments and counts them as its
+    memory. The sender keeps its own value (the user's) and ``close``s its descriptors
+    once the receiver answered: a segment then lives exactly as long as the receiver
+    maps it, and the sender's memory holds none of it.
+    """
+
+    __slots__ = ("message", "nbytes", "segments")
+
+    def __init__(self, message: list[Any], segments: list[_Segment], nbytes: int) -> None:
+        self.message = message
+        self.segments = segments
+        self.nbytes = nbytes
+
+    def close(self) -> None:
+        segments, self.segments = self.segments, []
+        for seg in segments:
+            seg.close()
+
+
+def hand_off(value: Any, threshold: int = shm_policy.SHM_MIN_BYTES) -> HandOff | None:
+    """``value`` pickled with its large buffers copied into new segments, or None if no
+    buffer reaches ``threshold`` (or ``value`` cannot be pickled: the wire says why).
+
+    The copy is ``pwrite`` into a new ``memfd`` (the kernel allocates the pages as it
+    copies; the GIL is released), so it can run in a thread beside the hashing of the
+    key. A segment is never reused by the sender: the receiver owns it from then on.
+    """
+    if HOST_ID is None:
+        return None
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        data = _dumps(value, buffers)
+    except Exception:
+        return None
+    views: list[memoryview | None] = []
+    for pb in buffers:
+        try:
+            views.append(pb.raw())
+        except BufferError:  # not contiguous: sent as bytes
+            views.append(None)
+    if not any(v is not None and shm_policy.share_buffer(v.nbytes, threshold) for v in views):
+        return None
+    parts: list[Any] = []
+    out = HandOff([data, parts], [], 0)
+    try:
+        for pb, view in zip(buffers, views, strict=True):
+            if view is not None and shm_policy.share_buffer(view.nbytes, threshold):
+                seg = _Segment(view.nbytes)
+                out.segments.append(seg)
+                seg.fill(view)
+                parts.append(
+                    (HOST_ID, os.getpid(), seg.fd, seg.token, seg.generation, 0, view.nbytes)
+                )
+                out.nbytes += view.nbytes
+            else:
+                parts.append(view if view is not None else memoryview(pb).tobytes())
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def adopt(message: Any) -> Any:
+    """The value a process on this host handed us (``HandOff.message``), its large
+    buffers mapped copy-on-write from the sender's segments, which from now on count
+    as this process's memory; raises ``SharedMemoryError`` if a segment cannot be
+    mapped (the sender then sends the value through the socket)."""
+    try:
+        data, parts = message
+    except (TypeError, ValueError):
+        raise SharedMemoryError("malformed handed-off value") from None
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not isinstance(parts, list):
+        raise SharedMemoryError("malformed handed-off value")
+    buffers = [attach(p, adopt=True) if isinstance(p, tuple) else p for p in parts]
     return pickle.loads(data, buffers=buffers)
 
 
