@@ -61,7 +61,8 @@ def reduce_replicas(state: SchedulerState) -> dict[str, list[Any]]:
     drop: dict[str, list[Any]] = {}
     workers = state.workers
     tasks = state.tasks
-    for key, ts in tasks.items():
+    for key in state.replicated:  # only keys with two copies or more (not every task)
+        ts = tasks[key]
         if ts.state != "memory" or len(ts.who_has) < 2:
             continue
         needed = {

@@ -99,7 +99,7 @@ class SchedulerState:
         "total_nthreads", "retiring", "_story_append", "_effects", "recs", "stimulus_id", "now",
         "_open_free", "round_robin", "retried", "worker_saturation", "worker_backlog", "queuing",
         "open", "queued", "_queue_heap", "_queue_seq", "runs", "_run_seq", "former_names", "no_workers_timeout",
-        "recovery", "forget_done", "amm_interval", "amm_due", "amm_dropped",
+        "recovery", "forget_done", "amm_interval", "amm_due", "amm_dropped", "replicated",
     )  # fmt: skip
 
     def __init__(
@@ -190,6 +190,10 @@ class SchedulerState:
         self.amm_interval = amm_interval
         self.amm_due: float | None = None  # ``now`` of its next run (None: at the next tick + interval)
         self.amm_dropped = 0  # copies it dropped, in all
+        # keys held by two workers or more (kept by ``add_replica``/``remove_replica``/
+        # ``memory_released``): the AMM reads these, not every task; a dict used as an
+        # insertion-ordered set, so its plans do not depend on hashing
+        self.replicated: dict[Key, None] = {}
 
     def busy(self) -> bool:
         """Work is waiting, queued, unrunnable or running: the scheduler is not idle

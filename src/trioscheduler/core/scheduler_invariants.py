@@ -116,6 +116,10 @@ def validate_scheduler(s: SchedulerState) -> None:
         s.unrunnable.keys() == {k for k, ts in tasks.items() if ts.state == "no-worker"},
         "unrunnable disagrees with no-worker tasks",
     )
+    _check(
+        s.replicated.keys() == {k for k, ts in tasks.items() if len(ts.who_has) > 1},
+        "replicated disagrees with the keys held twice or more",
+    )
     incoming: Counter[str] = Counter()
     for key, steal in s.steals.items():
         sts = tasks.get(key)

@@ -135,13 +135,17 @@ def unwant(ts: TaskRecord, client: str) -> None:
 
 
 def add_replica(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
-    ts.who_has = added(ts.who_has, ws.address, ws.single)
+    who_has = ts.who_has = added(ts.who_has, ws.address, ws.single)
+    if len(who_has) > 1:
+        s.replicated[ts.key] = None
     ws.has_what[ts.key] = None
     ws.nbytes += ts.nbytes
 
 
 def remove_replica(s: SchedulerState, ts: TaskRecord, ws: WorkerRecord) -> None:
-    ts.who_has = discarded(ts.who_has, ws.address)
+    who_has = ts.who_has = discarded(ts.who_has, ws.address)
+    if len(who_has) < 2:
+        s.replicated.pop(ts.key, None)
     if ts.key in ws.has_what:
         del ws.has_what[ts.key]
         ws.nbytes -= ts.nbytes
@@ -595,6 +599,8 @@ def memory_released(s: SchedulerState, ts: TaskRecord, worker: Holder, error: Fa
         ws.has_what.pop(key, None)
         ws.nbytes -= ts.nbytes
         s.free_on(addr, key)
+    if len(who_has) > 1:
+        s.replicated.pop(key, None)
     ts.who_has = EMPTY
     ts.state = "released"
     tasks = s.tasks
