@@ -103,7 +103,7 @@ def test_execute_with_deps_fetches_then_runs() -> None:
     assert ws.handle(FreeKeys("f", 3.0, ["a", "b"])) == [
         DeleteData("a"),
         DeleteData("b"),
-        ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a", "b"]), lazy=True),
+        ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a", "b"], 0), lazy=True),
     ]
     assert set(ws.tasks) == {"y"}
 
@@ -424,7 +424,7 @@ def test_freed_dependency_kept_until_dependent_finishes() -> None:
     assert ws.handle(done("y")) == [
         finished("y"),
         DeleteData("a"),
-        ToScheduler(ReleaseWorkerData("s", 2.0, W, ["a"]), lazy=True),
+        ToScheduler(ReleaseWorkerData("s", 2.0, W, ["a"], 0), lazy=True),
     ]
     assert set(ws.tasks) == {"y"}
 
@@ -622,7 +622,7 @@ def test_freed_result_without_local_reader_is_forgotten_in_one_step() -> None:
     ws.handle(compute("a"))
     ws.handle(done("a"))
     out = ws.handle(FreeKeys("f", 3.0, ["a"]))
-    assert out == [DeleteData("a"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a"]), lazy=True)]
+    assert out == [DeleteData("a"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["a"], 0), lazy=True)]
     assert "a" not in ws.tasks
     assert ws.story("a")[-1] == ("a", "memory", "forgotten", "f", 3.0)
 
@@ -654,7 +654,7 @@ def test_a_free_keeps_a_value_scattered_after_it_was_sent() -> None:
     assert ws.handle(FreeKeys("f", 2.0, ["x"], {"x": 1})) == []  # sent knowing update 1
     assert ws.tasks["x"].state == "memory"
     out = ws.handle(FreeKeys("f", 3.0, ["x"], {"x": 2}))
-    assert out == [DeleteData("x"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["x"]), lazy=True)]
+    assert out == [DeleteData("x"), ToScheduler(ReleaseWorkerData("f", 3.0, W, ["x"], 2), lazy=True)]
     assert "x" not in ws.tasks
     ws.handle(compute("x"))
     ws.handle(done("x"))

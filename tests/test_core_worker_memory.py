@@ -127,7 +127,7 @@ def test_free_spilled_key() -> None:
     assert ws.spilled == {"a"}
     assert ws.handle(FreeKeys("f", 2.0, ["a"])) == [
         DeleteData("a"),
-        ToScheduler(ReleaseWorkerData("f", 2.0, ws.address, ["a"]), lazy=True),
+        ToScheduler(ReleaseWorkerData("f", 2.0, ws.address, ["a"], 1), lazy=True),
     ]
     assert ws.spilled_bytes == 0 and ws.managed_bytes == 200
 

@@ -410,3 +410,26 @@ def test_a_worker_restarted_at_its_address_numbers_its_scatters_afresh() -> None
     x = sim.scheduler.tasks["x"]
     assert x.state == "memory", sim.client_msgs["c"].get("x")
     assert x.who_has == {a}
+
+
+def test_a_key_scattered_again_survives_the_report_of_its_dropped_copy() -> None:
+    """Fixed (session 8; found when the client's renaming of a hashed key scattered again
+    right after its release came off: a real-cluster test then lost the value). x, scattered
+    to A, is released: A drops it on the ``FreeKeys`` and reports the drop
+    (``ReleaseWorkerData``, which waits to go with A's next message). The client scatters
+    x to A again and the scheduler counts the new copy; the late report of the old drop
+    then uncounted it and freed it there: x, with no lineage, erred "lost". Now the
+    report says how many data updates A had taken when it was made (``seq``), and the
+    scheduler ignores it for a copy that came by a newer one."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker()
+    sim.add_client("c")
+    sim.scatter("c", "x", [a])
+    sim.release("c", ["x"])  # x forgotten: FreeKeys(x) queued for A
+    sim.deliver("scheduler", a)  # A drops x: ReleaseWorkerData(x) on its way
+    assert sim.scatter("c", "x", [a]) == [a]  # the same key again; counted
+    sim.deliver(a, "scheduler")  # the report of the old drop comes last
+    settled(sim)
+    x = sim.scheduler.tasks["x"]
+    assert x.state == "memory", sim.client_msgs["c"].get("x")
+    assert x.who_has == {a}

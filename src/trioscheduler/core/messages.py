@@ -285,12 +285,15 @@ class AddKeys:
 
 @message("release-worker-data")
 class ReleaseWorkerData:
-    """The worker dropped its replicas of ``keys``."""
+    """The worker dropped its replicas of ``keys``. ``seq``: the data updates (scatters)
+    it had taken when it said so; a copy that came by a later one is not dropped (the
+    report went slower than the scatter). ``None``: not numbered (a drop of any copy)."""
 
     stimulus_id: str
     now: float
     worker: WorkerAddr
     keys: Sequence[Key]
+    seq: int | None = None
 
 
 @message("missing-data")

@@ -685,6 +685,10 @@ class SchedulerState:
             ts = self.tasks.get(key)
             if ts is None or ws.address not in ts.who_has:
                 continue
+            if ev.seq is not None and ts.extra is not None and ts.extra.scatter_seqs:
+                newer = ts.extra.scatter_seqs.get(ws)
+                if newer is not None and ev.seq < newer < ce.UNKNOWN_SEQ:
+                    continue  # the copy counted came by a scatter after this drop
             tr.remove_replica(self, ts, ws)
             # counted again since the FreeKeys this answers (a TaskFinished crossed it,
             # or a scatter, which may have put a new copy there): drop any copy it holds

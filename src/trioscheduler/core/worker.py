@@ -241,9 +241,8 @@ class WorkerState:
             gone = [k for k in dropped if (t := tasks.get(k)) is None or t.state != "memory"]
             if gone:  # lazy: goes with the next message (a FreeKeys' batch often starts a
                 # task whose TaskFinished follows soon), not in a write of its own
-                out.append(
-                    ToScheduler(ReleaseWorkerData(stim, now, self.address, gone), lazy=True)
-                )
+                msg = ReleaseWorkerData(stim, now, self.address, gone, self.scatter_seq)
+                out.append(ToScheduler(msg, lazy=True))
         goal = self._spill_goal
         if goal is not None and self.memory_bytes > goal:
             self._spill_to_target(out, ())
