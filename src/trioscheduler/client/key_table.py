@@ -1,10 +1,10 @@
 """The client's futures table: which keys it holds, how many ``Future``s count each.
 
 ``client.futures`` (dask's name) maps each key the client holds to its ``KeyState``;
-``refcount`` says how many live ``Future`` objects count it. The table also remembers the
-keys this client scattered, since a scattered key released a moment ago may still have
-a ``FreeKeys`` on its way to a worker: scattering the same value again goes under an
-alias (``scatter_name``).
+``refcount`` says how many live ``Future`` objects count it. (A key scattered again
+right after its release keeps its name, as in dask: a ``FreeKeys`` of the old value
+still on its way to a worker names the data update it was sent for, and the worker
+keeps a value that came by a newer one; see docs/architecture.md.)
 
 Every rule that keeps these consistent lives here, under one re-entrant lock (a
 ``Future.__del__`` can run inside a locked section of the same thread, when garbage
@@ -16,7 +16,6 @@ the last reference gone (to be released), ``release`` the state dropped.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -24,21 +23,15 @@ from trioscheduler.client.futures import KeyState
 
 __all__ = ["KeyTable"]
 
-_RECENT_SCATTERED = 10_000  # released scattered keys remembered (oldest forgotten first)
-
-
 class KeyTable(Mapping[Any, KeyState]):
     """``key -> KeyState`` of the keys a client holds, with their reference counts."""
 
-    __slots__ = ("_aliases", "_recently_released", "_refs", "_scattered", "_states", "lock")
+    __slots__ = ("_refs", "_states", "lock")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self._states: dict[Any, KeyState] = {}
         self._refs: dict[Any, int] = {}
-        self._scattered: set[Any] = set()  # keys this client scattered and still holds
-        self._recently_released: dict[Any, None] = {}  # released scattered keys (bounded)
-        self._aliases: dict[Any, str] = {}  # released scattered key -> name used instead
 
     # -- Mapping ------------------------------------------------------------------------
 
@@ -86,8 +79,6 @@ class KeyTable(Mapping[Any, KeyState]):
     def hold_scattered(self, keys: Iterable[Any]) -> dict[Any, KeyState]:
         """Count a ``Future`` for each key this client just scattered."""
         with self.lock:
-            keys = list(keys)
-            self._scattered.update(keys)
             return {k: self.hold(k)[0] for k in keys}
 
     def unhold(self, key: Any) -> bool:
@@ -106,15 +97,7 @@ class KeyTable(Mapping[Any, KeyState]):
         with self.lock:
             if key in self._refs:
                 return None
-            st = self._states.pop(key, None)
-            if key in self._scattered:
-                self._scattered.discard(key)
-                self._recently_released[key] = None
-                if len(self._recently_released) > _RECENT_SCATTERED:
-                    oldest = next(iter(self._recently_released))
-                    del self._recently_released[oldest]
-                    self._aliases.pop(oldest, None)
-            return st
+            return self._states.pop(key, None)
 
     # -- dropping states (cancel, restart, close) ---------------------------------------
 
@@ -141,22 +124,3 @@ class KeyTable(Mapping[Any, KeyState]):
             for key, st in held.items():
                 if self._states.get(key) is st:
                     del self._states[key]
-
-    # -- scatter ------------------------------------------------------------------------
-
-    def scatter_name(self, name: Any) -> Any:
-        """``name``, or an alias if ``name`` was released a moment ago.
-
-        A key is alive while a ``Future`` counts it; one that is not, but is known or was
-        recently released, may still have a ``FreeKeys`` on its way to a worker, so its
-        data goes under an alias (the live one, or a new one).
-        """
-        with self.lock:
-            if name in self._refs:
-                return name
-            if name not in self._states and name not in self._recently_released:
-                return name
-            alias = self._aliases.get(name)
-            if alias is None or alias not in self._refs:
-                alias = self._aliases[name] = f"{name}-{uuid.uuid4().hex[:8]}"
-            return alias

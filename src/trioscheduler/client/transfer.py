@@ -220,7 +220,7 @@ async def scatter(
     if given is not None:
         names = given
     elif not large:
-        names = _names(client, values, hash)
+        names = _tokens(values, hash)
     with trio.fail_after(client.timeout if timeout is None else timeout):
         nthreads: dict[str, int] = await client.rpc({"op": "nthreads", "workers": workers})
         while not nthreads:
@@ -244,7 +244,7 @@ async def scatter(
     async def name_all() -> None:
         if not names:  # large values: hashed in a thread, beside their copies
             tokens = await trio.to_thread.run_sync(_tokens, values, hash)
-            names.extend(client.futures.scatter_name(n) for n in tokens)
+            names.extend(tokens)
         named.set()
 
     async def send(worker: str, idx: list[int]) -> None:
@@ -319,13 +319,6 @@ _NO_SHM: set[str] = set()
 def _large(value: Any) -> bool:
     """Could ``value`` carry a buffer worth handing over through shared memory?"""
     return shm_policy.share_buffer(sizeof(value))
-
-
-def _names(client: Client, values: list[Any], hash: bool) -> list[Any]:
-    # A hashed key released a moment ago may still be on its way out of a worker
-    # (its FreeKeys in flight): scattering it again under the same name could be
-    # deleted by that stale FreeKeys. ``scatter_name`` gives a fresh name then.
-    return [client.futures.scatter_name(n) for n in _tokens(values, hash)]
 
 
 def _tokens(values: list[Any], hash: bool) -> list[str]:
