@@ -16,6 +16,8 @@ of each hop of the round trip:
 - ``t_start`` / ``t_end``: the task function starts / ends, in the task thread
 - ``deliver``: the task thread hands the result to the loop (``run_sync_soon``)
 - ``w_wake2``: the worker's loop wakes; ``w_take``: it takes the finished task
+  (``queue``, ``deliver``, ``w_wake2`` and ``w_take`` are 0 for a task the worker ran on
+  its loop, ``server.quick_tasks``; a wake-up is 0 if the loop was awake already)
 - ``w_write``: the worker writes ``TaskFinished``
 - ``c_wake2``: the client process's loop wakes; ``c_read``: the scheduler has read it
 - ``settle``: the future is set (``KeyState._settle``); ``woken``: ``result()`` returns
@@ -58,6 +60,9 @@ HOPS = [
 ]  # fmt: skip
 # the recorded name of each hop (a wake-up and a write are recorded alike each time)
 _RECORDED = {"c_wake2": "c_wake", "w_wake2": "w_wake"}
+# hops that may not happen: a wake-up of a loop that was awake; the hand-off to a task
+# thread and back, for a task run on the worker's loop (``server.quick_tasks``)
+_OPTIONAL = {"c_wake", "c_wake2", "w_wake", "w_wake2", "queue", "deliver", "w_take"}
 
 
 def hop_inc(x: int) -> int:
@@ -183,9 +188,10 @@ def chain(
         for k, hop in enumerate(hops):
             by = ran[0] if hop in _WORKER_HOPS else own
             t = _first(by.get(_RECORDED.get(hop, hop), []), prev, t_end)
-            if hop in _RECORDED:  # a wake-up: none if the loop was awake (or polling)
-                nxt = hops[k + 1]
-                t_next = _first((ran[0] if nxt in _WORKER_HOPS else own).get(nxt, []), prev, t_end)
+            if hop in _OPTIONAL:  # none if the loop was awake, or the task ran on the loop
+                nxt = next(h for h in hops[k + 1 :] if h not in _OPTIONAL)
+                by_next = ran[0] if nxt in _WORKER_HOPS else own
+                t_next = _first(by_next.get(nxt, []), prev, t_end)
                 if t is None or t_next is None or t > t_next:
                     row[hop] = 0.0
                     missed[hop] = missed.get(hop, 0) + 1

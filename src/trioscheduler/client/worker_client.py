@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from trioscheduler.deploy.loop import Entered, LoopError
+from trioscheduler.server import task_context
 from trioscheduler.server.task_context import get_task_key, get_worker, secede
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ def get_client(timeout: float | None = None) -> Client:
         worker = get_worker()
     except ValueError:
         return default_client()
+    task_context.check_thread("get_client()")
     if _in_trio():
         raise LoopError(
             "get_client() inside an async task: its client would block the worker's loop; "
@@ -194,11 +196,13 @@ async def worker_async_client() -> Client:
 
 
 def in_async_task() -> bool:
-    """Inside an ``async def`` task (or ``run`` call) on a worker's own loop."""
+    """Inside an ``async def`` task (or ``run`` call) on a worker's own loop. (A plain
+    task running on the loop is neither: it is sent to a thread, ``RunInThread``.)"""
     try:
         get_worker()
     except ValueError:
         return False
+    task_context.check_thread("a client")
     return _in_trio()
 
 
@@ -223,6 +227,7 @@ def rejoin() -> None:
 
     The slot is given back when the task ends. Does nothing outside a seceded task.
     """
+    task_context.check_thread("rejoin()")
     worker = get_worker()
     key = get_task_key()
     slots = worker.runner.slots

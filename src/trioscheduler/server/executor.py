@@ -26,6 +26,10 @@ jobs. A seceded task keeps its thread and stops counting as one that takes jobs 
 prefetched job waiting behind it gets a new thread); a thread that finishes a task while
 more than ``nthreads`` do leaves. Threads are daemons: a task that never returns does not
 keep the process alive.
+
+A lone job of a kind known to be quick skips the threads: it is parked, and the worker
+runs it on the loop once the event that started it is handled (``run_parked``; which
+jobs, and why: ``quick_tasks``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from dask.utils import typename
 from trioscheduler.core.messages import ExecuteFailure, ExecuteSuccess, RescheduleEvent
 from trioscheduler.server import task_context
 from trioscheduler.server.profiling import EXECUTING
+from trioscheduler.server.quick_tasks import QuickTasks, kind_of
 from trioscheduler.wire import runspec
 from trioscheduler.wire.remote_error import pack_exception
 
@@ -209,6 +214,10 @@ class ThreadExecutor:
         # called in the task's thread with each finished task before the loop gets it
         # (the worker places large results in shared memory there: ``same_host``)
         self.after_task: Callable[[Done], None] | None = None
+        self.quick = QuickTasks()
+        self._watched: dict[Any, str] = {}  # key -> kind, of lone jobs run in a thread
+        self._parked: tuple[Any, bytes, Mapping[Any, Any]] | None = None  # for the loop
+        self._on_loop = False  # a parked job (or what its end set off) runs on the loop
 
     def start(self) -> None:
         """Remember the loop to wake and hook into its I/O waits."""
@@ -218,7 +227,13 @@ class ThreadExecutor:
         trio.lowlevel.add_instrument(self._instrument)
 
     def submit(
-        self, key: Any, run_spec: Any, data: Mapping[Any, Any], *, behind: bool = False
+        self,
+        key: Any,
+        run_spec: Any,
+        data: Mapping[Any, Any],
+        *,
+        behind: bool = False,
+        alone: bool = False,
     ) -> None:
         """Run ``run_spec`` in a task thread; its ``Done`` comes back through ``wait``.
 
@@ -226,19 +241,74 @@ class ThreadExecutor:
         or at once if every thread is idle: then no finished task's follow-up is
         waiting to be written, and the job is the round trip's critical path. A
         prefetched job (``behind``) is queued at once (after any pending before it), for
-        the next thread that frees.
+        the next thread that frees. A job with no dependencies (``alone``) that finds
+        every thread idle is parked for ``run_parked`` if its kind is quick.
         """
+        if self._parked is not None:  # not alone after all: the parked job goes first
+            parked, self._parked = self._parked, None
+            self._queue(parked)
         if self._pending:
             self._pending.append(((key, run_spec, data), behind))
-        elif behind or self._instrument is None or (
-            self._idle > 0 and self._idle == self._threads
-        ):
+        elif behind or self._instrument is None:
             self._queue((key, run_spec, data), behind=behind)
+        elif self._idle > 0 and self._idle == self._threads:
+            if alone and not self._on_loop and self.quick.on_loop(key, run_spec):
+                self._parked = (key, run_spec, data)
+                return
+            kind = self.quick.watch(key) if alone else None
+            if kind is not None:
+                self._watched[key] = kind
+            self._queue((key, run_spec, data))
         else:
             self._pending.append(((key, run_spec, data), False))
 
+    @property
+    def parked(self) -> bool:
+        return self._parked is not None
+
+    def run_parked(self, finished: Callable[[list[Done]], None]) -> None:
+        """(Loop.) Run the parked job here and pass its ``Done`` to ``finished``; the
+        jobs that sets off go to the threads. One that raises runs again in a thread,
+        whose outcome is the task's (``quick_tasks``)."""
+        job, self._parked = self._parked, None
+        if job is None or self._closed:
+            return
+        key, run_spec, data = job
+        self._on_loop = True
+        try:
+            tokens = (
+                task_context.current_worker.set(self.worker),
+                task_context.current_key.set(key),
+                task_context.on_loop.set(True),
+            )
+            try:
+                done = run_job(key, run_spec, data)
+            finally:
+                task_context.on_loop.reset(tokens[2])
+                task_context.current_key.reset(tokens[1])
+                task_context.current_worker.reset(tokens[0])
+            ok = done.error is None and done.coroutine is None and not done.rescheduled
+            kind = kind_of(key)
+            if kind is not None:
+                self.quick.note(kind, done.stop - done.start, ok, on_loop=True)
+            if done.error is not None:
+                self._queue(job)
+                return
+            if self.after_task is not None:
+                try:
+                    self.after_task(done)
+                except Exception:  # the task's result stays as it is
+                    logger.exception("after task %r", done.key)
+            finished([done])
+        finally:
+            self._on_loop = False
+
     def hand_over(self, timeout: float) -> None:
-        """Queue the pending jobs: the loop is about to wait ``timeout`` seconds for I/O."""
+        """Queue the pending jobs: the loop is about to wait ``timeout`` seconds for I/O.
+        (A job still parked, which nobody ran, goes to a thread.)"""
+        if self._parked is not None and not self._on_loop:
+            parked, self._parked = self._parked, None
+            self._queue(parked)
         if not self._pending:
             return
         if timeout <= 0 and self._deferred < MAX_DEFERRALS:
@@ -351,6 +421,7 @@ class ThreadExecutor:
                 pass
             self._instrument = None
         self._pending.clear()
+        self._parked = None
         with self._lock:
             if self._closed:
                 return
@@ -374,6 +445,11 @@ class ThreadExecutor:
                 done = Done(key)
                 done.fail(exc)
             key_var.set(None)
+            if self._watched:
+                kind = self._watched.pop(key, None)
+                if kind is not None:
+                    ok = done.error is None and done.coroutine is None and not done.rescheduled
+                    self.quick.note(kind, done.stop - done.start, ok)
             del job, run_spec, data
             if self.after_task is not None:
                 try:

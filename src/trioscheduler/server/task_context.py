@@ -29,10 +29,26 @@ current_worker: contextvars.ContextVar[Worker | None] = contextvars.ContextVar(
 current_key: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "trioscheduler_task_key", default=None
 )
+# set while a quick task runs on the worker's loop thread (``quick_tasks``)
+on_loop: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "trioscheduler_task_on_loop", default=False
+)
 
 
 class Reschedule(TrioSchedulerError):
     """Raise inside a task to hand it back to the scheduler, which places it again."""
+
+
+class RunInThread(BaseException):  # noqa: N818 - a signal to the worker, not an error
+    """A task running on the worker's loop thread (``quick_tasks``) asked for something
+    only a task thread can do (``secede``, a client): the worker runs it again in a
+    thread. A ``BaseException``, so that ``except Exception`` in the task lets it pass."""
+
+
+def check_thread(what: str) -> None:
+    """Raise ``RunInThread`` if the calling task runs on the worker's loop thread."""
+    if on_loop.get():
+        raise RunInThread(f"{what} needs a task thread")
 
 
 def get_worker() -> Worker:
@@ -54,6 +70,7 @@ def secede() -> None:
     For tasks that wait on other tasks (``worker_client``); without it, tasks waiting on
     their own sub-tasks can fill every slot and deadlock the worker.
     """
+    check_thread("secede()")
     worker = get_worker()
     key = current_key.get()
     try:

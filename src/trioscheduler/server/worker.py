@@ -652,6 +652,8 @@ class Worker(RunsInAsyncWith):
             if self._log is not None:
                 self._log.record((done,))
             out = state.handle(done)
+        if self._executor.parked:  # a lone quick task: run here, now (``quick_tasks``)
+            self._executor.run_parked(self._finished)
 
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._work is not None and not self._closing:
@@ -693,8 +695,10 @@ class Worker(RunsInAsyncWith):
         except RuntimeError:  # pragma: no cover - it holds its slot already
             pass
         self._executing.add(key)
-        assert self.store is not None
-        self._executor.submit(key, run_spec, self.store)
+        assert self.store is not None and self.state is not None
+        ts = self.state.tasks.get(key)
+        alone = ts is not None and not ts.dependencies
+        self._executor.submit(key, run_spec, self.store, alone=alone)
 
     async def _execute_when_free(self, key: Any, run_spec: Any) -> None:
         try:
@@ -714,7 +718,9 @@ class Worker(RunsInAsyncWith):
         nothing else is coming to batch it with, and a task of its own or the batched
         sender's wake-up and schedule point would only delay the round trip.
         """
-        batch = self._executor.take()
+        self._finished(self._executor.take())
+
+    def _finished(self, batch: list[Done]) -> None:
         scope = self._work_scope
         if scope is not None and scope.cancel_called:
             return  # shut down: nobody to tell (as a cancelled task would not take them)
