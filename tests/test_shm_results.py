@@ -16,6 +16,7 @@ from typing import Any
 
 import dask.config
 import numpy as np
+import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -92,6 +93,37 @@ def test_place_results_setting(mode: str) -> None:
             on_b = c.submit(probe, y, workers=[b], pure=False).result()
             assert on_b["sum"] == expected(4)
             assert on_b["where"].startswith("/memfd:")  # shared at the fetch, if not before
+
+
+async def amake(n: int, seed: int) -> np.ndarray:
+    return make(n, seed)
+
+
+def test_an_async_tasks_large_result_is_placed_too() -> None:
+    with LocalCluster(2, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        _meet(c, a, b)
+        x = c.submit(amake, N, 7, workers=[a], pure=False)
+        on_a = c.submit(probe, x, workers=[a], pure=False).result()
+        token = token_of(on_a["where"])  # placed (in a thread) before the loop stored it
+        assert on_a["sum"] == expected(7) and on_a["owned"] >= N
+        on_b = c.submit(probe, x, workers=[b], pure=False).result()
+        assert token_of(on_b["where"]) == token
+
+
+def test_placing_stops_when_the_same_host_peers_are_gone() -> None:
+    with LocalCluster(2, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        _meet(c, a, b)
+        x = c.submit(make, N, 8, workers=[a], pure=False)
+        assert c.submit(probe, x, workers=[a], pure=False).result()["where"].startswith("/memfd:")
+        pid_b = pid_of(c, b)
+        os.kill(pid_b, signal.SIGKILL)
+        eventually(lambda: not psutil.pid_exists(pid_b) or psutil.Process(pid_b).status()
+                   == psutil.STATUS_ZOMBIE, "worker B gone", 30)  # fmt: skip
+        y = c.submit(make, N, 9, workers=[a], pure=False)
+        on_a = c.submit(probe, y, workers=[a], pure=False).result()
+        assert on_a["sum"] == expected(9) and not on_a["where"].startswith("/memfd:")
 
 
 @pytest.mark.parametrize("victim", ["producer", "consumer"])

@@ -87,17 +87,39 @@ class ResultPlacer:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.mode, self.threshold = placement_settings()
-        self.peers: set[Any] = set()  # same-host processes we exchanged data with
+        # same-host processes we exchanged data with: pid -> its start time (so a pid
+        # the kernel gave to a new process is not taken for the peer)
+        self.peers: dict[int, int] = {}
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.max_segments = shm_policy.max_segments(soft if soft > 0 else 1 << 16)
         if worker.shared_memory and self.mode != "never":
             shm.keep_warm(shm_policy.warm_pool_bytes(worker.memory_limit or 0))
         self._said = False
 
-    def peer_seen(self, peer: Any) -> None:
-        """A worker on this host fetched from us, or we from it, through shared memory."""
-        if peer not in self.peers:
-            self.peers.add(peer)
+    def peer_seen(self, pid: Any) -> None:
+        """A worker on this host (process ``pid``) fetched from us, or we from it, through
+        shared memory."""
+        if type(pid) is int and pid not in self.peers:
+            started = _start_time(pid)
+            if started is not None:
+                self.peers[pid] = started
+
+    def _peers_alive(self) -> bool:
+        """Whether a peer seen is still there (those gone are forgotten: with ``auto``,
+        a worker whose same-host peers all left stops placing its results)."""
+        for pid, started in list(self.peers.items()):
+            if _start_time(pid) != started:  # (task threads may do this at once)
+                self.peers.pop(pid, None)
+        return bool(self.peers)
+
+    async def place_off_loop(self, done: Done) -> None:
+        """``self(done)`` for an ``async def`` task, whose result arrives on the loop: the
+        copy runs in a thread, the loop meanwhile goes on (the task's slot stays held)."""
+        if done.nbytes >= self.threshold and done.error is None:
+            try:
+                await trio.to_thread.run_sync(self, done)
+            except Exception:  # the task's result stays as it is
+                logger.exception("placing the result of %r", done.key)
 
     def __call__(self, done: Done) -> None:
         if done.nbytes < self.threshold:  # most results: one comparison per task
@@ -106,7 +128,8 @@ class ResultPlacer:
             return
         if not self.worker.shared_memory or not shm_policy.place_result(
             done.nbytes, mode=self.mode, threshold=self.threshold,
-            same_host_peers=bool(self.peers), segments=shm.owned_segments(),
+            same_host_peers=self.mode == "auto" and self._peers_alive(),
+            segments=shm.owned_segments(),
             max_segments=self.max_segments,
         ):  # fmt: skip
             return
@@ -123,6 +146,20 @@ class ResultPlacer:
             return
         if rebuilt is not None:
             done.value = rebuilt
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot), None if it is gone (or a
+    zombie: killed, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) "
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 async def share(

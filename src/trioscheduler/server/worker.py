@@ -791,6 +791,7 @@ class Worker(RunsInAsyncWith):
         else:
             done.settle(value)
         done.stop = time.time()
+        await self.placer.place_off_loop(done)
         self._executor.deliver(done)
 
 

@@ -152,7 +152,7 @@ async def _get_data_from(w: Worker, peer: str, keys: list[Any], use_shm: bool) -
         text = reply.get("text") if isinstance(reply, dict) else repr(reply)
         raise RuntimeError(f"peer answered: {text}")
     if use_shm and reply.get("shm") == shm.HOST_ID:  # a peer on this host
-        w.placer.peer_seen(peer)
+        w.placer.peer_seen(reply.get("pid"))
     return reply
 
 
@@ -295,7 +295,10 @@ async def get_data(
         else:
             missing.append(key)
     if share:
-        return {"status": "OK", "data": data, "missing": missing, "shm": shm.HOST_ID}
+        return {
+            "status": "OK", "data": data, "missing": missing, "shm": shm.HOST_ID,
+            "pid": os.getpid(),
+        }  # fmt: skip
     return {"status": "OK", "data": data, "missing": missing}
 
 
