@@ -4,7 +4,8 @@
 one-worker process cluster; after a warm-up, the seconds of ``submit(nbytes_of, a,
 pure=False).result()`` with ``a`` a 500 MB numpy array made on the client (median of 3);
 with ``--scatter``, of ``c.submit(nbytes_of, c.scatter(a)).result()`` (a new array each
-time, so no sample finds the previous one's key).
+time, so no sample finds the previous one's key); with ``--bytes``, of
+``c.submit(len, c.scatter(b)).result()``, ``b`` 200 MB of ``bytes`` (new each time).
 ``trio-inband`` is ours with out-of-band run specs switched off (the previous path).
 """
 
@@ -34,7 +35,8 @@ def main() -> None:
 
         if system == "trio-inband":
             runspec.OUT_OF_BAND_BYTES = 1 << 62  # type: ignore[misc]
-    n = (50 if quick else 500) * MB
+    as_bytes = "--bytes" in sys.argv
+    n = (20 if quick else 200 if as_bytes else 500) * MB
     a = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8)
     times = []
     kw = {"dashboard_address": None} if system == "dask" else {}
@@ -42,7 +44,15 @@ def main() -> None:
         with Client(cluster) as c:
             c.submit(nbytes_of, a[:10], pure=False).result()
             for i in range(3):
-                if "--scatter" in sys.argv:
+                if as_bytes:
+                    a[0] = i  # a new value: a new key
+                    value = a.tobytes()
+                    start = time.perf_counter()
+                    f = c.scatter(value)
+                    assert c.submit(len, f, pure=False).result() == n
+                    times.append(time.perf_counter() - start)
+                    del f, value
+                elif "--scatter" in sys.argv:
                     a[0] = i  # a new value: a new key
                     start = time.perf_counter()
                     f = c.scatter(a)

@@ -11,6 +11,7 @@ through the socket.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -76,6 +77,29 @@ def test_scatter_of_many_values_keeps_small_ones_on_the_socket() -> None:
         ]
 
 
+def about_bytes(b: bytes) -> tuple[str, int, str, int]:
+    import hashlib
+
+    return type(b).__name__, len(b), hashlib.sha1(b).hexdigest(), shm.owned_bytes()
+
+
+def test_scatter_of_large_bytes_keys_by_contents_and_gives_bytes() -> None:
+    small = b"abc" * 1000
+    big = make(3 * MB, 7).tobytes()
+    with LocalCluster(1, 1, processes=True, memory_limit=0) as cluster, Client(cluster) as c:
+        f, g = c.scatter([big, small])
+        assert f.key == f"bytes-{hashlib.sha1(big).hexdigest()}"  # not dask's tokenize
+        assert g.key == f"bytes-{tokenize(small)}"  # small bytes: dask's key
+        assert c.scatter(big).key == f.key  # the same contents, the same key
+        kind, n, digest, _ = c.submit(about_bytes, f, pure=False).result()
+        assert (kind, n, digest) == ("bytes", len(big), hashlib.sha1(big).hexdigest())
+        assert c.gather(g) == small and owned() == (0, set())
+        objects = np.array([str(i) for i in range(200_000)], dtype=object)  # hashed here
+        h = c.scatter(objects)
+        assert h.key == f"ndarray-{tokenize(objects)}"
+        assert c.submit(len, h, pure=False).result() == len(objects)
+
+
 def _client_process(address: str) -> None:
     """A client in its own process: scatters an array, says so, and waits to be killed."""
     with Client(address) as c:
@@ -135,4 +159,7 @@ def test_a_worker_that_cannot_map_gets_the_values_through_the_socket() -> None:
             assert on_w["sum"] == int(make(n, seed).sum(dtype=np.uint64))
             assert not on_w["where"].startswith("/memfd:") and on_w["owned"] == 0
             assert w in transfer._NO_SHM
+        big = make(n, 7).tobytes()
+        about = c.submit(about_bytes, c.scatter(big), pure=False).result()
+        assert about == ("bytes", n, hashlib.sha1(big).hexdigest(), 0)
         assert owned() == (0, set())

@@ -107,8 +107,21 @@ def plain_token(tok: str, args: tuple[Any, ...]) -> str:
     return hashlib.md5(f"plain-{tok}-{args!r}".encode(), usedforsecurity=False).hexdigest()
 
 
+#: A scattered ``bytes`` of at least this many bytes is keyed by the SHA-1 of its
+#: contents (40 hex digits), not by dask's ``tokenize``: that hashes the ``repr`` of the
+#: bytes (four characters a byte), holding the GIL all along: 20-35 s for 500 MB, during
+#: which the client's connections time out. A different key than dask's for the same
+#: value (``docs/dask-compatibility.md``), still one per content.
+LARGE_BYTES_KEY: Final = 1 << 20
+
+
 def scatter_key(value: Any, hash: bool) -> str:
-    return f"{type(value).__name__}-{tokenize(value) if hash else uuid.uuid4().hex}"
+    """``<type>-<token>``: dask's ``tokenize`` of the value (``hash``) or a random id."""
+    if not hash:
+        return f"{type(value).__name__}-{uuid.uuid4().hex}"
+    if type(value) is bytes and len(value) >= LARGE_BYTES_KEY:
+        return f"bytes-{hashlib.sha1(value, usedforsecurity=False).hexdigest()}"
+    return f"{type(value).__name__}-{tokenize(value)}"
 
 
 def check_key(key: Any) -> None:

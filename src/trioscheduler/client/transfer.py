@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, SupportsIndex
 
 import trio
 from dask.sizeof import sizeof
@@ -215,11 +216,15 @@ async def scatter(
         values = list(data.values())
     else:
         values = list(data)
-    large = any(_large(v) for v in values)
+    large = [_large(v) for v in values]
     names: list[Any] = []
     if given is not None:
         names = given
-    elif not large:
+    elif not any(large) or not all(
+        _hashed_without_gil(v) for b, v in zip(large, values, strict=True) if b
+    ):
+        # hashed here, before any connection is opened: a hash that holds the GIL for
+        # long (an object's pickle, a long repr) would stall a handshake in progress
         names = _tokens(values, hash)
     with trio.fail_after(client.timeout if timeout is None else timeout):
         nthreads: dict[str, int] = await client.rpc({"op": "nthreads", "workers": workers})
@@ -240,9 +245,10 @@ async def scatter(
     nbytes: dict[Any, int] = {}
     seqs: dict[str, int] = {}
     named = trio.Event()
+    sent = [_LargeBytes(v) if _large_bytes(v) else v for v in values]
 
     async def name_all() -> None:
-        if not names:  # large values: hashed in a thread, beside their copies
+        if not names:  # large arrays or bytes: hashed in a thread, beside their copies
             tokens = await trio.to_thread.run_sync(_tokens, values, hash)
             names.extend(tokens)
         named.set()
@@ -251,12 +257,12 @@ async def scatter(
         async with client.worker_connection(worker) as stream:
             handoffs: dict[int, shm.HandOff] = {}
             try:
-                if large and _same_host(worker, stream.peer_info):
-                    handoffs = await trio.to_thread.run_sync(_hand_off, values, idx)
+                if any(large[i] for i in idx) and _same_host(worker, stream.peer_info):
+                    handoffs = await trio.to_thread.run_sync(_hand_off, sent, idx)
                 await named.wait()
                 request: dict[str, Any] = {
                     "op": "update_data",
-                    "data": {names[i]: values[i] for i in idx if i not in handoffs},
+                    "data": {names[i]: sent[i] for i in idx if i not in handoffs},
                 }
                 if handoffs:
                     request["shared"] = {names[i]: h.message for i, h in handoffs.items()}
@@ -272,9 +278,7 @@ async def scatter(
             )  # fmt: skip
             _NO_SHM.add(worker)
             async with client.worker_connection(worker) as stream:
-                await stream.send(
-                    {"op": "update_data", "data": {names[i]: values[i] for i in idx}}
-                )
+                await stream.send({"op": "update_data", "data": {names[i]: sent[i] for i in idx}})
                 reply = await stream.receive()
         if reply.get("status") != "OK":
             raise TrioSchedulerError(f"scatter to {worker} failed: {reply.get('text')}")
@@ -316,9 +320,47 @@ async def scatter(
 _NO_SHM: set[str] = set()
 
 
+_IN_BAND: Final = (bytes, str)
+
+
+class _LargeBytes:
+    """A large ``bytes`` on its way to a worker, which unpickles it as ``bytes(buffer)``:
+    its contents travel out of band (a frame of their own, or a segment handed over),
+    never packed into the message header first (msgpack would copy it there, growing its
+    buffer as it goes, before the wire found the message large: 1-3 s for 500 MB)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        if int(protocol) < 5:
+            return bytes, (self.value,)
+        return bytes, (pickle.PickleBuffer(self.value),)
+
+
+def _large_bytes(value: Any) -> bool:
+    return type(value) is bytes and len(value) >= shm_policy.SHM_MIN_BYTES
+
+
 def _large(value: Any) -> bool:
     """Could ``value`` carry a buffer worth handing over through shared memory?"""
     return shm_policy.share_buffer(sizeof(value))
+
+
+def _hashed_without_gil(value: Any) -> bool:
+    """Whether ``scatter_key`` hashes ``value`` with the GIL released (``hashlib`` over
+    its buffer): a ``bytes``, a numpy array of plain numbers (dask's ``tokenize``)."""
+    if type(value) is bytes:
+        return True
+    dtype = getattr(value, "dtype", None)
+    return (
+        type(value).__name__ == "ndarray"
+        and type(value).__module__ == "numpy"
+        and dtype is not None
+        and not dtype.hasobject
+    )
 
 
 def _tokens(values: list[Any], hash: bool) -> list[str]:
@@ -339,6 +381,8 @@ def _hand_off(values: list[Any], idx: list[int]) -> dict[int, shm.HandOff]:
     out: dict[int, shm.HandOff] = {}
     try:
         for i in idx:
+            if type(values[i]) in _IN_BAND:  # pickled in line: nothing to hand over
+                continue
             h = shm.hand_off(values[i])
             if h is not None:
                 out[i] = h
