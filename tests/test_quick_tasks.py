@@ -58,6 +58,11 @@ def slow_at(i: int, slow: int) -> int:
     return i + 1
 
 
+def large_at(i: int, large: int) -> Any:
+    RUNS.append(("large_at", i, threading.get_ident()))
+    return b"x" * 100_000 if i == large else i + 1
+
+
 def runs(name: str, i: int) -> list[int]:
     """The threads that ran ``name(i)``, in order."""
     return [ident for fn, arg, ident in RUNS if fn == name and arg == i]
@@ -166,3 +171,17 @@ async def test_a_kind_slow_on_the_loop_goes_back_to_the_threads() -> None:
             for j in range(slow + 1, slow + 1 + 2 * STREAK):
                 assert await c.submit(slow_at, j, slow, pure=False).result() == j + 1
                 assert runs("slow_at", j) != [loop]
+
+
+async def test_a_kind_that_returned_a_large_result_on_the_loop_stays_in_threads() -> None:
+    RUNS.clear()
+    loop = threading.get_ident()
+    with trio.fail_after(TIMEOUT):
+        async with cluster() as c:
+            i = await on_loop_from(c, large_at, -1)
+            large = i + 1
+            assert await c.submit(large_at, large, large, pure=False).result() == b"x" * 100_000
+            assert runs("large_at", large) == [loop]
+            for j in range(large + 1, large + 20):
+                assert await c.submit(large_at, j, large, pure=False).result() == j + 1
+                assert runs("large_at", j) != [loop]

@@ -51,7 +51,7 @@ from dask.utils import typename
 from trioscheduler.core.messages import ExecuteFailure, ExecuteSuccess, RescheduleEvent
 from trioscheduler.server import task_context
 from trioscheduler.server.profiling import EXECUTING
-from trioscheduler.server.quick_tasks import QuickTasks, kind_of
+from trioscheduler.server.quick_tasks import QuickTasks, kind_of, went_well
 from trioscheduler.wire import runspec
 from trioscheduler.wire.remote_error import pack_exception
 
@@ -287,10 +287,9 @@ class ThreadExecutor:
                 task_context.on_loop.reset(tokens[2])
                 task_context.current_key.reset(tokens[1])
                 task_context.current_worker.reset(tokens[0])
-            ok = done.error is None and done.coroutine is None and not done.rescheduled
             kind = kind_of(key)
             if kind is not None:
-                self.quick.note(kind, done.stop - done.start, ok, on_loop=True)
+                self.quick.note(kind, done.stop - done.start, went_well(done), on_loop=True)
             if done.error is not None:
                 self._queue(job)
                 return
@@ -448,8 +447,7 @@ class ThreadExecutor:
             if self._watched:
                 kind = self._watched.pop(key, None)
                 if kind is not None:
-                    ok = done.error is None and done.coroutine is None and not done.rescheduled
-                    self.quick.note(kind, done.stop - done.start, ok)
+                    self.quick.note(kind, done.stop - done.start, went_well(done))
             del job, run_spec, data
             if self.after_task is not None:
                 try:

@@ -15,8 +15,11 @@ So a task runs on the loop only when all of these hold:
   spec is small bytes (``SPEC_BYTES``: no large argument unpickled on the loop);
 * its *kind* (the key's name part, ``inc`` of ``inc-<token>``, as dask's
   ``key_split`` but cheaper) finished its last ``STREAK`` runs without an error, each
-  within ``QUICK_SECONDS`` (runs measured in a thread while all others were idle);
-* the kind never raised on the loop (that sends it to the threads for good); a run on
+  within ``QUICK_SECONDS`` and with a result of at most ``RESULT_BYTES`` (a large one
+  is copied into shared memory as it returns, ``same_host``: not on the loop), runs
+  measured in a thread while all others were idle;
+* the kind never raised nor returned a large result on the loop (either sends it to
+  the threads for good; the large result is placed there this once); a run on
   the loop that took longer than ``QUICK_SECONDS`` (a task that blocked, or a loop the
   machine preempted) sends the kind back to the threads until it shows twice as long a
   streak as it needed before: a kind that is slow now and then runs on the loop ever
@@ -46,6 +49,19 @@ STREAK = 3
 
 SPEC_BYTES = 4096
 """Larger run specs are unpickled in a thread, never on the loop."""
+
+RESULT_BYTES = 64 * 1024
+"""A run whose result is larger (``sizeof``) is not quick."""
+
+
+def went_well(done: Any) -> bool:
+    """Did this run (an ``executor.Done``) end in a plain, small result?"""
+    return (
+        done.error is None
+        and done.coroutine is None
+        and not done.rescheduled
+        and done.nbytes <= RESULT_BYTES
+    )
 
 
 def kind_of(key: Any) -> str | None:
