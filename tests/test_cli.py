@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import signal
 import sys
@@ -18,6 +20,7 @@ import trio
 import trioscheduler
 from trioscheduler.cli.main import build_parser
 from trioscheduler.client.client import Client
+from trioscheduler.server.collector import ENV, THRESHOLDS, tune_collector
 from trioscheduler.server.nanny import fork_supported
 from trioscheduler.server.task_context import get_worker
 from trioscheduler.server.worker_process import parse_resources
@@ -150,6 +153,10 @@ async def test_worker_under_nanny_restarts_and_exits_with_scheduler(
             ) as w:  # fmt: skip
                 async with Client(address, asynchronous=True, timeout=20) as c:
                     await c.wait_for_workers(1)
+                    # the scheduler's and the worker's collectors are tuned; ours is not
+                    assert await c.run_on_scheduler(gc.get_threshold) == THRESHOLDS
+                    assert await c.submit(gc.get_threshold, pure=False) == THRESHOLDS
+                    assert gc.get_threshold() != THRESHOLDS
                     pid = await c.submit(os.getpid, pure=False)
                     forked = psutil.Process(pid).name() == "trioscheduler"
                     assert forked == (method == "fork")
@@ -181,6 +188,21 @@ async def test_demo_runs(tmp_path: Path) -> None:
         assert "52,527 takes 339 steps" in out
         assert "cluster closed" in out
         assert "Traceback" not in demo.stderr()
+
+
+def test_collector_thresholds_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = gc.get_threshold()
+    try:
+        monkeypatch.setenv(ENV, "700,10,10")
+        assert tune_collector() == (700, 10, 10) == gc.get_threshold()
+        monkeypatch.setenv(ENV, "lots")
+        with caplog.at_level(logging.WARNING, logger="trioscheduler.server"):
+            assert tune_collector() == THRESHOLDS == gc.get_threshold()
+        assert "is not one to three non-negative integers" in caplog.text
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_contact_address() -> None:

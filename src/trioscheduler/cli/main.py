@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from trioscheduler.server.collector import tune_collector
 from trioscheduler.server.worker_process import add_arguments as add_worker_arguments
 from trioscheduler.server.worker_process import (
     configure_logging,
@@ -424,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trioscheduler.cli.ssh import run as command
     else:
         command = _scheduler_main if args.command == "scheduler" else run_worker
+        tune_collector()
     try:
         trio.run(run_until_signal, lambda: command(args))
     except KeyboardInterrupt:  # a signal that arrived before the handler was installed

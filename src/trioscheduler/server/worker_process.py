@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from trioscheduler.server.collector import tune_collector
 from trioscheduler.wire.address import tcp_address
 
 __all__ = [
@@ -373,6 +374,7 @@ def main(argv: Sequence[str]) -> int:
     """A nanny's forked child: run the worker its command line describes; the exit code."""
     args = parser().parse_args(argv)
     configure_logging(args.log_level)
+    tune_collector()
     try:
         trio.run(run_until_signal, lambda: run(args))
     except KeyboardInterrupt:
