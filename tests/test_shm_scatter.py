@@ -23,13 +23,20 @@ import pytest
 from dask.base import tokenize
 
 from polling import eventually
-from test_shm import MB, dev_shm, holders, make, pid_of, probe, token_of
+from test_shm import MB, holders, make, pid_of, probe, token_of
+from test_shm import dev_shm as all_dev_shm
 from trioscheduler.client import transfer
 from trioscheduler.client.client import Client
 from trioscheduler.deploy.cluster import LocalCluster
 from trioscheduler.wire import shm
 
 pytestmark = pytest.mark.skipif(shm.HOST_ID is None, reason="no memfd on this system")
+
+
+def dev_shm() -> set[str]:
+    """Our files in ``/dev/shm`` (there should be none: segments are anonymous); other
+    processes on the machine (other test runs' multiprocessing semaphores) come and go."""
+    return {name for name in all_dev_shm() if "trioscheduler" in name}
 
 
 def owned() -> tuple[int, set[str]]:
@@ -98,6 +105,22 @@ def test_scatter_of_large_bytes_keys_by_contents_and_gives_bytes() -> None:
         h = c.scatter(objects)
         assert h.key == f"ndarray-{tokenize(objects)}"
         assert c.submit(len, h, pure=False).result() == len(objects)
+
+
+async def test_in_process_workers_get_scattered_values_themselves() -> None:
+    from trioscheduler.deploy.cluster import open_cluster
+
+    big, array = make(2 * MB, 8).tobytes(), make(2 * MB, 9)
+    async with open_cluster(1, 1, processes=False, memory_limit=0) as cluster:
+        async with Client(cluster, asynchronous=True) as c:
+            f, g = await c.scatter([big, array])
+            assert await c.submit(about_bytes, f, pure=False) == (
+                "bytes", len(big), hashlib.sha1(big).hexdigest(), 0,
+            )  # fmt: skip
+            on_w = await c.submit(probe, g, pure=False)
+            assert not on_w["where"].startswith("/memfd:") and on_w["sum"] == int(
+                array.sum(dtype=np.uint64)
+            )
 
 
 def _client_process(address: str) -> None:

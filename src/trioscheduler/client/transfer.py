@@ -34,6 +34,7 @@ from trioscheduler.client.keys import check_key, scatter_key
 from trioscheduler.core import shm_policy
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.wire import shm
+from trioscheduler.wire.inproc import InprocStream
 from trioscheduler.wire.remote_error import unpack_exception
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ async def scatter(
     nbytes: dict[Any, int] = {}
     seqs: dict[str, int] = {}
     named = trio.Event()
-    sent = [_LargeBytes(v) if _large_bytes(v) else v for v in values]
+    encoded = [_LargeBytes(v) if _large_bytes(v) else v for v in values]
 
     async def name_all() -> None:
         if not names:  # large arrays or bytes: hashed in a thread, beside their copies
@@ -255,6 +256,8 @@ async def scatter(
 
     async def send(worker: str, idx: list[int]) -> None:
         async with client.worker_connection(worker) as stream:
+            # a worker in this trio run gets the values themselves, by reference
+            sent = values if isinstance(stream, InprocStream) else encoded
             handoffs: dict[int, shm.HandOff] = {}
             try:
                 if any(large[i] for i in idx) and _same_host(worker, stream.peer_info):
@@ -278,7 +281,8 @@ async def scatter(
             )  # fmt: skip
             _NO_SHM.add(worker)
             async with client.worker_connection(worker) as stream:
-                await stream.send({"op": "update_data", "data": {names[i]: sent[i] for i in idx}})
+                data = {names[i]: encoded[i] for i in idx}
+                await stream.send({"op": "update_data", "data": data})
                 reply = await stream.receive()
         if reply.get("status") != "OK":
             raise TrioSchedulerError(f"scatter to {worker} failed: {reply.get('text')}")
