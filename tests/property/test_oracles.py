@@ -85,3 +85,26 @@ def test_a_transfer_that_arrives_for_nobody_is_dropped_unreported() -> None:
     sim.gather(b, a)  # x arrives and is dropped; the oracle accepts it
     assert "x" not in sim.workers[b].data
     settled(sim)
+
+
+def test_a_transfer_of_a_key_the_worker_was_asked_to_compute_is_reported_as_finished() -> None:
+    """B fetches ``x`` from A for ``y``; the client cancels ``x`` and submits ``x`` and
+    ``y`` again, now both on B: B, still fetching, is asked to compute ``x``
+    (``flight -> resumed``). The transfer then brings the value, which B reports as the
+    run's result (``TaskFinished``), not as a replica. The transfers-reported oracle
+    accepts either report (it fired on this path in the compiled core's ci run)."""
+    sim = ClusterSimulator(validate=True)
+    a = sim.add_worker(name="A")
+    b = sim.add_worker(name="B")
+    sim.submit("c", [SimTask("x", workers=["A"])], ["x"])
+    sim.run_to_completion()
+    sim.submit("c", [SimTask("y", ["x"], workers=["B"])], ["y"])
+    sim.deliver("scheduler", b)  # B fetches x from A
+    sim.cancel("c", ["x"])  # x and y go; A's FreeKeys(x) stays undelivered
+    sim.submit("c", [SimTask("x", workers=["B"]), SimTask("y", ["x"], workers=["B"])], ["y"])
+    sim.deliver("scheduler", b, n=10)  # FreeKeys(y), then ComputeTask(x): resumed
+    assert sim.workers[b].state.tasks["x"].state == "resumed"
+    sim.gather(b, a)  # the value arrives: TaskFinished(x)
+    assert sim.workers[b].state.tasks["x"].state == "memory"
+    settled(sim)
+    assert sim.scheduler.tasks["y"].state == "memory"

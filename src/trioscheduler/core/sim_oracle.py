@@ -24,7 +24,8 @@ themselves, independently of the scheduler's own bookkeeping for them:
   named that peer as a holder of the key to it since: a transfer retried from the same
   peer without news may go on for ever.
 * **Transfers reported** (after each batch a worker handles): every value a transfer
-  brought that the worker keeps is in that batch's ``AddKeys``. The scheduler counts a
+  brought that the worker keeps is in that batch's ``AddKeys`` (or its ``TaskFinished``,
+  when the worker was asked to compute the key meanwhile). The scheduler counts a
   replica only when told: ``client.who_has``, the AMM, rebalancing and retirement (which
   waits for its replicas to be counted, for ever) all rely on it, while the worker's
   dependents would run alike without it.
@@ -167,20 +168,25 @@ class RunOracle:
         worker: str, events: Iterable[Any], out: Iterable[Any], tasks: dict[Key, Any]
     ) -> None:
         """``worker`` handled ``events`` (its tasks now ``tasks``) and answered ``out``:
-        each value a transfer brought that it keeps is reported (``AddKeys``)."""
+        each value a transfer brought that it keeps is reported: a replica by ``AddKeys``,
+        a key it was asked to compute meanwhile (``resumed``) by ``TaskFinished``."""
         arrived = [k for ev in events if type(ev) is GatherDepSuccess for k in ev.data]
         if not arrived:
             return
         added: set[Key] = set()
         for ins in out:
-            if type(ins) is ToScheduler and type(ins.msg) is AddKeys:
-                added.update(ins.msg.keys)
+            if type(ins) is ToScheduler:
+                t = type(ins.msg)
+                if t is AddKeys:
+                    added.update(ins.msg.keys)
+                elif t is TaskFinished:
+                    added.add(ins.msg.key)
         for key in arrived:
             ts = tasks.get(key)
             if ts is not None and ts.state == "memory" and key not in added:
                 raise OracleError(
                     f"{worker} keeps {key!r}, which a transfer just brought, and does not "
-                    "tell the scheduler (no AddKeys): it is a replica nobody counts"
+                    "tell the scheduler (no AddKeys or TaskFinished): a replica nobody counts"
                 )
 
     def _named(self, worker: str, who_has: dict[Key, Any]) -> None:
