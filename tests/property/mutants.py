@@ -181,6 +181,30 @@ MUTANTS = [
         "        ts.spillable = False\n        if False:",
         "a value whose spill file failed is counted as on disk while it is in RAM",
     ),
+    # session 8: the fixes of scatter races (each reproduced first by a named test)
+    Mutant(
+        "missing-data-no-free",
+        "scheduler.py",
+        "            self.free_on(errant.address, ts.key)\n",
+        "",
+        "a worker that lacked a key when asked but holds it again keeps a copy nobody counts",
+    ),
+    Mutant(
+        "release-data-ignores-seq",
+        "scheduler.py",
+        "                if newer is not None and ev.seq < newer < ce.UNKNOWN_SEQ:",
+        "                if False:",
+        "a key scattered again to a worker whose report of dropping it is still on its way "
+        "is freed there: scattered data 'lost'",
+    ),
+    Mutant(
+        "free-keys-ignores-seq",
+        "worker.py",
+        "                    and ev.seqs.get(key, 0) < seq",
+        "                    and False",
+        "a key scattered again right after its release is dropped by the free of the old "
+        "value: scattered data 'lost'",
+    ),
 ]
 
 

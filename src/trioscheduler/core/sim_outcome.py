@@ -141,9 +141,12 @@ def check_key(
         if not sim.lost:
             out.append(f"{key!r} erred with KilledWorker, but no worker was lost")
     elif isinstance(exc, TrioSchedulerError) and "Scatter it again" in str(exc):
-        # scattered data lost (or freed while a scatter of it raced the FreeKeys)
+        # scattered data lost with the workers that held it (a scatter racing a FreeKeys
+        # or a ReleaseWorkerData of the same key is settled by numbered data updates)
         if not any(graph[k].scattered for k in sim.lineage(key)):
             out.append(f"{key!r} erred as lost scattered data, but none is in its lineage")
+        elif not sim.lost:
+            out.append(f"{key!r} erred as lost scattered data, but no worker was lost")
     else:
         out.append(f"{key!r} erred with an unexpected {exc!r}")
     return out
