@@ -210,6 +210,9 @@ class ThreadExecutor:
         # not yet queued: (job, behind)
         self._pending: list[tuple[tuple[Any, bytes, Mapping[Any, Any]], bool]] = []
         self._deferred = 0  # loop rounds the pending jobs waited without an I/O wait
+        # prefetched jobs submitted between ``hold`` and ``release``, queued together
+        self._holds = 0
+        self._held: list[tuple[tuple[Any, bytes, Mapping[Any, Any]], bool]] = []
         self._instrument: _HandOver | None = None
         # called in the task's thread with each finished task before the loop gets it
         # (the worker places large results in shared memory there: ``same_host``)
@@ -247,8 +250,12 @@ class ThreadExecutor:
         if self._parked is not None:  # not alone after all: the parked job goes first
             parked, self._parked = self._parked, None
             self._queue(parked)
+        if self._held and not behind:  # held prefetched jobs go first
+            self._queue_held()
         if self._pending:
             self._pending.append(((key, run_spec, data), behind))
+        elif behind and self._holds:
+            self._held.append(((key, run_spec, data), True))
         elif behind or self._instrument is None:
             self._queue((key, run_spec, data), behind=behind)
         elif self._idle > 0 and self._idle == self._threads:
@@ -261,6 +268,23 @@ class ThreadExecutor:
             self._queue((key, run_spec, data))
         else:
             self._pending.append(((key, run_spec, data), False))
+
+    def hold(self) -> None:
+        """Until the matching ``release``, prefetched jobs wait to be queued together: a
+        worker's core prefetches a burst of tasks in one ``handle``, and one hand-over
+        for the burst costs one write to the pipe instead of one per task (each a system
+        call that lets go of the GIL, so the task thread may take it in between)."""
+        self._holds += 1
+
+    def release(self) -> None:
+        """Queue the prefetched jobs held since the first ``hold`` (calls nest)."""
+        self._holds -= 1
+        if not self._holds and self._held:
+            self._queue_held()
+
+    def _queue_held(self) -> None:
+        jobs, self._held = self._held, []
+        self._queue_many(jobs)
 
     @property
     def parked(self) -> bool:
@@ -315,25 +339,31 @@ class ThreadExecutor:
             return
         self._deferred = 0
         jobs, self._pending = self._pending, []
-        for job, behind in jobs:
-            self._queue(job, behind=behind)
+        self._queue_many(jobs)
 
     def _queue(self, job: tuple[Any, bytes, Mapping[Any, Any]], *, behind: bool = False) -> None:
+        self._queue_many([(job, behind)])
+
+    def _queue_many(self, jobs: list[tuple[tuple[Any, bytes, Mapping[Any, Any]], bool]]) -> None:
+        """Queue ``(job, behind)`` pairs in order: one byte each in the pipe, written at
+        once, and the threads they need started."""
+        spawns: list[int] = []
         with self._lock:
             if self._closed:
                 return
-            spawn = self._idle <= 0
-            if behind and spawn:  # waits for a busy thread, if enough take jobs
-                spawn = self._threads - len(self._seceded) < self.nthreads
-            if spawn:
-                self._threads += 1
-                self._serial += 1
-                serial = self._serial
-            else:
-                self._idle -= 1
-            self._jobs.append(job)
-        os.write(self._wfd, b"\0")
-        if spawn:
+            for job, behind in jobs:
+                spawn = self._idle <= 0
+                if behind and spawn:  # waits for a busy thread, if enough take jobs
+                    spawn = self._threads - len(self._seceded) < self.nthreads
+                if spawn:
+                    self._threads += 1
+                    self._serial += 1
+                    spawns.append(self._serial)
+                else:
+                    self._idle -= 1
+                self._jobs.append(job)
+        os.write(self._wfd, b"\0" * len(jobs))
+        for serial in spawns:
             self._spawn(serial)
 
     def _spawn(self, serial: int) -> None:
@@ -420,6 +450,7 @@ class ThreadExecutor:
                 pass
             self._instrument = None
         self._pending.clear()
+        self._held.clear()
         self._parked = None
         with self._lock:
             if self._closed:

@@ -619,39 +619,43 @@ class Worker(RunsInAsyncWith):
         out = state.handle(*events)
         if self.plugins.watching:
             self.plugins.transitions()
-        while out:
-            written: list[Any] = []  # spills with nothing to write: on disk already
-            for ins in out:
-                kind = type(ins)
-                if kind is ToScheduler:
-                    self._send(ins.msg, ins.lazy)
-                elif kind is Execute:
-                    self._execute(ins.key, ins.run_spec, ins.behind)
-                elif kind is GatherDep:
-                    self._start(gather_dep, self, ins.peer, ins.keys)
-                elif kind is Spill:  # the core counts it as being written; the
-                    # file is written in a thread (a value stays readable meanwhile)
-                    assert self._spill_writer is not None
-                    ts = state.tasks.get(ins.key)
-                    if not self._spill_writer.spill(ins.key, ts.nbytes if ts is not None else 0):
-                        written.append(ins.key)
-                elif kind is Unspill:  # only marks the key: the task thread gathering
-                    # the task's inputs reads it (``DataStore.__getitem__``), off the loop
-                    assert self.store is not None
-                    self.store.want(ins.key)
-                elif kind is DeleteData:
-                    assert self.store is not None
-                    self.store.delete(ins.key)
-                    self.actors.forget(ins.key)
-                else:  # pragma: no cover - a new instruction type the shell does not know yet
-                    logger.error("worker %s: unknown instruction %r", self.address, ins)
-            if not written:
-                break
-            # told after the instructions that came with the Spill, in their order
-            done = SpillWritten(stimulus_id=_stimulus("spill-written"), now=_now(), keys=written)
-            if self._log is not None:
-                self._log.record((done,))
-            out = state.handle(done)
+        self._executor.hold()  # prefetched tasks go to the threads together
+        try:
+            while out:
+                written: list[Any] = []  # spills with nothing to write: on disk already
+                for ins in out:
+                    kind = type(ins)
+                    if kind is ToScheduler:
+                        self._send(ins.msg, ins.lazy)
+                    elif kind is Execute:
+                        self._execute(ins.key, ins.run_spec, ins.behind)
+                    elif kind is GatherDep:
+                        self._start(gather_dep, self, ins.peer, ins.keys)
+                    elif kind is Spill:  # the core counts it as being written; the
+                        # file is written in a thread (a value stays readable meanwhile)
+                        assert self._spill_writer is not None
+                        ts = state.tasks.get(ins.key)
+                        if not self._spill_writer.spill(ins.key, ts.nbytes if ts is not None else 0):
+                            written.append(ins.key)
+                    elif kind is Unspill:  # only marks the key: the task thread gathering
+                        # the task's inputs reads it (``DataStore.__getitem__``), off the loop
+                        assert self.store is not None
+                        self.store.want(ins.key)
+                    elif kind is DeleteData:
+                        assert self.store is not None
+                        self.store.delete(ins.key)
+                        self.actors.forget(ins.key)
+                    else:  # pragma: no cover - a new instruction type the shell does not know yet
+                        logger.error("worker %s: unknown instruction %r", self.address, ins)
+                if not written:
+                    break
+                # told after the instructions that came with the Spill, in their order
+                done = SpillWritten(stimulus_id=_stimulus("spill-written"), now=_now(), keys=written)
+                if self._log is not None:
+                    self._log.record((done,))
+                out = state.handle(done)
+        finally:
+            self._executor.release()
         if self._executor.parked:  # a lone quick task: run here, now (``quick_tasks``)
             self._executor.run_parked(self._finished)
 
