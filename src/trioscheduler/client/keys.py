@@ -11,6 +11,7 @@ same call is the same key (computed once); an impure call gets a random suffix.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +45,16 @@ def submit_key(
 ) -> str:
     if pure:
         return f"{funcname(func)}-{tokenize(func, kwargs, *args)}"
-    return f"{funcname(func)}-{uuid.uuid4().hex}"
+    return f"{funcname(func)}-{uuid4_hex()}"
+
+
+def uuid4_hex() -> str:
+    """``uuid.uuid4().hex``, the same bits (version 4, RFC 4122 variant), without the
+    ``UUID`` object: ~1.3 us instead of ~5 on a ``submit(pure=False)``'s critical path."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    return b.hex()
 
 
 def map_keys(
