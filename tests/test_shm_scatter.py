@@ -23,20 +23,13 @@ import pytest
 from dask.base import tokenize
 
 from polling import eventually
-from test_shm import MB, holders, make, pid_of, probe, token_of
-from test_shm import dev_shm as all_dev_shm
+from test_shm import MB, dev_shm, holders, make, pid_of, probe, token_of
 from trioscheduler.client import transfer
 from trioscheduler.client.client import Client
 from trioscheduler.deploy.cluster import LocalCluster
 from trioscheduler.wire import shm
 
 pytestmark = pytest.mark.skipif(shm.HOST_ID is None, reason="no memfd on this system")
-
-
-def dev_shm() -> set[str]:
-    """Our files in ``/dev/shm`` (there should be none: segments are anonymous); other
-    processes on the machine (other test runs' multiprocessing semaphores) come and go."""
-    return {name for name in all_dev_shm() if "trioscheduler" in name}
 
 
 def owned() -> tuple[int, set[str]]:
