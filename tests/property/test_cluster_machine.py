@@ -337,7 +337,7 @@ class ClusterMachine(RuleBasedStateMachine):
             key = f"scat-{self.n_scattered}"
         addrs = sorted(sim.workers)
         to = [pick(addrs, i + j) for j in range(min(n, len(addrs)))]
-        sim.scatter(client, key, [a for a in to if not self._stale_release(a, key)])
+        sim.scatter(client, key, to)
 
     def _sought(self) -> list[tuple[str, Any]]:
         """(worker, key) pairs: a worker looking for data of a task that cannot fail."""
@@ -366,21 +366,7 @@ class ClusterMachine(RuleBasedStateMachine):
             sought = [(a, k) for a, k in sought if workers[a].state.tasks[k].state == state] or sought
         if sought:
             addr, key = pick(sought, i)
-            if not self._stale_release(addr, key):
-                self.sim.scatter(client, key, [addr])
-
-    def _stale_release(self, addr: str, key: Any) -> bool:
-        """A ``FreeKeys`` of ``key`` on its way to ``addr`` drops a scatter of ``key`` to
-        ``addr`` that the scheduler may count; the scatter rules do not scatter there,
-        unless the key is processing on ``addr`` (and no steal of it is pending): since
-        2fb12e3 the scheduler keeps that run rather than count the data
-        (``test_scatter_over_a_rescheduled_task_races_its_stale_free_keys``)."""
-        s = self.sim.scheduler
-        sts = s.tasks.get(key)
-        if sts is not None and sts.processing_on == addr and key not in s.steals:
-            return False
-        queue = self.sim.queues.get(("scheduler", addr), ())
-        return any(type(m) is FreeKeys and key in m.keys for m in queue)
+            self.sim.scatter(client, key, [addr])
 
     def _moving(self, state: str) -> list[tuple[str, Any]]:
         """(worker, key) pairs: a computed key a worker is running, fetching or still
