@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -14,7 +15,15 @@ import pytest
 import trio
 
 from trioscheduler import Client, Scheduler, Worker, worker_client
-from trioscheduler.server.quick_tasks import ENV, SPEC_BYTES, STREAK, QuickTasks, kind_of
+from trioscheduler.server.quick_tasks import (
+    ENV,
+    SPEC_BYTES,
+    STREAK,
+    QuickTasks,
+    kind_of,
+    loop_only_error,
+)
+from trioscheduler.server.task_context import RunInThread
 
 TIMEOUT = 60
 RUNS: list[tuple[str, int, int]] = []  # (function, argument, thread ident) of every run
@@ -144,19 +153,39 @@ async def test_a_task_that_needs_a_thread_gets_one_after_its_start_on_the_loop()
                 assert all(runs("needs_a_thread", i) != [loop] for i in range(restarted[0] + 1, 60))
 
 
-async def test_an_error_on_the_loop_is_the_error_of_its_run_in_a_thread() -> None:
+async def test_an_error_on_the_loop_is_the_tasks_own_and_it_runs_once() -> None:
+    """A task that raises on the loop is not run again (its side effects happen once, as
+    in dask), and its error reaches the user with the task's own frame."""
     RUNS.clear()
     loop = threading.get_ident()
     with trio.fail_after(TIMEOUT):
         async with cluster() as c:
             i = await on_loop_from(c, fails_at, -1)
             bad = i + 1
+            future = c.submit(fails_at, bad, bad, pure=False)
             with pytest.raises(ValueError, match=f"bad argument {bad}"):
-                await c.submit(fails_at, bad, bad, pure=False).result()
-            first, second = runs("fails_at", bad)
-            assert first == loop and second != loop
+                await future.result()
+            assert runs("fails_at", bad) == [loop]
+            tb = "".join(traceback.format_tb(await future.traceback()))
+            assert "fails_at" in tb and 'raise ValueError(f"bad argument {i}")' in tb
             assert await c.submit(fails_at, bad + 1, bad, pure=False).result() == bad + 2
-            assert runs("fails_at", bad + 1) != [loop]
+
+
+def test_only_errors_of_the_loop_itself_send_a_task_to_a_thread() -> None:
+    assert loop_only_error(RunInThread("secede() needs a task thread"))
+    for call in (lambda: trio.from_thread.run_sync(int), lambda: trio.run(trio.sleep, 0)):
+
+        async def on_a_trio_thread(call: Any = call) -> BaseException:
+            try:
+                call()
+            except RuntimeError as exc:
+                return exc
+            raise AssertionError("no error")
+
+        assert loop_only_error(trio.run(on_a_trio_thread))
+    assert not loop_only_error(RuntimeError("a task's own"))
+    assert not loop_only_error(ValueError("wasn't created by Trio"))
+    assert not loop_only_error(None)
 
 
 async def test_a_kind_slow_on_the_loop_goes_back_to_the_threads() -> None:

@@ -51,7 +51,7 @@ from dask.utils import typename
 from trioscheduler.core.messages import ExecuteFailure, ExecuteSuccess, RescheduleEvent
 from trioscheduler.server import task_context
 from trioscheduler.server.profiling import EXECUTING
-from trioscheduler.server.quick_tasks import QuickTasks, kind_of, went_well
+from trioscheduler.server.quick_tasks import QuickTasks, kind_of, loop_only_error, went_well
 from trioscheduler.wire import runspec
 from trioscheduler.wire.remote_error import pack_exception
 
@@ -292,8 +292,8 @@ class ThreadExecutor:
 
     def run_parked(self, finished: Callable[[list[Done]], None]) -> None:
         """(Loop.) Run the parked job here and pass its ``Done`` to ``finished``; the
-        jobs that sets off go to the threads. One that raises runs again in a thread,
-        whose outcome is the task's (``quick_tasks``)."""
+        jobs that sets off go to the threads. One that failed only because it ran on
+        the loop runs again in a thread, whose outcome is the task's (``quick_tasks``)."""
         job, self._parked = self._parked, None
         if job is None or self._closed:
             return
@@ -311,10 +311,12 @@ class ThreadExecutor:
                 task_context.on_loop.reset(tokens[2])
                 task_context.current_key.reset(tokens[1])
                 task_context.current_worker.reset(tokens[0])
+            needs_thread = loop_only_error(done.exception)
             kind = kind_of(key)
-            if kind is not None:
-                self.quick.note(kind, done.stop - done.start, went_well(done), on_loop=True)
-            if done.error is not None:
+            if kind is not None:  # (a task's own error ends the streak, as in a thread)
+                mine = done.error is not None and not needs_thread
+                self.quick.note(kind, done.stop - done.start, went_well(done), on_loop=not mine)
+            if needs_thread:
                 self._queue(job)
                 return
             if self.after_task is not None:

@@ -18,20 +18,20 @@ So a task runs on the loop only when all of these hold:
   within ``QUICK_SECONDS`` and with a result of at most ``RESULT_BYTES`` (a large one
   is copied into shared memory as it returns, ``same_host``: not on the loop), runs
   measured in a thread while all others were idle;
-* the kind never raised nor returned a large result on the loop (either sends it to
-  the threads for good; the large result is placed there this once); a run on
-  the loop that took longer than ``QUICK_SECONDS`` (a task that blocked, or a loop the
-  machine preempted) sends the kind back to the threads until it shows twice as long a
-  streak as it needed before: a kind that is slow now and then runs on the loop ever
-  more rarely, and a busy machine's noise costs a few runs in threads.
+* the kind never needed a thread nor returned a large result on the loop (either
+  sends it to the threads for good; the large result is placed there this once); a run
+  on the loop that took longer than ``QUICK_SECONDS`` (a task that blocked, or a loop
+  the machine preempted) sends the kind back to the threads until it shows twice as
+  long a streak as it needed before: a kind that is slow now and then runs on the loop
+  ever more rarely, and a busy machine's noise costs a few runs in threads.
 
-A task run on the loop that raises is run again from the start in a thread, and its
-outcome there is the task's: an error on the loop may be the loop's (a task calling
-``secede()``, ``get_client()`` or ``worker_client()``, which raise ``RunInThread``
-there, or blocking on this very loop), and a genuine error comes out the same in the
-thread. Such a task runs twice; tasks are expected to be safe to run again (a worker
-lost mid-task runs them again too). ``TRIOSCHEDULER_QUICK_TASKS_ON_LOOP=0`` in a
-worker's environment turns all of this off.
+A task that fails on the loop only because it runs there (``loop_only_error``: it
+called ``secede()``, ``get_client()`` or ``worker_client()``, which raise
+``RunInThread`` there, or a trio ``from_thread`` function, or ``trio.run``) runs again
+from the start in a thread, and its outcome there is the task's. Any other error is
+the task's own and ends it, as in a thread: it is not run twice, so the side effects
+of a task that raises happen once, as in dask. ``TRIOSCHEDULER_QUICK_TASKS_ON_LOOP=0``
+in a worker's environment turns all of this off.
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from trioscheduler.server.task_context import RunInThread
+
 ENV = "TRIOSCHEDULER_QUICK_TASKS_ON_LOOP"
+
+# what trio raises when a thread's trio function is called on a trio thread
+_TRIO_THREAD_ONLY = ("wasn't created by Trio", "call run() from inside a run()")
 
 QUICK_SECONDS = 0.001
 """A run longer than this (wall, in the task) is not quick."""
@@ -62,6 +67,13 @@ def went_well(done: Any) -> bool:
         and not done.rescheduled
         and done.nbytes <= RESULT_BYTES
     )
+
+
+def loop_only_error(exc: BaseException | None) -> bool:
+    """Did a task on the loop fail only because it ran there, not in a task thread?"""
+    if isinstance(exc, RunInThread):
+        return True
+    return type(exc) is RuntimeError and any(m in str(exc) for m in _TRIO_THREAD_ONLY)
 
 
 def kind_of(key: Any) -> str | None:
