@@ -76,7 +76,7 @@ from trioscheduler.server.fork import (
 from trioscheduler.server.lifecycle import RunsInAsyncWith
 from trioscheduler.server.plugins import NannyPlugins
 from trioscheduler.server.preload import preloads
-from trioscheduler.wire.address import tcp_address
+from trioscheduler.wire.address import default_host, tcp_address
 from trioscheduler.wire.security import Security, connect_args, listen_args, write_role_files
 from trioscheduler.wire.security import resolve as resolve_security
 
@@ -356,8 +356,6 @@ class Nanny(RunsInAsyncWith):
     # ----------------------------------------------------------------------------------
 
     def _listen_address(self) -> str:
-        from trioscheduler.server.worker import default_host
-
         if wire.parse_address(self.scheduler_address)[0] == "inproc":
             return "inproc://nanny-" + str(os.getpid()) + "-" + str(id(self))
         scheme = wire.parse_address(self.scheduler_address)[0]

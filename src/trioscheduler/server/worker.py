@@ -33,7 +33,6 @@ import itertools
 import logging
 import os
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -74,28 +73,13 @@ from trioscheduler.server.stimuli import now as _now
 from trioscheduler.server.stimuli import stimulus as _stimulus
 from trioscheduler.server.worker_peers import gather_dep, serve_peer
 from trioscheduler.wire import shm
-from trioscheduler.wire.address import tcp_address
+from trioscheduler.wire.address import default_host, tcp_address
 from trioscheduler.wire.security import Security, connect_args, listen_args
 from trioscheduler.wire.security import resolve as resolve_security
 
 logger = logging.getLogger("trioscheduler.worker")
 
 _inproc_ids = itertools.count(1)
-
-
-def default_host(scheduler_address: str) -> str:
-    """The interface to serve data on: loopback for a local scheduler, else the one
-    this machine uses to reach the scheduler (so peers on other hosts can connect)."""
-    scheme, host, port = wire.parse_address(scheduler_address)
-    if scheme not in ("tcp", "tls") or host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", ""):
-        return "127.0.0.1"
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, port or 80))
-            return str(s.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
 
 
 #: ``0`` switches same-host shared-memory transfers off for workers started without

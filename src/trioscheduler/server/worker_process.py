@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from trioscheduler.server.collector import tune_collector
-from trioscheduler.wire.address import tcp_address
+from trioscheduler.wire.address import default_host, tcp_address
 
 __all__ = [
     "START_METHOD_ENV",
@@ -464,7 +464,7 @@ async def _run(args: argparse.Namespace) -> None:
                 **common,
             )
     else:
-        from trioscheduler.server.worker import Worker, default_host
+        from trioscheduler.server.worker import Worker
 
         scheme = "tls" if common["security"] is not None else "tcp"
         if args.preload_nanny:

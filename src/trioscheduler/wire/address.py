@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Final
 
 from trioscheduler.errors import TrioSchedulerError
@@ -57,3 +58,18 @@ def tcp_address(host: str, port: int, scheme: str = "tcp") -> str:
     if ":" in host:
         return f"{scheme}://[{host}]:{port}"
     return f"{scheme}://{host}:{port}"
+
+
+def default_host(scheduler_address: str) -> str:
+    """The interface to serve data on: loopback for a local scheduler, else the one
+    this machine uses to reach the scheduler (so peers on other hosts can connect)."""
+    scheme, host, port = parse_address(scheduler_address)
+    if scheme not in ("tcp", "tls") or host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", ""):
+        return "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port or 80))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
