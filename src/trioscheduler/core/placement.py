@@ -175,3 +175,13 @@ def _least_busy(s: SchedulerState) -> WorkerRecord | None:
     ws = running[s.round_robin % len(running)]
     s.round_robin += 1
     return ws
+
+
+def describe_restrictions(ts: TaskRecord) -> str:
+    """What keeps ``ts`` off every worker, for the error of a task no worker can take."""
+    parts = []
+    if ts.worker_restrictions is not None:
+        parts.append(f"workers={sorted(map(str, ts.worker_restrictions))}")
+    if ts.resource_restrictions is not None:
+        parts.append(f"resources={dict(ts.resource_restrictions)}")
+    return ", ".join(parts) or "its placement (no restriction, but no worker can take it)"

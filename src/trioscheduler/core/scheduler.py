@@ -19,7 +19,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from trioscheduler.core import recovery, stealing
+from trioscheduler.core import placement, recovery, stealing
 from trioscheduler.core import scheduler_client_events as ce
 from trioscheduler.core import scheduler_retirement as retirement
 from trioscheduler.core import scheduler_transitions as tr
@@ -759,7 +759,7 @@ class SchedulerState:
             for key, since in list(self.unrunnable.items()):
                 if ev.now - since >= timeout:
                     ts = self.tasks[key]
-                    exc = NoValidWorkerError(key, _describe_restrictions(ts), timeout)
+                    exc = NoValidWorkerError(key, placement.describe_restrictions(ts), timeout)
                     self.recs.pop(key, None)
                     error = ErrorInfo(pickle.dumps(exc), b"", str(exc), "", key)
                     self.transition(ts, "erred", error=error)
@@ -769,15 +769,6 @@ class SchedulerState:
             self.drain()
         if self.steal:
             stealing.start_steals(self)
-
-
-def _describe_restrictions(ts: TaskRecord) -> str:
-    parts = []
-    if ts.worker_restrictions is not None:
-        parts.append(f"workers={sorted(map(str, ts.worker_restrictions))}")
-    if ts.resource_restrictions is not None:
-        parts.append(f"resources={dict(ts.resource_restrictions)}")
-    return ", ".join(parts) or "its placement (no restriction, but no worker can take it)"
 
 
 _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
