@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, Final
@@ -88,7 +87,7 @@ def map_namer(
             f"{prefix}-{plain_token(tok, args) if plain(args) else tokenize(tok, args)}"
             for args in calls
         ]
-    uid = uuid.uuid4().hex
+    uid = uuid4_hex()
     return lambda calls, start: [
         f"{prefix}-{uid}-{i}" for i in range(start, start + len(calls))
     ]
@@ -128,7 +127,7 @@ LARGE_BYTES_KEY: Final = 1 << 20
 def scatter_key(value: Any, hash: bool) -> str:
     """``<type>-<token>``: dask's ``tokenize`` of the value (``hash``) or a random id."""
     if not hash:
-        return f"{type(value).__name__}-{uuid.uuid4().hex}"
+        return f"{type(value).__name__}-{uuid4_hex()}"
     if type(value) is bytes and len(value) >= LARGE_BYTES_KEY:
         return f"bytes-{hashlib.sha1(value, usedforsecurity=False).hexdigest()}"
     return f"{type(value).__name__}-{tokenize(value)}"

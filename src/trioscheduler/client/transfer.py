@@ -280,10 +280,8 @@ async def scatter(
                 client.id, worker, reply.get("text"),
             )  # fmt: skip
             _NO_SHM.add(worker)
-            async with client.worker_connection(worker) as stream:
-                data = {names[i]: encoded[i] for i in idx}
-                await stream.send({"op": "update_data", "data": data})
-                reply = await stream.receive()
+            await send(worker, idx)  # (no hand-off to a worker in _NO_SHM)
+            return
         if reply.get("status") != "OK":
             raise TrioSchedulerError(f"scatter to {worker} failed: {reply.get('text')}")
         for k, n in reply["nbytes"].items():
