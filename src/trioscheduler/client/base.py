@@ -76,6 +76,8 @@ _POLL = 0.25  # seconds between checks that the loop still runs while a thread w
 def _acquire(lock: Any, timeout: float) -> bool:
     """``lock.acquire(timeout=timeout)``, not blocking for a timeout that ran out."""
     return bool(lock.acquire(timeout=timeout) if timeout > 0 else lock.acquire(False))
+
+
 _defaults: list[ClientBase] = []  # open clients made with set_as_default=True, newest last
 _forked_away: list[list[ClientBase]] = []  # a forked child's inherited defaults, never closed there
 
