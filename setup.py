@@ -26,6 +26,7 @@ CORE = Path("src/trioscheduler/core")
 COMPILED = [
     "memory_policy.py",
     "placement.py",
+    "replicas.py",
     "replication.py",
     "scheduler.py",
     "scheduler_client_events.py",

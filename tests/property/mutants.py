@@ -1,6 +1,7 @@
 """Known-bad edits of the core, and whether the cluster machine catches each one.
 
-``nox -s mutants`` (or ``python tests/property/mutants.py [NAME ...]``): for each mutant,
+``nox -s mutants`` (or ``python tests/property/mutants.py [NAME ...]``; ``--check``
+only checks that each edit still applies): for each mutant,
 copy ``src/`` to a temporary directory, apply the edit (an exact text replacement that
 must match once), and run the cluster machine with the ``mutants`` profile (the ci
 examples, no shrinking) against the copy (``PYTHONPATH``: the pure-Python copy wins
@@ -103,10 +104,10 @@ MUTANTS = [
     ),
     Mutant(
         "missing-data-keeps-errant",
-        "scheduler.py",
-        "        if errant is not None and errant.address in ts.who_has:\n"
-        "            tr.remove_replica(self, ts, errant)",
-        "        if False:\n            tr.remove_replica(self, ts, errant)",
+        "replicas.py",
+        "    if errant is not None and errant.address in ts.who_has:\n"
+        "        tr.remove_replica(s, ts, errant)",
+        "    if False:\n        tr.remove_replica(s, ts, errant)",
         "fetchers are sent again and again to a worker that said it lacks the data",
     ),
     Mutant(
@@ -184,16 +185,16 @@ MUTANTS = [
     # session 8: the fixes of scatter races (each reproduced first by a named test)
     Mutant(
         "missing-data-no-free",
-        "scheduler.py",
-        "            self.free_on(errant.address, ts.key)\n",
+        "replicas.py",
+        "        s.free_on(errant.address, ts.key)\n",
         "",
         "a worker that lacked a key when asked but holds it again keeps a copy nobody counts",
     ),
     Mutant(
         "release-data-ignores-seq",
-        "scheduler.py",
-        "                if newer is not None and ev.seq < newer < ce.UNKNOWN_SEQ:",
-        "                if False:",
+        "replicas.py",
+        "            if newer is not None and ev.seq < newer < UNKNOWN_SEQ:",
+        "            if False:",
         "a key scattered again to a worker whose report of dropping it is still on its way "
         "is freed there: scattered data 'lost'",
     ),
@@ -212,14 +213,24 @@ MUTANTS = [
 CATCHES = ("OracleError", "SimulationError", "InvalidTransition", "AssertionError")
 
 
+def stale(mutant: Mutant, root: Path = ROOT / "src") -> str:
+    """Why ``mutant``'s edit does not apply to the tree under ``root`` ('' if it does)."""
+    path = root / CORE / mutant.path
+    if not path.exists():
+        return f"no file {mutant.path}"
+    n = path.read_text().count(mutant.old)
+    return "" if n == 1 else f"the edit matches {n} times in {path.name}"
+
+
 def run(mutant: Mutant, profile: str, timeout: float) -> tuple[str, float, str]:
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        why = stale(mutant, src)
+        if why:
+            return "stale", 0.0, why
         path = src / CORE / mutant.path
         text = path.read_text()
-        if text.count(mutant.old) != 1:
-            return "stale", 0.0, f"the edit matches {text.count(mutant.old)} times in {path.name}"
         path.write_text(text.replace(mutant.old, mutant.new))
         env = {**os.environ, "PYTHONPATH": str(src), "TRIOSCHEDULER_PURE_PYTHON": "1"}
         cmd = [
@@ -250,8 +261,19 @@ def main() -> int:
     ap.add_argument("--profile", default="mutants")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument(
+        "--check", action="store_true", help="only check that each edit applies (no runs)"
+    )
     args = ap.parse_args()
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        ap.error(f"no mutant named {', '.join(sorted(unknown))}")
     chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    if args.check:
+        bad = [(m, stale(m)) for m in chosen]
+        for m, why in bad:
+            print(f"{m.name:<32} {'stale: ' + why if why else 'applies'}")
+        return 1 if any(why for _, why in bad) else 0
     rows = []
     for m in chosen:
         verdict, seconds, why = run(m, args.profile, args.timeout)

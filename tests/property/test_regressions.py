@@ -37,7 +37,7 @@ def test_retire_stalls_when_its_unique_key_is_released() -> None:
 
 
 def test_missing_data_for_forgotten_key_leaves_worker_missing() -> None:
-    """Fixed: ``_on_missing_data`` ignored a forgotten key (and one without holders), so
+    """Fixed: ``replicas.on_missing_data`` ignored a forgotten key (and one without holders), so
     the asking worker kept it in ``missing`` forever; now it is told to free it."""
     sim = ClusterSimulator(validate=True)
     a = sim.add_worker()
@@ -348,7 +348,7 @@ def test_a_key_scattered_again_survives_the_free_of_its_released_value() -> None
 
 
 def test_missing_data_from_a_worker_that_holds_the_key_again_frees_it_there() -> None:
-    """Fixed (session 8, found by reading ``_on_missing_data``): the scheduler uncounted
+    """Fixed (session 8, found by reading ``replicas.on_missing_data``): the scheduler uncounted
     the errant worker's copy without a ``FreeKeys`` to it, so a copy that worker had
     taken again meanwhile stayed there, uncounted, for ever (a leak). E's old run of x
     finished across a cancel (E counted by its stale ``TaskFinished``, its value then

@@ -12,7 +12,7 @@ connections survived. ``Recovered`` says so, and these rules reconcile:
 * a recovering worker that registers again (``AddWorker`` at its address) keeps exactly
   the replicas it reports (``AddWorker.data``); the others are gone and recomputed from
   lineage if still needed. Keys it holds that the log lost track of are taken as results
-  (``_worker_has``), as for any joining worker.
+  (``replicas.worker_has``), as for any joining worker.
 * clients (except ``keep``: the shell's own holders, such as published datasets) have
   ``grace`` seconds to come back (``AddClient`` with their id); one that does not is
   removed, so its keys are released. A worker that does not come back by then is
@@ -88,7 +88,7 @@ def worker_back(s: SchedulerState, ev: AddWorker) -> None:
     tasks = s.tasks
     for key in list(ws.has_what):
         if key in ev.data:
-            # detached without being released: _worker_has adds the new replica
+            # detached without being released: replicas.worker_has adds the new replica
             tr.remove_replica(s, tasks[key], ws)
     _maybe_done(s)
 

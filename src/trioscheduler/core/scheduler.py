@@ -19,7 +19,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from trioscheduler.core import placement, recovery, stealing
+from trioscheduler.core import placement, recovery, replicas, stealing
 from trioscheduler.core import scheduler_client_events as ce
 from trioscheduler.core import scheduler_retirement as retirement
 from trioscheduler.core import scheduler_transitions as tr
@@ -47,7 +47,6 @@ from trioscheduler.core.messages import (
     LongRunning,
     MissingData,
     Recovered,
-    RefreshWhoHas,
     ReleaseWorkerData,
     RemoveClient,
     RemoveWorker,
@@ -464,27 +463,6 @@ class SchedulerState:
         elif st in ("released", "erred") and not ts.dependents:
             self.recs[ts.key] = "forgotten"
 
-    def _worker_has(self, ws: WorkerRecord, key: Key, nbytes: int, accept: bool) -> None:
-        """``ws`` reports holding ``key``: a replica, new data (if ``accept``), or junk."""
-        ts = self.tasks.get(key)
-        if ts is None:
-            self.free_on(ws.address, key)
-            return
-        st = ts.state
-        if st == "memory":
-            if ws.address not in ts.who_has:
-                tr.add_replica(self, ts, ws)  # sized as the first copy: sums stay exact
-        elif st == "processing" or (
-            accept and st in ("released", "waiting", "no-worker", "queued")
-        ):
-            # Data we are computing (here or elsewhere) is the result: take it. Freeing it
-            # instead would race the ComputeTask already on its way to this worker.
-            self.recs.pop(key, None)
-            ts.nbytes = nbytes
-            self.transition(ts, "memory", worker=ws)
-        else:
-            self.free_on(ws.address, key)
-
     # ---------------------------------------------------------------- worker events
 
     def _on_add_worker(self, ev: AddWorker) -> None:
@@ -508,7 +486,7 @@ class SchedulerState:
         self.rebuild_running()
         self.update_worker_sets(ws)
         for key, nbytes in ev.data.items():
-            self._worker_has(ws, key, nbytes, accept=True)
+            replicas.worker_has(self, ws, key, nbytes, accept=True)
         self.recheck_unrunnable()
 
     def recheck_unrunnable(self) -> None:
@@ -666,64 +644,6 @@ class SchedulerState:
             )
             self.transition(ts, "erred", error=error)
 
-    def _on_add_keys(self, ev: AddKeys) -> None:
-        ws = self.workers.get(ev.worker)
-        if ws is None:
-            return
-        for key, nbytes in ev.keys.items():
-            self._worker_has(ws, key, nbytes, accept=False)
-        for addr in sorted(self.retiring):
-            rws = self.workers.get(addr)
-            if rws is not None:
-                retirement.retire_progress(self, rws)
-
-    def _on_release_worker_data(self, ev: ReleaseWorkerData) -> None:
-        ws = self.workers.get(ev.worker)
-        if ws is None:
-            return
-        for key in ev.keys:
-            ts = self.tasks.get(key)
-            if ts is None or ws.address not in ts.who_has:
-                continue
-            if ev.seq is not None and ts.extra is not None and ts.extra.scatter_seqs:
-                newer = ts.extra.scatter_seqs.get(ws)
-                if newer is not None and ev.seq < newer < ce.UNKNOWN_SEQ:
-                    continue  # the copy counted came by a scatter after this drop
-            tr.remove_replica(self, ts, ws)
-            # counted again since the FreeKeys this answers (a TaskFinished crossed it,
-            # or a scatter, which may have put a new copy there): drop any copy it holds
-            self.free_on(ws.address, key)
-            if not ts.who_has and ts.state == "memory":
-                self.recs.pop(key, None)
-                self.transition(ts, "released")
-        if ws.status == "closing":
-            retirement.retire_progress(self, ws)
-
-    def _on_missing_data(self, ev: MissingData) -> None:
-        ts = self.tasks.get(ev.key)
-        if ts is None:
-            self.free_on(ev.worker, ev.key)  # forgotten meanwhile: stop looking for it
-            return
-        errant = self.workers.get(ev.errant_worker)
-        if errant is not None and errant.address in ts.who_has:
-            tr.remove_replica(self, ts, errant)
-            # it lacked the key when asked, but may hold it again by now (taken again
-            # since, and counted): drop any copy there, as ReleaseWorkerData does
-            self.free_on(errant.address, ts.key)
-            if not ts.who_has and ts.state == "memory":
-                self.recs.pop(ts.key, None)
-                self.transition(ts, "released")
-        if not ts.who_has:
-            # no copy anywhere (lost, or being computed): the worker stops looking; a
-            # dependent's next ComputeTask names the holders of the new value. Not if it
-            # is to compute the key itself: that ComputeTask overtook this report.
-            if ts.processing_on != ev.worker:
-                self.free_on(ev.worker, ev.key)
-        elif ev.worker in self.workers:
-            self.to_worker(
-                ev.worker, RefreshWhoHas(self.stimulus_id, self.now, {ts.key: sorted(ts.who_has)})
-            )
-
     def _on_long_running(self, ev: LongRunning) -> None:
         ws = self.workers.get(ev.worker)
         ts = self.tasks.get(ev.key)
@@ -790,9 +710,9 @@ _HANDLERS: Final[dict[type[Any], Callable[[SchedulerState, Any], None]]] = {
     WorkerStatusChange: SchedulerState._on_status,
     TaskFinished: SchedulerState._on_task_finished,
     TaskErred: SchedulerState._on_task_erred,
-    AddKeys: SchedulerState._on_add_keys,
-    ReleaseWorkerData: SchedulerState._on_release_worker_data,
-    MissingData: SchedulerState._on_missing_data,
+    AddKeys: replicas.on_add_keys,
+    ReleaseWorkerData: replicas.on_release_worker_data,
+    MissingData: replicas.on_missing_data,
     LongRunning: SchedulerState._on_long_running,
     Reschedule: SchedulerState._on_reschedule,
     StealResponse: stealing.on_steal_response,

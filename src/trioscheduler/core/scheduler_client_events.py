@@ -8,9 +8,9 @@ the table (``scheduler_transitions``), never moving a task itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
-from trioscheduler.core import recovery
+from trioscheduler.core import recovery, replicas
 from trioscheduler.core import scheduler_transitions as tr
 from trioscheduler.core.messages import (
     AddClient,
@@ -26,7 +26,7 @@ from trioscheduler.core.messages import (
     UpdateGraph,
     WorkerAddr,
 )
-from trioscheduler.core.scheduler_records import TaskExtra, TaskRecord, WorkerRecord
+from trioscheduler.core.scheduler_records import TaskRecord
 from trioscheduler.errors import TrioSchedulerError
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def on_update_data(s: SchedulerState, ev: UpdateData) -> None:
         if ts is None:
             ts = s.new_task(key, None, (0, s.generation, 0))
         nbytes = ev.nbytes.get(key, ts.nbytes)
-        _note_scatter(ts, seqs, alive)
+        replicas.note_scatter(ts, seqs, alive)
         on = ts.processing_on
         if on is not None and on in holders and key not in s.steals:
             # scattered to the worker the task runs on, whose ComputeTask is on its way or
@@ -202,28 +202,6 @@ def on_update_data(s: SchedulerState, ev: UpdateData) -> None:
         for ws in alive:
             if ws.address not in ts.who_has:
                 tr.add_replica(s, ts, ws)
-
-
-UNKNOWN_SEQ: Final = 1 << 62
-"""A holder's data update a client did not number: a free then drops whatever is there."""
-
-
-def _note_scatter(ts: TaskRecord, seqs: Mapping[WorkerAddr, int], alive: list[WorkerRecord]) -> None:
-    """Remember which data update put ``ts`` on each holder: a ``FreeKeys`` sent later
-    names it, and the worker keeps a value that came by a newer one (a stale free, sent
-    before this news, must not drop it)."""
-    if ts.extra is None:
-        ts.extra = TaskExtra()
-    known = ts.extra.scatter_seqs
-    if known is None:
-        known = ts.extra.scatter_seqs = {}
-    else:
-        for ws in [ws for ws in known if ws.status == "closed"]:
-            del known[ws]  # a departed registration: its numbers mean nothing now
-    for ws in alive:
-        seq = seqs.get(ws.address, UNKNOWN_SEQ)
-        if seq > known.get(ws, 0):
-            known[ws] = seq
 
 
 def on_desires(s: SchedulerState, ev: ClientDesiresKeys) -> None:
