@@ -6,7 +6,7 @@ worker's array is a mapping of a segment the client filled (no copy through the 
 counted once, as the worker's memory; the client keeps no segment; nothing is left in
 ``/dev/shm`` or in any process after the value is released, or after ``kill -9`` of the
 worker or of the client; a worker that cannot map the client's segments gets the values
-through the socket.
+through the socket (from that client only: another client in the process still tries).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from dask.base import tokenize
 
 from polling import eventually
 from test_shm import MB, dev_shm, holders, make, pid_of, probe, token_of
-from trioscheduler.client import transfer
 from trioscheduler.client.client import Client
 from trioscheduler.deploy.cluster import LocalCluster
 from trioscheduler.wire import shm
@@ -161,7 +160,12 @@ def _handed_segments_cannot_be_mapped() -> None:
     def refuse(ref: Any, adopt: bool = False) -> Any:
         raise shm.SharedMemoryError("opening /proc/<pid>/fd: permission denied")
 
+    vars(shm).setdefault("_attach_before_refuse", shm.attach)
     shm.attach = refuse
+
+
+def _handed_segments_can_be_mapped_again() -> None:
+    shm.attach = vars(shm)["_attach_before_refuse"]
 
 
 def test_a_worker_that_cannot_map_gets_the_values_through_the_socket() -> None:
@@ -174,8 +178,32 @@ def test_a_worker_that_cannot_map_gets_the_values_through_the_socket() -> None:
             on_w = c.submit(probe, f, pure=False).result()
             assert on_w["sum"] == int(make(n, seed).sum(dtype=np.uint64))
             assert not on_w["where"].startswith("/memfd:") and on_w["owned"] == 0
-            assert w in transfer._NO_SHM
+            assert w in c.no_shm_workers
         big = make(n, 7).tobytes()
         about = c.submit(about_bytes, c.scatter(big), pure=False).result()
         assert about == ("bytes", n, hashlib.sha1(big).hexdigest(), 0)
         assert owned() == (0, set())
+
+
+def test_a_workers_refusal_of_shared_memory_is_remembered_per_client() -> None:
+    """One client's hand-off that a worker could not map sends that client's later
+    scatters to it through the socket, not another client's in the same process: once
+    the worker can map again, the other client hands its values over in shared memory."""
+    n = 4 * MB
+    with (
+        LocalCluster(1, 1, processes=True, memory_limit=0) as cluster,
+        Client(cluster) as a,
+        Client(cluster) as b,
+    ):
+        (w,) = a.scheduler_info()["workers"]
+        a.run(_handed_segments_cannot_be_mapped)
+        on_w = a.submit(probe, a.scatter(make(n, 10)), pure=False).result()
+        assert not on_w["where"].startswith("/memfd:")  # refused: sent again by socket
+        a.run(_handed_segments_can_be_mapped_again)
+        on_w = b.submit(probe, b.scatter(make(n, 11)), pure=False).result()
+        token_of(on_w["where"])  # b's value is a mapped segment
+        assert on_w["sum"] == int(make(n, 11).sum(dtype=np.uint64))
+        on_w = a.submit(probe, a.scatter(make(n, 12)), pure=False).result()
+        assert not on_w["where"].startswith("/memfd:")  # a still sends it by socket
+        assert on_w["sum"] == int(make(n, 12).sum(dtype=np.uint64))
+        assert w in a.no_shm_workers and w not in b.no_shm_workers

@@ -157,6 +157,9 @@ class ClientBase:
         self._set_as_default = set_as_default
         self._cluster_kwargs = cluster_kwargs
         self.futures = KeyTable()  # dask's name: key -> state of the keys this client holds
+        # workers that could not map this client's shared-memory hand-off of a scatter:
+        # its values go to them through the socket (``transfer.scatter``)
+        self.no_shm_workers: set[str] = set()
         self._link = SchedulerLink(
             self.id,
             self.futures,

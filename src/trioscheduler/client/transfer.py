@@ -260,7 +260,11 @@ async def scatter(
             sent = values if isinstance(stream, InprocStream) else encoded
             handoffs: dict[int, shm.HandOff] = {}
             try:
-                if any(large[i] for i in idx) and _same_host(worker, stream.peer_info):
+                if (
+                    any(large[i] for i in idx)
+                    and worker not in client.no_shm_workers
+                    and _same_host(stream.peer_info)
+                ):
                     handoffs = await trio.to_thread.run_sync(_hand_off, sent, idx)
                 await named.wait()
                 request: dict[str, Any] = {
@@ -279,8 +283,8 @@ async def scatter(
                 "client %s: shared memory with %s failed (%s); using the socket",
                 client.id, worker, reply.get("text"),
             )  # fmt: skip
-            _NO_SHM.add(worker)
-            await send(worker, idx)  # (no hand-off to a worker in _NO_SHM)
+            client.no_shm_workers.add(worker)
+            await send(worker, idx)  # (no hand-off to a worker in no_shm_workers)
             return
         if reply.get("status") != "OK":
             raise TrioSchedulerError(f"scatter to {worker} failed: {reply.get('text')}")
@@ -316,10 +320,6 @@ async def scatter(
         return futures
     out = [futures[k] for k in names]
     return tuple(out) if kind is tuple else out
-
-
-#: Workers whose handed-off segments could not be mapped: values go through the socket.
-_NO_SHM: set[str] = set()
 
 
 _IN_BAND: Final = (bytes, str)
@@ -369,10 +369,10 @@ def _tokens(values: list[Any], hash: bool) -> list[str]:
     return [scatter_key(x, hash) for x in values]
 
 
-def _same_host(worker: str, info: dict[str, Any]) -> bool:
-    """Whether ``worker`` (its handshake's ``info``) can take our buffers through shared
+def _same_host(info: dict[str, Any]) -> bool:
+    """Whether a worker (its handshake's ``info``) can take our buffers through shared
     memory: same host identity, another process, neither side switched off."""
-    return worker not in _NO_SHM and shm_policy.use_shared_memory(
+    return shm_policy.use_shared_memory(
         shm.HOST_ID, info.get("shm"), shm.enabled_by_environment(), os.getpid(), info.get("pid")
     )
 
