@@ -234,7 +234,13 @@ def test_a_large_batch_of_many_small_records_stays_one_pickle() -> None:
     back, frames = batch_round_trip([graph])
     assert back == [graph]
     assert len(frames) == 2 and sum(map(len, frames)) > PICKLED_BATCH_MAX
-    assert loads([frames[0], b"\x80\x05N."]) is None  # the header only points at the pickle
+    assert loads([frames[0], b"\x80\x05]."]) == []  # the header only points at the pickle
+
+
+def test_a_pickled_batch_must_hold_a_list() -> None:
+    header = dumps_batch([1])[0]
+    with pytest.raises(DeserializationError, match="pickled batch holds a NoneType"):
+        loads([header, b"\x80\x05N."])
 
 
 def test_dumps_leaves_no_reference_cycles() -> None:
