@@ -241,6 +241,8 @@ def test_a_pickled_batch_must_hold_a_list() -> None:
     header = dumps_batch([1])[0]
     with pytest.raises(DeserializationError, match="pickled batch holds a NoneType"):
         loads([header, b"\x80\x05N."])
+    with pytest.raises(DeserializationError, match="cannot decode"):
+        loads([header, b"\x80\x05not a pickle"])
 
 
 def test_dumps_leaves_no_reference_cycles() -> None:

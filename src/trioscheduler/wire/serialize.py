@@ -342,6 +342,7 @@ def _pickle_header(count: int) -> bytes:
 
 
 _PICKLE_HEADERS: dict[int, bytes] = {}
+_ONE_FRAME_BATCH: Final = _pickle_header(1)  # a pickled batch without out-of-band buffers
 
 
 def _has_large_strings(data: bytes) -> bool:
@@ -434,6 +435,14 @@ def loads(frames: Sequence[Frame]) -> Any:
     """Inverse of ``dumps``. Raises ``DeserializationError`` on frames that do not decode."""
     if not frames:
         raise DeserializationError("a message needs at least its header frame")
+    if len(frames) == 2 and frames[0] == _ONE_FRAME_BATCH:  # most batches: no msgpack call
+        try:
+            obj = pickle.loads(frames[1])
+        except Exception as e:
+            raise DeserializationError(f"cannot decode message: {type(e).__name__}: {e}") from e
+        if type(obj) is not list:
+            raise DeserializationError(f"a pickled batch holds a {type(obj).__name__}")
+        return Batch(obj)
     dec = _Decoder(frames)
     try:
         return msgpack.unpackb(

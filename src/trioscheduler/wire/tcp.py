@@ -245,12 +245,7 @@ class TCPStream(Stream):
         try:
             ready = self._ready  # (another receiver may have filled it while we waited)
             while not ready:
-                frames = await self._read_message()
-                try:
-                    msg = loads(frames)
-                except DeserializationError as e:
-                    self._close_socket()
-                    raise ProtocolError(f"bad message from {self.peer_address}: {e}") from e
+                msg = await self._receive_one()
                 if type(msg) is Batch:
                     ready.extend(msg)
                 else:
@@ -271,6 +266,20 @@ class TCPStream(Stream):
         raise trio.WouldBlock
 
     async def receive_batch(self) -> list[Any]:
+        if not self._ready and not self._closed and not self._receiving.locked():
+            # the common case, a reader waiting for the next message: a batch that
+            # arrives is handed out as it is, not through ``_ready`` message by message
+            lock = self._receiving
+            lock.acquire_nowait()
+            try:
+                msg = await self._receive_one()
+            finally:
+                lock.release()
+            await self._maybe_checkpoint()
+            if type(msg) is not Batch:
+                return [msg]
+            if msg:
+                return msg
         first = await self.receive()
         ready = self._ready
         if not ready:
@@ -278,6 +287,15 @@ class TCPStream(Stream):
         msgs = [first, *ready]
         ready.clear()
         return msgs
+
+    async def _receive_one(self) -> Any:
+        """The next message (or batch) off the socket; the caller holds ``_receiving``."""
+        frames = await self._read_message()
+        try:
+            return loads(frames)
+        except DeserializationError as e:
+            self._close_socket()
+            raise ProtocolError(f"bad message from {self.peer_address}: {e}") from e
 
     async def __anext__(self) -> Any:
         ready = self._ready
