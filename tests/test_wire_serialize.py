@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copyreg
 import gc
 import pickle
 import threading
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -209,6 +211,34 @@ def test_a_batch_keeps_tuples_lists_and_records() -> None:
         names = messages._FIELDS[cls]
         obj = cls(*[("k", i) if n == "key" else None for i, n in enumerate(names)])
         assert batch_round_trip([obj])[0] == [obj]
+
+
+class Payload:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Payload) and other.n == self.n
+
+
+def test_a_batch_leaves_nothing_of_its_messages_behind() -> None:
+    # picklers of small batches are kept for the next one: not with their memo
+    payload = Payload(1)
+    gone = weakref.ref(payload)
+    for _ in range(3):
+        assert batch_round_trip([{"value": payload}])[0] == [{"value": payload}]
+    del payload
+    assert gone() is None
+
+
+def test_a_reducer_registered_after_batches_were_pickled_is_used() -> None:
+    assert batch_round_trip([Payload(2)])[0] == [Payload(2)]
+    copyreg.pickle(Payload, lambda p: (Payload, (p.n * 10,)))
+    try:
+        assert batch_round_trip([Payload(2)])[0] == [Payload(20)]
+    finally:
+        del copyreg.dispatch_table[Payload]
+    assert batch_round_trip([Payload(2)])[0] == [Payload(2)]
 
 
 def test_a_batch_pickle_cannot_take_goes_through_msgpack() -> None:

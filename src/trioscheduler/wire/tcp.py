@@ -57,7 +57,15 @@ _GONE: Final = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, T
 def frame_prefix(frames: Sequence[Frame]) -> bytes:
     """The length prefix of a message of ``frames``."""
     n = len(frames)
-    return struct.pack(f"<I{n}Q", n, *[len(f) for f in frames])
+    prefix = _PREFIXES.get(n)
+    if prefix is None:
+        prefix = struct.Struct(f"<I{n}Q")
+        if n <= 16:
+            _PREFIXES[n] = prefix
+    return prefix.pack(n, *[len(f) for f in frames])
+
+
+_PREFIXES: dict[int, struct.Struct] = {}
 
 
 def adopt(sock: trio.socket.SocketType) -> socket.socket:
@@ -147,7 +155,10 @@ class TCPStream(Stream):
         if self._sending.locked() or self.unsent:
             return False
         frames = dumps_batch(msgs, True)
-        out = _join([(frame_prefix(frames), *frames)])
+        if len(frames) == 2 and len(frames[1]) < _BUFFER:  # a small pickled batch
+            out: list[Frame] = [b"".join([frame_prefix(frames), *frames])]
+        else:
+            out = _join([(frame_prefix(frames), *frames)])
         self._check_open()
         try:
             sent = self._send_now(out)
