@@ -53,6 +53,19 @@ def test_garbage_run_spec_is_a_load_error() -> None:
         run(b"not a pickle", {})
 
 
+def test_a_task_without_dependencies_loads_as_any_other() -> None:
+    # unpack_alone: the quick tasks' loader (no reference in a spec without dependencies)
+    spec, _ = pack(pow, (2, 5), {})
+    assert runspec.unpack_alone(spec, {}) == runspec.unpack(spec, {}) == (pow, (2, 5), {})
+    spec, _ = pack(sum, ([Ref("x"), 1],), {})  # a reference after all: resolved as unpack does
+    assert runspec.unpack_alone(spec, {"x": 10}) == (sum, ([10, 1],), {})
+    with pytest.raises(RunSpecLoadError, match="'gone'"):
+        runspec.unpack_alone(pack(len, (Ref("gone"),), {})[0], {})
+    for bad in (b"not a pickle", b"\x80\x05K\x01."):  # garbage; not a (func, args, kwargs)
+        with pytest.raises(RunSpecLoadError, match="could not load the task's function"):
+            runspec.unpack_alone(bad, {})
+
+
 def _nbytes_plus(a: Any, k: int = 0) -> int:
     return int(a.nbytes) + k
 

@@ -94,6 +94,9 @@ def nbytes_and_type(value: Any) -> tuple[int, str]:
     return nbytes, name
 
 
+_Load = Callable[[Any, Mapping[Any, Any]], tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]
+
+
 class Done:
     """How one task went, ready for the core: value, or a packed exception, or a
     reschedule; ``coroutine`` is set instead when the function is ``async def``."""
@@ -145,14 +148,17 @@ class Done:
         )  # fmt: skip
 
 
-def run_job(key: Any, run_spec: Any, data: Mapping[Any, Any]) -> Done:
-    """Load and call one run spec; never raises (a task's ``SystemExit`` included)."""
+def run_job(
+    key: Any, run_spec: Any, data: Mapping[Any, Any], load: _Load = runspec.unpack
+) -> Done:
+    """Load (``load``: ``runspec.unpack_alone`` for a task without dependencies) and
+    call one run spec; never raises (a task's ``SystemExit`` included)."""
     done = Done(key)
     done.start = time.time()
     ident = threading.get_ident()
     EXECUTING[ident] = key  # call_stack / profile see which task this thread runs
     try:
-        func, args, kwargs = runspec.unpack(run_spec, data)
+        func, args, kwargs = load(run_spec, data)
         if inspect.iscoroutinefunction(func):
             done.coroutine = (func, args, kwargs)
             return done
@@ -306,7 +312,7 @@ class ThreadExecutor:
                 task_context.on_loop.set(True),
             )
             try:
-                done = run_job(key, run_spec, data)
+                done = run_job(key, run_spec, data, runspec.unpack_alone)  # (no dependencies)
             finally:
                 task_context.on_loop.reset(tokens[2])
                 task_context.current_key.reset(tokens[1])

@@ -268,11 +268,32 @@ def unpack(run_spec: RunSpec, data: Mapping[Any, Any]) -> tuple[Callable[..., An
     except KeyError as exc:
         raise RunSpecLoadError(f"dependency {exc.args[0]!r} of the task is not in memory here") from None
     except Exception as exc:
-        raise RunSpecLoadError(
-            f"could not load the task's function or arguments on this worker: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+        raise _load_error(exc) from exc
     return func, args, kwargs
+
+
+def unpack_alone(run_spec: RunSpec, data: Mapping[Any, Any]) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """``unpack`` for a task without dependencies: its run spec refers to no key, so a
+    plain run spec is loaded by ``pickle.loads``, without a ``_RefUnpickler`` (whose
+    Python subclass costs more than loading a small spec: 2.2 -> 0.9 us)."""
+    if type(run_spec) is not bytes:
+        return unpack(run_spec, data)
+    try:
+        func, args, kwargs = pickle.loads(run_spec)
+    except pickle.UnpicklingError as exc:
+        if "persistent" in str(exc):  # a reference after all (not made by our clients)
+            return unpack(run_spec, data)
+        raise _load_error(exc) from exc
+    except Exception as exc:
+        raise _load_error(exc) from exc
+    return func, args, kwargs
+
+
+def _load_error(exc: Exception) -> RunSpecLoadError:
+    return RunSpecLoadError(
+        f"could not load the task's function or arguments on this worker: "
+        f"{type(exc).__name__}: {exc}"
+    )
 
 
 def run(run_spec: RunSpec, data: Mapping[Any, Any]) -> Any:
