@@ -142,10 +142,11 @@ class Done:
                 exception_text=exc_text, traceback_text=tb_text, start=self.start,
                 stop=self.stop,
             )  # fmt: skip
+        # (positional: the fields' order is ExecuteSuccess's, and a call without
+        # keywords costs less)
         return ExecuteSuccess(
-            stimulus_id=stim, now=now, key=self.key, nbytes=self.nbytes,
-            type_name=self.type_name, start=self.start, stop=self.stop,
-        )  # fmt: skip
+            stim, now, self.key, self.nbytes, self.type_name, self.start, self.stop
+        )
 
 
 def run_job(

@@ -458,7 +458,11 @@ class Worker(RunsInAsyncWith):
                     msgs = await stream.receive_batch()
                 except trio.EndOfChannel:
                     break
-                closing = next((m for m in msgs if type(m) is CloseWorker), None)
+                closing = None
+                for m in msgs:  # (a plain loop: cheaper than a generator for a batch or two)
+                    if type(m) is CloseWorker:
+                        closing = m
+                        break
                 if closing is not None:
                     self.handle(*msgs[: msgs.index(closing)])
                     reason = f"the scheduler asked: {closing.reason}"
@@ -640,8 +644,8 @@ class Worker(RunsInAsyncWith):
                 out = state.handle(done)
         finally:
             self._executor.release()
-        if self._executor.parked:  # a lone quick task: run here, now (``quick_tasks``)
-            self._executor.run_parked(self._finished)
+        if self._executor._parked is not None:  # a lone quick task: run here, now
+            self._executor.run_parked(self._finished)  # (``quick_tasks``)
 
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._work is not None and not self._closing:
