@@ -68,6 +68,19 @@ def frame_prefix(frames: Sequence[Frame]) -> bytes:
 _PREFIXES: dict[int, struct.Struct] = {}
 
 
+def _lengths(n: int) -> struct.Struct:
+    """The frame lengths of a message of ``n`` frames (after the u32 ``n``)."""
+    lengths = _LENGTHS.get(n)
+    if lengths is None:
+        lengths = struct.Struct(f"<{n}Q")
+        if n <= 16:
+            _LENGTHS[n] = lengths
+    return lengths
+
+
+_LENGTHS: dict[int, struct.Struct] = {}
+
+
 def adopt(sock: trio.socket.SocketType) -> socket.socket:
     """A plain non-blocking socket owning the file descriptor of trio's ``sock``."""
     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -385,17 +398,21 @@ class TCPStream(Stream):
             )
 
     async def _read_message(self) -> list[Frame]:
+        # (``_fill`` is awaited only when bytes are missing: most small messages arrive
+        # whole in one ``recv``, and an await that does not wait still costs a coroutine)
         if self._start == self._end:
             self._start = self._end = 0
-        await self._fill(4, boundary=True)
+        if self._end - self._start < 4:
+            await self._fill(4, boundary=True)
         (n,) = _U32.unpack_from(self._buf, self._start)
         if not 0 < n <= _MAX_FRAMES:
             self._close_socket()
             raise ProtocolError(
                 f"bad message from {self.peer_address}: {n} frames (1 to {_MAX_FRAMES} allowed)"
             )
-        await self._fill(4 + 8 * n, boundary=False)
-        lengths = struct.unpack_from(f"<{n}Q", self._buf, self._start + 4)
+        if self._end - self._start < 4 + 8 * n:
+            await self._fill(4 + 8 * n, boundary=False)
+        lengths = _lengths(n).unpack_from(self._buf, self._start + 4)
         limit = self.max_frame_bytes
         for length in lengths:
             if length > limit:
@@ -408,7 +425,8 @@ class TCPStream(Stream):
         frames: list[Frame] = []
         for i, length in enumerate(lengths):
             if length < _BUFFER:
-                await self._fill(length, boundary=False)
+                if self._end - self._start < length:
+                    await self._fill(length, boundary=False)
                 s = self._start
                 # The header is decoded before the buffer is reused: a view is enough.
                 # Other small frames may end up inside user objects: copy them out.
