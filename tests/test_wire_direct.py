@@ -72,7 +72,7 @@ async def test_a_reader_that_takes_messages_as_sent_gets_them_in_the_senders_ste
         async with open_batched(mine, direct=True) as out:
             out.send_nowait("queued before")
             assert theirs.receive_nowait() == "queued before"
-            theirs.deliver_to(got.append)
+            theirs.deliver_to(lambda msg: got.append(msg) is None)
             out.send_nowait(1)
             assert got == [1]  # no schedule point: handled within send_nowait
             await mine.send(2)
@@ -84,3 +84,31 @@ async def test_a_reader_that_takes_messages_as_sent_gets_them_in_the_senders_ste
         await mine.aclose()
         with pytest.raises(trio.EndOfChannel):
             await theirs.receive()
+
+
+async def test_a_reader_that_declines_a_message_gets_it_and_the_rest_through_the_channel() -> None:
+    """A handler that returns False leaves that message to the channel; while the channel
+    holds it (``backlog``), a handler that keeps order declines the next ones too: the
+    reader takes them all from the channel, in the order they were sent."""
+    mine, theirs = inproc.stream_pair("inproc://a", "inproc://b")
+    got: list[object] = []
+    busy = [True]
+
+    def handler(msg: object) -> bool:
+        if busy[0] or theirs.backlog():
+            return False
+        got.append(msg)
+        return True
+
+    with trio.fail_after(10):
+        async with open_batched(mine, direct=True) as out:
+            theirs.deliver_to(handler)
+            out.send_nowait(1)
+            await mine.send(2)
+            busy[0] = False
+            out.send_nowait(3)  # behind 1 and 2, still in the channel
+            assert got == [] and theirs.backlog()
+            assert await theirs.receive_batch() == [1, 2, 3]
+            assert not theirs.backlog()
+            out.send_nowait(4)
+            assert got == [4]

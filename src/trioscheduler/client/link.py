@@ -110,6 +110,11 @@ class SchedulerLink:
         self.sent = 0  # messages written to the scheduler stream after AddClient
         self._stimulus = 0
         self._outbox: list[Any] = []
+        # In ``_flush_outbox``: a scheduler in this run feeds each message inside its send,
+        # and what the client does on its answers (a release) may emit meanwhile: that
+        # waits in the outbox for the outer flush, which sends it after the rest, in order.
+        self._flushing = False
+        self._delivering = False  # in ``_deliver``: inside a scheduler's send, in this run
         self._merge_order = 0  # the next free ``order`` of the last graph in the outbox
         self._outbox_ready: trio.Event | None = None
         # Releases wake nobody: they go with the next message, or ``LAZY_DELAY`` after
@@ -350,12 +355,14 @@ class SchedulerLink:
         if (
             type(batched) is wire.DirectSend
             and not self._outbox_ready.is_set()
+            and not self._delivering
             and batched.peer_caught_up()
         ):
             # In memory, a message the scheduler can take at once goes now (the flusher
             # would hand it over one task switch later), with any releases before it.
             # One that finds the last still untaken (a burst of submits in one loop
-            # round) waits for the flusher, merging with what follows.
+            # round) waits for the flusher, merging with what follows; so does one sent
+            # while the scheduler is delivering to us (it is not to be re-entered).
             try:
                 self._flush_outbox()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -365,12 +372,17 @@ class SchedulerLink:
 
     def _flush_outbox(self) -> None:
         batched = self._batched
-        if batched is None:
-            return  # reconnecting: sent once through (``_reannounce``)
-        msgs, self._outbox = self._outbox, []
-        for msg in msgs:
-            batched.send_nowait(msg)
-        self.sent += len(msgs)
+        if batched is None or self._flushing:
+            return  # reconnecting: sent once through (``_reannounce``); or under way
+        self._flushing = True
+        try:
+            while self._outbox:
+                msgs, self._outbox = self._outbox, []
+                for msg in msgs:
+                    batched.send_nowait(msg)
+                self.sent += len(msgs)
+        finally:
+            self._flushing = False
 
     async def flush(self) -> None:
         """Write everything queued now (a huge ``map`` waits so between batches)."""
@@ -478,13 +490,17 @@ class SchedulerLink:
             return
         handler(self, msg)
 
-    def _deliver(self, msg: Any) -> None:
+    def _deliver(self, msg: Any) -> bool:
         """``_dispatch`` in the scheduler's task: an error is this client's, logged, not
         the scheduler's."""
+        self._delivering = True
         try:
             self._dispatch(msg)
         except Exception:
             logger.exception("client %s: handling %r failed", self.client_id, msg)
+        finally:
+            self._delivering = False
+        return True
 
     def _on_key_in_memory(self, msg: m.KeyInMemory) -> None:
         st = self.table.get(msg.key)

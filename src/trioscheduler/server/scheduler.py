@@ -51,6 +51,7 @@ from trioscheduler.http import format_dashboard_link, resolve_dashboard_address
 from trioscheduler.http.task_stream import TaskStream
 from trioscheduler.server import event_log, recovery
 from trioscheduler.server import plugins as _plugins
+from trioscheduler.server.client_stream import serve_client
 from trioscheduler.server.coordination import CoordinationHost
 from trioscheduler.server.datasets import DatasetStore
 from trioscheduler.server.diagnostics import HANDLERS as _DIAGNOSTICS_HANDLERS
@@ -80,17 +81,6 @@ _WORKER_EVENTS = frozenset(m.SCHEDULER_EVENTS) - {
     m.ClientReleasesKeys, m.CancelKeys, m.CancelAll, m.RetryKeys, m.Tick, m.AddWorker, m.DropReplicas,
     m.Recovered, m.ActiveMemoryManager,
 }  # fmt: skip
-_CLIENT_EVENTS = frozenset(
-    {
-        m.UpdateGraph,
-        m.UpdateData,
-        m.ClientDesiresKeys,
-        m.ClientReleasesKeys,
-        m.CancelKeys,
-        m.RetryKeys,
-        m.RemoveClient,
-    }
-)
 _STREAMED = (m.TaskFinished, m.TaskErred, m.WorkerHeartbeat)  # what the task stream reads
 _NO_KEY: Any = object()
 _NO_VALUES: dict[Any, Any] = {}  # (never written to)
@@ -206,6 +196,7 @@ class Scheduler:
         # While a client's batch is handled: the workers' senders it queued messages on,
         # held (no writer wake-up: ``_flush_client_work`` writes them); else None.
         self._held: list[Peer] | None = None
+        self._feeding = 0  # _feed calls under way (``client_stream``: not to be re-entered)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -381,11 +372,15 @@ class Scheduler:
             return
         if self._log is not None:
             self._log.record(events)
-        effects = self.state.handle(*events)
-        if effects:
-            self._route(effects)
-        if self.plugins.active:
-            self.plugins.after(events)
+        self._feeding += 1
+        try:
+            effects = self.state.handle(*events)
+            if effects:
+                self._route(effects)
+            if self.plugins.active:
+                self.plugins.after(events)
+        finally:
+            self._feeding -= 1
 
     def _open_log(self, stack: AsyncExitStack) -> None:
         """Start the log, or (``recover_from`` an existing one) replay it first."""
@@ -638,62 +633,7 @@ class Scheduler:
                 task_stream.observe(msg)
 
     async def _serve_client(self, stream: Any, add: m.AddClient) -> None:
-        cid = add.client
-        if cid in self._clients or cid == FIRE_AND_FORGET:
-            raise ProtocolViolation(f"client id {cid!r} is already connected")
-        removed = False
-        # A client in this trio run (inproc) gets each message at once: no batching delay.
-        async with wire.open_batched(stream, self.batch_interval, direct=True) as batched:
-            peer = self._clients[cid] = Peer(batched)
-            try:
-                add.now = trio.current_time()
-                self._feed(add)
-                # The client waits for this before using RPCs that name it.
-                peer.send({"op": "stream-start", "client": cid, "services": self.services()})
-                while not removed:
-                    try:
-                        batch = await stream.receive_batch()
-                    except trio.EndOfChannel:
-                        break
-                    held: list[Peer] = []
-                    self._held = held
-                    try:
-                        for msg in batch:
-                            t = type(msg)
-                            if t not in _CLIENT_EVENTS or (
-                                msg.client != cid
-                                and not (t is m.ClientDesiresKeys and msg.client == FIRE_AND_FORGET)
-                            ):
-                                raise ProtocolViolation(f"client {cid} sent {msg!r:.200}")
-                            msg.now = trio.current_time()
-                            self._feed(msg)
-                            peer.handled_one()
-                            if t is m.RemoveClient:
-                                removed = True
-                                break
-                    except BaseException:
-                        for p in held:
-                            p.batched.unhold()
-                        raise
-                    finally:
-                        self._held = None
-                    # not kept while flushing or waiting: a graph's TaskSpecs would outlive its
-                    # handling (the tree's peak came while _flush_workers still held them)
-                    batch = msg = None
-                    # what the batch queued for workers (ComputeTask...) is written now: a
-                    # graph starts work without waiting for the senders' wake-ups
-                    await self._flush_client_work(held)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                del self._clients[cid]
-                self.coordination.client_gone(cid)
-                if not removed:
-                    self._feed(
-                        m.RemoveClient(
-                            self._stimulus("client-stream-closed"), trio.current_time(), cid
-                        )
-                    )
+        await serve_client(self, stream, add)
 
     async def _serve_rpc(self, stream: Any, request: dict[str, Any]) -> None:
         while True:

@@ -153,6 +153,17 @@ class BatchedSend:
         if self._error is not None or self._closed:
             self._raise_unusable()
         self._pending.append(msg)
+        self._arm_lazy()
+
+    def unhold_later(self) -> None:
+        """End ``hold`` as if what was queued meanwhile had come by ``send_later``: it
+        goes with the next write, ``LAZY_DELAY`` from now at the latest; nobody wakes now."""
+        self._holding = False
+        if self._owed:
+            self._owed = False
+            self._arm_lazy()
+
+    def _arm_lazy(self) -> None:
         if self._woken or self._lazy_at != math.inf:
             return  # a write is due already
         self._lazy_at = trio.current_time() + max(self.interval, LAZY_DELAY)
@@ -338,8 +349,7 @@ class DirectSend(BatchedSend):
     def send_nowait(self, msg: Any) -> None:
         if not self._pending and self._error is None and not self._closed:
             deliver = self._stream.peer_delivery()
-            if deliver is not None:  # the peer takes it here and now (``deliver_to``)
-                deliver(msg)
+            if deliver is not None and deliver(msg):  # taken here and now (``deliver_to``)
                 self.messages_sent += 1
                 self.batches_sent += 1
                 return

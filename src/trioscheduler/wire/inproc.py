@@ -48,16 +48,22 @@ class InprocStream(Stream):
         self._recv = recv
         self._closed = False
         self._peer: InprocStream | None = None  # the other end (``stream_pair``)
-        self._deliver: Callable[[Any], None] | None = None  # see ``deliver_to``
+        self._deliver: Callable[[Any], bool] | None = None  # see ``deliver_to``
 
-    def deliver_to(self, handler: Callable[[Any], None] | None) -> None:
+    def deliver_to(self, handler: Callable[[Any], bool] | None) -> None:
         """From now on, hand each message sent to this end to ``handler`` at once, in
         the sender's task (``None``: through the channel again). Take what is in the
         channel first (``receive_nowait``): those were sent before. ``handler`` must
-        not raise, and must not wait for its peer (it runs inside the peer's send)."""
+        not raise, and must not wait for its peer (it runs inside the peer's send); it
+        returns False to leave a message to the channel (and so each later one, until
+        the channel is empty again: ``backlog``)."""
         self._deliver = handler
 
-    def peer_delivery(self) -> Callable[[Any], None] | None:
+    def backlog(self) -> bool:
+        """Are messages waiting in this end's channel?"""
+        return self._recv.statistics().current_buffer_used > 0
+
+    def peer_delivery(self) -> Callable[[Any], bool] | None:
         """The handler the other end takes messages with (``deliver_to``), if any."""
         peer = self._peer
         return None if peer is None else peer._deliver
@@ -68,8 +74,7 @@ class InprocStream(Stream):
 
     async def send(self, msg: Any) -> None:
         deliver = self.peer_delivery()
-        if deliver is not None and not self._closed:
-            deliver(msg)
+        if deliver is not None and not self._closed and deliver(msg):
             await trio.lowlevel.checkpoint()
             return
         await self._send.send(msg)
@@ -82,12 +87,15 @@ class InprocStream(Stream):
 
     async def _send_encoded(self, encoded: Sequence[Any]) -> None:
         deliver = self.peer_delivery()
-        if deliver is not None and not self._closed:
-            for msg in encoded:
-                deliver(msg)
-            await trio.lowlevel.checkpoint()
-            return
         send = self._send
+        if deliver is not None and not self._closed:
+            for i, msg in enumerate(encoded):
+                if not deliver(msg):
+                    encoded = encoded[i:]  # this one and the rest through the channel
+                    break
+            else:
+                await trio.lowlevel.checkpoint()
+                return
         for msg in encoded:
             try:
                 send.send_nowait(msg)
