@@ -409,10 +409,10 @@ class Scheduler:
         if log is not None:
             log.close()
 
-    def _feed_finished(self, finished: list[m.TaskFinished], values: dict[Any, Any]) -> None:
-        """Feed a run of ``TaskFinished`` from one worker in one ``handle`` call (one
-        pass of the shell and the core per run, not per task); clients told a key is in
-        memory also get its value from ``values``.
+    def _feed_finished(self, finished: list[Any], values: dict[Any, Any]) -> None:
+        """Feed a run of one worker's events (``TaskFinished``...) in one ``handle`` call
+        (one pass of the shell and the core per run, not per event); clients told a key
+        is in memory also get its value from ``values``.
 
         A worker sends a small result (``_executor.pushable``) as ``{"op": "value"}``
         just before its ``TaskFinished``, in the same batch, so that ``future.result()``
@@ -560,7 +560,6 @@ class Scheduler:
             # batch; one whose TaskFinished did not come (the worker dropped the result)
             # is forgotten with the batch.
             values: dict[Any, Any] = {}
-            task_stream = self.task_stream  # records while a dashboard or report wants it
             try:
                 add.now = trio.current_time()
                 self._feed(add)
@@ -573,31 +572,29 @@ class Scheduler:
                     log = self._log
                     if log is not None:  # the batch's frames in one write, before its effects
                         log.hold()  # leave (they go at the next schedule point, after this)
-                    run: list[Any] = []  # consecutive TaskFinished: fed together
+                    run: list[Any] = []  # consecutive events: fed in one handle call
                     for msg in batch:
                         t = type(msg)
-                        if t is dict and msg.get("op") == "value":
-                            values[msg["key"]] = msg["value"]
-                            continue
-                        if t is dict and msg.get("op") == "plugin-error":
-                            self.plugins.worker_reported(addr, msg)
-                            continue
-                        if t is dict and self.diagnostics.worker_message(addr, msg):
-                            continue
+                        if t is dict:
+                            if msg.get("op") == "value":
+                                values[msg["key"]] = msg["value"]
+                                continue
+                            if run:  # (reports are taken in order with the events)
+                                self._feed_run(run, values)
+                                run = []
+                            if msg.get("op") == "plugin-error":
+                                self.plugins.worker_reported(addr, msg)
+                                continue
+                            if self.diagnostics.worker_message(addr, msg):
+                                continue
                         if t not in _WORKER_EVENTS or msg.worker != addr:
+                            if run:
+                                self._feed_run(run, values)
                             reason = f"protocol violation: {msg!r:.200}"
                             raise ProtocolViolation(f"worker {addr} sent {msg!r:.200}")
                         msg.now = trio.current_time()
                         self.diagnostics.observe(msg)
-                        if t is m.TaskFinished:
-                            run.append(msg)
-                            continue
-                        if run:
-                            self._feed_run(run, values)
-                            run = []
-                        self._feed(msg)
-                        if task_stream.wanted and t in _STREAMED:
-                            task_stream.observe(msg)
+                        run.append(msg)
                         if t is m.RemoveWorker:
                             removed = True
                             break
@@ -630,7 +627,8 @@ class Scheduler:
         task_stream = self.task_stream
         if task_stream.wanted:
             for msg in run:
-                task_stream.observe(msg)
+                if type(msg) in _STREAMED:
+                    task_stream.observe(msg)
 
     async def _serve_client(self, stream: Any, add: m.AddClient) -> None:
         await serve_client(self, stream, add)
