@@ -241,6 +241,17 @@ def test_a_reducer_registered_after_batches_were_pickled_is_used() -> None:
     assert batch_round_trip([Payload(2)])[0] == [Payload(2)]
 
 
+def test_a_pickled_batch_names_no_record_class() -> None:
+    # each record class has a copyreg extension code: a pickle spells the code, and
+    # loading it looks the class up in a dict (no import, no attribute walk)
+    msgs = [messages.TaskFinished("s", 1.0, "tcp://w:1", "k", 8), messages.FreeKeys("s", 1.0, ["k"])]
+    frames = dumps_batch(msgs)
+    assert b"TaskFinished" not in frames[1] and b"core.messages" not in frames[1]
+    assert batch_round_trip(msgs)[0] == msgs
+    codes = [copyreg._extension_registry.get((c.__module__, c.__qualname__)) for c in messages._FIELDS]
+    assert None not in codes and len(set(codes)) == len(codes)
+
+
 def test_a_batch_pickle_cannot_take_goes_through_msgpack() -> None:
     offset = 3
     msgs: list[object] = [lambda x: x + offset, memoryview(b"abc"), ("k", 1)]
