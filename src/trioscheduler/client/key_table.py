@@ -77,7 +77,8 @@ class KeyTable(Mapping[Any, KeyState]):
             return st
 
     def hold_scattered(self, keys: Iterable[Any]) -> dict[Any, KeyState]:
-        """Count a ``Future`` for each key this client just scattered."""
+        """Count a ``Future`` for each key this client is scattering (before its values
+        leave: see ``transfer.scatter``)."""
         with self.lock:
             return {k: self.hold(k)[0] for k in keys}
 

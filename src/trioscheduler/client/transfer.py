@@ -248,10 +248,18 @@ async def scatter(
     named = trio.Event()
     encoded = [_LargeBytes(v) if _large_bytes(v) else v for v in values]
 
+    futures: dict[Any, Future] = {}
+
     async def name_all() -> None:
         if not names:  # large arrays or bytes: hashed in a thread, beside their copies
             tokens = await trio.to_thread.run_sync(_tokens, values, hash)
             names.extend(tokens)
+        # Counted before any value leaves: a Future of the same key (the same value
+        # scattered before) dropped meanwhile then releases nothing. Counted only after
+        # the scheduler's update_data, its release could follow that registration on the
+        # stream and take the key, and the new copies, off the cluster.
+        states = client.futures.hold_scattered(dict.fromkeys(names))
+        futures.update((k, Future(k, client, st)) for k, st in states.items())
         named.set()
 
     async def send(worker: str, idx: list[int]) -> None:
@@ -295,22 +303,25 @@ async def scatter(
             seqs[worker] = reply["seq"]
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(name_all)
-            for worker, idx in plan.items():
-                nursery.start_soon(send, worker, idx)
-    except BaseExceptionGroup as group:
-        raise wire.sole_error(group) from None
-    await client.rpc(
-        {
-            "op": "update_data",
-            "items": [[k, who_has[k], nbytes[k]] for k in who_has],
-            "seqs": seqs,
-        }
-    )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(name_all)
+                for worker, idx in plan.items():
+                    nursery.start_soon(send, worker, idx)
+        except BaseExceptionGroup as group:
+            raise wire.sole_error(group) from None
+        await client.rpc(
+            {
+                "op": "update_data",
+                "items": [[k, who_has[k], nbytes[k]] for k in who_has],
+                "seqs": seqs,
+            }
+        )
+    except BaseException:
+        for f in futures.values():  # now, not when the traceback goes
+            f.release()
+        raise
     named_values = dict(zip(names, values, strict=True))
-    states = client.futures.hold_scattered(named_values)
-    futures = {k: Future(k, client, st) for k, st in states.items()}
     for k, v in named_values.items():
         if not futures[k]._state.done or futures[k]._state.status != "finished":
             futures[k]._state.finish(type(v).__name__)
