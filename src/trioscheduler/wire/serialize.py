@@ -292,42 +292,61 @@ def _record_reducers() -> dict[type[Any], Callable[[Any], tuple[Any, ...]]]:
     """
     if len(_REDUCERS) != len(_RECORD_TYPES):
         for cls, names in list(_RECORD_TYPES.items()):
-            _REDUCERS[cls] = _reducer(cls, names)
-        _register_extensions()
+            if cls not in _REDUCERS:
+                _REDUCERS[cls] = _reducer(cls, names, _first_of(cls))
     return _REDUCERS
 
 
 _EXTENSION_BASE: Final = 0x4000_0000
+_seen: set[type[Any]] = set()
+"""Record classes pickled in the batch being pickled (cleared by ``_pickle_batch``)."""
 
 
-def _register_extensions() -> None:
-    """Give every record class a ``copyreg`` extension code, derived from its tag.
+def _first_of(cls: type[Any]) -> Callable[..., Any]:
+    """What the first record of ``cls`` in a batch is rebuilt with: ``cls(*fields)``
+    through a function of this module with a ``copyreg`` extension code (derived from the
+    record's tag), or ``cls`` itself if the code is taken.
 
     A pickle names a class by module and name, and loading it imports the module and
-    looks the class up (``find_class``: ~0.9 us per class per pickle, compiled; a round
-    trip's batches name four to six); with an extension code it is one dict lookup
-    (``pickle.loads`` of ``[FreeKeys, ComputeTask]`` 2.9 -> 1.2 us). The codes live in
-    ``0x40000000-0x7fffffff`` (far from the ranges ``copyreg`` reserves for others) and
-    are the same in every process of a version, as the tags are. A class whose code is
-    taken already keeps its name in the pickle.
+    looks the class up (``find_class``, ~0.9 us per class per pickle, compiled; a lone
+    round trip's batches name two each); an extension code is one dict lookup
+    (``pickle.loads`` of ``[FreeKeys, ComputeTask]`` 2.9 -> 1.2 us). But a pickler does
+    not memoize what it writes as an extension code: every record would pay the lookup
+    of its class again (a batch of 64 ``ComputeTask`` 0.64 -> 1.26 us per record). So
+    only a class's first record in a batch goes by its code; the others name the class,
+    once, and refer to it (``_seen``). The codes live in ``0x40000000-0x7fffffff`` (away
+    from the ranges ``copyreg`` reserves) and are the same in every process of a version.
     """
-    for cls in list(_RECORD_TYPES):
-        tag = getattr(cls, "tag", None)
-        if type(tag) is not str:
-            continue
-        code = _EXTENSION_BASE | (zlib.crc32(tag.encode()) & 0x3FFF_FFFF)
-        try:
-            copyreg.add_extension(cls.__module__, cls.__qualname__, code)
-        except ValueError:  # taken (by another class), or the class has another code
-            continue
+    tag = getattr(cls, "tag", None)
+    if type(tag) is not str:
+        return cls
+    name = f"_new_{tag.replace('-', '_')}"
+
+    def new(*fields: Any) -> Any:
+        return cls(*fields)
+
+    new.__name__ = new.__qualname__ = name
+    code = _EXTENSION_BASE | (zlib.crc32(tag.encode()) & 0x3FFF_FFFF)
+    try:
+        copyreg.add_extension(__name__, name, code)
+    except ValueError:  # taken (by another name), or the name has another code
+        return cls
+    globals()[name] = new  # (what the other side's find_class finds, once)
+    return new
 
 
-def _reducer(cls: type[Any], names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+def _reducer(
+    cls: type[Any], names: tuple[str, ...], first: Callable[..., Any]
+) -> Callable[[Any], tuple[Any, ...]]:
+    seen = _seen
     if len(names) == 1:
         name = names[0]
 
         def reduce_one(obj: Any) -> tuple[Any, ...]:
-            return cls, (getattr(obj, name),)
+            if cls in seen:
+                return cls, (getattr(obj, name),)
+            seen.add(cls)
+            return first, (getattr(obj, name),)
 
         return reduce_one
     if not names:
@@ -335,7 +354,10 @@ def _reducer(cls: type[Any], names: tuple[str, ...]) -> Callable[[Any], tuple[An
     get = operator.attrgetter(*names)
 
     def reduce(obj: Any) -> tuple[Any, ...]:
-        return cls, get(obj)
+        if cls in seen:
+            return cls, get(obj)
+        seen.add(cls)
+        return first, get(obj)
 
     return reduce
 
@@ -412,6 +434,8 @@ def _has_large_strings(data: bytes) -> bool:
 def _pickle_batch(msgs: list[Any]) -> list[Frame] | None:
     pickling = _batch_pickler()
     out, pickler, buffers, _ = pickling
+    _seen.clear()  # (another thread's batch may clear it too: a record then goes by its
+    # code or by its class name, both load alike)
     try:
         pickler.dump(msgs if type(msgs) is list else list(msgs))
     except Exception:  # whatever pickle cannot do, the msgpack path does (or reports)
