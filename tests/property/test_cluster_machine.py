@@ -5,7 +5,8 @@ cores, FIFO queues per (sender, receiver) pair) and interleaves every kind of st
 clients join and leave (mid-graph), submit random DAGs (restrictions, resources,
 retries, tasks built to fail), maps over one input (root-ish, queued), the same keys
 again, scatter data (new keys, or the right value of a submitted task, also to a worker
-fetching it), release (or fire and forget), cancel and retry keys; messages are
+fetching it, or to a worker whose drop of it is still being told), release (or fire
+and forget), cancel and retry keys; messages are
 delivered from any non-empty queue; running tasks finish, fail, secede or reschedule;
 transfers complete or fail; spill files finish being written (``SpillWritten``: until
 then a worker past its write-ahead starts no task) or fail (``SpillFailed``); workers
@@ -54,7 +55,7 @@ from hypothesis.stateful import (
 )
 from machine_coverage import Tally, as_dict
 
-from trioscheduler.core.messages import ComputeTask, FreeKeys
+from trioscheduler.core.messages import ComputeTask, FreeKeys, MissingData, ReleaseWorkerData
 from trioscheduler.core.sim_restart import record_scheduler, restart_scheduler
 from trioscheduler.core.simulator import ALWAYS, ClusterSimulator, SimTask
 
@@ -367,6 +368,71 @@ class ClusterMachine(RuleBasedStateMachine):
         if sought:
             addr, key = pick(sought, i)
             self.sim.scatter(client, key, [addr])
+
+    def _dropping(self, kind: str) -> list[tuple[str, Any, str]]:
+        """(worker, key, kind): a key a worker is about to drop or has dropped while the
+        news is on its way: a ``FreeKeys`` of it queued to the worker (``free``), the
+        worker's report of the drop queued to the scheduler (``report``), a peer's
+        ``MissingData`` naming the worker (``missing``, the rarest); those of ``kind``
+        if any, and among them first the keys the scheduler keeps no lineage of (a copy
+        dropped for nothing is then lost, not computed again)."""
+        sim = self.sim
+        workers = sim.workers
+        found: list[tuple[str, Any, str]] = []
+        for (src, dst), q in sorted(sim.queues.items()):
+            for msg in q:
+                t = type(msg)
+                if t is FreeKeys and dst in workers:
+                    found.extend((dst, k, "free") for k in msg.keys)
+                elif t is ReleaseWorkerData and src in workers:
+                    found.extend((src, k, "report") for k in msg.keys)
+                elif t is MissingData and msg.errant_worker in workers:
+                    found.append((msg.errant_worker, msg.key, "missing"))
+        flags = sim._failure_flags()
+        found = [f for f in found if f[1] in sim.graph and not flags[f[1]][1]]
+        found = [f for f in found if f[2] == kind] or found
+        tasks = sim.scheduler.tasks
+        bare = [f for f in found if f[1] not in tasks or tasks[f[1]].run_spec is None]
+        return bare or found
+
+    @precondition(
+        lambda self: any(
+            t is FreeKeys or t is ReleaseWorkerData or t is MissingData
+            for q in self.sim.queues.values() for t in map(type, q)
+        )
+    )  # fmt: skip
+    @rule(client=st.sampled_from(CLIENTS), i=index,
+          kind=st.sampled_from(["free", "report", "missing"]))  # fmt: skip
+    @guarded
+    def scatter_over_drop(self, client: str, i: int, kind: str) -> None:
+        """A client scatters a key to a worker whose drop of it (or a peer's report that
+        it lacks it) is still on its way (``kind``: see ``_dropping``): the scatter must
+        win over the stale free or report, and a stale report must not leave the new
+        copy uncounted (hashed keys scattered again, as dask names them). Without this
+        rule scatters met those messages too rarely for the ci profile to catch a core
+        that let them win (``mutants.py``: the three session-8 mutants)."""
+        dropping = self._dropping(kind)
+        if dropping:
+            addr, key, found = pick(dropping, i)
+            took = self.sim.scatter(client, key, [addr])
+            TALLY.events[f"scatter-over-drop:{found}{'' if took else ' (declined)'}"] += 1
+
+    @precondition(
+        lambda self: any(
+            type(m) is MissingData and m.errant_worker in self.sim.workers
+            for q in self.sim.queues.values() for m in q
+        )
+    )  # fmt: skip
+    @rule(client=st.sampled_from(CLIENTS), i=index)
+    @guarded
+    def scatter_to_errant(self, client: str, i: int) -> None:
+        """``scatter_over_drop``'s rarest kind on its own: a client scatters a key to the
+        worker a peer's ``MissingData`` (on its way) names as lacking it, drawn
+        ERRANT_WEIGHT times as often as a rule, at no cost while none is queued. Rare
+        indeed: a peer is named only when it said it lacks a key and no other holder is
+        known, and none of the ~100 MissingData of a ci run (2026-12-06) named one, so
+        the ci profile does not catch ``missing-data-no-free`` yet."""
+        self.scatter_over_drop(client, i, "missing")
 
     def _moving(self, state: str) -> list[tuple[str, Any]]:
         """(worker, key) pairs: a computed key a worker is running, fetching or still
@@ -839,6 +905,9 @@ _register_work(WORK_WEIGHT)
 # run reaches a few of those interleavings, and the ci profile must reach them all.
 ClusterMachine.rerun_moving_again = ClusterMachine.rerun_moving  # type: ignore[attr-defined]
 ClusterMachine.lose_source_again = ClusterMachine.lose_source  # type: ignore[attr-defined]
+ERRANT_WEIGHT = 4
+for _n in range(1, ERRANT_WEIGHT):
+    setattr(ClusterMachine, f"scatter_to_errant_{_n}", ClusterMachine.scatter_to_errant)
 
 
 # Examples are cheap (a few ms per step): run EXAMPLES_PER_PROFILE_EXAMPLE of them for

@@ -143,10 +143,31 @@ def check_key(
     elif isinstance(exc, TrioSchedulerError) and "Scatter it again" in str(exc):
         # scattered data lost with the workers that held it (a scatter racing a FreeKeys
         # or a ReleaseWorkerData of the same key is settled by numbered data updates)
-        if not any(graph[k].scattered for k in sim.lineage(key)):
+        lineage = sim.lineage(key)
+        if not any(graph[k].scattered for k in lineage):
             out.append(f"{key!r} erred as lost scattered data, but none is in its lineage")
         elif not sim.lost:
             out.append(f"{key!r} erred as lost scattered data, but no worker was lost")
+        else:
+            # the scattered key blamed went with a worker that left after it was first
+            # scattered (not a value it held before: a computed key scattered later), or
+            # a value computed from it, needed again, went with one
+            lost = ts.exception_blame if ts.exception_blame is not None else key
+            since = sim.departed[sim.departed_before_scatter.get(lost, 0) :]
+            computed = {k for k in lineage if k != lost and lost in sim.lineage(k)}
+            if not any(lost in held for w in since for held in (w.data, w.disk, w.writing)) and (
+                held_by_departed(sim).isdisjoint(computed)
+            ):
+                out.append(
+                    f"{key!r} erred as lost scattered data ({lost!r}), but no worker that "
+                    "left since it was first scattered held it, nor one a key computed from it"
+                )
     else:
         out.append(f"{key!r} erred with an unexpected {exc!r}")
     return out
+
+
+def held_by_departed(sim: ClusterSimulator) -> set[Key]:
+    """Keys a worker held (in RAM, on disk, being written) when it left the cluster
+    (lost, restarted, timed out or retired): only those may have been lost with it."""
+    return {k for w in sim.departed for held in (w.data, w.disk, w.writing) for k in held}

@@ -157,6 +157,9 @@ class ClusterSimulator:
         self._n = 0
         self._n_workers = 0
         self._values: dict[Key, int] = {}
+        # key -> len(departed) at its first scatter: only a worker that left since then
+        # can have taken a scattered copy with it (``sim_outcome``'s check of lost data)
+        self.departed_before_scatter: dict[Key, int] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -438,6 +441,7 @@ class ClusterSimulator:
                 took.append(addr)
                 seqs[addr] = w.state.scatter_seq  # the shell's reply to update_data
         if took:
+            self.departed_before_scatter.setdefault(key, len(self.departed))
             self.wants.setdefault(client, set()).add(key)
             sid, now = self._sid("update-data")
             self._to_scheduler(
