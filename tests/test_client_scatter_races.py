@@ -9,15 +9,19 @@ run.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from trioscheduler import Client, LocalCluster, SchedulerPlugin
+from polling import wait_until
+from trioscheduler import Client, LocalCluster, Scheduler, SchedulerPlugin, Worker, WorkerPlugin
 
 TIMEOUT = 30
 
@@ -72,3 +76,90 @@ async def test_a_future_dropped_while_the_same_value_is_scattered_again_keeps_th
             assert await c.who_has(new) == {key: [worker]}  # after the release, in order
             assert await new == "payload"
             assert await c.submit(len, new) == len("payload")
+
+
+GATE = threading.Event()
+"""Opened by the test: until then the worker named ``slow`` holds up its ``update_data``."""
+ENTERED = threading.Event()
+
+
+class HoldUpdates(WorkerPlugin):
+    """On the worker named ``slow``: a scattered value's transition to memory (inside the
+    worker's ``update_data``, before its reply) waits for ``GATE``; its whole loop waits."""
+
+    name = "hold-updates"
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if self.worker.name == "slow" and finish == "memory" and not GATE.is_set():
+            ENTERED.set()
+            assert GATE.wait(TIMEOUT), "the test never opened the gate"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run_slow_worker(scheduler: str, stop: threading.Event) -> None:
+    """A worker in a trio run of its own (this thread), so its held-up ``update_data``
+    stops nothing else."""
+
+    async def main() -> None:
+        async with Worker(scheduler, nthreads=1, name="slow", memory_limit=0):
+            await trio.to_thread.run_sync(stop.wait)
+
+    trio.run(main)
+
+
+async def test_a_scatter_to_a_worker_that_restarts_at_its_address_meanwhile() -> None:
+    """A scatter puts one value on worker ``a`` and one on ``slow``. ``a``'s process (here:
+    its ``Worker``) ends after it took the value, and a new one registers at the same
+    address, before the client registers the scatter with the scheduler (it waits for
+    ``slow``). The scheduler must not believe the new ``a`` holds the value: every
+    holder ``who_has`` names has it, and both values come back."""
+    GATE.clear()
+    ENTERED.clear()
+    stop = threading.Event()
+    address_a = f"tcp://127.0.0.1:{_free_port()}"
+    with trio.fail_after(TIMEOUT):
+        async with (
+            Scheduler("tcp://127.0.0.1:0", validate=True) as s,
+            Client(s.address, asynchronous=True) as c,
+            trio.open_nursery() as nursery,
+        ):
+            slow = threading.Thread(target=_run_slow_worker, args=(s.address, stop))
+            slow.start()
+            try:
+                async with AsyncExitStack() as first:
+                    await first.enter_async_context(
+                        Worker(s.address, address=address_a, nthreads=1, memory_limit=0)
+                    )
+                    await c.wait_for_workers(2)
+                    await c.register_plugin(HoldUpdates())
+                    out: list[Any] = []
+
+                    async def scatter() -> None:
+                        out.extend(await c.scatter(["one", "two"]))
+
+                    nursery.start_soon(scatter)
+                    assert await trio.to_thread.run_sync(ENTERED.wait, TIMEOUT)
+                    await trio.testing.wait_all_tasks_blocked()  # ``a`` has answered
+                # ``a`` is gone; a new worker takes its address
+                await wait_until(lambda: address_a not in s.state.workers)
+                async with Worker(s.address, address=address_a, nthreads=1, memory_limit=0) as a2:
+                    await wait_until(lambda: address_a in s.state.workers)
+                    GATE.set()
+                    await wait_until(lambda: len(out) == 2)
+                    held_by_a2 = set(a2.store or ())
+                    who_has = await c.who_has(out)
+                    for key, holders in who_has.items():
+                        assert address_a not in holders or key in held_by_a2, (key, who_has)
+                    assert await c.gather(out) == ["one", "two"]
+            finally:
+                GATE.set()
+                stop.set()
+                await trio.to_thread.run_sync(slow.join)

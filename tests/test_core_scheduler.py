@@ -322,6 +322,26 @@ def test_scatter_then_compute_on_it() -> None:
     assert "d" in s.tasks and states(s)["d"] == "released"  # lineage of f (no run_spec)
 
 
+def test_scatter_reported_after_its_holder_restarted_at_the_same_address() -> None:
+    """A client scattered to ``A`` and ``B``; ``A``'s process then ended and a new one
+    registered at the address before the client's report. The report names each
+    holder's run (``incarnations``): the new ``A`` is not counted as a holder, and a
+    key that only it would hold is not taken as scattered (the client sends it again)."""
+    s = cluster((B, 1))
+    s.handle(ev(AddWorker, A, 1, incarnation="a-1"))
+    s.handle(ev(RemoveWorker, A, expected=False))
+    s.handle(ev(AddWorker, A, 1, incarnation="a-2"))
+    runs = {A: "a-1"}
+    eff = s.handle(ev(UpdateData, "c", {"d": [A, B], "e": [A]}, {"d": 1, "e": 1}, None, runs))
+    assert to_clients(eff) == [("c", "KeyInMemory", "d")]
+    assert s.tasks["d"].who_has == {B}
+    assert "e" not in s.tasks and not s.workers[A].has_what
+    # the same run (a worker that joined again, the same process) is a holder
+    eff = s.handle(ev(UpdateData, "c", {"e": [A]}, {"e": 1}, None, {A: "a-2"}))
+    assert to_clients(eff) == [("c", "KeyInMemory", "e")]
+    assert s.tasks["e"].who_has == {A}
+
+
 def test_invalid_transition_carries_story() -> None:
     s = cluster((A, 1))
     s.handle(ev(UpdateGraph, "c", [spec("x")], ["x"]))

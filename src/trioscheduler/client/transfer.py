@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("trioscheduler.client")
 
 
+SCATTER_ATTEMPTS: Final = 3
+"""Times ``scatter`` sends again values whose workers all left before it was reported."""
+
 FETCH_BATCH = 10_000
 """Keys per ``who_has`` request and per fetch round of ``gather``: a gather of a million
 results moves them a batch at a time, from the first batch done, not all at the end."""
@@ -194,8 +197,12 @@ async def scatter(
     broadcast: bool,
     hash: bool,
     timeout: float | None,  # noqa: ASYNC109 - the user's timeout, passed through
+    attempt: int = 0,
 ) -> Any:
     """Futures shaped like ``data`` (one value, a list/tuple, or a dict of key -> value).
+
+    Values the scheduler did not take (every worker that got one is gone, or restarted
+    at its address, by the time the scatter is reported) are sent again, a few times.
 
     To a worker on this host, large buffers (numpy arrays: pickle protocol 5, out of
     band) go through shared memory: copied once into new segments that the worker maps
@@ -245,6 +252,7 @@ async def scatter(
     who_has: dict[Any, list[str]] = defaultdict(list)
     nbytes: dict[Any, int] = {}
     seqs: dict[str, int] = {}
+    runs: dict[str, str] = {}  # each holder's run, as its reply named it
     named = trio.Event()
     encoded = [_LargeBytes(v) if _large_bytes(v) else v for v in values]
 
@@ -301,6 +309,8 @@ async def scatter(
             nbytes[k] = n
         if isinstance(reply.get("seq"), int):
             seqs[worker] = reply["seq"]
+        if isinstance(reply.get("incarnation"), str):
+            runs[worker] = reply["incarnation"]
 
     try:
         try:
@@ -310,13 +320,27 @@ async def scatter(
                     nursery.start_soon(send, worker, idx)
         except BaseExceptionGroup as group:
             raise wire.sole_error(group) from None
-        await client.rpc(
+        lost = await client.rpc(
             {
                 "op": "update_data",
                 "items": [[k, who_has[k], nbytes[k]] for k in who_has],
                 "seqs": seqs,
+                "incarnations": runs,
             }
         )
+        if lost:
+            if attempt >= SCATTER_ATTEMPTS:
+                raise TrioSchedulerError(
+                    f"scatter: no worker kept {lost[:5]!r} after {attempt + 1} attempts "
+                    "(the workers that took them left or restarted)"
+                )
+            logger.info("client %s: scattering %d values again", client.id, len(lost))
+            by_name = dict(zip(names, values, strict=True))
+            # counted by ``futures`` already: the ones the call makes go at once
+            await scatter(
+                client, {k: by_name[k] for k in lost}, workers, broadcast, hash, timeout,
+                attempt + 1,
+            )  # fmt: skip
     except BaseException:
         for f in futures.values():  # now, not when the traceback goes
             f.release()

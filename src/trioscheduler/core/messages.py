@@ -105,7 +105,10 @@ class UpdateGraph:
 class UpdateData:
     """A client scattered data straight to workers: ``who_has`` holders, ``nbytes`` sizes;
     ``seqs``: each holder's number for that data update (``WorkerState.scatter_seq``),
-    which the scheduler's later ``FreeKeys`` of those keys there carry back."""
+    which the scheduler's later ``FreeKeys`` of those keys there carry back.
+    ``incarnations``: each holder's ``AddWorker.incarnation`` as its reply named it; a
+    holder registered since under another one (a new process at the same address) does
+    not have the data and is not counted."""
 
     stimulus_id: str
     now: float
@@ -113,6 +116,7 @@ class UpdateData:
     who_has: dict[Key, Sequence[WorkerAddr]]
     nbytes: dict[Key, int]
     seqs: dict[WorkerAddr, int] | None = None
+    incarnations: dict[WorkerAddr, str] | None = None
 
 
 @message("client-desires-keys")
@@ -170,7 +174,9 @@ class RetryKeys:
 
 @message("add-worker")
 class AddWorker:
-    """A worker joined; ``data`` are keys it already holds (``key -> nbytes``)."""
+    """A worker joined; ``data`` are keys it already holds (``key -> nbytes``).
+    ``incarnation`` names the worker's run (a process's ``Worker``), the same when it
+    joins again: a scatter's report names it too (``UpdateData.incarnations``)."""
 
     stimulus_id: str
     now: float
@@ -181,6 +187,7 @@ class AddWorker:
     name: str | None = None
     nanny: str | None = None
     data: dict[Key, int] = field(default_factory=dict)
+    incarnation: str | None = None
 
 
 @message("remove-worker")

@@ -473,7 +473,7 @@ class SchedulerState:
             self.remove_worker(old, expected=True, reason="re-registered")
         ws = WorkerRecord(
             ev.worker, max(ev.nthreads, 1), ev.memory_limit, ev.name, ev.nanny,
-            dict(ev.resources), last_seen=ev.now,
+            dict(ev.resources), last_seen=ev.now, incarnation=ev.incarnation,
         )  # fmt: skip
         if self.queuing:
             ws.queue_slots = max(1, math.ceil(ws.nthreads * self.worker_saturation))

@@ -165,8 +165,9 @@ def break_cycles(s: SchedulerState, new: list[TaskRecord]) -> list[TaskRecord]:
 def on_update_data(s: SchedulerState, ev: UpdateData) -> None:
     cs = s.client_record(ev.client)
     seqs: Mapping[WorkerAddr, int] = ev.seqs or {}
+    runs: Mapping[WorkerAddr, str] = ev.incarnations or {}
     for key, holders in ev.who_has.items():
-        alive = [s.workers[w] for w in holders if w in s.workers]
+        alive = [s.workers[w] for w in holders if _same_run(s, w, runs)]
         if not alive:
             s.log_msg("warning", f"scattered key {key!r} has no live holder; ignored")
             continue
@@ -202,6 +203,17 @@ def on_update_data(s: SchedulerState, ev: UpdateData) -> None:
         for ws in alive:
             if ws.address not in ts.who_has:
                 tr.add_replica(s, ts, ws)
+
+
+def _same_run(s: SchedulerState, addr: WorkerAddr, runs: Mapping[WorkerAddr, str]) -> bool:
+    """Whether the worker registered at ``addr`` is the run that took the scattered data
+    (the one its reply named, if it named one): a worker that restarted at its address
+    between the client's ``update_data`` and this report holds none of it."""
+    ws = s.workers.get(addr)
+    if ws is None:
+        return False
+    run = runs.get(addr)
+    return run is None or ws.incarnation is None or run == ws.incarnation
 
 
 def on_desires(s: SchedulerState, ev: ClientDesiresKeys) -> None:

@@ -285,6 +285,7 @@ class WorkerRecord:
     # the worker's last heartbeat (memory, spilled, executing, ...): read by dashboards,
     # never by a decision
     metrics: dict[str, Any] = field(default_factory=dict)
+    incarnation: str | None = None  # its AddWorker's: which run of the worker this is
 
     def __post_init__(self) -> None:
         self.single = frozenset((self.address,))

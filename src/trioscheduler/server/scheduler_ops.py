@@ -86,10 +86,13 @@ async def op_wait_for_workers(s: Scheduler, request: dict[str, Any]) -> int:
     return len(s.state.workers)
 
 
-async def op_update_data(s: Scheduler, request: dict[str, Any]) -> int:
-    """A client scattered data: ``items`` is ``[[key, [holders], nbytes], ...]``.
+async def op_update_data(s: Scheduler, request: dict[str, Any]) -> list[Any]:
+    """A client scattered data: ``items`` is ``[[key, [holders], nbytes], ...]``;
+    ``seqs`` and ``incarnations`` what each holder's reply named (``UpdateData``).
 
-    An RPC (not a stream event) so the client's next request sees the data.
+    An RPC (not a stream event) so the client's next request sees the data. The reply:
+    the keys not taken, none of whose holders is still the run that took them (a worker
+    gone, or restarted at its address since): the client sends those again.
     """
     client = request.get("client")
     peer = s._clients.get(client) if isinstance(client, str) else None
@@ -101,6 +104,11 @@ async def op_update_data(s: Scheduler, request: dict[str, Any]) -> int:
         isinstance(seqs, dict) and all(isinstance(v, int) for v in seqs.values())
     ):
         raise ValueError(f"update_data: seqs must map worker addresses to ints, not {seqs!r:.100}")
+    runs = request.get("incarnations")
+    if runs is not None and not (
+        isinstance(runs, dict) and all(isinstance(v, str) for v in runs.values())
+    ):
+        raise ValueError(f"update_data: incarnations must map addresses to str, not {runs!r:.100}")
     s._feed(
         m.UpdateData(
             s._stimulus("scatter"),
@@ -109,9 +117,15 @@ async def op_update_data(s: Scheduler, request: dict[str, Any]) -> int:
             {key: list(holders) for key, holders, _ in items},
             {key: nbytes for key, _, nbytes in items},
             seqs or None,
+            runs or None,
         )
     )
-    return len(items)
+    tasks = s.state.tasks
+    return [
+        key
+        for key, _, _ in items
+        if (ts := tasks.get(key)) is None or (not ts.who_has and ts.processing_on is None)
+    ]
 
 
 async def op_task_states(s: Scheduler, request: dict[str, Any]) -> list[list[Any]]:

@@ -34,6 +34,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -153,6 +154,9 @@ class Worker(RunsInAsyncWith):
         self.memory_limit = memory.parse_memory_limit(memory_limit, nworkers=nworkers)
         self.resources = dict(resources or {})
         self.name = name
+        # this run's name: a scatter's report names it, so the scheduler can tell us
+        # from a worker that registers at our address after we are gone
+        self.incarnation = uuid.uuid4().hex
         self.local_directory = local_directory
         self.nanny = nanny
         self._thresholds = (memory_target_fraction, memory_spill_fraction, memory_pause_fraction)
@@ -354,6 +358,7 @@ class Worker(RunsInAsyncWith):
                     name=self.name,
                     nanny=self.nanny,
                     data=self.state.held(),
+                    incarnation=self.incarnation,
                 )
             )
         except BaseException:

@@ -318,7 +318,7 @@ def _update_data(w: Worker, data: dict[Any, Any]) -> dict[str, Any]:
     w.handle(WorkerUpdateData(stimulus_id=_stimulus("update-data"), now=_now(), data=nbytes))
     # the update's number, for the scheduler to name in a later FreeKeys (see FreeKeys)
     seq = None if w.state is None else w.state.scatter_seq
-    return {"status": "OK", "nbytes": nbytes, "seq": seq}
+    return {"status": "OK", "nbytes": nbytes, "seq": seq, "incarnation": w.incarnation}
 
 
 async def _run_function(w: Worker, payload: bytes) -> dict[str, Any]:
