@@ -5,6 +5,8 @@ scheduler is busy feeding waits its turn, in order."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -18,24 +20,27 @@ def inc(x: int) -> int:
     return x + 1
 
 
-def _address(name: str) -> str:
-    return f"inproc://test-client-delivery-{os.getpid()}-{name}"
-
-
-async def test_a_graph_of_a_client_in_the_schedulers_run_is_fed_before_submit_returns() -> None:
+@asynccontextmanager
+async def _cluster(name: str) -> AsyncIterator[tuple[Scheduler, Client]]:
+    """A scheduler, a worker and an asynchronous client, all in this trio run."""
     with trio.fail_after(TIMEOUT):
         async with (
-            Scheduler(_address("graph"), validate=True) as s,
+            Scheduler(f"inproc://test-client-delivery-{os.getpid()}-{name}", validate=True) as s,
             Worker(s.address, nthreads=1, memory_limit=0),
             Client(s.address, asynchronous=True) as c,
         ):
             await c.wait_for_workers(1)
-            fut = c.submit(inc, 1, key="inc-1")
-            assert "inc-1" in s.state.tasks  # no schedule point in between
-            assert await fut == 2
-            fut.release()
-            again = c.submit(inc, 1, key="inc-1")  # the release went first, then the graph
-            assert await again == 2
+            yield s, c
+
+
+async def test_a_graph_of_a_client_in_the_schedulers_run_is_fed_before_submit_returns() -> None:
+    async with _cluster("graph") as (s, c):
+        fut = c.submit(inc, 1, key="inc-1")
+        assert "inc-1" in s.state.tasks  # no schedule point in between
+        assert await fut == 2
+        fut.release()
+        again = c.submit(inc, 1, key="inc-1")  # the release went first, then the graph
+        assert await again == 2
 
 
 class _ResubmitOnMemory(SchedulerPlugin):
@@ -60,18 +65,12 @@ async def test_what_a_client_sends_while_the_scheduler_feeds_is_fed_after_in_ord
     there is not fed re-entrantly (in the middle of routing the feed's effects) but right
     after, in the order it sent: the release of ``x`` before the graph asking for it again,
     so ``x`` is kept and every future finishes."""
-    with trio.fail_after(TIMEOUT):
-        async with (
-            Scheduler(_address("order"), validate=True) as s,
-            Worker(s.address, nthreads=1, memory_limit=0),
-            Client(s.address, asynchronous=True) as c,
-        ):
-            await c.wait_for_workers(1)
-            held: dict[str, Any] = {"x": c.submit(inc, 1, key="x")}
-            assert await held["x"] == 2
-            await s.plugins.add(_ResubmitOnMemory(s, c, held), "resubmit", False, None)
-            assert await c.submit(inc, 2, key="trigger") == 3
-            assert held["z fed inside the hook"] is False
-            assert await held["x-again"] == 2
-            assert await held["z"] == 11
-            assert s.state.tasks["x"].state == "memory"
+    async with _cluster("order") as (s, c):
+        held: dict[str, Any] = {"x": c.submit(inc, 1, key="x")}
+        assert await held["x"] == 2
+        await s.plugins.add(_ResubmitOnMemory(s, c, held), "resubmit", False, None)
+        assert await c.submit(inc, 2, key="trigger") == 3
+        assert held["z fed inside the hook"] is False
+        assert await held["x-again"] == 2
+        assert await held["z"] == 11
+        assert s.state.tasks["x"].state == "memory"
