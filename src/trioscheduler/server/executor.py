@@ -226,7 +226,8 @@ class ThreadExecutor:
         self.after_task: Callable[[Done], None] | None = None
         self.quick = QuickTasks()
         self._watched: dict[Any, str] = {}  # key -> kind, of lone jobs run in a thread
-        self._parked: tuple[Any, bytes, Mapping[Any, Any]] | None = None  # for the loop
+        # a lone quick job waiting for ``run_parked`` (read by the worker after each step)
+        self.parked: tuple[Any, bytes, Mapping[Any, Any]] | None = None
         self._on_loop = False  # a parked job (or what its end set off) runs on the loop
 
     def start(self) -> None:
@@ -254,8 +255,8 @@ class ThreadExecutor:
         the next thread that frees. A job with no dependencies (``alone``) that finds
         every thread idle is parked for ``run_parked`` if its kind is quick.
         """
-        if self._parked is not None:  # not alone after all: the parked job goes first
-            parked, self._parked = self._parked, None
+        if self.parked is not None:  # not alone after all: the parked job goes first
+            parked, self.parked = self.parked, None
             self._queue(parked)
         if self._held and not behind:  # held prefetched jobs go first
             self._queue_held()
@@ -267,7 +268,7 @@ class ThreadExecutor:
             self._queue((key, run_spec, data), behind=behind)
         elif self._idle > 0 and self._idle == self._threads:
             if alone and not self._on_loop and self.quick.on_loop(key, run_spec):
-                self._parked = (key, run_spec, data)
+                self.parked = (key, run_spec, data)
                 return
             kind = self.quick.watch(key) if alone else None
             if kind is not None:
@@ -293,15 +294,11 @@ class ThreadExecutor:
         jobs, self._held = self._held, []
         self._queue_many(jobs)
 
-    @property
-    def parked(self) -> bool:
-        return self._parked is not None
-
     def run_parked(self, finished: Callable[[list[Done]], None]) -> None:
         """(Loop.) Run the parked job here and pass its ``Done`` to ``finished``; the
         jobs that sets off go to the threads. One that failed only because it ran on
         the loop runs again in a thread, whose outcome is the task's (``quick_tasks``)."""
-        job, self._parked = self._parked, None
+        job, self.parked = self.parked, None
         if job is None or self._closed:
             return
         key, run_spec, data = job
@@ -338,8 +335,8 @@ class ThreadExecutor:
     def hand_over(self, timeout: float) -> None:
         """Queue the pending jobs: the loop is about to wait ``timeout`` seconds for I/O.
         (A job still parked, which nobody ran, goes to a thread.)"""
-        if self._parked is not None and not self._on_loop:
-            parked, self._parked = self._parked, None
+        if self.parked is not None and not self._on_loop:
+            parked, self.parked = self.parked, None
             self._queue(parked)
         if not self._pending:
             return
@@ -460,7 +457,7 @@ class ThreadExecutor:
             self._instrument = None
         self._pending.clear()
         self._held.clear()
-        self._parked = None
+        self.parked = None
         with self._lock:
             if self._closed:
                 return

@@ -649,7 +649,7 @@ class Worker(RunsInAsyncWith):
                 out = state.handle(done)
         finally:
             self._executor.release()
-        if self._executor._parked is not None:  # a lone quick task: run here, now
+        if self._executor.parked is not None:  # a lone quick task: run here, now
             self._executor.run_parked(self._finished)  # (``quick_tasks``)
 
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
