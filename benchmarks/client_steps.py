@@ -100,18 +100,7 @@ def sample(n: int) -> dict[str, Any]:
         for i in range(50):
             client.submit(hops.hop_inc, i, pure=False).result()
         hops.take_records()
-        rec, ns, lat = hops._REC, hops._ns, []
-        for i in range(n):
-            t = ns()
-            rec.append(("submit", t))
-            fut = client.submit(hops.hop_inc, i, pure=False)
-            rec.append(("posted", ns()))
-            fut.result()
-            rec.append(("woken", ns()))
-            del fut
-            t1 = ns()
-            rec.append(("released", t1))
-            lat.append(t1 - t)
+        lat = hops.stamped_round_trips(client, n)
         records = hops.take_records()
     out: dict[str, Any] = {"p50_ms": statistics.median(lat) / 1e6}
     found = steps(records)

@@ -216,6 +216,25 @@ def _first(ts: list[int], lo: int, hi: int) -> int | None:
     return ts[j] if j < len(ts) and ts[j] <= hi else None
 
 
+def stamped_round_trips(client: Any, n: int) -> list[int]:
+    """``n`` of ``submit(hop_inc, i, pure=False).result()``, the user thread's hops noted
+    (``submit``, ``posted``, ``woken``, ``released``); each round trip's nanoseconds."""
+    lat = []
+    rec = _REC
+    for i in range(n):
+        t = _ns()
+        rec.append(("submit", t))
+        fut = client.submit(hop_inc, i, pure=False)
+        rec.append(("posted", _ns()))
+        fut.result()
+        rec.append(("woken", _ns()))
+        del fut
+        t1 = _ns()
+        rec.append(("released", t1))
+        lat.append(t1 - t)
+    return lat
+
+
 def sample(n: int) -> dict[str, Any]:
     import trioscheduler
 
@@ -229,19 +248,7 @@ def sample(n: int) -> dict[str, Any]:
             client.submit(hop_inc, i, pure=False).result()
         client.run(take_records)
         client.run_on_scheduler(take_records)
-        lat = []
-        rec = _REC
-        for i in range(n):
-            t = _ns()
-            rec.append(("submit", t))
-            fut = client.submit(hop_inc, i, pure=False)
-            rec.append(("posted", _ns()))
-            fut.result()
-            rec.append(("woken", _ns()))
-            del fut
-            t1 = _ns()
-            rec.append(("released", t1))
-            lat.append(t1 - t)
+        lat = stamped_round_trips(client, n)
         records = take_records()
         workers = list(client.run(take_records).values())
     gaps = chain(records, workers)
