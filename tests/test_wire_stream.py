@@ -1,4 +1,8 @@
-"""Stream semantics, identical over both transports: one module, parametrized."""
+"""Stream semantics, identical over every transport: one module, parametrized.
+
+``tcp`` is loopback TCP itself (the same-host shortcut turned off), ``unix`` a
+``tcp://`` address reached through the shortcut's Unix socket, ``inproc`` in-process.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,23 @@ import trio
 
 from trioscheduler import TrioSchedulerError
 from trioscheduler.wire import ConnectError, Stream, connect, listen, open_batched
+from trioscheduler.wire.unix_route import ENV
 
-pytestmark = pytest.mark.parametrize("transport", ["tcp", "inproc"])
+pytestmark = pytest.mark.parametrize("transport", ["tcp", "unix", "inproc"])
+
+
+@pytest.fixture(autouse=True)
+def _shortcut(transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "1" if transport == "unix" else "0")
 
 
 def any_address(transport: str) -> str:
-    return "tcp://127.0.0.1:0" if transport == "tcp" else "inproc://"
+    return "inproc://" if transport == "inproc" else "tcp://127.0.0.1:0"
+
+
+def scheme(transport: str) -> str:
+    """The scheme of ``transport``'s listener addresses."""
+    return "inproc" if transport == "inproc" else "tcp"
 
 
 async def echo(stream: Stream) -> None:
@@ -38,12 +53,14 @@ async def echo_address(transport: str) -> AsyncIterator[str]:
 
 async def test_round_trip_and_peer_info(transport: str) -> None:
     async with listen(any_address(transport), echo, role="worker", info={"nthreads": 4}) as lst:
-        assert lst.address.startswith(transport + "://")
+        assert lst.address.startswith(scheme(transport) + "://")
         assert not lst.address.endswith(":0") and lst.address != "inproc://"
         async with await connect(lst.address, info={"name": "me"}) as stream:
             assert stream.peer_role == "worker"
             assert stream.peer_info == {"nthreads": 4}
             assert stream.peer_address == lst.address
+            # the connection's own end says which transport carries it
+            assert stream.local_address.startswith("unix:" if transport == "unix" else scheme(transport))
             msg = {"op": "compute", "keys": [("x", 0), ("x", 1)], "data": b"\x00" * 10}
             await stream.send(msg)
             assert await stream.receive() == msg
@@ -167,7 +184,7 @@ async def test_leaving_listen_closes_its_connections(transport: str) -> None:
 
 
 async def test_connect_waits_for_a_late_listener(transport: str) -> None:
-    if transport == "tcp":
+    if transport != "inproc":
         # Find a free port, release it, and listen on it a moment after connecting.
         async with listen("tcp://127.0.0.1:0", echo) as probe:
             address = probe.address
@@ -190,7 +207,7 @@ async def test_connect_waits_for_a_late_listener(transport: str) -> None:
 
 
 async def test_connect_times_out_naming_the_address(transport: str) -> None:
-    address = "tcp://127.0.0.1:1" if transport == "tcp" else "inproc://nobody-home"
+    address = "inproc://nobody-home" if transport == "inproc" else "tcp://127.0.0.1:1"
     with pytest.raises(ConnectError, match=address.replace(".", r"\.")) as info:
         await connect(address, timeout=0.3)
     assert isinstance(info.value, TrioSchedulerError)

@@ -1,4 +1,9 @@
-"""TCP only: big arrays, version refusal, and bad bytes that close just one connection."""
+"""TCP only: big arrays, version refusal, and bad bytes that close just one connection.
+
+Each test runs twice: over loopback TCP itself, and with ``connect`` taking the
+same-host shortcut (a Unix socket, wire/unix_route.py) where it can. Raw sockets
+(strangers, attackers) always come by TCP.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,12 @@ from trioscheduler.wire import PROTOCOL_VERSION, ProtocolVersionError, Stream, c
 from trioscheduler.wire.handshake import make_hello
 from trioscheduler.wire.serialize import dumps
 from trioscheduler.wire.tcp import frame_prefix
+from trioscheduler.wire.unix_route import ENV
+
+
+@pytest.fixture(autouse=True, params=["tcp", "unix"])
+def _shortcut(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "1" if request.param == "unix" else "0")
 
 
 def encode(msg: object) -> bytes:

@@ -49,6 +49,7 @@ from trioscheduler.wire.tls import (
     plain_refusal,
     tls_handshake,
 )
+from trioscheduler.wire.unix_route import bind_shortcut, connect_shortcut, peer_name
 
 Handler = Callable[[Stream], Awaitable[None]]
 
@@ -320,12 +321,16 @@ async def listen(
             ssl_context if scheme == "tls" else None, max_frame_bytes, max_unidentified,
             peer_speaks_first,
         )  # fmt: skip
+        shortcut = None
         if scheme in ("tcp", "tls"):
             assert port is not None
             sock = await _bind(host, port, backlog)
             bound = sock.getsockname()
             listener.address = tcp_address(bound[0], bound[1], scheme)
             nursery.start_soon(_accept_loop, listener, sock)
+            if scheme == "tcp" and (unix := bind_shortcut(bound[0], bound[1], backlog)):
+                shortcut = trio.socket.from_stdlib_socket(unix)
+                nursery.start_soon(_accept_loop, listener, shortcut)
         else:
             name = host or unique_name("listener-")
             if name in _INPROC:
@@ -337,8 +342,10 @@ async def listen(
         finally:
             nursery.cancel_scope.cancel()  # before the socket closes: no accept on a closed fd
             if scheme != "inproc":
-                trio.lowlevel.notify_closing(sock)
-                sock.close()
+                for s in (sock, shortcut):
+                    if s is not None:
+                        trio.lowlevel.notify_closing(s)
+                        s.close()
             else:
                 del _INPROC[name]
 
@@ -394,9 +401,13 @@ async def _accept_loop(listener: Listener, sock: trio.socket.SocketType) -> None
             if e.errno == errno.ECONNABORTED:
                 continue
             raise
-        set_nodelay(conn)
-        scheme = "tls" if listener._ssl_context is not None else "tcp"
-        nursery.start_soon(listener._serve_socket, adopt(conn), tcp_address(addr[0], addr[1], scheme))
+        if conn.family == socket.AF_UNIX:
+            peer = peer_name(conn)
+        else:
+            set_nodelay(conn)
+            scheme = "tls" if listener._ssl_context is not None else "tcp"
+            peer = tcp_address(addr[0], addr[1], scheme)
+        nursery.start_soon(listener._serve_socket, adopt(conn), peer)
 
 
 async def connect(
@@ -457,10 +468,15 @@ async def _connect_tcp(
     max_frame_bytes: int,
     ssl_context: ssl.SSLContext | None,
 ) -> TCPStream:
-    socket_stream = await trio.open_tcp_stream(host, port)  # sets TCP_NODELAY
-    sock = adopt(socket_stream.socket)
-    local = sock.getsockname()
-    local_address = tcp_address(local[0], local[1], "tls" if ssl_context else "tcp")
+    unix = None if ssl_context is not None else connect_shortcut(host, port)
+    if unix is not None:
+        sock = unix
+        local_address = peer_name(None)
+    else:
+        socket_stream = await trio.open_tcp_stream(host, port)  # sets TCP_NODELAY
+        sock = adopt(socket_stream.socket)
+        local = sock.getsockname()
+        local_address = tcp_address(local[0], local[1], "tls" if ssl_context else "tcp")
     stream: TCPStream
     if ssl_context is None:
         stream = TCPStream(sock, local_address, address, max_frame_bytes)
