@@ -7,7 +7,7 @@
   once a worker has a same-host peer: ``distributed.worker.shared-memory.place-results``);
 * ``lazy``: shared memory, results never placed (copied into a segment at their first
   same-host fetch: the behaviour before session 7);
-* ``off``: ``TRIOSCHEDULER_SHARED_MEMORY=0``, loopback TCP;
+* ``off``: ``TRIOSCHEDULER_SHARED_MEMORY=0`` and ``TRIOSCHEDULER_UNIX_SOCKETS=0``, loopback TCP;
 * ``dask``: dask.distributed's ``LocalCluster`` (TCP).
 
 A warm-up first: a 20 MB array made on A is read on B and C (the workers have met, as
@@ -37,6 +37,8 @@ def main() -> None:
     mode = sys.argv[1]
     quick = "--quick" in sys.argv
     os.environ["TRIOSCHEDULER_SHARED_MEMORY"] = "0" if mode == "off" else "1"
+    if mode == "off":  # loopback TCP itself, not the same-host shortcut's Unix socket
+        os.environ["TRIOSCHEDULER_UNIX_SOCKETS"] = "0"
     if mode == "lazy":
         os.environ["DASK_DISTRIBUTED__WORKER__SHARED_MEMORY__PLACE_RESULTS"] = "never"
     from benchmarks._cluster_tasks import make_array, nbytes_of, touch

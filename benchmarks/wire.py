@@ -14,6 +14,10 @@
 * ``wire-rtt-p50`` / ``wire-rtt-p99``: round trip of a tiny message over TCP loopback
   (send, the peer echoes it, receive), in microseconds, ours ``Stream.send``/``receive``
   against ``distributed.comm`` ``write``/``read``. One event loop holds both ends.
+* ``wire-shortcut-rtt-p50`` / ``wire-shortcut-large``: ours through the same-host
+  shortcut (a Unix socket under the ``tcp://`` address, wire/unix_route.py) against
+  ours over loopback TCP: the ratio is what the shortcut saves. Every other ``wire-*``
+  row runs ours over TCP itself (the shortcut off), like for like with dask's TCP.
 * ``wire-rtt-batched-p50``: the same round trip with both ends sending through their
   batched senders (``open_batched`` against distributed's ``BatchedSend``, 2 ms
   interval), the way scheduler, workers and clients talk, each ping sent after a quiet
@@ -27,19 +31,40 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import queue
 import socket
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
 
 from benchmarks._harness import register
 from trioscheduler.wire import Stream, connect, listen, open_batched
+from trioscheduler.wire.unix_route import ENV as SHORTCUT_ENV
+
+T = TypeVar("T")
+
+
+def over_tcp(fn: Callable[..., T], shortcut: bool = False) -> Callable[..., T]:
+    """``fn`` with the same-host shortcut off (loopback TCP itself), or on."""
+
+    def run(*args: Any, **kwargs: Any) -> T:
+        before = os.environ.get(SHORTCUT_ENV)
+        os.environ[SHORTCUT_ENV] = "1" if shortcut else "0"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ[SHORTCUT_ENV]
+            else:
+                os.environ[SHORTCUT_ENV] = before
+
+    return run
 
 LARGE_BYTES = 200 * 1024 * 1024
 LARGE_COUNT = 3
@@ -392,7 +417,7 @@ register(
     "wire-large",
     description="200 MB numpy arrays over one TCP connection on loopback (MB/s).",
     unit="MB/s",
-    ours=ours_large,
+    ours=over_tcp(ours_large),
     reference=raw_large,
     reference_label="raw socket.sendall",
     target=0.8,
@@ -404,7 +429,7 @@ register(
         "with one awaited comm.write per message (messages/s)."
     ),
     unit="msg/s",
-    ours=ours_small,
+    ours=over_tcp(ours_small),
     reference=lambda quick: distributed_small(quick, batched=False),
     reference_label="distributed.comm TCP write",
     target=2.0,
@@ -417,7 +442,7 @@ register(
         "receivers go through each batch as a list (ours: Stream.receive_batch)."
     ),
     unit="msg/s",
-    ours=lambda quick: ours_small(quick, lists=True),
+    ours=lambda quick: over_tcp(ours_small)(quick, lists=True),
     reference=distributed_small,
     reference_label="distributed BatchedSend",
     target=2.0,
@@ -429,7 +454,7 @@ register(
         "with `async for` (what the shells do); distributed's still gets lists."
     ),
     unit="msg/s",
-    ours=ours_small,
+    ours=over_tcp(ours_small),
     reference=distributed_small,
     reference_label="distributed BatchedSend",
     target=2.0,
@@ -438,7 +463,7 @@ register(
     "wire-small-unbatched",
     description="~100-byte messages, one awaited send each on both sides (messages/s).",
     unit="msg/s",
-    ours=lambda quick: ours_small(quick, batched=False),
+    ours=lambda quick: over_tcp(ours_small)(quick, batched=False),
     reference=lambda quick: distributed_small(quick, batched=False),
     reference_label="distributed.comm TCP write",
     target=2.0,
@@ -450,7 +475,7 @@ register(
         "Stream.send/receive against distributed.comm write/read (echo peer)."
     ),
     unit="us",
-    ours=lambda quick: _percentile(ours_rtt(quick), 50),
+    ours=lambda quick: _percentile(over_tcp(ours_rtt)(quick), 50),
     reference=lambda quick: _percentile(distributed_rtt(quick), 50),
     reference_label="distributed.comm TCP write/read",
     higher_is_better=False,
@@ -459,7 +484,7 @@ register(
     "wire-rtt-p99",
     description="The same round trips, 99th percentile in microseconds.",
     unit="us",
-    ours=lambda quick: _percentile(ours_rtt(quick), 99),
+    ours=lambda quick: _percentile(over_tcp(ours_rtt)(quick), 99),
     reference=lambda quick: _percentile(distributed_rtt(quick), 99),
     reference_label="distributed.comm TCP write/read",
     higher_is_better=False,
@@ -472,8 +497,28 @@ register(
         "microseconds."
     ),
     unit="us",
-    ours=lambda quick: _percentile(ours_rtt(quick, batched=True), 50),
+    ours=lambda quick: _percentile(over_tcp(ours_rtt)(quick, batched=True), 50),
     reference=lambda quick: _percentile(distributed_rtt(quick, batched=True), 50),
     reference_label="distributed BatchedSend",
     higher_is_better=False,
+)
+register(
+    "wire-shortcut-rtt-p50",
+    description=(
+        "Round trip of a tiny message through the same-host shortcut (a Unix socket "
+        "under the tcp:// address), median in microseconds, against ours over loopback TCP."
+    ),
+    unit="us",
+    ours=lambda quick: _percentile(over_tcp(ours_rtt, shortcut=True)(quick), 50),
+    reference=lambda quick: _percentile(over_tcp(ours_rtt)(quick), 50),
+    reference_label="ours, loopback TCP",
+    higher_is_better=False,
+)
+register(
+    "wire-shortcut-large",
+    description="200 MB numpy arrays through the same-host shortcut against ours over loopback TCP (MB/s).",
+    unit="MB/s",
+    ours=over_tcp(ours_large, shortcut=True),
+    reference=over_tcp(ours_large),
+    reference_label="ours, loopback TCP",
 )
