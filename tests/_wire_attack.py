@@ -12,6 +12,7 @@ import trio
 
 from trioscheduler.wire.handshake import make_hello, pack_hello
 from trioscheduler.wire.tcp import frame_prefix
+from trioscheduler.wire.unix_route import connect_shortcut
 
 _HELLO_HEADER = pack_hello(make_hello("client", {}))
 HELLO = frame_prefix([_HELLO_HEADER]) + _HELLO_HEADER  # a valid hello, as a stranger sends it
@@ -32,9 +33,15 @@ def attack_bytes(marker: Path) -> bytes:
     return frame_prefix([header, payload]) + header + payload
 
 
-async def pickle_before_hello(host: str, port: int, marker: Path) -> bytes:
-    """Send the attack on a bare socket and read until the listener hangs up."""
-    sock = await trio.open_tcp_stream(host, port)
+async def pickle_before_hello(host: str, port: int, marker: Path, via: str = "tcp") -> bytes:
+    """Send the attack on a bare socket and read until the listener hangs up; ``via``
+    ``unix``: through the listener's same-host shortcut (wire/unix_route.py)."""
+    if via == "unix":
+        raw = connect_shortcut(host, port)
+        assert raw is not None, f"no same-host shortcut for {host}:{port}"
+        sock = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+    else:
+        sock = await trio.open_tcp_stream(host, port)
     received = bytearray()
     with trio.fail_after(30):
         try:

@@ -37,15 +37,20 @@ def pid() -> int:
     return os.getpid()
 
 
-async def attack(address: str, marker: Path) -> None:
+async def attack(address: str, marker: Path, via: str = "tcp") -> None:
     _, host, port = parse_address(address)
     assert port is not None
-    await pickle_before_hello(host, port, marker)
+    await pickle_before_hello(host, port, marker, via)
 
 
+@pytest.mark.parametrize("via", ["tcp", "unix"])  # unix: the same-host shortcut
 @pytest.mark.parametrize("kind", ["scheduler", "worker", "nanny"])
 async def test_pickle_before_hello_runs_nowhere(
-    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    kind: str,
+    via: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.WARNING, "trioscheduler.wire")
     marker = tmp_path / f"pwned-{kind}"
@@ -58,7 +63,7 @@ async def test_pickle_before_hello_runs_nowhere(
                 "worker": nanny.worker_address,
                 "nanny": nanny.address,
             }[kind]
-            await attack(target, marker)
+            await attack(target, marker, via)
             assert not marker.exists(), f"the {kind} unpickled a stranger's frame"
             async with Client(cluster, asynchronous=True) as c:
                 if kind == "scheduler":  # over TCP, not the in-process alias

@@ -30,6 +30,7 @@ import ipaddress
 import os
 import socket
 import struct
+import sys
 from typing import Any, Final
 
 from trioscheduler.wire.stream import logger
@@ -45,8 +46,9 @@ _WILDCARDS: Final = {4: "0.0.0.0", 6: "::"}
 
 
 def enabled() -> bool:
-    """Whether the shortcut is on: Linux (abstract names) and not turned off."""
-    if not hasattr(socket, "AF_UNIX") or not hasattr(socket, "SO_PEERCRED"):
+    """Whether the shortcut is on: Linux (abstract names, ``SO_PEERCRED``) and not
+    turned off."""
+    if sys.platform != "linux":
         return False
     return os.environ.get(ENV, "1").strip() not in ("0", "")
 
