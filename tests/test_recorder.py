@@ -152,6 +152,20 @@ def test_headerless_shell_file_replays_as_scheduler(tmp_path: Path) -> None:
     assert snapshot(state) == snapshot(rec)
 
 
+def test_a_log_written_before_a_record_gained_a_trailing_field_replays() -> None:
+    # AddWorker and UpdateData gained ``incarnation(s)`` (session 9): an older log's
+    # records stop before it, and the field takes its default.
+    rec = Recorder.scheduler()
+    rec.handle(
+        m.AddWorker("a", 0.0, "w1", 2),
+        m.UpdateGraph("u", 0.1, "c", [m.TaskSpec(("k", 0), [], b"f")], [("k", 0)]),
+    )
+    old = [rec.log[0], *(r[:-1] if r[0] == "add-worker" else r for r in rec.log[1:])]
+    assert [len(r) for r in old] != [len(r) for r in rec.log]
+    assert snapshot(replay(old)) == snapshot(rec)
+    assert m.load(["add-worker", "a", 0.0, "w1", 2]).incarnation is None
+
+
 def test_bad_logs_are_refused() -> None:
     with pytest.raises(ReplayError, match="unknown state kind"):
         replay([[recorder.HEADER_TAG, recorder.FORMAT_VERSION, "nanny", {}, {}]])
@@ -162,6 +176,10 @@ def test_bad_logs_are_refused() -> None:
         replay(two)
     with pytest.raises(m.MessageError):
         replay([recorder.header("scheduler", {}), ["no-such-event", 1]])
+    with pytest.raises(m.MessageError, match="has 3 fields, expected 4 to 10"):
+        replay([recorder.header("scheduler", {}), ["add-worker", "a", 0.0, "w1"]])
+    with pytest.raises(m.MessageError, match="has 11 fields, expected 4 to 10"):
+        replay([recorder.header("scheduler", {}), ["add-worker", "a", 0.0, "w1", 2, *[None] * 6, "x"]])
 
 
 _CROSS_PROCESS = """

@@ -20,7 +20,8 @@ batch's events one by one could decide differently. ``batches`` regroups the rec
 The header carries every setting of the state (its constructor's defaults filled in,
 ``settings``), so a replay does not depend on the defaults of the code that reads it,
 and the version of the code that wrote it. Format 1 headers (the arguments given only,
-no version) still replay.
+no version) still replay, and so do records written before their type gained a trailing
+field with a default (``records.load`` fills it in).
 
 ``replay(log)`` rebuilds the state from such a list. The shells write the same records to
 files (``server/event_log.py``: ``Scheduler(record=PATH)``, ``recover_from=PATH``) and

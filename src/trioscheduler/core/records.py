@@ -5,12 +5,15 @@ of msgpack-native values. The vocabulary itself is ``messages``, which re-export
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from operator import attrgetter
 from typing import Any, Final, TypeVar, dataclass_transform
 
 _REGISTRY: dict[str, type[Any]] = {}
 _FIELDS: dict[type[Any], tuple[str, ...]] = {}
+_REQUIRED: dict[type[Any], int] = {}
+"""How many leading fields of a record type have no default: a dumped record may stop
+after them (one written before its type gained a trailing field: a recovery log)."""
 _NESTED: dict[type[Any], list[tuple[int, str]]] = {}
 """Which fields of a record type hold records (``messages`` fills it): ``(index, kind)``,
 kind ``one``, ``optional`` or ``list``."""
@@ -35,7 +38,9 @@ def message(tag: str) -> Callable[[type[T]], type[T]]:
         dc.__eq__ = _eq  # type: ignore[method-assign]
         dc.__hash__ = None  # type: ignore[assignment]  # mutable records: unhashable, as before
         _REGISTRY[tag] = dc
-        _FIELDS[dc] = tuple(f.name for f in fields(dc))  # type: ignore[arg-type]
+        fs = fields(dc)  # type: ignore[arg-type]
+        _FIELDS[dc] = tuple(f.name for f in fs)
+        _REQUIRED[dc] = sum(f.default is MISSING and f.default_factory is MISSING for f in fs)
         return dc
 
     return wrap
@@ -54,7 +59,8 @@ def _eq(self: Any, other: Any) -> Any:
 
 
 class MessageError(ValueError):
-    """A dumped message could not be loaded: unknown tag or wrong field count."""
+    """A dumped message could not be loaded: unknown tag or wrong field count (fewer
+    than its fields without a default, or more than all of them)."""
 
 
 def dump(obj: Any) -> list[Any]:
@@ -101,9 +107,12 @@ def load(data: list[Any] | tuple[Any, ...]) -> Any:
     except (IndexError, KeyError, TypeError):
         raise MessageError(f"not a known message: {data!r:.200}") from None
     names = _FIELDS[cls]
-    if len(data) != len(names) + 1:
+    if not _REQUIRED[cls] <= len(data) - 1 <= len(names):
+        expected = str(len(names))
+        if _REQUIRED[cls] < len(names):
+            expected = f"{_REQUIRED[cls]} to {expected}"
         raise MessageError(
-            f"message {tag!r} has {len(data) - 1} fields, expected {len(names)} ({', '.join(names)})"
+            f"message {tag!r} has {len(data) - 1} fields, expected {expected} ({', '.join(names)})"
         )
     values = list(data[1:])
     nested = _NESTED.get(cls)
