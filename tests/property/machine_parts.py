@@ -102,5 +102,6 @@ class MachineParts:
     restarts: int  # scheduler crashes this run may still have
     crashes: int  # ... and crashes right behind a ComputeTask (``_crash_behind``)
     client_restarts: int  # Client.restart's cancellation: at most once a run
+    drops: int  # holders that may still restart just before a fetch (``drop_before_fetch``)
     awaited: bool  # a worker died with the scheduler: its grace must run out
     ok: bool  # False while a rule runs (see ``guarded``)

@@ -85,6 +85,7 @@ class ClusterMachine(ClientRules, WorkRules, FaultRules, RuleBasedStateMachine):
         self.restarts = 0  # scheduler crashes this run may still have
         self.crashes = 0  # ... and crashes right behind a ComputeTask (``_crash_behind``)
         self.client_restarts = 1  # Client.restart's cancellation: at most once a run
+        self.drops = 1  # a holder restarting just before a fetch: once a run
         self.awaited = False  # a worker died with the scheduler: its grace must run out
         self.ok = True
 
@@ -162,6 +163,9 @@ ClusterMachine.lose_source_again = ClusterMachine.lose_source
 ERRANT_WEIGHT = 4
 for _n in range(1, ERRANT_WEIGHT):
     setattr(ClusterMachine, f"scatter_to_errant_{_n}", ClusterMachine.scatter_to_errant)
+DROP_WEIGHT = 4
+for _n in range(1, DROP_WEIGHT):
+    setattr(ClusterMachine, f"drop_before_fetch_{_n}", ClusterMachine.drop_before_fetch)
 
 
 # Examples are cheap (a few ms per step): run EXAMPLES_PER_PROFILE_EXAMPLE of them for

@@ -8,6 +8,8 @@ the test passes, the strict mark turns that into a failure, and the mark comes o
 
 from __future__ import annotations
 
+import pytest
+
 from trioscheduler.core.simulator import ClusterSimulator, SimTask
 
 
@@ -433,3 +435,34 @@ def test_a_key_scattered_again_survives_the_report_of_its_dropped_copy() -> None
     x = sim.scheduler.tasks["x"]
     assert x.state == "memory", sim.client_msgs["c"].get("x")
     assert x.who_has == {a}
+
+
+@pytest.mark.xfail(strict=True, reason="a MissingData carries no update number (see docstring)")
+def test_stale_missing_data_loses_a_key_scattered_again() -> None:
+    """Not fixed (found 2026-12-06 by the cluster machine's ``drop_before_fetch`` rule,
+    session 10): a client scatters x to H; a task on F reads it; the client releases
+    both; H drops x before F's fetch reaches it and answers that it lacks x; F, knowing
+    no other holder, reports ``MissingData(x, errant H)``; the client scatters x to H
+    again, and the scheduler counts the new copy; then F's stale report lands, and the
+    scheduler uncounts H's copy, frees it, and x, with no lineage, errs as lost though
+    no worker was. dask's ``handle_missing_data`` has the same race. A fix, as for
+    ``ReleaseWorkerData.seq``: the holder's "missing" answer names its latest data
+    update, ``MissingData`` carries that number, and the scheduler ignores the claim
+    when the copy it counts came by a newer scatter (``replicas.on_missing_data``); the
+    answer crosses the workers' get_data protocol (shells and wire). Until then the
+    machine's scatter rules keep keys without lineage away from a stale report."""
+    sim = ClusterSimulator(validate=True)
+    s = "scheduler"
+    h = sim.add_worker(name="H")
+    f = sim.add_worker(name="F")
+    sim.add_client("c")
+    assert sim.scatter("c", "x", [h]) == [h]
+    sim.submit("c", [SimTask("y", ["x"], workers=["F"])], ["y"])
+    sim.deliver(s, f, n=10)  # F fetches x from H
+    sim.release("c", ["x", "y"])  # x forgotten: FreeKeys(x) queued for H (and F)
+    sim.deliver(s, h, n=10)  # H drops x
+    sim.gather(f, h)  # H lacks x: MissingData(x, errant H) queued
+    assert sim.scatter("c", "x", [h]) == [h]  # a new value of x, counted on H
+    sim.deliver(f, s, n=10)  # the stale MissingData
+    settled(sim)
+    assert sim.scheduler.tasks["x"].state == "memory"
