@@ -87,30 +87,48 @@ class _Wakes(trio.abc.Instrument):
             _REC.append((self.name, _ns()))
 
 
-def _after(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+# Hooks: ``fn`` wrapped to note ``(name, perf_counter_ns)`` in ``rec`` (this module's
+# record list unless told; ``benchmarks.worker_steps`` passes its own).
+Records = list[tuple[str, int]]
+
+
+def _after(name: str, fn: Callable[..., Any], rec: Records = _REC) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         out = fn(*args, **kwargs)
-        _REC.append((name, _ns()))
+        rec.append((name, _ns()))
         return out
 
     return wrapper
 
 
-def _before(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+def _before(name: str, fn: Callable[..., Any], rec: Records = _REC) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _REC.append((name, _ns()))
+        rec.append((name, _ns()))
         return fn(*args, **kwargs)
 
     return wrapper
 
 
-def _after_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+def _around(
+    first: str, then: str, fn: Callable[..., Any], rec: Records = _REC
+) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        rec.append((first, _ns()))
+        out = fn(*args, **kwargs)
+        rec.append((then, _ns()))
+        return out
+
+    return wrapper
+
+
+def _after_async(name: str, fn: Callable[..., Any], rec: Records = _REC) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         out = await fn(*args, **kwargs)
-        _REC.append((name, _ns()))
+        rec.append((name, _ns()))
         return out
 
     return wrapper

@@ -35,13 +35,17 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
+from benchmarks import round_trip_hops as hops
 from benchmarks._harness import alternate_builds
 
 _REC: list[tuple[str, int]] = []  # per process: (step, perf_counter_ns)
 _ns = time.perf_counter_ns
+# round_trip_hops's hooks, noting into this module's records
+_before = functools.partial(hops._before, rec=_REC)
+_around = functools.partial(hops._around, rec=_REC)
+_after_async = functools.partial(hops._after_async, rec=_REC)
 
 STEPS = [
     "read", "loaded", "handle", "core", "core_out", "execute", "submit", "run_parked",
@@ -57,36 +61,6 @@ def step_inc(x: int) -> int:
     y = x + 1
     _REC.append(("t_end", _ns()))
     return y
-
-
-def _before(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _REC.append((name, _ns()))
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def _around(first: str, then: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _REC.append((first, _ns()))
-        out = fn(*args, **kwargs)
-        _REC.append((then, _ns()))
-        return out
-
-    return wrapper
-
-
-def _after_async(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        out = await fn(*args, **kwargs)
-        _REC.append((name, _ns()))
-        return out
-
-    return wrapper
 
 
 class _Core:
