@@ -25,7 +25,7 @@ from machine_parts import (
     pick,
 )
 
-from trioscheduler.core.messages import ComputeTask, FreeKeys
+from trioscheduler.core.messages import ComputeTask, FreeKeys, StealRequest
 from trioscheduler.core.sim_restart import restart_scheduler
 
 
@@ -174,16 +174,21 @@ class FaultRules(MachineParts):
         return False
 
     @precondition(lambda self: bool(self.sim.scheduler.steals))
-    @rule(i=index, race=st.sampled_from(["finish", "deliver", "victim", "thief"]))
+    @rule(i=index, race=st.sampled_from(["finish", "deliver", "start", "victim", "thief"]))
     @guarded
     def steal_race(self, i: int, race: str) -> None:
-        """Something crosses a steal request on its way: the victim starts the task (its
-        queue delivered) or finishes it, the victim or the thief dies."""
+        """Something crosses a steal request on its way: the victim's queue is delivered
+        (``deliver``; ``start``: first its other running tasks end, so a free thread
+        starts the task before the request lands, and the victim answers "executing"),
+        or it finishes the task, the victim or the thief dies."""
         sim = self.sim
         key = pick(sorted(sim.scheduler.steals, key=repr), i)
         pending = sim.scheduler.steals[key]
         victim, thief = pending.victim, pending.thief
-        if race == "deliver" and victim in sim.workers:
+        if race == "start" and victim in sim.workers:
+            self._start_before_steal(victim, key)
+            sim.deliver("scheduler", victim, 1_000)
+        elif race == "deliver" and victim in sim.workers:
             sim.deliver("scheduler", victim, 1_000)
         elif race == "finish" and victim in sim.workers:
             if key in sim.workers[victim].running:
@@ -192,6 +197,30 @@ class FaultRules(MachineParts):
             sim.lose_worker(victim)
         elif race == "thief" and thief in sim.workers:
             sim.lose_worker(thief)
+
+    def _start_before_steal(self, victim: str, key: Any) -> None:
+        """Let ``victim`` start ``key`` before the steal request of it lands: deliver
+        what is queued ahead of the request one message at a time, ending the victim's
+        other runs while they take its threads (at most 20 steps)."""
+        sim = self.sim
+        w = sim.workers[victim]
+        for _ in range(20):
+            if key in w.running:
+                return
+            others = [k for k in w.running if k != key]
+            if len(others) >= w.nthreads:
+                sim.finish(victim, others[0])
+                continue
+            q = sim.queues.get(("scheduler", victim), ())
+            ahead = next(
+                (n for n, m in enumerate(q) if type(m) is StealRequest and m.key == key), 0
+            )
+            if not ahead:
+                if others:
+                    sim.finish(victim, others[0])
+                    continue
+                return
+            sim.deliver("scheduler", victim, 1)
 
     @precondition(lambda self: bool(self.sim.workers) and self.faults > 0)
     @rule(i=index)
