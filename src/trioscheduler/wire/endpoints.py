@@ -49,7 +49,7 @@ from trioscheduler.wire.tls import (
     plain_refusal,
     tls_handshake,
 )
-from trioscheduler.wire.unix_route import bind_shortcut, connect_shortcut, peer_name
+from trioscheduler.wire.unix_route import bind_shortcut, connect_shortcut, peer_name, widen
 
 Handler = Callable[[Stream], Awaitable[None]]
 
@@ -402,6 +402,7 @@ async def _accept_loop(listener: Listener, sock: trio.socket.SocketType) -> None
                 continue
             raise
         if conn.family == socket.AF_UNIX:
+            widen(conn)
             peer = peer_name(conn)
         else:
             set_nodelay(conn)
