@@ -82,6 +82,7 @@ async def test_join_serve_and_leave(scheduler_address: str) -> None:
                         "status": "OK",
                         "data": {"x": b"abc", ("y", 1): 7},
                         "missing": ["nope"],
+                        "seq": 1,  # data updates taken before it looked (one scatter)
                     }
                     await stream.send({"op": "frobnicate"})
                     reply = await stream.receive()

@@ -243,14 +243,7 @@ class ClientRules(MachineParts):
                     found.append((msg.errant_worker, msg.key, "missing"))
         flags = sim._failure_flags()
         tasks = sim.scheduler.tasks
-        named = {(w, k) for w, k, why in found if why == "missing"}
-        found = [
-            f for f in found if f[1] in sim.graph and not flags[f[1]][1]
-            # not a key without lineage to a worker a MissingData on its way names:
-            # the scheduler would drop the new copy and lose the key (a known bug,
-            # test_regressions: ..._stale_missing_data_loses_a_key_scattered_again)
-            and not ((f[0], f[1]) in named and (f[1] not in tasks or tasks[f[1]].run_spec is None))
-        ]  # fmt: skip
+        found = [f for f in found if f[1] in sim.graph and not flags[f[1]][1]]
         found = [f for f in found if f[2] == kind] or found
         bare = [f for f in found if f[1] not in tasks or tasks[f[1]].run_spec is None]
         return bare or found
@@ -337,17 +330,18 @@ class ClientRules(MachineParts):
         lambda self: bool(self._fetch_behind_free())
         or (self.drops > 0 and bool(self._only_holder_fetches()))
     )
-    @rule(client=st.sampled_from(CLIENTS), i=index, scatter=st.booleans())
+    @rule(client=st.sampled_from(CLIENTS), i=index, scatter=st.booleans(), numbered=st.booleans())
     @guarded
-    def drop_before_fetch(self, client: str, i: int, scatter: bool) -> None:
+    def drop_before_fetch(self, client: str, i: int, scatter: bool, numbered: bool) -> None:
         """A fetcher's holder drops its copy before the fetch arrives, and answers that
         it lacks the key: the ``FreeKeys`` queued to the holder lands first, or, with
         none on its way, the holder's process restarts at its address (``drops``, once a
         run). A fetcher that knows no other holder asks the scheduler (``MissingData``
         naming the holder, ``errant_worker``); with ``scatter`` a client at once
-        scatters the key to that holder (and the fetcher), so the report is stale when
-        it lands (the scheduler must free the copy it then uncounts, as
-        ``missing-data-no-free`` shows). Without this rule no ``MissingData`` of a ci run
+        scatters the key to that holder, so the report is stale when it lands: the
+        scheduler keeps the new copy (``MissingData.errant_seq``, mutant
+        ``missing-data-ignores-seq``), or, the scatter not ``numbered`` (and to the
+        fetcher too), uncounts it and must free it there (``missing-data-no-free``). Without this rule no ``MissingData`` of a ci run
         named a holder (session 9: none of ~100). Drawn DROP_WEIGHT times as often as a
         rule, at no cost while no transfer is in flight."""
         sim = self.sim
@@ -370,7 +364,9 @@ class ClientRules(MachineParts):
         named = any(type(m) is MissingData and m.errant_worker == peer for m in q)
         TALLY.events[f"drop-before-fetch:{how}{' (named)' if named else ''}"] += 1
         if named and scatter and peer in sim.workers:
-            # to the fetcher too: a key without lineage counted on the holder alone would
-            # be lost to the stale report (a known bug, see ``_dropping``)
-            took = sim.scatter(client, key, [peer, addr])
+            # numbered: the holder alone, so a key without lineage lives or dies by
+            # the stale report; not numbered, the report rightly uncounts the holder's
+            # copy (and frees it there): the fetcher takes one too
+            targets = [peer] if numbered else [peer, addr]
+            took = sim.scatter(client, key, targets, numbered=numbered)
             TALLY.events[f"drop-before-fetch:scattered{'' if took else ' (declined)'}"] += 1

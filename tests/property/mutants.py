@@ -105,9 +105,8 @@ MUTANTS = [
     Mutant(
         "missing-data-keeps-errant",
         "replicas.py",
-        "    if errant is not None and errant.address in ts.who_has:\n"
-        "        tr.remove_replica(s, ts, errant)",
-        "    if False:\n        tr.remove_replica(s, ts, errant)",
+        "        and errant.address in ts.who_has\n",
+        "        and False\n",
         "fetchers are sent again and again to a worker that said it lacks the data",
     ),
     Mutant(
@@ -152,7 +151,8 @@ MUTANTS = [
     Mutant(
         "worker-missing-silent",
         "worker_transitions.py",
-        '    out.append(ToScheduler(MissingData(stim, now, ws.address, ts.key, ts.errant_peer or "")))',
+        "    out.append(\n        ToScheduler(\n            MissingData(stim, now, ws.address, ts.key, "
+        'ts.errant_peer or "", ts.errant_seq)\n        )\n    )',
         "    pass",
         "a worker that cannot find a dependency never asks: its task hangs",
     ),
@@ -193,10 +193,19 @@ MUTANTS = [
     Mutant(
         "release-data-ignores-seq",
         "replicas.py",
-        "            if newer is not None and ev.seq < newer < UNKNOWN_SEQ:",
-        "            if False:",
+        "        if scattered_since(ts, ws, ev.seq):",
+        "        if False:",
         "a key scattered again to a worker whose report of dropping it is still on its way "
         "is freed there: scattered data 'lost'",
+    ),
+    # session 10
+    Mutant(
+        "missing-data-ignores-seq",
+        "replicas.py",
+        "        and not scattered_since(ts, errant, ev.errant_seq)",
+        "        and True",
+        "a key scattered again to a worker a stale MissingData names is uncounted and freed "
+        "there: scattered data 'lost'",
     ),
     Mutant(
         "free-keys-ignores-seq",

@@ -8,8 +8,6 @@ the test passes, the strict mark turns that into a failure, and the mark comes o
 
 from __future__ import annotations
 
-import pytest
-
 from trioscheduler.core.simulator import ClusterSimulator, SimTask
 
 
@@ -349,15 +347,17 @@ def test_a_key_scattered_again_survives_the_free_of_its_released_value() -> None
     assert "x" not in sim.workers[a].state.tasks
 
 
-def test_missing_data_from_a_worker_that_holds_the_key_again_frees_it_there() -> None:
+def test_missing_data_from_a_worker_that_holds_the_key_again_leaves_no_uncounted_copy() -> None:
     """Fixed (session 8, found by reading ``replicas.on_missing_data``): the scheduler uncounted
     the errant worker's copy without a ``FreeKeys`` to it, so a copy that worker had
     taken again meanwhile stayed there, uncounted, for ever (a leak). E's old run of x
     finished across a cancel (E counted by its stale ``TaskFinished``, its value then
     dropped by the ``FreeKeys``); F, sent to E for x, hears "missing"; the scheduler
     uncounts E on E's ``ReleaseWorkerData``; a client scatters x to E again (counted);
-    F's ``MissingData`` naming E comes last. Now the scheduler also frees x on E, so E
-    drops whatever copy it holds and both sides agree."""
+    F's ``MissingData`` naming E comes last. Session 8 made the scheduler free x on E
+    too, so that both sides agree. Since session 10 the report says when E looked
+    (``MissingData.errant_seq``): E's copy came by a later scatter, so the report is
+    stale and the copy stays, counted and held (``test_stale_missing_data_...``)."""
     sim = ClusterSimulator(validate=True)
     s = "scheduler"
     h = sim.add_worker(name="H")  # sim://w1: F tries it first
@@ -383,8 +383,9 @@ def test_missing_data_from_a_worker_that_holds_the_key_again_frees_it_there() ->
     sim.deliver(f, s)  # the MissingData, now stale
     settled(sim)
     x = sim.scheduler.tasks["x"]
-    assert e not in x.who_has
-    assert "x" not in sim.workers[e].data, "E keeps a copy the scheduler does not count"
+    # both sides agree: the scattered copy is counted on E, and E holds it
+    assert e in x.who_has
+    assert "x" in sim.workers[e].data
 
 
 def test_a_worker_restarted_at_its_address_numbers_its_scatters_afresh() -> None:
@@ -437,20 +438,17 @@ def test_a_key_scattered_again_survives_the_report_of_its_dropped_copy() -> None
     assert x.who_has == {a}
 
 
-@pytest.mark.xfail(strict=True, reason="a MissingData carries no update number (see docstring)")
 def test_stale_missing_data_loses_a_key_scattered_again() -> None:
-    """Not fixed (found 2026-12-06 by the cluster machine's ``drop_before_fetch`` rule,
-    session 10): a client scatters x to H; a task on F reads it; the client releases
-    both; H drops x before F's fetch reaches it and answers that it lacks x; F, knowing
-    no other holder, reports ``MissingData(x, errant H)``; the client scatters x to H
-    again, and the scheduler counts the new copy; then F's stale report lands, and the
-    scheduler uncounts H's copy, frees it, and x, with no lineage, errs as lost though
-    no worker was. dask's ``handle_missing_data`` has the same race. A fix, as for
-    ``ReleaseWorkerData.seq``: the holder's "missing" answer names its latest data
-    update, ``MissingData`` carries that number, and the scheduler ignores the claim
-    when the copy it counts came by a newer scatter (``replicas.on_missing_data``); the
-    answer crosses the workers' get_data protocol (shells and wire). Until then the
-    machine's scatter rules keep keys without lineage away from a stale report."""
+    """Found 2026-12-06 by the cluster machine's ``drop_before_fetch`` rule (session
+    10): a client scatters x to H; a task on F reads it; the client releases both; H
+    drops x before F's fetch reaches it and answers that it lacks x; F, knowing no
+    other holder, reports ``MissingData(x, errant H)``; the client scatters x to H
+    again, and the scheduler counts the new copy; then F's stale report landed, the
+    scheduler uncounted H's copy, freed it, and x, with no lineage, erred as lost though
+    no worker was. (dask's ``handle_missing_data`` has the same race.) Fixed as
+    ``ReleaseWorkerData.seq`` was: H's answer names its data-update count before it
+    looked (``get_data``'s ``seq``), ``MissingData.errant_seq`` carries it, and the
+    scheduler keeps a copy that came by a later scatter (``replicas.scattered_since``)."""
     sim = ClusterSimulator(validate=True)
     s = "scheduler"
     h = sim.add_worker(name="H")

@@ -305,13 +305,17 @@ class ReleaseWorkerData:
 
 @message("missing-data")
 class MissingData:
-    """``worker`` could not get ``key`` from ``errant_worker`` (it did not have it)."""
+    """``worker`` could not get ``key`` from ``errant_worker`` (it did not have it).
+    ``errant_seq``: the errant worker's count of data updates when it answered
+    (``WorkerState.scatter_seq``); a copy the scheduler counts there by a later scatter
+    is not this report's to drop (``None``: unknown, the claim stands)."""
 
     stimulus_id: str
     now: float
     worker: WorkerAddr
     key: Key
     errant_worker: WorkerAddr
+    errant_seq: int | None = None
 
 
 @message("long-running")
@@ -580,6 +584,8 @@ class GatherDepSuccess:
     #: asked for, and the peer has them, but the value cannot travel (cannot be
     #: serialized there or loaded here): not a lost replica; the scheduler errs the key
     unusable: Sequence[Key] = field(default_factory=list)
+    #: the peer's ``scatter_seq`` before it looked for the keys (``MissingData.errant_seq``)
+    peer_seq: int | None = None
 
 
 @message("gather-dep-failure")

@@ -60,6 +60,16 @@ def note_scatter(ts: TaskRecord, seqs: Mapping[WorkerAddr, int], alive: list[Wor
             known[ws] = seq
 
 
+def scattered_since(ts: TaskRecord, ws: WorkerRecord, seq: int | None) -> bool:
+    """Did the copy of ``ts`` counted on ``ws`` come by a scatter after ``ws``'s data
+    update number ``seq`` (which a drop or a "missing" answer of ``ws`` names)? Then
+    that drop or answer was about an older value, and the counted copy stays."""
+    if seq is None or ts.extra is None or not ts.extra.scatter_seqs:
+        return False
+    newer = ts.extra.scatter_seqs.get(ws)
+    return newer is not None and seq < newer < UNKNOWN_SEQ
+
+
 def worker_has(s: SchedulerState, ws: WorkerRecord, key: Key, nbytes: int, accept: bool) -> None:
     """``ws`` reports holding ``key``: a replica, new data (if ``accept``), or junk."""
     ts = s.tasks.get(key)
@@ -100,10 +110,8 @@ def on_release_worker_data(s: SchedulerState, ev: ReleaseWorkerData) -> None:
         ts = s.tasks.get(key)
         if ts is None or ws.address not in ts.who_has:
             continue
-        if ev.seq is not None and ts.extra is not None and ts.extra.scatter_seqs:
-            newer = ts.extra.scatter_seqs.get(ws)
-            if newer is not None and ev.seq < newer < UNKNOWN_SEQ:
-                continue  # the copy counted came by a scatter after this drop
+        if scattered_since(ts, ws, ev.seq):
+            continue  # the copy counted came by a scatter after this drop
         tr.remove_replica(s, ts, ws)
         # counted again since the FreeKeys this answers (a TaskFinished crossed it,
         # or a scatter, which may have put a new copy there): drop any copy it holds
@@ -121,7 +129,11 @@ def on_missing_data(s: SchedulerState, ev: MissingData) -> None:
         s.free_on(ev.worker, ev.key)  # forgotten meanwhile: stop looking for it
         return
     errant = s.workers.get(ev.errant_worker)
-    if errant is not None and errant.address in ts.who_has:
+    if (
+        errant is not None
+        and errant.address in ts.who_has
+        and not scattered_since(ts, errant, ev.errant_seq)  # (else: a stale claim)
+    ):
         tr.remove_replica(s, ts, errant)
         # it lacked the key when asked, but may hold it again by now (taken again
         # since, and counted): drop any copy there, as ReleaseWorkerData does

@@ -411,11 +411,15 @@ class ClusterSimulator:
         sid, now = self._sid("add-client")
         self._to_scheduler(AddClient(sid, now, client))
 
-    def scatter(self, client: str, key: Key, addrs: list[str], nbytes: int = 100) -> list[str]:
+    def scatter(
+        self, client: str, key: Key, addrs: list[str], nbytes: int = 100, numbered: bool = True
+    ) -> list[str]:
         """``client.scatter``: the value of ``key`` goes straight to the workers at
         ``addrs``, then the scheduler is told who holds it. A new key has no lineage; a
         key of a submitted task gets the value the graph gives it. A worker computing or
-        fetching the key keeps its own copy and declines; returns the workers that took it."""
+        fetching the key keeps its own copy and declines; returns the workers that took it.
+        ``numbered=False``: the report names no data-update numbers (``UpdateData.seqs``
+        ``None``, as from a holder whose reply had none)."""
         task = self.graph.get(key)
         if task is None:
             task = self.graph[key] = SimTask(key, [], nbytes, scattered=True)
@@ -445,7 +449,9 @@ class ClusterSimulator:
             self.wants.setdefault(client, set()).add(key)
             sid, now = self._sid("update-data")
             self._to_scheduler(
-                UpdateData(sid, now, client, {key: took}, {key: task.nbytes}, seqs)
+                UpdateData(
+                    sid, now, client, {key: took}, {key: task.nbytes}, seqs if numbered else None
+                )
             )
         return took
 
@@ -649,6 +655,7 @@ class ClusterSimulator:
         pw = self.workers.get(peer)
         if fail or pw is None:
             return GatherDepFailure(sid, now, peer, keys, "simulated" if fail else "peer gone")
+        seq = pw.state.scatter_seq  # (as the shell's get_data reads it, before looking)
         got: dict[Key, int] = {}
         missing: list[Key] = []
         data, peer_data, peer_disk, graph = w.data, pw.data, pw.disk, self.graph
@@ -664,7 +671,7 @@ class ClusterSimulator:
             else:
                 data[k] = v
                 got[k] = graph[k].nbytes
-        return GatherDepSuccess(sid, now, peer, got, missing)
+        return GatherDepSuccess(sid, now, peer, got, missing, [], seq)
 
     def _writes_event(self, w: SimWorker, n: int | None) -> Any:
         writing = w.writing

@@ -668,6 +668,7 @@ class WorkerState:
         ev: Any,
         out: list[Any],
         unusable: Sequence[Key] = (),
+        peer_seq: int | None = None,
     ) -> None:
         """Settle the one in-flight ``GatherDep`` to ``peer``: keys not arrived failed.
 
@@ -704,11 +705,12 @@ class WorkerState:
                 if peer in ts.who_has:  # (never the shared empty set)
                     cast("set[str]", ts.who_has).discard(peer)
                 ts.errant_peer = peer if said_missing and ts.key not in unusable else None
+                ts.errant_seq = peer_seq if ts.errant_peer is not None else None
                 recs[ts] = "waiting" if st == "resumed" else "fetch"
         self._drain(recs, ev, out)
 
     def _on_gather_success(self, ev: GatherDepSuccess, out: list[Any]) -> None:
-        self._gather_done(ev.peer, ev.data, True, ev, out, ev.unusable)
+        self._gather_done(ev.peer, ev.data, True, ev, out, ev.unusable, ev.peer_seq)
 
     def _on_gather_failure(self, ev: GatherDepFailure, out: list[Any]) -> None:
         self._gather_done(ev.peer, {}, False, ev, out)

@@ -27,8 +27,8 @@ class WorkerTask:
     __slots__ = (
         "key", "serial", "state", "run_spec", "priority", "dependencies", "dependents",
         "waiting_for_data", "who_has", "nbytes", "resources", "duration", "wanted",
-        "coming_from", "errant_peer", "previous", "next", "spillable", "pending_compute",
-        "run_id",
+        "coming_from", "errant_peer", "errant_seq", "previous", "next", "spillable",
+        "pending_compute", "run_id",
     )  # fmt: skip
 
     key: Key
@@ -48,6 +48,7 @@ class WorkerTask:
     wanted: bool  # the scheduler counts this key as ours (result, replica, scatter)
     coming_from: str | None  # peer of the GatherDep carrying it
     errant_peer: str | None  # last peer that failed to deliver it
+    errant_seq: int | None  # its data-update count when it said so (``MissingData``)
     previous: str | None  # cancelled/resumed: what is really running
     next: str | None  # resumed: what to become if that fails
     spillable: bool  # False after SpillFailed
@@ -73,6 +74,7 @@ class WorkerTask:
         self.wanted = False
         self.coming_from = None
         self.errant_peer = None
+        self.errant_seq = None
         self.previous = None
         self.next = None
         self.spillable = True

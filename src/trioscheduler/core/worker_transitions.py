@@ -356,7 +356,11 @@ def fetch_missing(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: l
     """No holder left: ask the scheduler (it answers with ``RefreshWhoHas``)."""
     ws.missing.add(ts)
     _set(ws, ts, "missing", stim, now)
-    out.append(ToScheduler(MissingData(stim, now, ws.address, ts.key, ts.errant_peer or "")))
+    out.append(
+        ToScheduler(
+            MissingData(stim, now, ws.address, ts.key, ts.errant_peer or "", ts.errant_seq)
+        )
+    )
 
 
 def fetch_released(ws: WorkerState, ts: WorkerTask, stim: str, now: float, out: list[Any]) -> Recs:

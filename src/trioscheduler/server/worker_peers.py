@@ -56,6 +56,7 @@ async def gather_dep(w: Worker, peer: str, keys: list[Any]) -> None:
             # It arrived whole and cannot be loaded here: no retry will help. Which
             # key? Each on its own, so that the others still arrive.
             reply = {"status": "OK", "data": {}, "missing": []}
+            seqs: list[Any] = []
             for key in keys if len(keys) > 1 else ():
                 try:
                     one = await _fetch(w, peer, [key])
@@ -68,6 +69,9 @@ async def gather_dep(w: Worker, peer: str, keys: list[Any]) -> None:
                     reply["data"].update(one["data"])
                     reply["missing"] += one.get("missing", [])
                     unusable += list(one.get("errors") or ())
+                    seqs.append(one.get("seq"))
+            if seqs and all(type(s) is int for s in seqs):
+                reply["seq"] = min(seqs)  # the earliest look answers for them all
             if len(keys) == 1:
                 report_unusable(w, keys[0], exc.__cause__, _cannot_load(w))
                 unusable.append(keys[0])
@@ -110,6 +114,7 @@ async def gather_dep(w: Worker, peer: str, keys: list[Any]) -> None:
             data=sizes,
             missing=list(reply.get("missing", [])),
             unusable=unusable,
+            peer_seq=seq if type(seq := reply.get("seq")) is int else None,
         )
     )
 
@@ -270,6 +275,10 @@ async def get_data(
 ) -> dict[str, Any]:
     store = w.store
     assert store is not None
+    # Our data-update count before looking: a key scattered here after it was found
+    # missing is newer than this answer, and the scheduler keeps counting that copy
+    # when the fetcher reports the key missing here (``MissingData.errant_seq``).
+    seq = None if w.state is None else w.state.scatter_seq
     data: dict[Any, Any] = {}
     missing: list[Any] = []
     share = shm_policy.use_shared_memory(
@@ -296,10 +305,10 @@ async def get_data(
             missing.append(key)
     if share:
         return {
-            "status": "OK", "data": data, "missing": missing, "shm": shm.HOST_ID,
+            "status": "OK", "data": data, "missing": missing, "seq": seq, "shm": shm.HOST_ID,
             "pid": os.getpid(),
         }  # fmt: skip
-    return {"status": "OK", "data": data, "missing": missing}
+    return {"status": "OK", "data": data, "missing": missing, "seq": seq}
 
 
 async def _share(w: Worker, key: Any, value: Any, *, in_memory: bool) -> Any:

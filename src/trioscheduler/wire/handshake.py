@@ -25,7 +25,7 @@ from trioscheduler.wire.stream import ConnectError, ProtocolError, ProtocolVersi
 
 PROTOCOL: Final = "trioscheduler"
 #: Bump on any incompatible change of framing or serialization.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 
 
 def make_hello(role: str, info: dict[str, Any] | None, version: int = PROTOCOL_VERSION) -> dict[str, Any]:
