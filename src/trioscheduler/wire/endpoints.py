@@ -49,7 +49,13 @@ from trioscheduler.wire.tls import (
     plain_refusal,
     tls_handshake,
 )
-from trioscheduler.wire.unix_route import bind_shortcut, connect_shortcut, peer_name, widen
+from trioscheduler.wire.unix_route import (
+    bind_shortcut,
+    connect_shortcut,
+    local_name,
+    peer_name,
+    widen,
+)
 
 Handler = Callable[[Stream], Awaitable[None]]
 
@@ -472,7 +478,7 @@ async def _connect_tcp(
     unix = None if ssl_context is not None else connect_shortcut(host, port)
     if unix is not None:
         sock = unix
-        local_address = peer_name(None)
+        local_address = local_name()
     else:
         socket_stream = await trio.open_tcp_stream(host, port)  # sets TCP_NODELAY
         sock = adopt(socket_stream.socket)

@@ -36,7 +36,8 @@ from typing import Any, Final
 from trioscheduler.wire.stream import logger
 
 __all__ = [
-    "ENV", "bind_shortcut", "connect_shortcut", "enabled", "peer_name", "shortcut_name",
+    "ENV", "bind_shortcut", "connect_shortcut", "enabled", "local_name", "peer_name",
+    "shortcut_name", "widen",
 ]  # fmt: skip
 
 ENV: Final = "TRIOSCHEDULER_UNIX_SOCKETS"
@@ -100,7 +101,7 @@ def _try_connect(name: bytes) -> socket.socket | None:
     try:
         sock.setblocking(False)
         sock.connect(name)  # a Unix connect completes at once, or fails (EAGAIN: backlog full)
-        uid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+        _, uid, _ = _peer_credentials(sock)
     except OSError as e:
         sock.close()
         if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
@@ -127,16 +128,26 @@ def widen(sock: Any) -> None:
         pass
 
 
+def local_name() -> str:
+    """How this process's end of a shortcut connection is named (``local_address``)."""
+    return f"unix:pid-{os.getpid()}"
+
+
 def peer_name(sock: Any) -> str:
-    """How an end of a shortcut connection is named (in logs, ``Stream.peer_address``):
-    by the process at the other end of ``sock``, or ours for ``None``."""
-    if sock is None:
-        return f"unix:pid-{os.getpid()}"
+    """How the other end of shortcut connection ``sock`` is named (in logs, a
+    handler's ``peer_address``): by its process."""
     try:
-        pid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
+        pid, _, _ = _peer_credentials(sock)
     except OSError:
         return "unix:?"
     return f"unix:pid-{pid}"
+
+
+def _peer_credentials(sock: Any) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of Unix socket ``sock``."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(data)
+    return pid, uid, gid
 
 
 def _is_local(host: str, version: int) -> bool:
