@@ -284,3 +284,18 @@ def alternate_builds(
         medians = {k: round(statistics.median(s[k] for s in samples), 3) for k in keys}
         print(name, json.dumps(medians), f"{key} samples:", [round(s[key], 3) for s in samples])
     print(f"load {os.getloadavg()[0]:.1f} at {time.strftime('%H:%M:%S')} UTC")
+
+
+def step_tool(
+    module: str, sample: Callable[[int], dict[str, Any]], key: str, argv: Sequence[str]
+) -> None:
+    """The command line of the round-trip step tools (``round_trip_steps``, ``_hops``,
+    ``client_steps``, ``worker_steps``): ``N`` prints one sample of ``N`` round trips as
+    a JSON line; ``--ab ROUNDS N NAME=PYTHONPATH ...`` alternates builds
+    (``alternate_builds``), showing the samples of ``key``."""
+    if argv and argv[0] == "--ab":
+        builds = [(name, path) for name, _, path in (a.partition("=") for a in argv[3:])]
+        alternate_builds(module, [argv[2]], builds, int(argv[1]), key)
+        return
+    print(json.dumps(sample(int(argv[0]) if argv else 2000)), flush=True)
+    os._exit(0)  # don't wait on lingering non-daemon threads

@@ -28,7 +28,6 @@ builds, as ``round_trip_hops --ab``.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 import trio
 
 from benchmarks import round_trip_hops as hops
-from benchmarks._harness import alternate_builds
+from benchmarks._harness import step_tool
 
 
 def install_client() -> None:
@@ -116,18 +115,7 @@ def sample(n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] == "--ab":
-        builds = [tuple(a.split("=", 1)) for a in argv[3:]]
-        alternate_builds(
-            "benchmarks.client_steps",
-            [argv[2]],
-            builds,
-            int(argv[1]),
-            "p50_ms",  # type: ignore[arg-type]
-        )
-        return
-    print(json.dumps(sample(int(argv[0]) if argv else 2000)), flush=True)
-    os._exit(0)  # don't wait on lingering non-daemon threads
+    step_tool("benchmarks.client_steps", sample, "p50_ms", argv)
 
 
 if __name__ == "__main__":

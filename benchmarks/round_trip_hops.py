@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,7 @@ from typing import Any
 
 import trio
 
-from benchmarks._harness import alternate_builds
+from benchmarks._harness import step_tool
 
 _REC: list[tuple[str, int]] = []  # per process: (hop, perf_counter_ns)
 _ns = time.perf_counter_ns
@@ -286,12 +285,7 @@ def sample(n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] == "--ab":
-        builds = [tuple(a.split("=", 1)) for a in argv[3:]]
-        alternate_builds("benchmarks.round_trip_hops", [argv[2]], builds, int(argv[1]), "p50_ms")  # type: ignore[arg-type]
-        return
-    print(json.dumps(sample(int(argv[0]) if argv else 2000)), flush=True)
-    os._exit(0)  # don't wait on lingering non-daemon threads
+    step_tool("benchmarks.round_trip_hops", sample, "p50_ms", argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ per build in a fresh process, the order alternating each round; prints the media
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 import trio
 
 from benchmarks._cluster_tasks import inc
-from benchmarks._harness import alternate_builds
+from benchmarks._harness import step_tool
 
 _STATE: dict[str, Any] = {}  # per process: the counter and the CPU clocks at the start
 
@@ -113,17 +112,8 @@ def sample(n: int) -> dict[str, Any]:
     }
 
 
-def ab(rounds: int, n: int, builds: list[tuple[str, str]]) -> None:
-    alternate_builds("benchmarks.round_trip_steps", [str(n)], builds, rounds, "p50_ms")
-
-
 def main(argv: list[str]) -> None:
-    if argv and argv[0] == "--ab":
-        builds = [tuple(a.split("=", 1)) for a in argv[3:]]
-        ab(int(argv[1]), int(argv[2]), builds)  # type: ignore[arg-type]
-        return
-    print(json.dumps(sample(int(argv[0]) if argv else 2000)), flush=True)
-    os._exit(0)  # don't wait on lingering non-daemon threads
+    step_tool("benchmarks.round_trip_steps", sample, "p50_ms", argv)
 
 
 if __name__ == "__main__":

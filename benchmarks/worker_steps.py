@@ -30,7 +30,6 @@ builds, as ``round_trip_hops --ab``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ import time
 from typing import Any
 
 from benchmarks import round_trip_hops as hops
-from benchmarks._harness import alternate_builds
+from benchmarks._harness import step_tool
 
 _REC: list[tuple[str, int]] = []  # per process: (step, perf_counter_ns)
 _ns = time.perf_counter_ns
@@ -190,12 +189,7 @@ def sample(n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] == "--ab":
-        builds = [tuple(a.split("=", 1)) for a in argv[3:]]
-        alternate_builds("benchmarks.worker_steps", [argv[2]], builds, int(argv[1]), "read_to_write")  # type: ignore[arg-type]
-        return
-    print(json.dumps(sample(int(argv[0]) if argv else 2000)), flush=True)
-    os._exit(0)  # don't wait on lingering non-daemon threads
+    step_tool("benchmarks.worker_steps", sample, "read_to_write", argv)
 
 
 if __name__ == "__main__":
