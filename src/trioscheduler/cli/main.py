@@ -43,6 +43,7 @@ from trioscheduler.server.worker_process import (
     tls_arguments,
 )
 from trioscheduler.server.worker_process import run as run_worker
+from trioscheduler.wire import busy_poll
 
 logger = logging.getLogger("trioscheduler.cli")
 
@@ -427,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = _scheduler_main if args.command == "scheduler" else run_worker
         tune_collector()
     try:
-        trio.run(run_until_signal, lambda: command(args))
+        trio.run(run_until_signal, lambda: command(args), instruments=busy_poll.install())
     except KeyboardInterrupt:  # a signal that arrived before the handler was installed
         return 130
     except Exception as exc:

@@ -436,17 +436,27 @@ class ClientBase:
         runner.check_blocking("result()")
         woken = threading.Lock()
         woken.acquire()
-        if st.add_waiter(woken.release):
-            return True
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        while not _acquire(woken, min(_POLL, deadline - time.monotonic())):
-            if st.done:  # a wake-up lost all the same: the poll still sees it
+        sleepers = runner.sleepers  # the loop may busy-poll while this thread sleeps
+
+        def wake() -> None:
+            sleepers.discard(woken)
+            woken.release()
+
+        sleepers.add(woken)
+        try:
+            if st.add_waiter(wake):
                 return True
-            if not runner.alive or self.status != "running":
-                return False  # the loop or the session ended: the usual path reports it
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"future {key!r} was not done after {timeout} s")
-        return True
+            deadline = math.inf if timeout is None else time.monotonic() + timeout
+            while not _acquire(woken, min(_POLL, deadline - time.monotonic())):
+                if st.done:  # a wake-up lost all the same: the poll still sees it
+                    return True
+                if not runner.alive or self.status != "running":
+                    return False  # the loop or the session ended: the usual path reports it
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"future {key!r} was not done after {timeout} s")
+            return True
+        finally:
+            sleepers.discard(woken)
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in the loop thread, in call order, from any thread.

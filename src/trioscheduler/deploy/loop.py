@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import trio
 
 from trioscheduler.errors import TrioSchedulerError
+from trioscheduler.wire import busy_poll
 
 __all__ = ["Entered", "LoopError", "LoopRunner", "loop_runner"]
 
@@ -91,6 +92,10 @@ class LoopRunner:
         self._handles: set[Entered[Any]] = set()
         self._started = threading.Event()
         self._error: BaseException | None = None
+        # what user threads sleep on while the loop works for them: the loop busy-polls
+        # only then (``wire.busy_poll``; at other times they may want the GIL); emptied
+        # by the loop as it wakes them, so a thread woken is never spun against
+        self.sleepers: set[object] = set()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._started.wait()
@@ -101,7 +106,7 @@ class LoopRunner:
 
     def _main(self) -> None:
         try:
-            trio.run(self._serve)
+            trio.run(self._serve, instruments=busy_poll.install())
         except BaseException as exc:  # noqa: BLE001 - reported to the caller
             self._error = exc
             logger.exception("the background trio loop stopped with an error")
@@ -111,6 +116,7 @@ class LoopRunner:
 
     async def _serve(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
+        busy_poll.add_gate(self.sleepers.__len__)
         with trio.CancelScope() as scope:
             self._cancel = scope
             async with trio.open_nursery() as nursery:
@@ -151,10 +157,20 @@ class LoopRunner:
     def run(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``async_fn(*args)`` in the loop; block for its result or exception."""
         token = self._check_callable_here("run()")
+        mark = object()
+        self.sleepers.add(mark)
         try:
-            return trio.from_thread.run(async_fn, *args, trio_token=token)
+            return trio.from_thread.run(self._woken_after, mark, async_fn, args, trio_token=token)
         except trio.RunFinishedError:
             raise LoopError("the trioscheduler background loop has shut down") from None
+        finally:
+            self.sleepers.discard(mark)
+
+    async def _woken_after(self, mark: object, async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+        try:
+            return await async_fn(*args)
+        finally:
+            self.sleepers.discard(mark)  # in the loop, before the caller wakes
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the sync ``fn(*args)`` in the loop thread (for touching loop-owned state)."""

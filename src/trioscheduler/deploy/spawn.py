@@ -33,6 +33,7 @@ from trioscheduler.server.worker_process import (
     configure_logging,
     run_until_signal,
 )
+from trioscheduler.wire import busy_poll
 from trioscheduler.wire.security import Security, default_scheme
 
 MARK = "trioscheduler-spawn "
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             nursery.cancel_scope.cancel()
 
     try:
-        trio.run(run_until_signal, run)
+        trio.run(run_until_signal, run, instruments=busy_poll.install())
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # reported to the SSH client, which raises it

@@ -52,7 +52,7 @@ from trioscheduler.core.messages import ExecuteFailure, ExecuteSuccess, Reschedu
 from trioscheduler.server import task_context
 from trioscheduler.server.profiling import EXECUTING
 from trioscheduler.server.quick_tasks import QuickTasks, kind_of, loop_only_error, went_well
-from trioscheduler.wire import runspec
+from trioscheduler.wire import busy_poll, runspec
 from trioscheduler.wire.remote_error import pack_exception
 
 logger = logging.getLogger("trioscheduler.worker")
@@ -221,6 +221,7 @@ class ThreadExecutor:
         self._holds = 0
         self._held: list[tuple[tuple[Any, bytes, Mapping[Any, Any]], bool]] = []
         self._instrument: _HandOver | None = None
+        self._ungate: Callable[[], None] | None = None  # removes the busy-poll gate
         # called in the task's thread with each finished task before the loop gets it
         # (the worker places large results in shared memory there: ``same_host``)
         self.after_task: Callable[[Done], None] | None = None
@@ -236,6 +237,12 @@ class ThreadExecutor:
         self._rfd, self._wfd = os.pipe()
         self._instrument = _HandOver(self)
         trio.lowlevel.add_instrument(self._instrument)
+        self._ungate = busy_poll.add_gate(self.idle)
+
+    def idle(self) -> bool:
+        """No task thread runs a task or has one waiting: the loop may busy-poll (it
+        would hold the GIL those threads want, ``wire.busy_poll``)."""
+        return not (self._running or self._jobs or self._pending or self._held)
 
     def submit(
         self,
@@ -449,6 +456,9 @@ class ThreadExecutor:
 
     def close(self) -> None:
         """Let idle threads leave and refuse new jobs; running tasks finish on their own."""
+        if self._ungate is not None:
+            self._ungate()
+            self._ungate = None
         if self._instrument is not None:
             try:
                 trio.lowlevel.remove_instrument(self._instrument)

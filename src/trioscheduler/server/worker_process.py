@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from trioscheduler.server.collector import tune_collector
+from trioscheduler.wire import busy_poll
 from trioscheduler.wire.address import default_host, tcp_address
 
 __all__ = [
@@ -376,7 +377,7 @@ def main(argv: Sequence[str]) -> int:
     configure_logging(args.log_level)
     tune_collector()
     try:
-        trio.run(run_until_signal, lambda: run(args))
+        trio.run(run_until_signal, lambda: run(args), instruments=busy_poll.install())
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

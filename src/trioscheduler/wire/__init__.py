@@ -9,7 +9,8 @@ and worker; ``local_alias`` finds a listener served by the current trio run;
 ``security`` (``Security``, TLS contexts) and ``tls`` decide who may connect;
 ``shm`` hands large buffers to processes on the same host through ``memfd`` segments;
 ``unix_route`` carries plain ``tcp://`` connections within one network namespace over
-a Unix socket (the same-host shortcut);
+a Unix socket (the same-host shortcut); ``busy_poll`` lets the loops of the processes
+this package starts poll their I/O a little before sleeping;
 ``background_nursery`` is the nursery every shell's ``async with`` yields inside.
 
 May import: ``core`` (message types) and ``errors``; nothing above.
