@@ -426,7 +426,10 @@ class ClientBase:
 
         The hook is appended from this thread, not posted to the loop (a post is one
         more loop wake-up per ``result()``): ``KeyState.add_waiter`` says why no
-        wake-up can be lost.
+        wake-up can be lost. While this thread sleeps its lock is in the runner's
+        ``sleepers``, and the loop may busy-poll (``wire.busy_poll``); the hook takes it
+        out before the release, so the loop stops polling before this thread wants
+        the GIL back.
         """
         runner = self._runner
         if type(runner) is not LoopRunner or self.status != "running":

@@ -166,7 +166,9 @@ class LoopRunner:
         finally:
             self.sleepers.discard(mark)
 
-    async def _woken_after(self, mark: object, async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+    async def _woken_after(
+        self, mark: object, async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]
+    ) -> T:
         try:
             return await async_fn(*args)
         finally:

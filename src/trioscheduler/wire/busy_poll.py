@@ -1,8 +1,8 @@
 """Busy polling: a loop about to sleep watches for its next event a little first.
 
 Waking a sleeping process costs far more than the event itself on a virtual machine:
-a one-byte ping-pong between two processes over a Unix socket took ~35 us a round with
-each side sleeping in ``recv`` and ~5.5 us with each side polling
+a one-byte ping-pong between two processes over a Unix socket took ~36 us a round with
+each side sleeping in ``recv`` and ~7 us with each side polling
 (``python -m benchmarks.wake_cost``), and a process woken after a longer sleep, on a
 vCPU the host had parked, pays more. A lone ``submit(...).result()`` crosses such a
 sleep on each side: the worker waits for its next task, the scheduler for the result.
