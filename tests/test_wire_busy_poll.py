@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trioscheduler import Client, LocalCluster
 from trioscheduler.deploy.loop import LoopRunner, loop_runner
@@ -33,6 +35,21 @@ def test_the_budget_skips_twice_as_many_sleeps_after_each_poll_that_found_nothin
     # before each poll: how many sleeps were not polled
     assert polled == [0, 1, 2, 4, 8, 16, 32, MAX_SKIP, MAX_SKIP, MAX_SKIP, 0]
     assert [budget.should_poll() for _ in range(2)] == [False, True]  # one miss: skip one
+
+
+@given(st.lists(st.booleans(), max_size=60))
+def test_the_budget_never_skips_more_than_max_skip_and_polls_at_once_after_a_hit(
+    outcomes: list[bool],
+) -> None:
+    budget = SpinBudget()
+    for found in outcomes:
+        skipped = 0
+        while not budget.should_poll():
+            skipped += 1
+            assert skipped <= MAX_SKIP
+        budget.record(found)
+    if outcomes and outcomes[-1]:
+        assert budget.should_poll()
 
 
 def test_the_window_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +134,7 @@ def test_no_poll_when_a_deadline_is_near_and_timers_still_fire() -> None:
 
     async def main() -> None:
         for _ in range(5):
-            await trio.sleep(0.0001)  # a quarter of the wait is below MIN_SPIN
+            await trio.sleep(0.00001)  # a quarter of the wait is below MIN_SPIN
         with trio.move_on_after(0.02):
             await trio.sleep_forever()  # polled for 5 ms, found nothing, slept
 
@@ -170,7 +187,7 @@ def _inc(x: int) -> int:
     return x + 1
 
 
-@pytest.mark.parametrize("window_us", ["0", "2000"])
+@pytest.mark.parametrize("window_us", ["0", "50000"])  # 50 ms: never too short, even loaded
 def test_worker_processes_and_the_client_loop_poll_unless_turned_off(
     monkeypatch: pytest.MonkeyPatch, window_us: str
 ) -> None:
@@ -188,5 +205,5 @@ def test_worker_processes_and_the_client_loop_poll_unless_turned_off(
         else:
             assert counts is not None and counts[0] >= 10  # waited for the next task polling
         if loop_poller is not None:  # this process's loop started before the setting
-            assert loop_poller.hits >= before + 10  # the results were found polling
+            assert loop_poller.hits > before  # results were found polling (1 ms window)
         assert loop_runner().sleepers == set()
