@@ -31,7 +31,7 @@ a scheduler or worker does not. ``TRIOSCHEDULER_BUSY_POLL_US=0`` turns it off.
 
 What is polled is trio's own epoll descriptor, readable as soon as any registered
 wait (a socket, the wake-up of ``run_sync_soon``) is ready: trio has no public name
-for it, so ``_epoll_of`` reads it from the runner and polling is off where it is not
+for it, so ``_trio_epoll`` reads it from the runner and polling is off where it is not
 found (another trio, another platform).
 """
 
@@ -99,8 +99,14 @@ def window_from_env() -> float:
     return us / 1e6
 
 
-def _epoll_of(runner: Any) -> Any:
-    """trio's epoll object of ``runner``, or ``None`` (not epoll, or trio moved it)."""
+def _trio_epoll() -> Any:
+    """The epoll object of this thread's trio run, or ``None`` (not epoll, or trio moved
+    it: then nothing polls, and ``test_wire_busy_poll`` fails)."""
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT  # no public name: module docstring
+    except ImportError:
+        return None
+    runner = getattr(GLOBAL_RUN_CONTEXT, "runner", None)
     epoll = getattr(getattr(runner, "io_manager", None), "_epoll", None)
     return epoll if isinstance(epoll, select.epoll) else None
 
@@ -121,9 +127,7 @@ class BusyPoll(trio.abc.Instrument):
         self._poll: Any = None  # select.poll on trio's epoll descriptor
 
     def before_run(self) -> None:
-        from trio._core._run import GLOBAL_RUN_CONTEXT  # no public name: module docstring
-
-        epoll = _epoll_of(getattr(GLOBAL_RUN_CONTEXT, "runner", None))
+        epoll = _trio_epoll()
         if epoll is None:
             logger.debug("busy polling is off: trio's epoll descriptor was not found")
             return
