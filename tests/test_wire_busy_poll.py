@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -140,6 +141,25 @@ def test_no_poll_when_a_deadline_is_near_and_timers_still_fire() -> None:
 
     trio.run(main, instruments=[poller])
     assert poller.hits == 0 and poller.misses == 1
+
+
+def test_no_poll_while_a_thread_runs_python_for_the_loop() -> None:
+    """A thread of ``trio.to_thread`` (default limiter) or one marked ``thread_at_work``
+    would wait for the GIL the polling loop holds: the loop sleeps instead."""
+    poller = BusyPoll(window=0.05)
+    own = trio.CapacityLimiter(1)
+
+    async def main() -> None:
+        await trio.to_thread.run_sync(time.sleep, 0.03)  # default limiter
+        with busy_poll.thread_at_work():
+            await trio.to_thread.run_sync(time.sleep, 0.03, limiter=own)
+        assert poller.threads == 0
+        assert (poller.hits, poller.misses) == (0, 0)
+        with trio.move_on_after(0.03):  # no thread: polled, found nothing
+            await trio.sleep_forever()
+        assert poller.misses == 1
+
+    trio.run(main, instruments=[poller])
 
 
 def test_a_run_this_package_does_not_own_has_no_poller_and_gates_are_no_ops() -> None:

@@ -25,6 +25,7 @@ import cloudpickle
 import trio
 
 from trioscheduler.server import task_context
+from trioscheduler.wire import busy_poll
 from trioscheduler.wire.remote_error import pack_exception
 
 if TYPE_CHECKING:
@@ -117,4 +118,5 @@ class ActorHost:
             finally:
                 task_context.current_worker.reset(token)
 
-        return await trio.to_thread.run_sync(run, limiter=self.thread)
+        with busy_poll.thread_at_work():  # the loop holds no GIL the method wants
+            return await trio.to_thread.run_sync(run, limiter=self.thread)

@@ -11,11 +11,12 @@ So a loop with nothing to run polls its I/O for up to ``window`` before trio sle
 
 What keeps the spinning from costing more than it saves:
 
-* It runs only where every *gate* allows it. A gate is what another thread of the
-  process needs: the worker's task threads want the GIL the spinning loop holds
-  between polls (``ThreadExecutor.idle`` gates: no thread runs a task), and a sync
-  client's user thread wants it too, except while it sleeps in a wait the loop will
-  end (``LoopRunner``'s gate).
+* It runs only while no other thread of the process is likely to want the GIL the
+  spinning loop holds between polls: no ``trio.to_thread.run_sync`` on the default
+  limiter is in flight, none marked ``thread_at_work`` (an actor's method), and every
+  *gate* allows it: the worker's task threads (``ThreadExecutor.idle``: no thread runs
+  a task), a sync client's user thread (``LoopRunner``'s gate: unless it sleeps in a
+  wait the loop will end).
 * It is bounded: at most ``window`` (``TRIOSCHEDULER_BUSY_POLL_US``, 1 ms by default:
   a worker's next task comes a scheduler's turn-around after its last result, 0.2-0.6
   ms here) and at most a quarter of the time to trio's next deadline, per sleep; so a
@@ -42,14 +43,18 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import trio
 
 from trioscheduler.wire.stream import logger
 
-__all__ = ["BusyPoll", "ENV", "SpinBudget", "add_gate", "current", "install", "window_from_env"]
+__all__ = [
+    "BusyPoll", "ENV", "SpinBudget", "add_gate", "current", "install", "thread_at_work",
+    "window_from_env",
+]  # fmt: skip
 
 ENV: Final = "TRIOSCHEDULER_BUSY_POLL_US"
 DEFAULT_WINDOW_US: Final = 1000
@@ -124,7 +129,9 @@ class BusyPoll(trio.abc.Instrument):
         self.budget = SpinBudget()
         self.hits = 0
         self.misses = 0
+        self.threads = 0  # awaits on threads that run Python (``thread_at_work``)
         self._poll: Any = None  # select.poll on trio's epoll descriptor
+        self._limiter: trio.CapacityLimiter | None = None  # to_thread's default one
 
     def before_run(self) -> None:
         epoll = _trio_epoll()
@@ -133,6 +140,7 @@ class BusyPoll(trio.abc.Instrument):
             return
         self._poll = select.poll()
         self._poll.register(epoll.fileno(), select.POLLIN)
+        self._limiter = trio.to_thread.current_default_thread_limiter()
         _local.poller = self
 
     def after_run(self) -> None:
@@ -143,8 +151,11 @@ class BusyPoll(trio.abc.Instrument):
     def before_io_wait(self, timeout: float) -> None:
         poll = self._poll
         spin = min(self.window, timeout / 4)
-        if poll is None or spin < MIN_SPIN:
+        if poll is None or spin < MIN_SPIN or self.threads:
             return
+        limiter = self._limiter
+        if limiter is not None and limiter.borrowed_tokens:
+            return  # a thread of trio.to_thread runs
         for gate in self.gates:
             if not gate():
                 return
@@ -185,6 +196,21 @@ def add_gate(gate: Gate) -> Callable[[], None]:
 
 def _nothing() -> None:
     pass
+
+
+@contextmanager
+def thread_at_work() -> Iterator[None]:
+    """Around an await on a thread that runs Python outside ``trio.to_thread``'s default
+    limiter (an actor's own): the loop does not poll meanwhile."""
+    poller = current()
+    if poller is None:
+        yield
+        return
+    poller.threads += 1
+    try:
+        yield
+    finally:
+        poller.threads -= 1
 
 
 def install() -> list[trio.abc.Instrument]:
