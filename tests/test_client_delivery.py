@@ -12,6 +12,8 @@ from typing import Any
 import trio
 
 from trioscheduler import Client, Scheduler, SchedulerPlugin, Worker
+from trioscheduler.client.link import GRAPH_FIRST_MAX, _graph_first
+from trioscheduler.core import messages as m
 
 TIMEOUT = 30
 
@@ -74,3 +76,34 @@ async def test_what_a_client_sends_while_the_scheduler_feeds_is_fed_after_in_ord
         assert await held["x-again"] == 2
         assert await held["z"] == 11
         assert s.state.tasks["x"].state == "memory"
+
+
+def _release(*keys: str) -> m.ClientReleasesKeys:
+    return m.ClientReleasesKeys("release", 0.0, "client-1", list(keys))
+
+
+def _graph(*tasks: tuple[str, list[str]]) -> m.UpdateGraph:
+    specs = [m.TaskSpec(key, deps, b"") for key, deps in tasks]
+    return m.UpdateGraph("graph", 0.0, "client-1", specs, [key for key, _ in tasks])
+
+
+def test_a_small_graph_unrelated_to_the_release_before_it_is_fed_first() -> None:
+    """``submit(...).result()`` in a loop: the next task goes to a worker before the
+    scheduler frees the last one's key (client/link.py, ``_graph_first``)."""
+    release, graph = _release("a"), _graph(("b", []))
+    msgs: list[Any] = [release, graph]
+    _graph_first(msgs)
+    assert msgs == [graph, release]
+
+
+def test_the_order_stays_where_it_decides_what_the_scheduler_holds() -> None:
+    cases = [
+        [_release("a"), _graph(("a", []))],  # released and submitted again
+        [_release("a"), _graph(("b", ["a"]))],  # a new task needs the released key
+        [_release("a"), _graph(*[(f"k{i}", []) for i in range(GRAPH_FIRST_MAX + 1)])],  # big
+        [_graph(("b", [])), _release("a")],  # already graph first
+    ]
+    for msgs in cases:
+        before = list(msgs)
+        _graph_first(msgs)
+        assert msgs == before

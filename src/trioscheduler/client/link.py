@@ -34,7 +34,7 @@ import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -378,6 +378,8 @@ class SchedulerLink:
         try:
             while self._outbox:
                 msgs, self._outbox = self._outbox, []
+                if len(msgs) >= 2:
+                    _graph_first(msgs)
                 for msg in msgs:
                     batched.send_nowait(msg)
                 self.sent += len(msgs)
@@ -551,6 +553,37 @@ class SchedulerLink:
         m.KeyLost: _on_key_lost,
         dict: _on_value,
     }
+
+
+#: Graphs up to this many tasks go ahead of the releases queued just before them.
+GRAPH_FIRST_MAX: Final = 16
+
+
+def _graph_first(msgs: list[Any]) -> None:
+    """Swap a release followed by a small graph that shares no key with it, in place.
+
+    The usual pair (``submit(...).result()`` in a loop: the last future dropped, the
+    next one submitted) is a release and a one-task graph. Fed in that order, an
+    in-process scheduler frees first and writes the task to its worker after; graph
+    first, the task is on its way while the scheduler frees (time its loop would spend
+    polling for the result, ``wire.busy_poll``), and what it frees goes with its next
+    write: p50 0.432 -> 0.386 ms (docs/performance.md, "Session 11"). A shared key (a
+    key released and submitted again, or a new task depending on a released key)
+    keeps the order, which then decides what the scheduler holds.
+    """
+    for i in range(len(msgs) - 1):
+        release, graph = msgs[i], msgs[i + 1]
+        if (
+            type(release) is m.ClientReleasesKeys
+            and type(graph) is m.UpdateGraph
+            and len(graph.tasks) <= GRAPH_FIRST_MAX
+        ):
+            released = set(release.keys)
+            if released.isdisjoint(graph.keys) and not any(
+                spec.key in released or not released.isdisjoint(spec.dependencies)
+                for spec in graph.tasks
+            ):
+                msgs[i], msgs[i + 1] = graph, release
 
 
 @asynccontextmanager
