@@ -98,7 +98,9 @@ def window_from_env() -> float:
     try:
         us = float(raw)
     except ValueError:
-        raise ValueError(f"{ENV}={raw!r}: expected microseconds (a number; 0 turns busy polling off)") from None
+        raise ValueError(
+            f"{ENV}={raw!r}: expected microseconds (a number; 0 turns busy polling off)"
+        ) from None
     if us < 0:
         raise ValueError(f"{ENV}={raw!r}: expected microseconds >= 0")
     return us / 1e6
@@ -121,6 +123,10 @@ _local = threading.local()
 
 class BusyPoll(trio.abc.Instrument):
     """The instrument of one trio run; see the module docstring."""
+
+    __slots__ = (
+        "_limiter", "_poll", "budget", "clock", "gates", "hits", "misses", "threads", "window",
+    )  # fmt: skip
 
     def __init__(self, window: float, clock: Callable[[], float] = time.perf_counter) -> None:
         self.window = window
