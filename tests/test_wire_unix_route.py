@@ -69,6 +69,32 @@ async def test_a_wildcard_listener_is_reached_by_loopback_and_by_a_local_address
                 assert stream.local_address.startswith("unix:")
 
 
+async def test_a_host_name_of_this_host_takes_the_shortcut() -> None:
+    name = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except OSError:
+        pytest.skip(f"this host's name {name!r} does not resolve")
+    if not any(_bindable(a) for a in addresses):
+        pytest.skip(f"{name!r} resolves to {addresses}, none of this namespace")
+    async with listen("tcp://0.0.0.0:0", echo) as lst:
+        port = port_of(lst.address)
+        async with await connect(f"tcp://{name}:{port}") as stream:
+            assert stream.local_address.startswith("unix:")
+            assert stream.peer_address == f"tcp://{name}:{port}"
+            await stream.send("hello")
+            assert await stream.receive() == "hello"
+
+
+def _bindable(address: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
 def _an_address_of_this_host() -> str | None:
     """A non-loopback IPv4 address of this network namespace, if it has one."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -52,7 +52,9 @@ from trioscheduler.wire.tls import (
 from trioscheduler.wire.unix_route import (
     bind_shortcut,
     connect_shortcut,
+    enabled,
     local_name,
+    names_this_host,
     peer_name,
     widen,
 )
@@ -466,6 +468,25 @@ async def connect(
     raise ConnectError(f"could not connect to {address} within {timeout} s{reason}")
 
 
+async def _shortcut(host: str, port: int) -> socket.socket | None:
+    """``connect_shortcut``, this host's own name included: resolved first
+    (``tcp://myhost:8786`` takes the shortcut as ``tcp://127.0.0.1:8786`` does). If it
+    does not resolve, TCP's own resolution reports it."""
+    if not names_this_host(host):
+        return connect_shortcut(host, port)
+    if not enabled():
+        return None
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    for *_, sockaddr in infos:
+        sock = connect_shortcut(str(sockaddr[0]), port)
+        if sock is not None:
+            return sock
+    return None
+
+
 async def _connect_tcp(
     address: str,
     host: str,
@@ -475,7 +496,7 @@ async def _connect_tcp(
     max_frame_bytes: int,
     ssl_context: ssl.SSLContext | None,
 ) -> TCPStream:
-    unix = None if ssl_context is not None else connect_shortcut(host, port)
+    unix = None if ssl_context is not None else await _shortcut(host, port)
     if unix is not None:
         sock = unix
         local_address = local_name()

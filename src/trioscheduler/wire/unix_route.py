@@ -36,8 +36,8 @@ from typing import Any, Final
 from trioscheduler.wire.stream import logger
 
 __all__ = [
-    "ENV", "bind_shortcut", "connect_shortcut", "enabled", "local_name", "peer_name",
-    "shortcut_name", "widen",
+    "ENV", "bind_shortcut", "connect_shortcut", "enabled", "local_name", "names_this_host",
+    "peer_name", "shortcut_name", "widen",
 ]  # fmt: skip
 
 ENV: Final = "TRIOSCHEDULER_UNIX_SOCKETS"
@@ -76,9 +76,18 @@ def bind_shortcut(host: str, port: int, backlog: int) -> socket.socket | None:
     return sock
 
 
+def names_this_host(host: str) -> bool:
+    """Whether ``host`` is this machine's own name (``socket.gethostname()``), which
+    ``connect_shortcut`` can judge once it is resolved. Other names are left to TCP: a
+    resolution per connect to another host would only cost."""
+    return host.lower() == socket.gethostname().lower()
+
+
 def connect_shortcut(host: str, port: int) -> socket.socket | None:
     """A connected non-blocking Unix socket to the listener of ``tcp://host:port`` in
-    this network namespace, or ``None`` when TCP must be used."""
+    this network namespace, or ``None`` when TCP must be used. ``host`` is an IP
+    address or ``localhost`` (this host's own name is resolved by the caller:
+    ``names_this_host``)."""
     if not enabled():
         return None
     try:
