@@ -12,8 +12,8 @@ from typing import Any
 import trio
 
 from trioscheduler import Client, Scheduler, SchedulerPlugin, Worker
-from trioscheduler.client.link import GRAPH_FIRST_MAX, _graph_first
 from trioscheduler.core import messages as m
+from trioscheduler.core.scheduler_client_events import GRAPH_FIRST_MAX, graph_first
 
 TIMEOUT = 30
 
@@ -89,10 +89,10 @@ def _graph(*tasks: tuple[str, list[str]]) -> m.UpdateGraph:
 
 def test_a_small_graph_unrelated_to_the_release_before_it_is_fed_first() -> None:
     """``submit(...).result()`` in a loop: the next task goes to a worker before the
-    scheduler frees the last one's key (client/link.py, ``_graph_first``)."""
+    scheduler frees the last one's key (``core.scheduler_client_events.graph_first``)."""
     release, graph = _release("a"), _graph(("b", []))
     msgs: list[Any] = [release, graph]
-    _graph_first(msgs)
+    graph_first(msgs)
     assert msgs == [graph, release]
 
 
@@ -100,10 +100,12 @@ def test_the_order_stays_where_it_decides_what_the_scheduler_holds() -> None:
     cases = [
         [_release("a"), _graph(("a", []))],  # released and submitted again
         [_release("a"), _graph(("b", ["a"]))],  # a new task needs the released key
+        # wants x and computes no x: x's lineage (the scheduler's) may need a
+        [_release("a"), m.UpdateGraph("g", 0.0, "client-1", [m.TaskSpec("b", [], b"")], ["b", "x"])],
         [_release("a"), _graph(*[(f"k{i}", []) for i in range(GRAPH_FIRST_MAX + 1)])],  # big
         [_graph(("b", [])), _release("a")],  # already graph first
     ]
     for msgs in cases:
         before = list(msgs)
-        _graph_first(msgs)
+        graph_first(msgs)
         assert msgs == before

@@ -34,13 +34,14 @@ import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any, Final
+from typing import Any
 
 import trio
 
 from trioscheduler import wire
 from trioscheduler.client.key_table import KeyTable
 from trioscheduler.core import messages as m
+from trioscheduler.core.scheduler_client_events import graph_first
 from trioscheduler.errors import TrioSchedulerError
 from trioscheduler.wire.batched import LAZY_DELAY
 from trioscheduler.wire.inproc import InprocStream
@@ -379,7 +380,7 @@ class SchedulerLink:
             while self._outbox:
                 msgs, self._outbox = self._outbox, []
                 if len(msgs) >= 2:
-                    _graph_first(msgs)
+                    graph_first(msgs)  # (the core says which pairs commute)
                 for msg in msgs:
                     batched.send_nowait(msg)
                 self.sent += len(msgs)
@@ -553,37 +554,6 @@ class SchedulerLink:
         m.KeyLost: _on_key_lost,
         dict: _on_value,
     }
-
-
-#: Graphs up to this many tasks go ahead of the releases queued just before them.
-GRAPH_FIRST_MAX: Final = 16
-
-
-def _graph_first(msgs: list[Any]) -> None:
-    """Swap a release followed by a small graph that shares no key with it, in place.
-
-    The usual pair (``submit(...).result()`` in a loop: the last future dropped, the
-    next one submitted) is a release and a one-task graph. Fed in that order, an
-    in-process scheduler frees first and writes the task to its worker after; graph
-    first, the task is on its way while the scheduler frees (time its loop would spend
-    polling for the result, ``wire.busy_poll``), and what it frees goes with its next
-    write: p50 0.432 -> 0.386 ms (docs/performance.md, "Session 11"). A shared key (a
-    key released and submitted again, or a new task depending on a released key)
-    keeps the order, which then decides what the scheduler holds.
-    """
-    for i in range(len(msgs) - 1):
-        release, graph = msgs[i], msgs[i + 1]
-        if (
-            type(release) is m.ClientReleasesKeys
-            and type(graph) is m.UpdateGraph
-            and len(graph.tasks) <= GRAPH_FIRST_MAX
-        ):
-            released = set(release.keys)
-            if released.isdisjoint(graph.keys) and not any(
-                spec.key in released or not released.isdisjoint(spec.dependencies)
-                for spec in graph.tasks
-            ):
-                msgs[i], msgs[i + 1] = graph, release
 
 
 @asynccontextmanager
