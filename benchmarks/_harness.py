@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +101,28 @@ class Result:
 
 
 REGISTRY: dict[str, Workload] = {}
+
+
+class SharedRuns:
+    """Rows that read their samples from the same runs (one subprocess's metrics feed
+    several rows): each row reads each run of a ``key`` once, in order, and a row that
+    has read them all starts a fresh one (``make()``)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+        self.read: dict[tuple[str, Any], int] = defaultdict(int)
+
+    def unread(self, row: str, key: Any) -> bool:
+        """Whether ``row`` would start a fresh run of ``key`` now."""
+        return self.read[row, key] >= len(self.runs[key])
+
+    def take(self, row: str, key: Any, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``row``'s next run of ``key``."""
+        runs, i = self.runs[key], self.read[row, key]
+        if i == len(runs):
+            runs.append(make())
+        self.read[row, key] = i + 1
+        return runs[i]
 
 
 def child_result(

@@ -14,30 +14,25 @@ reference with ``TRIOSCHEDULER_BUSY_POLL_US=0``:
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from typing import Any
 
-from benchmarks._harness import child_result, register
+from benchmarks._harness import SharedRuns, child_result, register
 from trioscheduler.wire.busy_poll import ENV
 
-# (mode, polling) -> each subprocess's metrics; (row, polling) -> runs read by the row
-_runs: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
-_read: dict[tuple[str, bool], int] = defaultdict(int)
+_shared = SharedRuns()  # the latency and CPU rows read the same runs
 
 
 def _sample(row: str, mode: str, polling: bool, quick: bool) -> dict[str, Any]:
-    """The next run this row has not read: the latency and CPU rows share each run."""
-    runs, i = _runs[(mode, polling)], _read[(row, polling)]
-    if i == len(runs):
+    def make() -> dict[str, Any]:
         env = dict(os.environ)
         if polling:
             env.pop(ENV, None)
         else:
             env[ENV] = "0"
         n = {"lat": 500 if quick else 2_000, "map": 2_000 if quick else 20_000}[mode]
-        runs.append(child_result("benchmarks.cpu_per_task", mode, str(n), env=env))
-    _read[(row, polling)] = i + 1
-    return runs[i]
+        return child_result("benchmarks.cpu_per_task", mode, str(n), env=env)
+
+    return _shared.take(row, (mode, polling), make)
 
 
 def _cpu_per_task(sample: dict[str, Any]) -> float:

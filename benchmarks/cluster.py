@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import RESULTS_DIR, register
+from benchmarks._harness import RESULTS_DIR, SharedRuns, register
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = {"quick": 240.0, "full": 600.0}
@@ -47,10 +47,8 @@ class Unsupported(Exception):
     """The workload is not (yet) supported by this system."""
 
 
-# (subprocess group, system) -> the metrics of each subprocess run so far
-_runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-# (row, system) -> how many of those runs the row has reported
-_read: dict[tuple[str, str], int] = defaultdict(int)
+# the metrics of each subprocess run so far, by (subprocess group, system), read by rows
+_shared = SharedRuns()
 # every sample's full metrics, for the record
 SAMPLES: list[dict[str, Any]] = []
 _flip: dict[str, int] = defaultdict(int)
@@ -130,12 +128,8 @@ def take(row: str, group: str, system: str, metric: str, quick: bool) -> float:
     Every row reads each subprocess once, so the rows derived from one workload report
     the very runs its primary row made; a row that runs out starts a fresh subprocess.
     """
-    runs = _runs[group, system]
-    i = _read[row, system]
-    if i >= len(runs):
-        runs.append(run_child(group, system, quick))
-    _read[row, system] = i + 1
-    return _value(runs[i], metric)
+    run = _shared.take(row, (group, system), lambda: run_child(group, system, quick))
+    return _value(run, metric)
 
 
 def derived(row: str, group: str, system: str, metric: str) -> Callable[[bool], float]:
@@ -146,11 +140,11 @@ def both_dasks(row: str, group: str, metric: str) -> Callable[[bool], float]:
     """The reference side: dask default, after running it and dask-inf in alternating order."""
 
     def measure(quick: bool) -> float:
-        if _read[row, "dask"] >= len(_runs[group, "dask"]):
+        if _shared.unread(row, (group, "dask")):
             order = ["dask", "dask-inf"] if _flip[group] % 2 == 0 else ["dask-inf", "dask"]
             _flip[group] += 1
             for system in order:
-                _runs[group, system].append(run_child(group, system, quick))
+                _shared.runs[group, system].append(run_child(group, system, quick))
         return take(row, group, "dask", metric, quick)
 
     return measure

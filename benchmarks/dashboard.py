@@ -23,10 +23,9 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from typing import Any
 
-from benchmarks._harness import register
+from benchmarks._harness import SharedRuns, register
 
 CHROMIUM = os.environ.get("TRIOSCHEDULER_CHROMIUM", "/usr/bin/chromium")
 ARGS = [
@@ -39,8 +38,7 @@ IDLE = (
 )
 TABS = (0, 1, 5)
 
-_runs: dict[str, list[dict[str, float]]] = defaultdict(list)
-_read: dict[tuple[str, str], int] = defaultdict(int)
+_shared = SharedRuns()  # the rows read the same runs, by system
 SAMPLES: list[dict[str, Any]] = []
 
 
@@ -113,12 +111,7 @@ def measure(system: str, quick: bool) -> dict[str, float]:
 
 def _reader(row: str, field: str, system: str) -> Any:
     def read(quick: bool) -> float:
-        runs = _runs[system]
-        i = _read[row, system]
-        if i >= len(runs):
-            runs.append(measure(system, quick))
-        _read[row, system] = i + 1
-        return runs[i][field]
+        return float(_shared.take(row, system, lambda: measure(system, quick))[field])
 
     return read
 

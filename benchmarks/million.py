@@ -22,15 +22,13 @@ import json
 import os
 import subprocess
 import sys
-from collections import defaultdict
 from typing import Any
 
-from benchmarks._harness import Measure, register
+from benchmarks._harness import Measure, SharedRuns, register
 from benchmarks.cluster import ROOT
 
 SIZES = {"trio": 1_000_000, "dask": 100_000}
-_runs: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
-_read: dict[tuple[str, str, str, int], int] = defaultdict(int)
+_shared = SharedRuns()  # rows of one workload and size read the same runs
 
 
 def run_child(workload: str, system: str, n: int) -> dict[str, Any]:
@@ -52,12 +50,8 @@ def _take(row: str, workload: str, system: str, n: int, metric: str) -> Measure:
 
     def measure(quick: bool) -> float:
         size = max(n // 100, 1_000) if quick else n
-        runs = _runs[workload, system, size]
-        i = _read[row, workload, system, size]
-        if i >= len(runs):
-            runs.append(run_child(workload, system, size))
-        _read[row, workload, system, size] = i + 1
-        value = float(runs[i][metric])
+        run = _shared.take(row, (workload, system, size), lambda: run_child(workload, system, size))
+        value = float(run[metric])
         return value / 1e6 if metric.endswith("_rss") else value
 
     return measure

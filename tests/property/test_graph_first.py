@@ -68,7 +68,9 @@ class _Feed:
 
 
 def _started(effects: list[Any]) -> list[str]:
-    return sorted(e.msg.key for e in effects if isinstance(e, ToWorker) and type(e.msg) is ComputeTask)
+    return sorted(
+        e.msg.key for e in effects if isinstance(e, ToWorker) and type(e.msg) is ComputeTask
+    )
 
 
 def _freed(effects: list[Any]) -> list[tuple[str, str]]:
